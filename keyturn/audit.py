@@ -1,0 +1,205 @@
+"""Append-only, hash-chained audit events.
+
+Each event's hash covers its own fields and the previous event's hash, so changing, deleting or
+reordering any row breaks the chain from that row on. ``audit_head`` holds the newest seq and
+hash: locking it serializes appends (seq has no gaps) and anchors the tail, so truncation shows
+too. A trigger refuses UPDATE and DELETE for everyone but a superuser who disables it; ``verify``
+catches what such a person does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+from uuid import UUID
+
+from sqlalchemy import select
+
+from keyturn.store.db import Store, Tx, utcnow
+from keyturn.store.models import AuditEventRow, AuditHeadRow
+
+GENESIS = "0" * 64
+
+
+def event_hash(
+    *,
+    prev_hash: str,
+    seq: int,
+    at: datetime,
+    kind: str,
+    actor: str,
+    request_id: UUID | None,
+    grant_id: UUID | None,
+    data: dict[str, Any],
+) -> str:
+    body = json.dumps(
+        [
+            prev_hash,
+            seq,
+            at.isoformat(),
+            kind,
+            actor,
+            str(request_id) if request_id else None,
+            str(grant_id) if grant_id else None,
+            data,
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _row_hash(row: AuditEventRow, prev_hash: str) -> str:
+    return event_hash(
+        prev_hash=prev_hash,
+        seq=row.seq,
+        at=row.at,
+        kind=row.kind,
+        actor=row.actor,
+        request_id=row.request_id,
+        grant_id=row.grant_id,
+        data=row.data,
+    )
+
+
+async def append(
+    tx: Tx,
+    kind: str,
+    actor: str,
+    *,
+    request_id: UUID | None = None,
+    grant_id: UUID | None = None,
+    data: dict[str, Any] | None = None,
+) -> AuditEventRow:
+    """Add one event inside the caller's transaction (commits or rolls back with it)."""
+    session = tx.session
+    head = await session.get(AuditHeadRow, 1, with_for_update=True)
+    if head is None:  # a fresh database; migrations seed it, this covers a hand-made one
+        head = AuditHeadRow(id=1, seq=0, hash=GENESIS)
+        session.add(head)
+    row = AuditEventRow(
+        seq=head.seq + 1,
+        at=utcnow(),
+        kind=kind,
+        actor=actor,
+        request_id=request_id,
+        grant_id=grant_id,
+        data=data or {},
+        prev_hash=head.hash,
+    )
+    row.hash = _row_hash(row, head.hash)
+    session.add(row)
+    head.seq, head.hash = row.seq, row.hash
+    return row
+
+
+@dataclass(frozen=True)
+class Break:
+    """The first event where the chain does not hold."""
+
+    seq: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"audit chain broken at event {self.seq}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    checked: int
+    broken: Break | None
+
+
+class ChainWalker:
+    """Checks rows fed in seq order, one at a time, so a long chain never sits in memory."""
+
+    def __init__(self) -> None:
+        self.prev_hash, self.expected_seq, self.checked = GENESIS, 1, 0
+        self.broken: Break | None = None
+
+    def feed(self, row: AuditEventRow) -> bool:
+        """False once the chain is broken (the rest need not be read)."""
+        if self.broken is not None:
+            return False
+        if row.seq != self.expected_seq:
+            problem = (
+                f"events {self.expected_seq}..{row.seq - 1} are missing (deleted)"
+                if row.seq > self.expected_seq
+                else f"seq {row.seq} is out of order (expected {self.expected_seq})"
+            )
+            self.broken = Break(self.expected_seq, problem)
+        elif row.prev_hash != self.prev_hash:
+            self.broken = Break(row.seq, "does not follow the event before it (deleted or reordered)")
+        elif _row_hash(row, self.prev_hash) != row.hash:
+            self.broken = Break(row.seq, "its contents were changed")
+        else:
+            self.prev_hash, self.expected_seq = row.hash, self.expected_seq + 1
+            self.checked += 1
+        return self.broken is None
+
+    def finish(self, head: AuditHeadRow | None) -> VerifyResult:
+        last = self.expected_seq - 1
+        if self.broken is None and head is not None and (head.seq, head.hash) != (last, self.prev_hash):
+            if head.seq > last:
+                self.broken = Break(last + 1, f"events {last + 1}..{head.seq} are missing (deleted)")
+            else:
+                self.broken = Break(head.seq, "the chain head does not match the events")
+        return VerifyResult(self.checked, self.broken)
+
+
+def verify_rows(rows: Iterable[AuditEventRow], head: AuditHeadRow | None) -> VerifyResult:
+    walker = ChainWalker()
+    for row in rows:
+        if not walker.feed(row):
+            break
+    return walker.finish(head)
+
+
+async def _stream(store: Store, since: int = 0) -> AsyncIterator[AuditEventRow]:
+    async with store.transaction() as tx:
+        result = await tx.session.stream_scalars(
+            select(AuditEventRow)
+            .where(AuditEventRow.seq > since)
+            .order_by(AuditEventRow.seq)
+            .execution_options(yield_per=1000)
+        )
+        async for row in result:
+            yield row
+
+
+async def verify(store: Store) -> VerifyResult:
+    async with store.transaction() as tx:
+        head = await tx.session.get(AuditHeadRow, 1)
+    walker = ChainWalker()
+    async for row in _stream(store):
+        if not walker.feed(row):
+            break
+    return walker.finish(head)
+
+
+def event_json(row: AuditEventRow) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "at": row.at.isoformat(),
+        "kind": row.kind,
+        "actor": row.actor,
+        "request_id": str(row.request_id) if row.request_id else None,
+        "grant_id": str(row.grant_id) if row.grant_id else None,
+        "data": row.data,
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
+    }
+
+
+async def export(store: Store, out: IO[str], since: int = 0) -> int:
+    """Write events after ``since`` as JSON lines; returns how many were written."""
+    count = 0
+    async for row in _stream(store, since):
+        out.write(json.dumps(event_json(row), sort_keys=True) + "\n")
+        count += 1
+    return count

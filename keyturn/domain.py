@@ -1,0 +1,228 @@
+"""Requests, approvals and grants, and the only legal ways their states change.
+
+Pure code: no I/O, no clock (callers pass ``now``). The store loads a row, asks these objects
+to make a move, and writes the result back inside one locked transaction, so every rule about
+*what* may happen lives here and every rule about *when it is safe to write* lives in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from uuid import UUID
+
+from keyturn.errors import Conflict, Forbidden, InvalidInput
+
+
+class RequestStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    EXECUTING = "executing"
+    EXECUTED = "executed"
+    FAILED = "failed"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return not REQUEST_TRANSITIONS[self]
+
+
+# ``approved -> failed`` covers an approval whose credentials could never be issued.
+REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.PENDING: frozenset(
+        {RequestStatus.APPROVED, RequestStatus.DENIED, RequestStatus.EXPIRED, RequestStatus.CANCELLED}
+    ),
+    RequestStatus.APPROVED: frozenset({RequestStatus.EXECUTING, RequestStatus.FAILED}),
+    RequestStatus.EXECUTING: frozenset({RequestStatus.EXECUTED, RequestStatus.FAILED}),
+    RequestStatus.EXECUTED: frozenset(),
+    RequestStatus.FAILED: frozenset(),
+    RequestStatus.DENIED: frozenset(),
+    RequestStatus.EXPIRED: frozenset(),
+    RequestStatus.CANCELLED: frozenset(),
+}
+
+
+class GrantStatus(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not GrantStatus.ACTIVE
+
+
+class Decision(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class IllegalTransition(Conflict):
+    """The object is not in a state that allows this move (e.g. it was decided already)."""
+
+    code = "illegal_transition"
+
+    def __init__(self, kind: str, current: str, target: str) -> None:
+        super().__init__(f"{kind} is {current}; it cannot become {target}")
+        self.current = current
+        self.target = target
+
+
+class SelfApproval(Forbidden):
+    code = "self_approval"
+
+
+class AlreadyVoted(Conflict):
+    code = "already_voted"
+
+
+class CommandChanged(Conflict):
+    """The command about to run is not the one that was approved."""
+
+    code = "command_changed"
+
+
+def command_sha256(command: str) -> str:
+    return hashlib.sha256(command.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Approval:
+    approver: str
+    decision: Decision
+    at: datetime
+    reason: str | None = None
+
+
+@dataclass
+class Request:
+    """A command an agent (or a human via Slack) asked to run on a target."""
+
+    id: UUID
+    target: str
+    command: str
+    requester: str
+    created_at: datetime
+    pending_expires_at: datetime
+    quorum: int = 1
+    on_behalf_of: str | None = None
+    status: RequestStatus = RequestStatus.PENDING
+    approvals: list[Approval] = field(default_factory=list)
+    decided_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.quorum < 1:
+            raise InvalidInput("quorum must be at least 1")
+
+    @property
+    def command_sha256(self) -> str:
+        return command_sha256(self.command)
+
+    @property
+    def approvers(self) -> list[str]:
+        return [a.approver for a in self.approvals if a.decision is Decision.APPROVE]
+
+    @property
+    def denial(self) -> Approval | None:
+        return next((a for a in self.approvals if a.decision is Decision.DENY), None)
+
+    def _move(self, target: RequestStatus) -> None:
+        if target not in REQUEST_TRANSITIONS[self.status]:
+            raise IllegalTransition("request", self.status, target)
+        self.status = target
+
+    def _check_decider(self, who: str, target: RequestStatus) -> None:
+        if self.status is not RequestStatus.PENDING:
+            raise IllegalTransition("request", self.status, target)
+        if who in (self.requester, self.on_behalf_of):
+            raise SelfApproval("nobody may decide their own request")
+
+    def approve(self, approver: str, now: datetime) -> bool:
+        """Record one approval; returns True when this vote reached the quorum."""
+        self._check_decider(approver, RequestStatus.APPROVED)
+        if approver in self.approvers:
+            raise AlreadyVoted(f"{approver} already approved this request")
+        self.approvals.append(Approval(approver, Decision.APPROVE, now))
+        if len(self.approvers) < self.quorum:
+            return False
+        self._move(RequestStatus.APPROVED)
+        self.decided_at = now
+        return True
+
+    def deny(self, approver: str, reason: str, now: datetime) -> None:
+        """One deny ends the request, whatever the quorum; the reason goes back to the agent."""
+        self._check_decider(approver, RequestStatus.DENIED)
+        if not reason.strip():
+            raise InvalidInput("a deny needs a reason")
+        self.approvals.append(Approval(approver, Decision.DENY, now, reason.strip()))
+        self._move(RequestStatus.DENIED)
+        self.decided_at = now
+
+    def expire(self, now: datetime) -> None:
+        if self.status is RequestStatus.PENDING and now < self.pending_expires_at:
+            raise IllegalTransition("request", "still within its pending TTL", "expired")
+        self._move(RequestStatus.EXPIRED)
+        self.decided_at = now
+
+    def cancel(self, by: str, now: datetime) -> None:
+        if by not in (self.requester, self.on_behalf_of):
+            raise Forbidden("only the requester may cancel a request")
+        self._move(RequestStatus.CANCELLED)
+        self.decided_at = now
+
+    def start_execution(self, sha256: str) -> None:
+        """Claim the approval for this exact command; an approval is used once."""
+        if sha256 != self.command_sha256:
+            raise CommandChanged("the command does not match the approved command")
+        self._move(RequestStatus.EXECUTING)
+
+    def finish(self, ok: bool) -> None:
+        self._move(RequestStatus.EXECUTED if ok else RequestStatus.FAILED)
+
+    def fail(self) -> None:
+        self._move(RequestStatus.FAILED)
+
+
+@dataclass
+class Grant:
+    """Credentials issued for a request or a human, alive until ``expires_at``."""
+
+    id: UUID
+    subject: str
+    target: str
+    created_at: datetime
+    expires_at: datetime
+    request_id: UUID | None = None
+    status: GrantStatus = GrantStatus.ACTIVE
+    ended_at: datetime | None = None
+
+    def _end(self, status: GrantStatus, now: datetime) -> None:
+        if self.status.terminal:
+            raise IllegalTransition("grant", self.status, status)
+        self.status = status
+        self.ended_at = now
+
+    def revoke(self, now: datetime) -> None:
+        self._end(GrantStatus.REVOKED, now)
+
+    def expire(self, now: datetime) -> None:
+        if now < self.expires_at:
+            raise IllegalTransition("grant", "not yet due", GrantStatus.EXPIRED)
+        self._end(GrantStatus.EXPIRED, now)
+
+    def extend(self, by: timedelta, max_expires_at: datetime, now: datetime) -> None:
+        """Move ``expires_at`` later, never past the role's ceiling."""
+        if self.status.terminal:
+            raise IllegalTransition("grant", self.status, "extended")
+        if by <= timedelta(0):
+            raise InvalidInput("an extension must be positive")
+        new = max(self.expires_at, now) + by
+        if new > max_expires_at:
+            raise InvalidInput(
+                f"extension past the role's maximum; at most until {max_expires_at.isoformat()}"
+            )
+        self.expires_at = new

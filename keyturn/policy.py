@@ -1,0 +1,330 @@
+"""The policy file: targets, rules, masking (DESIGN.md "Policy"), validated with clear errors.
+
+Every problem is reported with its location in the file (``rules[2].action: expected allow,
+hold or block``) and all problems are reported at once. Secrets never belong here: a key that
+looks like one, or a DSN carrying a user or password, is an error that names the environment
+variable to use instead.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from keyturn.errors import ConfigError
+from keyturn.settings import target_env_name
+from keyturn.store.dsn import parse_dsn
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(value: object) -> timedelta:
+    """``90``, ``"90s"``, ``"10m"``, ``"1h30m"``, ``"2d"`` -> a positive timedelta."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and value.strip() and (m := _DURATION.match(value.strip())):
+        d, h, mi, s = (int(x or 0) for x in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    else:
+        raise ValueError(f"expected a duration such as 30s, 10m, 1h or 2d, got {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")]
+
+# What a SQL rule can match; keyturn.policy's classifier (gateway issue) assigns these.
+SqlKind = Literal[
+    "select", "insert", "update", "delete", "merge", "create", "alter", "drop", "truncate",
+    "grant", "revoke", "copy", "call", "do", "set", "lock", "maintenance", "transaction",
+    "prepare", "execute", "explain", "delete_without_where", "update_without_where",
+    "function_call", "any",
+]
+Detector = Literal["email", "credit_card", "us_ssn", "phone"]
+
+SECRET_KEYS = frozenset(
+    {"password", "passwd", "secret", "secret_id", "token", "api_key", "private_key",
+     "signing_secret", "client_secret", "app_token", "bot_token"}
+)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresVault(Model):
+    readonly_role: Name
+    write_role: Name
+    max_ttl: Duration = timedelta(hours=1)
+    schemas: list[Name] = ["public"]
+
+
+class SshVault(Model):
+    ssh_role: Name
+    max_ttl: Duration = timedelta(hours=1)
+
+
+class TargetBase(Model):
+    subjects: list[str] | None = None
+    approval_channel: str | None = None
+
+
+class PostgresTarget(TargetBase):
+    kind: Literal["postgres"]
+    dsn: str
+    vault: PostgresVault
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        try:
+            dsn = parse_dsn(value, "dsn")
+        except ConfigError as exc:
+            raise ValueError(exc.message.removeprefix("dsn ")) from None
+        parts = urlsplit(dsn.url)
+        if parts.username or parts.password:
+            raise ValueError(
+                "must not carry a user or password: Vault issues credentials "
+                "(vault-bootstrap reads the admin login from KEYTURN_TARGET_<NAME>_USERNAME/_PASSWORD)"
+            )
+        return value
+
+    @property
+    def host_port_db(self) -> tuple[str, int, str]:
+        parts = urlsplit(parse_dsn(self.dsn).url)
+        return parts.hostname or "", parts.port or 5432, parts.path.lstrip("/")
+
+
+class SshTarget(TargetBase):
+    kind: Literal["ssh"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=22, ge=1, le=65535)
+    principal: Name
+    vault: SshVault
+    host_key: str | None = None  # the target's public host key (known_hosts line or key)
+    host_ca: str | None = None  # or the CA that signs host keys
+    source_address: str | None = None  # CIDR list baked into certificates
+
+    @field_validator("principal")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value == "root":
+            raise ValueError("root is not an allowed principal; use an unprivileged account")
+        return value
+
+
+Target = Annotated[PostgresTarget | SshTarget, Field(discriminator="kind")]
+
+
+class Approvers(Model):
+    slack_usergroup: str | None = None
+    users: list[str] = []
+
+    @model_validator(mode="after")
+    def _someone(self) -> Approvers:
+        if not self.slack_usergroup and not self.users:
+            raise ValueError("name a slack_usergroup or at least one user")
+        return self
+
+
+class Match(Model):
+    sql: list[SqlKind] | None = None
+    shell: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Match:
+        if not self.sql and not self.shell:
+            raise ValueError("a match needs sql kinds or shell patterns")
+        return self
+
+
+class Rule(Model):
+    name: Name
+    target: str = "*"
+    subjects: list[str] | None = None
+    match: Match
+    action: Literal["allow", "hold", "block"]
+    approvers: Approvers | None = None
+    quorum: int = Field(default=1, ge=1, le=10)
+    grant_ttl: Duration | None = None
+    pending_ttl: Duration | None = None
+    message: str | None = None
+
+    @model_validator(mode="after")
+    def _hold_only_fields(self) -> Rule:
+        if self.action != "hold":
+            for name in ("approvers", "grant_ttl", "pending_ttl"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} only applies to action: hold")
+        if self.approvers and not self.approvers.slack_usergroup:
+            if self.quorum > len(set(self.approvers.users)):
+                raise ValueError(
+                    f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
+                )
+        return self
+
+
+class Masking(Model):
+    columns: list[str] = []
+    detectors: list[Detector] = []
+
+
+class VaultConfig(Model):
+    addr: str | None = None  # KEYTURN_VAULT_ADDR overrides
+    database_mount: Name = "database"
+    ssh_mount: Name = "ssh"
+    approle_mount: Name = "approle"
+    gateway_approle: Name = "keyturn-gateway"
+    bot_approle: Name = "keyturn-bot"
+    wrap_ttl: Duration = timedelta(seconds=60)
+
+
+class SlackConfig(Model):
+    approval_channel: str | None = None
+
+
+class Policy(Model):
+    targets: dict[Name, Target]
+    rules: list[Rule] = []
+    masking: Masking = Masking()
+    vault: VaultConfig = VaultConfig()
+    slack: SlackConfig = SlackConfig()
+    pending_ttl: Duration = timedelta(minutes=15)
+    default_grant_ttl: Duration = timedelta(minutes=10)
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}].name: {rule.name!r} is used by an earlier rule")
+            seen.add(rule.name)
+            if rule.target != "*" and rule.target not in self.targets:
+                known = ", ".join(sorted(self.targets)) or "none"
+                raise ValueError(
+                    f"rules[{i}].target: unknown target {rule.target!r} (known: {known})"
+                )
+        return self
+
+    def postgres_targets(self) -> dict[str, PostgresTarget]:
+        return {n: t for n, t in self.targets.items() if isinstance(t, PostgresTarget)}
+
+    def ssh_targets(self) -> dict[str, SshTarget]:
+        return {n: t for n, t in self.targets.items() if isinstance(t, SshTarget)}
+
+
+# ------------------------------------------------------------------ loading and errors
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("postgres", "ssh") and out.startswith("targets."):
+            continue  # the discriminator tag pydantic adds for tagged unions
+        elif part.startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _message(err: ErrorDetails) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "literal_error":
+        return "expected " + str(ctx.get("expected", "")).replace("'", "")
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "union_tag_not_found":
+        return "missing kind (postgres or ssh)"
+    if kind == "union_tag_invalid":
+        return f"expected kind postgres or ssh, got {ctx.get('tag')!r}"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        where, msg = _location(err["loc"]), _message(err)
+        # model validators that know the precise place put it first: "rules[1].name: ..."
+        if re.match(r"^[\w.\[\]-]+: ", msg):
+            problems.append(msg)
+        else:
+            problems.append(f"{where}: {msg}" if where else msg)
+    return problems
+
+
+def _secret_keys(node: Any, path: str = "") -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}" if path else str(key)
+            if str(key).lower() in SECRET_KEYS:
+                if path.startswith("targets."):
+                    env = target_env_name(path.split(".")[1], str(key))
+                else:
+                    env = "KEYTURN_" + re.sub(r"\W", "_", here.split("[")[0]).upper()
+                found.append(f"{here}: secrets are not allowed in the config file; set {env} instead")
+            else:
+                found += _secret_keys(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _secret_keys(value, f"{path}[{i}]")
+    return found
+
+
+def parse_policy(data: Any, source: str = "config") -> Policy:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with targets and rules at the top level")
+    problems = _secret_keys(data)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        reported = {p.split(":", 1)[0] for p in problems}
+        problems += [p for p in format_errors(exc) if p.split(":", 1)[0] not in reported]
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} error(s)", problems)
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    return parse_policy(data, str(path))

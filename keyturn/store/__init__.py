@@ -1,0 +1,1 @@
+"""Postgres: models, migrations, state-changing operations, LISTEN/NOTIFY."""

@@ -1,0 +1,171 @@
+"""One LISTEN connection per process that wakes whoever waits on a row.
+
+A notification is only a hint: waiters re-read the row. Polling is the guarantee: every wait is
+bounded by the caller's poll interval, so a lost notification or a dropped connection costs at
+most one interval. The connection lives outside the SQLAlchemy pool, is probed with
+``SELECT 1`` after quiet periods, and is re-established with capped, jittered backoff. After
+each reconnect every waiter is woken, because notifications sent meanwhile are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+
+from keyturn.store.db import NOTIFY_CHANNEL
+from keyturn.store.dsn import Dsn
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[str, str], None]
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: Dsn,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+        probe_after: float = 30.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._probe_after = probe_after
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._subscribers: list[Callback] = []
+        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.connects = 0  # how many times a LISTEN connection was established
+        self.received = 0
+
+    # ------------------------------------------------------------ waiting side
+
+    @contextlib.asynccontextmanager
+    async def watch(self, kind: str, ident: object) -> AsyncIterator[asyncio.Event]:
+        """An event set when ``<kind>:<ident>`` is notified or the connection was re-made.
+
+        Enter before reading the row, so a change between the read and the wait is not missed.
+        """
+        key = f"{kind}:{ident}"
+        event = asyncio.Event()
+        self._waiters[key].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[key]
+
+    def subscribe(self, callback: Callback) -> None:
+        """Call ``callback(kind, ident)`` for every notification; ``("*", "")`` after reconnects."""
+        self._subscribers.append(callback)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(events) for events in self._waiters.values())
+
+    def _dispatch(self, kind: str, ident: str) -> None:
+        key = f"{kind}:{ident}"
+        for event in self._waiters.get(key, ()):
+            event.set()
+        for callback in self._subscribers:
+            try:
+                callback(kind, ident)
+            except Exception:
+                log.exception("listener subscriber failed on %s", key)
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+        for callback in self._subscribers:
+            try:
+                callback("*", "")
+            except Exception:
+                log.exception("listener subscriber failed on reconnect")
+
+    # ------------------------------------------------------------ connection side
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.received += 1
+        kind, _, ident = payload.partition(":")
+        self._dispatch(kind, ident)
+
+    def _on_termination(self, _conn: Any) -> None:
+        self._lost.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="keyturn-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = self._backoff_initial
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn.url,
+                    server_settings={"application_name": "keyturn-listener"},
+                    timeout=10,
+                    **self._dsn.connect_args,
+                )
+                self._lost.clear()
+                conn.add_termination_listener(self._on_termination)
+                await conn.add_listener(self._channel, self._on_notify)
+                self.connects += 1
+                self.connected.set()
+                delay = self._backoff_initial
+                if self.connects > 1:
+                    log.info("listener reconnected to %s", self._dsn.redacted)
+                    self._wake_all()
+                await self._hold(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the listener die: log, back off, retry
+                log.warning("listener connection to %s lost: %s", self._dsn.redacted, exc)
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _hold(self, conn: asyncpg.Connection) -> None:
+        """Return when the connection is gone: terminated, or silent and failing a probe."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), timeout=self._probe_after)
+            if self._lost.is_set() or conn.is_closed():
+                return
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=10)
+
+
+async def wait_for_change(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passes; True if woken. Clears the event."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=max(timeout, 0))
+    except TimeoutError:
+        return False
+    event.clear()
+    return True

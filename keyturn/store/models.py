@@ -1,0 +1,142 @@
+"""Tables. Postgres is the single source of truth; rows mirror the domain objects."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONB}
+
+
+class RequestRow(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        CheckConstraint(
+            "command_sha256 = encode(sha256(convert_to(command, 'UTF8')), 'hex')",
+            name="command_sha256_matches",
+        ),
+        CheckConstraint("quorum >= 1", name="quorum_positive"),
+        CheckConstraint(
+            "status IN ('pending', 'approved', 'executing', 'executed', 'failed', 'denied',"
+            " 'expired', 'cancelled')",
+            name="status_known",
+        ),
+        UniqueConstraint("requester", "idempotency_key", name="uq_requests_idempotency"),
+        Index("ix_requests_status_pending", "pending_expires_at", postgresql_where="status = 'pending'"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    target: Mapped[str] = mapped_column(String(200))
+    command: Mapped[str] = mapped_column(Text)
+    command_sha256: Mapped[str] = mapped_column(String(64))
+    requester: Mapped[str] = mapped_column(String(200))
+    on_behalf_of: Mapped[str | None] = mapped_column(String(200))
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    rule: Mapped[str | None] = mapped_column(String(200))
+    classification: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    quorum: Mapped[int] = mapped_column(Integer, default=1)
+    grant_ttl_seconds: Mapped[int | None] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    body_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    pending_expires_at: Mapped[datetime]
+    decided_at: Mapped[datetime | None]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    approvals: Mapped[list[ApprovalRow]] = relationship(
+        back_populates="request", order_by="ApprovalRow.id", lazy="selectin"
+    )
+
+
+class ApprovalRow(Base):
+    __tablename__ = "approvals"
+    __table_args__ = (CheckConstraint("decision IN ('approve', 'deny')", name="decision_known"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("requests.id", ondelete="RESTRICT"), index=True
+    )
+    approver: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(10))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime]
+
+    request: Mapped[RequestRow] = relationship(back_populates="approvals")
+
+
+class GrantRow(Base):
+    __tablename__ = "grants"
+    __table_args__ = (
+        Index("ix_grants_active_expiry", "expires_at", postgresql_where="status = 'active'"),
+        CheckConstraint("status IN ('active', 'revoked', 'expired')", name="status_known"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    request_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("requests.id"), index=True)
+    subject: Mapped[str] = mapped_column(String(200))
+    target: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    lease_id: Mapped[str | None] = mapped_column(Text)
+    wrap_accessor: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    ended_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class AuditEventRow(Base):
+    """Append-only; a trigger refuses UPDATE and DELETE, the hash chain reveals the rest."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(50))
+    actor: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), index=True)
+    grant_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditHeadRow(Base):
+    """One row: the newest event. Locking it serializes appends; it also anchors the tail."""
+
+    __tablename__ = "audit_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

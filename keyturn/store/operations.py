@@ -1,0 +1,447 @@
+"""Use cases that change state: one function per operation, one transaction each.
+
+Every function locks the row it changes (``SELECT … FOR UPDATE``), asks :mod:`keyturn.domain`
+whether the move is legal, writes it, appends an audit event and queues a ``pg_notify`` that
+Postgres delivers on commit. A double click, two bot replicas or an approve racing a deny thus
+give exactly one outcome; the losers get a :class:`~keyturn.errors.Conflict`. Sweeps use
+``SKIP LOCKED`` so replicas share the work instead of queueing behind each other.
+
+Functions return detached rows: plain data once the transaction has closed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from keyturn import audit
+from keyturn.domain import (
+    Approval,
+    Decision,
+    Grant,
+    GrantStatus,
+    Request,
+    RequestStatus,
+    command_sha256,
+)
+from keyturn.errors import Conflict, InvalidInput, NotFound
+from keyturn.store.db import Store, Tx, utcnow
+from keyturn.store.models import ApprovalRow, GrantRow, RequestRow
+
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+# ---------------------------------------------------------------- mapping rows <-> domain
+
+
+def _request(row: RequestRow) -> Request:
+    return Request(
+        id=row.id,
+        target=row.target,
+        command=row.command,
+        requester=row.requester,
+        on_behalf_of=row.on_behalf_of,
+        created_at=row.created_at,
+        pending_expires_at=row.pending_expires_at,
+        quorum=row.quorum,
+        status=RequestStatus(row.status),
+        approvals=[
+            Approval(a.approver, Decision(a.decision), a.at, a.reason) for a in row.approvals
+        ],
+        decided_at=row.decided_at,
+    )
+
+
+def _save_request(tx: Tx, row: RequestRow, req: Request, now: datetime) -> None:
+    for vote in req.approvals[len(row.approvals) :]:
+        row.approvals.append(
+            ApprovalRow(
+                request_id=row.id,
+                approver=vote.approver,
+                decision=vote.decision,
+                reason=vote.reason,
+                at=vote.at,
+            )
+        )
+    row.status = req.status
+    row.decided_at = req.decided_at
+    row.updated_at = now
+
+
+def _grant(row: GrantRow) -> Grant:
+    return Grant(
+        id=row.id,
+        subject=row.subject,
+        target=row.target,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        request_id=row.request_id,
+        status=GrantStatus(row.status),
+        ended_at=row.ended_at,
+    )
+
+
+async def _locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
+    row = (
+        await tx.session.scalars(
+            select(RequestRow).where(RequestRow.id == request_id).with_for_update(of=RequestRow)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"request {request_id} not found")
+    return row
+
+
+async def _locked_grant(tx: Tx, grant_id: uuid.UUID) -> GrantRow:
+    row = (
+        await tx.session.scalars(
+            select(GrantRow).where(GrantRow.id == grant_id).with_for_update(of=GrantRow)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"grant {grant_id} not found")
+    return row
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    target: str
+    command: str
+    requester: str
+    pending_ttl: timedelta
+    quorum: int = 1
+    on_behalf_of: str | None = None
+    run_id: str | None = None
+    reason: str | None = None
+    rule: str | None = None
+    classification: dict[str, Any] = field(default_factory=dict)
+    grant_ttl: timedelta | None = None
+    idempotency_key: str | None = None
+    body_sha256: str | None = None
+
+
+async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, bool]:
+    """Store a pending request; returns ``(row, created)``.
+
+    With an idempotency key, the same key and body give back the first request
+    (``created`` False) and a different body raises :class:`IdempotencyConflict`.
+    """
+    if not new.command.strip():
+        raise InvalidInput("command is empty")
+    if len(new.command.encode()) > MAX_COMMAND_BYTES:
+        raise InvalidInput(f"command is larger than {MAX_COMMAND_BYTES} bytes")
+    if new.pending_ttl <= timedelta(0):
+        raise InvalidInput("pending_ttl must be positive")
+    if new.idempotency_key is not None:
+        existing = await _find_idempotent(store, new)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    row = RequestRow(
+        id=uuid.uuid4(),
+        target=new.target,
+        command=new.command,
+        command_sha256=command_sha256(new.command),
+        requester=new.requester,
+        on_behalf_of=new.on_behalf_of,
+        run_id=new.run_id,
+        reason=new.reason,
+        status=RequestStatus.PENDING,
+        rule=new.rule,
+        classification=new.classification,
+        quorum=new.quorum,
+        grant_ttl_seconds=int(new.grant_ttl.total_seconds()) if new.grant_ttl else None,
+        idempotency_key=new.idempotency_key,
+        body_sha256=new.body_sha256,
+        created_at=now,
+        updated_at=now,
+        pending_expires_at=now + new.pending_ttl,
+        approvals=[],
+    )
+    try:
+        async with store.transaction() as tx:
+            tx.session.add(row)
+            await tx.session.flush()
+            await audit.append(
+                tx,
+                "request.held",
+                new.requester,
+                request_id=row.id,
+                data={
+                    "target": new.target,
+                    "command_sha256": row.command_sha256,
+                    "rule": new.rule,
+                    "on_behalf_of": new.on_behalf_of,
+                    "run_id": new.run_id,
+                },
+            )
+            await tx.notify("request", row.id)
+    except IntegrityError:
+        # Lost a race with the same idempotency key: the winner's row is the answer.
+        existing = await _find_idempotent(store, new)
+        if existing is None:
+            raise
+        return existing, False
+    return row, True
+
+
+async def _find_idempotent(store: Store, new: NewRequest) -> RequestRow | None:
+    async with store.transaction() as tx:
+        row = (
+            await tx.session.scalars(
+                select(RequestRow).where(
+                    RequestRow.requester == new.requester,
+                    RequestRow.idempotency_key == new.idempotency_key,
+                )
+            )
+        ).one_or_none()
+    if row is not None and row.body_sha256 != new.body_sha256:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request body"
+        )
+    return row
+
+
+async def get_request(store: Store, request_id: uuid.UUID) -> RequestRow:
+    async with store.transaction() as tx:
+        row = await tx.session.get(RequestRow, request_id)
+    if row is None:
+        raise NotFound(f"request {request_id} not found")
+    return row
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    request: RequestRow
+    decided: bool  # True when this vote ended the pending state (quorum reached or denied)
+
+
+async def decide(
+    store: Store,
+    request_id: uuid.UUID,
+    approver: str,
+    decision: Decision,
+    reason: str | None = None,
+) -> DecisionResult:
+    """Record an approve or deny vote. Who may vote is the caller's check (policy approvers)."""
+    async with store.transaction() as tx:
+        row = await _locked_request(tx, request_id)
+        req = _request(row)
+        now = utcnow()
+        if decision is Decision.APPROVE:
+            decided = req.approve(approver, now)
+        else:
+            req.deny(approver, reason or "", now)
+            decided = True
+        _save_request(tx, row, req, now)
+        kind = {
+            (Decision.APPROVE, True): "request.approved",
+            (Decision.APPROVE, False): "request.approval_recorded",
+            (Decision.DENY, True): "request.denied",
+        }[(decision, decided)]
+        await audit.append(
+            tx,
+            kind,
+            approver,
+            request_id=row.id,
+            data={"approvals": len(req.approvers), "quorum": req.quorum}
+            | ({"reason": req.denial.reason} if req.denial else {}),
+        )
+        await tx.notify("request", row.id)
+    return DecisionResult(row, decided)
+
+
+async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> RequestRow:
+    async with store.transaction() as tx:
+        row = await _locked_request(tx, request_id)
+        req = _request(row)
+        now = utcnow()
+        req.cancel(by, now)
+        _save_request(tx, row, req, now)
+        await audit.append(tx, "request.cancelled", by, request_id=row.id)
+        await tx.notify("request", row.id)
+    return row
+
+
+async def expire_due_requests(store: Store, *, limit: int = 100) -> list[RequestRow]:
+    """Expire pending requests past their TTL; rows another replica holds are skipped."""
+    async with store.transaction() as tx:
+        now = utcnow()
+        rows = (
+            await tx.session.scalars(
+                select(RequestRow)
+                .where(
+                    RequestRow.status == RequestStatus.PENDING,
+                    RequestRow.pending_expires_at <= now,
+                )
+                .order_by(RequestRow.pending_expires_at)
+                .limit(limit)
+                .with_for_update(of=RequestRow, skip_locked=True)
+            )
+        ).all()
+        for row in rows:
+            req = _request(row)
+            req.expire(now)
+            _save_request(tx, row, req, now)
+            await audit.append(tx, "request.expired", "keyturn", request_id=row.id)
+            await tx.notify("request", row.id)
+    return list(rows)
+
+
+async def start_execution(store: Store, request_id: uuid.UUID, sha256: str) -> RequestRow:
+    """Claim an approved request for running; a second claim conflicts (approval used once)."""
+    async with store.transaction() as tx:
+        row = await _locked_request(tx, request_id)
+        req = _request(row)
+        req.start_execution(sha256)
+        _save_request(tx, row, req, utcnow())
+        await audit.append(tx, "request.executing", "keyturn", request_id=row.id)
+        await tx.notify("request", row.id)
+    return row
+
+
+async def finish_execution(
+    store: Store,
+    request_id: uuid.UUID,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    result_digest: str | None = None,
+) -> RequestRow:
+    """Record the outcome; ``error`` set means failed. Store only masked results here."""
+    async with store.transaction() as tx:
+        row = await _locked_request(tx, request_id)
+        req = _request(row)
+        if req.status is RequestStatus.APPROVED:
+            req.fail()
+        else:
+            req.finish(ok=error is None)
+        _save_request(tx, row, req, utcnow())
+        row.result, row.error = result, error
+        await audit.append(
+            tx,
+            f"request.{req.status}",
+            "keyturn",
+            request_id=row.id,
+            data={"result_digest": result_digest} if result_digest else {"error": error},
+        )
+        await tx.notify("request", row.id)
+    return row
+
+
+# ---------------------------------------------------------------- grants
+
+
+@dataclass(frozen=True)
+class NewGrant:
+    subject: str
+    target: str
+    ttl: timedelta
+    request_id: uuid.UUID | None = None
+    lease_id: str | None = None
+    wrap_accessor: str | None = None
+
+
+async def create_grant(store: Store, new: NewGrant, actor: str) -> GrantRow:
+    if new.ttl <= timedelta(0):
+        raise InvalidInput("a grant's TTL must be positive")
+    now = utcnow()
+    row = GrantRow(
+        id=uuid.uuid4(),
+        request_id=new.request_id,
+        subject=new.subject,
+        target=new.target,
+        status=GrantStatus.ACTIVE,
+        lease_id=new.lease_id,
+        wrap_accessor=new.wrap_accessor,
+        created_at=now,
+        expires_at=now + new.ttl,
+    )
+    async with store.transaction() as tx:
+        tx.session.add(row)
+        await tx.session.flush()
+        await audit.append(
+            tx,
+            "grant.issued",
+            actor,
+            request_id=new.request_id,
+            grant_id=row.id,
+            data={"lease_id": new.lease_id, "expires_at": row.expires_at.isoformat()},
+        )
+        await tx.notify("grant", row.id)
+    return row
+
+
+def _save_grant(row: GrantRow, grant: Grant, by: str | None) -> None:
+    row.status = grant.status
+    row.expires_at = grant.expires_at
+    if grant.ended_at is not None and row.ended_at is None:
+        row.ended_at, row.ended_by = grant.ended_at, by
+
+
+async def revoke_grant(store: Store, grant_id: uuid.UUID, by: str) -> GrantRow:
+    async with store.transaction() as tx:
+        row = await _locked_grant(tx, grant_id)
+        grant = _grant(row)
+        grant.revoke(utcnow())
+        _save_grant(row, grant, by)
+        await audit.append(
+            tx, "grant.revoked", by, request_id=row.request_id, grant_id=row.id,
+            data={"lease_id": row.lease_id},
+        )
+        await tx.notify("grant", row.id)
+    return row
+
+
+async def extend_grant(
+    store: Store, grant_id: uuid.UUID, by: str, extra: timedelta, max_ttl: timedelta
+) -> GrantRow:
+    """Push ``expires_at`` later, never beyond ``created_at + max_ttl`` (the role's ceiling)."""
+    async with store.transaction() as tx:
+        row = await _locked_grant(tx, grant_id)
+        grant = _grant(row)
+        grant.extend(extra, row.created_at + max_ttl, utcnow())
+        _save_grant(row, grant, by)
+        await audit.append(
+            tx, "grant.extended", by, request_id=row.request_id, grant_id=row.id,
+            data={"expires_at": row.expires_at.isoformat()},
+        )
+        await tx.notify("grant", row.id)
+    return row
+
+
+async def expire_due_grants(store: Store, *, limit: int = 100) -> list[GrantRow]:
+    """Mark overdue active grants expired (SKIP LOCKED); the caller revokes their leases."""
+    async with store.transaction() as tx:
+        now = utcnow()
+        rows = (
+            await tx.session.scalars(
+                select(GrantRow)
+                .where(GrantRow.status == GrantStatus.ACTIVE, GrantRow.expires_at <= now)
+                .order_by(GrantRow.expires_at)
+                .limit(limit)
+                .with_for_update(of=GrantRow, skip_locked=True)
+            )
+        ).all()
+        for row in rows:
+            grant = _grant(row)
+            grant.expire(now)
+            _save_grant(row, grant, "keyturn")
+            await audit.append(
+                tx, "grant.expired", "keyturn", request_id=row.request_id, grant_id=row.id,
+                data={"lease_id": row.lease_id},
+            )
+            await tx.notify("grant", row.id)
+    return list(rows)

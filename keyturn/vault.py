@@ -1,0 +1,314 @@
+"""The one place that talks to Vault / OpenBao.
+
+hvac is blocking, so every call runs in a worker thread (``asyncio.to_thread``) and the event
+loop never waits on the network. Failures become keyturn errors that say what is wrong and
+what to do: :class:`VaultUnavailable` (down or unreachable), :class:`VaultSealed`,
+:class:`VaultForbidden` (the token's policy refuses), :class:`VaultUnauthenticated`.
+
+A process logs in once with AppRole and a background task renews its token at two thirds of
+its TTL, logging in again when renewal is refused or the token reaches its max TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from keyturn.errors import Forbidden, KeyturnError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class VaultUnavailable(Unavailable):
+    code = "vault_unavailable"
+
+
+class VaultSealed(VaultUnavailable):
+    code = "vault_sealed"
+
+
+class VaultForbidden(Forbidden):
+    code = "vault_forbidden"
+
+
+class VaultUnauthenticated(VaultForbidden):
+    code = "vault_unauthenticated"
+
+
+class VaultRequestError(KeyturnError):
+    """Vault understood the request and refused it as invalid (a 400)."""
+
+    code = "vault_bad_request"
+    status = 502
+
+
+@dataclass(frozen=True)
+class AppRoleLogin:
+    role_id: str
+    secret_id: str
+    mount: str = "approle"
+
+
+@dataclass(frozen=True)
+class WrapInfo:
+    token: str
+    accessor: str
+    ttl: int
+    creation_path: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    duration: int
+    renewable: bool
+    data: dict[str, Any]
+
+
+def _first(errors: list[str] | None) -> str:
+    return "; ".join(e for e in errors or [] if e).strip() or "no detail"
+
+
+def _translate(exc: BaseException, addr: str, what: str) -> KeyturnError:
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return VaultUnavailable(
+            f"Vault at {addr} is not reachable ({what}): is it running and is the address right?"
+        )
+    if isinstance(exc, hvac.exceptions.VaultDown):
+        return VaultSealed(f"Vault at {addr} is sealed ({what}): unseal it, then retry")
+    if isinstance(exc, hvac.exceptions.VaultNotInitialized):
+        return VaultUnavailable(f"Vault at {addr} is not initialized ({what})")
+    if isinstance(exc, hvac.exceptions.Unauthorized):
+        return VaultUnauthenticated(f"Vault refused the token ({what}): {_first(exc.errors)}")
+    if isinstance(exc, hvac.exceptions.Forbidden):
+        return VaultForbidden(f"Vault refused {what}: permission denied by policy")
+    if isinstance(exc, hvac.exceptions.InvalidPath):
+        return NotFound(f"Vault has nothing at {what}")
+    if isinstance(exc, hvac.exceptions.InvalidRequest):
+        return VaultRequestError(f"Vault rejected {what}: {_first(exc.errors)}")
+    if isinstance(exc, hvac.exceptions.VaultError):
+        return VaultUnavailable(f"Vault at {addr} failed on {what}: {_first(exc.errors)}")
+    return VaultUnavailable(f"Vault at {addr} failed on {what}: {type(exc).__name__}")
+
+
+class Vault:
+    """An async facade over one hvac client. Create it, then ``await login()`` or pass a token."""
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        token: str | None = None,
+        approle: AppRoleLogin | None = None,
+        timeout: float = 10.0,
+        verify: bool | str = True,
+    ) -> None:
+        self.addr = addr.rstrip("/")
+        self._approle = approle
+        self._client = hvac.Client(url=self.addr, token=token, timeout=timeout, verify=verify)
+        self._timeout = timeout
+        self._verify = verify
+        self._renewer: asyncio.Task[None] | None = None
+        self._token_ttl = 0
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, self.addr, what) from None
+
+    # ------------------------------------------------------------ generic paths
+
+    async def read(self, path: str, *, wrap_ttl: str | None = None) -> dict[str, Any] | None:
+        """GET; None when nothing is there."""
+        result = await self._call(path, self._client.read, path, wrap_ttl=wrap_ttl)
+        return result if isinstance(result, dict) else None
+
+    async def write(
+        self, path: str, data: dict[str, Any] | None = None, *, wrap_ttl: str | None = None
+    ) -> dict[str, Any] | None:
+        result = await self._call(
+            path, self._client.write_data, path, data=data or {}, wrap_ttl=wrap_ttl
+        )
+        return result if isinstance(result, dict) else None
+
+    async def list(self, path: str) -> list[str]:
+        result = await self._call(path, self._client.list, path)
+        if not isinstance(result, dict):
+            return []
+        keys: list[str] = result.get("data", {}).get("keys", [])
+        return keys
+
+    async def delete(self, path: str) -> None:
+        await self._call(path, self._client.delete, path)
+
+    async def read_text(self, path: str) -> str:
+        """GET a raw (non-JSON) endpoint such as ``ssh/public_key``."""
+        url = f"{self.addr}/v1/{path}"
+
+        def get() -> str:
+            resp = requests.get(url, timeout=self._timeout, verify=self._verify)
+            if resp.status_code == 503:
+                raise hvac.exceptions.VaultDown(errors=["sealed"])
+            if resp.status_code >= 400:
+                raise hvac.exceptions.InvalidRequest(errors=[resp.text.strip()[:200]])
+            return resp.text
+
+        return await self._call(path, get)
+
+    # ------------------------------------------------------------ auth and token upkeep
+
+    @property
+    def token(self) -> str | None:
+        token: str | None = self._client.token
+        return token
+
+    async def login(self) -> None:
+        """AppRole login (no-op for token clients); starts the renewal task."""
+        if self._approle is None:
+            return
+        login = self._approle
+        resp = await self._call(
+            f"auth/{login.mount}/login",
+            self._client.auth.approle.login,
+            role_id=login.role_id,
+            secret_id=login.secret_id,
+            mount_point=login.mount,
+        )
+        self._token_ttl = int(resp["auth"]["lease_duration"])
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_loop(), name="keyturn-vault-renewer")
+
+    async def _renew_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(max(self._token_ttl * 2 / 3, 1.0))
+            try:
+                resp = await self._call("auth/token/renew-self", self._client.auth.token.renew_self)
+                granted = int(resp["auth"]["lease_duration"])
+                # Near max TTL Vault grants less than asked: log in again rather than run dry.
+                if granted < self._token_ttl / 2:
+                    await self.login()
+                else:
+                    self._token_ttl = granted
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except KeyturnError as exc:
+                failures += 1
+                log.warning("Vault token renewal failed (%s); logging in again", exc.message)
+                try:
+                    await self.login()
+                except KeyturnError as again:
+                    log.warning("Vault login failed: %s", again.message)
+                    self._token_ttl = int(min(60, 2 ** min(failures, 6)) * random.uniform(1, 1.5))  # noqa: S311
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        with contextlib.suppress(Exception):
+            self._client.adapter.close()
+
+    async def health(self) -> dict[str, Any]:
+        """Raises VaultSealed / VaultUnavailable unless Vault is initialized and unsealed."""
+        result = await self._call(
+            "sys/health", self._client.sys.read_health_status, method="GET"
+        )
+        if isinstance(result, dict):
+            return result
+        if result.status_code == 503:
+            raise VaultSealed(f"Vault at {self.addr} is sealed: unseal it, then retry")
+        if result.status_code >= 500:
+            raise VaultUnavailable(f"Vault at {self.addr} is unhealthy ({result.status_code})")
+        body: dict[str, Any] = result.json()
+        return body
+
+    # ------------------------------------------------------------ secrets
+
+    async def wrapped_read(self, path: str, wrap_ttl: timedelta) -> WrapInfo:
+        """Read ``path`` into a single-use wrapping token instead of plain data."""
+        result = await self.read(path, wrap_ttl=f"{int(wrap_ttl.total_seconds())}s")
+        return _wrap_info(path, result)
+
+    async def wrap(self, data: dict[str, Any], wrap_ttl: timedelta) -> WrapInfo:
+        result = await self.write(
+            "sys/wrapping/wrap", data, wrap_ttl=f"{int(wrap_ttl.total_seconds())}s"
+        )
+        return _wrap_info("sys/wrapping/wrap", result)
+
+    async def lookup_wrapping(self, wrapping_token: str) -> dict[str, Any]:
+        """``creation_path`` and TTL of a wrapping token, without consuming it."""
+        result = await self.write("sys/wrapping/lookup", {"token": wrapping_token})
+        if result is None:
+            raise NotFound("wrapping token is not valid")
+        data: dict[str, Any] = result["data"]
+        return data
+
+    async def unwrap(self, wrapping_token: str) -> dict[str, Any]:
+        """Consume a wrapping token (once). The token itself authenticates the call."""
+        client = hvac.Client(
+            url=self.addr, token=wrapping_token, timeout=self._timeout, verify=self._verify
+        )
+        try:
+            result = await self._call("sys/wrapping/unwrap", client.sys.unwrap)
+        finally:
+            client.adapter.close()
+        return dict(result)
+
+    async def creds(self, role_path: str) -> Lease:
+        """Read dynamic credentials directly (the gateway's read-only pool uses this)."""
+        result = await self.read(role_path)
+        if result is None:
+            raise NotFound(f"Vault has no role at {role_path}")
+        return Lease(
+            lease_id=result["lease_id"],
+            duration=int(result["lease_duration"]),
+            renewable=bool(result["renewable"]),
+            data=result["data"],
+        )
+
+    async def renew_lease(self, lease_id: str, increment: timedelta) -> int:
+        """Renew by ``increment`` (always pass one: none *shortens* to the default TTL)."""
+        result = await self.write(
+            f"sys/leases/renew/{lease_id}", {"increment": int(increment.total_seconds())}
+        )
+        return int(result["lease_duration"]) if result else 0
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        """Revoke now (path form, so policies can scope it to a role's prefix). Idempotent."""
+        await self._call(
+            f"sys/leases/revoke/{lease_id}",
+            self._client.adapter.put,
+            f"/v1/sys/leases/revoke/{lease_id}",
+        )
+
+    async def lease_ids(self, prefix: str) -> list[str]:
+        """Every lease under ``prefix`` (e.g. ``database/creds/orders-rw/``)."""
+        prefix = prefix.rstrip("/") + "/"
+        return [prefix + key for key in await self.list(f"sys/leases/lookup/{prefix}")]
+
+
+def _wrap_info(path: str, result: dict[str, Any] | None) -> WrapInfo:
+    info = (result or {}).get("wrap_info")
+    if not info:
+        raise VaultRequestError(f"Vault returned no wrapping token for {path}")
+    return WrapInfo(
+        token=info["token"],
+        accessor=info["accessor"],
+        ttl=int(info["ttl"]),
+        creation_path=info["creation_path"],
+    )

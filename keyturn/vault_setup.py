@@ -1,0 +1,272 @@
+"""``keyturn vault-bootstrap``: engines, roles, policies and AppRoles, applied idempotently.
+
+Run it as often as you like: mounts and the SSH CA are created only when missing, roles and
+policies are rewritten to match the config, and a database connection is (re)written only when
+its admin login is in the environment — so the admin password is needed once, on the first run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from keyturn.errors import ConfigError, NotFound
+from keyturn.policy import Policy, PostgresTarget
+from keyturn.settings import target_admin_credentials, target_env_name
+from keyturn.store.dsn import parse_dsn
+from keyturn.vault import Vault, VaultRequestError
+
+POLICY_DIR = Path(os.environ.get("KEYTURN_VAULT_POLICIES", Path(__file__).parents[1] / "vault_policies"))
+GATEWAY_POLICY = "keyturn-gateway"
+READONLY_LEASE_TTL = timedelta(minutes=15)  # the gateway renews and replaces its pool leases
+BOT_POLICY = "keyturn-bot"
+
+_PLACEHOLDER = re.compile(r"<([a-z_]+)>")
+
+# Revoking a lease alone leaves the role's open sessions alive: end them, then drop the role.
+REVOCATION = [
+    'ALTER ROLE "{{{{name}}}}" NOLOGIN;',
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE usename = '{{{{name}}}}' AND pid <> pg_backend_pid();",
+    "{revokes}",
+    'REVOKE CONNECT ON DATABASE "{database}" FROM "{{{{name}}}}";',
+    'DROP ROLE IF EXISTS "{{{{name}}}}";',
+]
+
+
+def render_policy(text: str, values: dict[str, list[str]]) -> str:
+    """Fill ``<name>`` placeholders; a block naming a list placeholder repeats once per value.
+
+    Blocks are separated by blank lines. A block whose list is empty is dropped, so a policy
+    never grants a path for a role that does not exist.
+    """
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        names = set(_PLACEHOLDER.findall(block))
+        unknown = names - values.keys()
+        if unknown:
+            raise ConfigError(f"policy template names unknown placeholders: {sorted(unknown)}")
+        multi = sorted(n for n in names if len(values[n]) != 1)
+        if len(multi) > 1:
+            raise ConfigError(f"a policy block may repeat over one list only, not {multi}")
+        variants = values[multi[0]] if multi else [""]
+        for variant in variants:
+            rendered = block
+            for name in names:
+                value = variant if multi and name == multi[0] else values[name][0]
+                rendered = rendered.replace(f"<{name}>", value)
+            out.append(rendered)
+    return "\n\n".join(out) + "\n"
+
+
+def policy_values(policy: Policy) -> dict[str, list[str]]:
+    pg = policy.postgres_targets().values()
+    ssh = policy.ssh_targets().values()
+    return {
+        "database_mount": [policy.vault.database_mount],
+        "ssh_mount": [policy.vault.ssh_mount],
+        "readonly_role": sorted({t.vault.readonly_role for t in pg}),
+        "write_role": sorted({t.vault.write_role for t in pg}),
+        "ssh_role": sorted({t.vault.ssh_role for t in ssh}),
+    }
+
+
+def rendered_policies(policy: Policy, policy_dir: Path = POLICY_DIR) -> dict[str, str]:
+    values = policy_values(policy)
+    try:
+        return {
+            GATEWAY_POLICY: render_policy((policy_dir / "gateway.hcl").read_text(), values),
+            BOT_POLICY: render_policy((policy_dir / "bot.hcl").read_text(), values),
+        }
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"Vault policy file missing: {exc.filename} (set KEYTURN_VAULT_POLICIES to the folder)"
+        ) from None
+
+
+def role_statements(target: PostgresTarget, write: bool) -> tuple[list[str], list[str]]:
+    """Creation and revocation SQL for a target's read-only or write role."""
+    _, _, database = target.host_port_db
+    schemas = target.vault.schemas
+    create = [
+        'CREATE ROLE "{{name}}" WITH LOGIN PASSWORD \'{{password}}\' '
+        "VALID UNTIL '{{expiration}}' NOINHERIT;",
+        f'GRANT CONNECT ON DATABASE "{database}" TO "{{{{name}}}}";',
+    ]
+    revokes = []
+    for schema in schemas:
+        tables = "SELECT, INSERT, UPDATE, DELETE" if write else "SELECT"
+        create += [
+            f'GRANT USAGE ON SCHEMA "{schema}" TO "{{{{name}}}}";',
+            f'GRANT {tables} ON ALL TABLES IN SCHEMA "{schema}" TO "{{{{name}}}}";',
+        ]
+        if write:
+            create.append(
+                f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{{{{name}}}}";'
+            )
+        revokes += [
+            f'REVOKE ALL PRIVILEGES ON ALL TABLES IN SCHEMA "{schema}" FROM "{{{{name}}}}";',
+            f'REVOKE ALL PRIVILEGES ON ALL SEQUENCES IN SCHEMA "{schema}" FROM "{{{{name}}}}";',
+            f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{{{{name}}}}";',
+        ]
+    if not write:
+        create.append('ALTER ROLE "{{name}}" SET default_transaction_read_only = on;')
+    revoke = [
+        line.format(database=database, revokes="\n".join(revokes)) for line in REVOCATION
+    ]
+    return create, revoke
+
+
+@dataclass
+class BootstrapReport:
+    actions: list[str] = field(default_factory=list)
+    role_ids: dict[str, str] = field(default_factory=dict)
+    secret_ids: dict[str, str] = field(default_factory=dict)
+
+    def did(self, what: str) -> None:
+        self.actions.append(what)
+
+
+async def _ensure_mount(vault: Vault, report: BootstrapReport, kind: str, path: str, auth: bool) -> None:
+    listing = await vault.read("sys/auth" if auth else "sys/mounts") or {}
+    mounts = listing.get("data", listing)
+    existing = mounts.get(f"{path}/")
+    if existing is None:
+        await vault.write(f"sys/{'auth' if auth else 'mounts'}/{path}", {"type": kind})
+        report.did(f"enabled {kind} at {path}/")
+    elif existing.get("type") != kind:
+        raise ConfigError(f"Vault path {path}/ is a {existing.get('type')} mount, not {kind}")
+
+
+def _connection_url(target: PostgresTarget) -> str:
+    parts = urlsplit(parse_dsn(target.dsn).url)
+    netloc = "{{username}}:{{password}}@" + parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _database(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
+    mount = policy.vault.database_mount
+    await _ensure_mount(vault, report, "database", mount, auth=False)
+    for name, target in policy.postgres_targets().items():
+        config_path = f"{mount}/config/{name}"
+        admin = target_admin_credentials(name)
+        if admin is not None:
+            user, password = admin
+            await vault.write(
+                config_path,
+                {
+                    "plugin_name": "postgresql-database-plugin",
+                    "connection_url": _connection_url(target),
+                    "username": user,
+                    "password": password,
+                    "allowed_roles": [target.vault.readonly_role, target.vault.write_role],
+                    "verify_connection": True,
+                    "password_authentication": "scram-sha-256",
+                },
+            )
+            report.did(f"configured connection {config_path}")
+        elif await vault.read(config_path) is None:
+            raise ConfigError(
+                f"target {name}: Vault has no connection yet; set "
+                f"{target_env_name(name, 'username')} and {target_env_name(name, 'password')} "
+                "(an admin login that may create roles) for the first bootstrap"
+            )
+        else:
+            report.did(f"kept connection {config_path}")
+        for role, write in ((target.vault.readonly_role, False), (target.vault.write_role, True)):
+            create, revoke = role_statements(target, write)
+            ttl = policy.default_grant_ttl if write else READONLY_LEASE_TTL
+            ttl = min(ttl, target.vault.max_ttl)
+            await vault.write(
+                f"{mount}/roles/{role}",
+                {
+                    "db_name": name,
+                    "creation_statements": create,
+                    "revocation_statements": revoke,
+                    "default_ttl": int(ttl.total_seconds()),
+                    "max_ttl": int(target.vault.max_ttl.total_seconds()),
+                },
+            )
+            report.did(f"wrote role {mount}/roles/{role}")
+
+
+async def _ssh(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
+    targets = policy.ssh_targets()
+    if not targets:
+        return
+    mount = policy.vault.ssh_mount
+    await _ensure_mount(vault, report, "ssh", mount, auth=False)
+    try:
+        has_ca = bool((await vault.read(f"{mount}/config/ca") or {}).get("data", {}).get("public_key"))
+    except (VaultRequestError, NotFound):
+        has_ca = False
+    if not has_ca:
+        await vault.write(f"{mount}/config/ca", {"generate_signing_key": True, "key_type": "ed25519"})
+        report.did(f"generated the SSH CA at {mount}/config/ca")
+    roles: dict[str, list[str]] = {}
+    max_ttls: dict[str, int] = {}
+    for target in targets.values():
+        roles.setdefault(target.vault.ssh_role, []).append(target.principal)
+        max_ttls[target.vault.ssh_role] = max(
+            max_ttls.get(target.vault.ssh_role, 0), int(target.vault.max_ttl.total_seconds())
+        )
+    for role, principals in roles.items():
+        await vault.write(
+            f"{mount}/roles/{role}",
+            {
+                "key_type": "ca",
+                "allow_user_certificates": True,
+                "allowed_users": ",".join(sorted(set(principals))),
+                "default_user": sorted(principals)[0],
+                "allowed_critical_options": "force-command,source-address",
+                "allowed_extensions": "permit-pty",
+                "default_extensions": {},
+                "ttl": int(policy.default_grant_ttl.total_seconds()),
+                "max_ttl": max_ttls[role],
+            },
+        )
+        report.did(f"wrote SSH role {mount}/roles/{role}")
+
+
+async def _approles(
+    vault: Vault, policy: Policy, report: BootstrapReport, issue_secret_ids: bool
+) -> None:
+    mount = policy.vault.approle_mount
+    await _ensure_mount(vault, report, "approle", mount, auth=True)
+    for role, acl in ((policy.vault.gateway_approle, GATEWAY_POLICY), (policy.vault.bot_approle, BOT_POLICY)):
+        await vault.write(
+            f"auth/{mount}/role/{role}",
+            {
+                "token_policies": [acl],
+                "token_ttl": "1h",
+                "token_max_ttl": "24h",
+                "secret_id_ttl": "0",
+                "token_type": "service",
+            },
+        )
+        role_id = ((await vault.read(f"auth/{mount}/role/{role}/role-id")) or {})["data"]["role_id"]
+        report.role_ids[role] = role_id
+        report.did(f"wrote AppRole {role}")
+        if issue_secret_ids:
+            secret = await vault.write(f"auth/{mount}/role/{role}/secret-id")
+            report.secret_ids[role] = (secret or {})["data"]["secret_id"]
+
+
+async def bootstrap(
+    vault: Vault, policy: Policy, *, issue_secret_ids: bool = False, policy_dir: Path = POLICY_DIR
+) -> BootstrapReport:
+    report = BootstrapReport()
+    await vault.health()
+    policies = rendered_policies(policy, policy_dir)
+    if policy.postgres_targets():
+        await _database(vault, policy, report)
+    await _ssh(vault, policy, report)
+    for name, text in policies.items():
+        await vault.write(f"sys/policies/acl/{name}", {"policy": text})
+        report.did(f"wrote policy {name}")
+    await _approles(vault, policy, report, issue_secret_ids)
+    return report

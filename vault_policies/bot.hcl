@@ -1,0 +1,34 @@
+# keyturn bot: least privilege.
+#
+# On approval the bot issues write credentials (wrapped, for the gateway) or signs an SSH key
+# with the CA, wraps what it issued, and later renews (Extend) or revokes (Revoke now, expiry,
+# orphan sweep) those leases. It cannot read the read-only roles, change Vault's
+# configuration, or touch leases outside its own roles.
+#
+# `keyturn vault-bootstrap` renders this file: <database_mount> and <ssh_mount> become the
+# configured mounts; a stanza naming <write_role> or <ssh_role> is repeated once per role.
+
+path "<database_mount>/creds/<write_role>" {
+  capabilities = ["read"]
+}
+
+path "<ssh_mount>/sign/<ssh_role>" {
+  capabilities = ["update"]
+}
+
+path "sys/wrapping/wrap" {
+  capabilities = ["update"]
+}
+
+path "sys/leases/renew/<database_mount>/creds/<write_role>/*" {
+  capabilities = ["update"]
+}
+
+path "sys/leases/revoke/<database_mount>/creds/<write_role>/*" {
+  capabilities = ["update"]
+}
+
+# The orphan sweep lists the leases under each write role (listing leases requires sudo).
+path "sys/leases/lookup/<database_mount>/creds/<write_role>/" {
+  capabilities = ["list", "sudo"]
+}

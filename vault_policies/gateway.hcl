@@ -1,0 +1,26 @@
+# keyturn gateway: least privilege.
+#
+# The gateway runs allowed commands with short-lived read-only database credentials that it
+# reads itself, and approved commands with credentials the bot hands over as single-use
+# wrapping tokens. It can read nothing else: no write roles, no SSH signing, no revocation.
+#
+# `keyturn vault-bootstrap` renders this file: <database_mount> becomes the configured mount,
+# and a stanza naming <readonly_role> is repeated once per Postgres target's read-only role.
+
+path "<database_mount>/creds/<readonly_role>" {
+  capabilities = ["read"]
+}
+
+# Keep its own read-only leases alive (path form, scoped to those roles).
+path "sys/leases/renew/<database_mount>/creds/<readonly_role>/*" {
+  capabilities = ["update"]
+}
+
+# Inspect a wrapping token's creation_path before consuming it, then unwrap it once.
+path "sys/wrapping/lookup" {
+  capabilities = ["update"]
+}
+
+path "sys/wrapping/unwrap" {
+  capabilities = ["update"]
+}
