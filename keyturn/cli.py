@@ -1,0 +1,214 @@
+"""The ``keyturn`` command.
+
+Bad input of any kind (arguments, config, DSN, an unreachable Postgres or Vault) prints one
+line saying what is wrong and what to do, and exits 2, never a traceback. A config file with
+several problems prints one line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from keyturn.errors import ConfigError, KeyturnError
+
+EXIT_BAD_INPUT = 2
+EXIT_TAMPERED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from keyturn.policy import load_policy
+
+    policy = load_policy(args.file)
+    rules, targets = len(policy.rules), len(policy.targets)
+    print(f"{args.file}: ok ({targets} targets, {rules} rules)")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from keyturn.settings import load_settings
+    from keyturn.store import migrate
+
+    dsn = load_settings().dsn()
+    _run(_check_database(dsn))
+    if args.down:
+        migrate.downgrade(dsn, args.down)
+        print(f"downgraded {dsn.redacted} to {args.down}")
+    else:
+        migrate.upgrade(dsn, args.revision)
+        print(f"upgraded {dsn.redacted} to {args.revision}")
+    return 0
+
+
+async def _check_database(dsn: Any) -> int:
+    from keyturn.store.db import Store
+
+    store = Store(dsn, pool_size=1)
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from keyturn import audit
+    from keyturn.settings import load_settings
+    from keyturn.store.db import Store
+
+    dsn = load_settings().dsn()
+
+    async def run() -> int:
+        store = Store(dsn, pool_size=1)
+        try:
+            if args.audit_command == "verify":
+                result = await audit.verify(store)
+                if result.broken is not None:
+                    print(str(result.broken), file=sys.stderr)
+                    return EXIT_TAMPERED
+                print(f"audit chain intact: {result.checked} events")
+                return 0
+            if args.output == "-":
+                count = await audit.export(store, sys.stdout, args.since)
+            else:
+                with open(args.output, "w", encoding="utf-8") as out:
+                    count = await audit.export(store, out, args.since)
+            print(f"exported {count} events", file=sys.stderr)
+            return 0
+        finally:
+            await store.close()
+
+    return _run(run())
+
+
+def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
+    from keyturn.policy import load_policy
+    from keyturn.settings import load_settings
+    from keyturn.vault import Vault
+    from keyturn.vault_setup import bootstrap
+
+    policy = load_policy(args.config)
+    settings = load_settings()
+    addr = settings.vault_addr or policy.vault.addr or os.environ.get("VAULT_ADDR")
+    token = settings.vault_token or None
+    raw_token = token.get_secret_value() if token else os.environ.get("VAULT_TOKEN")
+    if not addr:
+        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
+    if not raw_token:
+        raise ConfigError("no Vault token: set KEYTURN_VAULT_TOKEN to a token allowed to configure Vault")
+
+    async def run() -> int:
+        vault = Vault(addr, token=raw_token)
+        try:
+            report = await bootstrap(vault, policy, issue_secret_ids=args.secret_ids_out is not None)
+        finally:
+            await vault.close()
+        for action in report.actions:
+            print(action)
+        for role, role_id in report.role_ids.items():
+            print(f"AppRole {role}: role_id {role_id}")
+        if args.secret_ids_out is not None:
+            _write_secret_ids(args.secret_ids_out, policy.vault, report.role_ids, report.secret_ids)
+            print(f"secret ids written to {args.secret_ids_out} (mode 0600)")
+        return 0
+
+    return _run(run())
+
+
+def _write_secret_ids(path: Path, vault: Any, role_ids: dict[str, str], secrets: dict[str, str]) -> None:
+    lines = []
+    for prefix, role in (("GATEWAY", vault.gateway_approle), ("BOT", vault.bot_approle)):
+        lines += [f"KEYTURN_{prefix}_ROLE_ID={role_ids[role]}", f"KEYTURN_{prefix}_SECRET_ID={secrets[role]}"]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from keyturn.testing.stack import run_dev_stack
+
+    return run_dev_stack(Path(args.state_dir), once=args.once)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="keyturn", description="Chat-ops approval gateway for AI agents.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("dev", help="run the whole stack locally with throwaway services")
+    p.add_argument("--state-dir", default=".keyturn/dev", help="where stack.json is written")
+    p.add_argument("--once", action="store_true", help="start, print, stop (a smoke test)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("migrate", help="apply database migrations (KEYTURN_DATABASE_URL)")
+    p.add_argument("--revision", default="head")
+    p.add_argument("--down", metavar="REV", help="downgrade to REV (e.g. -1 or base)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("audit", help="verify or export the audit chain")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    audit_sub.add_parser("verify", help="exit 1 naming the first bad event if tampered")
+    exp = audit_sub.add_parser("export", help="write events as JSON lines")
+    exp.add_argument("--since", type=int, default=0, help="only events after this seq")
+    exp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("vault-bootstrap", help="configure Vault engines, roles, policies, AppRoles")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument(
+        "--secret-ids-out", type=Path, help="also issue AppRole secret ids into this file (0600)"
+    )
+    p.set_defaults(func=cmd_vault_bootstrap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        if exc.message not in exc.problems:
+            print(exc.message, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyturnError as exc:
+        print(f"keyturn: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""pytest fixtures on real services: ``pytest_plugins = ["keyturn.testing.pytest_plugin"]``.
+
+One Postgres cluster and one OpenBao dev server per session; the schema is migrated once into
+a template database and every test gets its own copy (``CREATE DATABASE … TEMPLATE``, ~20 ms).
+``KEYTURN_TEST_DATABASE_URL`` (a superuser DSN) points the suite at an existing server instead.
+Nothing here skips: a service that cannot start fails the tests that need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from keyturn.store import migrate
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn, parse_dsn
+from keyturn.testing.openbao import OpenBaoDevServer
+from keyturn.testing.postgres import PostgresCluster
+from keyturn.vault import Vault
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A superuser connection to whichever server the session uses."""
+
+    admin: Dsn  # superuser, database "postgres"
+    password: str
+    port: int
+
+    def dsn(self, database: str, user: str | None = None, password: str | None = None) -> Dsn:
+        dsn = self.admin.with_database(database)
+        if user is None:
+            return dsn
+        return parse_dsn(f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}")
+
+    async def execute(self, sql: str, database: str = "postgres") -> None:
+        conn = await asyncpg.connect(self.dsn(database).url, **self.admin.connect_args)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    external = os.environ.get("KEYTURN_TEST_DATABASE_URL")
+    if external:
+        dsn = parse_dsn(external, "KEYTURN_TEST_DATABASE_URL")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(dsn.url)
+        yield PostgresServer(dsn.with_database("postgres"), parts.password or "", parts.port or 5432)
+        return
+    with PostgresCluster() as cluster:
+        yield PostgresServer(cluster.dsn(), cluster.password, cluster.port)
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_server: PostgresServer) -> Iterator[str]:
+    name = f"keyturn_template_{uuid.uuid4().hex[:8]}"
+    asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
+    migrate.upgrade(postgres_server.dsn(name))
+    asyncio.run(postgres_server.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE true'))
+    yield name
+    asyncio.run(postgres_server.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE false'))
+    asyncio.run(postgres_server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest_asyncio.fixture
+async def database(postgres_server: PostgresServer, template_database: str) -> AsyncIterator[Dsn]:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    await postgres_server.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield postgres_server.dsn(name)
+    await postgres_server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest_asyncio.fixture
+async def store(database: Dsn) -> AsyncIterator[Store]:
+    store = Store(database)
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[OpenBaoDevServer]:
+    with OpenBaoDevServer() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def vault_root(openbao: OpenBaoDevServer) -> AsyncIterator[Vault]:
+    vault = Vault(openbao.addr, token=openbao.root_token)
+    yield vault
+    await vault.close()

@@ -1,0 +1,208 @@
+"""State changes on a real Postgres: row locks, conflicts, idempotency, immutability."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import pytest
+from sqlalchemy import func, select, text
+
+from keyturn.domain import Decision, IllegalTransition, RequestStatus, SelfApproval
+from keyturn.errors import Conflict, NotFound
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from keyturn.store.models import ApprovalRow, AuditEventRow
+
+UPDATE = "UPDATE orders SET status = 'paid' WHERE id = 42"
+
+
+def held(**overrides: object) -> ops.NewRequest:
+    fields: dict[str, object] = {
+        "target": "orders-db",
+        "command": UPDATE,
+        "requester": "crew-billing",
+        "on_behalf_of": "U_HUMAN",
+        "pending_ttl": timedelta(minutes=15),
+        "rule": "writes",
+    }
+    fields.update(overrides)
+    return ops.NewRequest(**fields)  # type: ignore[arg-type]
+
+
+async def count(store: Store, model: type, **where: object) -> int:
+    async with store.transaction() as tx:
+        query = select(func.count()).select_from(model).filter_by(**where)
+        return int((await tx.session.execute(query)).scalar_one())
+
+
+async def test_create_stores_command_and_hash(store: Store) -> None:
+    row, created = await ops.create_request(store, held())
+    assert created
+    again = await ops.get_request(store, row.id)
+    assert again.command == UPDATE
+    assert again.command_sha256 == row.command_sha256
+    assert again.status == RequestStatus.PENDING
+    assert await count(store, AuditEventRow, kind="request.held") == 1
+
+
+async def test_stored_command_is_immutable(store: Store, database: Dsn) -> None:
+    row, _ = await ops.create_request(store, held())
+    conn = await asyncpg.connect(database.url)
+    try:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+            await conn.execute("UPDATE requests SET command = 'DROP TABLE orders' WHERE id = $1", row.id)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "INSERT INTO requests (id, target, command, command_sha256, requester, status,"
+                " classification, quorum, pending_expires_at)"
+                " VALUES ($1, 't', 'SELECT 1', $2, 'x', 'pending', '{}', 1, now())",
+                uuid.uuid4(), "0" * 64,
+            )
+    finally:
+        await conn.close()
+
+
+async def test_idempotency_key(store: Store) -> None:
+    first, created = await ops.create_request(store, held(idempotency_key="k1", body_sha256="a"))
+    same, created_again = await ops.create_request(store, held(idempotency_key="k1", body_sha256="a"))
+    assert created and not created_again
+    assert same.id == first.id
+    with pytest.raises(ops.IdempotencyConflict):
+        await ops.create_request(store, held(idempotency_key="k1", body_sha256="b"))
+    # the key is per requester
+    other, created_other = await ops.create_request(
+        store, held(idempotency_key="k1", body_sha256="b", requester="crew-other")
+    )
+    assert created_other and other.id != first.id
+
+
+async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None:
+    results = await asyncio.gather(
+        *(ops.create_request(store, held(idempotency_key="race", body_sha256="x")) for _ in range(10))
+    )
+    assert len({row.id for row, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+async def test_approve_and_deny_flow(store: Store) -> None:
+    row, _ = await ops.create_request(store, held(quorum=2))
+    first = await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    assert not first.decided and first.request.status == "pending"
+    with pytest.raises(Conflict):
+        await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    with pytest.raises(SelfApproval):
+        await ops.decide(store, row.id, "U_HUMAN", Decision.APPROVE)
+    second = await ops.decide(store, row.id, "U2", Decision.APPROVE)
+    assert second.decided and second.request.status == "approved"
+    with pytest.raises(IllegalTransition):
+        await ops.decide(store, row.id, "U3", Decision.DENY, "too late")
+
+    denied, _ = await ops.create_request(store, held())
+    result = await ops.decide(store, denied.id, "U1", Decision.DENY, "not during the freeze")
+    assert result.request.status == "denied"
+    stored = await ops.get_request(store, denied.id)
+    assert stored.approvals[0].reason == "not during the freeze"
+
+
+async def test_unknown_request(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await ops.decide(store, uuid.uuid4(), "U1", Decision.APPROVE)
+
+
+async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None:
+    row, _ = await ops.create_request(store, held())
+    approvers = [f"U{i}" for i in range(50)]
+
+    async def attempt(i: int) -> str:
+        decision = Decision.APPROVE if i % 2 else Decision.DENY
+        try:
+            await ops.decide(store, row.id, approvers[i], decision, "no")
+        except IllegalTransition:
+            return "conflict"
+        return "decided"
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(50)))
+    assert outcomes.count("decided") == 1
+    assert outcomes.count("conflict") == 49
+    assert await count(store, ApprovalRow, request_id=row.id) == 1
+    final = await ops.get_request(store, row.id)
+    assert final.status in ("approved", "denied")
+    decided_events = await count(store, AuditEventRow, request_id=row.id)
+    assert decided_events == 2  # held + the one decision
+
+
+async def test_concurrent_decisions_across_separate_engines(database: Dsn) -> None:
+    """Two processes (two pools) racing on one row still give one outcome."""
+    stores = [Store(database, pool_size=5), Store(database, pool_size=5)]
+    try:
+        row, _ = await ops.create_request(stores[0], held())
+
+        async def attempt(i: int) -> bool:
+            try:
+                await ops.decide(stores[i % 2], row.id, f"U{i}", Decision.APPROVE)
+            except IllegalTransition:
+                return False
+            return True
+
+        assert sum(await asyncio.gather(*(attempt(i) for i in range(20)))) == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_expire_due_requests(store: Store) -> None:
+    due, _ = await ops.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
+    fresh, _ = await ops.create_request(store, held())
+    await asyncio.sleep(0.01)
+    expired = await ops.expire_due_requests(store)
+    assert [r.id for r in expired] == [due.id]
+    assert (await ops.get_request(store, fresh.id)).status == "pending"
+    assert await ops.expire_due_requests(store) == []
+    with pytest.raises(IllegalTransition):
+        await ops.decide(store, due.id, "U1", Decision.APPROVE)
+
+
+async def test_execution_claims_the_approval_once(store: Store) -> None:
+    row, _ = await ops.create_request(store, held())
+    await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    claims = await asyncio.gather(
+        *(ops.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(c, BaseException) for c in claims) == 1
+    done = await ops.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
+    assert done.status == "executed" and done.result == {"rows": 1}
+
+
+async def test_grants_expire_revoke_extend(store: Store) -> None:
+    short = await ops.create_grant(
+        store, ops.NewGrant("crew", "orders-db", timedelta(milliseconds=1), lease_id="L1"), "U1"
+    )
+    long = await ops.create_grant(store, ops.NewGrant("crew", "orders-db", timedelta(minutes=5)), "U1")
+    await asyncio.sleep(0.01)
+    assert [g.id for g in await ops.expire_due_grants(store)] == [short.id]
+    extended = await ops.extend_grant(store, long.id, "U1", timedelta(minutes=5), timedelta(hours=1))
+    assert extended.expires_at > long.expires_at
+    revoked = await ops.revoke_grant(store, long.id, "U2")
+    assert revoked.status == "revoked" and revoked.ended_by == "U2"
+    with pytest.raises(IllegalTransition):
+        await ops.revoke_grant(store, long.id, "U2")
+
+
+async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database: Dsn) -> None:
+    due, _ = await ops.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
+    await asyncio.sleep(0.01)
+    other = Store(database, pool_size=1)
+    try:
+        async with other.transaction() as tx:
+            await tx.session.execute(
+                text("SELECT 1 FROM requests WHERE id = :id FOR UPDATE"), {"id": due.id}
+            )
+            assert await ops.expire_due_requests(store) == []  # skipped, not blocked
+        assert [r.id for r in await ops.expire_due_requests(store)] == [due.id]
+    finally:
+        await other.close()

@@ -1,0 +1,219 @@
+"""The request and grant state machines, by example and by hypothesis."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from keyturn.domain import (
+    REQUEST_TRANSITIONS,
+    AlreadyVoted,
+    CommandChanged,
+    Grant,
+    GrantStatus,
+    IllegalTransition,
+    Request,
+    RequestStatus,
+    SelfApproval,
+    command_sha256,
+)
+from keyturn.errors import Conflict, Forbidden, InvalidInput
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_request(quorum: int = 1, on_behalf_of: str | None = "U_HUMAN") -> Request:
+    return Request(
+        id=uuid.uuid4(),
+        target="orders-db",
+        command="UPDATE orders SET status = 'paid' WHERE id = 1",
+        requester="crew-billing",
+        on_behalf_of=on_behalf_of,
+        created_at=T0,
+        pending_expires_at=T0 + timedelta(minutes=15),
+        quorum=quorum,
+    )
+
+
+def test_single_approval_reaches_quorum_of_one() -> None:
+    req = make_request()
+    assert req.approve("U1", T0) is True
+    assert req.status is RequestStatus.APPROVED
+    assert req.decided_at == T0
+
+
+def test_quorum_needs_distinct_approvers() -> None:
+    req = make_request(quorum=2)
+    assert req.approve("U1", T0) is False
+    with pytest.raises(AlreadyVoted):
+        req.approve("U1", T0)
+    assert req.status is RequestStatus.PENDING
+    assert req.approvers == ["U1"]
+    assert req.approve("U2", T0) is True
+    assert req.status is RequestStatus.APPROVED
+
+
+@pytest.mark.parametrize("who", ["crew-billing", "U_HUMAN"])
+def test_nobody_decides_their_own_request(who: str) -> None:
+    req = make_request()
+    with pytest.raises(SelfApproval):
+        req.approve(who, T0)
+    with pytest.raises(SelfApproval):
+        req.deny(who, "no", T0)
+    assert req.status is RequestStatus.PENDING
+    assert req.approvals == []
+
+
+def test_deny_needs_a_reason_and_ends_the_request() -> None:
+    req = make_request(quorum=2)
+    req.approve("U1", T0)
+    with pytest.raises(InvalidInput):
+        req.deny("U2", "   ", T0)
+    req.deny("U2", "  not during the freeze ", T0)
+    assert req.status is RequestStatus.DENIED
+    assert req.denial is not None
+    assert req.denial.reason == "not during the freeze"
+    with pytest.raises(IllegalTransition):
+        req.approve("U3", T0)
+
+
+def test_decided_request_cannot_be_decided_again() -> None:
+    req = make_request()
+    req.approve("U1", T0)
+    with pytest.raises(IllegalTransition) as info:
+        req.deny("U2", "late", T0)
+    assert isinstance(info.value, Conflict)
+    assert info.value.current == "approved"
+
+
+def test_expiry_respects_the_pending_ttl() -> None:
+    req = make_request()
+    with pytest.raises(IllegalTransition):
+        req.expire(T0 + timedelta(minutes=14))
+    req.expire(T0 + timedelta(minutes=15))
+    assert req.status is RequestStatus.EXPIRED
+
+
+def test_only_the_requester_cancels() -> None:
+    req = make_request()
+    with pytest.raises(Forbidden):
+        req.cancel("U1", T0)
+    req.cancel("crew-billing", T0)
+    assert req.status is RequestStatus.CANCELLED
+
+
+def test_execution_is_for_the_approved_hash_only_and_once() -> None:
+    req = make_request()
+    with pytest.raises(IllegalTransition):
+        req.start_execution(req.command_sha256)  # not approved yet
+    req.approve("U1", T0)
+    with pytest.raises(CommandChanged):
+        req.start_execution(command_sha256("DELETE FROM orders"))
+    req.start_execution(req.command_sha256)
+    with pytest.raises(IllegalTransition):
+        req.start_execution(req.command_sha256)
+    req.finish(ok=True)
+    assert req.status is RequestStatus.EXECUTED
+    assert req.status.terminal
+
+
+def test_quorum_below_one_is_refused() -> None:
+    with pytest.raises(InvalidInput):
+        make_request(quorum=0)
+
+
+def test_grant_lifecycle() -> None:
+    grant = Grant(uuid.uuid4(), "crew", "orders-db", T0, T0 + timedelta(minutes=10))
+    with pytest.raises(IllegalTransition):
+        grant.expire(T0 + timedelta(minutes=9))
+    with pytest.raises(InvalidInput):
+        grant.extend(timedelta(hours=2), T0 + timedelta(hours=1), T0)
+    grant.extend(timedelta(minutes=20), T0 + timedelta(hours=1), T0)
+    assert grant.expires_at == T0 + timedelta(minutes=30)
+    grant.revoke(T0 + timedelta(minutes=1))
+    assert grant.status is GrantStatus.REVOKED
+    with pytest.raises(IllegalTransition):
+        grant.revoke(T0 + timedelta(minutes=2))
+    with pytest.raises(IllegalTransition):
+        grant.extend(timedelta(minutes=1), T0 + timedelta(hours=1), T0)
+
+
+def test_transition_table_matches_the_design() -> None:
+    terminal = {s for s in RequestStatus if s.terminal}
+    assert terminal == {"executed", "failed", "denied", "expired", "cancelled"}
+    assert REQUEST_TRANSITIONS[RequestStatus.PENDING] == {
+        "approved", "denied", "expired", "cancelled"
+    }
+
+
+PEOPLE = st.sampled_from(["crew-billing", "U_HUMAN", "U1", "U2", "U3"])
+
+
+class RequestMachine(RuleBasedStateMachine):
+    """Random sequences of moves never reach a state the transition table forbids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.req = make_request(quorum=2)
+        self.now = T0
+        self.history: list[RequestStatus] = [self.req.status]
+
+    def _attempt(self, move: object) -> None:
+        before = self.req.status
+        try:
+            move()  # type: ignore[operator]
+        except (Conflict, Forbidden, InvalidInput):
+            assert self.req.status is before, "a refused move must change nothing"
+        if self.req.status is not before:
+            assert self.req.status in REQUEST_TRANSITIONS[before]
+            self.history.append(self.req.status)
+
+    @rule(who=PEOPLE)
+    def approve(self, who: str) -> None:
+        self._attempt(lambda: self.req.approve(who, self.now))
+
+    @rule(who=PEOPLE, reason=st.text(max_size=5))
+    def deny(self, who: str, reason: str) -> None:
+        self._attempt(lambda: self.req.deny(who, reason, self.now))
+
+    @rule(minutes=st.integers(0, 20))
+    def tick_and_expire(self, minutes: int) -> None:
+        self.now += timedelta(minutes=minutes)
+        self._attempt(lambda: self.req.expire(self.now))
+
+    @rule(who=PEOPLE)
+    def cancel(self, who: str) -> None:
+        self._attempt(lambda: self.req.cancel(who, self.now))
+
+    @rule(same=st.booleans())
+    def execute(self, same: bool) -> None:
+        sha = self.req.command_sha256 if same else "0" * 64
+        self._attempt(lambda: self.req.start_execution(sha))
+
+    @precondition(lambda self: self.req.status is RequestStatus.EXECUTING)
+    @rule(ok=st.booleans())
+    def finish(self, ok: bool) -> None:
+        self._attempt(lambda: self.req.finish(ok))
+
+    @invariant()
+    def approved_means_quorum_of_others(self) -> None:
+        voters = self.req.approvers
+        assert len(voters) == len(set(voters))
+        assert not {"crew-billing", "U_HUMAN"} & set(voters)
+        if self.req.status in (RequestStatus.APPROVED, RequestStatus.EXECUTING,
+                               RequestStatus.EXECUTED):
+            assert len(voters) >= self.req.quorum
+
+    @invariant()
+    def terminal_is_final(self) -> None:
+        for earlier in self.history[:-1]:
+            assert not earlier.terminal
+
+
+TestRequestMachine = RequestMachine.TestCase
+TestRequestMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
