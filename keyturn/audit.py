@@ -9,6 +9,7 @@ catches what such a person does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -176,9 +177,10 @@ async def verify(store: Store) -> VerifyResult:
     async with store.transaction() as tx:
         head = await tx.session.get(AuditHeadRow, 1)
     walker = ChainWalker()
-    async for row in _stream(store):
-        if not walker.feed(row):
-            break
+    async with contextlib.aclosing(_stream(store)) as rows:
+        async for row in rows:
+            if not walker.feed(row):
+                break
     return walker.finish(head)
 
 

@@ -46,6 +46,12 @@ class VaultUnauthenticated(VaultForbidden):
     code = "vault_unauthenticated"
 
 
+class WrapTokenInvalid(VaultForbidden):
+    """Already unwrapped, expired or never issued: treat a second use as a possible leak."""
+
+    code = "wrap_token_invalid"
+
+
 class VaultRequestError(KeyturnError):
     """Vault understood the request and refused it as invalid (a 400)."""
 
@@ -179,13 +185,19 @@ class Vault:
         if self._approle is None:
             return
         login = self._approle
-        resp = await self._call(
-            f"auth/{login.mount}/login",
-            self._client.auth.approle.login,
-            role_id=login.role_id,
-            secret_id=login.secret_id,
-            mount_point=login.mount,
-        )
+        try:
+            resp = await self._call(
+                f"auth/{login.mount}/login",
+                self._client.auth.approle.login,
+                role_id=login.role_id,
+                secret_id=login.secret_id,
+                mount_point=login.mount,
+            )
+        except (VaultRequestError, VaultForbidden) as exc:
+            raise VaultUnauthenticated(
+                f"Vault refused the AppRole login at auth/{login.mount}: the role_id or secret_id "
+                "is wrong, expired or used up (check KEYTURN_*_ROLE_ID and KEYTURN_*_SECRET_ID)"
+            ) from exc
         self._token_ttl = int(resp["auth"]["lease_duration"])
         if self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_loop(), name="keyturn-vault-renewer")
@@ -265,6 +277,10 @@ class Vault:
         )
         try:
             result = await self._call("sys/wrapping/unwrap", client.sys.unwrap)
+        except (VaultRequestError, VaultForbidden) as exc:
+            raise WrapTokenInvalid(
+                "the wrapping token is not valid: already used, expired, or never issued"
+            ) from exc
         finally:
             client.adapter.close()
         return dict(result)

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -25,6 +25,7 @@ from keyturn.store.dsn import Dsn
 log = logging.getLogger(__name__)
 
 Callback = Callable[[str, str], None]
+T = TypeVar("T")
 
 
 class Listener:
@@ -169,3 +170,29 @@ async def wait_for_change(event: asyncio.Event, timeout: float) -> bool:
         return False
     event.clear()
     return True
+
+
+async def wait_until(
+    listener: Listener,
+    kind: str,
+    ident: object,
+    read: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    timeout: float,
+    poll_interval: float = 2.0,
+) -> T:
+    """Re-read a row until ``done(row)`` or ``timeout``; returns the last read.
+
+    Woken early by a notification for ``<kind>:<ident>``; otherwise re-reads every
+    ``poll_interval`` seconds, so it works even when no notification ever arrives.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with listener.watch(kind, ident) as changed:
+        while True:
+            row = await read()
+            remaining = deadline - loop.time()
+            if done(row) or remaining <= 0:
+                return row
+            await wait_for_change(changed, min(poll_interval, remaining))

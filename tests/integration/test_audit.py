@@ -1,0 +1,122 @@
+"""The audit chain: appends serialize, and change, delete and reorder are all detected."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from keyturn import audit
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+
+
+async def _fill(store: Store, events: int) -> None:
+    async def one(i: int) -> None:
+        async with store.transaction() as tx:
+            await audit.append(tx, "test.event", f"actor-{i}", data={"i": i, "note": "ünïcode"})
+
+    await asyncio.gather(*(one(i) for i in range(events)))  # concurrent appends
+
+
+async def _tamper(dsn: Dsn, *statements: str) -> None:
+    """What a superuser could do: switch the append-only trigger off, edit, switch it on."""
+    conn = await asyncpg.connect(dsn.url)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only")
+    finally:
+        await conn.close()
+
+
+def _cli(dsn: Dsn, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url}
+    return subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+async def test_intact_chain_verifies(store: Store, database: Dsn) -> None:
+    await _fill(store, 30)
+    row, _ = await ops.create_request(
+        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id=1", "crew", timedelta(minutes=1))
+    )
+    await ops.decide(store, row.id, "U1", ops.Decision.DENY, "no")
+    result = await audit.verify(store)
+    assert result.broken is None and result.checked == 32
+    proc = await asyncio.to_thread(_cli, database, "audit", "verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "intact: 32 events" in proc.stdout
+
+
+async def test_the_log_refuses_update_and_delete(store: Store, database: Dsn) -> None:
+    await _fill(store, 2)
+    conn = await asyncpg.connect(database.url)
+    try:
+        for sql in ("UPDATE audit_events SET actor = 'x'", "DELETE FROM audit_events"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("statements", "first_bad", "problem"),
+    [
+        (["UPDATE audit_events SET data = '{\"i\": 999}' WHERE seq = 5"], 5, "changed"),
+        (["UPDATE audit_events SET actor = 'someone-else' WHERE seq = 7"], 7, "changed"),
+        (["DELETE FROM audit_events WHERE seq = 4"], 4, "missing"),
+        (["DELETE FROM audit_events WHERE seq = 10"], 10, "missing"),  # the newest one
+        (
+            [
+                "UPDATE audit_events SET seq = 1000 WHERE seq = 3",
+                "UPDATE audit_events SET seq = 3 WHERE seq = 4",
+                "UPDATE audit_events SET seq = 4 WHERE seq = 1000",
+            ],
+            3,
+            "does not follow",
+        ),
+    ],
+    ids=["change-data", "change-actor", "delete-middle", "delete-last", "reorder"],
+)
+async def test_tampering_is_detected(
+    store: Store, database: Dsn, statements: list[str], first_bad: int, problem: str
+) -> None:
+    await _fill(store, 10)
+    assert (await audit.verify(store)).broken is None
+    await _tamper(database, *statements)
+    result = await audit.verify(store)
+    assert result.broken is not None
+    assert result.broken.seq == first_bad
+    assert problem in result.broken.problem
+    proc = await asyncio.to_thread(_cli, database, "audit", "verify")
+    assert proc.returncode == 1
+    assert f"broken at event {first_bad}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_export_writes_json_lines(store: Store, database: Dsn, tmp_path: object) -> None:
+    await _fill(store, 5)
+    buffer = io.StringIO()
+    assert await audit.export(store, buffer, since=2) == 3
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert [e["seq"] for e in lines] == [3, 4, 5]
+    assert lines[1]["prev_hash"] == lines[0]["hash"]
+    assert {"at", "kind", "actor", "data", "hash", "request_id", "grant_id"} <= lines[0].keys()
+
+    out = f"{tmp_path}/audit.jsonl"
+    proc = await asyncio.to_thread(_cli, database, "audit", "export", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    with open(out, encoding="utf-8") as fh:
+        assert len(fh.readlines()) == 5

@@ -1,0 +1,140 @@
+"""LISTEN/NOTIFY: notifications wake waiters; a killed connection comes back; polling covers gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import pytest_asyncio
+
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn, parse_dsn
+from keyturn.store.listener import Listener, wait_for_change, wait_until
+from keyturn.testing.ports import free_port
+
+
+@pytest_asyncio.fixture
+async def listener(database: Dsn) -> AsyncIterator[Listener]:
+    listener = Listener(database, probe_after=0.5, backoff_initial=0.05, backoff_max=0.5)
+    await listener.start()
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    yield listener
+    await listener.stop()
+
+
+async def _notify(dsn: Dsn, payload: str) -> None:
+    conn = await asyncpg.connect(dsn.url)
+    try:
+        await conn.execute("SELECT pg_notify('keyturn', $1)", payload)
+    finally:
+        await conn.close()
+
+
+async def _kill_listener_backend(dsn: Dsn) -> int:
+    conn = await asyncpg.connect(dsn.url)
+    try:
+        killed: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'keyturn-listener' AND datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return killed
+
+
+async def test_state_change_wakes_the_waiter(listener: Listener, store: Store) -> None:
+    row, _ = await ops.create_request(
+        store,
+        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
+    )
+    async with listener.watch("request", row.id) as changed:
+        task = asyncio.create_task(wait_for_change(changed, timeout=10))
+        await ops.decide(store, row.id, "U1", ops.Decision.APPROVE)
+        assert await task is True
+    assert listener.waiting == 0
+
+
+async def test_unrelated_notifications_do_not_wake(listener: Listener, database: Dsn) -> None:
+    async with listener.watch("request", uuid.uuid4()) as changed:
+        await _notify(database, f"request:{uuid.uuid4()}")
+        assert await wait_for_change(changed, timeout=0.3) is False
+
+
+async def test_subscribers_see_every_notification(listener: Listener, database: Dsn) -> None:
+    seen: list[tuple[str, str]] = []
+    listener.subscribe(lambda kind, ident: seen.append((kind, ident)))
+    await _notify(database, "grant:abc")
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.02)
+    assert seen == [("grant", "abc")]
+
+
+async def test_keeps_delivering_after_its_backend_is_terminated(
+    listener: Listener, database: Dsn
+) -> None:
+    reconnect_wakeups: list[str] = []
+    listener.subscribe(lambda kind, _ident: reconnect_wakeups.append(kind))
+    key = uuid.uuid4()
+    async with listener.watch("request", key) as changed:
+        assert await _kill_listener_backend(database) == 1
+        # Waiters are woken after the reconnect, so a change missed meanwhile is re-read.
+        assert await wait_for_change(changed, timeout=10) is True
+        assert listener.connects >= 2
+        assert "*" in reconnect_wakeups
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        await _notify(database, f"request:{key}")
+        assert await wait_for_change(changed, timeout=10) is True
+
+
+async def test_reconnects_with_backoff_while_postgres_refuses(database: Dsn) -> None:
+    """Pointed at a dead port it keeps trying (no crash); it never stops the process."""
+    dead = parse_dsn(f"postgresql://nobody:x@127.0.0.1:{free_port()}/nothing")
+    listener = Listener(dead, backoff_initial=0.01, backoff_max=0.05)
+    await listener.start()
+    await asyncio.sleep(0.5)
+    assert listener._task is not None and not listener._task.done()
+    assert listener.connects == 0
+    await listener.stop()
+
+
+async def _wait_for_decision(
+    listener: Listener, store: Store, request_id: uuid.UUID, poll: float
+) -> str:
+    row = await wait_until(
+        listener,
+        "request",
+        request_id,
+        lambda: ops.get_request(store, request_id),
+        lambda r: r.status != "pending",
+        timeout=10,
+        poll_interval=poll,
+    )
+    return row.status
+
+
+async def test_wait_until_wakes_on_notification(listener: Listener, store: Store) -> None:
+    row, _ = await ops.create_request(
+        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5))
+    )
+    # a poll interval far beyond the test's patience: only the notification can wake it in time
+    waiter = asyncio.create_task(_wait_for_decision(listener, store, row.id, poll=60))
+    await asyncio.sleep(0.1)
+    await ops.decide(store, row.id, "U1", ops.Decision.DENY, "no")
+    assert await asyncio.wait_for(waiter, 5) == "denied"
+
+
+async def test_wait_until_falls_back_to_polling(database: Dsn, store: Store) -> None:
+    silent = Listener(database)  # never started: no notification will ever arrive
+    row, _ = await ops.create_request(
+        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5))
+    )
+    waiter = asyncio.create_task(_wait_for_decision(silent, store, row.id, poll=0.05))
+    await asyncio.sleep(0.1)
+    await ops.decide(store, row.id, "U1", ops.Decision.APPROVE)
+    assert await asyncio.wait_for(waiter, 5) == "approved"
