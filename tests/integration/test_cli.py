@@ -1,0 +1,161 @@
+"""The ``keyturn`` command: bad input of every kind is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from keyturn.testing.openbao import OpenBaoDevServer
+from keyturn.testing.ports import free_port
+from keyturn.testing.pytest_plugin import PostgresServer
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"
+
+
+def keyturn(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KEYTURN_", "VAULT_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", *args],
+        capture_output=True, text=True, env=clean | env, check=False, timeout=120,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_check_config_accepts_a_valid_file() -> None:
+    proc = keyturn("check-config", str(EXAMPLE))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (2 targets, 5 rules)" in proc.stdout
+
+
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "targets:\n  db: {kind: postgres, dsn: 'postgresql://u:pw@h/d', vault: {readonly_role: r}}\n"
+        "rules:\n  - {name: a, match: {sql: [select]}, action: allow}\n"
+        "  - {name: b, match: {sql: [select]}, action: allow}\n"
+        "  - {name: c, match: {sql: [select]}, action: nope}\n"
+    )
+    proc = keyturn("check-config", str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "rules[2].action: expected allow, hold or block" in lines
+    assert "targets.db.vault.write_role: required" in lines
+    assert any(line.startswith("targets.db.dsn: must not carry") for line in lines)
+    assert lines[-1] == f"{bad}: 3 error(s)"
+    assert "pw" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["check-config", "/nonexistent.yml"], "no such file"),
+        (["frobnicate"], "invalid choice"),
+        (["audit"], "required"),
+        (["vault-bootstrap"], "--config"),
+    ],
+)
+def test_bad_arguments(args: list[str], fragment: str) -> None:
+    one_line_error(keyturn(*args), fragment)
+
+
+def test_migrate_without_a_database_url() -> None:
+    one_line_error(keyturn("migrate"), "KEYTURN_DATABASE_URL is not set")
+
+
+def test_migrate_with_a_bad_dsn() -> None:
+    one_line_error(
+        keyturn("migrate", KEYTURN_DATABASE_URL="mysql://u:pw@h/db"),
+        "KEYTURN_DATABASE_URL must start with postgresql://",
+    )
+
+
+def test_postgres_not_reachable() -> None:
+    url = f"postgresql://u:secret-pw@127.0.0.1:{free_port()}/keyturn"
+    proc = keyturn("audit", "verify", KEYTURN_DATABASE_URL=url)
+    one_line_error(proc, "cannot connect to Postgres", "is Postgres running")
+    assert "secret-pw" not in proc.stderr
+
+
+def test_postgres_refuses_the_password(postgres_server: PostgresServer) -> None:
+    url = f"postgresql://postgres:wrong-pw@127.0.0.1:{postgres_server.port}/postgres"
+    proc = keyturn("migrate", KEYTURN_DATABASE_URL=url)
+    one_line_error(proc, "refused the credentials")
+    assert "wrong-pw" not in proc.stderr
+
+
+def test_migrate_up_and_down(postgres_server: PostgresServer) -> None:
+    name = f"cli_{uuid.uuid4().hex[:8]}"
+    asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
+    url = postgres_server.dsn(name).url
+    try:
+        up = keyturn("migrate", KEYTURN_DATABASE_URL=url)
+        assert up.returncode == 0, up.stderr
+        assert "***" in up.stdout and postgres_server.password not in up.stdout
+        assert keyturn("audit", "verify", KEYTURN_DATABASE_URL=url).returncode == 0
+        down = keyturn("migrate", "--down", "base", KEYTURN_DATABASE_URL=url)
+        assert down.returncode == 0, down.stderr
+    finally:
+        asyncio.run(postgres_server.execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def test_vault_not_reachable() -> None:
+    proc = keyturn(
+        "vault-bootstrap", "--config", str(EXAMPLE),
+        KEYTURN_VAULT_ADDR=f"http://127.0.0.1:{free_port()}", KEYTURN_VAULT_TOKEN="t",
+    )
+    one_line_error(proc, "not reachable")
+
+
+def test_vault_without_a_token() -> None:
+    proc = keyturn("vault-bootstrap", "--config", str(EXAMPLE), KEYTURN_VAULT_ADDR="http://x")
+    one_line_error(proc, "KEYTURN_VAULT_TOKEN")
+
+
+def test_vault_bootstrap_writes_secret_ids_privately(
+    openbao: OpenBaoDevServer, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "policy.yml"
+    config.write_text(
+        "targets:\n  ssh-only:\n    kind: ssh\n    host: 127.0.0.1\n    principal: deploy\n"
+        "    vault: {ssh_role: cli-ops}\n"
+    )
+    out = tmp_path / "approle.env"
+    proc = keyturn(
+        "vault-bootstrap", "--config", str(config), "--secret-ids-out", str(out),
+        KEYTURN_VAULT_ADDR=openbao.addr, KEYTURN_VAULT_TOKEN=openbao.root_token,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert set(env) == {
+        "KEYTURN_GATEWAY_ROLE_ID", "KEYTURN_GATEWAY_SECRET_ID",
+        "KEYTURN_BOT_ROLE_ID", "KEYTURN_BOT_SECRET_ID",
+    }
+    assert env["KEYTURN_BOT_SECRET_ID"] not in proc.stdout + proc.stderr
+    assert openbao.root_token not in proc.stdout + proc.stderr
+
+
+def test_dev_stack_starts_and_stops(tmp_path: Path) -> None:
+    proc = keyturn("dev", "--once", "--state-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "keyturn dev stack is up" in proc.stdout
+    state = json.loads((tmp_path / "stack.json").read_text())
+    assert state["vault_addr"].startswith("http://127.0.0.1:")
+    assert stat.S_IMODE((tmp_path / "stack.json").stat().st_mode) == 0o600
+    assert "password" not in proc.stdout.lower()
