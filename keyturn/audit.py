@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
@@ -135,7 +135,9 @@ class ChainWalker:
             )
             self.broken = Break(self.expected_seq, problem)
         elif row.prev_hash != self.prev_hash:
-            self.broken = Break(row.seq, "does not follow the event before it (deleted or reordered)")
+            self.broken = Break(
+                row.seq, "does not follow the event before it (deleted or reordered)"
+            )
         elif _row_hash(row, self.prev_hash) != row.hash:
             self.broken = Break(row.seq, "its contents were changed")
         else:
@@ -145,9 +147,15 @@ class ChainWalker:
 
     def finish(self, head: AuditHeadRow | None) -> VerifyResult:
         last = self.expected_seq - 1
-        if self.broken is None and head is not None and (head.seq, head.hash) != (last, self.prev_hash):
+        if (
+            self.broken is None
+            and head is not None
+            and (head.seq, head.hash) != (last, self.prev_hash)
+        ):
             if head.seq > last:
-                self.broken = Break(last + 1, f"events {last + 1}..{head.seq} are missing (deleted)")
+                self.broken = Break(
+                    last + 1, f"events {last + 1}..{head.seq} are missing (deleted)"
+                )
             else:
                 self.broken = Break(head.seq, "the chain head does not match the events")
         return VerifyResult(self.checked, self.broken)
@@ -161,7 +169,7 @@ def verify_rows(rows: Iterable[AuditEventRow], head: AuditHeadRow | None) -> Ver
     return walker.finish(head)
 
 
-async def _stream(store: Store, since: int = 0) -> AsyncIterator[AuditEventRow]:
+async def _stream(store: Store, since: int = 0) -> AsyncGenerator[AuditEventRow, None]:
     async with store.transaction() as tx:
         result = await tx.session.stream_scalars(
             select(AuditEventRow)

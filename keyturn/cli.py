@@ -89,7 +89,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             if args.output == "-":
                 count = await audit.export(store, sys.stdout, args.since)
             else:
-                with open(args.output, "w", encoding="utf-8") as out:
+                with Path(args.output).open("w", encoding="utf-8") as out:  # noqa: ASYNC230
                     count = await audit.export(store, out, args.since)
             print(f"exported {count} events", file=sys.stderr)
             return 0
@@ -113,12 +113,16 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
     if not addr:
         raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
     if not raw_token:
-        raise ConfigError("no Vault token: set KEYTURN_VAULT_TOKEN to a token allowed to configure Vault")
+        raise ConfigError(
+            "no Vault token: set KEYTURN_VAULT_TOKEN to a token allowed to configure Vault"
+        )
 
     async def run() -> int:
         vault = Vault(addr, token=raw_token)
         try:
-            report = await bootstrap(vault, policy, issue_secret_ids=args.secret_ids_out is not None)
+            report = await bootstrap(
+                vault, policy, issue_secret_ids=args.secret_ids_out is not None
+            )
         finally:
             await vault.close()
         for action in report.actions:
@@ -133,10 +137,15 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
     return _run(run())
 
 
-def _write_secret_ids(path: Path, vault: Any, role_ids: dict[str, str], secrets: dict[str, str]) -> None:
+def _write_secret_ids(
+    path: Path, vault: Any, role_ids: dict[str, str], secrets: dict[str, str]
+) -> None:
     lines = []
     for prefix, role in (("GATEWAY", vault.gateway_approle), ("BOT", vault.bot_approle)):
-        lines += [f"KEYTURN_{prefix}_ROLE_ID={role_ids[role]}", f"KEYTURN_{prefix}_SECRET_ID={secrets[role]}"]
+        lines += [
+            f"KEYTURN_{prefix}_ROLE_ID={role_ids[role]}",
+            f"KEYTURN_{prefix}_SECRET_ID={secrets[role]}",
+        ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write("\n".join(lines) + "\n")

@@ -34,7 +34,12 @@ class RequestStatus(StrEnum):
 # ``approved -> failed`` covers an approval whose credentials could never be issued.
 REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     RequestStatus.PENDING: frozenset(
-        {RequestStatus.APPROVED, RequestStatus.DENIED, RequestStatus.EXPIRED, RequestStatus.CANCELLED}
+        {
+            RequestStatus.APPROVED,
+            RequestStatus.DENIED,
+            RequestStatus.EXPIRED,
+            RequestStatus.CANCELLED,
+        }
     ),
     RequestStatus.APPROVED: frozenset({RequestStatus.EXECUTING, RequestStatus.FAILED}),
     RequestStatus.EXECUTING: frozenset({RequestStatus.EXECUTED, RequestStatus.FAILED}),
@@ -226,3 +231,6 @@ class Grant:
                 f"extension past the role's maximum; at most until {max_expires_at.isoformat()}"
             )
         self.expires_at = new
+
+
+import sqlalchemy  # noqa

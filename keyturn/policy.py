@@ -50,20 +50,54 @@ def parse_duration(value: object) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")]
+Name = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
+]
 
 # What a SQL rule can match; keyturn.policy's classifier (gateway issue) assigns these.
 SqlKind = Literal[
-    "select", "insert", "update", "delete", "merge", "create", "alter", "drop", "truncate",
-    "grant", "revoke", "copy", "call", "do", "set", "lock", "maintenance", "transaction",
-    "prepare", "execute", "explain", "delete_without_where", "update_without_where",
-    "function_call", "any",
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "create",
+    "alter",
+    "drop",
+    "truncate",
+    "grant",
+    "revoke",
+    "copy",
+    "call",
+    "do",
+    "set",
+    "lock",
+    "maintenance",
+    "transaction",
+    "prepare",
+    "execute",
+    "explain",
+    "delete_without_where",
+    "update_without_where",
+    "function_call",
+    "any",
 ]
 Detector = Literal["email", "credit_card", "us_ssn", "phone"]
 
 SECRET_KEYS = frozenset(
-    {"password", "passwd", "secret", "secret_id", "token", "api_key", "private_key",
-     "signing_secret", "client_secret", "app_token", "bot_token"}
+    {
+        "password",
+        "passwd",
+        "secret",
+        "secret_id",
+        "token",
+        "api_key",
+        "private_key",
+        "signing_secret",
+        "client_secret",
+        "app_token",
+        "bot_token",
+    }
 )
 
 
@@ -103,8 +137,8 @@ class PostgresTarget(TargetBase):
         parts = urlsplit(dsn.url)
         if parts.username or parts.password:
             raise ValueError(
-                "must not carry a user or password: Vault issues credentials "
-                "(vault-bootstrap reads the admin login from KEYTURN_TARGET_<NAME>_USERNAME/_PASSWORD)"
+                "must not carry a user or password: Vault issues credentials (vault-bootstrap "
+                "reads the admin login from KEYTURN_TARGET_<NAME>_USERNAME/_PASSWORD)"
             )
         return value
 
@@ -175,11 +209,14 @@ class Rule(Model):
             for name in ("approvers", "grant_ttl", "pending_ttl"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} only applies to action: hold")
-        if self.approvers and not self.approvers.slack_usergroup:
-            if self.quorum > len(set(self.approvers.users)):
-                raise ValueError(
-                    f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
-                )
+        if (
+            self.approvers
+            and not self.approvers.slack_usergroup
+            and self.quorum > len(set(self.approvers.users))
+        ):
+            raise ValueError(
+                f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
+            )
         return self
 
 
@@ -287,7 +324,9 @@ def _secret_keys(node: Any, path: str = "") -> list[str]:
                     env = target_env_name(path.split(".")[1], str(key))
                 else:
                     env = "KEYTURN_" + re.sub(r"\W", "_", here.split("[")[0]).upper()
-                found.append(f"{here}: secrets are not allowed in the config file; set {env} instead")
+                found.append(
+                    f"{here}: secrets are not allowed in the config file; set {env} instead"
+                )
             else:
                 found += _secret_keys(value, here)
     elif isinstance(node, list):

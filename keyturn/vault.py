@@ -149,7 +149,7 @@ class Vault:
         )
         return result if isinstance(result, dict) else None
 
-    async def list(self, path: str) -> list[str]:
+    async def list_keys(self, path: str) -> list[str]:
         result = await self._call(path, self._client.list, path)
         if not isinstance(result, dict):
             return []
@@ -237,9 +237,7 @@ class Vault:
 
     async def health(self) -> dict[str, Any]:
         """Raises VaultSealed / VaultUnavailable unless Vault is initialized and unsealed."""
-        result = await self._call(
-            "sys/health", self._client.sys.read_health_status, method="GET"
-        )
+        result = await self._call("sys/health", self._client.sys.read_health_status, method="GET")
         if isinstance(result, dict):
             return result
         if result.status_code == 503:
@@ -315,7 +313,7 @@ class Vault:
     async def lease_ids(self, prefix: str) -> list[str]:
         """Every lease under ``prefix`` (e.g. ``database/creds/orders-rw/``)."""
         prefix = prefix.rstrip("/") + "/"
-        return [prefix + key for key in await self.list(f"sys/leases/lookup/{prefix}")]
+        return [prefix + key for key in await self.list_keys(f"sys/leases/lookup/{prefix}")]
 
 
 def _wrap_info(path: str, result: dict[str, Any] | None) -> WrapInfo:

@@ -20,7 +20,9 @@ from keyturn.settings import target_admin_credentials, target_env_name
 from keyturn.store.dsn import parse_dsn
 from keyturn.vault import Vault, VaultRequestError
 
-POLICY_DIR = Path(os.environ.get("KEYTURN_VAULT_POLICIES", Path(__file__).parents[1] / "vault_policies"))
+POLICY_DIR = Path(
+    os.environ.get("KEYTURN_VAULT_POLICIES", Path(__file__).parents[1] / "vault_policies")
+)
 GATEWAY_POLICY = "keyturn-gateway"
 READONLY_LEASE_TTL = timedelta(minutes=15)  # the gateway renews and replaces its pool leases
 BOT_POLICY = "keyturn-bot"
@@ -93,7 +95,7 @@ def role_statements(target: PostgresTarget, write: bool) -> tuple[list[str], lis
     _, _, database = target.host_port_db
     schemas = target.vault.schemas
     create = [
-        'CREATE ROLE "{{name}}" WITH LOGIN PASSWORD \'{{password}}\' '
+        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
         "VALID UNTIL '{{expiration}}' NOINHERIT;",
         f'GRANT CONNECT ON DATABASE "{database}" TO "{{{{name}}}}";',
     ]
@@ -115,9 +117,7 @@ def role_statements(target: PostgresTarget, write: bool) -> tuple[list[str], lis
         ]
     if not write:
         create.append('ALTER ROLE "{{name}}" SET default_transaction_read_only = on;')
-    revoke = [
-        line.format(database=database, revokes="\n".join(revokes)) for line in REVOCATION
-    ]
+    revoke = [line.format(database=database, revokes="\n".join(revokes)) for line in REVOCATION]
     return create, revoke
 
 
@@ -131,7 +131,9 @@ class BootstrapReport:
         self.actions.append(what)
 
 
-async def _ensure_mount(vault: Vault, report: BootstrapReport, kind: str, path: str, auth: bool) -> None:
+async def _ensure_mount(
+    vault: Vault, report: BootstrapReport, kind: str, path: str, auth: bool
+) -> None:
     listing = await vault.read("sys/auth" if auth else "sys/mounts") or {}
     mounts = listing.get("data", listing)
     existing = mounts.get(f"{path}/")
@@ -201,11 +203,15 @@ async def _ssh(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
     mount = policy.vault.ssh_mount
     await _ensure_mount(vault, report, "ssh", mount, auth=False)
     try:
-        has_ca = bool((await vault.read(f"{mount}/config/ca") or {}).get("data", {}).get("public_key"))
+        has_ca = bool(
+            (await vault.read(f"{mount}/config/ca") or {}).get("data", {}).get("public_key")
+        )
     except (VaultRequestError, NotFound):
         has_ca = False
     if not has_ca:
-        await vault.write(f"{mount}/config/ca", {"generate_signing_key": True, "key_type": "ed25519"})
+        await vault.write(
+            f"{mount}/config/ca", {"generate_signing_key": True, "key_type": "ed25519"}
+        )
         report.did(f"generated the SSH CA at {mount}/config/ca")
     roles: dict[str, list[str]] = {}
     max_ttls: dict[str, int] = {}
@@ -237,7 +243,10 @@ async def _approles(
 ) -> None:
     mount = policy.vault.approle_mount
     await _ensure_mount(vault, report, "approle", mount, auth=True)
-    for role, acl in ((policy.vault.gateway_approle, GATEWAY_POLICY), (policy.vault.bot_approle, BOT_POLICY)):
+    for role, acl in (
+        (policy.vault.gateway_approle, GATEWAY_POLICY),
+        (policy.vault.bot_approle, BOT_POLICY),
+    ):
         await vault.write(
             f"auth/{mount}/role/{role}",
             {

@@ -10,7 +10,12 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from keyturn.errors import Unavailable
 from keyturn.store.dsn import Dsn
@@ -24,7 +29,9 @@ def utcnow() -> datetime:
 
 def describe_connect_error(dsn: Dsn, exc: BaseException) -> Unavailable:
     """One line an operator can act on, without the password."""
-    if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
         why = "the server refused the credentials (check the user and password)"
     elif isinstance(exc, asyncpg.InvalidCatalogNameError):
         why = f"database {dsn.database!r} does not exist (create it, then run `keyturn migrate`)"

@@ -50,7 +50,11 @@ class RequestRow(Base):
             name="status_known",
         ),
         UniqueConstraint("requester", "idempotency_key", name="uq_requests_idempotency"),
-        Index("ix_requests_status_pending", "pending_expires_at", postgresql_where="status = 'pending'"),
+        Index(
+            "ix_requests_status_pending",
+            "pending_expires_at",
+            postgresql_where="status = 'pending'",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)

@@ -398,7 +398,11 @@ async def revoke_grant(store: Store, grant_id: uuid.UUID, by: str) -> GrantRow:
         grant.revoke(utcnow())
         _save_grant(row, grant, by)
         await audit.append(
-            tx, "grant.revoked", by, request_id=row.request_id, grant_id=row.id,
+            tx,
+            "grant.revoked",
+            by,
+            request_id=row.request_id,
+            grant_id=row.id,
             data={"lease_id": row.lease_id},
         )
         await tx.notify("grant", row.id)
@@ -415,7 +419,11 @@ async def extend_grant(
         grant.extend(extra, row.created_at + max_ttl, utcnow())
         _save_grant(row, grant, by)
         await audit.append(
-            tx, "grant.extended", by, request_id=row.request_id, grant_id=row.id,
+            tx,
+            "grant.extended",
+            by,
+            request_id=row.request_id,
+            grant_id=row.id,
             data={"expires_at": row.expires_at.isoformat()},
         )
         await tx.notify("grant", row.id)
@@ -440,7 +448,11 @@ async def expire_due_grants(store: Store, *, limit: int = 100) -> list[GrantRow]
             grant.expire(now)
             _save_grant(row, grant, "keyturn")
             await audit.append(
-                tx, "grant.expired", "keyturn", request_id=row.request_id, grant_id=row.id,
+                tx,
+                "grant.expired",
+                "keyturn",
+                request_id=row.request_id,
+                grant_id=row.id,
                 data={"lease_id": row.lease_id},
             )
             await tx.notify("grant", row.id)

@@ -1,1 +1,1 @@
-"""Real services for tests and ``keyturn dev``: throwaway Postgres, OpenBao, sshd, Slack emulator."""
+"""Real services for tests and ``keyturn dev``: throwaway Postgres, OpenBao, and more to come."""

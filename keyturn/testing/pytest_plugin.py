@@ -56,7 +56,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         from urllib.parse import urlsplit
 
         parts = urlsplit(dsn.url)
-        yield PostgresServer(dsn.with_database("postgres"), parts.password or "", parts.port or 5432)
+        yield PostgresServer(
+            dsn.with_database("postgres"), parts.password or "", parts.port or 5432
+        )
         return
     with PostgresCluster() as cluster:
         yield PostgresServer(cluster.dsn(), cluster.password, cluster.port)

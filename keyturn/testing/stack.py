@@ -9,6 +9,7 @@ The gateway, bot and Slack sandbox join this stack as they land (see docs/roadma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -126,8 +127,6 @@ def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
         print("Ctrl-C stops everything and deletes the throwaway data.")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
         return 0

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -43,7 +44,11 @@ async def _tamper(dsn: Dsn, *statements: str) -> None:
 def _cli(dsn: Dsn, *args: str) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url}
     return subprocess.run(
-        [sys.executable, "-m", "keyturn.cli", *args], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-m", "keyturn.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
 
 
@@ -118,5 +123,4 @@ async def test_export_writes_json_lines(store: Store, database: Dsn, tmp_path: o
     out = f"{tmp_path}/audit.jsonl"
     proc = await asyncio.to_thread(_cli, database, "audit", "export", "-o", out)
     assert proc.returncode == 0, proc.stderr
-    with open(out, encoding="utf-8") as fh:
-        assert len(fh.readlines()) == 5
+    assert len(Path(out).read_text(encoding="utf-8").splitlines()) == 5

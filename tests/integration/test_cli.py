@@ -24,7 +24,11 @@ def keyturn(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KEYTURN_", "VAULT_"))}
     return subprocess.run(
         [sys.executable, "-m", "keyturn.cli", *args],
-        capture_output=True, text=True, env=clean | env, check=False, timeout=120,
+        capture_output=True,
+        text=True,
+        env=clean | env,
+        check=False,
+        timeout=120,
     )
 
 
@@ -116,8 +120,11 @@ def test_migrate_up_and_down(postgres_server: PostgresServer) -> None:
 
 def test_vault_not_reachable() -> None:
     proc = keyturn(
-        "vault-bootstrap", "--config", str(EXAMPLE),
-        KEYTURN_VAULT_ADDR=f"http://127.0.0.1:{free_port()}", KEYTURN_VAULT_TOKEN="t",
+        "vault-bootstrap",
+        "--config",
+        str(EXAMPLE),
+        KEYTURN_VAULT_ADDR=f"http://127.0.0.1:{free_port()}",
+        KEYTURN_VAULT_TOKEN="t",
     )
     one_line_error(proc, "not reachable")
 
@@ -137,15 +144,22 @@ def test_vault_bootstrap_writes_secret_ids_privately(
     )
     out = tmp_path / "approle.env"
     proc = keyturn(
-        "vault-bootstrap", "--config", str(config), "--secret-ids-out", str(out),
-        KEYTURN_VAULT_ADDR=openbao.addr, KEYTURN_VAULT_TOKEN=openbao.root_token,
+        "vault-bootstrap",
+        "--config",
+        str(config),
+        "--secret-ids-out",
+        str(out),
+        KEYTURN_VAULT_ADDR=openbao.addr,
+        KEYTURN_VAULT_TOKEN=openbao.root_token,
     )
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     env = dict(line.split("=", 1) for line in out.read_text().splitlines())
     assert set(env) == {
-        "KEYTURN_GATEWAY_ROLE_ID", "KEYTURN_GATEWAY_SECRET_ID",
-        "KEYTURN_BOT_ROLE_ID", "KEYTURN_BOT_SECRET_ID",
+        "KEYTURN_GATEWAY_ROLE_ID",
+        "KEYTURN_GATEWAY_SECRET_ID",
+        "KEYTURN_BOT_ROLE_ID",
+        "KEYTURN_BOT_SECRET_ID",
     }
     assert env["KEYTURN_BOT_SECRET_ID"] not in proc.stdout + proc.stderr
     assert openbao.root_token not in proc.stdout + proc.stderr

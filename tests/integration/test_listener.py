@@ -120,7 +120,8 @@ async def _wait_for_decision(
 
 async def test_wait_until_wakes_on_notification(listener: Listener, store: Store) -> None:
     row, _ = await ops.create_request(
-        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5))
+        store,
+        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
     )
     # a poll interval far beyond the test's patience: only the notification can wake it in time
     waiter = asyncio.create_task(_wait_for_decision(listener, store, row.id, poll=60))
@@ -132,7 +133,8 @@ async def test_wait_until_wakes_on_notification(listener: Listener, store: Store
 async def test_wait_until_falls_back_to_polling(database: Dsn, store: Store) -> None:
     silent = Listener(database)  # never started: no notification will ever arrive
     row, _ = await ops.create_request(
-        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5))
+        store,
+        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
     )
     waiter = asyncio.create_task(_wait_for_decision(silent, store, row.id, poll=0.05))
     await asyncio.sleep(0.1)

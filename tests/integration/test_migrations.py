@@ -45,7 +45,9 @@ async def test_upgrade_downgrade_upgrade(postgres_server: PostgresServer) -> Non
     try:
         assert len(migrate.heads(dsn)) == 1, "migrations must have a single head"
         await asyncio.to_thread(migrate.upgrade, dsn)
-        assert {"requests", "approvals", "grants", "audit_events", "audit_head"} <= await _tables(dsn)
+        assert {"requests", "approvals", "grants", "audit_events", "audit_head"} <= await _tables(
+            dsn
+        )
         assert await _diff(dsn) == [], "models and migrations disagree"
         await asyncio.to_thread(migrate.downgrade, dsn, "base")
         assert await _tables(dsn) <= {"alembic_version"}

@@ -54,13 +54,16 @@ async def test_stored_command_is_immutable(store: Store, database: Dsn) -> None:
     conn = await asyncpg.connect(database.url)
     try:
         with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
-            await conn.execute("UPDATE requests SET command = 'DROP TABLE orders' WHERE id = $1", row.id)
+            await conn.execute(
+                "UPDATE requests SET command = 'DROP TABLE orders' WHERE id = $1", row.id
+            )
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute(
                 "INSERT INTO requests (id, target, command, command_sha256, requester, status,"
                 " classification, quorum, pending_expires_at)"
                 " VALUES ($1, 't', 'SELECT 1', $2, 'x', 'pending', '{}', 1, now())",
-                uuid.uuid4(), "0" * 64,
+                uuid.uuid4(),
+                "0" * 64,
             )
     finally:
         await conn.close()
@@ -68,7 +71,9 @@ async def test_stored_command_is_immutable(store: Store, database: Dsn) -> None:
 
 async def test_idempotency_key(store: Store) -> None:
     first, created = await ops.create_request(store, held(idempotency_key="k1", body_sha256="a"))
-    same, created_again = await ops.create_request(store, held(idempotency_key="k1", body_sha256="a"))
+    same, created_again = await ops.create_request(
+        store, held(idempotency_key="k1", body_sha256="a")
+    )
     assert created and not created_again
     assert same.id == first.id
     with pytest.raises(ops.IdempotencyConflict):
@@ -82,7 +87,10 @@ async def test_idempotency_key(store: Store) -> None:
 
 async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None:
     results = await asyncio.gather(
-        *(ops.create_request(store, held(idempotency_key="race", body_sha256="x")) for _ in range(10))
+        *(
+            ops.create_request(store, held(idempotency_key="race", body_sha256="x"))
+            for _ in range(10)
+        )
     )
     assert len({row.id for row, _ in results}) == 1
     assert sum(created for _, created in results) == 1
@@ -182,10 +190,14 @@ async def test_grants_expire_revoke_extend(store: Store) -> None:
     short = await ops.create_grant(
         store, ops.NewGrant("crew", "orders-db", timedelta(milliseconds=1), lease_id="L1"), "U1"
     )
-    long = await ops.create_grant(store, ops.NewGrant("crew", "orders-db", timedelta(minutes=5)), "U1")
+    long = await ops.create_grant(
+        store, ops.NewGrant("crew", "orders-db", timedelta(minutes=5)), "U1"
+    )
     await asyncio.sleep(0.01)
     assert [g.id for g in await ops.expire_due_grants(store)] == [short.id]
-    extended = await ops.extend_grant(store, long.id, "U1", timedelta(minutes=5), timedelta(hours=1))
+    extended = await ops.extend_grant(
+        store, long.id, "U1", timedelta(minutes=5), timedelta(hours=1)
+    )
     assert extended.expires_at > long.expires_at
     revoked = await ops.revoke_grant(store, long.id, "U2")
     assert revoked.status == "revoked" and revoked.ended_by == "U2"

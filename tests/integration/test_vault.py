@@ -84,8 +84,12 @@ async def boot(
         )
         await clients[role].login()
     yield Bootstrapped(
-        policy, database, clients["keyturn-gateway"], clients["keyturn-bot"],
-        first.actions, second.actions,
+        policy,
+        database,
+        clients["keyturn-gateway"],
+        clients["keyturn-bot"],
+        first.actions,
+        second.actions,
     )
     for client in clients.values():
         await client.close()
@@ -137,7 +141,9 @@ async def test_bot_write_credentials_are_wrapped_and_unwrap_once(
     with pytest.raises(WrapTokenInvalid):
         await boot.gateway.unwrap(wrapped.token)  # single use
     conn = await asyncpg.connect(
-        postgres_server.dsn(boot.database, secret["data"]["username"], secret["data"]["password"]).url
+        postgres_server.dsn(
+            boot.database, secret["data"]["username"], secret["data"]["password"]
+        ).url
     )
     try:
         assert await conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1") == "UPDATE 1"
@@ -163,7 +169,9 @@ async def test_bot_signs_ssh_keys_and_wraps(boot: Bootstrapped) -> None:
         },
     )
     assert signed is not None and signed["data"]["signed_key"].startswith("ssh-ed25519-cert")
-    wrapped = await boot.bot.wrap({"certificate": signed["data"]["signed_key"]}, timedelta(seconds=30))
+    wrapped = await boot.bot.wrap(
+        {"certificate": signed["data"]["signed_key"]}, timedelta(seconds=30)
+    )
     assert wrapped.creation_path == "sys/wrapping/wrap"
 
 
@@ -192,7 +200,7 @@ async def _attempt(vault: Vault, op: str, path: str) -> None:
     elif op == "write":
         await vault.write(path, {"public_key": "x", "policy": "x"})
     elif op == "list":
-        await vault.list(path)
+        await vault.list_keys(path)
     else:
         await vault.revoke_lease(path)
 
@@ -246,7 +254,9 @@ async def test_approle_token_is_kept_alive(boot: Bootstrapped, vault_root: Vault
         {"token_policies": ["keyturn-gateway"], "token_ttl": "2s", "token_max_ttl": "4s"},
     )
     role_id = (await vault_root.read("auth/approle/role/short-lived/role-id"))["data"]["role_id"]  # type: ignore[index]
-    secret = (await vault_root.write("auth/approle/role/short-lived/secret-id"))["data"]["secret_id"]  # type: ignore[index]
+    secret = (await vault_root.write("auth/approle/role/short-lived/secret-id"))["data"][
+        "secret_id"
+    ]  # type: ignore[index]
     vault = Vault(vault_root.addr, approle=AppRoleLogin(role_id, secret))
     await vault.login()
     first_token = vault.token

@@ -147,7 +147,10 @@ def test_transition_table_matches_the_design() -> None:
     terminal = {s for s in RequestStatus if s.terminal}
     assert terminal == {"executed", "failed", "denied", "expired", "cancelled"}
     assert REQUEST_TRANSITIONS[RequestStatus.PENDING] == {
-        "approved", "denied", "expired", "cancelled"
+        "approved",
+        "denied",
+        "expired",
+        "cancelled",
     }
 
 
@@ -205,8 +208,11 @@ class RequestMachine(RuleBasedStateMachine):
         voters = self.req.approvers
         assert len(voters) == len(set(voters))
         assert not {"crew-billing", "U_HUMAN"} & set(voters)
-        if self.req.status in (RequestStatus.APPROVED, RequestStatus.EXECUTING,
-                               RequestStatus.EXECUTED):
+        if self.req.status in (
+            RequestStatus.APPROVED,
+            RequestStatus.EXECUTING,
+            RequestStatus.EXECUTED,
+        ):
             assert len(voters) >= self.req.quorum
 
     @invariant()

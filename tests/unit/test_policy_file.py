@@ -67,39 +67,81 @@ def test_every_error_is_reported_at_once() -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d["targets"]["orders-db"].update(dsn="postgresql://admin:pw@db/orders"),
-         "targets.orders-db.dsn: must not carry a user or password"),
-        (lambda d: d["targets"]["orders-db"].update(dsn="mysql://db/orders"),
-         "targets.orders-db.dsn: must start with postgresql://"),
-        (lambda d: d["targets"]["orders-db"].update(password="hunter2"),
-         "targets.orders-db.password: secrets are not allowed in the config file; "
-         "set KEYTURN_TARGET_ORDERS_DB_PASSWORD instead"),
-        (lambda d: d.update(vault={"token": "s.abc"}),
-         "vault.token: secrets are not allowed in the config file; set KEYTURN_VAULT_TOKEN instead"),
-        (lambda d: d["rules"].append({"name": "reads", "match": {"sql": ["select"]}, "action": "allow"}),
-         "rules[1].name: 'reads' is used by an earlier rule"),
-        (lambda d: d["rules"].append(
-            {"name": "w", "target": "nope", "match": {"sql": ["insert"]}, "action": "hold"}),
-         "rules[1].target: unknown target 'nope' (known: orders-db)"),
-        (lambda d: d["rules"].append(
-            {"name": "w", "match": {"sql": ["insert"]}, "action": "hold", "grant_ttl": "10x"}),
-         "rules[1].grant_ttl: expected a duration such as 30s, 10m, 1h or 2d, got '10x'"),
-        (lambda d: d["rules"].append(
-            {"name": "w", "match": {"sql": ["insert"]}, "action": "allow", "grant_ttl": "10m"}),
-         "rules[1]: grant_ttl only applies to action: hold"),
-        (lambda d: d["rules"].append(
-            {"name": "w", "match": {"sql": ["insert"]}, "action": "hold", "quorum": 2,
-             "approvers": {"users": ["U1"]}}),
-         "rules[1]: quorum 2 needs at least 2 distinct approvers"),
-        (lambda d: d["rules"].append({"name": "w", "match": {}, "action": "hold"}),
-         "rules[1].match: a match needs sql kinds or shell patterns"),
-        (lambda d: d["targets"].update(
-            web={"kind": "ssh", "host": "h", "principal": "root", "vault": {"ssh_role": "r"}}),
-         "targets.web.principal: root is not an allowed principal"),
-        (lambda d: d["targets"].update(
-            web={"kind": "ssh", "host": "h", "port": 70000, "principal": "deploy",
-                 "vault": {"ssh_role": "r"}}),
-         "targets.web.port: Input should be less than or equal to 65535"),
+        (
+            lambda d: d["targets"]["orders-db"].update(dsn="postgresql://admin:pw@db/orders"),
+            "targets.orders-db.dsn: must not carry a user or password",
+        ),
+        (
+            lambda d: d["targets"]["orders-db"].update(dsn="mysql://db/orders"),
+            "targets.orders-db.dsn: must start with postgresql://",
+        ),
+        (
+            lambda d: d["targets"]["orders-db"].update(password="hunter2"),
+            "targets.orders-db.password: secrets are not allowed in the config file; "
+            "set KEYTURN_TARGET_ORDERS_DB_PASSWORD instead",
+        ),
+        (
+            lambda d: d.update(vault={"token": "s.abc"}),
+            "vault.token: secrets are not allowed in the config file; set KEYTURN_VAULT_TOKEN instead",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"}
+            ),
+            "rules[1].name: 'reads' is used by an earlier rule",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {"name": "w", "target": "nope", "match": {"sql": ["insert"]}, "action": "hold"}
+            ),
+            "rules[1].target: unknown target 'nope' (known: orders-db)",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {"name": "w", "match": {"sql": ["insert"]}, "action": "hold", "grant_ttl": "10x"}
+            ),
+            "rules[1].grant_ttl: expected a duration such as 30s, 10m, 1h or 2d, got '10x'",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {"name": "w", "match": {"sql": ["insert"]}, "action": "allow", "grant_ttl": "10m"}
+            ),
+            "rules[1]: grant_ttl only applies to action: hold",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {
+                    "name": "w",
+                    "match": {"sql": ["insert"]},
+                    "action": "hold",
+                    "quorum": 2,
+                    "approvers": {"users": ["U1"]},
+                }
+            ),
+            "rules[1]: quorum 2 needs at least 2 distinct approvers",
+        ),
+        (
+            lambda d: d["rules"].append({"name": "w", "match": {}, "action": "hold"}),
+            "rules[1].match: a match needs sql kinds or shell patterns",
+        ),
+        (
+            lambda d: d["targets"].update(
+                web={"kind": "ssh", "host": "h", "principal": "root", "vault": {"ssh_role": "r"}}
+            ),
+            "targets.web.principal: root is not an allowed principal",
+        ),
+        (
+            lambda d: d["targets"].update(
+                web={
+                    "kind": "ssh",
+                    "host": "h",
+                    "port": 70000,
+                    "principal": "deploy",
+                    "vault": {"ssh_role": "r"},
+                }
+            ),
+            "targets.web.port: Input should be less than or equal to 65535",
+        ),
     ],
 )
 def test_specific_errors(mutate: Any, expected: str) -> None:
@@ -136,5 +178,5 @@ def test_durations(raw: object, seconds: int) -> None:
 
 @pytest.mark.parametrize("raw", ["", "0s", 0, -5, "10x", "m", True, None, 1.5])
 def test_bad_durations(raw: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration"):
         parse_duration(raw)

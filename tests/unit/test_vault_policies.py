@@ -13,8 +13,11 @@ def policy(**targets: object) -> object:
     return parse_policy({"targets": targets})
 
 
-PG = {"kind": "postgres", "dsn": "postgresql://db:5432/orders",
-      "vault": {"readonly_role": "orders-ro", "write_role": "orders-rw"}}
+PG = {
+    "kind": "postgres",
+    "dsn": "postgresql://db:5432/orders",
+    "vault": {"readonly_role": "orders-ro", "write_role": "orders-rw"},
+}
 
 
 def test_blocks_repeat_per_role_and_vanish_without_roles() -> None:
@@ -47,7 +50,9 @@ def test_revocation_ends_open_sessions_before_dropping_the_role() -> None:
     create, revoke = role_statements(target, write=False)
     assert any("default_transaction_read_only" in s for s in create)
     joined = "\n".join(revoke)
-    assert joined.index("NOLOGIN") < joined.index("pg_terminate_backend") < joined.index("DROP ROLE")
+    assert (
+        joined.index("NOLOGIN") < joined.index("pg_terminate_backend") < joined.index("DROP ROLE")
+    )
     assert '"{{name}}"' in joined and "{{{{" not in joined
     write_create, _ = role_statements(target, write=True)
     assert any("INSERT, UPDATE, DELETE" in s for s in write_create)

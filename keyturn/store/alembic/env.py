@@ -23,7 +23,9 @@ def _migrate(connection: Connection) -> None:
 
 
 async def _run(dsn: Dsn) -> None:
-    engine = create_async_engine(dsn.sqlalchemy_url, connect_args=dsn.connect_args, poolclass=NullPool)
+    engine = create_async_engine(
+        dsn.sqlalchemy_url, connect_args=dsn.connect_args, poolclass=NullPool
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_migrate)
