@@ -233,4 +233,3 @@ class Grant:
         self.expires_at = new
 
 
-import sqlalchemy  # noqa
