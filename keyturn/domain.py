@@ -231,5 +231,3 @@ class Grant:
                 f"extension past the role's maximum; at most until {max_expires_at.isoformat()}"
             )
         self.expires_at = new
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -58,10 +58,18 @@ def _policy(port: int, database: str) -> Policy:
     )
 
 
+@pytest.fixture(scope="module")
+def fresh_openbao() -> Iterator[OpenBaoDevServer]:
+    """A server of this module's own, so "first bootstrap" really is the first."""
+    with OpenBaoDevServer() as server:
+        yield server
+
+
 @pytest_asyncio.fixture(scope="module")
 async def boot(
-    openbao: OpenBaoDevServer, postgres_server: PostgresServer
+    fresh_openbao: OpenBaoDevServer, postgres_server: PostgresServer
 ) -> AsyncIterator[Bootstrapped]:
+    openbao = fresh_openbao
     database = f"orders_{uuid.uuid4().hex[:8]}"
     await postgres_server.execute(f'CREATE DATABASE "{database}"')
     await postgres_server.execute(
@@ -112,8 +120,9 @@ async def test_bootstrap_is_idempotent(boot: Bootstrapped) -> None:
 
 
 async def test_gateway_readonly_credentials_log_in_and_die_with_the_lease(
-    boot: Bootstrapped, postgres_server: PostgresServer, vault_root: Vault
+    boot: Bootstrapped, postgres_server: PostgresServer, fresh_openbao: OpenBaoDevServer
 ) -> None:
+    vault_root = Vault(fresh_openbao.addr, token=fresh_openbao.root_token)
     lease = await boot.gateway.creds("database/creds/orders-ro")
     user, password = lease.data["username"], lease.data["password"]
     conn = await asyncpg.connect(postgres_server.dsn(boot.database, user, password).url)
@@ -123,6 +132,7 @@ async def test_gateway_readonly_credentials_log_in_and_die_with_the_lease(
     assert user in await _roles(postgres_server)
 
     await vault_root.revoke_lease(lease.lease_id)
+    await vault_root.close()
 
     # the open session is terminated, not just the role dropped
     with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError)):
@@ -247,8 +257,11 @@ async def test_bad_token_is_refused(openbao: OpenBaoDevServer) -> None:
     await bad_login.close()
 
 
-async def test_approle_token_is_kept_alive(boot: Bootstrapped, vault_root: Vault) -> None:
+async def test_approle_token_is_kept_alive(
+    boot: Bootstrapped, fresh_openbao: OpenBaoDevServer
+) -> None:
     """A token with a 2 s TTL and 4 s max stays usable for 6 s: renewed, then re-logged in."""
+    vault_root = Vault(fresh_openbao.addr, token=fresh_openbao.root_token)
     await vault_root.write(
         "auth/approle/role/short-lived",
         {"token_policies": ["keyturn-gateway"], "token_ttl": "2s", "token_max_ttl": "4s"},
@@ -264,3 +277,4 @@ async def test_approle_token_is_kept_alive(boot: Bootstrapped, vault_root: Vault
     assert await vault.read("auth/token/lookup-self") is not None
     assert vault.token != first_token  # past the max TTL it logged in again
     await vault.close()
+    await vault_root.close()
