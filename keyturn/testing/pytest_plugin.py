@@ -23,7 +23,6 @@ from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
 from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.postgres import PostgresCluster
-from keyturn.vault import Vault
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,3 @@ async def store(database: Dsn) -> AsyncIterator[Store]:
 def openbao() -> Iterator[OpenBaoDevServer]:
     with OpenBaoDevServer() as server:
         yield server
-
-
-@pytest_asyncio.fixture
-async def vault_root(openbao: OpenBaoDevServer) -> AsyncIterator[Vault]:
-    vault = Vault(openbao.addr, token=openbao.root_token)
-    yield vault
-    await vault.close()
