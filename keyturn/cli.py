@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -40,6 +41,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     policy = load_policy(args.file)
     rules, targets = len(policy.rules), len(policy.targets)
     print(f"{args.file}: ok ({targets} targets, {rules} rules)")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from keyturn.classify import Identity, classify
+    from keyturn.policy import load_policy
+
+    policy = load_policy(args.config)
+    who = Identity(args.subject, frozenset(args.group)) if args.subject else None
+    print(json.dumps(classify(policy, args.target, args.command, who).as_json()))
     return 0
 
 
@@ -173,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("classify", help="how the policy treats a command (one JSON line)")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--target", required=True)
+    p.add_argument("--subject", help="evaluate rules as this identity (JWT sub)")
+    p.add_argument("--group", action="append", default=[], help="a group of that identity")
+    p.add_argument("command", help="the SQL or shell command, quoted")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("migrate", help="apply database migrations (KEYTURN_DATABASE_URL)")
     p.add_argument("--revision", default="head")

@@ -173,3 +173,28 @@ def test_dev_stack_starts_and_stops(tmp_path: Path) -> None:
     assert state["vault_addr"].startswith("http://127.0.0.1:")
     assert stat.S_IMODE((tmp_path / "stack.json").stat().st_mode) == 0o600
     assert "password" not in proc.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("SELECT * FROM orders", {"action": "allow", "rule": "reads"}),
+        ("SELECT 1; DROP TABLE orders", {"action": "block", "rule": "no-drop"}),
+        ("UPDATE orders SET paid = true WHERE id = 1", {"action": "hold", "rule": "writes"}),
+    ],
+)
+def test_classify_prints_one_json_line(command: str, expected: dict[str, str]) -> None:
+    proc = keyturn("classify", "--config", str(EXAMPLE), "--target", "orders-db", command)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert {k: out[k] for k in expected} == expected
+    assert out["reasons"]
+
+
+def test_classify_unknown_target() -> None:
+    one_line_error(
+        keyturn("classify", "--config", str(EXAMPLE), "--target", "nope", "SELECT 1"),
+        "unknown target 'nope'",
+    )

@@ -1,0 +1,131 @@
+"""Classification: a command on a target, by an identity -> allow, hold or block, and why.
+
+Rules are tried in order and the first that matches wins; nothing matching means hold. A
+``block`` or ``hold`` rule matches when *any* part of the command matches it; an ``allow`` rule
+only when *every* part does (every SQL kind is listed, every shell command matches a pattern
+and nothing unsafe is involved), so ``SELECT 1; DROP TABLE t`` can never ride on a reads rule.
+What cannot be parsed is held.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+from keyturn.classify.shell import analyze_shell
+from keyturn.classify.sql import analyze_sql
+from keyturn.errors import Forbidden, NotFound
+from keyturn.policy import Policy, PostgresTarget, Rule, TargetBase
+
+Action = Literal["allow", "hold", "block"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who asks: the JWT ``sub``, its groups, and the human it acts for, if any."""
+
+    subject: str
+    groups: frozenset[str] = frozenset()
+    on_behalf_of: str | None = None
+
+    def listed_in(self, subjects: list[str]) -> bool:
+        return any(
+            s == self.subject or (s.startswith("group:") and s[6:] in self.groups) for s in subjects
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    rule: Rule | None
+    reasons: list[str] = field(default_factory=list)
+    kinds: frozenset[str] = frozenset()
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "rule": self.rule.name if self.rule else None,
+            "reasons": self.reasons,
+        }
+
+
+class NotAllowed(Forbidden):
+    code = "not_allowed"
+
+
+def check_access(policy: Policy, target_name: str, who: Identity) -> TargetBase:
+    """The target, if ``who`` may use it at all (before any classification)."""
+    target = policy.targets.get(target_name)
+    if target is None:
+        raise NotFound(f"unknown target {target_name!r}")
+    if target.subjects is not None and not who.listed_in(target.subjects):
+        raise NotAllowed(f"{who.subject} may not use target {target_name}")
+    return target
+
+
+def _applies(rule: Rule, target_name: str, who: Identity | None) -> bool:
+    if rule.target not in ("*", target_name):
+        return False
+    return rule.subjects is None or (who is not None and who.listed_in(rule.subjects))
+
+
+def classify(
+    policy: Policy, target_name: str, command: str, who: Identity | None = None
+) -> Verdict:
+    target = policy.targets.get(target_name)
+    if target is None:
+        raise NotFound(f"unknown target {target_name!r}")
+    if isinstance(target, PostgresTarget):
+        return _classify_sql(policy, target_name, command, who)
+    return _classify_shell(policy, target_name, command, who)
+
+
+def _classify_sql(policy: Policy, target_name: str, command: str, who: Identity | None) -> Verdict:
+    analysis = analyze_sql(command)
+    kinds = frozenset(analysis.kinds)
+    if not analysis.parsed:
+        return Verdict(
+            "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
+        )
+    for rule in policy.rules:
+        if not _applies(rule, target_name, who) or rule.match.sql is None:
+            continue
+        listed = set(rule.match.sql)
+        if "any" in listed:
+            matched = True
+        elif rule.action == "allow":
+            matched = kinds <= listed
+        else:
+            matched = bool(kinds & listed)
+        if matched:
+            return Verdict(
+                rule.action, rule, analysis.reasons or [f"matches {sorted(kinds)}"], kinds
+            )
+    return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"], kinds)
+
+
+def _hit(line: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(line, p) for p in patterns)
+
+
+def _classify_shell(
+    policy: Policy, target_name: str, command: str, who: Identity | None
+) -> Verdict:
+    analysis = analyze_shell(command)
+    if not analysis.parsed:
+        return Verdict(
+            "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
+        )
+    lines = analysis.lines
+    for rule in policy.rules:
+        if not _applies(rule, target_name, who) or rule.match.shell is None:
+            continue
+        patterns = rule.match.shell
+        if rule.action == "allow":
+            matched = not analysis.unsafe and all(_hit(line, patterns) for line in lines)
+        else:
+            matched = any(_hit(line, patterns) for line in lines + analysis.inner)
+        if matched:
+            return Verdict(rule.action, rule, analysis.reasons or [f"matches {rule.match.shell}"])
+    return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"])

