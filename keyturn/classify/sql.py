@@ -111,7 +111,7 @@ class SqlAnalysis:
 
 
 def _children(node: ast.Node) -> Iterator[ast.Node]:
-    for name in node.__slots__:
+    for name in getattr(type(node), "__slots__", ()):
         value = getattr(node, name, None)
         if isinstance(value, ast.Node):
             yield value
@@ -124,6 +124,17 @@ def _children(node: ast.Node) -> Iterator[ast.Node]:
 def _func_name(call: ast.FuncCall) -> str:
     parts = [p.sval or "" for p in call.funcname or () if isinstance(p, ast.String)]
     return ".".join(parts).lower()
+
+
+def _option_on(arg: ast.Node | None) -> bool:
+    """``EXPLAIN (ANALYZE)``, ``(ANALYZE true)`` and ``(ANALYZE on)`` all run the statement."""
+    if isinstance(arg, ast.Boolean):
+        return bool(arg.boolval)
+    if isinstance(arg, ast.String):
+        return (arg.sval or "").lower() not in ("false", "off", "0")
+    if isinstance(arg, ast.Integer):
+        return bool(arg.ival)
+    return True
 
 
 def _statement_kind(node: ast.Node) -> str | None:
