@@ -162,6 +162,16 @@ def _write_secret_ids(
         out.write("\n".join(lines) + "\n")
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.bootstrap import serve
+    from keyturn.policy import load_policy
+    from keyturn.settings import load_settings
+
+    policy = load_policy(args.config)
+    asyncio.run(serve(load_settings(), policy))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyturn.testing.stack import run_dev_stack
 
@@ -180,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".keyturn/dev", help="where stack.json is written")
     p.add_argument("--once", action="store_true", help="start, print, stop (a smoke test)")
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("gateway", help="run the agent-facing gateway")
+    p.add_argument("--config", required=True, type=Path)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
     p.add_argument("file")

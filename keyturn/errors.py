@@ -31,6 +31,25 @@ class ConfigError(InvalidInput):
         self.problems = problems or [message]
 
 
+class Unauthorized(KeyturnError):
+    code = "unauthorized"
+    status = 401
+
+
+class TooLarge(KeyturnError):
+    code = "too_large"
+    status = 413
+
+
+class RateLimited(KeyturnError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Forbidden(KeyturnError):
     code = "forbidden"
     status = 403

@@ -235,6 +235,51 @@ class VaultConfig(Model):
     wrap_ttl: Duration = timedelta(seconds=60)
 
 
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256"
+]
+
+
+class GatewayAuth(Model):
+    """How agents' JWTs are verified. HS256 only with KEYTURN_GATEWAY_DEV_SECRET (development)."""
+
+    jwks_url: str | None = None
+    public_key_file: Path | None = None
+    algorithms: list[Algorithm] = ["RS256", "ES256", "EdDSA"]
+    audience: str = "keyturn"
+    issuer: str | None = None
+    groups_claim: str = "groups"
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> GatewayAuth:
+        if self.jwks_url and self.public_key_file:
+            raise ValueError("set jwks_url or public_key_file, not both")
+        return self
+
+
+class GatewayConfig(Model):
+    listen: str = "127.0.0.1:8080"
+    public_url: str | None = None  # how agents reach us (for wait_url); default from listen
+    auth: GatewayAuth = GatewayAuth()
+    statement_timeout: Duration = timedelta(seconds=5)
+    row_limit: int = Field(default=1000, ge=1, le=100_000)
+    output_limit_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    rate_per_second: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=40, ge=1)
+    max_wait: Duration = timedelta(seconds=60)
+    poll_interval: Duration = timedelta(seconds=5)
+    readonly_pool_size: int = Field(default=10, ge=1, le=200)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:8080")
+        return value
+
+
 class SlackConfig(Model):
     approval_channel: str | None = None
 
@@ -245,6 +290,7 @@ class Policy(Model):
     masking: Masking = Masking()
     vault: VaultConfig = VaultConfig()
     slack: SlackConfig = SlackConfig()
+    gateway: GatewayConfig = GatewayConfig()
     pending_ttl: Duration = timedelta(minutes=15)
     default_grant_ttl: Duration = timedelta(minutes=10)
 

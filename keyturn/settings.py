@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     gateway_secret_id: SecretStr | None = None
     bot_role_id: str | None = None
     bot_secret_id: SecretStr | None = None
+    gateway_dev_secret: SecretStr | None = None  # HS256 agent tokens, development only
     slack_bot_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
     slack_app_token: SecretStr | None = None

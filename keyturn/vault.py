@@ -126,6 +126,7 @@ class Vault:
         self._timeout = timeout
         self._verify = verify
         self._renewer: asyncio.Task[None] | None = None
+        self._login_lock = asyncio.Lock()
         self._token_ttl = 0
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -179,6 +180,13 @@ class Vault:
     def token(self) -> str | None:
         token: str | None = self._client.token
         return token
+
+    async def ensure_login(self) -> None:
+        """Log in once, on first use; a process can start while Vault is still down."""
+        if self._approle is not None and self._renewer is None:
+            async with self._login_lock:
+                if self._renewer is None:
+                    await self.login()
 
     async def login(self) -> None:
         """AppRole login (no-op for token clients); starts the renewal task."""

@@ -268,3 +268,39 @@ def analyze_sql(sql: str) -> SqlAnalysis:
         if raw.stmt is not None:
             walker.visit(raw.stmt)
     return analysis
+
+
+def preview_select(sql: str) -> str | None:
+    """A SELECT that reads the rows a single UPDATE/DELETE would touch, for an EXPLAIN estimate.
+
+    The read-only role may not EXPLAIN a write (the planner checks write privileges), but it
+    may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same rows.
+    Returns None when there is no such simple equivalent.
+    """
+    from pglast.stream import RawStream
+
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    if len(statements) != 1:
+        return None
+    stmt = statements[0].stmt
+    if isinstance(stmt, ast.UpdateStmt):
+        extra = stmt.fromClause or ()
+    elif isinstance(stmt, ast.DeleteStmt):
+        extra = stmt.usingClause or ()
+    elif isinstance(stmt, ast.InsertStmt) and isinstance(stmt.selectStmt, ast.SelectStmt):
+        if stmt.selectStmt.valuesLists or stmt.withClause is not None:
+            return None
+        return str(RawStream()(stmt.selectStmt))
+    else:
+        return None
+    if stmt.withClause is not None:
+        return None
+    select = ast.SelectStmt(
+        targetList=(ast.ResTarget(val=ast.A_Const(val=ast.Integer(ival=1))),),
+        fromClause=(stmt.relation, *extra),
+        whereClause=stmt.whereClause,
+    )
+    return str(RawStream()(select))

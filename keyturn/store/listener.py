@@ -79,15 +79,23 @@ class Listener:
     def waiting(self) -> int:
         return sum(len(events) for events in self._waiters.values())
 
-    def _dispatch(self, kind: str, ident: str) -> None:
-        key = f"{kind}:{ident}"
-        for event in self._waiters.get(key, ()):
+    def watched(self, kind: str) -> list[str]:
+        """Idents of ``kind`` someone is waiting on (for a batch poller)."""
+        prefix = f"{kind}:"
+        return [key[len(prefix) :] for key in self._waiters if key.startswith(prefix)]
+
+    def wake(self, kind: str, ident: str) -> None:
+        """Wake watchers of one row, as a notification would (used by pollers)."""
+        for event in self._waiters.get(f"{kind}:{ident}", ()):
             event.set()
+
+    def _dispatch(self, kind: str, ident: str) -> None:
+        self.wake(kind, ident)
         for callback in self._subscribers:
             try:
                 callback(kind, ident)
             except Exception:
-                log.exception("listener subscriber failed on %s", key)
+                log.exception("listener subscriber failed on %s:%s", kind, ident)
 
     def _wake_all(self) -> None:
         for events in self._waiters.values():

@@ -457,3 +457,87 @@ async def expire_due_grants(store: Store, *, limit: int = 100) -> list[GrantRow]
             )
             await tx.notify("grant", row.id)
     return list(rows)
+
+
+# ---------------------------------------------------------------- decided by policy
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A command the policy decided on its own: allowed (and run) or blocked."""
+
+    id: uuid.UUID
+    target: str
+    command: str
+    requester: str
+    blocked: bool
+    rule: str | None
+    classification: dict[str, Any]
+    on_behalf_of: str | None = None
+    run_id: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None  # kept only for idempotent replays
+    result_digest: str | None = None
+    idempotency_key: str | None = None
+    body_sha256: str | None = None
+
+
+async def record_outcomes(store: Store, outcomes: list[Outcome]) -> None:
+    """Write many outcomes in one transaction (the gateway's group commit).
+
+    Allowed commands become finished request rows; blocked ones leave only an audit event.
+    """
+    now = utcnow()
+    async with store.transaction() as tx:
+        for o in outcomes:
+            sha = command_sha256(o.command)
+            if not o.blocked:
+                tx.session.add(
+                    RequestRow(
+                        id=o.id,
+                        target=o.target,
+                        command=o.command,
+                        command_sha256=sha,
+                        requester=o.requester,
+                        on_behalf_of=o.on_behalf_of,
+                        run_id=o.run_id,
+                        reason=o.reason,
+                        status=RequestStatus.FAILED if o.error else RequestStatus.EXECUTED,
+                        rule=o.rule,
+                        classification=o.classification,
+                        quorum=1,
+                        idempotency_key=o.idempotency_key,
+                        body_sha256=o.body_sha256,
+                        created_at=now,
+                        updated_at=now,
+                        pending_expires_at=now,
+                        decided_at=now,
+                        result=o.result,
+                        error=o.error,
+                    )
+                )
+            await audit.append(
+                tx,
+                "request.blocked" if o.blocked else "request.allowed",
+                o.requester,
+                request_id=None if o.blocked else o.id,
+                data={
+                    "target": o.target,
+                    "command_sha256": sha,
+                    "rule": o.rule,
+                    "on_behalf_of": o.on_behalf_of,
+                    "run_id": o.run_id,
+                }
+                | ({} if o.blocked else {"result_digest": o.result_digest, "error": o.error}),
+            )
+
+
+async def find_idempotent(
+    store: Store, requester: str, key: str, body_sha256: str
+) -> RequestRow | None:
+    """The request an earlier call with this key made; a different body is a conflict."""
+    return await _find_idempotent(
+        store,
+        NewRequest("", "", requester, timedelta(1), idempotency_key=key, body_sha256=body_sha256),
+    )

@@ -1,0 +1,121 @@
+"""Composition root of a gateway process: build everything from Settings + Policy, once.
+
+Nothing connects here; :func:`lifecycle` (aiohttp ``cleanup_ctx``) starts the listener, the
+journal and the poller and stops them in reverse. Tests call :func:`build` with their own
+store and Vault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.http import GATEWAY_KEY, create_app
+from gateway.journal import Journal
+from gateway.readonly import ReadOnlyPool
+from gateway.service import Gateway
+from keyturn.errors import ConfigError
+from keyturn.policy import Policy
+from keyturn.settings import Settings
+from keyturn.store.db import Store
+from keyturn.store.listener import Listener
+from keyturn.vault import AppRoleLogin, Vault
+
+
+def gateway_vault(settings: Settings, policy: Policy) -> Vault | None:
+    addr = settings.vault_addr or policy.vault.addr
+    if not policy.postgres_targets():
+        return None
+    if not addr:
+        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
+    if not (settings.gateway_role_id and settings.gateway_secret_id):
+        raise ConfigError(
+            "the gateway needs its AppRole: "
+            "set KEYTURN_GATEWAY_ROLE_ID and KEYTURN_GATEWAY_SECRET_ID"
+        )
+    login = AppRoleLogin(
+        settings.gateway_role_id,
+        settings.gateway_secret_id.get_secret_value(),
+        policy.vault.approle_mount,
+    )
+    return Vault(addr, approle=login)
+
+
+def build(
+    policy: Policy,
+    store: Store,
+    vault: Vault | None,
+    *,
+    dev_secret: str | None = None,
+    public_url: str | None = None,
+) -> Gateway:
+    cfg = policy.gateway
+    pools = {}
+    if vault is not None:
+        pools = {
+            name: ReadOnlyPool(
+                vault,
+                name,
+                target,
+                mount=policy.vault.database_mount,
+                statement_timeout=cfg.statement_timeout,
+                size=cfg.readonly_pool_size,
+            )
+            for name, target in policy.postgres_targets().items()
+        }
+    return Gateway(
+        policy=policy,
+        store=store,
+        listener=Listener(store.dsn),
+        journal=Journal(store),
+        auth=Authenticator(cfg.auth, dev_secret),
+        pools=pools,
+        public_url=(public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
+    )
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY_KEY]
+    await gw.listener.start()
+    gw.journal.start()
+    poller = asyncio.create_task(gw.poll_forever(), name="keyturn-gateway-poller")
+    yield
+    poller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poller
+    await gw.journal.stop()
+    await gw.listener.stop()
+    for pool in gw.pools.values():
+        await pool.close()
+    for vault in {id(p.vault): p.vault for p in gw.pools.values()}.values():
+        await vault.close()
+    await gw.store.close()
+
+
+def application(gw: Gateway) -> web.Application:
+    app = create_app(gw)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(settings: Settings, policy: Policy) -> None:
+    store = Store(settings.dsn())
+    await store.ping()  # fail fast with one clear line when Postgres is not there
+    dev_secret = (
+        settings.gateway_dev_secret.get_secret_value() if settings.gateway_dev_secret else None
+    )
+    gw = build(policy, store, gateway_vault(settings, policy), dev_secret=dev_secret)
+    runner = web.AppRunner(application(gw), access_log=None)
+    await runner.setup()
+    host, _, port = policy.gateway.listen.rpartition(":")
+    site = web.TCPSite(runner, host, int(port))
+    await site.start()
+    print(f"keyturn gateway listening on http://{policy.gateway.listen}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

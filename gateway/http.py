@@ -1,0 +1,140 @@
+"""The aiohttp edge: parse, call one use case, serialize; every error in one envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.openapi import build_spec
+from gateway.schemas import MAX_BODY_BYTES, CommandOut
+from gateway.service import Blocked, Gateway
+from keyturn.errors import InvalidInput, KeyturnError, RateLimited, Unavailable
+
+log = logging.getLogger(__name__)
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """keyturn errors and aiohttp's HTTP errors -> the envelope; anything else -> a fixed 500."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    try:
+        response = await handler(request)
+    except Blocked as exc:
+        response = error_response(exc.status, exc.code, exc.message, rule=exc.rule)
+    except RateLimited as exc:
+        response = error_response(exc.status, exc.code, exc.message)
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    except KeyturnError as exc:
+        if isinstance(exc, Unavailable):
+            log.warning("request %s: dependency unavailable: %s", request_id, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 413 else f"body is larger than {MAX_BODY_BYTES} bytes"
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request %s failed", request_id)
+        response = error_response(500, "internal", f"internal error (request id {request_id})")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
+async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[GATEWAY_KEY].metrics.http_seconds.labels(name).observe(
+            time.perf_counter() - started
+        )
+
+
+def _json(out: CommandOut, status: int = 200) -> web.Response:
+    return web.json_response(out.model_dump(mode="json", exclude_none=True), status=status)
+
+
+async def submit(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    who = await gw.auth.authenticate(request.headers.get("Authorization"))
+    gw.limiter.check(who.subject)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+        raise InvalidInput("Idempotency-Key must be 1 to 200 printable characters")
+    raw = await request.read()
+    status, out = await gw.submit(who, raw, key)
+    return _json(out, status)
+
+
+async def read(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    who = await gw.auth.authenticate(request.headers.get("Authorization"))
+    raw_wait = request.query.get("wait", "0")
+    try:
+        wait = float(raw_wait)
+    except ValueError:
+        raise InvalidInput(f"wait must be a number of seconds, got {raw_wait!r}") from None
+    if not math.isfinite(wait) or wait < 0:
+        raise InvalidInput("wait must be a non-negative number of seconds")
+    wait = min(wait, gw.policy.gateway.max_wait.total_seconds())
+    return _json(await gw.read(who, request.match_info["id"], wait))
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[GATEWAY_KEY].ready())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[GATEWAY_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.json_response(build_spec())
+
+
+def create_app(gw: Gateway) -> web.Application:
+    app = web.Application(middlewares=[timing, errors], client_max_size=MAX_BODY_BYTES)
+    app[GATEWAY_KEY] = gw
+    app.router.add_post("/v1/commands", submit)
+    app.router.add_get("/v1/commands/{id}", read)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

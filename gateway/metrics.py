@@ -1,0 +1,41 @@
+"""Prometheus metrics of one gateway process (its own registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.commands = Counter(
+            "keyturn_gateway_commands_total",
+            "Commands received, by outcome (allowed, held, blocked, failed, rejected).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "keyturn_gateway_pending_requests",
+            "Requests waiting for a decision.",
+            registry=self.registry,
+        )
+        self.waiters = Gauge(
+            "keyturn_gateway_waiting_polls",
+            "Long-polls waiting in this process.",
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "keyturn_gateway_http_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.execute_seconds = Histogram(
+            "keyturn_gateway_execute_seconds",
+            "Time running allowed commands on targets.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )

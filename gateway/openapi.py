@@ -1,0 +1,142 @@
+"""/openapi.json, generated from the same pydantic models the handlers serialize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from gateway.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn, CommandOut, ErrorOut
+from keyturn import __version__
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    }
+
+
+def _ok(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandOut"}}},
+    }
+
+
+COMMON_ERRORS = {
+    "401": _error("missing, malformed, expired or otherwise invalid bearer token"),
+    "503": _error("Postgres, Vault or the target is unreachable"),
+}
+
+
+def build_spec() -> dict[str, Any]:
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in (CommandIn, CommandOut, ErrorOut)],
+        ref_template="#/components/schemas/{model}",
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "keyturn gateway", "version": __version__},
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/commands": {
+                "post": {
+                    "summary": "Submit a command for a target",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "maxLength": 200},
+                            "description": "same key and body: same request; other body: 409",
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CommandIn"}
+                            }
+                        },
+                        "description": f"at most {MAX_BODY_BYTES} bytes; command at most "
+                        f"{MAX_COMMAND_BYTES} bytes",
+                    },
+                    "responses": {
+                        "200": _ok("allowed: ran at once (status executed or failed, with result)"),
+                        "202": _ok("held for approval (status pending; follow wait_url)"),
+                        "400": _error("bad JSON or fields"),
+                        "403": _error("blocked by a rule (error.rule) or target not allowed"),
+                        "404": _error("unknown target"),
+                        "409": _error("Idempotency-Key reused with a different body"),
+                        "413": _error("body or command too large"),
+                        "429": _error("rate limited (see Retry-After)"),
+                        **COMMON_ERRORS,
+                    },
+                }
+            },
+            "/v1/commands/{id}": {
+                "get": {
+                    "summary": "Read a request; with wait, long-poll until it is final",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0},
+                            "description": "seconds to wait for a final state (capped by max_wait)",
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok("the request (final, or still waiting when wait ran out)"),
+                        "400": _error("bad wait value"),
+                        "404": _error("no such request for this identity"),
+                        **COMMON_ERRORS,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {"200": {"description": "alive"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Postgres and Vault reachable",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": _error("a dependency is down"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "text exposition"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1"}},
+                }
+            },
+        },
+    }

@@ -1,0 +1,59 @@
+"""The agent API's bodies. Responses are built from these models and /openapi.json is
+generated from them, so the spec cannot drift from what the gateway really sends."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+class CommandIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, max_length=200)
+    command: str = Field(min_length=1)
+    reason: str | None = Field(default=None, max_length=2000)
+    run_id: str | None = Field(default=None, max_length=200)
+
+
+class SqlResultOut(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
+    row_count: int
+    truncated: bool
+    statements: int
+
+
+Status = Literal[
+    "pending", "approved", "executing", "executed", "failed", "denied", "expired", "cancelled"
+]
+
+
+class CommandOut(BaseModel):
+    id: str
+    status: Status
+    target: str
+    rule: str | None = None
+    created_at: datetime
+    wait_url: str | None = None
+    expires_at: datetime | None = Field(default=None, description="when a pending request expires")
+    estimated_rows: int | None = Field(default=None, description="EXPLAIN estimate (held SQL)")
+    result: SqlResultOut | dict[str, Any] | None = None
+    error: str | None = None
+    denied_by: str | None = None
+    deny_reason: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    rule: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail

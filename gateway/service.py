@@ -1,0 +1,340 @@
+"""The gateway's use cases: submit a command, read (and wait for) a request.
+
+HTTP lives in :mod:`gateway.http`; this module knows nothing of aiohttp. Errors are keyturn
+errors; the edge maps them to ``{"error": {...}}`` bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import func
+
+from gateway.auth import Authenticator
+from gateway.journal import Journal
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
+from gateway.readonly import ReadOnlyPool
+from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut
+from gateway.sql import estimate_rows, run_readonly
+from keyturn.classify import Identity, Verdict, check_access, classify
+from keyturn.domain import Decision, RequestStatus
+from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, TooLarge, Unavailable
+from keyturn.masking import Masker
+from keyturn.policy import Policy, PostgresTarget
+from keyturn.store import operations as ops
+from keyturn.store.db import Store, utcnow
+from keyturn.store.listener import Listener, wait_until
+from keyturn.store.models import RequestRow
+
+log = logging.getLogger(__name__)
+
+AGENT_TERMINAL = frozenset(
+    {
+        RequestStatus.EXECUTED,
+        RequestStatus.FAILED,
+        RequestStatus.DENIED,
+        RequestStatus.EXPIRED,
+        RequestStatus.CANCELLED,
+    }
+)
+ESTIMATE_TIMEOUT = 2.0
+
+
+class Blocked(Forbidden):
+    code = "blocked"
+
+    def __init__(self, message: str, rule: str | None) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+def _parse(raw: bytes) -> CommandIn:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object with target and command")
+    command = data.get("command")
+    if isinstance(command, str) and len(command.encode()) > MAX_COMMAND_BYTES:
+        raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
+    try:
+        return CommandIn.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from None
+
+
+def _digest(result: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Gateway:
+    policy: Policy
+    store: Store
+    listener: Listener
+    journal: Journal
+    auth: Authenticator
+    pools: dict[str, ReadOnlyPool]
+    public_url: str
+    metrics: Metrics = field(default_factory=Metrics)
+    limiter: RateLimiter = field(init=False)
+    masker: Masker = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.policy.gateway
+        self.limiter = RateLimiter(cfg.rate_per_second, cfg.rate_burst)
+        self.masker = Masker.from_policy(self.policy.masking)
+        self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
+
+    def _classify_uncached(self, target: str, command: str, who: Identity) -> Verdict:
+        return classify(self.policy, target, command, who)
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(
+        self, who: Identity, raw: bytes, idempotency_key: str | None
+    ) -> tuple[int, CommandOut]:
+        cmd = _parse(raw)
+        check_access(self.policy, cmd.target, who)
+        body_sha = hashlib.sha256(raw).hexdigest()
+        if idempotency_key is not None:
+            earlier = await ops.find_idempotent(self.store, who.subject, idempotency_key, body_sha)
+            if earlier is not None:
+                return (202 if earlier.status not in AGENT_TERMINAL else 200), self.view(earlier)
+        verdict = self._classify(cmd.target, cmd.command, who)
+        rule = verdict.rule.name if verdict.rule else None
+        if verdict.action == "block":
+            outcome = self._outcome(cmd, who, verdict, blocked=True)
+            await self.journal.record(outcome)
+            self.metrics.commands.labels("blocked").inc()
+            message = verdict.rule.message if verdict.rule and verdict.rule.message else None
+            raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
+        target = self.policy.targets[cmd.target]
+        if verdict.action == "allow" and isinstance(target, PostgresTarget):
+            return 200, await self._run_allowed(cmd, who, verdict, idempotency_key, body_sha)
+        return 202, await self._hold(cmd, who, verdict, target, idempotency_key, body_sha)
+
+    def _outcome(
+        self, cmd: CommandIn, who: Identity, verdict: Verdict, *, blocked: bool, **extra: Any
+    ) -> ops.Outcome:
+        return ops.Outcome(
+            id=uuid.uuid4(),
+            target=cmd.target,
+            command=cmd.command,
+            requester=who.subject,
+            blocked=blocked,
+            rule=verdict.rule.name if verdict.rule else None,
+            classification={"kinds": sorted(verdict.kinds), "reasons": verdict.reasons},
+            on_behalf_of=who.on_behalf_of,
+            run_id=cmd.run_id,
+            reason=cmd.reason,
+            **extra,
+        )
+
+    async def _run_allowed(
+        self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str | None, body_sha: str
+    ) -> CommandOut:
+        pool = self.pools[cmd.target]
+        started = time.perf_counter()
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            async with pool.connection() as conn:
+                raw = await run_readonly(conn, cmd.command, self.policy.gateway.row_limit)
+            result = raw.as_json() | {"rows": self.masker.rows(raw.columns, raw.rows)}
+        except asyncpg.PostgresError as exc:
+            error = self.masker.text(f"{exc.sqlstate}: {exc}")
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(
+                f"target {cmd.target} is not reachable: {type(exc).__name__}"
+            ) from None
+        self.metrics.execute_seconds.observe(time.perf_counter() - started)
+        outcome = self._outcome(
+            cmd,
+            who,
+            verdict,
+            blocked=False,
+            error=error,
+            result=result if key else None,
+            result_digest=_digest(result) if result is not None else None,
+            idempotency_key=key,
+            body_sha256=body_sha if key else None,
+        )
+        if key is None:
+            await self.journal.record(outcome)
+        else:
+            try:
+                await ops.record_outcomes(self.store, [outcome])
+            except IntegrityError:  # a concurrent call with the same key won
+                earlier = await ops.find_idempotent(self.store, who.subject, key, body_sha)
+                if earlier is not None:
+                    return self.view(earlier)
+                raise
+        self.metrics.commands.labels("failed" if error else "allowed").inc()
+        return CommandOut(
+            id=str(outcome.id),
+            status="failed" if error else "executed",
+            target=cmd.target,
+            rule=outcome.rule,
+            created_at=utcnow(),
+            result=result,
+            error=error,
+        )
+
+    async def _estimate(self, target: str, command: str) -> int | None:
+        pool = self.pools.get(target)
+        if pool is None:
+            return None
+        try:
+            async with asyncio.timeout(ESTIMATE_TIMEOUT), pool.connection() as conn:
+                return await estimate_rows(conn, command)
+        except (TimeoutError, KeyturnError, OSError, asyncpg.PostgresError) as exc:
+            log.info("no EXPLAIN estimate for a held command on %s: %s", target, exc)
+            return None
+
+    async def _hold(
+        self,
+        cmd: CommandIn,
+        who: Identity,
+        verdict: Verdict,
+        target: object,
+        key: str | None,
+        body_sha: str,
+    ) -> CommandOut:
+        rule = verdict.rule
+        estimate = await self._estimate(cmd.target, cmd.command)
+        row, created = await ops.create_request(
+            self.store,
+            ops.NewRequest(
+                target=cmd.target,
+                command=cmd.command,
+                requester=who.subject,
+                on_behalf_of=who.on_behalf_of,
+                run_id=cmd.run_id,
+                reason=cmd.reason,
+                rule=rule.name if rule else None,
+                pending_ttl=(rule.pending_ttl if rule else None) or self.policy.pending_ttl,
+                quorum=rule.quorum if rule else 1,
+                grant_ttl=(rule.grant_ttl if rule else None) or self.policy.default_grant_ttl,
+                classification={
+                    "kinds": sorted(verdict.kinds),
+                    "reasons": verdict.reasons,
+                    "estimated_rows": estimate,
+                },
+                idempotency_key=key,
+                body_sha256=body_sha,
+            ),
+        )
+        if created and verdict.action == "allow":
+            # an allowed SSH command still needs credentials from the bot: approved by policy
+            row = (
+                await ops.decide(self.store, row.id, f"policy:{row.rule}", Decision.APPROVE)
+            ).request
+        if created:
+            self.metrics.commands.labels("held").inc()
+        return self.view(row)
+
+    # ------------------------------------------------------------------ read and wait
+
+    async def read(self, who: Identity, request_id: str, wait: float) -> CommandOut:
+        try:
+            ident = uuid.UUID(request_id)
+        except ValueError:
+            raise NotFound(f"request {request_id} not found") from None
+
+        async def load() -> RequestRow:
+            row = await ops.get_request(self.store, ident)
+            if row.requester != who.subject:
+                raise NotFound(f"request {request_id} not found")  # do not reveal it exists
+            return row
+
+        if wait <= 0:
+            return self.view(await load())
+        self.metrics.waiters.inc()
+        try:
+            row = await wait_until(
+                self.listener,
+                "request",
+                ident,
+                load,
+                lambda r: r.status in AGENT_TERMINAL,
+                timeout=wait,
+                poll_interval=wait,  # the batch poller is the polling guarantee
+            )
+        finally:
+            self.metrics.waiters.dec()
+        return self.view(row)
+
+    def view(self, row: RequestRow) -> CommandOut:
+        status = RequestStatus(row.status)
+        denial = next((a for a in row.approvals if a.decision == Decision.DENY), None)
+        waiting = status not in AGENT_TERMINAL
+        return CommandOut(
+            id=str(row.id),
+            status=status.value,
+            target=row.target,
+            rule=row.rule,
+            created_at=row.created_at,
+            wait_url=f"{self.public_url}/v1/commands/{row.id}?wait=30" if waiting else None,
+            expires_at=row.pending_expires_at if status is RequestStatus.PENDING else None,
+            estimated_rows=(row.classification or {}).get("estimated_rows"),
+            result=row.result,
+            error=row.error,
+            denied_by=denial.approver if denial else None,
+            deny_reason=denial.reason if denial else None,
+        )
+
+    # ------------------------------------------------------------------ background upkeep
+
+    async def poll_forever(self) -> None:
+        """The polling guarantee behind long-polls, expiry of pending requests, the gauge."""
+        interval = self.policy.gateway.poll_interval.total_seconds()
+        while True:
+            with contextlib.suppress(KeyturnError):
+                await self.poll_once()
+            await asyncio.sleep(interval)
+
+    async def poll_once(self) -> None:
+        await ops.expire_due_requests(self.store)
+        watched = self.listener.watched("request")
+        async with self.store.transaction() as tx:
+            if watched:
+                changed = await tx.session.scalars(
+                    select(RequestRow.id).where(
+                        RequestRow.id.in_([uuid.UUID(w) for w in watched]),
+                        RequestRow.status != RequestStatus.PENDING,
+                    )
+                )
+                for ident in changed:
+                    self.listener.wake("request", str(ident))
+            pending = await tx.session.scalar(
+                select(func.count())
+                .select_from(RequestRow)
+                .where(RequestRow.status == RequestStatus.PENDING)
+            )
+        self.metrics.pending.set(pending or 0)
+
+    async def ready(self) -> dict[str, str]:
+        """Postgres and Vault reachable; raises Unavailable naming what is not."""
+        await self.store.ping()
+        vaults = {id(p.vault): p.vault for p in self.pools.values()}
+        for vault in vaults.values():
+            await vault.health()
+        return {"postgres": "ok", "vault": "ok" if vaults else "not configured"}

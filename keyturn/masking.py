@@ -1,0 +1,91 @@
+"""PII masking of results before they leave keyturn (DESIGN.md "Policy: masking").
+
+Two layers: whole columns whose name matches a pattern (``*email*``, ``ssn``) are replaced
+outright; in every other text value, detectors find emails, card numbers (only those passing
+the Luhn check, so order ids are left alone), US SSNs and phone numbers, and keep just enough
+of each to be recognisable (a card's last four digits).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keyturn.policy import Masking
+
+MASK = "***"
+
+_EMAIL = re.compile(r"\b([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})\b")
+_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+_SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)(\d{4})\b")
+_PHONE = re.compile(
+    r"(?<![\w-])(?:\+?1[ .-]?)?\(?[2-9]\d{2}\)?[ .-]?[2-9]\d{2}[ .-]?(\d{4})(?![\w-])"
+)
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        n = int(ch)
+        if i % 2 == 1:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return total % 10 == 0
+
+
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    if not 13 <= len(digits) <= 19 or not luhn_ok(digits):
+        return match.group(0)
+    return "*" * (len(digits) - 4) + digits[-4:]
+
+
+DETECTORS: dict[str, Callable[[str], str]] = {
+    "email": lambda text: _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text),
+    "credit_card": lambda text: _CARD.sub(_card, text),
+    "us_ssn": lambda text: _SSN.sub(lambda m: f"***-**-{m.group(1)}", text),
+    "phone": lambda text: _PHONE.sub(lambda m: f"***-***-{m.group(1)}", text),
+}
+
+
+@dataclass(frozen=True)
+class Masker:
+    columns: tuple[str, ...]
+    detectors: tuple[Callable[[str], str], ...]
+
+    @classmethod
+    def from_policy(cls, masking: Masking) -> Masker:
+        # cards before phones: a 16-digit card must not be half-eaten by the phone pattern
+        order = [d for d in ("email", "credit_card", "us_ssn", "phone") if d in masking.detectors]
+        return cls(tuple(p.lower() for p in masking.columns), tuple(DETECTORS[d] for d in order))
+
+    def masked_column(self, name: str) -> bool:
+        lowered = name.lower()
+        return any(fnmatch.fnmatchcase(lowered, p) for p in self.columns)
+
+    def text(self, value: str) -> str:
+        for detect in self.detectors:
+            value = detect(value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        return value
+
+    def rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        hidden = [self.masked_column(c) for c in columns]
+        return [
+            [
+                MASK if hide and v is not None else self.value(v)
+                for hide, v in zip(hidden, row, strict=True)
+            ]
+            for row in rows
+        ]

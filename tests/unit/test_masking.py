@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from keyturn.masking import MASK, Masker, luhn_ok
+from keyturn.policy import Masking
+
+ALL = Masker.from_policy(
+    Masking(
+        columns=["*email*", "ssn", "card*"], detectors=["email", "credit_card", "us_ssn", "phone"]
+    )
+)
+
+
+def test_columns_by_pattern_case_insensitive() -> None:
+    rows = ALL.rows(
+        ["id", "Customer_Email", "SSN", "card_number", "note"],
+        [[1, "a@b.co", "123-45-6789", "4111111111111111", None]],
+    )
+    assert rows == [[1, MASK, MASK, MASK, None]]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mail ada@example.com now", "mail a***@example.com now"),
+        ("card 4111 1111 1111 1111 ok", "card ************1111 ok"),
+        ("card 4111-1111-1111-1111", "card ************1111"),
+        ("5500005555555559", "************5559"),
+        ("order 4111111111111112", "order 4111111111111112"),  # fails Luhn: not a card
+        ("ssn 123-45-6789", "ssn ***-**-6789"),
+        ("ssn 000-12-3456 is invalid", "ssn 000-12-3456 is invalid"),
+        ("call (415) 555-2671", "call ***-***-2671"),
+        ("call +1 415-555-2671", "call ***-***-2671"),
+        ("id 12345 and 2024-01-01", "id 12345 and 2024-01-01"),
+        ("", ""),
+    ],
+)
+def test_detectors(text: str, expected: str) -> None:
+    assert ALL.text(text) == expected
+
+
+def test_nested_values_and_non_strings() -> None:
+    assert ALL.value({"a": ["x@y.io", 5, None]}) == {"a": ["x***@y.io", 5, None]}
+
+
+def test_only_configured_detectors_run() -> None:
+    emails_only = Masker.from_policy(Masking(detectors=["email"]))
+    assert emails_only.text("a@b.io 123-45-6789") == "a***@b.io 123-45-6789"
+
+
+def test_luhn() -> None:
+    assert luhn_ok("4111111111111111") and luhn_ok("79927398713")
+    assert not luhn_ok("4111111111111112")
