@@ -27,7 +27,7 @@ from keyturn.vault import Lease, Vault
 log = logging.getLogger(__name__)
 
 RENEW_AT = 2 / 3  # of the lease's duration
-REPLACE_MARGIN = 60.0  # seconds: replace a login this long before its lease would end
+REPLACE_MARGIN = 60.0  # seconds (at most a quarter of the lease): replace a login this early
 
 
 def _login_dsn(
@@ -62,7 +62,7 @@ class ReadOnlyPool:
         self._size = size
         self._pool: asyncpg.Pool | None = None
         self._lease: Lease | None = None
-        self._lease_ends = 0.0  # monotonic
+        self._replace_at = 0.0  # monotonic: after this, a new login before the next use
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self.rotations = 0
@@ -89,18 +89,21 @@ class ReadOnlyPool:
             ) from None
         old = self._pool
         self._pool, self._lease = pool, lease
-        self._lease_ends = time.monotonic() + lease.duration
+        self._set_end(lease.duration)
         self.rotations += 1
         if old is not None:
             asyncio.create_task(_close_gracefully(old))  # noqa: RUF006 (fire and forget)
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep(), name=f"keyturn-ro-{self.name}")
 
+    def _set_end(self, seconds: float) -> None:
+        self._replace_at = time.monotonic() + seconds - min(REPLACE_MARGIN, seconds / 4)
+
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._pool is None or time.monotonic() > self._lease_ends - REPLACE_MARGIN:
+        if self._pool is None or time.monotonic() > self._replace_at:
             async with self._lock:
-                if self._pool is None or time.monotonic() > self._lease_ends - REPLACE_MARGIN:
+                if self._pool is None or time.monotonic() > self._replace_at:
                     await self._open()
         assert self._pool is not None
         async with self._pool.acquire() as conn:
@@ -116,11 +119,11 @@ class ReadOnlyPool:
                 granted = await self.vault.renew_lease(
                     lease.lease_id, timedelta(seconds=lease.duration)
                 )
-                if granted < lease.duration * RENEW_AT or granted <= REPLACE_MARGIN * 2:
+                if granted < lease.duration * RENEW_AT:  # the role's max TTL is near
                     async with self._lock:
                         await self._open()
                 else:
-                    self._lease_ends = time.monotonic() + granted
+                    self._set_end(granted)
             except asyncio.CancelledError:
                 raise
             except KeyturnError as exc:

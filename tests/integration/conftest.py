@@ -1,0 +1,197 @@
+"""A shop database with a bootstrapped Vault and a dev IdP, for gateway tests."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.bootstrap import application, build
+from gateway.service import Gateway
+from keyturn.policy import Policy, parse_policy
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from keyturn.testing.idp import DevIdP
+from keyturn.testing.openbao import OpenBaoDevServer
+from keyturn.testing.pytest_plugin import PostgresServer
+from keyturn.vault import AppRoleLogin, Vault
+from keyturn.vault_setup import bootstrap
+
+SHOP_SCHEMA = """
+CREATE TABLE customers (id int PRIMARY KEY, name text, email text, note text);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total int, status text);
+INSERT INTO customers VALUES
+  (1, 'Ada', 'ada@example.com', 'card 4111 1111 1111 1111, ssn 123-45-6789'),
+  (2, 'Lin', 'lin@example.com', 'call (415) 555-2671');
+INSERT INTO orders SELECT g, 1 + g % 2, g * 10, 'open' FROM generate_series(1, 500) g;
+ANALYZE;
+"""
+
+
+@dataclass
+class Shop:
+    openbao: OpenBaoDevServer
+    postgres: PostgresServer
+    database: str
+    base_policy: dict[str, Any]
+    role_id: str
+    secret_id: str
+
+    def policy(self, **overrides: Any) -> Policy:
+        data = copy.deepcopy(self.base_policy)
+        for key, value in overrides.items():
+            if key == "gateway":
+                data["gateway"] = {**data["gateway"], **value}
+            else:
+                data[key] = value
+        return parse_policy(data)
+
+    def vault(self) -> Vault:
+        return Vault(self.openbao.addr, approle=AppRoleLogin(self.role_id, self.secret_id))
+
+
+@pytest.fixture(scope="session")
+def gateway_openbao() -> Iterator[OpenBaoDevServer]:
+    with OpenBaoDevServer() as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session")
+async def idp() -> AsyncIterator[DevIdP]:
+    provider = DevIdP()
+    await provider.start()
+    yield provider
+    await provider.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shop(
+    gateway_openbao: OpenBaoDevServer, postgres_server: PostgresServer, idp: DevIdP
+) -> AsyncIterator[Shop]:
+    database = f"shop_{uuid.uuid4().hex[:8]}"
+    await postgres_server.execute(f'CREATE DATABASE "{database}"')
+    await postgres_server.execute(SHOP_SCHEMA, database)
+    data: dict[str, Any] = {
+        "targets": {
+            "shop": {
+                "kind": "postgres",
+                "dsn": f"postgresql://127.0.0.1:{postgres_server.port}/{database}",
+                "vault": {"readonly_role": "shop-ro", "write_role": "shop-rw"},
+            },
+            "web": {
+                "kind": "ssh",
+                "host": "127.0.0.1",
+                "principal": "deploy",
+                "vault": {"ssh_role": "web-ops"},
+            },
+            "private": {
+                "kind": "postgres",
+                "dsn": f"postgresql://127.0.0.1:{postgres_server.port}/{database}",
+                "vault": {"readonly_role": "shop-ro", "write_role": "shop-rw"},
+                "subjects": ["crew-vip", "group:sre"],
+            },
+        },
+        "rules": [
+            {
+                "name": "no-drop",
+                "match": {"sql": ["drop", "truncate"]},
+                "action": "block",
+                "message": "dropping tables is never allowed",
+            },
+            {
+                "name": "unbounded",
+                "match": {"sql": ["delete_without_where", "update_without_where"]},
+                "action": "block",
+            },
+            {
+                "name": "writes",
+                "match": {"sql": ["insert", "update", "delete"]},
+                "action": "hold",
+                "approvers": {"users": ["U_APPROVER"]},
+                "grant_ttl": "5m",
+            },
+            {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
+            {"name": "status", "target": "web", "match": {"shell": ["uptime"]}, "action": "allow"},
+        ],
+        "masking": {
+            "columns": ["*email*"],
+            "detectors": ["email", "credit_card", "us_ssn", "phone"],
+        },
+        "vault": {"addr": gateway_openbao.addr},
+        "gateway": {"auth": {"jwks_url": idp.url, "issuer": idp.issuer}},
+    }
+    root = Vault(gateway_openbao.addr, token=gateway_openbao.root_token)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEYTURN_TARGET_SHOP_USERNAME", "postgres")
+        mp.setenv("KEYTURN_TARGET_SHOP_PASSWORD", postgres_server.password)
+        mp.setenv("KEYTURN_TARGET_PRIVATE_USERNAME", "postgres")
+        mp.setenv("KEYTURN_TARGET_PRIVATE_PASSWORD", postgres_server.password)
+        report = await bootstrap(root, parse_policy(data), issue_secret_ids=True)
+    await root.close()
+    yield Shop(
+        gateway_openbao,
+        postgres_server,
+        database,
+        data,
+        report.role_ids["keyturn-gateway"],
+        report.secret_ids["keyturn-gateway"],
+    )
+    await postgres_server.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+
+
+@dataclass
+class Running:
+    client: TestClient[Any, Any]
+    gw: Gateway
+    store: Store
+
+    async def post(self, token: str, body: Any, **headers: str) -> tuple[int, dict[str, Any]]:
+        resp = await self.client.post(
+            "/v1/commands", json=body, headers={"Authorization": f"Bearer {token}", **headers}
+        )
+        return resp.status, await resp.json()
+
+    async def get(
+        self, token: str, ident: str, wait: float | str = 0
+    ) -> tuple[int, dict[str, Any]]:
+        resp = await self.client.get(
+            f"/v1/commands/{ident}?wait={wait}", headers={"Authorization": f"Bearer {token}"}
+        )
+        return resp.status, await resp.json()
+
+
+GatewayFactory = Callable[..., contextlib.AbstractAsyncContextManager[Running]]
+
+
+@pytest.fixture
+def run_gateway(shop: Shop, database: Dsn) -> GatewayFactory:
+    """``async with run_gateway(**policy_overrides) as gw:`` a real gateway on a fresh DB."""
+
+    @contextlib.asynccontextmanager
+    async def start(dev_secret: str | None = None, **overrides: Any) -> AsyncIterator[Running]:
+        store = Store(database)
+        gw = build(shop.policy(**overrides), store, shop.vault(), dev_secret=dev_secret)
+        server = TestServer(application(gw))
+        client = TestClient(server)
+        await client.start_server()
+        try:
+            yield Running(client, gw, store)
+        finally:
+            await client.close()
+
+    return start
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_keyturn_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("KEYTURN_") and name != "KEYTURN_TEST_DATABASE_URL":
+            monkeypatch.delenv(name)
