@@ -1,9 +1,13 @@
 """Group commit for the fast path's records.
 
-Allowed and blocked commands must be recorded (request row, audit event) before the agent gets
-its answer, but one transaction per command would serialize the gateway on the audit chain's
-head lock. Callers put a record in and await it; one task writes everything queued so far in a
-single transaction and then releases all of them, so under load many commands share a commit.
+Allowed and blocked commands are recorded (request row, audit event) by one task that writes
+everything queued so far in a single transaction, so under load many commands share a commit
+instead of queueing on the audit chain's head lock one by one.
+
+``record`` returns once its record is committed (the caller waits: no unrecorded access).
+``submit`` queues without waiting (a completion whose access is already recorded); when a
+commit fails, such records are kept and retried with backoff, never dropped, until the queue
+limit is reached.
 """
 
 from __future__ import annotations
@@ -12,51 +16,99 @@ import asyncio
 import contextlib
 import logging
 
+import asyncpg
+
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
+Record = ops.Outcome | ops.Completion
 
 
 class Journal:
-    def __init__(self, store: Store, *, max_batch: int = 500) -> None:
+    def __init__(self, store: Store, *, max_batch: int = 500, max_backlog: int = 100_000) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[ops.Outcome, asyncio.Future[None]]] = asyncio.Queue()
+        self._max_backlog = max_backlog
+        self._queue: asyncio.Queue[tuple[Record, asyncio.Future[None] | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
         self.commits = 0
 
-    async def record(self, outcome: ops.Outcome) -> None:
-        """Returns once ``outcome`` is committed; raises what the commit raised."""
+    async def record(self, record: Record) -> None:
+        """Returns once ``record`` is committed; raises what the commit raised."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((outcome, future))
+        self._queue.put_nowait((record, future))
         await future
+
+    def submit(self, record: Record) -> None:
+        if self._queue.qsize() >= self._max_backlog:
+            log.error("journal backlog full; dropping a completion record for %s", record.id)
+            return
+        self._queue.put_nowait((record, None))
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="keyturn-journal")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Flush what is queued (briefly), then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _commit(self, records: list[Record]) -> None:
+        """One transaction on the journal's own connection (re-made after a failure)."""
+        if self._conn is None or self._conn.is_closed():
+            dsn = self._store.dsn
+            self._conn = await asyncpg.connect(
+                dsn.url,
+                server_settings={"application_name": "keyturn-journal"},
+                **dsn.connect_args,
+            )
+        try:
+            async with self._conn.transaction():
+                await ops.write_outcomes(self._conn, records)
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            self._conn.terminate()
+            self._conn = None
+            raise
 
     async def _run(self) -> None:
+        delay = 0.1
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await ops.record_outcomes(self._store, [outcome for outcome, _ in batch])
-                self.commits += 1
-            except Exception as exc:  # every waiter hears about the failure
+                await self._commit([record for record, _ in batch])
+            except Exception as exc:
+                self._done(len(batch))
                 log.warning("journal commit of %d records failed: %s", len(batch), exc)
-                for _, future in batch:
-                    if not future.done():
+                for record, future in batch:
+                    if future is None:
+                        self._queue.put_nowait((record, None))  # retried after the backoff
+                    elif not future.done():
                         future.set_exception(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
+            delay = 0.1
+            self.commits += 1
+            self._done(len(batch))
             for _, future in batch:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_result(None)
+
+    def _done(self, count: int) -> None:
+        for _ in range(count):
+            self._queue.task_done()

@@ -121,8 +121,7 @@ class Gateway:
         verdict = self._classify(cmd.target, cmd.command, who)
         rule = verdict.rule.name if verdict.rule else None
         if verdict.action == "block":
-            outcome = self._outcome(cmd, who, verdict, blocked=True)
-            await self.journal.record(outcome)
+            await self.journal.record(self._outcome(cmd, who, verdict, status="blocked"))
             self.metrics.commands.labels("blocked").inc()
             message = verdict.rule.message if verdict.rule and verdict.rule.message else None
             raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
@@ -132,14 +131,14 @@ class Gateway:
         return 202, await self._hold(cmd, who, verdict, target, idempotency_key, body_sha)
 
     def _outcome(
-        self, cmd: CommandIn, who: Identity, verdict: Verdict, *, blocked: bool, **extra: Any
+        self, cmd: CommandIn, who: Identity, verdict: Verdict, *, status: str, **extra: Any
     ) -> ops.Outcome:
         return ops.Outcome(
             id=uuid.uuid4(),
             target=cmd.target,
             command=cmd.command,
             requester=who.subject,
-            blocked=blocked,
+            status=status,
             rule=verdict.rule.name if verdict.rule else None,
             classification={"kinds": sorted(verdict.kinds), "reasons": verdict.reasons},
             on_behalf_of=who.on_behalf_of,
@@ -148,55 +147,77 @@ class Gateway:
             **extra,
         )
 
-    async def _run_allowed(
-        self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str | None, body_sha: str
-    ) -> CommandOut:
-        pool = self.pools[cmd.target]
+    async def _execute(self, cmd: CommandIn) -> tuple[dict[str, Any] | None, str | None]:
+        """(masked result, None) or (None, masked error); Unavailable when the target is down."""
         started = time.perf_counter()
-        result: dict[str, Any] | None = None
-        error: str | None = None
         try:
-            async with pool.connection() as conn:
+            async with self.pools[cmd.target].connection() as conn:
                 raw = await run_readonly(conn, cmd.command, self.policy.gateway.row_limit)
-            result = raw.as_json() | {"rows": self.masker.rows(raw.columns, raw.rows)}
         except asyncpg.PostgresError as exc:
-            error = self.masker.text(f"{exc.sqlstate}: {exc}")
+            return None, self.masker.text(f"{exc.sqlstate}: {exc}")
         except (OSError, asyncpg.InterfaceError) as exc:
             raise Unavailable(
                 f"target {cmd.target} is not reachable: {type(exc).__name__}"
             ) from None
-        self.metrics.execute_seconds.observe(time.perf_counter() - started)
-        outcome = self._outcome(
-            cmd,
-            who,
-            verdict,
-            blocked=False,
-            error=error,
-            result=result if key else None,
-            result_digest=_digest(result) if result is not None else None,
-            idempotency_key=key,
-            body_sha256=body_sha if key else None,
+        finally:
+            self.metrics.execute_seconds.observe(time.perf_counter() - started)
+        return raw.as_json() | {"rows": self.masker.rows(raw.columns, raw.rows)}, None
+
+    async def _run_allowed(
+        self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str | None, body_sha: str
+    ) -> CommandOut:
+        if key is not None:
+            return await self._run_allowed_once(cmd, who, verdict, key, body_sha)
+        # Record the access while it runs: the answer waits for both, never for one after the
+        # other. The outcome (status, result digest) follows in the journal's next commit.
+        intent = self._outcome(cmd, who, verdict, status="executing")
+        executed, recorded = await asyncio.gather(
+            self._execute(cmd), self.journal.record(intent), return_exceptions=True
         )
-        if key is None:
-            await self.journal.record(outcome)
-        else:
-            try:
-                await ops.record_outcomes(self.store, [outcome])
-            except IntegrityError:  # a concurrent call with the same key won
-                earlier = await ops.find_idempotent(self.store, who.subject, key, body_sha)
-                if earlier is not None:
-                    return self.view(earlier)
-                raise
+        if isinstance(recorded, BaseException):
+            raise Unavailable("cannot record the command in keyturn's database") from recorded
+        if isinstance(executed, BaseException):
+            self.journal.submit(ops.Completion(intent.id, who.subject, str(executed), None))
+            raise executed
+        result, error = executed
+        digest = _digest(result) if result is not None else None
+        self.journal.submit(ops.Completion(intent.id, who.subject, error, digest))
         self.metrics.commands.labels("failed" if error else "allowed").inc()
         return CommandOut(
-            id=str(outcome.id),
+            id=str(intent.id),
             status="failed" if error else "executed",
             target=cmd.target,
-            rule=outcome.rule,
+            rule=intent.rule,
             created_at=utcnow(),
             result=result,
             error=error,
         )
+
+    async def _run_allowed_once(
+        self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str, body_sha: str
+    ) -> CommandOut:
+        """With an Idempotency-Key: run, then store the result so a replay returns it."""
+        result, error = await self._execute(cmd)
+        outcome = self._outcome(
+            cmd,
+            who,
+            verdict,
+            status="failed" if error else "executed",
+            error=error,
+            result=result,
+            result_digest=_digest(result) if result is not None else None,
+            idempotency_key=key,
+            body_sha256=body_sha,
+        )
+        try:
+            await ops.record_outcomes(self.store, [outcome])
+        except (IntegrityError, asyncpg.UniqueViolationError):  # a concurrent call won
+            earlier = await ops.find_idempotent(self.store, who.subject, key, body_sha)
+            if earlier is None:
+                raise
+            return self.view(earlier)
+        self.metrics.commands.labels("failed" if error else "allowed").inc()
+        return self.view(await ops.get_request(self.store, outcome.id))
 
     async def _estimate(self, target: str, command: str) -> int | None:
         pool = self.pools.get(target)

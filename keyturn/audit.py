@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import select
 
 from keyturn.store.db import Store, Tx, utcnow
@@ -68,6 +69,68 @@ def _row_hash(row: AuditEventRow, prev_hash: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    actor: str
+    request_id: UUID | None = None
+    grant_id: UUID | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+_INSERT = (
+    "INSERT INTO audit_events (seq, at, kind, actor, request_id, grant_id, data, prev_hash, hash)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)"
+)
+
+
+async def append_many(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+    """Chain ``events`` onto the log inside the transaction open on ``conn``.
+
+    Locking the head row serializes appends across processes; a batch costs one lock and a
+    few statements, so the gateway's group commit stays cheap.
+    """
+    if not events:
+        return
+    head = await conn.fetchrow(_HEAD)
+    if head is None:  # a hand-made database; migrations seed the head row
+        seq, prev = 0, GENESIS
+        await conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, $1)", GENESIS)
+    else:
+        seq, prev = head["seq"], head["hash"]
+    now = utcnow()
+    rows = []
+    for event in events:
+        seq += 1
+        digest = event_hash(
+            prev_hash=prev,
+            seq=seq,
+            at=now,
+            kind=event.kind,
+            actor=event.actor,
+            request_id=event.request_id,
+            grant_id=event.grant_id,
+            data=event.data,
+        )
+        rows.append(
+            (
+                seq,
+                now,
+                event.kind,
+                event.actor,
+                event.request_id,
+                event.grant_id,
+                json.dumps(event.data),
+                prev,
+                digest,
+            )
+        )
+        prev = digest
+    await conn.executemany(_INSERT, rows)
+    await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, prev)
+
+
 async def append(
     tx: Tx,
     kind: str,
@@ -76,27 +139,9 @@ async def append(
     request_id: UUID | None = None,
     grant_id: UUID | None = None,
     data: dict[str, Any] | None = None,
-) -> AuditEventRow:
+) -> None:
     """Add one event inside the caller's transaction (commits or rolls back with it)."""
-    session = tx.session
-    head = await session.get(AuditHeadRow, 1, with_for_update=True)
-    if head is None:  # a fresh database; migrations seed it, this covers a hand-made one
-        head = AuditHeadRow(id=1, seq=0, hash=GENESIS)
-        session.add(head)
-    row = AuditEventRow(
-        seq=head.seq + 1,
-        at=utcnow(),
-        kind=kind,
-        actor=actor,
-        request_id=request_id,
-        grant_id=grant_id,
-        data=data or {},
-        prev_hash=head.hash,
-    )
-    row.hash = _row_hash(row, head.hash)
-    session.add(row)
-    head.seq, head.hash = row.seq, row.hash
-    return row
+    await append_many(await tx.driver(), [Event(kind, actor, request_id, grant_id, data or {})])
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,16 @@ class Tx:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
+    async def driver(self) -> asyncpg.Connection:
+        """The asyncpg connection under this transaction, for bulk statements on hot paths."""
+        connection = await self.session.connection()
+        raw = await connection.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection
+        if not driver.is_in_transaction():
+            # SQLAlchemy's asyncpg adapter emits BEGIN lazily, on the first statement
+            await connection.execute(text("SELECT 1"))
+        return driver
+
     async def notify(self, kind: str, ident: object) -> None:
         """Queue ``<kind>:<id>`` on the keyturn channel; Postgres delivers it only on commit."""
         await self.session.execute(

@@ -11,11 +11,14 @@ Functions return detached rows: plain data once the transaction has closed.
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -464,13 +467,17 @@ async def expire_due_grants(store: Store, *, limit: int = 100) -> list[GrantRow]
 
 @dataclass(frozen=True)
 class Outcome:
-    """A command the policy decided on its own: allowed (and run) or blocked."""
+    """A command the policy decided on its own: blocked, or allowed and run at once.
+
+    ``status`` is ``blocked`` (only an audit event), ``executing`` (recorded before its result
+    is known; a :class:`Completion` follows) or a final ``executed`` / ``failed``.
+    """
 
     id: uuid.UUID
     target: str
     command: str
     requester: str
-    blocked: bool
+    status: str
     rule: str | None
     classification: dict[str, Any]
     on_behalf_of: str | None = None
@@ -483,54 +490,89 @@ class Outcome:
     body_sha256: str | None = None
 
 
-async def record_outcomes(store: Store, outcomes: list[Outcome]) -> None:
-    """Write many outcomes in one transaction (the gateway's group commit).
+@dataclass(frozen=True)
+class Completion:
+    """How an ``executing`` outcome ended."""
 
-    Allowed commands become finished request rows; blocked ones leave only an audit event.
+    id: uuid.UUID
+    requester: str
+    error: str | None
+    result_digest: str | None
+
+
+_INSERT_FINISHED = (
+    "INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,"
+    " reason, status, rule, classification, quorum, idempotency_key, body_sha256, created_at,"
+    " updated_at, pending_expires_at, decided_at, result, error) VALUES ($1, $2, $3, $4, $5, $6,"
+    " $7, $8, $9, $10, $11::jsonb, 1, $12, $13, $14, $14, $14, $14, $15::jsonb, $16)"
+)
+_COMPLETE = (
+    "UPDATE requests SET status = $2, error = $3, updated_at = $4"
+    " WHERE id = $1 AND status = 'executing'"
+)
+
+
+async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | Completion]) -> None:
+    """Write records inside the transaction open on ``conn``, in bulk statements.
+
+    The gateway's journal calls this on its own connection to group many commands per commit.
     """
     now = utcnow()
-    async with store.transaction() as tx:
-        for o in outcomes:
-            sha = command_sha256(o.command)
-            if not o.blocked:
-                tx.session.add(
-                    RequestRow(
-                        id=o.id,
-                        target=o.target,
-                        command=o.command,
-                        command_sha256=sha,
-                        requester=o.requester,
-                        on_behalf_of=o.on_behalf_of,
-                        run_id=o.run_id,
-                        reason=o.reason,
-                        status=RequestStatus.FAILED if o.error else RequestStatus.EXECUTED,
-                        rule=o.rule,
-                        classification=o.classification,
-                        quorum=1,
-                        idempotency_key=o.idempotency_key,
-                        body_sha256=o.body_sha256,
-                        created_at=now,
-                        updated_at=now,
-                        pending_expires_at=now,
-                        decided_at=now,
-                        result=o.result,
-                        error=o.error,
-                    )
-                )
-            await audit.append(
-                tx,
-                "request.blocked" if o.blocked else "request.allowed",
-                o.requester,
-                request_id=None if o.blocked else o.id,
-                data={
-                    "target": o.target,
-                    "command_sha256": sha,
-                    "rule": o.rule,
-                    "on_behalf_of": o.on_behalf_of,
-                    "run_id": o.run_id,
-                }
-                | ({} if o.blocked else {"result_digest": o.result_digest, "error": o.error}),
+    rows: list[tuple[Any, ...]] = []
+    done: list[tuple[Any, ...]] = []
+    events: list[audit.Event] = []
+    for r in records:
+        if isinstance(r, Completion):
+            status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
+            done.append((r.id, status.value, r.error, now))
+            data = {"result_digest": r.result_digest, "error": r.error}
+            events.append(audit.Event(f"request.{status}", "keyturn", request_id=r.id, data=data))
+            continue
+        sha = command_sha256(r.command)
+        data = {
+            "target": r.target,
+            "command_sha256": sha,
+            "rule": r.rule,
+            "on_behalf_of": r.on_behalf_of,
+            "run_id": r.run_id,
+        }
+        if r.status == "blocked":
+            events.append(audit.Event("request.blocked", r.requester, data=data))
+            continue
+        rows.append(
+            (
+                r.id,
+                r.target,
+                r.command,
+                sha,
+                r.requester,
+                r.on_behalf_of,
+                r.run_id,
+                r.reason,
+                r.status,
+                r.rule,
+                json.dumps(r.classification),
+                r.idempotency_key,
+                r.body_sha256,
+                now,
+                json.dumps(r.result) if r.result is not None else None,
+                r.error,
             )
+        )
+        if r.result_digest or r.error:
+            data |= {"result_digest": r.result_digest, "error": r.error}
+        events.append(audit.Event("request.allowed", r.requester, request_id=r.id, data=data))
+    if rows:
+        await conn.executemany(_INSERT_FINISHED, rows)
+    if done:
+        await conn.executemany(_COMPLETE, done)
+    await audit.append_many(conn, events)
+
+
+async def record_outcomes(store: Store, records: Sequence[Outcome | Completion]) -> None:
+    """:func:`write_outcomes` in a transaction of its own."""
+    async with store.transaction() as tx:
+        await write_outcomes(await tx.driver(), records)
 
 
 async def find_idempotent(
