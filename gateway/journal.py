@@ -26,8 +26,16 @@ Record = ops.Outcome | ops.Completion
 
 
 class Journal:
-    def __init__(self, store: Store, *, max_batch: int = 500, max_backlog: int = 100_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = 500,
+        max_backlog: int = 100_000,
+        linger: float = 0.05,
+    ) -> None:
         self._store = store
+        self._linger = linger
         self._max_batch = max_batch
         self._max_backlog = max_backlog
         self._queue: asyncio.Queue[tuple[Record, asyncio.Future[None] | None]] = asyncio.Queue()
@@ -76,8 +84,7 @@ class Journal:
                 **dsn.connect_args,
             )
         try:
-            async with self._conn.transaction():
-                await ops.write_outcomes(self._conn, records)
+            await ops.write_outcomes(self._conn, records)  # one statement: atomic by itself
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
             self._conn.terminate()
             self._conn = None
@@ -86,9 +93,7 @@ class Journal:
     async def _run(self) -> None:
         delay = 0.1
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
             try:
                 await self._commit([record for record, _ in batch])
             except Exception as exc:
@@ -108,6 +113,28 @@ class Journal:
             for _, future in batch:
                 if future is not None and not future.done():
                     future.set_result(None)
+
+    async def _next_batch(self) -> list[tuple[Record, asyncio.Future[None] | None]]:
+        """Everything queued; completions alone wait up to ``linger`` for a record to ride with.
+
+        Nobody waits on a completion, so committing it on its own would only delay the next
+        command's commit; riding along with that commit costs nothing.
+        """
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger
+        while len(batch) < self._max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            if any(future is not None for _, future in batch) or loop.time() >= deadline:
+                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return batch
 
     def _done(self, count: int) -> None:
         for _ in range(count):

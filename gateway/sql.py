@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import functools
 import ipaddress
 import json
 import uuid
@@ -65,30 +66,56 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def split_statements(sql: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def split_statements(sql: str) -> tuple[str, ...]:
     """Each statement's own text, as PostgreSQL's parser delimits them."""
     statements = pglast.parse_sql(sql)
     if len(statements) == 1:
-        return [sql]
+        return (sql,)
     encoded = sql.encode()  # locations are byte offsets
     out = []
     for raw in statements:
         start = raw.stmt_location or 0
         end = start + raw.stmt_len if raw.stmt_len else len(encoded)
         out.append(encoded[start:end].decode().strip())
-    return out
+    return tuple(out)
+
+
+async def _fetch_capped(conn: asyncpg.Connection, sql: str, limit: int) -> list[asyncpg.Record]:
+    """At most ``limit`` rows, in one round trip.
+
+    The extended protocol's Execute takes a row limit; asyncpg exposes it only through the
+    private ``_execute`` (its public API caps rows with a cursor, which needs a transaction:
+    two more round trips per command). Fall back to that when ``_execute`` is gone.
+    """
+    execute = getattr(conn, "_execute", None)
+    if execute is not None:
+        records: list[asyncpg.Record] = await execute(sql, (), limit, None)
+        return records
+    async with conn.transaction(readonly=True):
+        cursor = await conn.cursor(sql)
+        fetched: list[asyncpg.Record] = await cursor.fetch(limit)
+        return fetched
 
 
 async def run_readonly(conn: asyncpg.Connection, sql: str, row_limit: int) -> SqlResult:
-    """Run every statement; the result is the last one's rows, capped at ``row_limit``."""
+    """Run every statement; the result is the last one's rows, capped at ``row_limit``.
+
+    The login is read-only (role and session default), so a single statement runs in its
+    implicit transaction; several share one explicit read-only transaction.
+    """
     statements = split_statements(sql)
-    async with conn.transaction(readonly=True):
-        for statement in statements[:-1]:
-            await conn.execute(statement)
-        prepared = await conn.prepare(statements[-1])
-        cursor = await prepared.cursor()
-        records = await cursor.fetch(row_limit + 1)
-    columns = [a.name for a in prepared.get_attributes()]
+    if len(statements) == 1:
+        records = await _fetch_capped(conn, sql, row_limit + 1)
+    else:
+        async with conn.transaction(readonly=True):
+            for statement in statements[:-1]:
+                await conn.execute(statement)
+            records = await _fetch_capped(conn, statements[-1], row_limit + 1)
+    if records:
+        columns = list(records[0].keys())
+    else:
+        columns = [a.name for a in (await conn.prepare(statements[-1])).get_attributes()]
     rows = [[jsonable(v) for v in record.values()] for record in records[:row_limit]]
     return SqlResult(columns, rows, len(records) > row_limit, len(statements))
 

@@ -14,17 +14,20 @@ import hashlib
 import json
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 from uuid import UUID
 
 import asyncpg
-from sqlalchemy import select
+from sqlalchemy import Text, select
 
-from keyturn.store.db import Store, Tx, utcnow
+from keyturn.store.db import Store, Tx
 from keyturn.store.models import AuditEventRow, AuditHeadRow
 
 GENESIS = "0" * 64
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def event_hash(
@@ -36,27 +39,44 @@ def event_hash(
     actor: str,
     request_id: UUID | None,
     grant_id: UUID | None,
-    data: dict[str, Any],
+    data_text: str,
 ) -> str:
-    body = json.dumps(
-        [
-            prev_hash,
-            seq,
-            at.isoformat(),
-            kind,
-            actor,
-            str(request_id) if request_id else None,
-            str(grant_id) if grant_id else None,
-            data,
-        ],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    """The digest the database computes on insert (``keyturn_audit_hash``), recomputed.
+
+    Fields are length-prefixed so no value can shift characters into its neighbour; ``data``
+    is hashed as Postgres prints the jsonb, its canonical form.
+    """
+    micros = (at - _EPOCH) // timedelta(microseconds=1)
+    fields = [
+        prev_hash,
+        str(seq),
+        str(micros),
+        kind,
+        actor,
+        str(request_id) if request_id else "",
+        str(grant_id) if grant_id else "",
+        data_text,
+    ]
+    body = "|".join(f"{len(f)}:{f}" for f in fields)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _row_hash(row: AuditEventRow, prev_hash: str) -> str:
+@dataclass(frozen=True)
+class StoredEvent:
+    """An audit row as verify reads it: ``data_text`` is the jsonb exactly as Postgres prints it."""
+
+    seq: int
+    at: datetime
+    kind: str
+    actor: str
+    request_id: UUID | None
+    grant_id: UUID | None
+    data_text: str
+    prev_hash: str
+    hash: str
+
+
+def _row_hash(row: StoredEvent, prev_hash: str) -> str:
     return event_hash(
         prev_hash=prev_hash,
         seq=row.seq,
@@ -65,7 +85,7 @@ def _row_hash(row: AuditEventRow, prev_hash: str) -> str:
         actor=row.actor,
         request_id=row.request_id,
         grant_id=row.grant_id,
-        data=row.data,
+        data_text=row.data_text,
     )
 
 
@@ -78,57 +98,23 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
 _INSERT = (
-    "INSERT INTO audit_events (seq, at, kind, actor, request_id, grant_id, data, prev_hash, hash)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)"
+    "INSERT INTO audit_events (kind, actor, request_id, grant_id, data)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb)"
 )
 
 
 async def append_many(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
-    """Chain ``events`` onto the log inside the transaction open on ``conn``.
+    """Append ``events`` inside the transaction open on ``conn``.
 
-    Locking the head row serializes appends across processes; a batch costs one lock and a
-    few statements, so the gateway's group commit stays cheap.
+    The database numbers and chains them (a trigger locks ``audit_head``), so appends from
+    every process serialize there and a writer cannot choose its place in the chain.
     """
-    if not events:
-        return
-    head = await conn.fetchrow(_HEAD)
-    if head is None:  # a hand-made database; migrations seed the head row
-        seq, prev = 0, GENESIS
-        await conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, $1)", GENESIS)
-    else:
-        seq, prev = head["seq"], head["hash"]
-    now = utcnow()
-    rows = []
-    for event in events:
-        seq += 1
-        digest = event_hash(
-            prev_hash=prev,
-            seq=seq,
-            at=now,
-            kind=event.kind,
-            actor=event.actor,
-            request_id=event.request_id,
-            grant_id=event.grant_id,
-            data=event.data,
+    if events:
+        await conn.executemany(
+            _INSERT,
+            [(e.kind, e.actor, e.request_id, e.grant_id, json.dumps(e.data)) for e in events],
         )
-        rows.append(
-            (
-                seq,
-                now,
-                event.kind,
-                event.actor,
-                event.request_id,
-                event.grant_id,
-                json.dumps(event.data),
-                prev,
-                digest,
-            )
-        )
-        prev = digest
-    await conn.executemany(_INSERT, rows)
-    await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, prev)
 
 
 async def append(
@@ -168,7 +154,7 @@ class ChainWalker:
         self.prev_hash, self.expected_seq, self.checked = GENESIS, 1, 0
         self.broken: Break | None = None
 
-    def feed(self, row: AuditEventRow) -> bool:
+    def feed(self, row: StoredEvent) -> bool:
         """False once the chain is broken (the rest need not be read)."""
         if self.broken is not None:
             return False
@@ -206,7 +192,7 @@ class ChainWalker:
         return VerifyResult(self.checked, self.broken)
 
 
-def verify_rows(rows: Iterable[AuditEventRow], head: AuditHeadRow | None) -> VerifyResult:
+def verify_rows(rows: Iterable[StoredEvent], head: AuditHeadRow | None) -> VerifyResult:
     walker = ChainWalker()
     for row in rows:
         if not walker.feed(row):
@@ -214,16 +200,28 @@ def verify_rows(rows: Iterable[AuditEventRow], head: AuditHeadRow | None) -> Ver
     return walker.finish(head)
 
 
-async def _stream(store: Store, since: int = 0) -> AsyncGenerator[AuditEventRow, None]:
-    async with store.transaction() as tx:
-        result = await tx.session.stream_scalars(
-            select(AuditEventRow)
-            .where(AuditEventRow.seq > since)
-            .order_by(AuditEventRow.seq)
-            .execution_options(yield_per=1000)
+async def _stream(store: Store, since: int = 0) -> AsyncGenerator[StoredEvent, None]:
+    e = AuditEventRow
+    query = (
+        select(
+            e.seq,
+            e.at,
+            e.kind,
+            e.actor,
+            e.request_id,
+            e.grant_id,
+            e.data.cast(Text),
+            e.prev_hash,
+            e.hash,
         )
+        .where(e.seq > since)
+        .order_by(e.seq)
+        .execution_options(yield_per=1000)
+    )
+    async with store.transaction() as tx:
+        result = await tx.session.stream(query)
         async for row in result:
-            yield row
+            yield StoredEvent(*row)
 
 
 async def verify(store: Store) -> VerifyResult:
@@ -237,7 +235,7 @@ async def verify(store: Store) -> VerifyResult:
     return walker.finish(head)
 
 
-def event_json(row: AuditEventRow) -> dict[str, Any]:
+def event_json(row: StoredEvent) -> dict[str, Any]:
     return {
         "seq": row.seq,
         "at": row.at.isoformat(),
@@ -245,7 +243,7 @@ def event_json(row: AuditEventRow) -> dict[str, Any]:
         "actor": row.actor,
         "request_id": str(row.request_id) if row.request_id else None,
         "grant_id": str(row.grant_id) if row.grant_id else None,
-        "data": row.data,
+        "data": json.loads(row.data_text),
         "prev_hash": row.prev_hash,
         "hash": row.hash,
     }

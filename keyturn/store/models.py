@@ -120,7 +120,8 @@ class GrantRow(Base):
 
 
 class AuditEventRow(Base):
-    """Append-only; a trigger refuses UPDATE and DELETE, the hash chain reveals the rest."""
+    """Append-only: triggers number and chain each insert and refuse UPDATE and DELETE; the
+    hash chain reveals what a superuser might still do. Insert kind, actor, ids and data only."""
 
     __tablename__ = "audit_events"
 

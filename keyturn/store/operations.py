@@ -500,73 +500,88 @@ class Completion:
     result_digest: str | None
 
 
-_INSERT_FINISHED = (
-    "INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,"
-    " reason, status, rule, classification, quorum, idempotency_key, body_sha256, created_at,"
-    " updated_at, pending_expires_at, decided_at, result, error) VALUES ($1, $2, $3, $4, $5, $6,"
-    " $7, $8, $9, $10, $11::jsonb, 1, $12, $13, $14, $14, $14, $14, $15::jsonb, $16)"
+# One statement for a whole batch: one round trip, atomic on its own.
+_WRITE_OUTCOMES = """
+WITH inserted AS (
+    INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,
+        reason, status, rule, classification, quorum, idempotency_key, body_sha256, created_at,
+        updated_at, pending_expires_at, decided_at, result, error)
+    SELECT x.id, x.target, x.command, encode(sha256(convert_to(x.command, 'UTF8')), 'hex'),
+        x.requester, x.on_behalf_of, x.run_id, x.reason, x.status, x.rule, x.classification, 1,
+        x.idempotency_key, x.body_sha256, now(), now(), now(), now(), x.result, x.error
+    FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, target text, command text, requester text,
+        on_behalf_of text, run_id text, reason text, status text, rule text,
+        classification jsonb, idempotency_key text, body_sha256 text, result jsonb, error text)
+), completed AS (
+    UPDATE requests r SET status = x.status, error = x.error, updated_at = now()
+    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text)
+    WHERE r.id = x.id AND r.status = 'executing'
+    RETURNING r.id
+), audited AS (
+    INSERT INTO audit_events (kind, actor, request_id, data)
+    SELECT x.kind, x.actor, x.request_id, x.data
+    FROM ROWS FROM (jsonb_to_recordset($3::jsonb) AS (kind text, actor text, request_id uuid,
+        data jsonb)) WITH ORDINALITY AS x(kind, actor, request_id, data, n)
+    ORDER BY x.n
 )
-_COMPLETE = (
-    "UPDATE requests SET status = $2, error = $3, updated_at = $4"
-    " WHERE id = $1 AND status = 'executing'"
-)
+SELECT count(pg_notify('keyturn', 'request:' || id)) FROM completed
+"""
 
 
 async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | Completion]) -> None:
-    """Write records inside the transaction open on ``conn``, in bulk statements.
-
-    The gateway's journal calls this on its own connection to group many commands per commit.
-    """
-    now = utcnow()
-    rows: list[tuple[Any, ...]] = []
-    done: list[tuple[Any, ...]] = []
-    events: list[audit.Event] = []
+    """Write records in one statement on ``conn`` (the gateway's journal batches them)."""
+    rows: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     for r in records:
         if isinstance(r, Completion):
             status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
-            done.append((r.id, status.value, r.error, now))
-            data = {"result_digest": r.result_digest, "error": r.error}
-            events.append(audit.Event(f"request.{status}", "keyturn", request_id=r.id, data=data))
+            done.append({"id": str(r.id), "status": status.value, "error": r.error})
+            events.append(
+                {
+                    "kind": f"request.{status}",
+                    "actor": "keyturn",
+                    "request_id": str(r.id),
+                    "data": {"result_digest": r.result_digest, "error": r.error},
+                }
+            )
             continue
-        sha = command_sha256(r.command)
-        data = {
+        data: dict[str, Any] = {
             "target": r.target,
-            "command_sha256": sha,
+            "command_sha256": command_sha256(r.command),
             "rule": r.rule,
             "on_behalf_of": r.on_behalf_of,
             "run_id": r.run_id,
         }
         if r.status == "blocked":
-            events.append(audit.Event("request.blocked", r.requester, data=data))
+            events.append(
+                {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}
+            )
             continue
         rows.append(
-            (
-                r.id,
-                r.target,
-                r.command,
-                sha,
-                r.requester,
-                r.on_behalf_of,
-                r.run_id,
-                r.reason,
-                r.status,
-                r.rule,
-                json.dumps(r.classification),
-                r.idempotency_key,
-                r.body_sha256,
-                now,
-                json.dumps(r.result) if r.result is not None else None,
-                r.error,
-            )
+            {
+                "id": str(r.id),
+                "target": r.target,
+                "command": r.command,
+                "requester": r.requester,
+                "on_behalf_of": r.on_behalf_of,
+                "run_id": r.run_id,
+                "reason": r.reason,
+                "status": r.status,
+                "rule": r.rule,
+                "classification": r.classification,
+                "idempotency_key": r.idempotency_key,
+                "body_sha256": r.body_sha256,
+                "result": r.result,
+                "error": r.error,
+            }
         )
         if r.result_digest or r.error:
             data |= {"result_digest": r.result_digest, "error": r.error}
-        events.append(audit.Event("request.allowed", r.requester, request_id=r.id, data=data))
-    if rows:
-        await conn.executemany(_INSERT_FINISHED, rows)
-    if done:
-        await conn.executemany(_COMPLETE, done)
-    await audit.append_many(conn, events)
+        events.append(
+            {"kind": "request.allowed", "actor": r.requester, "request_id": str(r.id), "data": data}
+        )
+    await conn.execute(_WRITE_OUTCOMES, json.dumps(rows), json.dumps(done), json.dumps(events))
 
 
 async def record_outcomes(store: Store, records: Sequence[Outcome | Completion]) -> None:

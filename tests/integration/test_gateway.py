@@ -181,7 +181,7 @@ async def test_allowed_read_runs_on_vault_readonly_credentials_and_is_masked(
                 (await tx.session.execute(text("SELECT kind FROM audit_events"))).scalars().all()
             )
         assert "request.allowed" in kinds
-        status, again = await gw.get(token, body["id"])
+        status, again = await gw.get(token, body["id"], wait=10)  # its outcome follows the answer
         assert status == 200 and again["status"] == "executed"
         for blob in (dump, json.dumps(body), json.dumps(again), caplog.text):
             assert password not in blob

@@ -51,7 +51,58 @@ TRIGGERS = [
     """,
 ]
 
+# The audit chain is computed by the database, so no writer can forge a position in it and an
+# append is one INSERT. keyturn/audit.py recomputes the same digest to verify:
+# sha256 over length-prefixed fields (prev_hash, seq, at in epoch microseconds, kind, actor,
+# request_id, grant_id, data as jsonb text).
+AUDIT_CHAIN = [
+    """
+    CREATE FUNCTION keyturn_audit_hash(
+        prev_hash text, seq bigint, at timestamptz, kind text, actor text,
+        request_id uuid, grant_id uuid, data jsonb
+    ) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+        SELECT encode(sha256(convert_to(
+            (SELECT string_agg(length(f) || ':' || f, '|' ORDER BY n)
+             FROM unnest(ARRAY[
+                prev_hash, seq::text,
+                ((extract(epoch FROM at) * 1000000)::bigint)::text,
+                kind, actor, coalesce(request_id::text, ''), coalesce(grant_id::text, ''),
+                data::text
+             ]) WITH ORDINALITY AS t(f, n)),
+            'UTF8')), 'hex')
+    $$
+    """,
+    """
+    CREATE FUNCTION keyturn_audit_chain() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        head_seq bigint;
+        head_hash text;
+    BEGIN
+        SELECT seq, hash INTO head_seq, head_hash FROM audit_head WHERE id = 1 FOR UPDATE;
+        IF NOT FOUND THEN
+            head_seq := 0;
+            head_hash := repeat('0', 64);
+            INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, head_hash);
+        END IF;
+        NEW.seq := head_seq + 1;
+        NEW.at := now();
+        NEW.prev_hash := head_hash;
+        NEW.hash := keyturn_audit_hash(NEW.prev_hash, NEW.seq, NEW.at, NEW.kind, NEW.actor,
+                                       NEW.request_id, NEW.grant_id, NEW.data);
+        UPDATE audit_head SET seq = NEW.seq, hash = NEW.hash WHERE id = 1;
+        RETURN NEW;
+    END $$
+    """,
+    """
+    CREATE TRIGGER audit_events_chain BEFORE INSERT ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION keyturn_audit_chain()
+    """,
+]
+
 DROP_TRIGGERS = [
+    "DROP TRIGGER IF EXISTS audit_events_chain ON audit_events",
+    "DROP FUNCTION IF EXISTS keyturn_audit_chain()",
+    "DROP FUNCTION IF EXISTS keyturn_audit_hash(text, bigint, timestamptz, text, text, uuid, uuid, jsonb)",
     "DROP TRIGGER IF EXISTS audit_events_append_only ON audit_events",
     "DROP FUNCTION IF EXISTS keyturn_append_only()",
     "DROP TRIGGER IF EXISTS requests_immutable ON requests",
@@ -187,7 +238,7 @@ def upgrade() -> None:
         postgresql_where="status = 'active'",
     )
     op.create_index(op.f("ix_grants_request_id"), "grants", ["request_id"], unique=False)
-    for statement in TRIGGERS:
+    for statement in TRIGGERS + AUDIT_CHAIN:
         op.execute(statement)
     op.execute(f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{'0' * 64}')")
 
