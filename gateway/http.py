@@ -37,8 +37,14 @@ def error_response(status: int, code: str, message: str, **extra: object) -> web
 
 
 @web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """keyturn errors and aiohttp's HTTP errors -> the envelope; anything else -> a fixed 500."""
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time the request, and turn every error into the envelope.
+
+    keyturn errors and aiohttp's HTTP errors keep their status; anything else is logged with
+    the request id and becomes a fixed 500 (its text could carry SQL or a credential).
+    One middleware, not two: a long-poll keeps its whole chain alive while it waits.
+    """
+    started = time.perf_counter()
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     try:
         response = await handler(request)
@@ -65,20 +71,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("request %s failed", request_id)
         response = error_response(500, "internal", f"internal error (request id {request_id})")
     response.headers["X-Request-Id"] = request_id
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[GATEWAY_KEY].metrics.http_seconds.labels(route).observe(
+        time.perf_counter() - started
+    )
     return response
-
-
-@web.middleware
-async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        return await handler(request)
-    finally:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        request.app[GATEWAY_KEY].metrics.http_seconds.labels(name).observe(
-            time.perf_counter() - started
-        )
 
 
 def _json(out: CommandOut, status: int = 200) -> web.Response:
@@ -129,7 +127,7 @@ async def openapi(_request: web.Request) -> web.Response:
 
 
 def create_app(gw: Gateway) -> web.Application:
-    app = web.Application(middlewares=[timing, errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[edge], client_max_size=MAX_BODY_BYTES)
     app[GATEWAY_KEY] = gw
     app.router.add_post("/v1/commands", submit)
     app.router.add_get("/v1/commands/{id}", read)

@@ -117,7 +117,9 @@ class Gateway:
         if idempotency_key is not None:
             earlier = await ops.find_idempotent(self.store, who.subject, idempotency_key, body_sha)
             if earlier is not None:
-                return (202 if earlier.status not in AGENT_TERMINAL else 200), self.view(earlier)
+                return (202 if earlier.status not in AGENT_TERMINAL else 200), self.view(
+                    ops.RequestView.of(earlier)
+                )
         verdict = self._classify(cmd.target, cmd.command, who)
         rule = verdict.rule.name if verdict.rule else None
         if verdict.action == "block":
@@ -215,9 +217,9 @@ class Gateway:
             earlier = await ops.find_idempotent(self.store, who.subject, key, body_sha)
             if earlier is None:
                 raise
-            return self.view(earlier)
+            return self.view(ops.RequestView.of(earlier))
         self.metrics.commands.labels("failed" if error else "allowed").inc()
-        return self.view(await ops.get_request(self.store, outcome.id))
+        return self.view(await ops.get_request_view(self.store, outcome.id))
 
     async def _estimate(self, target: str, command: str) -> int | None:
         pool = self.pools.get(target)
@@ -270,7 +272,7 @@ class Gateway:
             ).request
         if created:
             self.metrics.commands.labels("held").inc()
-        return self.view(row)
+        return self.view(ops.RequestView.of(row))
 
     # ------------------------------------------------------------------ read and wait
 
@@ -280,8 +282,8 @@ class Gateway:
         except ValueError:
             raise NotFound(f"request {request_id} not found") from None
 
-        async def load() -> RequestRow:
-            row = await ops.get_request(self.store, ident)
+        async def load() -> ops.RequestView:
+            row = await ops.get_request_view(self.store, ident)
             if row.requester != who.subject:
                 raise NotFound(f"request {request_id} not found")  # do not reveal it exists
             return row
@@ -303,9 +305,8 @@ class Gateway:
             self.metrics.waiters.dec()
         return self.view(row)
 
-    def view(self, row: RequestRow) -> CommandOut:
+    def view(self, row: ops.RequestView) -> CommandOut:
         status = RequestStatus(row.status)
-        denial = next((a for a in row.approvals if a.decision == Decision.DENY), None)
         waiting = status not in AGENT_TERMINAL
         return CommandOut(
             id=str(row.id),
@@ -315,11 +316,11 @@ class Gateway:
             created_at=row.created_at,
             wait_url=f"{self.public_url}/v1/commands/{row.id}?wait=30" if waiting else None,
             expires_at=row.pending_expires_at if status is RequestStatus.PENDING else None,
-            estimated_rows=(row.classification or {}).get("estimated_rows"),
+            estimated_rows=row.estimated_rows,
             result=row.result,
             error=row.error,
-            denied_by=denial.approver if denial else None,
-            deny_reason=denial.reason if denial else None,
+            denied_by=row.denied_by,
+            deny_reason=row.deny_reason,
         )
 
     # ------------------------------------------------------------------ background upkeep

@@ -32,6 +32,16 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
 
+def run_fast(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a server on uvloop where it exists (leaner per connection, faster), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -168,7 +178,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from keyturn.settings import load_settings
 
     policy = load_policy(args.config)
-    asyncio.run(serve(load_settings(), policy))
+    run_fast(serve(load_settings(), policy))
     return 0
 
 

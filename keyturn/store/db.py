@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -98,6 +99,9 @@ class Store:
 
     def __init__(self, dsn: Dsn, *, pool_size: int = 10, **engine_kwargs: Any) -> None:
         self.dsn = dsn
+        self._pool_size = pool_size
+        self._raw_pool: asyncpg.Pool | None = None
+        self._raw_pool_lock = asyncio.Lock()
         self.engine: AsyncEngine = create_async_engine(
             dsn.sqlalchemy_url,
             connect_args=dsn.connect_args,
@@ -109,20 +113,48 @@ class Store:
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        """Commit on success, roll back on any error; a lost connection becomes Unavailable."""
+    async def _translated(self) -> AsyncIterator[None]:
+        """A lost or refused connection becomes Unavailable; other errors pass unchanged."""
         try:
-            async with self._sessions() as session, session.begin():
-                yield Tx(session)
+            yield
         except (sa_exc.DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             cause = connection_failure(exc)
             if cause is None:
                 raise
             raise describe_connect_error(self.dsn, cause) from exc
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """Commit on success, roll back on any error."""
+        async with self._translated(), self._sessions() as session, session.begin():
+            yield Tx(session)
+
+    @contextlib.asynccontextmanager
+    async def driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection from a plain asyncpg pool, for single-statement reads on hot paths.
+
+        No ORM session and no greenlet per call: thousands of long-polls re-read rows through
+        this without the memory and CPU a session costs.
+        """
+        async with self._translated():
+            if self._raw_pool is None:
+                async with self._raw_pool_lock:
+                    if self._raw_pool is None:
+                        self._raw_pool = await asyncpg.create_pool(
+                            self.dsn.url,
+                            min_size=1,
+                            max_size=self._pool_size,
+                            **self.dsn.connect_args,
+                        )
+            async with self._raw_pool.acquire() as conn:
+                yield conn
+
     async def ping(self) -> None:
         async with self.transaction() as tx:
             await tx.session.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._raw_pool is not None:
+            await self._raw_pool.close()
+            self._raw_pool = None
         await self.engine.dispose()

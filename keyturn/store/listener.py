@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -26,6 +26,52 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[str, str], None]
 T = TypeVar("T")
+
+
+class Watch:
+    """One waiter's interest in a row, woken by notifications, reconnects and pollers.
+
+    Deliberately small (a long-poll holds one for up to minutes, thousands at a time): a flag
+    and a future, no Event, no task.
+    """
+
+    __slots__ = ("_flag", "_future", "_key", "_registry")
+
+    def __init__(self, registry: dict[str, set[Watch]], key: str) -> None:
+        self._registry = registry
+        self._key = key
+        self._flag = False
+        self._future: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> Watch:
+        self._registry[self._key].add(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        watches = self._registry.get(self._key)
+        if watches is not None:
+            watches.discard(self)
+            if not watches:
+                del self._registry[self._key]
+
+    def set(self) -> None:
+        self._flag = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """True if woken (now or since the last wait), False when ``timeout`` passed."""
+        if not self._flag:
+            self._future = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(max(timeout, 0)):
+                    await self._future
+            except TimeoutError:
+                return False
+            finally:
+                self._future = None
+        self._flag = False
+        return True
 
 
 class Listener:
@@ -43,7 +89,7 @@ class Listener:
         self._probe_after = probe_after
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[Watch]] = defaultdict(set)
         self._subscribers: list[Callback] = []
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
@@ -53,23 +99,12 @@ class Listener:
 
     # ------------------------------------------------------------ waiting side
 
-    @contextlib.asynccontextmanager
-    async def watch(self, kind: str, ident: object) -> AsyncIterator[asyncio.Event]:
-        """An event set when ``<kind>:<ident>`` is notified or the connection was re-made.
+    def watch(self, kind: str, ident: object) -> Watch:
+        """``with listener.watch("request", id) as change:`` then ``await change.wait(t)``.
 
         Enter before reading the row, so a change between the read and the wait is not missed.
         """
-        key = f"{kind}:{ident}"
-        event = asyncio.Event()
-        self._waiters[key].add(event)
-        try:
-            yield event
-        finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[key]
+        return Watch(self._waiters, f"{kind}:{ident}")
 
     def subscribe(self, callback: Callback) -> None:
         """Call ``callback(kind, ident)`` for every notification; ``("*", "")`` after reconnects."""
@@ -77,7 +112,7 @@ class Listener:
 
     @property
     def waiting(self) -> int:
-        return sum(len(events) for events in self._waiters.values())
+        return sum(len(watches) for watches in self._waiters.values())
 
     def watched(self, kind: str) -> list[str]:
         """Idents of ``kind`` someone is waiting on (for a batch poller)."""
@@ -86,8 +121,8 @@ class Listener:
 
     def wake(self, kind: str, ident: str) -> None:
         """Wake watchers of one row, as a notification would (used by pollers)."""
-        for event in self._waiters.get(f"{kind}:{ident}", ()):
-            event.set()
+        for watch in self._waiters.get(f"{kind}:{ident}", ()):
+            watch.set()
 
     def _dispatch(self, kind: str, ident: str) -> None:
         self.wake(kind, ident)
@@ -98,9 +133,9 @@ class Listener:
                 log.exception("listener subscriber failed on %s:%s", kind, ident)
 
     def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for event in events:
-                event.set()
+        for watches in self._waiters.values():
+            for watch in watches:
+                watch.set()
         for callback in self._subscribers:
             try:
                 callback("*", "")
@@ -170,16 +205,6 @@ class Listener:
             await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=10)
 
 
-async def wait_for_change(event: asyncio.Event, timeout: float) -> bool:
-    """Wait until ``event`` is set or ``timeout`` passes; True if woken. Clears the event."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout=max(timeout, 0))
-    except TimeoutError:
-        return False
-    event.clear()
-    return True
-
-
 async def wait_until(
     listener: Listener,
     kind: str,
@@ -197,10 +222,13 @@ async def wait_until(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    async with listener.watch(kind, ident) as changed:
-        while True:
-            row = await read()
+    with listener.watch(kind, ident) as change:
+        row = await read()
+        while not done(row):
             remaining = deadline - loop.time()
-            if done(row) or remaining <= 0:
-                return row
-            await wait_for_change(changed, min(poll_interval, remaining))
+            if remaining <= 0:
+                break
+            del row  # not held while waiting: thousands of long-polls may wait at once
+            await change.wait(min(poll_interval, remaining))
+            row = await read()
+        return row

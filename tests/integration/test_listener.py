@@ -13,7 +13,7 @@ import pytest_asyncio
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
-from keyturn.store.listener import Listener, wait_for_change, wait_until
+from keyturn.store.listener import Listener, wait_until
 from keyturn.testing.ports import free_port
 
 
@@ -51,17 +51,17 @@ async def test_state_change_wakes_the_waiter(listener: Listener, store: Store) -
         store,
         ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
     )
-    async with listener.watch("request", row.id) as changed:
-        task = asyncio.create_task(wait_for_change(changed, timeout=10))
+    with listener.watch("request", row.id) as changed:
+        task = asyncio.create_task(changed.wait(10))
         await ops.decide(store, row.id, "U1", ops.Decision.APPROVE)
         assert await task is True
     assert listener.waiting == 0
 
 
 async def test_unrelated_notifications_do_not_wake(listener: Listener, database: Dsn) -> None:
-    async with listener.watch("request", uuid.uuid4()) as changed:
+    with listener.watch("request", uuid.uuid4()) as changed:
         await _notify(database, f"request:{uuid.uuid4()}")
-        assert await wait_for_change(changed, timeout=0.3) is False
+        assert await changed.wait(0.3) is False
 
 
 async def test_subscribers_see_every_notification(listener: Listener, database: Dsn) -> None:
@@ -81,15 +81,15 @@ async def test_keeps_delivering_after_its_backend_is_terminated(
     reconnect_wakeups: list[str] = []
     listener.subscribe(lambda kind, _ident: reconnect_wakeups.append(kind))
     key = uuid.uuid4()
-    async with listener.watch("request", key) as changed:
+    with listener.watch("request", key) as changed:
         assert await _kill_listener_backend(database) == 1
         # Waiters are woken after the reconnect, so a change missed meanwhile is re-read.
-        assert await wait_for_change(changed, timeout=10) is True
+        assert await changed.wait(10) is True
         assert listener.connects >= 2
         assert "*" in reconnect_wakeups
         await asyncio.wait_for(listener.connected.wait(), 10)
         await _notify(database, f"request:{key}")
-        assert await wait_for_change(changed, timeout=10) is True
+        assert await changed.wait(10) is True
 
 
 async def test_reconnects_with_backoff_while_postgres_refuses(database: Dsn) -> None:
