@@ -244,4 +244,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main())  # plain asyncio: `keyturn gateway` itself runs on uvloop, faster still
