@@ -103,12 +103,12 @@ def application(gw: Gateway) -> web.Application:
 
 
 async def serve(settings: Settings, policy: Policy) -> None:
-    store = Store(settings.dsn())
-    await store.ping()  # fail fast with one clear line when Postgres is not there
-    dev_secret = (
-        settings.gateway_dev_secret.get_secret_value() if settings.gateway_dev_secret else None
-    )
-    gw = build(policy, store, gateway_vault(settings, policy), dev_secret=dev_secret)
+    secret = settings.gateway_dev_secret
+    dsn = settings.dsn()
+    vault = gateway_vault(settings, policy)
+    store = Store(dsn)  # connects lazily: configuration errors come first
+    gw = build(policy, store, vault, dev_secret=secret.get_secret_value() if secret else None)
+    await store.ping()  # then fail fast, with one clear line, when Postgres is not there
     runner = web.AppRunner(application(gw), access_log=None)
     await runner.setup()
     host, _, port = policy.gateway.listen.rpartition(":")

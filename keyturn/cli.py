@@ -182,6 +182,28 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from keyturn.policy import parse_duration
+    from keyturn.settings import load_settings
+    from keyturn.testing.idp import dev_token
+
+    secret = load_settings().gateway_dev_secret
+    raw = secret.get_secret_value() if secret else None
+    if raw is None and args.state.is_file():
+        raw = json.loads(args.state.read_text()).get("dev_secret")
+    if not raw:
+        raise ConfigError(
+            f"no development secret: set KEYTURN_GATEWAY_DEV_SECRET or run `keyturn dev` "
+            f"(which writes {args.state})"
+        )
+    try:
+        ttl = int(parse_duration(args.ttl).total_seconds())
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+    print(dev_token(raw, args.sub, ttl=ttl, groups=args.group, on_behalf_of=args.on_behalf_of))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyturn.testing.stack import run_dev_stack
 
@@ -204,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the agent-facing gateway")
     p.add_argument("--config", required=True, type=Path)
     p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("token", help="mint a development agent token (HS256; dev only)")
+    p.add_argument("sub", help="the agent identity (JWT sub)")
+    p.add_argument("--ttl", default="1h")
+    p.add_argument("--group", action="append", default=[])
+    p.add_argument("--on-behalf-of", help="the human the agent acts for")
+    p.add_argument("--state", type=Path, default=Path(".keyturn/dev/stack.json"))
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
     p.add_argument("file")

@@ -18,6 +18,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+
+def dev_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl: int = 3600,
+    groups: list[str] | None = None,
+    on_behalf_of: str | None = None,
+    audience: str = "keyturn",
+) -> str:
+    """An HS256 agent token for a gateway running with KEYTURN_GATEWAY_DEV_SECRET (dev only)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "aud": audience, "iat": now, "exp": now + ttl}
+    if groups:
+        claims["groups"] = groups
+    if on_behalf_of:
+        claims["act"] = {"sub": on_behalf_of}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 

@@ -8,9 +8,11 @@ import os
 import stat
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
+import jwt
 import pytest
 
 from keyturn.testing.openbao import OpenBaoDevServer
@@ -165,14 +167,113 @@ def test_vault_bootstrap_writes_secret_ids_privately(
     assert openbao.root_token not in proc.stdout + proc.stderr
 
 
-def test_dev_stack_starts_and_stops(tmp_path: Path) -> None:
+def test_dev_stack_runs_the_gateway(tmp_path: Path) -> None:
     proc = keyturn("dev", "--once", "--state-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "keyturn dev stack is up" in proc.stdout
+    assert "smoke test: allowed SELECT -> 200 executed" in proc.stdout
+    assert "'***'" in proc.stdout  # the demo's email column is masked
     state = json.loads((tmp_path / "stack.json").read_text())
-    assert state["vault_addr"].startswith("http://127.0.0.1:")
+    assert state["gateway_url"].startswith("http://127.0.0.1:")
     assert stat.S_IMODE((tmp_path / "stack.json").stat().st_mode) == 0o600
-    assert "password" not in proc.stdout.lower()
+    assert state["dev_secret"] not in proc.stdout and "password" not in proc.stdout.lower()
+
+    token = keyturn("token", "crew-x", "--state", str(tmp_path / "stack.json"), "--group", "ops")
+    assert token.returncode == 0, token.stderr
+    claims = jwt.decode(
+        token.stdout.strip(), state["dev_secret"], algorithms=["HS256"], audience="keyturn"
+    )
+    assert claims["sub"] == "crew-x" and claims["groups"] == ["ops"]
+
+
+def test_token_without_a_secret(tmp_path: Path) -> None:
+    one_line_error(
+        keyturn("token", "x", "--state", str(tmp_path / "none.json")), "KEYTURN_GATEWAY_DEV_SECRET"
+    )
+
+
+def test_gateway_refuses_a_config_without_a_key_source() -> None:
+    proc = keyturn(
+        "gateway",
+        "--config",
+        str(EXAMPLE),
+        KEYTURN_DATABASE_URL="postgresql://u:p@127.0.0.1:1/x",
+        KEYTURN_VAULT_ADDR="http://v",
+        KEYTURN_GATEWAY_ROLE_ID="r",
+        KEYTURN_GATEWAY_SECRET_ID="s",
+    )
+    one_line_error(proc, "gateway.auth needs jwks_url or public_key_file")
+
+
+def test_gateway_without_its_approle() -> None:
+    proc = keyturn(
+        "gateway",
+        "--config",
+        str(EXAMPLE),
+        KEYTURN_DATABASE_URL="postgresql://u:p@127.0.0.1:1/x",
+        KEYTURN_VAULT_ADDR="http://v",
+    )
+    one_line_error(proc, "KEYTURN_GATEWAY_ROLE_ID")
+
+
+def test_gateway_with_postgres_down(tmp_path: Path) -> None:
+    config = tmp_path / "policy.yml"
+    config.write_text(
+        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+        "gateway: {auth: {algorithms: [HS256]}}\n"
+    )
+    proc = keyturn(
+        "gateway",
+        "--config",
+        str(config),
+        KEYTURN_GATEWAY_DEV_SECRET="x" * 32,
+        KEYTURN_DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x",
+    )
+    one_line_error(proc, "cannot connect to Postgres")
+
+
+def test_gateway_starts_and_serves_health(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yml"
+    port = free_port()
+    config.write_text(
+        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+        f"gateway: {{listen: '127.0.0.1:{port}', auth: {{algorithms: [HS256]}}}}\n"
+    )
+    name = f"gw_{uuid.uuid4().hex[:8]}"
+    asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | {
+        "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
+        "KEYTURN_GATEWAY_DEV_SECRET": "s" * 32,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyturn.cli", "gateway", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "listening on" in proc.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert json.load(resp) == {"status": "ok"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        asyncio.run(postgres_server.execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def test_gateway_needs_its_dev_secret_for_hs256(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    config = tmp_path / "policy.yml"
+    config.write_text(
+        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+        "gateway: {auth: {algorithms: [HS256]}}\n"
+    )
+    proc = keyturn(
+        "gateway", "--config", str(config), KEYTURN_DATABASE_URL=postgres_server.dsn("postgres").url
+    )
+    one_line_error(proc, "KEYTURN_GATEWAY_DEV_SECRET")
 
 
 @pytest.mark.parametrize(
