@@ -8,7 +8,6 @@ store and Vault.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from gateway.http import GATEWAY_KEY, create_app
 from gateway.journal import Journal
 from gateway.readonly import ReadOnlyPool
 from gateway.service import Gateway
+from keyturn.aio import cancel
 from keyturn.errors import ConfigError
 from keyturn.policy import Policy
 from keyturn.settings import Settings
@@ -84,9 +84,7 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     gw.journal.start()
     poller = asyncio.create_task(gw.poll_forever(), name="keyturn-gateway-poller")
     yield
-    poller.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await poller
+    await cancel(poller)
     await gw.journal.stop()
     await gw.listener.stop()
     for pool in gw.pools.values():

@@ -18,6 +18,7 @@ import logging
 
 import asyncpg
 
+from keyturn.aio import cancel
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 
@@ -66,9 +67,7 @@ class Journal:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel(self._task)
         self._task = None
         if self._conn is not None:
             await self._conn.close()

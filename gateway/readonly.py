@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from keyturn.aio import cancel
 from keyturn.errors import KeyturnError, Unavailable
 from keyturn.policy import PostgresTarget
 from keyturn.store.dsn import parse_dsn
@@ -136,11 +137,8 @@ class ReadOnlyPool:
                     await asyncio.sleep(5)
 
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-            self._keeper = None
+        await cancel(self._keeper)
+        self._keeper = None
         if self._pool is not None:
             await _close_gracefully(self._pool)
             self._pool = None

@@ -19,9 +19,7 @@ from typing import Any
 
 import asyncpg
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import func
 
 from gateway.auth import Authenticator
 from gateway.journal import Journal
@@ -38,7 +36,6 @@ from keyturn.policy import Policy, PostgresTarget
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
-from keyturn.store.models import RequestRow
 
 log = logging.getLogger(__name__)
 
@@ -335,23 +332,10 @@ class Gateway:
 
     async def poll_once(self) -> None:
         await ops.expire_due_requests(self.store)
-        watched = self.listener.watched("request")
-        async with self.store.transaction() as tx:
-            if watched:
-                changed = await tx.session.scalars(
-                    select(RequestRow.id).where(
-                        RequestRow.id.in_([uuid.UUID(w) for w in watched]),
-                        RequestRow.status != RequestStatus.PENDING,
-                    )
-                )
-                for ident in changed:
-                    self.listener.wake("request", str(ident))
-            pending = await tx.session.scalar(
-                select(func.count())
-                .select_from(RequestRow)
-                .where(RequestRow.status == RequestStatus.PENDING)
-            )
-        self.metrics.pending.set(pending or 0)
+        watched = [uuid.UUID(ident) for ident in self.listener.watched("request")]
+        for ident in await ops.decided_among(self.store, watched):
+            self.listener.wake("request", str(ident))
+        self.metrics.pending.set(await ops.count_pending(self.store))
 
     async def ready(self) -> dict[str, str]:
         """Postgres and Vault reachable; raises Unavailable naming what is not."""

@@ -24,6 +24,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from keyturn.aio import cancel
 from keyturn.errors import Forbidden, KeyturnError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -235,11 +236,8 @@ class Vault:
                     self._token_ttl = int(min(60, 2 ** min(failures, 6)) * random.uniform(1, 1.5))  # noqa: S311
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await cancel(self._renewer)
+        self._renewer = None
         with contextlib.suppress(Exception):
             self._client.adapter.close()
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from keyturn.aio import cancel
 from keyturn.store.db import NOTIFY_CHANNEL
 from keyturn.store.dsn import Dsn
 
@@ -157,11 +158,8 @@ class Listener:
             self._task = asyncio.create_task(self._run(), name="keyturn-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         delay = self._backoff_initial

@@ -298,6 +298,23 @@ async def get_request_view(store: Store, request_id: uuid.UUID) -> RequestView:
     )
 
 
+async def decided_among(store: Store, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Which of ``ids`` are no longer pending: the batched poll behind many long-polls."""
+    if not ids:
+        return []
+    async with store.driver() as conn:
+        rows = await conn.fetch(
+            "SELECT id FROM requests WHERE id = ANY($1::uuid[]) AND status <> 'pending'", ids
+        )
+    return [row["id"] for row in rows]
+
+
+async def count_pending(store: Store) -> int:
+    async with store.driver() as conn:
+        count: int = await conn.fetchval("SELECT count(*) FROM requests WHERE status = 'pending'")
+    return count
+
+
 @dataclass(frozen=True)
 class DecisionResult:
     request: RequestRow

@@ -192,28 +192,27 @@ def test_token_without_a_secret(tmp_path: Path) -> None:
     )
 
 
-def test_gateway_refuses_a_config_without_a_key_source() -> None:
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        (
+            {"KEYTURN_GATEWAY_ROLE_ID": "r", "KEYTURN_GATEWAY_SECRET_ID": "s"},
+            "gateway.auth needs jwks_url or public_key_file",
+        ),
+        ({}, "KEYTURN_GATEWAY_ROLE_ID"),
+    ],
+    ids=["no-key-source", "no-approle"],
+)
+def test_gateway_configuration_errors(env: dict[str, str], fragment: str) -> None:
     proc = keyturn(
         "gateway",
         "--config",
         str(EXAMPLE),
         KEYTURN_DATABASE_URL="postgresql://u:p@127.0.0.1:1/x",
         KEYTURN_VAULT_ADDR="http://v",
-        KEYTURN_GATEWAY_ROLE_ID="r",
-        KEYTURN_GATEWAY_SECRET_ID="s",
+        **env,
     )
-    one_line_error(proc, "gateway.auth needs jwks_url or public_key_file")
-
-
-def test_gateway_without_its_approle() -> None:
-    proc = keyturn(
-        "gateway",
-        "--config",
-        str(EXAMPLE),
-        KEYTURN_DATABASE_URL="postgresql://u:p@127.0.0.1:1/x",
-        KEYTURN_VAULT_ADDR="http://v",
-    )
-    one_line_error(proc, "KEYTURN_GATEWAY_ROLE_ID")
+    one_line_error(proc, fragment)
 
 
 def test_gateway_with_postgres_down(tmp_path: Path) -> None:
