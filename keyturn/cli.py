@@ -182,6 +182,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bot(args: argparse.Namespace) -> int:
+    from bot.bootstrap import serve
+    from keyturn.policy import load_policy
+    from keyturn.settings import load_settings
+
+    policy = load_policy(args.config)
+    run_fast(serve(load_settings(), policy))
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from keyturn.policy import parse_duration
     from keyturn.settings import load_settings
@@ -238,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("bot", help="run the Slack bot (HTTP mode, /slack/events)")
+    p.add_argument("--config", required=True, type=Path)
+    p.set_defaults(func=cmd_bot)
 
     p = sub.add_parser("classify", help="how the policy treats a command (one JSON line)")
     p.add_argument("--config", required=True, type=Path)

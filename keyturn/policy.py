@@ -281,7 +281,15 @@ class GatewayConfig(Model):
 
 
 class SlackConfig(Model):
-    approval_channel: str | None = None
+    approval_channel: str | None = None  # channel id (C…) for targets without their own
+    approvers: Approvers | None = None  # for requests no rule with approvers matched
+
+
+class BotConfig(Model):
+    listen: str = "127.0.0.1:3000"
+    poll_interval: Duration = timedelta(seconds=3)
+    card_claim_timeout: Duration = timedelta(seconds=60)
+    usergroup_cache: Duration = timedelta(seconds=60)
 
 
 class Policy(Model):
@@ -291,6 +299,7 @@ class Policy(Model):
     vault: VaultConfig = VaultConfig()
     slack: SlackConfig = SlackConfig()
     gateway: GatewayConfig = GatewayConfig()
+    bot: BotConfig = BotConfig()
     pending_ttl: Duration = timedelta(minutes=15)
     default_grant_ttl: Duration = timedelta(minutes=10)
 

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     slack_bot_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
     slack_app_token: SecretStr | None = None
+    slack_api_url: str | None = None  # a Slack API emulator (tests, keyturn dev)
     log_level: str = "INFO"
 
     def dsn(self) -> Dsn:

@@ -78,6 +78,12 @@ class RequestRow(Base):
     decided_at: Mapped[datetime | None]
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # the approval card: claimed by one bot replica, then posted once (channel + ts)
+    slack_channel: Mapped[str | None] = mapped_column(String(50))
+    slack_ts: Mapped[str | None] = mapped_column(String(50))
+    card_claimed_by: Mapped[str | None] = mapped_column(String(100))
+    card_claimed_at: Mapped[datetime | None]
+    card_status: Mapped[str | None] = mapped_column(String(20))  # the status the card shows
 
     approvals: Mapped[list[ApprovalRow]] = relationship(
         back_populates="request", order_by="ApprovalRow.id", lazy="selectin"

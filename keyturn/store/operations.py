@@ -688,3 +688,85 @@ async def find_idempotent(
         store,
         NewRequest("", "", requester, timedelta(1), idempotency_key=key, body_sha256=body_sha256),
     )
+
+
+# ---------------------------------------------------------------- approval cards (bot)
+
+
+async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> RequestRow | None:
+    """Claim one pending request that has no card yet (or whose claim went stale).
+
+    ``SKIP LOCKED`` lets replicas claim different requests at once; a claim older than
+    ``claim_timeout`` is taken over (its replica died between claiming and posting).
+    """
+    async with store.transaction() as tx:
+        now = utcnow()
+        row = (
+            await tx.session.scalars(
+                select(RequestRow)
+                .where(
+                    RequestRow.status == RequestStatus.PENDING,
+                    RequestRow.slack_ts.is_(None),
+                    (RequestRow.card_claimed_at.is_(None))
+                    | (RequestRow.card_claimed_at < now - claim_timeout),
+                )
+                .order_by(RequestRow.created_at)
+                .limit(1)
+                .with_for_update(of=RequestRow, skip_locked=True)
+            )
+        ).one_or_none()
+        if row is not None:
+            row.card_claimed_by, row.card_claimed_at = replica, now
+    return row
+
+
+async def card_posted(
+    store: Store, request_id: uuid.UUID, replica: str, channel: str, ts: str, status: str
+) -> bool:
+    """Record where the card is; False when another replica's claim replaced ours."""
+    async with store.driver() as conn:
+        done = await conn.execute(
+            "UPDATE requests SET slack_channel = $3, slack_ts = $4, card_status = $5"
+            " WHERE id = $1 AND card_claimed_by = $2 AND slack_ts IS NULL",
+            request_id,
+            replica,
+            channel,
+            ts,
+            status,
+        )
+    return bool(done == "UPDATE 1")
+
+
+async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> None:
+    async with store.driver() as conn:
+        await conn.execute(
+            "UPDATE requests SET card_claimed_at = NULL WHERE id = $1 AND card_claimed_by = $2",
+            request_id,
+            replica,
+        )
+
+
+async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
+    """Requests whose card shows an older status than the request has."""
+    async with store.driver() as conn:
+        rows = await conn.fetch(
+            "SELECT id FROM requests WHERE slack_ts IS NOT NULL"
+            " AND card_status IS DISTINCT FROM status ORDER BY updated_at LIMIT $1",
+            limit,
+        )
+    return [r["id"] for r in rows]
+
+
+async def take_card_update(
+    store: Store, request_id: uuid.UUID, shown: str | None, status: str
+) -> bool:
+    """Compare-and-set the status the card shows: exactly one replica renders each change."""
+    async with store.driver() as conn:
+        done = await conn.execute(
+            "UPDATE requests SET card_status = $3 WHERE id = $1"
+            " AND card_status IS NOT DISTINCT FROM $2",
+            request_id,
+            shown,
+            status,
+        )
+    return bool(done == "UPDATE 1")

@@ -1,0 +1,55 @@
+"""Bolt listeners: thin. Ack at once, call one Bot use case, tell the clicker if nothing changed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.cards import APPROVE, DENY, DENY_MODAL, REASON_BLOCK, REASON_INPUT
+from bot.service import Bot
+from keyturn.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def _clicked(body: dict[str, Any]) -> tuple[str, str, str]:
+    """(request id, user, channel) of a button click."""
+    return body["actions"][0]["value"], body["user"]["id"], body["container"]["channel_id"]
+
+
+def register(app: AsyncApp, bot: Bot) -> None:
+    @app.action(APPROVE)
+    async def approve(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        request_id, user, channel = _clicked(body)
+        problem = await bot.approve(request_id, user)
+        if problem:
+            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+
+    @app.action(DENY)
+    async def deny(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        request_id, user, channel = _clicked(body)
+        problem = await bot.open_deny(request_id, user, body["trigger_id"])
+        if problem:
+            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+
+    @app.view(DENY_MODAL)
+    async def deny_reason(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        # Decide before acking (a few ms): a refusal goes back into the modal itself.
+        reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
+        try:
+            problem = await bot.deny(view["private_metadata"], body["user"]["id"], reason)
+        except InvalidInput as exc:
+            problem = exc.message
+        if problem:
+            await ack(response_action="errors", errors={REASON_BLOCK: problem})
+        else:
+            await ack()
+
+    @app.error
+    async def on_error(error: Exception, body: dict[str, Any]) -> None:
+        log.error("listener failed on a %s payload: %r", body.get("type"), error)

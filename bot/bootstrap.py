@@ -1,0 +1,96 @@
+"""Composition root of a bot process: Bolt app, Slack client, store, listener, one Bot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.app import register
+from bot.service import Bot
+from keyturn.aio import cancel
+from keyturn.errors import ConfigError
+from keyturn.policy import Policy
+from keyturn.settings import Settings
+from keyturn.store.db import Store
+from keyturn.store.listener import Listener
+
+BOT_KEY = web.AppKey("bot", Bot)
+BOLT_KEY = web.AppKey("bolt", AsyncApp)
+
+
+def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
+    """Retries connection errors, 429s (honouring Retry-After) and 5xx, with backoff."""
+    return AsyncWebClient(
+        token=token,
+        base_url=base_url or AsyncWebClient.BASE_URL,
+        timeout=10,
+        retry_handlers=[
+            AsyncConnectionErrorRetryHandler(max_retry_count=3),
+            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+            AsyncServerErrorRetryHandler(max_retry_count=3),
+        ],
+    )
+
+
+def build(
+    policy: Policy, store: Store, client: AsyncWebClient, signing_secret: str
+) -> tuple[Bot, AsyncApp]:
+    app = AsyncApp(client=client, signing_secret=signing_secret)
+    bot = Bot(policy=policy, store=store, listener=Listener(store.dsn), client=client)
+    register(app, bot)
+    return bot, app
+
+
+async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
+    bot = web_app[BOT_KEY]
+    await bot.listener.start()
+    runner = asyncio.create_task(bot.run_forever(), name="keyturn-bot")
+    yield
+    await cancel(runner)
+    await bot.listener.stop()
+    await bot.store.close()
+
+
+def web_application(bot: Bot, bolt: AsyncApp) -> web.Application:
+    """Bolt's one POST route mounted in our own app, next to /healthz."""
+
+    async def events(request: web.Request) -> web.Response:
+        return await to_aiohttp_response(await bolt.async_dispatch(await to_bolt_request(request)))
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app[BOT_KEY], app[BOLT_KEY] = bot, bolt
+    app.router.add_post("/slack/events", events)
+    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def serve(settings: Settings, policy: Policy) -> None:
+    if settings.slack_bot_token is None or settings.slack_signing_secret is None:
+        raise ConfigError("the bot needs KEYTURN_SLACK_BOT_TOKEN and KEYTURN_SLACK_SIGNING_SECRET")
+    client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
+    store = Store(settings.dsn())
+    bot, bolt = build(policy, store, client, settings.slack_signing_secret.get_secret_value())
+    await store.ping()
+    runner = web.AppRunner(web_application(bot, bolt), access_log=None)
+    await runner.setup()
+    host, _, port = policy.bot.listen.rpartition(":")
+    await web.TCPSite(runner, host, int(port)).start()
+    print(f"keyturn bot listening on http://{policy.bot.listen}/slack/events", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,204 @@
+"""Approval cards as Block Kit, from a request's state. Pure: no Slack calls here.
+
+Everything that came from an agent (command, reason, run id, identity) is escaped, so
+``<!channel>``, ``<@U…>`` or ``<http://x|y>`` inside a command render as text and ping nobody.
+Only Slack user ids keyturn itself knows (approvers, a well-formed on-behalf-of id) become
+mentions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+APPROVE = "keyturn_approve"
+DENY = "keyturn_deny"
+DENY_MODAL = "keyturn_deny_reason"
+REASON_BLOCK = "reason"
+REASON_INPUT = "reason_input"
+
+_SLACK_USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+_MAX_COMMAND = 2800  # a section's text is limited to 3,000 characters
+
+
+def escape(text: str) -> str:
+    """Slack's mrkdwn escaping: with ``&``, ``<`` and ``>`` escaped nothing is a control word."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def mention(user: str | None) -> str:
+    if user and _SLACK_USER.match(user):
+        return f"<@{user}>"
+    return f"`{escape(user)}`" if user else "—"
+
+
+def code_block(text: str) -> str:
+    body = escape(text).replace("```", "`\u200b``")  # a fence inside must not close ours
+    if len(body) > _MAX_COMMAND:
+        body = body[:_MAX_COMMAND] + "\n… (truncated; the full command is stored)"
+    return f"```{body}```"
+
+
+@dataclass(frozen=True)
+class Vote:
+    approver: str
+    decision: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CardState:
+    id: str
+    target: str
+    command: str
+    requester: str
+    status: str
+    quorum: int
+    pending_expires_at: datetime
+    rule: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    on_behalf_of: str | None = None
+    reason: str | None = None
+    estimated_rows: int | None = None
+    grant_ttl_seconds: int | None = None
+    votes: list[Vote] = field(default_factory=list)
+
+
+def _duration(seconds: int | None) -> str:
+    if not seconds:
+        return "—"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return " ".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+
+
+def _outcome(state: CardState) -> str:
+    approvers = [v.approver for v in state.votes if v.decision == "approve"]
+    who = ", ".join(mention(a) for a in approvers)
+    denial = next((v for v in state.votes if v.decision == "deny"), None)
+    if state.status == "pending":
+        return f"Approvals: {len(approvers)}/{state.quorum}" + (f" ({who})" if who else "")
+    if state.status == "denied" and denial is not None:
+        return f":x: Denied by {mention(denial.approver)}: {escape(denial.reason or '')}"
+    if state.status == "expired":
+        return ":hourglass: Expired: nobody decided in time"
+    if state.status == "cancelled":
+        return ":no_entry_sign: Cancelled by the requester"
+    verb = {
+        "approved": "Approved",
+        "executing": "Approved, running",
+        "executed": "Approved and run",
+        "failed": "Approved; the run failed",
+    }.get(state.status, state.status)
+    return f":white_check_mark: {verb} by {who or 'policy'}"
+
+
+def card_text(state: CardState) -> str:
+    """The notification text (shown where blocks are not)."""
+    rule = f" ({escape(state.rule)})" if state.rule else ""
+    return f"Approval needed on {escape(state.target)}{rule}: {state.status}"
+
+
+def approval_card(state: CardState) -> list[dict[str, Any]]:
+    fields = [
+        f"*Requester*\n`{escape(state.requester)}`",
+        f"*On behalf of*\n{mention(state.on_behalf_of)}",
+        f"*Target*\n`{escape(state.target)}`",
+        f"*Run*\n{('`' + escape(state.run_id) + '`') if state.run_id else '—'}",
+    ]
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "header",
+            "text": {"type": "plain_text", "text": "Approval needed", "emoji": False},
+        },
+        {
+            "type": "section",
+            "block_id": "who",
+            "fields": [{"type": "mrkdwn", "text": f} for f in fields],
+        },
+        {
+            "type": "section",
+            "block_id": "command",
+            "text": {"type": "mrkdwn", "text": code_block(state.command)},
+        },
+    ]
+    why = [f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"]
+    why += [escape(r) for r in state.reasons]
+    if state.reason:
+        why.append(f"Reason given: {escape(state.reason)}")
+    if state.estimated_rows is not None:
+        why.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
+    why.append(
+        f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        f" · grant TTL {_duration(state.grant_ttl_seconds)}"
+    )
+    blocks.append(
+        {
+            "type": "context",
+            "block_id": "why",
+            "elements": [{"type": "mrkdwn", "text": " · ".join(why)[:2900]}],
+        }
+    )
+    blocks.append(
+        {
+            "type": "section",
+            "block_id": "outcome",
+            "text": {"type": "mrkdwn", "text": _outcome(state)},
+        }
+    )
+    if state.status == "pending":
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "decide",
+                "elements": [
+                    {
+                        "type": "button",
+                        "action_id": APPROVE,
+                        "value": state.id,
+                        "style": "primary",
+                        "text": {"type": "plain_text", "text": "Approve"},
+                    },
+                    {
+                        "type": "button",
+                        "action_id": DENY,
+                        "value": state.id,
+                        "style": "danger",
+                        "text": {"type": "plain_text", "text": "Deny"},
+                    },
+                ],
+            }
+        )
+    return blocks
+
+
+def outcome_message(state: CardState) -> str:
+    """Posted in the card's thread (and DMed to the on-behalf-of human) once decided."""
+    return f"{_outcome(state)} (request `{state.id}`)"
+
+
+def deny_modal(request_id: str) -> dict[str, Any]:
+    return {
+        "type": "modal",
+        "callback_id": DENY_MODAL,
+        "private_metadata": request_id,
+        "title": {"type": "plain_text", "text": "Deny request"},
+        "submit": {"type": "plain_text", "text": "Deny"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": REASON_BLOCK,
+                "label": {"type": "plain_text", "text": "Why? The agent will see this."},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": REASON_INPUT,
+                    "multiline": True,
+                    "max_length": 2000,
+                },
+            }
+        ],
+    }

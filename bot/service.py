@@ -1,0 +1,272 @@
+"""The bot's use cases: post cards, take votes, keep cards in step with the database.
+
+Bolt listeners (:mod:`bot.app`) ack at once and call these. Every decision is committed in
+Postgres (the same operations the rest of keyturn uses) before any Slack call, so Slack being
+slow or down loses nothing: the card catches up on the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.cards import CardState, Vote, approval_card, card_text, deny_modal, outcome_message
+from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval
+from keyturn.errors import InvalidInput, KeyturnError, NotFound
+from keyturn.policy import Approvers, Policy
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.listener import Listener
+from keyturn.store.models import RequestRow
+
+log = logging.getLogger(__name__)
+
+SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
+
+
+def card_state(row: RequestRow) -> CardState:
+    classification = row.classification or {}
+    return CardState(
+        id=str(row.id),
+        target=row.target,
+        command=row.command,
+        requester=row.requester,
+        status=row.status,
+        quorum=row.quorum,
+        pending_expires_at=row.pending_expires_at,
+        rule=row.rule,
+        reasons=list(classification.get("reasons", [])),
+        run_id=row.run_id,
+        on_behalf_of=row.on_behalf_of,
+        reason=row.reason,
+        estimated_rows=classification.get("estimated_rows"),
+        grant_ttl_seconds=row.grant_ttl_seconds,
+        votes=[Vote(a.approver, a.decision, a.reason) for a in row.approvals],
+    )
+
+
+class ApproverDirectory:
+    """Who may decide: listed users, plus members of a Slack user group (cached briefly)."""
+
+    def __init__(self, client: AsyncWebClient, ttl: float) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._groups: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def members(self, usergroup: str) -> frozenset[str]:
+        cached = self._groups.get(usergroup)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        resp = await self._client.usergroups_users_list(usergroup=usergroup)
+        members = frozenset(resp.get("users") or [])
+        self._groups[usergroup] = (time.monotonic(), members)
+        return members
+
+    async def allows(self, user: str, approvers: Approvers | None) -> bool:
+        if approvers is None:
+            return False
+        if user in approvers.users:
+            return True
+        return bool(approvers.slack_usergroup) and user in await self.members(
+            approvers.slack_usergroup  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class Bot:
+    policy: Policy
+    store: Store
+    listener: Listener
+    client: AsyncWebClient
+    replica: str = field(default_factory=lambda: f"bot-{uuid.uuid4().hex[:8]}")
+    directory: ApproverDirectory = field(init=False)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.directory = ApproverDirectory(
+            self.client, self.policy.bot.usergroup_cache.total_seconds()
+        )
+        self.listener.subscribe(lambda kind, _ident: self._wake.set() if kind != "grant" else None)
+
+    # ------------------------------------------------------------------ who decides
+
+    def approvers_for(self, row: RequestRow) -> Approvers | None:
+        rule = next((r for r in self.policy.rules if r.name == row.rule), None)
+        if rule is not None and rule.approvers is not None:
+            return rule.approvers
+        return self.policy.slack.approvers
+
+    def channel_for(self, target: str) -> str | None:
+        configured = self.policy.targets.get(target)
+        own = configured.approval_channel if configured is not None else None
+        return own or self.policy.slack.approval_channel
+
+    async def _check_approver(self, request_id: str, user: str) -> RequestRow:
+        try:
+            row = await ops.get_request(self.store, uuid.UUID(request_id))
+        except ValueError:
+            raise NotFound("this card refers to no request") from None
+        if not await self.directory.allows(user, self.approvers_for(row)):
+            raise NotApprover("you are not an approver for this request; nothing was changed")
+        return row
+
+    # ------------------------------------------------------------------ votes
+
+    async def approve(self, request_id: str, user: str) -> str | None:
+        """Record an approval; returns an explanation for the clicker when nothing changed."""
+        try:
+            row = await self._check_approver(request_id, user)
+            result = await ops.decide(self.store, row.id, user, Decision.APPROVE)
+        except AlreadyVoted:
+            return "you already approved this request; it needs another approver"
+        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
+            return _explain(exc)
+        await self.refresh_card(result.request.id)
+        return None
+
+    async def open_deny(self, request_id: str, user: str, trigger_id: str) -> str | None:
+        """Open the reason modal, only for someone who may deny."""
+        try:
+            row = await self._check_approver(request_id, user)
+            if user in (row.requester, row.on_behalf_of):
+                raise SelfApproval("nobody may decide their own request")
+            if row.status != "pending":
+                raise IllegalTransition("request", row.status, "denied")
+        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
+            return _explain(exc)
+        await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
+        return None
+
+    async def deny(self, request_id: str, user: str, reason: str) -> str | None:
+        if not reason.strip():
+            raise InvalidInput("a reason is required: the agent will see it")
+        try:
+            row = await self._check_approver(request_id, user)
+            await ops.decide(self.store, row.id, user, Decision.DENY, reason)
+        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
+            return _explain(exc)
+        await self.refresh_card(row.id)
+        return None
+
+    # ------------------------------------------------------------------ cards
+
+    async def post_pending_cards(self) -> int:
+        """Post a card for every pending request without one; each exactly once."""
+        posted = 0
+        claim_timeout = self.policy.bot.card_claim_timeout
+        while (row := await ops.claim_card(self.store, self.replica, claim_timeout)) is not None:
+            channel = self.channel_for(row.target)
+            if channel is None:
+                log.error(
+                    "no approval channel for target %s (set slack.approval_channel)", row.target
+                )
+                await ops.release_card(self.store, row.id, self.replica)
+                return posted
+            try:
+                ts = await self._find_card(channel, row.id) or await self._post_card(channel, row)
+            except SLACK_ERRORS as exc:
+                log.warning("could not post the card for %s: %s; will retry", row.id, exc)
+                await ops.release_card(self.store, row.id, self.replica)
+                raise
+            if await ops.card_posted(self.store, row.id, self.replica, channel, ts, row.status):
+                posted += 1
+        return posted
+
+    async def _post_card(self, channel: str, row: RequestRow) -> str:
+        state = card_state(row)
+        resp = await self.client.chat_postMessage(
+            channel=channel,
+            text=card_text(state),
+            blocks=approval_card(state),
+            metadata={"event_type": "keyturn_request", "event_payload": {"id": str(row.id)}},
+        )
+        return str(resp["ts"])
+
+    async def _find_card(self, channel: str, request_id: uuid.UUID) -> str | None:
+        """A card an earlier claim posted before it could record it (the replica died)."""
+        resp = await self.client.conversations_history(
+            channel=channel, limit=200, include_all_metadata=True
+        )
+        for message in resp.get("messages") or []:
+            payload = (message.get("metadata") or {}).get("event_payload") or {}
+            if payload.get("id") == str(request_id):
+                return str(message["ts"])
+        return None
+
+    async def refresh_card(self, request_id: uuid.UUID) -> None:
+        """Bring a card up to date; the replica that wins the compare-and-set posts the news."""
+        row = await ops.get_request(self.store, request_id)
+        if row.slack_ts is None or row.slack_channel is None or row.card_status == row.status:
+            return
+        shown = row.card_status
+        if not await ops.take_card_update(self.store, row.id, shown, row.status):
+            return
+        state = card_state(row)
+        try:
+            await self.client.chat_update(
+                channel=row.slack_channel,
+                ts=row.slack_ts,
+                text=card_text(state),
+                blocks=approval_card(state),
+            )
+            if row.status != "pending" and (shown == "pending" or shown is None):
+                await self._announce(row, state)
+        except SLACK_ERRORS:
+            await ops.take_card_update(self.store, row.id, row.status, shown or "pending")
+            raise
+
+    async def _announce(self, row: RequestRow, state: CardState) -> None:
+        text = outcome_message(state)
+        await self.client.chat_postMessage(
+            channel=row.slack_channel,
+            thread_ts=row.slack_ts,
+            text=text,  # type: ignore[arg-type]
+        )
+        if row.on_behalf_of and row.on_behalf_of[:1] in ("U", "W"):
+            dm = await self.client.conversations_open(users=row.on_behalf_of)
+            await self.client.chat_postMessage(
+                channel=dm["channel"]["id"],
+                text=f"Your agent `{row.requester}` asked to run on `{row.target}`: {text}",
+            )
+
+    async def sync(self) -> None:
+        """One pass: expire overdue requests, post missing cards, refresh stale ones."""
+        await ops.expire_due_requests(self.store)
+        await self.post_pending_cards()
+        for request_id in await ops.stale_cards(self.store):
+            await self.refresh_card(request_id)
+
+    async def run_forever(self) -> None:
+        """Wake on notifications, poll as the guarantee, back off while Slack is down."""
+        interval = self.policy.bot.poll_interval.total_seconds()
+        delay = 1.0
+        while True:
+            self._wake.clear()
+            try:
+                await self.sync()
+                delay = 1.0
+                wait = interval
+            except (*SLACK_ERRORS, KeyturnError) as exc:
+                log.warning("bot sync failed (%s); retrying in %.0f s", exc, delay)
+                wait, delay = delay, min(delay * 2, 30.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+
+class NotApprover(KeyturnError):
+    code = "not_approver"
+    status = 403
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, IllegalTransition):
+        return f"this request is already {exc.current}; nothing was changed"
+    return str(exc)

@@ -1,0 +1,428 @@
+"""A Slack Web API emulator, and Slack's side of interactivity, for tests and ``keyturn dev``.
+
+The bot's ``AsyncWebClient(base_url=emulator.api_url)`` talks to it as to Slack: it checks the
+bot token, keeps channels, messages (with metadata), ephemerals, views and DMs, and records
+every call with its decoded arguments. Tests inject 429s (with Retry-After), 5xx, delays or a
+whole outage. Clicks, modal submissions and slash commands reach the bot signed exactly as
+Slack signs them (``v0=`` HMAC-SHA256 of ``v0:{timestamp}:{body}``), so Bolt's real request
+verification runs; ``response_url`` points back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from slack_sdk.signature import SignatureVerifier
+
+TEAM = {"id": "T0KEYTURN", "domain": "keyturn"}
+
+
+@dataclass
+class Call:
+    method: str
+    args: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Fault:
+    status: int
+    times: int
+    retry_after: int = 1
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str
+    blocks: list[dict[str, Any]]
+    user: str
+    thread_ts: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": "message",
+            "ts": self.ts,
+            "text": self.text,
+            "blocks": self.blocks,
+            "user": self.user,
+        }
+        if self.thread_ts:
+            out["thread_ts"] = self.thread_ts
+        if self.metadata:
+            out["metadata"] = self.metadata
+        return out
+
+
+class SlackEmulator:
+    def __init__(
+        self,
+        *,
+        bot_token: str | None = None,
+        signing_secret: str | None = None,
+        bot_user: str = "UKEYTURNBOT",
+    ) -> None:
+        self.bot_token = bot_token or f"xoxb-{secrets.token_hex(12)}"
+        self.signing_secret = signing_secret or secrets.token_hex(16)
+        self.bot_user = bot_user
+        self.calls: list[Call] = []
+        self.messages: dict[str, list[Message]] = {}
+        self.ephemerals: list[dict[str, Any]] = []
+        self.views: dict[str, dict[str, Any]] = {}
+        self.home: dict[str, dict[str, Any]] = {}
+        self.users: dict[str, dict[str, Any]] = {}
+        self.usergroups: dict[str, list[str]] = {}
+        self.responses: list[dict[str, Any]] = []  # what the bot sent to response_url
+        self.bot_url: str | None = None  # where interactions are delivered (HTTP mode)
+        self._faults: dict[str, list[Fault]] = {}
+        self._down_until = 0.0
+        self._delays: dict[str, float] = {}
+        self._ts = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._called = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/"
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_post("/respond/{ident}", self._respond)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self.api_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ test controls
+
+    def add_user(self, user_id: str, name: str | None = None) -> None:
+        self.users[user_id] = {
+            "id": user_id,
+            "name": name or user_id.lower(),
+            "real_name": name or user_id,
+            "team_id": TEAM["id"],
+        }
+
+    def fail(self, method: str, status: int, *, times: int = 1, retry_after: int = 1) -> None:
+        """The next ``times`` calls of ``method`` (or ``*``) answer ``status``."""
+        self._faults.setdefault(method, []).append(Fault(status, times, retry_after))
+
+    def down(self, seconds: float) -> None:
+        """Every method answers 503 for ``seconds`` (an outage)."""
+        self._down_until = time.monotonic() + seconds
+
+    def delay(self, method: str, seconds: float) -> None:
+        self._delays[method] = seconds
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    async def wait_for(self, method: str, count: int = 1, timeout: float = 15) -> list[Call]:
+        """Wait until ``method`` was called (successfully) at least ``count`` times."""
+        async with asyncio.timeout(timeout), self._called:
+            await self._called.wait_for(lambda: len(self.calls_to(method)) >= count)
+        return self.calls_to(method)
+
+    def channel(self, channel: str) -> list[Message]:
+        return [m for m in self.messages.get(channel, []) if m.thread_ts is None]
+
+    def thread(self, channel: str, ts: str) -> list[Message]:
+        return [m for m in self.messages.get(channel, []) if m.thread_ts == ts]
+
+    def message(self, channel: str, ts: str) -> Message:
+        for m in self.messages.get(channel, []):
+            if m.ts == ts:
+                return m
+        raise KeyError(f"no message {ts} in {channel}")
+
+    # ------------------------------------------------------------------ Web API
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = await _args(request)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ") or args.get(
+            "token", ""
+        )
+        if delay := self._delays.get(method):
+            await asyncio.sleep(delay)
+        if time.monotonic() < self._down_until:
+            return web.json_response({"ok": False, "error": "service_unavailable"}, status=503)
+        for key in (method, "*"):
+            faults = self._faults.get(key)
+            if faults:
+                fault = faults[0]
+                fault.times -= 1
+                if fault.times <= 0:
+                    faults.pop(0)
+                headers = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
+                error = "ratelimited" if fault.status == 429 else "internal_error"
+                return web.json_response(
+                    {"ok": False, "error": error}, status=fault.status, headers=headers
+                )
+        if token != self.bot_token:
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            return web.json_response({"ok": False, "error": "unknown_method"})
+        body: dict[str, Any] = handler(args)
+        if body.get("ok"):
+            async with self._called:
+                self.calls.append(Call(method, args))
+                self._called.notify_all()
+        return web.json_response(body)
+
+    def _next_ts(self) -> str:
+        return f"{int(time.time())}.{next(self._ts):06d}"
+
+    def _m_auth_test(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "url": "https://keyturn.slack.com/",
+            "team": "keyturn",
+            "user": "keyturn",
+            "team_id": TEAM["id"],
+            "user_id": self.bot_user,
+            "bot_id": "BKEYTURN",
+        }
+
+    def _m_chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = args.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        message = Message(
+            channel,
+            self._next_ts(),
+            args.get("text", ""),
+            _json_arg(args.get("blocks")) or [],
+            self.bot_user,
+            args.get("thread_ts"),
+            _json_arg(args.get("metadata")),
+        )
+        self.messages.setdefault(channel, []).append(message)
+        return {"ok": True, "channel": channel, "ts": message.ts, "message": message.as_json()}
+
+    def _m_chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            message = self.message(args["channel"], args["ts"])
+        except KeyError:
+            return {"ok": False, "error": "message_not_found"}
+        message.text = args.get("text", message.text)
+        if "blocks" in args:
+            message.blocks = _json_arg(args["blocks"]) or []
+        return {
+            "ok": True,
+            "channel": message.channel,
+            "ts": message.ts,
+            "message": message.as_json(),
+        }
+
+    def _m_chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.ephemerals.append(
+            {
+                "channel": args.get("channel"),
+                "user": args.get("user"),
+                "text": args.get("text", ""),
+                "blocks": _json_arg(args.get("blocks")),
+            }
+        )
+        return {"ok": True, "message_ts": self._next_ts()}
+
+    def _m_conversations_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        users = str(args.get("users", ""))
+        return {"ok": True, "channel": {"id": "D" + users.replace(",", "")}}
+
+    def _m_conversations_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        found = [m.as_json() for m in reversed(self.channel(args.get("channel", "")))]
+        return {"ok": True, "messages": found[: int(args.get("limit", 100))], "has_more": False}
+
+    def _m_users_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        user = self.users.get(args.get("user", ""))
+        return {"ok": True, "user": user} if user else {"ok": False, "error": "user_not_found"}
+
+    def _m_usergroups_users_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        members = self.usergroups.get(args.get("usergroup", ""))
+        if members is None:
+            return {"ok": False, "error": "no_such_subteam"}
+        return {"ok": True, "users": members}
+
+    def _m_views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = dict(_json_arg(args.get("view")) or {})
+        view["id"] = f"V{next(self._ids):08d}"
+        self.views[view["id"]] = view
+        return {"ok": True, "view": view}
+
+    def _m_views_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        view_id = args.get("view_id", "")
+        if view_id not in self.views:
+            return {"ok": False, "error": "not_found"}
+        self.views[view_id] = dict(_json_arg(args.get("view")) or {}, id=view_id)
+        return {"ok": True, "view": self.views[view_id]}
+
+    def _m_views_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.home[args.get("user_id", "")] = _json_arg(args.get("view")) or {}
+        return {"ok": True, "view": self.home[args.get("user_id", "")]}
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.responses.append(await request.json())
+        return web.json_response({"ok": True})
+
+    # ------------------------------------------------------------------ interactivity
+
+    def signed_headers(self, body: str, timestamp: int | None = None) -> dict[str, str]:
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        signature = SignatureVerifier(self.signing_secret).generate_signature(
+            timestamp=ts, body=body
+        )
+        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature}
+
+    async def deliver(
+        self,
+        body: str,
+        content_type: str,
+        *,
+        timestamp: int | None = None,
+        signature: str | None = None,
+    ) -> tuple[int, str]:
+        """POST ``body`` to the bot as Slack would; returns (status, response text)."""
+        assert self.bot_url, "set emulator.bot_url to the bot's /slack/events"
+        headers = self.signed_headers(body, timestamp) | {"Content-Type": content_type}
+        if signature is not None:
+            headers["X-Slack-Signature"] = signature
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.bot_url, data=body.encode(), headers=headers) as resp,
+        ):
+            return resp.status, await resp.text()
+
+    def _user(self, user: str) -> dict[str, Any]:
+        return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM["id"]}
+
+    def block_actions(self, channel: str, ts: str, action_id: str, user: str) -> str:
+        message = self.message(channel, ts)
+        button = _find_action(message.blocks, action_id)
+        payload = {
+            "type": "block_actions",
+            "user": self._user(user),
+            "api_app_id": "AKEYTURN",
+            "token": "verification-token-unused",
+            "container": {
+                "type": "message",
+                "message_ts": ts,
+                "channel_id": channel,
+                "is_ephemeral": False,
+            },
+            "trigger_id": f"trigger-{next(self._ids)}",
+            "team": TEAM,
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": channel, "name": channel},
+            "message": message.as_json(),
+            "response_url": f"{self.url}/respond/{next(self._ids)}",
+            "actions": [
+                {
+                    "action_id": action_id,
+                    "block_id": button["block_id"],
+                    "value": button.get("value", ""),
+                    "type": "button",
+                    "action_ts": str(time.time()),
+                }
+            ],
+        }
+        return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+    async def click(self, channel: str, ts: str, action_id: str, user: str) -> tuple[int, str]:
+        body = self.block_actions(channel, ts, action_id, user)
+        return await self.deliver(body, "application/x-www-form-urlencoded")
+
+    async def submit(self, view_id: str, user: str, values: dict[str, str]) -> tuple[int, str]:
+        """Submit an open modal with ``{block_id: value}`` for its plain-text inputs."""
+        view = self.views[view_id]
+        state: dict[str, dict[str, dict[str, Any]]] = {}
+        for block in view.get("blocks", []):
+            if block.get("type") == "input":
+                action_id = block["element"]["action_id"]
+                state[block["block_id"]] = {
+                    action_id: {
+                        "type": block["element"]["type"],
+                        "value": values.get(block["block_id"]),
+                    }
+                }
+        payload = {
+            "type": "view_submission",
+            "team": TEAM,
+            "user": self._user(user),
+            "api_app_id": "AKEYTURN",
+            "token": "verification-token-unused",
+            "trigger_id": f"trigger-{next(self._ids)}",
+            "view": dict(view, state={"values": state}, team_id=TEAM["id"]),
+            "is_enterprise_install": False,
+            "enterprise": None,
+        }
+        body = "payload=" + urllib.parse.quote(json.dumps(payload))
+        return await self.deliver(body, "application/x-www-form-urlencoded")
+
+    async def command(self, text: str, user: str, channel: str = "CGENERAL") -> tuple[int, str]:
+        form = {
+            "token": "verification-token-unused",
+            "team_id": TEAM["id"],
+            "team_domain": TEAM["domain"],
+            "channel_id": channel,
+            "channel_name": channel,
+            "user_id": user,
+            "user_name": user.lower(),
+            "command": "/keyturn",
+            "text": text,
+            "api_app_id": "AKEYTURN",
+            "response_url": f"{self.url}/respond/{next(self._ids)}",
+            "trigger_id": f"trigger-{next(self._ids)}",
+        }
+        return await self.deliver(urllib.parse.urlencode(form), "application/x-www-form-urlencoded")
+
+
+async def _args(request: web.Request) -> dict[str, Any]:
+    if request.content_type == "application/json":
+        with contextlib.suppress(json.JSONDecodeError):
+            body = await request.json()
+            return body if isinstance(body, dict) else {}
+        return {}
+    return dict(await request.post())
+
+
+def _json_arg(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value
+
+
+def _find_action(blocks: list[dict[str, Any]], action_id: str) -> dict[str, Any]:
+    for block in blocks:
+        for element in block.get("elements", []) or []:
+            if isinstance(element, dict) and element.get("action_id") == action_id:
+                return dict(element, block_id=block.get("block_id", ""))
+    raise KeyError(f"no button {action_id!r} on the message")
