@@ -19,7 +19,7 @@ DENY_MODAL = "keyturn_deny_reason"
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason_input"
 
-_SLACK_USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+_SLACK_USER = re.compile(r"^[UW][A-Z0-9_]{2,30}$")
 _MAX_COMMAND = 2800  # a section's text is limited to 3,000 characters
 
 

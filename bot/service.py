@@ -223,11 +223,10 @@ class Bot:
             raise
 
     async def _announce(self, row: RequestRow, state: CardState) -> None:
+        assert row.slack_channel is not None
         text = outcome_message(state)
         await self.client.chat_postMessage(
-            channel=row.slack_channel,
-            thread_ts=row.slack_ts,
-            text=text,  # type: ignore[arg-type]
+            channel=row.slack_channel, thread_ts=row.slack_ts, text=text
         )
         if row.on_behalf_of and row.on_behalf_of[:1] in ("U", "W"):
             dm = await self.client.conversations_open(users=row.on_behalf_of)

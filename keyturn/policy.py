@@ -30,18 +30,18 @@ from keyturn.errors import ConfigError
 from keyturn.settings import target_env_name
 from keyturn.store.dsn import parse_dsn
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 
 
 def parse_duration(value: object) -> timedelta:
-    """``90``, ``"90s"``, ``"10m"``, ``"1h30m"``, ``"2d"`` -> a positive timedelta."""
+    """``90``, ``"90s"``, ``"10m"``, ``"1h30m"``, ``"2d"``, ``"500ms"`` -> a positive timedelta."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int) and not isinstance(value, bool):
         seconds = value
     elif isinstance(value, str) and value.strip() and (m := _DURATION.match(value.strip())):
-        d, h, mi, s = (int(x or 0) for x in m.groups())
-        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+        d, h, mi, s, ms = (int(x or 0) for x in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s + ms / 1000
     else:
         raise ValueError(f"expected a duration such as 30s, 10m, 1h or 2d, got {value!r}")
     if seconds <= 0:

@@ -103,7 +103,7 @@ class SlackEmulator:
 
     async def start(self) -> str:
         app = web.Application()
-        app.router.add_post("/api/{method}", self._api)
+        app.router.add_route("*", "/api/{method}", self._api)  # the SDK GETs some methods
         app.router.add_post("/respond/{ident}", self._respond)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -296,7 +296,7 @@ class SlackEmulator:
         signature = SignatureVerifier(self.signing_secret).generate_signature(
             timestamp=ts, body=body
         )
-        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature}
+        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature or ""}
 
     async def deliver(
         self,
@@ -403,12 +403,18 @@ class SlackEmulator:
 
 
 async def _args(request: web.Request) -> dict[str, Any]:
+    """Arguments as the SDK sends them: query string, form or JSON body (merged)."""
+    args: dict[str, Any] = dict(request.query)
+    if request.method == "GET":
+        return args
     if request.content_type == "application/json":
         with contextlib.suppress(json.JSONDecodeError):
             body = await request.json()
-            return body if isinstance(body, dict) else {}
-        return {}
-    return dict(await request.post())
+            if isinstance(body, dict):
+                args.update(body)
+        return args
+    args.update(await request.post())
+    return args
 
 
 def _json_arg(value: Any) -> Any:

@@ -1,0 +1,334 @@
+"""The Slack bot against the Slack emulator and a real Postgres: signed clicks, real Bolt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from bot.bootstrap import build, slack_client, web_application
+from bot.cards import APPROVE, DENY
+from bot.service import Bot
+from keyturn.policy import parse_policy
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from keyturn.testing.slack import SlackEmulator
+
+CHANNEL = "CAPPROVALS"
+APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
+
+
+def policy_data(**overrides: Any) -> dict[str, Any]:
+    writes = {"name": "writes", "match": {"sql": ["insert", "update", "delete"]},
+              "action": "hold", "approvers": {"users": APPROVERS, "slack_usergroup": "S_ONCALL"},
+              "grant_ttl": "10m"}
+    writes.update(overrides.pop("writes", {}))
+    data: dict[str, Any] = {
+        "targets": {"shop": {"kind": "postgres", "dsn": "postgresql://db:5432/shop",
+                             "vault": {"readonly_role": "ro", "write_role": "rw"}}},
+        "rules": [writes],
+        "slack": {"approval_channel": CHANNEL},
+        "bot": {"poll_interval": "500ms", "card_claim_timeout": "2s"},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest_asyncio.fixture
+async def slack() -> AsyncIterator[SlackEmulator]:
+    emulator = SlackEmulator()
+    await emulator.start()
+    for user in [*APPROVERS, "U_MALLORY", "U_HUMAN", *(f"U_G{i}" for i in range(20))]:
+        emulator.add_user(user)
+    emulator.usergroups["S_ONCALL"] = [f"U_G{i}" for i in range(20)]
+    yield emulator
+    await emulator.stop()
+
+
+@dataclass
+class RunningBot:
+    bot: Bot
+    store: Store
+    slack: SlackEmulator
+
+    async def hold(self, command: str = "UPDATE orders SET paid = true WHERE id = 1",
+                   **fields: Any) -> uuid.UUID:
+        new = ops.NewRequest(
+            **({"target": "shop", "command": command, "requester": "crew-billing",
+                "on_behalf_of": "U_HUMAN", "pending_ttl": timedelta(minutes=15), "rule": "writes",
+                "grant_ttl": timedelta(minutes=10),
+                "classification": {"reasons": ["UPDATE statement"], "estimated_rows": 1}}
+               | fields)
+        )
+        row, _ = await ops.create_request(self.store, new)
+        return row.id
+
+    async def card(self, request_id: uuid.UUID, timeout: float = 15) -> str:
+        """The ts of the request's card once it is posted."""
+        async with asyncio.timeout(timeout):
+            while True:
+                row = await ops.get_request(self.store, request_id)
+                if row.slack_ts:
+                    return row.slack_ts
+                await asyncio.sleep(0.05)
+
+    async def status(self, request_id: uuid.UUID) -> str:
+        return (await ops.get_request(self.store, request_id)).status
+
+    async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.05)
+
+
+BotFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningBot]]
+
+
+@pytest.fixture
+def run_bot(slack: SlackEmulator, database: Dsn) -> BotFactory:
+    @contextlib.asynccontextmanager
+    async def start(**overrides: Any) -> AsyncIterator[RunningBot]:
+        store = Store(database)
+        client = slack_client(slack.bot_token, slack.api_url)
+        bot, bolt = build(parse_policy(policy_data(**overrides)), store, client,
+                          slack.signing_secret)
+        server = TestServer(web_application(bot, bolt))
+        await server.start_server()
+        slack.bot_url = str(server.make_url("/slack/events"))
+        try:
+            yield RunningBot(bot, Store(database), slack)
+        finally:
+            await server.close()
+
+    return start
+
+
+def blocks_text(blocks: list[dict[str, Any]]) -> str:
+    return json.dumps(blocks)
+
+
+async def test_a_held_request_gets_exactly_one_card(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold(run_id="run-42")
+        ts = await rb.card(request_id)
+        await asyncio.sleep(1.2)  # a few more sync passes: still one card
+        cards = slack.channel(CHANNEL)
+        assert len(cards) == 1 and cards[0].ts == ts
+        text = blocks_text(cards[0].blocks)
+        for fragment in ("crew-billing", "run-42", "<@U_HUMAN>", "UPDATE orders SET paid = true",
+                         "Rule `writes`", "EXPLAIN estimate: ~1 rows", "grant TTL 10m",
+                         APPROVE, DENY, "Approvals: 0/1"):
+            assert fragment in text, fragment
+        assert cards[0].metadata == {"event_type": "keyturn_request",
+                                     "event_payload": {"id": str(request_id)}}
+
+
+async def test_command_text_never_pings(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    evil = "UPDATE t SET note = '<!channel> <!here> <@U_ALICE> <http://evil.example|click>' WHERE id = 1"
+    async with run_bot() as rb:
+        request_id = await rb.hold(evil, reason="<!everyone> please", run_id="<@U_BOB>")
+        await rb.card(request_id)
+        text = blocks_text(slack.channel(CHANNEL)[0].blocks) + slack.channel(CHANNEL)[0].text
+        for control in ("<!channel>", "<!here>", "<@U_ALICE>", "<http://evil", "<!everyone>",
+                        "<@U_BOB>"):
+            assert control not in text, control
+        assert "&lt;!channel&gt;" in text and "&lt;@U_ALICE&gt;" in text
+
+
+async def test_approve_click(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        assert status == 200
+        await rb.until(lambda: _eq(rb.status(request_id), "approved"))
+        await slack.wait_for("chat.update")
+        card = slack.message(CHANNEL, ts)
+        assert APPROVE not in blocks_text(card.blocks)  # buttons gone
+        assert "Approved" in blocks_text(card.blocks) and "<@U_ALICE>" in blocks_text(card.blocks)
+        await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
+        assert "Approved" in slack.thread(CHANNEL, ts)[0].text
+        await rb.until(lambda: _true(any(m.channel == "DU_HUMAN" for ms in slack.messages.values()
+                                         for m in ms)))
+
+
+async def test_deny_with_a_reason_reaches_the_request(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        await slack.click(CHANNEL, ts, DENY, "U_BOB")
+        (call,) = await slack.wait_for("views.open")
+        view_id = next(iter(slack.views))
+        status, body = await slack.submit(view_id, "U_BOB", {"reason": "   "})
+        assert status == 200 and json.loads(body)["response_action"] == "errors"
+        assert await rb.status(request_id) == "pending"
+        status, body = await slack.submit(view_id, "U_BOB", {"reason": "freeze week"})
+        assert status == 200 and body in ("", "{}") or "errors" not in body
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status == "denied" and row.approvals[0].reason == "freeze week"
+        await slack.wait_for("chat.update")
+        assert "freeze week" in blocks_text(slack.message(CHANNEL, ts).blocks)
+
+
+async def test_non_approver_and_self_approval_change_nothing(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold(on_behalf_of="U_ALICE")
+        ts = await rb.card(request_id)
+        await slack.click(CHANNEL, ts, APPROVE, "U_MALLORY")
+        await slack.click(CHANNEL, ts, DENY, "U_MALLORY")
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")  # the human the agent acts for
+        await rb.until(lambda: _true(len(slack.ephemerals) == 3))
+        texts = [e["text"] for e in slack.ephemerals]
+        assert sum("not an approver" in t for t in texts) == 2
+        assert any("own request" in t for t in texts)
+        assert {e["user"] for e in slack.ephemerals} == {"U_MALLORY", "U_ALICE"}
+        assert await rb.status(request_id) == "pending"
+        assert not slack.views and not slack.calls_to("chat.update")
+
+
+async def test_quorum_counts_distinct_approvers(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot(writes={"quorum": 2}) as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        await rb.until(lambda: _true(len(slack.ephemerals) == 1))
+        assert "already approved" in slack.ephemerals[0]["text"]
+        await rb.until(lambda: _true("Approvals: 1/2" in blocks_text(slack.message(CHANNEL, ts).blocks)))
+        assert await rb.status(request_id) == "pending"
+        await slack.click(CHANNEL, ts, APPROVE, "U_G3")  # a member of the on-call user group
+        await rb.until(lambda: _eq(rb.status(request_id), "approved"))
+
+
+async def test_twenty_concurrent_clicks_make_one_outcome(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        for i in range(10):  # ten deny modals open, waiting to be submitted
+            await slack.click(CHANNEL, ts, DENY, f"U_G{i}")
+        await slack.wait_for("views.open", 10)
+        views = list(slack.views)
+        results = await asyncio.gather(
+            *(slack.click(CHANNEL, ts, APPROVE, f"U_G{i}") for i in range(10, 20)),
+            *(slack.submit(v, f"U_G{i}", {"reason": "no"}) for i, v in enumerate(views)),
+        )
+        assert all(status == 200 for status, _ in results)
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status in ("approved", "denied")
+        assert len(row.approvals) == 1
+        await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
+        await asyncio.sleep(1)
+        assert len(slack.thread(CHANNEL, ts)) == 1  # one outcome announced
+
+
+async def test_bad_signatures_are_refused(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        body = slack.block_actions(CHANNEL, ts, APPROVE, "U_ALICE")
+        form = "application/x-www-form-urlencoded"
+        status, _ = await slack.deliver(body, form, signature="v0=" + "0" * 64)
+        assert status == 401
+        status, _ = await slack.deliver(body, form, timestamp=int(time.time()) - 6 * 60)
+        assert status == 401
+        tampered = body.replace("U_ALICE", "U_BOB__")
+        headers = slack.signed_headers(body)
+        status, _ = await slack.deliver(tampered, form, timestamp=int(headers["X-Slack-Request-Timestamp"]),
+                                        signature=headers["X-Slack-Signature"])
+        assert status == 401
+        await asyncio.sleep(0.3)
+        assert await rb.status(request_id) == "pending"
+
+
+async def test_rate_limit_is_honoured(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    slack.fail("chat.postMessage", 429, retry_after=1)
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        await rb.card(request_id)
+        assert len(slack.channel(CHANNEL)) == 1
+
+
+async def test_slack_down_for_30_seconds_loses_nothing(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        slack.down(30)
+        request_id = await rb.hold()
+        await asyncio.sleep(5)
+        assert (await ops.get_request(rb.store, request_id)).slack_ts is None
+        await rb.card(request_id, timeout=90)
+        assert len(slack.channel(CHANNEL)) == 1
+
+
+async def test_a_restarted_bot_adopts_the_card_it_posted(
+    run_bot: BotFactory, slack: SlackEmulator, database: Dsn
+) -> None:
+    # A first replica claimed the request and posted its card, then died before recording it.
+    store = Store(database)
+    async with run_bot() as rb:
+        await rb.bot.listener.stop()
+    request_id = None
+    policy = parse_policy(policy_data())
+    client = slack_client(slack.bot_token, slack.api_url)
+    dying, _ = build(policy, store, client, slack.signing_secret)
+    new = ops.NewRequest("shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5),
+                         rule="writes")
+    row, _ = await ops.create_request(store, new)
+    request_id = row.id
+    claimed = await ops.claim_card(store, dying.replica, timedelta(seconds=2))
+    assert claimed is not None
+    await dying._post_card(CHANNEL, claimed)
+    assert len(slack.channel(CHANNEL)) == 1
+    await asyncio.sleep(2.1)  # the dead replica's claim goes stale
+    async with run_bot() as rb:
+        ts = await rb.card(request_id)
+        await asyncio.sleep(1)
+        assert [m.ts for m in slack.channel(CHANNEL)] == [ts]  # adopted, not posted again
+    await store.close()
+
+
+async def test_two_replicas_post_each_card_once(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as first, run_bot() as second:
+        ids = [await first.hold(f"DELETE FROM t WHERE id = {i}") for i in range(10)]
+        for ident in ids:
+            await second.card(ident)
+        await asyncio.sleep(1.5)
+        posted = slack.channel(CHANNEL)
+        assert len(posted) == 10
+        assert {m.metadata["event_payload"]["id"] for m in posted} == {str(i) for i in ids}  # type: ignore[index]
+
+
+async def test_expired_request_card_loses_its_buttons(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold(pending_ttl=timedelta(seconds=1))
+        ts = await rb.card(request_id)
+        await rb.until(lambda: _eq(rb.status(request_id), "expired"))
+        await rb.until(lambda: _true("Expired" in blocks_text(slack.message(CHANNEL, ts).blocks)))
+        assert APPROVE not in blocks_text(slack.message(CHANNEL, ts).blocks)
+        status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_ALICE") if False else (200, "")
+        assert status == 200
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
