@@ -175,7 +175,8 @@ class Bot:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
                 await ops.release_card(self.store, row.id, self.replica)
                 raise
-            if await ops.card_posted(self.store, row.id, self.replica, channel, ts, row.status):
+            version = ops.card_version(row.status, len(row.approvals))
+            if await ops.card_posted(self.store, row.id, self.replica, channel, ts, version):
                 posted += 1
         return posted
 
@@ -203,10 +204,11 @@ class Bot:
     async def refresh_card(self, request_id: uuid.UUID) -> None:
         """Bring a card up to date; the replica that wins the compare-and-set posts the news."""
         row = await ops.get_request(self.store, request_id)
-        if row.slack_ts is None or row.slack_channel is None or row.card_status == row.status:
+        current = ops.card_version(row.status, len(row.approvals))
+        if row.slack_ts is None or row.slack_channel is None or row.card_status == current:
             return
         shown = row.card_status
-        if not await ops.take_card_update(self.store, row.id, shown, row.status):
+        if not await ops.take_card_update(self.store, row.id, shown, current):
             return
         state = card_state(row)
         try:
@@ -216,10 +218,10 @@ class Bot:
                 text=card_text(state),
                 blocks=approval_card(state),
             )
-            if row.status != "pending" and (shown == "pending" or shown is None):
+            if row.status != "pending" and (shown is None or shown.startswith("pending")):
                 await self._announce(row, state)
         except SLACK_ERRORS:
-            await ops.take_card_update(self.store, row.id, row.status, shown or "pending")
+            await ops.take_card_update(self.store, row.id, current, shown)
             raise
 
     async def _announce(self, row: RequestRow, state: CardState) -> None:

@@ -746,19 +746,25 @@ async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> Non
         )
 
 
+def card_version(status: str, votes: int) -> str:
+    """What a card shows, as one comparable value: the status and how many votes it counts."""
+    return f"{status}:{votes}"
+
+
 async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
-    """Requests whose card shows an older status than the request has."""
+    """Requests whose card shows an older state (status or vote count) than the request."""
     async with store.driver() as conn:
         rows = await conn.fetch(
-            "SELECT id FROM requests WHERE slack_ts IS NOT NULL"
-            " AND card_status IS DISTINCT FROM status ORDER BY updated_at LIMIT $1",
+            "SELECT r.id FROM requests r WHERE r.slack_ts IS NOT NULL AND r.card_status IS"
+            " DISTINCT FROM r.status || ':' || (SELECT count(*) FROM approvals a"
+            " WHERE a.request_id = r.id) ORDER BY r.updated_at LIMIT $1",
             limit,
         )
     return [r["id"] for r in rows]
 
 
 async def take_card_update(
-    store: Store, request_id: uuid.UUID, shown: str | None, status: str
+    store: Store, request_id: uuid.UUID, shown: str | None, status: str | None
 ) -> bool:
     """Compare-and-set the status the card shows: exactly one replica renders each change."""
     async with store.driver() as conn:

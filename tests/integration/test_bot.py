@@ -30,13 +30,22 @@ APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
 
 
 def policy_data(**overrides: Any) -> dict[str, Any]:
-    writes = {"name": "writes", "match": {"sql": ["insert", "update", "delete"]},
-              "action": "hold", "approvers": {"users": APPROVERS, "slack_usergroup": "S_ONCALL"},
-              "grant_ttl": "10m"}
+    writes = {
+        "name": "writes",
+        "match": {"sql": ["insert", "update", "delete"]},
+        "action": "hold",
+        "approvers": {"users": APPROVERS, "slack_usergroup": "S_ONCALL"},
+        "grant_ttl": "10m",
+    }
     writes.update(overrides.pop("writes", {}))
     data: dict[str, Any] = {
-        "targets": {"shop": {"kind": "postgres", "dsn": "postgresql://db:5432/shop",
-                             "vault": {"readonly_role": "ro", "write_role": "rw"}}},
+        "targets": {
+            "shop": {
+                "kind": "postgres",
+                "dsn": "postgresql://db:5432/shop",
+                "vault": {"readonly_role": "ro", "write_role": "rw"},
+            }
+        },
         "rules": [writes],
         "slack": {"approval_channel": CHANNEL},
         "bot": {"poll_interval": "500ms", "card_claim_timeout": "2s"},
@@ -62,14 +71,23 @@ class RunningBot:
     store: Store
     slack: SlackEmulator
 
-    async def hold(self, command: str = "UPDATE orders SET paid = true WHERE id = 1",
-                   **fields: Any) -> uuid.UUID:
+    async def hold(
+        self, command: str = "UPDATE orders SET paid = true WHERE id = 1", **fields: Any
+    ) -> uuid.UUID:
         new = ops.NewRequest(
-            **({"target": "shop", "command": command, "requester": "crew-billing",
-                "on_behalf_of": "U_HUMAN", "pending_ttl": timedelta(minutes=15), "rule": "writes",
-                "grant_ttl": timedelta(minutes=10),
-                "classification": {"reasons": ["UPDATE statement"], "estimated_rows": 1}}
-               | fields)
+            **(
+                {
+                    "target": "shop",
+                    "command": command,
+                    "requester": "crew-billing",
+                    "on_behalf_of": "U_HUMAN",
+                    "pending_ttl": timedelta(minutes=15),
+                    "rule": "writes",
+                    "grant_ttl": timedelta(minutes=10),
+                    "classification": {"reasons": ["UPDATE statement"], "estimated_rows": 1},
+                }
+                | fields
+            )
         )
         row, _ = await ops.create_request(self.store, new)
         return row.id
@@ -101,8 +119,9 @@ def run_bot(slack: SlackEmulator, database: Dsn) -> BotFactory:
     async def start(**overrides: Any) -> AsyncIterator[RunningBot]:
         store = Store(database)
         client = slack_client(slack.bot_token, slack.api_url)
-        bot, bolt = build(parse_policy(policy_data(**overrides)), store, client,
-                          slack.signing_secret)
+        bot, bolt = build(
+            parse_policy(policy_data(**overrides)), store, client, slack.signing_secret
+        )
         server = TestServer(web_application(bot, bolt))
         await server.start_server()
         slack.bot_url = str(server.make_url("/slack/events"))
@@ -118,7 +137,9 @@ def blocks_text(blocks: list[dict[str, Any]]) -> str:
     return json.dumps(blocks)
 
 
-async def test_a_held_request_gets_exactly_one_card(run_bot: BotFactory, slack: SlackEmulator) -> None:
+async def test_a_held_request_gets_exactly_one_card(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
     async with run_bot() as rb:
         request_id = await rb.hold(run_id="run-42")
         ts = await rb.card(request_id)
@@ -126,12 +147,23 @@ async def test_a_held_request_gets_exactly_one_card(run_bot: BotFactory, slack: 
         cards = slack.channel(CHANNEL)
         assert len(cards) == 1 and cards[0].ts == ts
         text = blocks_text(cards[0].blocks)
-        for fragment in ("crew-billing", "run-42", "<@U_HUMAN>", "UPDATE orders SET paid = true",
-                         "Rule `writes`", "EXPLAIN estimate: ~1 rows", "grant TTL 10m",
-                         APPROVE, DENY, "Approvals: 0/1"):
+        for fragment in (
+            "crew-billing",
+            "run-42",
+            "<@U_HUMAN>",
+            "UPDATE orders SET paid = true",
+            "Rule `writes`",
+            "EXPLAIN estimate: ~1 rows",
+            "grant TTL 10m",
+            APPROVE,
+            DENY,
+            "Approvals: 0/1",
+        ):
             assert fragment in text, fragment
-        assert cards[0].metadata == {"event_type": "keyturn_request",
-                                     "event_payload": {"id": str(request_id)}}
+        assert cards[0].metadata == {
+            "event_type": "keyturn_request",
+            "event_payload": {"id": str(request_id)},
+        }
 
 
 async def test_command_text_never_pings(run_bot: BotFactory, slack: SlackEmulator) -> None:
@@ -140,8 +172,14 @@ async def test_command_text_never_pings(run_bot: BotFactory, slack: SlackEmulato
         request_id = await rb.hold(evil, reason="<!everyone> please", run_id="<@U_BOB>")
         await rb.card(request_id)
         text = blocks_text(slack.channel(CHANNEL)[0].blocks) + slack.channel(CHANNEL)[0].text
-        for control in ("<!channel>", "<!here>", "<@U_ALICE>", "<http://evil", "<!everyone>",
-                        "<@U_BOB>"):
+        for control in (
+            "<!channel>",
+            "<!here>",
+            "<@U_ALICE>",
+            "<http://evil",
+            "<!everyone>",
+            "<@U_BOB>",
+        ):
             assert control not in text, control
         assert "&lt;!channel&gt;" in text and "&lt;@U_ALICE&gt;" in text
 
@@ -159,22 +197,27 @@ async def test_approve_click(run_bot: BotFactory, slack: SlackEmulator) -> None:
         assert "Approved" in blocks_text(card.blocks) and "<@U_ALICE>" in blocks_text(card.blocks)
         await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
         assert "Approved" in slack.thread(CHANNEL, ts)[0].text
-        await rb.until(lambda: _true(any(m.channel == "DU_HUMAN" for ms in slack.messages.values()
-                                         for m in ms)))
+        await rb.until(
+            lambda: _true(
+                any(m.channel == "DU_HUMAN" for ms in slack.messages.values() for m in ms)
+            )
+        )
 
 
-async def test_deny_with_a_reason_reaches_the_request(run_bot: BotFactory, slack: SlackEmulator) -> None:
+async def test_deny_with_a_reason_reaches_the_request(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
     async with run_bot() as rb:
         request_id = await rb.hold()
         ts = await rb.card(request_id)
         await slack.click(CHANNEL, ts, DENY, "U_BOB")
-        (call,) = await slack.wait_for("views.open")
+        await slack.wait_for("views.open")
         view_id = next(iter(slack.views))
         status, body = await slack.submit(view_id, "U_BOB", {"reason": "   "})
         assert status == 200 and json.loads(body)["response_action"] == "errors"
         assert await rb.status(request_id) == "pending"
         status, body = await slack.submit(view_id, "U_BOB", {"reason": "freeze week"})
-        assert status == 200 and body in ("", "{}") or "errors" not in body
+        assert status == 200 and "errors" not in body
         row = await ops.get_request(rb.store, request_id)
         assert row.status == "denied" and row.approvals[0].reason == "freeze week"
         await slack.wait_for("chat.update")
@@ -201,13 +244,15 @@ async def test_non_approver_and_self_approval_change_nothing(
 
 async def test_quorum_counts_distinct_approvers(run_bot: BotFactory, slack: SlackEmulator) -> None:
     async with run_bot(writes={"quorum": 2}) as rb:
-        request_id = await rb.hold()
+        request_id = await rb.hold(quorum=2)
         ts = await rb.card(request_id)
         await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
         await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
         await rb.until(lambda: _true(len(slack.ephemerals) == 1))
-        assert "already approved" in slack.ephemerals[0]["text"]
-        await rb.until(lambda: _true("Approvals: 1/2" in blocks_text(slack.message(CHANNEL, ts).blocks)))
+        assert "you already approved" in slack.ephemerals[0]["text"]
+        await rb.until(
+            lambda: _true("Approvals: 1/2" in blocks_text(slack.message(CHANNEL, ts).blocks))
+        )
         assert await rb.status(request_id) == "pending"
         await slack.click(CHANNEL, ts, APPROVE, "U_G3")  # a member of the on-call user group
         await rb.until(lambda: _eq(rb.status(request_id), "approved"))
@@ -248,8 +293,12 @@ async def test_bad_signatures_are_refused(run_bot: BotFactory, slack: SlackEmula
         assert status == 401
         tampered = body.replace("U_ALICE", "U_BOB__")
         headers = slack.signed_headers(body)
-        status, _ = await slack.deliver(tampered, form, timestamp=int(headers["X-Slack-Request-Timestamp"]),
-                                        signature=headers["X-Slack-Signature"])
+        status, _ = await slack.deliver(
+            tampered,
+            form,
+            timestamp=int(headers["X-Slack-Request-Timestamp"]),
+            signature=headers["X-Slack-Signature"],
+        )
         assert status == 401
         await asyncio.sleep(0.3)
         assert await rb.status(request_id) == "pending"
@@ -280,23 +329,20 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
 ) -> None:
     # A first replica claimed the request and posted its card, then died before recording it.
     store = Store(database)
-    async with run_bot() as rb:
-        await rb.bot.listener.stop()
-    request_id = None
     policy = parse_policy(policy_data())
     client = slack_client(slack.bot_token, slack.api_url)
     dying, _ = build(policy, store, client, slack.signing_secret)
-    new = ops.NewRequest("shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5),
-                         rule="writes")
+    new = ops.NewRequest(
+        "shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5), rule="writes"
+    )
     row, _ = await ops.create_request(store, new)
-    request_id = row.id
     claimed = await ops.claim_card(store, dying.replica, timedelta(seconds=2))
     assert claimed is not None
     await dying._post_card(CHANNEL, claimed)
     assert len(slack.channel(CHANNEL)) == 1
     await asyncio.sleep(2.1)  # the dead replica's claim goes stale
     async with run_bot() as rb:
-        ts = await rb.card(request_id)
+        ts = await rb.card(row.id)
         await asyncio.sleep(1)
         assert [m.ts for m in slack.channel(CHANNEL)] == [ts]  # adopted, not posted again
     await store.close()
@@ -322,8 +368,7 @@ async def test_expired_request_card_loses_its_buttons(
         await rb.until(lambda: _eq(rb.status(request_id), "expired"))
         await rb.until(lambda: _true("Expired" in blocks_text(slack.message(CHANNEL, ts).blocks)))
         assert APPROVE not in blocks_text(slack.message(CHANNEL, ts).blocks)
-        status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_ALICE") if False else (200, "")
-        assert status == 200
+        assert "Expired" in slack.thread(CHANNEL, ts)[0].text
 
 
 async def _eq(value: Any, expected: Any) -> bool:

@@ -170,8 +170,15 @@ def test_yaml_errors_give_line_and_column(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "seconds"),
-    [(90, 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("2d", 172800), (" 5m ", 300),
-     ("1s500ms", 1.5)],
+    [
+        (90, 90),
+        ("90s", 90),
+        ("10m", 600),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        (" 5m ", 300),
+        ("1s500ms", 1.5),
+    ],
 )
 def test_durations(raw: object, seconds: int) -> None:
     assert parse_duration(raw) == timedelta(seconds=seconds)
