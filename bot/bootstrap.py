@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -43,9 +44,13 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
 
 
 def build(
-    policy: Policy, store: Store, client: AsyncWebClient, signing_secret: str
+    policy: Policy, store: Store, client: AsyncWebClient, signing_secret: str | None
 ) -> tuple[Bot, AsyncApp]:
-    app = AsyncApp(client=client, signing_secret=signing_secret)
+    """HTTP mode with a signing secret; without one, Socket Mode (Slack signs nothing there)."""
+    if signing_secret is None:
+        app = AsyncApp(client=client, request_verification_enabled=False)
+    else:
+        app = AsyncApp(client=client, signing_secret=signing_secret)
     bot = Bot(policy=policy, store=store, listener=Listener(store.dsn), client=client)
     register(app, bot)
     return bot, app
@@ -61,8 +66,8 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     await bot.store.close()
 
 
-def web_application(bot: Bot, bolt: AsyncApp) -> web.Application:
-    """Bolt's one POST route mounted in our own app, next to /healthz."""
+def web_application(bot: Bot, bolt: AsyncApp, *, http_mode: bool = True) -> web.Application:
+    """Bolt's one POST route (HTTP mode) mounted in our own app, next to /healthz."""
 
     async def events(request: web.Request) -> web.Response:
         return await to_aiohttp_response(await bolt.async_dispatch(await to_bolt_request(request)))
@@ -72,25 +77,42 @@ def web_application(bot: Bot, bolt: AsyncApp) -> web.Application:
 
     app = web.Application()
     app[BOT_KEY], app[BOLT_KEY] = bot, bolt
-    app.router.add_post("/slack/events", events)
+    if http_mode:
+        app.router.add_post("/slack/events", events)
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
 
 async def serve(settings: Settings, policy: Policy) -> None:
-    if settings.slack_bot_token is None or settings.slack_signing_secret is None:
-        raise ConfigError("the bot needs KEYTURN_SLACK_BOT_TOKEN and KEYTURN_SLACK_SIGNING_SECRET")
+    """HTTP mode (KEYTURN_SLACK_SIGNING_SECRET) or Socket Mode (KEYTURN_SLACK_APP_TOKEN)."""
+    if settings.slack_bot_token is None:
+        raise ConfigError("the bot needs KEYTURN_SLACK_BOT_TOKEN (xoxb-…)")
+    app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else None
+    secret = settings.slack_signing_secret
+    if app_token is None and secret is None:
+        raise ConfigError(
+            "set KEYTURN_SLACK_SIGNING_SECRET (HTTP mode) or KEYTURN_SLACK_APP_TOKEN (Socket Mode)"
+        )
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
     store = Store(settings.dsn())
-    bot, bolt = build(policy, store, client, settings.slack_signing_secret.get_secret_value())
+    signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]
+    bot, bolt = build(policy, store, client, signing)
     await store.ping()
-    runner = web.AppRunner(web_application(bot, bolt), access_log=None)
+    runner = web.AppRunner(web_application(bot, bolt, http_mode=app_token is None), access_log=None)
     await runner.setup()
     host, _, port = policy.bot.listen.rpartition(":")
     await web.TCPSite(runner, host, int(port)).start()
-    print(f"keyturn bot listening on http://{policy.bot.listen}/slack/events", flush=True)
+    socket = None
+    if app_token is not None:
+        socket = AsyncSocketModeHandler(bolt, app_token, web_client=client)
+        await socket.connect_async()  # type: ignore[no-untyped-call]
+        print("keyturn bot connected to Slack in Socket Mode", flush=True)
+    else:
+        print(f"keyturn bot listening on http://{policy.bot.listen}/slack/events", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
+        if socket is not None:
+            await socket.close_async()  # type: ignore[no-untyped-call]
         await runner.cleanup()

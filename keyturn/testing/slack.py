@@ -75,6 +75,7 @@ class SlackEmulator:
         bot_user: str = "UKEYTURNBOT",
     ) -> None:
         self.bot_token = bot_token or f"xoxb-{secrets.token_hex(12)}"
+        self.app_token = f"xapp-{secrets.token_hex(12)}"  # Socket Mode
         self.signing_secret = signing_secret or secrets.token_hex(16)
         self.bot_user = bot_user
         self.calls: list[Call] = []
@@ -93,6 +94,8 @@ class SlackEmulator:
         self._ids = itertools.count(1)
         self._called = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+        self._sockets: list[web.WebSocketResponse] = []
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.url = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -105,6 +108,7 @@ class SlackEmulator:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # the SDK GETs some methods
         app.router.add_post("/respond/{ident}", self._respond)
+        app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -112,6 +116,8 @@ class SlackEmulator:
         return self.api_url
 
     async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -182,6 +188,13 @@ class SlackEmulator:
                 return web.json_response(
                     {"ok": False, "error": error}, status=fault.status, headers=headers
                 )
+        if method == "apps.connections.open":
+            if self.app_token not in (token, args.get("token")):
+                return web.json_response({"ok": False, "error": "invalid_auth"})
+            self.calls.append(Call(method, {}))
+            return web.json_response(
+                {"ok": True, "url": self.url.replace("http", "ws") + "/socket"}
+            )
         if token != self.bot_token:
             return web.json_response({"ok": False, "error": "invalid_auth"})
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
@@ -289,6 +302,51 @@ class SlackEmulator:
         self.responses.append(await request.json())
         return web.json_response({"ok": True})
 
+    # ------------------------------------------------------------------ Socket Mode
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        await ws.send_json(
+            {
+                "type": "hello",
+                "num_connections": len(self._sockets),
+                "connection_info": {"app_id": "AKEYTURN"},
+            }
+        )
+        try:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    ack = json.loads(message.data)
+                    future = self._acks.pop(ack.get("envelope_id", ""), None)
+                    if future is not None and not future.done():
+                        future.set_result(ack)
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    @property
+    def socket_connected(self) -> bool:
+        return bool(self._sockets)
+
+    async def _over_socket(self, kind: str, payload: dict[str, Any]) -> tuple[int, str]:
+        """Send an envelope to the connected app and wait for its ack, as Slack does."""
+        envelope_id = f"env-{next(self._ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[envelope_id] = future
+        await self._sockets[-1].send_json(
+            {
+                "envelope_id": envelope_id,
+                "type": kind,
+                "payload": payload,
+                "accepts_response_payload": True,
+            }
+        )
+        async with asyncio.timeout(10):
+            ack = await future
+        return 200, json.dumps(ack.get("payload") or {})
+
     # ------------------------------------------------------------------ interactivity
 
     def signed_headers(self, body: str, timestamp: int | None = None) -> dict[str, str]:
@@ -320,10 +378,21 @@ class SlackEmulator:
     def _user(self, user: str) -> dict[str, Any]:
         return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM["id"]}
 
+    async def _interact(self, payload: dict[str, Any]) -> tuple[int, str]:
+        if self.bot_url is None and self._sockets:
+            return await self._over_socket("interactive", payload)
+        body = "payload=" + urllib.parse.quote(json.dumps(payload))
+        return await self.deliver(body, "application/x-www-form-urlencoded")
+
     def block_actions(self, channel: str, ts: str, action_id: str, user: str) -> str:
+        """The signed-form body of a button click (for tests that tamper with it)."""
+        payload = self._block_actions(channel, ts, action_id, user)
+        return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+    def _block_actions(self, channel: str, ts: str, action_id: str, user: str) -> dict[str, Any]:
         message = self.message(channel, ts)
         button = _find_action(message.blocks, action_id)
-        payload = {
+        return {
             "type": "block_actions",
             "user": self._user(user),
             "api_app_id": "AKEYTURN",
@@ -351,11 +420,9 @@ class SlackEmulator:
                 }
             ],
         }
-        return "payload=" + urllib.parse.quote(json.dumps(payload))
 
     async def click(self, channel: str, ts: str, action_id: str, user: str) -> tuple[int, str]:
-        body = self.block_actions(channel, ts, action_id, user)
-        return await self.deliver(body, "application/x-www-form-urlencoded")
+        return await self._interact(self._block_actions(channel, ts, action_id, user))
 
     async def submit(self, view_id: str, user: str, values: dict[str, str]) -> tuple[int, str]:
         """Submit an open modal with ``{block_id: value}`` for its plain-text inputs."""
@@ -381,8 +448,7 @@ class SlackEmulator:
             "is_enterprise_install": False,
             "enterprise": None,
         }
-        body = "payload=" + urllib.parse.quote(json.dumps(payload))
-        return await self.deliver(body, "application/x-www-form-urlencoded")
+        return await self._interact(payload)
 
     async def command(self, text: str, user: str, channel: str = "CGENERAL") -> tuple[int, str]:
         form = {
@@ -399,6 +465,8 @@ class SlackEmulator:
             "response_url": f"{self.url}/respond/{next(self._ids)}",
             "trigger_id": f"trigger-{next(self._ids)}",
         }
+        if self.bot_url is None and self._sockets:
+            return await self._over_socket("slash_commands", form)
         return await self.deliver(urllib.parse.urlencode(form), "application/x-www-form-urlencoded")
 
 

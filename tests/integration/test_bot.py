@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
@@ -377,3 +378,40 @@ async def _eq(value: Any, expected: Any) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_socket_mode(slack: SlackEmulator, database: Dsn) -> None:
+    from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+    store = Store(database)
+    client = slack_client(slack.bot_token, slack.api_url)
+    bot, bolt = build(parse_policy(policy_data()), store, client, None)
+    server = TestServer(web_application(bot, bolt, http_mode=False))
+    await server.start_server()
+    handler = AsyncSocketModeHandler(bolt, slack.app_token, web_client=client)
+    await handler.connect_async()
+    slack.bot_url = None
+    try:
+        rb = RunningBot(bot, Store(database), slack)
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        async with asyncio.timeout(10):
+            while not slack.socket_connected:
+                await asyncio.sleep(0.05)
+        status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_MALLORY")
+        assert status == 200
+        await slack.wait_for("chat.postEphemeral")
+        await slack.click(CHANNEL, ts, DENY, "U_BOB")
+        await slack.wait_for("views.open")
+        status, body = await slack.submit(next(iter(slack.views)), "U_BOB", {"reason": ""})
+        assert json.loads(body).get("response_action") == "errors"
+        await slack.submit(next(iter(slack.views)), "U_BOB", {"reason": "not today"})
+        await rb.until(lambda: _eq(rb.status(request_id), "denied"))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(str(server.make_url("/slack/events")), data="x") as resp,
+        ):
+            assert resp.status == 404  # Socket Mode: no HTTP route to forge requests against
+    finally:
+        await handler.close_async()
+        await server.close()
