@@ -415,3 +415,22 @@ async def test_socket_mode(slack: SlackEmulator, database: Dsn) -> None:
     finally:
         await handler.close_async()
         await server.close()
+
+
+def test_the_manifest_asks_for_exactly_the_scopes_used() -> None:
+    import pathlib
+
+    import yaml
+
+    manifest = yaml.safe_load(
+        (pathlib.Path(__file__).parents[2] / "bot" / "manifest.yml").read_text()
+    )
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == {
+        "chat:write",
+        "im:write",
+        "usergroups:read",
+        "channels:history",
+        "groups:history",
+    }
+    assert manifest["settings"]["interactivity"]["is_enabled"] is True
+    assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")

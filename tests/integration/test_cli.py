@@ -298,3 +298,46 @@ def test_classify_unknown_target() -> None:
         keyturn("classify", "--config", str(EXAMPLE), "--target", "nope", "SELECT 1"),
         "unknown target 'nope'",
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({}, "KEYTURN_SLACK_BOT_TOKEN"),
+        ({"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1"}, "KEYTURN_SLACK_SIGNING_SECRET"),
+    ],
+)
+def test_bot_configuration_errors(env: dict[str, str], fragment: str) -> None:
+    one_line_error(keyturn("bot", "--config", str(EXAMPLE), **env), fragment)
+
+
+def test_bot_starts_in_http_mode(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yml"
+    port = free_port()
+    config.write_text(
+        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+        f"bot: {{listen: '127.0.0.1:{port}'}}\n"
+    )
+    name = f"bot_{uuid.uuid4().hex[:8]}"
+    asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | {
+        "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
+        "KEYTURN_SLACK_BOT_TOKEN": "xoxb-test",
+        "KEYTURN_SLACK_SIGNING_SECRET": "s" * 32,
+        "KEYTURN_SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyturn.cli", "bot", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "/slack/events" in proc.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert json.load(resp) == {"status": "ok"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        asyncio.run(postgres_server.execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
