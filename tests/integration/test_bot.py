@@ -434,3 +434,18 @@ def test_the_manifest_asks_for_exactly_the_scopes_used() -> None:
     }
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
     assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")
+
+
+async def test_a_decision_survives_a_failing_card_update(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        slack.fail("chat.update", 500, times=6)  # more than the client's own retries
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        await rb.until(lambda: _eq(rb.status(request_id), "approved"))  # committed first
+        await rb.until(  # and the card catches up on a later pass
+            lambda: _true("Approved" in blocks_text(slack.message(CHANNEL, ts).blocks)), 30
+        )
+        assert len(slack.thread(CHANNEL, ts)) == 1
