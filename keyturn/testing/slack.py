@@ -109,6 +109,11 @@ class SlackEmulator:
         app.router.add_route("*", "/api/{method}", self._api)  # the SDK GETs some methods
         app.router.add_post("/respond/{ident}", self._respond)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/", self._sandbox_page)
+        app.router.add_get("/sandbox/messages", self._sandbox_messages)
+        app.router.add_post("/sandbox/click", self._sandbox_click)
+        app.router.add_post("/sandbox/submit", self._sandbox_submit)
+        app.router.add_post("/sandbox/command", self._sandbox_command)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -301,6 +306,61 @@ class SlackEmulator:
     async def _respond(self, request: web.Request) -> web.Response:
         self.responses.append(await request.json())
         return web.json_response({"ok": True})
+
+    # ------------------------------------------------------------------ the local sandbox
+
+    def find(self, ts: str) -> Message:
+        for messages in self.messages.values():
+            for message in messages:
+                if message.ts == ts:
+                    return message
+        raise KeyError(f"no message {ts}")
+
+    async def _sandbox_messages(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "channels": {c: [m.as_json() for m in ms] for c, ms in self.messages.items()},
+                "ephemerals": self.ephemerals,
+                "views": self.views,
+            }
+        )
+
+    async def _sandbox_json(self, request: web.Request, *keys: str) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="expected a JSON body") from None
+        missing = [k for k in keys if not isinstance(body.get(k), str)]
+        if missing:
+            raise web.HTTPBadRequest(text=f"missing {', '.join(missing)}")
+        return dict(body)
+
+    async def _sandbox_click(self, request: web.Request) -> web.Response:
+        body = await self._sandbox_json(request, "ts", "action_id", "user")
+        try:
+            message = self.find(body["ts"])
+            status, text = await self.click(
+                message.channel, message.ts, body["action_id"], body["user"]
+            )
+        except KeyError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        return web.json_response({"status": status, "response": text})
+
+    async def _sandbox_submit(self, request: web.Request) -> web.Response:
+        body = await self._sandbox_json(request, "user")
+        view_id = body.get("view_id") or (list(self.views)[-1] if self.views else "")
+        if view_id not in self.views:
+            raise web.HTTPNotFound(text="no open modal")
+        status, text = await self.submit(view_id, body["user"], dict(body.get("values") or {}))
+        return web.json_response({"status": status, "response": text})
+
+    async def _sandbox_command(self, request: web.Request) -> web.Response:
+        body = await self._sandbox_json(request, "text", "user")
+        status, text = await self.command(body["text"], body["user"])
+        return web.json_response({"status": status, "response": text})
+
+    async def _sandbox_page(self, _request: web.Request) -> web.Response:
+        return web.Response(text=_SANDBOX_PAGE, content_type="text/html")
 
     # ------------------------------------------------------------------ Socket Mode
 
@@ -500,3 +560,58 @@ def _find_action(blocks: list[dict[str, Any]], action_id: str) -> dict[str, Any]
             if isinstance(element, dict) and element.get("action_id") == action_id:
                 return dict(element, block_id=block.get("block_id", ""))
     raise KeyError(f"no button {action_id!r} on the message")
+
+
+# The sandbox page renders the channels from /sandbox/messages and sends clicks and modal
+# submissions through /sandbox/click and /sandbox/submit (signed on the way to the bot).
+_SANDBOX_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>keyturn Slack sandbox</title>
+<style>body{font:14px sans-serif;margin:2em;max-width:60em}.msg{border:1px solid #ccc;
+border-radius:6px;padding:.6em;margin:.6em 0}pre{background:#f4f4f4;padding:.4em;
+white-space:pre-wrap}.thread{margin-left:2em;color:#555}</style></head>
+<body><h1>keyturn Slack sandbox</h1>
+<p>Acting as <input id="user" value="U_APPROVER" size="14">. Cards appear as the bot posts them.</p>
+<div id="channels"></div>
+<script>
+const el = (tag, text) => {
+  const e = document.createElement(tag); e.textContent = text; return e;
+};
+async function post(path, body) {
+  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                               body: JSON.stringify(body)});
+  return r.json();
+}
+async function act(ts, actionId) {
+  const user = document.getElementById("user").value;
+  await post("/sandbox/click", {ts, action_id: actionId, user});
+  if (actionId.endsWith("deny")) {
+    const reason = prompt("Deny: why?");
+    if (reason !== null) await post("/sandbox/submit", {user, values: {reason}});
+  }
+  refresh();
+}
+function render(block, box, ts) {
+  if (block.type === "section" && block.text) box.append(el("pre", block.text.text));
+  for (const f of block.fields || []) box.append(el("div", f.text));
+  for (const e of block.elements || []) {
+    if (e.type === "button") {
+      const b = el("button", e.text.text); b.onclick = () => act(ts, e.action_id); box.append(b);
+    } else if (e.text) box.append(el("div", e.text));
+  }
+}
+async function refresh() {
+  const data = await (await fetch("/sandbox/messages")).json();
+  const root = document.getElementById("channels"); root.replaceChildren();
+  for (const [channel, messages] of Object.entries(data.channels)) {
+    root.append(el("h2", "#" + channel));
+    for (const m of messages) {
+      const box = document.createElement("div"); box.className = m.thread_ts ? "msg thread" : "msg";
+      if (!m.blocks || !m.blocks.length) box.append(el("div", m.text));
+      for (const b of m.blocks || []) render(b, box, m.ts);
+      root.append(box);
+    }
+  }
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""

@@ -1,10 +1,10 @@
 """``keyturn dev``: the local stack on throwaway services, no accounts needed.
 
 Starts a throwaway Postgres (keyturn's own database, migrated, plus a demo ``orders``
-database), an OpenBao dev server bootstrapped for the demo policy, and the gateway as its own
-``keyturn gateway`` process with a development token secret. Writes the addresses and a dev
-agent token to ``<state-dir>/stack.json`` (mode 0600: it holds dev-only secrets) and waits for
-Ctrl-C. The bot and the Slack sandbox join this stack as they land (docs/roadmap.md).
+database), an OpenBao dev server bootstrapped for the demo policy, the Slack emulator with its
+sandbox page, and the gateway and the bot as their own ``keyturn gateway`` / ``keyturn bot``
+processes. Writes the addresses and a dev agent token to ``<state-dir>/stack.json`` (mode
+0600: it holds dev-only secrets) and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import yaml
@@ -37,6 +37,7 @@ from keyturn.testing.idp import dev_token
 from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.ports import free_port
 from keyturn.testing.postgres import PostgresCluster
+from keyturn.testing.slack import SlackEmulator
 from keyturn.vault import Vault
 from keyturn.vault_setup import BootstrapReport, bootstrap
 
@@ -48,9 +49,12 @@ INSERT INTO customers (name, email) VALUES ('Ada', 'ada@example.com'), ('Lin', '
 INSERT INTO orders (customer_id, total_cents) VALUES (1, 1250), (2, 9900), (1, 300);
 """
 DEMO_AGENT = "crew-demo"
+DEMO_APPROVER = "U_APPROVER"
+DEMO_CHANNEL = "CAPPROVALS"
+T = TypeVar("T")
 
 
-def demo_policy(pg_port: int, vault_addr: str, gateway_port: int) -> dict[str, Any]:
+def demo_policy(pg_port: int, vault_addr: str, gateway_port: int, bot_port: int) -> dict[str, Any]:
     return {
         "targets": {
             "orders-db": {
@@ -65,17 +69,19 @@ def demo_policy(pg_port: int, vault_addr: str, gateway_port: int) -> dict[str, A
                 "name": "writes",
                 "match": {"sql": ["insert", "update", "delete", "alter"]},
                 "action": "hold",
-                "approvers": {"users": ["U_APPROVER"]},
+                "approvers": {"users": [DEMO_APPROVER]},
                 "grant_ttl": "10m",
             },
             {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
         ],
         "masking": {"columns": ["*email*"], "detectors": ["email", "credit_card"]},
         "vault": {"addr": vault_addr},
+        "slack": {"approval_channel": DEMO_CHANNEL},
         "gateway": {
             "listen": f"127.0.0.1:{gateway_port}",
             "auth": {"algorithms": ["HS256"]},
         },
+        "bot": {"listen": f"127.0.0.1:{bot_port}", "poll_interval": "1s"},
     }
 
 
@@ -124,7 +130,7 @@ async def _prepare(
         await orders.close()
     database = pg.dsn("keyturn")
     await asyncio.to_thread(migrate.upgrade, database)
-    data = demo_policy(pg.port, bao.addr, free_port())
+    data = demo_policy(pg.port, bao.addr, free_port(), free_port())
     policy_file = state_dir / "policy.yml"
     policy_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KEYTURN_TARGET_ORDERS_DB_USERNAME"] = "postgres"
@@ -138,10 +144,13 @@ async def _prepare(
 
 
 @contextlib.contextmanager
-def _gateway(stack_env: dict[str, str], policy_file: Path, url: str) -> Iterator[None]:
+def _service(
+    command: str, stack_env: dict[str, str], policy_file: Path, url: str
+) -> Iterator[None]:
+    """Run ``keyturn <command> --config FILE`` as its own process until the block ends."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | stack_env
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", "gateway", "--config", str(policy_file)],
+        [sys.executable, "-m", "keyturn.cli", command, "--config", str(policy_file)],
         env=env,
         stdout=subprocess.DEVNULL,
     )
@@ -149,13 +158,13 @@ def _gateway(stack_env: dict[str, str], policy_file: Path, url: str) -> Iterator
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise Unavailable("the gateway exited at start; run it alone to see why")
+                raise Unavailable(f"the {command} exited at start; run it alone to see why")
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=1):  # noqa: S310
                     break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
-                    raise Unavailable("the gateway did not answer /healthz in 30 s") from None
+                    raise Unavailable(f"the {command} did not answer /healthz in 30 s") from None
                 time.sleep(0.1)
         yield
     finally:
@@ -166,64 +175,143 @@ def _gateway(stack_env: dict[str, str], policy_file: Path, url: str) -> Iterator
             proc.kill()
 
 
-def _smoke(stack: DevStack) -> str:
-    """One allowed SELECT through the gateway, as an agent would send it."""
-    body = json.dumps({"target": "orders-db", "command": "SELECT id, email FROM customers"})
+class _LoopThread:
+    """An event loop in a thread, for the in-process Slack emulator beside blocking code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(  # noqa: S310 (loopback)
-        f"{stack.gateway_url}/v1/commands",
-        data=body.encode(),
+        f"{stack.gateway_url}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
         headers={
             "Authorization": f"Bearer {stack.agent_token()}",
             "Content-Type": "application/json",
         },
     )
     with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
-        answer = json.load(resp)
-    return f"{resp.status} {answer['status']}, rows {answer['result']['rows']}"
+        return json.load(resp)
+
+
+def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread) -> list[str]:
+    """What an agent and an approver would do: a read, then a held write approved in Slack."""
+    read = _call(
+        stack,
+        "POST",
+        "/v1/commands",
+        {"target": "orders-db", "command": "SELECT id, email FROM customers"},
+    )
+    lines = [f"allowed SELECT -> {read['status']}, rows {read['result']['rows']}"]
+    held = _call(
+        stack,
+        "POST",
+        "/v1/commands",
+        {
+            "target": "orders-db",
+            "command": "UPDATE orders SET status = 'paid' WHERE id = 1",
+            "reason": "dev smoke test",
+        },
+    )
+    lines.append(f"held UPDATE -> {held['status']}")
+    deadline = time.monotonic() + 30
+    while not slack.channel(DEMO_CHANNEL) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    card = slack.channel(DEMO_CHANNEL)[0]
+    loop.run(slack.click(DEMO_CHANNEL, card.ts, "keyturn_approve", DEMO_APPROVER))
+    status = held["status"]
+    while status == "pending" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = _call(stack, "GET", f"/v1/commands/{held['id']}")["status"]
+    lines.append(f"card posted in #{DEMO_CHANNEL}, approved by {DEMO_APPROVER} -> {status}")
+    return lines
 
 
 def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
-    with PostgresCluster() as pg, OpenBaoDevServer() as bao:
-        database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir))
-        policy = parse_policy(yaml.safe_load(policy_file.read_text()))
-        stack = DevStack(
-            pg,
-            bao,
-            database,
-            policy_file,
-            report,
-            gateway_url=f"http://{policy.gateway.listen}",
-            dev_secret=secrets.token_urlsafe(32),
+    loop = _LoopThread()
+    slack = SlackEmulator()
+    sandbox = loop.run(slack.start()).removesuffix("/api/")
+    slack.add_user(DEMO_APPROVER, "Dev Approver")
+    try:
+        with PostgresCluster() as pg, OpenBaoDevServer() as bao:
+            return _run(state_dir, pg, bao, slack, loop, sandbox, once=once)
+    finally:
+        loop.run(slack.stop())
+        loop.close()
+
+
+def _run(
+    state_dir: Path,
+    pg: PostgresCluster,
+    bao: OpenBaoDevServer,
+    slack: SlackEmulator,
+    loop: _LoopThread,
+    sandbox: str,
+    *,
+    once: bool,
+) -> int:
+    database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir))
+    policy = parse_policy(yaml.safe_load(policy_file.read_text()))
+    stack = DevStack(
+        pg,
+        bao,
+        database,
+        policy_file,
+        report,
+        gateway_url=f"http://{policy.gateway.listen}",
+        dev_secret=secrets.token_urlsafe(32),
+    )
+    gateway = policy.vault.gateway_approle
+    common = {"KEYTURN_DATABASE_URL": database.url}
+    gateway_env = common | {
+        "KEYTURN_GATEWAY_ROLE_ID": report.role_ids[gateway],
+        "KEYTURN_GATEWAY_SECRET_ID": report.secret_ids[gateway],
+        "KEYTURN_GATEWAY_DEV_SECRET": stack.dev_secret,
+    }
+    bot_env = common | {
+        "KEYTURN_SLACK_BOT_TOKEN": slack.bot_token,
+        "KEYTURN_SLACK_SIGNING_SECRET": slack.signing_secret,
+        "KEYTURN_SLACK_API_URL": slack.api_url,
+    }
+    bot_url = f"http://{policy.bot.listen}"
+    slack.bot_url = f"{bot_url}/slack/events"
+    with (
+        _service("gateway", gateway_env, policy_file, stack.gateway_url),
+        _service("bot", bot_env, policy_file, bot_url),
+    ):
+        state = state_dir / "stack.json"
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(stack.describe() | {"slack_sandbox": sandbox}, out, indent=2)
+        print(f"keyturn dev stack is up (state, with a dev agent token: {state})")
+        print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
+        print(f"  slack      {sandbox}  (sandbox: cards and buttons; approver {DEMO_APPROVER})")
+        print(f"  postgres   {database.redacted}  (demo target: orders-db)")
+        print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
+        print(
+            '  try: curl -s -X POST -H "Authorization: Bearer $(jq -r .agent_token '
+            f'{state})" -d \'{{"target":"orders-db","command":"SELECT * FROM orders"}}\''
+            f" {stack.gateway_url}/v1/commands"
         )
-        gateway_role = report.role_ids[policy.vault.gateway_approle]
-        env = {
-            "KEYTURN_DATABASE_URL": database.url,
-            "KEYTURN_GATEWAY_ROLE_ID": gateway_role,
-            "KEYTURN_GATEWAY_SECRET_ID": report.secret_ids[policy.vault.gateway_approle],
-            "KEYTURN_GATEWAY_DEV_SECRET": stack.dev_secret,
-        }
-        with _gateway(env, policy_file, stack.gateway_url):
-            state = state_dir / "stack.json"
-            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                json.dump(stack.describe(), out, indent=2)
-            print(f"keyturn dev stack is up (state, with a dev agent token: {state})")
-            print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
-            print(f"  postgres   {database.redacted}  (demo target: orders-db)")
-            print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
-            print("  bot and Slack sandbox: not part of this build yet (docs/roadmap.md)")
-            print(
-                '  try: curl -s -X POST -H "Authorization: Bearer $(jq -r .agent_token '
-                f'{state})" -d \'{{"target":"orders-db","command":"SELECT * FROM orders"}}\''
-                f" {stack.gateway_url}/v1/commands"
-            )
-            if once:
-                print(f"  smoke test: allowed SELECT -> {_smoke(stack)}")
-                return 0
-            print("Ctrl-C stops everything and deletes the throwaway data.")
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            with contextlib.suppress(KeyboardInterrupt):
-                stop.wait()
+        if once:
+            for line in _smoke(stack, slack, loop):
+                print(f"  smoke test: {line}")
+            return 0
+        print("Ctrl-C stops everything and deletes the throwaway data.")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
     return 0

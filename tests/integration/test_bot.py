@@ -449,3 +449,29 @@ async def test_a_decision_survives_a_failing_card_update(
             lambda: _true("Approved" in blocks_text(slack.message(CHANNEL, ts).blocks)), 30
         )
         assert len(slack.thread(CHANNEL, ts)) == 1
+
+
+async def test_the_sandbox_drives_the_bot(run_bot: BotFactory, slack: SlackEmulator) -> None:
+    async with run_bot() as rb, aiohttp.ClientSession(base_url=slack.url) as http:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        async with http.get("/") as resp:
+            assert resp.status == 200 and "keyturn Slack sandbox" in await resp.text()
+        async with http.get("/sandbox/messages") as resp:
+            assert ts in json.dumps(await resp.json())
+        async with http.post(
+            "/sandbox/click", json={"ts": "1.000000", "action_id": APPROVE, "user": "U_ALICE"}
+        ) as resp:
+            assert resp.status == 404
+        async with http.post("/sandbox/click", data="nope") as resp:
+            assert resp.status == 400
+        async with http.post(
+            "/sandbox/click", json={"ts": ts, "action_id": DENY, "user": "U_ALICE"}
+        ) as resp:
+            assert (await resp.json())["status"] == 200
+        await slack.wait_for("views.open")
+        async with http.post(
+            "/sandbox/submit", json={"user": "U_ALICE", "values": {"reason": "sandboxed"}}
+        ) as resp:
+            assert (await resp.json())["status"] == 200
+        await rb.until(lambda: _eq(rb.status(request_id), "denied"))

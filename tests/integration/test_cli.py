@@ -171,10 +171,13 @@ def test_dev_stack_runs_the_gateway(tmp_path: Path) -> None:
     proc = keyturn("dev", "--once", "--state-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "keyturn dev stack is up" in proc.stdout
-    assert "smoke test: allowed SELECT -> 200 executed" in proc.stdout
+    assert "smoke test: allowed SELECT -> executed" in proc.stdout
+    assert "smoke test: held UPDATE -> pending" in proc.stdout
+    assert "approved by U_APPROVER -> approved" in proc.stdout
     assert "'***'" in proc.stdout  # the demo's email column is masked
     state = json.loads((tmp_path / "stack.json").read_text())
     assert state["gateway_url"].startswith("http://127.0.0.1:")
+    assert state["slack_sandbox"].startswith("http://127.0.0.1:")
     assert stat.S_IMODE((tmp_path / "stack.json").stat().st_mode) == 0o600
     assert state["dev_secret"] not in proc.stdout and "password" not in proc.stdout.lower()
 
