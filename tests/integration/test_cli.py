@@ -234,36 +234,6 @@ def test_gateway_with_postgres_down(tmp_path: Path) -> None:
     one_line_error(proc, "cannot connect to Postgres")
 
 
-def test_gateway_starts_and_serves_health(postgres_server: PostgresServer, tmp_path: Path) -> None:
-    config = tmp_path / "policy.yml"
-    port = free_port()
-    config.write_text(
-        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
-        f"gateway: {{listen: '127.0.0.1:{port}', auth: {{algorithms: [HS256]}}}}\n"
-    )
-    name = f"gw_{uuid.uuid4().hex[:8]}"
-    asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | {
-        "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
-        "KEYTURN_GATEWAY_DEV_SECRET": "s" * 32,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", "gateway", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert "listening on" in proc.stdout.readline()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            assert json.load(resp) == {"status": "ok"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        asyncio.run(postgres_server.execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
-
-
 def test_gateway_needs_its_dev_secret_for_hs256(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
@@ -314,30 +284,58 @@ def test_bot_configuration_errors(env: dict[str, str], fragment: str) -> None:
     one_line_error(keyturn("bot", "--config", str(EXAMPLE), **env), fragment)
 
 
-def test_bot_starts_in_http_mode(postgres_server: PostgresServer, tmp_path: Path) -> None:
-    config = tmp_path / "policy.yml"
+SSH_ONLY = (
+    "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "section", "env", "banner"),
+    [
+        (
+            "gateway",
+            "gateway: {{listen: '127.0.0.1:{port}', auth: {{algorithms: [HS256]}}}}",
+            {"KEYTURN_GATEWAY_DEV_SECRET": "s" * 32},
+            "listening on",
+        ),
+        (
+            "bot",
+            "bot: {{listen: '127.0.0.1:{port}'}}",
+            {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-test", "KEYTURN_SLACK_SIGNING_SECRET": "s" * 32},
+            "/slack/events",
+        ),
+    ],
+)
+def test_processes_start_and_serve_health(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    command: str,
+    section: str,
+    env: dict[str, str],
+    banner: str,
+) -> None:
     port = free_port()
-    config.write_text(
-        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
-        f"bot: {{listen: '127.0.0.1:{port}'}}\n"
-    )
-    name = f"bot_{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "policy.yml"
+    config.write_text(SSH_ONLY + section.format(port=port) + "\n")
+    name = f"{command}_{uuid.uuid4().hex[:8]}"
     asyncio.run(postgres_server.execute(f'CREATE DATABASE "{name}"'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | {
-        "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
-        "KEYTURN_SLACK_BOT_TOKEN": "xoxb-test",
-        "KEYTURN_SLACK_SIGNING_SECRET": "s" * 32,
-        "KEYTURN_SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/",
-    }
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")}
+        | env
+        | {
+            "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
+            "KEYTURN_SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/",
+        }
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", "bot", "--config", str(config)],
+        [sys.executable, "-m", "keyturn.cli", command, "--config", str(config)],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout is not None
-        assert "/slack/events" in proc.stdout.readline()
+        assert banner in proc.stdout.readline()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
             assert json.load(resp) == {"status": "ok"}
     finally:
