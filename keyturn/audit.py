@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
@@ -190,14 +190,6 @@ class ChainWalker:
             else:
                 self.broken = Break(head.seq, "the chain head does not match the events")
         return VerifyResult(self.checked, self.broken)
-
-
-def verify_rows(rows: Iterable[StoredEvent], head: AuditHeadRow | None) -> VerifyResult:
-    walker = ChainWalker()
-    for row in rows:
-        if not walker.feed(row):
-            break
-    return walker.finish(head)
 
 
 async def _stream(store: Store, since: int = 0) -> AsyncGenerator[StoredEvent, None]:

@@ -264,7 +264,6 @@ class GatewayConfig(Model):
     auth: GatewayAuth = GatewayAuth()
     statement_timeout: Duration = timedelta(seconds=5)
     row_limit: int = Field(default=1000, ge=1, le=100_000)
-    output_limit_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
     max_wait: Duration = timedelta(seconds=60)

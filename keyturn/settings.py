@@ -34,7 +34,6 @@ class Settings(BaseSettings):
     slack_signing_secret: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_api_url: str | None = None  # a Slack API emulator (tests, keyturn dev)
-    log_level: str = "INFO"
 
     def dsn(self) -> Dsn:
         if self.database_url is None:

@@ -96,7 +96,6 @@ class Listener:
         self._lost = asyncio.Event()
         self.connected = asyncio.Event()
         self.connects = 0  # how many times a LISTEN connection was established
-        self.received = 0
 
     # ------------------------------------------------------------ waiting side
 
@@ -146,7 +145,6 @@ class Listener:
     # ------------------------------------------------------------ connection side
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.received += 1
         kind, _, ident = payload.partition(":")
         self._dispatch(kind, ident)
 
