@@ -127,7 +127,7 @@ class Gateway:
         target = self.policy.targets[cmd.target]
         if verdict.action == "allow" and isinstance(target, PostgresTarget):
             return 200, await self._run_allowed(cmd, who, verdict, idempotency_key, body_sha)
-        return 202, await self._hold(cmd, who, verdict, target, idempotency_key, body_sha)
+        return 202, await self._hold(cmd, who, verdict, idempotency_key, body_sha)
 
     def _outcome(
         self, cmd: CommandIn, who: Identity, verdict: Verdict, *, status: str, **extra: Any
@@ -234,7 +234,6 @@ class Gateway:
         cmd: CommandIn,
         who: Identity,
         verdict: Verdict,
-        target: object,
         key: str | None,
         body_sha: str,
     ) -> CommandOut:
