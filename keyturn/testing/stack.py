@@ -311,7 +311,7 @@ def _run(
             return 0
         print("Ctrl-C stops everything and deletes the throwaway data.")
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
     return 0
