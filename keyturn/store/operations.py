@@ -720,21 +720,26 @@ async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Re
     return row
 
 
+async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
+    """Run a conditional UPDATE; True when it changed exactly one row (the condition held)."""
+    async with store.driver() as conn:
+        return bool(await conn.execute(sql, *args) == "UPDATE 1")
+
+
 async def card_posted(
     store: Store, request_id: uuid.UUID, replica: str, channel: str, ts: str, status: str
 ) -> bool:
     """Record where the card is; False when another replica's claim replaced ours."""
-    async with store.driver() as conn:
-        done = await conn.execute(
-            "UPDATE requests SET slack_channel = $3, slack_ts = $4, card_status = $5"
-            " WHERE id = $1 AND card_claimed_by = $2 AND slack_ts IS NULL",
-            request_id,
-            replica,
-            channel,
-            ts,
-            status,
-        )
-    return bool(done == "UPDATE 1")
+    return await _changed_one(
+        store,
+        "UPDATE requests SET slack_channel = $3, slack_ts = $4, card_status = $5"
+        " WHERE id = $1 AND card_claimed_by = $2 AND slack_ts IS NULL",
+        request_id,
+        replica,
+        channel,
+        ts,
+        status,
+    )
 
 
 async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> None:
@@ -767,12 +772,11 @@ async def take_card_update(
     store: Store, request_id: uuid.UUID, shown: str | None, status: str | None
 ) -> bool:
     """Compare-and-set the status the card shows: exactly one replica renders each change."""
-    async with store.driver() as conn:
-        done = await conn.execute(
-            "UPDATE requests SET card_status = $3 WHERE id = $1"
-            " AND card_status IS NOT DISTINCT FROM $2",
-            request_id,
-            shown,
-            status,
-        )
-    return bool(done == "UPDATE 1")
+    return await _changed_one(
+        store,
+        "UPDATE requests SET card_status = $3 WHERE id = $1"
+        " AND card_status IS NOT DISTINCT FROM $2",
+        request_id,
+        shown,
+        status,
+    )

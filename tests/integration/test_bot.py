@@ -448,7 +448,9 @@ async def test_a_decision_survives_a_failing_card_update(
         await rb.until(  # and the card catches up on a later pass
             lambda: _true("Approved" in blocks_text(slack.message(CHANNEL, ts).blocks)), 30
         )
-        assert len(slack.thread(CHANNEL, ts)) == 1
+        await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))  # posted after it
+        await asyncio.sleep(1)
+        assert len(slack.thread(CHANNEL, ts)) == 1  # and only once
 
 
 async def test_the_sandbox_drives_the_bot(run_bot: BotFactory, slack: SlackEmulator) -> None:
