@@ -369,6 +369,7 @@ async def test_expired_request_card_loses_its_buttons(
         await rb.until(lambda: _eq(rb.status(request_id), "expired"))
         await rb.until(lambda: _true("Expired" in blocks_text(slack.message(CHANNEL, ts).blocks)))
         assert APPROVE not in blocks_text(slack.message(CHANNEL, ts).blocks)
+        await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
         assert "Expired" in slack.thread(CHANNEL, ts)[0].text
 
 
