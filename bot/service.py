@@ -231,11 +231,16 @@ class Bot:
             channel=row.slack_channel, thread_ts=row.slack_ts, text=text
         )
         if row.on_behalf_of and row.on_behalf_of[:1] in ("U", "W"):
-            dm = await self.client.conversations_open(users=row.on_behalf_of)
-            await self.client.chat_postMessage(
-                channel=dm["channel"]["id"],
-                text=f"Your agent `{row.requester}` asked to run on `{row.target}`: {text}",
-            )
+            # A courtesy: when it fails it is logged, not retried, so that a retry of the
+            # whole announcement cannot post the thread message twice.
+            try:
+                dm = await self.client.conversations_open(users=row.on_behalf_of)
+                await self.client.chat_postMessage(
+                    channel=dm["channel"]["id"],
+                    text=f"Your agent `{row.requester}` asked to run on `{row.target}`: {text}",
+                )
+            except SLACK_ERRORS as exc:
+                log.warning("could not DM %s about %s: %s", row.on_behalf_of, row.id, exc)
 
     async def sync(self) -> None:
         """One pass: expire overdue requests, post missing cards, refresh stale ones."""

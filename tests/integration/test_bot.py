@@ -478,3 +478,17 @@ async def test_the_sandbox_drives_the_bot(run_bot: BotFactory, slack: SlackEmula
         ) as resp:
             assert (await resp.json())["status"] == 200
         await rb.until(lambda: _eq(rb.status(request_id), "denied"))
+
+
+async def test_a_failing_dm_does_not_repeat_the_thread_message(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        slack.fail("conversations.open", 500, times=8)
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
+        await asyncio.sleep(1.5)  # several sync passes
+        assert len(slack.thread(CHANNEL, ts)) == 1
+        assert not any(m.channel.startswith("D") for ms in slack.messages.values() for m in ms)
