@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.cards import APPROVE, DENY, DENY_MODAL, REASON_BLOCK, REASON_INPUT
+from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
 from bot.service import Bot
 from keyturn.errors import InvalidInput
 
@@ -34,6 +35,22 @@ def register(app: AsyncApp, bot: Bot) -> None:
         await ack()
         request_id, user, channel = _clicked(body)
         problem = await bot.open_deny(request_id, user, body["trigger_id"])
+        if problem:
+            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+
+    @app.action(REVOKE)
+    async def revoke(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        grant_id, user, channel = _clicked(body)
+        problem = await bot.revoke(grant_id, user)
+        if problem:
+            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+
+    @app.action(re.compile(f"^{EXTEND}_\\d+$"))
+    async def extend(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        value, user, channel = _clicked(body)
+        problem = await bot.extend(value, user)
         if problem:
             await client.chat_postEphemeral(channel=channel, user=user, text=problem)
 

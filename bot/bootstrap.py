@@ -17,6 +17,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.app import register
+from bot.credentials import Issuer
 from bot.service import Bot
 from keyturn.aio import cancel
 from keyturn.errors import ConfigError
@@ -24,6 +25,7 @@ from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
+from keyturn.vault import AppRoleLogin, Vault
 
 BOT_KEY = web.AppKey("bot", Bot)
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
@@ -43,15 +45,40 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     )
 
 
+def bot_vault(settings: Settings, policy: Policy) -> Vault:
+    addr = settings.vault_addr or policy.vault.addr
+    if not addr:
+        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
+    if not (settings.bot_role_id and settings.bot_secret_id):
+        raise ConfigError(
+            "the bot needs its AppRole to issue credentials: "
+            "set KEYTURN_BOT_ROLE_ID and KEYTURN_BOT_SECRET_ID"
+        )
+    login = AppRoleLogin(
+        settings.bot_role_id, settings.bot_secret_id.get_secret_value(), policy.vault.approle_mount
+    )
+    return Vault(addr, approle=login)
+
+
 def build(
-    policy: Policy, store: Store, client: AsyncWebClient, signing_secret: str | None
+    policy: Policy,
+    store: Store,
+    client: AsyncWebClient,
+    signing_secret: str | None,
+    vault: Vault,
 ) -> tuple[Bot, AsyncApp]:
     """HTTP mode with a signing secret; without one, Socket Mode (Slack signs nothing there)."""
     if signing_secret is None:
         app = AsyncApp(client=client, request_verification_enabled=False)
     else:
         app = AsyncApp(client=client, signing_secret=signing_secret)
-    bot = Bot(policy=policy, store=store, listener=Listener(store.dsn), client=client)
+    bot = Bot(
+        policy=policy,
+        store=store,
+        listener=Listener(store.dsn),
+        client=client,
+        issuer=Issuer(policy, vault),
+    )
     register(app, bot)
     return bot, app
 
@@ -63,6 +90,7 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     yield
     await cancel(runner)
     await bot.listener.stop()
+    await bot.issuer.vault.close()
     await bot.store.close()
 
 
@@ -94,10 +122,11 @@ async def serve(settings: Settings, policy: Policy) -> None:
         raise ConfigError(
             "set KEYTURN_SLACK_SIGNING_SECRET (HTTP mode) or KEYTURN_SLACK_APP_TOKEN (Socket Mode)"
         )
+    vault = bot_vault(settings, policy)
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
     store = Store(settings.dsn())
     signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]
-    bot, bolt = build(policy, store, client, signing)
+    bot, bolt = build(policy, store, client, signing, vault)
     await store.ping()
     runner = web.AppRunner(web_application(bot, bolt, http_mode=app_token is None), access_log=None)
     await runner.setup()

@@ -15,6 +15,8 @@ from typing import Any
 
 APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
+REVOKE = "keyturn_revoke"
+EXTEND = "keyturn_extend"  # one button per choice: keyturn_extend_<seconds>
 DENY_MODAL = "keyturn_deny_reason"
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason_input"
@@ -65,6 +67,20 @@ class CardState:
     estimated_rows: int | None = None
     grant_ttl_seconds: int | None = None
     votes: list[Vote] = field(default_factory=list)
+    error: str | None = None
+    credentials: Credentials | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The grant behind an approved request, as its card shows it."""
+
+    grant_id: str | None  # None while issuance waits for Vault
+    status: str  # active | revoked | expired | pending
+    expires_at: datetime | None = None
+    ended_by: str | None = None
+    note: str | None = None  # why issuance is waiting
+    extend_choices: list[int] = field(default_factory=list)  # seconds, all within max TTL
 
 
 def _duration(seconds: int | None) -> str:
@@ -87,6 +103,9 @@ def _outcome(state: CardState) -> str:
         return ":hourglass: Expired: nobody decided in time"
     if state.status == "cancelled":
         return ":no_entry_sign: Cancelled by the requester"
+    if state.status == "failed" and state.error:
+        who_text = who or "policy"
+        return f":warning: Approved by {who_text}; failed: {escape(state.error[:500])}"
     verb = {
         "approved": "Approved",
         "executing": "Approved, running",
@@ -149,29 +168,61 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
             "text": {"type": "mrkdwn", "text": _outcome(state)},
         }
     )
+    if state.credentials is not None:
+        blocks += _credentials_blocks(state.credentials)
     if state.status == "pending":
         blocks.append(
             {
                 "type": "actions",
                 "block_id": "decide",
                 "elements": [
-                    {
-                        "type": "button",
-                        "action_id": APPROVE,
-                        "value": state.id,
-                        "style": "primary",
-                        "text": {"type": "plain_text", "text": "Approve"},
-                    },
-                    {
-                        "type": "button",
-                        "action_id": DENY,
-                        "value": state.id,
-                        "style": "danger",
-                        "text": {"type": "plain_text", "text": "Deny"},
-                    },
+                    _button(APPROVE, "Approve", state.id, "primary"),
+                    _button(DENY, "Deny", state.id, "danger"),
                 ],
             }
         )
+    return blocks
+
+
+def _credentials_text(creds: Credentials) -> str:
+    until = f"{creds.expires_at:%H:%M:%S} UTC" if creds.expires_at else "—"
+    if creds.status == "pending":
+        return f":hourglass_flowing_sand: Credentials pending: {escape(creds.note or '')}; retrying"
+    if creds.status == "active":
+        return f":key: Credentials active until {until}"
+    if creds.status == "revoked":
+        by = mention(creds.ended_by) if creds.ended_by != "keyturn" else "keyturn"
+        return f":lock: Credentials revoked by {by}"
+    return f":lock: Credentials expired at {until}"
+
+
+def _button(action_id: str, text: str, value: str, style: str | None = None) -> dict[str, Any]:
+    button: dict[str, Any] = {
+        "type": "button",
+        "action_id": action_id,
+        "value": value,
+        "text": {"type": "plain_text", "text": text},
+    }
+    if style:
+        button["style"] = style
+    return button
+
+
+def _credentials_blocks(creds: Credentials) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "section",
+            "block_id": "credentials",
+            "text": {"type": "mrkdwn", "text": _credentials_text(creds)},
+        }
+    ]
+    if creds.status == "active" and creds.grant_id:
+        buttons = [_button(REVOKE, "Revoke now", creds.grant_id, "danger")]
+        buttons += [
+            _button(f"{EXTEND}_{s}", f"Extend +{_duration(s)}", f"{creds.grant_id}:{s}")
+            for s in creds.extend_choices
+        ]
+        blocks.append({"type": "actions", "block_id": "grant", "elements": buttons})
     return blocks
 
 

@@ -13,25 +13,64 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.cards import CardState, Vote, approval_card, card_text, deny_modal, outcome_message
+from bot.cards import (
+    CardState,
+    Credentials,
+    Vote,
+    approval_card,
+    card_text,
+    deny_modal,
+    outcome_message,
+)
+from bot.credentials import Issuer
+from bot.revocation import Revoker
 from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval
-from keyturn.errors import InvalidInput, KeyturnError, NotFound
+from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy
+from keyturn.store import grants
 from keyturn.store import operations as ops
-from keyturn.store.db import Store
+from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener
-from keyturn.store.models import RequestRow
+from keyturn.store.models import GrantRow, RequestRow
+from keyturn.vault import VaultUnauthenticated
 
 log = logging.getLogger(__name__)
 
 SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
+EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds; only those within the max TTL show
+MAX_RETRY_DELAY = 60.0
 
 
-def card_state(row: RequestRow) -> CardState:
+def retry_delay(attempts: int) -> timedelta:
+    """Backoff between attempts to issue credentials: 1 s, 2 s, 4 s, … at most a minute."""
+    return timedelta(seconds=min(MAX_RETRY_DELAY, 2.0 ** max(attempts - 1, 0)))
+
+
+def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Credentials | None:
+    if grant is None:
+        if row.status == "approved" and row.issue_attempts:
+            return Credentials(None, "pending", note=row.issue_error)
+        return None
+    headroom = (grant.max_expires_at or grant.expires_at) - max(now, grant.expires_at)
+    return Credentials(
+        grant_id=str(grant.id),
+        status=grant.status,
+        expires_at=grant.expires_at,
+        ended_by=grant.ended_by,
+        extend_choices=[s for s in EXTEND_CHOICES if timedelta(seconds=s) <= headroom]
+        if grant.lease_id
+        else [],
+    )
+
+
+def card_state(
+    row: RequestRow, grant: GrantRow | None = None, now: datetime | None = None
+) -> CardState:
     classification = row.classification or {}
     return CardState(
         id=str(row.id),
@@ -49,6 +88,8 @@ def card_state(row: RequestRow) -> CardState:
         estimated_rows=classification.get("estimated_rows"),
         grant_ttl_seconds=row.grant_ttl_seconds,
         votes=[Vote(a.approver, a.decision, a.reason) for a in row.approvals],
+        error=row.error,
+        credentials=credentials_of(row, grant, now or utcnow()),
     )
 
 
@@ -85,15 +126,30 @@ class Bot:
     store: Store
     listener: Listener
     client: AsyncWebClient
+    issuer: Issuer
     replica: str = field(default_factory=lambda: f"bot-{uuid.uuid4().hex[:8]}")
     directory: ApproverDirectory = field(init=False)
+    revoker: Revoker = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.directory = ApproverDirectory(
             self.client, self.policy.bot.usergroup_cache.total_seconds()
         )
-        self.listener.subscribe(lambda kind, _ident: self._wake.set() if kind != "grant" else None)
+        self.revoker = Revoker(self.store, self.issuer, self.policy.bot)
+        self.listener.subscribe(self._notified)
+
+    def _notified(self, kind: str, ident: str) -> None:
+        self._wake.set()
+        if kind == "grant":
+            task = asyncio.create_task(self.revoker.on_grant(uuid.UUID(ident)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == "*":  # reconnected: notifications may have been lost
+            task = asyncio.create_task(self.revoker.reschedule_all())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ who decides
 
@@ -128,7 +184,9 @@ class Bot:
             return "you already approved this request; it needs another approver"
         except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
             return _explain(exc)
-        await self.refresh_card(result.request.id)
+        if result.decided:
+            await self.issue_credentials(row.id)
+        await self.refresh_card(row.id)
         return None
 
     async def open_deny(self, request_id: str, user: str, trigger_id: str) -> str | None:
@@ -155,6 +213,67 @@ class Bot:
         await self.refresh_card(row.id)
         return None
 
+    # ------------------------------------------------------------------ credentials
+
+    async def issue_credentials(self, request_id: uuid.UUID) -> None:
+        """Mint and record credentials; while Vault is unavailable, retry with backoff."""
+        try:
+            grant = await grants.issue(self.store, request_id, self.issuer.mint, self.issuer.unmint)
+        except (Unavailable, VaultUnauthenticated) as exc:
+            row = await ops.get_request(self.store, request_id)
+            decided = row.decided_at or utcnow()
+            give_up = utcnow() - decided > self.policy.bot.issue_timeout
+            delay = None if give_up else retry_delay(row.issue_attempts + 1)
+            log.warning("credentials for %s are delayed: %s", request_id, exc.message)
+            await grants.issue_failed(self.store, request_id, exc.message, delay)
+            return
+        except KeyturnError as exc:  # refused or misconfigured: retrying will not help
+            log.error("credentials for %s could not be issued: %s", request_id, exc.message)
+            await grants.issue_failed(self.store, request_id, exc.message, None)
+            return
+        if grant is not None:
+            self.revoker.schedule(grant.id, grant.expires_at)
+
+    async def _check_grant_approver(self, grant_id: str, user: str) -> GrantRow:
+        try:
+            grant = await grants.get_grant(self.store, uuid.UUID(grant_id))
+        except ValueError:
+            raise NotFound("this card refers to no grant") from None
+        if grant.request_id is None:
+            raise NotFound("this grant belongs to no request")
+        await self._check_approver(str(grant.request_id), user)
+        return grant
+
+    async def revoke(self, grant_id: str, user: str) -> str | None:
+        """Revoke now: the lease dies in Vault (its sessions end), the card says who did it."""
+        try:
+            grant = await self._check_grant_approver(grant_id, user)
+            await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
+        except (NotApprover, NotFound, IllegalTransition, Forbidden, Unavailable) as exc:
+            return _explain(exc)
+        self.revoker.unschedule(grant.id)
+        if grant.request_id is not None:
+            await self.refresh_card(grant.request_id)
+        return None
+
+    async def extend(self, value: str, user: str) -> str | None:
+        """``<grant id>:<seconds>`` from an Extend button: renew the lease, move the job."""
+        grant_id, _, seconds = value.partition(":")
+        try:
+            grant = await self._check_grant_approver(grant_id, user)
+            extra = timedelta(seconds=int(seconds))
+            row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
+        except ValueError:
+            return "this button carries no valid extension"
+        except (NotApprover, NotFound, IllegalTransition, InvalidInput, Forbidden) as exc:
+            return _explain(exc)
+        except Unavailable as exc:
+            return f"{exc.message}; nothing was changed"
+        self.revoker.schedule(row.id, row.expires_at)
+        if row.request_id is not None:
+            await self.refresh_card(row.request_id)
+        return None
+
     # ------------------------------------------------------------------ cards
 
     async def post_pending_cards(self) -> int:
@@ -175,7 +294,7 @@ class Bot:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
                 await ops.release_card(self.store, row.id, self.replica)
                 raise
-            version = ops.card_version(row.status, len(row.approvals))
+            version = ops.card_version(row.status, len(row.approvals), None, row.issue_attempts)
             if await ops.card_posted(self.store, row.id, self.replica, channel, ts, version):
                 posted += 1
         return posted
@@ -203,14 +322,14 @@ class Bot:
 
     async def refresh_card(self, request_id: uuid.UUID) -> None:
         """Bring a card up to date; the replica that wins the compare-and-set posts the news."""
-        row = await ops.get_request(self.store, request_id)
-        current = ops.card_version(row.status, len(row.approvals))
+        row, grant = await ops.card_of(self.store, request_id)
+        current = ops.card_version(row.status, len(row.approvals), grant, row.issue_attempts)
         if row.slack_ts is None or row.slack_channel is None or row.card_status == current:
             return
         shown = row.card_status
         if not await ops.take_card_update(self.store, row.id, shown, current):
             return
-        state = card_state(row)
+        state = card_state(row, grant)
         try:
             await self.client.chat_update(
                 channel=row.slack_channel,
@@ -243,8 +362,13 @@ class Bot:
                 log.warning("could not DM %s about %s: %s", row.on_behalf_of, row.id, exc)
 
     async def sync(self) -> None:
-        """One pass: expire overdue requests, post missing cards, refresh stale ones."""
+        """One pass: expire overdue requests, issue credentials, end grants whose command
+        has run, post missing cards, refresh stale ones."""
+        await self.revoker.rebuild_once()
         await ops.expire_due_requests(self.store)
+        for request_id in await grants.awaiting_credentials(self.store):
+            await self.issue_credentials(request_id)
+        await self.revoker.end_finished()
         await self.post_pending_cards()
         for request_id in await ops.stale_cards(self.store):
             await self.refresh_card(request_id)
@@ -253,6 +377,13 @@ class Bot:
         """Wake on notifications, poll as the guarantee, back off while Slack is down."""
         interval = self.policy.bot.poll_interval.total_seconds()
         delay = 1.0
+        self.revoker.start()
+        try:
+            await self._loop(interval, delay)
+        finally:
+            self.revoker.stop()
+
+    async def _loop(self, interval: float, delay: float) -> None:
         while True:
             self._wake.clear()
             try:
@@ -274,5 +405,5 @@ class NotApprover(KeyturnError):
 
 def _explain(exc: Exception) -> str:
     if isinstance(exc, IllegalTransition):
-        return f"this request is already {exc.current}; nothing was changed"
+        return f"this {exc.kind} is already {exc.current}; nothing was changed"
     return str(exc)

@@ -73,6 +73,7 @@ class IllegalTransition(Conflict):
 
     def __init__(self, kind: str, current: str, target: str) -> None:
         super().__init__(f"{kind} is {current}; it cannot become {target}")
+        self.kind = kind
         self.current = current
         self.target = target
 

@@ -289,6 +289,9 @@ class BotConfig(Model):
     poll_interval: Duration = timedelta(seconds=3)
     card_claim_timeout: Duration = timedelta(seconds=60)
     usergroup_cache: Duration = timedelta(seconds=60)
+    sweep_interval: Duration = timedelta(seconds=15)  # revocation's guarantee behind the jobs
+    orphan_grace: Duration = timedelta(seconds=60)  # unknown this long -> an orphan lease
+    issue_timeout: Duration = timedelta(minutes=15)  # keep retrying Vault this long, then fail
 
 
 class Policy(Model):

@@ -1,7 +1,8 @@
 """The one place that talks to Vault / OpenBao.
 
-hvac is blocking, so every call runs in a worker thread (``asyncio.to_thread``) and the event
-loop never waits on the network. Failures become keyturn errors that say what is wrong and
+hvac is blocking, so every call runs in a worker thread (a pool of its own, so a sweep that
+revokes hundreds of leases at once is not throttled by the loop's small default executor) and
+the event loop never waits on the network. Failures become keyturn errors that say what is wrong and
 what to do: :class:`VaultUnavailable` (down or unreachable), :class:`VaultSealed`,
 :class:`VaultForbidden` (the token's policy refuses), :class:`VaultUnauthenticated`.
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -29,6 +32,8 @@ from keyturn.errors import Forbidden, KeyturnError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+THREADS = 16  # concurrent Vault calls per process
 
 
 class VaultUnavailable(Unavailable):
@@ -123,7 +128,14 @@ class Vault:
     ) -> None:
         self.addr = addr.rstrip("/")
         self._approle = approle
-        self._client = hvac.Client(url=self.addr, token=token, timeout=timeout, verify=verify)
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=THREADS)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._client = hvac.Client(
+            url=self.addr, token=token, timeout=timeout, verify=verify, session=session
+        )
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="keyturn-vault")
         self._timeout = timeout
         self._verify = verify
         self._renewer: asyncio.Task[None] | None = None
@@ -131,8 +143,9 @@ class Vault:
         self._token_ttl = 0
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await loop.run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
         except (hvac.exceptions.VaultError, requests.exceptions.RequestException) as exc:
             raise _translate(exc, self.addr, what) from None
 
@@ -240,6 +253,7 @@ class Vault:
         self._renewer = None
         with contextlib.suppress(Exception):
             self._client.adapter.close()
+        self._threads.shutdown(wait=False)
 
     async def health(self) -> dict[str, Any]:
         """Raises VaultSealed / VaultUnavailable unless Vault is initialized and unsealed."""
@@ -300,6 +314,35 @@ class Vault:
             renewable=bool(result["renewable"]),
             data=result["data"],
         )
+
+    async def sign_ssh_key(
+        self,
+        path: str,
+        public_key: str,
+        *,
+        principal: str,
+        ttl: timedelta,
+        critical_options: dict[str, str],
+    ) -> tuple[str, str]:
+        """Have the SSH CA at ``path`` (``<mount>/sign/<role>``) sign a user key.
+
+        Returns ``(certificate, serial)``. No extensions: no pty, no forwarding.
+        """
+        result = await self.write(
+            path,
+            {
+                "public_key": public_key,
+                "valid_principals": principal,
+                "cert_type": "user",
+                "ttl": f"{int(ttl.total_seconds())}s",
+                "critical_options": critical_options,
+                "extensions": {},
+            },
+        )
+        data = (result or {}).get("data") or {}
+        if not data.get("signed_key"):
+            raise VaultRequestError(f"Vault returned no certificate from {path}")
+        return str(data["signed_key"]), str(data.get("serial_number", ""))
 
     async def renew_lease(self, lease_id: str, increment: timedelta) -> int:
         """Renew by ``increment`` (always pass one: none *shortens* to the default TTL)."""

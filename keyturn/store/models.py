@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -83,7 +84,11 @@ class RequestRow(Base):
     slack_ts: Mapped[str | None] = mapped_column(String(50))
     card_claimed_by: Mapped[str | None] = mapped_column(String(100))
     card_claimed_at: Mapped[datetime | None]
-    card_status: Mapped[str | None] = mapped_column(String(20))  # the status the card shows
+    card_status: Mapped[str | None] = mapped_column(String(100))  # the version the card shows
+    # credentials for an approved request: retried with backoff while Vault is unavailable
+    issue_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    issue_after: Mapped[datetime | None]
+    issue_error: Mapped[str | None] = mapped_column(Text)
 
     approvals: Mapped[list[ApprovalRow]] = relationship(
         back_populates="request", order_by="ApprovalRow.id", lazy="selectin"
@@ -110,6 +115,12 @@ class GrantRow(Base):
     __table_args__ = (
         Index("ix_grants_active_expiry", "expires_at", postgresql_where="status = 'active'"),
         CheckConstraint("status IN ('active', 'revoked', 'expired')", name="status_known"),
+        Index(
+            "uq_grants_active_request",
+            "request_id",
+            unique=True,
+            postgresql_where="status = 'active'",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -123,6 +134,14 @@ class GrantRow(Base):
     expires_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
     ended_by: Mapped[str | None] = mapped_column(String(200))
+    kind: Mapped[str | None] = mapped_column(String(20))  # postgres | ssh
+    command_sha256: Mapped[str | None] = mapped_column(String(64))  # the approved command
+    one_shot: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # The single-use, short-lived Vault wrapping token the gateway consumes (never the
+    # credentials themselves); cleared when a gateway claims it.
+    handoff_token: Mapped[str | None] = mapped_column(Text)
+    handoff_expires_at: Mapped[datetime | None]
+    max_expires_at: Mapped[datetime | None]  # the role's ceiling for Extend
 
 
 class AuditEventRow(Base):

@@ -26,8 +26,6 @@ from keyturn import audit
 from keyturn.domain import (
     Approval,
     Decision,
-    Grant,
-    GrantStatus,
     Request,
     RequestStatus,
     command_sha256,
@@ -46,7 +44,7 @@ class IdempotencyConflict(Conflict):
 # ---------------------------------------------------------------- mapping rows <-> domain
 
 
-def _request(row: RequestRow) -> Request:
+def request_of(row: RequestRow) -> Request:
     return Request(
         id=row.id,
         target=row.target,
@@ -64,7 +62,7 @@ def _request(row: RequestRow) -> Request:
     )
 
 
-def _save_request(tx: Tx, row: RequestRow, req: Request, now: datetime) -> None:
+def save_request(tx: Tx, row: RequestRow, req: Request, now: datetime) -> None:
     for vote in req.approvals[len(row.approvals) :]:
         row.approvals.append(
             ApprovalRow(
@@ -80,20 +78,7 @@ def _save_request(tx: Tx, row: RequestRow, req: Request, now: datetime) -> None:
     row.updated_at = now
 
 
-def _grant(row: GrantRow) -> Grant:
-    return Grant(
-        id=row.id,
-        subject=row.subject,
-        target=row.target,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        request_id=row.request_id,
-        status=GrantStatus(row.status),
-        ended_at=row.ended_at,
-    )
-
-
-async def _locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
+async def locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
     row = (
         await tx.session.scalars(
             select(RequestRow).where(RequestRow.id == request_id).with_for_update(of=RequestRow)
@@ -101,17 +86,6 @@ async def _locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
     ).one_or_none()
     if row is None:
         raise NotFound(f"request {request_id} not found")
-    return row
-
-
-async def _locked_grant(tx: Tx, grant_id: uuid.UUID) -> GrantRow:
-    row = (
-        await tx.session.scalars(
-            select(GrantRow).where(GrantRow.id == grant_id).with_for_update(of=GrantRow)
-        )
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"grant {grant_id} not found")
     return row
 
 
@@ -330,15 +304,15 @@ async def decide(
 ) -> DecisionResult:
     """Record an approve or deny vote. Who may vote is the caller's check (policy approvers)."""
     async with store.transaction() as tx:
-        row = await _locked_request(tx, request_id)
-        req = _request(row)
+        row = await locked_request(tx, request_id)
+        req = request_of(row)
         now = utcnow()
         if decision is Decision.APPROVE:
             decided = req.approve(approver, now)
         else:
             req.deny(approver, reason or "", now)
             decided = True
-        _save_request(tx, row, req, now)
+        save_request(tx, row, req, now)
         kind = {
             (Decision.APPROVE, True): "request.approved",
             (Decision.APPROVE, False): "request.approval_recorded",
@@ -358,11 +332,11 @@ async def decide(
 
 async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> RequestRow:
     async with store.transaction() as tx:
-        row = await _locked_request(tx, request_id)
-        req = _request(row)
+        row = await locked_request(tx, request_id)
+        req = request_of(row)
         now = utcnow()
         req.cancel(by, now)
-        _save_request(tx, row, req, now)
+        save_request(tx, row, req, now)
         await audit.append(tx, "request.cancelled", by, request_id=row.id)
         await tx.notify("request", row.id)
     return row
@@ -385,9 +359,9 @@ async def expire_due_requests(store: Store, *, limit: int = 100) -> list[Request
             )
         ).all()
         for row in rows:
-            req = _request(row)
+            req = request_of(row)
             req.expire(now)
-            _save_request(tx, row, req, now)
+            save_request(tx, row, req, now)
             await audit.append(tx, "request.expired", "keyturn", request_id=row.id)
             await tx.notify("request", row.id)
     return list(rows)
@@ -396,10 +370,10 @@ async def expire_due_requests(store: Store, *, limit: int = 100) -> list[Request
 async def start_execution(store: Store, request_id: uuid.UUID, sha256: str) -> RequestRow:
     """Claim an approved request for running; a second claim conflicts (approval used once)."""
     async with store.transaction() as tx:
-        row = await _locked_request(tx, request_id)
-        req = _request(row)
+        row = await locked_request(tx, request_id)
+        req = request_of(row)
         req.start_execution(sha256)
-        _save_request(tx, row, req, utcnow())
+        save_request(tx, row, req, utcnow())
         await audit.append(tx, "request.executing", "keyturn", request_id=row.id)
         await tx.notify("request", row.id)
     return row
@@ -415,13 +389,13 @@ async def finish_execution(
 ) -> RequestRow:
     """Record the outcome; ``error`` set means failed. Store only masked results here."""
     async with store.transaction() as tx:
-        row = await _locked_request(tx, request_id)
-        req = _request(row)
+        row = await locked_request(tx, request_id)
+        req = request_of(row)
         if req.status is RequestStatus.APPROVED:
             req.fail()
         else:
             req.finish(ok=error is None)
-        _save_request(tx, row, req, utcnow())
+        save_request(tx, row, req, utcnow())
         row.result, row.error = result, error
         await audit.append(
             tx,
@@ -432,124 +406,6 @@ async def finish_execution(
         )
         await tx.notify("request", row.id)
     return row
-
-
-# ---------------------------------------------------------------- grants
-
-
-@dataclass(frozen=True)
-class NewGrant:
-    subject: str
-    target: str
-    ttl: timedelta
-    request_id: uuid.UUID | None = None
-    lease_id: str | None = None
-    wrap_accessor: str | None = None
-
-
-async def create_grant(store: Store, new: NewGrant, actor: str) -> GrantRow:
-    if new.ttl <= timedelta(0):
-        raise InvalidInput("a grant's TTL must be positive")
-    now = utcnow()
-    row = GrantRow(
-        id=uuid.uuid4(),
-        request_id=new.request_id,
-        subject=new.subject,
-        target=new.target,
-        status=GrantStatus.ACTIVE,
-        lease_id=new.lease_id,
-        wrap_accessor=new.wrap_accessor,
-        created_at=now,
-        expires_at=now + new.ttl,
-    )
-    async with store.transaction() as tx:
-        tx.session.add(row)
-        await tx.session.flush()
-        await audit.append(
-            tx,
-            "grant.issued",
-            actor,
-            request_id=new.request_id,
-            grant_id=row.id,
-            data={"lease_id": new.lease_id, "expires_at": row.expires_at.isoformat()},
-        )
-        await tx.notify("grant", row.id)
-    return row
-
-
-def _save_grant(row: GrantRow, grant: Grant, by: str | None) -> None:
-    row.status = grant.status
-    row.expires_at = grant.expires_at
-    if grant.ended_at is not None and row.ended_at is None:
-        row.ended_at, row.ended_by = grant.ended_at, by
-
-
-async def revoke_grant(store: Store, grant_id: uuid.UUID, by: str) -> GrantRow:
-    async with store.transaction() as tx:
-        row = await _locked_grant(tx, grant_id)
-        grant = _grant(row)
-        grant.revoke(utcnow())
-        _save_grant(row, grant, by)
-        await audit.append(
-            tx,
-            "grant.revoked",
-            by,
-            request_id=row.request_id,
-            grant_id=row.id,
-            data={"lease_id": row.lease_id},
-        )
-        await tx.notify("grant", row.id)
-    return row
-
-
-async def extend_grant(
-    store: Store, grant_id: uuid.UUID, by: str, extra: timedelta, max_ttl: timedelta
-) -> GrantRow:
-    """Push ``expires_at`` later, never beyond ``created_at + max_ttl`` (the role's ceiling)."""
-    async with store.transaction() as tx:
-        row = await _locked_grant(tx, grant_id)
-        grant = _grant(row)
-        grant.extend(extra, row.created_at + max_ttl, utcnow())
-        _save_grant(row, grant, by)
-        await audit.append(
-            tx,
-            "grant.extended",
-            by,
-            request_id=row.request_id,
-            grant_id=row.id,
-            data={"expires_at": row.expires_at.isoformat()},
-        )
-        await tx.notify("grant", row.id)
-    return row
-
-
-async def expire_due_grants(store: Store, *, limit: int = 100) -> list[GrantRow]:
-    """Mark overdue active grants expired (SKIP LOCKED); the caller revokes their leases."""
-    async with store.transaction() as tx:
-        now = utcnow()
-        rows = (
-            await tx.session.scalars(
-                select(GrantRow)
-                .where(GrantRow.status == GrantStatus.ACTIVE, GrantRow.expires_at <= now)
-                .order_by(GrantRow.expires_at)
-                .limit(limit)
-                .with_for_update(of=GrantRow, skip_locked=True)
-            )
-        ).all()
-        for row in rows:
-            grant = _grant(row)
-            grant.expire(now)
-            _save_grant(row, grant, "keyturn")
-            await audit.append(
-                tx,
-                "grant.expired",
-                "keyturn",
-                request_id=row.request_id,
-                grant_id=row.id,
-                data={"lease_id": row.lease_id},
-            )
-            await tx.notify("grant", row.id)
-    return list(rows)
 
 
 # ---------------------------------------------------------------- decided by policy
@@ -751,21 +607,54 @@ async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> Non
         )
 
 
-def card_version(status: str, votes: int) -> str:
-    """What a card shows, as one comparable value: the status and how many votes it counts."""
-    return f"{status}:{votes}"
+def card_version(status: str, votes: int, grant: GrantRow | None, issue_attempts: int) -> str:
+    """What a card shows, as one comparable value: status, votes, and the grant (or retries).
+
+    :data:`_CARD_VERSION` computes the same value in SQL; keep the two in step.
+    """
+    if grant is not None:
+        credentials = f"{grant.status}@{int(grant.expires_at.timestamp())}"
+    else:
+        credentials = "retry" if issue_attempts else ""
+    return f"{status}:{votes}:{credentials}"
+
+
+_CARD_VERSION = """
+r.status || ':' || (SELECT count(*) FROM approvals a WHERE a.request_id = r.id) || ':' ||
+coalesce(
+    (SELECT g.status || '@' || floor(extract(epoch FROM g.expires_at))::bigint FROM grants g
+     WHERE g.request_id = r.id ORDER BY g.created_at DESC LIMIT 1),
+    CASE WHEN r.issue_attempts > 0 THEN 'retry' ELSE '' END)
+"""
 
 
 async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
-    """Requests whose card shows an older state (status or vote count) than the request."""
+    """Requests whose card shows an older state (status, votes, grant) than the database."""
     async with store.driver() as conn:
         rows = await conn.fetch(
-            "SELECT r.id FROM requests r WHERE r.slack_ts IS NOT NULL AND r.card_status IS"
-            " DISTINCT FROM r.status || ':' || (SELECT count(*) FROM approvals a"
-            " WHERE a.request_id = r.id) ORDER BY r.updated_at LIMIT $1",
+            "SELECT r.id FROM requests r WHERE r.slack_ts IS NOT NULL"
+            f" AND r.card_status IS DISTINCT FROM ({_CARD_VERSION})"
+            " ORDER BY r.updated_at LIMIT $1",
             limit,
         )
     return [r["id"] for r in rows]
+
+
+async def card_of(store: Store, request_id: uuid.UUID) -> tuple[RequestRow, GrantRow | None]:
+    """A request and its newest grant: everything its card shows."""
+    async with store.transaction() as tx:
+        row = await tx.session.get(RequestRow, request_id)
+        if row is None:
+            raise NotFound(f"request {request_id} not found")
+        grant = (
+            await tx.session.scalars(
+                select(GrantRow)
+                .where(GrantRow.request_id == request_id)
+                .order_by(GrantRow.created_at.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+    return row, grant
 
 
 async def take_card_update(

@@ -1,0 +1,137 @@
+"""Minting and ending credentials in Vault for approved requests.
+
+Postgres: the bot reads ``<database_mount>/creds/<write_role>``, sets the lease to the grant's
+TTL, and wraps ``{lease_id, username, password, …}`` with ``sys/wrapping/wrap``. It wraps
+itself rather than asking Vault to wrap the read, because a wrapped read hides the lease id:
+keyturn must know the lease before anyone can use it, or it could not revoke it on time.
+
+SSH: an ephemeral ed25519 key pair, signed by the Vault SSH CA for the target's principal with
+``force-command`` set to the approved command (and ``source-address`` where configured),
+``ttl`` = the grant's TTL, then wrapped. Certificates cannot be revoked: their TTL is the
+grant's, and the key exists only in the gateway's memory while the command runs.
+
+The wrapped payload also names the target and the approved command's sha256, so a gateway
+can check it runs what was approved with what was issued for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import asyncssh
+
+from keyturn.errors import InvalidInput
+from keyturn.policy import Policy, PostgresTarget, SshTarget
+from keyturn.store.grants import Minted
+from keyturn.store.models import GrantRow, RequestRow
+from keyturn.vault import Vault
+
+log = logging.getLogger(__name__)
+
+
+class Issuer:
+    def __init__(self, policy: Policy, vault: Vault) -> None:
+        self.policy = policy
+        self.vault = vault
+
+    def grant_ttl(self, request: RequestRow, max_ttl: timedelta) -> timedelta:
+        asked = timedelta(seconds=request.grant_ttl_seconds or 0) or self.policy.default_grant_ttl
+        return min(asked, max_ttl)
+
+    async def mint(self, request: RequestRow) -> Minted:
+        await self.vault.ensure_login()
+        target = self.policy.targets.get(request.target)
+        if isinstance(target, PostgresTarget):
+            return await self._postgres(request, target)
+        if isinstance(target, SshTarget):
+            return await self._ssh(request, target)
+        raise InvalidInput(f"target {request.target} is not in the policy any more")
+
+    async def _postgres(self, request: RequestRow, target: PostgresTarget) -> Minted:
+        cfg = self.policy.vault
+        ttl = self.grant_ttl(request, target.vault.max_ttl)
+        lease = await self.vault.creds(f"{cfg.database_mount}/creds/{target.vault.write_role}")
+        try:
+            if lease.duration != int(ttl.total_seconds()):
+                # Vault's own expiry (and the role's VALID UNTIL) match the grant: a backstop.
+                await self.vault.renew_lease(lease.lease_id, ttl)
+            wrapped = await self.vault.wrap(
+                {
+                    "kind": "postgres",
+                    "target": request.target,
+                    "command_sha256": request.command_sha256,
+                    "lease_id": lease.lease_id,
+                    "username": lease.data["username"],
+                    "password": lease.data["password"],
+                },
+                cfg.wrap_ttl,
+            )
+        except BaseException:
+            await self.vault.revoke_lease(lease.lease_id)
+            raise
+        return Minted(
+            kind="postgres",
+            handoff_token=wrapped.token,
+            wrap_accessor=wrapped.accessor,
+            handoff_ttl=timedelta(seconds=wrapped.ttl),
+            ttl=ttl,
+            max_ttl=target.vault.max_ttl,
+            lease_id=lease.lease_id,
+        )
+
+    async def _ssh(self, request: RequestRow, target: SshTarget) -> Minted:
+        cfg = self.policy.vault
+        ttl = self.grant_ttl(request, target.vault.max_ttl)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        options = {"force-command": request.command}
+        if target.source_address:
+            options["source-address"] = target.source_address
+        certificate, serial = await self.vault.sign_ssh_key(
+            f"{cfg.ssh_mount}/sign/{target.vault.ssh_role}",
+            key.export_public_key().decode(),
+            principal=target.principal,
+            ttl=ttl,
+            critical_options=options,
+        )
+        payload: dict[str, Any] = {
+            "kind": "ssh",
+            "target": request.target,
+            "command_sha256": request.command_sha256,
+            "principal": target.principal,
+            "private_key": key.export_private_key().decode(),
+            "certificate": certificate,
+        }
+        wrapped = await self.vault.wrap(payload, cfg.wrap_ttl)
+        return Minted(
+            kind="ssh",
+            handoff_token=wrapped.token,
+            wrap_accessor=wrapped.accessor,
+            handoff_ttl=timedelta(seconds=wrapped.ttl),
+            ttl=ttl,
+            max_ttl=ttl,  # a certificate's validity is fixed when it is signed
+            serial=serial,
+        )
+
+    async def unmint(self, minted: Minted) -> None:
+        if minted.lease_id:
+            await self.vault.revoke_lease(minted.lease_id)
+
+    async def revoke(self, grant: GrantRow) -> None:
+        """Revoke a grant's lease (idempotent); an SSH grant has none to revoke."""
+        if grant.lease_id:
+            await self.vault.ensure_login()
+            await self.vault.revoke_lease(grant.lease_id)
+
+    async def renew(self, grant: GrantRow, ttl: timedelta) -> timedelta:
+        if not grant.lease_id:
+            raise InvalidInput("an SSH certificate cannot be extended; request a new one")
+        await self.vault.ensure_login()
+        return timedelta(seconds=await self.vault.renew_lease(grant.lease_id, ttl))
+
+    def lease_prefixes(self) -> list[str]:
+        """Where this bot's leases live: the orphan sweep lists these."""
+        mount = self.policy.vault.database_mount
+        roles = {t.vault.write_role for t in self.policy.postgres_targets().values()}
+        return [f"{mount}/creds/{role}/" for role in sorted(roles)]

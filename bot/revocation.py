@@ -1,0 +1,173 @@
+"""Every grant ends on time: APScheduler date jobs, a sweep behind them, an orphan hunt.
+
+- One ``AsyncIOScheduler`` date job per active grant at ``expires_at``, rebuilt from the
+  database at start (overdue grants are revoked at once) and moved when a grant changes
+  (every replica hears ``grant:<id>`` notifications, so each schedules every grant).
+- A job does not revoke "its" grant alone: it starts a pass over *every* due grant, so a
+  thousand grants due in the same second make a few batched passes, not a thousand
+  transactions. Passes use ``SKIP LOCKED``: replicas share the work and never revoke twice.
+- A periodic sweep (``bot.sweep_interval``) revokes anything overdue a job missed, one-shot
+  grants whose command has run, hand-offs no gateway took in time, and orphan leases: leases
+  under the bot's roles that no active grant knows (the bot died between Vault and Postgres),
+  once they have been unknown for ``bot.orphan_grace``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from bot.credentials import Issuer
+from keyturn.errors import KeyturnError, NotFound
+from keyturn.policy import BotConfig
+from keyturn.store import grants
+from keyturn.store.db import Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+
+
+class Revoker:
+    def __init__(self, store: Store, issuer: Issuer, cfg: BotConfig) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.cfg = cfg
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self._reap_lock = asyncio.Lock()
+        self._reap_wanted = False
+        self._suspects: dict[str, float] = {}  # orphan lease id -> first seen (monotonic)
+        self._rebuilt = False
+
+    # ------------------------------------------------------------------ scheduling
+
+    def start(self) -> None:
+        """Start the scheduler and the sweep; :meth:`rebuild_once` then adds the grants."""
+        self.scheduler.start()
+        self.scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=self.cfg.sweep_interval.total_seconds(),
+            id="keyturn-sweep",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+        )
+        self._rebuilt = False
+
+    async def rebuild_once(self) -> None:
+        """Once per start (retried until Postgres answers): every grant's job, overdue ones
+        revoked at once."""
+        if not self._rebuilt:
+            await self.reschedule_all()
+            self._rebuilt = True
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def schedule(self, grant_id: uuid.UUID, expires_at: datetime) -> None:
+        self.scheduler.add_job(
+            self.reap,
+            "date",
+            run_date=expires_at,
+            id=f"grant:{grant_id}",
+            replace_existing=True,
+            misfire_grace_time=None,  # late is better than never
+        )
+
+    def unschedule(self, grant_id: uuid.UUID) -> None:
+        job = self.scheduler.get_job(f"grant:{grant_id}")
+        if job is not None:
+            job.remove()
+
+    def scheduled(self, grant_id: uuid.UUID) -> datetime | None:
+        job = self.scheduler.get_job(f"grant:{grant_id}")
+        return job.next_run_time if job is not None else None
+
+    async def reschedule_all(self) -> None:
+        for grant_id, expires_at in await grants.active_grants(self.store):
+            self.schedule(grant_id, expires_at)
+        await self.reap()
+
+    async def on_grant(self, grant_id: uuid.UUID) -> None:
+        """A grant was issued, extended or ended (here or on another replica)."""
+        try:
+            row = await grants.get_grant(self.store, grant_id)
+        except NotFound:
+            return
+        if row.status == "active":
+            self.schedule(row.id, row.expires_at)
+        else:
+            self.unschedule(row.id)
+
+    # ------------------------------------------------------------------ ending
+
+    async def reap(self) -> None:
+        """End every due grant. Concurrent calls coalesce into as few passes as needed."""
+        self._reap_wanted = True
+        async with self._reap_lock:
+            while self._reap_wanted:
+                self._reap_wanted = False
+                await self._drain(grants.Sweep.DUE)
+
+    async def _drain(self, which: grants.Sweep) -> int:
+        ended = 0
+        while True:
+            batch = await grants.end_grants(self.store, which, self.issuer.revoke, limit=BATCH)
+            ended += len(batch)
+            for row in batch:
+                self.unschedule(row.id)
+            if len(batch) < BATCH:
+                return ended
+
+    async def sweep(self) -> None:
+        """The guarantee behind the jobs; each part is logged and retried on the next pass."""
+        for part in (
+            self.reap,
+            self.end_finished,
+            lambda: self._drain(grants.Sweep.UNCLAIMED),
+            self.revoke_orphans,
+        ):
+            try:
+                await part()
+            except (KeyturnError, OSError) as exc:
+                log.warning("revocation sweep: %s", exc)
+
+    async def end_finished(self) -> int:
+        """One-shot grants whose command has run: revoke them now."""
+        return await self._drain(grants.Sweep.FINISHED)
+
+    async def revoke_orphans(self) -> list[str]:
+        """Revoke leases under the bot's roles that no active grant has known for a while."""
+        vault = self.issuer.vault
+        await vault.ensure_login()
+        found: list[str] = []
+        for prefix in self.issuer.lease_prefixes():
+            try:
+                found += await vault.lease_ids(prefix)
+            except NotFound:
+                continue
+        unknown = set(found) - await grants.known_leases(self.store, found)
+        now = time.monotonic()
+        self._suspects = {lease: self._suspects.get(lease, now) for lease in unknown}
+        grace = self.cfg.orphan_grace.total_seconds()
+        orphans = sorted(lease for lease, seen in self._suspects.items() if now - seen >= grace)
+        revoked = []
+        for lease in orphans:
+            try:
+                await vault.revoke_lease(lease)
+            except KeyturnError as exc:
+                log.warning("could not revoke orphan lease %s: %s", lease, exc)
+                continue
+            revoked.append(lease)
+            del self._suspects[lease]
+        if revoked:
+            log.warning("revoked %d orphan lease(s) no grant knew: %s", len(revoked), revoked)
+            await grants.record_orphans(self.store, revoked)
+        return revoked
