@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.approved import Executor
 from gateway.auth import Authenticator
 from gateway.http import GATEWAY_KEY, create_app
 from gateway.journal import Journal
@@ -28,7 +29,7 @@ from keyturn.vault import AppRoleLogin, Vault
 
 def gateway_vault(settings: Settings, policy: Policy) -> Vault | None:
     addr = settings.vault_addr or policy.vault.addr
-    if not policy.postgres_targets():
+    if not policy.targets:
         return None
     if not addr:
         raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
@@ -67,7 +68,7 @@ def build(
             )
             for name, target in policy.postgres_targets().items()
         }
-    return Gateway(
+    gw = Gateway(
         policy=policy,
         store=store,
         listener=Listener(store.dsn),
@@ -76,6 +77,9 @@ def build(
         pools=pools,
         public_url=(public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
     )
+    if vault is not None:
+        gw.executor = Executor(policy, store, vault, gw.listener, gw.masker, gw.metrics)
+    return gw
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -83,13 +87,17 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gw.listener.start()
     gw.journal.start()
     poller = asyncio.create_task(gw.poll_forever(), name="keyturn-gateway-poller")
+    executor = None
+    if gw.executor is not None:
+        executor = asyncio.create_task(gw.executor.run_forever(), name="keyturn-executor")
     yield
+    await cancel(executor)
     await cancel(poller)
     await gw.journal.stop()
     await gw.listener.stop()
     for pool in gw.pools.values():
         await pool.close()
-    for vault in {id(p.vault): p.vault for p in gw.pools.values()}.values():
+    for vault in gw.vaults():
         await vault.close()
     await gw.store.close()
 

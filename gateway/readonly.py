@@ -31,7 +31,7 @@ RENEW_AT = 2 / 3  # of the lease's duration
 REPLACE_MARGIN = 60.0  # seconds (at most a quarter of the lease): replace a login this early
 
 
-def _login_dsn(
+def login_dsn(
     target: PostgresTarget, username: str, password: str
 ) -> tuple[str, dict[str, object]]:
     dsn = parse_dsn(target.dsn, "dsn")
@@ -71,7 +71,7 @@ class ReadOnlyPool:
     async def _open(self) -> None:
         await self.vault.ensure_login()
         lease = await self.vault.creds(self._path)
-        url, kwargs = _login_dsn(self._target, lease.data["username"], lease.data["password"])
+        url, kwargs = login_dsn(self._target, lease.data["username"], lease.data["password"])
         try:
             pool = await asyncpg.create_pool(
                 url,

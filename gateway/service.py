@@ -21,6 +21,7 @@ import asyncpg
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from gateway.approved import Executor, digest
 from gateway.auth import Authenticator
 from gateway.journal import Journal
 from gateway.metrics import Metrics
@@ -36,6 +37,7 @@ from keyturn.policy import Policy, PostgresTarget
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
+from keyturn.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,6 @@ def _parse(raw: bytes) -> CommandIn:
         raise InvalidInput(f"{where}: {first['msg']}") from None
 
 
-def _digest(result: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
-
-
 @dataclass
 class Gateway:
     policy: Policy
@@ -91,6 +89,7 @@ class Gateway:
     pools: dict[str, ReadOnlyPool]
     public_url: str
     metrics: Metrics = field(default_factory=Metrics)
+    executor: Executor | None = None  # runs approved commands (needs Vault)
     limiter: RateLimiter = field(init=False)
     masker: Masker = field(init=False)
 
@@ -179,8 +178,8 @@ class Gateway:
             self.journal.submit(ops.Completion(intent.id, who.subject, str(executed), None))
             raise executed
         result, error = executed
-        digest = _digest(result) if result is not None else None
-        self.journal.submit(ops.Completion(intent.id, who.subject, error, digest))
+        result_digest = digest(result) if result is not None else None
+        self.journal.submit(ops.Completion(intent.id, who.subject, error, result_digest))
         self.metrics.commands.labels("failed" if error else "allowed").inc()
         return CommandOut(
             id=str(intent.id),
@@ -204,7 +203,7 @@ class Gateway:
             status="failed" if error else "executed",
             error=error,
             result=result,
-            result_digest=_digest(result) if result is not None else None,
+            result_digest=digest(result) if result is not None else None,
             idempotency_key=key,
             body_sha256=body_sha,
         )
@@ -339,7 +338,13 @@ class Gateway:
     async def ready(self) -> dict[str, str]:
         """Postgres and Vault reachable; raises Unavailable naming what is not."""
         await self.store.ping()
-        vaults = {id(p.vault): p.vault for p in self.pools.values()}
-        for vault in vaults.values():
+        vaults = self.vaults()
+        for vault in vaults:
             await vault.health()
         return {"postgres": "ok", "vault": "ok" if vaults else "not configured"}
+
+    def vaults(self) -> list[Vault]:
+        found = [p.vault for p in self.pools.values()]
+        if self.executor is not None:
+            found.append(self.executor.vault)
+        return list({id(v): v for v in found}.values())

@@ -30,15 +30,19 @@ class SqlResult:
     rows: list[list[Any]]
     truncated: bool
     statements: int
+    tags: list[str] | None = None  # command tags of an approved run (``UPDATE 3``)
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "columns": self.columns,
             "rows": self.rows,
             "row_count": len(self.rows),
             "truncated": self.truncated,
             "statements": self.statements,
         }
+        if self.tags is not None:
+            out["tags"] = self.tags
+        return out
 
 
 def jsonable(value: Any) -> Any:
@@ -135,3 +139,29 @@ async def estimate_rows(conn: asyncpg.Connection, sql: str) -> int | None:
         return int(doc[0]["Plan"]["Plan Rows"])
     except (KeyError, IndexError, TypeError, ValueError):
         return None
+
+
+async def run_approved(conn: asyncpg.Connection, sql: str, row_limit: int) -> SqlResult:
+    """Run an approved command: every statement in one transaction, all or nothing.
+
+    The result is the last statement's rows (capped; a write without RETURNING has none) and
+    each statement's command tag, such as ``UPDATE 3``, in ``tags``.
+    """
+    statements = split_statements(sql)
+    tags: list[str] = []
+    records: list[asyncpg.Record] = []
+    columns: list[str] = []
+    async with conn.transaction():
+        for statement in statements:
+            prepared = await conn.prepare(statement)
+            attributes = prepared.get_attributes()
+            if attributes:
+                cursor = await prepared.cursor()
+                records = await cursor.fetch(row_limit + 1)
+                columns = [a.name for a in attributes]
+            else:
+                records, columns = [], []
+                await prepared.fetch()
+            tags.append(prepared.get_statusmsg() or "")
+    rows = [[jsonable(v) for v in record.values()] for record in records[:row_limit]]
+    return SqlResult(columns, rows, len(records) > row_limit, len(statements), tags)

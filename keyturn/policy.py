@@ -263,6 +263,7 @@ class GatewayConfig(Model):
     public_url: str | None = None  # how agents reach us (for wait_url); default from listen
     auth: GatewayAuth = GatewayAuth()
     statement_timeout: Duration = timedelta(seconds=5)
+    ssh_timeout: Duration = timedelta(seconds=60)  # an approved shell command, end to end
     row_limit: int = Field(default=1000, ge=1, le=100_000)
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
