@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -40,9 +41,16 @@ class PostgresServer:
         return parse_dsn(f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}")
 
     async def execute(self, sql: str, database: str = "postgres") -> None:
+        await self._run("execute", sql, database)
+
+    async def fetch(self, sql: str, database: str = "postgres") -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._run("fetch", sql, database)
+        return rows
+
+    async def _run(self, method: str, sql: str, database: str) -> Any:
         conn = await asyncpg.connect(self.dsn(database).url, **self.admin.connect_args)
         try:
-            await conn.execute(sql)
+            return await getattr(conn, method)(sql)
         finally:
             await conn.close()
 

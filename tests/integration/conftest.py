@@ -22,6 +22,7 @@ from keyturn.store.dsn import Dsn
 from keyturn.testing.idp import DevIdP
 from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.pytest_plugin import PostgresServer
+from keyturn.testing.sshd import SshServer, ssh_principal
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
 
@@ -44,6 +45,8 @@ class Shop:
     base_policy: dict[str, Any]
     role_id: str
     secret_id: str
+    bot_role_id: str
+    bot_secret_id: str
 
     def policy(self, **overrides: Any) -> Policy:
         data = copy.deepcopy(self.base_policy)
@@ -56,6 +59,20 @@ class Shop:
 
     def vault(self) -> Vault:
         return Vault(self.openbao.addr, approle=AppRoleLogin(self.role_id, self.secret_id))
+
+    def bot_vault(self) -> Vault:
+        return Vault(self.openbao.addr, approle=AppRoleLogin(self.bot_role_id, self.bot_secret_id))
+
+    def root_vault(self) -> Vault:
+        return Vault(self.openbao.addr, token=self.openbao.root_token)
+
+    async def dynamic_roles(self) -> list[str]:
+        """Roles Vault created for write grants that still exist in the shop database."""
+        rows = await self.postgres.fetch(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%shop-rw%' ORDER BY 1",
+            self.database,
+        )
+        return [r[0] for r in rows]
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +106,7 @@ async def shop(
             "web": {
                 "kind": "ssh",
                 "host": "127.0.0.1",
-                "principal": "deploy",
+                "principal": ssh_principal(),
                 "vault": {"ssh_role": "web-ops"},
             },
             "private": {
@@ -143,8 +160,20 @@ async def shop(
         data,
         report.role_ids["keyturn-gateway"],
         report.secret_ids["keyturn-gateway"],
+        report.role_ids["keyturn-bot"],
+        report.secret_ids["keyturn-bot"],
     )
     await postgres_server.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sshd(shop: Shop) -> Iterator[SshServer]:
+    """A real sshd trusting the shop's Vault SSH CA. Fails (never skips) without OpenSSH."""
+    import requests
+
+    ca = requests.get(f"{shop.openbao.addr}/v1/ssh/public_key", timeout=5).text
+    with SshServer(ca) as server:
+        yield server
 
 
 @dataclass

@@ -25,12 +25,13 @@ from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.slack import SlackEmulator
+from tests.integration.conftest import Shop
 
 CHANNEL = "CAPPROVALS"
 APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
 
 
-def policy_data(**overrides: Any) -> dict[str, Any]:
+def policy_data(shop: Shop, **overrides: Any) -> dict[str, Any]:
     writes = {
         "name": "writes",
         "match": {"sql": ["insert", "update", "delete"]},
@@ -40,13 +41,8 @@ def policy_data(**overrides: Any) -> dict[str, Any]:
     }
     writes.update(overrides.pop("writes", {}))
     data: dict[str, Any] = {
-        "targets": {
-            "shop": {
-                "kind": "postgres",
-                "dsn": "postgresql://db:5432/shop",
-                "vault": {"readonly_role": "ro", "write_role": "rw"},
-            }
-        },
+        "targets": {"shop": shop.base_policy["targets"]["shop"]},
+        "vault": shop.base_policy["vault"],
         "rules": [writes],
         "slack": {"approval_channel": CHANNEL},
         "bot": {"poll_interval": "500ms", "card_claim_timeout": "2s"},
@@ -115,13 +111,17 @@ BotFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningBot]]
 
 
 @pytest.fixture
-def run_bot(slack: SlackEmulator, database: Dsn) -> BotFactory:
+def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop) -> BotFactory:
     @contextlib.asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[RunningBot]:
         store = Store(database)
         client = slack_client(slack.bot_token, slack.api_url)
         bot, bolt = build(
-            parse_policy(policy_data(**overrides)), store, client, slack.signing_secret
+            parse_policy(policy_data(shop, **overrides)),
+            store,
+            client,
+            slack.signing_secret,
+            shop.bot_vault(),
         )
         server = TestServer(web_application(bot, bolt))
         await server.start_server()
@@ -326,13 +326,13 @@ async def test_slack_down_for_30_seconds_loses_nothing(
 
 
 async def test_a_restarted_bot_adopts_the_card_it_posted(
-    run_bot: BotFactory, slack: SlackEmulator, database: Dsn
+    run_bot: BotFactory, slack: SlackEmulator, database: Dsn, shop: Shop
 ) -> None:
     # A first replica claimed the request and posted its card, then died before recording it.
     store = Store(database)
-    policy = parse_policy(policy_data())
+    policy = parse_policy(policy_data(shop))
     client = slack_client(slack.bot_token, slack.api_url)
-    dying, _ = build(policy, store, client, slack.signing_secret)
+    dying, _ = build(policy, store, client, slack.signing_secret, shop.bot_vault())
     new = ops.NewRequest(
         "shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5), rule="writes"
     )
@@ -381,12 +381,12 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_socket_mode(slack: SlackEmulator, database: Dsn) -> None:
+async def test_socket_mode(slack: SlackEmulator, database: Dsn, shop: Shop) -> None:
     from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 
     store = Store(database)
     client = slack_client(slack.bot_token, slack.api_url)
-    bot, bolt = build(parse_policy(policy_data()), store, client, None)
+    bot, bolt = build(parse_policy(policy_data(shop)), store, client, None, shop.bot_vault())
     server = TestServer(web_application(bot, bolt, http_mode=False))
     await server.start_server()
     handler = AsyncSocketModeHandler(bolt, slack.app_token, web_client=client)

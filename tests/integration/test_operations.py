@@ -11,11 +11,12 @@ import pytest
 from sqlalchemy import func, select, text
 
 from keyturn.domain import Decision, IllegalTransition, RequestStatus, SelfApproval
-from keyturn.errors import Conflict, NotFound
+from keyturn.errors import Conflict, InvalidInput, NotFound
+from keyturn.store import grants
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.store.models import ApprovalRow, AuditEventRow
+from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRow
 
 UPDATE = "UPDATE orders SET status = 'paid' WHERE id = 42"
 
@@ -187,22 +188,56 @@ async def test_execution_claims_the_approval_once(store: Store) -> None:
 
 
 async def test_grants_expire_revoke_extend(store: Store) -> None:
-    short = await ops.create_grant(
-        store, ops.NewGrant("crew", "orders-db", timedelta(milliseconds=1), lease_id="L1"), "U1"
-    )
-    long = await ops.create_grant(
-        store, ops.NewGrant("crew", "orders-db", timedelta(minutes=5)), "U1"
-    )
+    """The grant store ends leases in Vault first (here a recorder), then the rows."""
+    revoked: list[str | None] = []
+
+    async def revoke_lease(row: GrantRow) -> None:
+        revoked.append(row.lease_id)
+
+    async def renew_lease(row: GrantRow, ttl: timedelta) -> timedelta:
+        return ttl
+
+    short = await _approved_grant(store, timedelta(milliseconds=1), "L1")
+    long = await _approved_grant(store, timedelta(minutes=5), "L2")
     await asyncio.sleep(0.01)
-    assert [g.id for g in await ops.expire_due_grants(store)] == [short.id]
-    extended = await ops.extend_grant(
-        store, long.id, "U1", timedelta(minutes=5), timedelta(hours=1)
-    )
+    ended = await grants.end_grants(store, grants.Sweep.DUE, revoke_lease)
+    assert [g.id for g in ended] == [short.id] and revoked == ["L1"]
+    # the request never ran: it fails, saying why
+    assert (await ops.get_request(store, short.request_id)).status == "failed"  # type: ignore[arg-type]
+    extended = await grants.extend(store, long.id, "U1", timedelta(minutes=5), renew_lease)
     assert extended.expires_at > long.expires_at
-    revoked = await ops.revoke_grant(store, long.id, "U2")
-    assert revoked.status == "revoked" and revoked.ended_by == "U2"
+    with pytest.raises(InvalidInput):  # past the role's ceiling (max TTL 1 h)
+        await grants.extend(store, long.id, "U1", timedelta(hours=2), renew_lease)
+    gone = await grants.revoke(store, long.id, "U2", revoke_lease)
+    assert gone.status == "revoked" and gone.ended_by == "U2" and revoked == ["L1", "L2"]
     with pytest.raises(IllegalTransition):
-        await ops.revoke_grant(store, long.id, "U2")
+        await grants.revoke(store, long.id, "U2", revoke_lease)
+
+
+async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantRow:
+    row, _ = await ops.create_request(
+        store, held(command=f"UPDATE t SET a = 1 WHERE id = '{lease_id}'")
+    )
+    await ops.decide(store, row.id, "U1", Decision.APPROVE)
+
+    async def mint(_request: RequestRow) -> grants.Minted:
+        return grants.Minted(
+            "postgres",
+            "wrap-token",
+            "accessor",
+            timedelta(minutes=1),
+            ttl,
+            timedelta(hours=1),
+            lease_id,
+        )
+
+    async def unmint(_minted: grants.Minted) -> None:
+        raise AssertionError("recorded: nothing to undo")
+
+    grant = await grants.issue(store, row.id, mint, unmint)
+    assert grant is not None
+    assert await grants.issue(store, row.id, mint, unmint) is None  # issued once
+    return grant
 
 
 async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database: Dsn) -> None:

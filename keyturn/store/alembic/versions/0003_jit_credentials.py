@@ -19,7 +19,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("grants", sa.Column("kind", sa.String(length=20), nullable=True))
     op.add_column("grants", sa.Column("command_sha256", sa.String(length=64), nullable=True))
-    op.add_column("grants", sa.Column("one_shot", sa.Boolean(), server_default="false"))
+    op.add_column(
+        "grants", sa.Column("one_shot", sa.Boolean(), server_default="false", nullable=False)
+    )
     op.add_column("grants", sa.Column("handoff_token", sa.Text(), nullable=True))
     op.add_column(
         "grants", sa.Column("handoff_expires_at", sa.DateTime(timezone=True), nullable=True)
