@@ -27,6 +27,16 @@ class SqlResultOut(BaseModel):
     row_count: int
     truncated: bool
     statements: int
+    tags: list[str] | None = Field(
+        default=None, description="command tags of an approved run, e.g. UPDATE 3"
+    )
+
+
+class ShellResultOut(BaseModel):
+    exit_status: int | None = Field(description="None when the output was cut off")
+    stdout: str
+    stderr: str
+    truncated: bool
 
 
 Status = Literal[
@@ -43,7 +53,7 @@ class CommandOut(BaseModel):
     wait_url: str | None = None
     expires_at: datetime | None = Field(default=None, description="when a pending request expires")
     estimated_rows: int | None = Field(default=None, description="EXPLAIN estimate (held SQL)")
-    result: SqlResultOut | dict[str, Any] | None = None
+    result: SqlResultOut | ShellResultOut | None = None
     error: str | None = None
     denied_by: str | None = None
     deny_reason: str | None = None

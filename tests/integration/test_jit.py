@@ -1,0 +1,597 @@
+"""JIT credentials end to end: real OpenBao, real Postgres, real sshd, the Slack emulator.
+
+An approval makes Vault mint credentials that only the gateway sees, for exactly the approved
+command, and that die on time: when the command has run, at the grant's expiry (through the
+scheduler), at a click on Revoke now, or when the orphan sweep finds a lease nobody recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import asyncssh
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from bot.bootstrap import build, slack_client, web_application
+from bot.cards import APPROVE, EXTEND, REVOKE
+from bot.service import Bot
+from keyturn.policy import parse_policy
+from keyturn.store import grants
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from keyturn.testing.idp import DevIdP
+from keyturn.testing.ports import free_port
+from keyturn.testing.slack import SlackEmulator
+from keyturn.testing.sshd import SshServer
+from keyturn.vault import Vault
+from tests.integration.conftest import GatewayFactory, Shop
+
+CHANNEL = "CJIT"
+APPROVER = "U_APPROVER"
+UPDATE = "UPDATE orders SET status = 'paid' WHERE id = 3"
+
+
+def jit_policy(shop: Shop, sshd: SshServer | None = None, **overrides: Any) -> dict[str, Any]:
+    """The shop's policy plus Slack, bot timings and (with an sshd) a real SSH target."""
+    data = json.loads(json.dumps(shop.base_policy))
+    data["slack"] = {"approval_channel": CHANNEL}
+    data["bot"] = {"poll_interval": "500ms", **overrides.pop("bot", {})}
+    if sshd is not None:
+        data["targets"]["web"].update(port=sshd.port, host_key=sshd.host_public_key)
+        data["rules"].insert(
+            0,
+            {
+                "name": "whoami",
+                "target": "web",
+                "match": {"shell": ["id -un"]},
+                "action": "hold",
+                "approvers": {"users": [APPROVER]},
+                "grant_ttl": overrides.pop("ssh_grant_ttl", "5m"),
+            },
+        )
+    for rule in data["rules"]:
+        if rule["name"] == "writes":
+            rule.update(overrides.pop("writes", {}))
+    data.update(overrides)
+    return data
+
+
+@dataclass
+class Spy:
+    """Records what the bot wraps for the gateway: the real secrets the scans look for."""
+
+    secrets: list[str] = field(default_factory=list)
+
+    def watch(self, vault: Vault) -> Vault:
+        original = vault.wrap
+
+        async def wrap(data: dict[str, Any], ttl: timedelta) -> Any:
+            self.secrets += [str(data[k]) for k in ("password", "private_key") if k in data]
+            return await original(data, ttl)
+
+        vault.wrap = wrap  # type: ignore[method-assign]
+        return vault
+
+
+@dataclass
+class RunningBot:
+    bot: Bot
+    store: Store
+    slack: SlackEmulator
+
+    async def hold(self, command: str = UPDATE, target: str = "shop", **fields: Any) -> uuid.UUID:
+        rule = "whoami" if target == "web" else "writes"
+        new = ops.NewRequest(
+            **(
+                {
+                    "target": target,
+                    "command": command,
+                    "requester": "crew-billing",
+                    "pending_ttl": timedelta(minutes=15),
+                    "rule": rule,
+                    "grant_ttl": timedelta(minutes=5),
+                }
+                | fields
+            )
+        )
+        row, _ = await ops.create_request(self.store, new)
+        return row.id
+
+    async def approve(self, request_id: uuid.UUID) -> str:
+        ts = await until(lambda: _card(self.store, request_id))
+        status, _ = await self.slack.click(CHANNEL, ts, APPROVE, APPROVER)
+        assert status == 200
+        return ts
+
+    async def grant(self, request_id: uuid.UUID) -> Any:
+        return await until(lambda: _grant_of(self.store, request_id))
+
+    async def status(self, request_id: uuid.UUID) -> str:
+        return (await ops.get_request(self.store, request_id)).status
+
+
+async def _card(store: Store, request_id: uuid.UUID) -> str | None:
+    return (await ops.get_request(store, request_id)).slack_ts
+
+
+async def _grant_of(store: Store, request_id: uuid.UUID) -> Any:
+    return (await ops.card_of(store, request_id))[1]
+
+
+async def until(check: Callable[[], Any], timeout: float = 20) -> Any:
+    """Poll ``check`` (async) until it returns something truthy."""
+    async with asyncio.timeout(timeout):
+        while not (value := await check()):
+            await asyncio.sleep(0.05)
+    return value
+
+
+BotFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningBot]]
+
+
+@pytest_asyncio.fixture
+async def slack() -> AsyncIterator[SlackEmulator]:
+    emulator = SlackEmulator()
+    await emulator.start()
+    for user in (APPROVER, "U_MALLORY"):
+        emulator.add_user(user)
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+def spy() -> Spy:
+    return Spy()
+
+
+@pytest.fixture
+def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> BotFactory:
+    @contextlib.asynccontextmanager
+    async def start(
+        data: dict[str, Any] | None = None, vault: Vault | None = None
+    ) -> AsyncIterator[RunningBot]:
+        store = Store(database)
+        client = slack_client(slack.bot_token, slack.api_url)
+        policy = parse_policy(data or jit_policy(shop))
+        bot, bolt = build(
+            policy, store, client, slack.signing_secret, spy.watch(vault or shop.bot_vault())
+        )
+        server = TestServer(web_application(bot, bolt))
+        await server.start_server()
+        slack.bot_url = str(server.make_url("/slack/events"))
+        try:
+            yield RunningBot(bot, Store(database), slack)
+        finally:
+            await server.close()
+
+    return start
+
+
+async def claim_as_gateway(shop: Shop, store: Store, request_id: uuid.UUID) -> dict[str, Any]:
+    """Play the gateway: take the hand-off and unwrap it (what a real one does first)."""
+    handoff = await until(lambda: grants.claim_handoff(store, request_id))
+    vault = shop.vault()
+    try:
+        payload: dict[str, Any] = (await vault.unwrap(handoff.token))["data"]
+    finally:
+        await vault.close()
+    return payload
+
+
+async def lease_ttl(shop: Shop, lease_id: str) -> int | None:
+    root = shop.root_vault()
+    try:
+        found = await root.write("sys/leases/lookup", {"lease_id": lease_id})
+    except Exception:
+        return None
+    finally:
+        await root.close()
+    return int((found or {})["data"]["ttl"])
+
+
+# ------------------------------------------------------------------ the whole path
+
+
+async def test_an_approved_update_runs_once_and_its_role_dies(
+    shop: Shop,
+    run_bot: BotFactory,
+    run_gateway: GatewayFactory,
+    idp: DevIdP,
+    slack: SlackEmulator,
+    spy: Spy,
+    database: Dsn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 3", shop.database)
+    before = set(await shop.dynamic_roles())
+    token = idp.token("crew-billing")
+    slow = f"{UPDATE} AND pg_sleep(1.5) IS NOT NULL"  # keeps the role busy for a moment
+    async with run_bot(jit_policy(shop)) as rb, run_gateway() as gw:
+        status, held = await gw.post(token, {"target": "shop", "command": slow})
+        assert status == 202, held
+        request_id = uuid.UUID(held["id"])
+        await rb.approve(request_id)
+        waiting = asyncio.create_task(gw.get(token, held["id"], wait=30))
+        # while the command runs, its own role exists in the target
+        await until(lambda: _eq(rb.status(request_id), "executing"))
+        running = set(await shop.dynamic_roles()) - before
+        assert len(running) == 1
+        status, done = await waiting
+        assert status == 200 and done["status"] == "executed", done
+        assert done["result"]["tags"] == ["UPDATE 1"], done
+        # one-shot: revoked as soon as the command has run, and the role is gone
+        grant = await until(lambda: _ended(rb.store, request_id))
+        assert grant.status == "revoked"
+        await until(lambda: _gone(shop, running))
+        rows = await shop.postgres.fetch("SELECT status FROM orders WHERE id = 3", shop.database)
+        assert rows[0][0] == "paid"
+        responses = json.dumps([held, done])
+    assert spy.secrets, "the bot wrapped a password"
+    await assert_nowhere(spy.secrets, shop, database, slack, caplog, responses)
+
+
+async def assert_nowhere(
+    secrets: list[str],
+    shop: Shop,
+    database: Dsn,
+    slack: SlackEmulator,
+    caplog: pytest.LogCaptureFixture,
+    responses: str,
+) -> None:
+    """The real secrets appear in no log, database row, API response or Slack message."""
+    conn = await asyncpg.connect(database.url, **database.connect_args)
+    try:
+        dump = []
+        for table in ("requests", "approvals", "grants", "audit_events"):
+            dump += [
+                json.dumps(dict(r), default=str) for r in await conn.fetch(f"SELECT * FROM {table}")
+            ]
+    finally:
+        await conn.close()
+    places = {
+        "logs": caplog.text,
+        "database": "\n".join(dump),
+        "api": responses,
+        "slack": json.dumps([c.args for c in slack.calls], default=str),
+    }
+    for secret in secrets:
+        for place, text in places.items():
+            assert secret not in text, f"a credential leaked into {place}"
+            for line in secret.splitlines()[1:-1]:  # any line of a private key
+                assert line not in text, f"part of a private key leaked into {place}"
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _ended(store: Store, request_id: uuid.UUID) -> Any:
+    grant = await _grant_of(store, request_id)
+    return grant if grant is not None and grant.status != "active" else None
+
+
+async def _gone(shop: Shop, roles: set[str]) -> bool:
+    return not roles & set(await shop.dynamic_roles())
+
+
+# ------------------------------------------------------------------ expiry and revocation
+
+
+async def test_a_grant_expires_through_the_scheduler_and_its_sessions_die(
+    shop: Shop, run_bot: BotFactory
+) -> None:
+    data = jit_policy(shop, bot={"sweep_interval": "1h"})  # only the date job can end it
+    async with run_bot(data) as rb:
+        request_id = await rb.hold(grant_ttl=timedelta(seconds=3))
+        await rb.approve(request_id)
+        creds = await claim_as_gateway(shop, rb.store, request_id)
+        grant = await rb.grant(request_id)
+        assert rb.bot.revoker.scheduled(grant.id) == grant.expires_at
+        await _outlive(shop, grant.lease_id)
+        session = await _login(shop, creds)
+        assert await session.fetchval("SELECT 1") == 1
+        ended = await until(lambda: _ended(rb.store, request_id), timeout=30)
+        assert ended.status == "expired" and ended.ended_by == "keyturn"
+        with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+            await session.fetchval("SELECT 1")
+        assert creds["username"] not in await shop.dynamic_roles()
+        # the command never ran: the agent hears why
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status == "executing"  # claimed by our stand-in gateway, which never ran it
+
+
+async def _outlive(shop: Shop, lease_id: str) -> None:
+    """Vault's own lease TTL is the grant's (the last backstop); stretch it so that only
+    keyturn's revocation can end the credentials."""
+    root = shop.root_vault()
+    await root.renew_lease(lease_id, timedelta(minutes=10))
+    await root.close()
+
+
+async def _login(shop: Shop, creds: dict[str, Any]) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=shop.postgres.port,
+        database=shop.database,
+        user=creds["username"],
+        password=creds["password"],
+    )
+
+
+async def test_a_restarted_bot_revokes_what_fell_due_while_it_was_down(
+    shop: Shop, run_bot: BotFactory
+) -> None:
+    data = jit_policy(shop, bot={"sweep_interval": "1h"})
+    async with run_bot(data) as rb:
+        request_id = await rb.hold(grant_ttl=timedelta(seconds=2))
+        await rb.approve(request_id)
+        grant = await rb.grant(request_id)
+    await _outlive(shop, grant.lease_id)
+    await asyncio.sleep(2.5)  # due while no bot runs
+    assert (await grants.get_grant(rb.store, grant.id)).status == "active"
+    assert await lease_ttl(shop, grant.lease_id) is not None
+    async with run_bot(data) as rb:
+        ended = await until(lambda: _ended(rb.store, request_id))
+        assert ended.status == "expired"
+        assert await lease_ttl(shop, grant.lease_id) is None
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status == "failed" and "expired before" in (row.error or "")
+
+
+async def test_an_orphan_lease_is_revoked_by_the_sweep(shop: Shop, run_bot: BotFactory) -> None:
+    # the bot died between Vault and Postgres: a lease exists that no grant records
+    vault = shop.bot_vault()
+    await vault.login()
+    orphan = await vault.creds("database/creds/shop-rw")
+    await vault.close()
+    data = jit_policy(shop, bot={"sweep_interval": "300ms", "orphan_grace": "1s"})
+    async with run_bot(data) as rb:
+        request_id = await rb.hold()
+        await rb.approve(request_id)
+        known = await rb.grant(request_id)
+        await until(lambda: _lease_gone(shop, orphan.lease_id))
+        assert await lease_ttl(shop, known.lease_id), "a recorded lease is not an orphan"
+        assert orphan.data["username"] not in await shop.dynamic_roles()
+        events = await _audit(rb.store, "lease.orphan_revoked")
+        assert orphan.lease_id in json.dumps(events)
+
+
+async def _lease_gone(shop: Shop, lease_id: str) -> bool:
+    return await lease_ttl(shop, lease_id) is None
+
+
+async def _audit(store: Store, kind: str) -> list[dict[str, Any]]:
+    async with store.driver() as conn:
+        rows = await conn.fetch("SELECT data FROM audit_events WHERE kind = $1", kind)
+    return [json.loads(r["data"]) if isinstance(r["data"], str) else r["data"] for r in rows]
+
+
+async def test_extend_and_revoke_now_by_click(
+    shop: Shop, run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    async with run_bot() as rb:
+        request_id = await rb.hold(grant_ttl=timedelta(minutes=5))
+        ts = await rb.approve(request_id)
+        grant = await rb.grant(request_id)
+        extend = f"{EXTEND}_{15 * 60}"
+        await until(lambda: _has_button(slack, ts, extend))
+        card = json.dumps(slack.message(CHANNEL, ts).blocks)
+        assert REVOKE in card and f"{EXTEND}_{60 * 60}" not in card  # 1 h is past the max TTL
+
+        await slack.click(CHANNEL, ts, extend, "U_MALLORY")
+        await slack.wait_for("chat.postEphemeral")
+        assert (await grants.get_grant(rb.store, grant.id)).expires_at == grant.expires_at
+
+        await slack.click(CHANNEL, ts, extend, APPROVER)
+        longer = await until(lambda: _moved(rb.store, grant))
+        assert longer.expires_at - grant.expires_at >= timedelta(minutes=14)
+        assert (await lease_ttl(shop, grant.lease_id) or 0) > 18 * 60  # Vault's lease too
+        assert rb.bot.revoker.scheduled(grant.id) == longer.expires_at  # and the job
+
+        await slack.click(CHANNEL, ts, REVOKE, APPROVER)
+        ended = await until(lambda: _ended(rb.store, request_id))
+        assert ended.status == "revoked" and ended.ended_by == APPROVER
+        assert await lease_ttl(shop, grant.lease_id) is None
+        assert rb.bot.revoker.scheduled(grant.id) is None
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status == "failed" and APPROVER in (row.error or "")
+        await until(
+            lambda: _true(
+                f"revoked by <@{APPROVER}>" in json.dumps(slack.message(CHANNEL, ts).blocks)
+            )
+        )
+        assert REVOKE not in json.dumps(slack.message(CHANNEL, ts).blocks)
+
+
+async def _has_button(slack: SlackEmulator, ts: str, action_id: str) -> bool:
+    return action_id in json.dumps(slack.message(CHANNEL, ts).blocks)
+
+
+async def _moved(store: Store, grant: Any) -> Any:
+    now = await grants.get_grant(store, grant.id)
+    return now if now.expires_at != grant.expires_at else None
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# ------------------------------------------------------------------ Vault trouble
+
+
+class TcpProxy:
+    """A TCP forwarder we can switch off: Vault as the bot sees it, down or up."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+
+async def test_vault_down_at_approval_issues_later_exactly_once(
+    shop: Shop, run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    proxy = TcpProxy(shop.openbao.port)  # not up yet: Vault is unreachable
+    vault = Vault(proxy.addr, approle=shop.bot_vault()._approle, timeout=2)
+    async with run_bot(vault=vault) as rb:
+        request_id = await rb.hold()
+        ts = await rb.approve(request_id)
+        await until(
+            lambda: _true("Credentials pending" in json.dumps(slack.message(CHANNEL, ts).blocks))
+        )
+        row = await ops.get_request(rb.store, request_id)
+        assert row.status == "approved" and row.issue_attempts >= 1
+        await proxy.up()
+        grant = await rb.grant(request_id)
+        await until(
+            lambda: _true("Credentials active" in json.dumps(slack.message(CHANNEL, ts).blocks))
+        )
+        await asyncio.sleep(1)  # more passes: still one grant, one lease
+        async with rb.store.driver() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM grants") == 1
+        assert await lease_ttl(shop, grant.lease_id)
+    await proxy.down()
+
+
+# ------------------------------------------------------------------ the hand-off
+
+
+async def test_a_stolen_handoff_runs_nothing(
+    shop: Shop, run_bot: BotFactory, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    async with run_bot() as rb:
+        request_id = await rb.hold(requester="crew-billing")
+        await rb.approve(request_id)
+        grant = await rb.grant(request_id)
+        async with rb.store.driver() as conn:  # someone reads the wrapping token and uses it
+            stolen = await conn.fetchval("SELECT handoff_token FROM grants WHERE id = $1", grant.id)
+        thief = shop.vault()
+        await thief.unwrap(stolen)
+        await thief.close()
+        async with run_gateway() as gw:
+            _status, body = await gw.get(token, str(request_id), wait=20)
+        assert body["status"] == "failed" and "wrapping token is not valid" in body["error"]
+        ended = await until(lambda: _ended(rb.store, request_id))
+        assert ended.status == "revoked"  # and the lease the thief saw is dead
+        assert await lease_ttl(shop, grant.lease_id) is None
+
+
+async def test_a_handoff_not_wrapped_by_keyturn_is_refused(
+    shop: Shop, run_bot: BotFactory, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    async with run_bot() as rb:
+        request_id = await rb.hold(requester="crew-billing")
+        await rb.approve(request_id)
+        grant = await rb.grant(request_id)
+        root = shop.root_vault()
+        forged = await root.wrapped_read("database/creds/shop-rw", timedelta(minutes=1))
+        await root.close()
+        async with rb.store.driver() as conn:
+            await conn.execute(
+                "UPDATE grants SET handoff_token = $2 WHERE id = $1", grant.id, forged.token
+            )
+        async with run_gateway() as gw:
+            _status, body = await gw.get(token, str(request_id), wait=20)
+        assert body["status"] == "failed" and "not wrapped by keyturn" in body["error"]
+
+
+# ------------------------------------------------------------------ SSH
+
+
+async def test_an_approved_ssh_command_runs_through_the_ca(
+    shop: Shop,
+    sshd: SshServer,
+    run_bot: BotFactory,
+    run_gateway: GatewayFactory,
+    idp: DevIdP,
+    slack: SlackEmulator,
+    spy: Spy,
+    database: Dsn,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = idp.token("crew-billing")
+    data = jit_policy(shop, sshd)
+    async with run_bot(data) as rb, run_gateway(**{k: data[k] for k in ("targets", "rules")}) as gw:
+        status, held = await gw.post(token, {"target": "web", "command": "id -un"})
+        assert status == 202, held
+        await rb.approve(uuid.UUID(held["id"]))
+        status, done = await gw.get(token, held["id"], wait=30)
+        assert done["status"] == "executed", done
+        assert done["result"]["stdout"].strip() == sshd.principal
+        assert done["result"]["exit_status"] == 0
+        responses = json.dumps([held, done])
+    assert any("PRIVATE KEY" in s for s in spy.secrets)
+    await assert_nowhere(spy.secrets, shop, database, slack, caplog, responses)
+
+
+async def test_the_certificate_runs_only_its_command_and_expires(
+    shop: Shop, sshd: SshServer, run_bot: BotFactory
+) -> None:
+    data = jit_policy(shop, sshd, ssh_grant_ttl="3s")
+    async with run_bot(data) as rb:
+        request_id = await rb.hold("id -un", target="web", grant_ttl=timedelta(seconds=3))
+        await rb.approve(request_id)
+        creds = await claim_as_gateway(shop, rb.store, request_id)
+        key = asyncssh.import_private_key(creds["private_key"])
+        cert = asyncssh.import_certificate(creds["certificate"])
+
+        async def run(command: str) -> str:
+            async with asyncssh.connect(
+                "127.0.0.1",
+                sshd.port,
+                username=creds["principal"],
+                client_keys=[(key, cert)],
+                known_hosts=([asyncssh.import_public_key(sshd.host_public_key)], [], []),
+                agent_path=None,
+                config=None,
+            ) as conn:
+                return str((await conn.run(command, check=False)).stdout)
+
+        # whatever we ask for, sshd runs the approved command
+        assert (await run("cat /etc/passwd")).strip() == sshd.principal
+        assert (await run("touch /tmp/keyturn-owned")).strip() == sshd.principal
+        await asyncio.sleep(4)
+        with pytest.raises(asyncssh.PermissionDenied):
+            await run("id -un")
+        assert "expired" in sshd.log()
