@@ -230,11 +230,12 @@ def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread) -> list[str
         time.sleep(0.1)
     card = slack.channel(DEMO_CHANNEL)[0]
     loop.run(slack.click(DEMO_CHANNEL, card.ts, "keyturn_approve", DEMO_APPROVER))
-    status = held["status"]
-    while status == "pending" and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = _call(stack, "GET", f"/v1/commands/{held['id']}")["status"]
-    lines.append(f"card posted in #{DEMO_CHANNEL}, approved by {DEMO_APPROVER} -> {status}")
+    done = _call(stack, "GET", f"/v1/commands/{held['id']}?wait=30")
+    outcome = (done.get("result") or {}).get("tags") or done.get("error")
+    lines.append(
+        f"card posted in #{DEMO_CHANNEL}, approved by {DEMO_APPROVER} -> {done['status']}"
+        f" ({outcome}) with one-shot credentials from Vault"
+    )
     return lines
 
 
@@ -281,6 +282,8 @@ def _run(
         "KEYTURN_GATEWAY_DEV_SECRET": stack.dev_secret,
     }
     bot_env = common | {
+        "KEYTURN_BOT_ROLE_ID": report.role_ids[policy.vault.bot_approle],
+        "KEYTURN_BOT_SECRET_ID": report.secret_ids[policy.vault.bot_approle],
         "KEYTURN_SLACK_BOT_TOKEN": slack.bot_token,
         "KEYTURN_SLACK_SIGNING_SECRET": slack.signing_secret,
         "KEYTURN_SLACK_API_URL": slack.api_url,

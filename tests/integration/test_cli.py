@@ -173,7 +173,7 @@ def test_dev_stack_runs_the_gateway(tmp_path: Path) -> None:
     assert "keyturn dev stack is up" in proc.stdout
     assert "smoke test: allowed SELECT -> executed" in proc.stdout
     assert "smoke test: held UPDATE -> pending" in proc.stdout
-    assert "approved by U_APPROVER -> approved" in proc.stdout
+    assert "approved by U_APPROVER -> executed (['UPDATE 1'])" in proc.stdout
     assert "'***'" in proc.stdout  # the demo's email column is masked
     state = json.loads((tmp_path / "stack.json").read_text())
     assert state["gateway_url"].startswith("http://127.0.0.1:")
@@ -230,6 +230,7 @@ def test_gateway_with_postgres_down(tmp_path: Path) -> None:
         str(config),
         KEYTURN_GATEWAY_DEV_SECRET="x" * 32,
         KEYTURN_DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x",
+        **VAULT_ENV,
     )
     one_line_error(proc, "cannot connect to Postgres")
 
@@ -243,7 +244,11 @@ def test_gateway_needs_its_dev_secret_for_hs256(
         "gateway: {auth: {algorithms: [HS256]}}\n"
     )
     proc = keyturn(
-        "gateway", "--config", str(config), KEYTURN_DATABASE_URL=postgres_server.dsn("postgres").url
+        "gateway",
+        "--config",
+        str(config),
+        KEYTURN_DATABASE_URL=postgres_server.dsn("postgres").url,
+        **VAULT_ENV,
     )
     one_line_error(proc, "KEYTURN_GATEWAY_DEV_SECRET")
 
@@ -287,6 +292,14 @@ def test_bot_configuration_errors(env: dict[str, str], fragment: str) -> None:
 SSH_ONLY = (
     "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
 )
+# Processes log in to Vault lazily, on first use: an address and an AppRole are enough to start.
+VAULT_ENV = {
+    "KEYTURN_VAULT_ADDR": f"http://127.0.0.1:{free_port()}",
+    "KEYTURN_GATEWAY_ROLE_ID": "role",
+    "KEYTURN_GATEWAY_SECRET_ID": "secret",
+    "KEYTURN_BOT_ROLE_ID": "role",
+    "KEYTURN_BOT_SECRET_ID": "secret",
+}
 
 
 @pytest.mark.parametrize(
@@ -322,6 +335,7 @@ def test_processes_start_and_serve_health(
     env = (
         {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")}
         | env
+        | VAULT_ENV
         | {
             "KEYTURN_DATABASE_URL": postgres_server.dsn(name).url,
             "KEYTURN_SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/",

@@ -301,10 +301,18 @@ async def test_held_update_waits_for_a_decision(
         row = await ops.start_execution(
             gw.store, request_id, (await ops.get_request(gw.store, request_id)).command_sha256
         )
-        await ops.finish_execution(gw.store, row.id, result={"rows_affected": 9}, result_digest="d")
+        result = {
+            "columns": [],
+            "rows": [],
+            "row_count": 0,
+            "truncated": False,
+            "statements": 1,
+            "tags": ["UPDATE 9"],
+        }
+        await ops.finish_execution(gw.store, row.id, result=result, result_digest="d")
         status, final = await asyncio.wait_for(waiter, 30)
         assert status == 200 and final["status"] == "executed"
-        assert final["result"] == {"rows_affected": 9} and "wait_url" not in final
+        assert final["result"] == result and "wait_url" not in final
 
 
 async def test_denied_reason_reaches_the_agent(run_gateway: GatewayFactory, idp: DevIdP) -> None:
