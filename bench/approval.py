@@ -46,6 +46,7 @@ async def main() -> None:
             store,
             slack_client(slack.bot_token, slack.api_url),
             slack.signing_secret,
+            stack.vault("keyturn-bot"),
         )
         runner = web.AppRunner(web_application(bot, bolt), access_log=None)
         await runner.setup()

@@ -30,7 +30,7 @@ from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
 
-BATCH = 200
+BATCH = 64  # grants per pass: small enough that each commit follows its revocations closely
 
 
 class Revoker:

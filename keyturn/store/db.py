@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,6 +85,14 @@ class Tx:
             # SQLAlchemy's asyncpg adapter emits BEGIN lazily, on the first statement
             await connection.execute(text("SELECT 1"))
         return driver
+
+    async def notify_many(self, kind: str, idents: Sequence[object]) -> None:
+        """:meth:`notify` for many rows in one statement."""
+        if idents:
+            await self.session.execute(
+                text("SELECT pg_notify(:channel, :kind || ':' || x) FROM unnest(CAST(:ids AS text[])) AS x"),
+                {"channel": NOTIFY_CHANNEL, "kind": kind, "ids": [str(i) for i in idents]},
+            )
 
     async def notify(self, kind: str, ident: object) -> None:
         """Queue ``<kind>:<id>`` on the keyturn channel; Postgres delivers it only on commit."""

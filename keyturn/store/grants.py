@@ -28,7 +28,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import aliased
 
 from keyturn import audit
-from keyturn.domain import Grant, GrantStatus, RequestStatus
+from keyturn.domain import REQUEST_TRANSITIONS, Grant, GrantStatus, RequestStatus
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import GrantRow, RequestRow
@@ -320,31 +320,33 @@ async def end_grants(
     """
     gate = asyncio.Semaphore(REVOKE_CONCURRENCY)
 
-    async def revoked(row: GrantRow) -> bool:
+    async def revoked(row: GrantRow) -> datetime | None:
+        """When Vault confirmed the revocation; None when it failed."""
         try:
             async with gate:
                 await revoke(row)
         except Exception as exc:  # the grant stays active and overdue: retried next pass
             log.warning("could not revoke the lease of grant %s: %s", row.id, exc)
-            return False
-        return True
+            return None
+        return utcnow()
 
     async with store.transaction() as tx:
-        now = utcnow()
-        rows = list((await tx.session.scalars(_sweep_query(which, now, limit))).all())
+        rows = list((await tx.session.scalars(_sweep_query(which, utcnow(), limit))).all())
         if not rows:
             return []
-        outcomes = await asyncio.gather(*map(revoked, rows))
-        done = [r for r, ok in zip(rows, outcomes, strict=True) if ok]
-        now = utcnow()
+        confirmed = await asyncio.gather(*map(revoked, rows))
+        done = []
         events = []
-        for row in done:
+        for row, at in zip(rows, confirmed, strict=True):
+            if at is None:
+                continue
             grant = grant_of(row)
             if which is Sweep.DUE:
-                grant.expire(now)
+                grant.expire(at)
             else:
-                grant.revoke(now)
+                grant.revoke(at)
             _save_grant(row, grant, "keyturn")
+            done.append(row)
             events.append(
                 audit.Event(
                     f"grant.{grant.status}",
@@ -354,29 +356,35 @@ async def end_grants(
                     {"lease_id": row.lease_id, "why": which.value},
                 )
             )
-            await tx.notify("grant", row.id)
+        await tx.session.flush()
         await audit.append_many(await tx.driver(), events)
+        await tx.notify_many("grant", [row.id for row in done])
         failure = _REQUEST_FAILURE.get(which)
         if failure is not None:
-            for row in done:
-                if row.request_id is not None:
-                    await _fail_unrun(tx, row.request_id, failure)
+            await _fail_unrun(tx, [r.request_id for r in done if r.request_id], failure)
     return done
 
 
-async def _fail_unrun(tx: Tx, request_id: uuid.UUID, error: str) -> None:
-    """A request whose credentials ended before its command ran fails, with the reason."""
-    request = await locked_request(tx, request_id)
-    if request.status != RequestStatus.APPROVED:
+# Credentials that end before their command ran leave the request nothing to run with.
+assert RequestStatus.FAILED in REQUEST_TRANSITIONS[RequestStatus.APPROVED]
+
+
+async def _fail_unrun(tx: Tx, request_ids: Sequence[uuid.UUID], error: str) -> None:
+    """Requests still waiting to run (approved) fail, with the reason; one statement."""
+    if not request_ids:
         return
-    req = request_of(request)
-    req.fail()
-    save_request(tx, request, req, utcnow())
-    request.error = error
-    await audit.append(
-        tx, "request.failed", "keyturn", request_id=request.id, data={"error": error}
+    conn = await tx.driver()
+    failed = await conn.fetch(
+        "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
+        " WHERE id = ANY($1::uuid[]) AND status = 'approved' RETURNING id",
+        list(request_ids),
+        error,
     )
-    await tx.notify("request", request.id)
+    ids = [r["id"] for r in failed]
+    await audit.append_many(
+        conn, [audit.Event("request.failed", "keyturn", i, data={"error": error}) for i in ids]
+    )
+    await tx.notify_many("request", ids)
 
 
 async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: RevokeLease) -> GrantRow:
@@ -397,7 +405,7 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
         )
         await tx.notify("grant", row.id)
         if row.request_id is not None:
-            await _fail_unrun(tx, row.request_id, f"credentials revoked by {by} before the run")
+            await _fail_unrun(tx, [row.request_id], f"credentials revoked by {by} before the run")
     return row
 
 
