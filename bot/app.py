@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -17,42 +18,37 @@ log = logging.getLogger(__name__)
 
 
 def _clicked(body: dict[str, Any]) -> tuple[str, str, str]:
-    """(request id, user, channel) of a button click."""
+    """(button value, user, channel) of a button click."""
     return body["actions"][0]["value"], body["user"]["id"], body["container"]["channel_id"]
 
 
-def register(app: AsyncApp, bot: Bot) -> None:
-    @app.action(APPROVE)
-    async def approve(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
-        await ack()
-        request_id, user, channel = _clicked(body)
-        problem = await bot.approve(request_id, user)
-        if problem:
-            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+Click = Callable[[str, str, dict[str, Any]], Awaitable[str | None]]
 
-    @app.action(DENY)
-    async def deny(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
-        await ack()
-        request_id, user, channel = _clicked(body)
-        problem = await bot.open_deny(request_id, user, body["trigger_id"])
-        if problem:
-            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
 
-    @app.action(REVOKE)
-    async def revoke(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
-        await ack()
-        grant_id, user, channel = _clicked(body)
-        problem = await bot.revoke(grant_id, user)
-        if problem:
-            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> None:
+    """Ack, run ``use_case(value, user, body)``, tell the clicker when nothing changed."""
 
-    @app.action(re.compile(f"^{EXTEND}_\\d+$"))
-    async def extend(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
+    async def listener(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
         await ack()
         value, user, channel = _clicked(body)
-        problem = await bot.extend(value, user)
+        problem = await use_case(value, user, body)
         if problem:
             await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+
+    app.action(action)(listener)
+
+
+def register(app: AsyncApp, bot: Bot) -> None:
+    _on_click(app, APPROVE, lambda request_id, user, _body: bot.approve(request_id, user))
+    _on_click(
+        app,
+        DENY,
+        lambda request_id, user, body: bot.open_deny(request_id, user, body["trigger_id"]),
+    )
+    _on_click(app, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
+    _on_click(
+        app, re.compile(f"^{EXTEND}_\\d+$"), lambda value, user, _body: bot.extend(value, user)
+    )
 
     @app.view(DENY_MODAL)
     async def deny_reason(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:

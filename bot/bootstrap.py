@@ -25,7 +25,7 @@ from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
-from keyturn.vault import AppRoleLogin, Vault
+from keyturn.vault import Vault, approle_vault
 
 BOT_KEY = web.AppKey("bot", Bot)
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
@@ -46,18 +46,14 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
 
 
 def bot_vault(settings: Settings, policy: Policy) -> Vault:
-    addr = settings.vault_addr or policy.vault.addr
-    if not addr:
-        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
-    if not (settings.bot_role_id and settings.bot_secret_id):
-        raise ConfigError(
-            "the bot needs its AppRole to issue credentials: "
-            "set KEYTURN_BOT_ROLE_ID and KEYTURN_BOT_SECRET_ID"
-        )
-    login = AppRoleLogin(
-        settings.bot_role_id, settings.bot_secret_id.get_secret_value(), policy.vault.approle_mount
+    secret = settings.bot_secret_id
+    return approle_vault(
+        settings.vault_addr or policy.vault.addr,
+        settings.bot_role_id,
+        secret.get_secret_value() if secret else None,
+        policy.vault.approle_mount,
+        "bot",
     )
-    return Vault(addr, approle=login)
 
 
 def build(

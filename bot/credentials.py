@@ -26,9 +26,23 @@ from keyturn.errors import InvalidInput
 from keyturn.policy import Policy, PostgresTarget, SshTarget
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
-from keyturn.vault import Vault
+from keyturn.vault import Vault, WrapInfo
 
 log = logging.getLogger(__name__)
+
+
+def _minted(
+    kind: str, wrapped: WrapInfo, ttl: timedelta, max_ttl: timedelta, **extra: str
+) -> Minted:
+    return Minted(
+        kind=kind,
+        handoff_token=wrapped.token,
+        wrap_accessor=wrapped.accessor,
+        handoff_ttl=timedelta(seconds=wrapped.ttl),
+        ttl=ttl,
+        max_ttl=max_ttl,
+        **extra,
+    )
 
 
 class Issuer:
@@ -71,15 +85,7 @@ class Issuer:
         except BaseException:
             await self.vault.revoke_lease(lease.lease_id)
             raise
-        return Minted(
-            kind="postgres",
-            handoff_token=wrapped.token,
-            wrap_accessor=wrapped.accessor,
-            handoff_ttl=timedelta(seconds=wrapped.ttl),
-            ttl=ttl,
-            max_ttl=target.vault.max_ttl,
-            lease_id=lease.lease_id,
-        )
+        return _minted("postgres", wrapped, ttl, target.vault.max_ttl, lease_id=lease.lease_id)
 
     async def _ssh(self, request: RequestRow, target: SshTarget) -> Minted:
         cfg = self.policy.vault
@@ -104,15 +110,8 @@ class Issuer:
             "certificate": certificate,
         }
         wrapped = await self.vault.wrap(payload, cfg.wrap_ttl)
-        return Minted(
-            kind="ssh",
-            handoff_token=wrapped.token,
-            wrap_accessor=wrapped.accessor,
-            handoff_ttl=timedelta(seconds=wrapped.ttl),
-            ttl=ttl,
-            max_ttl=ttl,  # a certificate's validity is fixed when it is signed
-            serial=serial,
-        )
+        # a certificate's validity is fixed when it is signed: its max TTL is its TTL
+        return _minted("ssh", wrapped, ttl, ttl, serial=serial)
 
     async def unmint(self, minted: Minted) -> None:
         if minted.lease_id:

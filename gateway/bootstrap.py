@@ -19,31 +19,24 @@ from gateway.journal import Journal
 from gateway.readonly import ReadOnlyPool
 from gateway.service import Gateway
 from keyturn.aio import cancel
-from keyturn.errors import ConfigError
 from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
-from keyturn.vault import AppRoleLogin, Vault
+from keyturn.vault import Vault, approle_vault
 
 
 def gateway_vault(settings: Settings, policy: Policy) -> Vault | None:
-    addr = settings.vault_addr or policy.vault.addr
     if not policy.targets:
         return None
-    if not addr:
-        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
-    if not (settings.gateway_role_id and settings.gateway_secret_id):
-        raise ConfigError(
-            "the gateway needs its AppRole: "
-            "set KEYTURN_GATEWAY_ROLE_ID and KEYTURN_GATEWAY_SECRET_ID"
-        )
-    login = AppRoleLogin(
+    secret = settings.gateway_secret_id
+    return approle_vault(
+        settings.vault_addr or policy.vault.addr,
         settings.gateway_role_id,
-        settings.gateway_secret_id.get_secret_value(),
+        secret.get_secret_value() if secret else None,
         policy.vault.approle_mount,
+        "gateway",
     )
-    return Vault(addr, approle=login)
 
 
 def build(

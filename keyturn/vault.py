@@ -28,7 +28,7 @@ import hvac.exceptions
 import requests
 
 from keyturn.aio import cancel
-from keyturn.errors import Forbidden, KeyturnError, NotFound, Unavailable
+from keyturn.errors import ConfigError, Forbidden, KeyturnError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -363,6 +363,20 @@ class Vault:
         """Every lease under ``prefix`` (e.g. ``database/creds/orders-rw/``)."""
         prefix = prefix.rstrip("/") + "/"
         return [prefix + key for key in await self.list_keys(f"sys/leases/lookup/{prefix}")]
+
+
+def approle_vault(
+    addr: str | None, role_id: str | None, secret_id: str | None, mount: str, process: str
+) -> Vault:
+    """A process's own Vault client from its settings, or one clear line saying what is missing."""
+    if not addr:
+        raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
+    if not (role_id and secret_id):
+        env = f"KEYTURN_{process.upper()}"
+        raise ConfigError(
+            f"the {process} needs its Vault AppRole: set {env}_ROLE_ID and {env}_SECRET_ID"
+        )
+    return Vault(addr, approle=AppRoleLogin(role_id, secret_id, mount))
 
 
 def _wrap_info(path: str, result: dict[str, Any] | None) -> WrapInfo:

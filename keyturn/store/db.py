@@ -90,7 +90,10 @@ class Tx:
         """:meth:`notify` for many rows in one statement."""
         if idents:
             await self.session.execute(
-                text("SELECT pg_notify(:channel, :kind || ':' || x) FROM unnest(CAST(:ids AS text[])) AS x"),
+                text(
+                    "SELECT pg_notify(:channel, :kind || ':' || x)"
+                    " FROM unnest(CAST(:ids AS text[])) AS x"
+                ),
                 {"channel": NOTIFY_CHANNEL, "kind": kind, "ids": [str(i) for i in idents]},
             )
 

@@ -32,7 +32,7 @@ from keyturn.domain import REQUEST_TRANSITIONS, Grant, GrantStatus, RequestStatu
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import GrantRow, RequestRow
-from keyturn.store.operations import locked_request, request_of, save_request
+from keyturn.store.operations import locked, locked_request, request_of, save_request
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,6 @@ def _save_grant(row: GrantRow, grant: Grant, by: str | None) -> None:
     if grant.ended_at is not None and row.ended_at is None:
         row.ended_at, row.ended_by = grant.ended_at, by
         row.handoff_token = None
-
-
-async def _locked_grant(tx: Tx, grant_id: uuid.UUID) -> GrantRow:
-    row = (
-        await tx.session.scalars(
-            select(GrantRow).where(GrantRow.id == grant_id).with_for_update(of=GrantRow)
-        )
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"grant {grant_id} not found")
-    return row
 
 
 async def get_grant(store: Store, grant_id: uuid.UUID) -> GrantRow:
@@ -390,20 +379,11 @@ async def _fail_unrun(tx: Tx, request_ids: Sequence[uuid.UUID], error: str) -> N
 async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: RevokeLease) -> GrantRow:
     """Revoke now (a human's click): Vault first, then the grant; an unrun command fails."""
     async with store.transaction() as tx:
-        row = await _locked_grant(tx, grant_id)
+        row = await locked(tx, GrantRow, grant_id)
         grant = grant_of(row)
         grant.revoke(utcnow())  # raises IllegalTransition when already ended
         await revoke_lease(row)
-        _save_grant(row, grant, by)
-        await audit.append(
-            tx,
-            "grant.revoked",
-            by,
-            request_id=row.request_id,
-            grant_id=row.id,
-            data={"lease_id": row.lease_id, "why": "revoked by hand"},
-        )
-        await tx.notify("grant", row.id)
+        await _changed(tx, row, grant, by, {"why": "revoked by hand"})
         if row.request_id is not None:
             await _fail_unrun(tx, [row.request_id], f"credentials revoked by {by} before the run")
     return row
@@ -421,7 +401,7 @@ async def extend(
     (its own max TTL), the grant ends when the lease does.
     """
     async with store.transaction() as tx:
-        row = await _locked_grant(tx, grant_id)
+        row = await locked(tx, GrantRow, grant_id)
         grant = grant_of(row)
         now = utcnow()
         ceiling = row.max_expires_at or row.expires_at
@@ -430,17 +410,24 @@ async def extend(
         if granted <= timedelta(0):
             raise InvalidInput("Vault would not extend this lease")
         grant.expires_at = min(grant.expires_at, now + granted)
-        _save_grant(row, grant, by)
-        await audit.append(
-            tx,
-            "grant.extended",
-            by,
-            request_id=row.request_id,
-            grant_id=row.id,
-            data={"expires_at": row.expires_at.isoformat(), "lease_id": row.lease_id},
-        )
-        await tx.notify("grant", row.id)
+        await _changed(tx, row, grant, by, {"expires_at": grant.expires_at.isoformat()}, "extended")
     return row
+
+
+async def _changed(
+    tx: Tx, row: GrantRow, grant: Grant, by: str, data: dict[str, Any], kind: str | None = None
+) -> None:
+    """Write a grant's move by ``by``: the row, its audit event, its notification."""
+    _save_grant(row, grant, by)
+    await audit.append(
+        tx,
+        f"grant.{kind or grant.status}",
+        by,
+        request_id=row.request_id,
+        grant_id=row.id,
+        data={"lease_id": row.lease_id, **data},
+    )
+    await tx.notify("grant", row.id)
 
 
 # ---------------------------------------------------------------- what the scheduler needs

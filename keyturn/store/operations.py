@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import select
@@ -78,15 +78,21 @@ def save_request(tx: Tx, row: RequestRow, req: Request, now: datetime) -> None:
     row.updated_at = now
 
 
-async def locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
+Row = TypeVar("Row", RequestRow, GrantRow)
+
+
+async def locked(tx: Tx, model: type[Row], ident: uuid.UUID) -> Row:
+    """The row, locked until the transaction ends (``SELECT … FOR UPDATE``)."""
     row = (
-        await tx.session.scalars(
-            select(RequestRow).where(RequestRow.id == request_id).with_for_update(of=RequestRow)
-        )
+        await tx.session.scalars(select(model).where(model.id == ident).with_for_update(of=model))
     ).one_or_none()
     if row is None:
-        raise NotFound(f"request {request_id} not found")
+        raise NotFound(f"{model.__tablename__[:-1]} {ident} not found")
     return row
+
+
+async def locked_request(tx: Tx, request_id: uuid.UUID) -> RequestRow:
+    return await locked(tx, RequestRow, request_id)
 
 
 # ---------------------------------------------------------------- requests

@@ -14,6 +14,9 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot.bootstrap import build as build_bot
+from bot.bootstrap import slack_client, web_application
+from bot.service import Bot
 from gateway.bootstrap import application, build
 from gateway.service import Gateway
 from keyturn.policy import Policy, parse_policy
@@ -22,6 +25,7 @@ from keyturn.store.dsn import Dsn
 from keyturn.testing.idp import DevIdP
 from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.pytest_plugin import PostgresServer
+from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer, ssh_principal
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
@@ -174,6 +178,22 @@ def sshd(shop: Shop) -> Iterator[SshServer]:
     ca = requests.get(f"{shop.openbao.addr}/v1/ssh/public_key", timeout=5).text
     with SshServer(ca) as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def serve_bot(
+    slack: SlackEmulator, policy: Policy, database: Dsn, vault: Vault
+) -> AsyncIterator[Bot]:
+    """A real bot (Bolt over HTTP) on ``database``, receiving the emulator's signed clicks."""
+    client = slack_client(slack.bot_token, slack.api_url)
+    bot, bolt = build_bot(policy, Store(database), client, slack.signing_secret, vault)
+    server = TestServer(web_application(bot, bolt))
+    await server.start_server()
+    slack.bot_url = str(server.make_url("/slack/events"))
+    try:
+        yield bot
+    finally:
+        await server.close()
 
 
 @dataclass

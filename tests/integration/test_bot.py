@@ -25,7 +25,7 @@ from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.slack import SlackEmulator
-from tests.integration.conftest import Shop
+from tests.integration.conftest import Shop, serve_bot
 
 CHANNEL = "CAPPROVALS"
 APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
@@ -114,22 +114,9 @@ BotFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningBot]]
 def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop) -> BotFactory:
     @contextlib.asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[RunningBot]:
-        store = Store(database)
-        client = slack_client(slack.bot_token, slack.api_url)
-        bot, bolt = build(
-            parse_policy(policy_data(shop, **overrides)),
-            store,
-            client,
-            slack.signing_secret,
-            shop.bot_vault(),
-        )
-        server = TestServer(web_application(bot, bolt))
-        await server.start_server()
-        slack.bot_url = str(server.make_url("/slack/events"))
-        try:
+        policy = parse_policy(policy_data(shop, **overrides))
+        async with serve_bot(slack, policy, database, shop.bot_vault()) as bot:
             yield RunningBot(bot, Store(database), slack)
-        finally:
-            await server.close()
 
     return start
 

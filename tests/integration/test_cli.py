@@ -253,6 +253,20 @@ def test_gateway_needs_its_dev_secret_for_hs256(
     one_line_error(proc, "KEYTURN_GATEWAY_DEV_SECRET")
 
 
+def test_bot_needs_its_approle(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    config = tmp_path / "policy.yml"
+    config.write_text(SSH_ONLY + "vault: {addr: 'http://127.0.0.1:8200'}\n")
+    proc = keyturn(
+        "bot",
+        "--config",
+        str(config),
+        KEYTURN_DATABASE_URL=postgres_server.dsn("postgres").url,
+        KEYTURN_SLACK_BOT_TOKEN="xoxb-test",
+        KEYTURN_SLACK_SIGNING_SECRET="s" * 32,
+    )
+    one_line_error(proc, "KEYTURN_BOT_ROLE_ID and KEYTURN_BOT_SECRET_ID")
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

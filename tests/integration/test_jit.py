@@ -21,9 +21,7 @@ import asyncpg
 import asyncssh
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
-from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, EXTEND, REVOKE
 from bot.service import Bot
 from keyturn.policy import parse_policy
@@ -36,7 +34,7 @@ from keyturn.testing.ports import free_port
 from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer
 from keyturn.vault import Vault
-from tests.integration.conftest import GatewayFactory, Shop
+from tests.integration.conftest import GatewayFactory, Shop, serve_bot
 
 CHANNEL = "CJIT"
 APPROVER = "U_APPROVER"
@@ -162,19 +160,10 @@ def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> BotFac
     async def start(
         data: dict[str, Any] | None = None, vault: Vault | None = None
     ) -> AsyncIterator[RunningBot]:
-        store = Store(database)
-        client = slack_client(slack.bot_token, slack.api_url)
         policy = parse_policy(data or jit_policy(shop))
-        bot, bolt = build(
-            policy, store, client, slack.signing_secret, spy.watch(vault or shop.bot_vault())
-        )
-        server = TestServer(web_application(bot, bolt))
-        await server.start_server()
-        slack.bot_url = str(server.make_url("/slack/events"))
-        try:
+        watched = spy.watch(vault or shop.bot_vault())
+        async with serve_bot(slack, policy, database, watched) as bot:
             yield RunningBot(bot, Store(database), slack)
-        finally:
-            await server.close()
 
     return start
 
@@ -205,16 +194,8 @@ async def lease_ttl(shop: Shop, lease_id: str) -> int | None:
 
 
 async def test_an_approved_update_runs_once_and_its_role_dies(
-    shop: Shop,
-    run_bot: BotFactory,
-    run_gateway: GatewayFactory,
-    idp: DevIdP,
-    slack: SlackEmulator,
-    spy: Spy,
-    database: Dsn,
-    caplog: pytest.LogCaptureFixture,
+    shop: Shop, run_bot: BotFactory, run_gateway: GatewayFactory, idp: DevIdP, scan: Scan
 ) -> None:
-    caplog.set_level(logging.DEBUG)
     await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 3", shop.database)
     before = set(await shop.dynamic_roles())
     token = idp.token("crew-billing")
@@ -238,20 +219,31 @@ async def test_an_approved_update_runs_once_and_its_role_dies(
         await until(lambda: _gone(shop, running))
         rows = await shop.postgres.fetch("SELECT status FROM orders WHERE id = 3", shop.database)
         assert rows[0][0] == "paid"
-        responses = json.dumps([held, done])
-    assert spy.secrets, "the bot wrapped a password"
-    await assert_nowhere(spy.secrets, shop, database, slack, caplog, responses)
+    assert any(not s.startswith("-----") for s in scan.spy.secrets), "a password was wrapped"
+    await scan.nowhere([held, done])
 
 
-async def assert_nowhere(
-    secrets: list[str],
-    shop: Shop,
-    database: Dsn,
-    slack: SlackEmulator,
-    caplog: pytest.LogCaptureFixture,
-    responses: str,
-) -> None:
+@dataclass
+class Scan:
+    spy: Spy
+    database: Dsn
+    slack: SlackEmulator
+    caplog: pytest.LogCaptureFixture
+
+    async def nowhere(self, responses: list[Any]) -> None:
+        await assert_nowhere(self, json.dumps(responses))
+
+
+@pytest.fixture
+def scan(spy: Spy, database: Dsn, slack: SlackEmulator, caplog: pytest.LogCaptureFixture) -> Scan:
+    """Everything the credentials must never reach, with every logger at DEBUG."""
+    caplog.set_level(logging.DEBUG)
+    return Scan(spy, database, slack, caplog)
+
+
+async def assert_nowhere(scan: Scan, responses: str) -> None:
     """The real secrets appear in no log, database row, API response or Slack message."""
+    database, slack, caplog, secrets = scan.database, scan.slack, scan.caplog, scan.spy.secrets
     conn = await asyncpg.connect(database.url, **database.connect_args)
     try:
         dump = []
@@ -544,12 +536,8 @@ async def test_an_approved_ssh_command_runs_through_the_ca(
     run_bot: BotFactory,
     run_gateway: GatewayFactory,
     idp: DevIdP,
-    slack: SlackEmulator,
-    spy: Spy,
-    database: Dsn,
-    caplog: pytest.LogCaptureFixture,
+    scan: Scan,
 ) -> None:
-    caplog.set_level(logging.DEBUG)
     token = idp.token("crew-billing")
     data = jit_policy(shop, sshd)
     async with run_bot(data) as rb, run_gateway(**{k: data[k] for k in ("targets", "rules")}) as gw:
@@ -560,9 +548,13 @@ async def test_an_approved_ssh_command_runs_through_the_ca(
         assert done["status"] == "executed", done
         assert done["result"]["stdout"].strip() == sshd.principal
         assert done["result"]["exit_status"] == 0
-        responses = json.dumps([held, done])
-    assert any("PRIVATE KEY" in s for s in spy.secrets)
-    await assert_nowhere(spy.secrets, shop, database, slack, caplog, responses)
+        # an allowed shell command needs credentials too: approved by policy, no click
+        status, allowed = await gw.post(token, {"target": "web", "command": "uptime"})
+        assert status == 202 and allowed["status"] == "approved", allowed
+        status, ran = await gw.get(token, allowed["id"], wait=30)
+        assert ran["status"] == "executed" and "load average" in ran["result"]["stdout"], ran
+    assert any("PRIVATE KEY" in s for s in scan.spy.secrets)
+    await scan.nowhere([held, done, allowed, ran])
 
 
 async def test_the_certificate_runs_only_its_command_and_expires(
