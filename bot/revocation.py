@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -30,6 +30,7 @@ from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
 
+STRANDED_AFTER = timedelta(minutes=5)  # a dead gateway's run: failed this long after its grant
 BATCH = 64  # grants per pass: small enough that each commit follows its revocations closely
 
 
@@ -132,6 +133,7 @@ class Revoker:
             self.reap,
             self.end_finished,
             lambda: self._drain(grants.Sweep.UNCLAIMED),
+            lambda: grants.fail_stranded(self.store, STRANDED_AFTER),
             self.revoke_orphans,
         ):
             try:

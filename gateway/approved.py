@@ -28,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.readonly import login_dsn
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
-from keyturn.domain import command_sha256
+from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Policy, PostgresTarget, SshTarget
@@ -137,13 +137,17 @@ class Executor:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)
         if error is not None:
             error = self.masker.text(error)
-        await ops.finish_execution(
-            self.store,
-            request.id,
-            result=result,
-            error=error,
-            result_digest=digest(result) if result is not None else None,
-        )
+        try:
+            await ops.finish_execution(
+                self.store,
+                request.id,
+                result=result,
+                error=error,
+                result_digest=digest(result) if result is not None else None,
+            )
+        except IllegalTransition as exc:  # failed meanwhile as stranded: keep that outcome
+            log.warning("result of %s not recorded: %s", request.id, exc.message)
+            return
         self.metrics.commands.labels("approved_failed" if error else "approved_executed").inc()
 
     async def _unwrap(self, handoff: grants.Handoff) -> dict[str, Any]:

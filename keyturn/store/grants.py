@@ -354,26 +354,55 @@ async def end_grants(
     return done
 
 
-# Credentials that end before their command ran leave the request nothing to run with.
+# Credentials that end before their command ran leave the request nothing to run with; a
+# gateway that died while running leaves it executing.
 assert RequestStatus.FAILED in REQUEST_TRANSITIONS[RequestStatus.APPROVED]
+assert RequestStatus.FAILED in REQUEST_TRANSITIONS[RequestStatus.EXECUTING]
 
 
-async def _fail_unrun(tx: Tx, request_ids: Sequence[uuid.UUID], error: str) -> None:
-    """Requests still waiting to run (approved) fail, with the reason; one statement."""
+async def _fail_unrun(
+    tx: Tx,
+    request_ids: Sequence[uuid.UUID],
+    error: str,
+    status: RequestStatus = RequestStatus.APPROVED,
+) -> list[uuid.UUID]:
+    """Requests still in ``status`` fail, with the reason; one statement."""
     if not request_ids:
-        return
+        return []
     conn = await tx.driver()
     failed = await conn.fetch(
         "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
-        " WHERE id = ANY($1::uuid[]) AND status = 'approved' RETURNING id",
+        " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",
         list(request_ids),
         error,
+        status.value,
     )
     ids = [r["id"] for r in failed]
     await audit.append_many(
         conn, [audit.Event("request.failed", "keyturn", i, data={"error": error}) for i in ids]
     )
     await tx.notify_many("request", ids)
+    return ids
+
+
+async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> list[uuid.UUID]:
+    """Requests left ``executing`` by a gateway that died mid-run: once their credentials
+    have been dead for ``after`` nothing can still be running them, so they fail."""
+    async with store.transaction() as tx:
+        conn = await tx.driver()
+        rows = await conn.fetch(
+            "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
+            " WHERE r.status = 'executing' AND g.status <> 'active' AND g.ended_at < now() - $1::interval"
+            " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
+            after,
+            limit,
+        )
+        return await _fail_unrun(
+            tx,
+            [r["id"] for r in rows],
+            "the gateway running this command stopped before recording a result",
+            RequestStatus.EXECUTING,
+        )
 
 
 async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: RevokeLease) -> GrantRow:

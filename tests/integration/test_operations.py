@@ -253,3 +253,21 @@ async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database
         assert [r.id for r in await ops.expire_due_requests(store)] == [due.id]
     finally:
         await other.close()
+
+
+async def test_a_run_stranded_by_a_dead_gateway_fails_once_its_credentials_are_dead(
+    store: Store,
+) -> None:
+    async def revoke_lease(_row: GrantRow) -> None:
+        return None
+
+    grant = await _approved_grant(store, timedelta(minutes=5), "L9")
+    handoff = await grants.claim_handoff(store)
+    assert handoff is not None and handoff.token == "wrap-token"
+    assert await grants.claim_handoff(store) is None  # taken once
+    assert await grants.fail_stranded(store, timedelta(0)) == []  # credentials still alive
+    await grants.revoke(store, grant.id, "U1", revoke_lease)
+    assert await grants.fail_stranded(store, timedelta(minutes=1)) == []  # not for long enough
+    assert await grants.fail_stranded(store, timedelta(0)) == [grant.request_id]
+    row = await ops.get_request(store, grant.request_id)  # type: ignore[arg-type]
+    assert row.status == "failed" and "stopped before recording" in (row.error or "")
