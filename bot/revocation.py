@@ -31,7 +31,8 @@ from keyturn.store.db import Store
 log = logging.getLogger(__name__)
 
 STRANDED_AFTER = timedelta(minutes=5)  # a dead gateway's run: failed this long after its grant
-BATCH = 64  # grants per pass: small enough that each commit follows its revocations closely
+BATCH = 64
+DRAINERS = 3  # grants per pass: small enough that each commit follows its revocations closely
 
 
 class Revoker:
@@ -110,12 +111,14 @@ class Revoker:
     # ------------------------------------------------------------------ ending
 
     async def reap(self) -> None:
-        """End every due grant. Concurrent calls coalesce into as few passes as needed."""
+        """End every due grant. Concurrent calls coalesce into as few passes as needed; a
+        pass runs a few drainers side by side (``SKIP LOCKED`` gives each its own batches) so
+        Vault stays busy while a batch commits."""
         self._reap_wanted = True
         async with self._reap_lock:
             while self._reap_wanted:
                 self._reap_wanted = False
-                await self._drain(grants.Sweep.DUE)
+                await asyncio.gather(*(self._drain(grants.Sweep.DUE) for _ in range(DRAINERS)))
 
     async def _drain(self, which: grants.Sweep) -> int:
         ended = 0
