@@ -23,6 +23,8 @@ import pytest
 import pytest_asyncio
 
 from bot.cards import APPROVE, EXTEND, REVOKE
+from bot.credentials import Issuer
+from bot.revocation import Revoker
 from bot.service import Bot
 from keyturn.policy import parse_policy
 from keyturn.store import grants
@@ -587,3 +589,33 @@ async def test_the_certificate_runs_only_its_command_and_expires(
         with pytest.raises(asyncssh.PermissionDenied):
             await run("id -un")
         assert "expired" in sshd.log()
+
+
+async def test_two_replicas_revoke_each_due_grant_once(
+    shop: Shop, run_bot: BotFactory, database: Dsn
+) -> None:
+    data = jit_policy(shop, bot={"sweep_interval": "1h"})
+    async with run_bot(data) as rb:
+        ids = [await rb.hold(f"UPDATE orders SET total = {i} WHERE id = {i}") for i in range(12)]
+        for request_id in ids:
+            await rb.approve(request_id)
+            await rb.grant(request_id)
+    async with rb.store.driver() as conn:
+        await conn.execute("UPDATE grants SET expires_at = now()")
+    policy = parse_policy(data)
+    replicas = [
+        Revoker(Store(database), Issuer(policy, shop.bot_vault()), policy.bot) for _ in "ab"
+    ]
+    await asyncio.gather(*(r.reap() for r in replicas))
+    async with rb.store.driver() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM grants WHERE status = 'expired'") == 12
+        expired = await conn.fetch(
+            "SELECT grant_id, count(*) AS n FROM audit_events WHERE kind = 'grant.expired'"
+            " GROUP BY grant_id"
+        )
+        leases = [r[0] for r in await conn.fetch("SELECT lease_id FROM grants")]
+    assert len(expired) == 12 and all(r["n"] == 1 for r in expired)
+    assert [await lease_ttl(shop, lease) for lease in leases] == [None] * 12
+    for replica in replicas:
+        await replica.issuer.vault.close()
+        await replica.store.close()
