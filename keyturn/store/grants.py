@@ -392,7 +392,8 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
         conn = await tx.driver()
         rows = await conn.fetch(
             "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
-            " WHERE r.status = 'executing' AND g.status <> 'active' AND g.ended_at < now() - $1::interval"
+            " WHERE r.status = 'executing' AND g.status <> 'active'"
+            " AND g.ended_at < now() - $1::interval"
             " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
             after,
             limit,
