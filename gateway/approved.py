@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -34,9 +35,9 @@ from keyturn.masking import Masker
 from keyturn.policy import Policy, PostgresTarget, SshTarget
 from keyturn.store import grants
 from keyturn.store import operations as ops
-from keyturn.store.db import Store
+from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener
-from keyturn.vault import Vault
+from keyturn.vault import Vault, VaultUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,21 @@ class Executor:
         self.metrics.commands.labels("approved_failed" if error else "approved_executed").inc()
 
     async def _unwrap(self, handoff: grants.Handoff) -> dict[str, Any]:
+        """Retry while Vault is unavailable, as long as the wrapping token lives: the claim
+        took it out of the database, so only this process can still use it."""
+        deadline = handoff.grant.handoff_expires_at
+        delay = 0.25
+        while True:
+            try:
+                return await self._unwrap_once(handoff)
+            except VaultUnavailable as exc:
+                if deadline is None or utcnow() + timedelta(seconds=delay) >= deadline:
+                    raise
+                log.warning("Vault unavailable while taking %s: %s", handoff.request.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _unwrap_once(self, handoff: grants.Handoff) -> dict[str, Any]:
         request, grant = handoff.request, handoff.grant
         await self.vault.ensure_login()
         info = await self.vault.lookup_wrapping(handoff.token)

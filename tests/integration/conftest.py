@@ -225,9 +225,11 @@ def run_gateway(shop: Shop, database: Dsn) -> GatewayFactory:
     """``async with run_gateway(**policy_overrides) as gw:`` a real gateway on a fresh DB."""
 
     @contextlib.asynccontextmanager
-    async def start(dev_secret: str | None = None, **overrides: Any) -> AsyncIterator[Running]:
+    async def start(
+        dev_secret: str | None = None, vault: Vault | None = None, **overrides: Any
+    ) -> AsyncIterator[Running]:
         store = Store(database)
-        gw = build(shop.policy(**overrides), store, shop.vault(), dev_secret=dev_secret)
+        gw = build(shop.policy(**overrides), store, vault or shop.vault(), dev_secret=dev_secret)
         server = TestServer(application(gw))
         client = TestClient(server)
         await client.start_server()

@@ -485,6 +485,25 @@ async def test_vault_down_at_approval_issues_later_exactly_once(
     await proxy.down()
 
 
+async def test_a_gateway_waits_out_a_vault_blip_while_the_handoff_lives(
+    shop: Shop, run_bot: BotFactory, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    proxy = TcpProxy(shop.openbao.port)  # the gateway's view of Vault: down for now
+    vault = Vault(proxy.addr, approle=shop.vault()._approle, timeout=2)
+    async with run_bot() as rb, run_gateway(vault=vault) as gw:
+        status, held = await gw.post(token, {"target": "shop", "command": UPDATE})
+        assert status == 202, held
+        request_id = uuid.UUID(held["id"])
+        await rb.approve(request_id)
+        await until(lambda: _eq(rb.status(request_id), "executing"))  # claimed, cannot unwrap
+        await asyncio.sleep(1)
+        await proxy.up()
+        status, done = await gw.get(token, held["id"], wait=30)
+        assert status == 200 and done["status"] == "executed", done
+    await proxy.down()
+
+
 # ------------------------------------------------------------------ the hand-off
 
 
