@@ -12,7 +12,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.commands = Counter(
             "keyturn_gateway_commands_total",
-            "Commands received, by outcome (allowed, held, blocked, failed, rejected).",
+            "Commands by outcome (allowed, held, blocked, failed, rejected; approved_executed and"
+            " approved_failed for approved commands this gateway ran).",
             ["outcome"],
             registry=self.registry,
         )
