@@ -1,7 +1,8 @@
 """``keyturn dev``: the local stack on throwaway services, no accounts needed.
 
 Starts a throwaway Postgres (keyturn's own database, migrated, plus a demo ``orders``
-database), an OpenBao dev server bootstrapped for the demo policy, the Slack emulator with its
+database), an OpenBao dev server bootstrapped for the demo policy, a demo SSH target (this
+machine's sshd, where OpenSSH is installed), the Slack emulator with its
 sandbox page, and the gateway and the bot as their own ``keyturn gateway`` / ``keyturn bot``
 processes. Writes the addresses and a dev agent token to ``<state-dir>/stack.json`` (mode
 0600: it holds dev-only secrets) and waits for Ctrl-C.
@@ -38,6 +39,7 @@ from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.ports import free_port
 from keyturn.testing.postgres import PostgresCluster
 from keyturn.testing.slack import SlackEmulator
+from keyturn.testing.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.vault import Vault
 from keyturn.vault_setup import BootstrapReport, bootstrap
 
@@ -49,6 +51,7 @@ INSERT INTO customers (name, email) VALUES ('Ada', 'ada@example.com'), ('Lin', '
 INSERT INTO orders (customer_id, total_cents) VALUES (1, 1250), (2, 9900), (1, 300);
 """
 DEMO_AGENT = "crew-demo"
+DEMO_SSH = "web-demo"
 DEMO_APPROVER = "U_APPROVER"
 DEMO_CHANNEL = "CAPPROVALS"
 T = TypeVar("T")
@@ -114,6 +117,49 @@ class DevStack:
         }
 
 
+def _add_demo_ssh(data: dict[str, Any]) -> None:
+    """Where OpenSSH is installed, a demo SSH target: this machine's own sshd, on a free port,
+    trusting OpenBao's SSH CA (its port and host key are filled in once it runs)."""
+    try:
+        find_sshd()
+        principal = ssh_principal()
+    except (Unavailable, OSError, subprocess.CalledProcessError):
+        return
+    data["targets"][DEMO_SSH] = {
+        "kind": "ssh",
+        "host": "127.0.0.1",
+        "principal": principal,
+        "vault": {"ssh_role": DEMO_SSH},
+    }
+    data["rules"] += [
+        {"name": "status", "target": DEMO_SSH, "match": {"shell": ["uptime"]}, "action": "allow"},
+        {
+            "name": "shell",
+            "target": DEMO_SSH,
+            "match": {"shell": ["id *", "echo *", "hostname"]},
+            "action": "hold",
+            "approvers": {"users": [DEMO_APPROVER]},
+            "grant_ttl": "5m",
+        },
+    ]
+
+
+def _start_demo_ssh(
+    stack: contextlib.ExitStack, bao: OpenBaoDevServer, policy_file: Path
+) -> str | None:
+    """Start the demo target's sshd and write its port and host key into the policy."""
+    data = yaml.safe_load(policy_file.read_text())
+    target = data["targets"].get(DEMO_SSH)
+    if target is None:
+        return None
+    with urllib.request.urlopen(f"{bao.addr}/v1/ssh/public_key", timeout=5) as resp:  # noqa: S310
+        ca = resp.read().decode()
+    sshd = stack.enter_context(SshServer(ca))
+    target.update(port=sshd.port, host_key=sshd.host_public_key)
+    policy_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return f"127.0.0.1:{sshd.port} as {sshd.principal}"
+
+
 async def _prepare(
     pg: PostgresCluster, bao: OpenBaoDevServer, state_dir: Path
 ) -> tuple[Dsn, Path, BootstrapReport]:
@@ -131,6 +177,7 @@ async def _prepare(
     database = pg.dsn("keyturn")
     await asyncio.to_thread(migrate.upgrade, database)
     data = demo_policy(pg.port, bao.addr, free_port(), free_port())
+    _add_demo_ssh(data)
     policy_file = state_dir / "policy.yml"
     policy_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KEYTURN_TARGET_ORDERS_DB_USERNAME"] = "postgres"
@@ -205,7 +252,7 @@ def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None =
         return json.load(resp)
 
 
-def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread) -> list[str]:
+def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread, *, ssh: bool) -> list[str]:
     """What an agent and an approver would do: a read, then a held write approved in Slack."""
     read = _call(
         stack,
@@ -236,6 +283,14 @@ def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread) -> list[str
         f"card posted in #{DEMO_CHANNEL}, approved by {DEMO_APPROVER} -> {done['status']}"
         f" ({outcome}) with one-shot credentials from Vault"
     )
+    if ssh:
+        shell = _call(stack, "POST", "/v1/commands", {"target": DEMO_SSH, "command": "uptime"})
+        ran = _call(stack, "GET", f"/v1/commands/{shell['id']}?wait=30")
+        exit_status = (ran.get("result") or {}).get("exit_status")
+        lines.append(
+            f"allowed uptime on {DEMO_SSH} -> {ran['status']} (exit {exit_status}) with a"
+            " one-off SSH certificate"
+        )
     return lines
 
 
@@ -246,8 +301,8 @@ def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
     sandbox = loop.run(slack.start()).removesuffix("/api/")
     slack.add_user(DEMO_APPROVER, "Dev Approver")
     try:
-        with PostgresCluster() as pg, OpenBaoDevServer() as bao:
-            return _run(state_dir, pg, bao, slack, loop, sandbox, once=once)
+        with PostgresCluster() as pg, OpenBaoDevServer() as bao, contextlib.ExitStack() as more:
+            return _run(state_dir, pg, bao, slack, loop, sandbox, more, once=once)
     finally:
         loop.run(slack.stop())
         loop.close()
@@ -260,10 +315,12 @@ def _run(
     slack: SlackEmulator,
     loop: _LoopThread,
     sandbox: str,
+    services: contextlib.ExitStack,
     *,
     once: bool,
 ) -> int:
     database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir))
+    demo_ssh = _start_demo_ssh(services, bao, policy_file)
     policy = parse_policy(yaml.safe_load(policy_file.read_text()))
     stack = DevStack(
         pg,
@@ -303,13 +360,15 @@ def _run(
         print(f"  slack      {sandbox}  (sandbox: cards and buttons; approver {DEMO_APPROVER})")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
+        if demo_ssh:
+            print(f"  sshd       {demo_ssh}  (demo target: {DEMO_SSH}, trusts OpenBao's SSH CA)")
         print(
             '  try: curl -s -X POST -H "Authorization: Bearer $(jq -r .agent_token '
             f'{state})" -d \'{{"target":"orders-db","command":"SELECT * FROM orders"}}\''
             f" {stack.gateway_url}/v1/commands"
         )
         if once:
-            for line in _smoke(stack, slack, loop):
+            for line in _smoke(stack, slack, loop, ssh=demo_ssh is not None):
                 print(f"  smoke test: {line}")
             return 0
         print("Ctrl-C stops everything and deletes the throwaway data.")

@@ -174,6 +174,7 @@ def test_dev_stack_runs_the_gateway(tmp_path: Path) -> None:
     assert "smoke test: allowed SELECT -> executed" in proc.stdout
     assert "smoke test: held UPDATE -> pending" in proc.stdout
     assert "approved by U_APPROVER -> executed (['UPDATE 1'])" in proc.stdout
+    assert "allowed uptime on web-demo -> executed (exit 0)" in proc.stdout  # sshd demo target
     assert "'***'" in proc.stdout  # the demo's email column is masked
     state = json.loads((tmp_path / "stack.json").read_text())
     assert state["gateway_url"].startswith("http://127.0.0.1:")
