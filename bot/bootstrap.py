@@ -25,7 +25,7 @@ from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
-from keyturn.vault import Vault, approle_vault
+from keyturn.vault import Vault, process_vault
 
 BOT_KEY = web.AppKey("bot", Bot)
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
@@ -42,17 +42,6 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),
             AsyncServerErrorRetryHandler(max_retry_count=3),
         ],
-    )
-
-
-def bot_vault(settings: Settings, policy: Policy) -> Vault:
-    secret = settings.bot_secret_id
-    return approle_vault(
-        settings.vault_addr or policy.vault.addr,
-        settings.bot_role_id,
-        secret.get_secret_value() if secret else None,
-        policy.vault.approle_mount,
-        "bot",
     )
 
 
@@ -118,7 +107,7 @@ async def serve(settings: Settings, policy: Policy) -> None:
         raise ConfigError(
             "set KEYTURN_SLACK_SIGNING_SECRET (HTTP mode) or KEYTURN_SLACK_APP_TOKEN (Socket Mode)"
         )
-    vault = bot_vault(settings, policy)
+    vault = process_vault(settings, policy, "bot")
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
     store = Store(settings.dsn())
     signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]

@@ -23,20 +23,11 @@ from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
-from keyturn.vault import Vault, approle_vault
+from keyturn.vault import Vault, process_vault
 
 
 def gateway_vault(settings: Settings, policy: Policy) -> Vault | None:
-    if not policy.targets:
-        return None
-    secret = settings.gateway_secret_id
-    return approle_vault(
-        settings.vault_addr or policy.vault.addr,
-        settings.gateway_role_id,
-        secret.get_secret_value() if secret else None,
-        policy.vault.approle_mount,
-        "gateway",
-    )
+    return process_vault(settings, policy, "gateway") if policy.targets else None
 
 
 def build(

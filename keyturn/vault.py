@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -29,6 +29,10 @@ import requests
 
 from keyturn.aio import cancel
 from keyturn.errors import ConfigError, Forbidden, KeyturnError, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from keyturn.policy import Policy
+    from keyturn.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -365,10 +369,24 @@ class Vault:
         return [prefix + key for key in await self.list_keys(f"sys/leases/lookup/{prefix}")]
 
 
+def process_vault(settings: Settings, policy: Policy, process: Literal["gateway", "bot"]) -> Vault:
+    """A process's own Vault client (its AppRole), or one clear line saying what is missing."""
+    if process == "gateway":
+        role_id, secret = settings.gateway_role_id, settings.gateway_secret_id
+    else:
+        role_id, secret = settings.bot_role_id, settings.bot_secret_id
+    return approle_vault(
+        settings.vault_addr or policy.vault.addr,
+        role_id,
+        secret.get_secret_value() if secret else None,
+        policy.vault.approle_mount,
+        process,
+    )
+
+
 def approle_vault(
     addr: str | None, role_id: str | None, secret_id: str | None, mount: str, process: str
 ) -> Vault:
-    """A process's own Vault client from its settings, or one clear line saying what is missing."""
     if not addr:
         raise ConfigError("no Vault address: set vault.addr in the config or KEYTURN_VAULT_ADDR")
     if not (role_id and secret_id):

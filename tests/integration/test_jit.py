@@ -118,6 +118,12 @@ class RunningBot:
     async def grant(self, request_id: uuid.UUID) -> Any:
         return await until(lambda: _grant_of(self.store, request_id))
 
+    async def approved(self, **fields: Any) -> tuple[uuid.UUID, Any]:
+        """A held request, approved by click, with the grant the bot issued for it."""
+        request_id = await self.hold(**fields)
+        await self.approve(request_id)
+        return request_id, await self.grant(request_id)
+
     async def status(self, request_id: uuid.UUID) -> str:
         return (await ops.get_request(self.store, request_id)).status
 
@@ -512,9 +518,7 @@ async def test_a_stolen_handoff_runs_nothing(
 ) -> None:
     token = idp.token("crew-billing")
     async with run_bot() as rb:
-        request_id = await rb.hold(requester="crew-billing")
-        await rb.approve(request_id)
-        grant = await rb.grant(request_id)
+        request_id, grant = await rb.approved()
         async with rb.store.driver() as conn:  # someone reads the wrapping token and uses it
             stolen = await conn.fetchval("SELECT handoff_token FROM grants WHERE id = $1", grant.id)
         thief = shop.vault()
@@ -533,9 +537,7 @@ async def test_a_handoff_not_wrapped_by_keyturn_is_refused(
 ) -> None:
     token = idp.token("crew-billing")
     async with run_bot() as rb:
-        request_id = await rb.hold(requester="crew-billing")
-        await rb.approve(request_id)
-        grant = await rb.grant(request_id)
+        request_id, grant = await rb.approved()
         root = shop.root_vault()
         forged = await root.wrapped_read("database/creds/shop-rw", timedelta(minutes=1))
         await root.close()
