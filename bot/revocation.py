@@ -6,10 +6,11 @@
 - A job does not revoke "its" grant alone: it starts a pass over *every* due grant, so a
   thousand grants due in the same second make a few batched passes, not a thousand
   transactions. Passes use ``SKIP LOCKED``: replicas share the work and never revoke twice.
-- A periodic sweep (``bot.sweep_interval``) revokes anything overdue a job missed, one-shot
-  grants whose command has run, hand-offs no gateway took in time, and orphan leases: leases
-  under the bot's roles that no active grant knows (the bot died between Vault and Postgres),
-  once they have been unknown for ``bot.orphan_grace``.
+- A periodic sweep (``bot.sweep_interval``) revokes anything overdue a job missed, hand-offs
+  no gateway took in time, and orphan leases: leases under the bot's roles that no active
+  grant knows (the bot died between Vault and Postgres), once they have been unknown for
+  ``bot.orphan_grace``. One-shot grants whose command has run are ended by the bot's own
+  pass (:meth:`end_finished`), which runs on every wake-up and poll.
 """
 
 from __future__ import annotations
@@ -134,7 +135,6 @@ class Revoker:
         """The guarantee behind the jobs; each part is logged and retried on the next pass."""
         for part in (
             self.reap,
-            self.end_finished,
             lambda: self._drain(grants.Sweep.UNCLAIMED),
             lambda: grants.fail_stranded(self.store, STRANDED_AFTER),
             self.revoke_orphans,

@@ -29,6 +29,7 @@ from bot.cards import (
 )
 from bot.credentials import Issuer
 from bot.revocation import Revoker
+from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy
@@ -143,13 +144,9 @@ class Bot:
     def _notified(self, kind: str, ident: str) -> None:
         self._wake.set()
         if kind == "grant":
-            task = asyncio.create_task(self.revoker.on_grant(uuid.UUID(ident)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            spawn(self._tasks, self.revoker.on_grant(uuid.UUID(ident)))
         elif kind == "*":  # reconnected: notifications may have been lost
-            task = asyncio.create_task(self.revoker.reschedule_all())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            spawn(self._tasks, self.revoker.reschedule_all())
 
     # ------------------------------------------------------------------ who decides
 

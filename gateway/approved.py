@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.readonly import login_dsn
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
+from keyturn.aio import spawn
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
@@ -106,9 +107,7 @@ class Executor:
                 self._gate.release()
                 return claimed
             claimed += 1
-            task = asyncio.create_task(self._run_and_release(handoff))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            spawn(self._running, self._run_and_release(handoff))
 
     async def _run_and_release(self, handoff: grants.Handoff) -> None:
         try:

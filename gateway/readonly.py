@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from keyturn.aio import cancel
+from keyturn.aio import cancel, spawn
 from keyturn.errors import KeyturnError, Unavailable
 from keyturn.policy import PostgresTarget
 from keyturn.store.dsn import parse_dsn
@@ -66,6 +66,7 @@ class ReadOnlyPool:
         self._replace_at = 0.0  # monotonic: after this, a new login before the next use
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # old pools draining after a swap
         self.rotations = 0
 
     async def _open(self) -> None:
@@ -93,7 +94,7 @@ class ReadOnlyPool:
         self._set_end(lease.duration)
         self.rotations += 1
         if old is not None:
-            asyncio.create_task(_close_gracefully(old))  # noqa: RUF006 (fire and forget)
+            spawn(self._closing, _close_gracefully(old))
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep(), name=f"keyturn-ro-{self.name}")
 

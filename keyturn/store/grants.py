@@ -25,7 +25,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import exists, select
-from sqlalchemy.orm import aliased
 
 from keyturn import audit
 from keyturn.domain import REQUEST_TRANSITIONS, Grant, GrantStatus, RequestStatus
@@ -283,7 +282,6 @@ _REQUEST_FAILURE = {
 
 
 def _sweep_query(which: Sweep, now: datetime, limit: int) -> Any:
-    request = aliased(RequestRow)
     query = select(GrantRow).where(GrantRow.status == GrantStatus.ACTIVE)
     if which is Sweep.DUE:
         query = query.where(GrantRow.expires_at <= now).order_by(GrantRow.expires_at)
@@ -291,8 +289,8 @@ def _sweep_query(which: Sweep, now: datetime, limit: int) -> Any:
         query = query.where(
             GrantRow.one_shot.is_(True),
             exists().where(
-                request.id == GrantRow.request_id,
-                request.status.in_([RequestStatus.EXECUTED, RequestStatus.FAILED]),
+                RequestRow.id == GrantRow.request_id,
+                RequestRow.status.in_([RequestStatus.EXECUTED, RequestStatus.FAILED]),
             ),
         )
     else:

@@ -22,6 +22,20 @@ from keyturn.testing.pytest_plugin import PostgresServer
 EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"
 
 
+SSH_ONLY = (
+    "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
+)
+# Processes log in to Vault lazily, on first use: an address and an AppRole are enough to start.
+VAULT_ENV = {
+    "KEYTURN_VAULT_ADDR": f"http://127.0.0.1:{free_port()}",
+    "KEYTURN_GATEWAY_ROLE_ID": "role",
+    "KEYTURN_GATEWAY_SECRET_ID": "secret",
+    "KEYTURN_BOT_ROLE_ID": "role",
+    "KEYTURN_BOT_SECRET_ID": "secret",
+}
+HS256_GATEWAY = SSH_ONLY + "gateway: {auth: {algorithms: [HS256]}}\n"
+
+
 def keyturn(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KEYTURN_", "VAULT_"))}
     return subprocess.run(
@@ -221,10 +235,7 @@ def test_gateway_configuration_errors(env: dict[str, str], fragment: str) -> Non
 
 def test_gateway_with_postgres_down(tmp_path: Path) -> None:
     config = tmp_path / "policy.yml"
-    config.write_text(
-        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
-        "gateway: {auth: {algorithms: [HS256]}}\n"
-    )
+    config.write_text(HS256_GATEWAY)
     proc = keyturn(
         "gateway",
         "--config",
@@ -240,10 +251,7 @@ def test_gateway_needs_its_dev_secret_for_hs256(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     config = tmp_path / "policy.yml"
-    config.write_text(
-        "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
-        "gateway: {auth: {algorithms: [HS256]}}\n"
-    )
+    config.write_text(HS256_GATEWAY)
     proc = keyturn(
         "gateway",
         "--config",
@@ -302,19 +310,6 @@ def test_classify_unknown_target() -> None:
 )
 def test_bot_configuration_errors(env: dict[str, str], fragment: str) -> None:
     one_line_error(keyturn("bot", "--config", str(EXAMPLE), **env), fragment)
-
-
-SSH_ONLY = (
-    "targets:\n  box: {kind: ssh, host: 127.0.0.1, principal: deploy, vault: {ssh_role: r}}\n"
-)
-# Processes log in to Vault lazily, on first use: an address and an AppRole are enough to start.
-VAULT_ENV = {
-    "KEYTURN_VAULT_ADDR": f"http://127.0.0.1:{free_port()}",
-    "KEYTURN_GATEWAY_ROLE_ID": "role",
-    "KEYTURN_GATEWAY_SECRET_ID": "secret",
-    "KEYTURN_BOT_ROLE_ID": "role",
-    "KEYTURN_BOT_SECRET_ID": "secret",
-}
 
 
 @pytest.mark.parametrize(
