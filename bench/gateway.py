@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +28,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from bench.floor import floor_app
 from bench.stack import Stack, percentile, real_stack, report
 from gateway.bootstrap import application, build
 from keyturn.store.db import Store
@@ -33,82 +36,112 @@ from keyturn.testing.ports import free_port
 
 QUERY = "SELECT id, total, status FROM orders WHERE id = 4242"
 ITERATIONS = 2000
+AGENTS = 10
 CLIENTS = 50
 THROUGHPUT_SECONDS = 8
 LONG_POLLS = 10_000
 
 
-async def direct_p50(stack: Stack, username: str, password: str) -> float:
-    pool = await asyncpg.create_pool(stack.target_dsn(username, password), min_size=1, max_size=2)
+async def direct_p50(dsn: str) -> float:
+    conn = await asyncpg.connect(dsn)
     samples = []
-    async with pool.acquire() as conn:
-        for _ in range(200):
-            await conn.fetch(QUERY)
-        for _ in range(ITERATIONS):
-            start = time.perf_counter()
-            await conn.fetch(QUERY)
-            samples.append(time.perf_counter() - start)
-    await pool.close()
+    for _ in range(200):
+        await conn.fetch(QUERY)
+    for _ in range(ITERATIONS):
+        start = time.perf_counter()
+        await conn.fetch(QUERY)
+        samples.append(time.perf_counter() - start)
+    await conn.close()
     return percentile(samples, 0.5)
 
 
-async def in_process(stack: Stack) -> None:
-    store = Store(stack.database, pool_size=20)
-    gw = build(stack.policy, store, stack.vault("keyturn-gateway"))
-    runner = web.AppRunner(application(gw), access_log=None)
+async def http_p50(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
+    body = {"target": "shop", "command": QUERY}
+    for _ in range(200):  # warm: Vault login, read-only logins, caches
+        async with http.post(url, json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    samples = []
+    for _ in range(ITERATIONS):
+        start = time.perf_counter()
+        async with http.post(url, json=body, headers=headers) as resp:
+            await resp.read()
+        samples.append(time.perf_counter() - start)
+    return percentile(samples, 0.5)
+
+
+async def http_rate(http: aiohttp.ClientSession, url: str, headers: list[dict[str, str]]) -> float:
+    """Requests per second from CLIENTS concurrent clients, client i as identity i % len."""
+    body = {"target": "shop", "command": QUERY}
+    done = 0
+    stop_at = time.perf_counter() + THROUGHPUT_SECONDS
+
+    async def client(i: int) -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            async with http.post(url, json=body, headers=headers[i % len(headers)]) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    return done / (time.perf_counter() - started)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/v1/commands"
-    token = stack.idp.token("crew-bench")
-    headers = {"Authorization": f"Bearer {token}"}
-    body = {"target": "shop", "command": QUERY}
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            for _ in range(200):  # warm: Vault login, read-only pool, caches
-                async with http.post(url, json=body, headers=headers) as resp:
-                    assert resp.status == 200, await resp.text()
-            samples = []
-            for _ in range(ITERATIONS):
-                start = time.perf_counter()
-                async with http.post(url, json=body, headers=headers) as resp:
-                    await resp.read()
-                samples.append(time.perf_counter() - start)
-            lease = gw.pools["shop"]._lease
-            assert lease is not None
-            gw_p50 = percentile(samples, 0.5)
-            base_p50 = await direct_p50(stack, lease.data["username"], lease.data["password"])
-            added_ms = (gw_p50 - base_p50) * 1000
-            print(
-                f"  gateway p50 {gw_p50 * 1000:.3f} ms, direct asyncpg p50"
-                f" {base_p50 * 1000:.3f} ms, ratio {gw_p50 / base_p50:.1f}x"
-            )
-            report("allowed SELECT: added p50 latency", added_ms, "ms", "<= 2 ms", added_ms <= 2)
-
-            done = 0
-            stop_at = time.perf_counter() + THROUGHPUT_SECONDS
-
-            async def client() -> None:
-                nonlocal done
-                while time.perf_counter() < stop_at:
-                    async with http.post(url, json=body, headers=headers) as resp:
-                        await resp.read()
-                        assert resp.status == 200
-                    done += 1
-
-            started = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(CLIENTS)))
-            rate = done / (time.perf_counter() - started)
-            report(
-                f"allowed requests/s, {CLIENTS} concurrent clients",
-                rate,
-                "req/s",
-                ">= 1000",
-                rate >= 1000,
-            )
-            print(f"  journal: {gw.journal.commits} commits for {done + ITERATIONS + 200} requests")
+        yield f"http://127.0.0.1:{port}/v1/commands"
     finally:
         await runner.cleanup()
+
+
+async def in_process(stack: Stack) -> None:
+    vault = stack.vault("keyturn-gateway")
+    await vault.login()
+    lease = await vault.creds("database/creds/shop-ro")  # a read-only login like the gateway's
+    await vault.close()
+    dsn = stack.target_dsn(lease.data["username"], lease.data["password"])
+    direct = await direct_p50(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10)
+    gw = build(stack.policy, Store(stack.database, pool_size=20), stack.vault("keyturn-gateway"))
+    agents = [
+        {"Authorization": f"Bearer {stack.idp.token(f'crew-bench-{i}')}"} for i in range(AGENTS)
+    ]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with serve(floor_app(pool)) as url:
+            floor_p50 = await http_p50(http, url, {})
+            floor_rate = await http_rate(http, url, [{}])
+        async with serve(application(gw)) as url:
+            gw_p50 = await http_p50(http, url, agents[0])
+            gw_rate = await http_rate(http, url, agents)
+    await pool.close()
+    floor_added, gw_added = (floor_p50 - direct) * 1000, (gw_p50 - direct) * 1000
+    print(
+        f"  direct asyncpg p50 {direct * 1000:.3f} ms; floor proxy p50 {floor_p50 * 1000:.3f} ms"
+        f" (adds {floor_added:.3f} ms, {floor_rate:,.0f} req/s); gateway p50"
+        f" {gw_p50 * 1000:.3f} ms (adds {gw_added:.3f} ms)"
+    )
+    report(
+        "allowed SELECT: added p50 latency / floor's",
+        gw_added / floor_added,
+        "x",
+        "<= 2",
+        gw_added <= 2 * floor_added,
+    )
+    report(
+        f"allowed req/s at {CLIENTS} clients / floor's",
+        gw_rate / floor_rate,
+        "x",
+        ">= 0.8",
+        gw_rate >= 0.8 * floor_rate,
+    )
+    print(f"  gateway {gw_rate:,.0f} req/s ({AGENTS} agents); journal {gw.journal.commits} commits")
 
 
 def _rss_mb(pid: int) -> float:

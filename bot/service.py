@@ -30,7 +30,7 @@ from bot.cards import (
 from bot.credentials import Issuer
 from bot.revocation import Revoker
 from keyturn.aio import spawn
-from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval
+from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy
 from keyturn.store import grants
@@ -190,7 +190,7 @@ class Bot:
         """Open the reason modal, only for someone who may deny."""
         try:
             row = await self._check_approver(request_id, user)
-            if user in (row.requester, row.on_behalf_of):
+            if same_person(user, row.requester, row.on_behalf_of):
                 raise SelfApproval("nobody may decide their own request")
             if row.status != "pending":
                 raise IllegalTransition("request", row.status, "denied")

@@ -26,7 +26,7 @@ import asyncpg
 import asyncssh
 
 from gateway.metrics import Metrics
-from gateway.readonly import login_dsn
+from gateway.results import Deadline, Limits, finish
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
 from keyturn.aio import spawn
@@ -195,7 +195,7 @@ class Executor:
         target = self.policy.targets.get(name)
         cfg = self.policy.gateway
         if isinstance(target, PostgresTarget):
-            url, kwargs = login_dsn(target, credentials["username"], credentials["password"])
+            url, kwargs = target.login(credentials["username"], credentials["password"])
             timeout_ms = int(cfg.statement_timeout.total_seconds() * 1000)
             conn = await asyncpg.connect(
                 url,
@@ -206,11 +206,14 @@ class Executor:
                 },
                 **kwargs,
             )
+            limits = Limits(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
             try:
-                raw = await run_approved(conn, command, cfg.row_limit)
+                fetched, tags = await run_approved(
+                    conn, command, limits, Deadline(cfg.statement_timeout.total_seconds())
+                )
             finally:
                 await conn.close()
-            return raw.as_json() | {"rows": self.masker.rows(raw.columns, raw.rows)}
+            return (await finish(fetched, len(tags), self.masker, limits, tags)).as_json()
         if isinstance(target, SshTarget):
             shell = await run_ssh(
                 target,

@@ -80,7 +80,7 @@ class Authenticator:
     async def _verify(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):
             raise Unauthorized("malformed token") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._cfg.algorithms:
@@ -102,6 +102,9 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             reason = next((msg for cls, msg in _REASONS if isinstance(exc, cls)), "invalid token")
             raise Unauthorized(reason) from None
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            # claims pyjwt cannot even compare (an exp of 1e400, a nested monster): not a token
+            raise Unauthorized("invalid token") from None
         return _identity(claims, self._cfg.groups_claim), float(
             claims["exp"]
         ) + self._cfg.leeway_seconds
@@ -134,13 +137,33 @@ class Authenticator:
             self._keys = {k.key_id: k for k in jwk_set.keys if k.key_id}
 
 
+MAX_NAME = 200  # characters of a sub, a group or on_behalf_of: what keyturn can record
+MAX_GROUPS = 200
+
+
+def _name(value: str, claim: str) -> str:
+    if not value or len(value) > MAX_NAME or not value.isprintable():
+        raise Unauthorized(f"token {claim} must be 1 to {MAX_NAME} printable characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise Unauthorized(f"token {claim} is not valid Unicode text") from None
+    return value
+
+
 def _identity(claims: dict[str, Any], groups_claim: str) -> Identity:
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject:
+    if not isinstance(subject, str):
         raise Unauthorized("token sub must be a non-empty string")
     groups = claims.get(groups_claim) or []
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise Unauthorized(f"token claim {groups_claim} must be a list of strings")
+    if len(groups) > MAX_GROUPS:
+        raise Unauthorized(f"token claim {groups_claim} lists more than {MAX_GROUPS} groups")
     act = claims.get("act")
     human = act.get("sub") if isinstance(act, dict) else claims.get("on_behalf_of")
-    return Identity(subject, frozenset(groups), human if isinstance(human, str) else None)
+    return Identity(
+        _name(subject, "sub"),
+        frozenset(_name(g, groups_claim) for g in groups),
+        _name(human, "on_behalf_of") if isinstance(human, str) else None,
+    )

@@ -16,7 +16,8 @@ from gateway.approved import Executor
 from gateway.auth import Authenticator
 from gateway.http import GATEWAY_KEY, create_app
 from gateway.journal import Journal
-from gateway.readonly import ReadOnlyPool
+from gateway.metrics import Metrics
+from gateway.readonly import ReadOnlyLogins
 from gateway.service import Gateway
 from keyturn.aio import cancel
 from keyturn.policy import Policy
@@ -38,28 +39,22 @@ def build(
     dev_secret: str | None = None,
     public_url: str | None = None,
 ) -> Gateway:
-    cfg = policy.gateway
-    pools = {}
+    metrics = Metrics()
+    readers = None
     if vault is not None:
-        pools = {
-            name: ReadOnlyPool(
-                vault,
-                name,
-                target,
-                mount=policy.vault.database_mount,
-                statement_timeout=cfg.statement_timeout,
-                size=cfg.readonly_pool_size,
-            )
-            for name, target in policy.postgres_targets().items()
-        }
+        readers = ReadOnlyLogins(
+            vault, policy.postgres_targets(), policy.vault.database_mount, policy.gateway, metrics
+        )
+    cfg = policy.gateway
     gw = Gateway(
         policy=policy,
         store=store,
         listener=Listener(store.dsn),
         journal=Journal(store),
         auth=Authenticator(cfg.auth, dev_secret),
-        pools=pools,
+        readers=readers,
         public_url=(public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
+        metrics=metrics,
     )
     if vault is not None:
         gw.executor = Executor(policy, store, vault, gw.listener, gw.masker, gw.metrics)
@@ -71,16 +66,19 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gw.listener.start()
     gw.journal.start()
     poller = asyncio.create_task(gw.poll_forever(), name="keyturn-gateway-poller")
-    executor = None
+    executor = reaper = None
     if gw.executor is not None:
         executor = asyncio.create_task(gw.executor.run_forever(), name="keyturn-executor")
+    if gw.readers is not None:
+        reaper = asyncio.create_task(gw.readers.reap_forever(), name="keyturn-ro-reaper")
     yield
     await cancel(executor)
+    await cancel(reaper)
     await cancel(poller)
+    if gw.readers is not None:
+        await gw.readers.close()
     await gw.journal.stop()
     await gw.listener.stop()
-    for pool in gw.pools.values():
-        await pool.close()
     for vault in gw.vaults():
         await vault.close()
     await gw.store.close()

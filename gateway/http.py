@@ -79,8 +79,17 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _json(out: CommandOut, status: int = 200) -> web.Response:
-    return web.json_response(out.model_dump(mode="json", exclude_none=True), status=status)
+LARGE_ROWS = 200  # results with more rows are encoded in a worker thread
+
+
+async def _json(out: CommandOut, status: int = 200) -> web.Response:
+    """The body; a large result is encoded off the event loop, which keeps /healthz prompt."""
+    rows = getattr(out.result, "rows", None) or []
+    if len(rows) > LARGE_ROWS or len(str(rows[:1])) > 4096:
+        body = await asyncio.to_thread(out.model_dump_json, exclude_none=True)
+    else:
+        body = out.model_dump_json(exclude_none=True)
+    return web.Response(text=body, status=status, content_type="application/json")
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -92,7 +101,7 @@ async def submit(request: web.Request) -> web.Response:
         raise InvalidInput("Idempotency-Key must be 1 to 200 printable characters")
     raw = await request.read()
     status, out = await gw.submit(who, raw, key)
-    return _json(out, status)
+    return await _json(out, status)
 
 
 async def read(request: web.Request) -> web.Response:
@@ -106,7 +115,7 @@ async def read(request: web.Request) -> web.Response:
     if not math.isfinite(wait) or wait < 0:
         raise InvalidInput("wait must be a non-negative number of seconds")
     wait = min(wait, gw.policy.gateway.max_wait.total_seconds())
-    return _json(await gw.read(who, request.match_info["id"], wait))
+    return await _json(await gw.read(who, request.match_info["id"], wait))
 
 
 async def healthz(_request: web.Request) -> web.Response:

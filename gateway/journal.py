@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 Record = ops.Outcome | ops.Completion
 
 
+def _refused(exc: Exception) -> bool:
+    """The database rejected the data itself (not the connection): retrying will not help."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.PostgresConnectionError
+    )
+
+
 class Journal:
     def __init__(
         self,
@@ -96,22 +103,51 @@ class Journal:
             try:
                 await self._commit([record for record, _ in batch])
             except Exception as exc:
-                self._done(len(batch))
-                log.warning("journal commit of %d records failed: %s", len(batch), exc)
-                for record, future in batch:
-                    if future is None:
-                        self._queue.put_nowait((record, None))  # retried after the backoff
-                    elif not future.done():
-                        future.set_exception(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if _refused(exc):
+                    # the database refused a record: one bad record must not fail the others
+                    await self._one_by_one(batch)
+                    continue
+                delay = await self._failed(batch, exc, delay)
                 continue
             delay = 0.1
-            self.commits += 1
-            self._done(len(batch))
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_result(None)
+            self._committed(batch)
+
+    def _committed(self, batch: list[tuple[Record, asyncio.Future[None] | None]]) -> None:
+        self.commits += 1
+        self._done(len(batch))
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    async def _failed(
+        self, batch: list[tuple[Record, asyncio.Future[None] | None]], exc: Exception, delay: float
+    ) -> float:
+        """Waiters get the error; completions are queued again after a backoff."""
+        self._done(len(batch))
+        log.warning("journal commit of %d records failed: %s", len(batch), exc)
+        for record, future in batch:
+            if future is None:
+                self._queue.put_nowait((record, None))  # retried after the backoff
+            elif not future.done():
+                future.set_exception(exc)
+        await asyncio.sleep(delay)
+        return min(delay * 2, 5.0)
+
+    async def _one_by_one(self, batch: list[tuple[Record, asyncio.Future[None] | None]]) -> None:
+        for item in batch:
+            try:
+                await self._commit([item[0]])
+            except Exception as exc:
+                if not _refused(exc):
+                    await self._failed([item], exc, 0.1)
+                    continue
+                self._done(1)
+                log.error("journal record %s refused by the database: %s", item[0].id, exc)
+                if item[1] is not None and not item[1].done():
+                    item[1].set_exception(exc)
+                # a completion the database refuses would be refused forever: not retried
+                continue
+            self._committed([item])
 
     async def _next_batch(self) -> list[tuple[Record, asyncio.Future[None] | None]]:
         """Everything queued; completions alone wait up to ``linger`` for a record to ride with.

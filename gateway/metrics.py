@@ -34,6 +34,28 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.readonly_logins = Gauge(
+            "keyturn_gateway_readonly_logins",
+            "Open read-only logins (one Vault lease and pool per agent identity and target).",
+            registry=self.registry,
+        )
+        self.readonly_logins_limit = Gauge(
+            "keyturn_gateway_readonly_logins_limit",
+            "The most read-only logins open at once (gateway.readonly_logins).",
+            registry=self.registry,
+        )
+        self.readonly_logins_closed = Counter(
+            "keyturn_gateway_readonly_logins_closed_total",
+            "Read-only logins closed (their lease revoked), by reason: idle, evicted, shutdown.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.truncated = Counter(
+            "keyturn_gateway_results_truncated_total",
+            "Results cut short, by the cap that applied: rows, value_bytes, response_bytes.",
+            ["cap"],
+            registry=self.registry,
+        )
         self.execute_seconds = Histogram(
             "keyturn_gateway_execute_seconds",
             "Time running allowed commands on targets.",

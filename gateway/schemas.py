@@ -8,8 +8,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from keyturn.errors import InvalidInput
+
 MAX_BODY_BYTES = 1024 * 1024
 MAX_COMMAND_BYTES = 64 * 1024
+
+
+def storable(name: str, value: str | None) -> None:
+    """Refuse text Postgres cannot store (NUL) or UTF-8 cannot encode (lone surrogates).
+
+    Checked at the edge, before anything is recorded or run: such input must never reach the
+    record, where it would fail after the fact.
+    """
+    if value is None:
+        return
+    if "\x00" in value:
+        raise InvalidInput(f"{name}: must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name}: must be valid Unicode text (no lone surrogates)") from None
 
 
 class CommandIn(BaseModel):
@@ -25,7 +43,11 @@ class SqlResultOut(BaseModel):
     columns: list[str]
     rows: list[list[Any]]
     row_count: int
-    truncated: bool
+    truncated: Literal[False, "rows", "value_bytes", "response_bytes"] = Field(
+        description="false, or the cap that cut the result: rows (gateway.row_limit), "
+        "value_bytes (a value longer than gateway.value_bytes, sent as a prefix of its text) or "
+        "response_bytes (rows past gateway.response_bytes left out)"
+    )
     statements: int
     tags: list[str] | None = Field(
         default=None, description="command tags of an approved run, e.g. UPDATE 3"

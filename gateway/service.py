@@ -12,28 +12,27 @@ import functools
 import hashlib
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
 
 from gateway.approved import Executor, digest
 from gateway.auth import Authenticator
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
-from gateway.readonly import ReadOnlyPool
-from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut
-from gateway.sql import estimate_rows, run_readonly
+from gateway.readonly import ReadOnlyLogins
+from gateway.results import Deadline, Limits, SqlResult, finish
+from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
+from gateway.sql import NotReadOnly, SessionChanged, estimate_rows, read_plan, run_readonly
 from keyturn.classify import Identity, Verdict, check_access, classify
 from keyturn.domain import Decision, RequestStatus
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, TooLarge, Unavailable
 from keyturn.masking import Masker
-from keyturn.policy import Policy, PostgresTarget
+from keyturn.policy import Policy
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
@@ -51,6 +50,8 @@ AGENT_TERMINAL = frozenset(
     }
 )
 ESTIMATE_TIMEOUT = 2.0
+CLASSIFY_INLINE = 4096  # longer commands are classified in a worker thread
+MAX_ERROR = 2000  # characters of a database error passed back to the agent
 
 
 class Blocked(Forbidden):
@@ -66,17 +67,22 @@ def _parse(raw: bytes) -> CommandIn:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("body is not valid JSON: it nests too deeply") from None
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object with target and command")
     command = data.get("command")
-    if isinstance(command, str) and len(command.encode()) > MAX_COMMAND_BYTES:
+    if isinstance(command, str) and len(command.encode(errors="replace")) > MAX_COMMAND_BYTES:
         raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
     try:
-        return CommandIn.model_validate(data)
+        cmd = CommandIn.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidInput(f"{where}: {first['msg']}") from None
+    for name in ("target", "command", "reason", "run_id"):
+        storable(name, getattr(cmd, name))
+    return cmd
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Gateway:
     listener: Listener
     journal: Journal
     auth: Authenticator
-    pools: dict[str, ReadOnlyPool]
+    readers: ReadOnlyLogins | None  # the allowed path's logins (needs Vault)
     public_url: str
     metrics: Metrics = field(default_factory=Metrics)
     executor: Executor | None = None  # runs approved commands (needs Vault)
@@ -97,10 +103,23 @@ class Gateway:
         cfg = self.policy.gateway
         self.limiter = RateLimiter(cfg.rate_per_second, cfg.rate_burst)
         self.masker = Masker.from_policy(self.policy.masking)
+        self.limits = Limits(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
     def _classify_uncached(self, target: str, command: str, who: Identity) -> Verdict:
-        return classify(self.policy, target, command, who)
+        verdict = classify(self.policy, target, command, who)
+        if verdict.action == "allow" and self.readers is not None and target in self.readers:
+            try:
+                read_plan(command, self.policy.gateway.max_statements)
+            except NotReadOnly as exc:  # whatever the rules say: a human decides
+                return Verdict("hold", None, [*verdict.reasons, f"held: {exc.message}"])
+        return verdict
+
+    async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
+        """Cached; a long command is parsed off the event loop (a parse can take a while)."""
+        if len(command) <= CLASSIFY_INLINE:
+            return self._classify(target, command, who)
+        return await asyncio.to_thread(self._classify, target, command, who)
 
     # ------------------------------------------------------------------ submit
 
@@ -116,16 +135,16 @@ class Gateway:
                 return (202 if earlier.status not in AGENT_TERMINAL else 200), self.view(
                     ops.RequestView.of(earlier)
                 )
-        verdict = self._classify(cmd.target, cmd.command, who)
+        verdict = await self._verdict(cmd.target, cmd.command, who)
         rule = verdict.rule.name if verdict.rule else None
         if verdict.action == "block":
             await self.journal.record(self._outcome(cmd, who, verdict, status="blocked"))
             self.metrics.commands.labels("blocked").inc()
             message = verdict.rule.message if verdict.rule and verdict.rule.message else None
             raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
-        target = self.policy.targets[cmd.target]
-        if verdict.action == "allow" and isinstance(target, PostgresTarget):
-            return 200, await self._run_allowed(cmd, who, verdict, idempotency_key, body_sha)
+        if verdict.action == "allow" and self.readers is not None and cmd.target in self.readers:
+            out = await self._run_allowed(cmd, who, verdict, idempotency_key, body_sha)
+            return (200 if out.status in AGENT_TERMINAL else 202), out
         return 202, await self._hold(cmd, who, verdict, idempotency_key, body_sha)
 
     def _outcome(
@@ -145,42 +164,86 @@ class Gateway:
             **extra,
         )
 
-    async def _execute(self, cmd: CommandIn) -> tuple[dict[str, Any] | None, str | None]:
-        """(masked result, None) or (None, masked error); Unavailable when the target is down."""
-        started = time.perf_counter()
-        try:
-            async with self.pools[cmd.target].connection() as conn:
-                raw = await run_readonly(conn, cmd.command, self.policy.gateway.row_limit)
-        except asyncpg.PostgresError as exc:
-            return None, self.masker.text(f"{exc.sqlstate}: {exc}")
-        except (OSError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(
-                f"target {cmd.target} is not reachable: {type(exc).__name__}"
-            ) from None
-        finally:
-            self.metrics.execute_seconds.observe(time.perf_counter() - started)
-        return raw.as_json() | {"rows": self.masker.rows(raw.columns, raw.rows)}, None
+    async def _execute(
+        self, readers: ReadOnlyLogins, cmd: CommandIn, who: Identity, request_id: uuid.UUID
+    ) -> SqlResult:
+        """Run an allowed (recorded) command on ``who``'s own read-only login."""
+        cfg = self.policy.gateway
+        deadline = Deadline(cfg.statement_timeout.total_seconds())
+        plan = read_plan(cmd.command, cfg.max_statements)
+        with self.metrics.execute_seconds.time():
+            async with readers.transaction(cmd.target, who.subject, str(request_id), deadline) as c:
+                fetched, statements = await run_readonly(c, plan, self.limits, deadline)
+        result = await finish(fetched, statements, self.masker, self.limits)
+        if result.truncated:
+            self.metrics.truncated.labels(result.truncated).inc()
+        return result
+
+    def _failure(self, exc: BaseException) -> str:
+        """What the agent is told when its allowed command did not complete (masked)."""
+        if isinstance(exc, TimeoutError):
+            seconds = self.policy.gateway.statement_timeout.total_seconds()
+            return f"deadline exceeded: the gateway cancelled the command after {seconds:g} s"
+        if isinstance(exc, SessionChanged):
+            return f"{exc}; keyturn closed that connection and ran nothing more"
+        if isinstance(exc, asyncpg.PostgresError):
+            return self.masker.text(f"{exc.sqlstate}: {exc}"[:MAX_ERROR])
+        if isinstance(exc, KeyturnError):
+            return exc.message
+        return f"the target connection failed: {type(exc).__name__}"
 
     async def _run_allowed(
         self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str | None, body_sha: str
     ) -> CommandOut:
-        if key is not None:
-            return await self._run_allowed_once(cmd, who, verdict, key, body_sha)
-        # Record the access while it runs: the answer waits for both, never for one after the
-        # other. The outcome (status, result digest) follows in the journal's next commit.
-        intent = self._outcome(cmd, who, verdict, status="executing")
-        executed, recorded = await asyncio.gather(
-            self._execute(cmd), self.journal.record(intent), return_exceptions=True
-        )
-        if isinstance(recorded, BaseException):
-            raise Unavailable("cannot record the command in keyturn's database") from recorded
-        if isinstance(executed, BaseException):
-            self.journal.submit(ops.Completion(intent.id, who.subject, str(executed), None))
-            raise executed
-        result, error = executed
-        result_digest = digest(result) if result is not None else None
-        self.journal.submit(ops.Completion(intent.id, who.subject, error, result_digest))
-        self.metrics.commands.labels("failed" if error else "allowed").inc()
+        """Record, then run: nothing runs before its record (request row + audit event) is
+        committed. Concurrent records share a commit; the outcome follows in a later one."""
+        assert self.readers is not None
+        async with self.readers.admit(who.subject):
+            intent = self._outcome(
+                cmd, who, verdict, status="executing", idempotency_key=key, body_sha256=body_sha
+            )
+            try:
+                await self.journal.record(intent)
+            except asyncpg.UniqueViolationError:  # a concurrent call with this key won
+                earlier = await ops.find_idempotent(self.store, who.subject, key or "", body_sha)
+                if earlier is None:
+                    raise
+                return self.view(ops.RequestView.of(earlier))
+            except KeyturnError:
+                raise
+            except Exception as exc:
+                raise Unavailable("cannot record the command in keyturn's database") from exc
+            try:
+                result = await self._execute(self.readers, cmd, who, intent.id)
+            except (TimeoutError, SessionChanged, NotReadOnly, asyncpg.PostgresError) as exc:
+                error = self._failure(exc)
+                self.journal.submit(ops.Completion(intent.id, who.subject, error, None))
+                self.metrics.commands.labels("failed").inc()
+                return self._answer(cmd, intent, None, error)
+            except (OSError, asyncpg.InterfaceError, KeyturnError) as exc:
+                self.journal.submit(
+                    ops.Completion(intent.id, who.subject, self._failure(exc), None)
+                )
+                if isinstance(exc, KeyturnError):
+                    raise
+                raise Unavailable(
+                    f"target {cmd.target} is not reachable: {type(exc).__name__}"
+                ) from None
+        body = result.as_json()
+        if key is None:
+            self.journal.submit(ops.Completion(intent.id, who.subject, None, digest(body)))
+        else:  # a replay with this key must find the result: committed before the answer
+            done = ops.Completion(intent.id, who.subject, None, digest(body), body)
+            try:
+                await self.journal.record(done)
+            except Exception:  # the command ran: answer it; the record is retried
+                self.journal.submit(done)
+        self.metrics.commands.labels("allowed").inc()
+        return self._answer(cmd, intent, body, None)
+
+    def _answer(
+        self, cmd: CommandIn, intent: ops.Outcome, result: dict[str, Any] | None, error: str | None
+    ) -> CommandOut:
         return CommandOut(
             id=str(intent.id),
             status="failed" if error else "executed",
@@ -191,39 +254,13 @@ class Gateway:
             error=error,
         )
 
-    async def _run_allowed_once(
-        self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str, body_sha: str
-    ) -> CommandOut:
-        """With an Idempotency-Key: run, then store the result so a replay returns it."""
-        result, error = await self._execute(cmd)
-        outcome = self._outcome(
-            cmd,
-            who,
-            verdict,
-            status="failed" if error else "executed",
-            error=error,
-            result=result,
-            result_digest=digest(result) if result is not None else None,
-            idempotency_key=key,
-            body_sha256=body_sha,
-        )
-        try:
-            await ops.record_outcomes(self.store, [outcome])
-        except (IntegrityError, asyncpg.UniqueViolationError):  # a concurrent call won
-            earlier = await ops.find_idempotent(self.store, who.subject, key, body_sha)
-            if earlier is None:
-                raise
-            return self.view(ops.RequestView.of(earlier))
-        self.metrics.commands.labels("failed" if error else "allowed").inc()
-        return self.view(await ops.get_request_view(self.store, outcome.id))
-
-    async def _estimate(self, target: str, command: str) -> int | None:
-        pool = self.pools.get(target)
-        if pool is None:
+    async def _estimate(self, target: str, command: str, who: Identity) -> int | None:
+        if self.readers is None or target not in self.readers:
             return None
+        deadline = Deadline(ESTIMATE_TIMEOUT)
         try:
-            async with asyncio.timeout(ESTIMATE_TIMEOUT), pool.connection() as conn:
-                return await estimate_rows(conn, command)
+            async with self.readers.transaction(target, who.subject, "estimate", deadline) as c:
+                return await estimate_rows(c, command, deadline)
         except (TimeoutError, KeyturnError, OSError, asyncpg.PostgresError) as exc:
             log.info("no EXPLAIN estimate for a held command on %s: %s", target, exc)
             return None
@@ -237,7 +274,7 @@ class Gateway:
         body_sha: str,
     ) -> CommandOut:
         rule = verdict.rule
-        estimate = await self._estimate(cmd.target, cmd.command)
+        estimate = await self._estimate(cmd.target, cmd.command, who)
         row, created = await ops.create_request(
             self.store,
             ops.NewRequest(
@@ -344,7 +381,7 @@ class Gateway:
         return {"postgres": "ok", "vault": "ok" if vaults else "not configured"}
 
     def vaults(self) -> list[Vault]:
-        found = [p.vault for p in self.pools.values()]
+        found = [self.readers.vault] if self.readers is not None else []
         if self.executor is not None:
             found.append(self.executor.vault)
         return list({id(v): v for v in found}.values())

@@ -1,138 +1,167 @@
-"""Running an allowed SQL command on the safe path, and estimating a held one.
+"""What runs on a target: allowed reads, the planner's estimate for a held write, approved runs.
 
-Allowed commands run in a read-only transaction on the read-only login, under the pool's
-statement timeout, through a cursor so at most ``row_limit`` rows are ever fetched. Held
-commands are never executed: their estimate comes from ``EXPLAIN (FORMAT JSON)`` of an
-equivalent SELECT (see :func:`keyturn.classify.sql.preview_select`).
+The read-only path does not trust the classifier, nor the parser to agree with the database.
+:func:`read_plan` splits a command with pglast and refuses, whatever any rule says, every
+statement that is not a plain read (transaction control, ``SET``/``RESET``/``DISCARD``,
+``LISTEN``/``NOTIFY``, ``DO``, ``COPY``, ``PREPARE``/``EXECUTE``, writes). Each statement then
+goes alone over the extended protocol, where the server refuses a second statement in one
+message, inside a read-only transaction the gateway opened (see :mod:`gateway.readonly`).
+After every statement the *server's* word is checked — its command tag, the transaction
+status, and the parse-relevant settings it reports — and any surprise drops the connection
+before anything else runs on it.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import decimal
 import functools
-import ipaddress
 import json
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import pglast
+from pglast import ast
 
+from gateway.results import Deadline, Fetched, Limits, columns_of, describe, fetch_bounded
 from keyturn.classify.sql import preview_select
+from keyturn.errors import KeyturnError
+
+READ_TAGS = frozenset({"SELECT", "SHOW", "EXPLAIN"})
+# Settings the server reports (ParameterStatus) that change how it reads the next statement
+# or who runs it; a change means the session is no longer the one the gateway opened.
+PINNED = {
+    "standard_conforming_strings": "on",
+    "client_encoding": "UTF8",
+    "is_superuser": "off",
+}
+
+
+class NotReadOnly(KeyturnError):
+    """The command has a statement the read-only path never runs (it may still be held)."""
+
+    code = "not_read_only"
+    status = 403
+
+
+class SessionChanged(Exception):
+    """The server reports something the gateway did not ask for: drop the connection."""
 
 
 @dataclass(frozen=True)
-class SqlResult:
-    columns: list[str]
-    rows: list[list[Any]]
-    truncated: bool
-    statements: int
-    tags: list[str] | None = None  # command tags of an approved run (``UPDATE 3``)
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "columns": self.columns,
-            "rows": self.rows,
-            "row_count": len(self.rows),
-            "truncated": self.truncated,
-            "statements": self.statements,
-        }
-        if self.tags is not None:
-            out["tags"] = self.tags
-        return out
+class Statement:
+    text: str
+    select: bool  # a SELECT (incl. VALUES, TABLE, set operations): it can be wrapped
 
 
-def jsonable(value: Any) -> Any:
-    """asyncpg values -> JSON values without losing meaning (decimals stay exact strings)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return str(value)
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, asyncpg.Record):
-        return [jsonable(v) for v in value.values()]
-    return str(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def split_statements(sql: str) -> tuple[str, ...]:
-    """Each statement's own text, as PostgreSQL's parser delimits them."""
+def _statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
     statements = pglast.parse_sql(sql)
     if len(statements) == 1:
-        return (sql,)
+        return [(sql, statements[0].stmt)]
     encoded = sql.encode()  # locations are byte offsets
     out = []
     for raw in statements:
         start = raw.stmt_location or 0
         end = start + raw.stmt_len if raw.stmt_len else len(encoded)
-        out.append(encoded[start:end].decode().strip())
-    return tuple(out)
+        out.append((encoded[start:end].decode().strip(), raw.stmt))
+    return out
 
 
-async def _fetch_capped(conn: asyncpg.Connection, sql: str, limit: int) -> list[asyncpg.Record]:
-    """At most ``limit`` rows, in one round trip.
+@functools.lru_cache(maxsize=4096)
+def split_statements(sql: str) -> tuple[str, ...]:
+    """Each statement's own text, as PostgreSQL's parser delimits them."""
+    return tuple(text for text, _ in _statement_texts(sql))
 
-    The extended protocol's Execute takes a row limit; asyncpg exposes it only through the
-    private ``_execute`` (its public API caps rows with a cursor, which needs a transaction:
-    two more round trips per command). Fall back to that when ``_execute`` is gone.
+
+def _refusal(node: ast.Node | None) -> str | None:
+    if isinstance(node, ast.SelectStmt):
+        if node.intoClause is not None:
+            return "SELECT … INTO creates a table"
+        if node.lockingClause:
+            return "SELECT … FOR UPDATE/SHARE takes row locks"
+        return None
+    if isinstance(node, ast.VariableShowStmt | ast.ExplainStmt):
+        return None
+    name = type(node).__name__.removesuffix("Stmt") if node is not None else "an empty statement"
+    return f"{name} never runs on the read-only path"
+
+
+@functools.lru_cache(maxsize=4096)
+def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
+    """The statements of an allowed command, each a read; raises NotReadOnly otherwise."""
+    try:
+        texts = _statement_texts(sql)
+    except pglast.parser.ParseError as exc:
+        raise NotReadOnly(f"not valid PostgreSQL: {exc}") from None
+    if len(texts) > max_statements:
+        raise NotReadOnly(
+            f"{len(texts)} statements; the read-only path runs at most {max_statements} per command"
+        )
+    plan = []
+    for text, node in texts:
+        refusal = _refusal(node)
+        if refusal is not None:
+            raise NotReadOnly(refusal)
+        plan.append(Statement(text, isinstance(node, ast.SelectStmt)))
+    return tuple(plan)
+
+
+def check_session(conn: asyncpg.Connection, tag: str) -> None:
+    """Raise SessionChanged unless the server still reports the session the gateway opened.
+
+    ``tag`` is the server's command tag of the statement just run (empty when it was cut
+    short at a cap, which only a row-returning statement can be).
     """
-    execute = getattr(conn, "_execute", None)
-    if execute is not None:
-        records: list[asyncpg.Record] = await execute(sql, (), limit, None)
-        return records
-    async with conn.transaction(readonly=True):
-        cursor = await conn.cursor(sql)
-        fetched: list[asyncpg.Record] = await cursor.fetch(limit)
-        return fetched
+    if not conn.is_in_transaction():
+        raise SessionChanged("the statement ended the gateway's read-only transaction")
+    kind = tag.split(" ", 1)[0]
+    if tag and kind not in READ_TAGS:
+        raise SessionChanged(f"the database ran {kind}, not a read")
+    settings = conn.get_settings()
+    for name, expected in PINNED.items():
+        if getattr(settings, name, expected) != expected:
+            raise SessionChanged(f"the statement changed {name}")
 
 
-async def run_readonly(conn: asyncpg.Connection, sql: str, row_limit: int) -> SqlResult:
-    """Run every statement; the result is the last one's rows, capped at ``row_limit``.
+async def run_readonly(
+    conn: asyncpg.Connection, plan: tuple[Statement, ...], limits: Limits, deadline: Deadline
+) -> tuple[Fetched, int]:
+    """Run each statement of ``plan`` in the open read-only transaction; the last one's rows.
 
-    The login is read-only (role and session default), so a single statement runs in its
-    implicit transaction; several share one explicit read-only transaction.
+    A statement the server describes as returning no rows is not a read, whatever pglast
+    said: it is refused before it runs. Earlier statements run only as far as their first
+    row: a read's rows are its only effect.
     """
-    statements = split_statements(sql)
-    if len(statements) == 1:
-        records = await _fetch_capped(conn, sql, row_limit + 1)
-    else:
-        async with conn.transaction(readonly=True):
-            for statement in statements[:-1]:
-                await conn.execute(statement)
-            records = await _fetch_capped(conn, statements[-1], row_limit + 1)
-    if records:
-        columns = list(records[0].keys())
-    else:
-        columns = [a.name for a in (await conn.prepare(statements[-1])).get_attributes()]
-    rows = [[jsonable(v) for v in record.values()] for record in records[:row_limit]]
-    return SqlResult(columns, rows, len(records) > row_limit, len(statements))
+    check_session(conn, "")
+    skip = Limits(0, limits.value_bytes, limits.response_bytes)
+    fetched = Fetched([])
+    for i, statement in enumerate(plan):
+        state = await describe(conn, statement.text, deadline)
+        if not columns_of(state):
+            raise NotReadOnly("the database describes a statement that returns no rows: not a read")
+        last = i == len(plan) - 1
+        fetched = await fetch_bounded(
+            conn,
+            statement.text,
+            limits if last else skip,
+            deadline,
+            wrap=statement.select,
+            state=state,
+        )
+        check_session(conn, fetched.tag)
+    return fetched, len(plan)
 
 
-async def estimate_rows(conn: asyncpg.Connection, sql: str) -> int | None:
-    """Planner's row estimate for what ``sql`` would touch, without running it; None if unknown."""
+async def estimate_rows(conn: asyncpg.Connection, sql: str, deadline: Deadline) -> int | None:
+    """Planner's row estimate for what ``sql`` would touch, without running it; None if unknown.
+
+    The read-only role may not EXPLAIN a write (the planner checks write privileges), but it
+    may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same rows.
+    """
     query = preview_select(sql)
     if query is None:
         return None
     try:
-        async with conn.transaction(readonly=True):
-            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
-    except (asyncpg.PostgresError, OSError):
+        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", timeout=deadline.left())
+    except asyncpg.PostgresError:
         return None
     doc = json.loads(plan) if isinstance(plan, str) else plan
     try:
@@ -141,27 +170,19 @@ async def estimate_rows(conn: asyncpg.Connection, sql: str) -> int | None:
         return None
 
 
-async def run_approved(conn: asyncpg.Connection, sql: str, row_limit: int) -> SqlResult:
+async def run_approved(
+    conn: asyncpg.Connection, sql: str, limits: Limits, deadline: Deadline
+) -> tuple[Fetched, list[str]]:
     """Run an approved command: every statement in one transaction, all or nothing.
 
-    The result is the last statement's rows (capped; a write without RETURNING has none) and
-    each statement's command tag, such as ``UPDATE 3``, in ``tags``.
+    Returns the last statement's rows (bounded like a read's; a write without RETURNING has
+    none) and each statement's command tag, such as ``UPDATE 3``.
     """
     statements = split_statements(sql)
     tags: list[str] = []
-    records: list[asyncpg.Record] = []
-    columns: list[str] = []
+    fetched = Fetched([])
     async with conn.transaction():
         for statement in statements:
-            prepared = await conn.prepare(statement)
-            attributes = prepared.get_attributes()
-            if attributes:
-                cursor = await prepared.cursor()
-                records = await cursor.fetch(row_limit + 1)
-                columns = [a.name for a in attributes]
-            else:
-                records, columns = [], []
-                await prepared.fetch()
-            tags.append(prepared.get_statusmsg() or "")
-    rows = [[jsonable(v) for v in record.values()] for record in records[:row_limit]]
-    return SqlResult(columns, rows, len(records) > row_limit, len(statements), tags)
+            fetched = await fetch_bounded(conn, statement, limits, deadline, wrap=False)
+            tags.append(fetched.tag)
+    return fetched, tags

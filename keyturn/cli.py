@@ -148,6 +148,8 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
             await vault.close()
         for action in report.actions:
             print(action)
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for role, role_id in report.role_ids.items():
             print(f"AppRole {role}: role_id {role_id}")
         if args.secret_ids_out is not None:

@@ -8,6 +8,8 @@ to make a move, and writes the result back inside one locked transaction, so eve
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -96,6 +98,28 @@ def command_sha256(command: str) -> str:
     return hashlib.sha256(command.encode("utf-8")).hexdigest()
 
 
+_SLACK_MENTION = re.compile(r"^<@([^|>]+)(?:\|[^>]*)?>$")
+
+
+def person_key(who: str) -> str:
+    """One comparable form of a person's id, however a token or Slack spelled it.
+
+    ``U123``, ``u123``, ``<@U123>``, ``<@U123|alice>``, ``@U123`` and ``slack:U123`` all name
+    the same Slack user; the self-approval check compares these keys, never raw strings, so an
+    agent acting for ``<@u123>`` cannot have ``U123`` approve its request.
+    """
+    key = unicodedata.normalize("NFKC", who).strip()
+    if mention := _SLACK_MENTION.match(key):
+        key = mention.group(1)
+    key = key.removeprefix("slack:").removeprefix("@").strip()
+    return key.casefold()
+
+
+def same_person(who: str, *others: str | None) -> bool:
+    mine = person_key(who)
+    return any(other is not None and person_key(other) == mine for other in others)
+
+
 @dataclass(frozen=True)
 class Approval:
     approver: str
@@ -144,13 +168,13 @@ class Request:
     def _check_decider(self, who: str, target: RequestStatus) -> None:
         if self.status is not RequestStatus.PENDING:
             raise IllegalTransition("request", self.status, target)
-        if who in (self.requester, self.on_behalf_of):
+        if same_person(who, self.requester, self.on_behalf_of):
             raise SelfApproval("nobody may decide their own request")
 
     def approve(self, approver: str, now: datetime) -> bool:
         """Record one approval; returns True when this vote reached the quorum."""
         self._check_decider(approver, RequestStatus.APPROVED)
-        if approver in self.approvers:
+        if same_person(approver, *self.approvers):
             raise AlreadyVoted(f"{approver} already approved this request")
         self.approvals.append(Approval(approver, Decision.APPROVE, now))
         if len(self.approvers) < self.quorum:
@@ -175,7 +199,7 @@ class Request:
         self.decided_at = now
 
     def cancel(self, by: str, now: datetime) -> None:
-        if by not in (self.requester, self.on_behalf_of):
+        if not same_person(by, self.requester, self.on_behalf_of):
             raise Forbidden("only the requester may cancel a request")
         self._move(RequestStatus.CANCELLED)
         self.decided_at = now

@@ -21,6 +21,12 @@ class InvalidInput(KeyturnError):
     status = 400
 
 
+class TooComplex(InvalidInput):
+    """A command nests deeper or grows larger than keyturn will analyse: refused, not guessed."""
+
+    code = "too_complex"
+
+
 class ConfigError(InvalidInput):
     """A configuration file, setting or DSN is wrong. ``problems`` lists every finding."""
 

@@ -12,7 +12,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -53,6 +53,27 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Name = Annotated[
     str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")
 ]
+
+
+def _typed_subject(value: object) -> object:
+    """``agent:<JWT sub>`` or ``group:<groups claim entry>``: a subject says what it names.
+
+    An untyped name is refused rather than guessed at: read as both, a token whose ``sub`` is
+    ``group:ops`` would pass for the group ``ops``.
+    """
+    if isinstance(value, str):
+        kind, sep, name = value.partition(":")
+        if not sep or kind not in ("agent", "group"):
+            raise ValueError(
+                f"{value!r} must say what it names: agent:{value} (a token's sub) or "
+                f"group:{value} (an entry of its groups claim)"
+            )
+        if not name or name != name.strip():
+            raise ValueError(f"{value!r} names nobody after {kind}:")
+    return value
+
+
+Subject = Annotated[str, BeforeValidator(_typed_subject), Field(max_length=201)]
 
 # What a SQL rule can match; keyturn.policy's classifier (gateway issue) assigns these.
 SqlKind = Literal[
@@ -118,7 +139,7 @@ class SshVault(Model):
 
 
 class TargetBase(Model):
-    subjects: list[str] | None = None
+    subjects: list[Subject] | None = None
     approval_channel: str | None = None
 
 
@@ -146,6 +167,17 @@ class PostgresTarget(TargetBase):
     def host_port_db(self) -> tuple[str, int, str]:
         parts = urlsplit(parse_dsn(self.dsn).url)
         return parts.hostname or "", parts.port or 5432, parts.path.lstrip("/")
+
+    def login(self, username: str, password: str) -> tuple[str, dict[str, object]]:
+        """asyncpg ``connect`` arguments for this target with a Vault-issued login."""
+        dsn = parse_dsn(self.dsn, "dsn")
+        parts = urlsplit(dsn.url)
+        netloc = f"{parts.hostname}:{parts.port or 5432}"
+        return urlunsplit(parts._replace(netloc=netloc)), {
+            **dsn.connect_args,
+            "user": username,
+            "password": password,
+        }
 
 
 class SshTarget(TargetBase):
@@ -194,7 +226,7 @@ class Match(Model):
 class Rule(Model):
     name: Name
     target: str = "*"
-    subjects: list[str] | None = None
+    subjects: list[Subject] | None = None
     match: Match
     action: Literal["allow", "hold", "block"]
     approvers: Approvers | None = None
@@ -262,14 +294,22 @@ class GatewayConfig(Model):
     listen: str = "127.0.0.1:8080"
     public_url: str | None = None  # how agents reach us (for wait_url); default from listen
     auth: GatewayAuth = GatewayAuth()
+    # the deadline of one SQL command, all its statements together (enforced by the gateway)
     statement_timeout: Duration = timedelta(seconds=5)
     ssh_timeout: Duration = timedelta(seconds=60)  # an approved shell command, end to end
     row_limit: int = Field(default=1000, ge=1, le=100_000)
+    value_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    response_bytes: int = Field(default=1024 * 1024, ge=4096, le=256 * 1024 * 1024)
+    max_statements: int = Field(default=20, ge=1, le=1000)  # per allowed command
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
     max_wait: Duration = timedelta(seconds=60)
     poll_interval: Duration = timedelta(seconds=5)
-    readonly_pool_size: int = Field(default=10, ge=1, le=200)
+    # the allowed path: one read-only login (Vault lease + pool) per agent identity and target
+    readonly_pool_size: int = Field(default=2, ge=1, le=50)  # connections per login
+    readonly_logins: int = Field(default=50, ge=1, le=10_000)  # open logins, LRU closed first
+    readonly_idle: Duration = timedelta(minutes=5)  # a login unused this long is closed
+    agent_concurrency: int = Field(default=8, ge=1, le=1000)  # allowed commands in flight
 
     @field_validator("listen")
     @classmethod

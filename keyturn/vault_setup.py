@@ -7,6 +7,7 @@ its admin login is in the environment — so the admin password is needed once, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from keyturn.errors import ConfigError, NotFound
+import asyncpg
+
+from keyturn.errors import ConfigError, KeyturnError, NotFound
 from keyturn.policy import Policy, PostgresTarget
 from keyturn.settings import target_admin_credentials, target_env_name
 from keyturn.store.dsn import parse_dsn
@@ -126,9 +129,74 @@ class BootstrapReport:
     actions: list[str] = field(default_factory=list)
     role_ids: dict[str, str] = field(default_factory=dict)
     secret_ids: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def did(self, what: str) -> None:
         self.actions.append(what)
+
+
+# Built-in roles that would let a read-only login see or touch other sessions or the server.
+RISKY_MEMBERSHIPS = (
+    "pg_read_all_stats",
+    "pg_signal_backend",
+    "pg_read_server_files",
+    "pg_write_server_files",
+    "pg_execute_server_program",
+    "pg_write_all_data",
+    "pg_monitor",
+)
+# Extensions through which a read reaches other servers or files.
+RISKY_EXTENSIONS = ("dblink", "postgres_fdw", "file_fdw", "adminpack")
+
+
+async def readonly_findings(
+    conn: asyncpg.Connection, database: str, schemas: list[str]
+) -> list[str]:
+    """What a DBA should tighten for a read-only login: it is already held to read-only
+    transactions, but each of these is a door that should not exist at all."""
+    found = []
+    if await conn.fetchval("SELECT has_database_privilege(current_database(), 'TEMPORARY')"):
+        found.append(
+            f'it may create temporary tables: REVOKE TEMPORARY ON DATABASE "{database}" FROM '
+            "PUBLIC (grant it back to the roles that need it)"
+        )
+    for schema in schemas:
+        if await conn.fetchval("SELECT has_schema_privilege($1, 'CREATE')", schema):
+            found.append(f'it may create objects: REVOKE CREATE ON SCHEMA "{schema}" FROM PUBLIC')
+    for role in RISKY_MEMBERSHIPS:
+        if await conn.fetchval("SELECT pg_has_role($1, 'USAGE')", role):
+            found.append(f"it is a member of {role}: revoke that membership")
+    extensions = await conn.fetch(
+        "SELECT extname FROM pg_extension WHERE extname = ANY($1::text[])", list(RISKY_EXTENSIONS)
+    )
+    for row in extensions:
+        found.append(f"extension {row[0]} is installed: a read may reach beyond this database")
+    return found
+
+
+async def _check_readonly(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
+    """Log in once as each target's read-only role and report what the DBA should tighten."""
+    mount = policy.vault.database_mount
+    for name, target in policy.postgres_targets().items():
+        try:
+            lease = await vault.creds(f"{mount}/creds/{target.vault.readonly_role}")
+        except KeyturnError as exc:
+            report.warnings.append(f"target {name}: could not check its read-only role: {exc}")
+            continue
+        try:
+            url, kwargs = target.login(lease.data["username"], lease.data["password"])
+            conn = await asyncpg.connect(url, timeout=10, **kwargs)
+            try:
+                _, _, database = target.host_port_db
+                findings = await readonly_findings(conn, database, target.vault.schemas)
+            finally:
+                await conn.close()
+            report.warnings += [f"target {name}: the read-only role: {f}" for f in findings]
+        except (OSError, asyncpg.PostgresError) as exc:
+            report.warnings.append(f"target {name}: could not check its read-only role: {exc}")
+        finally:
+            with contextlib.suppress(KeyturnError):  # it expires with its TTL anyway
+                await vault.revoke_lease(lease.lease_id)
 
 
 async def _ensure_mount(
@@ -273,6 +341,7 @@ async def bootstrap(
     policies = rendered_policies(policy, policy_dir)
     if policy.postgres_targets():
         await _database(vault, policy, report)
+        await _check_readonly(vault, policy, report)
     await _ssh(vault, policy, report)
     for name, text in policies.items():
         await vault.write(f"sys/policies/acl/{name}", {"policy": text})

@@ -1,8 +1,9 @@
 # keyturn gateway: least privilege.
 #
 # The gateway runs allowed commands with short-lived read-only database credentials that it
-# reads itself, and approved commands with credentials the bot hands over as single-use
-# wrapping tokens. It can read nothing else: no write roles, no SSH signing, no revocation.
+# reads itself (one login per agent identity), and approved commands with credentials the bot
+# hands over as single-use wrapping tokens. It can read nothing else: no write roles, no SSH
+# signing, and it may revoke only its own read-only leases.
 #
 # `keyturn vault-bootstrap` renders this file: <database_mount> becomes the configured mount,
 # and a stanza naming <readonly_role> is repeated once per Postgres target's read-only role.
@@ -13,6 +14,11 @@ path "<database_mount>/creds/<readonly_role>" {
 
 # Keep its own read-only leases alive (path form, scoped to those roles).
 path "sys/leases/renew/<database_mount>/creds/<readonly_role>/*" {
+  capabilities = ["update"]
+}
+
+# End a read-only login it closed (idle, or to stay within gateway.readonly_logins).
+path "sys/leases/revoke/<database_mount>/creds/<readonly_role>/*" {
   capabilities = ["update"]
 }
 

@@ -30,9 +30,14 @@ class Identity:
     on_behalf_of: str | None = None
 
     def listed_in(self, subjects: list[str]) -> bool:
-        return any(
-            s == self.subject or (s.startswith("group:") and s[6:] in self.groups) for s in subjects
-        )
+        """``agent:X`` matches only a ``sub`` of X, ``group:G`` only a groups claim holding G."""
+        for entry in subjects:
+            kind, _, name = entry.partition(":")
+            if (kind == "agent" and name == self.subject) or (
+                kind == "group" and name in self.groups
+            ):
+                return True
+        return False
 
 
 @dataclass(frozen=True)

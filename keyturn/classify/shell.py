@@ -15,6 +15,8 @@ from typing import Any
 import bashlex
 import bashlex.errors
 
+from keyturn.errors import TooComplex
+
 # Commands whose job is to run another command (its policy would never be checked).
 WRAPPERS = frozenset(
     """
@@ -146,12 +148,16 @@ def analyze_shell(line: str) -> ShellAnalysis:
         return ShellAnalysis(parsed=False, reasons=["multi-line shell input is not accepted"])
     try:
         trees = bashlex.parse(line)
+        analysis = ShellAnalysis(parsed=True)
+        walker = _Walker(analysis)
+        for tree in trees:
+            walker.visit(tree)
     except (bashlex.errors.ParsingError, NotImplementedError, IndexError, AttributeError) as exc:
         return ShellAnalysis(parsed=False, reasons=[f"not parseable as a shell command: {exc}"])
-    analysis = ShellAnalysis(parsed=True)
-    walker = _Walker(analysis)
-    for tree in trees:
-        walker.visit(tree)
+    except RecursionError:
+        raise TooComplex(
+            "the shell command nests too deeply for keyturn to analyse; simplify it"
+        ) from None
     if not analysis.commands:
         return ShellAnalysis(parsed=False, reasons=["no command found"])
     if len(analysis.commands) > 1:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import pglast
 from pglast import ast
 
+from keyturn.errors import TooComplex
+
 # Functions a read may call and still be a read: pure, or reading state without changing it.
 SAFE_FUNCTIONS = frozenset(
     """
@@ -253,20 +255,31 @@ class _Walker:
             self.a.add("function_call", f"calls {name}(), not known to be read-only")
 
 
+TOO_COMPLEX = "nests too deeply for keyturn to analyse; simplify it or split it up"
+
+
 def analyze_sql(sql: str) -> SqlAnalysis:
+    """Raises TooComplex for a command nested past what the parser or the walk can follow."""
     try:
         statements = pglast.parse_sql(sql)
     except pglast.parser.ParseError as exc:
+        if "stack depth limit exceeded" in str(exc):
+            raise TooComplex(f"the SQL {TOO_COMPLEX}") from None
         return SqlAnalysis(parsed=False, reasons=[f"not valid PostgreSQL: {exc}"])
+    except RecursionError:
+        raise TooComplex(f"the SQL {TOO_COMPLEX}") from None
     analysis = SqlAnalysis(parsed=True, statements=len(statements))
     if not statements:
         return SqlAnalysis(parsed=False, reasons=["no SQL statement"])
     if len(statements) > 1:
         analysis.reasons.append(f"{len(statements)} statements")
     walker = _Walker(analysis)
-    for raw in statements:
-        if raw.stmt is not None:
-            walker.visit(raw.stmt)
+    try:
+        for raw in statements:
+            if raw.stmt is not None:
+                walker.visit(raw.stmt)
+    except RecursionError:
+        raise TooComplex(f"the SQL {TOO_COMPLEX}") from None
     return analysis
 
 

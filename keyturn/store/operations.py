@@ -444,12 +444,13 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Completion:
-    """How an ``executing`` outcome ended."""
+    """How an ``executing`` outcome ended (``result`` is kept only for idempotent replays)."""
 
     id: uuid.UUID
     requester: str
     error: str | None
     result_digest: str | None
+    result: dict[str, Any] | None = None
 
 
 # One statement for a whole batch: one round trip, atomic on its own.
@@ -465,8 +466,9 @@ WITH inserted AS (
         on_behalf_of text, run_id text, reason text, status text, rule text,
         classification jsonb, idempotency_key text, body_sha256 text, result jsonb, error text)
 ), completed AS (
-    UPDATE requests r SET status = x.status, error = x.error, updated_at = now()
-    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text)
+    UPDATE requests r SET status = x.status, error = x.error, result = x.result,
+        updated_at = now()
+    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb)
     WHERE r.id = x.id AND r.status = 'executing'
     RETURNING r.id
 ), audited AS (
@@ -488,7 +490,9 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
     for r in records:
         if isinstance(r, Completion):
             status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
-            done.append({"id": str(r.id), "status": status.value, "error": r.error})
+            done.append(
+                {"id": str(r.id), "status": status.value, "error": r.error, "result": r.result}
+            )
             events.append(
                 {
                     "kind": f"request.{status}",
@@ -534,12 +538,6 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
             {"kind": "request.allowed", "actor": r.requester, "request_id": str(r.id), "data": data}
         )
     await conn.execute(_WRITE_OUTCOMES, json.dumps(rows), json.dumps(done), json.dumps(events))
-
-
-async def record_outcomes(store: Store, records: Sequence[Outcome | Completion]) -> None:
-    """:func:`write_outcomes` in a transaction of its own."""
-    async with store.transaction() as tx:
-        await write_outcomes(await tx.driver(), records)
 
 
 async def find_idempotent(

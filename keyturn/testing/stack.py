@@ -49,6 +49,9 @@ CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers
                      total_cents int NOT NULL, status text NOT NULL DEFAULT 'open');
 INSERT INTO customers (name, email) VALUES ('Ada', 'ada@example.com'), ('Lin', 'lin@example.com');
 INSERT INTO orders (customer_id, total_cents) VALUES (1, 1250), (2, 9900), (1, 300);
+-- what docs/gateway.md asks of a DBA: no temporary tables or new objects for read-only logins
+REVOKE TEMPORARY ON DATABASE orders FROM PUBLIC;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 """
 DEMO_AGENT = "crew-demo"
 DEMO_SSH = "web-demo"

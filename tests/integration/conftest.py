@@ -117,7 +117,7 @@ async def shop(
                 "kind": "postgres",
                 "dsn": f"postgresql://127.0.0.1:{postgres_server.port}/{database}",
                 "vault": {"readonly_role": "shop-ro", "write_role": "shop-rw"},
-                "subjects": ["crew-vip", "group:sre"],
+                "subjects": ["agent:crew-vip", "group:sre"],
             },
         },
         "rules": [

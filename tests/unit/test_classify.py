@@ -26,7 +26,7 @@ POLICY = parse_policy(
                 "host": "10.0.0.5",
                 "principal": "deploy",
                 "vault": {"ssh_role": "web"},
-                "subjects": ["crew-ops", "group:sre"],
+                "subjects": ["agent:crew-ops", "group:sre"],
             },
         },
         "rules": [
@@ -404,7 +404,7 @@ def test_rule_subjects_and_target_subjects() -> None:
                 POLICY.rules[0].model_copy(
                     update={
                         "name": "vip-reads",
-                        "subjects": ["crew-vip"],
+                        "subjects": ["agent:crew-vip"],
                         "match": POLICY.rules[4].match,
                         "action": "allow",
                     }

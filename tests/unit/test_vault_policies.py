@@ -37,7 +37,12 @@ def test_gateway_and_bot_policies() -> None:
     rendered = rendered_policies(policy(**{"orders-db": PG}))  # type: ignore[arg-type]
     gateway, bot = rendered["keyturn-gateway"], rendered["keyturn-bot"]
     assert 'path "database/creds/orders-ro"' in gateway
-    assert "orders-rw" not in gateway and "ssh/" not in gateway and "revoke" not in gateway
+    assert "orders-rw" not in gateway and "ssh/" not in gateway
+    # it may end its own read-only logins, nothing else
+    revokes = [
+        line for line in gateway.splitlines() if line.startswith("path") and "revoke" in line
+    ]
+    assert revokes == ['path "sys/leases/revoke/database/creds/orders-ro/*" {'], revokes
     assert 'path "database/creds/orders-rw"' in bot
     assert "database/creds/orders-ro" not in bot
     assert 'path "sys/leases/revoke/database/creds/orders-rw/*"' in bot

@@ -1,0 +1,358 @@
+"""Result sets bounded in rows and bytes, fetched in chunks, masked before they leave.
+
+A value larger than the per-value cap never crosses the wire whole: when the statement is a
+SELECT, it runs wrapped (:func:`bounded_select`) so the *server* sends, for each
+variable-length column, either the value or only a text prefix of it. Rows come through a
+portal a few at a time (chunks sized from what the rows weigh), and fetching stops at the row
+cap or once the response would pass its byte cap, so a gateway holds at most about one
+response's worth of any result. ``truncated`` names the cap that applied.
+
+A cut value is masked and then loses its last :data:`TAIL_MARGIN` characters: whatever PII
+straddled the cut is dropped whole instead of leaking as an unrecognised fragment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import decimal
+import ipaddress
+import json
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import asyncpg
+
+from keyturn.masking import MASK, Masker
+
+Truncation = Literal["rows", "value_bytes", "response_bytes"]
+TAIL_MARGIN = 256  # characters dropped from the end of a cut value, after masking
+CHUNK_BYTES = 512 * 1024  # aim of one fetch, from the rows' observed or worst-case weight
+MAX_CHUNK_ROWS = 500
+LARGE = 256 * 1024  # results this large are shaped (masked, measured) off the event loop
+
+# Types whose values have a small fixed bound (no server-side cut needed).
+_SMALL_TYPES = frozenset(
+    {
+        16,  # bool
+        18,  # char
+        19,  # name
+        20,  # int8
+        21,  # int2
+        23,  # int4
+        26,  # oid
+        28,  # xid
+        29,  # cid
+        600,  # point
+        650,  # cidr
+        700,  # float4
+        701,  # float8
+        774,  # macaddr8
+        790,  # money
+        829,  # macaddr
+        869,  # inet
+        1082,  # date
+        1083,  # time
+        1114,  # timestamp
+        1184,  # timestamptz
+        1186,  # interval
+        1266,  # timetz
+        2950,  # uuid
+        3220,  # pg_lsn
+        5069,  # xid8
+    }
+)
+_TEXT_TYPES = frozenset({25, 1042, 1043, 114, 142})  # text, bpchar, varchar, json, xml
+_BYTEA = 17
+
+
+@dataclass(frozen=True)
+class Limits:
+    rows: int
+    value_bytes: int
+    response_bytes: int
+
+    def cut_at(self, columns: int) -> int:
+        """Bytes kept of one value: the value cap, less when a row is wide (a row of ``columns``
+        cut values still fits one response)."""
+        return max(256, min(self.value_bytes, self.response_bytes // max(1, columns)))
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: Truncation | None
+    statements: int
+    tags: list[str] | None = None  # command tags of an approved run (``UPDATE 3``)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "columns": self.columns,
+            "rows": self.rows,
+            "row_count": len(self.rows),
+            "truncated": self.truncated or False,
+            "statements": self.statements,
+        }
+        if self.tags is not None:
+            out["tags"] = self.tags
+        return out
+
+
+class Cut(str):
+    """A value the server (or the gateway) cut at the per-value cap: a prefix of its text."""
+
+
+@dataclass
+class Fetched:
+    """One statement's raw rows (values still as asyncpg decoded them)."""
+
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    truncated: Truncation | None = None
+    tag: str = ""
+
+
+def jsonable(value: Any) -> Any:
+    """asyncpg values -> JSON values without losing meaning (decimals stay exact strings)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN or Infinity
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, asyncpg.Record):
+        return [jsonable(v) for v in value.values()]
+    return str(value)
+
+
+# ------------------------------------------------------------------ the server-side cut
+
+
+def _length(column: str, oid: int) -> str:
+    if oid in _TEXT_TYPES:
+        return f"octet_length({column})"
+    if oid == _BYTEA:
+        return f"(octet_length({column}) * 2 + 2)"  # its hex text
+    return f"octet_length({column}::text)"
+
+
+def bounded_select(sql: str, attributes: Sequence[Any], cut: int) -> str | None:
+    """``sql`` (one SELECT) wrapped so no value larger than ``cut`` bytes leaves the server.
+
+    Each variable-length column becomes two: the value when it fits, else NULL; and a text
+    prefix when it does not. None when every column is small already.
+    """
+    if all(a.type.oid in _SMALL_TYPES for a in attributes):
+        return None
+    names = [f"c{i}" for i in range(len(attributes))]
+    outputs = []
+    for name, attribute in zip(names, attributes, strict=True):
+        column = f"_k.{name}"
+        if attribute.type.oid in _SMALL_TYPES:
+            outputs.append(column)
+            continue
+        length = _length(column, attribute.type.oid)
+        outputs.append(f"CASE WHEN {length} > {cut} THEN NULL ELSE {column} END")
+        outputs.append(f"CASE WHEN {length} > {cut} THEN left({column}::text, {cut}) END")
+    # the newline keeps a trailing "-- comment" in ``sql`` from swallowing the parenthesis
+    return f"SELECT {', '.join(outputs)} FROM (\n{sql}\n) AS _k({', '.join(names)})"
+
+
+def _unwrap(record: Sequence[Any], small: Sequence[bool]) -> list[Any]:
+    """A wrapped row back to one value per original column (a cut value as :class:`Cut`)."""
+    values: list[Any] = []
+    i = 0
+    for is_small in small:
+        if is_small:
+            values.append(record[i])
+            i += 1
+        else:
+            value, prefix = record[i], record[i + 1]
+            values.append(Cut(prefix) if prefix is not None else value)
+            i += 2
+    return values
+
+
+def _weight(row: Sequence[Any]) -> int:
+    """A cheap upper-ish estimate of a raw row's size, for sizing fetches and stopping early."""
+    total = 0
+    for value in row:
+        if isinstance(value, str | bytes):
+            total += len(value) + 8
+        elif isinstance(value, list | tuple | dict):
+            total += len(repr(value))
+        else:
+            total += 16
+    return total
+
+
+# ------------------------------------------------------------------ fetching
+
+
+class Deadline:
+    """Seconds left of one command's time; every call under it gets what remains."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+
+async def describe(conn: asyncpg.Connection, sql: str, deadline: Deadline) -> Any:
+    """Parse and describe ``sql`` on the server (cached per connection): its prepared state.
+
+    ``Connection._get_statement`` and the protocol's ``bind_execute``/``execute`` are asyncpg
+    internals (stable since 0.18): the public API neither caches ``prepare()`` nor returns the
+    server's command tag from a portal, and both matter here. The read-path tests exercise
+    every call, so an asyncpg upgrade that moves them fails loudly, never silently.
+    """
+    return await conn._get_statement(sql, deadline.left())
+
+
+def columns_of(state: Any) -> tuple[Any, ...]:
+    """The row description the server gave: empty for statements that return no rows."""
+    return tuple(state._get_attributes())
+
+
+async def fetch_bounded(
+    conn: asyncpg.Connection,
+    sql: str,
+    limits: Limits,
+    deadline: Deadline,
+    *,
+    wrap: bool,
+    state: Any = None,
+) -> Fetched:
+    """Run one statement inside the caller's transaction and fetch its rows within the caps.
+
+    ``tag`` is the server's command tag (``SELECT 3``), or empty when fetching stopped at a
+    cap before the statement completed.
+    """
+    state = state if state is not None else await describe(conn, sql, deadline)
+    attributes = columns_of(state)
+    protocol = conn._protocol
+    if not attributes:
+        _, status, _ = await protocol.bind_execute(state, [], "", 0, True, deadline.left())
+        return Fetched([], tag=_tag(status))
+    cut = limits.cut_at(len(attributes))
+    small = [a.type.oid in _SMALL_TYPES for a in attributes]
+    wrapped = bounded_select(sql, attributes, cut) if wrap else None
+    running = await describe(conn, wrapped, deadline) if wrapped else state
+    out = Fetched([a.name for a in attributes])
+    worst = sum(16 if s else cut for s in small)
+    want = max(1, min(limits.rows + 1, CHUNK_BYTES // worst, MAX_CHUNK_ROWS))
+    budget = limits.response_bytes
+    records, status, done = await protocol.bind_execute(
+        running, [], "", want, True, deadline.left()
+    )
+    while True:
+        heaviest = 1
+        for record in records:
+            if len(out.rows) == limits.rows:
+                out.truncated = "rows"
+                break
+            row = _unwrap(record, small) if wrapped else list(record)
+            weight = _weight(row)
+            heaviest = max(heaviest, weight)
+            if weight > budget and out.rows:
+                out.truncated = "response_bytes"
+                break
+            budget -= weight
+            out.rows.append(row)
+        if done:
+            out.tag = _tag(status)
+            return out
+        if out.truncated:
+            return out
+        want = max(1, min(limits.rows + 1 - len(out.rows), CHUNK_BYTES // heaviest, MAX_CHUNK_ROWS))
+        records, status, done = await protocol.execute(running, "", want, True, deadline.left())
+
+
+def _tag(status: bytes | str | None) -> str:
+    if isinstance(status, bytes):
+        return status.decode(errors="replace")
+    return status or ""
+
+
+# ------------------------------------------------------------------ shaping
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """At most ``limit`` bytes of a value's text; bounds what no server-side cut did (EXPLAIN
+    output, RETURNING rows) and trims a server cut, which counts characters, to bytes."""
+    if isinstance(value, str):
+        if len(value) <= limit // 4 or len(value.encode()) <= limit:
+            return value
+        return Cut(value.encode()[:limit].decode(errors="ignore"))
+    if isinstance(value, list | dict):
+        text = json.dumps(value)
+        return Cut(text[:limit]) if len(text) > limit else value
+    return value
+
+
+def shape(
+    fetched: Fetched, masker: Masker, limits: Limits
+) -> tuple[list[list[Any]], Truncation | None]:
+    """JSON-ready, masked rows within the response cap, and which cap applied (if any)."""
+    hidden = [masker.masked_column(c) for c in fetched.columns]
+    cut_at = limits.cut_at(len(fetched.columns))
+    truncated = fetched.truncated
+    rows: list[list[Any]] = []
+    budget = limits.response_bytes
+    for raw in fetched.rows:
+        row = []
+        for hide, value in zip(hidden, raw, strict=True):
+            value = _cut(jsonable(value), cut_at)
+            if hide and value is not None:
+                row.append(MASK)
+            elif isinstance(value, Cut):
+                truncated = truncated or "value_bytes"
+                row.append(masker.text(value)[:-TAIL_MARGIN])
+            else:
+                row.append(masker.value(value))
+        size = len(json.dumps(row))
+        if size > budget and rows:
+            return rows, "response_bytes"
+        budget -= size
+        rows.append(row)
+    return rows, truncated
+
+
+async def finish(
+    fetched: Fetched,
+    statements: int,
+    masker: Masker,
+    limits: Limits,
+    tags: list[str] | None = None,
+) -> SqlResult:
+    """The agent's result: shaped on the event loop when small, in a worker thread when large
+    (masking a megabyte of text must not stall every other request)."""
+    if sum(_weight(row) for row in fetched.rows) > LARGE:
+        rows, truncated = await asyncio.to_thread(shape, fetched, masker, limits)
+    else:
+        rows, truncated = shape(fetched, masker, limits)
+    return SqlResult(fetched.columns, rows, truncated, statements, tags)

@@ -1,0 +1,460 @@
+"""The allowed path as an attacker with a valid agent token sees it (real Postgres, OpenBao).
+
+Most stories run under a policy that allows *everything* the classifier sees: the point is
+that the execution itself is harmless where the classifier (or its parser) is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.journal import Journal
+from gateway.sql import split_statements
+from keyturn.store import operations as ops
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from keyturn.testing.idp import DevIdP
+from keyturn.testing.ports import free_port
+from tests.integration.conftest import GatewayFactory, Running, Shop
+
+ALLOW_ANY = [{"name": "anything", "match": {"sql": ["any"]}, "action": "allow"}]
+CUSTOMERS = "SELECT id, name FROM customers ORDER BY id"
+REAL_CUSTOMERS = [[1, "Ada"], [2, "Lin"]]
+
+
+def sql(command: str) -> dict[str, str]:
+    return {"target": "shop", "command": command}
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    """Wait for an async condition (no timing assertions: only an upper bound to give up)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+async def superuser(shop: Shop, query: str) -> list[asyncpg.Record]:
+    return await shop.postgres.fetch(query, shop.database)
+
+
+# ------------------------------------------------------------------ one agent and another
+
+
+async def test_a_read_cannot_plant_what_another_agent_reads(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """Mallory turns standard_conforming_strings off so that Postgres ends a string where
+    pglast does not, then commits, opens a read-write transaction and creates a temporary
+    view named like a real table, hoping later reads on the pooled connection see it."""
+    planted = (
+        "SELECT set_config('standard_conforming_strings', 'off', false); "
+        "SELECT 'a\\''; COMMIT; BEGIN READ WRITE; "
+        "CREATE TEMP VIEW customers AS SELECT 999 AS id, $$planted$$ AS name; --'"
+    )
+    assert len(split_statements(planted)) == 2  # the parser sees two harmless SELECTs
+    mallory, alice = idp.token("mallory"), idp.token("alice")
+    async with run_gateway(rules=ALLOW_ANY) as gw:
+        status, body = await gw.post(mallory, sql(planted))
+        assert status == 200 and body["status"] == "failed", body
+        assert "changed standard_conforming_strings" in body["error"]
+        for token in (mallory, alice, mallory):
+            status, body = await gw.post(token, sql(CUSTOMERS))
+            assert body["result"]["rows"] == REAL_CUSTOMERS, body
+        # each step on its own never runs on the read-only path: a human would have to approve
+        for step in ("COMMIT", "BEGIN READ WRITE", "CREATE TEMP VIEW v AS SELECT 1", "DISCARD ALL"):
+            status, body = await gw.post(mallory, sql(step))
+            assert status == 202 and body["status"] == "pending", (step, body)
+
+
+async def test_session_leftovers_never_reach_the_next_command(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    """A read takes a session-level advisory lock and moves search_path; both outlive a plain
+    transaction end on a pooled connection."""
+    token = idp.token("mallory")
+    held = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+    async with run_gateway(rules=ALLOW_ANY, gateway={"readonly_pool_size": 1}) as gw:
+        status, body = await gw.post(
+            token,
+            sql("SELECT pg_advisory_lock(4242), set_config('search_path', 'pg_catalog', false)"),
+        )
+        assert body["status"] == "executed", body
+
+        async def released() -> bool:
+            return (await superuser(shop, held))[0]["n"] == 0
+
+        await until(released)
+        status, body = await gw.post(token, sql("SHOW search_path"))
+        assert body["result"]["rows"] == [['"$user", public']], body
+
+
+async def test_agents_cannot_see_or_end_each_others_queries(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    alice, bob = idp.token("alice"), idp.token("bob")
+    async with run_gateway(rules=ALLOW_ANY) as gw:
+        running = asyncio.create_task(
+            gw.post(alice, sql("SELECT pg_sleep(1.5), 'alice-' || 'secret' AS marker"))
+        )
+        seen: list[asyncpg.Record] = []
+
+        async def alice_runs() -> bool:
+            seen[:] = await superuser(
+                shop,
+                "SELECT usename, application_name FROM pg_stat_activity"
+                " WHERE query LIKE '%pg_sleep(1.5)%' AND usename <> 'postgres'",
+            )
+            return bool(seen)
+
+        await until(alice_runs)
+        status, peek = await gw.post(
+            bob,
+            sql(
+                "SELECT usename, query FROM pg_stat_activity"
+                " WHERE usename <> current_user AND usename LIKE 'v-%'"
+            ),
+        )
+        assert peek["status"] == "executed", peek
+        assert seen[0]["usename"] in json.dumps(peek)  # bob sees a session...
+        assert "pg_sleep" not in json.dumps(peek)  # ...but not alice's SQL
+        status, kill = await gw.post(
+            bob,
+            sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                f" WHERE usename = '{seen[0]['usename']}'"
+            ),
+        )
+        assert kill["status"] == "failed" and "permission denied" in kill["error"], kill
+        status, body = await running
+        assert body["status"] == "executed" and body["result"]["rows"][0][1] == "alice-secret"
+        assert seen[0]["application_name"] == f"keyturn:{body['id']}"  # the target sees who
+
+
+# ------------------------------------------------------------------ time and concurrency
+
+
+async def no_query_left(shop: Shop, marker: str) -> bool:
+    rows = await superuser(
+        shop,
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        f" WHERE state = 'active' AND query LIKE '%{marker}%' AND usename <> 'postgres'",
+    )
+    return bool(rows[0]["n"] == 0)
+
+
+async def test_the_deadline_is_the_gateways_not_the_commands(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    token = idp.token("mallory")
+    command = "SELECT set_config('statement_timeout', '0', false); SELECT pg_sleep(30) AS slept"
+    async with run_gateway(rules=ALLOW_ANY, gateway={"statement_timeout": "1s"}) as gw:
+        status, body = await gw.post(token, sql(command))
+        assert body["status"] == "failed" and body["error"].startswith("deadline exceeded"), body
+        # cancelled on the server, not just abandoned by the gateway
+        assert await no_query_left(shop, "pg_sleep(30) AS slept")
+        status, body = await gw.post(token, sql("SELECT 1 AS still_works"))
+        assert body["status"] == "executed"
+
+
+async def test_one_agent_cannot_hold_the_pools(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    mallory, alice = idp.token("mallory"), idp.token("alice")
+    slow = sql("SELECT pg_sleep(2) AS hogging")
+    async with run_gateway(
+        rules=ALLOW_ANY, gateway={"agent_concurrency": 2, "statement_timeout": "5s"}
+    ) as gw:
+        hogs = [asyncio.create_task(gw.post(mallory, slow)) for _ in range(6)]
+
+        async def two_hogging() -> bool:
+            rows = await superuser(
+                shop,
+                "SELECT count(*) AS n FROM pg_stat_activity"
+                " WHERE query LIKE '%AS hogging%' AND state = 'active' AND usename <> 'postgres'",
+            )
+            return bool(rows[0]["n"] == 2)
+
+        await until(two_hogging)
+        status, body = await gw.post(alice, sql("SELECT 1 AS unrelated"))
+        assert body["status"] == "executed"
+        assert not all(h.done() for h in hogs)  # answered while mallory's reads still run
+        results = await asyncio.gather(*hogs)
+        assert sorted(s for s, _ in results) == [200, 200, 429, 429, 429, 429]
+        refused = next(b for s, b in results if s == 429)
+        assert (
+            refused["error"]["code"] == "rate_limited"
+            and "limit is 2" in refused["error"]["message"]
+        )
+        resp = await gw.client.post(
+            "/v1/commands", json=slow, headers={"Authorization": f"Bearer {mallory}"}
+        )
+        assert resp.status == 200  # the slots came back
+
+
+async def test_statements_per_command_are_capped(run_gateway: GatewayFactory, idp: DevIdP) -> None:
+    async with run_gateway(rules=ALLOW_ANY) as gw:
+        status, body = await gw.post(idp.token("mallory"), sql("SELECT 1;" * 7000))
+        assert status == 202 and body["status"] == "pending", body  # never run at once
+        request = await ops.get_request(gw.store, uuid.UUID(body["id"]))
+        assert any("at most 20" in r for r in request.classification["reasons"])
+
+
+# ------------------------------------------------------------------ bounded results
+
+
+async def test_huge_values_never_cross_the_wire_whole(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    caps = {"value_bytes": 4096, "response_bytes": 65536}
+    async with run_gateway(gateway=caps) as gw:
+        tracemalloc.start()
+        try:
+            status, body = await gw.post(
+                token, sql("SELECT repeat('x', 30000000) AS big, g FROM generate_series(1, 2) g")
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert status == 200 and body["status"] == "executed", body
+        result = body["result"]
+        assert result["truncated"] == "value_bytes" and result["row_count"] == 2
+        assert all(len(row[0]) <= 4096 and row[1] in (1, 2) for row in result["rows"])
+        assert peak < 16 * 1024 * 1024, f"the gateway held {peak / 2**20:.0f} MiB"
+
+        status, body = await gw.post(
+            token, sql("SELECT repeat('y', 3000) AS v FROM generate_series(1, 1000)")
+        )
+        result = body["result"]
+        assert result["truncated"] == "response_bytes" and 5 < result["row_count"] < 30
+        assert len(json.dumps(body)) < 70_000
+
+        # PII straddling the cut is dropped whole, never left as a fragment
+        status, body = await gw.post(
+            token,
+            sql("SELECT repeat('x', 4080) || ' ada.lovelace@example.com 4111 1111 1111 1111'"),
+        )
+        value = body["result"]["rows"][0][0]
+        assert set(value) == {"x"} and len(value) <= 4096 - 200, value[-40:]
+
+
+async def test_health_answers_while_a_maximal_result_is_produced(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    big = sql("SELECT g, repeat(md5(g::text), 200) AS v FROM generate_series(1, 1000) g")
+    caps = {"value_bytes": 1024 * 1024, "response_bytes": 8 * 1024 * 1024}
+    async with run_gateway(
+        gateway=caps, masking={"columns": [], "detectors": ["email", "phone"]}
+    ) as gw:
+        read = asyncio.create_task(gw.post(idp.token("crew-billing"), big))
+        answered = 0
+        while not read.done():
+            resp = await gw.client.get("/healthz")
+            assert resp.status == 200
+            answered += 1
+            await asyncio.sleep(0.005)
+        status, body = await read
+        assert body["result"]["row_count"] == 1000 and answered > 1
+
+
+# ------------------------------------------------------------------ records
+
+
+@contextlib.asynccontextmanager
+async def lock_held_by_dba(shop: Shop) -> AsyncIterator[None]:
+    """An advisory lock a DBA holds: a command that reaches the target waits on it, visibly."""
+    conn = await asyncpg.connect(shop.postgres.dsn(shop.database).url)
+    await conn.execute("SELECT pg_advisory_lock(4711)")
+    try:
+        yield
+    finally:
+        await conn.close()
+
+
+async def reached_target(shop: Shop, gw: Running, token: str, body: Any) -> tuple[int, bool]:
+    """Post ``body`` (JSON or raw bytes); whether it ever waited on the DBA's lock."""
+    if isinstance(body, bytes):
+        coro = gw.client.post(
+            "/v1/commands",
+            data=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        task: asyncio.Task[Any] = asyncio.create_task(coro)
+    else:
+        task = asyncio.create_task(gw.post(token, body))
+    reached = False
+    while not task.done():
+        rows = await superuser(
+            shop,
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4711"
+            " AND NOT granted",
+        )
+        reached = reached or rows[0]["n"] > 0
+        await asyncio.sleep(0.01)
+    result = await task
+    return (result.status if not isinstance(result, tuple) else result[0]), reached
+
+
+LOCKING = "SELECT pg_advisory_xact_lock_shared(4711)"
+
+
+async def test_nothing_runs_unrecorded(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    token = idp.token("mallory")
+    async with run_gateway(rules=ALLOW_ANY, gateway={"statement_timeout": "2s"}) as gw:
+        async with lock_held_by_dba(shop):
+            # input that cannot be stored is refused before anything runs
+            for body in (
+                {**sql(LOCKING), "reason": "nul \x00 here"},
+                {**sql(LOCKING), "run_id": "r" * 201},
+                b'{"target": "shop", "command": "' + LOCKING.encode() + b' -- \\ud800"}',
+            ):
+                status, reached = await reached_target(shop, gw, token, body)
+                assert status == 400 and not reached, body
+            # keyturn's database cannot take the record: the command does not run either
+            await gw.gw.journal.stop()
+            dead = Dsn(f"postgresql://u:p@127.0.0.1:{free_port()}/gone", {})
+            gw.gw.journal = Journal(Store(dead))
+            gw.gw.journal.start()
+            status, reached = await reached_target(shop, gw, token, sql(LOCKING))
+            assert status == 503 and not reached
+        await gw.gw.journal.stop()
+
+
+async def test_the_record_is_committed_before_the_command_runs(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    async with run_gateway(rules=ALLOW_ANY, gateway={"statement_timeout": "5s"}) as gw:
+        async with lock_held_by_dba(shop):
+            task = asyncio.create_task(gw.post(idp.token("mallory"), sql(LOCKING)))
+
+            async def waiting() -> bool:
+                rows = await superuser(
+                    shop, "SELECT count(*) AS n FROM pg_locks WHERE objid = 4711 AND NOT granted"
+                )
+                return bool(rows[0]["n"])
+
+            await until(waiting)  # the command is on the target, blocked; its record exists
+            async with gw.store.driver() as conn:
+                row = await conn.fetchrow(
+                    "SELECT r.status, e.kind FROM requests r JOIN audit_events e"
+                    " ON e.request_id = r.id WHERE r.command = $1",
+                    LOCKING,
+                )
+            assert row is not None and tuple(row) == ("executing", "request.allowed")
+        status, body = await task
+        assert body["status"] == "executed"
+
+
+async def test_one_refused_record_does_not_fail_its_batch(database: Dsn) -> None:
+    store = Store(database)
+    journal = Journal(store)
+    journal.start()
+
+    def outcome(command: str) -> ops.Outcome:
+        return ops.Outcome(
+            uuid.uuid4(), "shop", command, "mallory", "executing", "reads", {}, reason="r"
+        )
+
+    good, bad = outcome("SELECT 1"), outcome("SELECT '\x00'")  # NUL: refused by Postgres
+    try:
+        results = await asyncio.gather(
+            journal.record(good), journal.record(bad), return_exceptions=True
+        )
+        assert results[0] is None and isinstance(results[1], asyncpg.PostgresError)
+        assert (await ops.get_request(store, good.id)).status == "executing"
+    finally:
+        await journal.stop()
+        await store.close()
+
+
+# ------------------------------------------------------------------ identities and logins
+
+
+async def test_a_sub_is_never_a_group(run_gateway: GatewayFactory, idp: DevIdP) -> None:
+    command = {"target": "private", "command": "SELECT 1"}
+    async with run_gateway() as gw:
+        status, body = await gw.post(idp.token("group:sre"), command)  # no groups claim
+        assert status == 403 and body["error"]["code"] == "not_allowed", body
+        status, body = await gw.post(idp.token("crew-x", groups=["sre"]), command)
+        assert status == 200, body
+        status, body = await gw.post(idp.token("crew-vip"), command)
+        assert status == 200, body
+
+
+async def test_logins_stay_within_their_bound(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    async with run_gateway(gateway={"readonly_logins": 5}) as gw:
+        readers = gw.gw.readers
+        assert readers is not None
+        most = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal most
+            while sampling:
+                most = max(most, readers.open_count())
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        gate = asyncio.Semaphore(10)
+
+        async def agent(i: int) -> int:
+            async with gate:
+                status, _ = await gw.post(idp.token(f"agent-{i}"), sql("SELECT 1"))
+                return status
+
+        statuses = await asyncio.gather(*(agent(i) for i in range(200)))
+        sampling = False
+        await sampler
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 100
+        assert most <= 5, most
+        root = shop.root_vault()
+        try:
+            assert len(await root.lease_ids("database/creds/shop-ro")) <= 5
+        finally:
+            await root.close()
+        roles = await superuser(
+            shop, "SELECT count(*) AS n FROM pg_roles WHERE rolname LIKE 'v-%shop-ro%'"
+        )
+        assert roles[0]["n"] <= 5
+        metrics = await (await gw.client.get("/metrics")).text()
+        assert "keyturn_gateway_readonly_logins_limit 5.0" in metrics
+
+
+async def test_an_idle_login_is_closed_and_its_lease_revoked(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    async with run_gateway(gateway={"readonly_idle": "1s"}) as gw:
+        status, body = await gw.post(idp.token("crew-billing"), sql("SELECT 1"))
+        assert body["status"] == "executed"
+        assert gw.gw.readers is not None
+        [login] = gw.gw.readers.logins()
+        assert login.lease is not None
+        username, lease_id = login.lease.data["username"], login.lease.lease_id
+
+        async def closed() -> bool:
+            return not gw.gw.readers.logins()  # type: ignore[union-attr]
+
+        await until(closed)
+        roles = await superuser(shop, f"SELECT 1 FROM pg_roles WHERE rolname = '{username}'")
+        assert roles == []
+        root = shop.root_vault()
+        try:
+            assert lease_id not in await root.lease_ids("database/creds/shop-ro")
+        finally:
+            await root.close()
+        metrics = await (await gw.client.get("/metrics")).text()
+        assert 'keyturn_gateway_readonly_logins_closed_total{reason="idle"} 1.0' in metrics
