@@ -23,6 +23,7 @@ from keyturn.policy import GatewayAuth
 
 REFETCH_INTERVAL = 10.0
 CACHE_SIZE = 10_000
+CACHE_SECONDS = 3600.0
 
 _REASONS: list[tuple[type[Exception], str]] = [
     (jwt.ExpiredSignatureError, "token expired"),
@@ -105,9 +106,9 @@ class Authenticator:
         except (ValueError, TypeError, OverflowError, RecursionError):
             # claims pyjwt cannot even compare (an exp of 1e400, a nested monster): not a token
             raise Unauthorized("invalid token") from None
-        return _identity(claims, self._cfg.groups_claim), float(
-            claims["exp"]
-        ) + self._cfg.leeway_seconds
+        # cached until the token expires, an hour at most (exp may be any size of number)
+        until = min(claims["exp"] + self._cfg.leeway_seconds, time.time() + CACHE_SECONDS)
+        return _identity(claims, self._cfg.groups_claim), float(until)
 
     async def _key(self, kid: object) -> Any:
         if self._jwks is None:

@@ -21,6 +21,8 @@ from keyturn.domain import (
     RequestStatus,
     SelfApproval,
     command_sha256,
+    person_key,
+    same_person,
 )
 from keyturn.errors import Conflict, Forbidden, InvalidInput
 
@@ -47,6 +49,11 @@ def test_single_approval_reaches_quorum_of_one() -> None:
     assert req.decided_at == T0
 
 
+def test_person_keys() -> None:
+    assert person_key(" <@U123|ada> ") == person_key("slack:u123") == person_key("@U123") == "u123"
+    assert not same_person("U123", "U124", None)
+
+
 def test_quorum_needs_distinct_approvers() -> None:
     req = make_request(quorum=2)
     assert req.approve("U1", T0) is False
@@ -58,8 +65,11 @@ def test_quorum_needs_distinct_approvers() -> None:
     assert req.status is RequestStatus.APPROVED
 
 
-@pytest.mark.parametrize("who", ["crew-billing", "U_HUMAN"])
+@pytest.mark.parametrize(
+    "who", ["crew-billing", "U_HUMAN", "u_human", "<@U_HUMAN>", "<@u_human|ada>", "slack:U_HUMAN"]
+)
 def test_nobody_decides_their_own_request(who: str) -> None:
+    """However Slack or a token spells the human, it is the same person."""
     req = make_request()
     with pytest.raises(SelfApproval):
         req.approve(who, T0)

@@ -142,6 +142,19 @@ def test_every_error_is_reported_at_once() -> None:
             ),
             "targets.web.port: Input should be less than or equal to 65535",
         ),
+        (
+            lambda d: d["targets"]["orders-db"].update(subjects=["crew-billing"]),
+            "targets.orders-db.subjects[0]: 'crew-billing' must say what it names: "
+            "agent:crew-billing (a token's sub) or group:crew-billing",
+        ),
+        (
+            lambda d: d["rules"][0].update(subjects=["role:admin"]),
+            "rules[0].subjects[0]: 'role:admin' must say what it names",
+        ),
+        (
+            lambda d: d["rules"][0].update(subjects=["agent:"]),
+            "rules[0].subjects[0]: 'agent:' names nobody after agent:",
+        ),
     ],
 )
 def test_specific_errors(mutate: Any, expected: str) -> None:

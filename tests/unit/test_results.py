@@ -1,0 +1,80 @@
+"""Bounding and shaping results: the server-side cut, masking of cut values, the caps."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from gateway.results import Cut, Fetched, Limits, bounded_select, jsonable, shape
+from gateway.sql import NotReadOnly, read_plan
+from keyturn.masking import Masker
+from keyturn.policy import Masking
+
+MASKER = Masker.from_policy(Masking(columns=["*email*"], detectors=["email", "credit_card"]))
+LIMITS = Limits(rows=100, value_bytes=1024, response_bytes=4096)
+
+
+def attribute(oid: int) -> SimpleNamespace:
+    return SimpleNamespace(type=SimpleNamespace(oid=oid))
+
+
+def test_only_variable_length_columns_are_wrapped() -> None:
+    assert bounded_select("SELECT 1", [attribute(23), attribute(2950)], 1024) is None
+    wrapped = bounded_select(
+        "SELECT id, note FROM t -- trailing", [attribute(23), attribute(25)], 99
+    )
+    assert wrapped is not None
+    assert "_k.c0," in wrapped and "octet_length(_k.c1) > 99" in wrapped
+    assert "left(_k.c1::text, 99)" in wrapped
+    assert "-- trailing\n)" in wrapped  # a trailing comment cannot swallow the parenthesis
+
+
+def test_a_cut_value_loses_its_tail_after_masking() -> None:
+    value = Cut("x" * 900 + " ada@example.com 4111 1111 1111")
+    rows, truncated = shape(Fetched(["note"], [[value]]), MASKER, LIMITS)
+    assert truncated == "value_bytes"
+    assert set(rows[0][0]) == {"x"} and len(rows[0][0]) > 600  # nothing of the PII is left
+
+
+def test_the_gateway_cuts_what_the_server_did_not() -> None:
+    rows, truncated = shape(Fetched(["plan"], [["é" * 2000], [[1] * 1000]]), MASKER, LIMITS)
+    assert truncated == "value_bytes"
+    assert len(rows[0][0].encode()) <= 1024 - 256 and isinstance(rows[1][0], str)
+
+
+def test_masked_columns_and_the_response_cap() -> None:
+    fetched = Fetched(["id", "email"], [[i, f"user{i}@example.com"] for i in range(500)])
+    rows, truncated = shape(fetched, MASKER, LIMITS)
+    assert truncated == "response_bytes" and 50 < len(rows) < 500
+    assert rows[0] == [0, "***"]
+
+
+def test_json_has_no_nan() -> None:
+    assert [jsonable(float("nan")), jsonable(float("-inf")), jsonable(1.5)] == ["nan", "-inf", 1.5]
+
+
+def test_the_read_plan_refuses_whatever_is_not_a_read() -> None:
+    assert [s.select for s in read_plan("SELECT 1; SHOW work_mem; EXPLAIN SELECT 1", 20)] == [
+        True,
+        False,
+        False,
+    ]
+    for command in (
+        "COMMIT",
+        "SET search_path = x",
+        "RESET ALL",
+        "DISCARD ALL",
+        "LISTEN x",
+        "NOTIFY x",
+        "DO $$ BEGIN END $$",
+        "COPY t TO STDOUT",
+        "PREPARE p AS SELECT 1",
+        "SELECT * INTO t2 FROM t",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT 1; UPDATE t SET a = 1",
+        "SELECT 1;" * 21,
+    ):
+        try:
+            read_plan(command, 20)
+        except NotReadOnly:
+            continue
+        raise AssertionError(f"{command!r} would run on the read-only path")
