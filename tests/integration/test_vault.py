@@ -119,6 +119,34 @@ async def test_bootstrap_is_idempotent(boot: Bootstrapped) -> None:
     assert "kept connection database/config/orders-db" in boot.second_actions
 
 
+async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
+    boot: Bootstrapped, fresh_openbao: OpenBaoDevServer, postgres_server: PostgresServer
+) -> None:
+    root = Vault(fresh_openbao.addr, token=fresh_openbao.root_token)
+    try:
+        report = await bootstrap(root, boot.policy)
+        assert any(
+            "may create temporary tables" in w and f'ON DATABASE "{boot.database}"' in w
+            for w in report.warnings
+        ), report.warnings
+        await postgres_server.execute(
+            f'REVOKE TEMPORARY ON DATABASE "{boot.database}" FROM PUBLIC;'
+            " REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+            boot.database,
+        )
+        assert (await bootstrap(root, boot.policy)).warnings == []
+        await postgres_server.execute("CREATE EXTENSION IF NOT EXISTS dblink", boot.database)
+        found = (await bootstrap(root, boot.policy)).warnings
+        assert found == [
+            "target orders-db: the read-only role: extension dblink is installed: "
+            "a read may reach beyond this database"
+        ], found
+    finally:
+        await postgres_server.execute("DROP EXTENSION IF EXISTS dblink", boot.database)
+        await postgres_server.execute(f'GRANT TEMPORARY ON DATABASE "{boot.database}" TO PUBLIC')
+        await root.close()
+
+
 async def test_gateway_readonly_credentials_log_in_and_die_with_the_lease(
     boot: Bootstrapped, postgres_server: PostgresServer
 ) -> None:
