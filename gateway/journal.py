@@ -1,19 +1,21 @@
 """Group commit for the fast path's records.
 
 Allowed and blocked commands are recorded (request row, audit event) by one task that writes
-everything queued so far in a single transaction, so under load many commands share a commit
+everything queued so far in a single statement, so under load many commands share a commit
 instead of queueing on the audit chain's head lock one by one.
 
-``record`` returns once its record is committed (the caller waits: no unrecorded access).
-``submit`` queues without waiting (a completion whose access is already recorded); when a
-commit fails, such records are kept and retried with backoff, never dropped, until the queue
-limit is reached.
+``record`` returns once its record is committed: an allowed command waits for it before it
+runs. ``submit`` queues a record nobody waits for (the outcome of a command already recorded).
+Waited-for records go first and alone: submitted ones wait up to ``linger`` and then ride
+along with the next commit, so the commit a command waits for carries no one else's
+bookkeeping unless that has waited long enough. When a commit fails, submitted records are
+kept and retried with backoff, never dropped until ``max_backlog``; one the database refuses
+outright fails alone (its batch is retried one record at a time).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import asyncpg
@@ -24,6 +26,7 @@ from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
 Record = ops.Outcome | ops.Completion
+Waited = tuple[Record, asyncio.Future[None] | None]
 
 
 def _refused(exc: Exception) -> bool:
@@ -46,34 +49,52 @@ class Journal:
         self._linger = linger
         self._max_batch = max_batch
         self._max_backlog = max_backlog
-        self._queue: asyncio.Queue[tuple[Record, asyncio.Future[None] | None]] = asyncio.Queue()
+        self._waited: list[Waited] = []
+        self._submitted: list[Record] = []
+        self._oldest = 0.0  # loop time the oldest submitted record arrived
+        self._flushing = False
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self.commits = 0
 
     async def record(self, record: Record) -> None:
         """Returns once ``record`` is committed; raises what the commit raised."""
+        await self.enqueue(record)
+
+    def enqueue(self, record: Record) -> asyncio.Future[None]:
+        """Queue ``record`` for the next commit; the future is done once it is committed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((record, future))
-        await future
+        self._waited.append((record, future))
+        self._wake.set()
+        return future
 
     def submit(self, record: Record) -> None:
-        if self._queue.qsize() >= self._max_backlog:
+        if len(self._submitted) >= self._max_backlog:
             log.error("journal backlog full; dropping a completion record for %s", record.id)
             return
-        self._queue.put_nowait((record, None))
+        if not self._submitted:
+            self._oldest = asyncio.get_running_loop().time()
+        self._submitted.append(record)
+        self._wake.set()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="keyturn-journal")
 
+    def pending(self) -> int:
+        return len(self._waited) + len(self._submitted)
+
     async def stop(self) -> None:
-        """Flush what is queued (briefly), then stop."""
+        """Flush what is queued (for up to 5 s), then stop."""
         if self._task is None:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await self._queue.join()
+        self._flushing = True
+        self._wake.set()
+        for _ in range(500):
+            if not self.pending():
+                break
+            await asyncio.sleep(0.01)
         await cancel(self._task)
         self._task = None
         if self._conn is not None:
@@ -81,7 +102,7 @@ class Journal:
             self._conn = None
 
     async def _commit(self, records: list[Record]) -> None:
-        """One transaction on the journal's own connection (re-made after a failure)."""
+        """One statement on the journal's own connection (re-made after a failure)."""
         if self._conn is None or self._conn.is_closed():
             dsn = self._store.dsn
             self._conn = await asyncpg.connect(
@@ -112,28 +133,50 @@ class Journal:
             delay = 0.1
             self._committed(batch)
 
-    def _committed(self, batch: list[tuple[Record, asyncio.Future[None] | None]]) -> None:
+    async def _next_batch(self) -> list[Waited]:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            due = bool(self._submitted) and (
+                self._flushing
+                or now - self._oldest >= self._linger
+                or len(self._submitted) >= self._max_batch
+            )
+            if self._waited or due:
+                batch = self._waited[: self._max_batch]
+                del self._waited[: len(batch)]
+                if due:
+                    room = self._max_batch - len(batch)
+                    batch += [(record, None) for record in self._submitted[:room]]
+                    del self._submitted[:room]
+                    self._oldest = now
+                return batch
+            self._wake.clear()
+            timeout = self._oldest + self._linger - now if self._submitted else None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _committed(self, batch: list[Waited]) -> None:
         self.commits += 1
-        self._done(len(batch))
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _failed(
-        self, batch: list[tuple[Record, asyncio.Future[None] | None]], exc: Exception, delay: float
-    ) -> float:
-        """Waiters get the error; completions are queued again after a backoff."""
-        self._done(len(batch))
+    async def _failed(self, batch: list[Waited], exc: Exception, delay: float) -> float:
+        """Waiters get the error; submitted records are kept for after a backoff."""
         log.warning("journal commit of %d records failed: %s", len(batch), exc)
         for record, future in batch:
             if future is None:
-                self._queue.put_nowait((record, None))  # retried after the backoff
+                self.submit(record)
             elif not future.done():
                 future.set_exception(exc)
         await asyncio.sleep(delay)
         return min(delay * 2, 5.0)
 
-    async def _one_by_one(self, batch: list[tuple[Record, asyncio.Future[None] | None]]) -> None:
+    async def _one_by_one(self, batch: list[Waited]) -> None:
         for item in batch:
             try:
                 await self._commit([item[0]])
@@ -141,36 +184,9 @@ class Journal:
                 if not _refused(exc):
                     await self._failed([item], exc, 0.1)
                     continue
-                self._done(1)
                 log.error("journal record %s refused by the database: %s", item[0].id, exc)
                 if item[1] is not None and not item[1].done():
                     item[1].set_exception(exc)
-                # a completion the database refuses would be refused forever: not retried
+                # a submitted record the database refuses would be refused forever: dropped
                 continue
             self._committed([item])
-
-    async def _next_batch(self) -> list[tuple[Record, asyncio.Future[None] | None]]:
-        """Everything queued; completions alone wait up to ``linger`` for a record to ride with.
-
-        Nobody waits on a completion, so committing it on its own would only delay the next
-        command's commit; riding along with that commit costs nothing.
-        """
-        batch = [await self._queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._linger
-        while len(batch) < self._max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            if any(future is not None for _, future in batch) or loop.time() >= deadline:
-                break
-            try:
-                async with asyncio.timeout_at(deadline):
-                    batch.append(await self._queue.get())
-            except TimeoutError:
-                break
-        return batch
-
-    def _done(self, count: int) -> None:
-        for _ in range(count):
-            self._queue.task_done()

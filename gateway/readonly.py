@@ -48,12 +48,11 @@ BEGIN = (
     " SET LOCAL statement_timeout = {timeout_ms};"
     " SET LOCAL application_name = 'keyturn:{label}'"
 )
-# A rollback undoes every setting, temporary object and notification of the transaction;
-# these are what outlives it.
-RESET = (
-    "ROLLBACK; SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
-    " DISCARD TEMP; DISCARD SEQUENCES"
-)
+# A rollback undoes every setting (SET, SET LOCAL, set_config), LISTEN, cursor and temporary
+# object of the transaction; session-level advisory locks are what a read can leave behind.
+# (What else outlives a transaction — PREPARE, DECLARE … WITH HOLD after a COMMIT — is never
+# run: pglast refuses it and the server's command tag would betray it.)
+RESET = "ROLLBACK; SELECT pg_advisory_unlock_all()"
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,11 @@ class Login:
         return generation, conn
 
     async def _acquire(self, deadline: Deadline) -> tuple[int, asyncpg.Connection]:
-        await asyncio.wait_for(self._slots.acquire(), deadline.left())
+        if self._slots.locked():
+            async with asyncio.timeout(deadline.left()):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()  # free: no timer needed
         try:
             while self._idle:
                 generation, conn = self._idle.pop()

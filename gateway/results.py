@@ -17,6 +17,7 @@ import asyncio
 import base64
 import datetime as dt
 import decimal
+import functools
 import ipaddress
 import json
 import math
@@ -162,16 +163,21 @@ def bounded_select(sql: str, attributes: Sequence[Any], cut: int) -> str | None:
     Each variable-length column becomes two: the value when it fits, else NULL; and a text
     prefix when it does not. None when every column is small already.
     """
-    if all(a.type.oid in _SMALL_TYPES for a in attributes):
+    return _bounded_select(sql, tuple(a.type.oid for a in attributes), cut)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bounded_select(sql: str, oids: tuple[int, ...], cut: int) -> str | None:
+    if all(oid in _SMALL_TYPES for oid in oids):
         return None
-    names = [f"c{i}" for i in range(len(attributes))]
+    names = [f"c{i}" for i in range(len(oids))]
     outputs = []
-    for name, attribute in zip(names, attributes, strict=True):
+    for name, oid in zip(names, oids, strict=True):
         column = f"_k.{name}"
-        if attribute.type.oid in _SMALL_TYPES:
+        if oid in _SMALL_TYPES:
             outputs.append(column)
             continue
-        length = _length(column, attribute.type.oid)
+        length = _length(column, oid)
         outputs.append(f"CASE WHEN {length} > {cut} THEN NULL ELSE {column} END")
         outputs.append(f"CASE WHEN {length} > {cut} THEN left({column}::text, {cut}) END")
     # the newline keeps a trailing "-- comment" in ``sql`` from swallowing the parenthesis

@@ -165,14 +165,20 @@ class Gateway:
         )
 
     async def _execute(
-        self, readers: ReadOnlyLogins, cmd: CommandIn, who: Identity, request_id: uuid.UUID
+        self,
+        readers: ReadOnlyLogins,
+        cmd: CommandIn,
+        who: Identity,
+        request_id: uuid.UUID,
+        recorded: asyncio.Future[None],
     ) -> SqlResult:
-        """Run an allowed (recorded) command on ``who``'s own read-only login."""
+        """Run an allowed command on ``who``'s own read-only login, once ``recorded``."""
         cfg = self.policy.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
         plan = read_plan(cmd.command, cfg.max_statements)
         with self.metrics.execute_seconds.time():
             async with readers.transaction(cmd.target, who.subject, str(request_id), deadline) as c:
+                await self._recorded(recorded)  # the transaction opened during the commit
                 fetched, statements = await run_readonly(c, plan, self.limits, deadline)
         result = await finish(fetched, statements, self.masker, self.limits)
         if result.truncated:
@@ -192,43 +198,31 @@ class Gateway:
             return exc.message
         return f"the target connection failed: {type(exc).__name__}"
 
+    @staticmethod
+    async def _recorded(recording: asyncio.Future[None]) -> None:
+        """Wait for a record's commit; a failure other than a duplicate key is a 503."""
+        try:
+            await recording
+        except (KeyturnError, asyncpg.UniqueViolationError):
+            raise
+        except Exception as exc:
+            raise Unavailable("cannot record the command in keyturn's database") from exc
+
     async def _run_allowed(
         self, cmd: CommandIn, who: Identity, verdict: Verdict, key: str | None, body_sha: str
     ) -> CommandOut:
-        """Record, then run: nothing runs before its record (request row + audit event) is
-        committed. Concurrent records share a commit; the outcome follows in a later one."""
+        """Record, then run: nothing of the command runs before its record (request row +
+        audit event) is committed. Concurrent records share a commit; the outcome follows."""
         assert self.readers is not None
         async with self.readers.admit(who.subject):
             intent = self._outcome(
                 cmd, who, verdict, status="executing", idempotency_key=key, body_sha256=body_sha
             )
+            recording = self.journal.enqueue(intent)
             try:
-                await self.journal.record(intent)
-            except asyncpg.UniqueViolationError:  # a concurrent call with this key won
-                earlier = await ops.find_idempotent(self.store, who.subject, key or "", body_sha)
-                if earlier is None:
-                    raise
-                return self.view(ops.RequestView.of(earlier))
-            except KeyturnError:
-                raise
+                result = await self._execute(self.readers, cmd, who, intent.id, recording)
             except Exception as exc:
-                raise Unavailable("cannot record the command in keyturn's database") from exc
-            try:
-                result = await self._execute(self.readers, cmd, who, intent.id)
-            except (TimeoutError, SessionChanged, NotReadOnly, asyncpg.PostgresError) as exc:
-                error = self._failure(exc)
-                self.journal.submit(ops.Completion(intent.id, who.subject, error, None))
-                self.metrics.commands.labels("failed").inc()
-                return self._answer(cmd, intent, None, error)
-            except (OSError, asyncpg.InterfaceError, KeyturnError) as exc:
-                self.journal.submit(
-                    ops.Completion(intent.id, who.subject, self._failure(exc), None)
-                )
-                if isinstance(exc, KeyturnError):
-                    raise
-                raise Unavailable(
-                    f"target {cmd.target} is not reachable: {type(exc).__name__}"
-                ) from None
+                return await self._not_run(cmd, who, intent, recording, exc)
         body = result.as_json()
         if key is None:
             self.journal.submit(ops.Completion(intent.id, who.subject, None, digest(body)))
@@ -240,6 +234,35 @@ class Gateway:
                 self.journal.submit(done)
         self.metrics.commands.labels("allowed").inc()
         return self._answer(cmd, intent, body, None)
+
+    async def _not_run(
+        self,
+        cmd: CommandIn,
+        who: Identity,
+        intent: ops.Outcome,
+        recording: asyncio.Future[None],
+        exc: Exception,
+    ) -> CommandOut:
+        """An allowed command that did not complete: its record says why (or, when there is
+        no record, nothing ran: an earlier call with the same key won, or keyturn's database
+        is down)."""
+        try:
+            await self._recorded(recording)
+        except asyncpg.UniqueViolationError:
+            earlier = await ops.find_idempotent(
+                self.store, who.subject, intent.idempotency_key or "", intent.body_sha256 or ""
+            )
+            if earlier is None:
+                raise exc from None
+            return self.view(ops.RequestView.of(earlier))
+        error = self._failure(exc)
+        self.journal.submit(ops.Completion(intent.id, who.subject, error, None))
+        if isinstance(exc, TimeoutError | SessionChanged | NotReadOnly | asyncpg.PostgresError):
+            self.metrics.commands.labels("failed").inc()
+            return self._answer(cmd, intent, None, error)
+        if isinstance(exc, KeyturnError):
+            raise exc
+        raise Unavailable(f"target {cmd.target} is not reachable: {type(exc).__name__}") from exc
 
     def _answer(
         self, cmd: CommandIn, intent: ops.Outcome, result: dict[str, Any] | None, error: str | None

@@ -130,7 +130,6 @@ async def run_readonly(
     said: it is refused before it runs. Earlier statements run only as far as their first
     row: a read's rows are its only effect.
     """
-    check_session(conn, "")
     skip = Limits(0, limits.value_bytes, limits.response_bytes)
     fetched = Fetched([])
     for i, statement in enumerate(plan):
