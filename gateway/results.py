@@ -157,17 +157,34 @@ def _length(column: str, oid: int) -> str:
     return f"octet_length({column}::text)"
 
 
-def bounded_select(sql: str, attributes: Sequence[Any], cut: int) -> str | None:
-    """``sql`` (one SELECT) wrapped so no value larger than ``cut`` bytes leaves the server.
+@dataclass(frozen=True)
+class Layout:
+    """How one statement's rows are fetched: computed once per statement and column set."""
 
-    Each variable-length column becomes two: the value when it fits, else NULL; and a text
-    prefix when it does not. None when every column is small already.
-    """
-    return _bounded_select(sql, tuple(a.type.oid for a in attributes), cut)
+    names: tuple[str, ...]
+    small: tuple[bool, ...]  # per column: bounded by its type, never cut
+    wrapped: str | None  # the statement as the server runs it (None: as it is)
+    worst: int  # the most bytes one row can weigh
 
 
 @functools.lru_cache(maxsize=4096)
-def _bounded_select(sql: str, oids: tuple[int, ...], cut: int) -> str | None:
+def _layout(sql: str, columns: tuple[tuple[str, int], ...], cut: int, wrap: bool) -> Layout:
+    oids = tuple(oid for _, oid in columns)
+    small = tuple(oid in _SMALL_TYPES for oid in oids)
+    return Layout(
+        tuple(name for name, _ in columns),
+        small,
+        bounded_select(sql, oids, cut) if wrap else None,
+        sum(16 if s else cut for s in small),
+    )
+
+
+def bounded_select(sql: str, oids: Sequence[int], cut: int) -> str | None:
+    """``sql`` (one SELECT) wrapped so no value larger than ``cut`` bytes leaves the server.
+
+    Each variable-length column (by type oid) becomes two: the value when it fits, else NULL;
+    and a text prefix when it does not. None when every column is small already.
+    """
     if all(oid in _SMALL_TYPES for oid in oids):
         return None
     names = [f"c{i}" for i in range(len(oids))]
@@ -265,12 +282,11 @@ async def fetch_bounded(
         _, status, _ = await protocol.bind_execute(state, [], "", 0, True, deadline.left())
         return Fetched([], tag=_tag(status))
     cut = limits.cut_at(len(attributes))
-    small = [a.type.oid in _SMALL_TYPES for a in attributes]
-    wrapped = bounded_select(sql, attributes, cut) if wrap else None
+    layout = _layout(sql, tuple((a.name, a.type.oid) for a in attributes), cut, wrap)
+    small, wrapped = layout.small, layout.wrapped
     running = await describe(conn, wrapped, deadline) if wrapped else state
-    out = Fetched([a.name for a in attributes])
-    worst = sum(16 if s else cut for s in small)
-    want = max(1, min(limits.rows + 1, CHUNK_BYTES // worst, MAX_CHUNK_ROWS))
+    out = Fetched(list(layout.names))
+    want = max(1, min(limits.rows + 1, CHUNK_BYTES // layout.worst, MAX_CHUNK_ROWS))
     budget = limits.response_bytes
     records, status, done = await protocol.bind_execute(
         running, [], "", want, True, deadline.left()
@@ -324,11 +340,11 @@ def shape(
     fetched: Fetched, masker: Masker, limits: Limits
 ) -> tuple[list[list[Any]], Truncation | None]:
     """JSON-ready, masked rows within the response cap, and which cap applied (if any)."""
-    hidden = [masker.masked_column(c) for c in fetched.columns]
+    hidden = masker.masked_columns(tuple(fetched.columns))
     cut_at = limits.cut_at(len(fetched.columns))
     truncated = fetched.truncated
     rows: list[list[Any]] = []
-    budget = limits.response_bytes
+    spent, exact = 0, False  # bytes so far: a cheap upper bound until near the cap
     for raw in fetched.rows:
         row = []
         for hide, value in zip(hidden, raw, strict=True):
@@ -340,10 +356,14 @@ def shape(
                 row.append(masker.text(value)[:-TAIL_MARGIN])
             else:
                 row.append(masker.value(value))
-        size = len(json.dumps(row))
-        if size > budget and rows:
-            return rows, "response_bytes"
-        budget -= size
+        size = 6 * _weight(row)  # JSON escaping at most sextuples a character
+        if not exact and spent + size > limits.response_bytes:
+            exact, spent = True, len(json.dumps(rows))
+        if exact:
+            size = len(json.dumps(row))
+            if spent + size > limits.response_bytes and rows:
+                return rows, "response_bytes"
+        spent += size
         rows.append(row)
     return rows, truncated
 

@@ -9,6 +9,7 @@ of each to be recognisable (a card's last four digits).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class Masker:
     def masked_column(self, name: str) -> bool:
         lowered = name.lower()
         return any(fnmatch.fnmatchcase(lowered, p) for p in self.columns)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (maskers live as long as the process)
+    def masked_columns(self, names: tuple[str, ...]) -> tuple[bool, ...]:
+        return tuple(self.masked_column(name) for name in names)
 
     def text(self, value: str) -> str:
         for detect in self.detectors:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from gateway.results import Cut, Fetched, Limits, bounded_select, jsonable, shape
 from gateway.sql import NotReadOnly, read_plan
 from keyturn.masking import Masker
@@ -13,15 +11,9 @@ MASKER = Masker.from_policy(Masking(columns=["*email*"], detectors=["email", "cr
 LIMITS = Limits(rows=100, value_bytes=1024, response_bytes=4096)
 
 
-def attribute(oid: int) -> SimpleNamespace:
-    return SimpleNamespace(type=SimpleNamespace(oid=oid))
-
-
 def test_only_variable_length_columns_are_wrapped() -> None:
-    assert bounded_select("SELECT 1", [attribute(23), attribute(2950)], 1024) is None
-    wrapped = bounded_select(
-        "SELECT id, note FROM t -- trailing", [attribute(23), attribute(25)], 99
-    )
+    assert bounded_select("SELECT 1", [23, 2950], 1024) is None
+    wrapped = bounded_select("SELECT id, note FROM t -- trailing", [23, 25], 99)
     assert wrapped is not None
     assert "_k.c0," in wrapped and "octet_length(_k.c1) > 99" in wrapped
     assert "left(_k.c1::text, 99)" in wrapped
