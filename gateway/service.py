@@ -27,8 +27,9 @@ from gateway.ratelimit import RateLimiter
 from gateway.readonly import ReadOnlyLogins
 from gateway.results import Deadline, Limits, SqlResult, finish
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
-from gateway.sql import NotReadOnly, SessionChanged, estimate_rows, read_plan, run_readonly
+from gateway.sql import SessionChanged, estimate_rows, run_readonly
 from keyturn.classify import Identity, Verdict, check_access, classify
+from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.domain import Decision, RequestStatus
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, TooLarge, Unavailable
 from keyturn.masking import Masker
@@ -107,13 +108,7 @@ class Gateway:
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
     def _classify_uncached(self, target: str, command: str, who: Identity) -> Verdict:
-        verdict = classify(self.policy, target, command, who)
-        if verdict.action == "allow" and self.readers is not None and target in self.readers:
-            try:
-                read_plan(command, self.policy.gateway.max_statements)
-            except NotReadOnly as exc:  # whatever the rules say: a human decides
-                return Verdict("hold", None, [*verdict.reasons, f"held: {exc.message}"])
-        return verdict
+        return classify(self.policy, target, command, who)
 
     async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
         """Cached; a long command is parsed off the event loop (a parse can take a while)."""

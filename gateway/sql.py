@@ -1,10 +1,9 @@
 """What runs on a target: allowed reads, the planner's estimate for a held write, approved runs.
 
 The read-only path does not trust the classifier, nor the parser to agree with the database.
-:func:`read_plan` splits a command with pglast and refuses, whatever any rule says, every
-statement that is not a plain read (transaction control, ``SET``/``RESET``/``DISCARD``,
-``LISTEN``/``NOTIFY``, ``DO``, ``COPY``, ``PREPARE``/``EXECUTE``, writes). Each statement then
-goes alone over the extended protocol, where the server refuses a second statement in one
+:func:`keyturn.classify.readonly.read_plan` splits a command with pglast and refuses,
+whatever any rule says, every statement that is not a plain read. Each statement then goes
+alone over the extended protocol, where the server refuses a second statement in one
 message, inside a read-only transaction the gateway opened (see :mod:`gateway.readonly`).
 After every statement the *server's* word is checked — its command tag, the transaction
 status, and the parse-relevant settings it reports — and any surprise drops the connection
@@ -15,15 +14,12 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 
 import asyncpg
-import pglast
-from pglast import ast
 
 from gateway.results import Deadline, Fetched, Limits, columns_of, describe, fetch_bounded
+from keyturn.classify.readonly import NotReadOnly, Statement, statement_texts
 from keyturn.classify.sql import preview_select
-from keyturn.errors import KeyturnError
 
 READ_TAGS = frozenset({"SELECT", "SHOW", "EXPLAIN"})
 # Settings the server reports (ParameterStatus) that change how it reads the next statement
@@ -35,73 +31,14 @@ PINNED = {
 }
 
 
-class NotReadOnly(KeyturnError):
-    """The command has a statement the read-only path never runs (it may still be held)."""
-
-    code = "not_read_only"
-    status = 403
-
-
 class SessionChanged(Exception):
     """The server reports something the gateway did not ask for: drop the connection."""
-
-
-@dataclass(frozen=True)
-class Statement:
-    text: str
-    select: bool  # a SELECT (incl. VALUES, TABLE, set operations): it can be wrapped
-
-
-def _statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
-    statements = pglast.parse_sql(sql)
-    if len(statements) == 1:
-        return [(sql, statements[0].stmt)]
-    encoded = sql.encode()  # locations are byte offsets
-    out = []
-    for raw in statements:
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
-        out.append((encoded[start:end].decode().strip(), raw.stmt))
-    return out
 
 
 @functools.lru_cache(maxsize=4096)
 def split_statements(sql: str) -> tuple[str, ...]:
     """Each statement's own text, as PostgreSQL's parser delimits them."""
-    return tuple(text for text, _ in _statement_texts(sql))
-
-
-def _refusal(node: ast.Node | None) -> str | None:
-    if isinstance(node, ast.SelectStmt):
-        if node.intoClause is not None:
-            return "SELECT … INTO creates a table"
-        if node.lockingClause:
-            return "SELECT … FOR UPDATE/SHARE takes row locks"
-        return None
-    if isinstance(node, ast.VariableShowStmt | ast.ExplainStmt):
-        return None
-    name = type(node).__name__.removesuffix("Stmt") if node is not None else "an empty statement"
-    return f"{name} never runs on the read-only path"
-
-
-@functools.lru_cache(maxsize=4096)
-def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
-    """The statements of an allowed command, each a read; raises NotReadOnly otherwise."""
-    try:
-        texts = _statement_texts(sql)
-    except pglast.parser.ParseError as exc:
-        raise NotReadOnly(f"not valid PostgreSQL: {exc}") from None
-    if len(texts) > max_statements:
-        raise NotReadOnly(
-            f"{len(texts)} statements; the read-only path runs at most {max_statements} per command"
-        )
-    plan = []
-    for text, node in texts:
-        refusal = _refusal(node)
-        if refusal is not None:
-            raise NotReadOnly(refusal)
-        plan.append(Statement(text, isinstance(node, ast.SelectStmt)))
-    return tuple(plan)
+    return tuple(text for text, _ in statement_texts(sql))
 
 
 def check_session(conn: asyncpg.Connection, tag: str) -> None:

@@ -13,6 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
+from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import analyze_shell
 from keyturn.classify.sql import analyze_sql
 from keyturn.errors import Forbidden, NotFound
@@ -87,6 +88,16 @@ def classify(
 
 
 def _classify_sql(policy: Policy, target_name: str, command: str, who: Identity | None) -> Verdict:
+    verdict = _sql_rules(policy, target_name, command, who)
+    if verdict.action == "allow":
+        try:
+            read_plan(command, policy.gateway.max_statements)
+        except NotReadOnly as exc:  # whatever the rules say, a human decides
+            return Verdict("hold", None, [*verdict.reasons, f"held: {exc.message}"], verdict.kinds)
+    return verdict
+
+
+def _sql_rules(policy: Policy, target_name: str, command: str, who: Identity | None) -> Verdict:
     analysis = analyze_sql(command)
     kinds = frozenset(analysis.kinds)
     if not analysis.parsed:

@@ -432,3 +432,24 @@ def test_verdict_json_shape() -> None:
         "rule": "no-drop",
         "reasons": ["DROP statement"],
     }
+
+
+def test_an_allow_rule_cannot_allow_what_the_read_only_path_never_runs() -> None:
+    """A policy author may allow `set` or `any`; only plain reads still run without a human."""
+    lax = parse_policy(
+        {
+            "targets": {
+                "db": {
+                    "kind": "postgres",
+                    "dsn": "postgresql://db:5432/app",
+                    "vault": {"readonly_role": "ro", "write_role": "rw"},
+                }
+            },
+            "rules": [{"name": "lax", "match": {"sql": ["any"]}, "action": "allow"}],
+        }
+    )
+    assert classify(lax, "db", "SELECT 1; SHOW work_mem").action == "allow"
+    for command in ("SET statement_timeout = 0; SELECT 1", "COMMIT", "SELECT 1;" * 21):
+        verdict = classify(lax, "db", command)
+        assert verdict.action == "hold", command
+        assert verdict.reasons[-1].startswith("held: "), verdict.reasons

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.results import Cut, Fetched, Limits, bounded_select, jsonable, shape
-from gateway.sql import NotReadOnly, read_plan
+from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.masking import Masker
 from keyturn.policy import Masking
 

@@ -1,0 +1,79 @@
+"""What the read-only path will run: each statement of an allowed command, if all are reads.
+
+A second judgement beside the rules, kept apart from the classifier's walk on purpose: an
+allow rule says what the policy author meant, this says what keyturn will execute without a
+human. Whatever the rules say, only plain reads (``SELECT`` without ``INTO`` or row locks,
+``SHOW``, ``EXPLAIN``) and at most ``gateway.max_statements`` of them run at once; anything
+else — transaction control, ``SET``/``RESET``/``DISCARD``, ``LISTEN``/``NOTIFY``, ``DO``,
+``COPY``, ``PREPARE``/``EXECUTE``, writes — is held for approval.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pglast
+from pglast import ast
+
+from keyturn.errors import KeyturnError
+
+
+class NotReadOnly(KeyturnError):
+    """The command has a statement the read-only path never runs (it may still be held)."""
+
+    code = "not_read_only"
+    status = 403
+
+
+@dataclass(frozen=True)
+class Statement:
+    text: str
+    select: bool  # a SELECT (incl. VALUES, TABLE, set operations): it can be wrapped
+
+
+def statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
+    """Each statement's own text (as PostgreSQL's parser delimits them) and parse tree."""
+    statements = pglast.parse_sql(sql)
+    if len(statements) == 1:
+        return [(sql, statements[0].stmt)]
+    encoded = sql.encode()  # locations are byte offsets
+    out = []
+    for raw in statements:
+        start = raw.stmt_location or 0
+        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
+        out.append((encoded[start:end].decode().strip(), raw.stmt))
+    return out
+
+
+def _refusal(node: ast.Node | None) -> str | None:
+    if isinstance(node, ast.SelectStmt):
+        if node.intoClause is not None:
+            return "SELECT … INTO creates a table"
+        if node.lockingClause:
+            return "SELECT … FOR UPDATE/SHARE takes row locks"
+        return None
+    if isinstance(node, ast.VariableShowStmt | ast.ExplainStmt):
+        return None
+    name = type(node).__name__.removesuffix("Stmt") if node is not None else "an empty statement"
+    return f"{name} never runs on the read-only path"
+
+
+@functools.lru_cache(maxsize=4096)
+def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
+    """The statements of an allowed command, each a read; raises NotReadOnly otherwise."""
+    try:
+        texts = statement_texts(sql)
+    except pglast.parser.ParseError as exc:
+        raise NotReadOnly(f"not valid PostgreSQL: {exc}") from None
+    if len(texts) > max_statements:
+        raise NotReadOnly(
+            f"{len(texts)} statements; the read-only path runs at most {max_statements} per command"
+        )
+    plan = []
+    for text, node in texts:
+        refusal = _refusal(node)
+        if refusal is not None:
+            raise NotReadOnly(refusal)
+        plan.append(Statement(text, isinstance(node, ast.SelectStmt)))
+    return tuple(plan)
