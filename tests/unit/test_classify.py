@@ -13,14 +13,15 @@ from keyturn.classify import Identity, NotAllowed, check_access, classify
 from keyturn.errors import NotFound
 from keyturn.policy import parse_policy
 
+DB = {
+    "kind": "postgres",
+    "dsn": "postgresql://db:5432/app",
+    "vault": {"readonly_role": "ro", "write_role": "rw"},
+}
 POLICY = parse_policy(
     {
         "targets": {
-            "db": {
-                "kind": "postgres",
-                "dsn": "postgresql://db:5432/app",
-                "vault": {"readonly_role": "ro", "write_role": "rw"},
-            },
+            "db": DB,
             "web": {
                 "kind": "ssh",
                 "host": "10.0.0.5",
@@ -438,13 +439,7 @@ def test_an_allow_rule_cannot_allow_what_the_read_only_path_never_runs() -> None
     """A policy author may allow `set` or `any`; only plain reads still run without a human."""
     lax = parse_policy(
         {
-            "targets": {
-                "db": {
-                    "kind": "postgres",
-                    "dsn": "postgresql://db:5432/app",
-                    "vault": {"readonly_role": "ro", "write_role": "rw"},
-                }
-            },
+            "targets": {"db": DB},
             "rules": [{"name": "lax", "match": {"sql": ["any"]}, "action": "allow"}],
         }
     )
