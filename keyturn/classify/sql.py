@@ -8,8 +8,9 @@ human-readable reasons. A string the parser rejects is ``parsed=False``, which i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pglast
 from pglast import ast
@@ -112,15 +113,22 @@ class SqlAnalysis:
             self.reasons.append(reason)
 
 
-def _children(node: ast.Node) -> Iterator[ast.Node]:
-    for name in getattr(type(node), "__slots__", ()):
-        value = getattr(node, name, None)
-        if isinstance(value, ast.Node):
-            yield value
-        elif isinstance(value, list | tuple):
-            for item in value:
-                if isinstance(item, ast.Node):
-                    yield item
+MAX_NODES = 50_000  # more parse-tree nodes than this: too complex to judge
+
+
+def _nodes(value: object) -> Iterator[ast.Node]:
+    """Every node in a slot's value, however deeply its lists nest (``VALUES`` rows, the
+    ``(function, column definitions)`` pairs of a ``FROM`` function, …)."""
+    if isinstance(value, ast.Node):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _nodes(item)
+
+
+def _children(node: ast.Node) -> list[ast.Node]:
+    slots: Iterable[str] = getattr(type(node), "__slots__", ())
+    return [child for name in slots for child in _nodes(getattr(node, name, None))]
 
 
 def _func_name(call: ast.FuncCall) -> str:
@@ -159,24 +167,36 @@ def _statement_kind(node: ast.Node) -> str | None:
 
 
 class _Walker:
+    """Visits every node of a statement, depth first, without recursion (a deep tree cannot
+    exhaust the stack) and within :data:`MAX_NODES`. A handler may return the nodes to walk
+    under it instead of all its children (``False``: none)."""
+
     def __init__(self, analysis: SqlAnalysis) -> None:
         self.a = analysis
+        self.seen = 0
 
-    def visit(self, node: ast.Node) -> None:
+    def walk(self, root: ast.Node) -> None:
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            self.seen += 1
+            if self.seen > MAX_NODES:
+                raise TooComplex(f"the SQL has more than {MAX_NODES:,} parts; split it up")
+            below = self._visit(node)
+            children = _children(node) if below is None else list(below or ())
+            stack.extend(reversed(children))
+
+    def _visit(self, node: ast.Node) -> Iterable[ast.Node] | Literal[False] | None:
         handler = getattr(self, f"_{type(node).__name__}", None)
         if handler is not None:
-            if handler(node) is False:
-                return  # the handler decided which children count
-        else:
-            kind = _statement_kind(node)
-            if kind is not None:
-                self.a.add(
-                    kind, None if kind in ("select", "other") else f"{kind.upper()} statement"
-                )
-                if kind == "other":
-                    self.a.reasons.append(f"{type(node).__name__} is not a known read")
-        for child in _children(node):
-            self.visit(child)
+            below: Iterable[ast.Node] | Literal[False] | None = handler(node)
+            return below
+        kind = _statement_kind(node)
+        if kind is not None:
+            self.a.add(kind, None if kind in ("select", "other") else f"{kind.upper()} statement")
+            if kind == "other":
+                self.a.reasons.append(f"{type(node).__name__} is not a known read")
+        return None
 
     # -- statements with details that matter
 
@@ -206,11 +226,11 @@ class _Walker:
         if node.is_from:
             self.a.add("insert", "COPY FROM writes rows")
 
-    def _DoStmt(self, node: ast.DoStmt) -> bool:
+    def _DoStmt(self, node: ast.DoStmt) -> Literal[False]:
         self.a.add("do", "DO block runs arbitrary procedural code")
         return False  # its body is an opaque string
 
-    def _ExplainStmt(self, node: ast.ExplainStmt) -> bool:
+    def _ExplainStmt(self, node: ast.ExplainStmt) -> list[ast.Node] | Literal[False]:
         analyze = any(
             isinstance(o, ast.DefElem)
             and o.defname == "analyze"
@@ -223,7 +243,7 @@ class _Walker:
         self.a.add("explain")
         if analyze and node.query is not None:
             self.a.reasons.append("EXPLAIN ANALYZE runs the statement")
-            self.visit(node.query)
+            return [node.query]
         return False  # a plain EXPLAIN plans but never runs its statement
 
     def _PrepareStmt(self, node: ast.PrepareStmt) -> None:
@@ -274,12 +294,9 @@ def analyze_sql(sql: str) -> SqlAnalysis:
     if len(statements) > 1:
         analysis.reasons.append(f"{len(statements)} statements")
     walker = _Walker(analysis)
-    try:
-        for raw in statements:
-            if raw.stmt is not None:
-                walker.visit(raw.stmt)
-    except RecursionError:
-        raise TooComplex(f"the SQL {TOO_COMPLEX}") from None
+    for raw in statements:
+        if raw.stmt is not None:
+            walker.walk(raw.stmt)
     return analysis
 
 
