@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.approved import Executor
 from gateway.auth import Authenticator
+from gateway.catalogs import Catalogs
 from gateway.http import GATEWAY_KEY, create_app
 from gateway.journal import Journal
 from gateway.metrics import Metrics
@@ -58,6 +59,8 @@ def build(
     )
     if vault is not None:
         gw.executor = Executor(policy, store, vault, gw.listener, gw.masker, gw.metrics)
+    if readers is not None:
+        gw.catalogs = Catalogs(readers, cfg.catalog_refresh.total_seconds())
     return gw
 
 

@@ -271,6 +271,9 @@ class ReadOnlyLogins:
     def logins(self) -> list[Login]:
         return list(self._logins.values())
 
+    def login_of(self, target: str, identity: str) -> Login | None:
+        return self._logins.get(LoginKey(target, identity))
+
     def open_count(self) -> int:
         """Logins in use or still closing: what counts against ``readonly_logins``."""
         return len(self._logins) + self._closing

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from gateway.approved import Executor, digest
 from gateway.auth import Authenticator
+from gateway.catalogs import Catalogs
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
@@ -29,6 +30,7 @@ from gateway.results import Deadline, Limits, SqlResult, finish
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
 from keyturn.classify import Identity, Verdict, check_access, classify
+from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.domain import Decision, RequestStatus
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, TooLarge, Unavailable
@@ -97,6 +99,7 @@ class Gateway:
     public_url: str
     metrics: Metrics = field(default_factory=Metrics)
     executor: Executor | None = None  # runs approved commands (needs Vault)
+    catalogs: Catalogs | None = None  # each target's functions (needs the read-only logins)
     limiter: RateLimiter = field(init=False)
     masker: Masker = field(init=False)
 
@@ -107,14 +110,19 @@ class Gateway:
         self.limits = Limits(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
-    def _classify_uncached(self, target: str, command: str, who: Identity) -> Verdict:
-        return classify(self.policy, target, command, who)
+    def _classify_uncached(
+        self, target: str, command: str, who: Identity, catalog: Catalog | None
+    ) -> Verdict:
+        return classify(self.policy, target, command, who, catalog)
 
     async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
-        """Cached; a long command is parsed off the event loop (a parse can take a while)."""
+        """Cached (per catalog); a long command is parsed off the event loop."""
+        catalog = None
+        if self.catalogs is not None and self.readers is not None and target in self.readers:
+            catalog = await self.catalogs.get(target)
         if len(command) <= CLASSIFY_INLINE:
-            return self._classify(target, command, who)
-        return await asyncio.to_thread(self._classify, target, command, who)
+            return self._classify(target, command, who, catalog)
+        return await asyncio.to_thread(self._classify, target, command, who, catalog)
 
     # ------------------------------------------------------------------ submit
 

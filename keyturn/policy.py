@@ -310,6 +310,7 @@ class GatewayConfig(Model):
     readonly_logins: int = Field(default=50, ge=1, le=10_000)  # open logins, LRU closed first
     readonly_idle: Duration = timedelta(minutes=5)  # a login unused this long is closed
     agent_concurrency: int = Field(default=8, ge=1, le=1000)  # allowed commands in flight
+    catalog_refresh: Duration = timedelta(minutes=10)  # re-read a target's function catalog
 
     @field_validator("listen")
     @classmethod

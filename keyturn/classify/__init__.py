@@ -13,6 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
+from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import analyze_shell
 from keyturn.classify.sql import analyze_sql
@@ -77,18 +78,25 @@ def _applies(rule: Rule, target_name: str, who: Identity | None) -> bool:
 
 
 def classify(
-    policy: Policy, target_name: str, command: str, who: Identity | None = None
+    policy: Policy,
+    target_name: str,
+    command: str,
+    who: Identity | None = None,
+    catalog: Catalog | None = None,
 ) -> Verdict:
+    """``catalog``: the target's functions (the gateway passes it; without, built-in lists)."""
     target = policy.targets.get(target_name)
     if target is None:
         raise NotFound(f"unknown target {target_name!r}")
     if isinstance(target, PostgresTarget):
-        return _classify_sql(policy, target_name, command, who)
+        return _classify_sql(policy, target_name, command, who, catalog)
     return _classify_shell(policy, target_name, command, who)
 
 
-def _classify_sql(policy: Policy, target_name: str, command: str, who: Identity | None) -> Verdict:
-    verdict = _sql_rules(policy, target_name, command, who)
+def _classify_sql(
+    policy: Policy, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
+) -> Verdict:
+    verdict = _sql_rules(policy, target_name, command, who, catalog)
     if verdict.action == "allow":
         try:
             read_plan(command, policy.gateway.max_statements)
@@ -97,8 +105,10 @@ def _classify_sql(policy: Policy, target_name: str, command: str, who: Identity 
     return verdict
 
 
-def _sql_rules(policy: Policy, target_name: str, command: str, who: Identity | None) -> Verdict:
-    analysis = analyze_sql(command)
+def _sql_rules(
+    policy: Policy, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
+) -> Verdict:
+    analysis = analyze_sql(command, catalog)
     kinds = frozenset(analysis.kinds)
     if not analysis.parsed:
         return Verdict(

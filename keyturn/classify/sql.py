@@ -15,6 +15,7 @@ from typing import Literal
 import pglast
 from pglast import ast
 
+from keyturn.classify.catalog import Catalog
 from keyturn.errors import TooComplex
 
 # Functions a read may call and still be a read: pure, or reading state without changing it.
@@ -114,6 +115,7 @@ class SqlAnalysis:
 
 
 MAX_NODES = 50_000  # more parse-tree nodes than this: too complex to judge
+MAX_DEPTH = 1_000  # parse-tree nodes nested deeper than this: likewise
 
 
 def _nodes(value: object) -> Iterator[ast.Node]:
@@ -171,20 +173,23 @@ class _Walker:
     exhaust the stack) and within :data:`MAX_NODES`. A handler may return the nodes to walk
     under it instead of all its children (``False``: none)."""
 
-    def __init__(self, analysis: SqlAnalysis) -> None:
+    def __init__(self, analysis: SqlAnalysis, catalog: Catalog | None) -> None:
         self.a = analysis
+        self.catalog = catalog
         self.seen = 0
 
     def walk(self, root: ast.Node) -> None:
-        stack = [root]
+        stack = [(root, 1)]
         while stack:
-            node = stack.pop()
+            node, depth = stack.pop()
             self.seen += 1
             if self.seen > MAX_NODES:
                 raise TooComplex(f"the SQL has more than {MAX_NODES:,} parts; split it up")
+            if depth > MAX_DEPTH:
+                raise TooComplex(f"the SQL {TOO_COMPLEX}")
             below = self._visit(node)
             children = _children(node) if below is None else list(below or ())
-            stack.extend(reversed(children))
+            stack.extend((child, depth + 1) for child in reversed(children))
 
     def _visit(self, node: ast.Node) -> Iterable[ast.Node] | Literal[False] | None:
         handler = getattr(self, f"_{type(node).__name__}", None)
@@ -268,6 +273,13 @@ class _Walker:
 
     def _FuncCall(self, node: ast.FuncCall) -> None:
         name = _func_name(node)
+        if self.catalog is not None:
+            parts = tuple(p.sval or "" for p in node.funcname or () if isinstance(p, ast.String))
+            why = self.catalog.judge(parts, len(node.args or ()))
+            if why is not None:
+                self.a.add("function_call", f"calls {'.'.join(parts)}(), which {why}")
+            return
+        # no catalog (keyturn classify without a target to ask): the built-in lists
         short = name.rsplit(".", 1)[-1]
         if short in SIDE_EFFECT_FUNCTIONS:
             self.a.add("function_call", f"calls {name}(), which has side effects")
@@ -278,8 +290,11 @@ class _Walker:
 TOO_COMPLEX = "nests too deeply for keyturn to analyse; simplify it or split it up"
 
 
-def analyze_sql(sql: str) -> SqlAnalysis:
-    """Raises TooComplex for a command nested past what the parser or the walk can follow."""
+def analyze_sql(sql: str, catalog: Catalog | None = None) -> SqlAnalysis:
+    """Raises TooComplex for a command nested past what the parser or the walk can follow.
+
+    With the target's ``catalog``, calls are judged by it; without, by the built-in lists.
+    """
     try:
         statements = pglast.parse_sql(sql)
     except pglast.parser.ParseError as exc:
@@ -293,7 +308,7 @@ def analyze_sql(sql: str) -> SqlAnalysis:
         return SqlAnalysis(parsed=False, reasons=["no SQL statement"])
     if len(statements) > 1:
         analysis.reasons.append(f"{len(statements)} statements")
-    walker = _Walker(analysis)
+    walker = _Walker(analysis, catalog)
     for raw in statements:
         if raw.stmt is not None:
             walker.walk(raw.stmt)

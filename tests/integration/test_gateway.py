@@ -165,7 +165,8 @@ async def test_allowed_read_runs_on_vault_readonly_credentials_and_is_masked(
         assert result["truncated"] is False
 
         assert gw.gw.readers is not None
-        [login] = gw.gw.readers.logins()  # crew-billing's own login
+        login = gw.gw.readers.login_of("shop", "crew-billing")  # its own login
+        assert login is not None
         assert login.lease is not None
         password, username = login.lease.data["password"], login.lease.data["username"]
         assert username.startswith("v-") and "shop-ro" in username
@@ -237,7 +238,8 @@ async def test_readonly_login_is_renewed_and_replaced(
             for _ in range(8):
                 status, body = await gw.post(token, READ)
                 assert status == 200 and body["status"] == "executed", body
-                [login] = gw.gw.readers.logins()
+                login = gw.gw.readers.login_of("shop", "crew-billing")
+                assert login is not None
                 first_user = first_user or login.username
                 await asyncio.sleep(1)
             assert login.rotations >= 2

@@ -1,0 +1,94 @@
+"""Functions judged by the target: its own catalog says which calls a read may make.
+
+On the allow path only functions the target's ``pg_proc`` marks non-volatile may be called,
+less :data:`DENYLIST` (stable or immutable by the catalog, yet they touch state, other
+sessions, or whole tables past masking) and plus :data:`HARMLESS` (built-ins volatile only
+because each call returns something new). A function the catalog does not know for that number of
+arguments, or whose candidates include a volatile one, holds the command. The gateway reads
+the catalog through a read-only login (:data:`CATALOG_SQL`) and refreshes it on a schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+# Run as the read-only role: what it may execute, and where unqualified names resolve.
+CATALOG_SQL = """
+SELECT n.nspname, p.proname, p.pronargs, p.pronargdefaults, p.provariadic <> 0, p.provolatile
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE has_function_privilege(p.oid, 'EXECUTE')
+"""
+SEARCH_PATH_SQL = "SELECT current_schemas(true)"
+
+DENYLIST = frozenset(
+    """
+    txid_current pg_current_xact_id
+    table_to_xml table_to_xmlschema table_to_xml_and_xmlschema
+    schema_to_xml schema_to_xmlschema schema_to_xml_and_xmlschema
+    database_to_xml database_to_xmlschema database_to_xml_and_xmlschema
+    query_to_xml query_to_xmlschema query_to_xml_and_xmlschema cursor_to_xml
+    pg_stat_get_activity pg_stat_get_backend_activity pg_stat_get_backend_pid
+    pg_stat_get_backend_userid pg_stat_get_backend_client_addr pg_stat_get_backend_wait_event
+    pg_blocking_pids pg_safe_snapshot_blocking_pids pg_lock_status
+    pg_relation_filepath pg_tablespace_location
+    """.split()
+)
+HARMLESS = frozenset(
+    """
+    random random_normal clock_timestamp timeofday gen_random_uuid uuidv4 uuidv7
+    uuid_generate_v4
+    """.split()
+)
+VOLATILE = "v"
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One overload of a function, as much as the classifier needs of it."""
+
+    schema: str
+    nargs: int
+    defaults: int
+    variadic: bool
+    volatility: str  # i(mmutable), s(table) or v(olatile)
+
+    def accepts(self, given: int) -> bool:
+        if self.variadic:
+            return given >= self.nargs - 1 - self.defaults
+        return self.nargs - self.defaults <= given <= self.nargs
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one per load
+class Catalog:
+    procs: Mapping[str, tuple[Proc, ...]]  # by function name, every schema
+    search_path: tuple[str, ...]  # where an unqualified name resolves (pg_catalog first)
+
+    @classmethod
+    def of(
+        cls, rows: Iterable[tuple[str, str, int, int, bool, str]], search_path: Iterable[str]
+    ) -> Catalog:
+        procs: dict[str, list[Proc]] = {}
+        for schema, name, nargs, defaults, variadic, volatility in rows:
+            procs.setdefault(name, []).append(Proc(schema, nargs, defaults, variadic, volatility))
+        path = tuple(s for s in search_path if not s.startswith("pg_temp"))
+        return cls({name: tuple(found) for name, found in procs.items()}, path)
+
+    def judge(self, parts: tuple[str, ...], nargs: int) -> str | None:
+        """Why a call of ``parts`` (``name`` or ``schema.name``) with ``nargs`` arguments
+        must hold, or None when a read may make it."""
+        name = parts[-1]
+        schemas = parts[-2:-1] or self.search_path
+        candidates = [
+            p for p in self.procs.get(name, ()) if p.schema in schemas and p.accepts(nargs)
+        ]
+        if not candidates:
+            return f"is not a function the target knows with {nargs} argument(s)"
+        if name in DENYLIST:
+            return "touches state, other sessions or whole tables"
+        if any(
+            p.volatility == VOLATILE and not (name in HARMLESS and p.schema == "pg_catalog")
+            for p in candidates
+        ):
+            return "is volatile on the target"
+        return None
