@@ -68,7 +68,7 @@ _SMALL_TYPES = frozenset(
         5069,  # xid8
     }
 )
-_TEXT_TYPES = frozenset({25, 1042, 1043, 114, 142})  # text, bpchar, varchar, json, xml
+_TEXT_TYPES = frozenset({25, 1042, 1043})  # text, bpchar, varchar: octet_length takes them
 _BYTEA = 17
 
 

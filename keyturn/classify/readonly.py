@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
+from pglast.stream import RawStream
 
+from keyturn.classify.sql import explain_analyzes
 from keyturn.errors import KeyturnError
 
 
@@ -53,8 +55,10 @@ def _refusal(node: ast.Node | None) -> str | None:
         if node.lockingClause:
             return "SELECT … FOR UPDATE/SHARE takes row locks"
         return None
-    if isinstance(node, ast.VariableShowStmt | ast.ExplainStmt):
+    if isinstance(node, ast.VariableShowStmt):
         return None
+    if isinstance(node, ast.ExplainStmt):  # ANALYZE runs its statement: that must be a read
+        return _refusal(node.query) if explain_analyzes(node) else None
     name = type(node).__name__.removesuffix("Stmt") if node is not None else "an empty statement"
     return f"{name} never runs on the read-only path"
 
@@ -71,9 +75,19 @@ def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
             f"{len(texts)} statements; the read-only path runs at most {max_statements} per command"
         )
     plan = []
-    for text, node in texts:
+    for _, node in texts:
         refusal = _refusal(node)
         if refusal is not None:
             raise NotReadOnly(refusal)
-        plan.append(Statement(text, isinstance(node, ast.SelectStmt)))
+        assert node is not None
+        plan.append(Statement(_deparsed(node), isinstance(node, ast.SelectStmt)))
     return tuple(plan)
+
+
+def _deparsed(node: ast.Node) -> str:
+    """The statement as pglast prints it back: what the server runs is what was judged —
+    no comments, no padding, no trailing semicolon, one canonical quoting."""
+    try:
+        return str(RawStream()(node))
+    except Exception as exc:  # pglast cannot print every tree it can read
+        raise NotReadOnly(f"cannot be printed back from its parse tree ({exc})") from None

@@ -138,7 +138,7 @@ def _func_name(call: ast.FuncCall) -> str:
     return ".".join(parts).lower()
 
 
-def _option_on(arg: ast.Node | None) -> bool:
+def _option_on(arg: object) -> bool:
     """``EXPLAIN (ANALYZE)``, ``(ANALYZE true)`` and ``(ANALYZE on)`` all run the statement."""
     if isinstance(arg, ast.Boolean):
         return bool(arg.boolval)
@@ -147,6 +147,14 @@ def _option_on(arg: ast.Node | None) -> bool:
     if isinstance(arg, ast.Integer):
         return bool(arg.ival)
     return True
+
+
+def explain_analyzes(node: ast.ExplainStmt) -> bool:
+    """Whether this EXPLAIN runs its statement (ANALYZE) rather than only planning it."""
+    return any(
+        isinstance(o, ast.DefElem) and o.defname == "analyze" and _option_on(o.arg)
+        for o in node.options or ()
+    )
 
 
 def _statement_kind(node: ast.Node) -> str | None:
@@ -236,17 +244,8 @@ class _Walker:
         return False  # its body is an opaque string
 
     def _ExplainStmt(self, node: ast.ExplainStmt) -> list[ast.Node] | Literal[False]:
-        analyze = any(
-            isinstance(o, ast.DefElem)
-            and o.defname == "analyze"
-            and not (isinstance(o.arg, ast.Boolean) and not o.arg.boolval)
-            and not (
-                isinstance(o.arg, ast.String) and (o.arg.sval or "").lower() in ("false", "off")
-            )
-            for o in node.options or ()
-        )
         self.a.add("explain")
-        if analyze and node.query is not None:
+        if explain_analyzes(node) and node.query is not None:
             self.a.reasons.append("EXPLAIN ANALYZE runs the statement")
             return [node.query]
         return False  # a plain EXPLAIN plans but never runs its statement
