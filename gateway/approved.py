@@ -26,10 +26,10 @@ import asyncpg
 import asyncssh
 
 from gateway.metrics import Metrics
-from gateway.results import Deadline, Limits, finish
+from gateway.results import Limits, finish
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
-from keyturn.aio import spawn
+from keyturn.aio import Deadline, spawn
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
@@ -206,7 +206,7 @@ class Executor:
                 },
                 **kwargs,
             )
-            limits = Limits(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
+            limits = Limits.of(cfg)
             try:
                 fetched, tags = await run_approved(
                     conn, command, limits, Deadline(cfg.statement_timeout.total_seconds())

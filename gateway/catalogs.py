@@ -16,8 +16,7 @@ import time
 import asyncpg
 
 from gateway.readonly import ReadOnlyLogins
-from gateway.results import Deadline
-from keyturn.aio import spawn
+from keyturn.aio import Deadline, spawn
 from keyturn.classify.catalog import CATALOG_SQL, SEARCH_PATH_SQL, Catalog
 from keyturn.errors import KeyturnError
 

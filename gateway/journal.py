@@ -29,11 +29,16 @@ Record = ops.Outcome | ops.Completion
 Waited = tuple[Record, asyncio.Future[None] | None]
 
 
+CONNECT_TIMEOUT = 5.0
+COMMIT_TIMEOUT = 10.0
+
+
 def _refused(exc: Exception) -> bool:
-    """The database rejected the data itself (not the connection): retrying will not help."""
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
-        exc, asyncpg.PostgresConnectionError
-    )
+    """The database rejected the data itself (a data exception or an integrity violation):
+    retrying will not help. Anything else — lost connections, too many clients, shutdowns,
+    cancels, deadlocks — is transient."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate[:2] in ("22", "23")
 
 
 class Journal:
@@ -51,6 +56,7 @@ class Journal:
         self._max_backlog = max_backlog
         self._waited: list[Waited] = []
         self._submitted: list[Record] = []
+        self._committing = 0  # records taken from the queues, their commit under way
         self._oldest = 0.0  # loop time the oldest submitted record arrived
         self._flushing = False
         self._wake = asyncio.Event()
@@ -83,7 +89,7 @@ class Journal:
             self._task = asyncio.create_task(self._run(), name="keyturn-journal")
 
     def pending(self) -> int:
-        return len(self._waited) + len(self._submitted)
+        return len(self._waited) + len(self._submitted) + self._committing
 
     async def stop(self) -> None:
         """Flush what is queued (for up to 5 s), then stop."""
@@ -95,6 +101,8 @@ class Journal:
             if not self.pending():
                 break
             await asyncio.sleep(0.01)
+        if self.pending():
+            log.error("journal stopped with %d records not committed", self.pending())
         await cancel(self._task)
         self._task = None
         if self._conn is not None:
@@ -107,12 +115,14 @@ class Journal:
             dsn = self._store.dsn
             self._conn = await asyncpg.connect(
                 dsn.url,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMIT_TIMEOUT,
                 server_settings={"application_name": "keyturn-journal"},
                 **dsn.connect_args,
             )
         try:
             await ops.write_outcomes(self._conn, records)  # one statement: atomic by itself
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
             self._conn.terminate()
             self._conn = None
             raise
@@ -121,15 +131,18 @@ class Journal:
         delay = 0.1
         while True:
             batch = await self._next_batch()
+            self._committing = len(batch)
             try:
                 await self._commit([record for record, _ in batch])
             except Exception as exc:
                 if _refused(exc):
                     # the database refused a record: one bad record must not fail the others
                     await self._one_by_one(batch)
-                    continue
-                delay = await self._failed(batch, exc, delay)
+                else:
+                    delay = await self._failed(batch, exc, delay)
                 continue
+            finally:
+                self._committing = 0
             delay = 0.1
             self._committed(batch)
 
@@ -149,7 +162,8 @@ class Journal:
                     room = self._max_batch - len(batch)
                     batch += [(record, None) for record in self._submitted[:room]]
                     del self._submitted[:room]
-                    self._oldest = now
+                    if self._submitted:  # what did not fit is due at once next time
+                        self._oldest = now - self._linger
                 return batch
             self._wake.clear()
             timeout = self._oldest + self._linger - now if self._submitted else None
@@ -177,13 +191,13 @@ class Journal:
         return min(delay * 2, 5.0)
 
     async def _one_by_one(self, batch: list[Waited]) -> None:
-        for item in batch:
+        for i, item in enumerate(batch):
             try:
                 await self._commit([item[0]])
             except Exception as exc:
-                if not _refused(exc):
-                    await self._failed([item], exc, 0.1)
-                    continue
+                if not _refused(exc):  # the database went away meanwhile: the rest waits
+                    await self._failed(batch[i:], exc, 0.1)
+                    return
                 log.error("journal record %s refused by the database: %s", item[0].id, exc)
                 if item[1] is not None and not item[1].done():
                     item[1].set_exception(exc)

@@ -7,15 +7,19 @@ another's (``pg_stat_activity`` hides other roles' SQL) and out of its reach
 (``application_name`` carries the request id).
 
 A login is made on first use, renewed at two thirds of its lease, replaced before the lease
-ends, closed — connections first, then its lease revoked, which drops the role — when idle for
-``gateway.readonly_idle``, and at most ``gateway.readonly_logins`` are open at once (the least
-recently used idle one is closed first; when all are busy a new identity gets 429).
+ends (the old lease is revoked once its last connection closes), closed — connections first,
+then its lease revoked, which drops the role — when idle for ``gateway.readonly_idle``, and at
+most ``gateway.readonly_logins`` hold a lease at once: the least recently used idle one is
+closed to make room, and when every one is busy a new identity waits (within its deadline)
+for one to fall idle, then gets 429.
 
 Each command runs in a transaction this module opens (``BEGIN READ ONLY``, a local
-``statement_timeout`` and ``application_name``) and always ends with a rollback plus a reset
-of what a rollback leaves behind (advisory locks, cursors, listeners, settings). A connection
-whose state is in doubt — the server reported a change, a deadline cut a query, the socket
-failed — is closed, never reused. The reset runs after the answer has gone to the agent.
+``statement_timeout`` and ``application_name``) and always ends with ``ROLLBACK`` — which
+undoes every setting, ``LISTEN``, cursor and temporary object of the transaction — and
+``pg_advisory_unlock_all()``, the one thing a read can leave behind a rollback. After a
+deadline the same applies: asyncpg waits for its cancel to land before the rollback. A
+connection whose state is in doubt — the server reported a change, the reset failed, the
+socket failed — is closed, never reused. The reset runs after the answer has gone out.
 """
 
 from __future__ import annotations
@@ -25,15 +29,14 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
 
 from gateway.metrics import Metrics
-from gateway.results import Deadline
-from keyturn.aio import cancel, spawn
+from keyturn.aio import Deadline, cancel, spawn
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.policy import GatewayConfig, PostgresTarget
 from keyturn.vault import Lease, Vault
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 RENEW_AT = 2 / 3  # of the lease's duration
 REPLACE_MARGIN = 60.0  # seconds (at most a quarter of the lease): replace a login this early
 RESET_TIMEOUT = 5.0
+# asyncpg keeps a connection's prepared statements this long: after a schema change, a
+# cached description (say of SELECT *) is at most this old
+STATEMENT_LIFETIME = 30
 BEGIN = (
     "BEGIN TRANSACTION READ ONLY ISOLATION LEVEL REPEATABLE READ;"
     " SET LOCAL statement_timeout = {timeout_ms};"
@@ -63,12 +69,26 @@ class LoginKey:
 
 class Login:
     """One identity's read-only login on one target: a Vault lease and up to ``size``
-    connections made with it."""
+    connections made with it.
+
+    Each lease is a *generation*; connections remember theirs. When a lease is replaced, the
+    old one is revoked as soon as its last connection has closed (a busy one finishes first).
+    """
 
     def __init__(
-        self, vault: Vault, key: LoginKey, target: PostgresTarget, mount: str, cfg: GatewayConfig
+        self,
+        vault: Vault,
+        key: LoginKey,
+        target: PostgresTarget,
+        mount: str,
+        cfg: GatewayConfig,
+        *,
+        after: asyncio.Task[None] | None = None,
+        on_idle: Callable[[], None] = lambda: None,
     ) -> None:
         self.key = key
+        self._on_idle = on_idle
+        self._after = after  # the login this one replaces, closing: wait before leasing
         self.vault = vault
         self._target = target
         self._path = f"{mount}/creds/{target.vault.readonly_role}"
@@ -78,10 +98,13 @@ class Login:
         self._idle: list[tuple[int, asyncpg.Connection]] = []  # (lease generation, connection)
         self._lease: Lease | None = None
         self._generation = 0
+        self._open: dict[int, int] = {}  # generation -> its connections still open
+        self._retired: dict[int, Lease] = {}  # replaced leases, revoked once unused
         self._replace_at = 0.0  # monotonic: after this, a new lease before the next use
-        self._lock = asyncio.Lock()
+        self._renewing: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._resets: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.busy = 0  # commands holding or waiting for a connection
         self.last_used = time.monotonic()
         self.rotations = 0
@@ -91,34 +114,90 @@ class Login:
         return self._lease
 
     @property
+    def holds(self) -> bool:
+        """Whether it holds (or is asking Vault for) a lease, or has connections open."""
+        return (
+            self._lease is not None
+            or any(self._open.values())
+            or bool(self._retired)
+            or (self._renewing is not None and not self._renewing.done())
+        )
+
+    @property
     def username(self) -> str | None:
         return self._lease.data["username"] if self._lease else None
 
     async def _new_lease(self) -> None:
         await self.vault.ensure_login()
         lease = await self.vault.creds(self._path)
+        if self._closed:  # closed while Vault answered: this lease was never used
+            spawn(self._background, self._revoke(lease))
+            return
+        if self._lease is not None:
+            self._retired[self._generation] = self._lease
         self._lease = lease
         self._generation += 1
         self._set_end(lease.duration)
         self.rotations += 1
+        stale = [(g, conn) for g, conn in self._idle if g != self._generation]
+        self._idle = [(g, conn) for g, conn in self._idle if g == self._generation]
+        for generation, conn in stale:
+            self._closed_one(generation, conn)
+        for generation in list(self._retired):
+            self._maybe_revoke(generation)
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep(), name=f"keyturn-ro-{self.key}")
+
+    async def _fresh_lease(self, deadline: Deadline | None = None) -> None:
+        """One lease request at a time; callers wait for it (bounded by ``deadline``), but it
+        runs on when they stop waiting, so a lease Vault issued is always recorded."""
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._new_lease())
+        if deadline is None:
+            await self._renewing
+        else:
+            await asyncio.wait_for(asyncio.shield(self._renewing), deadline.left())
 
     def _set_end(self, seconds: float) -> None:
         self._replace_at = time.monotonic() + seconds - min(REPLACE_MARGIN, seconds / 4)
 
+    def _maybe_revoke(self, generation: int) -> None:
+        if generation in self._retired and not self._open.get(generation):
+            self._open.pop(generation, None)
+            spawn(self._background, self._revoke(self._retired.pop(generation)))
+
+    def _closed_one(self, generation: int, conn: asyncpg.Connection) -> None:
+        conn.terminate()
+        self._open[generation] = self._open.get(generation, 1) - 1
+        self._maybe_revoke(generation)
+
+    async def _revoke(self, lease: Lease) -> None:
+        try:
+            await self.vault.revoke_lease(lease.lease_id)
+        except KeyturnError as exc:
+            log.warning(
+                "could not revoke a read-only lease of %s (it ends with its TTL): %s",
+                self.key,
+                exc.message,
+            )
+
     async def _connect(self, deadline: Deadline) -> tuple[int, asyncpg.Connection]:
+        if self._closed:
+            raise Unavailable(f"the read-only login of {self.key.identity} is closing; retry")
+        if self._after is not None:  # the login evicted to make room must be gone first
+            await asyncio.wait_for(asyncio.shield(self._after), deadline.left())
+            self._after = None
         if self._lease is None or time.monotonic() > self._replace_at:
-            async with self._lock:
-                if self._lease is None or time.monotonic() > self._replace_at:
-                    await self._new_lease()
-        assert self._lease is not None
+            await self._fresh_lease(deadline)
+        if self._lease is None:  # closed meanwhile
+            raise Unavailable(f"the read-only login of {self.key.identity} is closing; retry")
         generation, data = self._generation, self._lease.data
         url, kwargs = self._target.login(data["username"], data["password"])
         try:
             conn = await asyncpg.connect(
                 url,
                 timeout=deadline.left(),
+                max_cached_statement_lifetime=STATEMENT_LIFETIME,
                 server_settings={
                     "application_name": "keyturn",
                     "default_transaction_read_only": "on",
@@ -131,6 +210,7 @@ class Login:
             raise Unavailable(
                 f"target {self.key.target} refused the read-only login: {type(exc).__name__}"
             ) from None
+        self._open[generation] = self._open.get(generation, 0) + 1
         return generation, conn
 
     async def _acquire(self, deadline: Deadline) -> tuple[int, asyncpg.Connection]:
@@ -144,7 +224,7 @@ class Login:
                 generation, conn = self._idle.pop()
                 if generation == self._generation and not conn.is_closed():
                     return generation, conn
-                conn.terminate()  # made with a replaced lease
+                self._closed_one(generation, conn)  # made with a replaced lease
             return await self._connect(deadline)
         except BaseException:
             self._slots.release()
@@ -157,14 +237,16 @@ class Login:
                     await conn.execute(RESET, timeout=RESET_TIMEOUT)
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     reusable = False
-            if reusable and generation == self._generation:
+            if reusable and generation == self._generation and not self._closed:
                 self._idle.append((generation, conn))
             else:
-                conn.terminate()
+                self._closed_one(generation, conn)
         finally:
             self._slots.release()
             self.busy -= 1
             self.last_used = time.monotonic()
+            if not self.busy:
+                self._on_idle()
 
     @contextlib.asynccontextmanager
     async def transaction(
@@ -177,6 +259,8 @@ class Login:
             generation, conn = await self._acquire(deadline)
         except BaseException:
             self.busy -= 1
+            if not self.busy:
+                self._on_idle()
             raise
         reusable = False
         try:
@@ -186,12 +270,13 @@ class Login:
             yield conn
             reusable = True
         except (asyncpg.PostgresError, TimeoutError, KeyturnError):
-            # a statement failed, the deadline cancelled it on the server, or the gateway
-            # refused to run it: the reset's rollback (after any cancel landed) cleans it
+            # a statement failed, the deadline cancelled it on the server (asyncpg waits for
+            # the cancel to land before the next command), or the gateway refused to run it:
+            # the reset's rollback cleans the connection
             reusable = True
             raise
         finally:
-            spawn(self._resets, self._release(generation, conn, reusable))
+            spawn(self._background, self._release(generation, conn, reusable))
 
     async def _keep(self) -> None:
         """Renew at 2/3 of the lease; replace the login when renewal cannot reach far enough."""
@@ -204,42 +289,39 @@ class Login:
                     lease.lease_id, timedelta(seconds=lease.duration)
                 )
                 if granted < lease.duration * RENEW_AT:  # the role's max TTL is near
-                    async with self._lock:
-                        await self._new_lease()
-                else:
+                    await self._fresh_lease()
+                elif self._lease is lease:  # not replaced by a connect meanwhile
                     self._set_end(granted)
             except asyncio.CancelledError:
                 raise
             except KeyturnError as exc:
                 log.warning("read-only lease upkeep for %s failed: %s", self.key, exc.message)
                 try:
-                    async with self._lock:
-                        await self._new_lease()
+                    await self._fresh_lease()
                 except KeyturnError as again:
                     log.warning("read-only login for %s failed: %s", self.key, again.message)
                     await asyncio.sleep(5)
 
     async def close(self) -> None:
-        """Close its connections, then revoke its lease (Vault drops the role)."""
+        """Close its connections (busy ones once they finish), then revoke its leases."""
+        self._closed = True
         await cancel(self._keeper)
         self._keeper = None
-        if self._resets:
-            await asyncio.gather(*self._resets, return_exceptions=True)
-        for _, conn in self._idle:
+        if self._renewing is not None:
+            await asyncio.gather(self._renewing, return_exceptions=True)
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for generation, conn in idle:
             with contextlib.suppress(OSError, TimeoutError, asyncpg.InterfaceError):
                 await asyncio.wait_for(conn.close(), timeout=5)
-            conn.terminate()
-        self._idle.clear()
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
-                await self.vault.revoke_lease(lease.lease_id)
-            except KeyturnError as exc:
-                log.warning(
-                    "could not revoke the read-only lease of %s (it ends with its TTL): %s",
-                    self.key,
-                    exc.message,
-                )
+            self._closed_one(generation, conn)
+        if self._lease is not None:
+            self._retired[self._generation] = self._lease
+            self._lease = None
+            self._maybe_revoke(self._generation)
+        while self._background:  # the revocations
+            await asyncio.gather(*self._background, return_exceptions=True)
 
 
 class ReadOnlyLogins:
@@ -260,7 +342,9 @@ class ReadOnlyLogins:
         self._metrics = metrics
         self._logins: OrderedDict[LoginKey, Login] = OrderedDict()
         self._closing = 0  # logins out of the table whose connections and lease are closing
-        self._lock = asyncio.Lock()
+        self._unclaimed = 0  # of those, the ones no new login waits for
+        self._freed = asyncio.Event()  # set when a login falls idle or one finishes closing
+        self._closes: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         metrics.readonly_logins_limit.set(cfg.readonly_logins)
         metrics.readonly_logins.set_function(self.open_count)
@@ -275,8 +359,9 @@ class ReadOnlyLogins:
         return self._logins.get(LoginKey(target, identity))
 
     def open_count(self) -> int:
-        """Logins in use or still closing: what counts against ``readonly_logins``."""
-        return len(self._logins) + self._closing
+        """Logins holding a lease or connections, or still closing: what counts against
+        ``readonly_logins`` (a login waiting for an evicted one to close holds nothing yet)."""
+        return sum(1 for login in self._logins.values() if login.holds) + self._closing
 
     @contextlib.asynccontextmanager
     async def admit(self, identity: str) -> AsyncIterator[None]:
@@ -299,54 +384,85 @@ class ReadOnlyLogins:
             else:
                 del self._in_flight[identity]
 
-    async def login(self, target: str, identity: str) -> Login:
+    async def login(self, target: str, identity: str, deadline: Deadline) -> Login:
+        """``identity``'s login to ``target``; when every login is busy and the table is full,
+        wait (within ``deadline``) for one to fall idle, then 429."""
         key = LoginKey(target, identity)
-        login = self._logins.get(key)
-        if login is None:
-            async with self._lock:
-                login = self._logins.get(key) or await self._make_room_for(key)
-        self._logins.move_to_end(key)
-        return login
+        while True:
+            login = self._logins.get(key) or self._make_room_for(key)
+            if login is not None:
+                self._logins.move_to_end(key)
+                return login
+            self._freed.clear()
+            try:
+                async with asyncio.timeout(deadline.left()):
+                    await self._freed.wait()
+            except TimeoutError:
+                self._metrics.commands.labels("rejected").inc()
+                raise RateLimited(
+                    f"all {self._cfg.readonly_logins} read-only logins are busy; retry shortly",
+                    retry_after=1.0,
+                ) from None
 
     @contextlib.asynccontextmanager
     async def transaction(
         self, target: str, identity: str, label: str, deadline: Deadline
     ) -> AsyncIterator[asyncpg.Connection]:
         """``identity``'s own connection to ``target``, in a fresh read-only transaction."""
-        login = await self.login(target, identity)
+        login = await self.login(target, identity, deadline)
         async with login.transaction(label, deadline) as conn:  # busy from here: not evicted
             yield conn
 
-    async def _make_room_for(self, key: LoginKey) -> Login:
-        if len(self._logins) >= self._cfg.readonly_logins:
+    def _make_room_for(self, key: LoginKey) -> Login | None:
+        """A new login, after the least recently used idle one if the table is full (None
+        when every login is busy).
+
+        The evicted login closes in the background; the new one waits for that before it asks
+        Vault for a lease, so the logins holding a lease never exceed the bound.
+        """
+        after = None
+        if len(self._logins) + self._unclaimed >= self._cfg.readonly_logins:
             idle = next((k for k, login in self._logins.items() if not login.busy), None)
             if idle is None:
-                self._metrics.commands.labels("rejected").inc()
-                raise RateLimited(
-                    f"all {self._cfg.readonly_logins} read-only logins are busy; retry shortly",
-                    retry_after=1.0,
-                )
-            await self._close(idle, "evicted")
-        login = Login(self.vault, key, self._targets[key.target], self._mount, self._cfg)
+                return None
+            after = self._close(self._logins.pop(idle), "evicted", claimed=True)
+        login = Login(
+            self.vault,
+            key,
+            self._targets[key.target],
+            self._mount,
+            self._cfg,
+            after=after,
+            on_idle=self._freed.set,
+        )
         self._logins[key] = login
         return login
 
-    async def _close(self, key: LoginKey, why: str) -> None:
-        login = self._logins.pop(key)
+    def _close(self, login: Login, why: str, *, claimed: bool = False) -> asyncio.Task[None]:
+        """Close ``login`` in the background. A ``claimed`` close makes room for a new login
+        that waits for it, so its place is already taken; any other keeps its place until
+        done."""
         self._closing += 1
-        try:
-            await login.close()
-        finally:
-            self._closing -= 1
-        self._metrics.readonly_logins_closed.labels(why).inc()
+        self._unclaimed += not claimed
+
+        async def close() -> None:
+            try:
+                await login.close()
+            finally:
+                self._closing -= 1
+                self._unclaimed -= not claimed
+                self._freed.set()
+            self._metrics.readonly_logins_closed.labels(why).inc()
+
+        return spawn(self._closes, close())
 
     async def close_idle(self) -> None:
         """Close logins nobody used for ``readonly_idle``."""
         horizon = time.monotonic() - self._cfg.readonly_idle.total_seconds()
-        async with self._lock:
-            for key, login in list(self._logins.items()):
-                if not login.busy and login.last_used < horizon:
-                    await self._close(key, "idle")
+        idle = [
+            k for k, login in self._logins.items() if not login.busy and login.last_used < horizon
+        ]
+        await asyncio.gather(*(self._close(self._logins.pop(key), "idle") for key in idle))
 
     async def reap_forever(self) -> None:
         interval = min(30.0, max(0.1, self._cfg.readonly_idle.total_seconds() / 4))
@@ -355,6 +471,7 @@ class ReadOnlyLogins:
             await self.close_idle()
 
     async def close(self) -> None:
-        async with self._lock:
-            for key in list(self._logins):
-                await self._close(key, "shutdown")
+        keys = list(self._logins)
+        await asyncio.gather(*(self._close(self._logins.pop(key), "shutdown") for key in keys))
+        while self._closes:
+            await asyncio.gather(*self._closes, return_exceptions=True)

@@ -18,18 +18,17 @@ import base64
 import datetime as dt
 import decimal
 import functools
-import ipaddress
 import json
 import math
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
 
+from keyturn.aio import Deadline
 from keyturn.masking import MASK, Masker
+from keyturn.policy import GatewayConfig
 
 Truncation = Literal["rows", "value_bytes", "response_bytes"]
 TAIL_MARGIN = 256  # characters dropped from the end of a cut value, after masking
@@ -77,6 +76,10 @@ class Limits:
     rows: int
     value_bytes: int
     response_bytes: int
+
+    @classmethod
+    def of(cls, cfg: GatewayConfig) -> Limits:
+        return cls(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
 
     def cut_at(self, columns: int) -> int:
         """Bytes kept of one value: the value cap, less when a row is wide (a row of ``columns``
@@ -131,10 +134,6 @@ def jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    if isinstance(value, uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return str(value)
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, list | tuple):
@@ -232,19 +231,6 @@ def _weight(row: Sequence[Any]) -> int:
 # ------------------------------------------------------------------ fetching
 
 
-class Deadline:
-    """Seconds left of one command's time; every call under it gets what remains."""
-
-    def __init__(self, seconds: float) -> None:
-        self._at = time.monotonic() + seconds
-
-    def left(self) -> float:
-        left = self._at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        return left
-
-
 async def describe(conn: asyncpg.Connection, sql: str, deadline: Deadline) -> Any:
     """Parse and describe ``sql`` on the server (cached per connection): its prepared state.
 
@@ -254,6 +240,19 @@ async def describe(conn: asyncpg.Connection, sql: str, deadline: Deadline) -> An
     every call, so an asyncpg upgrade that moves them fails loudly, never silently.
     """
     return await conn._get_statement(sql, deadline.left())
+
+
+# What a statement cached before a schema change fails with: forget the cache and run again.
+STALE_STATEMENT = (
+    asyncpg.InvalidCachedStatementError,
+    asyncpg.UndefinedFunctionError,  # the bounded wrapper, when a column changed type
+    asyncpg.DatatypeMismatchError,
+)
+
+
+def forget_statements(conn: asyncpg.Connection) -> None:
+    """Drop ``conn``'s statement cache (asyncpg internal, as :func:`describe`)."""
+    conn._drop_local_statement_cache()
 
 
 def columns_of(state: Any) -> tuple[Any, ...]:

@@ -26,14 +26,23 @@ from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.readonly import ReadOnlyLogins
-from gateway.results import Deadline, Limits, SqlResult, finish
+from gateway.results import STALE_STATEMENT, Limits, SqlResult, finish, forget_statements
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
+from keyturn.aio import Deadline
 from keyturn.classify import Identity, Verdict, check_access, classify
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.domain import Decision, RequestStatus
-from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, TooLarge, Unavailable
+from keyturn.errors import (
+    Forbidden,
+    InvalidInput,
+    KeyturnError,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unavailable,
+)
 from keyturn.masking import Masker
 from keyturn.policy import Policy
 from keyturn.store import operations as ops
@@ -55,6 +64,14 @@ AGENT_TERMINAL = frozenset(
 ESTIMATE_TIMEOUT = 2.0
 CLASSIFY_INLINE = 4096  # longer commands are classified in a worker thread
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
+
+
+class NotStarted(Exception):
+    """An allowed command failed before its first statement reached the target."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Blocked(Forbidden):
@@ -102,12 +119,13 @@ class Gateway:
     catalogs: Catalogs | None = None  # each target's functions (needs the read-only logins)
     limiter: RateLimiter = field(init=False)
     masker: Masker = field(init=False)
+    limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.policy.gateway
         self.limiter = RateLimiter(cfg.rate_per_second, cfg.rate_burst)
         self.masker = Masker.from_policy(self.policy.masking)
-        self.limits = Limits(cfg.row_limit, cfg.value_bytes, cfg.response_bytes)
+        self.limits = Limits.of(cfg)
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
     def _classify_uncached(
@@ -175,14 +193,35 @@ class Gateway:
         request_id: uuid.UUID,
         recorded: asyncio.Future[None],
     ) -> SqlResult:
-        """Run an allowed command on ``who``'s own read-only login, once ``recorded``."""
+        """Run an allowed command on ``who``'s own read-only login, once ``recorded``.
+
+        Raises NotStarted for whatever failed before the first statement was sent.
+        """
         cfg = self.policy.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
         plan = read_plan(cmd.command, cfg.max_statements)
-        with self.metrics.execute_seconds.time():
-            async with readers.transaction(cmd.target, who.subject, str(request_id), deadline) as c:
-                await self._recorded(recorded)  # the transaction opened during the commit
-                fetched, statements = await run_readonly(c, plan, self.limits, deadline)
+        started = False
+        try:
+            with self.metrics.execute_seconds.time():
+                for attempt in (1, 2):
+                    async with readers.transaction(
+                        cmd.target, who.subject, str(request_id), deadline
+                    ) as conn:
+                        await self._recorded(recorded)  # the transaction opened meanwhile
+                        started = True
+                        try:
+                            fetched, statements = await run_readonly(
+                                conn, plan, self.limits, deadline
+                            )
+                            break
+                        except STALE_STATEMENT:
+                            forget_statements(conn)  # the schema changed under the cache
+                            if attempt == 2:
+                                raise
+        except Exception as exc:
+            if started:
+                raise
+            raise NotStarted(exc) from exc
         result = await finish(fetched, statements, self.masker, self.limits)
         if result.truncated:
             self.metrics.truncated.labels(result.truncated).inc()
@@ -190,6 +229,8 @@ class Gateway:
 
     def _failure(self, exc: BaseException) -> str:
         """What the agent is told when its allowed command did not complete (masked)."""
+        if isinstance(exc, NotStarted):
+            return f"never ran: {self._failure(exc.cause)}"
         if isinstance(exc, TimeoutError):
             seconds = self.policy.gateway.statement_timeout.total_seconds()
             return f"deadline exceeded: the gateway cancelled the command after {seconds:g} s"
@@ -226,6 +267,9 @@ class Gateway:
                 result = await self._execute(self.readers, cmd, who, intent.id, recording)
             except Exception as exc:
                 return await self._not_run(cmd, who, intent, recording, exc)
+            except asyncio.CancelledError:
+                self._abandon(intent, recording)
+                raise
         body = result.as_json()
         if key is None:
             self.journal.submit(ops.Completion(intent.id, who.subject, None, digest(body)))
@@ -238,6 +282,17 @@ class Gateway:
         self.metrics.commands.labels("allowed").inc()
         return self._answer(cmd, intent, body, None)
 
+    def _abandon(self, intent: ops.Outcome, recording: asyncio.Future[None]) -> None:
+        """The request was cancelled mid-way: once its record is in, say it did not finish."""
+
+        def done(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.journal.submit(
+                    ops.Completion(intent.id, intent.requester, "cancelled by the gateway", None)
+                )
+
+        recording.add_done_callback(done)
+
     async def _not_run(
         self,
         cmd: CommandIn,
@@ -246,9 +301,9 @@ class Gateway:
         recording: asyncio.Future[None],
         exc: Exception,
     ) -> CommandOut:
-        """An allowed command that did not complete: its record says why (or, when there is
-        no record, nothing ran: an earlier call with the same key won, or keyturn's database
-        is down)."""
+        """An allowed command that did not complete: its record says why. Without a record
+        nothing ran (an earlier call with the same key won, or keyturn's database is down);
+        a command that never started gives its Idempotency-Key back, so a retry runs it."""
         try:
             await self._recorded(recording)
         except asyncpg.UniqueViolationError:
@@ -259,13 +314,22 @@ class Gateway:
                 raise exc from None
             return self.view(ops.RequestView.of(earlier))
         error = self._failure(exc)
-        self.journal.submit(ops.Completion(intent.id, who.subject, error, None))
-        if isinstance(exc, TimeoutError | SessionChanged | NotReadOnly | asyncpg.PostgresError):
+        never_ran = isinstance(exc, NotStarted)
+        self.journal.submit(
+            ops.Completion(intent.id, who.subject, error, None, release_key=never_ran)
+        )
+        cause = exc.cause if isinstance(exc, NotStarted) else exc
+        if isinstance(cause, TimeoutError) and never_ran:
+            raise RateLimited(
+                f"no read-only connection of {who.subject} became free in time; retry",
+                retry_after=1.0,
+            ) from None
+        if isinstance(cause, TimeoutError | SessionChanged | NotReadOnly | asyncpg.PostgresError):
             self.metrics.commands.labels("failed").inc()
             return self._answer(cmd, intent, None, error)
-        if isinstance(exc, KeyturnError):
-            raise exc
-        raise Unavailable(f"target {cmd.target} is not reachable: {type(exc).__name__}") from exc
+        if isinstance(cause, KeyturnError):
+            raise cause
+        raise Unavailable(f"target {cmd.target} is not reachable: {type(cause).__name__}") from exc
 
     def _answer(
         self, cmd: CommandIn, intent: ops.Outcome, result: dict[str, Any] | None, error: str | None

@@ -17,7 +17,8 @@ import json
 
 import asyncpg
 
-from gateway.results import Deadline, Fetched, Limits, columns_of, describe, fetch_bounded
+from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
+from keyturn.aio import Deadline
 from keyturn.classify.readonly import NotReadOnly, Statement, statement_texts
 from keyturn.classify.sql import preview_select
 

@@ -192,7 +192,7 @@ async def _check_readonly(vault: Vault, policy: Policy, report: BootstrapReport)
             finally:
                 await conn.close()
             report.warnings += [f"target {name}: the read-only role: {f}" for f in findings]
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             report.warnings.append(f"target {name}: could not check its read-only role: {exc}")
         finally:
             with contextlib.suppress(KeyturnError):  # it expires with its TTL anyway

@@ -451,6 +451,7 @@ class Completion:
     error: str | None
     result_digest: str | None
     result: dict[str, Any] | None = None
+    release_key: bool = False  # it never ran: its Idempotency-Key may be used again
 
 
 # One statement for a whole batch: one round trip, atomic on its own.
@@ -467,15 +468,21 @@ WITH inserted AS (
         classification jsonb, idempotency_key text, body_sha256 text, result jsonb, error text)
 ), completed AS (
     UPDATE requests r SET status = x.status, error = x.error, result = x.result,
+        idempotency_key = CASE WHEN x.release_key THEN NULL ELSE r.idempotency_key END,
         updated_at = now()
-    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb)
+    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb,
+        release_key boolean)
     WHERE r.id = x.id AND r.status = 'executing'
     RETURNING r.id
 ), audited AS (
+    -- an outcome is audited only with the change it records: a retried completion whose
+    -- first attempt did commit changes nothing and adds no second event
     INSERT INTO audit_events (kind, actor, request_id, data)
     SELECT x.kind, x.actor, x.request_id, x.data
     FROM ROWS FROM (jsonb_to_recordset($3::jsonb) AS (kind text, actor text, request_id uuid,
-        data jsonb)) WITH ORDINALITY AS x(kind, actor, request_id, data, n)
+        data jsonb, outcome boolean)) WITH ORDINALITY AS x(kind, actor, request_id, data,
+        outcome, n)
+    WHERE NOT coalesce(x.outcome, false) OR x.request_id IN (SELECT id FROM completed)
     ORDER BY x.n
 )
 SELECT count(pg_notify('keyturn', 'request:' || id)) FROM completed
@@ -491,7 +498,13 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
         if isinstance(r, Completion):
             status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
             done.append(
-                {"id": str(r.id), "status": status.value, "error": r.error, "result": r.result}
+                {
+                    "id": str(r.id),
+                    "status": status.value,
+                    "error": r.error,
+                    "result": r.result,
+                    "release_key": r.release_key,
+                }
             )
             events.append(
                 {
@@ -499,6 +512,7 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
                     "actor": "keyturn",
                     "request_id": str(r.id),
                     "data": {"result_digest": r.result_digest, "error": r.error},
+                    "outcome": True,
                 }
             )
             continue
