@@ -26,7 +26,7 @@ import asyncpg
 import asyncssh
 
 from gateway.metrics import Metrics
-from gateway.results import Limits, finish
+from gateway.results import Limits, decode_times_as_text, finish
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
 from keyturn.aio import Deadline, spawn
@@ -208,6 +208,7 @@ class Executor:
             )
             limits = Limits.of(cfg)
             try:
+                await decode_times_as_text(conn)
                 fetched, tags = await run_approved(
                     conn, command, limits, Deadline(cfg.statement_timeout.total_seconds())
                 )

@@ -106,8 +106,11 @@ class Authenticator:
         except (ValueError, TypeError, OverflowError, RecursionError):
             # claims pyjwt cannot even compare (an exp of 1e400, a nested monster): not a token
             raise Unauthorized("invalid token") from None
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float):  # pyjwt takes "123"
+            raise Unauthorized("token exp must be a number")
         # cached until the token expires, an hour at most (exp may be any size of number)
-        until = min(claims["exp"] + self._cfg.leeway_seconds, time.time() + CACHE_SECONDS)
+        until = min(exp + self._cfg.leeway_seconds, time.time() + CACHE_SECONDS)
         return _identity(claims, self._cfg.groups_claim), float(until)
 
     async def _key(self, kid: object) -> Any:

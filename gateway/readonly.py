@@ -36,6 +36,7 @@ from datetime import timedelta
 import asyncpg
 
 from gateway.metrics import Metrics
+from gateway.results import decode_times_as_text
 from keyturn.aio import Deadline, cancel, spawn
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.policy import GatewayConfig, PostgresTarget
@@ -45,7 +46,12 @@ log = logging.getLogger(__name__)
 
 RENEW_AT = 2 / 3  # of the lease's duration
 REPLACE_MARGIN = 60.0  # seconds (at most a quarter of the lease): replace a login this early
-RESET_TIMEOUT = 5.0
+# How long a connection's rollback may wait for the server. After a deadline the query was
+# cancelled, but a few functions (translate() over huge strings, say) never look for a
+# cancel: the connection — and its slot of the identity's pool — stays taken until the server
+# is really done, so no agent can pile up runaway backends beyond its pool.
+RESET_TIMEOUT = 3600.0
+SLOW_RESET = 5.0  # a reset slower than this is logged: the target is still busy with a read
 # asyncpg keeps a connection's prepared statements this long: after a schema change, a
 # cached description (say of SELECT *) is at most this old
 STATEMENT_LIFETIME = 30
@@ -104,6 +110,7 @@ class Login:
         self._renewing: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._draining: set[asyncpg.Connection] = set()  # resetting, maybe behind a runaway
         self._closed = False
         self.busy = 0  # commands holding or waiting for a connection
         self.last_used = time.monotonic()
@@ -211,6 +218,11 @@ class Login:
                 f"target {self.key.target} refused the read-only login: {type(exc).__name__}"
             ) from None
         self._open[generation] = self._open.get(generation, 0) + 1
+        try:
+            await decode_times_as_text(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._closed_one(generation, conn)
+            raise Unavailable(f"target {self.key.target} failed: {type(exc).__name__}") from None
         return generation, conn
 
     async def _acquire(self, deadline: Deadline) -> tuple[int, asyncpg.Connection]:
@@ -233,10 +245,22 @@ class Login:
     async def _release(self, generation: int, conn: asyncpg.Connection, reusable: bool) -> None:
         try:
             if reusable:
+                started = time.monotonic()
+                self._draining.add(conn)
                 try:
                     await conn.execute(RESET, timeout=RESET_TIMEOUT)
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     reusable = False
+                finally:
+                    self._draining.discard(conn)
+                if time.monotonic() - started > SLOW_RESET:
+                    log.warning(
+                        "a read of %s on %s ran %.0f s past its answer (it ignored the cancel);"
+                        " its connection was held until it ended",
+                        self.key.identity,
+                        self.key.target,
+                        time.monotonic() - started,
+                    )
             if reusable and generation == self._generation and not self._closed:
                 self._idle.append((generation, conn))
             else:
@@ -309,6 +333,8 @@ class Login:
         self._keeper = None
         if self._renewing is not None:
             await asyncio.gather(self._renewing, return_exceptions=True)
+        for conn in list(self._draining):  # shutting down: stop waiting for runaways
+            conn.terminate()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         idle, self._idle = self._idle, []

@@ -122,12 +122,35 @@ class Fetched:
     tag: str = ""
 
 
+# Dates and times as the server prints them: Python's types cannot hold 'infinity', year
+# 5874897, BC dates or 24:00, which are all valid in Postgres.
+TEXT_DECODED = ("date", "time", "timetz", "timestamp", "timestamptz", "interval")
+
+
+async def decode_times_as_text(conn: asyncpg.Connection) -> None:
+    for name in TEXT_DECODED:
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=str, decoder=str, format="text"
+        )
+
+
+def _range(value: asyncpg.Range) -> str:
+    """A range as Postgres writes it: ``[1,3)``, ``(,5]``, ``empty``."""
+    if value.isempty:
+        return "empty"
+    lower = "" if value.lower is None else jsonable(value.lower)
+    upper = "" if value.upper is None else jsonable(value.upper)
+    return f"{'[' if value.lower_inc else '('}{lower},{upper}{']' if value.upper_inc else ')'}"
+
+
 def jsonable(value: Any) -> Any:
     """asyncpg values -> JSON values without losing meaning (decimals stay exact strings)."""
     if value is None or isinstance(value, bool | int | str):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)  # JSON has no NaN or Infinity
+    if isinstance(value, float):  # JSON has no NaN or Infinity: Postgres's spelling as text
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, decimal.Decimal):
         return str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
@@ -142,6 +165,8 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, asyncpg.Record):
         return [jsonable(v) for v in value.values()]
+    if isinstance(value, asyncpg.Range):
+        return _range(value)
     return str(value)
 
 
@@ -164,6 +189,8 @@ class Layout:
     small: tuple[bool, ...]  # per column: bounded by its type, never cut
     wrapped: str | None  # the statement as the server runs it (None: as it is)
     worst: int  # the most bytes one row can weigh
+    cut: int
+    pairs: bool  # see :func:`paired`
 
 
 @functools.lru_cache(maxsize=4096)
@@ -175,38 +202,57 @@ def _layout(sql: str, columns: tuple[tuple[str, int], ...], cut: int, wrap: bool
         small,
         bounded_select(sql, oids, cut) if wrap else None,
         sum(16 if s else cut for s in small),
+        cut,
+        paired(oids),
     )
+
+
+MAX_OUTPUTS = 1664  # the most columns Postgres returns from one SELECT
+
+
+def paired(oids: Sequence[int]) -> bool:
+    """Whether each variable-length column can come as a (value, prefix) pair; in rows too
+    wide for that, such columns come as text (cut one character past ``cut`` to tell)."""
+    return len(oids) + sum(oid not in _SMALL_TYPES for oid in oids) <= MAX_OUTPUTS
 
 
 def bounded_select(sql: str, oids: Sequence[int], cut: int) -> str | None:
     """``sql`` (one SELECT) wrapped so no value larger than ``cut`` bytes leaves the server.
 
     Each variable-length column (by type oid) becomes two: the value when it fits, else NULL;
-    and a text prefix when it does not. None when every column is small already.
+    and a text prefix when it does not (or one text column, see :func:`paired`). None when
+    every column is small already.
     """
     if all(oid in _SMALL_TYPES for oid in oids):
         return None
+    pairs = paired(oids)
     names = [f"c{i}" for i in range(len(oids))]
     outputs = []
     for name, oid in zip(names, oids, strict=True):
         column = f"_k.{name}"
         if oid in _SMALL_TYPES:
             outputs.append(column)
-            continue
-        length = _length(column, oid)
-        outputs.append(f"CASE WHEN {length} > {cut} THEN NULL ELSE {column} END")
-        outputs.append(f"CASE WHEN {length} > {cut} THEN left({column}::text, {cut}) END")
+        elif not pairs:
+            outputs.append(f"left({column}::text, {cut + 1})")
+        else:
+            length = _length(column, oid)
+            outputs.append(f"CASE WHEN {length} > {cut} THEN NULL ELSE {column} END")
+            outputs.append(f"CASE WHEN {length} > {cut} THEN left({column}::text, {cut}) END")
     # the newline keeps a trailing "-- comment" in ``sql`` from swallowing the parenthesis
     return f"SELECT {', '.join(outputs)} FROM (\n{sql}\n) AS _k({', '.join(names)})"
 
 
-def _unwrap(record: Sequence[Any], small: Sequence[bool]) -> list[Any]:
+def _unwrap(record: Sequence[Any], layout: Layout) -> list[Any]:
     """A wrapped row back to one value per original column (a cut value as :class:`Cut`)."""
     values: list[Any] = []
     i = 0
-    for is_small in small:
+    for is_small in layout.small:
         if is_small:
             values.append(record[i])
+            i += 1
+        elif not layout.pairs:
+            text = record[i]
+            values.append(Cut(text[: layout.cut]) if text and len(text) > layout.cut else text)
             i += 1
         else:
             value, prefix = record[i], record[i + 1]
@@ -282,7 +328,7 @@ async def fetch_bounded(
         return Fetched([], tag=_tag(status))
     cut = limits.cut_at(len(attributes))
     layout = _layout(sql, tuple((a.name, a.type.oid) for a in attributes), cut, wrap)
-    small, wrapped = layout.small, layout.wrapped
+    wrapped = layout.wrapped
     running = await describe(conn, wrapped, deadline) if wrapped else state
     out = Fetched(list(layout.names))
     want = max(1, min(limits.rows + 1, CHUNK_BYTES // layout.worst, MAX_CHUNK_ROWS))
@@ -296,7 +342,7 @@ async def fetch_bounded(
             if len(out.rows) == limits.rows:
                 out.truncated = "rows"
                 break
-            row = _unwrap(record, small) if wrapped else list(record)
+            row = _unwrap(record, layout) if wrapped else list(record)
             weight = _weight(row)
             heaviest = max(heaviest, weight)
             if weight > budget and out.rows:

@@ -85,7 +85,7 @@ class Blocked(Forbidden):
 def _parse(raw: bytes) -> CommandIn:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidInput("body is not valid JSON: it nests too deeply") from None

@@ -12,6 +12,7 @@ before anything else runs on it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 
@@ -93,7 +94,9 @@ async def estimate_rows(conn: asyncpg.Connection, sql: str, deadline: Deadline) 
     The read-only role may not EXPLAIN a write (the planner checks write privileges), but it
     may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same rows.
     """
-    query = preview_select(sql)
+    query = (
+        preview_select(sql) if len(sql) <= 4096 else await asyncio.to_thread(preview_select, sql)
+    )
     if query is None:
         return None
     try:

@@ -147,6 +147,17 @@ RISKY_MEMBERSHIPS = (
 )
 # Extensions through which a read reaches other servers or files.
 RISKY_EXTENSIONS = ("dblink", "postgres_fdw", "file_fdw", "adminpack")
+# Built-in functions PUBLIC may call that act beyond a read-only transaction: a WAL message
+# that survives the rollback, transaction ids used up.
+RISKY_FUNCTIONS = ("pg_logical_emit_message", "txid_current", "pg_current_xact_id")
+# What a DBA runs on a target to take them away from PUBLIC (every overload of this version).
+REVOKE_RISKY_FUNCTIONS = """
+DO $$ DECLARE f regprocedure; BEGIN
+  FOR f IN SELECT oid::regprocedure FROM pg_proc
+           WHERE proname IN ('pg_logical_emit_message', 'txid_current', 'pg_current_xact_id')
+  LOOP EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f); END LOOP;
+END $$;
+"""
 
 
 async def readonly_findings(
@@ -171,6 +182,13 @@ async def readonly_findings(
     )
     for row in extensions:
         found.append(f"extension {row[0]} is installed: a read may reach beyond this database")
+    callable_ = await conn.fetch(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.proname = ANY($1::text[])"
+        " AND has_function_privilege(p.oid, 'EXECUTE') ORDER BY 1",
+        list(RISKY_FUNCTIONS),
+    )
+    for row in callable_:
+        found.append(f"it may call {row[0]}: REVOKE EXECUTE ON FUNCTION {row[0]} FROM PUBLIC")
     return found
 
 

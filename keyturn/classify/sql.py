@@ -8,6 +8,7 @@ human-readable reasons. A string the parser rejects is ``parsed=False``, which i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -16,7 +17,7 @@ import pglast
 from pglast import ast
 
 from keyturn.classify.catalog import Catalog
-from keyturn.errors import TooComplex
+from keyturn.errors import InvalidInput, TooComplex
 
 # Functions a read may call and still be a read: pure, or reading state without changing it.
 SAFE_FUNCTIONS = frozenset(
@@ -128,6 +129,15 @@ def _nodes(value: object) -> Iterator[ast.Node]:
             yield from _nodes(item)
 
 
+def nodes_under(root: ast.Node) -> Iterator[ast.Node]:
+    """Every node of a (bounded) tree, without recursion."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(_children(node))
+
+
 def _children(node: ast.Node) -> list[ast.Node]:
     slots: Iterable[str] = getattr(type(node), "__slots__", ())
     return [child for name in slots for child in _nodes(getattr(node, name, None))]
@@ -185,6 +195,7 @@ class _Walker:
         self.a = analysis
         self.catalog = catalog
         self.seen = 0
+        self.param = 0  # the first $n parameter of the statement walked, if any
 
     def walk(self, root: ast.Node) -> None:
         stack = [(root, 1)]
@@ -270,6 +281,9 @@ class _Walker:
     def _VariableSetStmt(self, node: ast.VariableSetStmt) -> None:
         self.a.add("set", f"SET {node.name or ''}".strip())
 
+    def _ParamRef(self, node: ast.ParamRef) -> None:
+        self.param = self.param or node.number or 1
+
     def _FuncCall(self, node: ast.FuncCall) -> None:
         name = _func_name(node)
         if self.catalog is not None:
@@ -310,10 +324,17 @@ def analyze_sql(sql: str, catalog: Catalog | None = None) -> SqlAnalysis:
     walker = _Walker(analysis, catalog)
     for raw in statements:
         if raw.stmt is not None:
+            walker.param = 0
             walker.walk(raw.stmt)
+            if walker.param and not isinstance(raw.stmt, ast.PrepareStmt):
+                raise InvalidInput(
+                    f"the command uses the parameter ${walker.param}, which nothing would "
+                    "bind: write the value into the command"
+                )
     return analysis
 
 
+@functools.lru_cache(maxsize=4096)
 def preview_select(sql: str) -> str | None:
     """A SELECT that reads the rows a single UPDATE/DELETE would touch, for an EXPLAIN estimate.
 

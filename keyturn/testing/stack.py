@@ -41,9 +41,10 @@ from keyturn.testing.postgres import PostgresCluster
 from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.vault import Vault
-from keyturn.vault_setup import BootstrapReport, bootstrap
+from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, BootstrapReport, bootstrap
 
-DEMO_SCHEMA = """
+DEMO_SCHEMA = (
+    """
 CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL, email text NOT NULL);
 CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers,
                      total_cents int NOT NULL, status text NOT NULL DEFAULT 'open');
@@ -53,6 +54,8 @@ INSERT INTO orders (customer_id, total_cents) VALUES (1, 1250), (2, 9900), (1, 3
 REVOKE TEMPORARY ON DATABASE orders FROM PUBLIC;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 """
+    + REVOKE_RISKY_FUNCTIONS
+)
 DEMO_AGENT = "crew-demo"
 DEMO_SSH = "web-demo"
 DEMO_APPROVER = "U_APPROVER"

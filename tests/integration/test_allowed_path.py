@@ -459,3 +459,114 @@ async def test_an_idle_login_is_closed_and_its_lease_revoked(
             await root.close()
         metrics = await (await gw.client.get("/metrics")).text()
         assert 'keyturn_gateway_readonly_logins_closed_total{reason="idle"}' in metrics
+
+
+# ------------------------------------------------------------------ reads of every shape
+
+
+async def test_reads_of_every_shape(run_gateway: GatewayFactory, idp: DevIdP) -> None:
+    token = idp.token("crew-billing")
+    shapes = {
+        "SELECT name FROM customers WHERE id = 1;": [["Ada"]],
+        "SELECT name FROM customers WHERE id = 1 -- a trailing comment": [["Ada"]],
+        "SELECT '{\"a\": 1}'::json, '{\"b\": 2}'::jsonb": [['{"a": 1}', '{"b": 2}']],
+        "SELECT '\\x0102'::bytea, ARRAY[1, 2], ARRAY['a', 'b'], int4range(1, 3), 1.50::numeric": [
+            ["AQI=", [1, 2], ["a", "b"], "[1,3)", "1.50"]
+        ],
+        "SELECT 'infinity'::date, '24:00:00'::time, '0044-03-15 BC'::date, "
+        "'infinity'::interval, 'NaN'::float8": [
+            ["infinity", "24:00:00", "0044-03-15 BC", "infinity", "NaN"]
+        ],
+        "SELECT g FROM generate_series(1, 0) g": [],
+    }
+    async with run_gateway() as gw:
+        for command, rows in shapes.items():
+            status, body = await gw.post(token, sql(command))
+            assert (status, body["status"]) == (200, "executed"), (command, body)
+            assert body["result"]["rows"] == rows, (command, body["result"])
+        wide = "SELECT " + ", ".join(f"'v{i}' AS c{i}" for i in range(900))
+        status, body = await gw.post(token, sql(wide))
+        assert body["status"] == "executed" and len(body["result"]["rows"][0]) == 900, body
+        status, body = await gw.post(token, sql("SELECT $1::text"))
+        assert status == 400 and "parameter $1" in body["error"]["message"], body
+
+
+async def test_explain_runs_unless_its_constants_could_grow(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    reads = [{"name": "reads", "match": {"sql": ["select", "explain"]}, "action": "allow"}]
+    async with run_gateway(rules=reads) as gw:
+        status, body = await gw.post(token, sql("EXPLAIN SELECT * FROM orders WHERE id = 1"))
+        assert body["status"] == "executed", body
+        status, body = await gw.post(
+            token, sql("EXPLAIN SELECT * FROM customers WHERE name = repeat('x', 40000000)")
+        )
+        assert status == 202 and body["status"] == "pending", body
+
+
+async def test_a_schema_change_between_reads(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    token = idp.token("crew-billing")
+    command = sql("SELECT id, status FROM orders WHERE id = 1")
+    await shop.postgres.execute("CREATE TABLE IF NOT EXISTS drift (id int, v text)", shop.database)
+    await shop.postgres.execute("GRANT SELECT ON drift TO PUBLIC", shop.database)
+    try:
+        async with run_gateway(gateway={"readonly_pool_size": 1}) as gw:
+            command = sql("SELECT * FROM drift")
+            status, body = await gw.post(token, command)
+            assert body["status"] == "executed", body
+            await shop.postgres.execute(
+                "ALTER TABLE drift ALTER COLUMN v TYPE int USING 0", shop.database
+            )
+            status, body = await gw.post(token, command)  # the cached statement is stale
+            assert (status, body["status"]) == (200, "executed"), body
+    finally:
+        await shop.postgres.execute("DROP TABLE drift", shop.database)
+
+
+async def test_a_read_that_ignores_the_cancel_keeps_its_slot(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    """translate() never looks for a cancel: the server runs on after the deadline. The
+    connection stays taken until it ends, so the agent cannot pile up runaway backends."""
+    mallory, alice = idp.token("mallory"), idp.token("alice")
+    runaway = sql("SELECT length(translate(repeat('a', 30000), repeat('b', 30000) || 'a', 'x'))")
+    key = {"Idempotency-Key": "after-the-runaway"}
+    async with run_gateway(gateway={"readonly_pool_size": 1, "statement_timeout": "1s"}) as gw:
+        status, body = await gw.post(mallory, runaway)
+        assert body["status"] == "failed" and "deadline" in body["error"], body
+        status, body = await gw.post(mallory, sql("SELECT 1"), **key)
+        assert status == 429, body  # its one connection is still behind the runaway
+        status, body = await gw.post(alice, sql("SELECT 1"))
+        assert body["status"] == "executed"
+
+        async def runaway_ended() -> bool:
+            return await no_query_left(shop, "translate(")
+
+        await until(runaway_ended, timeout=60)
+        # the command that never started gave its key back: the retry runs it
+        status, body = await gw.post(mallory, sql("SELECT 1"), **key)
+        assert (status, body["status"]) == (200, "executed"), body
+
+
+async def test_a_cancelled_command_is_recorded_as_failed(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    from gateway.auth import _identity
+
+    async with run_gateway(rules=ALLOW_ANY) as gw:
+        who = _identity({"sub": "crew-billing"}, "groups")
+        task = asyncio.create_task(
+            gw.gw.submit(who, json.dumps(sql("SELECT pg_sleep(5)")).encode(), None)
+        )
+        await asyncio.sleep(0.5)
+        task.cancel()
+
+        async def failed() -> bool:
+            async with gw.store.driver() as conn:
+                rows = await conn.fetch("SELECT status, error FROM requests")
+            return [tuple(r) for r in rows] == [("failed", "cancelled by the gateway")]
+
+        await until(failed)

@@ -25,7 +25,7 @@ from keyturn.vault import (
     VaultUnavailable,
     WrapTokenInvalid,
 )
-from keyturn.vault_setup import bootstrap
+from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, bootstrap
 
 
 @dataclass
@@ -131,7 +131,7 @@ async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
         ), report.warnings
         await postgres_server.execute(
             f'REVOKE TEMPORARY ON DATABASE "{boot.database}" FROM PUBLIC;'
-            " REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+            " REVOKE CREATE ON SCHEMA public FROM PUBLIC; " + REVOKE_RISKY_FUNCTIONS,
             boot.database,
         )
         assert (await bootstrap(root, boot.policy)).warnings == []

@@ -41,7 +41,11 @@ def test_masked_columns_and_the_response_cap() -> None:
 
 
 def test_json_has_no_nan() -> None:
-    assert [jsonable(float("nan")), jsonable(float("-inf")), jsonable(1.5)] == ["nan", "-inf", 1.5]
+    assert [jsonable(float("nan")), jsonable(float("-inf")), jsonable(1.5)] == [
+        "NaN",
+        "-Infinity",
+        1.5,
+    ]
 
 
 def test_the_read_plan_refuses_whatever_is_not_a_read() -> None:
