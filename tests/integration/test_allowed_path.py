@@ -161,8 +161,11 @@ async def test_the_deadline_is_the_gateways_not_the_commands(
     async with run_gateway(rules=ALLOW_ANY, gateway={"statement_timeout": "1s"}) as gw:
         status, body = await gw.post(token, sql(command))
         assert body["status"] == "failed" and body["error"].startswith("deadline exceeded"), body
-        # cancelled on the server, not just abandoned by the gateway
-        assert await no_query_left(shop, "pg_sleep(30) AS slept")
+
+        async def cancelled() -> bool:  # on the server, not just abandoned by the gateway
+            return await no_query_left(shop, "pg_sleep(30) AS slept")
+
+        await until(cancelled, timeout=3)
         status, body = await gw.post(token, sql("SELECT 1 AS still_works"))
         assert (status, body["status"]) == (200, "executed")
 
@@ -356,6 +359,43 @@ async def test_the_record_is_committed_before_the_command_runs(
             assert row is not None and tuple(row) == ("executing", "request.allowed")
         status, body = await task
         assert (status, body["status"]) == (200, "executed")
+
+
+async def test_stopping_the_journal_commits_what_it_holds(database: Dsn) -> None:
+    store = Store(database)
+    journal = Journal(store)
+    journal.start()
+    intents = [
+        ops.Outcome(uuid.uuid4(), "shop", "SELECT 1", "crew", "executing", "reads", {})
+        for _ in range(20)
+    ]
+    recorded = [journal.enqueue(intent) for intent in intents]
+    for intent in intents:
+        journal.submit(ops.Completion(intent.id, "crew", None, "digest"))
+    await asyncio.sleep(0)  # the first batch is now being committed
+    await journal.stop()
+    assert all(future.done() and future.exception() is None for future in recorded)
+    async with store.driver() as conn:
+        statuses = await conn.fetch("SELECT status FROM requests")
+    await store.close()
+    assert [r["status"] for r in statuses] == ["executed"] * 20
+
+
+def test_the_journal_retries_all_but_refused_data() -> None:
+    from gateway.journal import _refused
+
+    refused = [asyncpg.UniqueViolationError(), asyncpg.UntranslatableCharacterError()]
+    transient = [
+        asyncpg.TooManyConnectionsError(),
+        asyncpg.CannotConnectNowError(),
+        asyncpg.AdminShutdownError(),
+        asyncpg.QueryCanceledError(),
+        asyncpg.SerializationError(),
+        asyncpg.DeadlockDetectedError(),
+        OSError(),
+    ]
+    assert all(_refused(e) for e in refused)
+    assert not any(_refused(e) for e in transient)
 
 
 async def test_one_refused_record_does_not_fail_its_batch(database: Dsn) -> None:

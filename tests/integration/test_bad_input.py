@@ -48,6 +48,12 @@ CASES: list[tuple[str, Any, int, str]] = [
     # name, body (bytes: sent raw), status, error code
     ("deep JSON", deep_json(100_000), 400, "invalid_input"),
     (
+        "an integer of 5,000 digits",
+        b'{"target": "shop", "command": "SELECT 1", "run_id": 1' + b"0" * 5000 + b"}",
+        400,
+        "invalid_input",
+    ),
+    (
         "lone surrogate",
         b'{"target": "shop", "command": "SELECT \'\\ud800\'"}',
         400,
@@ -101,6 +107,7 @@ async def test_bad_tokens_get_a_401(run_gateway: GatewayFactory, idp: DevIdP) ->
         "long on_behalf_of": idp.token("crew-billing", on_behalf_of="U" * 5000),
         "NUL in sub": idp.token("crew\x00billing"),
         "groups not strings": idp.token("crew-billing", groups=[{"a": 1}]),  # type: ignore[list-item]
+        "exp as digits": idp.token("crew-billing", exp="9999999999"),
     }
     async with run_gateway() as gw:
         for name, token in tokens.items():

@@ -244,6 +244,20 @@ async def test_readonly_login_is_renewed_and_replaced(
                 await asyncio.sleep(1)
             assert login.rotations >= 2
             assert login.username != first_user
+
+            async def replaced_roles_gone() -> bool:  # revoked once their connections closed
+                rows = await shop.postgres.fetch(
+                    "SELECT count(*) AS n FROM pg_roles WHERE rolname LIKE 'v-%shop-ro%'"
+                    f" AND rolname <> '{login.username}'",
+                    shop.database,
+                )
+                return bool(rows[0]["n"] <= 1)  # at most the catalog's own login
+
+            for _ in range(100):
+                if await replaced_roles_gone():
+                    break
+                await asyncio.sleep(0.1)
+            assert await replaced_roles_gone()
     finally:
         await root.write("database/roles/shop-ro", dict(role["data"]))
         await root.close()

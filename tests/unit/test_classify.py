@@ -10,6 +10,7 @@ import json
 import pytest
 
 from keyturn.classify import Identity, NotAllowed, check_access, classify
+from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.errors import NotFound
 from keyturn.policy import parse_policy
 
@@ -448,3 +449,37 @@ def test_an_allow_rule_cannot_allow_what_the_read_only_path_never_runs() -> None
         verdict = classify(lax, "db", command)
         assert verdict.action == "hold", command
         assert verdict.reasons[-1].startswith("held: "), verdict.reasons
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "COMMIT",
+        "SET search_path = x",
+        "RESET ALL",
+        "DISCARD ALL",
+        "LISTEN x",
+        "NOTIFY x",
+        "DO $$ BEGIN END $$",
+        "COPY t TO STDOUT",
+        "PREPARE p AS SELECT 1",
+        "SELECT * INTO t2 FROM t",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT 1; UPDATE t SET a = 1",
+        "EXPLAIN ANALYZE UPDATE t SET a = 1",
+        "EXPLAIN SELECT repeat('x', 1000000000)",
+        "SELECT 1;" * 21,
+    ],
+)
+def test_the_read_plan_refuses_whatever_is_not_a_read(command: str) -> None:
+    with pytest.raises(NotReadOnly):
+        read_plan(command, 20)
+
+
+def test_the_read_plan_runs_statements_as_printed_back() -> None:
+    plan = read_plan("select 1 ; /* c */ SHOW work_mem; explain select 2 -- end", 20)
+    assert [(s.text, s.select) for s in plan] == [
+        ("SELECT 1", True),
+        ("SHOW work_mem", False),
+        ("EXPLAIN SELECT 2", False),
+    ]
