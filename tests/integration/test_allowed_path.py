@@ -370,15 +370,13 @@ async def test_stopping_the_journal_commits_what_it_holds(database: Dsn) -> None
         for _ in range(20)
     ]
     recorded = [journal.enqueue(intent) for intent in intents]
-    for intent in intents:
-        journal.submit(ops.Completion(intent.id, "crew", None, "digest"))
-    await asyncio.sleep(0)  # the first batch is now being committed
+    await asyncio.sleep(0.001)  # the batch has left the queue: its commit is under way
     await journal.stop()
     assert all(future.done() and future.exception() is None for future in recorded)
     async with store.driver() as conn:
         statuses = await conn.fetch("SELECT status FROM requests")
     await store.close()
-    assert [r["status"] for r in statuses] == ["executed"] * 20
+    assert [r["status"] for r in statuses] == ["executing"] * 20
 
 
 def test_the_journal_retries_all_but_refused_data() -> None:
@@ -610,3 +608,34 @@ async def test_a_cancelled_command_is_recorded_as_failed(
             return [tuple(r) for r in rows] == [("failed", "cancelled by the gateway")]
 
         await until(failed)
+
+
+async def test_a_replaced_lease_is_revoked_once_its_connections_close(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    token = idp.token("mallory")
+    async with run_gateway(rules=ALLOW_ANY) as gw:
+        assert gw.gw.readers is not None
+        slow = asyncio.create_task(gw.post(token, sql("SELECT pg_sleep(1.5) AS slow")))
+
+        async def running() -> bool:
+            return not await no_query_left(shop, "AS slow")
+
+        await until(running)
+        login = gw.gw.readers.login_of("shop", "mallory")
+        assert login is not None and login.username is not None
+        old = login.username
+        await login._fresh_lease()  # what the keeper does when the lease nears its max TTL
+
+        async def role_exists() -> bool:
+            rows = await superuser(shop, f"SELECT 1 FROM pg_roles WHERE rolname = '{old}'")
+            return bool(rows)
+
+        assert login.username != old and await role_exists()  # its connection is busy
+        status, body = await slow
+        assert (status, body["status"]) == (200, "executed"), body
+
+        async def revoked() -> bool:
+            return not await role_exists()
+
+        await until(revoked)
