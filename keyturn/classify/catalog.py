@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 # Run as the read-only role: what it may execute, and where unqualified names resolve.
 CATALOG_SQL = """
-SELECT n.nspname, p.proname, p.pronargs, p.pronargdefaults, p.provariadic <> 0, p.provolatile
+SELECT n.nspname, p.proname, p.pronargs, p.pronargdefaults, p.provariadic <> 0,
+    p.provolatile::text
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE has_function_privilege(p.oid, 'EXECUTE')
 """

@@ -639,3 +639,37 @@ async def test_a_replaced_lease_is_revoked_once_its_connections_close(
             return not await role_exists()
 
         await until(revoked)
+
+
+async def test_calls_are_judged_by_the_targets_own_catalog(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    await shop.postgres.execute(
+        "CREATE OR REPLACE FUNCTION shop_total(int) RETURNS int STABLE LANGUAGE sql"
+        " AS 'SELECT sum(total)::int FROM orders WHERE customer_id = $1';"
+        " CREATE OR REPLACE FUNCTION shop_touch(int) RETURNS int VOLATILE LANGUAGE sql"
+        " AS 'SELECT $1'",
+        shop.database,
+    )
+    token = idp.token("crew-billing")
+    held = [
+        "SELECT * FROM pg_sleep(0)",
+        "SELECT count(*) FROM pg_stat_activity, LATERAL pg_terminate_backend(pid) x",
+        "VALUES (pg_notify('c', 'x'))",
+        "SELECT shop_touch(1)",
+        "SELECT no_such_function(1)",
+        "SELECT txid_current()",
+    ]
+    try:
+        async with run_gateway() as gw:
+            for command in held:
+                status, body = await gw.post(token, sql(command))
+                assert (status, body["status"]) == (202, "pending"), (command, body)
+            status, body = await gw.post(
+                token, sql("SELECT lower(name), shop_total(id), now() IS NOT NULL FROM customers")
+            )
+            assert body["status"] == "executed", body
+    finally:
+        await shop.postgres.execute(
+            "DROP FUNCTION shop_total(int); DROP FUNCTION shop_touch(int)", shop.database
+        )

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from keyturn.classify import Identity, NotAllowed, check_access, classify
+from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.errors import NotFound
 from keyturn.policy import parse_policy
@@ -483,3 +484,52 @@ def test_the_read_plan_runs_statements_as_printed_back() -> None:
         ("SHOW work_mem", False),
         ("EXPLAIN SELECT 2", False),
     ]
+
+
+# ------------------------------------------------------------------ functions judged by the target
+
+CATALOG = Catalog.of(
+    [
+        ("pg_catalog", "lower", 1, 0, False, "i"),
+        ("pg_catalog", "now", 0, 0, False, "s"),
+        ("pg_catalog", "count", 0, 0, False, "i"),
+        ("pg_catalog", "count", 1, 0, False, "i"),
+        ("pg_catalog", "pg_sleep", 1, 0, False, "v"),
+        ("pg_catalog", "random", 0, 0, False, "v"),
+        ("pg_catalog", "txid_current", 0, 0, False, "s"),
+        ("pg_catalog", "concat", 1, 0, True, "s"),
+        ("pg_catalog", "round", 2, 1, False, "i"),
+        ("public", "lower", 1, 0, False, "v"),  # shadowed: pg_catalog comes first... or not
+        ("public", "report", 1, 0, False, "s"),
+        ("public", "audit_hit", 1, 0, False, "v"),
+        ("ops", "report", 1, 0, False, "s"),
+    ],
+    ["pg_catalog", "public"],
+)
+FUNCTION_CASES = [
+    ("SELECT lower(name) FROM t", "hold"),  # a volatile public.lower could be the one called
+    ("SELECT now(), count(*), round(1.5), round(1.5, 1), concat('a', 'b', 'c')", "allow"),
+    ("SELECT * FROM pg_sleep(1)", "hold"),
+    ("SELECT * FROM t, LATERAL pg_sleep(1) s", "hold"),
+    ("VALUES (pg_sleep(1))", "hold"),
+    ("WITH x AS (SELECT pg_sleep(1)) SELECT 1", "hold"),
+    ("SELECT a FROM t GROUP BY pg_sleep(1)", "hold"),
+    ("SELECT a FROM t ORDER BY pg_sleep(1)", "hold"),
+    ("SELECT sum(a) OVER (PARTITION BY pg_sleep(1)) FROM t", "hold"),
+    ("SELECT (SELECT (SELECT pg_sleep(1)))", "hold"),
+    ("SELECT random()", "allow"),  # volatile only because each call differs
+    ("SELECT txid_current()", "hold"),  # stable by the catalog, yet uses up an xid
+    ("SELECT report(1), ops.report(1)", "allow"),
+    ("SELECT audit_hit(1)", "hold"),
+    ("SELECT nope(1)", "hold"),  # not in the catalog
+    ("SELECT report(1, 2)", "hold"),  # no overload takes two
+    ("SELECT ops.audit_hit(1)", "hold"),  # not in that schema
+]
+
+
+@pytest.mark.parametrize(("command", "action"), FUNCTION_CASES)
+def test_functions_are_judged_by_the_targets_catalog(command: str, action: str) -> None:
+    verdict = classify(POLICY, "db", command, catalog=CATALOG)
+    assert verdict.action == action, (command, verdict.reasons)
+    if action == "hold":
+        assert any(r.startswith("calls ") for r in verdict.reasons), verdict.reasons
