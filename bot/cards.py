@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from keyturn.classify.shown import shown
+
 APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
 REVOKE = "keyturn_revoke"
@@ -23,6 +25,7 @@ REASON_INPUT = "reason_input"
 
 _SLACK_USER = re.compile(r"^[UW][A-Z0-9_]{2,30}$")
 _MAX_COMMAND = 2800  # a section's text is limited to 3,000 characters
+_CARD_PIECES = 4  # longer commands go to the card's thread in full
 
 
 def escape(text: str) -> str:
@@ -37,10 +40,85 @@ def mention(user: str | None) -> str:
 
 
 def code_block(text: str) -> str:
+    """``text`` as a code block; callers keep it within a section (see :func:`chunks`)."""
     body = escape(text).replace("```", "`\u200b``")  # a fence inside must not close ours
-    if len(body) > _MAX_COMMAND:
-        body = body[:_MAX_COMMAND] + "\n… (truncated; the full command is stored)"
     return f"```{body}```"
+
+
+# What a character costs inside a code block: escaped entities, and at most one zero-width
+# space per backtick where a fence is broken up.
+_COST = {"&": 5, "<": 4, ">": 4, "`": 2}
+
+
+def chunks(text: str, size: int = _MAX_COMMAND) -> list[str]:
+    """``text`` cut into pieces whose code blocks fit a section: at line ends where it can,
+    inside a line where it must. Every character is kept."""
+    out: list[str] = []
+    piece: list[str] = []
+    used = 0
+    for line in text.splitlines(keepends=True):
+        for char in line:
+            cost = _COST.get(char, 1)
+            if used + cost > size:
+                out.append("".join(piece))
+                piece, used = [], 0
+            piece.append(char)
+            used += cost
+        if used > size * 3 // 4:  # near full: start the next line in a new piece
+            out.append("".join(piece))
+            piece, used = [], 0
+    if piece or not out:
+        out.append("".join(piece))
+    return [p.rstrip("\n") for p in out]
+
+
+def listing(state: CardState) -> str:
+    """Every statement (or simple command) numbered, as it will run."""
+    what = shown(state.command, state.shell)
+    if len(what.parts) == 1:
+        return what.parts[0].text
+    mark = "#" if state.shell else "--"
+    end = "" if state.shell else ";"
+    return "\n".join(
+        f"{mark} {i}: {part.kind}\n{part.text}{end}" for i, part in enumerate(what.parts, 1)
+    )
+
+
+def command_blocks(state: CardState) -> tuple[list[dict[str, Any]], list[str]]:
+    """The card's blocks for the command, and the thread messages that carry the rest of it
+    when it is longer than a card holds. Nothing is ever cut silently."""
+    what = shown(state.command, state.shell)
+    noun = "command" if state.shell else "statement"
+    count = len(what.parts)
+    summary = f"*{count} {noun}{'s' if count != 1 else ''}* · sha256 `{what.sha256[:16]}`"
+    if what.hidden:
+        summary += (
+            "\n:warning: *Invisible or direction-changing characters*, shown as ⟦U+…⟧: "
+            + escape(", ".join(what.hidden[:6]))
+            + (f" and {len(what.hidden) - 6} more" if len(what.hidden) > 6 else "")
+        )
+    pieces = chunks(listing(state))
+    on_card, thread = pieces, []
+    if len(pieces) > _CARD_PIECES:
+        on_card, thread = (
+            pieces[:1],
+            [
+                f"Request `{state.id}`, the command in full ({i}/{len(pieces)}):\n{code_block(p)}"
+                for i, p in enumerate(pieces, 1)
+            ],
+        )
+        summary += (
+            f"\n:warning: *Longer than a card holds*: the beginning is below; the complete "
+            f"command is in this card's thread, in {len(pieces)} parts."
+        )
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "block_id": "what", "text": {"type": "mrkdwn", "text": summary}}
+    ]
+    blocks += [
+        {"type": "section", "block_id": f"command_{i}", "text": {"type": "mrkdwn", "text": t}}
+        for i, t in enumerate(code_block(p) for p in on_card)
+    ]
+    return blocks, thread
 
 
 @dataclass(frozen=True)
@@ -59,6 +137,7 @@ class CardState:
     status: str
     quorum: int
     pending_expires_at: datetime
+    shell: bool = False  # an SSH target's command (else SQL)
     rule: str | None = None
     reasons: list[str] = field(default_factory=list)
     run_id: str | None = None
@@ -138,11 +217,7 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
             "block_id": "who",
             "fields": [{"type": "mrkdwn", "text": f} for f in fields],
         },
-        {
-            "type": "section",
-            "block_id": "command",
-            "text": {"type": "mrkdwn", "text": code_block(state.command)},
-        },
+        *command_blocks(state)[0],
     ]
     why = [f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"]
     why += [escape(r) for r in state.reasons]

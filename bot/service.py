@@ -24,6 +24,7 @@ from bot.cards import (
     Vote,
     approval_card,
     card_text,
+    command_blocks,
     deny_modal,
     outcome_message,
 )
@@ -32,7 +33,7 @@ from bot.revocation import Revoker
 from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.policy import Approvers, Policy
+from keyturn.policy import Approvers, Policy, SshTarget
 from keyturn.store import grants
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
@@ -70,7 +71,11 @@ def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Cr
 
 
 def card_state(
-    row: RequestRow, grant: GrantRow | None = None, now: datetime | None = None
+    row: RequestRow,
+    grant: GrantRow | None = None,
+    now: datetime | None = None,
+    *,
+    shell: bool = False,
 ) -> CardState:
     classification = row.classification or {}
     return CardState(
@@ -81,6 +86,7 @@ def card_state(
         status=row.status,
         quorum=row.quorum,
         pending_expires_at=row.pending_expires_at,
+        shell=shell,
         rule=row.rule,
         reasons=list(classification.get("reasons", [])),
         run_id=row.run_id,
@@ -286,7 +292,11 @@ class Bot:
                 await ops.release_card(self.store, row.id, self.replica)
                 return posted
             try:
-                ts = await self._find_card(channel, row.id) or await self._post_card(channel, row)
+                ts = await self._find_card(channel, row.id)
+                if ts is not None:  # its thread may lack the full command: posted again
+                    await self._post_full_command(channel, ts, self._state(row))
+                else:
+                    ts = await self._post_card(channel, row)
             except SLACK_ERRORS as exc:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
                 await ops.release_card(self.store, row.id, self.replica)
@@ -296,15 +306,26 @@ class Bot:
                 posted += 1
         return posted
 
+    def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
+        shell = isinstance(self.policy.targets.get(row.target), SshTarget)
+        return card_state(row, grant, shell=shell)
+
     async def _post_card(self, channel: str, row: RequestRow) -> str:
-        state = card_state(row)
+        state = self._state(row)
         resp = await self.client.chat_postMessage(
             channel=channel,
             text=card_text(state),
             blocks=approval_card(state),
             metadata={"event_type": "keyturn_request", "event_payload": {"id": str(row.id)}},
         )
-        return str(resp["ts"])
+        ts = str(resp["ts"])
+        await self._post_full_command(channel, ts, state)
+        return ts
+
+    async def _post_full_command(self, channel: str, ts: str, state: CardState) -> None:
+        """A command longer than a card holds goes, complete, into the card's thread."""
+        for text in command_blocks(state)[1]:
+            await self.client.chat_postMessage(channel=channel, thread_ts=ts, text=text)
 
     async def _find_card(self, channel: str, request_id: uuid.UUID) -> str | None:
         """A card an earlier claim posted before it could record it (the replica died)."""
@@ -326,7 +347,7 @@ class Bot:
         shown = row.card_status
         if not await ops.take_card_update(self.store, row.id, shown, current):
             return
-        state = card_state(row, grant)
+        state = self._state(row, grant)
         try:
             await self.client.chat_update(
                 channel=row.slack_channel,

@@ -13,14 +13,14 @@ before anything else runs on it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 
 import asyncpg
 
 from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
 from keyturn.aio import Deadline
-from keyturn.classify.readonly import NotReadOnly, Statement, statement_texts
+from keyturn.classify.readonly import NotReadOnly, Statement
+from keyturn.classify.shown import sql_statements
 from keyturn.classify.sql import preview_select
 
 READ_TAGS = frozenset({"SELECT", "SHOW", "EXPLAIN"})
@@ -35,12 +35,6 @@ PINNED = {
 
 class SessionChanged(Exception):
     """The server reports something the gateway did not ask for: drop the connection."""
-
-
-@functools.lru_cache(maxsize=4096)
-def split_statements(sql: str) -> tuple[str, ...]:
-    """Each statement's own text, as PostgreSQL's parser delimits them."""
-    return tuple(text for text, _ in statement_texts(sql))
 
 
 def check_session(conn: asyncpg.Connection, tag: str) -> None:
@@ -115,10 +109,13 @@ async def run_approved(
 ) -> tuple[Fetched, list[str]]:
     """Run an approved command: every statement in one transaction, all or nothing.
 
+    The statements are those the approver saw (:func:`keyturn.classify.shown.shown`).
+
     Returns the last statement's rows (bounded like a read's; a write without RETURNING has
     none) and each statement's command tag, such as ``UPDATE 3``.
     """
-    statements = split_statements(sql)
+    # exactly what the card showed: each statement as pglast prints it back, one per message
+    statements = [text for _, text in sql_statements(sql)]
     tags: list[str] = []
     fetched = Fetched([])
     async with conn.transaction():

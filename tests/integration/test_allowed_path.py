@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from gateway.journal import Journal
-from gateway.sql import split_statements
+from keyturn.classify.readonly import statement_texts
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -60,7 +60,7 @@ async def test_a_read_cannot_plant_what_another_agent_reads(
         "SELECT 'a\\''; COMMIT; BEGIN READ WRITE; "
         "CREATE TEMP VIEW customers AS SELECT 999 AS id, $$planted$$ AS name; --'"
     )
-    assert len(split_statements(planted)) == 2  # the parser sees two harmless SELECTs
+    assert len(statement_texts(planted)) == 2  # the parser sees two harmless SELECTs
     mallory, alice = idp.token("mallory"), idp.token("alice")
     async with run_gateway(rules=ALLOW_ANY) as gw:
         status, body = await gw.post(mallory, sql(planted))

@@ -139,7 +139,7 @@ async def test_a_held_request_gets_exactly_one_card(
             "crew-billing",
             "run-42",
             "<@U_HUMAN>",
-            "UPDATE orders SET paid = true",
+            "UPDATE orders SET paid = TRUE",  # as it will run: printed back from its parse
             "Rule `writes`",
             "EXPLAIN estimate: ~1 rows",
             "grant TTL 10m",
@@ -152,6 +152,19 @@ async def test_a_held_request_gets_exactly_one_card(
             "event_type": "keyturn_request",
             "event_payload": {"id": str(request_id)},
         }
+
+
+async def test_a_command_longer_than_a_card_is_posted_whole_in_its_thread(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    statements = [f"UPDATE orders SET note = '{'n' * 900}' WHERE id = {i}" for i in range(40)]
+    async with run_bot() as rb:
+        request_id = await rb.hold("; ".join(statements))
+        ts = await rb.card(request_id)
+        assert "Longer than a card holds" in blocks_text(slack.message(CHANNEL, ts).blocks)
+        thread = " ".join(m.text for m in slack.thread(CHANNEL, ts))
+        for i in range(40):
+            assert f"WHERE id = {i};" in thread, i
 
 
 async def test_command_text_never_pings(run_bot: BotFactory, slack: SlackEmulator) -> None:

@@ -1,0 +1,87 @@
+"""What an approver is shown: the command as keyturn will run it, with nothing hidden.
+
+SQL is shown statement by statement as pglast prints each back from its parse tree — the text
+the executor sends, one statement per protocol message — so a comment, padding or quoting
+trick cannot hide a statement. Shell is shown as each simple command's arguments. Invisible
+and bidirectional control characters are shown as visible escapes (``⟦U+202E⟧``) and named.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import unicodedata
+from dataclasses import dataclass
+
+import pglast
+from pglast.stream import RawStream
+
+from keyturn.classify.shell import analyze_shell
+from keyturn.domain import command_sha256
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str  # SQL: the statement's kind (UPDATE, SELECT …); shell: the program
+    text: str  # with invisible characters escaped
+
+
+@dataclass(frozen=True)
+class Shown:
+    sha256: str  # of the command as stored: the approval is bound to it
+    parts: tuple[Part, ...]
+    hidden: tuple[str, ...]  # the invisible characters found, named ("U+202E RIGHT-TO-LEFT …")
+
+
+def _escaped(char: str) -> bool:
+    if char in "\n\t":
+        return False
+    category = unicodedata.category(char)
+    return category in ("Cf", "Cc", "Co", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
+
+
+def visible(text: str) -> tuple[str, list[str]]:
+    """``text`` with every invisible or direction-changing character as ``⟦U+XXXX⟧``."""
+    out, found = [], []
+    for char in text:
+        if _escaped(char):
+            code = f"U+{ord(char):04X}"
+            out.append(f"⟦{code}⟧")
+            found.append(f"{code} {unicodedata.name(char, 'unnamed')}")
+        else:
+            out.append(char)
+    return "".join(out), found
+
+
+def sql_statements(command: str) -> list[tuple[str, str]]:
+    """Each statement's kind and text as pglast prints it back (raises pglast's ParseError)."""
+    out = []
+    for raw in pglast.parse_sql(command):
+        node = raw.stmt
+        kind = type(node).__name__.removesuffix("Stmt").upper() if node is not None else "EMPTY"
+        out.append((kind, str(RawStream()(node)) if node is not None else ""))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def shown(command: str, shell: bool) -> Shown:
+    """The command as the card shows it; unparseable input is shown as it is, flagged."""
+    parts: list[tuple[str, str]]
+    try:
+        if shell:
+            analysis = analyze_shell(command)
+            parts = [(words[0], shlex.join(words)) for words in analysis.commands]
+        else:
+            parts = sql_statements(command)
+    except Exception:  # held because it cannot be parsed: show the raw text, nothing lost
+        parts = []
+    if not parts:
+        parts = [("UNPARSED", command)]
+    hidden: list[str] = []
+    out = []
+    for kind, text in parts:
+        text, found = visible(text)
+        hidden += found
+        out.append(Part(visible(kind)[0], text))
+    raw_hidden = visible(command)[1]  # also those only in comments the printing dropped
+    return Shown(command_sha256(command), tuple(out), tuple(dict.fromkeys(hidden + raw_hidden)))
