@@ -46,10 +46,13 @@ def run_fast(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from keyturn.classify import policy_warnings
     from keyturn.policy import load_policy
 
     policy = load_policy(args.file)
     rules, targets = len(policy.rules), len(policy.targets)
+    for warning in policy_warnings(policy):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({targets} targets, {rules} rules)")
     return 0
 

@@ -9,6 +9,7 @@ variable to use instead.
 from __future__ import annotations
 
 import re
+import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -215,6 +216,18 @@ class Approvers(Model):
 class Match(Model):
     sql: list[SqlKind] | None = None
     shell: list[str] | None = None
+
+    @field_validator("shell")
+    @classmethod
+    def _argument_patterns(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or ():
+            try:
+                words = shlex.split(pattern)
+            except ValueError as exc:
+                raise ValueError(f"{pattern!r} is not a list of arguments: {exc}") from None
+            if not words or words[0] in ("*", "**"):
+                raise ValueError(f"{pattern!r} must start with the program it allows")
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> Match:

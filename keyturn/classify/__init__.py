@@ -9,13 +9,15 @@ What cannot be parsed is held.
 
 from __future__ import annotations
 
-import fnmatch
+import os.path
 from dataclasses import dataclass, field
 from typing import Literal
 
+from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.catalog import Catalog
+from keyturn.classify.options import ALWAYS_RISKY, RISKY_OPTIONS
 from keyturn.classify.readonly import NotReadOnly, read_plan
-from keyturn.classify.shell import analyze_shell
+from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql
 from keyturn.errors import Forbidden, NotFound
 from keyturn.policy import Policy, PostgresTarget, Rule, TargetBase
@@ -131,8 +133,8 @@ def _sql_rules(
     return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"], kinds)
 
 
-def _hit(line: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(line, p) for p in patterns)
+def _hit(argv: list[str], patterns: list[str], *, whole: bool) -> bool:
+    return any(argv_matches(compile_pattern(p), argv, whole=whole) for p in patterns)
 
 
 def _classify_shell(
@@ -143,15 +145,36 @@ def _classify_shell(
         return Verdict(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
-    lines = analysis.lines
+    commands = analysis.commands
     for rule in policy.rules:
         if not _applies(rule, target_name, who) or rule.match.shell is None:
             continue
         patterns = rule.match.shell
-        if rule.action == "allow":
-            matched = not analysis.unsafe and all(_hit(line, patterns) for line in lines)
-        else:
-            matched = any(_hit(line, patterns) for line in lines + analysis.inner)
+        if rule.action == "allow":  # every command, argument for argument, and nothing unsafe
+            matched = not analysis.unsafe and all(
+                _hit(argv, patterns, whole=True) for argv in commands
+            )
+        else:  # any command (or one run by another), with any arguments past the pattern's
+            matched = any(_hit(argv, patterns, whole=False) for argv in commands + analysis.inner)
         if matched:
             return Verdict(rule.action, rule, analysis.reasons or [f"matches {rule.match.shell}"])
     return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"])
+
+
+def policy_warnings(policy: Policy) -> list[str]:
+    """Allow rules naming programs that can run or write other things: keyturn holds their
+    risky uses whatever the pattern says, but such a rule is broader than it looks."""
+    found = []
+    for i, rule in enumerate(policy.rules):
+        for j, pattern in enumerate(rule.match.shell or () if rule.action == "allow" else ()):
+            program = os.path.basename(compile_pattern(pattern)[0])
+            if program in WRAPPERS or program in INTERPRETERS:
+                why = "runs other programs: every use is held"
+            elif program in ALWAYS_RISKY:
+                why = f"{ALWAYS_RISKY[program]}: every use is held"
+            elif program in RISKY_OPTIONS:
+                why = f"with some options {RISKY_OPTIONS[program][2]}: those uses are held"
+            else:
+                continue
+            found.append(f"rules[{i}].match.shell[{j}]: {program} {why}")
+    return found

@@ -15,6 +15,7 @@ from typing import Any
 import bashlex
 import bashlex.errors
 
+from keyturn.classify.options import risky_use
 from keyturn.errors import TooComplex
 
 # Commands whose job is to run another command (its policy would never be checked).
@@ -33,7 +34,7 @@ INTERPRETERS = frozenset(
     """.split()
 )
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish"})
-_FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fls"})
+GLOB_CHARS = frozenset("*?[]{}")
 
 
 @dataclass
@@ -43,15 +44,11 @@ class ShellAnalysis:
     reasons: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     # Commands run *by* other commands (sudo X, bash -c 'X'): only block/hold rules look here.
-    inner: list[str] = field(default_factory=list)
+    inner: list[list[str]] = field(default_factory=list)
 
     def flag(self, reason: str) -> None:
         if reason not in self.unsafe:
             self.unsafe.append(reason)
-
-    @property
-    def lines(self) -> list[str]:
-        return [" ".join(words) for words in self.commands]
 
 
 class _Walker:
@@ -129,14 +126,16 @@ class _Walker:
         if program in WRAPPERS:
             self.a.flag(f"{program} runs another command")
             # we cannot know where its own options end: every tail may be the wrapped command
-            self.a.inner += [" ".join(words[i:]) for i in range(1, len(words))]
+            self.a.inner += [words[i:] for i in range(1, len(words))]
         if program in INTERPRETERS or program.startswith(("python", "perl", "ruby", "php")):
             self.a.flag(f"{program} can run arbitrary code")
             if program in SHELLS and "-c" in words[1:-1]:
                 script = analyze_shell(words[words.index("-c", 1) + 1])
-                self.a.inner += script.lines + script.inner
-        if program == "find" and _FIND_EXEC & set(words):
-            self.a.flag("find with -exec/-delete runs or deletes things")
+                self.a.inner += script.commands + script.inner
+        for reason in risky_use(program, words[1:]):
+            self.a.flag(reason)
+        if any(set(word) & GLOB_CHARS for word in words[1:]):
+            self.a.flag("an argument has glob or brace characters the shell would expand")
         if nested:
             self.a.reasons.append(f"nested command: {' '.join(words)}")
 

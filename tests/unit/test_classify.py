@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from keyturn.classify import Identity, NotAllowed, check_access, classify
+from keyturn.classify import Identity, NotAllowed, check_access, classify, policy_warnings
+from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.errors import NotFound
@@ -63,14 +64,20 @@ POLICY = parse_policy(
                 "target": "web",
                 "match": {
                     "shell": [
-                        "systemctl status *",
+                        "systemctl status **",
                         "uptime",
                         "df -h",
                         "free -m",
-                        "ls *",
-                        "cat /var/log/*",
+                        "ls **",
+                        "cat /var/log/**",
                         "grep * /var/log/*",
-                        "journalctl -u * -n *",
+                        "journalctl **",
+                        "tar -tf /var/backups/*",
+                        "tar -tf /var/backups/* **",
+                        "sed -n * /var/log/*",
+                        "find /var/log **",
+                        "git **",
+                        "sort **",
                     ]
                 },
                 "action": "allow",
@@ -261,6 +268,13 @@ SHELL_ALLOWED = [
     "grep error /var/log/syslog",
     "systemctl status 'nginx.service'",
     "ls /var/log | ls /tmp",
+    "tar -tf /var/backups/a.tar",
+    "sed -n 5p /var/log/syslog",
+    "sed -n 's/x/y/gp' /var/log/syslog",
+    "find /var/log -name syslog -mtime -1",
+    "git log --oneline -n 5",
+    "sort /var/log/syslog",
+    "/usr/bin/uptime",
 ]
 
 SHELL_HELD = [
@@ -317,6 +331,30 @@ SHELL_HELD = [
     "systemctl status nginx; whoami",
     "cat /var/log/../../etc/shadow; id",
     "systemctl stop nginx",
+    # a pattern's `*` is one argument, never a path's `..` nor extra arguments
+    "cat /var/log/../../etc/passwd",
+    "cat /var/log/x /etc/passwd",
+    "cat /var/log//../../etc/passwd",
+    "grep root /var/log/syslog /etc/shadow",
+    "cat /var/log/*.log",
+    "ls /var/log/{a,b}",
+    # options that make a read-only program run or write things
+    "tar -tf /var/backups/a.tar --checkpoint=1 --checkpoint-action=exec=id",
+    "tar -tf /var/backups/a.tar --to-command=id",
+    "tar xf /var/backups/a.tar",
+    "sed -n '1e id' /var/log/syslog",
+    "sed -n 'w /etc/cron.d/x' /var/log/syslog",
+    "sed -n -i 5p /var/log/syslog",
+    "find /var/log -name x -fprintf /tmp/out %p",
+    "find /var/log -exec id ;",
+    "find /var/log -delete",
+    "git -c core.pager=id log",
+    "git --config-env=core.pager=X log",
+    "sort -o /etc/passwd /var/log/syslog",
+    "sort -ro /etc/passwd /var/log/syslog",
+    "journalctl --vacuum-time=1s",
+    "systemctl status -H evil.example nginx",
+    "less /var/log/syslog",
 ]
 
 SHELL_BLOCKED = [
@@ -533,3 +571,32 @@ def test_functions_are_judged_by_the_targets_catalog(command: str, action: str) 
     assert verdict.action == action, (command, verdict.reasons)
     if action == "hold":
         assert any(r.startswith("calls ") for r in verdict.reasons), verdict.reasons
+
+
+def test_check_config_warns_about_allow_rules_naming_programs_that_run_others() -> None:
+    warnings = policy_warnings(POLICY)
+    programs = {w.split(": ", 1)[1].split()[0] for w in warnings}
+    assert programs == {"systemctl", "journalctl", "tar", "sed", "find", "git", "sort"}
+    assert "rules[7].match.shell[11]: find with some options runs programs" in "\n".join(warnings)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "argv", "whole", "matches"),
+    [
+        ("cat /var/log/*", ["cat", "/var/log/syslog"], True, True),
+        ("cat /var/log/*", ["cat", "/var/log/nginx/error.log"], True, False),
+        ("cat /var/log/**", ["cat", "/var/log/nginx/error.log"], True, True),
+        ("cat /var/log/**", ["cat", "/var/log/../../etc/passwd"], True, False),
+        ("cat /var/log/*", ["cat", "/var/log/./syslog"], True, True),
+        ("cat *", ["cat", "a", "b"], True, False),
+        ("cat **", ["cat", "a", "b"], True, True),
+        ("cat **", ["cat"], True, True),
+        ("uptime", ["/usr/bin/uptime"], True, True),
+        ("/usr/bin/uptime", ["uptime"], True, False),
+        ("shutdown", ["shutdown", "-h", "now"], False, True),
+        ("shutdown", ["shutdown", "-h", "now"], True, False),
+        ("ls [ab]", ["ls", "a"], True, False),  # brackets are literal
+    ],
+)
+def test_argument_patterns(pattern: str, argv: list[str], whole: bool, matches: bool) -> None:
+    assert argv_matches(compile_pattern(pattern), argv, whole=whole) is matches

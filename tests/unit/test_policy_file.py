@@ -143,6 +143,19 @@ def test_every_error_is_reported_at_once() -> None:
             "targets.web.port: Input should be less than or equal to 65535",
         ),
         (
+            lambda d: d["rules"].append(
+                {"name": "s", "match": {"shell": ["cat 'unclosed"]}, "action": "allow"}
+            ),
+            'rules[1].match.shell: "cat \'unclosed" is not a list of arguments: '
+            "No closing quotation",
+        ),
+        (
+            lambda d: d["rules"].append(
+                {"name": "s", "match": {"shell": ["** x"]}, "action": "allow"}
+            ),
+            "rules[1].match.shell: '** x' must start with the program it allows",
+        ),
+        (
             lambda d: d["targets"]["orders-db"].update(subjects=["crew-billing"]),
             "targets.orders-db.subjects[0]: 'crew-billing' must say what it names: "
             "agent:crew-billing (a token's sub) or group:crew-billing",

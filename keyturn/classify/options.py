@@ -1,0 +1,106 @@
+"""Options that turn a common read-only program into one that runs or writes things.
+
+A rule allowing ``tar -tf *`` or ``sort *`` looks harmless; ``tar --checkpoint-action=exec=…``
+and ``sort -o /etc/passwd`` are not. Whatever a rule's pattern says, a use listed here makes
+the command unsafe: it can only be held or blocked, never allowed. Some programs are unsafe in
+any use (pagers and editors run commands from within).
+
+Long options match as ``--opt`` or ``--opt=…``; single letters also inside a cluster of short
+options (``-ro FILE`` holds ``sort`` as ``-o`` would).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator, Sequence
+
+# program: (options as written, short option letters, why)
+RISKY_OPTIONS: dict[str, tuple[frozenset[str], str, str]] = {
+    "tar": (
+        frozenset(
+            """--checkpoint-action --to-command --use-compress-program --rsh-command
+            --info-script --new-volume-script --rmt-command --index-file --create --extract
+            --get --append --update --delete --remove-files -I -F""".split()
+        ),
+        "cxruIF",
+        "runs programs or writes files",
+    ),
+    "find": (
+        frozenset("-exec -execdir -ok -okdir -delete -fprint -fprint0 -fprintf -fls".split()),
+        "",
+        "runs programs, deletes or writes files",
+    ),
+    "git": (
+        frozenset("-c --config-env --exec-path --upload-pack --receive-pack -C".split()),
+        "",
+        "runs configured programs (pager, hooks, helpers)",
+    ),
+    "journalctl": (
+        frozenset(
+            """--vacuum-time --vacuum-size --vacuum-files --rotate --flush --sync
+            --relinquish-var --smart-relinquish-var --setup-keys --update-catalog""".split()
+        ),
+        "",
+        "changes the journal",
+    ),
+    "systemctl": (frozenset("-H --host -M --machine".split()), "HM", "reaches another host"),
+    "sort": (frozenset("-o --output --compress-program".split()), "o", "writes files"),
+    "wc": (frozenset({"--files0-from"}), "", "reads files named elsewhere"),
+    "du": (frozenset({"--files0-from"}), "", "reads files named elsewhere"),
+    "zip": (frozenset("-T --test -TT --unzip-command".split()), "T", "runs programs"),
+    "rsync": (frozenset("-e --rsh --rsync-path".split()), "e", "runs programs"),
+    "curl": (
+        frozenset("-o --output -O --remote-name -K --config -T --upload-file".split()),
+        "oOKT",
+        "writes or sends files",
+    ),
+    "date": (frozenset("-s --set".split()), "s", "sets the clock"),
+    "tcpdump": (frozenset("-w -z -Z".split()), "wzZ", "writes files or runs programs"),
+    "sed": (frozenset("-i --in-place -f --file".split()), "if", "edits or reads files"),
+}
+ALWAYS_RISKY = {
+    **dict.fromkeys(
+        "less more most view vi vim nvim ex ed emacs nano pico man info".split(),
+        "is interactive and can run commands from within",
+    ),
+    "tee": "writes files",
+}
+# The only sed scripts an allow rule may let through: print, delete, quit, line ranges and
+# s///[gpI] substitutions — no e (execute), w/W (write) or r/R (read another file).
+_SAFE_SED = re.compile(
+    r"^(?:(?:\d+|\$|/[^/]*/)(?:,(?:\d+|\$|/[^/]*/))?)?!?\s*"
+    r"(?:[pdqP=]|s(.)(?:(?!\1).)*\1(?:(?!\1).)*\1[gpI0-9]*)$"
+)
+
+
+def _uses(word: str, options: frozenset[str], letters: str) -> bool:
+    name = word.split("=", 1)[0]
+    if name in options:
+        return True
+    if word.startswith("--") or not word.startswith("-") or len(word) < 2:
+        return False
+    return any(letter in letters for letter in word[1:].split("=", 1)[0])
+
+
+def risky_use(program: str, args: Sequence[str]) -> Iterator[str]:
+    """Why this use of ``program`` is unsafe (nothing when it is not)."""
+    if program in ALWAYS_RISKY:
+        yield f"{program} {ALWAYS_RISKY[program]}"
+        return
+    listed = RISKY_OPTIONS.get(program)
+    if listed is not None:
+        options, letters, why = listed
+        if program == "tar" and args and args[0].isalpha():  # old style: `tar xvf a.tar`
+            args = ["-" + args[0], *args[1:]]
+        for word in args:
+            if word == "--":
+                break
+            if _uses(word, options, letters):
+                yield f"{program} {word.split('=', 1)[0]} {why}"
+                return
+    if program == "sed":
+        given = [b for a, b in itertools.pairwise(args) if a in ("-e", "--expression")]
+        scripts = given or [a for a in args if not a.startswith("-")][:1]
+        if any(not _SAFE_SED.match(script.strip()) for script in scripts):
+            yield "sed with a script beyond printing and substitution may run or write things"
