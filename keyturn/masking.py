@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,14 @@ from keyturn.policy import Masking
 
 MASK = "***"
 
+_SEP = r"[\s.\-_/]{0,3}"  # what people put between digit groups: any mix, up to three
 _EMAIL = re.compile(r"\b([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})\b")
-_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
-_SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)(\d{4})\b")
+_CARD = re.compile(rf"(?<![\d])(?:\d{_SEP}){{12,18}}\d(?![\d])")
+_SSN = re.compile(
+    rf"\b(?!000|666|9\d\d)\d{{3}}{_SEP}(?!00)\d{{2}}{_SEP}(?!0000)(\d{{4}})\b"
+)
 _PHONE = re.compile(
-    r"(?<![\w-])(?:\+?1[ .-]?)?\(?[2-9]\d{2}\)?[ .-]?[2-9]\d{2}[ .-]?(\d{4})(?![\w-])"
+    rf"(?<![\w-])(?:\+?1{_SEP})?\(?[2-9]\d{{2}}\)?{_SEP}[2-9]\d{{2}}{_SEP}(\d{{4}})(?![\w-])"
 )
 
 
@@ -72,6 +76,8 @@ class Masker:
         return tuple(self.masked_column(name) for name in names)
 
     def text(self, value: str) -> str:
+        if not value.isascii():  # full-width digits and letters, as the detectors know them
+            value = unicodedata.normalize("NFKC", value)
         for detect in self.detectors:
             value = detect(value)
         return value

@@ -33,6 +33,15 @@ def test_columns_by_pattern_case_insensitive() -> None:
         ("call (415) 555-2671", "call ***-***-2671"),
         ("call +1 415-555-2671", "call ***-***-2671"),
         ("id 12345 and 2024-01-01", "id 12345 and 2024-01-01"),
+        # separators people (and agents) put between digit groups
+        ("card 4111  1111  1111  1111", "card ************1111"),
+        ("card 4111.1111.1111.1111", "card ************1111"),
+        ("card 4111 - 1111/1111_1111", "card ************1111"),
+        ("card ４１１１１１１１１１１１１１１１", "card ************1111"),  # full-width
+        ("ssn 123.45.6789", "ssn ***-**-6789"),
+        ("ssn 123 45 6789", "ssn ***-**-6789"),
+        ("call 415.555.2671", "call ***-***-2671"),
+        ("mail ａｄａ@example.com", "mail a***@example.com"),
         ("", ""),
     ],
 )
