@@ -56,6 +56,12 @@ class Metrics:
             ["cap"],
             registry=self.registry,
         )
+        self.shadow = Counter(
+            "keyturn_gateway_shadow_matches_total",
+            "Commands a shadow rule matched, by rule and the action it would have taken.",
+            ["rule", "action"],
+            registry=self.registry,
+        )
         self.execute_seconds = Histogram(
             "keyturn_gateway_execute_seconds",
             "Time running allowed commands on targets.",

@@ -82,6 +82,15 @@ class Blocked(Forbidden):
         self.rule = rule
 
 
+def _classification(verdict: Verdict) -> dict[str, Any]:
+    """What is stored (and audited) of a verdict: kinds, reasons, and what shadow rules
+    would have done."""
+    out: dict[str, Any] = {"kinds": sorted(verdict.kinds), "reasons": verdict.reasons}
+    if verdict.shadow:
+        out["shadow"] = [{"rule": rule, "action": action} for rule, action in verdict.shadow]
+    return out
+
+
 def _parse(raw: bytes) -> CommandIn:
     try:
         data = json.loads(raw)
@@ -158,6 +167,8 @@ class Gateway:
                 )
         verdict = await self._verdict(cmd.target, cmd.command, who)
         rule = verdict.rule.name if verdict.rule else None
+        for shadow_rule, action in verdict.shadow:
+            self.metrics.shadow.labels(shadow_rule, action).inc()
         if verdict.action == "block":
             await self.journal.record(self._outcome(cmd, who, verdict, status="blocked"))
             self.metrics.commands.labels("blocked").inc()
@@ -178,7 +189,7 @@ class Gateway:
             requester=who.subject,
             status=status,
             rule=verdict.rule.name if verdict.rule else None,
-            classification={"kinds": sorted(verdict.kinds), "reasons": verdict.reasons},
+            classification=_classification(verdict),
             on_behalf_of=who.on_behalf_of,
             run_id=cmd.run_id,
             reason=cmd.reason,
@@ -378,11 +389,7 @@ class Gateway:
                 pending_ttl=(rule.pending_ttl if rule else None) or self.policy.pending_ttl,
                 quorum=rule.quorum if rule else 1,
                 grant_ttl=(rule.grant_ttl if rule else None) or self.policy.default_grant_ttl,
-                classification={
-                    "kinds": sorted(verdict.kinds),
-                    "reasons": verdict.reasons,
-                    "estimated_rows": estimate,
-                },
+                classification=_classification(verdict) | {"estimated_rows": estimate},
                 idempotency_key=key,
                 body_sha256=body_sha,
             ),

@@ -15,9 +15,12 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyturn.errors import ConfigError, KeyturnError
+
+if TYPE_CHECKING:
+    from keyturn.policy import Policy
 
 EXIT_BAD_INPUT = 2
 EXIT_TAMPERED = 1
@@ -53,7 +56,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     rules, targets = len(policy.rules), len(policy.targets)
     for warning in policy_warnings(policy):
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
-    print(f"{args.file}: ok ({targets} targets, {rules} rules)")
+    if _policy_cases_fail(args.file, policy):
+        return 1
+    print(f"{args.file}: ok ({targets} targets, {rules} rules, {len(policy.tests)} tests)")
+    return 0
+
+
+def _policy_cases_fail(file: Path, policy: Policy) -> bool:
+    from keyturn.classify.cases import failing_cases
+
+    failing = failing_cases(policy)
+    for failure in failing:
+        print(f"{file}: {failure}", file=sys.stderr)
+    return bool(failing)
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from keyturn.policy import load_policy
+
+    policy = load_policy(args.file)
+    if _policy_cases_fail(args.file, policy):
+        return 1
+    print(f"{args.file}: all {len(policy.tests)} tests pass")
     return 0
 
 
@@ -250,9 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=Path(".keyturn/dev/stack.json"))
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("check-config", help="validate a policy file; exit 2 listing every error")
-    p.add_argument("file")
+    p = sub.add_parser(
+        "check-config", help="validate a policy file (exit 2 listing every error) and run its tests"
+    )
+    p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("policy", help="policy tools")
+    policy_sub = p.add_subparsers(dest="policy_command", required=True)
+    p = policy_sub.add_parser("test", help="run the policy file's tests; exit 1 naming failures")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_policy_test)
 
     p = sub.add_parser("bot", help="run the Slack bot (HTTP mode, /slack/events)")
     p.add_argument("--config", required=True, type=Path)

@@ -247,6 +247,8 @@ class Rule(Model):
     grant_ttl: Duration | None = None
     pending_ttl: Duration | None = None
     message: str | None = None
+    # shadow: record what the rule would have done (audit, /metrics) without enforcing it
+    mode: Literal["enforce", "shadow"] = "enforce"
 
     @model_validator(mode="after")
     def _hold_only_fields(self) -> Rule:
@@ -263,6 +265,25 @@ class Rule(Model):
                 f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
             )
         return self
+
+
+class PolicyTest(Model):
+    """A case the policy must decide as stated: run by check-config and `keyturn policy test`."""
+
+    target: str
+    command: str = Field(min_length=1)
+    subject: str = "agent:keyturn-policy-test"  # as `agent:<sub>`; groups below
+    groups: list[str] = []
+    expect: Literal["allow", "hold", "block"]
+    rule: str | None = None  # the rule expected to decide (None: not checked)
+    masked: list[str] | None = None  # result columns expected masked (SELECTs)
+
+    @field_validator("subject")
+    @classmethod
+    def _agent(cls, value: str) -> str:
+        if not value.startswith("agent:") or len(value) == 6:
+            raise ValueError(f"{value!r} must be agent:<sub> (put groups in groups)")
+        return value
 
 
 class Masking(Model):
@@ -359,6 +380,7 @@ class Policy(Model):
     bot: BotConfig = BotConfig()
     pending_ttl: Duration = timedelta(minutes=15)
     default_grant_ttl: Duration = timedelta(minutes=10)
+    tests: list[PolicyTest] = []
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -372,6 +394,11 @@ class Policy(Model):
                 raise ValueError(
                     f"rules[{i}].target: unknown target {rule.target!r} (known: {known})"
                 )
+        for i, test in enumerate(self.tests):
+            if test.target not in self.targets:
+                raise ValueError(f"tests[{i}].target: unknown target {test.target!r}")
+            if test.rule is not None and test.rule not in seen:
+                raise ValueError(f"tests[{i}].rule: no rule is named {test.rule!r}")
         return self
 
     def postgres_targets(self) -> dict[str, PostgresTarget]:

@@ -50,13 +50,18 @@ class Verdict:
     rule: Rule | None
     reasons: list[str] = field(default_factory=list)
     kinds: frozenset[str] = frozenset()
+    # shadow rules that matched before the deciding one: what they would have done
+    shadow: tuple[tuple[str, Action], ...] = ()
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "action": self.action,
             "rule": self.rule.name if self.rule else None,
             "reasons": self.reasons,
         }
+        if self.shadow:
+            out["shadow"] = [{"rule": rule, "action": action} for rule, action in self.shadow]
+        return out
 
 
 class NotAllowed(Forbidden):
@@ -103,7 +108,8 @@ def _classify_sql(
         try:
             read_plan(command, policy.gateway.max_statements)
         except NotReadOnly as exc:  # whatever the rules say, a human decides
-            return Verdict("hold", None, [*verdict.reasons, f"held: {exc.message}"], verdict.kinds)
+            reasons = [*verdict.reasons, f"held: {exc.message}"]
+            return Verdict("hold", None, reasons, verdict.kinds, verdict.shadow)
     return verdict
 
 
@@ -116,6 +122,7 @@ def _sql_rules(
         return Verdict(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
+    shadow: list[tuple[str, Action]] = []
     for rule in policy.rules:
         if not _applies(rule, target_name, who) or rule.match.sql is None:
             continue
@@ -126,11 +133,13 @@ def _sql_rules(
             matched = kinds <= listed
         else:
             matched = bool(kinds & listed)
-        if matched:
-            return Verdict(
-                rule.action, rule, analysis.reasons or [f"matches {sorted(kinds)}"], kinds
-            )
-    return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"], kinds)
+        if matched and rule.mode == "shadow":
+            shadow.append((rule.name, rule.action))
+        elif matched:
+            reasons = analysis.reasons or [f"matches {sorted(kinds)}"]
+            return Verdict(rule.action, rule, reasons, kinds, tuple(shadow))
+    reasons = [*analysis.reasons, "no rule matched: held by default"]
+    return Verdict("hold", None, reasons, kinds, tuple(shadow))
 
 
 def _hit(argv: list[str], patterns: list[str], *, whole: bool) -> bool:
@@ -146,6 +155,7 @@ def _classify_shell(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
     commands = analysis.commands
+    shadow: list[tuple[str, Action]] = []
     for rule in policy.rules:
         if not _applies(rule, target_name, who) or rule.match.shell is None:
             continue
@@ -156,9 +166,13 @@ def _classify_shell(
             )
         else:  # any command (or one run by another), with any arguments past the pattern's
             matched = any(_hit(argv, patterns, whole=False) for argv in commands + analysis.inner)
-        if matched:
-            return Verdict(rule.action, rule, analysis.reasons or [f"matches {rule.match.shell}"])
-    return Verdict("hold", None, [*analysis.reasons, "no rule matched: held by default"])
+        if matched and rule.mode == "shadow":
+            shadow.append((rule.name, rule.action))
+        elif matched:
+            reasons = analysis.reasons or [f"matches {rule.match.shell}"]
+            return Verdict(rule.action, rule, reasons, shadow=tuple(shadow))
+    reasons = [*analysis.reasons, "no rule matched: held by default"]
+    return Verdict("hold", None, reasons, shadow=tuple(shadow))
 
 
 def policy_warnings(policy: Policy) -> list[str]:

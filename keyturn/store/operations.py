@@ -168,7 +168,8 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
                     "rule": new.rule,
                     "on_behalf_of": new.on_behalf_of,
                     "run_id": new.run_id,
-                },
+                }
+                | _shadow(new.classification),
             )
             await tx.notify("request", row.id)
     except IntegrityError:
@@ -195,6 +196,11 @@ async def _find_idempotent(store: Store, new: NewRequest) -> RequestRow | None:
             "this Idempotency-Key was already used with a different request body"
         )
     return row
+
+
+def _shadow(classification: dict[str, Any]) -> dict[str, Any]:
+    """What shadow rules would have done, for the audit event (when any matched)."""
+    return {"shadow": classification["shadow"]} if classification.get("shadow") else {}
 
 
 async def get_request(store: Store, request_id: uuid.UUID) -> RequestRow:
@@ -522,7 +528,7 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
             "rule": r.rule,
             "on_behalf_of": r.on_behalf_of,
             "run_id": r.run_id,
-        }
+        } | _shadow(r.classification)
         if r.status == "blocked":
             events.append(
                 {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}

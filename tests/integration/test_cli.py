@@ -60,7 +60,23 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> N
 def test_check_config_accepts_a_valid_file() -> None:
     proc = keyturn("check-config", str(EXAMPLE))
     assert proc.returncode == 0, proc.stderr
-    assert "ok (2 targets, 5 rules)" in proc.stdout
+    assert "ok (2 targets, 5 rules, 5 tests)" in proc.stdout
+
+
+def test_policy_tests_fail_naming_each_case(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        EXAMPLE.read_text()
+        + "  - {target: orders-db, command: 'SELECT 1; DROP TABLE t', expect: allow}\n"
+    )
+    for args in (("policy", "test", str(policy)), ("check-config", str(policy))):
+        proc = keyturn(*args)
+        assert proc.returncode == 1, proc
+        assert "tests[5] (allow 'SELECT 1; DROP TABLE t' on orders-db): got block by rule" in (
+            proc.stderr
+        )
+    proc = keyturn("policy", "test", str(EXAMPLE))
+    assert proc.returncode == 0 and "all 5 tests pass" in proc.stdout, proc
 
 
 def test_check_config_lists_every_error(tmp_path: Path) -> None:

@@ -571,3 +571,25 @@ async def test_openapi_matches_the_routes(run_gateway: GatewayFactory) -> None:
         assert set(spec["components"]["schemas"]) >= {"CommandIn", "CommandOut", "ErrorOut"}
         post = spec["paths"]["/v1/commands"]["post"]["responses"]
         assert {"200", "202", "400", "401", "403", "404", "409", "413", "429", "503"} <= set(post)
+
+
+async def test_a_shadow_rule_is_audited_and_counted_not_enforced(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    shadow = {
+        "name": "no-updates-at-all",
+        "match": {"sql": ["update"]},
+        "action": "block",
+        "mode": "shadow",
+    }
+    async with run_gateway(rules=[shadow, *shop.base_policy["rules"]]) as gw:
+        status, body = await gw.post(idp.token("crew-billing"), UPDATE)
+        assert (status, body["status"], body["rule"]) == (202, "pending", "writes"), body
+        async with gw.store.driver() as conn:
+            data = await conn.fetchval("SELECT data FROM audit_events WHERE kind = 'request.held'")
+        assert json.loads(data)["shadow"] == [{"rule": "no-updates-at-all", "action": "block"}]
+        metrics = await (await gw.client.get("/metrics")).text()
+        assert (
+            'keyturn_gateway_shadow_matches_total{action="block",rule="no-updates-at-all"} 1.0'
+            in metrics
+        )

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Any
 
 import pytest
 
 from keyturn.classify import Identity, NotAllowed, check_access, classify, policy_warnings
 from keyturn.classify.argv import argv_matches, compile_pattern
+from keyturn.classify.cases import failing_cases
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
-from keyturn.errors import NotFound
-from keyturn.policy import parse_policy
+from keyturn.errors import ConfigError, NotFound
+from keyturn.policy import Policy, parse_policy
 
 DB = {
     "kind": "postgres",
@@ -600,3 +602,68 @@ def test_check_config_warns_about_allow_rules_naming_programs_that_run_others() 
 )
 def test_argument_patterns(pattern: str, argv: list[str], whole: bool, matches: bool) -> None:
     assert argv_matches(compile_pattern(pattern), argv, whole=whole) is matches
+
+
+# ------------------------------------------------------------------ shadow rules and policy tests
+
+
+def lax_policy(**extra: Any) -> Policy:
+    return parse_policy(
+        {
+            "targets": {"db": DB},
+            "rules": [
+                {
+                    "name": "no-deletes-soon",
+                    "match": {"sql": ["delete"]},
+                    "action": "block",
+                    "mode": "shadow",
+                },
+                {"name": "writes", "match": {"sql": ["delete", "update"]}, "action": "hold"},
+                {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
+            ],
+            "masking": {"columns": ["*email*"]},
+            **extra,
+        }
+    )
+
+
+def test_a_shadow_rule_is_recorded_not_enforced() -> None:
+    verdict = classify(lax_policy(), "db", "DELETE FROM t WHERE id = 1")
+    assert (verdict.action, verdict.rule.name if verdict.rule else None) == ("hold", "writes")
+    assert verdict.shadow == (("no-deletes-soon", "block"),)
+    assert verdict.as_json()["shadow"] == [{"rule": "no-deletes-soon", "action": "block"}]
+    assert classify(lax_policy(), "db", "SELECT 1").shadow == ()
+
+
+def test_policy_tests_in_the_policy_file() -> None:
+    policy = lax_policy(
+        tests=[
+            {"target": "db", "command": "DELETE FROM t WHERE id = 1", "expect": "hold"},
+            {
+                "target": "db",
+                "command": "SELECT id, email AS contact_email FROM t",
+                "expect": "allow",
+                "rule": "reads",
+                "masked": ["contact_email"],
+            },
+            {"target": "db", "command": "DELETE FROM t WHERE id = 1", "expect": "block"},
+            {"target": "db", "command": "SELECT email FROM t", "expect": "allow", "masked": []},
+            {"target": "db", "command": "SELECT $1", "expect": "allow"},
+        ]
+    )
+    assert failing_cases(policy) == [
+        "tests[2] (block 'DELETE FROM t WHERE id = 1' on db): got hold by rule writes: "
+        "DELETE statement",
+        "tests[3] (allow 'SELECT email FROM t' on db): masked ['email'], expected []",
+        "tests[4] (allow 'SELECT $1' on db): refused as bad input: the command uses the "
+        "parameter $1, which nothing would bind: write the value into the command",
+    ]
+
+
+def test_policy_tests_name_real_targets_and_rules() -> None:
+    with pytest.raises(ConfigError) as info:
+        lax_policy(tests=[{"target": "nope", "command": "SELECT 1", "expect": "allow"}])
+    assert info.value.problems == ["tests[0].target: unknown target 'nope'"]
+    with pytest.raises(ConfigError) as info:
+        lax_policy(tests=[{"target": "db", "command": "SELECT 1", "expect": "allow", "rule": "x"}])
+    assert info.value.problems == ["tests[0].rule: no rule is named 'x'"]
