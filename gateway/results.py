@@ -382,10 +382,16 @@ def _cut(value: Any, limit: int) -> Any:
 
 
 def shape(
-    fetched: Fetched, masker: Masker, limits: Limits
+    fetched: Fetched, masker: Masker, limits: Limits, masked: Sequence[bool] | None = None
 ) -> tuple[list[list[Any]], Truncation | None]:
-    """JSON-ready, masked rows within the response cap, and which cap applied (if any)."""
+    """JSON-ready, masked rows within the response cap, and which cap applied (if any).
+
+    A column is masked by its name, and by position where lineage says it is a masked
+    column under another name (``SELECT email AS contact``).
+    """
     hidden = masker.masked_columns(tuple(fetched.columns))
+    if masked is not None and len(masked) == len(hidden):
+        hidden = tuple(a or b for a, b in zip(hidden, masked, strict=True))
     cut_at = limits.cut_at(len(fetched.columns))
     truncated = fetched.truncated
     rows: list[list[Any]] = []
@@ -419,11 +425,12 @@ async def finish(
     masker: Masker,
     limits: Limits,
     tags: list[str] | None = None,
+    masked: Sequence[bool] | None = None,
 ) -> SqlResult:
     """The agent's result: shaped on the event loop when small, in a worker thread when large
     (masking a megabyte of text must not stall every other request)."""
     if sum(_weight(row) for row in fetched.rows) > LARGE:
-        rows, truncated = await asyncio.to_thread(shape, fetched, masker, limits)
+        rows, truncated = await asyncio.to_thread(shape, fetched, masker, limits, masked)
     else:
-        rows, truncated = shape(fetched, masker, limits)
+        rows, truncated = shape(fetched, masker, limits, masked)
     return SqlResult(fetched.columns, rows, truncated, statements, tags)

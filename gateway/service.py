@@ -30,7 +30,7 @@ from gateway.results import STALE_STATEMENT, Limits, SqlResult, finish, forget_s
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
 from keyturn.aio import Deadline
-from keyturn.classify import Identity, Verdict, check_access, classify
+from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.domain import Decision, RequestStatus
@@ -210,7 +210,7 @@ class Gateway:
         """
         cfg = self.policy.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
-        plan = read_plan(cmd.command, cfg.max_statements)
+        plan = read_plan(cmd.command, cfg.max_statements, masking_patterns(self.policy))
         started = False
         try:
             with self.metrics.execute_seconds.time():
@@ -233,7 +233,7 @@ class Gateway:
             if started:
                 raise
             raise NotStarted(exc) from exc
-        result = await finish(fetched, statements, self.masker, self.limits)
+        result = await finish(fetched, statements, self.masker, self.limits, masked=plan[-1].masked)
         if result.truncated:
             self.metrics.truncated.labels(result.truncated).inc()
         return result

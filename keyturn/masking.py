@@ -63,7 +63,10 @@ class Masker:
     def from_policy(cls, masking: Masking) -> Masker:
         # cards before phones: a 16-digit card must not be half-eaten by the phone pattern
         order = [d for d in ("email", "credit_card", "us_ssn", "phone") if d in masking.detectors]
-        return cls(tuple(p.lower() for p in masking.columns), tuple(DETECTORS[d] for d in order))
+        # by name, result columns are masked whatever table a pattern names (lineage, in
+        # keyturn.classify.lineage, knows the table; a name alone cannot tell)
+        names = tuple(p.lower().rpartition(".")[2] for p in masking.columns)
+        return cls(names, tuple(DETECTORS[d] for d in order))
 
     def masked_column(self, name: str) -> bool:
         lowered = name.lower()

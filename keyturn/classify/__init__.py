@@ -9,12 +9,14 @@ What cannot be parsed is held.
 
 from __future__ import annotations
 
+import functools
 import os.path
 from dataclasses import dataclass, field
 from typing import Literal
 
 from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.catalog import Catalog
+from keyturn.classify.lineage import Patterns
 from keyturn.classify.options import ALWAYS_RISKY, RISKY_OPTIONS
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
@@ -68,6 +70,15 @@ class NotAllowed(Forbidden):
     code = "not_allowed"
 
 
+def masking_patterns(policy: Policy) -> Patterns:
+    return _patterns(tuple(policy.masking.columns))
+
+
+@functools.lru_cache(maxsize=64)
+def _patterns(columns: tuple[str, ...]) -> Patterns:
+    return Patterns.of(columns)
+
+
 def check_access(policy: Policy, target_name: str, who: Identity) -> TargetBase:
     """The target, if ``who`` may use it at all (before any classification)."""
     target = policy.targets.get(target_name)
@@ -106,7 +117,7 @@ def _classify_sql(
     verdict = _sql_rules(policy, target_name, command, who, catalog)
     if verdict.action == "allow":
         try:
-            read_plan(command, policy.gateway.max_statements)
+            read_plan(command, policy.gateway.max_statements, masking_patterns(policy))
         except NotReadOnly as exc:  # whatever the rules say, a human decides
             reasons = [*verdict.reasons, f"held: {exc.message}"]
             return Verdict("hold", None, reasons, verdict.kinds, verdict.shadow)

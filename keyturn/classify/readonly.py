@@ -10,6 +10,7 @@ else — transaction control, ``SET``/``RESET``/``DISCARD``, ``LISTEN``/``NOTIFY
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -17,8 +18,11 @@ import pglast
 from pglast import ast
 from pglast.stream import RawStream
 
+from keyturn.classify.lineage import Patterns, lineage
 from keyturn.classify.sql import explain_analyzes, nodes_under
 from keyturn.errors import KeyturnError
+
+NO_MASKING = Patterns(())
 
 
 class NotReadOnly(KeyturnError):
@@ -32,6 +36,7 @@ class NotReadOnly(KeyturnError):
 class Statement:
     text: str
     select: bool  # a SELECT (incl. VALUES, TABLE, set operations): it can be wrapped
+    masked: tuple[bool, ...] | None = None  # result columns masked by lineage (None: unknown)
 
 
 def statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
@@ -70,8 +75,11 @@ def _refusal(node: ast.Node | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
-    """The statements of an allowed command, each a read; raises NotReadOnly otherwise."""
+def read_plan(
+    sql: str, max_statements: int, masking: Patterns = NO_MASKING
+) -> tuple[Statement, ...]:
+    """The statements of an allowed command, each a read; raises NotReadOnly otherwise —
+    also for a read that uses a masked column other than as itself (see lineage)."""
     try:
         texts = statement_texts(sql)
     except pglast.parser.ParseError as exc:
@@ -87,6 +95,10 @@ def read_plan(sql: str, max_statements: int) -> tuple[Statement, ...]:
             raise NotReadOnly(refusal)
         assert node is not None
         plan.append(Statement(_deparsed(node), isinstance(node, ast.SelectStmt)))
+    traced = lineage([node for _, node in texts], masking)
+    if traced.holds:
+        raise NotReadOnly("; ".join(traced.holds[:3]) + (" …" if len(traced.holds) > 3 else ""))
+    plan[-1] = dataclasses.replace(plan[-1], masked=traced.masked)
     return tuple(plan)
 
 

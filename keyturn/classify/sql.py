@@ -135,10 +135,10 @@ def nodes_under(root: ast.Node) -> Iterator[ast.Node]:
     while stack:
         node = stack.pop()
         yield node
-        stack.extend(_children(node))
+        stack.extend(children(node))
 
 
-def _children(node: ast.Node) -> list[ast.Node]:
+def children(node: ast.Node) -> list[ast.Node]:
     slots: Iterable[str] = getattr(type(node), "__slots__", ())
     return [child for name in slots for child in _nodes(getattr(node, name, None))]
 
@@ -207,8 +207,8 @@ class _Walker:
             if depth > MAX_DEPTH:
                 raise TooComplex(f"the SQL {TOO_COMPLEX}")
             below = self._visit(node)
-            children = _children(node) if below is None else list(below or ())
-            stack.extend((child, depth + 1) for child in reversed(children))
+            under = children(node) if below is None else list(below or ())
+            stack.extend((child, depth + 1) for child in reversed(under))
 
     def _visit(self, node: ast.Node) -> Iterable[ast.Node] | Literal[False] | None:
         handler = getattr(self, f"_{type(node).__name__}", None)

@@ -673,3 +673,27 @@ async def test_calls_are_judged_by_the_targets_own_catalog(
         await shop.postgres.execute(
             "DROP FUNCTION shop_total(int); DROP FUNCTION shop_touch(int)", shop.database
         )
+
+
+async def test_masked_columns_are_followed_through_the_query(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token("crew-billing")
+    async with run_gateway() as gw:
+        status, body = await gw.post(
+            token, sql("SELECT id, email AS contact FROM customers ORDER BY id")
+        )
+        assert body["result"]["rows"] == [[1, "***"], [2, "***"]], body
+        status, body = await gw.post(
+            token, sql("SELECT c FROM (SELECT email AS c FROM customers) s ORDER BY 1")
+        )
+        assert body["result"]["rows"] == [["***"], ["***"]], body
+        for command in (
+            "SELECT reverse(email) FROM customers",
+            "SELECT id FROM customers WHERE email = 'ada@example.com'",
+            "SELECT string_agg(x, ',') FROM customers, unnest(regexp_split_to_array(email, '@')) x",
+        ):
+            status, body = await gw.post(token, sql(command))
+            assert (status, body["status"]) == (202, "pending"), (command, body)
+            request = await ops.get_request(gw.store, uuid.UUID(body["id"]))
+            assert any("customers.email" in r for r in request.classification["reasons"])

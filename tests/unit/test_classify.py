@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from keyturn.classify import Identity, NotAllowed, check_access, classify, policy_warnings
+from keyturn.classify import (
+    Identity,
+    NotAllowed,
+    check_access,
+    classify,
+    masking_patterns,
+    policy_warnings,
+)
 from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.cases import failing_cases
 from keyturn.classify.catalog import Catalog
@@ -667,3 +674,74 @@ def test_policy_tests_name_real_targets_and_rules() -> None:
     with pytest.raises(ConfigError) as info:
         lax_policy(tests=[{"target": "db", "command": "SELECT 1", "expect": "allow", "rule": "x"}])
     assert info.value.problems == ["tests[0].rule: no rule is named 'x'"]
+
+
+# ------------------------------------------------------------------ masking by lineage
+
+MASKED_READS = {
+    # a masked column selected as itself, however it travels: masked at that position
+    "SELECT id, email FROM t": (False, True),
+    "SELECT email AS contact FROM t": (True,),
+    "SELECT e FROM (SELECT email AS e FROM t) s": (True,),
+    "WITH x AS (SELECT email FROM t) SELECT * FROM x": (True,),
+    "WITH x(mail) AS (SELECT email FROM t) SELECT mail FROM x": (True,),
+    "SELECT (SELECT email FROM t LIMIT 1) AS first": (True,),
+    "SELECT email FROM t UNION SELECT name FROM u": (True,),
+    "SELECT count(*) FROM t": (False,),
+    "SELECT * FROM t": None,  # masked by name: its columns keep their names
+}
+MASKED_USES = [
+    "SELECT reverse(email) FROM t",
+    "SELECT encode(email::bytea, 'hex') FROM t",
+    "SELECT email::bytea FROM t",
+    "SELECT split_part(email, '@', 2) FROM t",
+    "SELECT replace(email, '@', ' at ') FROM t",
+    "SELECT translate(email, 'a', 'b') FROM t",
+    "SELECT left(email, 3), right(email, 3) FROM t",
+    "SELECT regexp_match(email, '(.*)@') FROM t",
+    "SELECT string_agg(x, ',') FROM t, unnest(regexp_split_to_array(email, '@')) x",
+    "SELECT id FROM t WHERE email = 'ada@example.com'",
+    "SELECT id FROM t WHERE email LIKE 'a%'",
+    "SELECT u.id FROM u JOIN t ON t.email = u.contact",
+    "SELECT count(*) FROM t GROUP BY email",
+    "SELECT id FROM t ORDER BY email",
+    "SELECT id FROM t GROUP BY id HAVING max(email) > 'm'",
+    "SELECT row_number() OVER (PARTITION BY email) FROM t",
+    "SELECT count(email) FROM t",
+    "SELECT to_json(t) FROM t",
+    "SELECT to_jsonb(x.*) FROM t x",
+    "SELECT md5(x::text) FROM t x",
+    "SELECT upper(e) FROM (SELECT email AS e FROM t) s",
+    "WITH x AS (SELECT email FROM t) SELECT lower(email) FROM x",
+    "SELECT id FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.contact = t.email)",
+    "SELECT (SELECT email FROM t LIMIT 1) || 'x'",
+    "SELECT DISTINCT ON (email) id FROM t",
+]
+
+
+@pytest.mark.parametrize(("command", "masked"), list(MASKED_READS.items()))
+def test_a_masked_column_selected_as_itself_is_allowed_and_masked(
+    command: str, masked: tuple[bool, ...] | None
+) -> None:
+    policy = lax_policy()
+    assert classify(policy, "db", command).action == "allow", command
+    plan = read_plan(command, 20, masking_patterns(policy))
+    assert plan[-1].masked == masked
+
+
+@pytest.mark.parametrize("command", MASKED_USES)
+def test_any_other_use_of_a_masked_column_holds_with_the_reason(command: str) -> None:
+    verdict = classify(lax_policy(), "db", command)
+    assert verdict.action == "hold", command
+    assert "uses " in verdict.reasons[-1] and (
+        "email" in verdict.reasons[-1] or "whole row" in verdict.reasons[-1]
+    ), verdict.reasons
+
+
+def test_masking_patterns_may_name_the_table() -> None:
+    policy = lax_policy(masking={"columns": ["customers.ssn"]})
+    assert classify(policy, "db", "SELECT upper(ssn) FROM customers").action == "hold"
+    assert classify(policy, "db", "SELECT upper(ssn) FROM people").action == "allow"
+    assert read_plan("SELECT ssn AS s FROM customers", 20, masking_patterns(policy))[-1].masked == (
+        True,
+    )
