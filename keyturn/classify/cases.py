@@ -13,6 +13,7 @@ import pglast
 from pglast import ast
 
 from keyturn.classify import Identity, classify
+from keyturn.classify.sql import parse
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Policy, PolicyTest
@@ -21,7 +22,7 @@ from keyturn.policy import Policy, PolicyTest
 def result_columns(command: str) -> list[str]:
     """The names of the last statement's result columns, as far as the text tells them."""
     try:
-        statements = pglast.parse_sql(command)
+        statements = parse(command)
     except pglast.parser.ParseError:
         return []
     last = statements[-1].stmt if statements else None

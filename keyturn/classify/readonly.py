@@ -19,7 +19,7 @@ from pglast import ast
 from pglast.stream import RawStream
 
 from keyturn.classify.lineage import Patterns, lineage
-from keyturn.classify.sql import explain_analyzes, nodes_under
+from keyturn.classify.sql import explain_analyzes, nodes_under, parse
 from keyturn.errors import KeyturnError
 
 NO_MASKING = Patterns(())
@@ -41,7 +41,7 @@ class Statement:
 
 def statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
     """Each statement's own text (as PostgreSQL's parser delimits them) and parse tree."""
-    statements = pglast.parse_sql(sql)
+    statements = parse(sql)
     if len(statements) == 1:
         return [(sql, statements[0].stmt)]
     encoded = sql.encode()  # locations are byte offsets

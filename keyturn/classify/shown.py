@@ -13,10 +13,10 @@ import shlex
 import unicodedata
 from dataclasses import dataclass
 
-import pglast
 from pglast.stream import RawStream
 
 from keyturn.classify.shell import analyze_shell
+from keyturn.classify.sql import parse
 from keyturn.domain import command_sha256
 
 
@@ -56,7 +56,7 @@ def visible(text: str) -> tuple[str, list[str]]:
 def sql_statements(command: str) -> list[tuple[str, str]]:
     """Each statement's kind and text as pglast prints it back (raises pglast's ParseError)."""
     out = []
-    for raw in pglast.parse_sql(command):
+    for raw in parse(command):
         node = raw.stmt
         kind = type(node).__name__.removesuffix("Stmt").upper() if node is not None else "EMPTY"
         out.append((kind, str(RawStream()(node)) if node is not None else ""))

@@ -303,13 +303,19 @@ class _Walker:
 TOO_COMPLEX = "nests too deeply for keyturn to analyse; simplify it or split it up"
 
 
+@functools.lru_cache(maxsize=32)  # judging, planning and showing one command share its parse
+def parse(sql: str) -> tuple[ast.RawStmt, ...]:
+    """pglast's parse of ``sql`` (raises its ParseError, or RecursionError when too deep)."""
+    return tuple(pglast.parse_sql(sql))
+
+
 def analyze_sql(sql: str, catalog: Catalog | None = None) -> SqlAnalysis:
     """Raises TooComplex for a command nested past what the parser or the walk can follow.
 
     With the target's ``catalog``, calls are judged by it; without, by the built-in lists.
     """
     try:
-        statements = pglast.parse_sql(sql)
+        statements = parse(sql)
     except pglast.parser.ParseError as exc:
         if "stack depth limit exceeded" in str(exc):
             raise TooComplex(f"the SQL {TOO_COMPLEX}") from None
@@ -345,7 +351,7 @@ def preview_select(sql: str) -> str | None:
     from pglast.stream import RawStream
 
     try:
-        statements = pglast.parse_sql(sql)
+        statements = parse(sql)
     except pglast.parser.ParseError:
         return None
     if len(statements) != 1:
