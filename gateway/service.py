@@ -44,7 +44,7 @@ from keyturn.errors import (
     Unavailable,
 )
 from keyturn.masking import Masker
-from keyturn.policy import Policy
+from keyturn.policy import Policy, Rule
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
@@ -203,6 +203,7 @@ class Gateway:
         who: Identity,
         request_id: uuid.UUID,
         recorded: asyncio.Future[None],
+        rule: Rule | None,
     ) -> SqlResult:
         """Run an allowed command on ``who``'s own read-only login, once ``recorded``.
 
@@ -210,7 +211,8 @@ class Gateway:
         """
         cfg = self.policy.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
-        plan = read_plan(cmd.command, cfg.max_statements, masking_patterns(self.policy))
+        masking = masking_patterns(self.policy, rule)
+        plan = read_plan(cmd.command, cfg.max_statements, masking)
         started = False
         try:
             with self.metrics.execute_seconds.time():
@@ -275,7 +277,9 @@ class Gateway:
             )
             recording = self.journal.enqueue(intent)
             try:
-                result = await self._execute(self.readers, cmd, who, intent.id, recording)
+                result = await self._execute(
+                    self.readers, cmd, who, intent.id, recording, verdict.rule
+                )
             except Exception as exc:
                 return await self._not_run(cmd, who, intent, recording, exc)
             except asyncio.CancelledError:

@@ -249,6 +249,8 @@ class Rule(Model):
     message: str | None = None
     # shadow: record what the rule would have done (audit, /metrics) without enforcing it
     mode: Literal["enforce", "shadow"] = "enforce"
+    # functions an allow rule lets take masked columns as plain arguments, e.g. [count]
+    masked_uses: list[Name] = []
 
     @model_validator(mode="after")
     def _hold_only_fields(self) -> Rule:
@@ -256,6 +258,8 @@ class Rule(Model):
             for name in ("approvers", "grant_ttl", "pending_ttl"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} only applies to action: hold")
+        if self.masked_uses and self.action != "allow":
+            raise ValueError("masked_uses only applies to action: allow")
         if (
             self.approvers
             and not self.approvers.slack_usergroup

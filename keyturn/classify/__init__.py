@@ -70,13 +70,15 @@ class NotAllowed(Forbidden):
     code = "not_allowed"
 
 
-def masking_patterns(policy: Policy) -> Patterns:
-    return _patterns(tuple(policy.masking.columns))
+def masking_patterns(policy: Policy, rule: Rule | None = None) -> Patterns:
+    """The policy's masked columns, with the uses ``rule`` (the deciding one) allows."""
+    uses = tuple(rule.masked_uses) if rule is not None else ()
+    return _patterns(tuple(policy.masking.columns), uses)
 
 
-@functools.lru_cache(maxsize=64)
-def _patterns(columns: tuple[str, ...]) -> Patterns:
-    return Patterns.of(columns)
+@functools.lru_cache(maxsize=256)
+def _patterns(columns: tuple[str, ...], uses: tuple[str, ...]) -> Patterns:
+    return Patterns.of(columns, uses)
 
 
 def check_access(policy: Policy, target_name: str, who: Identity) -> TargetBase:
@@ -117,7 +119,8 @@ def _classify_sql(
     verdict = _sql_rules(policy, target_name, command, who, catalog)
     if verdict.action == "allow":
         try:
-            read_plan(command, policy.gateway.max_statements, masking_patterns(policy))
+            masking = masking_patterns(policy, verdict.rule)
+            read_plan(command, policy.gateway.max_statements, masking)
         except NotReadOnly as exc:  # whatever the rules say, a human decides
             reasons = [*verdict.reasons, f"held: {exc.message}"]
             return Verdict("hold", None, reasons, verdict.kinds, verdict.shadow)

@@ -745,3 +745,20 @@ def test_masking_patterns_may_name_the_table() -> None:
     assert read_plan("SELECT ssn AS s FROM customers", 20, masking_patterns(policy))[-1].masked == (
         True,
     )
+
+
+def test_an_allow_rule_may_let_named_functions_take_masked_columns() -> None:
+    counting = lax_policy()
+    rules = [r.model_dump(mode="json", exclude_defaults=True) for r in counting.rules]
+    rules[-1]["masked_uses"] = ["count"]
+    policy = lax_policy(rules=rules)
+    assert classify(policy, "db", "SELECT count(email), count(DISTINCT email) FROM t").action == (
+        "allow"
+    )
+    for still_held in (
+        "SELECT count(lower(email)) FROM t",
+        "SELECT count(*) FILTER (WHERE email LIKE 'a%') FROM t",
+        "SELECT count(id) FROM t WHERE email = 'x'",
+    ):
+        assert classify(policy, "db", still_held).action == "hold", still_held
+    assert classify(lax_policy(), "db", "SELECT count(email) FROM t").action == "hold"
