@@ -22,7 +22,8 @@ MASK = "***"
 
 _SEP = r"[\s.\-_/]{0,3}"  # what people put between digit groups: any mix, up to three
 _EMAIL = re.compile(r"\b([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})\b")
-_CARD = re.compile(rf"(?<![\d])(?:\d{_SEP}){{12,18}}\d(?![\d])")
+# a card number stands on its own: not the tail of a word (a role name "…h4505-1795…")
+_CARD = re.compile(rf"(?<![\w])(?:\d{_SEP}){{12,18}}\d(?![\w])")
 _SSN = re.compile(rf"\b(?!000|666|9\d\d)\d{{3}}{_SEP}(?!00)\d{{2}}{_SEP}(?!0000)(\d{{4}})\b")
 _PHONE = re.compile(
     rf"(?<![\w-])(?:\+?1{_SEP})?\(?[2-9]\d{{2}}\)?{_SEP}[2-9]\d{{2}}{_SEP}(\d{{4}})(?![\w-])"

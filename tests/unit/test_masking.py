@@ -40,6 +40,7 @@ def test_columns_by_pattern_case_insensitive() -> None:
         ("card 4111 - 1111/1111_1111", "card ************1111"),
         ("card " + FULL_WIDTH_CARD, "card ************1111"),
         ("ssn 123.45.6789", "ssn ***-**-6789"),
+        ("role v-shop-ro-h4111-111111111111", "role v-shop-ro-h4111-111111111111"),  # a word's tail
         ("ssn 123 45 6789", "ssn ***-**-6789"),
         ("call 415.555.2671", "call ***-***-2671"),
         ("mail \uff41\uff44\uff41@example.com", "mail a***@example.com"),  # full-width
