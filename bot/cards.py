@@ -75,13 +75,14 @@ def chunks(text: str, size: int = _MAX_COMMAND) -> list[str]:
 def listing(state: CardState) -> str:
     """Every statement (or simple command) numbered, as it will run."""
     what = shown(state.command, state.shell)
+    if what.line is not None:  # the exact line, then each command's arguments
+        commands = "\n".join(
+            f"# {i}: {part.text}" for i, part in enumerate(what.parts, 1) if part.kind != "UNPARSED"
+        )
+        return f"$ {what.line}\n{commands}" if commands else f"$ {what.line}"
     if len(what.parts) == 1:
         return what.parts[0].text
-    mark = "#" if state.shell else "--"
-    end = "" if state.shell else ";"
-    return "\n".join(
-        f"{mark} {i}: {part.kind}\n{part.text}{end}" for i, part in enumerate(what.parts, 1)
-    )
+    return "\n".join(f"-- {i}: {part.kind}\n{part.text};" for i, part in enumerate(what.parts, 1))
 
 
 def command_blocks(state: CardState) -> tuple[list[dict[str, Any]], list[str]]:

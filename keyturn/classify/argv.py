@@ -59,8 +59,13 @@ def normalised(arg: str) -> str:
     return path if not arg.endswith("/") or path == "/" else path + "/"
 
 
+SYSTEM_BIN = frozenset({"/bin", "/usr/bin", "/sbin", "/usr/sbin", "/usr/local/bin"})
+
+
 def _arg_matches(pattern: str, arg: str, first: bool) -> bool:
     if first and "/" not in pattern:
+        if "/" in arg and posixpath.dirname(normalised(arg)) not in SYSTEM_BIN:
+            return False  # `cat` is the system's cat, not ./cat or /tmp/cat
         arg = posixpath.basename(arg)  # `uptime` names /usr/bin/uptime as well
     return _regex(pattern).fullmatch(normalised(arg)) is not None
 

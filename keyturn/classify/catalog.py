@@ -42,6 +42,7 @@ HARMLESS = frozenset(
     """.split()
 )
 VOLATILE = "v"
+UNKNOWN = "is not a function the target knows"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Catalog:
             p for p in self.procs.get(name, ()) if p.schema in schemas and p.accepts(nargs)
         ]
         if not candidates:
-            return f"is not a function the target knows with {nargs} argument(s)"
+            return f"{UNKNOWN} with {nargs} argument(s)"
         if name in DENYLIST:
             return "touches state, other sessions or whole tables"
         if any(

@@ -20,12 +20,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pglast import ast
-from pglast.enums import SubLinkType
+from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.sql import children
 
 STAR = "*"
-Ctes = dict[str, dict[str, str | None]]  # name -> its columns -> masked source (or None)
+# Functions of a whole row, callable in column notation (t.to_json): the row comes out whole.
+ROW_FUNCTIONS = frozenset(
+    """to_json to_jsonb row_to_json json_build_array jsonb_build_array hstore text
+    record_out array_to_json json_agg jsonb_agg string_agg""".split()
+)
+# name -> (its columns -> masked source or None, whether those columns are all known)
+Ctes = dict[str, tuple[dict[str, str | None], bool]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Source:
     name: str  # alias, or the table's own name
     table: str | None  # a base table's name; None for a derived one
     outputs: dict[str, str | None] | None = None  # derived: column -> masked source or None
+    exact: bool = True  # derived: False when a * over a base table fed it (columns unknown)
 
 
 @dataclass
@@ -97,14 +104,16 @@ class _Query:
         if len(fields) >= 2:
             qualifier = fields[-2]
             sources = [s for s in self.sources if s.name == qualifier]
-            if not sources:  # an outer query's table, or a table named in full
-                return self.patterns.column(qualifier, column)
+            if not sources:  # a table named in full (schema.table.col), or one we cannot see
+                return self.patterns.column(qualifier, column) or self.patterns.column(None, column)
         else:
             sources = self.sources
         for source in sources:
             if source.outputs is not None:
                 if source.outputs.get(column.lower()):
                     return source.outputs[column.lower()]
+                if not source.exact and self.patterns.column(None, column):
+                    return self.patterns.column(None, column)
             else:
                 found = self.patterns.column(source.table, column)
                 if found:
@@ -120,13 +129,21 @@ class _Query:
         return None
 
     def whole_rows(self, ref: ast.ColumnRef) -> list[Source]:
-        """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*`` or ``*``."""
+        """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*``, ``*``, or a
+        row function in column notation (``t.to_json`` is ``to_json(t)``)."""
         fields = ref.fields or ()
         row = self.whole_row(ref)
         if row is not None:
             return [row]
         if fields and isinstance(fields[-1], ast.A_Star):
             return _starred(self, fields)
+        if (
+            len(fields) == 2
+            and isinstance(fields[0], ast.String)
+            and isinstance(fields[1], ast.String)
+            and (fields[1].sval or "").lower() in ROW_FUNCTIONS
+        ):
+            return [s for s in self.sources if s.name == fields[0].sval]
         return []
 
     def may_hide(self, source: Source) -> bool:
@@ -211,11 +228,22 @@ def _target_name(target: ast.ResTarget) -> str:
 
 def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
     for item in items:
+        if isinstance(item, ast.RangeTableSample):
+            query.uses(item, "in TABLESAMPLE")
+            _sources(query, [item.relation] if item.relation is not None else [], ctes)
+            continue
         if isinstance(item, ast.RangeVar):
             name = (item.alias.aliasname if item.alias else None) or item.relname or ""
             cte = ctes.get((item.relname or "").lower()) if not item.schemaname else None
+            given = _strings(item.alias.colnames) if item.alias else []
             if cte is not None:
-                query.sources.append(Source(name, None, cte))
+                columns, exact = cte
+                names = given + list(columns)[len(given) :]
+                renamed = dict(zip(names, columns.values(), strict=False))
+                query.sources.append(Source(name, None, renamed, exact))
+            elif given and query.patterns.table(item.relname):
+                query.holds.append(f"renames the columns of {item.relname}, which may be masked")
+                query.sources.append(Source(name, item.relname))
             else:
                 query.sources.append(Source(name, item.relname))
         elif isinstance(item, ast.RangeSubselect) and isinstance(item.subquery, ast.SelectStmt):
@@ -225,18 +253,30 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             alias = item.alias.aliasname if item.alias else ""
             names = _strings(item.alias.colnames if item.alias else ())
             names += inner.names[len(names) :]
-            query.sources.append(
-                Source(alias or "", None, dict(zip(names, inner.masked, strict=False)))
-            )
+            columns = dict(zip(names, inner.masked, strict=False))
+            query.sources.append(Source(alias or "", None, columns, inner.exact))
         elif isinstance(item, ast.JoinExpr):
+            before = len(query.sources)
             _sources(query, [n for n in (item.larg, item.rarg) if n is not None], ctes)
+            joined = query.sources[before:]
             query.uses(item.quals, "in a join condition")
+            for column in _strings(item.usingClause):  # USING compares the named columns
+                if any(query.masked_ref(_column(s.name, column)) for s in joined):
+                    query.holds.append(f"joins on a masked column ({column}) in USING")
+            if item.isNatural and any(query.may_hide(s) for s in joined):
+                query.holds.append("a NATURAL join may compare masked columns")
+            if item.alias is not None:  # the join's columns under one name: unknown which
+                query.sources.append(Source(item.alias.aliasname or "", None, {}, exact=False))
         elif isinstance(item, ast.RangeFunction):
             query.uses(item, "in a FROM function")
             alias = item.alias.aliasname if item.alias else ""
             query.sources.append(Source(alias or "", None, {}))
         else:
             query.uses(item, "in FROM")
+
+
+def _column(qualifier: str, name: str) -> ast.ColumnRef:
+    return ast.ColumnRef(fields=(ast.String(sval=qualifier), ast.String(sval=name)))
 
 
 def _strings(nodes: Iterable[ast.Node] | None) -> list[str]:
@@ -251,19 +291,40 @@ def _outputs(
 ) -> _Outputs:
     ctes = dict(ctes)
     holds: list[str] = []
+    recursive = bool(stmt.withClause and stmt.withClause.recursive)
     for cte in (stmt.withClause.ctes or ()) if stmt.withClause else ():
         if isinstance(cte, ast.CommonTableExpr) and isinstance(cte.ctequery, ast.SelectStmt):
+            if recursive and cte.ctequery.larg is not None:
+                # the recursive term reads the CTE itself: as its first term defines it
+                seed = _outputs(cte.ctequery.larg, patterns, ctes)
+                seeded = _strings(cte.aliascolnames)
+                seeded += seed.names[len(seeded) :]
+                ctes[(cte.ctename or "").lower()] = (
+                    dict(zip(seeded, seed.masked, strict=False)),
+                    seed.exact,
+                )
             inner = _outputs(cte.ctequery, patterns, ctes)
             holds += inner.holds
             columns = _strings(cte.aliascolnames)
             columns += inner.names[len(columns) :]
-            ctes[(cte.ctename or "").lower()] = dict(zip(columns, inner.masked, strict=False))
+            ctes[(cte.ctename or "").lower()] = (
+                dict(zip(columns, inner.masked, strict=False)),
+                inner.exact,
+            )
     if stmt.op and stmt.larg is not None and stmt.rarg is not None:  # UNION / INTERSECT / EXCEPT
         left = _outputs(stmt.larg, patterns, ctes, outer)
         right = _outputs(stmt.rarg, patterns, ctes, outer)
         either = [a or b for a, b in zip(left.masked, right.masked, strict=False)]
-        exact = left.exact and right.exact
-        return _Outputs(left.names, either, holds + left.holds + right.holds, exact)
+        holds += left.holds + right.holds
+        if not (left.exact and right.exact) and patterns.pairs:
+            holds.append("a * over a table with masked columns inside a set operation")
+        if any(either) and (stmt.op != SetOperation.SETOP_UNION or not stmt.all):
+            holds.append("compares masked values (UNION, INTERSECT or EXCEPT)")
+        holds += _ordering(stmt, left.names, either)
+        probe = _Query(patterns, ctes)
+        probe.uses(stmt.limitCount, "in LIMIT")
+        probe.uses(stmt.limitOffset, "in OFFSET")
+        return _Outputs(left.names, either, holds + probe.holds, True)
     query = _Query(patterns, ctes)
     if outer is not None:
         query.sources += outer.sources
@@ -272,6 +333,8 @@ def _outputs(
         query.uses(rows, "in VALUES")
     query.uses(stmt.whereClause, "in WHERE")
     query.uses(stmt.havingClause, "in HAVING")
+    query.uses(stmt.limitCount, "in LIMIT")
+    query.uses(stmt.limitOffset, "in OFFSET")
     for item in stmt.groupClause or ():
         query.uses(item, "in GROUP BY")
     for item in stmt.sortClause or ():
@@ -292,7 +355,7 @@ def _outputs(
             fields = value.fields or ()
             if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
                 for source in _starred(query, fields):
-                    if source.outputs is None:
+                    if source.outputs is None or not source.exact:
                         exact = False
                     for name, source_masked in (source.outputs or {}).items():
                         names.append(name)
@@ -312,7 +375,28 @@ def _outputs(
         query.uses(value, "")
         names.append(_target_name(target))
         masked.append(None)
+    holds += _ordering(stmt, names, masked)
     return _Outputs(names, masked, holds + query.holds, exact)
+
+
+def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
+    """ORDER BY, GROUP BY and DISTINCT ON by position (``1``) or output name, when they
+    land on a masked column: its order or grouping tells its value."""
+    found = []
+    items = [*(stmt.sortClause or ()), *(stmt.groupClause or ())]
+    items += [d for d in stmt.distinctClause or () if isinstance(d, ast.Node)]
+    for item in items:
+        key = item.node if isinstance(item, ast.SortBy) else item
+        index = None
+        if isinstance(key, ast.A_Const) and isinstance(key.val, ast.Integer):
+            index = (key.val.ival or 0) - 1
+        elif isinstance(key, ast.ColumnRef) and len(key.fields or ()) == 1:
+            field = (key.fields or ())[0]
+            name = (field.sval or "").lower() if isinstance(field, ast.String) else ""
+            index = names.index(name) if name in names else None
+        if index is not None and 0 <= index < len(masked) and masked[index]:
+            found.append(f"orders or groups by a masked column ({masked[index]})")
+    return found
 
 
 def _starred(query: _Query, fields: Sequence[ast.Node]) -> list[Source]:
@@ -332,6 +416,8 @@ def lineage(statements: Sequence[ast.Node | None], patterns: Patterns) -> Lineag
             found = _outputs(stmt, patterns, {})
             out.holds += found.holds
             out.masked = tuple(m is not None for m in found.masked) if found.exact else None
+            if not found.exact and any(found.masked):  # positions unknown, names changed
+                out.holds.append("a masked column under another name beside a *")
         elif isinstance(stmt, ast.ExplainStmt) and isinstance(stmt.query, ast.SelectStmt):
             out.holds += _outputs(stmt.query, patterns, {}).holds
     out.holds = list(dict.fromkeys(h.replace("  ", " ").strip() for h in out.holds))

@@ -32,17 +32,28 @@ RISKY_OPTIONS: dict[str, tuple[frozenset[str], str, str]] = {
         "runs programs, deletes or writes files",
     ),
     "git": (
-        frozenset("-c --config-env --exec-path --upload-pack --receive-pack -C".split()),
+        frozenset(
+            """-c --config-env --exec-path --upload-pack --receive-pack -C --output
+            --ext-diff --textconv --open-files-in-pager --paginate -p --git-dir --work-tree
+            --namespace""".split()
+        )
+        - {"-p"},
         "",
-        "runs configured programs (pager, hooks, helpers)",
+        "writes files or runs configured programs (pager, diff drivers, hooks)",
     ),
     "journalctl": (
         frozenset(
             """--vacuum-time --vacuum-size --vacuum-files --rotate --flush --sync
-            --relinquish-var --smart-relinquish-var --setup-keys --update-catalog""".split()
+            --relinquish-var --smart-relinquish-var --setup-keys --update-catalog
+            --cursor-file --machine --directory --file --root --image -M -D""".split()
         ),
-        "",
-        "changes the journal",
+        "MD",
+        "changes the journal, writes files or reads another",
+    ),
+    "grep": (
+        frozenset("-r -R --recursive --dereference-recursive -f --file -d --directories".split()),
+        "rRfd",
+        "reads files other than those named (recursively, or a pattern file)",
     ),
     "systemctl": (frozenset("-H --host -M --machine".split()), "HM", "reaches another host"),
     "sort": (frozenset("-o --output --compress-program".split()), "o", "writes files"),
@@ -68,9 +79,10 @@ ALWAYS_RISKY = {
 }
 # The only sed scripts an allow rule may let through: print, delete, quit, line ranges and
 # s///[gpI] substitutions — no e (execute), w/W (write) or r/R (read another file).
+# (No backslash anywhere: an escaped delimiter would make sed read the script otherwise.)
 _SAFE_SED = re.compile(
-    r"^(?:(?:\d+|\$|/[^/]*/)(?:,(?:\d+|\$|/[^/]*/))?)?!?\s*"
-    r"(?:[pdqP=]|s(.)(?:(?!\1).)*\1(?:(?!\1).)*\1[gpI0-9]*)$"
+    r"^(?:(?:\d+|\$|/[^/\\]*/)(?:,(?:\d+|\$|/[^/\\]*/))?)?!?\s*"
+    r"(?:[pdqP=]|s([^\\\s])(?:(?!\1)[^\\])*\1(?:(?!\1)[^\\])*\1[gpI0-9]*)$"
 )
 
 
@@ -78,7 +90,9 @@ def _uses(word: str, options: frozenset[str], letters: str) -> bool:
     name = word.split("=", 1)[0]
     if name in options:
         return True
-    if word.startswith("--") or not word.startswith("-") or len(word) < 2:
+    if name.startswith("--") and len(name) > 2:  # GNU takes any unambiguous prefix
+        return any(option.startswith(name) for option in options if option.startswith("--"))
+    if not word.startswith("-") or len(word) < 2:
         return False
     return any(letter in letters for letter in word[1:].split("=", 1)[0])
 

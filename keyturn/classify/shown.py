@@ -31,6 +31,8 @@ class Shown:
     sha256: str  # of the command as stored: the approval is bound to it
     parts: tuple[Part, ...]
     hidden: tuple[str, ...]  # the invisible characters found, named ("U+202E RIGHT-TO-LEFT …")
+    # shell: the line exactly as the target's shell gets it (redirects, assignments and all)
+    line: str | None = None
 
 
 def _escaped(char: str) -> bool:
@@ -83,5 +85,10 @@ def shown(command: str, shell: bool) -> Shown:
         text, found = visible(text)
         hidden += found
         out.append(Part(visible(kind)[0], text))
-    raw_hidden = visible(command)[1]  # also those only in comments the printing dropped
-    return Shown(command_sha256(command), tuple(out), tuple(dict.fromkeys(hidden + raw_hidden)))
+    line, raw_hidden = visible(command)  # also those only in comments the printing dropped
+    return Shown(
+        command_sha256(command),
+        tuple(out),
+        tuple(dict.fromkeys(hidden + raw_hidden)),
+        line if shell else None,
+    )

@@ -16,7 +16,7 @@ from typing import Literal
 import pglast
 from pglast import ast
 
-from keyturn.classify.catalog import Catalog
+from keyturn.classify.catalog import UNKNOWN, Catalog
 from keyturn.errors import InvalidInput, TooComplex
 
 # Functions a read may call and still be a read: pure, or reading state without changing it.
@@ -280,6 +280,22 @@ class _Walker:
 
     def _VariableSetStmt(self, node: ast.VariableSetStmt) -> None:
         self.a.add("set", f"SET {node.name or ''}".strip())
+
+    def _ColumnRef(self, node: ast.ColumnRef) -> None:
+        """``t.f`` may call ``f(t)`` (column notation): judged as that call when ``f`` is a
+        function (it is a column when ``t`` has one of that name, which is harmless)."""
+        fields = node.fields or ()
+        if len(fields) != 2 or not all(isinstance(f, ast.String) for f in fields):
+            return
+        name = (fields[1].sval or "") if isinstance(fields[1], ast.String) else ""
+        if self.catalog is not None:
+            why = self.catalog.judge((name,), 1)
+            if why is not None and not why.startswith(UNKNOWN):
+                self.a.add("function_call", f"calls {name}() in column notation, which {why}")
+        elif name.lower() in SIDE_EFFECT_FUNCTIONS:
+            self.a.add(
+                "function_call", f"calls {name}() in column notation, which has side effects"
+            )
 
     def _ParamRef(self, node: ast.ParamRef) -> None:
         self.param = self.param or node.number or 1

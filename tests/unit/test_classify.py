@@ -364,6 +364,20 @@ SHELL_HELD = [
     "journalctl --vacuum-time=1s",
     "systemctl status -H evil.example nginx",
     "less /var/log/syslog",
+    # the red team's: an escaped sed delimiter, git writing files, GNU abbreviations,
+    # grep reading elsewhere, a look-alike binary
+    "sed -n '/\\|\\/,/e touch PWNED #/p' /var/log/messages",
+    "git log -1 --output=/home/deploy/.ssh/authorized_keys",
+    "git log -1 -p --ext-diff",
+    "journalctl --vacuum-t=1s",
+    "journalctl --rot",
+    "journalctl -u nginx --cursor-file=/home/deploy/.bashrc",
+    "systemctl status --ho=root@evil nginx",
+    "sort --outp=/etc/passwd /var/log/syslog",
+    "grep -r error /var/log/syslog",
+    "grep -f/etc/shadow /var/log/syslog",
+    "/tmp/cat /var/log/syslog",
+    "./cat /var/log/syslog",
 ]
 
 SHELL_BLOCKED = [
@@ -571,6 +585,9 @@ FUNCTION_CASES = [
     ("SELECT nope(1)", "hold"),  # not in the catalog
     ("SELECT report(1, 2)", "hold"),  # no overload takes two
     ("SELECT ops.audit_hit(1)", "hold"),  # not in that schema
+    ("SELECT o.audit_hit FROM t o", "hold"),  # column notation: audit_hit(o)
+    ("SELECT o.txid_current FROM t o", "allow"),  # takes no row: a column of that name
+    ("SELECT o.report FROM t o", "allow"),  # stable
 ]
 
 
@@ -585,7 +602,7 @@ def test_functions_are_judged_by_the_targets_catalog(command: str, action: str) 
 def test_check_config_warns_about_allow_rules_naming_programs_that_run_others() -> None:
     warnings = policy_warnings(POLICY)
     programs = {w.split(": ", 1)[1].split()[0] for w in warnings}
-    assert programs == {"systemctl", "journalctl", "tar", "sed", "find", "git", "sort"}
+    assert programs == {"systemctl", "journalctl", "tar", "sed", "find", "git", "sort", "grep"}
     assert "rules[7].match.shell[11]: find with some options runs programs" in "\n".join(warnings)
 
 
@@ -686,7 +703,7 @@ MASKED_READS = {
     "WITH x AS (SELECT email FROM t) SELECT * FROM x": (True,),
     "WITH x(mail) AS (SELECT email FROM t) SELECT mail FROM x": (True,),
     "SELECT (SELECT email FROM t LIMIT 1) AS first": (True,),
-    "SELECT email FROM t UNION SELECT name FROM u": (True,),
+    "SELECT email FROM t UNION ALL SELECT name FROM u": (True,),
     "SELECT count(*) FROM t": (False,),
     "SELECT * FROM t": None,  # masked by name: its columns keep their names
 }
@@ -716,6 +733,21 @@ MASKED_USES = [
     "SELECT id FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.contact = t.email)",
     "SELECT (SELECT email FROM t LIMIT 1) || 'x'",
     "SELECT DISTINCT ON (email) id FROM t",
+    "SELECT email FROM t UNION SELECT 'ada@example.com'",  # UNION drops equal rows: an oracle
+    "SELECT email FROM t INTERSECT SELECT 'ada@example.com'",
+    "SELECT email AS x FROM t ORDER BY x",
+    "SELECT email FROM t ORDER BY 1",
+    "SELECT id FROM t LIMIT (SELECT length(email) FROM t LIMIT 1)",
+    "SELECT reverse(e) FROM t AS x(i, e)",
+    "SELECT reverse(y.email) FROM (SELECT * FROM t) y",
+    "SELECT y.*, email AS other FROM (SELECT * FROM t) y",
+    "SELECT reverse(j.email) FROM (t JOIN u USING (id)) AS j",
+    "SELECT reverse(x.email) FROM t AS x TABLESAMPLE SYSTEM (100)",
+    "SELECT x.id FROM t x JOIN (VALUES ('ada@example.com')) v(email) USING (email)",
+    "SELECT reverse(x.to_json::text) FROM t x",
+    "WITH RECURSIVE r(a, b, i) AS (SELECT email, '', 0 FROM t UNION ALL"
+    " SELECT a, reverse(a), 1 FROM r WHERE i = 0) SELECT b FROM r",
+    "SELECT 1 AS a UNION ALL SELECT * FROM t",
 ]
 
 
@@ -733,9 +765,8 @@ def test_a_masked_column_selected_as_itself_is_allowed_and_masked(
 def test_any_other_use_of_a_masked_column_holds_with_the_reason(command: str) -> None:
     verdict = classify(lax_policy(), "db", command)
     assert verdict.action == "hold", command
-    assert "uses " in verdict.reasons[-1] and (
-        "email" in verdict.reasons[-1] or "whole row" in verdict.reasons[-1]
-    ), verdict.reasons
+    why = verdict.reasons[-1]
+    assert any(w in why for w in ("email", "masked", "whole row")), verdict.reasons
 
 
 def test_masking_patterns_may_name_the_table() -> None:

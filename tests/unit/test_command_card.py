@@ -70,3 +70,8 @@ def test_shell_commands_are_shown_as_their_arguments() -> None:
 def test_markup_in_a_command_stays_text() -> None:
     text = shown_text("UPDATE t SET note = '<!channel> ```' WHERE id = 1")
     assert "&lt;!channel&gt;" in text and "<!channel>" not in text
+
+
+def test_a_shell_card_shows_the_line_as_the_shell_gets_it() -> None:
+    text = shown_text("LD_PRELOAD=/tmp/evil.so cat /var/log/syslog > /etc/cron.d/x", ssh=True)
+    assert "LD_PRELOAD=/tmp/evil.so cat /var/log/syslog &gt; /etc/cron.d/x" in text
