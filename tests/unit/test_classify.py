@@ -376,7 +376,7 @@ SHELL_HELD = [
     "sort --outp=/etc/passwd /var/log/syslog",
     "grep -r error /var/log/syslog",
     "grep -f/etc/shadow /var/log/syslog",
-    "/tmp/cat /var/log/syslog",
+    "/home/deploy/cat /var/log/syslog",
     "./cat /var/log/syslog",
 ]
 
