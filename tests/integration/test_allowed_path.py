@@ -685,10 +685,11 @@ async def test_masked_columns_are_followed_through_the_query(
         )
         assert body["result"]["rows"] == [[1, "***"], [2, "***"]], body
         status, body = await gw.post(
-            token, sql("SELECT c FROM (SELECT email AS c FROM customers) s ORDER BY 1")
+            token, sql("SELECT c FROM (SELECT id, email AS c FROM customers) s ORDER BY id")
         )
         assert body["result"]["rows"] == [["***"], ["***"]], body
         for command in (
+            "SELECT c FROM (SELECT email AS c FROM customers) s ORDER BY 1",  # order tells
             "SELECT reverse(email) FROM customers",
             "SELECT id FROM customers WHERE email = 'ada@example.com'",
             "SELECT string_agg(x, ',') FROM customers, unnest(regexp_split_to_array(email, '@')) x",
