@@ -87,9 +87,14 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     await gw.store.close()
 
 
+async def drain(app: web.Application) -> None:
+    app[GATEWAY_KEY].drain()
+
+
 def application(gw: Gateway) -> web.Application:
     app = create_app(gw)
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)  # runs after the listening socket closed, before handlers end
     return app
 
 

@@ -13,8 +13,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.openapi import build_spec
-from gateway.schemas import MAX_BODY_BYTES, CommandOut
+from gateway.schemas import MAX_BODY_BYTES
 from gateway.service import Blocked, Gateway
+from keyturn.api import CommandOut
 from keyturn.errors import InvalidInput, KeyturnError, RateLimited, Unavailable
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,12 @@ async def read(request: web.Request) -> web.Response:
     return await _json(await gw.read(who, request.match_info["id"], wait))
 
 
+async def targets(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    who = await gw.auth.authenticate(request.headers.get("Authorization"))
+    return web.json_response(gw.targets(who).model_dump())
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -140,6 +147,7 @@ def create_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     app.router.add_post("/v1/commands", submit)
     app.router.add_get("/v1/commands/{id}", read)
+    app.router.add_get("/v1/targets", targets)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from gateway.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn, CommandOut, ErrorOut
+from gateway.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn
 from keyturn import __version__
+from keyturn.api import CommandOut, ErrorOut, TargetsOut
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -32,7 +33,7 @@ COMMON_ERRORS = {
 
 def build_spec() -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "validation") for m in (CommandIn, CommandOut, ErrorOut)],
+        [(m, "validation") for m in (CommandIn, CommandOut, ErrorOut, TargetsOut)],
         ref_template="#/components/schemas/{model}",
     )
     return {
@@ -103,6 +104,22 @@ def build_spec() -> dict[str, Any]:
                         "200": _ok("the request (final, or still waiting when wait ran out)"),
                         "400": _error("bad wait value"),
                         "404": _error("no such request for this identity"),
+                        **COMMON_ERRORS,
+                    },
+                }
+            },
+            "/v1/targets": {
+                "get": {
+                    "summary": "The targets this identity may use, with kind and description",
+                    "responses": {
+                        "200": {
+                            "description": "the targets (an empty list when none is allowed)",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/TargetsOut"}
+                                }
+                            },
+                        },
                         **COMMON_ERRORS,
                     },
                 }

@@ -27,9 +27,10 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.readonly import ReadOnlyLogins
 from gateway.results import STALE_STATEMENT, Limits, SqlResult, finish, forget_statements
-from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, CommandOut, storable
+from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
 from keyturn.aio import Deadline
+from keyturn.api import CommandOut, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
@@ -44,7 +45,7 @@ from keyturn.errors import (
     Unavailable,
 )
 from keyturn.masking import Masker
-from keyturn.policy import Policy, Rule
+from keyturn.policy import Policy, PostgresTarget, Rule
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
@@ -64,6 +65,10 @@ AGENT_TERMINAL = frozenset(
 ESTIMATE_TIMEOUT = 2.0
 CLASSIFY_INLINE = 4096  # longer commands are classified in a worker thread
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
+DEFAULT_DESCRIPTIONS = {
+    "postgres": "PostgreSQL database: plain reads run at once, anything else waits for a human",
+    "ssh": "host reached over SSH: each shell command runs as its policy allows",
+}
 
 
 class NotStarted(Exception):
@@ -129,6 +134,7 @@ class Gateway:
     limiter: RateLimiter = field(init=False)
     masker: Masker = field(init=False)
     limits: Limits = field(init=False)
+    draining: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         cfg = self.policy.gateway
@@ -407,6 +413,18 @@ class Gateway:
             self.metrics.commands.labels("held").inc()
         return self.view(ops.RequestView.of(row))
 
+    # ------------------------------------------------------------------ targets
+
+    def targets(self, who: Identity) -> TargetsOut:
+        """The targets ``who`` may use, for an agent (or its model) choosing one."""
+        listed = []
+        for name, target in self.policy.targets.items():
+            if target.subjects is None or who.listed_in(target.subjects):
+                kind = "postgres" if isinstance(target, PostgresTarget) else "ssh"
+                description = target.description or DEFAULT_DESCRIPTIONS[kind]
+                listed.append(TargetOut(name=name, kind=kind, description=description))
+        return TargetsOut(targets=listed)
+
     # ------------------------------------------------------------------ read and wait
 
     async def read(self, who: Identity, request_id: str, wait: float) -> CommandOut:
@@ -430,7 +448,7 @@ class Gateway:
                 "request",
                 ident,
                 load,
-                lambda r: r.status in AGENT_TERMINAL,
+                lambda r: r.status in AGENT_TERMINAL or self.draining,
                 timeout=wait,
                 poll_interval=wait,  # the batch poller is the polling guarantee
             )
@@ -455,6 +473,14 @@ class Gateway:
             denied_by=row.denied_by,
             deny_reason=row.deny_reason,
         )
+
+    def drain(self) -> None:
+        """Shutting down: answer every long-poll now with its request as it stands, rather than
+        holding a restart for up to ``max_wait``. Agents poll again (another replica, or this
+        one once back); nothing is lost, the request lives in the database."""
+        self.draining = True
+        for ident in self.listener.watched("request"):
+            self.listener.wake("request", ident)
 
     # ------------------------------------------------------------------ background upkeep
 

@@ -142,6 +142,8 @@ class SshVault(Model):
 class TargetBase(Model):
     subjects: list[Subject] | None = None
     approval_channel: str | None = None
+    # shown to agents (GET /v1/targets, the CrewAI and MCP tools): what is there, in one line
+    description: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[^\n]*$")
 
 
 class PostgresTarget(TargetBase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
@@ -16,10 +17,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
+from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from gateway.bootstrap import application, build
 from gateway.service import Gateway
 from keyturn.policy import Policy, parse_policy
+from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.idp import DevIdP
@@ -208,6 +211,11 @@ class Running:
         )
         return resp.status, await resp.json()
 
+    @property
+    def url(self) -> str:
+        """Where an out-of-process agent (or an HTTP client) reaches this gateway."""
+        return f"http://{self.client.host}:{self.client.port}"
+
     async def get(
         self, token: str, ident: str, wait: float | str = 0
     ) -> tuple[int, dict[str, Any]]:
@@ -226,11 +234,14 @@ def run_gateway(shop: Shop, database: Dsn) -> GatewayFactory:
 
     @contextlib.asynccontextmanager
     async def start(
-        dev_secret: str | None = None, vault: Vault | None = None, **overrides: Any
+        dev_secret: str | None = None,
+        vault: Vault | None = None,
+        port: int | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[Running]:
         store = Store(database)
         gw = build(shop.policy(**overrides), store, vault or shop.vault(), dev_secret=dev_secret)
-        server = TestServer(application(gw))
+        server = TestServer(application(gw), port=port)
         client = TestClient(server)
         await client.start_server()
         try:
@@ -246,3 +257,87 @@ def _no_ambient_keyturn_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("KEYTURN_") and name != "KEYTURN_TEST_DATABASE_URL":
             monkeypatch.delenv(name)
+
+
+APPROVALS = "CAPPROVALS"
+APPROVER = "U_APPROVER"
+
+
+@dataclass
+class Desk:
+    """The whole approval path as an agent meets it: a gateway on a real port, the bot, the
+    Slack emulator where ``APPROVER`` clicks."""
+
+    gateway: Running
+    slack: SlackEmulator
+    store: Store
+
+    async def card(self, request_id: str, timeout: float = 20) -> str:
+        """The ts of the request's card once the bot has posted it."""
+        async with asyncio.timeout(timeout):
+            while not (ts := (await ops.get_request(self.store, uuid.UUID(request_id))).slack_ts):
+                await asyncio.sleep(0.05)
+        return ts
+
+    async def approve(self, request_id: str) -> None:
+        status, _ = await self.slack.click(
+            APPROVALS, await self.card(request_id), APPROVE, APPROVER
+        )
+        assert status == 200
+
+    async def deny(self, request_id: str, reason: str) -> None:
+        ts = await self.card(request_id)
+        opened = len(self.slack.views)
+        await self.slack.click(APPROVALS, ts, DENY, APPROVER)
+        async with asyncio.timeout(10):
+            while len(self.slack.views) == opened:
+                await asyncio.sleep(0.05)
+        status, _ = await self.slack.submit(
+            list(self.slack.views)[-1], APPROVER, {"reason": reason}
+        )
+        assert status == 200
+
+    async def requests(self) -> int:
+        """How many requests keyturn recorded (held, allowed and blocked alike)."""
+        async with self.store.driver() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM requests"))
+
+
+DeskFactory = Callable[..., contextlib.AbstractAsyncContextManager[Desk]]
+
+
+@pytest_asyncio.fixture
+async def approvals_slack() -> AsyncIterator[SlackEmulator]:
+    emulator = SlackEmulator()
+    await emulator.start()
+    emulator.add_user(APPROVER, "Ada Approver")
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+def run_desk(
+    shop: Shop, database: Dsn, run_gateway: GatewayFactory, approvals_slack: SlackEmulator
+) -> DeskFactory:
+    """``async with run_desk(**gateway_overrides) as desk:`` gateway, bot and Slack together."""
+
+    @contextlib.asynccontextmanager
+    async def start(
+        bot_vault: Vault | None = None, writes: dict[str, Any] | None = None, **overrides: Any
+    ) -> AsyncIterator[Desk]:
+        data = copy.deepcopy(shop.base_policy)
+        data["slack"] = {"approval_channel": APPROVALS}
+        data["bot"] = {"poll_interval": "500ms"}
+        data["gateway"] = {**data["gateway"], "poll_interval": "500ms"}
+        for rule in data["rules"]:
+            if rule["name"] == "writes":
+                rule.update(writes or {})
+        policy = parse_policy(data)
+        gateway = {"poll_interval": "500ms", **overrides.pop("gateway", {})}
+        async with (
+            serve_bot(approvals_slack, policy, database, bot_vault or shop.bot_vault()),
+            run_gateway(rules=data["rules"], gateway=gateway, **overrides) as running,
+        ):
+            yield Desk(running, approvals_slack, Store(database))
+
+    return start

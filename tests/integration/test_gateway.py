@@ -10,11 +10,12 @@ import uuid
 from typing import Any
 
 import asyncpg
+import httpx
 import jwt
 import pytest
 from sqlalchemy import text
 
-from gateway.schemas import CommandOut
+from keyturn.api import CommandOut
 from keyturn.domain import Decision
 from keyturn.store import operations as ops
 from keyturn.testing.idp import DevIdP
@@ -516,6 +517,48 @@ async def test_rate_limit(run_gateway: GatewayFactory, idp: DevIdP) -> None:
         assert error_of(await resp.json())["code"] == "rate_limited"
         status, _ = await gw.post(idp.token("crew-calm"), READ)  # per identity
         assert status == 200
+
+
+async def test_targets_lists_what_this_identity_may_use(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    targets = dict(shop.base_policy["targets"])
+    targets["shop"] = {**targets["shop"], "description": "the shop: customers and orders"}
+    async with run_gateway(targets=targets) as gw:
+
+        async def listed(token: str) -> dict[str, tuple[str, str]]:
+            resp = await gw.client.get("/v1/targets", headers={"Authorization": f"Bearer {token}"})
+            assert resp.status == 200
+            return {
+                t["name"]: (t["kind"], t["description"]) for t in (await resp.json())["targets"]
+            }
+
+        plain = await listed(idp.token("crew-billing"))
+        assert plain["shop"] == ("postgres", "the shop: customers and orders")
+        assert plain["web"][0] == "ssh" and plain["web"][1]  # a default line when none is set
+        assert "private" not in plain  # subjects: [agent:crew-vip, group:sre]
+        assert "private" in await listed(idp.token("crew-x", groups=["sre"]))
+        resp = await gw.client.get("/v1/targets")
+        assert resp.status == 401 and error_of(await resp.json())["code"] == "unauthorized"
+
+
+async def test_a_shutdown_answers_waiting_long_polls_at_once(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """A restart must not wait out every agent's long-poll: each gets its request as it
+    stands and polls again (another replica, or this one once back)."""
+    token = idp.token("crew-billing")
+    async with run_gateway(gateway={"max_wait": "10m"}) as gw:
+        _, held = await gw.post(token, UPDATE)
+        url = f"{gw.url}/v1/commands/{held['id']}?wait=600"
+        async with httpx.AsyncClient() as http:
+            poll = asyncio.create_task(http.get(url, headers={"Authorization": f"Bearer {token}"}))
+            while not gw.gw.listener.watched("request"):
+                await asyncio.sleep(0.02)
+            async with asyncio.timeout(60):  # liveness: 60 s against the 600 s it asked for
+                await gw.client.close()
+                answer = await poll
+    assert answer.status_code == 200 and answer.json()["status"] == "pending"
 
 
 async def test_unknown_routes_and_methods(run_gateway: GatewayFactory) -> None:
