@@ -52,6 +52,10 @@ CONNECT_TIMEOUT = 5.0
 # ---------------------------------------------------------------------- outcomes
 
 
+class NotConfigured(ValueError):
+    """No gateway URL or agent token (from arguments or the environment), or a bad URL."""
+
+
 class KeyturnError(Exception):
     """Every way a command can end other than executed. ``request_id`` when one exists."""
 
@@ -317,11 +321,11 @@ def _settings(url: str | None, token: str | None) -> tuple[str, str]:
     url = url or os.environ.get("KEYTURN_GATEWAY_URL")
     token = token or os.environ.get("KEYTURN_AGENT_TOKEN")
     if not url:
-        raise ValueError("no gateway URL: pass url= or set KEYTURN_GATEWAY_URL")
+        raise NotConfigured("no gateway URL: pass url= or set KEYTURN_GATEWAY_URL")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"the gateway URL must start with http:// or https://, got {url!r}")
+        raise NotConfigured(f"the gateway URL must start with http:// or https://, got {url!r}")
     if not token:
-        raise ValueError("no agent token: pass token= or set KEYTURN_AGENT_TOKEN")
+        raise NotConfigured("no agent token: pass token= or set KEYTURN_AGENT_TOKEN")
     return url.rstrip("/"), token
 
 

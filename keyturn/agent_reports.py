@@ -1,0 +1,232 @@
+"""What a model is told of a command: a compact table, or one plain sentence saying what
+happened and what to do next.
+
+Shared by the CrewAI tools and the MCP server so every agent framework reads the same words.
+Pure: it formats what :mod:`keyturn.client` returned or raised. Data from the target is put in
+a fenced block (and fences inside it are broken up), so a model can tell rows from keyturn's own
+words; it is still data a model should not take instructions from.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from keyturn.api import CommandOut, ShellResultOut, SqlResultOut
+from keyturn.client import (
+    AuthError,
+    Blocked,
+    Cancelled,
+    Denied,
+    Expired,
+    Failed,
+    KeyturnError,
+    RateLimited,
+    Rejected,
+    StillPending,
+    Unavailable,
+)
+
+MAX_ROWS_SHOWN = 50
+MAX_CELL = 200  # characters of one value in a table
+MAX_OUTPUT = 4000  # characters of stdout or stderr
+MAX_TEXT = 8000  # characters of a whole report
+EXPIRY_GRACE = 60.0  # seconds past a pending request's expiry that a default wait allows
+
+Status = Literal[
+    "executed",
+    "failed",
+    "denied",
+    "expired",
+    "cancelled",
+    "pending",
+    "approved",
+    "executing",
+    "blocked",
+    "rejected",
+    "unauthorized",
+    "rate_limited",
+    "unavailable",
+]
+
+
+class ToolOutcome(BaseModel):
+    """One tool call's outcome: ``text`` for the model, the rest for programs (MCP's
+    structured content)."""
+
+    status: Status
+    text: str
+    request_id: str | None = None
+    target: str | None = None
+    result: SqlResultOut | ShellResultOut | None = None
+    rule: str | None = None
+    error: str | None = None
+    denied_by: str | None = None
+    deny_reason: str | None = None
+    next_call: str | None = Field(default=None, description="the call that checks on it again")
+
+
+def _cell(value: Any) -> str:
+    text = "NULL" if value is None else value if isinstance(value, str) else json.dumps(value)
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("|", "\\|")
+    text = text.replace("```", "`\u200b``")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def table(result: SqlResultOut) -> str:
+    """Rows as a compact pipe table in a fenced block, capped, saying what was left out."""
+    rows = result.rows[:MAX_ROWS_SHOWN]
+    lines = [" | ".join(_cell(c) for c in result.columns)]
+    size = len(lines[0])
+    for row in rows:
+        line = " | ".join(_cell(v) for v in row)
+        if size + len(line) > MAX_TEXT - 500:
+            break
+        lines.append(line)
+        size += len(line) + 1
+    shown = len(lines) - 1
+    notes = []
+    if shown < result.row_count:
+        notes.append(f"showing {shown} of {result.row_count} rows")
+    if result.truncated:
+        notes.append(f"the gateway cut the result at its {result.truncated.replace('_', ' ')} cap")
+    body = "```\n" + "\n".join(lines) + "\n```"
+    return body + (f"\n({'; '.join(notes)})" if notes else "")
+
+
+def _fenced(name: str, text: str) -> str:
+    text = text.replace("```", "`\u200b``")
+    if len(text) > MAX_OUTPUT:
+        text = text[:MAX_OUTPUT] + f"\n… ({len(text) - MAX_OUTPUT} more characters)"
+    return f"{name}:\n```\n{text}\n```"
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" + ("" if count == 1 else "s")
+
+
+def executed(request: CommandOut) -> ToolOutcome:
+    result = request.result
+    where = f"Ran on {request.target} (request {request.id})"
+    if isinstance(result, ShellResultOut):
+        status = "cut off" if result.exit_status is None else str(result.exit_status)
+        parts = [f"{where}: exit status {status}."]
+        parts += [
+            _fenced(n, t) for n, t in (("stdout", result.stdout), ("stderr", result.stderr)) if t
+        ]
+        if result.truncated:
+            parts.append("(the output was cut at the gateway's cap)")
+        text = "\n".join(parts)
+    elif isinstance(result, SqlResultOut):
+        done = ", ".join(result.tags) if result.tags else _rows(result.row_count)
+        text = f"{where}: {done}."
+        if result.columns:
+            text += "\n" + table(result)
+    else:
+        text = f"{where}."
+    return ToolOutcome(
+        status="executed", text=text[:MAX_TEXT], request_id=request.id, target=request.target,
+        result=result, rule=request.rule,
+    )  # fmt: skip
+
+
+def _next(request_id: str, next_call: str) -> str:
+    return next_call.format(request_id=request_id)
+
+
+def waiting(request: CommandOut, next_call: str) -> ToolOutcome:
+    """A request that is not final yet: where it stands and the exact call that checks on it."""
+    call = _next(request.id, next_call)
+    if request.status == "pending":
+        state = f"Still waiting for approval as request {request.id} (a person decides in Slack"
+        if request.expires_at is not None:
+            state += f"; it expires at {request.expires_at.astimezone(UTC):%H:%M:%S} UTC"
+        state += ")"
+    else:
+        state = f"Approved; request {request.id} is {request.status} and will finish shortly"
+    return ToolOutcome(
+        status=request.status if request.status in ("approved", "executing") else "pending",
+        text=f"{state}; check it with {call}.", request_id=request.id, target=request.target,
+        rule=request.rule, next_call=call,
+    )  # fmt: skip
+
+
+def report(request: CommandOut, next_call: str) -> ToolOutcome:
+    """What the model is told of a request as the gateway returned it."""
+    if request.status == "executed":
+        return executed(request)
+    if request.status in ("pending", "approved", "executing"):
+        return waiting(request, next_call)
+    if request.status == "denied":
+        return refusal(Denied(request.id, request.denied_by, request.deny_reason), next_call)
+    if request.status == "expired":
+        return refusal(Expired("", request.id), next_call)
+    if request.status == "cancelled":
+        return refusal(Cancelled("", request.id), next_call)
+    return refusal(Failed(request.error or "the command failed", request.id), next_call)
+
+
+def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None) -> ToolOutcome:
+    """One plain sentence for every way a command does not run (or is not known to)."""
+    rid = exc.request_id
+    fields: dict[str, Any] = {"request_id": rid}
+    if isinstance(exc, StillPending):
+        return waiting(exc.request, next_call)
+    if isinstance(exc, Blocked):
+        said = exc.message.rstrip(".")
+        if not said.lower().startswith("blocked"):
+            said = f"Blocked by rule {exc.rule}: {said}"
+        text = f"{said[0].upper()}{said[1:]}. keyturn will never run this command; do not retry it."
+        status, fields = "blocked", {"rule": exc.rule}
+    elif isinstance(exc, Denied):
+        who = f"@{exc.denied_by.lstrip('@')}" if exc.denied_by else "an approver"
+        reason = (exc.reason or "no reason given").rstrip(".")
+        text = f"Denied by {who}: {reason}. The command did not run (request {rid})."
+        status = "denied"
+        fields |= {"denied_by": exc.denied_by, "deny_reason": exc.reason}
+    elif isinstance(exc, Expired):
+        text = (
+            f"Nobody approved request {rid} before it expired; the command did not run. "
+            "Submit it again only if it is still needed."
+        )
+        status = "expired"
+    elif isinstance(exc, Cancelled):
+        text, status = f"Request {rid} was cancelled; the command did not run.", "cancelled"
+    elif isinstance(exc, Failed):
+        text = f"The command failed (request {rid}): {exc.message.rstrip('.')}."
+        status, fields = "failed", fields | {"error": exc.message}
+    elif isinstance(exc, AuthError):
+        text = (
+            f"keyturn refused this agent's credentials ({exc.message.rstrip('.')}); "
+            "nothing ran. A person must fix the agent's token."
+        )
+        status = "unauthorized"
+    elif isinstance(exc, Rejected):
+        text = f"keyturn refused the call: {exc.message.rstrip('.')}. Nothing ran."
+        if exc.status == 404 and targets is not None:
+            text += f" Targets you may use: {', '.join(targets) or 'none'}."
+        status = "rejected"
+    elif isinstance(exc, RateLimited):
+        text = (
+            f"keyturn is rate limiting this agent; nothing ran. Wait {exc.retry_after:g} s "
+            "before the next command."
+        )
+        status = "rate_limited"
+    elif isinstance(exc, Unavailable):
+        text = f"keyturn could not be reached ({exc.message.rstrip('.')}). Try again in a minute."
+        status = "unavailable"
+    else:
+        text, status = f"keyturn: {exc.message}", "unavailable"
+    return ToolOutcome(status=status, text=text, **fields)
+
+
+def default_wait(request: CommandOut, now: datetime | None = None) -> float:
+    """How long a tool waits by default for a held request: until it would expire, plus a
+    minute for an approved command to run."""
+    if request.expires_at is None:
+        return EXPIRY_GRACE
+    now = now or datetime.now(UTC)
+    return max(0.0, (request.expires_at - now).total_seconds()) + EXPIRY_GRACE

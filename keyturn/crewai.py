@@ -1,0 +1,220 @@
+"""CrewAI tools: an agent's SQL and shell commands go through keyturn (``pip install
+keyturn[crewai]``).
+
+    from keyturn.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQLTool
+
+    agent = Agent(..., tools=[KeyturnSQLTool(), KeyturnRequestStatusTool()])
+
+The gateway and token come from arguments or ``KEYTURN_GATEWAY_URL`` / ``KEYTURN_AGENT_TOKEN``.
+A tool returns text the model can use (:mod:`keyturn.agent_reports`) and never raises into the
+crew. A held command waits up to the tool's ``wait`` (default: until the request would expire)
+and then tells the model the request id to check with ``keyturn_request_status``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from crewai.tools import BaseTool
+from pydantic import BaseModel, Field, SecretStr
+
+from keyturn.agent_reports import ToolOutcome, default_wait, refusal, report
+from keyturn.api import CommandOut
+from keyturn.client import TERMINAL, AsyncClient, Client, KeyturnError, NotConfigured
+
+log = logging.getLogger(__name__)
+
+NEXT_CALL = "keyturn_request_status with request_id {request_id}"
+MAX_STATUS_WAIT = 300.0
+
+
+class _Connection(BaseTool):
+    """Where the gateway is and how long a held command is waited for."""
+
+    gateway_url: str | None = Field(default=None, description="default: KEYTURN_GATEWAY_URL")
+    token: SecretStr | None = Field(default=None, description="default: KEYTURN_AGENT_TOKEN")
+    wait: float | None = Field(
+        default=None, ge=0, description="seconds to wait for a held command; default: its TTL"
+    )
+
+    def _client(self) -> Client:
+        return Client(self.gateway_url, self.token.get_secret_value() if self.token else None)
+
+    def _async_client(self) -> AsyncClient:
+        token = self.token.get_secret_value() if self.token else None
+        return AsyncClient(self.gateway_url, token)
+
+    def _wait_for(self, request: CommandOut) -> float:
+        return self.wait if self.wait is not None else default_wait(request)
+
+
+def _told(found: CommandOut | KeyturnError, targets: list[str] | None = None) -> ToolOutcome:
+    if isinstance(found, KeyturnError):
+        return refusal(found, NEXT_CALL, targets)
+    return report(found, NEXT_CALL)
+
+
+def _failure(tool: str, exc: Exception) -> str:
+    """Whatever else went wrong, as a sentence: a tool never raises into the crew."""
+    if isinstance(exc, NotConfigured):
+        return f"keyturn is not configured: {exc}. A person must set it up; nothing ran."
+    log.error("keyturn tool %s failed", tool, exc_info=exc)
+    return "keyturn failed unexpectedly (see the crew's log); nothing is known to have run."
+
+
+class _CommandTool(_Connection):
+    """Submit a command to one of the gateway's targets of ``kind`` and report its outcome."""
+
+    kind: Literal["postgres", "ssh"] = "postgres"
+    targets: list[str] | None = Field(
+        default=None, description="target names offered to the model; default: asked of keyturn"
+    )
+    on_pending: Callable[[CommandOut], None] | None = Field(
+        default=None, description="called when a command is held, before the wait", exclude=True
+    )
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        self.description = f"{self.description} {self._targets_line()}"
+
+    def _targets_line(self) -> str:
+        """The targets of this tool's kind, from the gateway unless given."""
+        if self.targets is None:
+            try:
+                with self._client() as kt:
+                    listed = [t for t in kt.targets() if t.kind == self.kind]
+            except (KeyturnError, NotConfigured) as exc:
+                log.warning("keyturn: cannot list targets for %s: %s", self.name, exc)
+                return "Targets: keyturn could not list them now; an unknown one is refused."
+            self.targets = [t.name for t in listed]
+            return "Targets: " + "; ".join(f"{t.name} ({t.description})" for t in listed) + "."
+        return f"Targets: {', '.join(self.targets)}."
+
+    def _submitted(self, request: CommandOut) -> bool:
+        """True when the request still has to be waited for (``on_pending`` told)."""
+        if request.status in TERMINAL:
+            return False
+        if self.on_pending is not None:
+            self.on_pending(request)
+        return True
+
+    def _submit(self, target: str, command: str, reason: str) -> ToolOutcome:
+        with self._client() as kt:
+            try:
+                request = kt.submit(target, command, reason or None)
+                if self._submitted(request):
+                    request = kt.wait(request.id, self._wait_for(request))
+            except KeyturnError as exc:
+                return _told(exc, self.targets)
+        return _told(request, self.targets)
+
+    async def _asubmit(self, target: str, command: str, reason: str) -> ToolOutcome:
+        async with self._async_client() as kt:
+            try:
+                request = await kt.submit(target, command, reason or None)
+                if self._submitted(request):
+                    request = await kt.wait(request.id, self._wait_for(request))
+            except KeyturnError as exc:
+                return _told(exc, self.targets)
+        return _told(request, self.targets)
+
+
+class SQLArgs(BaseModel):
+    target: str = Field(description="the database target's name")
+    sql: str = Field(description="the SQL to run")
+    reason: str = Field(default="", description="why: shown to the person who approves it")
+
+
+class KeyturnSQLTool(_CommandTool):
+    name: str = "keyturn_sql"
+    description: str = (
+        "Run SQL on a database through keyturn. Plain reads run at once (sensitive columns "
+        "come back masked as ***). Anything that changes data waits for a person to approve "
+        "it in Slack, so give a clear reason; some commands are refused outright."
+    )
+    args_schema: type[BaseModel] = SQLArgs
+
+    def _run(self, target: str, sql: str, reason: str = "") -> str:
+        try:
+            return self._submit(target, sql, reason).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+    async def _arun(self, target: str, sql: str, reason: str = "") -> str:
+        try:
+            return (await self._asubmit(target, sql, reason)).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+
+class ShellArgs(BaseModel):
+    target: str = Field(description="the host target's name")
+    command: str = Field(description="one shell command line")
+    reason: str = Field(default="", description="why: shown to the person who approves it")
+
+
+class KeyturnShellTool(_CommandTool):
+    name: str = "keyturn_shell"
+    description: str = (
+        "Run a shell command on a host through keyturn. Commands the policy allows run at "
+        "once; others wait for a person to approve them in Slack, so give a clear reason; "
+        "some are refused outright."
+    )
+    args_schema: type[BaseModel] = ShellArgs
+    kind: Literal["postgres", "ssh"] = "ssh"
+
+    def _run(self, target: str, command: str, reason: str = "") -> str:
+        try:
+            return self._submit(target, command, reason).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+    async def _arun(self, target: str, command: str, reason: str = "") -> str:
+        try:
+            return (await self._asubmit(target, command, reason)).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+
+class StatusArgs(BaseModel):
+    request_id: str = Field(description="the request id keyturn gave")
+    wait_seconds: float = Field(
+        default=60, ge=0, le=MAX_STATUS_WAIT, description="how long to wait for it to finish"
+    )
+
+
+class KeyturnRequestStatusTool(_Connection):
+    name: str = "keyturn_request_status"
+    description: str = (
+        "Check a keyturn request that was still waiting for approval, by its request id: "
+        "waits up to wait_seconds for it to finish and returns its result or outcome."
+    )
+    args_schema: type[BaseModel] = StatusArgs
+
+    def _check(self, request_id: str, wait_seconds: float) -> ToolOutcome:
+        with self._client() as kt:
+            try:
+                return _told(kt.wait(request_id, min(wait_seconds, MAX_STATUS_WAIT)))
+            except KeyturnError as exc:
+                return _told(exc)
+
+    async def _acheck(self, request_id: str, wait_seconds: float) -> ToolOutcome:
+        async with self._async_client() as kt:
+            try:
+                return _told(await kt.wait(request_id, min(wait_seconds, MAX_STATUS_WAIT)))
+            except KeyturnError as exc:
+                return _told(exc)
+
+    def _run(self, request_id: str, wait_seconds: float = 60) -> str:
+        try:
+            return self._check(request_id, wait_seconds).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+    async def _arun(self, request_id: str, wait_seconds: float = 60) -> str:
+        try:
+            return (await self._acheck(request_id, wait_seconds)).text
+        except Exception as exc:
+            return _failure(self.name, exc)
