@@ -243,6 +243,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from keyturn.mcp_server import MAX_STATUS_WAIT, serve
+
+    if not 0 <= args.max_wait <= MAX_STATUS_WAIT:
+        raise ConfigError(f"--max-wait must be 0 to {MAX_STATUS_WAIT:g} seconds")
+    asyncio.run(serve(args.http, args.max_wait))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyturn.testing.stack import run_dev_stack
 
@@ -265,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the agent-facing gateway")
     p.add_argument("--config", required=True, type=Path)
     p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "mcp", help="serve the agent API as MCP tools (KEYTURN_GATEWAY_URL, KEYTURN_AGENT_TOKEN)"
+    )
+    p.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP on loopback, not stdio")
+    p.add_argument(
+        "--max-wait", type=float, default=20.0, help="seconds run_* waits before answering pending"
+    )
+    p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("token", help="mint a development agent token (HS256; dev only)")
     p.add_argument("sub", help="the agent identity (JWT sub)")
