@@ -44,6 +44,7 @@ T = TypeVar("T")
 TERMINAL = frozenset({"executed", "failed", "denied", "expired", "cancelled"})
 POLL_SECONDS = 30.0  # one long-poll; the gateway caps it at its max_wait anyway
 SUBMIT_RETRY_SECONDS = 60.0  # how long a submit keeps retrying a gateway that is down
+LAST_READ_GRACE = 2.0  # seconds a wait past its timeout still retries its last read
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 CONNECT_TIMEOUT = 5.0
@@ -277,8 +278,9 @@ def wait_flow(request_id: str, timeout: float) -> Flow[Request]:
         wait = max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
         path = f"/v1/commands/{quote(request_id, safe='')}?wait={wait:.3f}"
         call = Call("GET", path, wait + 10)
-        # a gateway down at the deadline still gets a few seconds to answer a last read
-        reply = yield from _exchange(call, max(deadline, time.monotonic() + 5), "read a request")
+        # a gateway down at the deadline still gets a moment to answer a last read
+        grace = time.monotonic() + LAST_READ_GRACE
+        reply = yield from _exchange(call, max(deadline, grace), "read a request")
         request = _request(reply)
         if request.status in TERMINAL or time.monotonic() >= deadline:
             return request
@@ -322,8 +324,12 @@ def _settings(url: str | None, token: str | None) -> tuple[str, str]:
     token = token or os.environ.get("KEYTURN_AGENT_TOKEN")
     if not url:
         raise NotConfigured("no gateway URL: pass url= or set KEYTURN_GATEWAY_URL")
-    if not url.startswith(("http://", "https://")):
-        raise NotConfigured(f"the gateway URL must start with http:// or https://, got {url!r}")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise NotConfigured(f"the gateway URL {url!r} is not valid: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise NotConfigured(f"the gateway URL must be http(s)://HOST[:PORT], got {url!r}")
     if not token:
         raise NotConfigured("no agent token: pass token= or set KEYTURN_AGENT_TOKEN")
     return url.rstrip("/"), token
@@ -396,11 +402,14 @@ class Client(_Base):
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
+        *,
+        retry_for: float = SUBMIT_RETRY_SECONDS,
     ) -> Request:
-        """Submit a command: executed (allowed), pending (held) or a typed error (blocked…)."""
-        return self._drive(
-            submit_flow(target, command, reason, run_id, idempotency_key, SUBMIT_RETRY_SECONDS)
-        )
+        """Submit a command: executed (allowed), pending (held) or a typed error (blocked…).
+
+        A gateway that cannot be reached (or answers 502-504 or 429) is retried with the same
+        Idempotency-Key for ``retry_for`` seconds, then :class:`Unavailable`."""
+        return self._drive(submit_flow(target, command, reason, run_id, idempotency_key, retry_for))
 
     def wait(self, request_id: str, timeout: float) -> Request:
         """The request once final, or as it stands when ``timeout`` seconds have passed."""
@@ -483,9 +492,11 @@ class AsyncClient(_Base):
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
+        *,
+        retry_for: float = SUBMIT_RETRY_SECONDS,
     ) -> Request:
         return await self._drive(
-            submit_flow(target, command, reason, run_id, idempotency_key, SUBMIT_RETRY_SECONDS)
+            submit_flow(target, command, reason, run_id, idempotency_key, retry_for)
         )
 
     async def wait(self, request_id: str, timeout: float) -> Request:

@@ -22,7 +22,14 @@ from pydantic import BaseModel, Field, SecretStr
 
 from keyturn.agent_reports import ToolOutcome, default_wait, refusal, report
 from keyturn.api import CommandOut
-from keyturn.client import TERMINAL, AsyncClient, Client, KeyturnError, NotConfigured
+from keyturn.client import (
+    SUBMIT_RETRY_SECONDS,
+    TERMINAL,
+    AsyncClient,
+    Client,
+    KeyturnError,
+    NotConfigured,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,9 @@ class _Connection(BaseTool):
     token: SecretStr | None = Field(default=None, description="default: KEYTURN_AGENT_TOKEN")
     wait: float | None = Field(
         default=None, ge=0, description="seconds to wait for a held command; default: its TTL"
+    )
+    retry_for: float = Field(
+        default=SUBMIT_RETRY_SECONDS, ge=0, description="seconds to retry a gateway that is down"
     )
 
     def _client(self) -> Client:
@@ -103,7 +113,7 @@ class _CommandTool(_Connection):
     def _submit(self, target: str, command: str, reason: str) -> ToolOutcome:
         with self._client() as kt:
             try:
-                request = kt.submit(target, command, reason or None)
+                request = kt.submit(target, command, reason or None, retry_for=self.retry_for)
                 if self._submitted(request):
                     request = kt.wait(request.id, self._wait_for(request))
             except KeyturnError as exc:
@@ -113,7 +123,7 @@ class _CommandTool(_Connection):
     async def _asubmit(self, target: str, command: str, reason: str) -> ToolOutcome:
         async with self._async_client() as kt:
             try:
-                request = await kt.submit(target, command, reason or None)
+                request = await kt.submit(target, command, reason or None, retry_for=self.retry_for)
                 if self._submitted(request):
                     request = await kt.wait(request.id, self._wait_for(request))
             except KeyturnError as exc:

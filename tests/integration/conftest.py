@@ -8,7 +8,8 @@ import copy
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -257,6 +258,28 @@ def _no_ambient_keyturn_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("KEYTURN_") and name != "KEYTURN_TEST_DATABASE_URL":
             monkeypatch.delenv(name)
+
+
+@dataclass
+class Spy:
+    """Records what the bot wraps for the gateway: the real secrets the scans look for."""
+
+    secrets: list[str] = field(default_factory=list)
+
+    def watch(self, vault: Vault) -> Vault:
+        original = vault.wrap
+
+        async def wrap(data: dict[str, Any], ttl: timedelta) -> Any:
+            self.secrets += [str(data[k]) for k in ("password", "private_key") if k in data]
+            return await original(data, ttl)
+
+        vault.wrap = wrap  # type: ignore[method-assign]
+        return vault
+
+
+@pytest.fixture
+def spy() -> Spy:
+    return Spy()
 
 
 APPROVALS = "CAPPROVALS"

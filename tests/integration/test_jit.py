@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -36,7 +36,7 @@ from keyturn.testing.ports import free_port
 from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer
 from keyturn.vault import Vault
-from tests.integration.conftest import GatewayFactory, Shop, serve_bot
+from tests.integration.conftest import GatewayFactory, Shop, Spy, serve_bot
 
 CHANNEL = "CJIT"
 APPROVER = "U_APPROVER"
@@ -66,23 +66,6 @@ def jit_policy(shop: Shop, sshd: SshServer | None = None, **overrides: Any) -> d
             rule.update(overrides.pop("writes", {}))
     data.update(overrides)
     return data
-
-
-@dataclass
-class Spy:
-    """Records what the bot wraps for the gateway: the real secrets the scans look for."""
-
-    secrets: list[str] = field(default_factory=list)
-
-    def watch(self, vault: Vault) -> Vault:
-        original = vault.wrap
-
-        async def wrap(data: dict[str, Any], ttl: timedelta) -> Any:
-            self.secrets += [str(data[k]) for k in ("password", "private_key") if k in data]
-            return await original(data, ttl)
-
-        vault.wrap = wrap  # type: ignore[method-assign]
-        return vault
 
 
 @dataclass
@@ -155,11 +138,6 @@ async def slack() -> AsyncIterator[SlackEmulator]:
         emulator.add_user(user)
     yield emulator
     await emulator.stop()
-
-
-@pytest.fixture
-def spy() -> Spy:
-    return Spy()
 
 
 @pytest.fixture
