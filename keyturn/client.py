@@ -197,7 +197,7 @@ class _Backoff:
         self.attempt = 0
 
     def next(self) -> float:
-        delay: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2**self.attempt)
+        delay: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(self.attempt, 16))
         self.attempt += 1
         return delay * random.uniform(0.5, 1.0)  # noqa: S311 (jitter, not secrets)
 
