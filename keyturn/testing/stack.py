@@ -70,6 +70,8 @@ def demo_policy(pg_port: int, vault_addr: str, gateway_port: int, bot_port: int)
                 "kind": "postgres",
                 "dsn": f"postgresql://127.0.0.1:{pg_port}/orders",
                 "vault": {"readonly_role": "orders-ro", "write_role": "orders-rw"},
+                "description": "the demo shop: customers(id, name, email) and "
+                "orders(id, customer_id, total_cents, status)",
             }
         },
         "rules": [
