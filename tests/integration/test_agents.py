@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ async def mcp_session(url: str, token: str, log: Path) -> AsyncIterator[ClientSe
     with log.open("w") as errlog:
         async with (
             stdio_client(server, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
+            # as MCP clients do (CrewAI's after 30 s): a tool call that takes longer is lost
+            ClientSession(read, write, read_timeout_seconds=timedelta(seconds=15)) as session,
         ):
             await session.initialize()
             yield session
@@ -284,7 +286,11 @@ async def test_keyturn_mcp_refuses_bad_arguments_in_one_line(args: list[str], me
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
-    out, err = await proc.communicate()
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)  # a server that starts fails
+    finally:
+        if proc.returncode is None:
+            proc.kill()
     assert proc.returncode == 2 and out == b""
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
