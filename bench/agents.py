@@ -67,13 +67,15 @@ def p50_ms(call: Any, n: int = ITERATIONS) -> float:
 
 
 def card_ts(sandbox: str, request_id: str) -> str:
-    while True:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         page = httpx.get(f"{sandbox}/sandbox/messages", timeout=5).json()
         for messages in page["channels"].values():
             for message in messages:
                 if request_id in json.dumps(message) and message.get("blocks"):
                     return str(message["ts"])
         time.sleep(0.02)
+    raise SystemExit(f"no card for {request_id} in 30 s")
 
 
 def one_click(stack: dict[str, Any], n: int) -> float:
@@ -91,15 +93,19 @@ def one_click(stack: dict[str, Any], n: int) -> float:
         target=lambda: said.append(tool.run(target="orders-db", sql=update, reason="bench"))
     )
     worker.start()
+    deadline = time.monotonic() + 30
     while not held:
+        if time.monotonic() > deadline or not worker.is_alive():
+            raise SystemExit(f"the UPDATE was not held: {said}")
         time.sleep(0.01)
     ts = card_ts(stack["slack_sandbox"], held[0])
     time.sleep(0.3)  # let the tool's long-poll settle in the gateway
     started = time.perf_counter()
     body = {"ts": ts, "action_id": "keyturn_approve", "user": "U_APPROVER"}
     httpx.post(f"{stack['slack_sandbox']}/sandbox/click", json=body, timeout=10)
-    worker.join()
-    assert said[0].endswith("UPDATE 1."), said
+    worker.join(60)
+    if not said or not said[0].endswith("UPDATE 1."):
+        raise SystemExit(f"the approved UPDATE did not finish: {said}")
     return time.perf_counter() - started
 
 

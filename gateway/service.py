@@ -30,8 +30,8 @@ from gateway.results import STALE_STATEMENT, Limits, SqlResult, finish, forget_s
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
 from keyturn.aio import Deadline
-from keyturn.api import CommandOut, TargetOut, TargetsOut
-from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns
+from keyturn.api import TERMINAL, CommandOut, TargetOut, TargetsOut
+from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.domain import Decision, RequestStatus
@@ -45,7 +45,7 @@ from keyturn.errors import (
     Unavailable,
 )
 from keyturn.masking import Masker
-from keyturn.policy import Policy, PostgresTarget, Rule
+from keyturn.policy import Policy, Rule
 from keyturn.store import operations as ops
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
@@ -53,15 +53,7 @@ from keyturn.vault import Vault
 
 log = logging.getLogger(__name__)
 
-AGENT_TERMINAL = frozenset(
-    {
-        RequestStatus.EXECUTED,
-        RequestStatus.FAILED,
-        RequestStatus.DENIED,
-        RequestStatus.EXPIRED,
-        RequestStatus.CANCELLED,
-    }
-)
+AGENT_TERMINAL = frozenset(RequestStatus(status) for status in TERMINAL)
 ESTIMATE_TIMEOUT = 2.0
 CLASSIFY_INLINE = 4096  # longer commands are classified in a worker thread
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
@@ -417,13 +409,17 @@ class Gateway:
 
     def targets(self, who: Identity) -> TargetsOut:
         """The targets ``who`` may use, for an agent (or its model) choosing one."""
-        listed = []
-        for name, target in self.policy.targets.items():
-            if target.subjects is None or who.listed_in(target.subjects):
-                kind = "postgres" if isinstance(target, PostgresTarget) else "ssh"
-                description = target.description or DEFAULT_DESCRIPTIONS[kind]
-                listed.append(TargetOut(name=name, kind=kind, description=description))
-        return TargetsOut(targets=listed)
+        return TargetsOut(
+            targets=[
+                TargetOut(
+                    name=name,
+                    kind=target.kind,
+                    description=target.description or DEFAULT_DESCRIPTIONS[target.kind],
+                )
+                for name, target in self.policy.targets.items()
+                if may_use(target, who)
+            ]
+        )
 
     # ------------------------------------------------------------------ read and wait
 

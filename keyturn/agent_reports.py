@@ -10,6 +10,7 @@ words; it is still data a model should not take instructions from.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -31,9 +32,13 @@ from keyturn.client import (
 )
 
 MAX_ROWS_SHOWN = 50
-MAX_CELL = 200  # characters of one value in a table
-MAX_OUTPUT = 4000  # characters of stdout or stderr
-MAX_TEXT = 8000  # characters of a whole report
+MAX_CELL = 200  # characters of one value in a table (fewer in a wide one, never under MIN_CELL)
+MIN_CELL = 20
+MIN_ROWS = 10  # rows a wide result still shows, before it shows every column
+MAX_TEXT = 8000  # characters of a whole report: each part below has its own share
+TABLE_BUDGET = MAX_TEXT - 600  # the rest is the sentence and the notes
+MAX_OUTPUT = 3500  # characters of stdout, and of stderr
+FENCE = re.compile("`{3,}")
 EXPIRY_GRACE = 60.0  # seconds past a pending request's expiry that a default wait allows
 
 Status = Literal[
@@ -69,26 +74,38 @@ class ToolOutcome(BaseModel):
     next_call: str | None = Field(default=None, description="the call that checks on it again")
 
 
-def _cell(value: Any) -> str:
+def _defenced(text: str) -> str:
+    """Break every run of three or more backticks, so data can never close our fence."""
+    return FENCE.sub(lambda run: "\u200b".join(run.group()), text)
+
+
+def _cell(value: Any, cap: int = MAX_CELL) -> str:
     text = "NULL" if value is None else value if isinstance(value, str) else json.dumps(value)
-    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("|", "\\|")
-    text = text.replace("```", "`\u200b``")
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    text = _defenced(text.replace("|", "\\|"))
+    return text if len(text) <= cap else text[: cap - 1] + "…"
 
 
 def table(result: SqlResultOut) -> str:
-    """Rows as a compact pipe table in a fenced block, capped, saying what was left out."""
-    rows = result.rows[:MAX_ROWS_SHOWN]
-    lines = [" | ".join(_cell(c) for c in result.columns)]
+    """Rows as a compact pipe table in a fenced block within ``TABLE_BUDGET`` characters,
+    saying what was left out (rows, columns, the gateway's own cut)."""
+    # room for the header and the first MIN_ROWS rows even with every value at its cap:
+    # a wide result loses columns (and values get shorter) before it loses those rows
+    per_line = TABLE_BUDGET // (min(len(result.rows), MIN_ROWS) + 1)
+    keep = max(1, min(len(result.columns), per_line // (MIN_CELL + 3)))
+    cap = max(MIN_CELL, min(MAX_CELL, per_line // keep - 3))
+    lines = [" | ".join(_cell(c, cap) for c in result.columns[:keep])]
     size = len(lines[0])
-    for row in rows:
-        line = " | ".join(_cell(v) for v in row)
-        if size + len(line) > MAX_TEXT - 500:
+    for row in result.rows[:MAX_ROWS_SHOWN]:
+        line = " | ".join(_cell(v, cap) for v in row[:keep])
+        if size + len(line) + 1 > TABLE_BUDGET:
             break
         lines.append(line)
         size += len(line) + 1
     shown = len(lines) - 1
     notes = []
+    if keep < len(result.columns):
+        notes.append(f"showing {keep} of {len(result.columns)} columns")
     if shown < result.row_count:
         notes.append(f"showing {shown} of {result.row_count} rows")
     if result.truncated:
@@ -98,37 +115,32 @@ def table(result: SqlResultOut) -> str:
 
 
 def _fenced(name: str, text: str) -> str:
-    text = text.replace("```", "`\u200b``")
     if len(text) > MAX_OUTPUT:
         text = text[:MAX_OUTPUT] + f"\n… ({len(text) - MAX_OUTPUT} more characters)"
-    return f"{name}:\n```\n{text}\n```"
+    return f"{name}:\n```\n{_defenced(text)}\n```"
 
 
 def _rows(count: int) -> str:
     return f"{count} row" + ("" if count == 1 else "s")
 
 
-def executed(request: CommandOut) -> ToolOutcome:
-    result = request.result
+def executed(request: CommandOut, result: SqlResultOut | ShellResultOut) -> ToolOutcome:
     where = f"Ran on {request.target} (request {request.id})"
     if isinstance(result, ShellResultOut):
         status = "cut off" if result.exit_status is None else str(result.exit_status)
         parts = [f"{where}: exit status {status}."]
-        parts += [
-            _fenced(n, t) for n, t in (("stdout", result.stdout), ("stderr", result.stderr)) if t
-        ]
+        streams = (("stdout", result.stdout), ("stderr", result.stderr))
+        parts += [_fenced(name, text) for name, text in streams if text]
         if result.truncated:
             parts.append("(the output was cut at the gateway's cap)")
         text = "\n".join(parts)
-    elif isinstance(result, SqlResultOut):
+    else:
         done = ", ".join(result.tags) if result.tags else _rows(result.row_count)
         text = f"{where}: {done}."
         if result.columns:
             text += "\n" + table(result)
-    else:
-        text = f"{where}."
     return ToolOutcome(
-        status="executed", text=text[:MAX_TEXT], request_id=request.id, target=request.target,
+        status="executed", text=text, request_id=request.id, target=request.target,
         result=result, rule=request.rule,
     )  # fmt: skip
 
@@ -156,8 +168,8 @@ def waiting(request: CommandOut, next_call: str) -> ToolOutcome:
 
 def report(request: CommandOut, next_call: str) -> ToolOutcome:
     """What the model is told of a request as the gateway returned it."""
-    if request.status == "executed":
-        return executed(request)
+    if request.status == "executed" and request.result is not None:
+        return executed(request, request.result)
     if request.status in ("pending", "approved", "executing"):
         return waiting(request, next_call)
     if request.status == "denied":
@@ -176,9 +188,9 @@ def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None)
     if isinstance(exc, StillPending):
         return waiting(exc.request, next_call)
     if isinstance(exc, Blocked):
-        said = exc.message.rstrip(".")
+        said = exc.message.rstrip(". ") or "this command is not allowed"
         if not said.lower().startswith("blocked"):
-            said = f"Blocked by rule {exc.rule}: {said}"
+            said = f"Blocked by rule {exc.rule}: {said}" if exc.rule else f"Blocked: {said}"
         text = f"{said[0].upper()}{said[1:]}. keyturn will never run this command; do not retry it."
         status, fields = "blocked", {"rule": exc.rule}
     elif isinstance(exc, Denied):
@@ -221,6 +233,23 @@ def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None)
     else:
         text, status = f"keyturn: {exc.message}", "unavailable"
     return ToolOutcome(status=status, text=text, **fields)
+
+
+def told(
+    found: CommandOut | KeyturnError, next_call: str, targets: list[str] | None = None
+) -> ToolOutcome:
+    """What the model is told of whatever the client returned or raised."""
+    if isinstance(found, KeyturnError):
+        return refusal(found, next_call, targets)
+    return report(found, next_call)
+
+
+def unexpected() -> ToolOutcome:
+    """A tool's own failure (logged where it happened): never an exception into the agent."""
+    return ToolOutcome(
+        status="unavailable",
+        text="keyturn failed unexpectedly (see the agent's log); nothing is known to have run.",
+    )
 
 
 def default_wait(request: CommandOut, now: datetime | None = None) -> float:

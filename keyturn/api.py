@@ -2,7 +2,8 @@
 
 The gateway serializes them (and generates /openapi.json from them); :mod:`keyturn.client`
 parses them. One definition, so the client cannot drift from what the gateway really sends.
-Unknown fields are ignored when parsing: an older client keeps working against a newer gateway.
+Unknown fields are ignored when parsing (new fields do not break an older client; new statuses
+or target kinds would).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+# the states after which nothing more happens to a request (what long-polls wait for)
+TERMINAL = frozenset({"executed", "failed", "denied", "expired", "cancelled"})
 
 
 class SqlResultOut(BaseModel):

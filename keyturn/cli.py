@@ -244,11 +244,16 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from keyturn.mcp_server import MAX_STATUS_WAIT, serve
-
-    if not 0 <= args.max_wait <= MAX_STATUS_WAIT:
+    try:
+        from keyturn.mcp_server import DEFAULT_MAX_WAIT, MAX_STATUS_WAIT, serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"keyturn mcp needs the MCP SDK: pip install 'keyturn[mcp]' ({exc})"
+        ) from None
+    max_wait = DEFAULT_MAX_WAIT if args.max_wait is None else args.max_wait
+    if not 0 <= max_wait <= MAX_STATUS_WAIT:
         raise ConfigError(f"--max-wait must be 0 to {MAX_STATUS_WAIT:g} seconds")
-    asyncio.run(serve(args.http, args.max_wait))
+    asyncio.run(serve(args.http, max_wait))
     return 0
 
 
@@ -280,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP on loopback, not stdio")
     p.add_argument(
-        "--max-wait", type=float, default=20.0, help="seconds run_* waits before answering pending"
+        "--max-wait", type=float, help="seconds run_* waits before answering pending (20, <= 25)"
     )
     p.set_defaults(func=cmd_mcp)
 

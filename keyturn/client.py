@@ -22,12 +22,13 @@ server-side errors of :mod:`keyturn.errors`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
 import uuid
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
@@ -35,16 +36,19 @@ import httpx
 from pydantic import ValidationError
 
 from keyturn import __version__
-from keyturn.api import CommandOut, ShellResultOut, SqlResultOut, TargetOut, TargetsOut
+from keyturn.api import TERMINAL, CommandOut, ShellResultOut, SqlResultOut, TargetOut, TargetsOut
 
+log = logging.getLogger(__name__)
 Request = CommandOut
 Result = SqlResultOut | ShellResultOut
 T = TypeVar("T")
 
-TERMINAL = frozenset({"executed", "failed", "denied", "expired", "cancelled"})
 POLL_SECONDS = 30.0  # one long-poll; the gateway caps it at its max_wait anyway
 SUBMIT_RETRY_SECONDS = 60.0  # how long a submit keeps retrying a gateway that is down
 LAST_READ_GRACE = 2.0  # seconds a wait past its timeout still retries its last read
+MIN_POLL_GAP = 0.25  # seconds between polls that came back early and not final
+MIN_ATTEMPT = 0.5  # seconds any one HTTP attempt gets, even at its deadline
+TARGETS_TIMEOUT = 10.0
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 CONNECT_TIMEOUT = 5.0
@@ -235,10 +239,12 @@ def _request(reply: Reply) -> Request:
 
 def _exchange(call: Call, deadline: float, what: str) -> Flow[Reply]:
     """Make ``call`` until it gets a final answer: connection errors, 502-504 and 429 are
-    retried (with backoff, or after Retry-After) while ``deadline`` allows."""
+    retried (with backoff, or after Retry-After) while ``deadline`` allows. No attempt
+    outlives the deadline either: each gets only the time that is left."""
     backoff = _Backoff()
     while True:
-        reply = yield call
+        left = max(MIN_ATTEMPT, deadline - time.monotonic())
+        reply = yield replace(call, read_timeout=min(call.read_timeout, left))
         if reply is not None and reply.status < 400:
             return reply
         if reply is not None and reply.status == 429:
@@ -272,18 +278,51 @@ def submit_flow(
 
 
 def wait_flow(request_id: str, timeout: float) -> Flow[Request]:
-    """Long-poll until the request is final or ``timeout`` passes; reconnects meanwhile."""
+    """Long-poll until the request is final or ``timeout`` passes; reconnects meanwhile.
+
+    A poll answered early without a final state (a gateway shutting down, a proxy that ends
+    long-polls) is followed by a short pause, never by a tight loop."""
     deadline = time.monotonic() + timeout
     while True:
-        wait = max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
+        started = time.monotonic()
+        wait = max(0.0, min(POLL_SECONDS, deadline - started))
         path = f"/v1/commands/{quote(request_id, safe='')}?wait={wait:.3f}"
-        call = Call("GET", path, wait + 10)
-        # a gateway down at the deadline still gets a moment to answer a last read
-        grace = time.monotonic() + LAST_READ_GRACE
-        reply = yield from _exchange(call, max(deadline, grace), "read a request")
+        # the gateway answers at the end of its wait: the read may take a moment longer, and
+        # a gateway down at the deadline still gets that moment for a last read
+        last = max(deadline, started) + LAST_READ_GRACE
+        reply = yield from _exchange(Call("GET", path, wait + 10), last, "read a request")
         request = _request(reply)
-        if request.status in TERMINAL or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if request.status in TERMINAL or now >= deadline:
             return request
+        if now - started < MIN_POLL_GAP:
+            yield Sleep(min(MIN_POLL_GAP, deadline - now))
+
+
+def settle_flow(
+    target: str,
+    command: str,
+    reason: str | None,
+    run_id: str | None,
+    idempotency_key: str | None,
+    *,
+    wait: float | Callable[[Request], float],
+    on_pending: Callable[[Request], None] | None,
+    retry_for: float,
+) -> Flow[Request]:
+    """Submit, then wait ``wait`` seconds (or as long as ``wait(request)`` says) for a held
+    command: the request as it ends up. ``on_pending`` hears of a held command first; its
+    own failure is logged and changes nothing."""
+    request = yield from submit_flow(target, command, reason, run_id, idempotency_key, retry_for)
+    if request.status in TERMINAL:
+        return request
+    if request.status == "pending" and on_pending is not None:
+        try:
+            on_pending(request)
+        except Exception:
+            log.exception("on_pending failed for request %s; waiting anyway", request.id)
+    seconds = wait(request) if callable(wait) else wait
+    return (yield from wait_flow(request.id, max(0.0, seconds)))
 
 
 def run_flow(
@@ -296,20 +335,22 @@ def run_flow(
     on_pending: Callable[[Request], None] | None,
 ) -> Flow[Result]:
     deadline = time.monotonic() + timeout
-    request = yield from submit_flow(
-        target, command, reason, run_id, idempotency_key, min(timeout, SUBMIT_RETRY_SECONDS)
+    request = yield from settle_flow(
+        target,
+        command,
+        reason,
+        run_id,
+        idempotency_key,
+        wait=lambda _: deadline - time.monotonic(),
+        on_pending=on_pending,
+        retry_for=min(timeout, SUBMIT_RETRY_SECONDS),
     )
-    if request.status not in TERMINAL:
-        if on_pending is not None:
-            on_pending(request)
-        request = yield from wait_flow(request.id, max(0.0, deadline - time.monotonic()))
     return outcome(request)
 
 
-def targets_flow() -> Flow[list[TargetOut]]:
-    reply = yield from _exchange(
-        Call("GET", "/v1/targets", 10), time.monotonic() + 10, "list targets"
-    )
+def targets_flow(timeout: float) -> Flow[list[TargetOut]]:
+    call = Call("GET", "/v1/targets", timeout)
+    reply = yield from _exchange(call, time.monotonic() + timeout, "list targets")
     try:
         return TargetsOut.model_validate(reply.body).targets
     except ValidationError:
@@ -336,7 +377,7 @@ def _settings(url: str | None, token: str | None) -> tuple[str, str]:
 
 
 def _timeout(call: Call) -> httpx.Timeout:
-    return httpx.Timeout(call.read_timeout, connect=CONNECT_TIMEOUT)
+    return httpx.Timeout(call.read_timeout, connect=min(CONNECT_TIMEOUT, call.read_timeout))
 
 
 def _reply(response: httpx.Response) -> Reply:
@@ -388,7 +429,7 @@ class Client(_Base):
                         headers=step.headers,
                         timeout=_timeout(step),
                     )
-                except httpx.TransportError:
+                except httpx.RequestError:  # connection, timeout, protocol, decoding
                     step = flow.send(None)
                 else:
                     step = flow.send(_reply(response))
@@ -433,9 +474,36 @@ class Client(_Base):
             run_flow(target, command, reason, run_id, idempotency_key, timeout, on_pending)
         )
 
-    def targets(self) -> list[TargetOut]:
+    def submit_and_wait(
+        self,
+        target: str,
+        command: str,
+        reason: str | None = None,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        *,
+        wait: float | Callable[[Request], float],
+        on_pending: Callable[[Request], None] | None = None,
+        retry_for: float = SUBMIT_RETRY_SECONDS,
+    ) -> Request:
+        """Submit, and wait for a held command ``wait`` seconds (or ``wait(request)``): the
+        request as it then stands, final or not. What tools build on; ``run`` raises instead."""
+        return self._drive(
+            settle_flow(
+                target,
+                command,
+                reason,
+                run_id,
+                idempotency_key,
+                wait=wait,
+                on_pending=on_pending,
+                retry_for=retry_for,
+            )
+        )
+
+    def targets(self, timeout: float = TARGETS_TIMEOUT) -> list[TargetOut]:
         """The targets this identity may use."""
-        return self._drive(targets_flow())
+        return self._drive(targets_flow(timeout))
 
     def close(self) -> None:
         self._http.close()
@@ -478,7 +546,7 @@ class AsyncClient(_Base):
                         headers=step.headers,
                         timeout=_timeout(step),
                     )
-                except httpx.TransportError:
+                except httpx.RequestError:  # connection, timeout, protocol, decoding
                     step = flow.send(None)
                 else:
                     step = flow.send(_reply(response))
@@ -517,8 +585,33 @@ class AsyncClient(_Base):
             run_flow(target, command, reason, run_id, idempotency_key, timeout, on_pending)
         )
 
-    async def targets(self) -> list[TargetOut]:
-        return await self._drive(targets_flow())
+    async def submit_and_wait(
+        self,
+        target: str,
+        command: str,
+        reason: str | None = None,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        *,
+        wait: float | Callable[[Request], float],
+        on_pending: Callable[[Request], None] | None = None,
+        retry_for: float = SUBMIT_RETRY_SECONDS,
+    ) -> Request:
+        return await self._drive(
+            settle_flow(
+                target,
+                command,
+                reason,
+                run_id,
+                idempotency_key,
+                wait=wait,
+                on_pending=on_pending,
+                retry_for=retry_for,
+            )
+        )
+
+    async def targets(self, timeout: float = TARGETS_TIMEOUT) -> list[TargetOut]:
+        return await self._drive(targets_flow(timeout))
 
     async def aclose(self) -> None:
         await self._http.aclose()

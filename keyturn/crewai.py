@@ -8,7 +8,9 @@ keyturn[crewai]``).
 The gateway and token come from arguments or ``KEYTURN_GATEWAY_URL`` / ``KEYTURN_AGENT_TOKEN``.
 A tool returns text the model can use (:mod:`keyturn.agent_reports`) and never raises into the
 crew. A held command waits up to the tool's ``wait`` (default: until the request would expire)
-and then tells the model the request id to check with ``keyturn_request_status``.
+and then tells the model the request id to check with ``keyturn_request_status``. Results are
+never cached by CrewAI: the same call can rightly answer differently (a request decided since,
+rows changed by an approved write).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from typing import Any, Literal
 from crewai.tools import BaseTool
 from pydantic import BaseModel, Field, SecretStr
 
-from keyturn.agent_reports import ToolOutcome, default_wait, refusal, report
+from keyturn.agent_reports import ToolOutcome, default_wait, told, unexpected
 from keyturn.api import CommandOut
 from keyturn.client import (
     SUBMIT_RETRY_SECONDS,
-    TERMINAL,
     AsyncClient,
     Client,
     KeyturnError,
@@ -35,10 +36,23 @@ log = logging.getLogger(__name__)
 
 NEXT_CALL = "keyturn_request_status with request_id {request_id}"
 MAX_STATUS_WAIT = 300.0
+TARGETS_TIMEOUT = 5.0
+
+
+def _never_cache(_arguments: Any = None, _result: Any = None) -> bool:
+    return False
+
+
+def _failure(tool: str, exc: Exception) -> str:
+    """Whatever else went wrong, as a sentence: a tool never raises into the crew."""
+    if isinstance(exc, NotConfigured):
+        return f"keyturn is not configured: {exc}. A person must set it up; nothing ran."
+    log.error("keyturn tool %s failed", tool, exc_info=exc)
+    return unexpected().text
 
 
 class _Connection(BaseTool):
-    """Where the gateway is and how long a held command is waited for."""
+    """Where the gateway is, and how long a held command is waited for."""
 
     gateway_url: str | None = Field(default=None, description="default: KEYTURN_GATEWAY_URL")
     token: SecretStr | None = Field(default=None, description="default: KEYTURN_AGENT_TOKEN")
@@ -48,6 +62,7 @@ class _Connection(BaseTool):
     retry_for: float = Field(
         default=SUBMIT_RETRY_SECONDS, ge=0, description="seconds to retry a gateway that is down"
     )
+    cache_function: Callable[..., bool] = _never_cache
 
     def _client(self) -> Client:
         return Client(self.gateway_url, self.token.get_secret_value() if self.token else None)
@@ -60,24 +75,15 @@ class _Connection(BaseTool):
         return self.wait if self.wait is not None else default_wait(request)
 
 
-def _told(found: CommandOut | KeyturnError, targets: list[str] | None = None) -> ToolOutcome:
-    if isinstance(found, KeyturnError):
-        return refusal(found, NEXT_CALL, targets)
-    return report(found, NEXT_CALL)
-
-
-def _failure(tool: str, exc: Exception) -> str:
-    """Whatever else went wrong, as a sentence: a tool never raises into the crew."""
-    if isinstance(exc, NotConfigured):
-        return f"keyturn is not configured: {exc}. A person must set it up; nothing ran."
-    log.error("keyturn tool %s failed", tool, exc_info=exc)
-    return "keyturn failed unexpectedly (see the crew's log); nothing is known to have run."
-
-
 class _CommandTool(_Connection):
-    """Submit a command to one of the gateway's targets of ``kind`` and report its outcome."""
+    """Submit a command to one of the gateway's targets of ``kind`` and report its outcome.
 
-    kind: Literal["postgres", "ssh"] = "postgres"
+    Made with no ``targets``, the tool asks the gateway for them once (a short blocking call:
+    in async code, pass ``targets`` or make the tool in a worker thread) and names them in its
+    description, which is what the model reads."""
+
+    kind: Literal["postgres", "ssh"]
+    command_argument: Literal["sql", "command"]
     targets: list[str] | None = Field(
         default=None, description="target names offered to the model; default: asked of keyturn"
     )
@@ -87,14 +93,15 @@ class _CommandTool(_Connection):
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        self.description = f"{self.description} {self._targets_line()}"
+        if "Targets:" not in self.description:  # a copy of a tool keeps its line
+            self.description = f"{self.description} {self._targets_line()}"
 
     def _targets_line(self) -> str:
         """The targets of this tool's kind, from the gateway unless given."""
         if self.targets is None:
             try:
                 with self._client() as kt:
-                    listed = [t for t in kt.targets() if t.kind == self.kind]
+                    listed = [t for t in kt.targets(TARGETS_TIMEOUT) if t.kind == self.kind]
             except (KeyturnError, NotConfigured) as exc:
                 log.warning("keyturn: cannot list targets for %s: %s", self.name, exc)
                 return "Targets: keyturn could not list them now; an unknown one is refused."
@@ -102,33 +109,39 @@ class _CommandTool(_Connection):
             return "Targets: " + "; ".join(f"{t.name} ({t.description})" for t in listed) + "."
         return f"Targets: {', '.join(self.targets)}."
 
-    def _submitted(self, request: CommandOut) -> bool:
-        """True when the request still has to be waited for (``on_pending`` told)."""
-        if request.status in TERMINAL:
-            return False
-        if self.on_pending is not None:
-            self.on_pending(request)
-        return True
-
     def _submit(self, target: str, command: str, reason: str) -> ToolOutcome:
         with self._client() as kt:
             try:
-                request = kt.submit(target, command, reason or None, retry_for=self.retry_for)
-                if self._submitted(request):
-                    request = kt.wait(request.id, self._wait_for(request))
+                found: CommandOut | KeyturnError = kt.submit_and_wait(
+                    target, command, reason or None, wait=self._wait_for,
+                    on_pending=self.on_pending, retry_for=self.retry_for,
+                )  # fmt: skip
             except KeyturnError as exc:
-                return _told(exc, self.targets)
-        return _told(request, self.targets)
+                found = exc
+        return told(found, NEXT_CALL, self.targets)
 
     async def _asubmit(self, target: str, command: str, reason: str) -> ToolOutcome:
         async with self._async_client() as kt:
             try:
-                request = await kt.submit(target, command, reason or None, retry_for=self.retry_for)
-                if self._submitted(request):
-                    request = await kt.wait(request.id, self._wait_for(request))
+                found: CommandOut | KeyturnError = await kt.submit_and_wait(
+                    target, command, reason or None, wait=self._wait_for,
+                    on_pending=self.on_pending, retry_for=self.retry_for,
+                )  # fmt: skip
             except KeyturnError as exc:
-                return _told(exc, self.targets)
-        return _told(request, self.targets)
+                found = exc
+        return told(found, NEXT_CALL, self.targets)
+
+    def _run(self, target: str, reason: str = "", **command: str) -> str:
+        try:
+            return self._submit(target, command[self.command_argument], reason).text
+        except Exception as exc:
+            return _failure(self.name, exc)
+
+    async def _arun(self, target: str, reason: str = "", **command: str) -> str:
+        try:
+            return (await self._asubmit(target, command[self.command_argument], reason)).text
+        except Exception as exc:
+            return _failure(self.name, exc)
 
 
 class SQLArgs(BaseModel):
@@ -145,18 +158,8 @@ class KeyturnSQLTool(_CommandTool):
         "it in Slack, so give a clear reason; some commands are refused outright."
     )
     args_schema: type[BaseModel] = SQLArgs
-
-    def _run(self, target: str, sql: str, reason: str = "") -> str:
-        try:
-            return self._submit(target, sql, reason).text
-        except Exception as exc:
-            return _failure(self.name, exc)
-
-    async def _arun(self, target: str, sql: str, reason: str = "") -> str:
-        try:
-            return (await self._asubmit(target, sql, reason)).text
-        except Exception as exc:
-            return _failure(self.name, exc)
+    kind: Literal["postgres", "ssh"] = "postgres"
+    command_argument: Literal["sql", "command"] = "sql"
 
 
 class ShellArgs(BaseModel):
@@ -174,18 +177,7 @@ class KeyturnShellTool(_CommandTool):
     )
     args_schema: type[BaseModel] = ShellArgs
     kind: Literal["postgres", "ssh"] = "ssh"
-
-    def _run(self, target: str, command: str, reason: str = "") -> str:
-        try:
-            return self._submit(target, command, reason).text
-        except Exception as exc:
-            return _failure(self.name, exc)
-
-    async def _arun(self, target: str, command: str, reason: str = "") -> str:
-        try:
-            return (await self._asubmit(target, command, reason)).text
-        except Exception as exc:
-            return _failure(self.name, exc)
+    command_argument: Literal["sql", "command"] = "command"
 
 
 class StatusArgs(BaseModel):
@@ -203,28 +195,28 @@ class KeyturnRequestStatusTool(_Connection):
     )
     args_schema: type[BaseModel] = StatusArgs
 
-    def _check(self, request_id: str, wait_seconds: float) -> ToolOutcome:
-        with self._client() as kt:
-            try:
-                return _told(kt.wait(request_id, min(wait_seconds, MAX_STATUS_WAIT)))
-            except KeyturnError as exc:
-                return _told(exc)
-
-    async def _acheck(self, request_id: str, wait_seconds: float) -> ToolOutcome:
-        async with self._async_client() as kt:
-            try:
-                return _told(await kt.wait(request_id, min(wait_seconds, MAX_STATUS_WAIT)))
-            except KeyturnError as exc:
-                return _told(exc)
-
     def _run(self, request_id: str, wait_seconds: float = 60) -> str:
         try:
-            return self._check(request_id, wait_seconds).text
+            with self._client() as kt:
+                try:
+                    found: CommandOut | KeyturnError = kt.wait(
+                        request_id, min(wait_seconds, MAX_STATUS_WAIT)
+                    )
+                except KeyturnError as exc:
+                    found = exc
+            return told(found, NEXT_CALL).text
         except Exception as exc:
             return _failure(self.name, exc)
 
     async def _arun(self, request_id: str, wait_seconds: float = 60) -> str:
         try:
-            return (await self._acheck(request_id, wait_seconds)).text
+            async with self._async_client() as kt:
+                try:
+                    found: CommandOut | KeyturnError = await kt.wait(
+                        request_id, min(wait_seconds, MAX_STATUS_WAIT)
+                    )
+                except KeyturnError as exc:
+                    found = exc
+            return told(found, NEXT_CALL).text
         except Exception as exc:
             return _failure(self.name, exc)

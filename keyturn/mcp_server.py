@@ -13,6 +13,7 @@ decision (refused input, bad token, gateway unreachable, rate limited).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from typing import Annotated, Literal
 
@@ -20,10 +21,12 @@ from mcp.server.fastmcp import FastMCP
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from keyturn.agent_reports import Status, ToolOutcome, refusal, report
+from keyturn.agent_reports import Status, ToolOutcome, refusal, report, told, unexpected
 from keyturn.api import CommandOut, TargetOut, TargetsOut
-from keyturn.client import TERMINAL, AsyncClient, KeyturnError, NotConfigured, Rejected
+from keyturn.client import AsyncClient, KeyturnError, NotConfigured, Rejected
 from keyturn.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MAX_STATUS_WAIT = 25.0  # under the 30 s that MCP clients commonly allow a tool call
 DEFAULT_MAX_WAIT = 20.0
@@ -53,12 +56,6 @@ def _result(outcome: ToolOutcome) -> CallToolResult:
     )
 
 
-def _told(found: CommandOut | KeyturnError, targets: list[str] | None = None) -> CallToolResult:
-    if isinstance(found, KeyturnError):
-        return _result(refusal(found, NEXT_CALL, targets))
-    return _result(report(found, NEXT_CALL))
-
-
 def loopback_only(host: str) -> str:
     """The HTTP transport has no authentication of its own: whoever reaches it acts as the
     agent. So it listens on loopback only (reach it from elsewhere through an authenticating
@@ -83,18 +80,24 @@ def build(
     )
 
     async def run(kind: str, target: str, command: str, reason: str) -> CallToolResult:
-        started = time.monotonic()
-        known = None
+        """Submit and wait, all within ``max_wait``: an MCP client gives up on a tool call
+        soon after (and the request id with it)."""
+        deadline = time.monotonic() + max_wait
         try:
-            request = await client.submit(target, command, reason or None, retry_for=max_wait)
-            if request.status not in TERMINAL:
-                left = max(0.0, max_wait - (time.monotonic() - started))
-                request = await client.wait(request.id, left)
+            request = await client.submit_and_wait(
+                target, command, reason or None,
+                wait=lambda _: deadline - time.monotonic(), retry_for=max_wait,
+            )  # fmt: skip
         except KeyturnError as exc:
-            if isinstance(exc, Rejected) and exc.status == 404:
-                known = [t.name for t in await _targets(client) if t.kind == kind]
-            return _told(exc, known)
-        return _told(request)
+            known = None
+            if isinstance(exc, Rejected) and exc.status == 404:  # name the right ones
+                left = max(1.0, deadline - time.monotonic())
+                known = [t.name for t in await _targets(client, left) if t.kind == kind]
+            return _result(refusal(exc, NEXT_CALL, known))
+        except Exception:
+            log.exception("keyturn mcp: run_%s failed", "sql" if kind == "postgres" else "shell")
+            return _result(unexpected())
+        return _result(report(request, NEXT_CALL))
 
     @server.tool(
         name="list_targets",
@@ -104,10 +107,12 @@ def build(
     )
     async def list_targets() -> Annotated[CallToolResult, TargetList]:
         try:
-            targets = await _targets(client, strict=True)
-        except KeyturnError as exc:
-            told = refusal(exc, NEXT_CALL)
-            listed = TargetList(targets=[], status=told.status, text=told.text)
+            targets = await client.targets()
+        except Exception as exc:
+            if not isinstance(exc, KeyturnError):
+                log.exception("keyturn mcp: list_targets failed")
+            said = refusal(exc, NEXT_CALL) if isinstance(exc, KeyturnError) else unexpected()
+            listed = TargetList(targets=[], status=said.status, text=said.text)
         else:
             lines = [f"{t.name} ({t.kind}): {t.description}" for t in targets]
             listed = TargetList(targets=targets, text="\n".join(lines) or "No targets for you.")
@@ -155,20 +160,24 @@ def build(
         wait_seconds: Annotated[float, Field(ge=0, description="capped at 25")] = MAX_STATUS_WAIT,
     ) -> Outcome:
         try:
-            return _told(await client.wait(request_id, min(wait_seconds, MAX_STATUS_WAIT)))
+            found: CommandOut | KeyturnError = await client.wait(
+                request_id, min(wait_seconds, MAX_STATUS_WAIT)
+            )
         except KeyturnError as exc:
-            return _told(exc)
+            found = exc
+        except Exception:
+            log.exception("keyturn mcp: request_status failed")
+            return _result(unexpected())
+        return _result(told(found, NEXT_CALL))
 
     return server
 
 
-async def _targets(client: AsyncClient, strict: bool = False) -> list[TargetOut]:
-    """The identity's targets; for a refusal's hint, an unreachable gateway lists none."""
+async def _targets(client: AsyncClient, timeout: float) -> list[TargetOut]:
+    """The identity's targets, for a refusal's hint: none when they cannot be had in time."""
     try:
-        return await client.targets()
+        return await client.targets(timeout)
     except KeyturnError:
-        if strict:
-            raise
         return []
 
 

@@ -25,7 +25,7 @@ want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setting up $VENV (first run or pyproject.toml changed)..." >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,crewai]' >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,crewai,mcp]' >&2
     echo "$want" > "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

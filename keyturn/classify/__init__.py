@@ -81,12 +81,17 @@ def _patterns(columns: tuple[str, ...], uses: tuple[str, ...]) -> Patterns:
     return Patterns.of(columns, uses)
 
 
+def may_use(target: TargetBase, who: Identity) -> bool:
+    """A target with ``subjects`` is for them alone; one without is for every identity."""
+    return target.subjects is None or who.listed_in(target.subjects)
+
+
 def check_access(policy: Policy, target_name: str, who: Identity) -> TargetBase:
     """The target, if ``who`` may use it at all (before any classification)."""
     target = policy.targets.get(target_name)
     if target is None:
         raise NotFound(f"unknown target {target_name!r}")
-    if target.subjects is not None and not who.listed_in(target.subjects):
+    if not may_use(target, who):
         raise NotAllowed(f"{who.subject} may not use target {target_name}")
     return target
 

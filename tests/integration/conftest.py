@@ -329,6 +329,14 @@ class Desk:
 DeskFactory = Callable[..., contextlib.AbstractAsyncContextManager[Desk]]
 
 
+async def held(calls: list[Any], timeout: float = 20) -> Any:
+    """The first thing an ``on_pending`` callback was given (a held request)."""
+    async with asyncio.timeout(timeout):
+        while not calls:
+            await asyncio.sleep(0.05)
+    return calls[0]
+
+
 @pytest_asyncio.fixture
 async def approvals_slack() -> AsyncIterator[SlackEmulator]:
     emulator = SlackEmulator()
@@ -338,9 +346,22 @@ async def approvals_slack() -> AsyncIterator[SlackEmulator]:
     await emulator.stop()
 
 
+@pytest_asyncio.fixture
+async def reopened_orders(shop: Shop) -> AsyncIterator[None]:
+    """Approved UPDATEs mark orders paid in the shared shop database: open them again after."""
+    yield
+    await shop.postgres.execute(
+        "UPDATE orders SET status = 'open' WHERE status <> 'open'", shop.database
+    )
+
+
 @pytest.fixture
 def run_desk(
-    shop: Shop, database: Dsn, run_gateway: GatewayFactory, approvals_slack: SlackEmulator
+    shop: Shop,
+    database: Dsn,
+    run_gateway: GatewayFactory,
+    approvals_slack: SlackEmulator,
+    reopened_orders: None,
 ) -> DeskFactory:
     """``async with run_desk(**gateway_overrides) as desk:`` gateway, bot and Slack together."""
 
@@ -361,6 +382,10 @@ def run_desk(
             serve_bot(approvals_slack, policy, database, bot_vault or shop.bot_vault()),
             run_gateway(rules=data["rules"], gateway=gateway, **overrides) as running,
         ):
-            yield Desk(running, approvals_slack, Store(database))
+            desk = Desk(running, approvals_slack, Store(database))
+            try:
+                yield desk
+            finally:
+                await desk.store.close()
 
     return start

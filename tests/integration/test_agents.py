@@ -27,7 +27,7 @@ from keyturn.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQ
 from keyturn.testing.crewai import FinalAnswer, ScriptedLLM, ToolCall
 from keyturn.testing.idp import DevIdP
 from keyturn.testing.ports import free_port
-from tests.integration.conftest import Desk, DeskFactory, Shop, Spy
+from tests.integration.conftest import Desk, DeskFactory, Shop, Spy, held
 
 AGENT = "crew-tools"
 SELECT = "SELECT id, email FROM customers ORDER BY id"
@@ -40,13 +40,6 @@ def update(order: int) -> str:
 async def tool(cls: type[Any], desk: Desk, token: str, **fields: Any) -> Any:
     """A tool built off the loop: building it asks the gateway for the targets."""
     return await asyncio.to_thread(cls, gateway_url=desk.gateway.url, token=token, **fields)
-
-
-async def held_by(calls: list[CommandOut]) -> str:
-    async with asyncio.timeout(20):
-        while not calls:
-            await asyncio.sleep(0.05)
-    return calls[-1].id
 
 
 # ------------------------------------------------------------------ CrewAI tools
@@ -64,19 +57,22 @@ async def test_the_sql_tool_describes_its_targets_and_reads_at_once(
         assert "id | email\n1 | ***\n2 | ***" in text and "example.com" not in text
         shell = await tool(KeyturnShellTool, desk, idp.token(AGENT))
         assert shell.targets == ["web"]
+        again = KeyturnSQLTool.model_validate(sql.model_dump())  # as CrewAI copies tools
+        assert again.description.count("Targets:") == 1
+        # a live system: CrewAI must never answer a second identical call from its cache
+        assert sql.cache_function({"target": "shop", "sql": SELECT}, text) is False
 
 
 async def test_a_held_update_waits_and_returns_its_command_tag(
-    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+    run_desk: DeskFactory, idp: DevIdP
 ) -> None:
-    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 11", shop.database)
     calls: list[CommandOut] = []
     async with run_desk() as desk:
         sql = await tool(KeyturnSQLTool, desk, idp.token(AGENT), on_pending=calls.append)
         running = asyncio.create_task(
             asyncio.to_thread(sql.run, target="shop", sql=update(11), reason="paid by wire")
         )
-        await desk.approve(await held_by(calls))
+        await desk.approve((await held(calls)).id)
         text = await running
     assert text == f"Ran on shop (request {calls[0].id}): UPDATE 1."
 
@@ -90,7 +86,9 @@ async def test_a_denied_update_returns_the_reason_in_one_sentence(
         running = asyncio.create_task(
             asyncio.to_thread(sql.run, target="shop", sql=update(12), reason="tidy")
         )
-        await desk.deny(await held_by(calls), "add a WHERE clause limiting the update to order 42")
+        await desk.deny(
+            (await held(calls)).id, "add a WHERE clause limiting the update to order 42"
+        )
         text = await running
     assert text == (
         "Denied by @U_APPROVER: add a WHERE clause limiting the update to order 42. "
@@ -99,9 +97,8 @@ async def test_a_denied_update_returns_the_reason_in_one_sentence(
 
 
 async def test_a_wait_that_runs_out_names_the_status_tool_which_finishes_the_job(
-    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+    run_desk: DeskFactory, idp: DevIdP
 ) -> None:
-    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 13", shop.database)
     calls: list[CommandOut] = []
     async with run_desk() as desk:
         token = idp.token(AGENT)
@@ -203,7 +200,6 @@ def told(result: CallToolResult) -> tuple[str, dict[str, Any]]:
 async def test_mcp_tools_from_a_read_to_an_approved_update(
     run_desk: DeskFactory, idp: DevIdP, shop: Shop, spy: Spy, tmp_path: Path
 ) -> None:
-    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 14", shop.database)
     said: list[Any] = []
     async with (
         run_desk(bot_vault=spy.watch(shop.bot_vault())) as desk,
@@ -253,14 +249,14 @@ async def test_mcp_denial_and_bad_input_are_tool_results(
         assert data["deny_reason"] == "order 15 was refunded" and data["denied_by"] == "U_APPROVER"
         assert text.startswith("Denied by @U_APPROVER: order 15 was refunded.")
         before = await desk.requests()
-        for arguments, expected in [
-            ({"target": "nowhere", "sql": "SELECT 1", "reason": ""}, "Targets you may use: shop."),
-            ({"target": "shop", "sql": "", "reason": ""}, "refused the call: command:"),
-            ({"target": "shop", "sql": "DROP TABLE orders", "reason": ""}, "never allowed"),
+        for arguments, expected, is_error in [
+            ({"target": "nowhere", "sql": "SELECT 1", "reason": ""}, "may use: shop.", True),
+            ({"target": "shop", "sql": "", "reason": ""}, "refused the call: command:", True),
+            # a block is a decision, not a failure
+            ({"target": "shop", "sql": "DROP TABLE orders", "reason": ""}, "never allowed", False),
         ]:
             result = await mcp.call_tool("run_sql", arguments)
-            assert expected in told(result)[0], told(result)
-        assert result.isError is False  # a block is a decision, not a failure
+            assert expected in told(result)[0] and result.isError is is_error, told(result)
         assert await desk.requests() == before
         async with mcp_session(desk.gateway.url, "not-a-token", tmp_path / "bad.log") as bad:
             result = await bad.call_tool("list_targets", {})

@@ -29,7 +29,7 @@ from keyturn.client import (
 )
 from keyturn.testing.idp import DevIdP
 from keyturn.testing.ports import free_port
-from tests.integration.conftest import Desk, DeskFactory, Shop
+from tests.integration.conftest import Desk, DeskFactory, Shop, held
 
 AGENT = "crew-client"
 UPDATE = "UPDATE orders SET status = 'paid' WHERE id = 7"
@@ -57,6 +57,7 @@ class DroppingProxy:
         self.drop_next = False
         self.dropped = 0
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> str:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -65,6 +66,9 @@ class DroppingProxy:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -83,12 +87,16 @@ class DroppingProxy:
                 writer.write(data)
                 await writer.drain()
 
-        pumps = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-        for w in (writer, up_writer):
-            w.close()
+        pumps = {asyncio.create_task(upstream()), asyncio.create_task(downstream())}
+        self._tasks |= pumps
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            self._tasks -= pumps
+            for w in (writer, up_writer):
+                w.close()
 
 
 @contextlib.asynccontextmanager
@@ -107,40 +115,34 @@ async def test_an_allowed_select_returns_its_masked_rows(
         assert "ada@example.com" not in str(result.rows)
 
 
-async def test_a_held_update_runs_once_approved(
-    run_desk: DeskFactory, idp: DevIdP, shop: Shop
-) -> None:
-    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 7", shop.database)
-    held: list[str] = []
+async def test_a_held_update_runs_once_approved(run_desk: DeskFactory, idp: DevIdP) -> None:
+    calls: list[Request] = []
     async with run_desk() as desk, client(desk, idp.token(AGENT)) as kt:
         running = asyncio.create_task(
-            kt.run("shop", UPDATE, reason="paid by wire", timeout=60, on_pending=held.append)
+            kt.run("shop", UPDATE, reason="paid by wire", timeout=60, on_pending=calls.append)
         )
-        while not held:
-            await asyncio.sleep(0.05)
-        await desk.approve(held[0].id)
+        pending = await held(calls)
+        await desk.approve(pending.id)
         result = await running
         assert isinstance(result, SqlResultOut) and result.tags == ["UPDATE 1"]
-        assert held[0].status == "pending" and held[0].wait_url
+        assert pending.status == "pending" and pending.wait_url
 
 
 async def test_the_sync_client_raises_denied_with_the_reason(
     run_desk: DeskFactory, idp: DevIdP
 ) -> None:
-    held: list[Request] = []
+    calls: list[Request] = []
     async with run_desk() as desk:
         with Client(desk.gateway.url, idp.token(AGENT)) as kt:
             running = asyncio.create_task(
-                asyncio.to_thread(kt.run, "shop", UPDATE, "tidy up", on_pending=held.append)
+                asyncio.to_thread(kt.run, "shop", UPDATE, "tidy up", on_pending=calls.append)
             )
-            while not held:
-                await asyncio.sleep(0.05)
-            await desk.deny(held[0].id, "add a WHERE clause limiting it to order 42")
+            await desk.deny((await held(calls)).id, "add a WHERE clause limiting it to order 42")
             with pytest.raises(Denied) as denied:
                 await running
     assert denied.value.denied_by == "U_APPROVER"
     assert denied.value.reason == "add a WHERE clause limiting it to order 42"
-    assert denied.value.request_id == held[0].id
+    assert denied.value.request_id == calls[0].id
     assert await desk.requests() == 1
 
 
@@ -194,7 +196,7 @@ async def test_a_gateway_that_is_down_is_unavailable(idp: DevIdP) -> None:
 
 async def test_429_is_waited_out_with_retry_after(run_desk: DeskFactory, idp: DevIdP) -> None:
     transport = Recording()
-    limits = {"rate_per_second": 2, "rate_burst": 1}
+    limits = {"rate_per_second": 1, "rate_burst": 1}  # the second call comes within 1 s
     async with (
         run_desk(gateway=limits) as desk,
         client(desk, idp.token(AGENT), transport=transport) as kt,
@@ -209,34 +211,34 @@ async def test_429_is_waited_out_with_retry_after(run_desk: DeskFactory, idp: De
 async def test_a_long_poll_survives_a_gateway_restart(
     run_desk: DeskFactory, run_gateway: Any, idp: DevIdP, shop: Shop
 ) -> None:
-    await shop.postgres.execute("UPDATE orders SET status = 'open' WHERE id = 7", shop.database)
     port = free_port()
     async with run_desk(port=port) as desk, client(desk, idp.token(AGENT)) as kt:
-        held = await kt.submit("shop", UPDATE, reason="restart test")
-        waiting = asyncio.create_task(kt.wait(held.id, 60))
-        await asyncio.sleep(0.5)  # the long-poll is in the gateway now
+        pending = await kt.submit("shop", UPDATE, reason="restart test")
+        waiting = asyncio.create_task(kt.wait(pending.id, 60))
+        while not desk.gateway.gw.listener.watched("request"):  # the long-poll is in
+            await asyncio.sleep(0.02)
         await desk.gateway.client.close()  # the gateway goes away mid-poll
         await asyncio.sleep(1)
         assert not waiting.done()
         async with run_gateway(
             port=port, rules=shop.base_policy["rules"], gateway={"poll_interval": "500ms"}
         ):
-            await desk.approve(held.id)
+            await desk.approve(pending.id)
             done = await waiting
     assert done.status == "executed", done
     assert isinstance(done.result, SqlResultOut) and done.result.tags == ["UPDATE 1"]
 
 
 async def test_a_submit_retried_after_a_dropped_answer_makes_one_request(
-    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+    run_desk: DeskFactory, idp: DevIdP
 ) -> None:
     async with run_desk() as desk:
         proxy = DroppingProxy(desk.gateway.client.port or 0)
         async with proxy as url, AsyncClient(url, idp.token(AGENT)) as kt:
             proxy.drop_next = True
-            held = await kt.submit("shop", UPDATE, reason="once")
-            assert proxy.dropped == 1 and held.status == "pending"
-            await desk.card(held.id)
+            pending = await kt.submit("shop", UPDATE, reason="once")
+            assert proxy.dropped == 1 and pending.status == "pending"
+            await desk.card(pending.id)
             proxy.drop_next = True
             result = await kt.run("shop", "SELECT count(*) FROM orders", timeout=10)
             assert proxy.dropped == 2 and isinstance(result, SqlResultOut)

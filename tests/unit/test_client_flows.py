@@ -21,6 +21,7 @@ from keyturn.client import (
     Unavailable,
     _Backoff,
     outcome,
+    settle_flow,
     submit_flow,
     wait_flow,
 )
@@ -109,3 +110,39 @@ def test_configuration_errors_and_the_token_stays_out_of_repr(
     monkeypatch.setenv("KEYTURN_AGENT_TOKEN", "secret-token")
     with Client() as kt:
         assert repr(kt) == "Client('http://127.0.0.1:9')" and "secret" not in repr(kt)
+
+
+def test_no_attempt_outlives_its_deadline() -> None:
+    flow = submit_flow("db", "SELECT 1", None, None, "k", retry_for=3)
+    first = next(flow)
+    assert isinstance(first, Call) and first.read_timeout <= 3  # not the 30 s of a POST
+
+
+def test_an_early_non_final_answer_is_not_a_tight_loop() -> None:
+    flow = wait_flow("r-1", timeout=60)
+    next(flow)
+    pause = flow.send(reply(200, PENDING))  # answered at once, still pending
+    assert isinstance(pause, Sleep) and 0 < pause.seconds <= 0.25
+    assert isinstance(flow.send(None), Call)
+
+
+def test_on_pending_hears_of_held_commands_only_and_cannot_break_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def boom(_request: CommandOut) -> None:
+        raise RuntimeError("pager down")
+
+    flow = settle_flow(
+        "db", "UPDATE t SET x = 1", None, None, "k", wait=0, on_pending=boom, retry_for=5
+    )
+    next(flow)
+    poll = flow.send(reply(202, PENDING))
+    assert isinstance(poll, Call) and poll.method == "GET"  # waited anyway
+    assert "on_pending failed for request r-1" in caplog.text
+    told: list[CommandOut] = []
+    flow = settle_flow(
+        "web", "uptime", None, None, "k", wait=0, on_pending=told.append, retry_for=5
+    )
+    next(flow)
+    flow.send(reply(202, PENDING | {"status": "approved"}))  # approved by policy: nobody to ask
+    assert told == []
