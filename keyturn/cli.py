@@ -257,6 +257,14 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from keyturn.demo import demo
+
+    if not 0 < args.timeout <= 86400:  # also refuses nan
+        raise ConfigError("--timeout must be 0 to 86400 seconds")
+    return demo(args.stack, args.timeout)
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from keyturn.testing.stack import run_dev_stack
 
@@ -275,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".keyturn/dev", help="where stack.json is written")
     p.add_argument("--once", action="store_true", help="start, print, stop (a smoke test)")
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser(
+        "demo", help="play an agent against the running dev stack (then click in the sandbox)"
+    )
+    p.add_argument("--stack", type=Path, default=Path(".keyturn/dev/stack.json"))
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the click (600)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gateway", help="run the agent-facing gateway")
     p.add_argument("--config", required=True, type=Path)

@@ -5,7 +5,8 @@ bot token, keeps channels, messages (with metadata), ephemerals, views and DMs, 
 every call with its decoded arguments. Tests inject 429s (with Retry-After), 5xx, delays or a
 whole outage. Clicks, modal submissions and slash commands reach the bot signed exactly as
 Slack signs them (``v0=`` HMAC-SHA256 of ``v0:{timestamp}:{body}``), so Bolt's real request
-verification runs; ``response_url`` points back here.
+verification runs; ``response_url`` points back here. Its sandbox page lets a person act as
+any of its users (:mod:`keyturn.testing.sandbox`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,20 @@ import aiohttp
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
+from keyturn.testing.sandbox import add_sandbox_routes
+
 TEAM = {"id": "T0KEYTURN", "domain": "keyturn"}
+# Web API methods that change what a person would see (the sandbox page redraws on them).
+_VISIBLE = {
+    "chat.postMessage",
+    "chat.update",
+    "chat.delete",
+    "chat.postEphemeral",
+    "views.open",
+    "views.update",
+    "views.push",
+    "views.publish",
+}
 
 
 @dataclass
@@ -39,6 +53,15 @@ class Fault:
     status: int
     times: int
     retry_after: int = 1
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an interaction came from: whom a ``response_url`` or a ``trigger_id`` answers."""
+
+    user: str
+    channel: str | None = None
+    ts: str | None = None  # the message clicked, which ``replace_original`` replaces
 
 
 @dataclass
@@ -80,13 +103,17 @@ class SlackEmulator:
         self.bot_user = bot_user
         self.calls: list[Call] = []
         self.messages: dict[str, list[Message]] = {}
+        self.channel_names: dict[str, str] = {}  # id -> name, as the sandbox shows them
         self.ephemerals: list[dict[str, Any]] = []
-        self.views: dict[str, dict[str, Any]] = {}
-        self.home: dict[str, dict[str, Any]] = {}
+        self.views: dict[str, dict[str, Any]] = {}  # every view opened, by id
+        self.modals: dict[str, list[str]] = {}  # user -> the ids of their open modals (a stack)
+        self.home: dict[str, dict[str, Any]] = {}  # user -> their published App Home
         self.users: dict[str, dict[str, Any]] = {}
         self.usergroups: dict[str, list[str]] = {}
         self.responses: list[dict[str, Any]] = []  # what the bot sent to response_url
+        self.version = 0  # grows whenever something a person would see changes
         self.bot_url: str | None = None  # where interactions are delivered (HTTP mode)
+        self.sandbox_user = ""  # whom the sandbox page acts as until someone switches
         self._faults: dict[str, list[Fault]] = {}
         self._down_until = 0.0
         self._delays: dict[str, float] = {}
@@ -96,6 +123,8 @@ class SlackEmulator:
         self._runner: web.AppRunner | None = None
         self._sockets: list[web.WebSocketResponse] = []
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._triggers: dict[str, Origin] = {}
+        self._response_urls: dict[str, Origin] = {}
         self.url = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -109,11 +138,7 @@ class SlackEmulator:
         app.router.add_route("*", "/api/{method}", self._api)  # the SDK GETs some methods
         app.router.add_post("/respond/{ident}", self._respond)
         app.router.add_get("/socket", self._socket)
-        app.router.add_get("/", self._sandbox_page)
-        app.router.add_get("/sandbox/messages", self._sandbox_messages)
-        app.router.add_post("/sandbox/click", self._sandbox_click)
-        app.router.add_post("/sandbox/submit", self._sandbox_submit)
-        app.router.add_post("/sandbox/command", self._sandbox_command)
+        add_sandbox_routes(app, self)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -129,12 +154,15 @@ class SlackEmulator:
 
     # ------------------------------------------------------------------ test controls
 
-    def add_user(self, user_id: str, name: str | None = None) -> None:
+    def add_user(self, user_id: str, name: str | None = None, *, title: str = "") -> None:
+        """A workspace member; ``title`` (their profile's) says who they are on the page."""
+        real_name = name or user_id
         self.users[user_id] = {
             "id": user_id,
-            "name": name or user_id.lower(),
-            "real_name": name or user_id,
+            "name": real_name.lower().replace(" ", "."),
+            "real_name": real_name,
             "team_id": TEAM["id"],
+            "profile": {"real_name": real_name, "display_name": real_name, "title": title},
         }
 
     def fail(self, method: str, status: int, *, times: int = 1, retry_after: int = 1) -> None:
@@ -168,6 +196,14 @@ class SlackEmulator:
             if m.ts == ts:
                 return m
         raise KeyError(f"no message {ts} in {channel}")
+
+    def find(self, ts: str) -> Message:
+        """The message ``ts`` in whichever conversation holds it."""
+        for messages in self.messages.values():
+            for message in messages:
+                if message.ts == ts:
+                    return message
+        raise KeyError(f"no message {ts}")
 
     # ------------------------------------------------------------------ Web API
 
@@ -207,6 +243,8 @@ class SlackEmulator:
             return web.json_response({"ok": False, "error": "unknown_method"})
         body: dict[str, Any] = handler(args)
         if body.get("ok"):
+            if method in _VISIBLE:
+                self.version += 1
             async with self._called:
                 self.calls.append(Call(method, args))
                 self._called.notify_all()
@@ -258,15 +296,25 @@ class SlackEmulator:
         }
 
     def _m_chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("channel") or not args.get("user"):
+            return {"ok": False, "error": "channel_not_found"}
+        ts = self._ephemeral(
+            args["channel"], args["user"], args.get("text", ""), args.get("blocks")
+        )
+        return {"ok": True, "message_ts": ts}
+
+    def _ephemeral(self, channel: str, user: str, text: str, blocks: Any) -> str:
+        ts = self._next_ts()
         self.ephemerals.append(
             {
-                "channel": args.get("channel"),
-                "user": args.get("user"),
-                "text": args.get("text", ""),
-                "blocks": _json_arg(args.get("blocks")),
+                "channel": channel,
+                "user": user,
+                "ts": ts,
+                "text": text,
+                "blocks": _json_arg(blocks),
             }
         )
-        return {"ok": True, "message_ts": self._next_ts()}
+        return ts
 
     def _m_conversations_open(self, args: dict[str, Any]) -> dict[str, Any]:
         users = str(args.get("users", ""))
@@ -287,9 +335,13 @@ class SlackEmulator:
         return {"ok": True, "users": members}
 
     def _m_views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        origin = self._triggers.pop(str(args.get("trigger_id", "")), None)
+        if origin is None:  # Slack: a trigger_id from an interaction, used once
+            return {"ok": False, "error": "invalid_trigger_id"}
         view = dict(_json_arg(args.get("view")) or {})
         view["id"] = f"V{next(self._ids):08d}"
         self.views[view["id"]] = view
+        self.modals.setdefault(origin.user, []).append(view["id"])
         return {"ok": True, "view": view}
 
     def _m_views_update(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -300,67 +352,53 @@ class SlackEmulator:
         return {"ok": True, "view": self.views[view_id]}
 
     def _m_views_publish(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.home[args.get("user_id", "")] = _json_arg(args.get("view")) or {}
-        return {"ok": True, "view": self.home[args.get("user_id", "")]}
+        user = str(args.get("user_id", ""))
+        if user not in self.users:
+            return {"ok": False, "error": "user_not_found"}
+        view = dict(_json_arg(args.get("view")) or {}, id=f"VHOME{user}")
+        self.home[user] = view
+        return {"ok": True, "view": view}
+
+    def open_modal(self, user: str) -> str | None:
+        """The id of the modal ``user`` sees on top, if any."""
+        stack = self.modals.get(user)
+        return stack[-1] if stack else None
+
+    def close_modal(self, view_id: str, user: str) -> None:
+        stack = self.modals.get(user, [])
+        if view_id in stack:
+            del stack[stack.index(view_id) :]
+            self.version += 1
 
     async def _respond(self, request: web.Request) -> web.Response:
-        self.responses.append(await request.json())
-        return web.json_response({"ok": True})
-
-    # ------------------------------------------------------------------ the local sandbox
-
-    def find(self, ts: str) -> Message:
-        for messages in self.messages.values():
-            for message in messages:
-                if message.ts == ts:
-                    return message
-        raise KeyError(f"no message {ts}")
-
-    async def _sandbox_messages(self, _request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "channels": {c: [m.as_json() for m in ms] for c, ms in self.messages.items()},
-                "ephemerals": self.ephemerals,
-                "views": self.views,
-            }
-        )
-
-    async def _sandbox_json(self, request: web.Request, *keys: str) -> dict[str, Any]:
+        """A message sent to a ``response_url``: ephemeral to the user who acted (the
+        default), in the channel, or replacing or deleting the message they clicked."""
+        origin = self._response_urls.get(request.match_info["ident"])
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text="expected a JSON body") from None
-        missing = [k for k in keys if not isinstance(body.get(k), str)]
-        if missing:
-            raise web.HTTPBadRequest(text=f"missing {', '.join(missing)}")
-        return dict(body)
-
-    async def _sandbox_click(self, request: web.Request) -> web.Response:
-        body = await self._sandbox_json(request, "ts", "action_id", "user")
-        try:
-            message = self.find(body["ts"])
-            status, text = await self.click(
-                message.channel, message.ts, body["action_id"], body["user"]
+        except json.JSONDecodeError:
+            body = None
+        if origin is None or not isinstance(body, dict):
+            return web.json_response({"ok": False, "error": "invalid_response_url"}, status=404)
+        self.responses.append(body)
+        channel = origin.channel or ""
+        if body.get("delete_original") and origin.ts:
+            self.messages[channel] = [
+                m for m in self.messages.get(channel, []) if m.ts != origin.ts
+            ]
+        elif body.get("replace_original") and origin.ts:
+            self._m_chat_update(
+                {"channel": channel, "ts": origin.ts, "text": body.get("text", "")}
+                | ({"blocks": body["blocks"]} if "blocks" in body else {})
             )
-        except KeyError as exc:
-            raise web.HTTPNotFound(text=str(exc)) from None
-        return web.json_response({"status": status, "response": text})
-
-    async def _sandbox_submit(self, request: web.Request) -> web.Response:
-        body = await self._sandbox_json(request, "user")
-        view_id = body.get("view_id") or (list(self.views)[-1] if self.views else "")
-        if view_id not in self.views:
-            raise web.HTTPNotFound(text="no open modal")
-        status, text = await self.submit(view_id, body["user"], dict(body.get("values") or {}))
-        return web.json_response({"status": status, "response": text})
-
-    async def _sandbox_command(self, request: web.Request) -> web.Response:
-        body = await self._sandbox_json(request, "text", "user")
-        status, text = await self.command(body["text"], body["user"])
-        return web.json_response({"status": status, "response": text})
-
-    async def _sandbox_page(self, _request: web.Request) -> web.Response:
-        return web.Response(text=_SANDBOX_PAGE, content_type="text/html")
+        elif body.get("response_type") == "in_channel":
+            self._m_chat_postMessage(
+                {"channel": channel, "text": body.get("text", ""), "blocks": body.get("blocks")}
+            )
+        else:
+            self._ephemeral(channel, origin.user, body.get("text", ""), body.get("blocks"))
+        self.version += 1
+        return web.json_response({"ok": True})
 
     # ------------------------------------------------------------------ Socket Mode
 
@@ -438,6 +476,16 @@ class SlackEmulator:
     def _user(self, user: str) -> dict[str, Any]:
         return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM["id"]}
 
+    def _trigger(self, origin: Origin) -> str:
+        trigger_id = f"trigger-{next(self._ids)}"
+        self._triggers[trigger_id] = origin
+        return trigger_id
+
+    def _response_url(self, origin: Origin) -> str:
+        ident = str(next(self._ids))
+        self._response_urls[ident] = origin
+        return f"{self.url}/respond/{ident}"
+
     async def _interact(self, payload: dict[str, Any]) -> tuple[int, str]:
         if self.bot_url is None and self._sockets:
             return await self._over_socket("interactive", payload)
@@ -451,7 +499,7 @@ class SlackEmulator:
 
     def _block_actions(self, channel: str, ts: str, action_id: str, user: str) -> dict[str, Any]:
         message = self.message(channel, ts)
-        button = _find_action(message.blocks, action_id)
+        origin = Origin(user, channel, ts)
         return {
             "type": "block_actions",
             "user": self._user(user),
@@ -463,54 +511,81 @@ class SlackEmulator:
                 "channel_id": channel,
                 "is_ephemeral": False,
             },
-            "trigger_id": f"trigger-{next(self._ids)}",
+            "trigger_id": self._trigger(origin),
             "team": TEAM,
             "enterprise": None,
             "is_enterprise_install": False,
             "channel": {"id": channel, "name": channel},
             "message": message.as_json(),
-            "response_url": f"{self.url}/respond/{next(self._ids)}",
-            "actions": [
-                {
-                    "action_id": action_id,
-                    "block_id": button["block_id"],
-                    "value": button.get("value", ""),
-                    "type": "button",
-                    "action_ts": str(time.time()),
-                }
-            ],
+            "response_url": self._response_url(origin),
+            "actions": [_action(message.blocks, action_id)],
         }
 
     async def click(self, channel: str, ts: str, action_id: str, user: str) -> tuple[int, str]:
         return await self._interact(self._block_actions(channel, ts, action_id, user))
 
+    async def click_view(self, view_id: str, action_id: str, user: str) -> tuple[int, str]:
+        """A button in a modal or an App Home (``view_id``) clicked by ``user``."""
+        view = self.views.get(view_id) or next(
+            (v for v in self.home.values() if v.get("id") == view_id), None
+        )
+        if view is None:
+            raise KeyError(f"no view {view_id}")
+        payload = {
+            "type": "block_actions",
+            "user": self._user(user),
+            "api_app_id": "AKEYTURN",
+            "token": "verification-token-unused",
+            "container": {"type": "view", "view_id": view_id},
+            "trigger_id": self._trigger(Origin(user)),
+            "team": TEAM,
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "view": view,
+            "actions": [_action(view.get("blocks", []), action_id)],
+        }
+        return await self._interact(payload)
+
     async def submit(self, view_id: str, user: str, values: dict[str, str]) -> tuple[int, str]:
-        """Submit an open modal with ``{block_id: value}`` for its plain-text inputs."""
+        """Submit an open modal with ``{block_id: value}`` for its inputs (a select's value is
+        the option's ``value``). As in Slack, the modal closes unless the app answers with
+        ``response_action`` errors, update or push."""
         view = self.views[view_id]
-        state: dict[str, dict[str, dict[str, Any]]] = {}
-        for block in view.get("blocks", []):
-            if block.get("type") == "input":
-                action_id = block["element"]["action_id"]
-                state[block["block_id"]] = {
-                    action_id: {
-                        "type": block["element"]["type"],
-                        "value": values.get(block["block_id"]),
-                    }
-                }
+        state = {
+            block["block_id"]: {
+                block["element"]["action_id"]: _input_state(
+                    block["element"], values.get(block["block_id"])
+                )
+            }
+            for block in view.get("blocks", [])
+            if block.get("type") == "input"
+        }
         payload = {
             "type": "view_submission",
             "team": TEAM,
             "user": self._user(user),
             "api_app_id": "AKEYTURN",
             "token": "verification-token-unused",
-            "trigger_id": f"trigger-{next(self._ids)}",
+            "trigger_id": self._trigger(Origin(user)),
             "view": dict(view, state={"values": state}, team_id=TEAM["id"]),
             "is_enterprise_install": False,
             "enterprise": None,
         }
-        return await self._interact(payload)
+        status, text = await self._interact(payload)
+        answer = _json_arg(text) if text else None
+        action: dict[str, Any] = answer if isinstance(answer, dict) else {}
+        kind = action.get("response_action")
+        if status == 200 and kind == "update" and isinstance(action.get("view"), dict):
+            self.views[view_id] = dict(action["view"], id=view_id)
+            self.version += 1
+        elif status == 200 and kind not in ("errors", "push"):
+            self.close_modal(view_id, user)
+        return status, text
 
     async def command(self, text: str, user: str, channel: str = "CGENERAL") -> tuple[int, str]:
+        """``/keyturn text`` typed by ``user`` in ``channel``; what the app acks with is shown
+        to that user alone, as Slack shows it."""
+        origin = Origin(user, channel)
         form = {
             "token": "verification-token-unused",
             "team_id": TEAM["id"],
@@ -522,12 +597,23 @@ class SlackEmulator:
             "command": "/keyturn",
             "text": text,
             "api_app_id": "AKEYTURN",
-            "response_url": f"{self.url}/respond/{next(self._ids)}",
-            "trigger_id": f"trigger-{next(self._ids)}",
+            "response_url": self._response_url(origin),
+            "trigger_id": self._trigger(origin),
         }
         if self.bot_url is None and self._sockets:
-            return await self._over_socket("slash_commands", form)
-        return await self.deliver(urllib.parse.urlencode(form), "application/x-www-form-urlencoded")
+            status, body = await self._over_socket("slash_commands", form)
+        else:
+            status, body = await self.deliver(
+                urllib.parse.urlencode(form), "application/x-www-form-urlencoded"
+            )
+        ack = _json_arg(body) if body else None
+        if status == 200 and isinstance(ack, dict) and (ack.get("text") or ack.get("blocks")):
+            self._ephemeral(channel, user, ack.get("text", ""), ack.get("blocks"))
+            self.version += 1
+        elif status == 200 and body and not isinstance(ack, dict):
+            self._ephemeral(channel, user, body, None)
+            self.version += 1
+        return status, body
 
 
 async def _args(request: web.Request) -> dict[str, Any]:
@@ -554,64 +640,31 @@ def _json_arg(value: Any) -> Any:
     return value
 
 
-def _find_action(blocks: list[dict[str, Any]], action_id: str) -> dict[str, Any]:
+def _action(blocks: list[dict[str, Any]], action_id: str) -> dict[str, Any]:
+    """The ``actions`` entry of a click on the button ``action_id`` among ``blocks``."""
     for block in blocks:
-        for element in block.get("elements", []) or []:
+        elements = list(block.get("elements") or [])
+        if isinstance(block.get("accessory"), dict):
+            elements.append(block["accessory"])
+        for element in elements:
             if isinstance(element, dict) and element.get("action_id") == action_id:
-                return dict(element, block_id=block.get("block_id", ""))
-    raise KeyError(f"no button {action_id!r} on the message")
+                return {
+                    "action_id": action_id,
+                    "block_id": block.get("block_id", ""),
+                    "value": element.get("value", ""),
+                    "type": element.get("type", "button"),
+                    "action_ts": str(time.time()),
+                }
+    raise KeyError(f"no button {action_id!r} there")
 
 
-# The sandbox page renders the channels from /sandbox/messages and sends clicks and modal
-# submissions through /sandbox/click and /sandbox/submit (signed on the way to the bot).
-_SANDBOX_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>keyturn Slack sandbox</title>
-<style>body{font:14px sans-serif;margin:2em;max-width:60em}.msg{border:1px solid #ccc;
-border-radius:6px;padding:.6em;margin:.6em 0}pre{background:#f4f4f4;padding:.4em;
-white-space:pre-wrap}.thread{margin-left:2em;color:#555}</style></head>
-<body><h1>keyturn Slack sandbox</h1>
-<p>Acting as <input id="user" value="U_APPROVER" size="14">. Cards appear as the bot posts them.</p>
-<div id="channels"></div>
-<script>
-const el = (tag, text) => {
-  const e = document.createElement(tag); e.textContent = text; return e;
-};
-async function post(path, body) {
-  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
-                               body: JSON.stringify(body)});
-  return r.json();
-}
-async function act(ts, actionId) {
-  const user = document.getElementById("user").value;
-  await post("/sandbox/click", {ts, action_id: actionId, user});
-  if (actionId.endsWith("deny")) {
-    const reason = prompt("Deny: why?");
-    if (reason !== null) await post("/sandbox/submit", {user, values: {reason}});
-  }
-  refresh();
-}
-function render(block, box, ts) {
-  if (block.type === "section" && block.text) box.append(el("pre", block.text.text));
-  for (const f of block.fields || []) box.append(el("div", f.text));
-  for (const e of block.elements || []) {
-    if (e.type === "button") {
-      const b = el("button", e.text.text); b.onclick = () => act(ts, e.action_id); box.append(b);
-    } else if (e.text) box.append(el("div", e.text));
-  }
-}
-async function refresh() {
-  const data = await (await fetch("/sandbox/messages")).json();
-  const root = document.getElementById("channels"); root.replaceChildren();
-  for (const [channel, messages] of Object.entries(data.channels)) {
-    root.append(el("h2", "#" + channel));
-    for (const m of messages) {
-      const box = document.createElement("div"); box.className = m.thread_ts ? "msg thread" : "msg";
-      if (!m.blocks || !m.blocks.length) box.append(el("div", m.text));
-      for (const b of m.blocks || []) render(b, box, m.ts);
-      root.append(box);
-    }
-  }
-}
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"""
+def _input_state(element: dict[str, Any], value: str | None) -> dict[str, Any]:
+    """An input's entry in ``view.state.values``, as Slack reports it."""
+    kind = element.get("type", "plain_text_input")
+    if kind == "static_select":
+        options = element.get("options") or [
+            o for group in element.get("option_groups", []) for o in group.get("options", [])
+        ]
+        chosen = next((o for o in options if o.get("value") == value), None)
+        return {"type": kind, "selected_option": chosen}
+    return {"type": kind, "value": value or None}

@@ -5,7 +5,8 @@ database), an OpenBao dev server bootstrapped for the demo policy, a demo SSH ta
 machine's sshd, where OpenSSH is installed), the Slack emulator with its
 sandbox page, and the gateway and the bot as their own ``keyturn gateway`` / ``keyturn bot``
 processes. Writes the addresses and a dev agent token to ``<state-dir>/stack.json`` (mode
-0600: it holds dev-only secrets) and waits for Ctrl-C.
+0600: it holds dev-only secrets; its keys are a contract, see docs/dev.md) and waits for
+Ctrl-C, which stops every process and deletes the throwaway data and the state files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,7 +60,15 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 DEMO_AGENT = "crew-demo"
 DEMO_SSH = "web-demo"
 DEMO_APPROVER = "U_APPROVER"
+DEMO_ONCALL = "U_ONCALL"
+DEMO_VISITOR = "U_VISITOR"
 DEMO_CHANNEL = "CAPPROVALS"
+# Who the sandbox page can act as: (id, name, what they may do in the demo).
+DEMO_PEOPLE = (
+    (DEMO_APPROVER, "Ada Approver", "approver: decides the demo's held commands"),
+    (DEMO_ONCALL, "Omar On-call", "on-call engineer: may request access for themselves"),
+    (DEMO_VISITOR, "Vic Visitor", "no rights: clicks are refused"),
+)
 T = TypeVar("T")
 
 
@@ -104,15 +113,23 @@ class DevStack:
     policy_file: Path
     vault: BootstrapReport
     gateway_url: str
+    sandbox_url: str
     dev_secret: str
 
     def agent_token(self) -> str:
         return dev_token(self.dev_secret, DEMO_AGENT)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, targets: Mapping[str, str]) -> dict[str, Any]:
+        """stack.json: every key is documented in docs/dev.md (scripts rely on them)."""
         return {
             "gateway_url": self.gateway_url,
+            "sandbox_url": self.sandbox_url,
             "agent_token": self.agent_token(),
+            "agent": DEMO_AGENT,
+            "approver_user": DEMO_APPROVER,
+            "oncall_user": DEMO_ONCALL,
+            "approval_channel": DEMO_CHANNEL,
+            "targets": targets,
             "dev_secret": self.dev_secret,
             "policy_file": str(self.policy_file),
             "database_url": self.database.url,
@@ -260,6 +277,23 @@ def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None =
         return json.load(resp)
 
 
+def _keyturn() -> str:
+    """How to run this installation's ``keyturn`` from here (``.venv/bin/keyturn``)."""
+    command = Path(sys.executable).parent / "keyturn"
+    with contextlib.suppress(ValueError):
+        return str(command.relative_to(Path.cwd()))
+    return str(command)
+
+
+def _forget(*files: Path) -> None:
+    """The state files go with the stack: they name ports and hold dev secrets of a stack
+    that no longer runs."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the directory too, when nothing else is in it
+        files[0].parent.rmdir()
+
+
 def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread, *, ssh: bool) -> list[str]:
     """What an agent and an approver would do: a read, then a held write approved in Slack."""
     read = _call(
@@ -307,7 +341,10 @@ def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
     loop = _LoopThread()
     slack = SlackEmulator()
     sandbox = loop.run(slack.start()).removesuffix("/api/")
-    slack.add_user(DEMO_APPROVER, "Dev Approver")
+    for user, name, title in DEMO_PEOPLE:
+        slack.add_user(user, name, title=title)
+    slack.sandbox_user = DEMO_APPROVER
+    slack.channel_names[DEMO_CHANNEL] = "approvals"
     try:
         with PostgresCluster() as pg, OpenBaoDevServer() as bao, contextlib.ExitStack() as more:
             return _run(state_dir, pg, bao, slack, loop, sandbox, more, once=once)
@@ -327,6 +364,8 @@ def _run(
     *,
     once: bool,
 ) -> int:
+    state = state_dir / "stack.json"
+    services.callback(_forget, state, state_dir / "policy.yml")
     database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir))
     demo_ssh = _start_demo_ssh(services, bao, policy_file)
     policy = parse_policy(yaml.safe_load(policy_file.read_text()))
@@ -337,6 +376,7 @@ def _run(
         policy_file,
         report,
         gateway_url=f"http://{policy.gateway.listen}",
+        sandbox_url=sandbox,
         dev_secret=secrets.token_urlsafe(32),
     )
     gateway = policy.vault.gateway_approle
@@ -359,22 +399,18 @@ def _run(
         _service("gateway", gateway_env, policy_file, stack.gateway_url),
         _service("bot", bot_env, policy_file, bot_url),
     ):
-        state = state_dir / "stack.json"
+        targets = {name: target.kind for name, target in policy.targets.items()}
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
-            json.dump(stack.describe() | {"slack_sandbox": sandbox}, out, indent=2)
+            json.dump(stack.describe(targets), out, indent=2)
         print(f"keyturn dev stack is up (state, with a dev agent token: {state})")
+        print(f"  sandbox    {sandbox}/  (open it: the Slack sandbox, acting as Ada Approver)")
         print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
-        print(f"  slack      {sandbox}  (sandbox: cards and buttons; approver {DEMO_APPROVER})")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
         if demo_ssh:
             print(f"  sshd       {demo_ssh}  (demo target: {DEMO_SSH}, trusts OpenBao's SSH CA)")
-        print(
-            '  try: curl -s -X POST -H "Authorization: Bearer $(jq -r .agent_token '
-            f'{state})" -d \'{{"target":"orders-db","command":"SELECT * FROM orders"}}\''
-            f" {stack.gateway_url}/v1/commands"
-        )
+        print(f"  try it     {_keyturn()} demo   (in another terminal; then click in the sandbox)")
         if once:
             for line in _smoke(stack, slack, loop, ssh=demo_ssh is not None):
                 print(f"  smoke test: {line}")

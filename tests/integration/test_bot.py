@@ -459,7 +459,9 @@ async def test_the_sandbox_drives_the_bot(run_bot: BotFactory, slack: SlackEmula
         request_id = await rb.hold()
         ts = await rb.card(request_id)
         async with http.get("/") as resp:
-            assert resp.status == 200 and "keyturn Slack sandbox" in await resp.text()
+            assert resp.status == 200 and "Slack sandbox" in await resp.text()
+        async with http.get("/sandbox/page/sandbox.js") as resp:
+            assert resp.status == 200 and "createElement" in await resp.text()
         async with http.get("/sandbox/messages") as resp:
             assert ts in json.dumps(await resp.json())
         async with http.post(

@@ -1,0 +1,117 @@
+"""``keyturn demo``: play an agent against a running ``keyturn dev`` stack, narrated for a person.
+
+Three commands show the three outcomes: an allowed read (run at once, emails masked), a
+forbidden ``DROP TABLE`` (refused by a rule) and a held ``UPDATE`` that waits until someone
+clicks Approve or Deny on its card in the Slack sandbox. Uses the public agent client, as
+an agent would; reads the stack's addresses and dev token from its stack.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from keyturn.api import SqlResultOut
+from keyturn.client import Blocked, Client, Denied, KeyturnError, Request
+from keyturn.errors import ConfigError
+
+TARGET = "orders-db"
+READ = "SELECT id, name, email FROM customers ORDER BY id"
+FORBIDDEN = "DROP TABLE orders"
+HELD = "UPDATE orders SET status = 'shipped' WHERE id = 2"
+REASON = "keyturn demo: order 2 left the warehouse"
+EXIT_UNDECIDED = 1
+
+
+def load_stack(path: Path) -> dict[str, Any]:
+    """stack.json of a running dev stack (docs/dev.md), or a ConfigError saying how to get one."""
+    try:
+        stack = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no running dev stack ({path} is missing): start one with scripts/dev first"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a keyturn dev stack file: {exc}") from None
+    missing = [k for k in ("gateway_url", "sandbox_url", "agent_token") if k not in stack]
+    if not isinstance(stack, dict) or missing:
+        raise ConfigError(f"{path} is not a keyturn dev stack file (missing {missing})")
+    return stack
+
+
+def grid(result: SqlResultOut) -> list[str]:
+    """Rows as aligned text columns, for a terminal."""
+    cells = [result.columns] + [["NULL" if v is None else str(v) for v in r] for r in result.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(result.columns))]
+    lines = [
+        " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return lines
+
+
+def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout) -> int:
+    """0 once the held command is decided (approved and run, or denied); 1 otherwise."""
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    with Client(stack["gateway_url"], stack["agent_token"]) as agent:
+        say(f"1. An allowed read on {TARGET} runs at once, with a read-only login:")
+        say(f"   {READ}")
+        read = agent.submit(TARGET, READ, reason="keyturn demo: who are our customers?")
+        if isinstance(read.result, SqlResultOut):
+            say("\n".join("     " + line for line in grid(read.result)))
+        say("   The emails are masked by the policy's masking rules; the agent never sees them.")
+        say()
+        say("2. A forbidden command is refused before anything runs:")
+        say(f"   {FORBIDDEN}")
+        try:
+            agent.submit(TARGET, FORBIDDEN, reason="keyturn demo")
+            say("   (it ran: the demo policy's no-drop rule is missing)")
+        except Blocked as exc:
+            say(f"   {exc.message}")
+        say()
+        say("3. A risky write waits for a person:")
+        say(f"   {HELD}")
+        held = agent.submit(TARGET, HELD, reason=REASON)
+        if held.status != "pending":
+            say(f"   not held but {held.status}: is this the demo policy?")
+            return EXIT_UNDECIDED
+        say(f"   held as request {held.id}. Now open the Slack sandbox:")
+        say(f"     {stack['sandbox_url']}/")
+        say("   (it acts as the demo's approver), find the card in #approvals, click Approve")
+        say("   (or Deny, and type a reason: the agent reads it). Waiting for the click...")
+        return _outcome(agent.wait(held.id, timeout), say)
+
+
+def _outcome(request: Request, say: Callable[[str], None]) -> int:
+    if request.status == "executed" and isinstance(request.result, SqlResultOut):
+        say(
+            f"   approved: the gateway ran it with one-shot credentials from Vault -> "
+            f"{', '.join(request.result.tags or [])}"
+        )
+        return 0
+    if request.status == "denied":
+        say(f"   {Denied(request.id, request.denied_by, request.deny_reason).message}")
+        say("   (an agent gets this reason back and can adjust its command)")
+        return 0
+    if request.status in ("pending", "approved", "executing"):
+        say(f"   still {request.status} after the wait: request {request.id} goes on without us")
+    else:
+        say(f"   {request.status}" + (f": {request.error}" if request.error else ""))
+    return EXIT_UNDECIDED
+
+
+def demo(stack_file: Path, timeout: float) -> int:
+    stack = load_stack(stack_file)
+    try:
+        return run_demo(stack, timeout=timeout)
+    except KeyturnError as exc:
+        raise ConfigError(
+            f"the dev stack at {stack['gateway_url']} did not answer as expected ({exc.message});"
+            " is keyturn dev still running?"
+        ) from None

@@ -1,0 +1,141 @@
+"""``keyturn dev`` and ``keyturn demo`` as a new user meets them: the printed URLs, stack.json as
+a contract, the demo finished by one click in the sandbox, and Ctrl-C leaving no process and no
+file behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.integration.devstack import Spawned, click, running_dev
+
+CONTRACT = {  # docs/dev.md: what scripts may rely on
+    "gateway_url": str,
+    "sandbox_url": str,
+    "agent_token": str,
+    "agent": str,
+    "approver_user": str,
+    "oncall_user": str,
+    "approval_channel": str,
+    "targets": dict,
+    "dev_secret": str,
+    "policy_file": str,
+    "database_url": str,
+    "vault_addr": str,
+    "vault_root_token": str,
+    "approles": dict,
+}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children...), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def held_id(line: str) -> str:
+    return line.split("held as request ", 1)[1].split(".", 1)[0]
+
+
+def demo(stack: dict[str, Any], decision: str, reason: str | None = None) -> list[str]:
+    """Run ``keyturn demo`` and click ``decision`` on its held UPDATE in the sandbox."""
+    run = Spawned("-m", "keyturn.cli", "demo", "--stack", stack["file"], "--timeout", "60")
+    try:
+        request = held_id(run.until("held as request"))
+        run.until("Waiting for the click")
+        click(stack, request, decision, reason)
+        return run.finish()
+    finally:
+        run.stop()
+
+
+def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"  # every temporary file of the stack goes here: TMPDIR
+    scratch.mkdir()
+    with running_dev(scratch / "state", env={"TMPDIR": str(scratch)}) as (dev, stack):
+        for key, kind in CONTRACT.items():
+            assert isinstance(stack.get(key), kind), key
+        assert "slack_sandbox" not in stack
+        assert stack["targets"] == {"orders-db": "postgres", "web-demo": "ssh"}
+        assert stat.S_IMODE(Path(stack["file"]).stat().st_mode) == 0o600
+        printed = "\n".join(dev.lines)
+        assert f"sandbox    {stack['sandbox_url']}/" in printed
+        assert f"gateway    {stack['gateway_url']}" in printed
+        for secret in ("agent_token", "dev_secret", "vault_root_token"):
+            assert stack[secret] not in printed
+        assert httpx.get(stack["sandbox_url"] + "/", timeout=5).status_code == 200
+
+        token = subprocess.run(
+            [sys.executable, "-m", "keyturn.cli", "token", "crew-x", "--state", stack["file"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        claims = jwt.decode(token, stack["dev_secret"], algorithms=["HS256"], audience="keyturn")
+        assert claims["sub"] == "crew-x"
+
+        approved = "\n".join(demo(stack, "keyturn_approve"))
+        assert "| ***" in approved and "@example.com" not in approved  # masked emails
+        assert "blocked by rule no-drop" in approved
+        assert "approved: the gateway ran it" in approved and "UPDATE 1" in approved
+        denied = demo(stack, "keyturn_deny", "not during the freeze")
+        assert denied[-2].strip() == "denied by U_APPROVER: not during the freeze"
+
+        below = descendants(dev.proc.pid)
+        assert len(below) >= 4  # gateway, bot, postgres, openbao (and sshd)
+        dev.interrupt()
+        dev.finish(timeout=60)
+    assert not [pid for pid in below if alive(pid)]
+    assert not list(scratch.iterdir())  # no state file, no data directory, no socket
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(stack["gateway_url"] + "/healthz", timeout=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--stack", "/nonexistent/stack.json"], "start one with scripts/dev"),
+        (["--timeout", "nan"], "--timeout must be"),
+        (["--timeout", "-1"], "--timeout must be"),
+    ],
+)
+def test_demo_without_a_stack(args: list[str], fragment: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", "demo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
