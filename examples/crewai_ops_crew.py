@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read {args.stack} ({exc}); is `keyturn dev` running?", file=sys.stderr)
         return 2
-    sandbox = stack.get("slack_sandbox", "the Slack sandbox")
+    sandbox = stack.get("sandbox_url", "the Slack sandbox")
 
     def held(request: CommandOut) -> None:
         print(f"   held as request {request.id}: approve or deny its card at {sandbox}", flush=True)

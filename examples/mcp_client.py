@@ -64,7 +64,7 @@ async def investigate(stack: dict[str, Any], order: int) -> str:
             reason=f"customer paid order {order} by wire; mark it paid",
         )
         while outcome.get("next_call"):  # still waiting: do what the result says
-            print(f"   waiting: approve or deny the card at {stack['slack_sandbox']}", flush=True)
+            print(f"   waiting: approve or deny the card at {stack['sandbox_url']}", flush=True)
             outcome = await call(
                 session, "request_status", request_id=outcome["request_id"], wait_seconds=25
             )

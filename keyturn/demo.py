@@ -36,7 +36,7 @@ def load_stack(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path} is not a keyturn dev stack file: {exc}") from None
-    missing = [k for k in ("gateway_url", "sandbox_url", "agent_token") if k not in stack]
+    missing = [k for k in ("gateway_url", "agent_token") if k not in stack]
     if not isinstance(stack, dict) or missing:
         raise ConfigError(f"{path} is not a keyturn dev stack file (missing {missing})")
     return stack
@@ -81,9 +81,12 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
         if held.status != "pending":
             say(f"   not held but {held.status}: is this the demo policy?")
             return EXIT_UNDECIDED
-        say(f"   held as request {held.id}. Now open the Slack sandbox:")
-        say(f"     {stack['sandbox_url']}/")
-        say("   (it acts as the demo's approver), find the card in #approvals, click Approve")
+        if stack.get("sandbox_url"):
+            say(f"   held as request {held.id}. Now open the Slack sandbox:")
+            say(f"     {stack['sandbox_url']}/")
+            say("   (it acts as the demo's approver), find the card in #approvals, click Approve")
+        else:
+            say(f"   held as request {held.id}: its card is in your Slack channel; click Approve")
         say("   (or Deny, and type a reason: the agent reads it). Waiting for the click...")
         return _outcome(agent.wait(held.id, timeout), say)
 

@@ -23,23 +23,23 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import yaml
 
-from keyturn.errors import Unavailable
+from keyturn.errors import ConfigError, Unavailable
 from keyturn.policy import parse_policy
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
+from keyturn.testing.dev_slack import Workspace, open_workspace
 from keyturn.testing.idp import dev_token
 from keyturn.testing.openbao import OpenBaoDevServer
 from keyturn.testing.ports import free_port
 from keyturn.testing.postgres import PostgresCluster
-from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.vault import Vault
 from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, BootstrapReport, bootstrap
@@ -59,20 +59,11 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 )
 DEMO_AGENT = "crew-demo"
 DEMO_SSH = "web-demo"
-DEMO_APPROVER = "U_APPROVER"
-DEMO_ONCALL = "U_ONCALL"
-DEMO_VISITOR = "U_VISITOR"
-DEMO_CHANNEL = "CAPPROVALS"
-# Who the sandbox page can act as: (id, name, what they may do in the demo).
-DEMO_PEOPLE = (
-    (DEMO_APPROVER, "Ada Approver", "approver: decides the demo's held commands"),
-    (DEMO_ONCALL, "Omar On-call", "on-call engineer: may request access for themselves"),
-    (DEMO_VISITOR, "Vic Visitor", "no rights: clicks are refused"),
-)
-T = TypeVar("T")
 
 
-def demo_policy(pg_port: int, vault_addr: str, gateway_port: int, bot_port: int) -> dict[str, Any]:
+def demo_policy(
+    pg_port: int, vault_addr: str, gateway_port: int, bot_port: int, slack: Workspace
+) -> dict[str, Any]:
     return {
         "targets": {
             "orders-db": {
@@ -89,14 +80,14 @@ def demo_policy(pg_port: int, vault_addr: str, gateway_port: int, bot_port: int)
                 "name": "writes",
                 "match": {"sql": ["insert", "update", "delete", "alter"]},
                 "action": "hold",
-                "approvers": {"users": [DEMO_APPROVER]},
+                "approvers": {"users": slack.approvers},
                 "grant_ttl": "10m",
             },
             {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
         ],
         "masking": {"columns": ["*email*"], "detectors": ["email", "credit_card"]},
         "vault": {"addr": vault_addr},
-        "slack": {"approval_channel": DEMO_CHANNEL},
+        "slack": {"approval_channel": slack.channel},
         "gateway": {
             "listen": f"127.0.0.1:{gateway_port}",
             "auth": {"algorithms": ["HS256"]},
@@ -113,7 +104,7 @@ class DevStack:
     policy_file: Path
     vault: BootstrapReport
     gateway_url: str
-    sandbox_url: str
+    slack: Workspace
     dev_secret: str
 
     def agent_token(self) -> str:
@@ -123,12 +114,12 @@ class DevStack:
         """stack.json: every key is documented in docs/dev.md (scripts rely on them)."""
         return {
             "gateway_url": self.gateway_url,
-            "sandbox_url": self.sandbox_url,
+            "sandbox_url": self.slack.sandbox_url,
             "agent_token": self.agent_token(),
             "agent": DEMO_AGENT,
-            "approver_user": DEMO_APPROVER,
-            "oncall_user": DEMO_ONCALL,
-            "approval_channel": DEMO_CHANNEL,
+            "approver_user": self.slack.approvers[0],
+            "oncall_user": self.slack.oncall,
+            "approval_channel": self.slack.channel,
             "targets": targets,
             "dev_secret": self.dev_secret,
             "policy_file": str(self.policy_file),
@@ -142,7 +133,7 @@ class DevStack:
         }
 
 
-def _add_demo_ssh(data: dict[str, Any]) -> None:
+def _add_demo_ssh(data: dict[str, Any], approvers: list[str]) -> None:
     """Where OpenSSH is installed, a demo SSH target: this machine's own sshd, on a free port,
     trusting OpenBao's SSH CA (its port and host key are filled in once it runs)."""
     try:
@@ -163,7 +154,7 @@ def _add_demo_ssh(data: dict[str, Any]) -> None:
             "target": DEMO_SSH,
             "match": {"shell": ["id *", "echo *", "hostname"]},
             "action": "hold",
-            "approvers": {"users": [DEMO_APPROVER]},
+            "approvers": {"users": approvers},
             "grant_ttl": "5m",
         },
     ]
@@ -186,7 +177,7 @@ def _start_demo_ssh(
 
 
 async def _prepare(
-    pg: PostgresCluster, bao: OpenBaoDevServer, state_dir: Path
+    pg: PostgresCluster, bao: OpenBaoDevServer, state_dir: Path, slack: Workspace
 ) -> tuple[Dsn, Path, BootstrapReport]:
     admin = await asyncpg.connect(pg.dsn().url)
     try:
@@ -201,8 +192,8 @@ async def _prepare(
         await orders.close()
     database = pg.dsn("keyturn")
     await asyncio.to_thread(migrate.upgrade, database)
-    data = demo_policy(pg.port, bao.addr, free_port(), free_port())
-    _add_demo_ssh(data)
+    data = demo_policy(pg.port, bao.addr, free_port(), free_port(), slack)
+    _add_demo_ssh(data, slack.approvers)
     policy_file = state_dir / "policy.yml"
     policy_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KEYTURN_TARGET_ORDERS_DB_USERNAME"] = "postgres"
@@ -247,22 +238,6 @@ def _service(
             proc.kill()
 
 
-class _LoopThread:
-    """An event loop in a thread, for the in-process Slack emulator beside blocking code."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-
-
 def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(  # noqa: S310 (loopback)
         f"{stack.gateway_url}{path}",
@@ -294,7 +269,7 @@ def _forget(*files: Path) -> None:
         files[0].parent.rmdir()
 
 
-def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread, *, ssh: bool) -> list[str]:
+def _smoke(stack: DevStack, *, ssh: bool) -> list[str]:
     """What an agent and an approver would do: a read, then a held write approved in Slack."""
     read = _call(
         stack,
@@ -314,15 +289,17 @@ def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread, *, ssh: boo
         },
     )
     lines.append(f"held UPDATE -> {held['status']}")
+    slack, channel, approver = stack.slack.sandbox, stack.slack.channel, stack.slack.approvers[0]
+    assert slack is not None, "the smoke test clicks in the local sandbox"
     deadline = time.monotonic() + 30
-    while not slack.channel(DEMO_CHANNEL) and time.monotonic() < deadline:
+    while not slack.channel(channel) and time.monotonic() < deadline:
         time.sleep(0.1)
-    card = slack.channel(DEMO_CHANNEL)[0]
-    loop.run(slack.click(DEMO_CHANNEL, card.ts, "keyturn_approve", DEMO_APPROVER))
+    card = slack.channel(channel)[0]
+    stack.slack.run(slack.click(channel, card.ts, "keyturn_approve", approver))
     done = _call(stack, "GET", f"/v1/commands/{held['id']}?wait=30")
     outcome = (done.get("result") or {}).get("tags") or done.get("error")
     lines.append(
-        f"card posted in #{DEMO_CHANNEL}, approved by {DEMO_APPROVER} -> {done['status']}"
+        f"card posted in #{channel}, approved by {approver} -> {done['status']}"
         f" ({outcome}) with one-shot credentials from Vault"
     )
     if ssh:
@@ -337,36 +314,29 @@ def _smoke(stack: DevStack, slack: SlackEmulator, loop: _LoopThread, *, ssh: boo
 
 
 def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    loop = _LoopThread()
-    slack = SlackEmulator()
-    sandbox = loop.run(slack.start()).removesuffix("/api/")
-    for user, name, title in DEMO_PEOPLE:
-        slack.add_user(user, name, title=title)
-    slack.sandbox_user = DEMO_APPROVER
-    slack.channel_names[DEMO_CHANNEL] = "approvals"
+    slack = open_workspace(os.environ)
     try:
+        if once and slack.sandbox is None:
+            raise ConfigError("--once clicks in the local sandbox: unset the Slack tokens")
+        state_dir.mkdir(parents=True, exist_ok=True)
         with PostgresCluster() as pg, OpenBaoDevServer() as bao, contextlib.ExitStack() as more:
-            return _run(state_dir, pg, bao, slack, loop, sandbox, more, once=once)
+            return _run(state_dir, pg, bao, slack, more, once=once)
     finally:
-        loop.run(slack.stop())
-        loop.close()
+        slack.close()
 
 
 def _run(
     state_dir: Path,
     pg: PostgresCluster,
     bao: OpenBaoDevServer,
-    slack: SlackEmulator,
-    loop: _LoopThread,
-    sandbox: str,
+    slack: Workspace,
     services: contextlib.ExitStack,
     *,
     once: bool,
 ) -> int:
     state = state_dir / "stack.json"
     services.callback(_forget, state, state_dir / "policy.yml")
-    database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir))
+    database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir, slack))
     demo_ssh = _start_demo_ssh(services, bao, policy_file)
     policy = parse_policy(yaml.safe_load(policy_file.read_text()))
     stack = DevStack(
@@ -376,7 +346,7 @@ def _run(
         policy_file,
         report,
         gateway_url=f"http://{policy.gateway.listen}",
-        sandbox_url=sandbox,
+        slack=slack,
         dev_secret=secrets.token_urlsafe(32),
     )
     gateway = policy.vault.gateway_approle
@@ -386,15 +356,16 @@ def _run(
         "KEYTURN_GATEWAY_SECRET_ID": report.secret_ids[gateway],
         "KEYTURN_GATEWAY_DEV_SECRET": stack.dev_secret,
     }
-    bot_env = common | {
-        "KEYTURN_BOT_ROLE_ID": report.role_ids[policy.vault.bot_approle],
-        "KEYTURN_BOT_SECRET_ID": report.secret_ids[policy.vault.bot_approle],
-        "KEYTURN_SLACK_BOT_TOKEN": slack.bot_token,
-        "KEYTURN_SLACK_SIGNING_SECRET": slack.signing_secret,
-        "KEYTURN_SLACK_API_URL": slack.api_url,
-    }
+    bot_env = (
+        common
+        | slack.bot_env
+        | {
+            "KEYTURN_BOT_ROLE_ID": report.role_ids[policy.vault.bot_approle],
+            "KEYTURN_BOT_SECRET_ID": report.secret_ids[policy.vault.bot_approle],
+        }
+    )
     bot_url = f"http://{policy.bot.listen}"
-    slack.bot_url = f"{bot_url}/slack/events"
+    slack.deliver_to(bot_url)
     with (
         _service("gateway", gateway_env, policy_file, stack.gateway_url),
         _service("bot", bot_env, policy_file, bot_url),
@@ -404,15 +375,18 @@ def _run(
         with os.fdopen(fd, "w") as out:
             json.dump(stack.describe(targets), out, indent=2)
         print(f"keyturn dev stack is up (state, with a dev agent token: {state})")
-        print(f"  sandbox    {sandbox}/  (open it: the Slack sandbox, acting as Ada Approver)")
+        if slack.sandbox_url:
+            print(f"  sandbox    {slack.sandbox_url}/  (open it: Slack, as Ada Approver)")
+        else:
+            print(f"  slack      your workspace: cards in {slack.channel}, for {slack.approvers}")
         print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
         if demo_ssh:
             print(f"  sshd       {demo_ssh}  (demo target: {DEMO_SSH}, trusts OpenBao's SSH CA)")
-        print(f"  try it     {_keyturn()} demo   (in another terminal; then click in the sandbox)")
+        print(f"  try it     {_keyturn()} demo   (in another terminal; then click Approve)")
         if once:
-            for line in _smoke(stack, slack, loop, ssh=demo_ssh is not None):
+            for line in _smoke(stack, ssh=demo_ssh is not None):
                 print(f"  smoke test: {line}")
             return 0
         print("Ctrl-C stops everything and deletes the throwaway data.")

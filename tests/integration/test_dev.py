@@ -15,6 +15,9 @@ import httpx
 import jwt
 import pytest
 
+from bot.cards import APPROVE
+from keyturn.testing.dev_slack import LoopThread
+from keyturn.testing.slack import SlackEmulator
 from tests.integration.devstack import Spawned, click, running_dev
 
 CONTRACT = {  # docs/dev.md: what scripts may rely on
@@ -139,3 +142,63 @@ def test_demo_without_a_stack(args: list[str], fragment: str, tmp_path: Path) ->
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
+
+
+def test_dev_with_a_real_workspace_in_socket_mode(tmp_path: Path) -> None:
+    """Slack tokens set: no sandbox, the bot connects out over Socket Mode (here to the
+    emulator playing slack.com), and the cards go to the channel and approvers named."""
+    loop = LoopThread()
+    slack = SlackEmulator()
+    loop.run(slack.start())
+    env = {
+        "KEYTURN_SLACK_BOT_TOKEN": slack.bot_token,
+        "KEYTURN_SLACK_APP_TOKEN": slack.app_token,
+        "KEYTURN_SLACK_API_URL": slack.api_url,
+        "KEYTURN_DEV_SLACK_CHANNEL": "C0REAL",
+        "KEYTURN_DEV_APPROVERS": "U0ADA, U0LIN",
+    }
+    try:
+        with running_dev(tmp_path / "state", env=env) as (dev, stack):
+            assert stack["sandbox_url"] is None and stack["approval_channel"] == "C0REAL"
+            assert stack["approver_user"] == "U0ADA"
+            assert "your workspace: cards in C0REAL" in "\n".join(dev.lines)
+            run = Spawned("-m", "keyturn.cli", "demo", "--stack", stack["file"])
+            try:
+                run.until("its card is in your Slack channel")
+                card = loop.run(slack.wait_for("chat.postMessage"))[0]
+                ts = slack.channel("C0REAL")[0].ts
+                assert card.args["channel"] == "C0REAL" and slack.socket_connected
+                status, _ = loop.run(slack.click("C0REAL", ts, APPROVE, "U0LIN"))
+                assert status == 200
+                assert "approved: the gateway ran it" in "\n".join(run.finish())
+            finally:
+                run.stop()
+    finally:
+        loop.run(slack.stop())
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1"}, "KEYTURN_SLACK_APP_TOKEN (Socket Mode) or"),
+        (
+            {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1", "KEYTURN_SLACK_APP_TOKEN": "xapp-1"},
+            "set KEYTURN_DEV_SLACK_CHANNEL",
+        ),
+    ],
+    ids=["no-app-token-or-secret", "no-channel"],
+)
+def test_dev_with_half_a_workspace(env: dict[str, str], fragment: str, tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", "dev", "--state-dir", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=clean | env,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()  # nothing was started

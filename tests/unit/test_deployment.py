@@ -742,7 +742,7 @@ def test_an_operator_file_without_its_example_is_reported(tmp_path: Path) -> Non
 
 def compose_cli() -> list[str]:
     """`docker compose` (the plugin) or `docker-compose`; skipped without either, but not in
-    CI, where scripts/test (scripts/_compose.sh) installs it."""
+    CI, where scripts/test (scripts/_packages.sh) installs it."""
     docker = shutil.which("docker")
     if (
         docker
@@ -754,7 +754,7 @@ def compose_cli() -> list[str]:
         return [legacy]
     message = (
         "neither `docker compose` nor `docker-compose` is installed: scripts/test installs it "
-        "(scripts/_compose.sh), or run `sudo apt-get install docker-compose`"
+        "(scripts/_packages.sh), or run `sudo apt-get install docker-compose`"
     )
     if os.environ.get("CI") == "true":
         pytest.fail(message)

@@ -1,0 +1,26 @@
+# Sourced by scripts/test: the system programs the tests run for real, installed from the
+# distribution's packages when missing and we may (root, or sudo without a password);
+# otherwise say how, and let the tests that need them fail (never skip) with that message.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+missing=()
+have sshd || missing+=(openssh-server)       # the SSH tests start a real sshd
+have chromium || missing+=(chromium)         # the browser tests drive it with Playwright
+# the deployment test runs `docker compose config` (the client only: no Docker engine)
+docker compose version >/dev/null 2>&1 || have docker-compose || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "!! missing ${missing[*]}: install them, or the tests that need them fail" >&2
+  else
+    if [ "$(id -u)" = 0 ]; then as_root=""; elif sudo -n true 2>/dev/null; then as_root="sudo"; else as_root="none"; fi
+    if [ "$as_root" = none ]; then
+      echo "!! missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}', or the tests that need them fail" >&2
+    else
+      echo "== installing ${missing[*]} (the tests run the real programs)"
+      if ! apt_said=$($as_root apt-get update -qq 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1); then
+        echo "$apt_said" >&2
+        echo "!! could not install ${missing[*]}: the tests that need them fail" >&2
+      fi
+    fi
+  fi
+fi

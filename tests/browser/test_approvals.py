@@ -1,0 +1,126 @@
+"""A person approving in the sandbox page while an agent waits: `keyturn dev` as a new user
+runs it, the agent on the public client, Chromium clicking as the approver (or as someone
+without rights)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect
+
+from keyturn.api import SqlResultOut
+from keyturn.client import Client, Denied, Result
+from tests.browser.conftest import ROOT, open_page
+from tests.integration.devstack import running_dev
+
+TARGET = "orders-db"
+SCREENSHOT = ROOT / "docs" / "img" / "approved-card.png"
+CARD_WAIT = 30_000  # ms: the bot posts the card within a poll interval or two
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with running_dev(tmp_path_factory.mktemp("dev")) as (_dev, running):
+        yield running
+
+
+@pytest.fixture
+def page(browser: Browser, stack: dict[str, Any]) -> Iterator[Page]:
+    yield from open_page(browser, stack["sandbox_url"] + "/")
+
+
+def agent_runs(stack: dict[str, Any], command: str, reason: str) -> Future[Result]:
+    """An agent's blocking ``Client.run``, waiting in a (daemon) thread for the click."""
+    outcome: Future[Result] = Future()
+
+    def run() -> None:
+        with Client(stack["gateway_url"], stack["agent_token"]) as client:
+            try:
+                outcome.set_result(client.run(TARGET, command, reason=reason, timeout=120))
+            except Exception as exc:  # any outcome goes to the test
+                outcome.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return outcome
+
+
+def card(page: Page, command: str) -> Locator:
+    found = page.locator(".message", has=page.locator("pre", has_text=command))
+    expect(found).to_be_visible(timeout=CARD_WAIT)
+    return found
+
+
+def test_a_non_approver_is_refused_then_the_approver_approves(
+    page: Page, stack: dict[str, Any], tmp_path: Path
+) -> None:
+    command = "DELETE FROM orders WHERE id = 3"
+    waiting = agent_runs(stack, command, "order 3 was a duplicate")
+    held = card(page, command)
+    expect(held).to_contain_text("Approvals: 0/1")
+    expect(held.get_by_role("button", name="Approve")).to_be_visible()
+
+    page.select_option("#user", "U_VISITOR")
+    card(page, command).get_by_role("button", name="Approve").click()
+    refusal = page.locator(".message.ephemeral")
+    expect(refusal).to_contain_text("you are not an approver for this request")
+    expect(refusal).to_contain_text("Only visible to you")
+    expect(card(page, command)).to_contain_text("Approvals: 0/1")
+    assert not waiting.done()
+
+    page.select_option("#user", stack["approver_user"])
+    expect(page.locator(".message.ephemeral")).to_have_count(0)  # the refusal was Vic's alone
+    card(page, command).get_by_role("button", name="Approve").click()
+    result = waiting.result(timeout=60)
+    assert isinstance(result, SqlResultOut) and result.tags == ["DELETE 1"]
+    approved = card(page, command)
+    expect(approved).to_contain_text("Approved and run by @Ada Approver", timeout=CARD_WAIT)
+    expect(approved.get_by_role("button", name="Approve")).to_have_count(0)
+    approved.screenshot(path=tmp_path / "approved-card.png")
+    if os.environ.get("KEYTURN_UPDATE_SCREENSHOTS"):  # the README's picture
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        approved.screenshot(path=SCREENSHOT)
+
+
+def test_deny_asks_why_and_the_agent_reads_it(page: Page, stack: dict[str, Any]) -> None:
+    command = "UPDATE orders SET total_cents = 0 WHERE id = 1"
+    waiting = agent_runs(stack, command, "refund order 1")
+    card(page, command).get_by_role("button", name="Deny").click()
+    modal = page.get_by_role("dialog", name="Deny request")
+    expect(modal).to_be_visible()
+    modal.get_by_role("button", name="Deny").click()  # no reason: Slack refuses the form
+    expect(modal).to_contain_text("Please fill out this field.")
+    assert not waiting.done()
+    modal.get_by_label("Why? The agent will see this.").fill("refunds go through billing")
+    modal.get_by_role("button", name="Deny").click()
+    expect(modal).to_be_hidden()
+    with pytest.raises(Denied) as denied:
+        waiting.result(timeout=60)
+    assert denied.value.reason == "refunds go through billing"
+    expect(card(page, command)).to_contain_text(
+        "Denied by @Ada Approver: refunds go through billing", timeout=CARD_WAIT
+    )
+
+
+def test_a_command_carrying_markup_renders_as_text(page: Page, stack: dict[str, Any]) -> None:
+    markup = (  # were any of it markup, alert() would open a dialog and fail the test
+        "<img src=x onerror=alert(1)><script>alert(2)</script>"
+        " *not bold* <@U_APPROVER> <!channel> <https://evil.example|click me>"
+    )
+    command = f"UPDATE customers SET name = '{markup}' WHERE id = 2"
+    agent_runs(stack, command, "<b>urgent</b> <!here>")
+    held = card(page, command)
+    expect(held.locator("pre")).to_have_text(command)  # every character, as text
+    assert held.locator("img, script, a, b:text('not bold')").count() == 0
+    assert held.locator(".mention").count() == 0  # <@…>, <!channel> ping nobody
+    expect(held.locator(".context")).to_contain_text("Reason given: <b>urgent</b> <!here>")
+    card(page, command).get_by_role("button", name="Deny").click()  # leave nothing pending
+    modal = page.get_by_role("dialog", name="Deny request")
+    modal.get_by_label("Why? The agent will see this.").fill("test markup")
+    modal.get_by_role("button", name="Deny").click()
+    expect(held).to_contain_text("Denied by", timeout=CARD_WAIT)
