@@ -31,6 +31,7 @@ from bot.cards import (
 from bot.credentials import Issuer
 from bot.revocation import Revoker
 from keyturn.aio import spawn
+from keyturn.backoff import Backoff
 from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy, SshTarget
@@ -49,8 +50,10 @@ MAX_RETRY_DELAY = 60.0
 
 
 def retry_delay(attempts: int) -> timedelta:
-    """Backoff between attempts to issue credentials: 1 s, 2 s, 4 s, … at most a minute."""
-    return timedelta(seconds=min(MAX_RETRY_DELAY, 2.0 ** max(attempts - 1, 0)))
+    """Backoff between attempts to issue credentials: about 1 s, 2 s, 4 s, … at most a
+    minute (the attempt count lives in the request row: replicas share it)."""
+    backoff = Backoff(1.0, MAX_RETRY_DELAY, attempt=max(attempts - 1, 0))
+    return timedelta(seconds=backoff.next())
 
 
 def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Credentials | None:
@@ -394,23 +397,22 @@ class Bot:
     async def run_forever(self) -> None:
         """Wake on notifications, poll as the guarantee, back off while Slack is down."""
         interval = self.policy.bot.poll_interval.total_seconds()
-        delay = 1.0
         self.revoker.start()
         try:
-            await self._loop(interval, delay)
+            await self._loop(interval, Backoff(1.0, 30.0))
         finally:
             self.revoker.stop()
 
-    async def _loop(self, interval: float, delay: float) -> None:
+    async def _loop(self, interval: float, backoff: Backoff) -> None:
         while True:
             self._wake.clear()
             try:
                 await self.sync()
-                delay = 1.0
+                backoff.reset()
                 wait = interval
             except (*SLACK_ERRORS, KeyturnError) as exc:
-                log.warning("bot sync failed (%s); retrying in %.0f s", exc, delay)
-                wait, delay = delay, min(delay * 2, 30.0)
+                wait = backoff.next()
+                log.warning("bot sync failed (%s); retrying in %.1f s", exc, wait)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()

@@ -30,6 +30,7 @@ from gateway.results import Limits, decode_times_as_text, finish
 from gateway.sql import run_approved
 from gateway.ssh import run_ssh
 from keyturn.aio import Deadline, spawn
+from keyturn.backoff import Backoff
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
@@ -154,16 +155,16 @@ class Executor:
         """Retry while Vault is unavailable, as long as the wrapping token lives: the claim
         took it out of the database, so only this process can still use it."""
         deadline = handoff.grant.handoff_expires_at
-        delay = 0.25
+        backoff = Backoff(0.25, 5.0)
         while True:
             try:
                 return await self._unwrap_once(handoff)
             except VaultUnavailable as exc:
-                if deadline is None or utcnow() + timedelta(seconds=delay) >= deadline:
+                wait = backoff.next()
+                if deadline is None or utcnow() + timedelta(seconds=wait) >= deadline:
                     raise
                 log.warning("Vault unavailable while taking %s: %s", handoff.request.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(wait)
 
     async def _unwrap_once(self, handoff: grants.Handoff) -> dict[str, Any]:
         request, grant = handoff.request, handoff.grant

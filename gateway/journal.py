@@ -21,6 +21,7 @@ import logging
 import asyncpg
 
 from keyturn.aio import cancel
+from keyturn.backoff import Backoff
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 
@@ -128,7 +129,7 @@ class Journal:
             raise
 
     async def _run(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             batch = await self._next_batch()
             self._committing = len(batch)
@@ -139,11 +140,11 @@ class Journal:
                     # the database refused a record: one bad record must not fail the others
                     await self._one_by_one(batch)
                 else:
-                    delay = await self._failed(batch, exc, delay)
+                    await self._failed(batch, exc, backoff.next())
                 continue
             finally:
                 self._committing = 0
-            delay = 0.1
+            backoff.reset()
             self._committed(batch)
 
     async def _next_batch(self) -> list[Waited]:
@@ -179,7 +180,7 @@ class Journal:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _failed(self, batch: list[Waited], exc: Exception, delay: float) -> float:
+    async def _failed(self, batch: list[Waited], exc: Exception, delay: float) -> None:
         """Waiters get the error; submitted records are kept for after a backoff."""
         log.warning("journal commit of %d records failed: %s", len(batch), exc)
         for record, future in batch:
@@ -188,7 +189,6 @@ class Journal:
             elif not future.done():
                 future.set_exception(exc)
         await asyncio.sleep(delay)
-        return min(delay * 2, 5.0)
 
     async def _one_by_one(self, batch: list[Waited]) -> None:
         for i, item in enumerate(batch):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -37,6 +36,7 @@ from pydantic import ValidationError
 
 from keyturn import __version__
 from keyturn.api import TERMINAL, CommandOut, ShellResultOut, SqlResultOut, TargetOut, TargetsOut
+from keyturn.backoff import Backoff
 
 log = logging.getLogger(__name__)
 Request = CommandOut
@@ -194,18 +194,6 @@ Step = Call | Sleep
 Flow = Generator[Step, Reply | None, T]
 
 
-class _Backoff:
-    """Capped, jittered exponential backoff (full jitter in its upper half)."""
-
-    def __init__(self) -> None:
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(self.attempt, 16))
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)  # noqa: S311 (jitter, not secrets)
-
-
 def _retry_after(reply: Reply) -> float:
     try:
         return max(0.0, float(str(reply.headers.get("Retry-After", "1"))))
@@ -241,7 +229,7 @@ def _exchange(call: Call, deadline: float, what: str) -> Flow[Reply]:
     """Make ``call`` until it gets a final answer: connection errors, 502-504 and 429 are
     retried (with backoff, or after Retry-After) while ``deadline`` allows. No attempt
     outlives the deadline either: each gets only the time that is left."""
-    backoff = _Backoff()
+    backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)
     while True:
         left = max(MIN_ATTEMPT, deadline - time.monotonic())
         reply = yield replace(call, read_timeout=min(call.read_timeout, left))

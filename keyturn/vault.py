@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import hvac.exceptions
 import requests
 
 from keyturn.aio import cancel
+from keyturn.backoff import Backoff
 from keyturn.errors import ConfigError, Forbidden, KeyturnError, NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class Vault:
             self._renewer = asyncio.create_task(self._renew_loop(), name="keyturn-vault-renewer")
 
     async def _renew_loop(self) -> None:
-        failures = 0
+        backoff = Backoff(2.0, 60.0)
         while True:
             await asyncio.sleep(max(self._token_ttl * 2 / 3, 1.0))
             try:
@@ -240,17 +240,16 @@ class Vault:
                     await self.login()
                 else:
                     self._token_ttl = granted
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except KeyturnError as exc:
-                failures += 1
                 log.warning("Vault token renewal failed (%s); logging in again", exc.message)
                 try:
                     await self.login()
                 except KeyturnError as again:
                     log.warning("Vault login failed: %s", again.message)
-                    self._token_ttl = int(min(60, 2 ** min(failures, 6)) * random.uniform(1, 1.5))  # noqa: S311
+                    self._token_ttl = max(1, round(backoff.next()))
 
     async def close(self) -> None:
         await cancel(self._renewer)

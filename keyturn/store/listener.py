@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from keyturn.aio import cancel
+from keyturn.backoff import Backoff
 from keyturn.store.db import NOTIFY_CHANNEL
 from keyturn.store.dsn import Dsn
 
@@ -160,7 +160,7 @@ class Listener:
         self._task = None
 
     async def _run(self) -> None:
-        delay = self._backoff_initial
+        backoff = Backoff(self._backoff_initial, self._backoff_max)
         while True:
             conn: asyncpg.Connection | None = None
             try:
@@ -175,7 +175,7 @@ class Listener:
                 await conn.add_listener(self._channel, self._on_notify)
                 self.connects += 1
                 self.connected.set()
-                delay = self._backoff_initial
+                backoff.reset()
                 if self.connects > 1:
                     log.info("listener reconnected to %s", self._dsn.redacted)
                     self._wake_all()
@@ -188,8 +188,7 @@ class Listener:
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
-            delay = min(delay * 2, self._backoff_max)
+            await asyncio.sleep(backoff.next())
 
     async def _hold(self, conn: asyncpg.Connection) -> None:
         """Return when the connection is gone: terminated, or silent and failing a probe."""
