@@ -12,9 +12,29 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
 from bot.service import Bot
-from keyturn.errors import InvalidInput
+from keyturn.domain import AlreadyVoted, IllegalTransition
+from keyturn.errors import DatabaseUnavailable, KeyturnError, NotFound
+from keyturn.vault import VaultUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def tell(exc: KeyturnError) -> str:
+    """What a person reads when their click changed nothing: the one place that says it."""
+    if isinstance(exc, DatabaseUnavailable):
+        return (
+            "keyturn cannot reach its database right now; nothing was decided — "
+            "try again in a minute"
+        )
+    if isinstance(exc, VaultUnavailable):
+        return "keyturn cannot reach Vault right now; nothing was changed — try again in a minute"
+    if isinstance(exc, AlreadyVoted):
+        return "you already approved this request; it needs another approver"
+    if isinstance(exc, IllegalTransition):
+        return f"this {exc.kind} is already {exc.current}; nothing was changed"
+    if isinstance(exc, NotFound):
+        return f"{exc.message}; nothing was changed"
+    return exc.message
 
 
 def _clicked(body: dict[str, Any]) -> tuple[str, str, str]:
@@ -22,18 +42,19 @@ def _clicked(body: dict[str, Any]) -> tuple[str, str, str]:
     return body["actions"][0]["value"], body["user"]["id"], body["container"]["channel_id"]
 
 
-Click = Callable[[str, str, dict[str, Any]], Awaitable[str | None]]
+Click = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
 
 def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> None:
-    """Ack, run ``use_case(value, user, body)``, tell the clicker when nothing changed."""
+    """Ack, run ``use_case(value, user, body)``; a keyturn error is told to the clicker."""
 
     async def listener(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
         await ack()
         value, user, channel = _clicked(body)
-        problem = await use_case(value, user, body)
-        if problem:
-            await client.chat_postEphemeral(channel=channel, user=user, text=problem)
+        try:
+            await use_case(value, user, body)
+        except KeyturnError as exc:
+            await client.chat_postEphemeral(channel=channel, user=user, text=tell(exc))
 
     app.action(action)(listener)
 
@@ -55,11 +76,9 @@ def register(app: AsyncApp, bot: Bot) -> None:
         # Decide before acking (a few ms): a refusal goes back into the modal itself.
         reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
         try:
-            problem = await bot.deny(view["private_metadata"], body["user"]["id"], reason)
-        except InvalidInput as exc:
-            problem = exc.message
-        if problem:
-            await ack(response_action="errors", errors={REASON_BLOCK: problem})
+            await bot.deny(view["private_metadata"], body["user"]["id"], reason)
+        except KeyturnError as exc:
+            await ack(response_action="errors", errors={REASON_BLOCK: tell(exc)})
         else:
             await ack()
 

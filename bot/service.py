@@ -32,8 +32,8 @@ from bot.credentials import Issuer
 from bot.revocation import Revoker
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
-from keyturn.domain import AlreadyVoted, Decision, IllegalTransition, SelfApproval, same_person
-from keyturn.errors import Forbidden, InvalidInput, KeyturnError, NotFound, Unavailable
+from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
+from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy, SshTarget
 from keyturn.store import grants
 from keyturn.store import operations as ops
@@ -181,43 +181,40 @@ class Bot:
 
     # ------------------------------------------------------------------ votes
 
-    async def approve(self, request_id: str, user: str) -> str | None:
-        """Record an approval; returns an explanation for the clicker when nothing changed."""
-        try:
-            row = await self._check_approver(request_id, user)
-            result = await ops.decide(self.store, row.id, user, Decision.APPROVE)
-        except AlreadyVoted:
-            return "you already approved this request; it needs another approver"
-        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
-            return _explain(exc)
-        if result.decided:
-            await self.issue_credentials(row.id)
-        await self.refresh_card(row.id)
-        return None
+    async def approve(self, request_id: str, user: str) -> None:
+        """Record an approval. Raises a keyturn error when nothing changed: the Slack edge
+        (:mod:`bot.app`) tells the clicker why."""
+        row = await self._check_approver(request_id, user)
+        result = await ops.decide(self.store, row.id, user, Decision.APPROVE)
+        await self._after_decision(row.id, issue=result.decided)
 
-    async def open_deny(self, request_id: str, user: str, trigger_id: str) -> str | None:
+    async def open_deny(self, request_id: str, user: str, trigger_id: str) -> None:
         """Open the reason modal, only for someone who may deny."""
-        try:
-            row = await self._check_approver(request_id, user)
-            if same_person(user, row.requester, row.on_behalf_of):
-                raise SelfApproval("nobody may decide their own request")
-            if row.status != "pending":
-                raise IllegalTransition("request", row.status, "denied")
-        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
-            return _explain(exc)
+        row = await self._check_approver(request_id, user)
+        if same_person(user, row.requester, row.on_behalf_of):
+            raise SelfApproval("nobody may decide their own request")
+        if row.status != "pending":
+            raise IllegalTransition("request", row.status, "denied")
         await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
-        return None
 
-    async def deny(self, request_id: str, user: str, reason: str) -> str | None:
+    async def deny(self, request_id: str, user: str, reason: str) -> None:
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
+        row = await self._check_approver(request_id, user)
+        await ops.decide(self.store, row.id, user, Decision.DENY, reason)
+        await self._after_decision(row.id, issue=False)
+
+    async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
+        """What follows a committed decision. It is decided whatever happens here, so a
+        failure is the bot loop's to finish (it issues and refreshes on its next pass), never
+        reported to the clicker as if nothing had happened."""
         try:
-            row = await self._check_approver(request_id, user)
-            await ops.decide(self.store, row.id, user, Decision.DENY, reason)
-        except (SelfApproval, NotApprover, NotFound, IllegalTransition) as exc:
-            return _explain(exc)
-        await self.refresh_card(row.id)
-        return None
+            if issue:
+                await self.issue_credentials(request_id)
+            await self.refresh_card(request_id)
+        except (*SLACK_ERRORS, KeyturnError) as exc:
+            log.warning("after deciding %s: %s; the next pass catches up", request_id, exc)
+            self._wake.set()
 
     # ------------------------------------------------------------------ credentials
 
@@ -250,35 +247,25 @@ class Bot:
         await self._check_approver(str(grant.request_id), user)
         return grant
 
-    async def revoke(self, grant_id: str, user: str) -> str | None:
+    async def revoke(self, grant_id: str, user: str) -> None:
         """Revoke now: the lease dies in Vault (its sessions end), the card says who did it."""
-        try:
-            grant = await self._check_grant_approver(grant_id, user)
-            await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
-        except (NotApprover, NotFound, IllegalTransition, Forbidden, Unavailable) as exc:
-            return _explain(exc)
+        grant = await self._check_grant_approver(grant_id, user)
+        await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
         self.revoker.unschedule(grant.id)
         if grant.request_id is not None:
-            await self.refresh_card(grant.request_id)
-        return None
+            await self._after_decision(grant.request_id, issue=False)
 
-    async def extend(self, value: str, user: str) -> str | None:
+    async def extend(self, value: str, user: str) -> None:
         """``<grant id>:<seconds>`` from an Extend button: renew the lease, move the job."""
         grant_id, _, seconds = value.partition(":")
-        try:
-            grant = await self._check_grant_approver(grant_id, user)
-            extra = timedelta(seconds=int(seconds))
-            row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
-        except ValueError:
-            return "this button carries no valid extension"
-        except (NotApprover, NotFound, IllegalTransition, InvalidInput, Forbidden) as exc:
-            return _explain(exc)
-        except Unavailable as exc:
-            return f"{exc.message}; nothing was changed"
+        if not seconds.isdigit():
+            raise InvalidInput("this button carries no valid extension; nothing was changed")
+        grant = await self._check_grant_approver(grant_id, user)
+        extra = timedelta(seconds=int(seconds))
+        row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
         self.revoker.schedule(row.id, row.expires_at)
         if row.request_id is not None:
-            await self.refresh_card(row.request_id)
-        return None
+            await self._after_decision(row.request_id, issue=False)
 
     # ------------------------------------------------------------------ cards
 
@@ -421,9 +408,3 @@ class Bot:
 class NotApprover(KeyturnError):
     code = "not_approver"
     status = 403
-
-
-def _explain(exc: Exception) -> str:
-    if isinstance(exc, IllegalTransition):
-        return f"this {exc.kind} is already {exc.current}; nothing was changed"
-    return str(exc)

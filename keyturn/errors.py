@@ -76,3 +76,7 @@ class Unavailable(KeyturnError):
 
     code = "unavailable"
     status = 503
+
+
+class DatabaseUnavailable(Unavailable):
+    """keyturn's own Postgres: nothing can be decided or recorded until it is back."""

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from keyturn.errors import Unavailable
+from keyturn.errors import DatabaseUnavailable, Unavailable
 from keyturn.store.dsn import Dsn
 
 NOTIFY_CHANNEL = "keyturn"
@@ -40,7 +40,7 @@ def describe_connect_error(dsn: Dsn, exc: BaseException) -> Unavailable:
         why = "nothing answers there (is Postgres running, and are host and port right?)"
     else:
         why = f"{type(exc).__name__}: {exc}"
-    return Unavailable(f"cannot connect to Postgres at {dsn.redacted}: {why}")
+    return DatabaseUnavailable(f"cannot connect to Postgres at {dsn.redacted}: {why}")
 
 
 _CONNECTION_ERRORS = (

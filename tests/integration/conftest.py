@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import pytest_asyncio
@@ -28,6 +29,7 @@ from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.idp import DevIdP
 from keyturn.testing.openbao import OpenBaoDevServer
+from keyturn.testing.ports import free_port
 from keyturn.testing.pytest_plugin import PostgresServer
 from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer, ssh_principal
@@ -182,6 +184,51 @@ def sshd(shop: Shop) -> Iterator[SshServer]:
     ca = requests.get(f"{shop.openbao.addr}/v1/ssh/public_key", timeout=5).text
     with SshServer(ca) as server:
         yield server
+
+
+class TcpProxy:
+    """A TCP forwarder we can switch off: a dependency (Vault, Postgres) as keyturn sees it,
+    down or up. Down refuses new connections and cuts the open ones, as a crash would."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def addr(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def dsn(self, through: Dsn) -> Dsn:
+        """``through`` with its port replaced by this proxy's."""
+        parts = urlsplit(through.url)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.port}"
+        return Dsn(urlunsplit(parts._replace(netloc=netloc)), through.connect_args)
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._open):
+            writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._open |= {writer, up_writer}
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+            self._open.discard(dst)
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
 
 
 @contextlib.asynccontextmanager

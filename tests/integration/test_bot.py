@@ -25,7 +25,7 @@ from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.slack import SlackEmulator
-from tests.integration.conftest import Shop, serve_bot
+from tests.integration.conftest import Shop, TcpProxy, serve_bot
 
 CHANNEL = "CAPPROVALS"
 APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
@@ -494,3 +494,34 @@ async def test_a_failing_dm_does_not_repeat_the_thread_message(
         await asyncio.sleep(1.5)  # several sync passes
         assert len(slack.thread(CHANNEL, ts)) == 1
         assert not any(m.channel.startswith("D") for ms in slack.messages.values() for m in ms)
+
+
+async def test_postgres_down_at_click_time_tells_the_clicker(
+    slack: SlackEmulator, database: Dsn, shop: Shop
+) -> None:
+    """The bot reaches its database through a proxy that goes down between the card and
+    the click: the clicker is told nothing was decided, and nothing was; once it is back,
+    the same click works."""
+    proxy = TcpProxy(int(database.url.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.up()
+    policy = parse_policy(policy_data(shop))
+    async with serve_bot(slack, policy, proxy.dsn(database), shop.bot_vault()) as bot:
+        rb = RunningBot(bot, Store(database), slack)
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        await proxy.down()
+        status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        assert status == 200  # acked in time, as Slack requires
+        told = await slack.wait_for("chat.postEphemeral")
+        assert told[0].args["user"] == "U_ALICE"
+        assert told[0].args["text"] == (
+            "keyturn cannot reach its database right now; nothing was decided — "
+            "try again in a minute"
+        )
+        assert await rb.status(request_id) == "pending"
+        await proxy.up()
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
+        await rb.until(lambda: _eq(rb.status(request_id), "approved"), 30)
+        assert len(slack.calls_to("chat.postEphemeral")) == 1
+        await rb.store.close()
+    await proxy.down()

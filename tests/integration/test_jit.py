@@ -32,11 +32,10 @@ from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.idp import DevIdP
-from keyturn.testing.ports import free_port
 from keyturn.testing.slack import SlackEmulator
 from keyturn.testing.sshd import SshServer
 from keyturn.vault import Vault
-from tests.integration.conftest import GatewayFactory, Shop, Spy, serve_bot
+from tests.integration.conftest import GatewayFactory, Shop, Spy, TcpProxy, serve_bot
 
 CHANNEL = "CJIT"
 APPROVER = "U_APPROVER"
@@ -408,40 +407,6 @@ async def _true(value: bool) -> bool:
 
 
 # ------------------------------------------------------------------ Vault trouble
-
-
-class TcpProxy:
-    """A TCP forwarder we can switch off: Vault as the bot sees it, down or up."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
-
-    async def down(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
 
 
 async def test_vault_down_at_approval_issues_later_exactly_once(
