@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.stack import percentile, real_stack, report
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE
+from keyturn.harness.ports import free_port
+from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
-from keyturn.testing.ports import free_port
-from keyturn.testing.slack import SlackEmulator
 
 CLICKS = 300
 CHANNEL = "CBENCH"

@@ -35,12 +35,12 @@ from bot.revocation import Revoker
 from gateway.bootstrap import application
 from gateway.bootstrap import build as build_gateway
 from keyturn.domain import Decision
+from keyturn.harness.ports import free_port
+from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
 from keyturn.store import grants
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
-from keyturn.testing.ports import free_port
-from keyturn.testing.slack import SlackEmulator
 
 GRANTS = 1000
 CLICKS = 50

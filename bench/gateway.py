@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.floor import floor_app
 from bench.stack import Stack, percentile, real_stack, report
 from gateway.bootstrap import application, build
+from keyturn.harness.ports import free_port
 from keyturn.store.db import Store
-from keyturn.testing.ports import free_port
 
 QUERY = "SELECT id, total, status FROM orders WHERE id = 4242"
 ITERATIONS = 2000

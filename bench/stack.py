@@ -15,12 +15,12 @@ from typing import Any
 
 import asyncpg
 
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.postgres import PostgresCluster
 from keyturn.policy import Policy, parse_policy
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.postgres import PostgresCluster
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
 

@@ -34,7 +34,7 @@ from crewai.agents.parser import AgentAction, AgentFinish  # noqa: E402
 
 from keyturn.api import CommandOut  # noqa: E402
 from keyturn.crewai import KeyturnRequestStatusTool, KeyturnSQLTool  # noqa: E402
-from keyturn.testing.crewai import FinalAnswer, ScriptedLLM, ToolCall  # noqa: E402
+from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall  # noqa: E402
 
 TARGET = "orders-db"
 

@@ -222,9 +222,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from keyturn.harness.idp import dev_token
     from keyturn.policy import parse_duration
     from keyturn.settings import load_settings
-    from keyturn.testing.idp import dev_token
 
     secret = load_settings().gateway_dev_secret
     raw = secret.get_secret_value() if secret else None
@@ -266,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from keyturn.testing.stack import run_dev_stack
+    from keyturn.harness.dev import run_dev_stack
 
     return run_dev_stack(Path(args.state_dir), once=args.once)
 

@@ -1,1 +1,1 @@
-"""Real services for tests and ``keyturn dev``: throwaway Postgres, OpenBao, and more to come."""
+"""The pytest plugin (fixtures on the throwaway services of :mod:`keyturn.harness`)."""

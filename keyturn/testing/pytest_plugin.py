@@ -19,11 +19,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.postgres import PostgresCluster
 from keyturn.store import migrate
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.postgres import PostgresCluster
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 from slack_sdk import WebClient
 
-from keyturn.testing.dev_slack import LoopThread
-from keyturn.testing.slack import SlackEmulator
+from keyturn.harness.dev_slack import LoopThread
+from keyturn.harness.slack import SlackEmulator
 from tests.browser.conftest import open_page
 
 APPROVER, ONCALL, VISITOR = "U_APPROVER", "U_ONCALL", "U_VISITOR"

@@ -23,16 +23,16 @@ from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from gateway.bootstrap import application, build
 from gateway.service import Gateway
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.ports import free_port
+from keyturn.harness.slack import SlackEmulator
+from keyturn.harness.sshd import SshServer, ssh_principal
 from keyturn.policy import Policy, parse_policy
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.ports import free_port
 from keyturn.testing.pytest_plugin import PostgresServer
-from keyturn.testing.slack import SlackEmulator
-from keyturn.testing.sshd import SshServer, ssh_principal
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
 

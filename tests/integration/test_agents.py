@@ -24,9 +24,9 @@ from mcp.types import CallToolResult
 
 from keyturn.api import CommandOut
 from keyturn.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQLTool
-from keyturn.testing.crewai import FinalAnswer, ScriptedLLM, ToolCall
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.ports import free_port
+from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.ports import free_port
 from tests.integration.conftest import Desk, DeskFactory, Shop, Spy, held
 
 AGENT = "crew-tools"

@@ -18,11 +18,11 @@ import asyncpg
 
 from gateway.journal import Journal
 from keyturn.classify.readonly import statement_texts
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.ports import free_port
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.ports import free_port
 from tests.integration.conftest import GatewayFactory, Running, Shop
 
 ALLOW_ANY = [{"name": "anything", "match": {"sql": ["any"]}, "action": "allow"}]

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.bootstrap import application, build
+from keyturn.harness.idp import DevIdP
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.idp import DevIdP
 from tests.integration.conftest import GatewayFactory, Shop
 
 SECRET = "fuzz-dev-secret-with-enough-bytes-for-hs256"

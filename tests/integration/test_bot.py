@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestServer
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
+from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.slack import SlackEmulator
 from tests.integration.conftest import Shop, TcpProxy, serve_bot
 
 CHANNEL = "CAPPROVALS"

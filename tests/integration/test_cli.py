@@ -15,8 +15,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.ports import free_port
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.ports import free_port
 from keyturn.testing.pytest_plugin import PostgresServer
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"

@@ -27,8 +27,8 @@ from keyturn.client import (
     StillPending,
     Unavailable,
 )
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.ports import free_port
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.ports import free_port
 from tests.integration.conftest import Desk, DeskFactory, Shop, held
 
 AGENT = "crew-client"

@@ -16,8 +16,8 @@ import jwt
 import pytest
 
 from bot.cards import APPROVE
-from keyturn.testing.dev_slack import LoopThread
-from keyturn.testing.slack import SlackEmulator
+from keyturn.harness.dev_slack import LoopThread
+from keyturn.harness.slack import SlackEmulator
 from tests.integration.devstack import Spawned, click, running_dev
 
 CONTRACT = {  # docs/dev.md: what scripts may rely on

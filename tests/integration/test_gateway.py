@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from keyturn.api import CommandOut
 from keyturn.domain import Decision
+from keyturn.harness.idp import DevIdP
 from keyturn.store import operations as ops
-from keyturn.testing.idp import DevIdP
 from tests.integration.conftest import GatewayFactory, Shop
 
 READ = {"target": "shop", "command": "SELECT id, name, email, note FROM customers ORDER BY id"}
@@ -589,7 +589,7 @@ async def test_health_ready_metrics(run_gateway: GatewayFactory, idp: DevIdP) ->
 
 
 async def test_readyz_names_a_dead_vault(run_gateway: GatewayFactory, shop: Shop) -> None:
-    from keyturn.testing.ports import free_port
+    from keyturn.harness.ports import free_port
     from keyturn.vault import AppRoleLogin, Vault
 
     dead = Vault(f"http://127.0.0.1:{free_port()}", approle=AppRoleLogin("a", "b"))

@@ -26,14 +26,14 @@ from bot.cards import APPROVE, EXTEND, REVOKE
 from bot.credentials import Issuer
 from bot.revocation import Revoker
 from bot.service import Bot
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.slack import SlackEmulator
+from keyturn.harness.sshd import SshServer
 from keyturn.policy import parse_policy
 from keyturn.store import grants
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.idp import DevIdP
-from keyturn.testing.slack import SlackEmulator
-from keyturn.testing.sshd import SshServer
 from keyturn.vault import Vault
 from tests.integration.conftest import GatewayFactory, Shop, Spy, TcpProxy, serve_bot
 

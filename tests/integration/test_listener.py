@@ -10,11 +10,11 @@ from datetime import timedelta
 import asyncpg
 import pytest_asyncio
 
+from keyturn.harness.ports import free_port
 from keyturn.store import operations as ops
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
 from keyturn.store.listener import Listener, wait_until
-from keyturn.testing.ports import free_port
 
 
 @pytest_asyncio.fixture

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.ports import free_port
 from keyturn.policy import Policy, parse_policy
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.ports import free_port
 from keyturn.testing.pytest_plugin import PostgresServer
 from keyturn.vault import (
     AppRoleLogin,

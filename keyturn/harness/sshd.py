@@ -22,7 +22,7 @@ from types import TracebackType
 import asyncssh
 
 from keyturn.errors import Unavailable
-from keyturn.testing.ports import free_port
+from keyturn.harness.ports import free_port
 
 TEST_USER = "keyturn-ssh"
 

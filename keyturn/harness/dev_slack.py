@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from keyturn.errors import ConfigError
-from keyturn.testing.slack import SlackEmulator
+from keyturn.harness.slack import SlackEmulator
 
 T = TypeVar("T")
 SANDBOX_CHANNEL = "CAPPROVALS"

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 
 from keyturn.errors import Unavailable
+from keyturn.harness.ports import free_port
 from keyturn.store.dsn import Dsn, parse_dsn
-from keyturn.testing.ports import free_port
 
 _NOBODY = (65534, 65534)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from keyturn.errors import Unavailable
-from keyturn.testing.ports import free_port
+from keyturn.harness.ports import free_port
 
 
 def find_bao() -> str:

@@ -32,15 +32,15 @@ import asyncpg
 import yaml
 
 from keyturn.errors import ConfigError, Unavailable
+from keyturn.harness.dev_slack import Workspace, open_workspace
+from keyturn.harness.idp import dev_token
+from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.ports import free_port
+from keyturn.harness.postgres import PostgresCluster
+from keyturn.harness.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.policy import parse_policy
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
-from keyturn.testing.dev_slack import Workspace, open_workspace
-from keyturn.testing.idp import dev_token
-from keyturn.testing.openbao import OpenBaoDevServer
-from keyturn.testing.ports import free_port
-from keyturn.testing.postgres import PostgresCluster
-from keyturn.testing.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.vault import Vault
 from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, BootstrapReport, bootstrap
 

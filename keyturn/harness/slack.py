@@ -6,7 +6,7 @@ every call with its decoded arguments. Tests inject 429s (with Retry-After), 5xx
 whole outage. Clicks, modal submissions and slash commands reach the bot signed exactly as
 Slack signs them (``v0=`` HMAC-SHA256 of ``v0:{timestamp}:{body}``), so Bolt's real request
 verification runs; ``response_url`` points back here. Its sandbox page lets a person act as
-any of its users (:mod:`keyturn.testing.sandbox`).
+any of its users (:mod:`keyturn.harness.sandbox`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
-from keyturn.testing.sandbox import add_sandbox_routes
+from keyturn.harness.sandbox import add_sandbox_routes
 
 TEAM = {"id": "T0KEYTURN", "domain": "keyturn"}
 # Web API methods that change what a person would see (the sandbox page redraws on them).

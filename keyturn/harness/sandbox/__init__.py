@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from keyturn.testing.slack import SlackEmulator
+    from keyturn.harness.slack import SlackEmulator
 
 PAGE = Path(__file__).parent / "page"
 _EMULATOR: web.AppKey[SlackEmulator] = web.AppKey("emulator")
