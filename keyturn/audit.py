@@ -1,64 +1,24 @@
-"""Append-only, hash-chained audit events.
+"""Verify and export the hash-chained audit events (written by :mod:`keyturn.store.audit_log`).
 
-Each event's hash covers its own fields and the previous event's hash, so changing, deleting or
-reordering any row breaks the chain from that row on. ``audit_head`` holds the newest seq and
-hash: locking it serializes appends (seq has no gaps) and anchors the tail, so truncation shows
-too. A trigger refuses UPDATE and DELETE for everyone but a superuser who disables it; ``verify``
-catches what such a person does.
+``verify`` recomputes every hash and the chain's links, and checks the tail against
+``audit_head``: it catches what someone who disabled the append-only trigger did.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
-import asyncpg
 from sqlalchemy import Text, select
 
-from keyturn.store.db import Store, Tx
+from keyturn.store.audit_log import GENESIS, event_hash
+from keyturn.store.db import Store
 from keyturn.store.models import AuditEventRow, AuditHeadRow
-
-GENESIS = "0" * 64
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def event_hash(
-    *,
-    prev_hash: str,
-    seq: int,
-    at: datetime,
-    kind: str,
-    actor: str,
-    request_id: UUID | None,
-    grant_id: UUID | None,
-    data_text: str,
-) -> str:
-    """The digest the database computes on insert (``keyturn_audit_hash``), recomputed.
-
-    Fields are length-prefixed so no value can shift characters into its neighbour; ``data``
-    is hashed as Postgres prints the jsonb, its canonical form.
-    """
-    micros = (at - _EPOCH) // timedelta(microseconds=1)
-    fields = [
-        prev_hash,
-        str(seq),
-        str(micros),
-        kind,
-        actor,
-        str(request_id) if request_id else "",
-        str(grant_id) if grant_id else "",
-        data_text,
-    ]
-    body = "|".join(f"{len(f)}:{f}" for f in fields)
-    return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,47 +47,6 @@ def _row_hash(row: StoredEvent, prev_hash: str) -> str:
         grant_id=row.grant_id,
         data_text=row.data_text,
     )
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str
-    actor: str
-    request_id: UUID | None = None
-    grant_id: UUID | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-_INSERT = (
-    "INSERT INTO audit_events (kind, actor, request_id, grant_id, data)"
-    " VALUES ($1, $2, $3, $4, $5::jsonb)"
-)
-
-
-async def append_many(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
-    """Append ``events`` inside the transaction open on ``conn``.
-
-    The database numbers and chains them (a trigger locks ``audit_head``), so appends from
-    every process serialize there and a writer cannot choose its place in the chain.
-    """
-    if events:
-        await conn.executemany(
-            _INSERT,
-            [(e.kind, e.actor, e.request_id, e.grant_id, json.dumps(e.data)) for e in events],
-        )
-
-
-async def append(
-    tx: Tx,
-    kind: str,
-    actor: str,
-    *,
-    request_id: UUID | None = None,
-    grant_id: UUID | None = None,
-    data: dict[str, Any] | None = None,
-) -> None:
-    """Add one event inside the caller's transaction (commits or rolls back with it)."""
-    await append_many(await tx.driver(), [Event(kind, actor, request_id, grant_id, data or {})])
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from keyturn.errors import DatabaseUnavailable, Unavailable
+from keyturn.store.audit_log import Event, append_many
 from keyturn.store.dsn import Dsn
 
 NOTIFY_CHANNEL = "keyturn"
@@ -71,10 +72,31 @@ def connection_failure(exc: BaseException) -> BaseException | None:
 
 
 class Tx:
-    """One open transaction: the session plus the notifications it will send on commit."""
+    r"""One open transaction: the session, and what it will record when it commits.
+
+    The unit of work: a use case changes rows and ``record``\ s what happened; on commit the
+    events are appended to the audit chain and their notifications queued (``pg_notify``,
+    which Postgres delivers only if the transaction commits), in the same transaction. No use
+    case writes audit rows or notifications itself, so none can forget one or send one for a
+    change that rolled back.
+    """
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._events: list[Event] = []
+        self._wakes: dict[tuple[str, str], None] = {}  # ordered, without repeats
+
+    def record(self, *events: Event) -> None:
+        """``events`` happened in this transaction: audited and announced on commit."""
+        self._events += events
+        for event in events:
+            if event.wakes is not None:
+                self.wake(*event.wakes)
+
+    def wake(self, kind: str, ident: object) -> None:
+        """Notify ``<kind>:<id>`` on commit without an audit event (a retry's new schedule,
+        a hand-off to take)."""
+        self._wakes[(kind, str(ident))] = None
 
     async def driver(self) -> asyncpg.Connection:
         """The asyncpg connection under this transaction, for bulk statements on hot paths."""
@@ -86,23 +108,25 @@ class Tx:
             await connection.execute(text("SELECT 1"))
         return driver
 
-    async def notify_many(self, kind: str, idents: Sequence[object]) -> None:
-        """:meth:`notify` for many rows in one statement."""
-        if idents:
+    async def flush(self) -> None:
+        """Write the recorded events and queue their notifications (called before commit)."""
+        if not self._events and not self._wakes:
+            return
+        await self.session.flush()  # rows first: events refer to them
+        await append_many(await self.driver(), self._events)
+        if self._wakes:
             await self.session.execute(
                 text(
-                    "SELECT pg_notify(:channel, :kind || ':' || x)"
-                    " FROM unnest(CAST(:ids AS text[])) AS x"
+                    "SELECT pg_notify(:channel, k || ':' || i)"
+                    " FROM unnest(CAST(:kinds AS text[]), CAST(:ids AS text[])) AS w(k, i)"
                 ),
-                {"channel": NOTIFY_CHANNEL, "kind": kind, "ids": [str(i) for i in idents]},
+                {
+                    "channel": NOTIFY_CHANNEL,
+                    "kinds": [k for k, _ in self._wakes],
+                    "ids": [i for _, i in self._wakes],
+                },
             )
-
-    async def notify(self, kind: str, ident: object) -> None:
-        """Queue ``<kind>:<id>`` on the keyturn channel; Postgres delivers it only on commit."""
-        await self.session.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": NOTIFY_CHANNEL, "payload": f"{kind}:{ident}"},
-        )
+        self._events, self._wakes = [], {}
 
 
 class Store:
@@ -138,7 +162,9 @@ class Store:
     async def transaction(self) -> AsyncIterator[Tx]:
         """Commit on success, roll back on any error."""
         async with self._translated(), self._sessions() as session, session.begin():
-            yield Tx(session)
+            tx = Tx(session)
+            yield tx
+            await tx.flush()
 
     @contextlib.asynccontextmanager
     async def driver(self) -> AsyncIterator[asyncpg.Connection]:

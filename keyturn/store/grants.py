@@ -26,9 +26,9 @@ from typing import Any
 
 from sqlalchemy import exists, select
 
-from keyturn import audit
 from keyturn.domain import REQUEST_TRANSITIONS, Grant, GrantStatus, RequestStatus
 from keyturn.errors import InvalidInput, NotFound
+from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import GrantRow, RequestRow
 from keyturn.store.operations import locked, locked_request, request_of, save_request
@@ -158,23 +158,23 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
     request.issue_error, request.issue_after = None, None
     request.updated_at = now
     await tx.session.flush()
-    await audit.append(
-        tx,
-        "grant.issued",
-        "keyturn",
-        request_id=request.id,
-        grant_id=row.id,
-        data={
-            "kind": minted.kind,
-            "lease_id": minted.lease_id,
-            "serial": minted.serial,
-            "wrap_accessor": minted.wrap_accessor,
-            "expires_at": row.expires_at.isoformat(),
-            "command_sha256": request.command_sha256,
-        },
+    tx.record(
+        Event(
+            "grant.issued",
+            "keyturn",
+            request_id=request.id,
+            grant_id=row.id,
+            data={
+                "kind": minted.kind,
+                "lease_id": minted.lease_id,
+                "serial": minted.serial,
+                "wrap_accessor": minted.wrap_accessor,
+                "expires_at": row.expires_at.isoformat(),
+                "command_sha256": request.command_sha256,
+            },
+        )
     )
-    await tx.notify("handoff", request.id)
-    await tx.notify("grant", row.id)
+    tx.wake("handoff", request.id)
     return row
 
 
@@ -195,16 +195,18 @@ async def issue_failed(
             req.fail()
             save_request(tx, row, req, now)
             row.error = f"credentials could not be issued: {error}"
-            await audit.append(
-                tx, "request.failed", "keyturn", request_id=row.id, data={"error": row.error}
+            tx.record(
+                Event("request.failed", "keyturn", request_id=row.id, data={"error": row.error})
             )
         else:
             row.issue_after = now + retry_in
             if row.issue_attempts == 1:
-                await audit.append(
-                    tx, "grant.issue_delayed", "keyturn", request_id=row.id, data={"error": error}
+                tx.record(
+                    Event(
+                        "grant.issue_delayed", "keyturn", request_id=row.id, data={"error": error}
+                    )
                 )
-        await tx.notify("request", row.id)
+        tx.wake("request", row.id)  # its card shows the attempt
     return row
 
 
@@ -251,15 +253,15 @@ async def claim_handoff(store: Store, request_id: uuid.UUID | None = None) -> Ha
         req.start_execution(grant.command_sha256 or "")
         save_request(tx, request, req, now)
         grant.handoff_token = None
-        await audit.append(
-            tx,
-            "request.executing",
-            "keyturn",
-            request_id=request.id,
-            grant_id=grant.id,
-            data={"wrap_accessor": grant.wrap_accessor},
+        tx.record(
+            Event(
+                "request.executing",
+                "keyturn",
+                request_id=request.id,
+                grant_id=grant.id,
+                data={"wrap_accessor": grant.wrap_accessor},
+            )
         )
-        await tx.notify("request", request.id)
     return Handoff(request, grant, token)
 
 
@@ -335,7 +337,7 @@ async def end_grants(
             _save_grant(row, grant, "keyturn")
             done.append(row)
             events.append(
-                audit.Event(
+                Event(
                     f"grant.{grant.status}",
                     "keyturn",
                     row.request_id,
@@ -344,8 +346,7 @@ async def end_grants(
                 )
             )
         await tx.session.flush()
-        await audit.append_many(await tx.driver(), events)
-        await tx.notify_many("grant", [row.id for row in done])
+        tx.record(*events)
         failure = _REQUEST_FAILURE.get(which)
         if failure is not None:
             await _fail_unrun(tx, [r.request_id for r in done if r.request_id], failure)
@@ -376,10 +377,7 @@ async def _fail_unrun(
         status.value,
     )
     ids = [r["id"] for r in failed]
-    await audit.append_many(
-        conn, [audit.Event("request.failed", "keyturn", i, data={"error": error}) for i in ids]
-    )
-    await tx.notify_many("request", ids)
+    tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))
     return ids
 
 
@@ -447,15 +445,15 @@ async def _changed(
 ) -> None:
     """Write a grant's move by ``by``: the row, its audit event, its notification."""
     _save_grant(row, grant, by)
-    await audit.append(
-        tx,
-        f"grant.{kind or grant.status}",
-        by,
-        request_id=row.request_id,
-        grant_id=row.id,
-        data={"lease_id": row.lease_id, **data},
+    tx.record(
+        Event(
+            f"grant.{kind or grant.status}",
+            by,
+            request_id=row.request_id,
+            grant_id=row.id,
+            data={"lease_id": row.lease_id, **data},
+        )
     )
-    await tx.notify("grant", row.id)
 
 
 # ---------------------------------------------------------------- what the scheduler needs
@@ -484,7 +482,5 @@ async def known_leases(store: Store, lease_ids: Sequence[str]) -> set[str]:
 
 async def record_orphans(store: Store, lease_ids: Sequence[str]) -> None:
     async with store.transaction() as tx:
-        events = [
-            audit.Event("lease.orphan_revoked", "keyturn", data={"lease_id": i}) for i in lease_ids
-        ]
-        await audit.append_many(await tx.driver(), events)
+        events = [Event("lease.orphan_revoked", "keyturn", data={"lease_id": i}) for i in lease_ids]
+        tx.record(*events)

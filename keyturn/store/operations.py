@@ -22,7 +22,6 @@ import asyncpg
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from keyturn import audit
 from keyturn.domain import (
     Approval,
     Decision,
@@ -31,6 +30,7 @@ from keyturn.domain import (
     command_sha256,
 )
 from keyturn.errors import Conflict, InvalidInput, NotFound
+from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import ApprovalRow, GrantRow, RequestRow
 
@@ -157,21 +157,21 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
         async with store.transaction() as tx:
             tx.session.add(row)
             await tx.session.flush()
-            await audit.append(
-                tx,
-                "request.held",
-                new.requester,
-                request_id=row.id,
-                data={
-                    "target": new.target,
-                    "command_sha256": row.command_sha256,
-                    "rule": new.rule,
-                    "on_behalf_of": new.on_behalf_of,
-                    "run_id": new.run_id,
-                }
-                | _shadow(new.classification),
+            tx.record(
+                Event(
+                    "request.held",
+                    new.requester,
+                    request_id=row.id,
+                    data={
+                        "target": new.target,
+                        "command_sha256": row.command_sha256,
+                        "rule": new.rule,
+                        "on_behalf_of": new.on_behalf_of,
+                        "run_id": new.run_id,
+                    }
+                    | _shadow(new.classification),
+                )
             )
-            await tx.notify("request", row.id)
     except IntegrityError:
         # Lost a race with the same idempotency key: the winner's row is the answer.
         existing = await _find_idempotent(store, new)
@@ -330,15 +330,15 @@ async def decide(
             (Decision.APPROVE, False): "request.approval_recorded",
             (Decision.DENY, True): "request.denied",
         }[(decision, decided)]
-        await audit.append(
-            tx,
-            kind,
-            approver,
-            request_id=row.id,
-            data={"approvals": len(req.approvers), "quorum": req.quorum}
-            | ({"reason": req.denial.reason} if req.denial else {}),
+        tx.record(
+            Event(
+                kind,
+                approver,
+                request_id=row.id,
+                data={"approvals": len(req.approvers), "quorum": req.quorum}
+                | ({"reason": req.denial.reason} if req.denial else {}),
+            )
         )
-        await tx.notify("request", row.id)
     return DecisionResult(row, decided)
 
 
@@ -349,8 +349,7 @@ async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> Reques
         now = utcnow()
         req.cancel(by, now)
         save_request(tx, row, req, now)
-        await audit.append(tx, "request.cancelled", by, request_id=row.id)
-        await tx.notify("request", row.id)
+        tx.record(Event("request.cancelled", by, request_id=row.id))
     return row
 
 
@@ -374,8 +373,7 @@ async def expire_due_requests(store: Store, *, limit: int = 100) -> list[Request
             req = request_of(row)
             req.expire(now)
             save_request(tx, row, req, now)
-            await audit.append(tx, "request.expired", "keyturn", request_id=row.id)
-            await tx.notify("request", row.id)
+            tx.record(Event("request.expired", "keyturn", request_id=row.id))
     return list(rows)
 
 
@@ -386,8 +384,7 @@ async def start_execution(store: Store, request_id: uuid.UUID, sha256: str) -> R
         req = request_of(row)
         req.start_execution(sha256)
         save_request(tx, row, req, utcnow())
-        await audit.append(tx, "request.executing", "keyturn", request_id=row.id)
-        await tx.notify("request", row.id)
+        tx.record(Event("request.executing", "keyturn", request_id=row.id))
     return row
 
 
@@ -409,14 +406,14 @@ async def finish_execution(
             req.finish(ok=error is None)
         save_request(tx, row, req, utcnow())
         row.result, row.error = result, error
-        await audit.append(
-            tx,
-            f"request.{req.status}",
-            "keyturn",
-            request_id=row.id,
-            data={"result_digest": result_digest} if result_digest else {"error": error},
+        tx.record(
+            Event(
+                f"request.{req.status}",
+                "keyturn",
+                request_id=row.id,
+                data={"result_digest": result_digest} if result_digest else {"error": error},
+            )
         )
-        await tx.notify("request", row.id)
     return row
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from keyturn import audit
 from keyturn.store import operations as ops
+from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 
@@ -23,7 +25,7 @@ from keyturn.store.dsn import Dsn
 async def _fill(store: Store, events: int) -> None:
     async def one(i: int) -> None:
         async with store.transaction() as tx:
-            await audit.append(tx, "test.event", f"actor-{i}", data={"i": i, "note": "ünïcode"})
+            tx.record(Event("test.event", f"actor-{i}", data={"i": i, "note": "ünïcode"}))
 
     await asyncio.gather(*(one(i) for i in range(events)))  # concurrent appends
 
@@ -124,3 +126,44 @@ async def test_export_writes_json_lines(store: Store, database: Dsn, tmp_path: o
     proc = await asyncio.to_thread(_cli, database, "audit", "export", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert len(Path(out).read_text(encoding="utf-8").splitlines()) == 5
+
+
+async def test_the_unit_of_work_records_only_what_commits(store: Store, database: Dsn) -> None:
+    """Events recorded in a transaction that rolls back leave no audit row and wake nobody;
+    a committed one leaves exactly its row and its notification, sent after the commit."""
+    heard: list[str] = []
+    conn = await asyncpg.connect(database.url)
+    await conn.add_listener("keyturn", lambda *args: heard.append(args[3]))
+    request_id, grant_id = uuid.uuid4(), uuid.uuid4()
+
+    async def fails_after_recording() -> None:
+        async with store.transaction() as tx:
+            tx.record(Event("request.test", "rolled-back", request_id=request_id))
+            raise RuntimeError("the use case failed after recording")
+
+    with pytest.raises(RuntimeError):
+        await fails_after_recording()
+    async with store.transaction() as tx:
+        tx.record(
+            Event("request.test", "kept", request_id=request_id),
+            Event("grant.test", "kept", request_id=request_id, grant_id=grant_id),
+            Event("lease.test", "kept"),  # about no request or grant: audited, wakes nobody
+        )
+        tx.wake("handoff", request_id)
+    async with asyncio.timeout(5):
+        while len(heard) < 3:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    await conn.close()
+    assert heard == [f"request:{request_id}", f"grant:{grant_id}", f"handoff:{request_id}"]
+    rows = await asyncpg_fetch(database, "SELECT actor, kind FROM audit_events ORDER BY seq")
+    assert rows == [("kept", "request.test"), ("kept", "grant.test"), ("kept", "lease.test")]
+    assert (await audit.verify(store)).broken is None
+
+
+async def asyncpg_fetch(database: Dsn, sql: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(database.url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()

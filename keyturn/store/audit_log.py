@@ -1,0 +1,97 @@
+"""The audit chain's writer: events appended inside the transaction that made them happen.
+
+Each event's hash covers its own fields and the previous event's hash, so changing, deleting or
+reordering any row breaks the chain from that row on. ``audit_head`` holds the newest seq and
+hash: locking it serializes appends (seq has no gaps) and anchors the tail, so truncation shows
+too. A trigger refuses UPDATE and DELETE for everyone but a superuser who disables it;
+:mod:`keyturn.audit` verifies and exports the chain. Use cases do not call this: they
+``tx.record(Event(...))`` and the unit of work (:class:`keyturn.store.db.Tx`) appends on commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+GENESIS = "0" * 64
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_hash(
+    *,
+    prev_hash: str,
+    seq: int,
+    at: datetime,
+    kind: str,
+    actor: str,
+    request_id: UUID | None,
+    grant_id: UUID | None,
+    data_text: str,
+) -> str:
+    """The digest the database computes on insert (``keyturn_audit_hash``), recomputed.
+
+    Fields are length-prefixed so no value can shift characters into its neighbour; ``data``
+    is hashed as Postgres prints the jsonb, its canonical form.
+    """
+    micros = (at - _EPOCH) // timedelta(microseconds=1)
+    fields = [
+        prev_hash,
+        str(seq),
+        str(micros),
+        kind,
+        actor,
+        str(request_id) if request_id else "",
+        str(grant_id) if grant_id else "",
+        data_text,
+    ]
+    body = "|".join(f"{len(f)}:{f}" for f in fields)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a request or a grant: one audit row, and a wake-up."""
+
+    kind: str
+    actor: str
+    request_id: UUID | None = None
+    grant_id: UUID | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wakes(self) -> tuple[str, UUID] | None:
+        """The notification it sends on commit: the grant's for grant events, else the
+        request's; none for an event about neither (an orphan lease)."""
+        if self.kind.startswith("grant.") and self.grant_id is not None:
+            return ("grant", self.grant_id)
+        if self.request_id is not None:
+            return ("request", self.request_id)
+        return None
+
+
+_INSERT = (
+    "INSERT INTO audit_events (kind, actor, request_id, grant_id, data)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb)"
+)
+
+
+async def append_many(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+    """Append ``events`` inside the transaction open on ``conn``.
+
+    The database numbers and chains them (a trigger locks ``audit_head``), so appends from
+    every process serialize there and a writer cannot choose its place in the chain.
+    """
+    if events:
+        await conn.executemany(
+            _INSERT,
+            [(e.kind, e.actor, e.request_id, e.grant_id, json.dumps(e.data)) for e in events],
+        )
