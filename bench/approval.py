@@ -24,7 +24,7 @@ from bot.cards import APPROVE
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
-from keyturn.store import operations as ops
+from keyturn.store import reads, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 
@@ -60,9 +60,9 @@ async def main() -> None:
         samples = []
         try:
             for i in range(CLICKS + 20):
-                row, _ = await ops.create_request(
+                row, _ = await requests.create_request(
                     probe,
-                    ops.NewRequest(
+                    requests.NewRequest(
                         "shop",
                         f"UPDATE orders SET status = 'paid' WHERE id = {i + 1}",
                         "crew-bench",
@@ -70,13 +70,13 @@ async def main() -> None:
                         rule="writes",
                     ),
                 )
-                while (ts := (await ops.get_request(probe, row.id)).slack_ts) is None:
+                while (ts := (await requests.get_request(probe, row.id)).slack_ts) is None:
                     await asyncio.sleep(0.005)
                 with watcher.watch("request", row.id) as change:
                     started = time.perf_counter()
                     status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_APPROVER")
                     assert status == 200
-                    while (await ops.get_request_view(probe, row.id)).status != "approved":
+                    while (await reads.get_request_view(probe, row.id)).status != "approved":
                         await change.wait(5)
                     if i >= 20:  # the first clicks warm Bolt (auth.test) and the pools
                         samples.append(time.perf_counter() - started)

@@ -38,8 +38,7 @@ from keyturn.domain import Decision
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
-from keyturn.store import grants
-from keyturn.store import operations as ops
+from keyturn.store import grants, requests
 from keyturn.store.db import Store
 
 GRANTS = 1000
@@ -80,9 +79,9 @@ async def issue_many(store: Store, issuer: Issuer, count: int) -> None:
 
     async def one(i: int) -> None:
         async with gate:
-            row, _ = await ops.create_request(
+            row, _ = await requests.create_request(
                 store,
-                ops.NewRequest(
+                requests.NewRequest(
                     "shop",
                     f"UPDATE orders SET status = 'x' WHERE id = {i + 1}",
                     "crew-bench",
@@ -91,7 +90,7 @@ async def issue_many(store: Store, issuer: Issuer, count: int) -> None:
                     grant_ttl=timedelta(minutes=10),
                 ),
             )
-            await ops.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
+            await requests.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
             assert await grants.issue(store, row.id, issuer.mint, issuer.unmint) is not None
 
     await asyncio.gather(*(one(i) for i in range(count)))
@@ -163,7 +162,7 @@ async def click_to_result(stack: Stack) -> list[float]:
                     held = await resp.json()
                     assert resp.status == 202, held
                 request_id = uuid.UUID(held["id"])
-                while (ts := (await ops.get_request(bot_store, request_id)).slack_ts) is None:
+                while (ts := (await requests.get_request(bot_store, request_id)).slack_ts) is None:
                     await asyncio.sleep(0.005)
                 poll = asyncio.create_task(_wait(http, f"{url}/{held['id']}?wait=30", headers))
                 await asyncio.sleep(0.05)  # the long-poll is waiting

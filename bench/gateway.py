@@ -251,12 +251,14 @@ async def long_polls(stack: Stack) -> None:
                 )
                 # release them all through the real path: a decision wakes the waiters
                 from keyturn.domain import Decision
-                from keyturn.store import operations as ops
+                from keyturn.store import requests
 
                 store = Store(stack.database, pool_size=2)
                 released = time.perf_counter()
                 for ident in ids:
-                    await ops.decide(store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "bench")
+                    await requests.decide(
+                        store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "bench"
+                    )
                 statuses = await asyncio.gather(*polls)
                 await store.close()
                 print(

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import card_store
 from bot.cards import (
     CardState,
     Credentials,
@@ -35,8 +36,7 @@ from keyturn.backoff import Backoff
 from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy, SshTarget
-from keyturn.store import grants
-from keyturn.store import operations as ops
+from keyturn.store import grants, requests
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener
 from keyturn.store.models import GrantRow, RequestRow
@@ -172,7 +172,7 @@ class Bot:
 
     async def _check_approver(self, request_id: str, user: str) -> RequestRow:
         try:
-            row = await ops.get_request(self.store, uuid.UUID(request_id))
+            row = await requests.get_request(self.store, uuid.UUID(request_id))
         except ValueError:
             raise NotFound("this card refers to no request") from None
         if not await self.directory.allows(user, self.approvers_for(row)):
@@ -185,7 +185,7 @@ class Bot:
         """Record an approval. Raises a keyturn error when nothing changed: the Slack edge
         (:mod:`bot.app`) tells the clicker why."""
         row = await self._check_approver(request_id, user)
-        result = await ops.decide(self.store, row.id, user, Decision.APPROVE)
+        result = await requests.decide(self.store, row.id, user, Decision.APPROVE)
         await self._after_decision(row.id, issue=result.decided)
 
     async def open_deny(self, request_id: str, user: str, trigger_id: str) -> None:
@@ -201,7 +201,7 @@ class Bot:
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
         row = await self._check_approver(request_id, user)
-        await ops.decide(self.store, row.id, user, Decision.DENY, reason)
+        await requests.decide(self.store, row.id, user, Decision.DENY, reason)
         await self._after_decision(row.id, issue=False)
 
     async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
@@ -223,7 +223,7 @@ class Bot:
         try:
             grant = await grants.issue(self.store, request_id, self.issuer.mint, self.issuer.unmint)
         except (Unavailable, VaultUnauthenticated) as exc:
-            row = await ops.get_request(self.store, request_id)
+            row = await requests.get_request(self.store, request_id)
             decided = row.decided_at or utcnow()
             give_up = utcnow() - decided > self.policy.bot.issue_timeout
             delay = None if give_up else retry_delay(row.issue_attempts + 1)
@@ -273,13 +273,15 @@ class Bot:
         """Post a card for every pending request without one; each exactly once."""
         posted = 0
         claim_timeout = self.policy.bot.card_claim_timeout
-        while (row := await ops.claim_card(self.store, self.replica, claim_timeout)) is not None:
+        while (
+            row := await card_store.claim_card(self.store, self.replica, claim_timeout)
+        ) is not None:
             channel = self.channel_for(row.target)
             if channel is None:
                 log.error(
                     "no approval channel for target %s (set slack.approval_channel)", row.target
                 )
-                await ops.release_card(self.store, row.id, self.replica)
+                await card_store.release_card(self.store, row.id, self.replica)
                 return posted
             try:
                 ts = await self._find_card(channel, row.id)
@@ -289,10 +291,12 @@ class Bot:
                     ts = await self._post_card(channel, row)
             except SLACK_ERRORS as exc:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
-                await ops.release_card(self.store, row.id, self.replica)
+                await card_store.release_card(self.store, row.id, self.replica)
                 raise
-            version = ops.card_version(row.status, len(row.approvals), None, row.issue_attempts)
-            if await ops.card_posted(self.store, row.id, self.replica, channel, ts, version):
+            version = card_store.card_version(
+                row.status, len(row.approvals), None, row.issue_attempts
+            )
+            if await card_store.card_posted(self.store, row.id, self.replica, channel, ts, version):
                 posted += 1
         return posted
 
@@ -330,12 +334,12 @@ class Bot:
 
     async def refresh_card(self, request_id: uuid.UUID) -> None:
         """Bring a card up to date; the replica that wins the compare-and-set posts the news."""
-        row, grant = await ops.card_of(self.store, request_id)
-        current = ops.card_version(row.status, len(row.approvals), grant, row.issue_attempts)
+        row, grant = await card_store.card_of(self.store, request_id)
+        current = card_store.card_version(row.status, len(row.approvals), grant, row.issue_attempts)
         if row.slack_ts is None or row.slack_channel is None or row.card_status == current:
             return
         shown = row.card_status
-        if not await ops.take_card_update(self.store, row.id, shown, current):
+        if not await card_store.take_card_update(self.store, row.id, shown, current):
             return
         state = self._state(row, grant)
         try:
@@ -348,7 +352,7 @@ class Bot:
             if row.status != "pending" and (shown is None or shown.startswith("pending")):
                 await self._announce(row, state)
         except SLACK_ERRORS:
-            await ops.take_card_update(self.store, row.id, current, shown)
+            await card_store.take_card_update(self.store, row.id, current, shown)
             raise
 
     async def _announce(self, row: RequestRow, state: CardState) -> None:
@@ -373,12 +377,12 @@ class Bot:
         """One pass: expire overdue requests, issue credentials, end grants whose command
         has run, post missing cards, refresh stale ones."""
         await self.revoker.rebuild_once()
-        await ops.expire_due_requests(self.store)
+        await requests.expire_due_requests(self.store)
         for request_id in await grants.awaiting_credentials(self.store):
             await self.issue_credentials(request_id)
         await self.revoker.end_finished()
         await self.post_pending_cards()
-        for request_id in await ops.stale_cards(self.store):
+        for request_id in await card_store.stale_cards(self.store):
             await self.refresh_card(request_id)
 
     async def run_forever(self) -> None:

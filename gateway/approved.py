@@ -35,8 +35,7 @@ from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Policy, PostgresTarget, SshTarget
-from keyturn.store import grants
-from keyturn.store import operations as ops
+from keyturn.store import grants, requests
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, VaultUnavailable
@@ -139,7 +138,7 @@ class Executor:
         if error is not None:
             error = self.masker.text(error)
         try:
-            await ops.finish_execution(
+            await requests.finish_execution(
                 self.store,
                 request.id,
                 result=result,

@@ -22,11 +22,11 @@ import asyncpg
 
 from keyturn.aio import cancel
 from keyturn.backoff import Backoff
-from keyturn.store import operations as ops
+from keyturn.store import outcomes
 from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
-Record = ops.Outcome | ops.Completion
+Record = outcomes.Outcome | outcomes.Completion
 Waited = tuple[Record, asyncio.Future[None] | None]
 
 
@@ -122,7 +122,7 @@ class Journal:
                 **dsn.connect_args,
             )
         try:
-            await ops.write_outcomes(self._conn, records)  # one statement: atomic by itself
+            await outcomes.write_outcomes(self._conn, records)  # one statement: atomic by itself
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
             self._conn.terminate()
             self._conn = None

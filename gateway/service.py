@@ -46,7 +46,7 @@ from keyturn.errors import (
 )
 from keyturn.masking import Masker
 from keyturn.policy import Policy, Rule
-from keyturn.store import operations as ops
+from keyturn.store import outcomes, reads, requests
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener, wait_until
 from keyturn.vault import Vault
@@ -158,10 +158,10 @@ class Gateway:
         check_access(self.policy, cmd.target, who)
         body_sha = hashlib.sha256(raw).hexdigest()
         if idempotency_key is not None:
-            earlier = await ops.find_idempotent(self.store, who.subject, idempotency_key, body_sha)
+            earlier = await requests.find_by_key(self.store, who.subject, idempotency_key, body_sha)
             if earlier is not None:
                 return (202 if earlier.status not in AGENT_TERMINAL else 200), self.view(
-                    ops.RequestView.of(earlier)
+                    reads.RequestView.of(earlier)
                 )
         verdict = await self._verdict(cmd.target, cmd.command, who)
         rule = verdict.rule.name if verdict.rule else None
@@ -179,8 +179,8 @@ class Gateway:
 
     def _outcome(
         self, cmd: CommandIn, who: Identity, verdict: Verdict, *, status: str, **extra: Any
-    ) -> ops.Outcome:
-        return ops.Outcome(
+    ) -> outcomes.Outcome:
+        return outcomes.Outcome(
             id=uuid.uuid4(),
             target=cmd.target,
             command=cmd.command,
@@ -285,9 +285,9 @@ class Gateway:
                 raise
         body = result.as_json()
         if key is None:
-            self.journal.submit(ops.Completion(intent.id, who.subject, None, digest(body)))
+            self.journal.submit(outcomes.Completion(intent.id, who.subject, None, digest(body)))
         else:  # a replay with this key must find the result: committed before the answer
-            done = ops.Completion(intent.id, who.subject, None, digest(body), body)
+            done = outcomes.Completion(intent.id, who.subject, None, digest(body), body)
             try:
                 await self.journal.record(done)
             except Exception:  # the command ran: answer it; the record is retried
@@ -295,13 +295,15 @@ class Gateway:
         self.metrics.commands.labels("allowed").inc()
         return self._answer(cmd, intent, body, None)
 
-    def _abandon(self, intent: ops.Outcome, recording: asyncio.Future[None]) -> None:
+    def _abandon(self, intent: outcomes.Outcome, recording: asyncio.Future[None]) -> None:
         """The request was cancelled mid-way: once its record is in, say it did not finish."""
 
         def done(future: asyncio.Future[None]) -> None:
             if not future.cancelled() and future.exception() is None:
                 self.journal.submit(
-                    ops.Completion(intent.id, intent.requester, "cancelled by the gateway", None)
+                    outcomes.Completion(
+                        intent.id, intent.requester, "cancelled by the gateway", None
+                    )
                 )
 
         recording.add_done_callback(done)
@@ -310,7 +312,7 @@ class Gateway:
         self,
         cmd: CommandIn,
         who: Identity,
-        intent: ops.Outcome,
+        intent: outcomes.Outcome,
         recording: asyncio.Future[None],
         exc: Exception,
     ) -> CommandOut:
@@ -320,16 +322,16 @@ class Gateway:
         try:
             await self._recorded(recording)
         except asyncpg.UniqueViolationError:
-            earlier = await ops.find_idempotent(
+            earlier = await requests.find_by_key(
                 self.store, who.subject, intent.idempotency_key or "", intent.body_sha256 or ""
             )
             if earlier is None:
                 raise exc from None
-            return self.view(ops.RequestView.of(earlier))
+            return self.view(reads.RequestView.of(earlier))
         error = self._failure(exc)
         never_ran = isinstance(exc, NotStarted)
         self.journal.submit(
-            ops.Completion(intent.id, who.subject, error, None, release_key=never_ran)
+            outcomes.Completion(intent.id, who.subject, error, None, release_key=never_ran)
         )
         cause = exc.cause if isinstance(exc, NotStarted) else exc
         if isinstance(cause, TimeoutError) and never_ran:
@@ -345,7 +347,11 @@ class Gateway:
         raise Unavailable(f"target {cmd.target} is not reachable: {type(cause).__name__}") from exc
 
     def _answer(
-        self, cmd: CommandIn, intent: ops.Outcome, result: dict[str, Any] | None, error: str | None
+        self,
+        cmd: CommandIn,
+        intent: outcomes.Outcome,
+        result: dict[str, Any] | None,
+        error: str | None,
     ) -> CommandOut:
         return CommandOut(
             id=str(intent.id),
@@ -378,9 +384,9 @@ class Gateway:
     ) -> CommandOut:
         rule = verdict.rule
         estimate = await self._estimate(cmd.target, cmd.command, who)
-        row, created = await ops.create_request(
+        row, created = await requests.create_request(
             self.store,
-            ops.NewRequest(
+            requests.NewRequest(
                 target=cmd.target,
                 command=cmd.command,
                 requester=who.subject,
@@ -399,11 +405,11 @@ class Gateway:
         if created and verdict.action == "allow":
             # an allowed SSH command still needs credentials from the bot: approved by policy
             row = (
-                await ops.decide(self.store, row.id, f"policy:{row.rule}", Decision.APPROVE)
+                await requests.decide(self.store, row.id, f"policy:{row.rule}", Decision.APPROVE)
             ).request
         if created:
             self.metrics.commands.labels("held").inc()
-        return self.view(ops.RequestView.of(row))
+        return self.view(reads.RequestView.of(row))
 
     # ------------------------------------------------------------------ targets
 
@@ -429,8 +435,8 @@ class Gateway:
         except ValueError:
             raise NotFound(f"request {request_id} not found") from None
 
-        async def load() -> ops.RequestView:
-            row = await ops.get_request_view(self.store, ident)
+        async def load() -> reads.RequestView:
+            row = await reads.get_request_view(self.store, ident)
             if row.requester != who.subject:
                 raise NotFound(f"request {request_id} not found")  # do not reveal it exists
             return row
@@ -452,7 +458,7 @@ class Gateway:
             self.metrics.waiters.dec()
         return self.view(row)
 
-    def view(self, row: ops.RequestView) -> CommandOut:
+    def view(self, row: reads.RequestView) -> CommandOut:
         status = RequestStatus(row.status)
         waiting = status not in AGENT_TERMINAL
         return CommandOut(
@@ -489,11 +495,11 @@ class Gateway:
             await asyncio.sleep(interval)
 
     async def poll_once(self) -> None:
-        await ops.expire_due_requests(self.store)
+        await requests.expire_due_requests(self.store)
         watched = [uuid.UUID(ident) for ident in self.listener.watched("request")]
-        for ident in await ops.decided_among(self.store, watched):
+        for ident in await reads.decided_among(self.store, watched):
             self.listener.wake("request", str(ident))
-        self.metrics.pending.set(await ops.count_pending(self.store))
+        self.metrics.pending.set(await reads.count_pending(self.store))
 
     async def ready(self) -> dict[str, str]:
         """Postgres and Vault reachable; raises Unavailable naming what is not."""

@@ -53,6 +53,11 @@ REQUEST_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
 }
 
 
+def came_from(target: RequestStatus) -> frozenset[RequestStatus]:
+    """Every status a request may move to ``target`` from: what set-based SQL may update."""
+    return frozenset(s for s, moves in REQUEST_TRANSITIONS.items() if target in moves)
+
+
 class GrantStatus(StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -18,11 +19,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from keyturn.errors import DatabaseUnavailable, Unavailable
+from keyturn.errors import DatabaseUnavailable, NotFound, Unavailable
 from keyturn.store.audit_log import Event, append_many
 from keyturn.store.dsn import Dsn
+from keyturn.store.models import GrantRow, RequestRow
 
 NOTIFY_CHANNEL = "keyturn"
+Row = TypeVar("Row", RequestRow, GrantRow)
 
 
 def utcnow() -> datetime:
@@ -97,6 +100,18 @@ class Tx:
         """Notify ``<kind>:<id>`` on commit without an audit event (a retry's new schedule,
         a hand-off to take)."""
         self._wakes[(kind, str(ident))] = None
+
+    async def locked(self, model: type[Row], ident: uuid.UUID) -> Row:
+        """The row, locked until the transaction ends (``SELECT … FOR UPDATE``); a missing
+        one is :class:`~keyturn.errors.NotFound`."""
+        row = (
+            await self.session.scalars(
+                select(model).where(model.id == ident).with_for_update(of=model)
+            )
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"{model.__tablename__[:-1]} {ident} not found")
+        return row
 
     async def driver(self) -> asyncpg.Connection:
         """The asyncpg connection under this transaction, for bulk statements on hot paths."""

@@ -31,7 +31,6 @@ from keyturn.errors import InvalidInput, NotFound
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import GrantRow, RequestRow
-from keyturn.store.operations import locked, locked_request, request_of, save_request
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +54,6 @@ class Minted:
 Mint = Callable[[RequestRow], Awaitable[Minted]]
 Unmint = Callable[[Minted], Awaitable[None]]
 RevokeLease = Callable[[GrantRow], Awaitable[None]]
-
-
-def grant_of(row: GrantRow) -> Grant:
-    return Grant(
-        id=row.id,
-        subject=row.subject,
-        target=row.target,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        request_id=row.request_id,
-        status=GrantStatus(row.status),
-        ended_at=row.ended_at,
-    )
-
-
-def _save_grant(row: GrantRow, grant: Grant, by: str | None) -> None:
-    row.status = grant.status
-    row.expires_at = grant.expires_at
-    if grant.ended_at is not None and row.ended_at is None:
-        row.ended_at, row.ended_by = grant.ended_at, by
-        row.handoff_token = None
 
 
 async def get_grant(store: Store, grant_id: uuid.UUID) -> GrantRow:
@@ -183,7 +161,7 @@ async def issue_failed(
 ) -> RequestRow | None:
     """Note a failed attempt; retry after ``retry_in``, or (None) give up: the request fails."""
     async with store.transaction() as tx:
-        row = await locked_request(tx, request_id)
+        row = await tx.locked(RequestRow, request_id)
         if row.status != RequestStatus.APPROVED:
             return None
         now = utcnow()
@@ -191,9 +169,9 @@ async def issue_failed(
         row.issue_error = error
         row.updated_at = now
         if retry_in is None:
-            req = request_of(row)
+            req = row.domain()
             req.fail()
-            save_request(tx, row, req, now)
+            row.save(req, now)
             row.error = f"credentials could not be issued: {error}"
             tx.record(
                 Event("request.failed", "keyturn", request_id=row.id, data={"error": row.error})
@@ -249,9 +227,9 @@ async def claim_handoff(store: Store, request_id: uuid.UUID | None = None) -> Ha
         request, grant = found
         token = grant.handoff_token
         assert token is not None
-        req = request_of(request)
+        req = request.domain()
         req.start_execution(grant.command_sha256 or "")
-        save_request(tx, request, req, now)
+        request.save(req, now)
         grant.handoff_token = None
         tx.record(
             Event(
@@ -329,12 +307,12 @@ async def end_grants(
         for row, at in zip(rows, confirmed, strict=True):
             if at is None:
                 continue
-            grant = grant_of(row)
+            grant = row.domain()
             if which is Sweep.DUE:
                 grant.expire(at)
             else:
                 grant.revoke(at)
-            _save_grant(row, grant, "keyturn")
+            row.save(grant, "keyturn")
             done.append(row)
             events.append(
                 Event(
@@ -405,8 +383,8 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
 async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: RevokeLease) -> GrantRow:
     """Revoke now (a human's click): Vault first, then the grant; an unrun command fails."""
     async with store.transaction() as tx:
-        row = await locked(tx, GrantRow, grant_id)
-        grant = grant_of(row)
+        row = await tx.locked(GrantRow, grant_id)
+        grant = row.domain()
         grant.revoke(utcnow())  # raises IllegalTransition when already ended
         await revoke_lease(row)
         await _changed(tx, row, grant, by, {"why": "revoked by hand"})
@@ -427,8 +405,8 @@ async def extend(
     (its own max TTL), the grant ends when the lease does.
     """
     async with store.transaction() as tx:
-        row = await locked(tx, GrantRow, grant_id)
-        grant = grant_of(row)
+        row = await tx.locked(GrantRow, grant_id)
+        grant = row.domain()
         now = utcnow()
         ceiling = row.max_expires_at or row.expires_at
         grant.extend(extra, ceiling, now)
@@ -444,7 +422,7 @@ async def _changed(
     tx: Tx, row: GrantRow, grant: Grant, by: str, data: dict[str, Any], kind: str | None = None
 ) -> None:
     """Write a grant's move by ``by``: the row, its audit event, its notification."""
-    _save_grant(row, grant, by)
+    row.save(grant, by)
     tx.record(
         Event(
             f"grant.{kind or grant.status}",

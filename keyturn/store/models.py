@@ -1,4 +1,5 @@
-"""Tables. Postgres is the single source of truth; rows mirror the domain objects."""
+"""Tables. Postgres is the single source of truth; rows mirror the domain objects, and each
+row maps itself to its domain object and back (``domain()``, ``save()``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from keyturn.domain import Approval, Decision, Grant, GrantStatus, Request, RequestStatus
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -94,6 +97,39 @@ class RequestRow(Base):
         back_populates="request", order_by="ApprovalRow.id", lazy="selectin"
     )
 
+    def domain(self) -> Request:
+        return Request(
+            id=self.id,
+            target=self.target,
+            command=self.command,
+            requester=self.requester,
+            on_behalf_of=self.on_behalf_of,
+            created_at=self.created_at,
+            pending_expires_at=self.pending_expires_at,
+            quorum=self.quorum,
+            status=RequestStatus(self.status),
+            approvals=[
+                Approval(a.approver, Decision(a.decision), a.at, a.reason) for a in self.approvals
+            ],
+            decided_at=self.decided_at,
+        )
+
+    def save(self, req: Request, now: datetime) -> None:
+        """Write back what the domain object changed: its status and any new votes."""
+        for vote in req.approvals[len(self.approvals) :]:
+            self.approvals.append(
+                ApprovalRow(
+                    request_id=self.id,
+                    approver=vote.approver,
+                    decision=vote.decision,
+                    reason=vote.reason,
+                    at=vote.at,
+                )
+            )
+        self.status = req.status
+        self.decided_at = req.decided_at
+        self.updated_at = now
+
 
 class ApprovalRow(Base):
     __tablename__ = "approvals"
@@ -142,6 +178,27 @@ class GrantRow(Base):
     handoff_token: Mapped[str | None] = mapped_column(Text)
     handoff_expires_at: Mapped[datetime | None]
     max_expires_at: Mapped[datetime | None]  # the role's ceiling for Extend
+
+    def domain(self) -> Grant:
+        return Grant(
+            id=self.id,
+            subject=self.subject,
+            target=self.target,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            request_id=self.request_id,
+            status=GrantStatus(self.status),
+            ended_at=self.ended_at,
+        )
+
+    def save(self, grant: Grant, by: str | None) -> None:
+        """Write back the grant's status and expiry; an end records who and drops the
+        hand-off token."""
+        self.status = grant.status
+        self.expires_at = grant.expires_at
+        if grant.ended_at is not None and self.ended_at is None:
+            self.ended_at, self.ended_by = grant.ended_at, by
+            self.handoff_token = None
 
 
 class AuditEventRow(Base):

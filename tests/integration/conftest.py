@@ -29,7 +29,7 @@ from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
 from keyturn.policy import Policy, parse_policy
-from keyturn.store import operations as ops
+from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.pytest_plugin import PostgresServer
@@ -345,7 +345,9 @@ class Desk:
     async def card(self, request_id: str, timeout: float = 20) -> str:
         """The ts of the request's card once the bot has posted it."""
         async with asyncio.timeout(timeout):
-            while not (ts := (await ops.get_request(self.store, uuid.UUID(request_id))).slack_ts):
+            while not (
+                ts := (await requests.get_request(self.store, uuid.UUID(request_id))).slack_ts
+            ):
                 await asyncio.sleep(0.05)
         return ts
 

@@ -20,7 +20,7 @@ from gateway.journal import Journal
 from keyturn.classify.readonly import statement_texts
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.ports import free_port
-from keyturn.store import operations as ops
+from keyturn.store import outcomes, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import GatewayFactory, Running, Shop
@@ -209,7 +209,7 @@ async def test_statements_per_command_are_capped(run_gateway: GatewayFactory, id
     async with run_gateway(rules=ALLOW_ANY) as gw:
         status, body = await gw.post(idp.token("mallory"), sql("SELECT 1;" * 7000))
         assert status == 202 and body["status"] == "pending", body  # never run at once
-        request = await ops.get_request(gw.store, uuid.UUID(body["id"]))
+        request = await requests.get_request(gw.store, uuid.UUID(body["id"]))
         assert any("at most 20" in r for r in request.classification["reasons"])
 
 
@@ -366,7 +366,7 @@ async def test_stopping_the_journal_commits_what_it_holds(database: Dsn) -> None
     journal = Journal(store)
     journal.start()
     intents = [
-        ops.Outcome(uuid.uuid4(), "shop", "SELECT 1", "crew", "executing", "reads", {})
+        outcomes.Outcome(uuid.uuid4(), "shop", "SELECT 1", "crew", "executing", "reads", {})
         for _ in range(20)
     ]
     recorded = [journal.enqueue(intent) for intent in intents]
@@ -401,8 +401,8 @@ async def test_one_refused_record_does_not_fail_its_batch(database: Dsn) -> None
     journal = Journal(store)
     journal.start()
 
-    def outcome(command: str) -> ops.Outcome:
-        return ops.Outcome(
+    def outcome(command: str) -> outcomes.Outcome:
+        return outcomes.Outcome(
             uuid.uuid4(), "shop", command, "mallory", "executing", "reads", {}, reason="r"
         )
 
@@ -412,7 +412,7 @@ async def test_one_refused_record_does_not_fail_its_batch(database: Dsn) -> None
             journal.record(good), journal.record(bad), return_exceptions=True
         )
         assert results[0] is None and isinstance(results[1], asyncpg.PostgresError)
-        assert (await ops.get_request(store, good.id)).status == "executing"
+        assert (await requests.get_request(store, good.id)).status == "executing"
     finally:
         await journal.stop()
         await store.close()
@@ -696,5 +696,5 @@ async def test_masked_columns_are_followed_through_the_query(
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)
-            request = await ops.get_request(gw.store, uuid.UUID(body["id"]))
+            request = await requests.get_request(gw.store, uuid.UUID(body["id"]))
             assert any("customers.email" in r for r in request.classification["reasons"])

@@ -16,7 +16,8 @@ import asyncpg
 import pytest
 
 from keyturn import audit
-from keyturn.store import operations as ops
+from keyturn.domain import Decision
+from keyturn.store import requests
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -56,10 +57,11 @@ def _cli(dsn: Dsn, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_intact_chain_verifies(store: Store, database: Dsn) -> None:
     await _fill(store, 30)
-    row, _ = await ops.create_request(
-        store, ops.NewRequest("orders-db", "DELETE FROM t WHERE id=1", "crew", timedelta(minutes=1))
+    row, _ = await requests.create_request(
+        store,
+        requests.NewRequest("orders-db", "DELETE FROM t WHERE id=1", "crew", timedelta(minutes=1)),
     )
-    await ops.decide(store, row.id, "U1", ops.Decision.DENY, "no")
+    await requests.decide(store, row.id, "U1", Decision.DENY, "no")
     result = await audit.verify(store)
     assert result.broken is None and result.checked == 32
     proc = await asyncio.to_thread(_cli, database, "audit", "verify")

@@ -17,12 +17,13 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
+from bot import card_store
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_policy
-from keyturn.store import operations as ops
+from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import Shop, TcpProxy, serve_bot
@@ -71,7 +72,7 @@ class RunningBot:
     async def hold(
         self, command: str = "UPDATE orders SET paid = true WHERE id = 1", **fields: Any
     ) -> uuid.UUID:
-        new = ops.NewRequest(
+        new = requests.NewRequest(
             **(
                 {
                     "target": "shop",
@@ -86,20 +87,20 @@ class RunningBot:
                 | fields
             )
         )
-        row, _ = await ops.create_request(self.store, new)
+        row, _ = await requests.create_request(self.store, new)
         return row.id
 
     async def card(self, request_id: uuid.UUID, timeout: float = 15) -> str:
         """The ts of the request's card once it is posted."""
         async with asyncio.timeout(timeout):
             while True:
-                row = await ops.get_request(self.store, request_id)
+                row = await requests.get_request(self.store, request_id)
                 if row.slack_ts:
                     return row.slack_ts
                 await asyncio.sleep(0.05)
 
     async def status(self, request_id: uuid.UUID) -> str:
-        return (await ops.get_request(self.store, request_id)).status
+        return (await requests.get_request(self.store, request_id)).status
 
     async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
@@ -219,7 +220,7 @@ async def test_deny_with_a_reason_reaches_the_request(
         assert await rb.status(request_id) == "pending"
         status, body = await slack.submit(view_id, "U_BOB", {"reason": "freeze week"})
         assert status == 200 and "errors" not in body
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status == "denied" and row.approvals[0].reason == "freeze week"
         await slack.wait_for("chat.update")
         assert "freeze week" in blocks_text(slack.message(CHANNEL, ts).blocks)
@@ -274,7 +275,7 @@ async def test_twenty_concurrent_clicks_make_one_outcome(
             *(slack.submit(v, f"U_G{i}", {"reason": "no"}) for i, v in enumerate(views)),
         )
         assert all(status == 200 for status, _ in results)
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status in ("approved", "denied")
         assert len(row.approvals) == 1
         await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
@@ -320,7 +321,7 @@ async def test_slack_down_for_30_seconds_loses_nothing(
         slack.down(30)
         request_id = await rb.hold()
         await asyncio.sleep(5)
-        assert (await ops.get_request(rb.store, request_id)).slack_ts is None
+        assert (await requests.get_request(rb.store, request_id)).slack_ts is None
         await rb.card(request_id, timeout=90)
         assert len(slack.channel(CHANNEL)) == 1
 
@@ -333,11 +334,11 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
     policy = parse_policy(policy_data(shop))
     client = slack_client(slack.bot_token, slack.api_url)
     dying, _ = build(policy, store, client, slack.signing_secret, shop.bot_vault())
-    new = ops.NewRequest(
+    new = requests.NewRequest(
         "shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5), rule="writes"
     )
-    row, _ = await ops.create_request(store, new)
-    claimed = await ops.claim_card(store, dying.replica, timedelta(seconds=2))
+    row, _ = await requests.create_request(store, new)
+    claimed = await card_store.claim_card(store, dying.replica, timedelta(seconds=2))
     assert claimed is not None
     await dying._post_card(CHANNEL, claimed)
     assert len(slack.channel(CHANNEL)) == 1

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from keyturn.api import CommandOut
 from keyturn.domain import Decision
 from keyturn.harness.idp import DevIdP
-from keyturn.store import operations as ops
+from keyturn.store import requests
 from tests.integration.conftest import GatewayFactory, Shop
 
 READ = {"target": "shop", "command": "SELECT id, name, email, note FROM customers ORDER BY id"}
@@ -316,9 +316,9 @@ async def test_held_update_waits_for_a_decision(
         await asyncio.sleep(0.3)
         assert not waiter.done()
         request_id = uuid.UUID(held.id)
-        await ops.decide(gw.store, request_id, "U_APPROVER", Decision.APPROVE)
-        row = await ops.start_execution(
-            gw.store, request_id, (await ops.get_request(gw.store, request_id)).command_sha256
+        await requests.decide(gw.store, request_id, "U_APPROVER", Decision.APPROVE)
+        row = await requests.start_execution(
+            gw.store, request_id, (await requests.get_request(gw.store, request_id)).command_sha256
         )
         result = {
             "columns": [],
@@ -328,7 +328,7 @@ async def test_held_update_waits_for_a_decision(
             "statements": 1,
             "tags": ["UPDATE 9"],
         }
-        await ops.finish_execution(gw.store, row.id, result=result, result_digest="d")
+        await requests.finish_execution(gw.store, row.id, result=result, result_digest="d")
         status, final = await asyncio.wait_for(waiter, 30)
         assert status == 200 and final["status"] == "executed"
         assert final["result"] == result and "wait_url" not in final
@@ -338,7 +338,7 @@ async def test_denied_reason_reaches_the_agent(run_gateway: GatewayFactory, idp:
     token = idp.token("crew-billing")
     async with run_gateway() as gw:
         _, body = await gw.post(token, UPDATE)
-        await ops.decide(
+        await requests.decide(
             gw.store, uuid.UUID(body["id"]), "U_APPROVER", Decision.DENY, "freeze week"
         )
         _, final = await gw.get(token, body["id"], wait=5)
@@ -404,7 +404,7 @@ async def test_one_listen_connection_serves_many_waiters(
         assert counts.get("keyturn-listener") == 1
         assert sum(counts.values()) <= 25  # the pool plus the listener plus this probe
         for ident in ids:
-            await ops.decide(gw.store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "no")
+            await requests.decide(gw.store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "no")
         results = await asyncio.wait_for(asyncio.gather(*waiters), 30)
         assert {body["status"] for _, body in results} == {"denied"}
 

@@ -22,6 +22,7 @@ import asyncssh
 import pytest
 import pytest_asyncio
 
+from bot import card_store
 from bot.cards import APPROVE, EXTEND, REVOKE
 from bot.credentials import Issuer
 from bot.revocation import Revoker
@@ -30,8 +31,7 @@ from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
 from keyturn.policy import parse_policy
-from keyturn.store import grants
-from keyturn.store import operations as ops
+from keyturn.store import grants, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault
@@ -75,7 +75,7 @@ class RunningBot:
 
     async def hold(self, command: str = UPDATE, target: str = "shop", **fields: Any) -> uuid.UUID:
         rule = "whoami" if target == "web" else "writes"
-        new = ops.NewRequest(
+        new = requests.NewRequest(
             **(
                 {
                     "target": target,
@@ -88,7 +88,7 @@ class RunningBot:
                 | fields
             )
         )
-        row, _ = await ops.create_request(self.store, new)
+        row, _ = await requests.create_request(self.store, new)
         return row.id
 
     async def approve(self, request_id: uuid.UUID) -> str:
@@ -107,15 +107,15 @@ class RunningBot:
         return request_id, await self.grant(request_id)
 
     async def status(self, request_id: uuid.UUID) -> str:
-        return (await ops.get_request(self.store, request_id)).status
+        return (await requests.get_request(self.store, request_id)).status
 
 
 async def _card(store: Store, request_id: uuid.UUID) -> str | None:
-    return (await ops.get_request(store, request_id)).slack_ts
+    return (await requests.get_request(store, request_id)).slack_ts
 
 
 async def _grant_of(store: Store, request_id: uuid.UUID) -> Any:
-    return (await ops.card_of(store, request_id))[1]
+    return (await card_store.card_of(store, request_id))[1]
 
 
 async def until(check: Callable[[], Any], timeout: float = 20) -> Any:
@@ -286,7 +286,7 @@ async def test_a_grant_expires_through_the_scheduler_and_its_sessions_die(
             await session.fetchval("SELECT 1")
         assert creds["username"] not in await shop.dynamic_roles()
         # the command never ran: the agent hears why
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status == "executing"  # claimed by our stand-in gateway, which never ran it
 
 
@@ -324,7 +324,7 @@ async def test_a_restarted_bot_revokes_what_fell_due_while_it_was_down(
         ended = await until(lambda: _ended(rb.store, request_id))
         assert ended.status == "expired"
         assert await lease_ttl(shop, grant.lease_id) is None
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status == "failed" and "expired before" in (row.error or "")
 
 
@@ -383,7 +383,7 @@ async def test_extend_and_revoke_now_by_click(
         assert ended.status == "revoked" and ended.ended_by == APPROVER
         assert await lease_ttl(shop, grant.lease_id) is None
         assert rb.bot.revoker.scheduled(grant.id) is None
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status == "failed" and APPROVER in (row.error or "")
         await until(
             lambda: _true(
@@ -420,7 +420,7 @@ async def test_vault_down_at_approval_issues_later_exactly_once(
         await until(
             lambda: _true("Credentials pending" in json.dumps(slack.message(CHANNEL, ts).blocks))
         )
-        row = await ops.get_request(rb.store, request_id)
+        row = await requests.get_request(rb.store, request_id)
         assert row.status == "approved" and row.issue_attempts >= 1
         await proxy.up()
         grant = await rb.grant(request_id)

@@ -10,8 +10,9 @@ from datetime import timedelta
 import asyncpg
 import pytest_asyncio
 
+from keyturn.domain import Decision
 from keyturn.harness.ports import free_port
-from keyturn.store import operations as ops
+from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
 from keyturn.store.listener import Listener, wait_until
@@ -47,13 +48,15 @@ async def _kill_listener_backend(dsn: Dsn) -> int:
 
 
 async def test_state_change_wakes_the_waiter(listener: Listener, store: Store) -> None:
-    row, _ = await ops.create_request(
+    row, _ = await requests.create_request(
         store,
-        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
+        requests.NewRequest(
+            "orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)
+        ),
     )
     with listener.watch("request", row.id) as changed:
         task = asyncio.create_task(changed.wait(10))
-        await ops.decide(store, row.id, "U1", ops.Decision.APPROVE)
+        await requests.decide(store, row.id, "U1", Decision.APPROVE)
         assert await task is True
     assert listener.waiting == 0
 
@@ -110,7 +113,7 @@ async def _wait_for_decision(
         listener,
         "request",
         request_id,
-        lambda: ops.get_request(store, request_id),
+        lambda: requests.get_request(store, request_id),
         lambda r: r.status != "pending",
         timeout=10,
         poll_interval=poll,
@@ -119,24 +122,28 @@ async def _wait_for_decision(
 
 
 async def test_wait_until_wakes_on_notification(listener: Listener, store: Store) -> None:
-    row, _ = await ops.create_request(
+    row, _ = await requests.create_request(
         store,
-        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
+        requests.NewRequest(
+            "orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)
+        ),
     )
     # a poll interval far beyond the test's patience: only the notification can wake it in time
     waiter = asyncio.create_task(_wait_for_decision(listener, store, row.id, poll=60))
     await asyncio.sleep(0.1)
-    await ops.decide(store, row.id, "U1", ops.Decision.DENY, "no")
+    await requests.decide(store, row.id, "U1", Decision.DENY, "no")
     assert await asyncio.wait_for(waiter, 5) == "denied"
 
 
 async def test_wait_until_falls_back_to_polling(database: Dsn, store: Store) -> None:
     silent = Listener(database)  # never started: no notification will ever arrive
-    row, _ = await ops.create_request(
+    row, _ = await requests.create_request(
         store,
-        ops.NewRequest("orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)),
+        requests.NewRequest(
+            "orders-db", "DELETE FROM t WHERE id = 1", "crew", timedelta(minutes=5)
+        ),
     )
     waiter = asyncio.create_task(_wait_for_decision(silent, store, row.id, poll=0.05))
     await asyncio.sleep(0.1)
-    await ops.decide(store, row.id, "U1", ops.Decision.APPROVE)
+    await requests.decide(store, row.id, "U1", Decision.APPROVE)
     assert await asyncio.wait_for(waiter, 5) == "approved"

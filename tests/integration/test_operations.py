@@ -12,8 +12,7 @@ from sqlalchemy import func, select, text
 
 from keyturn.domain import Decision, IllegalTransition, RequestStatus, SelfApproval
 from keyturn.errors import Conflict, InvalidInput, NotFound
-from keyturn.store import grants
-from keyturn.store import operations as ops
+from keyturn.store import grants, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRow
@@ -21,7 +20,7 @@ from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRo
 UPDATE = "UPDATE orders SET status = 'paid' WHERE id = 42"
 
 
-def held(**overrides: object) -> ops.NewRequest:
+def held(**overrides: object) -> requests.NewRequest:
     fields: dict[str, object] = {
         "target": "orders-db",
         "command": UPDATE,
@@ -31,7 +30,7 @@ def held(**overrides: object) -> ops.NewRequest:
         "rule": "writes",
     }
     fields.update(overrides)
-    return ops.NewRequest(**fields)  # type: ignore[arg-type]
+    return requests.NewRequest(**fields)  # type: ignore[arg-type]
 
 
 async def count(store: Store, model: type, **where: object) -> int:
@@ -41,9 +40,9 @@ async def count(store: Store, model: type, **where: object) -> int:
 
 
 async def test_create_stores_command_and_hash(store: Store) -> None:
-    row, created = await ops.create_request(store, held())
+    row, created = await requests.create_request(store, held())
     assert created
-    again = await ops.get_request(store, row.id)
+    again = await requests.get_request(store, row.id)
     assert again.command == UPDATE
     assert again.command_sha256 == row.command_sha256
     assert again.status == RequestStatus.PENDING
@@ -51,7 +50,7 @@ async def test_create_stores_command_and_hash(store: Store) -> None:
 
 
 async def test_stored_command_is_immutable(store: Store, database: Dsn) -> None:
-    row, _ = await ops.create_request(store, held())
+    row, _ = await requests.create_request(store, held())
     conn = await asyncpg.connect(database.url)
     try:
         with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
@@ -71,16 +70,18 @@ async def test_stored_command_is_immutable(store: Store, database: Dsn) -> None:
 
 
 async def test_idempotency_key(store: Store) -> None:
-    first, created = await ops.create_request(store, held(idempotency_key="k1", body_sha256="a"))
-    same, created_again = await ops.create_request(
+    first, created = await requests.create_request(
+        store, held(idempotency_key="k1", body_sha256="a")
+    )
+    same, created_again = await requests.create_request(
         store, held(idempotency_key="k1", body_sha256="a")
     )
     assert created and not created_again
     assert same.id == first.id
-    with pytest.raises(ops.IdempotencyConflict):
-        await ops.create_request(store, held(idempotency_key="k1", body_sha256="b"))
+    with pytest.raises(requests.IdempotencyConflict):
+        await requests.create_request(store, held(idempotency_key="k1", body_sha256="b"))
     # the key is per requester
-    other, created_other = await ops.create_request(
+    other, created_other = await requests.create_request(
         store, held(idempotency_key="k1", body_sha256="b", requester="crew-other")
     )
     assert created_other and other.id != first.id
@@ -89,7 +90,7 @@ async def test_idempotency_key(store: Store) -> None:
 async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None:
     results = await asyncio.gather(
         *(
-            ops.create_request(store, held(idempotency_key="race", body_sha256="x"))
+            requests.create_request(store, held(idempotency_key="race", body_sha256="x"))
             for _ in range(10)
         )
     )
@@ -98,38 +99,38 @@ async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None
 
 
 async def test_approve_and_deny_flow(store: Store) -> None:
-    row, _ = await ops.create_request(store, held(quorum=2))
-    first = await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    row, _ = await requests.create_request(store, held(quorum=2))
+    first = await requests.decide(store, row.id, "U1", Decision.APPROVE)
     assert not first.decided and first.request.status == "pending"
     with pytest.raises(Conflict):
-        await ops.decide(store, row.id, "U1", Decision.APPROVE)
+        await requests.decide(store, row.id, "U1", Decision.APPROVE)
     with pytest.raises(SelfApproval):
-        await ops.decide(store, row.id, "U_HUMAN", Decision.APPROVE)
-    second = await ops.decide(store, row.id, "U2", Decision.APPROVE)
+        await requests.decide(store, row.id, "U_HUMAN", Decision.APPROVE)
+    second = await requests.decide(store, row.id, "U2", Decision.APPROVE)
     assert second.decided and second.request.status == "approved"
     with pytest.raises(IllegalTransition):
-        await ops.decide(store, row.id, "U3", Decision.DENY, "too late")
+        await requests.decide(store, row.id, "U3", Decision.DENY, "too late")
 
-    denied, _ = await ops.create_request(store, held())
-    result = await ops.decide(store, denied.id, "U1", Decision.DENY, "not during the freeze")
+    denied, _ = await requests.create_request(store, held())
+    result = await requests.decide(store, denied.id, "U1", Decision.DENY, "not during the freeze")
     assert result.request.status == "denied"
-    stored = await ops.get_request(store, denied.id)
+    stored = await requests.get_request(store, denied.id)
     assert stored.approvals[0].reason == "not during the freeze"
 
 
 async def test_unknown_request(store: Store) -> None:
     with pytest.raises(NotFound):
-        await ops.decide(store, uuid.uuid4(), "U1", Decision.APPROVE)
+        await requests.decide(store, uuid.uuid4(), "U1", Decision.APPROVE)
 
 
 async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None:
-    row, _ = await ops.create_request(store, held())
+    row, _ = await requests.create_request(store, held())
     approvers = [f"U{i}" for i in range(50)]
 
     async def attempt(i: int) -> str:
         decision = Decision.APPROVE if i % 2 else Decision.DENY
         try:
-            await ops.decide(store, row.id, approvers[i], decision, "no")
+            await requests.decide(store, row.id, approvers[i], decision, "no")
         except IllegalTransition:
             return "conflict"
         return "decided"
@@ -138,7 +139,7 @@ async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None
     assert outcomes.count("decided") == 1
     assert outcomes.count("conflict") == 49
     assert await count(store, ApprovalRow, request_id=row.id) == 1
-    final = await ops.get_request(store, row.id)
+    final = await requests.get_request(store, row.id)
     assert final.status in ("approved", "denied")
     decided_events = await count(store, AuditEventRow, request_id=row.id)
     assert decided_events == 2  # held + the one decision
@@ -148,11 +149,11 @@ async def test_concurrent_decisions_across_separate_engines(database: Dsn) -> No
     """Two processes (two pools) racing on one row still give one outcome."""
     stores = [Store(database, pool_size=5), Store(database, pool_size=5)]
     try:
-        row, _ = await ops.create_request(stores[0], held())
+        row, _ = await requests.create_request(stores[0], held())
 
         async def attempt(i: int) -> bool:
             try:
-                await ops.decide(stores[i % 2], row.id, f"U{i}", Decision.APPROVE)
+                await requests.decide(stores[i % 2], row.id, f"U{i}", Decision.APPROVE)
             except IllegalTransition:
                 return False
             return True
@@ -164,26 +165,26 @@ async def test_concurrent_decisions_across_separate_engines(database: Dsn) -> No
 
 
 async def test_expire_due_requests(store: Store) -> None:
-    due, _ = await ops.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
-    fresh, _ = await ops.create_request(store, held())
+    due, _ = await requests.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
+    fresh, _ = await requests.create_request(store, held())
     await asyncio.sleep(0.01)
-    expired = await ops.expire_due_requests(store)
+    expired = await requests.expire_due_requests(store)
     assert [r.id for r in expired] == [due.id]
-    assert (await ops.get_request(store, fresh.id)).status == "pending"
-    assert await ops.expire_due_requests(store) == []
+    assert (await requests.get_request(store, fresh.id)).status == "pending"
+    assert await requests.expire_due_requests(store) == []
     with pytest.raises(IllegalTransition):
-        await ops.decide(store, due.id, "U1", Decision.APPROVE)
+        await requests.decide(store, due.id, "U1", Decision.APPROVE)
 
 
 async def test_execution_claims_the_approval_once(store: Store) -> None:
-    row, _ = await ops.create_request(store, held())
-    await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    row, _ = await requests.create_request(store, held())
+    await requests.decide(store, row.id, "U1", Decision.APPROVE)
     claims = await asyncio.gather(
-        *(ops.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
+        *(requests.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
         return_exceptions=True,
     )
     assert sum(not isinstance(c, BaseException) for c in claims) == 1
-    done = await ops.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
+    done = await requests.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
     assert done.status == "executed" and done.result == {"rows": 1}
 
 
@@ -203,7 +204,7 @@ async def test_grants_expire_revoke_extend(store: Store) -> None:
     ended = await grants.end_grants(store, grants.Sweep.DUE, revoke_lease)
     assert [g.id for g in ended] == [short.id] and revoked == ["L1"]
     # the request never ran: it fails, saying why
-    assert (await ops.get_request(store, short.request_id)).status == "failed"  # type: ignore[arg-type]
+    assert (await requests.get_request(store, short.request_id)).status == "failed"  # type: ignore[arg-type]
     extended = await grants.extend(store, long.id, "U1", timedelta(minutes=5), renew_lease)
     assert extended.expires_at > long.expires_at
     with pytest.raises(InvalidInput):  # past the role's ceiling (max TTL 1 h)
@@ -215,10 +216,10 @@ async def test_grants_expire_revoke_extend(store: Store) -> None:
 
 
 async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantRow:
-    row, _ = await ops.create_request(
+    row, _ = await requests.create_request(
         store, held(command=f"UPDATE t SET a = 1 WHERE id = '{lease_id}'")
     )
-    await ops.decide(store, row.id, "U1", Decision.APPROVE)
+    await requests.decide(store, row.id, "U1", Decision.APPROVE)
 
     async def mint(_request: RequestRow) -> grants.Minted:
         return grants.Minted(
@@ -241,7 +242,7 @@ async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantR
 
 
 async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database: Dsn) -> None:
-    due, _ = await ops.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
+    due, _ = await requests.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
     await asyncio.sleep(0.01)
     other = Store(database, pool_size=1)
     try:
@@ -249,8 +250,8 @@ async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database
             await tx.session.execute(
                 text("SELECT 1 FROM requests WHERE id = :id FOR UPDATE"), {"id": due.id}
             )
-            assert await ops.expire_due_requests(store) == []  # skipped, not blocked
-        assert [r.id for r in await ops.expire_due_requests(store)] == [due.id]
+            assert await requests.expire_due_requests(store) == []  # skipped, not blocked
+        assert [r.id for r in await requests.expire_due_requests(store)] == [due.id]
     finally:
         await other.close()
 
@@ -269,5 +270,5 @@ async def test_a_run_stranded_by_a_dead_gateway_fails_once_its_credentials_are_d
     await grants.revoke(store, grant.id, "U1", revoke_lease)
     assert await grants.fail_stranded(store, timedelta(minutes=1)) == []  # not for long enough
     assert await grants.fail_stranded(store, timedelta(0)) == [grant.request_id]
-    row = await ops.get_request(store, grant.request_id)  # type: ignore[arg-type]
+    row = await requests.get_request(store, grant.request_id)  # type: ignore[arg-type]
     assert row.status == "failed" and "stopped before recording" in (row.error or "")

@@ -1,0 +1,167 @@
+"""What the policy decided on its own, written in batches by the gateway's journal.
+
+Blocked and allowed commands never pass through a person: the gateway records them (and how
+an allowed one ended) in one set-based statement per batch. Status changes there are only
+the moves :data:`~keyturn.domain.REQUEST_TRANSITIONS` allows, passed in from it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from keyturn.domain import (
+    RequestStatus,
+    came_from,
+    command_sha256,
+)
+from keyturn.store.requests import shadow
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A command the policy decided on its own: blocked, or allowed and run at once.
+
+    ``status`` is ``blocked`` (only an audit event), ``executing`` (recorded before its result
+    is known; a :class:`Completion` follows) or a final ``executed`` / ``failed``.
+    """
+
+    id: uuid.UUID
+    target: str
+    command: str
+    requester: str
+    status: str
+    rule: str | None
+    classification: dict[str, Any]
+    on_behalf_of: str | None = None
+    run_id: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None  # kept only for idempotent replays
+    result_digest: str | None = None
+    idempotency_key: str | None = None
+    body_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How an ``executing`` outcome ended (``result`` is kept only for idempotent replays)."""
+
+    id: uuid.UUID
+    requester: str
+    error: str | None
+    result_digest: str | None
+    result: dict[str, Any] | None = None
+    release_key: bool = False  # it never ran: its Idempotency-Key may be used again
+
+
+# where a run may end, executed or failed: the domain's table says, not this module
+_COMPLETABLE = sorted(came_from(RequestStatus.EXECUTED) & came_from(RequestStatus.FAILED))
+
+# One statement for a whole batch: one round trip, atomic on its own.
+
+
+_WRITE_OUTCOMES = """
+WITH inserted AS (
+    INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,
+        reason, status, rule, classification, quorum, idempotency_key, body_sha256, created_at,
+        updated_at, pending_expires_at, decided_at, result, error)
+    SELECT x.id, x.target, x.command, encode(sha256(convert_to(x.command, 'UTF8')), 'hex'),
+        x.requester, x.on_behalf_of, x.run_id, x.reason, x.status, x.rule, x.classification, 1,
+        x.idempotency_key, x.body_sha256, now(), now(), now(), now(), x.result, x.error
+    FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, target text, command text, requester text,
+        on_behalf_of text, run_id text, reason text, status text, rule text,
+        classification jsonb, idempotency_key text, body_sha256 text, result jsonb, error text)
+), completed AS (
+    UPDATE requests r SET status = x.status, error = x.error, result = x.result,
+        idempotency_key = CASE WHEN x.release_key THEN NULL ELSE r.idempotency_key END,
+        updated_at = now()
+    FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb,
+        release_key boolean)
+    WHERE r.id = x.id AND r.status = ANY($4::text[])
+    RETURNING r.id
+), audited AS (
+    -- an outcome is audited only with the change it records: a retried completion whose
+    -- first attempt did commit changes nothing and adds no second event
+    INSERT INTO audit_events (kind, actor, request_id, data)
+    SELECT x.kind, x.actor, x.request_id, x.data
+    FROM ROWS FROM (jsonb_to_recordset($3::jsonb) AS (kind text, actor text, request_id uuid,
+        data jsonb, outcome boolean)) WITH ORDINALITY AS x(kind, actor, request_id, data,
+        outcome, n)
+    WHERE NOT coalesce(x.outcome, false) OR x.request_id IN (SELECT id FROM completed)
+    ORDER BY x.n
+)
+SELECT count(pg_notify('keyturn', 'request:' || id)) FROM completed
+"""
+
+
+async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | Completion]) -> None:
+    """Write records in one statement on ``conn`` (the gateway's journal batches them)."""
+    rows: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for r in records:
+        if isinstance(r, Completion):
+            status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
+            done.append(
+                {
+                    "id": str(r.id),
+                    "status": status.value,
+                    "error": r.error,
+                    "result": r.result,
+                    "release_key": r.release_key,
+                }
+            )
+            events.append(
+                {
+                    "kind": f"request.{status}",
+                    "actor": "keyturn",
+                    "request_id": str(r.id),
+                    "data": {"result_digest": r.result_digest, "error": r.error},
+                    "outcome": True,
+                }
+            )
+            continue
+        data: dict[str, Any] = {
+            "target": r.target,
+            "command_sha256": command_sha256(r.command),
+            "rule": r.rule,
+            "on_behalf_of": r.on_behalf_of,
+            "run_id": r.run_id,
+        } | shadow(r.classification)
+        if r.status == "blocked":
+            events.append(
+                {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}
+            )
+            continue
+        rows.append(
+            {
+                "id": str(r.id),
+                "target": r.target,
+                "command": r.command,
+                "requester": r.requester,
+                "on_behalf_of": r.on_behalf_of,
+                "run_id": r.run_id,
+                "reason": r.reason,
+                "status": r.status,
+                "rule": r.rule,
+                "classification": r.classification,
+                "idempotency_key": r.idempotency_key,
+                "body_sha256": r.body_sha256,
+                "result": r.result,
+                "error": r.error,
+            }
+        )
+        if r.result_digest or r.error:
+            data |= {"result_digest": r.result_digest, "error": r.error}
+        events.append(
+            {"kind": "request.allowed", "actor": r.requester, "request_id": str(r.id), "data": data}
+        )
+    await conn.execute(
+        _WRITE_OUTCOMES, json.dumps(rows), json.dumps(done), json.dumps(events), _COMPLETABLE
+    )
