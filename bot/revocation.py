@@ -26,7 +26,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from bot.credentials import Issuer
 from keyturn.errors import KeyturnError, NotFound
 from keyturn.policy import BotConfig
-from keyturn.store import grants
+from keyturn.store import endings, grants
 from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,12 @@ class Revoker:
         async with self._reap_lock:
             while self._reap_wanted:
                 self._reap_wanted = False
-                await asyncio.gather(*(self._drain(grants.Sweep.DUE) for _ in range(DRAINERS)))
+                await asyncio.gather(*(self._drain(endings.Sweep.DUE) for _ in range(DRAINERS)))
 
-    async def _drain(self, which: grants.Sweep) -> int:
+    async def _drain(self, which: endings.Sweep) -> int:
         ended = 0
         while True:
-            batch = await grants.end_grants(self.store, which, self.issuer.revoke, limit=BATCH)
+            batch = await endings.end_grants(self.store, which, self.issuer.revoke, limit=BATCH)
             ended += len(batch)
             for row in batch:
                 self.unschedule(row.id)
@@ -135,8 +135,8 @@ class Revoker:
         """The guarantee behind the jobs; each part is logged and retried on the next pass."""
         for part in (
             self.reap,
-            lambda: self._drain(grants.Sweep.UNCLAIMED),
-            lambda: grants.fail_stranded(self.store, STRANDED_AFTER),
+            lambda: self._drain(endings.Sweep.UNCLAIMED),
+            lambda: endings.fail_stranded(self.store, STRANDED_AFTER),
             self.revoke_orphans,
         ):
             try:
@@ -146,7 +146,7 @@ class Revoker:
 
     async def end_finished(self) -> int:
         """One-shot grants whose command has run: revoke them now."""
-        return await self._drain(grants.Sweep.FINISHED)
+        return await self._drain(endings.Sweep.FINISHED)
 
     async def revoke_orphans(self) -> list[str]:
         """Revoke leases under the bot's roles that no active grant has known for a while."""

@@ -35,7 +35,7 @@ from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Policy, PostgresTarget, SshTarget
-from keyturn.store import grants, requests
+from keyturn.store import handoffs, requests
 from keyturn.store.db import Store, utcnow
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, VaultUnavailable
@@ -99,7 +99,7 @@ class Executor:
         while True:
             await self._gate.acquire()
             try:
-                handoff = await grants.claim_handoff(self.store)
+                handoff = await handoffs.claim_handoff(self.store)
             except BaseException:
                 self._gate.release()
                 raise
@@ -109,13 +109,13 @@ class Executor:
             claimed += 1
             spawn(self._running, self._run_and_release(handoff))
 
-    async def _run_and_release(self, handoff: grants.Handoff) -> None:
+    async def _run_and_release(self, handoff: handoffs.Handoff) -> None:
         try:
             await self.run(handoff)
         finally:
             self._gate.release()
 
-    async def run(self, handoff: grants.Handoff) -> None:
+    async def run(self, handoff: handoffs.Handoff) -> None:
         """Unwrap, check, run, record. Every failure is recorded on the request."""
         request = handoff.request
         started = time.perf_counter()
@@ -150,7 +150,7 @@ class Executor:
             return
         self.metrics.commands.labels("approved_failed" if error else "approved_executed").inc()
 
-    async def _unwrap(self, handoff: grants.Handoff) -> dict[str, Any]:
+    async def _unwrap(self, handoff: handoffs.Handoff) -> dict[str, Any]:
         """Retry while Vault is unavailable, as long as the wrapping token lives: the claim
         took it out of the database, so only this process can still use it."""
         deadline = handoff.grant.handoff_expires_at
@@ -165,7 +165,7 @@ class Executor:
                 log.warning("Vault unavailable while taking %s: %s", handoff.request.id, exc)
                 await asyncio.sleep(wait)
 
-    async def _unwrap_once(self, handoff: grants.Handoff) -> dict[str, Any]:
+    async def _unwrap_once(self, handoff: handoffs.Handoff) -> dict[str, Any]:
         request, grant = handoff.request, handoff.grant
         await self.vault.ensure_login()
         info = await self.vault.lookup_wrapping(handoff.token)

@@ -21,20 +21,18 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import exists, select
 
-from keyturn.domain import REQUEST_TRANSITIONS, Grant, GrantStatus, RequestStatus
+from keyturn.domain import Grant, GrantStatus, RequestStatus
 from keyturn.errors import InvalidInput, NotFound
+from keyturn.store import requests
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import GrantRow, RequestRow
 
 log = logging.getLogger(__name__)
-
-REVOKE_CONCURRENCY = 32  # Vault calls in flight per sweep batch
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,15 @@ class Minted:
 
 
 Mint = Callable[[RequestRow], Awaitable[Minted]]
+
+
 Unmint = Callable[[Minted], Awaitable[None]]
+
+
 RevokeLease = Callable[[GrantRow], Awaitable[None]]
+
+
+RenewLease = Callable[[GrantRow, timedelta], Awaitable[timedelta]]
 
 
 async def get_grant(store: Store, grant_id: uuid.UUID) -> GrantRow:
@@ -62,9 +67,6 @@ async def get_grant(store: Store, grant_id: uuid.UUID) -> GrantRow:
     if row is None:
         raise NotFound(f"grant {grant_id} not found")
     return row
-
-
-# ---------------------------------------------------------------- issuing (bot)
 
 
 async def awaiting_credentials(store: Store, limit: int = 20) -> list[uuid.UUID]:
@@ -188,198 +190,6 @@ async def issue_failed(
     return row
 
 
-# ---------------------------------------------------------------- the hand-off (gateway)
-
-
-@dataclass(frozen=True)
-class Handoff:
-    request: RequestRow
-    grant: GrantRow
-    token: str
-
-
-async def claim_handoff(store: Store, request_id: uuid.UUID | None = None) -> Handoff | None:
-    """Take one approved request whose credentials wait, moving it to ``executing``.
-
-    The wrapping token leaves the database in the same transaction: a second gateway finds
-    nothing. The approved hash (on the grant) must match the stored command, or nothing runs.
-    """
-    async with store.transaction() as tx:
-        now = utcnow()
-        query = (
-            select(RequestRow, GrantRow)
-            .join(GrantRow, GrantRow.request_id == RequestRow.id)
-            .where(
-                RequestRow.status == RequestStatus.APPROVED,
-                GrantRow.status == GrantStatus.ACTIVE,
-                GrantRow.handoff_token.is_not(None),
-                GrantRow.handoff_expires_at > now,
-            )
-            .order_by(RequestRow.decided_at)
-            .limit(1)
-            .with_for_update(of=[RequestRow, GrantRow], skip_locked=True)
-        )
-        if request_id is not None:
-            query = query.where(RequestRow.id == request_id)
-        found = (await tx.session.execute(query)).one_or_none()
-        if found is None:
-            return None
-        request, grant = found
-        token = grant.handoff_token
-        assert token is not None
-        req = request.domain()
-        req.start_execution(grant.command_sha256 or "")
-        request.save(req, now)
-        grant.handoff_token = None
-        tx.record(
-            Event(
-                "request.executing",
-                "keyturn",
-                request_id=request.id,
-                grant_id=grant.id,
-                data={"wrap_accessor": grant.wrap_accessor},
-            )
-        )
-    return Handoff(request, grant, token)
-
-
-# ---------------------------------------------------------------- ending grants (bot)
-
-
-class Sweep(StrEnum):
-    """Which active grants a pass ends, and what it calls them."""
-
-    DUE = "due"  # past expires_at: expired
-    FINISHED = "finished"  # one-shot, its command has run: revoked
-    UNCLAIMED = "unclaimed"  # no gateway took the hand-off in time: revoked
-
-
-_REQUEST_FAILURE = {
-    Sweep.DUE: "the credentials expired before a gateway ran the command",
-    Sweep.UNCLAIMED: "no gateway took the credentials before the hand-off expired;"
-    " is a gateway running?",
-}
-
-
-def _sweep_query(which: Sweep, now: datetime, limit: int) -> Any:
-    query = select(GrantRow).where(GrantRow.status == GrantStatus.ACTIVE)
-    if which is Sweep.DUE:
-        query = query.where(GrantRow.expires_at <= now).order_by(GrantRow.expires_at)
-    elif which is Sweep.FINISHED:
-        query = query.where(
-            GrantRow.one_shot.is_(True),
-            exists().where(
-                RequestRow.id == GrantRow.request_id,
-                RequestRow.status.in_([RequestStatus.EXECUTED, RequestStatus.FAILED]),
-            ),
-        )
-    else:
-        query = query.where(GrantRow.handoff_token.is_not(None), GrantRow.handoff_expires_at <= now)
-    return query.limit(limit).with_for_update(of=GrantRow, skip_locked=True)
-
-
-async def end_grants(
-    store: Store, which: Sweep, revoke: RevokeLease, *, limit: int = 200
-) -> list[GrantRow]:
-    """End a batch of grants: revoke their leases in Vault (concurrently), then mark them.
-
-    A lease Vault fails to revoke keeps its grant active for the next pass (logged).
-    """
-    gate = asyncio.Semaphore(REVOKE_CONCURRENCY)
-
-    async def revoked(row: GrantRow) -> datetime | None:
-        """When Vault confirmed the revocation; None when it failed."""
-        try:
-            async with gate:
-                await revoke(row)
-        except Exception as exc:  # the grant stays active and overdue: retried next pass
-            log.warning("could not revoke the lease of grant %s: %s", row.id, exc)
-            return None
-        return utcnow()
-
-    async with store.transaction() as tx:
-        rows = list((await tx.session.scalars(_sweep_query(which, utcnow(), limit))).all())
-        if not rows:
-            return []
-        confirmed = await asyncio.gather(*map(revoked, rows))
-        done = []
-        events = []
-        for row, at in zip(rows, confirmed, strict=True):
-            if at is None:
-                continue
-            grant = row.domain()
-            if which is Sweep.DUE:
-                grant.expire(at)
-            else:
-                grant.revoke(at)
-            row.save(grant, "keyturn")
-            done.append(row)
-            events.append(
-                Event(
-                    f"grant.{grant.status}",
-                    "keyturn",
-                    row.request_id,
-                    row.id,
-                    {"lease_id": row.lease_id, "why": which.value},
-                )
-            )
-        await tx.session.flush()
-        tx.record(*events)
-        failure = _REQUEST_FAILURE.get(which)
-        if failure is not None:
-            await _fail_unrun(tx, [r.request_id for r in done if r.request_id], failure)
-    return done
-
-
-# Credentials that end before their command ran leave the request nothing to run with; a
-# gateway that died while running leaves it executing.
-assert RequestStatus.FAILED in REQUEST_TRANSITIONS[RequestStatus.APPROVED]
-assert RequestStatus.FAILED in REQUEST_TRANSITIONS[RequestStatus.EXECUTING]
-
-
-async def _fail_unrun(
-    tx: Tx,
-    request_ids: Sequence[uuid.UUID],
-    error: str,
-    status: RequestStatus = RequestStatus.APPROVED,
-) -> list[uuid.UUID]:
-    """Requests still in ``status`` fail, with the reason; one statement."""
-    if not request_ids:
-        return []
-    conn = await tx.driver()
-    failed = await conn.fetch(
-        "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
-        " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",
-        list(request_ids),
-        error,
-        status.value,
-    )
-    ids = [r["id"] for r in failed]
-    tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))
-    return ids
-
-
-async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> list[uuid.UUID]:
-    """Requests left ``executing`` by a gateway that died mid-run: once their credentials
-    have been dead for ``after`` nothing can still be running them, so they fail."""
-    async with store.transaction() as tx:
-        conn = await tx.driver()
-        rows = await conn.fetch(
-            "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
-            " WHERE r.status = 'executing' AND g.status <> 'active'"
-            " AND g.ended_at < now() - $1::interval"
-            " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
-            after,
-            limit,
-        )
-        return await _fail_unrun(
-            tx,
-            [r["id"] for r in rows],
-            "the gateway running this command stopped before recording a result",
-            RequestStatus.EXECUTING,
-        )
-
-
 async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: RevokeLease) -> GrantRow:
     """Revoke now (a human's click): Vault first, then the grant; an unrun command fails."""
     async with store.transaction() as tx:
@@ -389,11 +199,10 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
         await revoke_lease(row)
         await _changed(tx, row, grant, by, {"why": "revoked by hand"})
         if row.request_id is not None:
-            await _fail_unrun(tx, [row.request_id], f"credentials revoked by {by} before the run")
+            await requests.fail_unrun(
+                tx, [row.request_id], f"credentials revoked by {by} before the run"
+            )
     return row
-
-
-RenewLease = Callable[[GrantRow, timedelta], Awaitable[timedelta]]
 
 
 async def extend(
@@ -432,9 +241,6 @@ async def _changed(
             data={"lease_id": row.lease_id, **data},
         )
     )
-
-
-# ---------------------------------------------------------------- what the scheduler needs
 
 
 async def active_grants(store: Store) -> list[tuple[uuid.UUID, datetime]]:

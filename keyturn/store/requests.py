@@ -12,6 +12,7 @@ Functions return detached rows: plain data once the transaction has closed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,12 +22,14 @@ from sqlalchemy.exc import IntegrityError
 
 from keyturn.domain import (
     Decision,
+    IllegalTransition,
     RequestStatus,
+    came_from,
     command_sha256,
 )
 from keyturn.errors import Conflict, InvalidInput, NotFound
 from keyturn.store.audit_log import Event
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store, Tx, utcnow
 from keyturn.store.models import RequestRow
 
 MAX_COMMAND_BYTES = 64 * 1024
@@ -266,3 +269,28 @@ async def finish_execution(
             )
         )
     return row
+
+
+async def fail_unrun(
+    tx: Tx,
+    request_ids: Sequence[uuid.UUID],
+    error: str,
+    status: RequestStatus = RequestStatus.APPROVED,
+) -> list[uuid.UUID]:
+    """Requests still in ``status`` fail, with the reason: one statement, for a move the
+    domain allows (an approval whose credentials died unused, a run its gateway lost)."""
+    if status not in came_from(RequestStatus.FAILED):
+        raise IllegalTransition("request", status, RequestStatus.FAILED)
+    if not request_ids:
+        return []
+    conn = await tx.driver()
+    failed = await conn.fetch(
+        "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
+        " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",
+        list(request_ids),
+        error,
+        status.value,
+    )
+    ids = [r["id"] for r in failed]
+    tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))
+    return ids

@@ -397,11 +397,12 @@ async def approvals_slack() -> AsyncIterator[SlackEmulator]:
 
 @pytest_asyncio.fixture
 async def reopened_orders(shop: Shop) -> AsyncIterator[None]:
-    """Approved UPDATEs mark orders paid in the shared shop database: open them again after."""
+    """Approved UPDATEs mark orders paid in the shared shop database: every order is open
+    when the test starts, and open again after it."""
+    reopen = "UPDATE orders SET status = 'open' WHERE status <> 'open'"
+    await shop.postgres.execute(reopen, shop.database)
     yield
-    await shop.postgres.execute(
-        "UPDATE orders SET status = 'open' WHERE status <> 'open'", shop.database
-    )
+    await shop.postgres.execute(reopen, shop.database)
 
 
 @pytest.fixture

@@ -290,7 +290,7 @@ async def test_blocked_command_is_refused_with_its_rule(
 
 
 async def test_held_update_waits_for_a_decision(
-    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop, reopened_orders: None
 ) -> None:
     token = idp.token("crew-billing", on_behalf_of="U_HUMAN")
     async with run_gateway(gateway={"poll_interval": "60s"}) as gw:  # only NOTIFY can wake it

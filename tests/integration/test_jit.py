@@ -31,7 +31,7 @@ from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
 from keyturn.policy import parse_policy
-from keyturn.store import grants, requests
+from keyturn.store import grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault
@@ -155,7 +155,7 @@ def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> BotFac
 
 async def claim_as_gateway(shop: Shop, store: Store, request_id: uuid.UUID) -> dict[str, Any]:
     """Play the gateway: take the hand-off and unwrap it (what a real one does first)."""
-    handoff = await until(lambda: grants.claim_handoff(store, request_id))
+    handoff = await until(lambda: handoffs.claim_handoff(store, request_id))
     vault = shop.vault()
     try:
         payload: dict[str, Any] = (await vault.unwrap(handoff.token))["data"]

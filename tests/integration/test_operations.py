@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from keyturn.domain import Decision, IllegalTransition, RequestStatus, SelfApproval
 from keyturn.errors import Conflict, InvalidInput, NotFound
-from keyturn.store import grants, requests
+from keyturn.store import endings, grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRow
@@ -201,7 +201,7 @@ async def test_grants_expire_revoke_extend(store: Store) -> None:
     short = await _approved_grant(store, timedelta(milliseconds=1), "L1")
     long = await _approved_grant(store, timedelta(minutes=5), "L2")
     await asyncio.sleep(0.01)
-    ended = await grants.end_grants(store, grants.Sweep.DUE, revoke_lease)
+    ended = await endings.end_grants(store, endings.Sweep.DUE, revoke_lease)
     assert [g.id for g in ended] == [short.id] and revoked == ["L1"]
     # the request never ran: it fails, saying why
     assert (await requests.get_request(store, short.request_id)).status == "failed"  # type: ignore[arg-type]
@@ -263,12 +263,12 @@ async def test_a_run_stranded_by_a_dead_gateway_fails_once_its_credentials_are_d
         return None
 
     grant = await _approved_grant(store, timedelta(minutes=5), "L9")
-    handoff = await grants.claim_handoff(store)
+    handoff = await handoffs.claim_handoff(store)
     assert handoff is not None and handoff.token == "wrap-token"
-    assert await grants.claim_handoff(store) is None  # taken once
-    assert await grants.fail_stranded(store, timedelta(0)) == []  # credentials still alive
+    assert await handoffs.claim_handoff(store) is None  # taken once
+    assert await endings.fail_stranded(store, timedelta(0)) == []  # credentials still alive
     await grants.revoke(store, grant.id, "U1", revoke_lease)
-    assert await grants.fail_stranded(store, timedelta(minutes=1)) == []  # not for long enough
-    assert await grants.fail_stranded(store, timedelta(0)) == [grant.request_id]
+    assert await endings.fail_stranded(store, timedelta(minutes=1)) == []  # not for long enough
+    assert await endings.fail_stranded(store, timedelta(0)) == [grant.request_id]
     row = await requests.get_request(store, grant.request_id)  # type: ignore[arg-type]
     assert row.status == "failed" and "stopped before recording" in (row.error or "")
