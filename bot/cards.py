@@ -195,6 +195,19 @@ def _outcome(state: CardState) -> str:
     return f":white_check_mark: {verb} by {who or 'policy'}"
 
 
+# The card's title says where the request stands, so a glance at the channel tells.
+_HEADERS = {
+    "pending": "Approval needed",
+    "approved": "Approved",
+    "executing": "Approved: running",
+    "executed": "Approved and run",
+    "failed": "Approved: failed",
+    "denied": "Denied",
+    "expired": "Expired",
+    "cancelled": "Cancelled",
+}
+
+
 def card_text(state: CardState) -> str:
     """The notification text (shown where blocks are not)."""
     rule = f" ({escape(state.rule)})" if state.rule else ""
@@ -211,7 +224,7 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [
         {
             "type": "header",
-            "text": {"type": "plain_text", "text": "Approval needed", "emoji": False},
+            "text": {"type": "plain_text", "text": _HEADERS[state.status], "emoji": False},
         },
         {
             "type": "section",
@@ -226,10 +239,9 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
         why.append(f"Reason given: {escape(state.reason)}")
     if state.estimated_rows is not None:
         why.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
-    why.append(
-        f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC"
-        f" · grant TTL {_duration(state.grant_ttl_seconds)}"
-    )
+    if state.status == "pending":
+        why.append(f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC")
+    why.append(f"grant TTL {_duration(state.grant_ttl_seconds)}")
     blocks.append(
         {
             "type": "context",

@@ -320,9 +320,12 @@ def run_dev_stack(state_dir: Path, *, once: bool = False) -> int:
             raise ConfigError("--once clicks in the local sandbox: unset the Slack tokens")
         state_dir.mkdir(parents=True, exist_ok=True)
         with PostgresCluster() as pg, OpenBaoDevServer() as bao, contextlib.ExitStack() as more:
-            return _run(state_dir, pg, bao, slack, more, once=once)
+            code = _run(state_dir, pg, bao, slack, more, once=once)
     finally:
         slack.close()
+    if not once:
+        print("keyturn dev stopped: every process ended, the throwaway data is deleted")
+    return code
 
 
 def _run(
@@ -394,4 +397,5 @@ def _run(
         for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
             signal.signal(signum, lambda *_: stop.set())
         stop.wait()
+        print("stopping keyturn dev...", flush=True)
     return 0

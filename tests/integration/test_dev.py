@@ -115,7 +115,7 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         below = descendants(dev.proc.pid)
         assert len(below) >= 4  # gateway, bot, postgres, openbao (and sshd)
         dev.interrupt()
-        dev.finish(timeout=60)
+        assert "keyturn dev stopped" in dev.finish(timeout=60)[-1]
     assert not [pid for pid in below if alive(pid)]
     assert not list(scratch.iterdir())  # no state file, no data directory, no socket
     with pytest.raises(httpx.ConnectError):

@@ -160,7 +160,9 @@ async def _close(request: web.Request) -> web.Response:
 
 async def _command(request: web.Request) -> web.Response:
     emulator = request.app[_EMULATOR]
-    body = await _body(request, "text", "user")
+    body = await _body(request, "user")
+    if not isinstance(body.get("text"), str):  # empty is fine: a bare /keyturn
+        raise _bad("missing text")
     channel = body.get("channel")
     where = channel if isinstance(channel, str) and channel else "CGENERAL"
     return _answer(*await emulator.command(body["text"], body["user"], where))

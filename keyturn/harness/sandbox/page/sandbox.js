@@ -397,7 +397,8 @@ async function sendCommand(event) {
   input.value = "";
   try {
     const answer = await post("/sandbox/command", { text: match[1], user: state.me, channel });
-    if (answer.status !== 200) toast(`keyturn did not answer /keyturn (HTTP ${answer.status})`);
+    if (answer.status === 404) toast("The bot has no /keyturn command yet");
+    else if (answer.status !== 200) toast(`keyturn did not answer /keyturn (HTTP ${answer.status})`);
   } catch (error) {
     toast(`The sandbox could not send that: ${error.message}`);
   }
@@ -429,7 +430,7 @@ function render() {
   const picker = document.getElementById("user");
   picker.replaceChildren();
   for (const u of data.users) {
-    const option = el("option", "", u.title ? `${u.name} — ${u.title}` : u.name);
+    const option = el("option", "", u.name);
     option.value = u.id;
     picker.append(option);
   }
