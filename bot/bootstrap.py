@@ -20,6 +20,7 @@ from bot.app import register
 from bot.credentials import Issuer
 from bot.service import Bot
 from keyturn.aio import cancel
+from keyturn.clock import Clock
 from keyturn.errors import ConfigError
 from keyturn.policy import Policy
 from keyturn.settings import Settings
@@ -109,7 +110,7 @@ async def serve(settings: Settings, policy: Policy) -> None:
         )
     vault = process_vault(settings, policy, "bot")
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
-    store = Store(settings.dsn())
+    store = Store(settings.dsn(), clock=Clock())
     signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]
     bot, bolt = build(policy, store, client, signing, vault)
     await store.ping()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
 
 
@@ -27,7 +27,7 @@ async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Re
     ``claim_timeout`` is taken over (its replica died between claiming and posting).
     """
     async with store.transaction() as tx:
-        now = utcnow()
+        now = tx.now
         row = (
             await tx.session.scalars(
                 select(RequestRow)

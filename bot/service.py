@@ -37,7 +37,7 @@ from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_perso
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Policy, SshTarget
 from keyturn.store import grants, requests
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.store.models import GrantRow, RequestRow
 from keyturn.vault import VaultUnauthenticated
@@ -74,11 +74,7 @@ def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Cr
 
 
 def card_state(
-    row: RequestRow,
-    grant: GrantRow | None = None,
-    now: datetime | None = None,
-    *,
-    shell: bool = False,
+    row: RequestRow, grant: GrantRow | None, now: datetime, *, shell: bool = False
 ) -> CardState:
     classification = row.classification or {}
     return CardState(
@@ -99,7 +95,7 @@ def card_state(
         grant_ttl_seconds=row.grant_ttl_seconds,
         votes=[Vote(a.approver, a.decision, a.reason) for a in row.approvals],
         error=row.error,
-        credentials=credentials_of(row, grant, now or utcnow()),
+        credentials=credentials_of(row, grant, now),
     )
 
 
@@ -224,8 +220,8 @@ class Bot:
             grant = await grants.issue(self.store, request_id, self.issuer.mint, self.issuer.unmint)
         except (Unavailable, VaultUnauthenticated) as exc:
             row = await requests.get_request(self.store, request_id)
-            decided = row.decided_at or utcnow()
-            give_up = utcnow() - decided > self.policy.bot.issue_timeout
+            now = self.store.clock.now()
+            give_up = now - (row.decided_at or now) > self.policy.bot.issue_timeout
             delay = None if give_up else retry_delay(row.issue_attempts + 1)
             log.warning("credentials for %s are delayed: %s", request_id, exc.message)
             await grants.issue_failed(self.store, request_id, exc.message, delay)
@@ -302,7 +298,7 @@ class Bot:
 
     def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
         shell = isinstance(self.policy.targets.get(row.target), SshTarget)
-        return card_state(row, grant, shell=shell)
+        return card_state(row, grant, self.store.clock.now(), shell=shell)
 
     async def _post_card(self, channel: str, row: RequestRow) -> str:
         state = self._state(row)

@@ -36,7 +36,7 @@ from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Policy, PostgresTarget, SshTarget
 from keyturn.store import handoffs, requests
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, VaultUnavailable
 
@@ -160,7 +160,8 @@ class Executor:
                 return await self._unwrap_once(handoff)
             except VaultUnavailable as exc:
                 wait = backoff.next()
-                if deadline is None or utcnow() + timedelta(seconds=wait) >= deadline:
+                now = self.store.clock.now()
+                if deadline is None or now + timedelta(seconds=wait) >= deadline:
                     raise
                 log.warning("Vault unavailable while taking %s: %s", handoff.request.id, exc)
                 await asyncio.sleep(wait)

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.readonly import ReadOnlyLogins
 from gateway.service import Gateway
 from keyturn.aio import cancel
+from keyturn.clock import Clock
 from keyturn.policy import Policy
 from keyturn.settings import Settings
 from keyturn.store.db import Store
@@ -102,7 +103,7 @@ async def serve(settings: Settings, policy: Policy) -> None:
     secret = settings.gateway_dev_secret
     dsn = settings.dsn()
     vault = gateway_vault(settings, policy)
-    store = Store(dsn)  # connects lazily: configuration errors come first
+    store = Store(dsn, clock=Clock())  # connects lazily: configuration errors come first
     gw = build(policy, store, vault, dev_secret=secret.get_secret_value() if secret else None)
     await store.ping()  # then fail fast, with one clear line, when Postgres is not there
     runner = web.AppRunner(application(gw), access_log=None)

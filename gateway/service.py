@@ -47,7 +47,7 @@ from keyturn.errors import (
 from keyturn.masking import Masker
 from keyturn.policy import Policy, Rule
 from keyturn.store import outcomes, reads, requests
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until
 from keyturn.vault import Vault
 
@@ -358,7 +358,7 @@ class Gateway:
             status="failed" if error else "executed",
             target=cmd.target,
             rule=intent.rule,
-            created_at=utcnow(),
+            created_at=self.store.clock.now(),
             result=result,
             error=error,
         )

@@ -112,6 +112,7 @@ class SlackEmulator:
         self.usergroups: dict[str, list[str]] = {}
         self.responses: list[dict[str, Any]] = []  # what the bot sent to response_url
         self.version = 0  # grows whenever something a person would see changes
+        self.refused = 0  # calls answered 503 during an outage
         self.bot_url: str | None = None  # where interactions are delivered (HTTP mode)
         self.sandbox_user = ""  # whom the sandbox page acts as until someone switches
         self._faults: dict[str, list[Fault]] = {}
@@ -169,9 +170,12 @@ class SlackEmulator:
         """The next ``times`` calls of ``method`` (or ``*``) answer ``status``."""
         self._faults.setdefault(method, []).append(Fault(status, times, retry_after))
 
-    def down(self, seconds: float) -> None:
-        """Every method answers 503 for ``seconds`` (an outage)."""
+    def down(self, seconds: float = float("inf")) -> None:
+        """Every method answers 503 for ``seconds``, or until :meth:`up` (an outage)."""
         self._down_until = time.monotonic() + seconds
+
+    def up(self) -> None:
+        self._down_until = 0.0
 
     def delay(self, method: str, seconds: float) -> None:
         self._delays[method] = seconds
@@ -216,6 +220,7 @@ class SlackEmulator:
         if delay := self._delays.get(method):
             await asyncio.sleep(delay)
         if time.monotonic() < self._down_until:
+            self.refused += 1
             return web.json_response({"ok": False, "error": "service_unavailable"}, status=503)
         for key in (method, "*"):
             faults = self._faults.get(key)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from keyturn.clock import Clock
 from keyturn.errors import DatabaseUnavailable, NotFound, Unavailable
 from keyturn.store.audit_log import Event, append_many
 from keyturn.store.dsn import Dsn
@@ -26,10 +27,6 @@ from keyturn.store.models import GrantRow, RequestRow
 
 NOTIFY_CHANNEL = "keyturn"
 Row = TypeVar("Row", RequestRow, GrantRow)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def describe_connect_error(dsn: Dsn, exc: BaseException) -> Unavailable:
@@ -84,8 +81,9 @@ class Tx:
     change that rolled back.
     """
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, now: datetime) -> None:
         self.session = session
+        self.now = now  # the store's clock when the transaction began: one instant per change
         self._events: list[Event] = []
         self._wakes: dict[tuple[str, str], None] = {}  # ordered, without repeats
 
@@ -147,8 +145,11 @@ class Tx:
 class Store:
     """Owns the engine. Every state change goes through :meth:`transaction`."""
 
-    def __init__(self, dsn: Dsn, *, pool_size: int = 10, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, dsn: Dsn, *, clock: Clock | None = None, pool_size: int = 10, **engine_kwargs: Any
+    ) -> None:
         self.dsn = dsn
+        self.clock = clock or Clock()
         self._pool_size = pool_size
         self._raw_pool: asyncpg.Pool | None = None
         self._raw_pool_lock = asyncio.Lock()
@@ -177,7 +178,7 @@ class Store:
     async def transaction(self) -> AsyncIterator[Tx]:
         """Commit on success, roll back on any error."""
         async with self._translated(), self._sessions() as session, session.begin():
-            tx = Tx(session)
+            tx = Tx(session, self.clock.now())
             yield tx
             await tx.flush()
 

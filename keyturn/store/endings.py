@@ -20,7 +20,7 @@ from sqlalchemy import exists, select
 from keyturn.domain import GrantStatus, RequestStatus
 from keyturn.store import requests
 from keyturn.store.audit_log import Event
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.grants import RevokeLease
 from keyturn.store.models import GrantRow, RequestRow
 
@@ -79,10 +79,10 @@ async def end_grants(
         except Exception as exc:  # the grant stays active and overdue: retried next pass
             log.warning("could not revoke the lease of grant %s: %s", row.id, exc)
             return None
-        return utcnow()
+        return store.clock.now()  # when Vault confirmed it
 
     async with store.transaction() as tx:
-        rows = list((await tx.session.scalars(_sweep_query(which, utcnow(), limit))).all())
+        rows = list((await tx.session.scalars(_sweep_query(which, tx.now, limit))).all())
         if not rows:
             return []
         confirmed = await asyncio.gather(*map(revoked, rows))

@@ -29,7 +29,7 @@ from keyturn.domain import Grant, GrantStatus, RequestStatus
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.store import requests
 from keyturn.store.audit_log import Event
-from keyturn.store.db import Store, Tx, utcnow
+from keyturn.store.db import Store, Tx
 from keyturn.store.models import GrantRow, RequestRow
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ async def issue(store: Store, request_id: uuid.UUID, mint: Mint, unmint: Unmint)
 
 
 async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow:
-    now = utcnow()
+    now = tx.now
     row = GrantRow(
         id=uuid.uuid4(),
         request_id=request.id,
@@ -166,7 +166,7 @@ async def issue_failed(
         row = await tx.locked(RequestRow, request_id)
         if row.status != RequestStatus.APPROVED:
             return None
-        now = utcnow()
+        now = tx.now
         row.issue_attempts += 1
         row.issue_error = error
         row.updated_at = now
@@ -195,7 +195,7 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
     async with store.transaction() as tx:
         row = await tx.locked(GrantRow, grant_id)
         grant = row.domain()
-        grant.revoke(utcnow())  # raises IllegalTransition when already ended
+        grant.revoke(tx.now)  # raises IllegalTransition when already ended
         await revoke_lease(row)
         await _changed(tx, row, grant, by, {"why": "revoked by hand"})
         if row.request_id is not None:
@@ -216,7 +216,7 @@ async def extend(
     async with store.transaction() as tx:
         row = await tx.locked(GrantRow, grant_id)
         grant = row.domain()
-        now = utcnow()
+        now = tx.now
         ceiling = row.max_expires_at or row.expires_at
         grant.extend(extra, ceiling, now)
         granted = await renew_lease(row, grant.expires_at - now)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from keyturn.domain import GrantStatus, RequestStatus
 from keyturn.store.audit_log import Event
-from keyturn.store.db import Store, utcnow
+from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ async def claim_handoff(store: Store, request_id: uuid.UUID | None = None) -> Ha
     nothing. The approved hash (on the grant) must match the stored command, or nothing runs.
     """
     async with store.transaction() as tx:
-        now = utcnow()
+        now = tx.now
         query = (
             select(RequestRow, GrantRow)
             .join(GrantRow, GrantRow.request_id == RequestRow.id)

@@ -29,7 +29,7 @@ from keyturn.domain import (
 )
 from keyturn.errors import Conflict, InvalidInput, NotFound
 from keyturn.store.audit_log import Event
-from keyturn.store.db import Store, Tx, utcnow
+from keyturn.store.db import Store, Tx
 from keyturn.store.models import RequestRow
 
 MAX_COMMAND_BYTES = 64 * 1024
@@ -72,7 +72,7 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
         existing = await find_by_key(store, new.requester, new.idempotency_key, new.body_sha256)
         if existing is not None:
             return existing, False
-    now = utcnow()
+    now = store.clock.now()
     row = RequestRow(
         id=uuid.uuid4(),
         target=new.target,
@@ -172,7 +172,7 @@ async def decide(
     async with store.transaction() as tx:
         row = await tx.locked(RequestRow, request_id)
         req = row.domain()
-        now = utcnow()
+        now = tx.now
         if decision is Decision.APPROVE:
             decided = req.approve(approver, now)
         else:
@@ -200,7 +200,7 @@ async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> Reques
     async with store.transaction() as tx:
         row = await tx.locked(RequestRow, request_id)
         req = row.domain()
-        now = utcnow()
+        now = tx.now
         req.cancel(by, now)
         row.save(req, now)
         tx.record(Event("request.cancelled", by, request_id=row.id))
@@ -210,7 +210,7 @@ async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> Reques
 async def expire_due_requests(store: Store, *, limit: int = 100) -> list[RequestRow]:
     """Expire pending requests past their TTL; rows another replica holds are skipped."""
     async with store.transaction() as tx:
-        now = utcnow()
+        now = tx.now
         rows = (
             await tx.session.scalars(
                 select(RequestRow)
@@ -237,7 +237,7 @@ async def start_execution(store: Store, request_id: uuid.UUID, sha256: str) -> R
         row = await tx.locked(RequestRow, request_id)
         req = row.domain()
         req.start_execution(sha256)
-        row.save(req, utcnow())
+        row.save(req, tx.now)
         tx.record(Event("request.executing", "keyturn", request_id=row.id))
     return row
 
@@ -258,7 +258,7 @@ async def finish_execution(
             req.fail()
         else:
             req.finish(ok=error is None)
-        row.save(req, utcnow())
+        row.save(req, tx.now)
         row.result, row.error = result, error
         tx.record(
             Event(

@@ -23,6 +23,7 @@ from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from gateway.bootstrap import application, build
 from gateway.service import Gateway
+from keyturn.clock import Clock
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
@@ -233,11 +234,12 @@ class TcpProxy:
 
 @contextlib.asynccontextmanager
 async def serve_bot(
-    slack: SlackEmulator, policy: Policy, database: Dsn, vault: Vault
+    slack: SlackEmulator, policy: Policy, database: Dsn, vault: Vault, clock: Clock | None = None
 ) -> AsyncIterator[Bot]:
     """A real bot (Bolt over HTTP) on ``database``, receiving the emulator's signed clicks."""
     client = slack_client(slack.bot_token, slack.api_url)
-    bot, bolt = build_bot(policy, Store(database), client, slack.signing_secret, vault)
+    store = Store(database, clock=clock)
+    bot, bolt = build_bot(policy, store, client, slack.signing_secret, vault)
     server = TestServer(web_application(bot, bolt))
     await server.start_server()
     slack.bot_url = str(server.make_url("/slack/events"))
@@ -285,9 +287,10 @@ def run_gateway(shop: Shop, database: Dsn) -> GatewayFactory:
         dev_secret: str | None = None,
         vault: Vault | None = None,
         port: int | None = None,
+        clock: Clock | None = None,
         **overrides: Any,
     ) -> AsyncIterator[Running]:
-        store = Store(database)
+        store = Store(database, clock=clock)
         gw = build(shop.policy(**overrides), store, vault or shop.vault(), dev_secret=dev_secret)
         server = TestServer(application(gw), port=port)
         client = TestClient(server)

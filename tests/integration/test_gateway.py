@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from keyturn.api import CommandOut
+from keyturn.clock import ManualClock
 from keyturn.domain import Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.store import requests
@@ -361,9 +363,14 @@ async def test_pending_requests_expire_and_the_agent_is_told(
 ) -> None:
     token = idp.token("crew-billing")
     rules = shop.base_policy["rules"]
-    fast = [dict(r, pending_ttl="1s") if r["name"] == "writes" else r for r in rules]
-    async with run_gateway(rules=fast, gateway={"poll_interval": "1s"}) as gw:
+    slow = [dict(r, pending_ttl="1h") if r["name"] == "writes" else r for r in rules]
+    clock = ManualClock()
+    gateway = {"poll_interval": "200ms"}
+    async with run_gateway(rules=slow, gateway=gateway, clock=clock) as gw:
         _, body = await gw.post(token, UPDATE)
+        _, still = await gw.get(token, body["id"], wait=0.5)
+        assert still["status"] == "pending"
+        clock.advance(timedelta(hours=1, seconds=1))  # nobody decided within the hour
         _, final = await gw.get(token, body["id"], wait=30)
         assert final["status"] == "expired"
 
