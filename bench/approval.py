@@ -19,6 +19,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.stack import percentile, real_stack, report
+from bot import card_store
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE
 from keyturn.harness.ports import free_port
@@ -70,8 +71,9 @@ async def main() -> None:
                         rule="writes",
                     ),
                 )
-                while (ts := (await requests.get_request(probe, row.id)).slack_ts) is None:
+                while (posted := await card_store.posted_at(probe, row.id)) is None:
                     await asyncio.sleep(0.005)
+                ts = posted[1]
                 with watcher.watch("request", row.id) as change:
                     started = time.perf_counter()
                     status, _ = await slack.click(CHANNEL, ts, APPROVE, "U_APPROVER")

@@ -27,6 +27,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.stack import Stack, percentile, real_stack, report
+from bot import card_store
 from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE
@@ -162,8 +163,9 @@ async def click_to_result(stack: Stack) -> list[float]:
                     held = await resp.json()
                     assert resp.status == 202, held
                 request_id = uuid.UUID(held["id"])
-                while (ts := (await requests.get_request(bot_store, request_id)).slack_ts) is None:
+                while (posted := await card_store.posted_at(bot_store, request_id)) is None:
                     await asyncio.sleep(0.005)
+                ts = posted[1]
                 poll = asyncio.create_task(_wait(http, f"{url}/{held['id']}?wait=30", headers))
                 await asyncio.sleep(0.05)  # the long-poll is waiting
                 start = time.perf_counter()

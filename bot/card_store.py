@@ -1,96 +1,29 @@
-"""Where each approval card is and what it shows: the bot's bookkeeping, in Postgres.
+"""Where each approval card is and what it shows: the bot's bookkeeping, in its own table.
 
 One replica claims a request without a card (``SKIP LOCKED``; a stale claim is taken over),
-posts it, and records channel and ts. What a card shows is one comparable version, computed
-in SQL only (:data:`_CARD_VERSION`): the replica that wins the compare-and-set on it renders
-each change, exactly once.
+posts it, and records channel and ts. What a card shows is one comparable version of the
+request (status, votes, its grant or issuance retries), computed in SQL only
+(:data:`_VERSION`): at claim time for what the new card shows, later to find stale cards. The
+replica that wins the compare-and-set on ``shown`` renders each change, exactly once.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
+from keyturn.store import grants
 from keyturn.store.db import Store
-from keyturn.store.models import GrantRow, RequestRow
+from keyturn.store.models import CardRow, GrantRow, RequestRow
 
-
-async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> RequestRow | None:
-    """Claim one pending request that has no card yet (or whose claim went stale).
-
-    ``SKIP LOCKED`` lets replicas claim different requests at once; a claim older than
-    ``claim_timeout`` is taken over (its replica died between claiming and posting).
-    """
-    async with store.transaction() as tx:
-        now = tx.now
-        row = (
-            await tx.session.scalars(
-                select(RequestRow)
-                .where(
-                    RequestRow.status == RequestStatus.PENDING,
-                    RequestRow.slack_ts.is_(None),
-                    (RequestRow.card_claimed_at.is_(None))
-                    | (RequestRow.card_claimed_at < now - claim_timeout),
-                )
-                .order_by(RequestRow.created_at)
-                .limit(1)
-                .with_for_update(of=RequestRow, skip_locked=True)
-            )
-        ).one_or_none()
-        if row is not None:
-            row.card_claimed_by, row.card_claimed_at = replica, now
-    return row
-
-
-async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
-    """Run a conditional UPDATE; True when it changed exactly one row (the condition held)."""
-    async with store.driver() as conn:
-        return bool(await conn.execute(sql, *args) == "UPDATE 1")
-
-
-async def card_posted(
-    store: Store, request_id: uuid.UUID, replica: str, channel: str, ts: str, status: str
-) -> bool:
-    """Record where the card is; False when another replica's claim replaced ours."""
-    return await _changed_one(
-        store,
-        "UPDATE requests SET slack_channel = $3, slack_ts = $4, card_status = $5"
-        " WHERE id = $1 AND card_claimed_by = $2 AND slack_ts IS NULL",
-        request_id,
-        replica,
-        channel,
-        ts,
-        status,
-    )
-
-
-async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> None:
-    async with store.driver() as conn:
-        await conn.execute(
-            "UPDATE requests SET card_claimed_at = NULL WHERE id = $1 AND card_claimed_by = $2",
-            request_id,
-            replica,
-        )
-
-
-def card_version(status: str, votes: int, grant: GrantRow | None, issue_attempts: int) -> str:
-    """What a card shows, as one comparable value: status, votes, and the grant (or retries).
-
-    :data:`_CARD_VERSION` computes the same value in SQL; keep the two in step.
-    """
-    if grant is not None:
-        credentials = f"{grant.status}@{int(grant.expires_at.timestamp())}"
-    else:
-        credentials = "retry" if issue_attempts else ""
-    return f"{status}:{votes}:{credentials}"
-
-
-_CARD_VERSION = """
+# The version of request ``r`` a card would show.
+_VERSION = """
 r.status || ':' || (SELECT count(*) FROM approvals a WHERE a.request_id = r.id) || ':' ||
 coalesce(
     (SELECT g.status || '@' || floor(extract(epoch FROM g.expires_at))::bigint FROM grants g
@@ -99,44 +32,145 @@ coalesce(
 """
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A request this replica may post a card for, and the version that card will show."""
+
+    request: RequestRow
+    version: str
+
+
+@dataclass(frozen=True)
+class Card:
+    """A posted card, its request (and newest grant), the version it shows and the current one."""
+
+    request: RequestRow
+    grant: GrantRow | None
+    channel: str
+    ts: str
+    shown: str | None
+    current: str
+
+    @property
+    def stale(self) -> bool:
+        return self.shown != self.current
+
+
+async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Claimed | None:
+    """Claim one pending request that has no card yet (or whose claim went stale).
+
+    ``SKIP LOCKED`` lets replicas claim different requests at once; a claim older than
+    ``claim_timeout`` is taken over (its replica died between claiming and posting).
+    """
+    async with store.transaction() as tx:
+        row = (
+            await tx.session.scalars(
+                select(RequestRow)
+                .outerjoin(CardRow, CardRow.request_id == RequestRow.id)
+                .where(
+                    RequestRow.status == RequestStatus.PENDING,
+                    CardRow.ts.is_(None),
+                    CardRow.claimed_at.is_(None) | (CardRow.claimed_at < tx.now - claim_timeout),
+                )
+                .order_by(RequestRow.created_at)
+                .limit(1)
+                .with_for_update(of=RequestRow, skip_locked=True)
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        version = await tx.session.scalar(
+            text(
+                "INSERT INTO cards (request_id, claimed_by, claimed_at) VALUES (:id, :by, :at)"
+                " ON CONFLICT (request_id) DO UPDATE SET claimed_by = :by, claimed_at = :at"
+                f" RETURNING (SELECT {_VERSION} FROM requests r WHERE r.id = :id)"
+            ),
+            {"id": row.id, "by": replica, "at": tx.now},
+        )
+    return Claimed(row, str(version))
+
+
+async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
+    """Run a conditional UPDATE; True when it changed exactly one row (the condition held)."""
+    async with store.driver() as conn:
+        return bool(await conn.execute(sql, *args) == "UPDATE 1")
+
+
+async def card_posted(store: Store, claimed: Claimed, replica: str, channel: str, ts: str) -> bool:
+    """Record where the card is; False when another replica's claim replaced ours."""
+    return await _changed_one(
+        store,
+        "UPDATE cards SET channel = $3, ts = $4, shown = $5"
+        " WHERE request_id = $1 AND claimed_by = $2 AND ts IS NULL",
+        claimed.request.id,
+        replica,
+        channel,
+        ts,
+        claimed.version,
+    )
+
+
+async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> None:
+    """Give a claim back (posting failed): the next pass, on any replica, tries again."""
+    async with store.driver() as conn:
+        await conn.execute(
+            "UPDATE cards SET claimed_at = NULL WHERE request_id = $1 AND claimed_by = $2",
+            request_id,
+            replica,
+        )
+
+
+async def posted_at(store: Store, request_id: uuid.UUID) -> tuple[str, str] | None:
+    """(channel, ts) of the request's card once it is posted."""
+    async with store.driver() as conn:
+        row = await conn.fetchrow(
+            "SELECT channel, ts FROM cards WHERE request_id = $1 AND ts IS NOT NULL", request_id
+        )
+    return (row["channel"], row["ts"]) if row else None
+
+
 async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
-    """Requests whose card shows an older state (status, votes, grant) than the database."""
+    """Requests whose card shows an older version (status, votes, grant) than the database."""
     async with store.driver() as conn:
         rows = await conn.fetch(
-            "SELECT r.id FROM requests r WHERE r.slack_ts IS NOT NULL"
-            f" AND r.card_status IS DISTINCT FROM ({_CARD_VERSION})"
+            "SELECT r.id FROM cards c JOIN requests r ON r.id = c.request_id"
+            f" WHERE c.ts IS NOT NULL AND c.shown IS DISTINCT FROM ({_VERSION})"
             " ORDER BY r.updated_at LIMIT $1",
             limit,
         )
     return [r["id"] for r in rows]
 
 
-async def card_of(store: Store, request_id: uuid.UUID) -> tuple[RequestRow, GrantRow | None]:
-    """A request and its newest grant: everything its card shows."""
+async def card_of(store: Store, request_id: uuid.UUID) -> Card | None:
+    """A posted card with everything it shows; None while the request has no card."""
     async with store.transaction() as tx:
+        found = (
+            await tx.session.execute(
+                text(
+                    f"SELECT c.channel, c.ts, c.shown, ({_VERSION}) AS current"
+                    " FROM cards c JOIN requests r ON r.id = c.request_id"
+                    " WHERE c.request_id = :id AND c.ts IS NOT NULL"
+                ),
+                {"id": request_id},
+            )
+        ).one_or_none()
+        if found is None:
+            return None
         row = await tx.session.get(RequestRow, request_id)
         if row is None:
             raise NotFound(f"request {request_id} not found")
-        grant = (
-            await tx.session.scalars(
-                select(GrantRow)
-                .where(GrantRow.request_id == request_id)
-                .order_by(GrantRow.created_at.desc())
-                .limit(1)
-            )
-        ).one_or_none()
-    return row, grant
+        grant = await grants.newest_grant(tx, request_id)
+    return Card(row, grant, found.channel, found.ts, found.shown, found.current)
 
 
 async def take_card_update(
-    store: Store, request_id: uuid.UUID, shown: str | None, status: str | None
+    store: Store, request_id: uuid.UUID, shown: str | None, version: str | None
 ) -> bool:
-    """Compare-and-set the status the card shows: exactly one replica renders each change."""
+    """Compare-and-set the version the card shows: exactly one replica renders each change."""
     return await _changed_one(
         store,
-        "UPDATE requests SET card_status = $3 WHERE id = $1"
-        " AND card_status IS NOT DISTINCT FROM $2",
+        "UPDATE cards SET shown = $3 WHERE request_id = $1 AND shown IS NOT DISTINCT FROM $2",
         request_id,
         shown,
-        status,
+        version,
     )

@@ -270,8 +270,9 @@ class Bot:
         posted = 0
         claim_timeout = self.policy.bot.card_claim_timeout
         while (
-            row := await card_store.claim_card(self.store, self.replica, claim_timeout)
+            claimed := await card_store.claim_card(self.store, self.replica, claim_timeout)
         ) is not None:
+            row = claimed.request
             channel = self.channel_for(row.target)
             if channel is None:
                 log.error(
@@ -289,10 +290,7 @@ class Bot:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
                 await card_store.release_card(self.store, row.id, self.replica)
                 raise
-            version = card_store.card_version(
-                row.status, len(row.approvals), None, row.issue_attempts
-            )
-            if await card_store.card_posted(self.store, row.id, self.replica, channel, ts, version):
+            if await card_store.card_posted(self.store, claimed, self.replica, channel, ts):
                 posted += 1
         return posted
 
@@ -330,33 +328,30 @@ class Bot:
 
     async def refresh_card(self, request_id: uuid.UUID) -> None:
         """Bring a card up to date; the replica that wins the compare-and-set posts the news."""
-        row, grant = await card_store.card_of(self.store, request_id)
-        current = card_store.card_version(row.status, len(row.approvals), grant, row.issue_attempts)
-        if row.slack_ts is None or row.slack_channel is None or row.card_status == current:
+        card = await card_store.card_of(self.store, request_id)
+        if card is None or not card.stale:
             return
-        shown = row.card_status
-        if not await card_store.take_card_update(self.store, row.id, shown, current):
+        row, shown = card.request, card.shown
+        if not await card_store.take_card_update(self.store, row.id, shown, card.current):
             return
-        state = self._state(row, grant)
+        state = self._state(row, card.grant)
         try:
             await self.client.chat_update(
-                channel=row.slack_channel,
-                ts=row.slack_ts,
+                channel=card.channel,
+                ts=card.ts,
                 text=card_text(state),
                 blocks=approval_card(state),
             )
             if row.status != "pending" and (shown is None or shown.startswith("pending")):
-                await self._announce(row, state)
+                await self._announce(card, state)
         except SLACK_ERRORS:
-            await card_store.take_card_update(self.store, row.id, current, shown)
+            await card_store.take_card_update(self.store, row.id, card.current, shown)
             raise
 
-    async def _announce(self, row: RequestRow, state: CardState) -> None:
-        assert row.slack_channel is not None
+    async def _announce(self, card: card_store.Card, state: CardState) -> None:
+        row = card.request
         text = outcome_message(state)
-        await self.client.chat_postMessage(
-            channel=row.slack_channel, thread_ts=row.slack_ts, text=text
-        )
+        await self.client.chat_postMessage(channel=card.channel, thread_ts=card.ts, text=text)
         if row.on_behalf_of and row.on_behalf_of[:1] in ("U", "W"):
             # A courtesy: when it fails it is logged, not retried, so that a retry of the
             # whole announcement cannot post the thread message twice.

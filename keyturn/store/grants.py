@@ -69,6 +69,18 @@ async def get_grant(store: Store, grant_id: uuid.UUID) -> GrantRow:
     return row
 
 
+async def newest_grant(tx: Tx, request_id: uuid.UUID) -> GrantRow | None:
+    """The request's most recent grant (an approved request has at most one active)."""
+    return (
+        await tx.session.scalars(
+            select(GrantRow)
+            .where(GrantRow.request_id == request_id)
+            .order_by(GrantRow.created_at.desc())
+            .limit(1)
+        )
+    ).one_or_none()
+
+
 async def awaiting_credentials(store: Store, limit: int = 20) -> list[uuid.UUID]:
     """Approved requests that have no grant yet and whose next attempt is due."""
     async with store.driver() as conn:

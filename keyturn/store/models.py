@@ -82,12 +82,6 @@ class RequestRow(Base):
     decided_at: Mapped[datetime | None]
     result: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
-    # the approval card: claimed by one bot replica, then posted once (channel + ts)
-    slack_channel: Mapped[str | None] = mapped_column(String(50))
-    slack_ts: Mapped[str | None] = mapped_column(String(50))
-    card_claimed_by: Mapped[str | None] = mapped_column(String(100))
-    card_claimed_at: Mapped[datetime | None]
-    card_status: Mapped[str | None] = mapped_column(String(100))  # the version the card shows
     # credentials for an approved request: retried with backoff while Vault is unavailable
     issue_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     issue_after: Mapped[datetime | None]
@@ -144,6 +138,22 @@ class ApprovalRow(Base):
     at: Mapped[datetime]
 
     request: Mapped[RequestRow] = relationship(back_populates="approvals")
+
+
+class CardRow(Base):
+    """The bot's bookkeeping for one request's approval card: claimed by one replica, posted
+    once (channel + ts), and which version of the request it shows (see bot/card_store.py)."""
+
+    __tablename__ = "cards"
+
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel: Mapped[str | None] = mapped_column(String(50))
+    ts: Mapped[str | None] = mapped_column(String(50))
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claimed_at: Mapped[datetime | None]
+    shown: Mapped[str | None] = mapped_column(String(100))
 
 
 class GrantRow(Base):

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot import card_store
 from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE, DENY
@@ -30,7 +31,6 @@ from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
 from keyturn.policy import Policy, parse_policy
-from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.pytest_plugin import PostgresServer
@@ -348,11 +348,9 @@ class Desk:
     async def card(self, request_id: str, timeout: float = 20) -> str:
         """The ts of the request's card once the bot has posted it."""
         async with asyncio.timeout(timeout):
-            while not (
-                ts := (await requests.get_request(self.store, uuid.UUID(request_id))).slack_ts
-            ):
+            while not (posted := await card_store.posted_at(self.store, uuid.UUID(request_id))):
                 await asyncio.sleep(0.05)
-        return ts
+        return posted[1]
 
     async def approve(self, request_id: str) -> None:
         status, _ = await self.slack.click(

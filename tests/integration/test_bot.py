@@ -94,11 +94,9 @@ class RunningBot:
     async def card(self, request_id: uuid.UUID, timeout: float = 15) -> str:
         """The ts of the request's card once it is posted."""
         async with asyncio.timeout(timeout):
-            while True:
-                row = await requests.get_request(self.store, request_id)
-                if row.slack_ts:
-                    return row.slack_ts
+            while not (posted := await card_store.posted_at(self.store, request_id)):
                 await asyncio.sleep(0.05)
+        return posted[1]
 
     async def status(self, request_id: uuid.UUID) -> str:
         return (await requests.get_request(self.store, request_id)).status
@@ -322,7 +320,7 @@ async def test_a_slack_outage_loses_nothing(run_bot: BotFactory, slack: SlackEmu
         slack.down()
         request_id = await rb.hold()
         await rb.until(lambda: _true(slack.refused >= 4), 30)  # a few passes, backing off
-        assert (await requests.get_request(rb.store, request_id)).slack_ts is None
+        assert await card_store.posted_at(rb.store, request_id) is None
         slack.up()
         second = await rb.hold("DELETE FROM t WHERE id = 2")
         await rb.card(request_id)
@@ -345,7 +343,7 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
     row, _ = await requests.create_request(store, new)
     claimed = await card_store.claim_card(store, dying.replica, timedelta(seconds=2))
     assert claimed is not None
-    await dying._post_card(CHANNEL, claimed)
+    await dying._post_card(CHANNEL, claimed.request)
     assert len(slack.channel(CHANNEL)) == 1
     clock.advance(timedelta(seconds=2.1))  # the dead replica's claim goes stale
     async with run_bot(clock) as rb:

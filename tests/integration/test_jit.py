@@ -111,11 +111,13 @@ class RunningBot:
 
 
 async def _card(store: Store, request_id: uuid.UUID) -> str | None:
-    return (await requests.get_request(store, request_id)).slack_ts
+    posted = await card_store.posted_at(store, request_id)
+    return posted[1] if posted else None
 
 
 async def _grant_of(store: Store, request_id: uuid.UUID) -> Any:
-    return (await card_store.card_of(store, request_id))[1]
+    async with store.transaction() as tx:
+        return await grants.newest_grant(tx, request_id)
 
 
 async def until(check: Callable[[], Any], timeout: float = 20) -> Any:
