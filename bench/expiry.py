@@ -104,7 +104,7 @@ async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
     started = time.perf_counter()
     await issue_many(store, issuer, GRANTS)
     print(f"  issued {GRANTS} grants with real leases in {time.perf_counter() - started:.1f} s")
-    async with store.driver() as conn:  # all due in the same second, a few seconds from now
+    async with store.raw_connection() as conn:  # all due in the same second, a few seconds from now
         await conn.execute(
             "UPDATE grants SET expires_at = date_trunc('second', now()) + interval '5 seconds'"
             " + random() * interval '1 second'"
@@ -116,7 +116,7 @@ async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
         while await grants.active_grants(store):
             await asyncio.sleep(0.2)
     revoker.stop()
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         lags = [
             r[0]
             for r in await conn.fetch(

@@ -92,7 +92,7 @@ async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Cl
 
 async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
     """Run a conditional UPDATE; True when it changed exactly one row (the condition held)."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         return bool(await conn.execute(sql, *args) == "UPDATE 1")
 
 
@@ -112,7 +112,7 @@ async def card_posted(store: Store, claimed: Claimed, replica: str, channel: str
 
 async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> None:
     """Give a claim back (posting failed): the next pass, on any replica, tries again."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         await conn.execute(
             "UPDATE cards SET claimed_at = NULL WHERE request_id = $1 AND claimed_by = $2",
             request_id,
@@ -122,7 +122,7 @@ async def release_card(store: Store, request_id: uuid.UUID, replica: str) -> Non
 
 async def posted_at(store: Store, request_id: uuid.UUID) -> tuple[str, str] | None:
     """(channel, ts) of the request's card once it is posted."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         row = await conn.fetchrow(
             "SELECT channel, ts FROM cards WHERE request_id = $1 AND ts IS NOT NULL", request_id
         )
@@ -131,7 +131,7 @@ async def posted_at(store: Store, request_id: uuid.UUID) -> tuple[str, str] | No
 
 async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
     """Requests whose card shows an older version (status, votes, grant) than the database."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT r.id FROM cards c JOIN requests r ON r.id = c.request_id"
             f" WHERE c.ts IS NOT NULL AND c.shown IS DISTINCT FROM ({_VERSION})"

@@ -42,8 +42,8 @@ class Revoker:
         self.issuer = issuer
         self.cfg = cfg
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self._reap_lock = asyncio.Lock()
-        self._reap_wanted = False
+        self._end_lock = asyncio.Lock()
+        self._end_wanted = False
         self._suspects: dict[str, float] = {}  # orphan lease id -> first seen (monotonic)
         self._rebuilt = False
 
@@ -53,7 +53,7 @@ class Revoker:
         """Start the scheduler and the sweep; :meth:`rebuild_once` then adds the grants."""
         self.scheduler.start()
         self.scheduler.add_job(
-            self.sweep,
+            self.end_missed,
             "interval",
             seconds=self.cfg.sweep_interval.total_seconds(),
             id="keyturn-sweep",
@@ -76,7 +76,7 @@ class Revoker:
 
     def schedule(self, grant_id: uuid.UUID, expires_at: datetime) -> None:
         self.scheduler.add_job(
-            self.reap,
+            self.end_due,
             "date",
             run_date=expires_at,
             id=f"grant:{grant_id}",
@@ -96,7 +96,7 @@ class Revoker:
     async def reschedule_all(self) -> None:
         for grant_id, expires_at in await grants.active_grants(self.store):
             self.schedule(grant_id, expires_at)
-        await self.reap()
+        await self.end_due()
 
     async def on_grant(self, grant_id: uuid.UUID) -> None:
         """A grant was issued, extended or ended (here or on another replica)."""
@@ -111,17 +111,18 @@ class Revoker:
 
     # ------------------------------------------------------------------ ending
 
-    async def reap(self) -> None:
+    async def end_due(self) -> None:
         """End every due grant. Concurrent calls coalesce into as few passes as needed; a
         pass runs a few drainers side by side (``SKIP LOCKED`` gives each its own batches) so
         Vault stays busy while a batch commits."""
-        self._reap_wanted = True
-        async with self._reap_lock:
-            while self._reap_wanted:
-                self._reap_wanted = False
-                await asyncio.gather(*(self._drain(endings.Sweep.DUE) for _ in range(DRAINERS)))
+        self._end_wanted = True
+        async with self._end_lock:
+            while self._end_wanted:
+                self._end_wanted = False
+                await asyncio.gather(*(self._end(endings.Ending.DUE) for _ in range(DRAINERS)))
 
-    async def _drain(self, which: endings.Sweep) -> int:
+    async def _end(self, which: endings.Ending) -> int:
+        """End grants of one kind in batches until a batch comes back short."""
         ended = 0
         while True:
             batch = await endings.end_grants(self.store, which, self.issuer.revoke, limit=BATCH)
@@ -131,11 +132,11 @@ class Revoker:
             if len(batch) < BATCH:
                 return ended
 
-    async def sweep(self) -> None:
+    async def end_missed(self) -> None:
         """The guarantee behind the jobs; each part is logged and retried on the next pass."""
         for part in (
-            self.reap,
-            lambda: self._drain(endings.Sweep.UNCLAIMED),
+            self.end_due,
+            lambda: self._end(endings.Ending.UNCLAIMED),
             lambda: endings.fail_stranded(self.store, STRANDED_AFTER),
             self.revoke_orphans,
         ):
@@ -146,7 +147,7 @@ class Revoker:
 
     async def end_finished(self) -> int:
         """One-shot grants whose command has run: revoke them now."""
-        return await self._drain(endings.Sweep.FINISHED)
+        return await self._end(endings.Ending.FINISHED)
 
     async def revoke_orphans(self) -> list[str]:
         """Revoke leases under the bot's roles that no active grant has known for a while."""

@@ -111,7 +111,7 @@ class Tx:
             raise NotFound(f"{model.__tablename__[:-1]} {ident} not found")
         return row
 
-    async def driver(self) -> asyncpg.Connection:
+    async def raw_connection(self) -> asyncpg.Connection:
         """The asyncpg connection under this transaction, for bulk statements on hot paths."""
         connection = await self.session.connection()
         raw = await connection.get_raw_connection()
@@ -126,7 +126,7 @@ class Tx:
         if not self._events and not self._wakes:
             return
         await self.session.flush()  # rows first: events refer to them
-        await append_many(await self.driver(), self._events)
+        await append_many(await self.raw_connection(), self._events)
         if self._wakes:
             await self.session.execute(
                 text(
@@ -183,7 +183,7 @@ class Store:
             await tx.flush()
 
     @contextlib.asynccontextmanager
-    async def driver(self) -> AsyncIterator[asyncpg.Connection]:
+    async def raw_connection(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection from a plain asyncpg pool, for single-statement reads on hot paths.
 
         No ORM session and no greenlet per call: thousands of long-polls re-read rows through

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 REVOKE_CONCURRENCY = 32  # Vault calls in flight per sweep batch
 
 
-class Sweep(StrEnum):
+class Ending(StrEnum):
     """Which active grants a pass ends, and what it calls them."""
 
     DUE = "due"  # past expires_at: expired
@@ -39,17 +39,17 @@ class Sweep(StrEnum):
 
 
 _REQUEST_FAILURE = {
-    Sweep.DUE: "the credentials expired before a gateway ran the command",
-    Sweep.UNCLAIMED: "no gateway took the credentials before the hand-off expired;"
+    Ending.DUE: "the credentials expired before a gateway ran the command",
+    Ending.UNCLAIMED: "no gateway took the credentials before the hand-off expired;"
     " is a gateway running?",
 }
 
 
-def _sweep_query(which: Sweep, now: datetime, limit: int) -> Any:
+def _sweep_query(which: Ending, now: datetime, limit: int) -> Any:
     query = select(GrantRow).where(GrantRow.status == GrantStatus.ACTIVE)
-    if which is Sweep.DUE:
+    if which is Ending.DUE:
         query = query.where(GrantRow.expires_at <= now).order_by(GrantRow.expires_at)
-    elif which is Sweep.FINISHED:
+    elif which is Ending.FINISHED:
         query = query.where(
             GrantRow.one_shot.is_(True),
             exists().where(
@@ -63,7 +63,7 @@ def _sweep_query(which: Sweep, now: datetime, limit: int) -> Any:
 
 
 async def end_grants(
-    store: Store, which: Sweep, revoke: RevokeLease, *, limit: int = 200
+    store: Store, which: Ending, revoke: RevokeLease, *, limit: int = 200
 ) -> list[GrantRow]:
     """End a batch of grants: revoke their leases in Vault (concurrently), then mark them.
 
@@ -92,7 +92,7 @@ async def end_grants(
             if at is None:
                 continue
             grant = row.domain()
-            if which is Sweep.DUE:
+            if which is Ending.DUE:
                 grant.expire(at)
             else:
                 grant.revoke(at)
@@ -123,7 +123,7 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
     """Requests left ``executing`` by a gateway that died mid-run: once their credentials
     have been dead for ``after`` nothing can still be running them, so they fail."""
     async with store.transaction() as tx:
-        conn = await tx.driver()
+        conn = await tx.raw_connection()
         rows = await conn.fetch(
             "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
             " WHERE r.status = 'executing' AND g.status <> 'active'"

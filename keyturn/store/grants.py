@@ -83,7 +83,7 @@ async def newest_grant(tx: Tx, request_id: uuid.UUID) -> GrantRow | None:
 
 async def awaiting_credentials(store: Store, limit: int = 20) -> list[uuid.UUID]:
     """Approved requests that have no grant yet and whose next attempt is due."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT r.id FROM requests r WHERE r.status = 'approved'"
             " AND (r.issue_after IS NULL OR r.issue_after <= now())"
@@ -257,7 +257,7 @@ async def _changed(
 
 async def active_grants(store: Store) -> list[tuple[uuid.UUID, datetime]]:
     """Every active grant and when it is due: the scheduler's jobs, rebuilt at start."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT id, expires_at FROM grants WHERE status = 'active' ORDER BY expires_at"
         )
@@ -268,7 +268,7 @@ async def known_leases(store: Store, lease_ids: Sequence[str]) -> set[str]:
     """Which of ``lease_ids`` belong to an active grant (the others are orphans)."""
     if not lease_ids:
         return set()
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT lease_id FROM grants WHERE status = 'active' AND lease_id = ANY($1::text[])",
             list(lease_ids),

@@ -71,7 +71,7 @@ WHERE r.id = $1
 
 async def get_request_view(store: Store, request_id: uuid.UUID) -> RequestView:
     """One round trip on a pooled connection, no ORM: long-polls re-read rows often."""
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         row = await conn.fetchrow(_VIEW, request_id)
     if row is None:
         raise NotFound(f"request {request_id} not found")
@@ -96,7 +96,7 @@ async def decided_among(store: Store, ids: list[uuid.UUID]) -> list[uuid.UUID]:
     """Which of ``ids`` are no longer pending: the batched poll behind many long-polls."""
     if not ids:
         return []
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT id FROM requests WHERE id = ANY($1::uuid[]) AND status <> 'pending'", ids
         )
@@ -104,6 +104,6 @@ async def decided_among(store: Store, ids: list[uuid.UUID]) -> list[uuid.UUID]:
 
 
 async def count_pending(store: Store) -> int:
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         count: int = await conn.fetchval("SELECT count(*) FROM requests WHERE status = 'pending'")
     return count

@@ -283,7 +283,7 @@ async def fail_unrun(
         raise IllegalTransition("request", status, RequestStatus.FAILED)
     if not request_ids:
         return []
-    conn = await tx.driver()
+    conn = await tx.raw_connection()
     failed = await conn.fetch(
         "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
         " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",

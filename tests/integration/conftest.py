@@ -372,7 +372,7 @@ class Desk:
 
     async def requests(self) -> int:
         """How many requests keyturn recorded (held, allowed and blocked alike)."""
-        async with self.store.driver() as conn:
+        async with self.store.raw_connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM requests"))
 
 

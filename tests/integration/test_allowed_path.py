@@ -350,7 +350,7 @@ async def test_the_record_is_committed_before_the_command_runs(
                 return bool(rows[0]["n"])
 
             await until(waiting)  # the command is on the target, blocked; its record exists
-            async with gw.store.driver() as conn:
+            async with gw.store.raw_connection() as conn:
                 row = await conn.fetchrow(
                     "SELECT r.status, e.kind FROM requests r JOIN audit_events e"
                     " ON e.request_id = r.id WHERE r.command = $1",
@@ -373,7 +373,7 @@ async def test_stopping_the_journal_commits_what_it_holds(database: Dsn) -> None
     await asyncio.sleep(0.001)  # the batch has left the queue: its commit is under way
     await journal.stop()
     assert all(future.done() and future.exception() is None for future in recorded)
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         statuses = await conn.fetch("SELECT status FROM requests")
     await store.close()
     assert [r["status"] for r in statuses] == ["executing"] * 20
@@ -606,7 +606,7 @@ async def test_a_cancelled_command_is_recorded_as_failed(
         task.cancel()
 
         async def failed() -> bool:
-            async with gw.store.driver() as conn:
+            async with gw.store.raw_connection() as conn:
                 rows = await conn.fetch("SELECT status, error FROM requests")
             return [tuple(r) for r in rows] == [("failed", "cancelled by the gateway")]
 

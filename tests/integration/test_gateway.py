@@ -635,7 +635,7 @@ async def test_a_shadow_rule_is_audited_and_counted_not_enforced(
     async with run_gateway(rules=[shadow, *shop.base_policy["rules"]]) as gw:
         status, body = await gw.post(idp.token("crew-billing"), UPDATE)
         assert (status, body["status"], body["rule"]) == (202, "pending", "writes"), body
-        async with gw.store.driver() as conn:
+        async with gw.store.raw_connection() as conn:
             data = await conn.fetchval("SELECT data FROM audit_events WHERE kind = 'request.held'")
         assert json.loads(data)["shadow"] == [{"rule": "no-updates-at-all", "action": "block"}]
         metrics = await (await gw.client.get("/metrics")).text()

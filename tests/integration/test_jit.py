@@ -353,7 +353,7 @@ async def _lease_gone(shop: Shop, lease_id: str) -> bool:
 
 
 async def _audit(store: Store, kind: str) -> list[dict[str, Any]]:
-    async with store.driver() as conn:
+    async with store.raw_connection() as conn:
         rows = await conn.fetch("SELECT data FROM audit_events WHERE kind = $1", kind)
     return [json.loads(r["data"]) if isinstance(r["data"], str) else r["data"] for r in rows]
 
@@ -430,7 +430,7 @@ async def test_vault_down_at_approval_issues_later_exactly_once(
             lambda: _true("Credentials active" in json.dumps(slack.message(CHANNEL, ts).blocks))
         )
         await asyncio.sleep(1)  # more passes: still one grant, one lease
-        async with rb.store.driver() as conn:
+        async with rb.store.raw_connection() as conn:
             assert await conn.fetchval("SELECT count(*) FROM grants") == 1
         assert await lease_ttl(shop, grant.lease_id)
     await proxy.down()
@@ -464,7 +464,9 @@ async def test_a_stolen_handoff_runs_nothing(
     token = idp.token("crew-billing")
     async with run_bot() as rb:
         request_id, grant = await rb.approved()
-        async with rb.store.driver() as conn:  # someone reads the wrapping token and uses it
+        async with (
+            rb.store.raw_connection() as conn
+        ):  # someone reads the wrapping token and uses it
             stolen = await conn.fetchval("SELECT handoff_token FROM grants WHERE id = $1", grant.id)
         thief = shop.vault()
         await thief.unwrap(stolen)
@@ -486,7 +488,7 @@ async def test_a_handoff_not_wrapped_by_keyturn_is_refused(
         root = shop.root_vault()
         forged = await root.wrapped_read("database/creds/shop-rw", timedelta(minutes=1))
         await root.close()
-        async with rb.store.driver() as conn:
+        async with rb.store.raw_connection() as conn:
             await conn.execute(
                 "UPDATE grants SET handoff_token = $2 WHERE id = $1", grant.id, forged.token
             )
@@ -566,14 +568,14 @@ async def test_two_replicas_revoke_each_due_grant_once(
         for request_id in ids:
             await rb.approve(request_id)
             await rb.grant(request_id)
-    async with rb.store.driver() as conn:
+    async with rb.store.raw_connection() as conn:
         await conn.execute("UPDATE grants SET expires_at = now()")
     policy = parse_policy(data)
     replicas = [
         Revoker(Store(database), Issuer(policy, shop.bot_vault()), policy.bot) for _ in "ab"
     ]
-    await asyncio.gather(*(r.reap() for r in replicas))
-    async with rb.store.driver() as conn:
+    await asyncio.gather(*(r.end_due() for r in replicas))
+    async with rb.store.raw_connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM grants WHERE status = 'expired'") == 12
         expired = await conn.fetch(
             "SELECT grant_id, count(*) AS n FROM audit_events WHERE kind = 'grant.expired'"

@@ -201,7 +201,7 @@ async def test_grants_expire_revoke_extend(store: Store) -> None:
     short = await _approved_grant(store, timedelta(milliseconds=1), "L1")
     long = await _approved_grant(store, timedelta(minutes=5), "L2")
     await asyncio.sleep(0.01)
-    ended = await endings.end_grants(store, endings.Sweep.DUE, revoke_lease)
+    ended = await endings.end_grants(store, endings.Ending.DUE, revoke_lease)
     assert [g.id for g in ended] == [short.id] and revoked == ["L1"]
     # the request never ran: it fails, saying why
     assert (await requests.get_request(store, short.request_id)).status == "failed"  # type: ignore[arg-type]
