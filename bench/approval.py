@@ -24,7 +24,7 @@ from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.store import reads, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -43,7 +43,7 @@ async def main() -> None:
         )
         store = Store(stack.database)
         bot, bolt = build(
-            parse_policy(data),
+            parse_config(data),
             store,
             slack_client(slack.bot_token, slack.api_url),
             slack.signing_secret,

@@ -38,7 +38,7 @@ from gateway.bootstrap import build as build_gateway
 from keyturn.domain import Decision
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.store import grants, requests
 from keyturn.store.db import Store
 
@@ -98,9 +98,9 @@ async def issue_many(store: Store, issuer: Issuer, count: int) -> None:
 
 
 async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
-    policy = parse_policy(bench_policy(stack))
+    config = parse_config(bench_policy(stack))
     store = Store(stack.database, pool_size=20)
-    issuer = Issuer(policy, stack.vault("keyturn-bot"))
+    issuer = Issuer(config, stack.vault("keyturn-bot"))
     started = time.perf_counter()
     await issue_many(store, issuer, GRANTS)
     print(f"  issued {GRANTS} grants with real leases in {time.perf_counter() - started:.1f} s")
@@ -109,7 +109,7 @@ async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
             "UPDATE grants SET expires_at = date_trunc('second', now()) + interval '5 seconds'"
             " + random() * interval '1 second'"
         )
-    revoker = Revoker(store, issuer, policy.bot)
+    revoker = Revoker(store, issuer, config.bot)
     revoker.start()
     await revoker.rebuild_once()  # one date job per grant, as a starting bot does
     async with asyncio.timeout(120):
@@ -132,16 +132,16 @@ async def click_to_result(stack: Stack) -> list[float]:
     slack = SlackEmulator()
     await slack.start()
     slack.add_user("U_APPROVER")
-    policy = parse_policy(bench_policy(stack) | {"vault": stack.policy_data["vault"]})
+    config = parse_config(bench_policy(stack) | {"vault": stack.policy_data["vault"]})
     bot_store, gw_store = Store(stack.database), Store(stack.database, pool_size=20)
     bot, bolt = build_bot(
-        policy,
+        config,
         bot_store,
         slack_client(slack.bot_token, slack.api_url),
         slack.signing_secret,
         stack.vault("keyturn-bot"),
     )
-    gw = build_gateway(policy, gw_store, stack.vault("keyturn-gateway"))
+    gw = build_gateway(config, gw_store, stack.vault("keyturn-gateway"))
     bot_runner = web.AppRunner(web_application(bot, bolt), access_log=None)
     gw_runner = web.AppRunner(application(gw), access_log=None)
     ports = []

@@ -2,7 +2,7 @@
 
 It does the least any HTTP-to-Postgres proxy must do — parse a JSON body, run the statement on
 a pooled connection, encode the rows as JSON — and nothing keyturn adds: no authentication,
-policy, records, masking or read-only transaction. Benchmarks run it beside the gateway, on the
+config, records, masking or read-only transaction. Benchmarks run it beside the gateway, on the
 same machine, login and query, and report keyturn's figures as ratios to it.
 """
 

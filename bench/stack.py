@@ -18,7 +18,7 @@ import asyncpg
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.postgres import PostgresCluster
-from keyturn.policy import Policy, parse_policy
+from keyturn.policy import Config, parse_config
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.vault import AppRoleLogin, Vault
@@ -41,8 +41,8 @@ class Stack:
     approles: dict[str, tuple[str, str]]
 
     @property
-    def policy(self) -> Policy:
-        return parse_policy(self.policy_data)
+    def policy(self) -> Config:
+        return parse_config(self.policy_data)
 
     def vault(self, role: str) -> Vault:
         role_id, secret_id = self.approles[role]
@@ -94,7 +94,7 @@ async def real_stack(**gateway: Any) -> AsyncIterator[Stack]:
         os.environ["KEYTURN_TARGET_SHOP_USERNAME"] = "postgres"
         os.environ["KEYTURN_TARGET_SHOP_PASSWORD"] = pg.password
         root = Vault(bao.addr, token=bao.root_token)
-        report = await bootstrap(root, parse_policy(data), issue_secret_ids=True)
+        report = await bootstrap(root, parse_config(data), issue_secret_ids=True)
         await root.close()
         approles = {r: (report.role_ids[r], report.secret_ids[r]) for r in report.role_ids}
         try:

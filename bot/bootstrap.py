@@ -22,7 +22,7 @@ from bot.service import Bot
 from keyturn.aio import cancel
 from keyturn.clock import Clock
 from keyturn.errors import ConfigError
-from keyturn.policy import Policy
+from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -47,7 +47,7 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
 
 
 def build(
-    policy: Policy,
+    config: Config,
     store: Store,
     client: AsyncWebClient,
     signing_secret: str | None,
@@ -59,11 +59,11 @@ def build(
     else:
         app = AsyncApp(client=client, signing_secret=signing_secret)
     bot = Bot(
-        policy=policy,
+        config=config,
         store=store,
         listener=Listener(store.dsn),
         client=client,
-        issuer=Issuer(policy, vault),
+        issuer=Issuer(config, vault),
     )
     register(app, bot)
     return bot, app
@@ -98,7 +98,7 @@ def web_application(bot: Bot, bolt: AsyncApp, *, http_mode: bool = True) -> web.
     return app
 
 
-async def serve(settings: Settings, policy: Policy) -> None:
+async def serve(settings: Settings, config: Config) -> None:
     """HTTP mode (KEYTURN_SLACK_SIGNING_SECRET) or Socket Mode (KEYTURN_SLACK_APP_TOKEN)."""
     if settings.slack_bot_token is None:
         raise ConfigError("the bot needs KEYTURN_SLACK_BOT_TOKEN (xoxb-…)")
@@ -108,15 +108,15 @@ async def serve(settings: Settings, policy: Policy) -> None:
         raise ConfigError(
             "set KEYTURN_SLACK_SIGNING_SECRET (HTTP mode) or KEYTURN_SLACK_APP_TOKEN (Socket Mode)"
         )
-    vault = process_vault(settings, policy, "bot")
+    vault = process_vault(settings, config, "bot")
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
     store = Store(settings.dsn(), clock=Clock())
     signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]
-    bot, bolt = build(policy, store, client, signing, vault)
+    bot, bolt = build(config, store, client, signing, vault)
     await store.ping()
     runner = web.AppRunner(web_application(bot, bolt, http_mode=app_token is None), access_log=None)
     await runner.setup()
-    host, _, port = policy.bot.listen.rpartition(":")
+    host, _, port = config.bot.listen.rpartition(":")
     await web.TCPSite(runner, host, int(port)).start()
     socket = None
     if app_token is not None:
@@ -124,7 +124,7 @@ async def serve(settings: Settings, policy: Policy) -> None:
         await socket.connect_async()  # type: ignore[no-untyped-call]
         print("keyturn bot connected to Slack in Socket Mode", flush=True)
     else:
-        print(f"keyturn bot listening on http://{policy.bot.listen}/slack/events", flush=True)
+        print(f"keyturn bot listening on http://{config.bot.listen}/slack/events", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 import asyncssh
 
 from keyturn.errors import InvalidInput
-from keyturn.policy import Policy, PostgresTarget, SshTarget
+from keyturn.policy import Config, PostgresTarget, SshTarget
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
 from keyturn.vault import Vault, WrapInfo
@@ -46,17 +46,20 @@ def _minted(
 
 
 class Issuer:
-    def __init__(self, policy: Policy, vault: Vault) -> None:
-        self.policy = policy
+    def __init__(self, config: Config, vault: Vault) -> None:
+        self.config = config
         self.vault = vault
 
     def grant_ttl(self, request: RequestRow, max_ttl: timedelta) -> timedelta:
-        asked = timedelta(seconds=request.grant_ttl_seconds or 0) or self.policy.default_grant_ttl
+        asked = (
+            timedelta(seconds=request.grant_ttl_seconds or 0)
+            or self.config.policy.default_grant_ttl
+        )
         return min(asked, max_ttl)
 
     async def mint(self, request: RequestRow) -> Minted:
         await self.vault.ensure_login()
-        target = self.policy.targets.get(request.target)
+        target = self.config.policy.targets.get(request.target)
         if isinstance(target, PostgresTarget):
             return await self._postgres(request, target)
         if isinstance(target, SshTarget):
@@ -64,7 +67,7 @@ class Issuer:
         raise InvalidInput(f"target {request.target} is not in the policy any more")
 
     async def _postgres(self, request: RequestRow, target: PostgresTarget) -> Minted:
-        cfg = self.policy.vault
+        cfg = self.config.vault
         ttl = self.grant_ttl(request, target.vault.max_ttl)
         lease = await self.vault.creds(f"{cfg.database_mount}/creds/{target.vault.write_role}")
         try:
@@ -88,7 +91,7 @@ class Issuer:
         return _minted("postgres", wrapped, ttl, target.vault.max_ttl, lease_id=lease.lease_id)
 
     async def _ssh(self, request: RequestRow, target: SshTarget) -> Minted:
-        cfg = self.policy.vault
+        cfg = self.config.vault
         ttl = self.grant_ttl(request, target.vault.max_ttl)
         key = asyncssh.generate_private_key("ssh-ed25519")
         options = {"force-command": request.command}
@@ -131,6 +134,6 @@ class Issuer:
 
     def lease_prefixes(self) -> list[str]:
         """Where this bot's leases live: the orphan sweep lists these."""
-        mount = self.policy.vault.database_mount
-        roles = {t.vault.write_role for t in self.policy.postgres_targets().values()}
+        mount = self.config.vault.database_mount
+        roles = {t.vault.write_role for t in self.config.policy.postgres_targets().values()}
         return [f"{mount}/creds/{role}/" for role in sorted(roles)]

@@ -35,7 +35,7 @@ from keyturn.aio import spawn
 from keyturn.backoff import Backoff
 from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.policy import Approvers, Policy, SshTarget
+from keyturn.policy import Approvers, Config, SshTarget
 from keyturn.store import grants, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -128,7 +128,7 @@ class ApproverDirectory:
 
 @dataclass
 class Bot:
-    policy: Policy
+    config: Config
     store: Store
     listener: Listener
     client: AsyncWebClient
@@ -141,9 +141,9 @@ class Bot:
 
     def __post_init__(self) -> None:
         self.directory = ApproverDirectory(
-            self.client, self.policy.bot.usergroup_cache.total_seconds()
+            self.client, self.config.bot.usergroup_cache.total_seconds()
         )
-        self.revoker = Revoker(self.store, self.issuer, self.policy.bot)
+        self.revoker = Revoker(self.store, self.issuer, self.config.bot)
         self.listener.subscribe(self._notified)
 
     def _notified(self, kind: str, ident: str) -> None:
@@ -156,15 +156,15 @@ class Bot:
     # ------------------------------------------------------------------ who decides
 
     def approvers_for(self, row: RequestRow) -> Approvers | None:
-        rule = next((r for r in self.policy.rules if r.name == row.rule), None)
+        rule = next((r for r in self.config.policy.rules if r.name == row.rule), None)
         if rule is not None and rule.approvers is not None:
             return rule.approvers
-        return self.policy.slack.approvers
+        return self.config.slack.approvers
 
     def channel_for(self, target: str) -> str | None:
-        configured = self.policy.targets.get(target)
+        configured = self.config.policy.targets.get(target)
         own = configured.approval_channel if configured is not None else None
-        return own or self.policy.slack.approval_channel
+        return own or self.config.slack.approval_channel
 
     async def _check_approver(self, request_id: str, user: str) -> RequestRow:
         try:
@@ -221,7 +221,7 @@ class Bot:
         except (Unavailable, VaultUnauthenticated) as exc:
             row = await requests.get_request(self.store, request_id)
             now = self.store.clock.now()
-            give_up = now - (row.decided_at or now) > self.policy.bot.issue_timeout
+            give_up = now - (row.decided_at or now) > self.config.bot.issue_timeout
             delay = None if give_up else retry_delay(row.issue_attempts + 1)
             log.warning("credentials for %s are delayed: %s", request_id, exc.message)
             await grants.issue_failed(self.store, request_id, exc.message, delay)
@@ -268,7 +268,7 @@ class Bot:
     async def post_pending_cards(self) -> int:
         """Post a card for every pending request without one; each exactly once."""
         posted = 0
-        claim_timeout = self.policy.bot.card_claim_timeout
+        claim_timeout = self.config.bot.card_claim_timeout
         while (
             claimed := await card_store.claim_card(self.store, self.replica, claim_timeout)
         ) is not None:
@@ -295,7 +295,7 @@ class Bot:
         return posted
 
     def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
-        shell = isinstance(self.policy.targets.get(row.target), SshTarget)
+        shell = isinstance(self.config.policy.targets.get(row.target), SshTarget)
         return card_state(row, grant, self.store.clock.now(), shell=shell)
 
     async def _post_card(self, channel: str, row: RequestRow) -> str:
@@ -378,7 +378,7 @@ class Bot:
 
     async def run_forever(self) -> None:
         """Wake on notifications, poll as the guarantee, back off while Slack is down."""
-        interval = self.policy.bot.poll_interval.total_seconds()
+        interval = self.config.bot.poll_interval.total_seconds()
         self.revoker.start()
         try:
             await self._loop(interval, Backoff(1.0, 30.0))

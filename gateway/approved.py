@@ -34,7 +34,7 @@ from keyturn.backoff import Backoff
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Policy, PostgresTarget, SshTarget
+from keyturn.policy import Config, PostgresTarget, SshTarget
 from keyturn.store import handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -60,7 +60,7 @@ def digest(result: dict[str, Any]) -> str:
 
 @dataclass
 class Executor:
-    policy: Policy
+    config: Config
     store: Store
     vault: Vault
     listener: Listener
@@ -78,7 +78,7 @@ class Executor:
         )
 
     async def run_forever(self) -> None:
-        interval = self.policy.gateway.poll_interval.total_seconds()
+        interval = self.config.gateway.poll_interval.total_seconds()
         try:
             while True:
                 self._wake.clear()
@@ -193,8 +193,8 @@ class Executor:
     async def _execute(
         self, name: str, command: str, credentials: dict[str, Any]
     ) -> dict[str, Any]:
-        target = self.policy.targets.get(name)
-        cfg = self.policy.gateway
+        target = self.config.policy.targets.get(name)
+        cfg = self.config.gateway
         if isinstance(target, PostgresTarget):
             url, kwargs = target.login(credentials["username"], credentials["password"])
             timeout_ms = int(cfg.statement_timeout.total_seconds() * 1000)

@@ -1,4 +1,4 @@
-"""Composition root of a gateway process: build everything from Settings + Policy, once.
+"""Composition root of a gateway process: build everything from Settings + Config, once.
 
 Nothing connects here; :func:`lifecycle` (aiohttp ``cleanup_ctx``) starts the listener, the
 journal and the poller and stops them in reverse. Tests call :func:`build` with their own
@@ -22,19 +22,19 @@ from gateway.readonly import ReadOnlyLogins
 from gateway.service import Gateway
 from keyturn.aio import cancel
 from keyturn.clock import Clock
-from keyturn.policy import Policy
+from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, process_vault
 
 
-def gateway_vault(settings: Settings, policy: Policy) -> Vault | None:
-    return process_vault(settings, policy, "gateway") if policy.targets else None
+def gateway_vault(settings: Settings, config: Config) -> Vault | None:
+    return process_vault(settings, config, "gateway") if config.policy.targets else None
 
 
 def build(
-    policy: Policy,
+    config: Config,
     store: Store,
     vault: Vault | None,
     *,
@@ -45,11 +45,15 @@ def build(
     readers = None
     if vault is not None:
         readers = ReadOnlyLogins(
-            vault, policy.postgres_targets(), policy.vault.database_mount, policy.gateway, metrics
+            vault,
+            config.policy.postgres_targets(),
+            config.vault.database_mount,
+            config.gateway,
+            metrics,
         )
-    cfg = policy.gateway
+    cfg = config.gateway
     gw = Gateway(
-        policy=policy,
+        config=config,
         store=store,
         listener=Listener(store.dsn),
         journal=Journal(store),
@@ -59,7 +63,7 @@ def build(
         metrics=metrics,
     )
     if vault is not None:
-        gw.executor = Executor(policy, store, vault, gw.listener, gw.masker, gw.metrics)
+        gw.executor = Executor(config, store, vault, gw.listener, gw.masker, gw.metrics)
     if readers is not None:
         gw.catalogs = Catalogs(readers, cfg.catalog_refresh.total_seconds())
     return gw
@@ -99,19 +103,19 @@ def application(gw: Gateway) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, policy: Policy) -> None:
+async def serve(settings: Settings, config: Config) -> None:
     secret = settings.gateway_dev_secret
     dsn = settings.dsn()
-    vault = gateway_vault(settings, policy)
+    vault = gateway_vault(settings, config)
     store = Store(dsn, clock=Clock())  # connects lazily: configuration errors come first
-    gw = build(policy, store, vault, dev_secret=secret.get_secret_value() if secret else None)
+    gw = build(config, store, vault, dev_secret=secret.get_secret_value() if secret else None)
     await store.ping()  # then fail fast, with one clear line, when Postgres is not there
     runner = web.AppRunner(application(gw), access_log=None)
     await runner.setup()
-    host, _, port = policy.gateway.listen.rpartition(":")
+    host, _, port = config.gateway.listen.rpartition(":")
     site = web.TCPSite(runner, host, int(port))
     await site.start()
-    print(f"keyturn gateway listening on http://{policy.gateway.listen}", flush=True)
+    print(f"keyturn gateway listening on http://{config.gateway.listen}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -115,7 +115,7 @@ async def read(request: web.Request) -> web.Response:
         raise InvalidInput(f"wait must be a number of seconds, got {raw_wait!r}") from None
     if not math.isfinite(wait) or wait < 0:
         raise InvalidInput("wait must be a non-negative number of seconds")
-    wait = min(wait, gw.policy.gateway.max_wait.total_seconds())
+    wait = min(wait, gw.config.gateway.max_wait.total_seconds())
     return await _json(await gw.read(who, request.match_info["id"], wait))
 
 

@@ -45,7 +45,7 @@ from keyturn.errors import (
     Unavailable,
 )
 from keyturn.masking import Masker
-from keyturn.policy import Policy, Rule
+from keyturn.policy import Config, Rule
 from keyturn.store import outcomes, reads, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until
@@ -113,7 +113,7 @@ def _parse(raw: bytes) -> CommandIn:
 
 @dataclass
 class Gateway:
-    policy: Policy
+    config: Config
     store: Store
     listener: Listener
     journal: Journal
@@ -129,16 +129,16 @@ class Gateway:
     draining: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        cfg = self.policy.gateway
+        cfg = self.config.gateway
         self.limiter = RateLimiter(cfg.rate_per_second, cfg.rate_burst)
-        self.masker = Masker.from_policy(self.policy.masking)
+        self.masker = Masker.from_policy(self.config.policy.masking)
         self.limits = Limits.of(cfg)
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
     def _classify_uncached(
         self, target: str, command: str, who: Identity, catalog: Catalog | None
     ) -> Verdict:
-        return classify(self.policy, target, command, who, catalog)
+        return classify(self.config, target, command, who, catalog)
 
     async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
         """Cached (per catalog); a long command is parsed off the event loop."""
@@ -155,7 +155,7 @@ class Gateway:
         self, who: Identity, raw: bytes, idempotency_key: str | None
     ) -> tuple[int, CommandOut]:
         cmd = _parse(raw)
-        check_access(self.policy, cmd.target, who)
+        check_access(self.config, cmd.target, who)
         body_sha = hashlib.sha256(raw).hexdigest()
         if idempotency_key is not None:
             earlier = await requests.find_by_key(self.store, who.subject, idempotency_key, body_sha)
@@ -207,9 +207,9 @@ class Gateway:
 
         Raises NotStarted for whatever failed before the first statement was sent.
         """
-        cfg = self.policy.gateway
+        cfg = self.config.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
-        masking = masking_patterns(self.policy, rule)
+        masking = masking_patterns(self.config, rule)
         plan = read_plan(cmd.command, cfg.max_statements, masking)
         started = False
         try:
@@ -243,7 +243,7 @@ class Gateway:
         if isinstance(exc, NotStarted):
             return f"never ran: {self._failure(exc.cause)}"
         if isinstance(exc, TimeoutError):
-            seconds = self.policy.gateway.statement_timeout.total_seconds()
+            seconds = self.config.gateway.statement_timeout.total_seconds()
             return f"deadline exceeded: the gateway cancelled the command after {seconds:g} s"
         if isinstance(exc, SessionChanged):
             return f"{exc}; keyturn closed that connection and ran nothing more"
@@ -394,9 +394,10 @@ class Gateway:
                 run_id=cmd.run_id,
                 reason=cmd.reason,
                 rule=rule.name if rule else None,
-                pending_ttl=(rule.pending_ttl if rule else None) or self.policy.pending_ttl,
+                pending_ttl=(rule.pending_ttl if rule else None) or self.config.policy.pending_ttl,
                 quorum=rule.quorum if rule else 1,
-                grant_ttl=(rule.grant_ttl if rule else None) or self.policy.default_grant_ttl,
+                grant_ttl=(rule.grant_ttl if rule else None)
+                or self.config.policy.default_grant_ttl,
                 classification=_classification(verdict) | {"estimated_rows": estimate},
                 idempotency_key=key,
                 body_sha256=body_sha,
@@ -422,7 +423,7 @@ class Gateway:
                     kind=target.kind,
                     description=target.description or DEFAULT_DESCRIPTIONS[target.kind],
                 )
-                for name, target in self.policy.targets.items()
+                for name, target in self.config.policy.targets.items()
                 if may_use(target, who)
             ]
         )
@@ -488,7 +489,7 @@ class Gateway:
 
     async def poll_forever(self) -> None:
         """The polling guarantee behind long-polls, expiry of pending requests, the gauge."""
-        interval = self.policy.gateway.poll_interval.total_seconds()
+        interval = self.config.gateway.poll_interval.total_seconds()
         while True:
             with contextlib.suppress(KeyturnError):
                 await self.poll_once()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
-    from keyturn.policy import Policy
+    from keyturn.policy import Config
 
 EXIT_BAD_INPUT = 2
 EXIT_TAMPERED = 1
@@ -50,44 +50,44 @@ def run_fast(coro: Coroutine[Any, Any, None]) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from keyturn.classify import policy_warnings
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
 
-    policy = load_policy(args.file)
-    rules, targets = len(policy.rules), len(policy.targets)
-    for warning in policy_warnings(policy):
+    config = load_config(args.file)
+    rules, targets = len(config.policy.rules), len(config.policy.targets)
+    for warning in policy_warnings(config):
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
-    if _policy_cases_fail(args.file, policy):
+    if _policy_cases_fail(args.file, config):
         return 1
-    print(f"{args.file}: ok ({targets} targets, {rules} rules, {len(policy.tests)} tests)")
+    print(f"{args.file}: ok ({targets} targets, {rules} rules, {len(config.policy.tests)} tests)")
     return 0
 
 
-def _policy_cases_fail(file: Path, policy: Policy) -> bool:
+def _policy_cases_fail(file: Path, config: Config) -> bool:
     from keyturn.classify.cases import failing_cases
 
-    failing = failing_cases(policy)
+    failing = failing_cases(config)
     for failure in failing:
         print(f"{file}: {failure}", file=sys.stderr)
     return bool(failing)
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
 
-    policy = load_policy(args.file)
-    if _policy_cases_fail(args.file, policy):
+    config = load_config(args.file)
+    if _policy_cases_fail(args.file, config):
         return 1
-    print(f"{args.file}: all {len(policy.tests)} tests pass")
+    print(f"{args.file}: all {len(config.policy.tests)} tests pass")
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from keyturn.classify import Identity, classify
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
 
-    policy = load_policy(args.config)
+    config = load_config(args.config)
     who = Identity(args.subject, frozenset(args.group)) if args.subject else None
-    print(json.dumps(classify(policy, args.target, args.command, who).as_json()))
+    print(json.dumps(classify(config, args.target, args.command, who).as_json()))
     return 0
 
 
@@ -148,14 +148,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
     from keyturn.settings import load_settings
     from keyturn.vault import Vault
     from keyturn.vault_setup import bootstrap
 
-    policy = load_policy(args.config)
+    config = load_config(args.config)
     settings = load_settings()
-    addr = settings.vault_addr or policy.vault.addr or os.environ.get("VAULT_ADDR")
+    addr = settings.vault_addr or config.vault.addr or os.environ.get("VAULT_ADDR")
     token = settings.vault_token or None
     raw_token = token.get_secret_value() if token else os.environ.get("VAULT_TOKEN")
     if not addr:
@@ -169,7 +169,7 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
         vault = Vault(addr, token=raw_token)
         try:
             report = await bootstrap(
-                vault, policy, issue_secret_ids=args.secret_ids_out is not None
+                vault, config, issue_secret_ids=args.secret_ids_out is not None
             )
         finally:
             await vault.close()
@@ -180,7 +180,7 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
         for role, role_id in report.role_ids.items():
             print(f"AppRole {role}: role_id {role_id}")
         if args.secret_ids_out is not None:
-            _write_secret_ids(args.secret_ids_out, policy.vault, report.role_ids, report.secret_ids)
+            _write_secret_ids(args.secret_ids_out, config.vault, report.role_ids, report.secret_ids)
             print(f"secret ids written to {args.secret_ids_out} (mode 0600)")
         return 0
 
@@ -203,21 +203,21 @@ def _write_secret_ids(
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.bootstrap import serve
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
     from keyturn.settings import load_settings
 
-    policy = load_policy(args.config)
-    run_fast(serve(load_settings(), policy))
+    config = load_config(args.config)
+    run_fast(serve(load_settings(), config))
     return 0
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
     from bot.bootstrap import serve
-    from keyturn.policy import load_policy
+    from keyturn.policy import load_config
     from keyturn.settings import load_settings
 
-    policy = load_policy(args.config)
-    run_fast(serve(load_settings(), policy))
+    config = load_config(args.config)
+    run_fast(serve(load_settings(), config))
     return 0
 
 

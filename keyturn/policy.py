@@ -376,14 +376,18 @@ class BotConfig(Model):
     issue_timeout: Duration = timedelta(minutes=15)  # keep retrying Vault this long, then fail
 
 
+# What keyturn decides with (targets, rules, masking, TTLs and the file's own tests); the
+# rest of the file says how the processes run. In the YAML both sit at the top level.
+POLICY_KEYS = ("targets", "rules", "masking", "pending_ttl", "default_grant_ttl", "tests")
+
+
 class Policy(Model):
+    """What keyturn decides with: the targets, the rules, masking, TTLs, and the tests the
+    rules must pass."""
+
     targets: dict[Name, Target]
     rules: list[Rule] = []
     masking: Masking = Masking()
-    vault: VaultConfig = VaultConfig()
-    slack: SlackConfig = SlackConfig()
-    gateway: GatewayConfig = GatewayConfig()
-    bot: BotConfig = BotConfig()
     pending_ttl: Duration = timedelta(minutes=15)
     default_grant_ttl: Duration = timedelta(minutes=10)
     tests: list[PolicyTest] = []
@@ -414,11 +418,35 @@ class Policy(Model):
         return {n: t for n, t in self.targets.items() if isinstance(t, SshTarget)}
 
 
+class Config(Model):
+    """The whole configuration file: the :class:`Policy`, and how each process runs (Vault
+    mounts, Slack, the gateway's and the bot's settings)."""
+
+    policy: Policy
+    vault: VaultConfig = VaultConfig()
+    slack: SlackConfig = SlackConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    bot: BotConfig = BotConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_file(cls, data: Any) -> Any:
+        """The file keeps the policy's keys at the top level; the model nests them."""
+        if not isinstance(data, dict):
+            return data
+        if "policy" in data:
+            raise ValueError("policy: unknown field (targets, rules... go at the top level)")
+        nested = {k: v for k, v in data.items() if k in POLICY_KEYS}
+        return {k: v for k, v in data.items() if k not in POLICY_KEYS} | {"policy": nested}
+
+
 # ------------------------------------------------------------------ loading and errors
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
     out = ""
+    if loc[:1] == ("policy",):  # nested in the model, at the top level of the file
+        loc = loc[1:]
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -480,21 +508,21 @@ def _secret_keys(node: Any, path: str = "") -> list[str]:
     return found
 
 
-def parse_policy(data: Any, source: str = "config") -> Policy:
+def parse_config(data: Any, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with targets and rules at the top level")
     problems = _secret_keys(data)
     try:
-        policy = Policy.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in format_errors(exc) if p.split(":", 1)[0] not in reported]
     if problems:
         raise ConfigError(f"{source}: {len(problems)} error(s)", problems)
-    return policy
+    return config
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -511,4 +539,4 @@ def load_policy(path: str | Path) -> Policy:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
-    return parse_policy(data, str(path))
+    return parse_config(data, str(path))

@@ -31,7 +31,7 @@ from keyturn.backoff import Backoff
 from keyturn.errors import ConfigError, Forbidden, KeyturnError, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from keyturn.policy import Policy
+    from keyturn.policy import Config
     from keyturn.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -368,17 +368,17 @@ class Vault:
         return [prefix + key for key in await self.list_keys(f"sys/leases/lookup/{prefix}")]
 
 
-def process_vault(settings: Settings, policy: Policy, process: Literal["gateway", "bot"]) -> Vault:
+def process_vault(settings: Settings, config: Config, process: Literal["gateway", "bot"]) -> Vault:
     """A process's own Vault client (its AppRole), or one clear line saying what is missing."""
     if process == "gateway":
         role_id, secret = settings.gateway_role_id, settings.gateway_secret_id
     else:
         role_id, secret = settings.bot_role_id, settings.bot_secret_id
     return approle_vault(
-        settings.vault_addr or policy.vault.addr,
+        settings.vault_addr or config.vault.addr,
         role_id,
         secret.get_secret_value() if secret else None,
-        policy.vault.approle_mount,
+        config.vault.approle_mount,
         process,
     )
 

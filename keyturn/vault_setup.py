@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from keyturn.errors import ConfigError, KeyturnError, NotFound
-from keyturn.policy import Policy, PostgresTarget
+from keyturn.policy import Config, PostgresTarget
 from keyturn.settings import target_admin_credentials, target_env_name
 from keyturn.store.dsn import parse_dsn
 from keyturn.vault import Vault, VaultRequestError
@@ -68,20 +68,20 @@ def render_policy(text: str, values: dict[str, list[str]]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def policy_values(policy: Policy) -> dict[str, list[str]]:
-    pg = policy.postgres_targets().values()
-    ssh = policy.ssh_targets().values()
+def policy_values(config: Config) -> dict[str, list[str]]:
+    pg = config.policy.postgres_targets().values()
+    ssh = config.policy.ssh_targets().values()
     return {
-        "database_mount": [policy.vault.database_mount],
-        "ssh_mount": [policy.vault.ssh_mount],
+        "database_mount": [config.vault.database_mount],
+        "ssh_mount": [config.vault.ssh_mount],
         "readonly_role": sorted({t.vault.readonly_role for t in pg}),
         "write_role": sorted({t.vault.write_role for t in pg}),
         "ssh_role": sorted({t.vault.ssh_role for t in ssh}),
     }
 
 
-def rendered_policies(policy: Policy, policy_dir: Path = POLICY_DIR) -> dict[str, str]:
-    values = policy_values(policy)
+def rendered_policies(config: Config, policy_dir: Path = POLICY_DIR) -> dict[str, str]:
+    values = policy_values(config)
     try:
         return {
             GATEWAY_POLICY: render_policy((policy_dir / "gateway.hcl").read_text(), values),
@@ -192,10 +192,10 @@ async def readonly_findings(
     return found
 
 
-async def _check_readonly(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
+async def _check_readonly(vault: Vault, config: Config, report: BootstrapReport) -> None:
     """Log in once as each target's read-only role and report what the DBA should tighten."""
-    mount = policy.vault.database_mount
-    for name, target in policy.postgres_targets().items():
+    mount = config.vault.database_mount
+    for name, target in config.policy.postgres_targets().items():
         try:
             lease = await vault.creds(f"{mount}/creds/{target.vault.readonly_role}")
         except KeyturnError as exc:
@@ -236,10 +236,10 @@ def _connection_url(target: PostgresTarget) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def _database(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
-    mount = policy.vault.database_mount
+async def _database(vault: Vault, config: Config, report: BootstrapReport) -> None:
+    mount = config.vault.database_mount
     await _ensure_mount(vault, report, "database", mount, auth=False)
-    for name, target in policy.postgres_targets().items():
+    for name, target in config.policy.postgres_targets().items():
         config_path = f"{mount}/config/{name}"
         admin = target_admin_credentials(name)
         if admin is not None:
@@ -267,7 +267,7 @@ async def _database(vault: Vault, policy: Policy, report: BootstrapReport) -> No
             report.did(f"kept connection {config_path}")
         for role, write in ((target.vault.readonly_role, False), (target.vault.write_role, True)):
             create, revoke = role_statements(target, write)
-            ttl = policy.default_grant_ttl if write else READONLY_LEASE_TTL
+            ttl = config.policy.default_grant_ttl if write else READONLY_LEASE_TTL
             ttl = min(ttl, target.vault.max_ttl)
             await vault.write(
                 f"{mount}/roles/{role}",
@@ -282,11 +282,11 @@ async def _database(vault: Vault, policy: Policy, report: BootstrapReport) -> No
             report.did(f"wrote role {mount}/roles/{role}")
 
 
-async def _ssh(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
-    targets = policy.ssh_targets()
+async def _ssh(vault: Vault, config: Config, report: BootstrapReport) -> None:
+    targets = config.policy.ssh_targets()
     if not targets:
         return
-    mount = policy.vault.ssh_mount
+    mount = config.vault.ssh_mount
     await _ensure_mount(vault, report, "ssh", mount, auth=False)
     try:
         has_ca = bool(
@@ -317,7 +317,7 @@ async def _ssh(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
                 "allowed_critical_options": "force-command,source-address",
                 "allowed_extensions": "permit-pty",
                 "default_extensions": {},
-                "ttl": int(policy.default_grant_ttl.total_seconds()),
+                "ttl": int(config.policy.default_grant_ttl.total_seconds()),
                 "max_ttl": max_ttls[role],
             },
         )
@@ -325,13 +325,13 @@ async def _ssh(vault: Vault, policy: Policy, report: BootstrapReport) -> None:
 
 
 async def _approles(
-    vault: Vault, policy: Policy, report: BootstrapReport, issue_secret_ids: bool
+    vault: Vault, config: Config, report: BootstrapReport, issue_secret_ids: bool
 ) -> None:
-    mount = policy.vault.approle_mount
+    mount = config.vault.approle_mount
     await _ensure_mount(vault, report, "approle", mount, auth=True)
     for role, acl in (
-        (policy.vault.gateway_approle, GATEWAY_POLICY),
-        (policy.vault.bot_approle, BOT_POLICY),
+        (config.vault.gateway_approle, GATEWAY_POLICY),
+        (config.vault.bot_approle, BOT_POLICY),
     ):
         await vault.write(
             f"auth/{mount}/role/{role}",
@@ -352,17 +352,17 @@ async def _approles(
 
 
 async def bootstrap(
-    vault: Vault, policy: Policy, *, issue_secret_ids: bool = False, policy_dir: Path = POLICY_DIR
+    vault: Vault, config: Config, *, issue_secret_ids: bool = False, policy_dir: Path = POLICY_DIR
 ) -> BootstrapReport:
     report = BootstrapReport()
     await vault.health()
-    policies = rendered_policies(policy, policy_dir)
-    if policy.postgres_targets():
-        await _database(vault, policy, report)
-        await _check_readonly(vault, policy, report)
-    await _ssh(vault, policy, report)
+    policies = rendered_policies(config, policy_dir)
+    if config.policy.postgres_targets():
+        await _database(vault, config, report)
+        await _check_readonly(vault, config, report)
+    await _ssh(vault, config, report)
     for name, text in policies.items():
         await vault.write(f"sys/policies/acl/{name}", {"policy": text})
         report.did(f"wrote policy {name}")
-    await _approles(vault, policy, report, issue_secret_ids)
+    await _approles(vault, config, report, issue_secret_ids)
     return report

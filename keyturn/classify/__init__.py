@@ -22,7 +22,7 @@ from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql
 from keyturn.errors import Forbidden, NotFound
-from keyturn.policy import Policy, PostgresTarget, Rule, TargetBase
+from keyturn.policy import Config, PostgresTarget, Rule, TargetBase
 
 Action = Literal["allow", "hold", "block"]
 
@@ -70,10 +70,10 @@ class NotAllowed(Forbidden):
     code = "not_allowed"
 
 
-def masking_patterns(policy: Policy, rule: Rule | None = None) -> Patterns:
+def masking_patterns(config: Config, rule: Rule | None = None) -> Patterns:
     """The policy's masked columns, with the uses ``rule`` (the deciding one) allows."""
     uses = tuple(rule.masked_uses) if rule is not None else ()
-    return _patterns(tuple(policy.masking.columns), uses)
+    return _patterns(tuple(config.policy.masking.columns), uses)
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,9 +86,9 @@ def may_use(target: TargetBase, who: Identity) -> bool:
     return target.subjects is None or who.listed_in(target.subjects)
 
 
-def check_access(policy: Policy, target_name: str, who: Identity) -> TargetBase:
+def check_access(config: Config, target_name: str, who: Identity) -> TargetBase:
     """The target, if ``who`` may use it at all (before any classification)."""
-    target = policy.targets.get(target_name)
+    target = config.policy.targets.get(target_name)
     if target is None:
         raise NotFound(f"unknown target {target_name!r}")
     if not may_use(target, who):
@@ -103,29 +103,29 @@ def _applies(rule: Rule, target_name: str, who: Identity | None) -> bool:
 
 
 def classify(
-    policy: Policy,
+    config: Config,
     target_name: str,
     command: str,
     who: Identity | None = None,
     catalog: Catalog | None = None,
 ) -> Verdict:
     """``catalog``: the target's functions (the gateway passes it; without, built-in lists)."""
-    target = policy.targets.get(target_name)
+    target = config.policy.targets.get(target_name)
     if target is None:
         raise NotFound(f"unknown target {target_name!r}")
     if isinstance(target, PostgresTarget):
-        return _classify_sql(policy, target_name, command, who, catalog)
-    return _classify_shell(policy, target_name, command, who)
+        return _classify_sql(config, target_name, command, who, catalog)
+    return _classify_shell(config, target_name, command, who)
 
 
 def _classify_sql(
-    policy: Policy, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
+    config: Config, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
 ) -> Verdict:
-    verdict = _sql_rules(policy, target_name, command, who, catalog)
+    verdict = _sql_rules(config, target_name, command, who, catalog)
     if verdict.action == "allow":
         try:
-            masking = masking_patterns(policy, verdict.rule)
-            read_plan(command, policy.gateway.max_statements, masking)
+            masking = masking_patterns(config, verdict.rule)
+            read_plan(command, config.gateway.max_statements, masking)
         except NotReadOnly as exc:  # whatever the rules say, a human decides
             reasons = [*verdict.reasons, f"held: {exc.message}"]
             return Verdict("hold", None, reasons, verdict.kinds, verdict.shadow)
@@ -133,7 +133,7 @@ def _classify_sql(
 
 
 def _sql_rules(
-    policy: Policy, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
+    config: Config, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
 ) -> Verdict:
     analysis = analyze_sql(command, catalog)
     kinds = frozenset(analysis.kinds)
@@ -142,7 +142,7 @@ def _sql_rules(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
     shadow: list[tuple[str, Action]] = []
-    for rule in policy.rules:
+    for rule in config.policy.rules:
         if not _applies(rule, target_name, who) or rule.match.sql is None:
             continue
         listed = set(rule.match.sql)
@@ -166,7 +166,7 @@ def _hit(argv: list[str], patterns: list[str], *, whole: bool) -> bool:
 
 
 def _classify_shell(
-    policy: Policy, target_name: str, command: str, who: Identity | None
+    config: Config, target_name: str, command: str, who: Identity | None
 ) -> Verdict:
     analysis = analyze_shell(command)
     if not analysis.parsed:
@@ -175,7 +175,7 @@ def _classify_shell(
         )
     commands = analysis.commands
     shadow: list[tuple[str, Action]] = []
-    for rule in policy.rules:
+    for rule in config.policy.rules:
         if not _applies(rule, target_name, who) or rule.match.shell is None:
             continue
         patterns = rule.match.shell
@@ -194,11 +194,11 @@ def _classify_shell(
     return Verdict("hold", None, reasons, shadow=tuple(shadow))
 
 
-def policy_warnings(policy: Policy) -> list[str]:
+def policy_warnings(config: Config) -> list[str]:
     """Allow rules naming programs that can run or write other things: keyturn holds their
     risky uses whatever the pattern says, but such a rule is broader than it looks."""
     found = []
-    for i, rule in enumerate(policy.rules):
+    for i, rule in enumerate(config.policy.rules):
         for j, pattern in enumerate(rule.match.shell or () if rule.action == "allow" else ()):
             program = os.path.basename(compile_pattern(pattern)[0])
             if program in WRAPPERS or program in INTERPRETERS:

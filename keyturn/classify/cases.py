@@ -16,7 +16,7 @@ from keyturn.classify import Identity, classify
 from keyturn.classify.sql import parse
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Policy, PolicyTest
+from keyturn.policy import Config, PolicyTest
 
 
 def result_columns(command: str) -> list[str]:
@@ -45,11 +45,11 @@ def result_columns(command: str) -> list[str]:
     return names
 
 
-def _failure(policy: Policy, masker: Masker, i: int, case: PolicyTest) -> str | None:
+def _failure(config: Config, masker: Masker, i: int, case: PolicyTest) -> str | None:
     who = Identity(case.subject.removeprefix("agent:"), frozenset(case.groups))
     where = f"tests[{i}] ({case.expect} {case.command[:60]!r} on {case.target})"
     try:
-        verdict = classify(policy, case.target, case.command, who)
+        verdict = classify(config, case.target, case.command, who)
     except KeyturnError as exc:
         return f"{where}: refused as bad input: {exc.message}"
     rule = verdict.rule.name if verdict.rule else None
@@ -63,8 +63,8 @@ def _failure(policy: Policy, masker: Masker, i: int, case: PolicyTest) -> str | 
     return None
 
 
-def failing_cases(policy: Policy) -> list[str]:
+def failing_cases(config: Config) -> list[str]:
     """One line per case the policy does not decide as its test says."""
-    masker = Masker.from_policy(policy.masking)
-    found = [_failure(policy, masker, i, case) for i, case in enumerate(policy.tests)]
+    masker = Masker.from_policy(config.policy.masking)
+    found = [_failure(config, masker, i, case) for i, case in enumerate(config.policy.tests)]
     return [f for f in found if f is not None]

@@ -1,7 +1,7 @@
 """``keyturn dev``: the local stack on throwaway services, no accounts needed.
 
 Starts a throwaway Postgres (keyturn's own database, migrated, plus a demo ``orders``
-database), an OpenBao dev server bootstrapped for the demo policy, a demo SSH target (this
+database), an OpenBao dev server bootstrapped for the demo config, a demo SSH target (this
 machine's sshd, where OpenSSH is installed), the Slack emulator with its
 sandbox page, and the gateway and the bot as their own ``keyturn gateway`` / ``keyturn bot``
 processes. Writes the addresses and a dev agent token to ``<state-dir>/stack.json`` (mode
@@ -38,7 +38,7 @@ from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.sshd import SshServer, find_sshd, ssh_principal
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault
@@ -200,7 +200,7 @@ async def _prepare(
     os.environ["KEYTURN_TARGET_ORDERS_DB_PASSWORD"] = pg.password
     vault = Vault(bao.addr, token=bao.root_token)
     try:
-        report = await bootstrap(vault, parse_policy(data), issue_secret_ids=True)
+        report = await bootstrap(vault, parse_config(data), issue_secret_ids=True)
     finally:
         await vault.close()
     return database, policy_file, report
@@ -341,18 +341,18 @@ def _run(
     services.callback(_forget, state, state_dir / "policy.yml")
     database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir, slack))
     demo_ssh = _start_demo_ssh(services, bao, policy_file)
-    policy = parse_policy(yaml.safe_load(policy_file.read_text()))
+    config = parse_config(yaml.safe_load(policy_file.read_text()))
     stack = DevStack(
         pg,
         bao,
         database,
         policy_file,
         report,
-        gateway_url=f"http://{policy.gateway.listen}",
+        gateway_url=f"http://{config.gateway.listen}",
         slack=slack,
         dev_secret=secrets.token_urlsafe(32),
     )
-    gateway = policy.vault.gateway_approle
+    gateway = config.vault.gateway_approle
     common = {"KEYTURN_DATABASE_URL": database.url}
     gateway_env = common | {
         "KEYTURN_GATEWAY_ROLE_ID": report.role_ids[gateway],
@@ -363,17 +363,17 @@ def _run(
         common
         | slack.bot_env
         | {
-            "KEYTURN_BOT_ROLE_ID": report.role_ids[policy.vault.bot_approle],
-            "KEYTURN_BOT_SECRET_ID": report.secret_ids[policy.vault.bot_approle],
+            "KEYTURN_BOT_ROLE_ID": report.role_ids[config.vault.bot_approle],
+            "KEYTURN_BOT_SECRET_ID": report.secret_ids[config.vault.bot_approle],
         }
     )
-    bot_url = f"http://{policy.bot.listen}"
+    bot_url = f"http://{config.bot.listen}"
     slack.deliver_to(bot_url)
     with (
         _service("gateway", gateway_env, policy_file, stack.gateway_url),
         _service("bot", bot_env, policy_file, bot_url),
     ):
-        targets = {name: target.kind for name, target in policy.targets.items()}
+        targets = {name: target.kind for name, target in config.policy.targets.items()}
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(stack.describe(targets), out, indent=2)

@@ -30,7 +30,7 @@ from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
-from keyturn.policy import Policy, parse_policy
+from keyturn.policy import Config, parse_config
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.testing.pytest_plugin import PostgresServer
@@ -59,14 +59,14 @@ class Shop:
     bot_role_id: str
     bot_secret_id: str
 
-    def policy(self, **overrides: Any) -> Policy:
+    def policy(self, **overrides: Any) -> Config:
         data = copy.deepcopy(self.base_policy)
         for key, value in overrides.items():
             if key == "gateway":
                 data["gateway"] = {**data["gateway"], **value}
             else:
                 data[key] = value
-        return parse_policy(data)
+        return parse_config(data)
 
     def vault(self) -> Vault:
         return Vault(self.openbao.addr, approle=AppRoleLogin(self.role_id, self.secret_id))
@@ -162,7 +162,7 @@ async def shop(
         mp.setenv("KEYTURN_TARGET_SHOP_PASSWORD", postgres_server.password)
         mp.setenv("KEYTURN_TARGET_PRIVATE_USERNAME", "postgres")
         mp.setenv("KEYTURN_TARGET_PRIVATE_PASSWORD", postgres_server.password)
-        report = await bootstrap(root, parse_policy(data), issue_secret_ids=True)
+        report = await bootstrap(root, parse_config(data), issue_secret_ids=True)
     await root.close()
     yield Shop(
         gateway_openbao,
@@ -234,12 +234,12 @@ class TcpProxy:
 
 @contextlib.asynccontextmanager
 async def serve_bot(
-    slack: SlackEmulator, policy: Policy, database: Dsn, vault: Vault, clock: Clock | None = None
+    slack: SlackEmulator, config: Config, database: Dsn, vault: Vault, clock: Clock | None = None
 ) -> AsyncIterator[Bot]:
     """A real bot (Bolt over HTTP) on ``database``, receiving the emulator's signed clicks."""
     client = slack_client(slack.bot_token, slack.api_url)
     store = Store(database, clock=clock)
-    bot, bolt = build_bot(policy, store, client, slack.signing_secret, vault)
+    bot, bolt = build_bot(config, store, client, slack.signing_secret, vault)
     server = TestServer(web_application(bot, bolt))
     await server.start_server()
     slack.bot_url = str(server.make_url("/slack/events"))
@@ -427,10 +427,10 @@ def run_desk(
         for rule in data["rules"]:
             if rule["name"] == "writes":
                 rule.update(writes or {})
-        policy = parse_policy(data)
+        config = parse_config(data)
         gateway = {"poll_interval": "500ms", **overrides.pop("gateway", {})}
         async with (
-            serve_bot(approvals_slack, policy, database, bot_vault or shop.bot_vault()),
+            serve_bot(approvals_slack, config, database, bot_vault or shop.bot_vault()),
             run_gateway(rules=data["rules"], gateway=gateway, **overrides) as running,
         ):
             desk = Desk(running, approvals_slack, Store(database))

@@ -132,7 +132,7 @@ def threaded_gateway(shop: Shop, database: Dsn) -> Iterator[str]:
     where: list[str] = []
 
     async def main() -> None:
-        policy = shop.policy(
+        config = shop.policy(
             gateway={
                 "auth": {"algorithms": ["HS256"]},
                 "rate_per_second": 1_000_000,
@@ -140,7 +140,7 @@ def threaded_gateway(shop: Shop, database: Dsn) -> Iterator[str]:
                 "max_wait": "100ms",
             }
         )
-        gw = build(policy, Store(database), shop.vault(), dev_secret=SECRET)
+        gw = build(config, Store(database), shop.vault(), dev_secret=SECRET)
         runner = web.AppRunner(application(gw), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

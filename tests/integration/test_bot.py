@@ -23,7 +23,7 @@ from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from keyturn.clock import Clock, ManualClock
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -114,8 +114,8 @@ BotFactory = Callable[..., contextlib.AbstractAsyncContextManager[RunningBot]]
 def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop) -> BotFactory:
     @contextlib.asynccontextmanager
     async def start(clock: Clock | None = None, **overrides: Any) -> AsyncIterator[RunningBot]:
-        policy = parse_policy(policy_data(shop, **overrides))
-        async with serve_bot(slack, policy, database, shop.bot_vault(), clock) as bot:
+        config = parse_config(policy_data(shop, **overrides))
+        async with serve_bot(slack, config, database, shop.bot_vault(), clock) as bot:
             yield RunningBot(bot, Store(database), slack)
 
     return start
@@ -334,9 +334,9 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
     # A first replica claimed the request and posted its card, then died before recording it.
     clock = ManualClock()
     store = Store(database, clock=clock)
-    policy = parse_policy(policy_data(shop))
+    config = parse_config(policy_data(shop))
     client = slack_client(slack.bot_token, slack.api_url)
-    dying, _ = build(policy, store, client, slack.signing_secret, shop.bot_vault())
+    dying, _ = build(config, store, client, slack.signing_secret, shop.bot_vault())
     new = requests.NewRequest(
         "shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5), rule="writes"
     )
@@ -390,7 +390,7 @@ async def test_socket_mode(slack: SlackEmulator, database: Dsn, shop: Shop) -> N
 
     store = Store(database)
     client = slack_client(slack.bot_token, slack.api_url)
-    bot, bolt = build(parse_policy(policy_data(shop)), store, client, None, shop.bot_vault())
+    bot, bolt = build(parse_config(policy_data(shop)), store, client, None, shop.bot_vault())
     server = TestServer(web_application(bot, bolt, http_mode=False))
     await server.start_server()
     handler = AsyncSocketModeHandler(bolt, slack.app_token, web_client=client)
@@ -508,8 +508,8 @@ async def test_postgres_down_at_click_time_tells_the_clicker(
     the same click works."""
     proxy = TcpProxy(int(database.url.rsplit(":", 1)[1].split("/")[0]))
     await proxy.up()
-    policy = parse_policy(policy_data(shop))
-    async with serve_bot(slack, policy, proxy.dsn(database), shop.bot_vault()) as bot:
+    config = parse_config(policy_data(shop))
+    async with serve_bot(slack, config, proxy.dsn(database), shop.bot_vault()) as bot:
         rb = RunningBot(bot, Store(database), slack)
         request_id = await rb.hold()
         ts = await rb.card(request_id)

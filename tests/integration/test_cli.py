@@ -64,12 +64,12 @@ def test_check_config_accepts_a_valid_file() -> None:
 
 
 def test_policy_tests_fail_naming_each_case(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yml"
-    policy.write_text(
+    config = tmp_path / "policy.yml"
+    config.write_text(
         EXAMPLE.read_text()
         + "  - {target: orders-db, command: 'SELECT 1; DROP TABLE t', expect: allow}\n"
     )
-    for args in (("policy", "test", str(policy)), ("check-config", str(policy))):
+    for args in (("policy", "test", str(config)), ("check-config", str(config))):
         proc = keyturn(*args)
         assert proc.returncode == 1, proc
         assert "tests[5] (allow 'SELECT 1; DROP TABLE t' on orders-db): got block by rule" in (

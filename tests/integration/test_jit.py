@@ -30,7 +30,7 @@ from bot.service import Bot
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.store import grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -147,9 +147,9 @@ def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> BotFac
     async def start(
         data: dict[str, Any] | None = None, vault: Vault | None = None
     ) -> AsyncIterator[RunningBot]:
-        policy = parse_policy(data or jit_policy(shop))
+        config = parse_config(data or jit_policy(shop))
         watched = spy.watch(vault or shop.bot_vault())
-        async with serve_bot(slack, policy, database, watched) as bot:
+        async with serve_bot(slack, config, database, watched) as bot:
             yield RunningBot(bot, Store(database), slack)
 
     return start
@@ -518,7 +518,7 @@ async def test_an_approved_ssh_command_runs_through_the_ca(
         assert done["status"] == "executed", done
         assert done["result"]["stdout"].strip() == sshd.principal
         assert done["result"]["exit_status"] == 0
-        # an allowed shell command needs credentials too: approved by policy, no click
+        # an allowed shell command needs credentials too: approved by config, no click
         status, allowed = await gw.post(token, {"target": "web", "command": "uptime"})
         assert status == 202 and allowed["status"] == "approved", allowed
         status, ran = await gw.get(token, allowed["id"], wait=30)
@@ -570,9 +570,9 @@ async def test_two_replicas_revoke_each_due_grant_once(
             await rb.grant(request_id)
     async with rb.store.raw_connection() as conn:
         await conn.execute("UPDATE grants SET expires_at = now()")
-    policy = parse_policy(data)
+    config = parse_config(data)
     replicas = [
-        Revoker(Store(database), Issuer(policy, shop.bot_vault()), policy.bot) for _ in "ab"
+        Revoker(Store(database), Issuer(config, shop.bot_vault()), config.bot) for _ in "ab"
     ]
     await asyncio.gather(*(r.end_due() for r in replicas))
     async with rb.store.raw_connection() as conn:

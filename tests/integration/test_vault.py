@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
-from keyturn.policy import Policy, parse_policy
+from keyturn.policy import Config, parse_config
 from keyturn.testing.pytest_plugin import PostgresServer
 from keyturn.vault import (
     AppRoleLogin,
@@ -30,7 +30,7 @@ from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, bootstrap
 
 @dataclass
 class Bootstrapped:
-    policy: Policy
+    config: Config
     database: str
     gateway: Vault
     bot: Vault
@@ -38,8 +38,8 @@ class Bootstrapped:
     second_actions: list[str]
 
 
-def _policy(port: int, database: str) -> Policy:
-    return parse_policy(
+def _policy(port: int, database: str) -> Config:
+    return parse_config(
         {
             "targets": {
                 "orders-db": {
@@ -76,14 +76,14 @@ async def boot(
         "CREATE TABLE orders (id int PRIMARY KEY, status text); INSERT INTO orders VALUES (1, 'open')",
         database,
     )
-    policy = _policy(postgres_server.port, database)
+    config = _policy(postgres_server.port, database)
     root = Vault(openbao.addr, token=openbao.root_token)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KEYTURN_TARGET_ORDERS_DB_USERNAME", "postgres")
         mp.setenv("KEYTURN_TARGET_ORDERS_DB_PASSWORD", postgres_server.password)
-        first = await bootstrap(root, policy, issue_secret_ids=True)
+        first = await bootstrap(root, config, issue_secret_ids=True)
     # second run: no admin login in the environment any more; it must keep what exists
-    second = await bootstrap(root, policy, issue_secret_ids=False)
+    second = await bootstrap(root, config, issue_secret_ids=False)
     await root.close()
     clients = {}
     for role in ("keyturn-gateway", "keyturn-bot"):
@@ -92,7 +92,7 @@ async def boot(
         )
         await clients[role].login()
     yield Bootstrapped(
-        policy,
+        config,
         database,
         clients["keyturn-gateway"],
         clients["keyturn-bot"],
@@ -124,7 +124,7 @@ async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
 ) -> None:
     root = Vault(fresh_openbao.addr, token=fresh_openbao.root_token)
     try:
-        report = await bootstrap(root, boot.policy)
+        report = await bootstrap(root, boot.config)
         assert any(
             "may create temporary tables" in w and f'ON DATABASE "{boot.database}"' in w
             for w in report.warnings
@@ -134,9 +134,9 @@ async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
             " REVOKE CREATE ON SCHEMA public FROM PUBLIC; " + REVOKE_RISKY_FUNCTIONS,
             boot.database,
         )
-        assert (await bootstrap(root, boot.policy)).warnings == []
+        assert (await bootstrap(root, boot.config)).warnings == []
         await postgres_server.execute("CREATE EXTENSION IF NOT EXISTS dblink", boot.database)
-        found = (await bootstrap(root, boot.policy)).warnings
+        found = (await bootstrap(root, boot.config)).warnings
         assert found == [
             "target orders-db: the read-only role: extension dblink is installed: "
             "a read may reach beyond this database"

@@ -23,14 +23,14 @@ from keyturn.classify.cases import failing_cases
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.errors import ConfigError, NotFound
-from keyturn.policy import Policy, parse_policy
+from keyturn.policy import Config, Rule, parse_config
 
 DB = {
     "kind": "postgres",
     "dsn": "postgresql://db:5432/app",
     "vault": {"readonly_role": "ro", "write_role": "rw"},
 }
-POLICY = parse_policy(
+POLICY = parse_config(
     {
         "targets": {
             "db": DB,
@@ -403,6 +403,11 @@ SHELL_BLOCKED = [
 ]
 
 
+def with_rules(config: Config, rules: list[Rule]) -> Config:
+    """``config`` with other rules (the rest of it unchanged)."""
+    return config.model_copy(update={"policy": config.policy.model_copy(update={"rules": rules})})
+
+
 def _action(target: str, command: str) -> str:
     return classify(POLICY, target, command).action
 
@@ -440,7 +445,7 @@ def test_classification(target: str, command: str, action: str, rule: str | None
 
 def test_held_evasions_are_never_allowed_whatever_the_rule_order() -> None:
     """Even with the reads rule first, nothing but plain reads is allowed."""
-    reordered = POLICY.model_copy(update={"rules": [POLICY.rules[4], *POLICY.rules[:4]]})
+    reordered = with_rules(POLICY, [POLICY.policy.rules[4], *POLICY.policy.rules[:4]])
     for q in HELD_EVASIONS + HELD_WRITES + [q for q, _ in BLOCKED]:
         assert classify(reordered, "db", q).action != "allow", q
 
@@ -462,24 +467,23 @@ def test_reasons_name_the_danger() -> None:
 
 
 def test_rule_subjects_and_target_subjects() -> None:
-    policy = POLICY.model_copy(
-        update={
-            "rules": [
-                POLICY.rules[0].model_copy(
-                    update={
-                        "name": "vip-reads",
-                        "subjects": ["agent:crew-vip"],
-                        "match": POLICY.rules[4].match,
-                        "action": "allow",
-                    }
-                ),
-                *POLICY.rules[4:5],
-            ]
-        }
+    config = with_rules(
+        POLICY,
+        [
+            POLICY.policy.rules[0].model_copy(
+                update={
+                    "name": "vip-reads",
+                    "subjects": ["agent:crew-vip"],
+                    "match": POLICY.policy.rules[4].match,
+                    "action": "allow",
+                }
+            ),
+            *POLICY.policy.rules[4:5],
+        ],
     )
     vip, other = Identity("crew-vip"), Identity("crew-other")
-    assert classify(policy, "db", "SELECT 1", vip).rule.name == "vip-reads"  # type: ignore[union-attr]
-    assert classify(policy, "db", "SELECT 1", other).rule.name == "reads"  # type: ignore[union-attr]
+    assert classify(config, "db", "SELECT 1", vip).rule.name == "vip-reads"  # type: ignore[union-attr]
+    assert classify(config, "db", "SELECT 1", other).rule.name == "reads"  # type: ignore[union-attr]
 
     assert check_access(POLICY, "web", Identity("crew-ops")).kind == "ssh"  # type: ignore[attr-defined]
     assert check_access(POLICY, "web", Identity("x", frozenset({"sre"}))) is not None
@@ -500,7 +504,7 @@ def test_verdict_json_shape() -> None:
 
 def test_an_allow_rule_cannot_allow_what_the_read_only_path_never_runs() -> None:
     """A policy author may allow `set` or `any`; only plain reads still run without a human."""
-    lax = parse_policy(
+    lax = parse_config(
         {
             "targets": {"db": DB},
             "rules": [{"name": "lax", "match": {"sql": ["any"]}, "action": "allow"}],
@@ -631,8 +635,8 @@ def test_argument_patterns(pattern: str, argv: list[str], whole: bool, matches: 
 # ------------------------------------------------------------------ shadow rules and policy tests
 
 
-def lax_policy(**extra: Any) -> Policy:
-    return parse_policy(
+def lax_policy(**extra: Any) -> Config:
+    return parse_config(
         {
             "targets": {"db": DB},
             "rules": [
@@ -660,7 +664,7 @@ def test_a_shadow_rule_is_recorded_not_enforced() -> None:
 
 
 def test_policy_tests_in_the_policy_file() -> None:
-    policy = lax_policy(
+    config = lax_policy(
         tests=[
             {"target": "db", "command": "DELETE FROM t WHERE id = 1", "expect": "hold"},
             {
@@ -675,7 +679,7 @@ def test_policy_tests_in_the_policy_file() -> None:
             {"target": "db", "command": "SELECT $1", "expect": "allow"},
         ]
     )
-    assert failing_cases(policy) == [
+    assert failing_cases(config) == [
         "tests[2] (block 'DELETE FROM t WHERE id = 1' on db): got hold by rule writes: "
         "DELETE statement",
         "tests[3] (allow 'SELECT email FROM t' on db): masked ['email'], expected []",
@@ -755,9 +759,9 @@ MASKED_USES = [
 def test_a_masked_column_selected_as_itself_is_allowed_and_masked(
     command: str, masked: tuple[bool, ...] | None
 ) -> None:
-    policy = lax_policy()
-    assert classify(policy, "db", command).action == "allow", command
-    plan = read_plan(command, 20, masking_patterns(policy))
+    config = lax_policy()
+    assert classify(config, "db", command).action == "allow", command
+    plan = read_plan(command, 20, masking_patterns(config))
     assert plan[-1].masked == masked
 
 
@@ -770,20 +774,20 @@ def test_any_other_use_of_a_masked_column_holds_with_the_reason(command: str) ->
 
 
 def test_masking_patterns_may_name_the_table() -> None:
-    policy = lax_policy(masking={"columns": ["customers.ssn"]})
-    assert classify(policy, "db", "SELECT upper(ssn) FROM customers").action == "hold"
-    assert classify(policy, "db", "SELECT upper(ssn) FROM people").action == "allow"
-    assert read_plan("SELECT ssn AS s FROM customers", 20, masking_patterns(policy))[-1].masked == (
+    config = lax_policy(masking={"columns": ["customers.ssn"]})
+    assert classify(config, "db", "SELECT upper(ssn) FROM customers").action == "hold"
+    assert classify(config, "db", "SELECT upper(ssn) FROM people").action == "allow"
+    assert read_plan("SELECT ssn AS s FROM customers", 20, masking_patterns(config))[-1].masked == (
         True,
     )
 
 
 def test_an_allow_rule_may_let_named_functions_take_masked_columns() -> None:
     counting = lax_policy()
-    rules = [r.model_dump(mode="json", exclude_defaults=True) for r in counting.rules]
+    rules = [r.model_dump(mode="json", exclude_defaults=True) for r in counting.policy.rules]
     rules[-1]["masked_uses"] = ["count"]
-    policy = lax_policy(rules=rules)
-    assert classify(policy, "db", "SELECT count(email), count(DISTINCT email) FROM t").action == (
+    config = lax_policy(rules=rules)
+    assert classify(config, "db", "SELECT count(email), count(DISTINCT email) FROM t").action == (
         "allow"
     )
     for still_held in (
@@ -791,5 +795,5 @@ def test_an_allow_rule_may_let_named_functions_take_masked_columns() -> None:
         "SELECT count(*) FILTER (WHERE email LIKE 'a%') FROM t",
         "SELECT count(id) FROM t WHERE email = 'x'",
     ):
-        assert classify(policy, "db", still_held).action == "hold", still_held
+        assert classify(config, "db", still_held).action == "hold", still_held
     assert classify(lax_policy(), "db", "SELECT count(email) FROM t").action == "hold"

@@ -26,7 +26,7 @@ import yaml
 
 from keyturn.classify.cases import failing_cases
 from keyturn.cli import build_parser
-from keyturn.policy import Policy, load_policy, parse_policy
+from keyturn.policy import Config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -459,7 +459,7 @@ def served_paths(command: str) -> set[str]:
     return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}
 
 
-def probe_problems(compose: Compose, policy: Policy) -> list[str]:
+def probe_problems(compose: Compose, config: Config) -> list[str]:
     """A keyturn listener's probe and published port hit the address the policy makes it
     listen on, at a path it serves: a wrong one keeps it unhealthy, or unreachable while its
     in-container probe passes."""
@@ -468,7 +468,7 @@ def probe_problems(compose: Compose, policy: Policy) -> list[str]:
         argv = command_of(service)
         if argv[:1] != ["keyturn"] or len(argv) < 2 or argv[1] not in LISTENERS:
             continue
-        listen = getattr(policy, argv[1]).listen
+        listen = getattr(config, argv[1]).listen
         host, _, port = listen.rpartition(":")
         if host not in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (what it must bind to)
             problems.append(f"service {name}: the policy listens on {listen}: unreachable")
@@ -489,14 +489,14 @@ def probe_problems(compose: Compose, policy: Policy) -> list[str]:
 
 
 def test_the_example_policy_is_valid_and_its_tests_pass() -> None:
-    policy = load_policy(POLICY_EXAMPLE)
-    assert failing_cases(policy) == []
-    assert policy.tests and "demo-ssh" in policy.targets
+    config = load_config(POLICY_EXAMPLE)
+    assert failing_cases(config) == []
+    assert config.policy.tests and "demo-ssh" in config.policy.targets
 
 
 def test_probes_hit_what_the_processes_serve() -> None:
     assert "/healthz" in served_paths("gateway") and "/healthz" in served_paths("bot")
-    assert probe_problems(load_compose(), load_policy(POLICY_EXAMPLE)) == []
+    assert probe_problems(load_compose(), load_config(POLICY_EXAMPLE)) == []
 
 
 @pytest.mark.parametrize(
@@ -511,7 +511,7 @@ def test_a_wrong_probe_is_reported(service: str, old: str, new: str, expected: s
     broken = load_compose()
     check = broken["services"][service]["healthcheck"]
     check["test"] = [word.replace(old, new) for word in check["test"]]
-    problems = probe_problems(broken, load_policy(POLICY_EXAMPLE))
+    problems = probe_problems(broken, load_config(POLICY_EXAMPLE))
     assert any(f"service {service}" in p and expected in p for p in problems), problems
 
 
@@ -519,7 +519,7 @@ def test_a_listener_the_ports_do_not_reach_is_reported() -> None:
     data = yaml.safe_load(POLICY_EXAMPLE.read_text())
     data["gateway"]["listen"] = "127.0.0.1:8080"
     data["bot"]["listen"] = "0.0.0.0:3030"
-    problems = probe_problems(load_compose(), parse_policy(data))
+    problems = probe_problems(load_compose(), parse_config(data))
     assert any("service gateway" in p and "unreachable" in p for p in problems), problems
     assert any("service bot" in p and "publishes" in p for p in problems), problems
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from keyturn.errors import ConfigError
-from keyturn.policy import load_policy, parse_duration, parse_policy
+from keyturn.policy import load_config, parse_config, parse_duration
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"
 
@@ -31,15 +31,15 @@ def base(**extra: Any) -> dict[str, Any]:
 
 def problems(data: Any) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_policy(data)
+        parse_config(data)
     return info.value.problems
 
 
 def test_the_example_policy_is_valid() -> None:
-    policy = load_policy(EXAMPLE)
-    assert set(policy.targets) == {"orders-db", "web-1"}
-    assert policy.rules[2].grant_ttl == timedelta(minutes=10)
-    assert policy.pending_ttl == timedelta(minutes=15)
+    config = load_config(EXAMPLE)
+    assert set(config.policy.targets) == {"orders-db", "web-1"}
+    assert config.policy.rules[2].grant_ttl == timedelta(minutes=10)
+    assert config.policy.pending_ttl == timedelta(minutes=15)
 
 
 def test_bad_action_names_its_location() -> None:
@@ -179,19 +179,19 @@ def test_specific_errors(mutate: Any, expected: str) -> None:
 
 def test_top_level_must_be_a_mapping() -> None:
     with pytest.raises(ConfigError, match="expected a mapping"):
-        parse_policy(["targets"])
+        parse_config(["targets"])
 
 
 def test_yaml_errors_give_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "p.yml"
     path.write_text("targets:\n  a: [1, 2\nrules: []\n")
     with pytest.raises(ConfigError, match=r"p.yml:3:\d+: invalid YAML"):
-        load_policy(path)
+        load_config(path)
     path.write_text("")
     with pytest.raises(ConfigError, match="the file is empty"):
-        load_policy(path)
+        load_config(path)
     with pytest.raises(ConfigError, match="no such file"):
-        load_policy(tmp_path / "missing.yml")
+        load_config(tmp_path / "missing.yml")
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from keyturn.errors import ConfigError
-from keyturn.policy import parse_policy
+from keyturn.policy import parse_config
 from keyturn.vault_setup import render_policy, rendered_policies, role_statements
 
 
 def policy(**targets: object) -> object:
-    return parse_policy({"targets": targets})
+    return parse_config({"targets": targets})
 
 
 PG = {
@@ -51,7 +51,7 @@ def test_gateway_and_bot_policies() -> None:
 
 
 def test_revocation_ends_open_sessions_before_dropping_the_role() -> None:
-    target = policy(**{"orders-db": PG}).targets["orders-db"]  # type: ignore[attr-defined]
+    target = policy(**{"orders-db": PG}).policy.targets["orders-db"]  # type: ignore[attr-defined]
     create, revoke = role_statements(target, write=False)
     assert any("default_transaction_read_only" in s for s in create)
     joined = "\n".join(revoke)
