@@ -25,6 +25,13 @@ from typing import Any
 
 import httpx
 
+for name, value in {
+    "CREWAI_DISABLE_TELEMETRY": "true",
+    "CREWAI_TRACING_ENABLED": "false",
+    "OTEL_SDK_DISABLED": "true",
+}.items():
+    os.environ.setdefault(name, value)  # before crewai is imported: nothing phones home
+
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.stack import percentile
@@ -63,7 +70,7 @@ def p50_ms(call: Any, n: int = ITERATIONS) -> float:
         started = time.perf_counter()
         call()
         samples.append(time.perf_counter() - started)
-    return percentile(samples, 50) * 1000
+    return percentile(samples, 0.5) * 1000
 
 
 def card_ts(sandbox: str, request_id: str) -> str:
@@ -98,11 +105,11 @@ def one_click(stack: dict[str, Any], n: int) -> float:
         if time.monotonic() > deadline or not worker.is_alive():
             raise SystemExit(f"the UPDATE was not held: {said}")
         time.sleep(0.01)
-    ts = card_ts(stack["slack_sandbox"], held[0])
+    ts = card_ts(stack["sandbox_url"], held[0])
     time.sleep(0.3)  # let the tool's long-poll settle in the gateway
     started = time.perf_counter()
     body = {"ts": ts, "action_id": "keyturn_approve", "user": "U_APPROVER"}
-    httpx.post(f"{stack['slack_sandbox']}/sandbox/click", json=body, timeout=10)
+    httpx.post(f"{stack['sandbox_url']}/sandbox/click", json=body, timeout=10)
     worker.join(60)
     if not said or not said[0].endswith("UPDATE 1."):
         raise SystemExit(f"the approved UPDATE did not finish: {said}")
@@ -142,7 +149,7 @@ def main() -> None:
     )
     ms = sorted(c * 1000 for c in clicks)
     print(
-        f"  click -> KeyturnSQLTool result              p50 {percentile(ms, 50):.0f} ms "
+        f"  click -> KeyturnSQLTool result              p50 {percentile(ms, 0.5):.0f} ms "
         f"(min {ms[0]:.0f}, max {ms[-1]:.0f}, {CLICKS} approvals; target <= 250 ms p50, as "
         "bench/expiry.py's click -> result)"
     )
