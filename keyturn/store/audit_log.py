@@ -18,8 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-import asyncpg
-
 GENESIS = "0" * 64
 
 
@@ -78,20 +76,44 @@ class Event:
         return None
 
 
-_INSERT = (
-    "INSERT INTO audit_events (kind, actor, request_id, grant_id, data)"
-    " VALUES ($1, $2, $3, $4, $5::jsonb)"
-)
+NOTIFY_CHANNEL = "keyturn"
+
+# The events of one statement, from a JSON array (their order is their order in the chain).
+EVENTS_FROM_JSON = """
+    SELECT * FROM ROWS FROM (jsonb_to_recordset({param}::jsonb) AS (kind text, actor text,
+        request_id uuid, grant_id uuid, data jsonb)) WITH ORDINALITY
+        AS e(kind, actor, request_id, grant_id, data, n)
+"""
 
 
-async def append_many(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
-    """Append ``events`` inside the transaction open on ``conn``.
+def recording(events: str, wakes: str) -> str:
+    """The end of one statement that records what happened: the rows of the CTE ``events``
+    (kind, actor, request_id, grant_id, data, n) appended to the audit chain in order of
+    ``n``, and a notification for each text (``<kind>:<id>``) the query ``wakes`` yields,
+    which Postgres sends only if the statement's transaction commits.
 
-    The database numbers and chains them (a trigger locks ``audit_head``), so appends from
-    every process serialize there and a writer cannot choose its place in the chain.
+    The unit of work (:class:`keyturn.store.db.Tx`) and the gateway's journal
+    (:mod:`keyturn.store.outcomes`) both end their statements with it: what happened is
+    audited and announced in one place, in the same transaction as the change.
     """
-    if events:
-        await conn.executemany(
-            _INSERT,
-            [(e.kind, e.actor, e.request_id, e.grant_id, json.dumps(e.data)) for e in events],
-        )
+    return f""", audited AS (
+    INSERT INTO audit_events (kind, actor, request_id, grant_id, data)
+    SELECT kind, actor, request_id, grant_id, data FROM {events} ORDER BY n
+)
+SELECT count(pg_notify('{NOTIFY_CHANNEL}', w)) FROM ({wakes}) AS woken(w)"""
+
+
+def as_json(events: Sequence[Event]) -> str:
+    """``events`` as :data:`EVENTS_FROM_JSON` reads them."""
+    return json.dumps(
+        [
+            {
+                "kind": e.kind,
+                "actor": e.actor,
+                "request_id": str(e.request_id) if e.request_id else None,
+                "grant_id": str(e.grant_id) if e.grant_id else None,
+                "data": e.data,
+            }
+            for e in events
+        ]
+    )

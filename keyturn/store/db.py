@@ -21,11 +21,10 @@ from sqlalchemy.ext.asyncio import (
 
 from keyturn.clock import Clock
 from keyturn.errors import DatabaseUnavailable, NotFound, Unavailable
-from keyturn.store.audit_log import Event, append_many
+from keyturn.store.audit_log import EVENTS_FROM_JSON, Event, as_json, recording
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import GrantRow, RequestRow
 
-NOTIFY_CHANNEL = "keyturn"
 Row = TypeVar("Row", RequestRow, GrantRow)
 
 
@@ -126,20 +125,20 @@ class Tx:
         if not self._events and not self._wakes:
             return
         await self.session.flush()  # rows first: events refer to them
-        await append_many(await self.raw_connection(), self._events)
-        if self._wakes:
-            await self.session.execute(
-                text(
-                    "SELECT pg_notify(:channel, k || ':' || i)"
-                    " FROM unnest(CAST(:kinds AS text[]), CAST(:ids AS text[])) AS w(k, i)"
-                ),
-                {
-                    "channel": NOTIFY_CHANNEL,
-                    "kinds": [k for k, _ in self._wakes],
-                    "ids": [i for _, i in self._wakes],
-                },
-            )
+        await self.session.execute(
+            text(_RECORD),
+            {"events": as_json(self._events), "wakes": [f"{k}:{i}" for k, i in self._wakes]},
+        )
         self._events, self._wakes = [], {}
+
+
+# One statement: the transaction's events into the chain, then their notifications.
+_RECORD = (
+    "WITH events AS ("
+    + EVENTS_FROM_JSON.format(param="CAST(:events AS jsonb)")
+    + ")"
+    + recording("events", "SELECT unnest(CAST(:wakes AS text[]))")
+)
 
 
 class Store:

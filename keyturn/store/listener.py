@@ -20,7 +20,7 @@ import asyncpg
 
 from keyturn.aio import cancel
 from keyturn.backoff import Backoff
-from keyturn.store.db import NOTIFY_CHANNEL
+from keyturn.store.audit_log import NOTIFY_CHANNEL
 from keyturn.store.dsn import Dsn
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from keyturn.domain import (
     came_from,
     command_sha256,
 )
+from keyturn.store.audit_log import recording
 from keyturn.store.requests import shadow
 
 
@@ -85,19 +86,15 @@ WITH inserted AS (
         release_key boolean)
     WHERE r.id = x.id AND r.status = ANY($4::text[])
     RETURNING r.id
-), audited AS (
+), happened AS (
     -- an outcome is audited only with the change it records: a retried completion whose
     -- first attempt did commit changes nothing and adds no second event
-    INSERT INTO audit_events (kind, actor, request_id, data)
-    SELECT x.kind, x.actor, x.request_id, x.data
+    SELECT x.kind, x.actor, x.request_id, x.grant_id, x.data, x.n
     FROM ROWS FROM (jsonb_to_recordset($3::jsonb) AS (kind text, actor text, request_id uuid,
-        data jsonb, outcome boolean)) WITH ORDINALITY AS x(kind, actor, request_id, data,
-        outcome, n)
+        grant_id uuid, data jsonb, outcome boolean)) WITH ORDINALITY AS x(kind, actor,
+        request_id, grant_id, data, outcome, n)
     WHERE NOT coalesce(x.outcome, false) OR x.request_id IN (SELECT id FROM completed)
-    ORDER BY x.n
-)
-SELECT count(pg_notify('keyturn', 'request:' || id)) FROM completed
-"""
+)""" + recording("happened", "SELECT 'request:' || id FROM completed")
 
 
 async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | Completion]) -> None:
