@@ -34,9 +34,9 @@ for name, value in {
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.stack import percentile
-from keyturn.client import Client
-from keyturn.crewai import KeyturnSQLTool
+from bench.stack import percentile  # noqa: E402
+from keyturn.client import Client  # noqa: E402
+from keyturn.crewai import KeyturnSQLTool  # noqa: E402
 
 SELECT = "SELECT id, status, total_cents FROM orders WHERE id = 1"
 ITERATIONS = 300
