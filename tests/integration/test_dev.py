@@ -83,6 +83,7 @@ def demo(stack: dict[str, Any], decision: str, reason: str | None = None) -> lis
 def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"  # every temporary file of the stack goes here: TMPDIR
     scratch.mkdir()
+    in_memory = set(Path("/dev/shm").glob("keyturn-pg-*"))  # noqa: S108 (Postgres data there)
     with running_dev(scratch / "state", env={"TMPDIR": str(scratch)}) as (dev, stack):
         for key, kind in CONTRACT.items():
             assert isinstance(stack.get(key), kind), key
@@ -118,6 +119,7 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         assert "keyturn dev stopped" in dev.finish(timeout=60)[-1]
     assert not [pid for pid in below if alive(pid)]
     assert not list(scratch.iterdir())  # no state file, no data directory, no socket
+    assert set(Path("/dev/shm").glob("keyturn-pg-*")) <= in_memory  # noqa: S108
     with pytest.raises(httpx.ConnectError):
         httpx.get(stack["gateway_url"] + "/healthz", timeout=2)
 
