@@ -149,6 +149,7 @@ class CardState:
     votes: list[Vote] = field(default_factory=list)
     error: str | None = None
     credentials: Credentials | None = None
+    ran: str | None = None  # what the approved run reported: command tags or an exit status
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def _outcome(state: CardState) -> str:
         "executed": "Approved and run",
         "failed": "Approved; the run failed",
     }.get(state.status, state.status)
-    return f":white_check_mark: {verb} by {who or 'policy'}"
+    ran = f": `{escape(state.ran)}`" if state.status == "executed" and state.ran else ""
+    return f":white_check_mark: {verb} by {who or 'policy'}{ran}"
 
 
 # The card's title says where the request stands, so a glance at the channel tells.

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -96,7 +97,20 @@ def card_state(
         votes=[Vote(a.approver, a.decision, a.reason) for a in row.approvals],
         error=row.error,
         credentials=credentials_of(row, grant, now),
+        ran=what_ran(row.result),
     )
+
+
+def what_ran(result: dict[str, Any] | None) -> str | None:
+    """The card's one-line account of an approved run: command tags (``UPDATE 3``) or an
+    exit status; never rows or output, which may hold what masking hid from the agent."""
+    if not result:
+        return None
+    if result.get("tags"):
+        return ", ".join(str(t) for t in result["tags"])[:200]
+    if result.get("exit_status") is not None:
+        return f"exit {result['exit_status']}"
+    return None
 
 
 class ApproverDirectory:

@@ -79,7 +79,9 @@ def test_a_non_approver_is_refused_then_the_approver_approves(
     result = waiting.result(timeout=60)
     assert isinstance(result, SqlResultOut) and result.tags == ["DELETE 1"]
     approved = card(page, command)
-    expect(approved).to_contain_text("Approved and run by @Ada Approver", timeout=CARD_WAIT)
+    expect(approved).to_contain_text(
+        "Approved and run by @Ada Approver: DELETE 1", timeout=CARD_WAIT
+    )
     expect(approved.get_by_role("button", name="Approve")).to_have_count(0)
     approved.screenshot(path=tmp_path / "approved-card.png")
     if os.environ.get("KEYTURN_UPDATE_SCREENSHOTS"):  # the README's picture

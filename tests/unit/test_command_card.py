@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
-from bot.cards import CardState, approval_card, command_blocks
+from bot.cards import CardState, Vote, approval_card, command_blocks
+from bot.service import what_ran
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -75,3 +77,17 @@ def test_markup_in_a_command_stays_text() -> None:
 def test_a_shell_card_shows_the_line_as_the_shell_gets_it() -> None:
     text = shown_text("LD_PRELOAD=/tmp/evil.so cat /var/log/syslog > /etc/cron.d/x", ssh=True)
     assert "LD_PRELOAD=/tmp/evil.so cat /var/log/syslog &gt; /etc/cron.d/x" in text
+
+
+def test_a_run_card_says_what_ran_but_never_the_rows() -> None:
+    done = replace(
+        state("UPDATE t SET x = 1 WHERE id = 1"),
+        status="executed",
+        votes=[Vote("U_ADA", "approve")],
+        ran=what_ran({"tags": ["UPDATE 1", "<!channel>"], "rows": [["ada@example.com"]]}),
+    )
+    text = json.dumps(approval_card(done))
+    assert "Approved and run by <@U_ADA>: `UPDATE 1, &lt;!channel&gt;`" in text
+    assert "ada@example.com" not in text
+    assert what_ran({"exit_status": 0, "stdout": "secret"}) == "exit 0"
+    assert what_ran(None) is None and what_ran({"rows": []}) is None
