@@ -11,7 +11,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
-from bot.service import Bot
+from bot.service import Bot, NotRecorded
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, KeyturnError, NotFound
 from keyturn.vault import VaultUnavailable
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 def tell(exc: KeyturnError) -> str:
     """What a person reads when their click changed nothing: the one place that says it."""
+    if isinstance(exc, NotRecorded):
+        return exc.message
     if isinstance(exc, DatabaseUnavailable):
         return (
             "keyturn cannot reach its database right now; nothing was decided — "

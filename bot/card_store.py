@@ -79,15 +79,19 @@ async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Cl
         ).one_or_none()
         if row is None:
             return None
+        # The card row is not locked by the SELECT: take it over only if it is still unposted
+        # and unclaimed (or stale) now, or a replica that just posted would be overwritten.
         version = await tx.session.scalar(
             text(
                 "INSERT INTO cards (request_id, claimed_by, claimed_at) VALUES (:id, :by, :at)"
                 " ON CONFLICT (request_id) DO UPDATE SET claimed_by = :by, claimed_at = :at"
+                " WHERE cards.ts IS NULL"
+                " AND (cards.claimed_at IS NULL OR cards.claimed_at < :stale)"
                 f" RETURNING (SELECT {_VERSION} FROM requests r WHERE r.id = :id)"
             ),
-            {"id": row.id, "by": replica, "at": tx.now},
+            {"id": row.id, "by": replica, "at": tx.now, "stale": tx.now - claim_timeout},
         )
-    return Claimed(row, str(version))
+    return None if version is None else Claimed(row, str(version))
 
 
 async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
@@ -96,8 +100,12 @@ async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
         return bool(await conn.execute(sql, *args) == "UPDATE 1")
 
 
-async def card_posted(store: Store, claimed: Claimed, replica: str, channel: str, ts: str) -> bool:
-    """Record where the card is; False when another replica's claim replaced ours."""
+async def card_posted(
+    store: Store, claimed: Claimed, replica: str, channel: str, ts: str, *, adopted: bool = False
+) -> bool:
+    """Record where the card is; False when another replica's claim replaced ours. An
+    ``adopted`` card (posted by a claim that died) was drawn from an older state than this
+    claim's: it is recorded as showing nothing yet, so the next refresh redraws it."""
     return await _changed_one(
         store,
         "UPDATE cards SET channel = $3, ts = $4, shown = $5"
@@ -106,7 +114,7 @@ async def card_posted(store: Store, claimed: Claimed, replica: str, channel: str
         replica,
         channel,
         ts,
-        claimed.version,
+        None if adopted else claimed.version,
     )
 
 

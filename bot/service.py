@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +36,7 @@ from bot.revocation import Revoker
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
 from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
-from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
+from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Approvers, Config, SshTarget
 from keyturn.store import grants, requests
 from keyturn.store.db import Store
@@ -208,11 +209,13 @@ class Bot:
         await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
 
     async def deny(self, request_id: str, user: str, reason: str) -> None:
+        """Record a denial; the modal is answered as soon as it is committed (Slack allows
+        3 s), and the card and the thread follow in the background."""
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
         row = await self._check_approver(request_id, user)
         await requests.decide(self.store, row.id, user, Decision.DENY, reason)
-        await self._after_decision(row.id, issue=False)
+        spawn(self._tasks, self._after_decision(row.id, issue=False))
 
     async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
         """What follows a committed decision. It is decided whatever happens here, so a
@@ -260,7 +263,8 @@ class Bot:
     async def revoke(self, grant_id: str, user: str) -> None:
         """Revoke now: the lease dies in Vault (its sessions end), the card says who did it."""
         grant = await self._check_grant_approver(grant_id, user)
-        await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
+        async with _vault_first():
+            await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
         self.revoker.unschedule(grant.id)
         if grant.request_id is not None:
             await self._after_decision(grant.request_id, issue=False)
@@ -272,7 +276,8 @@ class Bot:
             raise InvalidInput("this button carries no valid extension; nothing was changed")
         grant = await self._check_grant_approver(grant_id, user)
         extra = timedelta(seconds=int(seconds))
-        row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
+        async with _vault_first():
+            row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
         self.revoker.schedule(row.id, row.expires_at)
         if row.request_id is not None:
             await self._after_decision(row.request_id, issue=False)
@@ -296,6 +301,7 @@ class Bot:
                 return posted
             try:
                 ts = await self._find_card(channel, row.id)
+                adopted = ts is not None
                 if ts is not None:  # its thread may lack the full command: posted again
                     await self._post_full_command(channel, ts, self._state(row))
                 else:
@@ -304,7 +310,9 @@ class Bot:
                 log.warning("could not post the card for %s: %s; will retry", row.id, exc)
                 await card_store.release_card(self.store, row.id, self.replica)
                 raise
-            if await card_store.card_posted(self.store, claimed, self.replica, channel, ts):
+            if await card_store.card_posted(
+                self.store, claimed, self.replica, channel, ts, adopted=adopted
+            ):
                 posted += 1
         return posted
 
@@ -412,6 +420,23 @@ class Bot:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+
+class NotRecorded(DatabaseUnavailable):
+    """The database failed after Vault may already have acted (revoke, extend)."""
+
+
+@contextlib.asynccontextmanager
+async def _vault_first() -> AsyncIterator[None]:
+    """Vault acts inside the grant's transaction: if the database then fails, Vault may
+    have revoked or renewed already, so the clicker must not be told nothing happened."""
+    try:
+        yield
+    except DatabaseUnavailable as exc:
+        raise NotRecorded(
+            "keyturn cannot reach its database right now; Vault may already have acted, and "
+            "the card will show it once the database is back — try again in a minute"
+        ) from exc
 
 
 class NotApprover(KeyturnError):

@@ -38,6 +38,7 @@ class Ending(StrEnum):
     UNCLAIMED = "unclaimed"  # no gateway took the hand-off in time: revoked
 
 
+# Credentials that end before their command ran leave the request nothing to run with.
 _REQUEST_FAILURE = {
     Ending.DUE: "the credentials expired before a gateway ran the command",
     Ending.UNCLAIMED: "no gateway took the credentials before the hand-off expired;"
@@ -115,10 +116,6 @@ async def end_grants(
     return done
 
 
-# Credentials that end before their command ran leave the request nothing to run with; a
-# gateway that died while running leaves it executing.
-
-
 async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> list[uuid.UUID]:
     """Requests left ``executing`` by a gateway that died mid-run: once their credentials
     have been dead for ``after`` nothing can still be running them, so they fail."""
@@ -127,9 +124,9 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
         rows = await conn.fetch(
             "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
             " WHERE r.status = 'executing' AND g.status <> 'active'"
-            " AND g.ended_at < now() - $1::interval"
+            " AND g.ended_at < $1"
             " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
-            after,
+            tx.now - after,
             limit,
         )
         return await requests.fail_unrun(

@@ -16,7 +16,6 @@ Lock order is grant, then request. The gateway's claim takes both at once with
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from keyturn.store import requests
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx
 from keyturn.store.models import GrantRow, RequestRow
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,10 +83,11 @@ async def awaiting_credentials(store: Store, limit: int = 20) -> list[uuid.UUID]
     async with store.raw_connection() as conn:
         rows = await conn.fetch(
             "SELECT r.id FROM requests r WHERE r.status = 'approved'"
-            " AND (r.issue_after IS NULL OR r.issue_after <= now())"
+            " AND (r.issue_after IS NULL OR r.issue_after <= $2)"
             " AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.request_id = r.id)"
             " ORDER BY r.decided_at LIMIT $1",
             limit,
+            store.clock.now(),
         )
     return [r["id"] for r in rows]
 

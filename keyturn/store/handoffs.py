@@ -7,7 +7,6 @@ same transaction: exactly one gateway ever holds it.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from keyturn.domain import GrantStatus, RequestStatus
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

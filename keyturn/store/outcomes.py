@@ -65,8 +65,6 @@ class Completion:
 _COMPLETABLE = sorted(came_from(RequestStatus.EXECUTED) & came_from(RequestStatus.FAILED))
 
 # One statement for a whole batch: one round trip, atomic on its own.
-
-
 _WRITE_OUTCOMES = """
 WITH inserted AS (
     INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,

@@ -285,11 +285,12 @@ async def fail_unrun(
         return []
     conn = await tx.raw_connection()
     failed = await conn.fetch(
-        "UPDATE requests SET status = 'failed', error = $2, updated_at = now()"
+        "UPDATE requests SET status = 'failed', error = $2, updated_at = $4"
         " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",
         list(request_ids),
         error,
         status.value,
+        tx.now,
     )
     ids = [r["id"] for r in failed]
     tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))

@@ -17,11 +17,9 @@ from keyturn.harness.slack.workspace import TEAM, Call, Message, Workspace, json
 _VISIBLE = {
     "chat.postMessage",
     "chat.update",
-    "chat.delete",
     "chat.postEphemeral",
     "views.open",
     "views.update",
-    "views.push",
     "views.publish",
 }
 

@@ -138,7 +138,8 @@ function textObject(obj) {
 // ------------------------------------------------------------------ Block Kit
 
 function button(element, where) {
-  const node = el("button", "sk" + (element.style ? " " + element.style : ""));
+  const style = ["primary", "danger"].includes(element.style) ? " " + element.style : "";
+  const node = el("button", "sk" + style);
   node.type = "button";
   node.textContent = emojify(element.text?.text || "");
   node.dataset.actionId = element.action_id || "";
