@@ -10,6 +10,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import commands
 from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
 from bot.service import Bot, NotRecorded
 from keyturn.domain import AlreadyVoted, IllegalTransition
@@ -83,6 +84,16 @@ def register(app: AsyncApp, bot: Bot) -> None:
             await ack(response_action="errors", errors={REASON_BLOCK: tell(exc)})
         else:
             await ack()
+
+    @app.command("/keyturn")
+    async def keyturn_command(ack: AsyncAck, command: dict[str, Any]) -> None:
+        # Answered in the ack itself (Slack shows it to the person alone): each use case
+        # here is one short transaction.
+        try:
+            answer = await commands.run(bot.store, command["user_id"], command.get("text") or "")
+        except KeyturnError as exc:
+            answer = tell(exc)
+        await ack(answer)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:

@@ -211,6 +211,21 @@ class GrantRow(Base):
             self.handoff_token = None
 
 
+class SshKeyRow(Base):
+    """A person's registered SSH public key: what the SSH CA signs for their own sessions."""
+
+    __tablename__ = "ssh_keys"
+    __table_args__ = (UniqueConstraint("owner", "fingerprint", name="uq_ssh_keys_owner"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(50), index=True)  # a Slack user id
+    fingerprint: Mapped[str] = mapped_column(String(100))
+    algorithm: Mapped[str] = mapped_column(String(40))
+    bits: Mapped[int | None] = mapped_column(Integer)
+    public_key: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[datetime]
+
+
 class AuditEventRow(Base):
     """Append-only: triggers number and chain each insert and refuse UPDATE and DELETE; the
     hash chain reveals what a superuser might still do. Insert kind, actor, ids and data only."""

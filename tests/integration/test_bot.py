@@ -436,7 +436,10 @@ def test_the_manifest_asks_for_exactly_the_scopes_used() -> None:
         "usergroups:read",
         "channels:history",
         "groups:history",
+        "commands",  # /keyturn
     }
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/keyturn"]
+    assert manifest["features"]["slash_commands"][0]["url"].endswith("/slack/events")
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
     assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")
 
