@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
@@ -126,3 +127,16 @@ def test_a_command_carrying_markup_renders_as_text(page: Page, stack: dict[str, 
     modal.get_by_label("Why? The agent will see this.").fill("test markup")
     modal.get_by_role("button", name="Deny").click()
     expect(held).to_contain_text("Denied by", timeout=CARD_WAIT)
+
+
+def test_the_on_call_engineer_registers_a_key_by_slash_command(page: Page) -> None:
+    """Typed in the sandbox's composer as Omar: signed like Slack's, answered to Omar alone."""
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    page.select_option("#user", "U_ONCALL")
+    page.locator("#command").fill(f"/keyturn ssh-key add {key}")
+    page.locator("#command").press("Enter")
+    answer = page.locator(".message.ephemeral", has_text="Registered your ssh-ed25519 key")
+    expect(answer).to_be_visible()
+    expect(answer).to_contain_text("Only visible to you")
+    page.select_option("#user", "U_APPROVER")
+    expect(page.locator(".message.ephemeral", has_text="Registered your")).to_have_count(0)
