@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.stack import percentile  # noqa: E402
 from keyturn.client import Client  # noqa: E402
 from keyturn.crewai import KeyturnSQLTool  # noqa: E402
+from keyturn.harness.sandbox import find_card  # noqa: E402
 
 SELECT = "SELECT id, status, total_cents FROM orders WHERE id = 1"
 ITERATIONS = 300
@@ -73,18 +74,6 @@ def p50_ms(call: Any, n: int = ITERATIONS) -> float:
     return percentile(samples, 0.5) * 1000
 
 
-def card_ts(sandbox: str, request_id: str) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        page = httpx.get(f"{sandbox}/sandbox/messages", timeout=5).json()
-        for messages in page["channels"].values():
-            for message in messages:
-                if request_id in json.dumps(message) and message.get("blocks"):
-                    return str(message["ts"])
-        time.sleep(0.02)
-    raise SystemExit(f"no card for {request_id} in 30 s")
-
-
 def one_click(stack: dict[str, Any], n: int) -> float:
     """A tool waits on a held UPDATE; seconds from the click to its answer."""
     held: list[str] = []
@@ -105,7 +94,7 @@ def one_click(stack: dict[str, Any], n: int) -> float:
         if time.monotonic() > deadline or not worker.is_alive():
             raise SystemExit(f"the UPDATE was not held: {said}")
         time.sleep(0.01)
-    ts = card_ts(stack["sandbox_url"], held[0])
+    ts = find_card(stack["sandbox_url"], held[0], poll=0.02)
     time.sleep(0.3)  # let the tool's long-poll settle in the gateway
     started = time.perf_counter()
     body = {"ts": ts, "action_id": "keyturn_approve", "user": "U_APPROVER"}

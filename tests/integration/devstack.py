@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from keyturn.harness.sandbox import find_card
+
 ROOT = Path(__file__).parents[2]
 UP = "Ctrl-C stops everything"
 
@@ -96,23 +98,11 @@ def running_dev(
         dev.stop()
 
 
-def card_for(stack: dict[str, Any], request_id: str) -> str:
-    """The ts of the card that names ``request_id`` (or shows that text) on the sandbox page."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        page = httpx.get(f"{stack['sandbox_url']}/sandbox/messages", timeout=5).json()
-        for messages in page["channels"].values():
-            for message in messages:
-                if request_id in json.dumps(message) and message.get("blocks"):
-                    return str(message["ts"])
-        time.sleep(0.2)
-    raise AssertionError(f"no card for {request_id}")
-
-
 def click(stack: dict[str, Any], card: str, action: str, reason: str | None = None) -> None:
     """Click a button on the card that names ``card`` (a request id or its command text)."""
     sandbox = stack["sandbox_url"]
-    body = {"ts": card_for(stack, card), "action_id": action, "user": stack["approver_user"]}
+    ts = find_card(sandbox, card, poll=0.2)
+    body = {"ts": ts, "action_id": action, "user": stack["approver_user"]}
     assert httpx.post(f"{sandbox}/sandbox/click", json=body, timeout=10).json()["status"] == 200
     if reason is not None:
         deadline = time.monotonic() + 10

@@ -16,9 +16,11 @@ Dev only: it trusts whoever the page says it is, and listens on loopback.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from aiohttp import web
 
 if TYPE_CHECKING:
@@ -166,3 +168,17 @@ async def _command(request: web.Request) -> web.Response:
     channel = body.get("channel")
     where = channel if isinstance(channel, str) and channel else "CGENERAL"
     return _answer(*await emulator.command(body["text"], body["user"], where))
+
+
+def find_card(sandbox_url: str, text: str, timeout: float = 30, poll: float = 0.05) -> str:
+    """For scripts: the ts of the first card (a message with blocks) that shows ``text`` (a
+    request id, or a piece of its command), once the bot has posted it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = httpx.get(f"{sandbox_url}/sandbox/messages", timeout=5).json()
+        for messages in page["channels"].values():
+            for message in messages:
+                if text in json.dumps(message) and message.get("blocks"):
+                    return str(message["ts"])
+        time.sleep(poll)
+    raise TimeoutError(f"no card shows {text!r} after {timeout:g} s")
