@@ -16,7 +16,6 @@ provider's API key in the environment) to let a real model drive the same tools.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +33,8 @@ from crewai.agents.parser import AgentAction, AgentFinish  # noqa: E402
 
 from keyturn.api import CommandOut  # noqa: E402
 from keyturn.crewai import KeyturnRequestStatusTool, KeyturnSQLTool  # noqa: E402
+from keyturn.demo import load_stack  # noqa: E402
+from keyturn.errors import ConfigError  # noqa: E402
 from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall  # noqa: E402
 
 TARGET = "orders-db"
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", type=int, default=1, help="the order to investigate")
     args = parser.parse_args(argv)
     try:
-        stack = json.loads(Path(args.stack).read_text())
-    except (OSError, ValueError) as exc:
-        print(f"cannot read {args.stack} ({exc}); is `keyturn dev` running?", file=sys.stderr)
+        stack = load_stack(Path(args.stack))
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
         return 2
     sandbox = stack.get("sandbox_url", "the Slack sandbox")
 

@@ -23,6 +23,9 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
+from keyturn.demo import load_stack
+from keyturn.errors import ConfigError
+
 TARGET = "orders-db"
 
 
@@ -77,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", type=int, default=1, help="the order to investigate")
     args = parser.parse_args(argv)
     try:
-        stack = json.loads(Path(args.stack).read_text())
-    except (OSError, ValueError) as exc:
-        print(f"cannot read {args.stack} ({exc}); is `keyturn dev` running?", file=sys.stderr)
+        stack = load_stack(Path(args.stack))
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
         return 2
     print(asyncio.run(investigate(stack, args.order)), flush=True)
     return 0
