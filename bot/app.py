@@ -11,7 +11,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands
-from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
+from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE, escape
 from bot.service import Bot, NotRecorded
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, KeyturnError, NotFound
@@ -92,7 +92,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
         try:
             answer = await commands.run(bot.store, command["user_id"], command.get("text") or "")
         except KeyturnError as exc:
-            answer = tell(exc)
+            answer = escape(tell(exc))  # refusals may quote what was typed: never markup
         await ack(answer)
 
     @app.error

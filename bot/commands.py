@@ -28,12 +28,14 @@ SSH_KEY_USAGE = "type `/keyturn ssh-key add <public key>`, `list` or `remove <fi
 
 async def run(store: Store, user: str, text: str) -> str:
     """The answer to ``/keyturn text`` typed by ``user``."""
+    if any(ord(c) < 32 and c != "\t" for c in text):
+        raise InvalidInput("that holds control characters: type `/keyturn help`")
     command, _, rest = text.strip().partition(" ")
     if command in ("", "help"):
         return HELP
     if command == "ssh-key":
         return await _ssh_key(store, user, rest.strip())
-    raise InvalidInput(f"there is no `/keyturn {escape(command[:40])}`: type `/keyturn help`")
+    raise InvalidInput(f"there is no `/keyturn {command[:40]}`: type `/keyturn help`")
 
 
 async def _ssh_key(store: Store, user: str, text: str) -> str:

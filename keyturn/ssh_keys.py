@@ -42,8 +42,10 @@ def parse_public_key(text: str) -> PublicKey:
     line = text.strip()
     if not line:
         raise InvalidInput(f"no key given: {HOW}")
-    if len(line) > MAX_KEY_CHARS or "\n" in line:
+    if len(line) > MAX_KEY_CHARS or "\n" in line or "\r" in line:
         raise InvalidInput(f"that is more than one public key line: {HOW}")
+    if any(ord(c) < 32 and c != "\t" for c in line):
+        raise InvalidInput(f"that line holds control characters: {HOW}")
     if "PRIVATE KEY" in line:
         raise InvalidInput(
             f"that is a private key: never paste it anywhere; rotate it if it was shared, and {HOW}"

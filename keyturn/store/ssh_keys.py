@@ -6,7 +6,7 @@ keeps at most :data:`MAX_KEYS` per person and never the same key twice for one p
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.errors import Conflict, InvalidInput, NotFound
@@ -22,6 +22,10 @@ async def add_key(store: Store, owner: str, key: PublicKey) -> SshKeyRow:
     """Register ``key`` for ``owner``; the same key again is a :class:`Conflict`."""
     try:
         async with store.transaction() as tx:
+            # one add per person at a time, or concurrent adds could all count under the limit
+            await tx.session.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner}
+            )
             count = await tx.session.scalar(
                 select(func.count()).select_from(SshKeyRow).where(SshKeyRow.owner == owner)
             )

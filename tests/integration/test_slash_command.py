@@ -3,6 +3,8 @@ answer shown to the person alone, bad input creating nothing."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncssh
 
 from keyturn.harness.slack import SlackEmulator
@@ -62,11 +64,32 @@ async def test_bad_input_says_what_to_type_and_creates_nothing(
             ("ssh-key add " + public_key("ssh-rsa", key_size=2048), "at least 3072 bits"),
             ("ssh-key add ssh-dss AAAAB3NzaC1kc3M", "DSA keys are too weak"),
             ("ssh-key add", "no key given"),
-            ("ssh-key", "type `/keyturn ssh-key add <public key>`"),
-            ("ssh-key remove", "type `/keyturn ssh-key add <public key>`"),
+            ("ssh-key", "type `/keyturn ssh-key add &lt;public key&gt;`"),
+            ("ssh-key remove", "type `/keyturn ssh-key add &lt;public key&gt;`"),
+            (
+                "ssh-key add <!channel>",
+                "not an SSH public key keyturn accepts ('&lt;!channel&gt;')",
+            ),
+            ("ssh-key remove <@U_BOSS>", "you have no key '&lt;@U_BOSS&gt;'"),
+            (f"ssh-key add {public_key()} a\x00b", "control characters"),
+            ("ssh-key remove SHA256:a\x00b", "control characters"),
+            (f"ssh-key add {public_key()}\rssh-dss AAAA", "control characters"),
             ("approve-everything now", "there is no `/keyturn approve-everything`"),
             ("<!channel>", "there is no `/keyturn &lt;!channel&gt;`"),
         ]:
             assert answer in await said(slack, "U_MALLORY", text), text
         assert await keys(rb.store) == []
         assert "<!channel>" not in str(slack.ephemerals)  # echoed input pings nobody
+
+
+async def test_concurrent_adds_cannot_pass_the_limit(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    """Nine keys stored, eight more sent at once: the tenth is the last one taken."""
+    async with run_bot() as rb:
+        for _ in range(9):
+            assert "Registered" in await said(slack, "U_ALICE", f"ssh-key add {public_key()}")
+        await asyncio.gather(
+            *(slack.command(f"ssh-key add {public_key()}", "U_ALICE") for _ in range(8))
+        )
+        assert len(await keys(rb.store)) == 10

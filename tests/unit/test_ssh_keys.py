@@ -41,8 +41,21 @@ def test_strong_keys_are_accepted(algorithm: str, kw: dict[str, int], bits: int 
         ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGv", "does not parse"),
         ("hello world", "not an SSH public key"),
         (public("ssh-ed25519") + "\n" + public("ssh-ed25519"), "more than one public key line"),
+        (public("ssh-ed25519") + "\rssh-dss AAAA", "more than one public key line"),
+        (public("ssh-ed25519") + " a\x00b", "control characters"),
     ],
-    ids=["empty", "rsa-2048", "dsa", "private", "certificate", "truncated", "junk", "two"],
+    ids=[
+        "empty",
+        "rsa-2048",
+        "dsa",
+        "private",
+        "certificate",
+        "truncated",
+        "junk",
+        "two",
+        "carriage-return",
+        "nul",
+    ],
 )
 def test_refusals_say_what_to_paste(text: str, says: str) -> None:
     with pytest.raises(InvalidInput) as refused:
