@@ -182,3 +182,34 @@ async def take_card_update(
         shown,
         version,
     )
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A session request's card whose approvers are due a reminder."""
+
+    request: RequestRow
+    channel: str
+    ts: str
+
+
+async def claim_approver_reminders(store: Store, limit: int = 50) -> list[Overdue]:
+    """Cards of session requests pending for half their pending TTL, not reminded yet:
+    marked reminded now, so one replica reminds once."""
+    async with store.transaction() as tx:
+        found = (
+            await tx.session.execute(
+                text(
+                    "UPDATE cards c SET reminded_at = :now FROM requests r"
+                    " WHERE r.id = c.request_id AND r.session AND r.status = 'pending'"
+                    " AND c.ts IS NOT NULL AND c.reminded_at IS NULL"
+                    " AND r.created_at + (r.pending_expires_at - r.created_at) / 2 <= :now"
+                    " AND c.request_id IN (SELECT request_id FROM cards WHERE reminded_at IS NULL"
+                    "  AND ts IS NOT NULL LIMIT :limit FOR UPDATE SKIP LOCKED)"
+                    " RETURNING c.request_id, c.channel, c.ts"
+                ),
+                {"now": tx.now, "limit": limit},
+            )
+        ).all()
+        rows = [(await tx.session.get(RequestRow, f.request_id), f.channel, f.ts) for f in found]
+    return [Overdue(row, channel, ts) for row, channel, ts in rows if row is not None]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from keyturn.classify.shown import shown
+from keyturn.policy import format_duration
 
 APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
@@ -165,11 +166,7 @@ class Credentials:
 
 
 def _duration(seconds: int | None) -> str:
-    if not seconds:
-        return "—"
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return " ".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+    return format_duration(timedelta(seconds=seconds)) if seconds else "—"
 
 
 def _outcome(state: CardState) -> str:

@@ -12,23 +12,48 @@ grant's, and the key exists only in the gateway's memory while the command runs.
 
 The wrapped payload also names the target and the approved command's sha256, so a gateway
 can check it runs what was approved with what was issued for it.
+
+A person's session (``/keyturn db|ssh``) is issued the same way but handed to the person, not
+a gateway: a database login wrapped with ``vault.session_wrap_ttl`` (the wrapping token goes
+in their DM and nowhere else: :class:`Session`), or their registered key signed for the
+target's principal with a pty and no ``force-command``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncssh
 
 from keyturn.errors import InvalidInput
 from keyturn.policy import Config, PostgresTarget, SshTarget
+from keyturn.store.dsn import parse_dsn
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
-from keyturn.vault import Vault, WrapInfo
+from keyturn.vault import Lease, Vault, WrapInfo
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a person's DM carries: never stored, never logged."""
+
+    minted: Minted
+    wrapping_token: str | None = None  # a database login, wrapped single-use
+    certificate: str | None = None  # an SSH certificate for their own key
+    fingerprint: str | None = None  # which of their keys it certifies
+
+
+def psql_url(target: PostgresTarget, username: str, password: str) -> str:
+    """The target's DSN with this login in it: what ``psql`` and ``keyturn unwrap`` print."""
+    parts = urlsplit(parse_dsn(target.dsn, "dsn").url)
+    netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{parts.hostname}"
+    return urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port or 5432}"))
 
 
 def _minted(
@@ -66,14 +91,24 @@ class Issuer:
             return await self._ssh(request, target)
         raise InvalidInput(f"target {request.target} is not in the policy any more")
 
+    async def _login(self, target: PostgresTarget, ttl: timedelta) -> Lease:
+        """A write login whose Vault lease (and the role's VALID UNTIL) ends with the grant:
+        Vault's own expiry is the backstop behind keyturn's revocation."""
+        mount = self.config.vault.database_mount
+        lease = await self.vault.creds(f"{mount}/creds/{target.vault.write_role}")
+        if lease.duration != int(ttl.total_seconds()):
+            try:
+                await self.vault.renew_lease(lease.lease_id, ttl)
+            except BaseException:
+                await self.vault.revoke_lease(lease.lease_id)
+                raise
+        return lease
+
     async def _postgres(self, request: RequestRow, target: PostgresTarget) -> Minted:
         cfg = self.config.vault
         ttl = self.grant_ttl(request, target.vault.max_ttl)
-        lease = await self.vault.creds(f"{cfg.database_mount}/creds/{target.vault.write_role}")
+        lease = await self._login(target, ttl)
         try:
-            if lease.duration != int(ttl.total_seconds()):
-                # Vault's own expiry (and the role's VALID UNTIL) match the grant: a backstop.
-                await self.vault.renew_lease(lease.lease_id, ttl)
             wrapped = await self.vault.wrap(
                 {
                     "kind": "postgres",
@@ -115,6 +150,50 @@ class Issuer:
         wrapped = await self.vault.wrap(payload, cfg.wrap_ttl)
         # a certificate's validity is fixed when it is signed: its max TTL is its TTL
         return _minted("ssh", wrapped, ttl, ttl, serial=serial)
+
+    async def session(
+        self, request: RequestRow, max_ttl: timedelta, public_key: str | None
+    ) -> Session:
+        """A person's own session: a wrapped database login, or ``public_key`` certified."""
+        await self.vault.ensure_login()
+        target = self.config.policy.targets.get(request.target)
+        ttl = self.grant_ttl(request, max_ttl)
+        if isinstance(target, PostgresTarget):
+            lease = await self._login(target, ttl)
+            try:
+                wrapped = await self.vault.wrap(
+                    {
+                        "kind": "postgres",
+                        "target": request.target,
+                        "request": str(request.id),
+                        "username": lease.data["username"],
+                        "password": lease.data["password"],
+                        "psql": psql_url(target, lease.data["username"], lease.data["password"]),
+                        "ttl_seconds": int(ttl.total_seconds()),
+                    },
+                    self.config.vault.session_wrap_ttl,
+                )
+            except BaseException:
+                await self.vault.revoke_lease(lease.lease_id)
+                raise
+            minted = Minted(
+                "postgres", ttl, max_ttl, lease_id=lease.lease_id, wrap_accessor=wrapped.accessor
+            )
+            return Session(minted, wrapping_token=wrapped.token)
+        if isinstance(target, SshTarget):
+            if public_key is None:
+                raise InvalidInput("register an SSH key first: `/keyturn ssh-key add <public key>`")
+            options = {"source-address": target.source_address} if target.source_address else {}
+            certificate, serial = await self.vault.sign_ssh_key(
+                f"{self.config.vault.ssh_mount}/sign/{target.vault.ssh_role}",
+                public_key,
+                principal=target.principal,
+                ttl=ttl,
+                critical_options=options,  # no force-command: a person's own shell
+                extensions={"permit-pty": ""},
+            )
+            return Session(Minted("ssh", ttl, ttl, serial=serial), certificate=certificate)
+        raise InvalidInput(f"target {request.target} is not in the policy any more")
 
     async def unmint(self, minted: Minted) -> None:
         if minted.lease_id:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import card_store
@@ -32,12 +30,13 @@ from bot.cards import (
     outcome_message,
 )
 from bot.credentials import Issuer
+from bot.people import SLACK_ERRORS, Directory, check_decider
 from bot.revocation import Revoker
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
 from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.policy import Approvers, Config, SshTarget
+from keyturn.policy import Config, SshTarget
 from keyturn.store import grants, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -46,7 +45,6 @@ from keyturn.vault import VaultUnauthenticated
 
 log = logging.getLogger(__name__)
 
-SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
 EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds; only those within the max TTL show
 MAX_RETRY_DELAY = 60.0
 
@@ -114,33 +112,6 @@ def what_ran(result: dict[str, Any] | None) -> str | None:
     return None
 
 
-class ApproverDirectory:
-    """Who may decide: listed users, plus members of a Slack user group (cached briefly)."""
-
-    def __init__(self, client: AsyncWebClient, ttl: float) -> None:
-        self._client = client
-        self._ttl = ttl
-        self._groups: dict[str, tuple[float, frozenset[str]]] = {}
-
-    async def members(self, usergroup: str) -> frozenset[str]:
-        cached = self._groups.get(usergroup)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
-            return cached[1]
-        resp = await self._client.usergroups_users_list(usergroup=usergroup)
-        members = frozenset(resp.get("users") or [])
-        self._groups[usergroup] = (time.monotonic(), members)
-        return members
-
-    async def allows(self, user: str, approvers: Approvers | None) -> bool:
-        if approvers is None:
-            return False
-        if user in approvers.users:
-            return True
-        return bool(approvers.slack_usergroup) and user in await self.members(
-            approvers.slack_usergroup  # type: ignore[arg-type]
-        )
-
-
 @dataclass
 class Bot:
     config: Config
@@ -149,15 +120,13 @@ class Bot:
     client: AsyncWebClient
     issuer: Issuer
     replica: str = field(default_factory=lambda: f"bot-{uuid.uuid4().hex[:8]}")
-    directory: ApproverDirectory = field(init=False)
+    directory: Directory = field(init=False)
     revoker: Revoker = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
-        self.directory = ApproverDirectory(
-            self.client, self.config.bot.usergroup_cache.total_seconds()
-        )
+        self.directory = Directory(self.client, self.config.bot.usergroup_cache.total_seconds())
         self.revoker = Revoker(self.store, self.issuer, self.config.bot)
         self.listener.subscribe(self._notified)
 
@@ -170,12 +139,6 @@ class Bot:
 
     # ------------------------------------------------------------------ who decides
 
-    def approvers_for(self, row: RequestRow) -> Approvers | None:
-        rule = next((r for r in self.config.policy.rules if r.name == row.rule), None)
-        if rule is not None and rule.approvers is not None:
-            return rule.approvers
-        return self.config.slack.approvers
-
     def channel_for(self, target: str) -> str | None:
         configured = self.config.policy.targets.get(target)
         own = configured.approval_channel if configured is not None else None
@@ -186,8 +149,7 @@ class Bot:
             row = await requests.get_request(self.store, uuid.UUID(request_id))
         except ValueError:
             raise NotFound("this card refers to no request") from None
-        if not await self.directory.allows(user, self.approvers_for(row)):
-            raise NotApprover("you are not an approver for this request; nothing was changed")
+        await check_decider(self.directory, self.config, user, row)
         return row
 
     # ------------------------------------------------------------------ votes
@@ -437,8 +399,3 @@ async def _vault_first() -> AsyncIterator[None]:
             "keyturn cannot reach its database right now; Vault may already have acted, and "
             "the card will show it once the database is back — try again in a minute"
         ) from exc
-
-
-class NotApprover(KeyturnError):
-    code = "not_approver"
-    status = 403

@@ -204,12 +204,14 @@ class SshTarget(TargetBase):
 Target = Annotated[PostgresTarget | SshTarget, Field(discriminator="kind")]
 
 
-class Approvers(Model):
+class People(Model):
+    """Slack people: listed user ids and/or the members of one user group."""
+
     slack_usergroup: str | None = None
     users: list[str] = []
 
     @model_validator(mode="after")
-    def _someone(self) -> Approvers:
+    def _someone(self) -> People:
         if not self.slack_usergroup and not self.users:
             raise ValueError("name a slack_usergroup or at least one user")
         return self
@@ -244,7 +246,7 @@ class Rule(Model):
     subjects: list[Subject] | None = None
     match: Match
     action: Literal["allow", "hold", "block"]
-    approvers: Approvers | None = None
+    approvers: People | None = None
     quorum: int = Field(default=1, ge=1, le=10)
     grant_ttl: Duration | None = None
     pending_ttl: Duration | None = None
@@ -271,6 +273,52 @@ class Rule(Model):
                 f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
             )
         return self
+
+
+class AccessRule(Model):
+    """Who may ask for a session of their own (``/keyturn db|ssh|request``), on which
+    targets, for how long, and who must approve it. The first rule that names the target and
+    the requester decides."""
+
+    name: Name
+    targets: list[str] = Field(default=["*"], min_length=1)
+    requesters: People
+    approvers: People
+    quorum: int = Field(default=1, ge=1, le=10)
+    durations: list[Duration] = Field(
+        default=[timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1)], min_length=1
+    )  # the request modal's choices
+    max_duration: Duration = timedelta(hours=1)  # what a typed TTL and Extend may reach
+    pending_ttl: Duration | None = None
+    # An approver in one of requesters.slack_usergroup's members is a peer of the requester:
+    # False (the default) lets only people outside that group approve.
+    own_group_may_approve: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccessRule:
+        longest = max(self.durations)
+        if longest > self.max_duration:
+            raise ValueError(
+                f"the duration {format_duration(longest)} is longer than max_duration "
+                f"{format_duration(self.max_duration)}"
+            )
+        if not self.approvers.slack_usergroup and self.quorum > len(set(self.approvers.users)):
+            raise ValueError(
+                f"quorum {self.quorum} needs at least {self.quorum} distinct approvers"
+            )
+        return self
+
+    def covers(self, target: str) -> bool:
+        return "*" in self.targets or target in self.targets
+
+
+def format_duration(duration: timedelta) -> str:
+    """``1h30m`` for 5400 s: durations as they are typed in this file and in Slack."""
+    minutes, seconds = divmod(int(duration.total_seconds()), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    units = ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s"))
+    return "".join(f"{v}{u}" for v, u in units if v) or "0s"
 
 
 class PolicyTest(Model):
@@ -304,7 +352,9 @@ class VaultConfig(Model):
     approle_mount: Name = "approle"
     gateway_approle: Name = "keyturn-gateway"
     bot_approle: Name = "keyturn-bot"
-    wrap_ttl: Duration = timedelta(seconds=60)
+    wrap_ttl: Duration = timedelta(seconds=60)  # a gateway takes its hand-off at once
+    session_wrap_ttl: Duration = timedelta(minutes=10)  # a person reads a DM, then unwraps
+    public_addr: str | None = None  # how people reach Vault to unwrap; default: addr
 
 
 Algorithm = Literal[
@@ -363,7 +413,7 @@ class GatewayConfig(Model):
 
 class SlackConfig(Model):
     approval_channel: str | None = None  # channel id (C…) for targets without their own
-    approvers: Approvers | None = None  # for requests no rule with approvers matched
+    approvers: People | None = None  # for requests no rule with approvers matched
 
 
 class BotConfig(Model):
@@ -378,15 +428,24 @@ class BotConfig(Model):
 
 # What keyturn decides with (targets, rules, masking, TTLs and the file's own tests); the
 # rest of the file says how the processes run. In the YAML both sit at the top level.
-POLICY_KEYS = ("targets", "rules", "masking", "pending_ttl", "default_grant_ttl", "tests")
+POLICY_KEYS = (
+    "targets",
+    "rules",
+    "access",
+    "masking",
+    "pending_ttl",
+    "default_grant_ttl",
+    "tests",
+)
 
 
 class Policy(Model):
-    """What keyturn decides with: the targets, the rules, masking, TTLs, and the tests the
-    rules must pass."""
+    """What keyturn decides with: the targets, the rules for agents' commands, the rules for
+    humans' sessions (``access``), masking, TTLs, and the tests the rules must pass."""
 
     targets: dict[Name, Target]
     rules: list[Rule] = []
+    access: list[AccessRule] = []
     masking: Masking = Masking()
     pending_ttl: Duration = timedelta(minutes=15)
     default_grant_ttl: Duration = timedelta(minutes=10)
@@ -404,12 +463,40 @@ class Policy(Model):
                 raise ValueError(
                     f"rules[{i}].target: unknown target {rule.target!r} (known: {known})"
                 )
+        self._check_access()
         for i, test in enumerate(self.tests):
             if test.target not in self.targets:
                 raise ValueError(f"tests[{i}].target: unknown target {test.target!r}")
             if test.rule is not None and test.rule not in seen:
                 raise ValueError(f"tests[{i}].rule: no rule is named {test.rule!r}")
         return self
+
+    def _check_access(self) -> None:
+        names: set[str] = set()
+        for i, rule in enumerate(self.access):
+            if rule.name in names:
+                raise ValueError(f"access[{i}].name: {rule.name!r} is used by an earlier rule")
+            names.add(rule.name)
+            for name in rule.targets:
+                if name != "*" and name not in self.targets:
+                    known = ", ".join(sorted(self.targets)) or "none"
+                    raise ValueError(
+                        f"access[{i}].targets: unknown target {name!r} (known: {known})"
+                    )
+            for name, target in self.targets.items():
+                if rule.covers(name) and rule.max_duration > target.vault.max_ttl:
+                    raise ValueError(
+                        f"access[{i}].max_duration: {format_duration(rule.max_duration)} is "
+                        f"longer than {name}'s vault.max_ttl "
+                        f"{format_duration(target.vault.max_ttl)}"
+                    )
+
+    def access_rules(self, target: str) -> list[AccessRule]:
+        """The rules that may let someone open a session on ``target``, in file order."""
+        return [rule for rule in self.access if rule.covers(target)]
+
+    def access_rule(self, name: str | None) -> AccessRule | None:
+        return next((rule for rule in self.access if rule.name == name), None)
 
     def postgres_targets(self) -> dict[str, PostgresTarget]:
         return {n: t for n, t in self.targets.items() if isinstance(t, PostgresTarget)}

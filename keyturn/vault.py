@@ -326,10 +326,11 @@ class Vault:
         principal: str,
         ttl: timedelta,
         critical_options: dict[str, str],
+        extensions: dict[str, str] | None = None,
     ) -> tuple[str, str]:
         """Have the SSH CA at ``path`` (``<mount>/sign/<role>``) sign a user key.
 
-        Returns ``(certificate, serial)``. No extensions: no pty, no forwarding.
+        Returns ``(certificate, serial)``. No extensions unless given: no pty, no forwarding.
         """
         result = await self.write(
             path,
@@ -339,7 +340,7 @@ class Vault:
                 "cert_type": "user",
                 "ttl": f"{int(ttl.total_seconds())}s",
                 "critical_options": critical_options,
-                "extensions": {},
+                "extensions": extensions or {},
             },
         )
         data = (result or {}).get("data") or {}

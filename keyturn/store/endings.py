@@ -111,8 +111,10 @@ async def end_grants(
         await tx.session.flush()
         tx.record(*events)
         failure = _REQUEST_FAILURE.get(which)
+        ended = [r.request_id for r in done if r.request_id]
         if failure is not None:
-            await requests.fail_unrun(tx, [r.request_id for r in done if r.request_id], failure)
+            await requests.fail_unrun(tx, ended, failure)
+        await requests.end_sessions(tx, ended)
     return done
 
 
@@ -123,7 +125,7 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
         conn = await tx.raw_connection()
         rows = await conn.fetch(
             "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
-            " WHERE r.status = 'executing' AND g.status <> 'active'"
+            " WHERE r.status = 'executing' AND NOT r.session AND g.status <> 'active'"
             " AND g.ended_at < $1"
             " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
             tx.now - after,

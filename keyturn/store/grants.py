@@ -37,11 +37,12 @@ class Minted:
     """What Vault issued, as keyturn records it: never the credentials themselves."""
 
     kind: str  # postgres | ssh
-    handoff_token: str  # single-use wrapping token around the credentials
-    wrap_accessor: str
-    handoff_ttl: timedelta
     ttl: timedelta  # the grant's life
     max_ttl: timedelta  # the role's ceiling, for Extend
+    # the single-use wrapping token a gateway takes; a session's went to its human by DM
+    handoff_token: str | None = None
+    wrap_accessor: str | None = None
+    handoff_ttl: timedelta | None = None
     lease_id: str | None = None  # SSH certificates have no lease
     serial: str | None = None  # an SSH certificate's serial, for the audit log
 
@@ -137,9 +138,9 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
         lease_id=minted.lease_id,
         wrap_accessor=minted.wrap_accessor,
         command_sha256=request.command_sha256,
-        one_shot=True,
+        one_shot=not request.session,
         handoff_token=minted.handoff_token,
-        handoff_expires_at=now + minted.handoff_ttl,
+        handoff_expires_at=now + minted.handoff_ttl if minted.handoff_ttl else None,
         created_at=now,
         expires_at=now + minted.ttl,
         max_expires_at=now + minted.max_ttl,
@@ -147,6 +148,10 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
     tx.session.add(row)
     request.issue_error, request.issue_after = None, None
     request.updated_at = now
+    if request.session:  # its human holds the credentials now
+        req = request.domain()
+        req.open_session()
+        request.save(req, now)
     await tx.session.flush()
     tx.record(
         Event(
@@ -164,7 +169,8 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
             },
         )
     )
-    tx.wake("handoff", request.id)
+    if not request.session:
+        tx.wake("handoff", request.id)
     return row
 
 
@@ -212,6 +218,7 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
             await requests.fail_unrun(
                 tx, [row.request_id], f"credentials revoked by {by} before the run"
             )
+            await requests.end_sessions(tx, [row.request_id])
     return row
 
 
@@ -233,6 +240,7 @@ async def extend(
         if granted <= timedelta(0):
             raise InvalidInput("Vault would not extend this lease")
         grant.expires_at = min(grant.expires_at, now + granted)
+        row.reminded_at = None  # warned again before the new expiry
         await _changed(tx, row, grant, by, {"expires_at": grant.expires_at.isoformat()}, "extended")
     return row
 

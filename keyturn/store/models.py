@@ -86,6 +86,8 @@ class RequestRow(Base):
     issue_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     issue_after: Mapped[datetime | None]
     issue_error: Mapped[str | None] = mapped_column(Text)
+    # a human's request for a session of their own: it runs no command (keyturn.domain.Request)
+    session: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     approvals: Mapped[list[ApprovalRow]] = relationship(
         back_populates="request", order_by="ApprovalRow.id", lazy="selectin"
@@ -106,6 +108,7 @@ class RequestRow(Base):
                 Approval(a.approver, Decision(a.decision), a.at, a.reason) for a in self.approvals
             ],
             decided_at=self.decided_at,
+            session=self.session,
         )
 
     def save(self, req: Request, now: datetime) -> None:
@@ -154,6 +157,7 @@ class CardRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(100))
     claimed_at: Mapped[datetime | None]
     shown: Mapped[str | None] = mapped_column(String(100))
+    reminded_at: Mapped[datetime | None]  # approvers reminded at half the pending TTL
 
 
 class GrantRow(Base):
@@ -188,6 +192,7 @@ class GrantRow(Base):
     handoff_token: Mapped[str | None] = mapped_column(Text)
     handoff_expires_at: Mapped[datetime | None]
     max_expires_at: Mapped[datetime | None]  # the role's ceiling for Extend
+    reminded_at: Mapped[datetime | None]  # a session's requester warned before expiry
 
     def domain(self) -> Grant:
         return Grant(

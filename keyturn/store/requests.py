@@ -54,6 +54,7 @@ class NewRequest:
     grant_ttl: timedelta | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None
+    session: bool = False  # a human's own session: runs no command (keyturn.domain.Request)
 
 
 async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, bool]:
@@ -89,6 +90,7 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
         grant_ttl_seconds=int(new.grant_ttl.total_seconds()) if new.grant_ttl else None,
         idempotency_key=new.idempotency_key,
         body_sha256=new.body_sha256,
+        session=new.session,
         created_at=now,
         updated_at=now,
         pending_expires_at=now + new.pending_ttl,
@@ -110,6 +112,7 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
                         "on_behalf_of": new.on_behalf_of,
                         "run_id": new.run_id,
                     }
+                    | ({"session": True, "reason": new.reason} if new.session else {})
                     | shadow(new.classification),
                 )
             )
@@ -294,4 +297,21 @@ async def fail_unrun(
     )
     ids = [r["id"] for r in failed]
     tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))
+    return ids
+
+
+async def end_sessions(tx: Tx, request_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Sessions whose grant has ended are over: ``executing`` -> ``executed``, one statement."""
+    if not request_ids:
+        return []
+    assert RequestStatus.EXECUTING in came_from(RequestStatus.EXECUTED)
+    conn = await tx.raw_connection()
+    ended = await conn.fetch(
+        "UPDATE requests SET status = 'executed', updated_at = $2"
+        " WHERE id = ANY($1::uuid[]) AND session AND status = 'executing' RETURNING id",
+        list(request_ids),
+        tx.now,
+    )
+    ids = [r["id"] for r in ended]
+    tx.record(*(Event("request.session_ended", "keyturn", i) for i in ids))
     return ids

@@ -1,0 +1,90 @@
+"""Slack people: who may decide a request, who is in which user group, how to reach one.
+
+Who decides comes from the policy: an agent's request from the rule that held it (else
+``slack.approvers``), a person's session from its access rule, which may also bar the
+requester's own user group. Groups are resolved through Slack's API and cached briefly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from keyturn.errors import Forbidden, KeyturnError
+from keyturn.policy import Config, People
+from keyturn.store.models import RequestRow
+
+SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
+
+
+class NotApprover(KeyturnError):
+    code = "not_approver"
+    status = 403
+
+
+class Directory:
+    """Listed users, plus members of a Slack user group (cached for ``ttl`` seconds)."""
+
+    def __init__(self, client: AsyncWebClient, ttl: float) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._groups: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def members(self, usergroup: str) -> frozenset[str]:
+        cached = self._groups.get(usergroup)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        resp = await self._client.usergroups_users_list(usergroup=usergroup)
+        members = frozenset(resp.get("users") or [])
+        self._groups[usergroup] = (time.monotonic(), members)
+        return members
+
+    async def allows(self, user: str, people: People | None) -> bool:
+        if people is None:
+            return False
+        if user in people.users:
+            return True
+        group = people.slack_usergroup
+        return bool(group) and user in await self.members(group)  # type: ignore[arg-type]
+
+
+def approvers_for(config: Config, row: RequestRow) -> People | None:
+    """Who may decide ``row``; None (nobody) when its rule has left the policy."""
+    if row.session:
+        rule = config.policy.access_rule(row.rule)
+        return rule.approvers if rule is not None else None
+    agent_rule = next((r for r in config.policy.rules if r.name == row.rule), None)
+    if agent_rule is not None and agent_rule.approvers is not None:
+        return agent_rule.approvers
+    return config.slack.approvers
+
+
+async def check_decider(directory: Directory, config: Config, user: str, row: RequestRow) -> None:
+    """Raise unless ``user`` may vote on ``row`` (the domain bars the requester themself)."""
+    if not await directory.allows(user, approvers_for(config, row)):
+        raise NotApprover("you are not an approver for this request; nothing was changed")
+    rule = config.policy.access_rule(row.rule) if row.session else None
+    group = rule.requesters.slack_usergroup if rule is not None else None
+    if rule is not None and group and not rule.own_group_may_approve:
+        members = await directory.members(group)
+        if user in members and row.requester in members:
+            raise OwnGroup(
+                "you are in the requester's own group, and this access rule needs an approver"
+                " from outside it; nothing was changed"
+            )
+
+
+class OwnGroup(Forbidden):
+    code = "own_group"
+
+
+async def dm(
+    client: AsyncWebClient, user: str, text: str, blocks: list[dict[str, Any]] | None = None
+) -> None:
+    """Post to ``user``'s DM with the app: the only place a person's credentials go."""
+    opened = await client.conversations_open(users=user)
+    await client.chat_postMessage(channel=opened["channel"]["id"], text=text, blocks=blocks)

@@ -1,0 +1,32 @@
+"""Humans' own sessions (``/keyturn db|ssh``): requests that run no command, and the
+reminders their requesters and approvers get.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-26
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "requests",
+        sa.Column("session", sa.Boolean(), server_default="false", nullable=False),
+    )
+    op.add_column("grants", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("cards", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("cards", "reminded_at")
+    op.drop_column("grants", "reminded_at")
+    op.drop_column("requests", "session")
