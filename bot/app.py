@@ -12,9 +12,26 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands
 from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE, escape
+from bot.people import SLACK_ERRORS, dm
 from bot.service import Bot, NotRecorded
+from bot.session_views import (
+    DURATION_BLOCK,
+    DURATION_INPUT,
+    REQUEST_MODAL,
+    SESSION_EXTEND,
+    SESSION_REVOKE,
+    TARGET_BLOCK,
+    TARGET_INPUT,
+    TICKET_BLOCK,
+    TICKET_INPUT,
+    WHY_BLOCK,
+    WHY_INPUT,
+    request_modal,
+)
+from bot.sessions import Ask
+from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, IllegalTransition
-from keyturn.errors import DatabaseUnavailable, KeyturnError, NotFound
+from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
 from keyturn.vault import VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -40,26 +57,55 @@ def tell(exc: KeyturnError) -> str:
     return exc.message
 
 
-def _clicked(body: dict[str, Any]) -> tuple[str, str, str]:
-    """(button value, user, channel) of a button click."""
-    return body["actions"][0]["value"], body["user"]["id"], body["container"]["channel_id"]
-
-
-Click = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+Click = Callable[[str, str, dict[str, Any]], Awaitable[object]]
 
 
 def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> None:
-    """Ack, run ``use_case(value, user, body)``; a keyturn error is told to the clicker."""
+    """Ack, run ``use_case(value, user, body)``; a keyturn error is told to the clicker: in
+    the channel they clicked in, or by DM for a click on their App Home."""
 
     async def listener(ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient) -> None:
         await ack()
-        value, user, channel = _clicked(body)
+        value, user = body["actions"][0]["value"], body["user"]["id"]
         try:
             await use_case(value, user, body)
         except KeyturnError as exc:
-            await client.chat_postEphemeral(channel=channel, user=user, text=tell(exc))
+            channel = (body.get("container") or {}).get("channel_id")
+            if channel:
+                await client.chat_postEphemeral(channel=channel, user=user, text=tell(exc))
+            else:
+                await dm(client, user, tell(exc))
 
     app.action(action)(listener)
+
+
+_FIELD_BLOCKS = {
+    "target": TARGET_BLOCK,
+    "ttl": DURATION_BLOCK,
+    "reason": WHY_BLOCK,
+    "ticket": TICKET_BLOCK,
+}
+
+
+def _chosen(values: dict[str, Any], block: str, action: str) -> str:
+    option = (values.get(block, {}).get(action) or {}).get("selected_option") or {}
+    return str(option.get("value") or "")
+
+
+def _typed(values: dict[str, Any], block: str, action: str) -> str:
+    return str((values.get(block, {}).get(action) or {}).get("value") or "")
+
+
+async def _open_request(bot: Bot, user: str, trigger_id: str, channel: str) -> None:
+    """``/keyturn request``: the form lists only what this person may ask for."""
+    mine = await bot.desk.requestable(user)
+    if not mine:
+        raise InvalidInput("no access rule lets you ask for any target: ask your keyturn admins")
+    durations = sorted({d for _, _, rule in mine for d in rule.durations})
+    targets = [(name, kind) for name, kind, _ in mine]
+    await bot.client.views_open(
+        trigger_id=trigger_id, view=request_modal(targets, durations, channel)
+    )
 
 
 def register(app: AsyncApp, bot: Bot) -> None:
@@ -72,6 +118,14 @@ def register(app: AsyncApp, bot: Bot) -> None:
     _on_click(app, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
     _on_click(
         app, re.compile(f"^{EXTEND}_\\d+$"), lambda value, user, _body: bot.extend(value, user)
+    )
+    _on_click(
+        app,
+        re.compile(f"^{SESSION_EXTEND}_\\d+$"),
+        lambda value, user, _body: bot.desk.extend_grant(user, value),
+    )
+    _on_click(
+        app, SESSION_REVOKE, lambda grant_id, user, _body: bot.desk.revoke_grant(user, grant_id)
     )
 
     @app.view(DENY_MODAL)
@@ -88,12 +142,53 @@ def register(app: AsyncApp, bot: Bot) -> None:
     @app.command("/keyturn")
     async def keyturn_command(ack: AsyncAck, command: dict[str, Any]) -> None:
         # Answered in the ack itself (Slack shows it to the person alone): each use case
-        # here is one short transaction.
+        # here is one or two short transactions; what is slow (cards, credentials) follows.
+        user, text = command["user_id"], (command.get("text") or "").strip()
         try:
-            answer = await commands.run(bot.store, command["user_id"], command.get("text") or "")
+            if text == "request":
+                await _open_request(bot, user, command["trigger_id"], command["channel_id"])
+                await ack()
+                return
+            answer = await commands.run(bot.desk, user, text)
         except KeyturnError as exc:
             answer = escape(tell(exc))  # refusals may quote what was typed: never markup
         await ack(answer)
+        spawn(bot.tasks, bot.desk.republish(user))
+
+    @app.view(REQUEST_MODAL)
+    async def request_submitted(
+        ack: AsyncAck, body: dict[str, Any], view: dict[str, Any], client: AsyncWebClient
+    ) -> None:
+        user, values = body["user"]["id"], view["state"]["values"]
+        asked = Ask(
+            user,
+            _chosen(values, TARGET_BLOCK, TARGET_INPUT),
+            _chosen(values, DURATION_BLOCK, DURATION_INPUT),
+            _typed(values, WHY_BLOCK, WHY_INPUT),
+            ticket=_typed(values, TICKET_BLOCK, TICKET_INPUT) or None,
+        )
+        try:
+            row = await bot.desk.ask(asked)
+        except KeyturnError as exc:
+            block = _FIELD_BLOCKS.get(getattr(exc, "field", ""), TARGET_BLOCK)
+            await ack(response_action="errors", errors={block: tell(exc)})
+            return
+        await ack()
+        text = commands.confirmation(bot.desk, row.id, row.target, row.grant_ttl_seconds or 0)
+        channel = view.get("private_metadata") or ""
+        try:
+            if channel.startswith(("C", "G")):
+                await client.chat_postEphemeral(channel=channel, user=user, text=text)
+            else:
+                await dm(client, user, text)
+        except SLACK_ERRORS as exc:
+            log.warning("could not confirm request %s to %s: %s", row.id, user, exc)
+        spawn(bot.tasks, bot.desk.republish(user))
+
+    @app.event("app_home_opened")
+    async def home_opened(event: dict[str, Any]) -> None:
+        if event.get("tab", "home") == "home":
+            await bot.desk.publish_home(event["user"])
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:

@@ -151,6 +151,10 @@ class CardState:
     error: str | None = None
     credentials: Credentials | None = None
     ran: str | None = None  # what the approved run reported: command tags or an exit status
+    # a person's request for a session of their own (postgres | ssh), not an agent's command
+    session_kind: str | None = None
+    ticket: str | None = None
+    max_ttl_seconds: int | None = None  # how far the requester may extend it
 
 
 @dataclass(frozen=True)
@@ -184,14 +188,31 @@ def _outcome(state: CardState) -> str:
     if state.status == "failed" and state.error:
         who_text = who or "policy"
         return f":warning: Approved by {who_text}; failed: {escape(state.error[:500])}"
-    verb = {
-        "approved": "Approved",
-        "executing": "Approved, running",
-        "executed": "Approved and run",
-        "failed": "Approved; the run failed",
-    }.get(state.status, state.status)
+    verbs = _SESSION_VERBS if state.session_kind else _VERBS
+    verb = verbs.get(state.status, state.status)
     ran = f": `{escape(state.ran)}`" if state.status == "executed" and state.ran else ""
     return f":white_check_mark: {verb} by {who or 'policy'}{ran}"
+
+
+_VERBS = {
+    "approved": "Approved",
+    "executing": "Approved, running",
+    "executed": "Approved and run",
+    "failed": "Approved; the run failed",
+}
+_SESSION_VERBS = {
+    "approved": "Approved",
+    "executing": "Approved, session open",
+    "executed": "Approved; the session is over",
+    "failed": "Approved; nothing could be issued",
+}
+_SESSION_HEADERS = {
+    "pending": "Access requested",
+    "executing": "Approved: session open",
+    "executed": "Session over",
+    "failed": "Approved: failed",
+}
+_KIND_WORDS = {"postgres": "database login", "ssh": "SSH certificate"}
 
 
 # The card's title says where the request stands, so a glance at the channel tells.
@@ -210,21 +231,53 @@ _HEADERS = {
 def card_text(state: CardState) -> str:
     """The notification text (shown where blocks are not)."""
     rule = f" ({escape(state.rule)})" if state.rule else ""
-    return f"Approval needed on {escape(state.target)}{rule}: {state.status}"
+    what = "Session requested" if state.session_kind else "Approval needed"
+    return f"{what} on {escape(state.target)}{rule}: {state.status}"
 
 
-def approval_card(state: CardState) -> list[dict[str, Any]]:
+def _header(text: str) -> dict[str, Any]:
+    return {"type": "header", "text": {"type": "plain_text", "text": text, "emoji": False}}
+
+
+def _session_blocks(state: CardState) -> list[dict[str, Any]]:
+    """What a person asked for, in place of a command: the card says a session, for how long."""
+    kind = _KIND_WORDS.get(state.session_kind or "", "session")
+    fields = [
+        f"*Requester*\n{mention(state.requester)}",
+        f"*Target*\n`{escape(state.target)}`",
+        f"*Access*\n{kind}",
+        f"*For*\n{_duration(state.grant_ttl_seconds)}",
+    ]
+    extend = (
+        f" (they may extend it up to {_duration(state.max_ttl_seconds)} in all)"
+        if state.max_ttl_seconds and state.max_ttl_seconds > (state.grant_ttl_seconds or 0)
+        else ""
+    )
+    text = (
+        f":bust_in_silhouette: *Human request for a session*, not a single command: "
+        f"{mention(state.requester)} would get their own {kind} on `{escape(state.target)}` "
+        f"for {_duration(state.grant_ttl_seconds)}{extend}."
+    )
+    return [
+        _header(_SESSION_HEADERS.get(state.status) or _HEADERS[state.status]),
+        {
+            "type": "section",
+            "block_id": "who",
+            "fields": [{"type": "mrkdwn", "text": f} for f in fields],
+        },
+        {"type": "section", "block_id": "what", "text": {"type": "mrkdwn", "text": text}},
+    ]
+
+
+def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
     fields = [
         f"*Requester*\n`{escape(state.requester)}`",
         f"*On behalf of*\n{mention(state.on_behalf_of)}",
         f"*Target*\n`{escape(state.target)}`",
         f"*Run*\n{('`' + escape(state.run_id) + '`') if state.run_id else '—'}",
     ]
-    blocks: list[dict[str, Any]] = [
-        {
-            "type": "header",
-            "text": {"type": "plain_text", "text": _HEADERS[state.status], "emoji": False},
-        },
+    return [
+        _header(_HEADERS[state.status]),
         {
             "type": "section",
             "block_id": "who",
@@ -232,10 +285,22 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
         },
         *command_blocks(state)[0],
     ]
-    why = [f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"]
-    why += [escape(r) for r in state.reasons]
+
+
+def approval_card(state: CardState) -> list[dict[str, Any]]:
+    if state.session_kind:
+        blocks = _session_blocks(state)
+        why = [f"Access rule `{escape(state.rule or '')}`"]
+    else:
+        blocks = _command_card_blocks(state)
+        why = [
+            f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"
+        ]
+        why += [escape(r) for r in state.reasons]
     if state.reason:
         why.append(f"Reason given: {escape(state.reason)}")
+    if state.ticket:
+        why.append(f"Ticket: {escape(state.ticket)}")
     if state.estimated_rows is not None:
         why.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
     if state.status == "pending":

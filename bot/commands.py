@@ -1,21 +1,34 @@
 """``/keyturn``: read what was typed, run one use case, answer in one ephemeral message.
 
-Today it registers the SSH keys that on-call engineers' sessions will be signed for; access
-requests arrive on the same command. Bad input raises a keyturn error that the Slack edge
+Each use case here is one or two short transactions, so the answer goes in the ack itself
+(within Slack's 3 s); the card, the approval and the credentials follow on their own. Bad
+input raises a keyturn error that says what is wrong and what to type, which the Slack edge
 words for the person (:func:`bot.app.tell`); nothing is created.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from bot import session_views
 from bot.cards import escape
+from bot.sessions import Ask, Desk
 from keyturn.errors import InvalidInput
+from keyturn.policy import format_duration
 from keyturn.ssh_keys import parse_public_key
 from keyturn.store import ssh_keys
-from keyturn.store.db import Store
 
 HELP = "\n".join(
     [
         "*keyturn*: what you can type",
+        "• `/keyturn db <target> <ttl> <reason>`: a database login of your own, e.g. "
+        "`/keyturn db orders-db 15m checking a refund`",
+        "• `/keyturn ssh <target> <ttl> <reason>`: an SSH certificate for your registered key",
+        "• `/keyturn request`: the same, from a form",
+        "• `/keyturn list`: your pending and open sessions",
+        "• `/keyturn pending`: requests waiting on you as approver",
+        "• `/keyturn extend <id> <ttl>`: more time for an open session, within its rule's maximum",
+        "• `/keyturn revoke <id>`: end one of your sessions now",
         "• `/keyturn ssh-key add <public key>`: register the key keyturn's SSH CA will sign"
         " for your own sessions (Ed25519, ECDSA, or RSA of 3072 bits or more)",
         "• `/keyturn ssh-key list`: your keys and their fingerprints",
@@ -24,29 +37,89 @@ HELP = "\n".join(
     ]
 )
 SSH_KEY_USAGE = "type `/keyturn ssh-key add <public key>`, `list` or `remove <fingerprint>`"
+KIND_OF_COMMAND = {"db": "postgres", "ssh": "ssh"}
 
 
-async def run(store: Store, user: str, text: str) -> str:
-    """The answer to ``/keyturn text`` typed by ``user``."""
+async def run(desk: Desk, user: str, text: str) -> str:
+    """The answer to ``/keyturn text`` typed by ``user`` (``request`` is the Slack edge's:
+    it opens a modal)."""
     if any(ord(c) < 32 and c != "\t" for c in text):
         raise InvalidInput("that holds control characters: type `/keyturn help`")
     command, _, rest = text.strip().partition(" ")
+    rest = rest.strip()
     if command in ("", "help"):
         return HELP
+    if command in KIND_OF_COMMAND:
+        return await _ask(desk, user, command, rest)
+    if command == "list" and not rest:
+        return session_views.listing(await desk.lines(user), desk.store.clock.now())
+    if command == "pending" and not rest:
+        return session_views.waiting_listing(await desk.waiting_on(user))
+    if command == "revoke":
+        return await _revoke(desk, user, rest)
+    if command == "extend":
+        return await _extend(desk, user, rest)
     if command == "ssh-key":
-        return await _ssh_key(store, user, rest.strip())
+        return await _ssh_key(desk, user, rest)
     raise InvalidInput(f"there is no `/keyturn {command[:40]}`: type `/keyturn help`")
 
 
-async def _ssh_key(store: Store, user: str, text: str) -> str:
+async def _ask(desk: Desk, user: str, command: str, rest: str) -> str:
+    words = rest.split(None, 2)
+    if len(words) < 2:
+        raise InvalidInput(
+            f"say which target and for how long: `/keyturn {command} <target> <ttl> <reason>`, "
+            f"e.g. `/keyturn {command} orders-db 15m checking a refund`"
+        )
+    target, ttl = words[0], words[1]
+    reason = words[2] if len(words) > 2 else ""
+    row = await desk.ask(Ask(user, target, ttl, reason, kind=KIND_OF_COMMAND[command]))
+    return confirmation(desk, row.id, row.target, row.grant_ttl_seconds or 0)
+
+
+def confirmation(desk: Desk, request_id: object, target: str, ttl_seconds: int) -> str:
+    channel = desk.config.approval_channel(target)
+    where = f" in <#{channel}>" if channel else ""
+    return (
+        f"Asked for {format_duration(timedelta(seconds=ttl_seconds))} on `{escape(target)}` "
+        f"(request `{session_views.short(request_id)}`): waiting for approval{where}. "
+        "I will DM you the credentials once it is approved."
+    )
+
+
+async def _revoke(desk: Desk, user: str, rest: str) -> str:
+    if not rest or " " in rest:
+        raise InvalidInput("type `/keyturn revoke <id>` with an id from `/keyturn list`")
+    grant = await desk.revoke(user, rest)
+    if grant.lease_id:
+        return f"Ended your session on `{escape(grant.target)}`: its connections were closed."
+    return (
+        f"Ended your session on `{escape(grant.target)}` in keyturn; the certificate already "
+        f"issued works until {session_views.at(grant.expires_at)} (certificates cannot be "
+        "recalled)."
+    )
+
+
+async def _extend(desk: Desk, user: str, rest: str) -> str:
+    words = rest.split()
+    if len(words) != 2:
+        raise InvalidInput("type `/keyturn extend <id> <ttl>`, e.g. `/keyturn extend 1a2b3c4d 15m`")
+    grant = await desk.extend(user, words[0], words[1])
+    return (
+        f"Your session on `{escape(grant.target)}` now ends at "
+        f"{session_views.at(grant.expires_at)}."
+    )
+
+
+async def _ssh_key(desk: Desk, user: str, text: str) -> str:
     action, _, argument = text.partition(" ")
     argument = argument.strip()
     if action == "add":
         key = parse_public_key(argument)
-        await ssh_keys.add_key(store, user, key)
+        await ssh_keys.add_key(desk.store, user, key)
         return f"Registered your {key.algorithm} key `{key.fingerprint}`."
     if action == "list" and not argument:
-        keys = await ssh_keys.keys_of(store, user)
+        keys = await ssh_keys.keys_of(desk.store, user)
         if not keys:
             return "You have no SSH keys yet: `/keyturn ssh-key add <public key>`."
         return "Your SSH keys:\n" + "\n".join(
@@ -56,6 +129,6 @@ async def _ssh_key(store: Store, user: str, text: str) -> str:
             for k in keys
         )
     if action == "remove" and argument and " " not in argument:
-        await ssh_keys.remove_key(store, user, argument)
+        await ssh_keys.remove_key(desk.store, user, argument)
         return f"Removed your key `{escape(argument)}`."
     raise InvalidInput(SSH_KEY_USAGE)

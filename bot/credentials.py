@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -152,7 +152,7 @@ class Issuer:
         return _minted("ssh", wrapped, ttl, ttl, serial=serial)
 
     async def session(
-        self, request: RequestRow, max_ttl: timedelta, public_key: str | None
+        self, request: RequestRow, max_ttl: timedelta, public_key: str | None, now: datetime
     ) -> Session:
         """A person's own session: a wrapped database login, or ``public_key`` certified."""
         await self.vault.ensure_login()
@@ -169,7 +169,7 @@ class Issuer:
                         "username": lease.data["username"],
                         "password": lease.data["password"],
                         "psql": psql_url(target, lease.data["username"], lease.data["password"]),
-                        "ttl_seconds": int(ttl.total_seconds()),
+                        "expires_at": (now + ttl).isoformat(),
                     },
                     self.config.vault.session_wrap_ttl,
                 )

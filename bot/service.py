@@ -32,6 +32,7 @@ from bot.cards import (
 from bot.credentials import Issuer
 from bot.people import SLACK_ERRORS, Directory, check_decider
 from bot.revocation import Revoker
+from bot.sessions import Desk
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
 from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
@@ -74,7 +75,13 @@ def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Cr
 
 
 def card_state(
-    row: RequestRow, grant: GrantRow | None, now: datetime, *, shell: bool = False
+    row: RequestRow,
+    grant: GrantRow | None,
+    now: datetime,
+    *,
+    shell: bool = False,
+    session_kind: str | None = None,
+    max_ttl: timedelta | None = None,
 ) -> CardState:
     classification = row.classification or {}
     return CardState(
@@ -97,6 +104,9 @@ def card_state(
         error=row.error,
         credentials=credentials_of(row, grant, now),
         ran=what_ran(row.result),
+        session_kind=session_kind,
+        ticket=classification.get("ticket"),
+        max_ttl_seconds=int(max_ttl.total_seconds()) if max_ttl else None,
     )
 
 
@@ -122,27 +132,24 @@ class Bot:
     replica: str = field(default_factory=lambda: f"bot-{uuid.uuid4().hex[:8]}")
     directory: Directory = field(init=False)
     revoker: Revoker = field(init=False)
+    desk: Desk = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.directory = Directory(self.client, self.config.bot.usergroup_cache.total_seconds())
         self.revoker = Revoker(self.store, self.issuer, self.config.bot)
+        self.desk = Desk(self.config, self.store, self.client, self.directory, self.issuer)
         self.listener.subscribe(self._notified)
 
     def _notified(self, kind: str, ident: str) -> None:
         self._wake.set()
         if kind == "grant":
-            spawn(self._tasks, self.revoker.on_grant(uuid.UUID(ident)))
+            spawn(self.tasks, self.revoker.on_grant(uuid.UUID(ident)))
         elif kind == "*":  # reconnected: notifications may have been lost
-            spawn(self._tasks, self.revoker.reschedule_all())
+            spawn(self.tasks, self.revoker.reschedule_all())
 
     # ------------------------------------------------------------------ who decides
-
-    def channel_for(self, target: str) -> str | None:
-        configured = self.config.policy.targets.get(target)
-        own = configured.approval_channel if configured is not None else None
-        return own or self.config.slack.approval_channel
 
     async def _check_approver(self, request_id: str, user: str) -> RequestRow:
         try:
@@ -177,7 +184,7 @@ class Bot:
             raise InvalidInput("a reason is required: the agent will see it")
         row = await self._check_approver(request_id, user)
         await requests.decide(self.store, row.id, user, Decision.DENY, reason)
-        spawn(self._tasks, self._after_decision(row.id, issue=False))
+        spawn(self.tasks, self._after_decision(row.id, issue=False))
 
     async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
         """What follows a committed decision. It is decided whatever happens here, so a
@@ -196,7 +203,7 @@ class Bot:
     async def issue_credentials(self, request_id: uuid.UUID) -> None:
         """Mint and record credentials; while Vault is unavailable, retry with backoff."""
         try:
-            grant = await grants.issue(self.store, request_id, self.issuer.mint, self.issuer.unmint)
+            grant = await grants.issue(self.store, request_id, self._mint, self.issuer.unmint)
         except (Unavailable, VaultUnauthenticated) as exc:
             row = await requests.get_request(self.store, request_id)
             now = self.store.clock.now()
@@ -211,6 +218,12 @@ class Bot:
             return
         if grant is not None:
             self.revoker.schedule(grant.id, grant.expires_at)
+
+    async def _mint(self, request: RequestRow) -> grants.Minted:
+        """An agent's credentials go to a gateway; a person's session goes to them by DM."""
+        if request.session:
+            return await self.desk.deliver(request)
+        return await self.issuer.mint(request)
 
     async def _check_grant_approver(self, grant_id: str, user: str) -> GrantRow:
         try:
@@ -254,7 +267,7 @@ class Bot:
             claimed := await card_store.claim_card(self.store, self.replica, claim_timeout)
         ) is not None:
             row = claimed.request
-            channel = self.channel_for(row.target)
+            channel = self.config.approval_channel(row.target)
             if channel is None:
                 log.error(
                     "no approval channel for target %s (set slack.approval_channel)", row.target
@@ -279,8 +292,16 @@ class Bot:
         return posted
 
     def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
-        shell = isinstance(self.config.policy.targets.get(row.target), SshTarget)
-        return card_state(row, grant, self.store.clock.now(), shell=shell)
+        target = self.config.policy.targets.get(row.target)
+        rule = self.config.policy.access_rule(row.rule) if row.session else None
+        return card_state(
+            row,
+            grant,
+            self.store.clock.now(),
+            shell=isinstance(target, SshTarget),
+            session_kind=(target.kind if target else "session") if row.session else None,
+            max_ttl=rule.max_duration if rule else None,
+        )
 
     async def _post_card(self, channel: str, row: RequestRow) -> str:
         state = self._state(row)
@@ -331,6 +352,7 @@ class Bot:
         except SLACK_ERRORS:
             await card_store.take_card_update(self.store, row.id, card.current, shown)
             raise
+        await self.desk.changed(card, shown)
 
     async def _announce(self, card: card_store.Card, state: CardState) -> None:
         row = card.request
@@ -356,9 +378,12 @@ class Bot:
         for request_id in await grants.awaiting_credentials(self.store):
             await self.issue_credentials(request_id)
         await self.revoker.end_finished()
-        await self.post_pending_cards()
+        if await self.post_pending_cards():
+            await self.desk.republish()  # approvers' "waiting on you"
         for request_id in await card_store.stale_cards(self.store):
             await self.refresh_card(request_id)
+        await self.desk.remind_approvers()
+        await self.desk.remind_expiring()
 
     async def run_forever(self) -> None:
         """Wake on notifications, poll as the guarantee, back off while Slack is down."""

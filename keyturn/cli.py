@@ -243,6 +243,21 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unwrap(args: argparse.Namespace) -> int:
+    from keyturn.unwrap import unwrap_login
+
+    addr = args.vault_addr or os.environ.get("KEYTURN_VAULT_ADDR") or os.environ.get("VAULT_ADDR")
+    if not addr:
+        raise ConfigError("say where Vault is: --vault-addr URL (or set VAULT_ADDR)")
+    wrapping = args.token.strip()
+    if wrapping == "-":
+        wrapping = sys.stdin.readline().strip()
+    login = asyncio.run(unwrap_login(addr, wrapping))
+    print(login.psql)
+    print(login.note(), file=sys.stderr)
+    return 0
+
+
 def cmd_mcp(args: argparse.Namespace) -> int:
     try:
         from keyturn.mcp_server import DEFAULT_MAX_WAIT, MAX_STATUS_WAIT, serve
@@ -290,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", type=Path, default=Path(".keyturn/dev/stack.json"))
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the click (600)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "unwrap", help="turn the token keyturn DMed you into a psql connection string (once)"
+    )
+    p.add_argument("token", help="the wrapping token from the DM ('-' reads it from stdin)")
+    p.add_argument(
+        "--vault-addr", help="Vault's address (default: $KEYTURN_VAULT_ADDR, $VAULT_ADDR)"
+    )
+    p.set_defaults(func=cmd_unwrap)
 
     p = sub.add_parser("gateway", help="run the agent-facing gateway")
     p.add_argument("--config", required=True, type=Path)

@@ -526,6 +526,12 @@ class Config(Model):
         nested = {k: v for k, v in data.items() if k in POLICY_KEYS}
         return {k: v for k, v in data.items() if k not in POLICY_KEYS} | {"policy": nested}
 
+    def approval_channel(self, target: str) -> str | None:
+        """Where ``target``'s cards go: its own channel, else ``slack.approval_channel``."""
+        configured = self.policy.targets.get(target)
+        own = configured.approval_channel if configured is not None else None
+        return own or self.slack.approval_channel
+
 
 # ------------------------------------------------------------------ loading and errors
 

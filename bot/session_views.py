@@ -1,0 +1,353 @@
+"""What on-call engineers read about their own sessions: the credentials DM, the news of each
+change, the reminder before expiry, ``/keyturn list`` and ``pending``, the request modal and
+the App Home. Pure: no Slack calls here.
+
+Credentials appear in exactly one place, :func:`delivery` (a DM), and nowhere else: every
+other text names a request by its id and a target by its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from bot.cards import APPROVE, DENY, escape, mention
+from keyturn.policy import format_duration
+
+SESSION_EXTEND = "keyturn_session_extend"  # one button per choice: keyturn_session_extend_<s>
+SESSION_REVOKE = "keyturn_session_revoke"
+REQUEST_MODAL = "keyturn_request"
+TARGET_BLOCK, TARGET_INPUT = "target", "target_input"
+DURATION_BLOCK, DURATION_INPUT = "duration", "duration_input"
+WHY_BLOCK, WHY_INPUT = "why", "why_input"
+TICKET_BLOCK, TICKET_INPUT = "ticket", "ticket_input"
+KIND_WORD = {"postgres": "database login", "ssh": "SSH certificate"}
+
+
+def short(request_id: object) -> str:
+    """The part of a request id people type: enough to tell their requests apart."""
+    return str(request_id)[:8]
+
+
+def at(when: datetime) -> str:
+    return f"{when:%H:%M:%S} UTC"
+
+
+def left(until: datetime, now: datetime) -> str:
+    seconds = int((until - now).total_seconds())
+    return format_duration(timedelta(seconds=seconds)) + " left" if seconds > 0 else "ending now"
+
+
+@dataclass(frozen=True)
+class Line:
+    """One of a person's sessions as lists and App Home show it."""
+
+    request_id: str
+    target: str
+    kind: str  # postgres | ssh
+    status: str  # the request's
+    ttl_seconds: int
+    grant_id: str | None = None
+    grant_status: str | None = None
+    expires_at: datetime | None = None
+    extend_choices: list[int] = field(default_factory=list)
+
+    @property
+    def open(self) -> bool:
+        return self.grant_status == "active"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A request waiting on someone as approver."""
+
+    request_id: str
+    target: str
+    requester: str
+    what: str  # "a 15m database login" or the agent's command, shortened
+    session: bool
+
+
+def describe(line: Line, now: datetime) -> str:
+    ident = f"`{short(line.request_id)}`"
+    what = f"{KIND_WORD.get(line.kind, line.kind)} on `{escape(line.target)}`"
+    if line.open and line.expires_at is not None:
+        return f"{ident} {what}: open until {at(line.expires_at)} ({left(line.expires_at, now)})"
+    if line.status == "pending":
+        ttl = format_duration(timedelta(seconds=line.ttl_seconds))
+        return f"{ident} {what} for {ttl}: waiting for approval"
+    return f"{ident} {what}: approved, credentials on their way"
+
+
+def listing(lines: list[Line], now: datetime) -> str:
+    if not lines:
+        return (
+            "You have no pending or open sessions. Ask with "
+            "`/keyturn db <target> <ttl> <reason>`, `/keyturn ssh …` or `/keyturn request`."
+        )
+    return "Your sessions:\n" + "\n".join(f"• {describe(line, now)}" for line in lines)
+
+
+def waiting_listing(waiting: list[Waiting]) -> str:
+    if not waiting:
+        return "Nothing is waiting on you."
+    return "Waiting on you:\n" + "\n".join(f"• {_waiting_text(w)}" for w in waiting)
+
+
+def _waiting_text(w: Waiting) -> str:
+    who = mention(w.requester) if w.session else f"`{escape(w.requester)}`"
+    return f"`{short(w.request_id)}` {who} asks for {w.what} on `{escape(w.target)}`"
+
+
+def delivery(
+    *,
+    request_id: str,
+    target: str,
+    expires_at: datetime,
+    ttl: timedelta,
+    vault_addr: str,
+    wrap_ttl: timedelta,
+    wrapping_token: str,
+) -> str:
+    """The DM that carries a database login's wrapping token, and what to do with it."""
+    return "\n".join(
+        [
+            f":key: *Your database login for `{escape(target)}` is ready* "
+            f"(request `{short(request_id)}`).",
+            f"Unwrap it within {format_duration(wrap_ttl)}; it works once:",
+            f"```keyturn unwrap --vault-addr {vault_addr} {wrapping_token}```",
+            "It prints a ready `psql` connection string "
+            f"(`VAULT_ADDR={vault_addr} bao unwrap <token>` works too).",
+            f"The login ends at {at(expires_at)} ({format_duration(ttl)}): your open sessions "
+            "are killed then. I will remind you 5 minutes before, with Extend buttons.",
+            ":warning: If unwrapping says the token was already used and you did not use it, "
+            "report it to your security team now: someone else may hold your login.",
+        ]
+    )
+
+
+def certificate_delivery(
+    *,
+    request_id: str,
+    target: str,
+    principal: str,
+    host: str,
+    port: int,
+    algorithm: str,
+    fingerprint: str,
+    expires_at: datetime,
+    certificate: str,
+) -> str:
+    """The DM that carries an SSH certificate for the person's own key."""
+    key = "~/.ssh/id_" + {"ssh-rsa": "rsa", "ssh-ed25519": "ed25519"}.get(algorithm, "ecdsa")
+    cert_file = f"~/.ssh/keyturn-{target}-cert.pub"
+    port_flag = f" -p {port}" if port != 22 else ""
+    return "\n".join(
+        [
+            f":key: *Your SSH certificate for `{escape(target)}` is ready* "
+            f"(request `{short(request_id)}`), for your key `{escape(fingerprint)}` as "
+            f"`{escape(principal)}`, valid until {at(expires_at)}.",
+            f"Save it as `{cert_file}`:",
+            f"```{certificate.strip()}```",
+            "Then connect with:",
+            f"```ssh -i {key} -o CertificateFile={cert_file}{port_flag} {principal}@{host}```",
+            "A certificate cannot be extended or recalled once issued: it stops working at "
+            "its expiry.",
+        ]
+    )
+
+
+def news(
+    *,
+    request_id: str,
+    target: str,
+    was: tuple[str, str | None],
+    now_is: tuple[str, str | None],
+    approvers: list[str],
+    denial: tuple[str, str] | None,
+    error: str | None,
+    ended_by: str | None,
+    pending_ttl: timedelta,
+) -> str | None:
+    """What changed for the requester between two (request status, grant status) pairs."""
+    ident = f"Your request `{short(request_id)}` for `{escape(target)}`"
+    (old, old_grant), (new, new_grant) = was, now_is
+    if old == "pending" and new != "pending":
+        if new == "denied" and denial is not None:
+            who, reason = denial
+            return f":x: {ident} was denied by {mention(who)}: {escape(reason)}"
+        if new == "expired":
+            return (
+                f":hourglass: {ident} expired: nobody decided within "
+                f"{format_duration(pending_ttl)}. Ask again if you still need it."
+            )
+        if new == "cancelled":
+            return f":no_entry_sign: {ident} was cancelled."
+        if new in ("approved", "executing"):
+            who = ", ".join(mention(a) for a in approvers) or "policy"
+            return f":white_check_mark: {ident} was approved by {who}."
+    if new == "failed" and old != "failed":
+        return f":warning: {ident} was approved, but nothing could be issued: {escape(error or '')}"
+    if old_grant == "active" and new_grant in ("revoked", "expired"):
+        if new_grant == "revoked":
+            by = "keyturn" if ended_by in (None, "keyturn") else mention(ended_by)
+            return f":lock: Your access to `{escape(target)}` was revoked by {by}."
+        return f":lock: Your access to `{escape(target)}` has ended: it expired."
+    return None
+
+
+def reminder(line: Line, now: datetime) -> tuple[str, list[dict[str, Any]]]:
+    """Sent 5 minutes before a session ends: Extend within the rule's maximum, or let it end."""
+    assert line.expires_at is not None
+    text = (
+        f":alarm_clock: Your {KIND_WORD.get(line.kind, line.kind)} on `{escape(line.target)}` "
+        f"ends at {at(line.expires_at)} ({left(line.expires_at, now)})."
+    )
+    if not line.extend_choices:
+        text += " It cannot be extended further; ask again if you need more time."
+    blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+    blocks += _grant_actions(line, revoke=False)
+    return text, blocks
+
+
+def _button(action_id: str, text: str, value: str, style: str | None = None) -> dict[str, Any]:
+    button: dict[str, Any] = {
+        "type": "button",
+        "action_id": action_id,
+        "value": value,
+        "text": {"type": "plain_text", "text": text},
+    }
+    if style:
+        button["style"] = style
+    return button
+
+
+def _grant_actions(line: Line, *, revoke: bool) -> list[dict[str, Any]]:
+    if not line.grant_id:
+        return []
+    buttons = [
+        _button(
+            f"{SESSION_EXTEND}_{s}",
+            f"Extend +{format_duration(timedelta(seconds=s))}",
+            f"{line.grant_id}:{s}",
+        )
+        for s in line.extend_choices
+    ]
+    if revoke:
+        buttons.append(_button(SESSION_REVOKE, "End now", line.grant_id, "danger"))
+    if not buttons:
+        return []
+    return [{"type": "actions", "block_id": f"grant_{line.grant_id}", "elements": buttons}]
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, Any]:
+    """The App Home tab: my sessions (Extend, End now), then requests waiting on me."""
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": "Your access"}}
+    ]
+    if not lines:
+        blocks.append(_section(listing([], now)))
+    for line in lines:
+        blocks.append(_section(describe(line, now)))
+        if line.open:
+            blocks += _grant_actions(line, revoke=True)
+    blocks += [
+        {"type": "divider"},
+        {"type": "header", "text": {"type": "plain_text", "text": "Waiting on you"}},
+    ]
+    if not waiting:
+        blocks.append(_section("Nothing is waiting on you."))
+    for w in waiting:
+        blocks += [
+            _section(_waiting_text(w)),
+            {
+                "type": "actions",
+                "block_id": f"decide_{w.request_id}",
+                "elements": [
+                    _button(APPROVE, "Approve", w.request_id, "primary"),
+                    _button(DENY, "Deny", w.request_id, "danger"),
+                ],
+            },
+        ]
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": f"Updated {at(now)} · `/keyturn help`"}],
+        }
+    )
+    return {"type": "home", "blocks": blocks}
+
+
+def request_modal(
+    targets: list[tuple[str, str]], durations: list[timedelta], channel: str
+) -> dict[str, Any]:
+    """``/keyturn request``: ``targets`` as (name, kind) this person may ask for."""
+
+    def option(text: str, value: str) -> dict[str, Any]:
+        return {"text": {"type": "plain_text", "text": text}, "value": value}
+
+    def field(block: str, action: str, label: str, element: dict[str, Any], **kw: Any) -> Any:
+        element = element | {"action_id": action}
+        return {
+            "type": "input",
+            "block_id": block,
+            "label": _plain(label),
+            "element": element,
+            **kw,
+        }
+
+    return {
+        "type": "modal",
+        "callback_id": REQUEST_MODAL,
+        "private_metadata": channel,
+        "title": _plain("Request access"),
+        "submit": _plain("Request"),
+        "close": _plain("Cancel"),
+        "blocks": [
+            field(
+                TARGET_BLOCK,
+                TARGET_INPUT,
+                "Target",
+                {
+                    "type": "static_select",
+                    "options": [
+                        option(f"{name} ({KIND_WORD.get(kind, kind)})", name)
+                        for name, kind in targets
+                    ],
+                },
+            ),
+            field(
+                DURATION_BLOCK,
+                DURATION_INPUT,
+                "For how long",
+                {
+                    "type": "static_select",
+                    "options": [
+                        option(format_duration(d), format_duration(d)) for d in sorted(durations)
+                    ],
+                },
+            ),
+            field(
+                WHY_BLOCK,
+                WHY_INPUT,
+                "Why? Approvers see this.",
+                {"type": "plain_text_input", "multiline": True, "max_length": 1000},
+            ),
+            field(
+                TICKET_BLOCK,
+                TICKET_INPUT,
+                "Ticket or incident link",
+                {"type": "plain_text_input", "max_length": 500},
+                optional=True,
+            ),
+        ],
+    }
+
+
+def _plain(text: str) -> dict[str, Any]:
+    return {"type": "plain_text", "text": text}
