@@ -85,6 +85,17 @@ def demo_policy(
             },
             {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
         ],
+        # on-call engineers' own sessions: /keyturn db orders-db 15m <reason>, approved by
+        # the approvers (with a real workspace, the approvers may ask each other)
+        "access": [
+            {
+                "name": "on-call",
+                "requesters": {"users": [slack.oncall] if slack.oncall else slack.approvers},
+                "approvers": {"users": slack.approvers},
+                "durations": ["15m", "30m", "1h"],
+                "max_duration": "1h",
+            }
+        ],
         "masking": {"columns": ["*email*"], "detectors": ["email", "credit_card"]},
         "vault": {"addr": vault_addr},
         "slack": {"approval_channel": slack.channel},

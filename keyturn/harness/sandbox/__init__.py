@@ -9,7 +9,8 @@ the bot as Slack does. The page polls ``/sandbox/state`` and redraws when ``vers
 The JSON routes also drive the sandbox from scripts: ``GET /sandbox/messages`` (everything,
 for every user), ``POST /sandbox/click {"ts"|"view_id", "action_id", "user"}``,
 ``POST /sandbox/submit {"view_id"?, "user", "values": {block_id: value}}``,
-``POST /sandbox/close {"view_id", "user"}`` and ``POST /sandbox/command {"text", "user"}``.
+``POST /sandbox/close {"view_id", "user"}``, ``POST /sandbox/command {"text", "user"}`` and
+``POST /sandbox/home {"user"}`` (they opened the App Home tab).
 Dev only: it trusts whoever the page says it is, and listens on loopback.
 """
 
@@ -40,6 +41,7 @@ def add_sandbox_routes(app: web.Application, emulator: SlackEmulator) -> None:
     app.router.add_post("/sandbox/submit", _submit)
     app.router.add_post("/sandbox/close", _close)
     app.router.add_post("/sandbox/command", _command)
+    app.router.add_post("/sandbox/home", _home)
 
 
 def view_for(emulator: SlackEmulator, user: str) -> dict[str, Any]:
@@ -182,3 +184,8 @@ def find_card(sandbox_url: str, text: str, timeout: float = 30, poll: float = 0.
                     return str(message["ts"])
         time.sleep(poll)
     raise TimeoutError(f"no card shows {text!r} after {timeout:g} s")
+
+
+async def _home(request: web.Request) -> web.Response:
+    body = await _body(request, "user")
+    return _answer(*await request.app[_EMULATOR].open_home(body["user"]))

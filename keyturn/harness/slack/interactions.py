@@ -153,6 +153,29 @@ class Interactivity(SocketMode):
             self.close_modal(view_id, user)
         return status, text
 
+    async def open_home(self, user: str) -> tuple[int, str]:
+        """``user`` opened the app's Home tab: the ``app_home_opened`` event Slack sends."""
+        payload = {
+            "token": "verification-token-unused",
+            "team_id": TEAM["id"],
+            "api_app_id": "AKEYTURN",
+            "type": "event_callback",
+            "event_id": f"Ev{next(self._ids):010d}",
+            "event_time": int(time.time()),
+            "event": {
+                "type": "app_home_opened",
+                "user": user,
+                "channel": f"D{user}",
+                "tab": "home",
+                "event_ts": f"{time.time():.6f}",
+            },
+        }
+        if self.bot_url is None and self._sockets:
+            return await self._over_socket("events_api", payload)
+        if self.bot_url is None:
+            return 503, "no app is connected to this workspace"
+        return await self.deliver(json.dumps(payload), "application/json")
+
     async def command(self, text: str, user: str, channel: str = "CGENERAL") -> tuple[int, str]:
         """``/keyturn text`` typed by ``user`` in ``channel``; what the app acks with is shown
         to that user alone, as Slack shows it."""

@@ -417,6 +417,7 @@ function sidebarItem(list, id, label, count) {
   }
   item.addEventListener("click", () => {
     state.selected = id;
+    if (id === "home") post("/sandbox/home", { user: state.me }).catch((e) => toast(e.message));
     render();
   });
   list.append(item);
@@ -440,7 +441,7 @@ function render() {
   document.getElementById("title").textContent = me && me.title ? me.title : "";
 
   const ids = data.conversations.map((c) => c.id);
-  if (data.home) ids.push("home");
+  ids.push("home");
   if (!ids.includes(state.selected)) state.selected = ids[0] || "";
   const lists = { channel: document.getElementById("channels"), dm: document.getElementById("dms") };
   for (const list of [...Object.values(lists), document.getElementById("apps")]) list.replaceChildren();
@@ -448,7 +449,7 @@ function render() {
     if (c.id === state.selected) state.seen[c.id] = c.messages.length;
     sidebarItem(lists[c.kind], c.id, channelName(c), c.messages.length - (state.seen[c.id] || 0));
   }
-  if (data.home) sidebarItem(document.getElementById("apps"), "home", `${BOT_NAME} · Home`, 0);
+  sidebarItem(document.getElementById("apps"), "home", `${BOT_NAME} · Home`, 0);
 
   const heading = document.getElementById("heading");
   const stream = document.getElementById("stream");
@@ -456,7 +457,11 @@ function render() {
   const current = data.conversations.find((c) => c.id === state.selected);
   if (state.selected === "home") {
     heading.textContent = `${BOT_NAME} · Home`;
-    stream.replaceChildren(blocks(data.home.blocks, { viewId: data.home.id }));
+    stream.replaceChildren(
+      data.home
+        ? blocks(data.home.blocks, { viewId: data.home.id })
+        : el("p", "empty", "Opening the Home tab…"),
+    );
   } else if (current) {
     heading.textContent = channelName(current);
     stream.replaceChildren(conversation(current));
