@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -32,12 +33,19 @@ BOT_KEY = web.AppKey("bot", Bot)
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
 
+# slack_sdk logs every request body at DEBUG, and a DM may carry a person's wrapping token
+# or certificate: the client logs through this logger, which never goes below INFO.
+SLACK_API_LOG = logging.getLogger("keyturn.slack_api")
+SLACK_API_LOG.setLevel(logging.INFO)
+
+
 def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     """Retries connection errors, 429s (honouring Retry-After) and 5xx, with backoff."""
     return AsyncWebClient(
         token=token,
         base_url=base_url or AsyncWebClient.BASE_URL,
         timeout=10,
+        logger=SLACK_API_LOG,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=3),
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),

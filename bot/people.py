@@ -71,7 +71,7 @@ async def check_decider(directory: Directory, config: Config, user: str, row: Re
     group = rule.requesters.slack_usergroup if rule is not None else None
     if rule is not None and group and not rule.own_group_may_approve:
         members = await directory.members(group)
-        if user in members and row.requester in members:
+        if user in members and row.requester in members and user != row.requester:
             raise OwnGroup(
                 "you are in the requester's own group, and this access rule needs an approver"
                 " from outside it; nothing was changed"

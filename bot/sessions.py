@@ -35,7 +35,7 @@ KIND_OF_COMMAND = {"db": "postgres", "ssh": "ssh"}
 COMMAND_OF_KIND = {kind: word for word, kind in KIND_OF_COMMAND.items()}
 REMIND_BEFORE = timedelta(minutes=5)
 EXTEND_CHOICES = (15 * 60, 30 * 60, 60 * 60)  # seconds; only those within the rule's max show
-MIN_TTL = timedelta(minutes=1)
+MIN_TTL = timedelta(seconds=5)  # shorter is surely a typo
 MAX_REASON = 1000
 MAX_TICKET = 500
 

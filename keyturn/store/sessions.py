@@ -103,7 +103,7 @@ async def claim_expiry_reminders(store: Store, within: timedelta, limit: int = 5
         ids = await conn.fetch(
             "UPDATE grants g SET reminded_at = $1 FROM requests r"
             " WHERE r.id = g.request_id AND r.session AND g.status = $2"
-            " AND g.reminded_at IS NULL AND g.expires_at <= $3"
+            " AND g.reminded_at IS NULL AND g.expires_at <= $3 AND g.expires_at > $1"
             " AND g.id IN (SELECT id FROM grants WHERE status = $2 AND reminded_at IS NULL"
             "              AND expires_at <= $3 ORDER BY expires_at LIMIT $4"
             "              FOR UPDATE SKIP LOCKED)"
