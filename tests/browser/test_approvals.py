@@ -4,14 +4,21 @@ without rights)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import asyncssh
+import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
@@ -140,3 +147,63 @@ def test_the_on_call_engineer_registers_a_key_by_slash_command(page: Page) -> No
     expect(answer).to_contain_text("Only visible to you")
     page.select_option("#user", "U_APPROVER")
     expect(page.locator(".message.ephemeral", has_text="Registered your")).to_have_count(0)
+
+
+def test_an_on_call_database_session_from_the_sandbox(page: Page, stack: dict[str, Any]) -> None:
+    """The on-call engineer's whole path in `keyturn dev`: typed in the composer as Omar,
+    approved by Ada on the card, the DM's token unwrapped by `keyturn unwrap` into a working
+    connection string, and the session killed when the grant ends."""
+    page.select_option("#user", "U_ONCALL")
+    page.locator("#command").fill("/keyturn db orders-db 15m checking a refund")
+    page.locator("#command").press("Enter")
+    asked = page.locator(".message.ephemeral", has_text="waiting for approval")
+    expect(asked).to_be_visible()
+    short = re.search(r"request (\w{8})", asked.inner_text())
+    assert short, asked.inner_text()
+
+    page.select_option("#user", "U_APPROVER")
+    session_card = page.locator(".message", has_text="checking a refund")
+    expect(session_card).to_be_visible(timeout=CARD_WAIT)
+    expect(session_card).to_contain_text("Human request for a session")
+    session_card.get_by_role("button", name="Approve").click()
+    expect(session_card).to_contain_text("Approved: session open", timeout=CARD_WAIT)
+
+    page.select_option("#user", "U_ONCALL")
+    page.locator("#dms li").click()
+    delivered = page.locator(".message", has_text="Your database login for orders-db is ready")
+    expect(delivered).to_be_visible()
+    unwrap = re.search(r"keyturn unwrap --vault-addr (\S+) (\S+)", delivered.inner_text())
+    assert unwrap, delivered.inner_text()
+    ran = subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", "unwrap", "--vault-addr", *unwrap.groups()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    dsn = ran.stdout.strip()
+    assert "killed" in ran.stderr
+    if psql := shutil.which("psql"):
+        counted = subprocess.run(
+            [psql, dsn, "-Atc", "SELECT count(*) FROM orders"], capture_output=True, text=True
+        )
+        assert counted.returncode == 0 and int(counted.stdout) >= 1, counted.stderr
+    with ThreadPoolExecutor(1) as pool:  # Playwright's own loop runs in this thread
+        pool.submit(asyncio.run, _held_then_ended(stack, dsn, short.group(1))).result(120)
+    expect(page.locator(".message", has_text="was revoked by")).to_be_visible(timeout=CARD_WAIT)
+
+
+async def _held_then_ended(stack: dict[str, Any], dsn: str, short: str) -> None:
+    """An open session works until its grant ends; then it is killed and logins fail."""
+    session = await asyncpg.connect(dsn)
+    assert await session.fetchval("SELECT count(*) FROM orders") >= 1
+    async with httpx.AsyncClient(timeout=30) as http:
+        answer = await http.post(
+            f"{stack['sandbox_url']}/sandbox/command",
+            json={"text": f"revoke {short}", "user": stack["oncall_user"]},
+        )
+    assert "its connections were closed" in answer.json()["response"]
+    with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+        await session.fetchval("SELECT 1")
+    with pytest.raises(asyncpg.PostgresError):
+        await asyncpg.connect(dsn)

@@ -47,14 +47,17 @@ def add_sandbox_routes(app: web.Application, emulator: SlackEmulator) -> None:
 def view_for(emulator: SlackEmulator, user: str) -> dict[str, Any]:
     """What ``user`` sees: public channels, their own DMs with the app, the ephemerals sent to
     them, their top modal and their App Home. Nothing meant for someone else."""
+    ephemerals = [e for e in emulator.ephemerals if e.get("user") == user]
+    # named channels show before anything is posted; so does one holding only ephemerals
+    ids = set(emulator.messages) | set(emulator.channel_names) | {e["channel"] for e in ephemerals}
     conversations = [
         {
             "id": channel,
             "name": emulator.channel_names.get(channel, channel),
             "kind": "dm" if channel.startswith("D") else "channel",
-            "messages": [m.as_json() for m in messages],
+            "messages": [m.as_json() for m in emulator.messages.get(channel, [])],
         }
-        for channel, messages in sorted(emulator.messages.items())
+        for channel in sorted(ids)
         if not channel.startswith("D") or channel == f"D{user}"
     ]
     modal = emulator.open_modal(user)
@@ -72,7 +75,7 @@ def view_for(emulator: SlackEmulator, user: str) -> dict[str, Any]:
             for u in emulator.users.values()
         ],
         "conversations": conversations,
-        "ephemerals": [e for e in emulator.ephemerals if e.get("user") == user],
+        "ephemerals": ephemerals,
         "modal": emulator.views[modal] if modal else None,
         "home": emulator.home.get(user),
     }

@@ -393,8 +393,10 @@ async function sendCommand(event) {
     toast("The sandbox sends /keyturn commands, e.g. /keyturn help");
     return;
   }
-  const current = (state.data?.conversations || []).find((c) => c.id === state.selected);
-  const channel = current && current.kind === "channel" ? current.id : "CGENERAL";
+  // typed in a channel: answered there; elsewhere (a DM, the Home tab): in the first channel
+  const channels = (state.data?.conversations || []).filter((c) => c.kind === "channel");
+  const current = channels.find((c) => c.id === state.selected) || channels[0];
+  const channel = current ? current.id : "CGENERAL";
   input.value = "";
   try {
     const answer = await post("/sandbox/command", { text: match[1], user: state.me, channel });
