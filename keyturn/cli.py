@@ -58,7 +58,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
     if _policy_cases_fail(args.file, config):
         return 1
-    print(f"{args.file}: ok ({targets} targets, {rules} rules, {len(config.policy.tests)} tests)")
+    access, tests = len(config.policy.access), len(config.policy.tests)
+    print(f"{args.file}: ok ({targets} targets, {rules} rules, {access} access rules, {tests} tests)")
     return 0
 
 

@@ -60,7 +60,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> N
 def test_check_config_accepts_a_valid_file() -> None:
     proc = keyturn("check-config", str(EXAMPLE))
     assert proc.returncode == 0, proc.stderr
-    assert "ok (2 targets, 5 rules, 5 tests)" in proc.stdout
+    assert "ok (2 targets, 5 rules, 1 access rules, 5 tests)" in proc.stdout
 
 
 def test_policy_tests_fail_naming_each_case(tmp_path: Path) -> None:

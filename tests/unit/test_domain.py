@@ -233,3 +233,32 @@ class RequestMachine(RuleBasedStateMachine):
 
 TestRequestMachine = RequestMachine.TestCase
 TestRequestMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    session = Request(
+        id=uuid.uuid4(),
+        target="db",
+        command="postgres session",
+        requester="U_OMAR",
+        created_at=now,
+        pending_expires_at=now,
+        session=True,
+    )
+    session.approve("U_ADA", now)
+    with pytest.raises(IllegalTransition):
+        session.start_execution(session.command_sha256)
+    session.open_session()
+    assert session.status is RequestStatus.EXECUTING
+    command = Request(
+        id=uuid.uuid4(),
+        target="db",
+        command="UPDATE t SET x = 1 WHERE id = 1",
+        requester="crew",
+        created_at=now,
+        pending_expires_at=now,
+    )
+    command.approve("U_ADA", now)
+    with pytest.raises(IllegalTransition):
+        command.open_session()

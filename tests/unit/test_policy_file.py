@@ -214,3 +214,43 @@ def test_durations(raw: object, seconds: int) -> None:
 def test_bad_durations(raw: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(raw)
+
+
+def _access(**fields: Any) -> dict[str, Any]:
+    return {
+        "name": "on-call",
+        "requesters": {"users": ["U1"]},
+        "approvers": {"users": ["U2"]},
+    } | fields
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (_access(targets=["nope"]), "access[0].targets: unknown target 'nope' (known: orders-db)"),
+        (
+            _access(max_duration="2h"),
+            "access[0].max_duration: 2h is longer than orders-db's vault.max_ttl 1h",
+        ),
+        (_access(durations=["2h"]), "access[0]: the duration 2h is longer than max_duration 1h"),
+        (_access(quorum=2), "access[0]: quorum 2 needs at least 2 distinct approvers"),
+        (_access(approvers={}), "access[0].approvers: name a slack_usergroup or at least one user"),
+        (_access(requesters=None), "access[0].requesters: "),
+        (_access(durations=[]), "access[0].durations: "),
+        (_access(owner="me"), "access[0].owner: unknown field"),
+    ],
+)
+def test_access_rule_errors(rule: dict[str, Any], expected: str) -> None:
+    found = problems(base(access=[rule]))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_access_rules_in_order_by_target() -> None:
+    data = base(access=[_access(targets=["orders-db"]), _access(name="all")])
+    policy = parse_config(data).policy
+    assert [r.name for r in policy.access_rules("orders-db")] == ["on-call", "all"]
+    assert [r.name for r in policy.access_rules("elsewhere")] == ["all"]
+    assert policy.access_rule("all") is policy.access[1] and policy.access_rule(None) is None
+    assert problems(base(access=[_access(), _access()])) == [
+        "access[1].name: 'on-call' is used by an earlier rule"
+    ]

@@ -1,0 +1,129 @@
+"""What on-call engineers read: news for each change, the DMs, lists, the App Home."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from bot.session_views import Line, Waiting, certificate_delivery, delivery, home, news, reminder
+
+NOW = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+REQUEST = "1a2b3c4d-0000-4000-8000-000000000000"
+
+
+def told(was: tuple[str, str | None], now_is: tuple[str, str | None], **kw: Any) -> str | None:
+    fields: dict[str, Any] = {
+        "request_id": REQUEST,
+        "target": "orders-db",
+        "approvers": ["U_ADA"],
+        "denial": None,
+        "error": None,
+        "ended_by": None,
+        "pending_ttl": timedelta(minutes=15),
+    } | kw
+    return news(was=was, now_is=now_is, **fields)
+
+
+@pytest.mark.parametrize(
+    ("was", "now_is", "extra", "expected"),
+    [
+        (("pending", None), ("executing", "active"), {}, "was approved by <@U_ADA>."),
+        (("pending", None), ("approved", None), {}, "was approved by <@U_ADA>."),
+        (
+            ("pending", None),
+            ("denied", None),
+            {"denial": ("U_ADA", "use <!channel> the replica")},
+            "was denied by <@U_ADA>: use &lt;!channel&gt; the replica",
+        ),
+        (("pending", None), ("expired", None), {}, "expired: nobody decided within 15m"),
+        (("approved", None), ("failed", None), {"error": "Vault down"}, "nothing could be issued"),
+        (
+            ("executing", "active"),
+            ("executed", "revoked"),
+            {"ended_by": "U_OMAR"},
+            "was revoked by <@U_OMAR>.",
+        ),
+        (("executing", "active"), ("executed", "expired"), {}, "has ended: it expired."),
+        (("executing", "active"), ("executing", "active"), {}, None),  # extended: no news
+    ],
+)
+def test_news_for_each_change(
+    was: tuple[str, str | None], now_is: tuple[str, str | None], extra: Any, expected: str | None
+) -> None:
+    said = told(was, now_is, **extra)
+    if expected is None:
+        assert said is None
+    else:
+        assert said is not None and expected in said, said
+        assert "`1a2b3c4d`" in said or "orders-db" in said
+
+
+def test_the_login_dm_holds_the_token_and_the_next_step() -> None:
+    text = delivery(
+        request_id=REQUEST,
+        target="orders-db",
+        expires_at=NOW + timedelta(minutes=15),
+        ttl=timedelta(minutes=15),
+        vault_addr="https://vault.example.com",
+        wrap_ttl=timedelta(minutes=10),
+        wrapping_token="s.TOKEN",
+    )
+    assert "```keyturn unwrap --vault-addr https://vault.example.com s.TOKEN```" in text
+    assert "within 10m" in text and "03:15:00 UTC" in text and "report it" in text
+
+
+def test_the_certificate_dm_has_a_ready_ssh_line() -> None:
+    text = certificate_delivery(
+        request_id=REQUEST,
+        target="web-1",
+        principal="deploy",
+        host="10.0.0.5",
+        port=2222,
+        algorithm="ssh-ed25519",
+        fingerprint="SHA256:abc",
+        expires_at=NOW,
+        certificate="ssh-ed25519-cert-v01@openssh.com AAAA",
+    )
+    assert "```ssh -i ~/.ssh/id_ed25519 -o CertificateFile=~/.ssh/keyturn-web-1-cert.pub" in text
+    assert "-p 2222 deploy@10.0.0.5```" in text and "cannot be extended" in text
+
+
+def line(**fields: Any) -> Line:
+    return Line(
+        **{
+            "request_id": REQUEST,
+            "target": "orders-db",
+            "kind": "postgres",
+            "status": "executing",
+            "ttl_seconds": 900,
+            "grant_id": "g-1",
+            "grant_status": "active",
+            "expires_at": NOW + timedelta(minutes=4),
+            "extend_choices": [900, 1800],
+        }
+        | fields
+    )
+
+
+def test_the_reminder_offers_only_the_extensions_left() -> None:
+    text, blocks = reminder(line(), NOW)
+    assert "4m left" in text
+    buttons = [e["value"] for e in blocks[-1]["elements"]]
+    assert buttons == ["g-1:900", "g-1:1800"]
+    text, blocks = reminder(line(extend_choices=[]), NOW)
+    assert "cannot be extended further" in text and len(blocks) == 1
+
+
+def test_home_shows_sessions_and_what_waits_on_me() -> None:
+    waiting = Waiting("r-2", "orders-db", "crew-<b>", "to run DELETE", False)
+    view = home([line()], [waiting], NOW)
+    text = json.dumps(view)
+    assert view["type"] == "home"
+    assert "open until 03:04:00 UTC (4m left)" in text and "End now" in text
+    assert "`crew-&lt;b&gt;` asks for to run DELETE" in text
+    assert "keyturn_approve" in text and "keyturn_deny" in text
+    empty = json.dumps(home([], [], NOW))
+    assert "no pending or open sessions" in empty and "Nothing is waiting on you" in empty
