@@ -155,6 +155,7 @@ class CardState:
     session_kind: str | None = None
     ticket: str | None = None
     max_ttl_seconds: int | None = None  # how far the requester may extend it
+    ssh_key: str | None = None  # the fingerprint an SSH session's certificate is for
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ def _session_blocks(state: CardState) -> list[dict[str, Any]]:
         f"{mention(state.requester)} would get their own {kind} on `{escape(state.target)}` "
         f"for {_duration(state.grant_ttl_seconds)}{extend}."
     )
+    if state.ssh_key:
+        text += f" The certificate is for their key `{escape(state.ssh_key)}`."
     return [
         _header(_SESSION_HEADERS.get(state.status) or _HEADERS[state.status]),
         {

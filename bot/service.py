@@ -106,6 +106,7 @@ def card_state(
         ran=what_ran(row.result),
         session_kind=session_kind,
         ticket=classification.get("ticket"),
+        ssh_key=classification.get("key"),
         max_ttl_seconds=int(max_ttl.total_seconds()) if max_ttl else None,
     )
 

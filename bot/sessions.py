@@ -139,12 +139,17 @@ class Desk:
             raise BadField("reason", f"keep the reason under {MAX_REASON} characters")
         if len(asked.ticket or "") > MAX_TICKET:
             raise BadField("ticket", f"keep the ticket link under {MAX_TICKET} characters")
-        if isinstance(target, SshTarget) and not await ssh_keys.keys_of(self.store, asked.user):
-            raise BadField(
-                "target",
-                "register an SSH key first: `/keyturn ssh-key add <public key>` "
-                "(the certificate is made for your own key)",
-            )
+        details: dict[str, str] = {"ticket": asked.ticket.strip()} if asked.ticket else {}
+        if isinstance(target, SshTarget):
+            keys = await ssh_keys.keys_of(self.store, asked.user)
+            if not keys:
+                raise BadField(
+                    "target",
+                    "register an SSH key first: `/keyturn ssh-key add <public key>` "
+                    "(the certificate is made for your own key)",
+                )
+            # the approvers approve this key: one added later cannot take the certificate
+            details["key"] = keys[-1].fingerprint
         for held in await sessions.of_requester(self.store, asked.user):
             if held.request.target == asked.target:
                 raise BadField(
@@ -157,18 +162,17 @@ class Desk:
             requests.NewRequest(
                 target=asked.target,
                 command=f"{target.kind} session for {asked.user} on {asked.target}, "
-                f"{format_duration(ttl)}",
+                f"{format_duration(ttl)}" + (f", key {details['key']}" if "key" in details else ""),
                 requester=asked.user,
                 pending_ttl=rule.pending_ttl or self.config.policy.pending_ttl,
                 quorum=rule.quorum,
                 reason=reason,
                 rule=rule.name,
-                classification={"ticket": asked.ticket.strip()} if asked.ticket else {},
+                classification=details,
                 grant_ttl=ttl,
                 session=True,
             ),
         )
-        await self.republish(asked.user)
         return row
 
     # ------------------------------------------------------------------ delivering
@@ -185,10 +189,14 @@ class Desk:
         target = self.config.policy.targets.get(request.target)
         key = None
         if isinstance(target, SshTarget):
+            approved = (request.classification or {}).get("key")
             keys = await ssh_keys.keys_of(self.store, request.requester)
-            if not keys:
-                raise InvalidInput("the requester has no registered SSH key any more")
-            key = keys[-1]  # the newest: what they registered last is what they use
+            key = next((k for k in keys if k.fingerprint == approved), None)
+            if key is None:
+                raise InvalidInput(
+                    f"the key {approved} this session was approved for is no longer registered;"
+                    " ask again"
+                )
         now = self.store.clock.now()
         session = await self.issuer.session(
             request, rule.max_duration, key.public_key if key else None, now

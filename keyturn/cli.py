@@ -59,7 +59,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if _policy_cases_fail(args.file, config):
         return 1
     access, tests = len(config.policy.access), len(config.policy.tests)
-    print(f"{args.file}: ok ({targets} targets, {rules} rules, {access} access rules, {tests} tests)")
+    print(
+        f"{args.file}: ok ({targets} targets, {rules} rules, {access} access rules, {tests} tests)"
+    )
     return 0
 
 

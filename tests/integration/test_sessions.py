@@ -496,6 +496,8 @@ async def test_an_ssh_session_signs_the_registered_key_until_expiry(
         assert f"-p {sshd.port} {sshd.principal}@127.0.0.1" in delivered.text
         cert = asyncssh.import_certificate(certificate.group(1))
         assert "force-command" not in cert.options  # a person's own shell
+        fingerprint = key.get_fingerprint()
+        assert fingerprint in json.dumps(oc.slack.channel(CHANNEL)[-1].blocks)  # approved key
 
         async def run(command: str) -> str:
             async with asyncssh.connect(
@@ -520,3 +522,31 @@ async def test_an_ssh_session_signs_the_registered_key_until_expiry(
             await run("id -un")
         await oc.dm("has ended: it expired")
     await assert_only_in_dms([certificate.group(1)], oc.slack, database, caplog)
+
+
+async def test_the_certificate_is_for_the_key_the_approvers_saw(
+    shop: Shop, oncall: Factory
+) -> None:
+    """The attacker's story: with the engineer's Slack open, someone adds their own key after
+    the request is made. The approved session still certifies the key named on the card, and
+    a session whose key was removed is not issued at all."""
+    first, later = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    async with oncall(session_policy(shop)) as oc:
+        await oc.say(f"ssh-key add {first.export_public_key().decode().strip()}")
+        request_id = await oc.ask("ssh web 15m checking a worker")
+        await oc.say(f"ssh-key add {later.export_public_key().decode().strip()}")
+        await oc.click(request_id, APPROVER)
+        delivered = await oc.dm("Your SSH certificate")
+        found = re.search(r"```(ssh-ed25519-cert-v01@openssh.com \S+)", delivered.text)
+        assert found, delivered.text
+        cert = asyncssh.import_certificate(found.group(1))
+        assert cert.key.get_fingerprint() == first.get_fingerprint()
+        assert first.get_fingerprint() in delivered.text
+
+        await oc.say(f"revoke {str(request_id)[:8]}")
+        again = await oc.ask("ssh web 15m once more")  # for `later`, the newest key now
+        await oc.say(f"ssh-key remove {later.get_fingerprint()}")
+        await oc.click(again, APPROVER)
+        failed = await oc.dm("nothing could be issued")
+        assert "no longer registered" in failed.text
+        assert len([m for m in oc.dms() if "Your SSH certificate" in m.text]) == 1
