@@ -224,12 +224,12 @@ async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantR
     async def mint(_request: RequestRow) -> grants.Minted:
         return grants.Minted(
             "postgres",
-            "wrap-token",
-            "accessor",
-            timedelta(minutes=1),
             ttl,
             timedelta(hours=1),
-            lease_id,
+            handoff_token="wrap-token",
+            wrap_accessor="accessor",
+            handoff_ttl=timedelta(minutes=1),
+            lease_id=lease_id,
         )
 
     async def unmint(_minted: grants.Minted) -> None:
