@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import commands
+from bot import commands, session_views
 from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE, escape
 from bot.people import SLACK_ERRORS, dm
 from bot.service import Bot, NotRecorded
@@ -26,9 +27,8 @@ from bot.session_views import (
     TICKET_INPUT,
     WHY_BLOCK,
     WHY_INPUT,
-    request_modal,
 )
-from bot.sessions import Ask
+from bot.sessions import Ask, BadField
 from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
@@ -79,12 +79,12 @@ def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> 
     app.action(action)(listener)
 
 
-_FIELD_BLOCKS = {
-    "target": TARGET_BLOCK,
-    "ttl": DURATION_BLOCK,
-    "reason": WHY_BLOCK,
-    "ticket": TICKET_BLOCK,
-}
+def _extension(value: str) -> tuple[str, timedelta]:
+    """``<grant id>:<seconds>`` from an Extend button."""
+    grant_id, _, seconds = value.partition(":")
+    if not seconds.isdigit():
+        raise InvalidInput("this button carries no valid extension; nothing was changed")
+    return grant_id, timedelta(seconds=int(seconds))
 
 
 def _chosen(values: dict[str, Any], block: str, action: str) -> str:
@@ -96,16 +96,8 @@ def _typed(values: dict[str, Any], block: str, action: str) -> str:
     return str((values.get(block, {}).get(action) or {}).get("value") or "")
 
 
-async def _open_request(bot: Bot, user: str, trigger_id: str, channel: str) -> None:
-    """``/keyturn request``: the form lists only what this person may ask for."""
-    mine = await bot.desk.requestable(user)
-    if not mine:
-        raise InvalidInput("no access rule lets you ask for any target: ask your keyturn admins")
-    durations = sorted({d for _, _, rule in mine for d in rule.durations})
-    targets = [(name, kind) for name, kind, _ in mine]
-    await bot.client.views_open(
-        trigger_id=trigger_id, view=request_modal(targets, durations, channel)
-    )
+# where the request form shows a refusal, by the field it concerns
+_FIELD_BLOCKS = {"ttl": DURATION_BLOCK, "reason": WHY_BLOCK, "ticket": TICKET_BLOCK}
 
 
 def register(app: AsyncApp, bot: Bot) -> None:
@@ -116,16 +108,19 @@ def register(app: AsyncApp, bot: Bot) -> None:
         lambda request_id, user, body: bot.open_deny(request_id, user, body["trigger_id"]),
     )
     _on_click(app, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
+
+    def extend(*, own: bool) -> Click:
+        async def click(value: str, user: str, _body: dict[str, Any]) -> object:
+            grant_id, extra = _extension(value)
+            return await bot.extend(grant_id, user, extra, own=own)
+
+        return click
+
+    _on_click(app, re.compile(f"^{EXTEND}_\\d+$"), extend(own=False))
+    # a person's own session, from their DM or App Home
+    _on_click(app, re.compile(f"^{SESSION_EXTEND}_\\d+$"), extend(own=True))
     _on_click(
-        app, re.compile(f"^{EXTEND}_\\d+$"), lambda value, user, _body: bot.extend(value, user)
-    )
-    _on_click(
-        app,
-        re.compile(f"^{SESSION_EXTEND}_\\d+$"),
-        lambda value, user, _body: bot.desk.extend_grant(user, value),
-    )
-    _on_click(
-        app, SESSION_REVOKE, lambda grant_id, user, _body: bot.desk.revoke_grant(user, grant_id)
+        app, SESSION_REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user, own=True)
     )
 
     @app.view(DENY_MODAL)
@@ -140,20 +135,25 @@ def register(app: AsyncApp, bot: Bot) -> None:
             await ack()
 
     @app.command("/keyturn")
-    async def keyturn_command(ack: AsyncAck, command: dict[str, Any]) -> None:
+    async def keyturn_command(
+        ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient
+    ) -> None:
         # Answered in the ack itself (Slack shows it to the person alone): each use case
         # here is one or two short transactions; what is slow (cards, credentials) follows.
         user, text = command["user_id"], (command.get("text") or "").strip()
         try:
-            if text == "request":
-                await _open_request(bot, user, command["trigger_id"], command["channel_id"])
+            if text == "request":  # a form: acked empty, then opened with the trigger
+                form = await bot.desk.request_form(user, command["channel_id"])
                 await ack()
+                await client.views_open(trigger_id=command["trigger_id"], view=form)
                 return
-            answer = await commands.run(bot.desk, user, text)
+            answer = await commands.run(bot, user, text)
         except KeyturnError as exc:
-            answer = escape(tell(exc))  # refusals may quote what was typed: never markup
+            await ack(escape(tell(exc)))  # refusals may quote what was typed: never markup
+            return
         await ack(answer)
-        spawn(bot.tasks, bot.desk.republish(user))
+        if text.partition(" ")[0] in commands.ASKS:
+            spawn(bot.tasks, bot.desk.republish(requester=user))
 
     @app.view(REQUEST_MODAL)
     async def request_submitted(
@@ -169,13 +169,18 @@ def register(app: AsyncApp, bot: Bot) -> None:
         )
         try:
             row = await bot.desk.ask(asked)
-        except KeyturnError as exc:
-            block = _FIELD_BLOCKS.get(getattr(exc, "field", ""), TARGET_BLOCK)
+        except BadField as exc:
+            block = _FIELD_BLOCKS.get(exc.field, TARGET_BLOCK)
             await ack(response_action="errors", errors={block: tell(exc)})
             return
+        except KeyturnError as exc:
+            await ack(response_action="errors", errors={TARGET_BLOCK: tell(exc)})
+            return
         await ack()
-        text = commands.confirmation(bot.desk, row.id, row.target, row.grant_ttl_seconds or 0)
         channel = view.get("private_metadata") or ""
+        text = session_views.confirmation(
+            row.id, row.target, row.grant_ttl_seconds or 0, bot.config.approval_channel(row.target)
+        )
         try:
             if channel.startswith(("C", "G")):
                 await client.chat_postEphemeral(channel=channel, user=user, text=text)
@@ -183,7 +188,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
                 await dm(client, user, text)
         except SLACK_ERRORS as exc:
             log.warning("could not confirm request %s to %s: %s", row.id, user, exc)
-        spawn(bot.tasks, bot.desk.republish(user))
+        spawn(bot.tasks, bot.desk.republish(requester=user))
 
     @app.event("app_home_opened")
     async def home_opened(event: dict[str, Any]) -> None:

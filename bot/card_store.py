@@ -32,6 +32,16 @@ coalesce(
 """
 
 
+def parse_version(version: str | None) -> tuple[str, str | None]:
+    """(request status, newest grant's status) of a version :data:`_VERSION` computed; a card
+    not drawn yet shows a pending request."""
+    if not version:
+        return "pending", None
+    status, _, rest = version.partition(":")
+    grant = rest.partition(":")[2]
+    return status, grant.partition("@")[0] if "@" in grant else None
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A request this replica may post a card for, and the version that card will show."""
@@ -200,13 +210,13 @@ async def claim_approver_reminders(store: Store, limit: int = 50) -> list[Overdu
         found = (
             await tx.session.execute(
                 text(
-                    "UPDATE cards c SET reminded_at = :now FROM requests r"
-                    " WHERE r.id = c.request_id AND r.session AND r.status = 'pending'"
+                    "UPDATE cards SET reminded_at = :now WHERE request_id IN ("
+                    " SELECT c.request_id FROM cards c JOIN requests r ON r.id = c.request_id"
+                    " WHERE r.session AND r.status = 'pending'"
                     " AND c.ts IS NOT NULL AND c.reminded_at IS NULL"
                     " AND r.created_at + (r.pending_expires_at - r.created_at) / 2 <= :now"
-                    " AND c.request_id IN (SELECT request_id FROM cards WHERE reminded_at IS NULL"
-                    "  AND ts IS NOT NULL LIMIT :limit FOR UPDATE SKIP LOCKED)"
-                    " RETURNING c.request_id, c.channel, c.ts"
+                    " ORDER BY r.created_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)"
+                    " RETURNING request_id, channel, ts"
                 ),
                 {"now": tx.now, "limit": limit},
             )

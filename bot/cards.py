@@ -213,7 +213,7 @@ _SESSION_HEADERS = {
     "executed": "Session over",
     "failed": "Approved: failed",
 }
-_KIND_WORDS = {"postgres": "database login", "ssh": "SSH certificate"}
+KIND_WORDS = {"postgres": "database login", "ssh": "SSH certificate"}
 
 
 # The card's title says where the request stands, so a glance at the channel tells.
@@ -242,7 +242,7 @@ def _header(text: str) -> dict[str, Any]:
 
 def _session_blocks(state: CardState) -> list[dict[str, Any]]:
     """What a person asked for, in place of a command: the card says a session, for how long."""
-    kind = _KIND_WORDS.get(state.session_kind or "", "session")
+    kind = KIND_WORDS.get(state.session_kind or "", "session")
     fields = [
         f"*Requester*\n{mention(state.requester)}",
         f"*Target*\n`{escape(state.target)}`",
@@ -331,12 +331,20 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
                 "type": "actions",
                 "block_id": "decide",
                 "elements": [
-                    _button(APPROVE, "Approve", state.id, "primary"),
-                    _button(DENY, "Deny", state.id, "danger"),
+                    button(APPROVE, "Approve", state.id, "primary"),
+                    button(DENY, "Deny", state.id, "danger"),
                 ],
             }
         )
     return blocks
+
+
+def extend_choices(
+    choices: tuple[int, ...], expires_at: datetime, ceiling: datetime | None, now: datetime
+) -> list[int]:
+    """The extensions (seconds) that keep a grant within its ceiling."""
+    headroom = (ceiling or expires_at) - max(now, expires_at)
+    return [s for s in choices if timedelta(seconds=s) <= headroom]
 
 
 def _credentials_text(creds: Credentials) -> str:
@@ -351,7 +359,7 @@ def _credentials_text(creds: Credentials) -> str:
     return f":lock: Credentials expired at {until}"
 
 
-def _button(action_id: str, text: str, value: str, style: str | None = None) -> dict[str, Any]:
+def button(action_id: str, text: str, value: str, style: str | None = None) -> dict[str, Any]:
     button: dict[str, Any] = {
         "type": "button",
         "action_id": action_id,
@@ -372,9 +380,9 @@ def _credentials_blocks(creds: Credentials) -> list[dict[str, Any]]:
         }
     ]
     if creds.status == "active" and creds.grant_id:
-        buttons = [_button(REVOKE, "Revoke now", creds.grant_id, "danger")]
+        buttons = [button(REVOKE, "Revoke now", creds.grant_id, "danger")]
         buttons += [
-            _button(f"{EXTEND}_{s}", f"Extend +{_duration(s)}", f"{creds.grant_id}:{s}")
+            button(f"{EXTEND}_{s}", f"Extend +{_duration(s)}", f"{creds.grant_id}:{s}")
             for s in creds.extend_choices
         ]
         blocks.append({"type": "actions", "block_id": "grant", "elements": buttons})

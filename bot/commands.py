@@ -8,13 +8,12 @@ words for the person (:func:`bot.app.tell`); nothing is created.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from bot import session_views
 from bot.cards import escape
-from bot.sessions import Ask, Desk
+from bot.service import Bot
+from bot.sessions import KIND_OF_COMMAND, Ask
 from keyturn.errors import InvalidInput
-from keyturn.policy import format_duration
+from keyturn.policy import parse_duration
 from keyturn.ssh_keys import parse_public_key
 from keyturn.store import ssh_keys
 
@@ -37,12 +36,13 @@ HELP = "\n".join(
     ]
 )
 SSH_KEY_USAGE = "type `/keyturn ssh-key add <public key>`, `list` or `remove <fingerprint>`"
-KIND_OF_COMMAND = {"db": "postgres", "ssh": "ssh"}
+ASKS = frozenset(KIND_OF_COMMAND)  # the commands that create a request
 
 
-async def run(desk: Desk, user: str, text: str) -> str:
+async def run(bot: Bot, user: str, text: str) -> str:
     """The answer to ``/keyturn text`` typed by ``user`` (``request`` is the Slack edge's:
     it opens a modal)."""
+    desk = bot.desk
     if any(ord(c) < 32 and c != "\t" for c in text):
         raise InvalidInput("that holds control characters: type `/keyturn help`")
     command, _, rest = text.strip().partition(" ")
@@ -50,21 +50,21 @@ async def run(desk: Desk, user: str, text: str) -> str:
     if command in ("", "help"):
         return HELP
     if command in KIND_OF_COMMAND:
-        return await _ask(desk, user, command, rest)
+        return await _ask(bot, user, command, rest)
     if command == "list" and not rest:
         return session_views.listing(await desk.lines(user), desk.store.clock.now())
     if command == "pending" and not rest:
         return session_views.waiting_listing(await desk.waiting_on(user))
     if command == "revoke":
-        return await _revoke(desk, user, rest)
+        return await _revoke(bot, user, rest)
     if command == "extend":
-        return await _extend(desk, user, rest)
+        return await _extend(bot, user, rest)
     if command == "ssh-key":
-        return await _ssh_key(desk, user, rest)
+        return await _ssh_key(bot, user, rest)
     raise InvalidInput(f"there is no `/keyturn {command[:40]}`: type `/keyturn help`")
 
 
-async def _ask(desk: Desk, user: str, command: str, rest: str) -> str:
+async def _ask(bot: Bot, user: str, command: str, rest: str) -> str:
     words = rest.split(None, 2)
     if len(words) < 2:
         raise InvalidInput(
@@ -73,24 +73,16 @@ async def _ask(desk: Desk, user: str, command: str, rest: str) -> str:
         )
     target, ttl = words[0], words[1]
     reason = words[2] if len(words) > 2 else ""
-    row = await desk.ask(Ask(user, target, ttl, reason, kind=KIND_OF_COMMAND[command]))
-    return confirmation(desk, row.id, row.target, row.grant_ttl_seconds or 0)
+    row = await bot.desk.ask(Ask(user, target, ttl, reason, kind=KIND_OF_COMMAND[command]))
+    channel = bot.config.approval_channel(row.target)
+    return session_views.confirmation(row.id, row.target, row.grant_ttl_seconds or 0, channel)
 
 
-def confirmation(desk: Desk, request_id: object, target: str, ttl_seconds: int) -> str:
-    channel = desk.config.approval_channel(target)
-    where = f" in <#{channel}>" if channel else ""
-    return (
-        f"Asked for {format_duration(timedelta(seconds=ttl_seconds))} on `{escape(target)}` "
-        f"(request `{session_views.short(request_id)}`): waiting for approval{where}. "
-        "I will DM you the credentials once it is approved."
-    )
-
-
-async def _revoke(desk: Desk, user: str, rest: str) -> str:
+async def _revoke(bot: Bot, user: str, rest: str) -> str:
     if not rest or " " in rest:
         raise InvalidInput("type `/keyturn revoke <id>` with an id from `/keyturn list`")
-    grant = await desk.revoke(user, rest)
+    grant = await bot.desk.open_grant(user, rest)
+    grant = await bot.revoke(str(grant.id), user, own=True)
     if grant.lease_id:
         return f"Ended your session on `{escape(grant.target)}`: its connections were closed."
     return (
@@ -100,26 +92,31 @@ async def _revoke(desk: Desk, user: str, rest: str) -> str:
     )
 
 
-async def _extend(desk: Desk, user: str, rest: str) -> str:
+async def _extend(bot: Bot, user: str, rest: str) -> str:
     words = rest.split()
     if len(words) != 2:
         raise InvalidInput("type `/keyturn extend <id> <ttl>`, e.g. `/keyturn extend 1a2b3c4d 15m`")
-    grant = await desk.extend(user, words[0], words[1])
+    grant = await bot.desk.open_grant(user, words[0])
+    try:
+        extra = parse_duration(words[1])
+    except ValueError:
+        raise InvalidInput(f"`{words[1][:20]}` is not a duration: type one such as 15m") from None
+    grant = await bot.extend(str(grant.id), user, extra, own=True)
     return (
         f"Your session on `{escape(grant.target)}` now ends at "
         f"{session_views.at(grant.expires_at)}."
     )
 
 
-async def _ssh_key(desk: Desk, user: str, text: str) -> str:
+async def _ssh_key(bot: Bot, user: str, text: str) -> str:
     action, _, argument = text.partition(" ")
     argument = argument.strip()
     if action == "add":
         key = parse_public_key(argument)
-        await ssh_keys.add_key(desk.store, user, key)
+        await ssh_keys.add_key(bot.store, user, key)
         return f"Registered your {key.algorithm} key `{key.fingerprint}`."
     if action == "list" and not argument:
-        keys = await ssh_keys.keys_of(desk.store, user)
+        keys = await ssh_keys.keys_of(bot.store, user)
         if not keys:
             return "You have no SSH keys yet: `/keyturn ssh-key add <public key>`."
         return "Your SSH keys:\n" + "\n".join(
@@ -129,6 +126,6 @@ async def _ssh_key(desk: Desk, user: str, text: str) -> str:
             for k in keys
         )
     if action == "remove" and argument and " " not in argument:
-        await ssh_keys.remove_key(desk.store, user, argument)
+        await ssh_keys.remove_key(bot.store, user, argument)
         return f"Removed your key `{escape(argument)}`."
     raise InvalidInput(SSH_KEY_USAGE)

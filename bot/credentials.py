@@ -15,13 +15,14 @@ can check it runs what was approved with what was issued for it.
 
 A person's session (``/keyturn db|ssh``) is issued the same way but handed to the person, not
 a gateway: a database login wrapped with ``vault.session_wrap_ttl`` (the wrapping token goes
-in their DM and nowhere else: :class:`Session`), or their registered key signed for the
-target's principal with a pty and no ``force-command``.
+in their DM and nowhere else: :class:`SessionLogin`), or their registered key signed for the
+target's principal with a pty and no ``force-command`` (:class:`SessionCertificate`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,13 +41,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Session:
-    """What a person's DM carries: never stored, never logged."""
+class SessionLogin:
+    """A person's database login, as their DM carries it: never stored, never logged."""
 
     minted: Minted
-    wrapping_token: str | None = None  # a database login, wrapped single-use
-    certificate: str | None = None  # an SSH certificate for their own key
-    fingerprint: str | None = None  # which of their keys it certifies
+    wrapping_token: str  # single-use, around the login
+
+
+@dataclass(frozen=True)
+class SessionCertificate:
+    """A person's SSH certificate for their own key, as their DM carries it."""
+
+    minted: Minted
+    certificate: str
 
 
 def psql_url(target: PostgresTarget, username: str, password: str) -> str:
@@ -91,38 +98,42 @@ class Issuer:
             return await self._ssh(request, target)
         raise InvalidInput(f"target {request.target} is not in the policy any more")
 
-    async def _login(self, target: PostgresTarget, ttl: timedelta) -> Lease:
-        """A write login whose Vault lease (and the role's VALID UNTIL) ends with the grant:
-        Vault's own expiry is the backstop behind keyturn's revocation."""
+    async def _wrapped_login(
+        self,
+        target: PostgresTarget,
+        ttl: timedelta,
+        wrap_ttl: timedelta,
+        payload: Callable[[Lease], dict[str, Any]],
+    ) -> tuple[Lease, WrapInfo]:
+        """A write login whose Vault lease (and the role's VALID UNTIL) ends with the grant,
+        so Vault's own expiry is the backstop behind keyturn's revocation, wrapped single-use.
+        Whatever fails after Vault issued it revokes it."""
         mount = self.config.vault.database_mount
         lease = await self.vault.creds(f"{mount}/creds/{target.vault.write_role}")
-        if lease.duration != int(ttl.total_seconds()):
-            try:
-                await self.vault.renew_lease(lease.lease_id, ttl)
-            except BaseException:
-                await self.vault.revoke_lease(lease.lease_id)
-                raise
-        return lease
-
-    async def _postgres(self, request: RequestRow, target: PostgresTarget) -> Minted:
-        cfg = self.config.vault
-        ttl = self.grant_ttl(request, target.vault.max_ttl)
-        lease = await self._login(target, ttl)
         try:
-            wrapped = await self.vault.wrap(
-                {
-                    "kind": "postgres",
-                    "target": request.target,
-                    "command_sha256": request.command_sha256,
-                    "lease_id": lease.lease_id,
-                    "username": lease.data["username"],
-                    "password": lease.data["password"],
-                },
-                cfg.wrap_ttl,
-            )
+            if lease.duration != int(ttl.total_seconds()):
+                await self.vault.renew_lease(lease.lease_id, ttl)
+            wrapped = await self.vault.wrap(payload(lease), wrap_ttl)
         except BaseException:
             await self.vault.revoke_lease(lease.lease_id)
             raise
+        return lease, wrapped
+
+    async def _postgres(self, request: RequestRow, target: PostgresTarget) -> Minted:
+        ttl = self.grant_ttl(request, target.vault.max_ttl)
+        lease, wrapped = await self._wrapped_login(
+            target,
+            ttl,
+            self.config.vault.wrap_ttl,
+            lambda lease: {
+                "kind": "postgres",
+                "target": request.target,
+                "command_sha256": request.command_sha256,
+                "lease_id": lease.lease_id,
+                "username": lease.data["username"],
+                "password": lease.data["password"],
+            },
+        )
         return _minted("postgres", wrapped, ttl, target.vault.max_ttl, lease_id=lease.lease_id)
 
     async def _ssh(self, request: RequestRow, target: SshTarget) -> Minted:
@@ -151,49 +162,49 @@ class Issuer:
         # a certificate's validity is fixed when it is signed: its max TTL is its TTL
         return _minted("ssh", wrapped, ttl, ttl, serial=serial)
 
-    async def session(
-        self, request: RequestRow, max_ttl: timedelta, public_key: str | None, now: datetime
-    ) -> Session:
-        """A person's own session: a wrapped database login, or ``public_key`` certified."""
+    async def session_login(
+        self, request: RequestRow, target: PostgresTarget, max_ttl: timedelta, now: datetime
+    ) -> SessionLogin:
+        """A person's own database login, wrapped for ``vault.session_wrap_ttl``."""
         await self.vault.ensure_login()
-        target = self.config.policy.targets.get(request.target)
         ttl = self.grant_ttl(request, max_ttl)
-        if isinstance(target, PostgresTarget):
-            lease = await self._login(target, ttl)
-            try:
-                wrapped = await self.vault.wrap(
-                    {
-                        "kind": "postgres",
-                        "target": request.target,
-                        "request": str(request.id),
-                        "username": lease.data["username"],
-                        "password": lease.data["password"],
-                        "psql": psql_url(target, lease.data["username"], lease.data["password"]),
-                        "expires_at": (now + ttl).isoformat(),
-                    },
-                    self.config.vault.session_wrap_ttl,
-                )
-            except BaseException:
-                await self.vault.revoke_lease(lease.lease_id)
-                raise
-            minted = Minted(
-                "postgres", ttl, max_ttl, lease_id=lease.lease_id, wrap_accessor=wrapped.accessor
-            )
-            return Session(minted, wrapping_token=wrapped.token)
-        if isinstance(target, SshTarget):
-            if public_key is None:
-                raise InvalidInput("register an SSH key first: `/keyturn ssh-key add <public key>`")
-            options = {"source-address": target.source_address} if target.source_address else {}
-            certificate, serial = await self.vault.sign_ssh_key(
-                f"{self.config.vault.ssh_mount}/sign/{target.vault.ssh_role}",
-                public_key,
-                principal=target.principal,
-                ttl=ttl,
-                critical_options=options,  # no force-command: a person's own shell
-                extensions={"permit-pty": ""},
-            )
-            return Session(Minted("ssh", ttl, ttl, serial=serial), certificate=certificate)
-        raise InvalidInput(f"target {request.target} is not in the policy any more")
+
+        def payload(lease: Lease) -> dict[str, Any]:
+            user, password = lease.data["username"], lease.data["password"]
+            return {
+                "kind": "postgres",
+                "target": request.target,
+                "request": str(request.id),
+                "username": user,
+                "password": password,
+                "psql": psql_url(target, user, password),
+                "expires_at": (now + ttl).isoformat(),
+            }
+
+        lease, wrapped = await self._wrapped_login(
+            target, ttl, self.config.vault.session_wrap_ttl, payload
+        )
+        minted = Minted(
+            "postgres", ttl, max_ttl, lease_id=lease.lease_id, wrap_accessor=wrapped.accessor
+        )
+        return SessionLogin(minted, wrapped.token)
+
+    async def session_certificate(
+        self, request: RequestRow, target: SshTarget, max_ttl: timedelta, public_key: str
+    ) -> SessionCertificate:
+        """A person's own key signed for the target's principal: a pty, no force-command."""
+        await self.vault.ensure_login()
+        ttl = self.grant_ttl(request, max_ttl)
+        options = {"source-address": target.source_address} if target.source_address else {}
+        certificate, serial = await self.vault.sign_ssh_key(
+            f"{self.config.vault.ssh_mount}/sign/{target.vault.ssh_role}",
+            public_key,
+            principal=target.principal,
+            ttl=ttl,
+            critical_options=options,
+            extensions={"permit-pty": ""},
+        )
+        return SessionCertificate(Minted("ssh", ttl, ttl, serial=serial), certificate)
 
     async def unmint(self, minted: Minted) -> None:
         if minted.lease_id:
@@ -207,7 +218,7 @@ class Issuer:
 
     async def renew(self, grant: GrantRow, ttl: timedelta) -> timedelta:
         if not grant.lease_id:
-            raise InvalidInput("an SSH certificate cannot be extended; request a new one")
+            raise InvalidInput("this grant has no lease to renew")
         await self.vault.ensure_login()
         return timedelta(seconds=await self.vault.renew_lease(grant.lease_id, ttl))
 

@@ -14,16 +14,15 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from keyturn.errors import Forbidden, KeyturnError
+from keyturn.errors import Forbidden
 from keyturn.policy import Config, People
 from keyturn.store.models import RequestRow
 
 SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
 
 
-class NotApprover(KeyturnError):
+class NotApprover(Forbidden):
     code = "not_approver"
-    status = 403
 
 
 class Directory:
@@ -48,12 +47,14 @@ class Directory:
             return False
         if user in people.users:
             return True
-        group = people.slack_usergroup
-        return bool(group) and user in await self.members(group)  # type: ignore[arg-type]
+        if not people.slack_usergroup:
+            return False
+        return user in await self.members(people.slack_usergroup)
 
 
 def approvers_for(config: Config, row: RequestRow) -> People | None:
-    """Who may decide ``row``; None (nobody) when its rule has left the policy."""
+    """Who may decide ``row``: its access rule's approvers for a session (nobody, once the
+    rule has left the policy); for an agent's command, its rule's, else ``slack.approvers``."""
     if row.session:
         rule = config.policy.access_rule(row.rule)
         return rule.approvers if rule is not None else None
@@ -71,7 +72,7 @@ async def check_decider(directory: Directory, config: Config, user: str, row: Re
     group = rule.requesters.slack_usergroup if rule is not None else None
     if rule is not None and group and not rule.own_group_may_approve:
         members = await directory.members(group)
-        if user in members and row.requester in members and user != row.requester:
+        if user != row.requester and user in members and row.requester in members:
             raise OwnGroup(
                 "you are in the requester's own group, and this access rule needs an approver"
                 " from outside it; nothing was changed"
@@ -85,6 +86,6 @@ class OwnGroup(Forbidden):
 async def dm(
     client: AsyncWebClient, user: str, text: str, blocks: list[dict[str, Any]] | None = None
 ) -> None:
-    """Post to ``user``'s DM with the app: the only place a person's credentials go."""
+    """Post to ``user``'s DM with the app (credentials go nowhere else)."""
     opened = await client.conversations_open(users=user)
     await client.chat_postMessage(channel=opened["channel"]["id"], text=text, blocks=blocks)

@@ -27,10 +27,11 @@ from bot.cards import (
     card_text,
     command_blocks,
     deny_modal,
+    extend_choices,
     outcome_message,
 )
 from bot.credentials import Issuer
-from bot.people import SLACK_ERRORS, Directory, check_decider
+from bot.people import SLACK_ERRORS, Directory, check_decider, dm
 from bot.revocation import Revoker
 from bot.sessions import Desk
 from keyturn.aio import spawn
@@ -46,7 +47,7 @@ from keyturn.vault import VaultUnauthenticated
 
 log = logging.getLogger(__name__)
 
-EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds; only those within the max TTL show
+AGENT_EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds, those within the max TTL
 MAX_RETRY_DELAY = 60.0
 
 
@@ -62,13 +63,14 @@ def credentials_of(row: RequestRow, grant: GrantRow | None, now: datetime) -> Cr
         if row.status == "approved" and row.issue_attempts:
             return Credentials(None, "pending", note=row.issue_error)
         return None
-    headroom = (grant.max_expires_at or grant.expires_at) - max(now, grant.expires_at)
     return Credentials(
         grant_id=str(grant.id),
         status=grant.status,
         expires_at=grant.expires_at,
         ended_by=grant.ended_by,
-        extend_choices=[s for s in EXTEND_CHOICES if timedelta(seconds=s) <= headroom]
+        extend_choices=extend_choices(
+            AGENT_EXTEND_CHOICES, grant.expires_at, grant.max_expires_at, now
+        )
         if grant.lease_id
         else [],
     )
@@ -226,37 +228,42 @@ class Bot:
             return await self.desk.deliver(request)
         return await self.issuer.mint(request)
 
-    async def _check_grant_approver(self, grant_id: str, user: str) -> GrantRow:
+    async def _grant_for(self, grant_id: str, user: str, *, own: bool) -> GrantRow:
+        """The grant ``user`` may revoke or extend: as an approver of its request, or
+        (``own``) as the person whose session it is."""
         try:
             grant = await grants.get_grant(self.store, uuid.UUID(grant_id))
         except ValueError:
-            raise NotFound("this card refers to no grant") from None
+            raise NotFound("this refers to no grant") from None
         if grant.request_id is None:
             raise NotFound("this grant belongs to no request")
-        await self._check_approver(str(grant.request_id), user)
+        if own:
+            await self.desk.check_own(user, grant)
+        else:
+            await self._check_approver(str(grant.request_id), user)
         return grant
 
-    async def revoke(self, grant_id: str, user: str) -> None:
+    async def revoke(self, grant_id: str, user: str, *, own: bool = False) -> GrantRow:
         """Revoke now: the lease dies in Vault (its sessions end), the card says who did it."""
-        grant = await self._check_grant_approver(grant_id, user)
+        grant = await self._grant_for(grant_id, user, own=own)
         async with _vault_first():
-            await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
+            row = await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
         self.revoker.unschedule(grant.id)
-        if grant.request_id is not None:
-            await self._after_decision(grant.request_id, issue=False)
+        if row.request_id is not None:
+            await self._after_decision(row.request_id, issue=False)
+        return row
 
-    async def extend(self, value: str, user: str) -> None:
-        """``<grant id>:<seconds>`` from an Extend button: renew the lease, move the job."""
-        grant_id, _, seconds = value.partition(":")
-        if not seconds.isdigit():
-            raise InvalidInput("this button carries no valid extension; nothing was changed")
-        grant = await self._check_grant_approver(grant_id, user)
-        extra = timedelta(seconds=int(seconds))
+    async def extend(
+        self, grant_id: str, user: str, extra: timedelta, *, own: bool = False
+    ) -> GrantRow:
+        """Renew the lease by ``extra`` (within the grant's ceiling) and move the job."""
+        grant = await self._grant_for(grant_id, user, own=own)
         async with _vault_first():
             row = await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
         self.revoker.schedule(row.id, row.expires_at)
         if row.request_id is not None:
             await self._after_decision(row.request_id, issue=False)
+        return row
 
     # ------------------------------------------------------------------ cards
 
@@ -290,6 +297,7 @@ class Bot:
                 self.store, claimed, self.replica, channel, ts, adopted=adopted
             ):
                 posted += 1
+                await self.desk.redraw_for(row)  # its approvers' "waiting on you"
         return posted
 
     def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
@@ -363,10 +371,10 @@ class Bot:
             # A courtesy: when it fails it is logged, not retried, so that a retry of the
             # whole announcement cannot post the thread message twice.
             try:
-                dm = await self.client.conversations_open(users=row.on_behalf_of)
-                await self.client.chat_postMessage(
-                    channel=dm["channel"]["id"],
-                    text=f"Your agent `{row.requester}` asked to run on `{row.target}`: {text}",
+                await dm(
+                    self.client,
+                    row.on_behalf_of,
+                    f"Your agent `{row.requester}` asked to run on `{row.target}`: {text}",
                 )
             except SLACK_ERRORS as exc:
                 log.warning("could not DM %s about %s: %s", row.on_behalf_of, row.id, exc)
@@ -379,8 +387,7 @@ class Bot:
         for request_id in await grants.awaiting_credentials(self.store):
             await self.issue_credentials(request_id)
         await self.revoker.end_finished()
-        if await self.post_pending_cards():
-            await self.desk.republish()  # approvers' "waiting on you"
+        await self.post_pending_cards()
         for request_id in await card_store.stale_cards(self.store):
             await self.refresh_card(request_id)
         await self.desk.remind_approvers()

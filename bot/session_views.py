@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.cards import APPROVE, DENY, escape, mention
+from bot.cards import APPROVE, DENY, KIND_WORDS, button, escape, mention
 from keyturn.policy import format_duration
+from keyturn.store.sessions import SHORT_ID
 
 SESSION_EXTEND = "keyturn_session_extend"  # one button per choice: keyturn_session_extend_<s>
 SESSION_REVOKE = "keyturn_session_revoke"
@@ -22,12 +23,14 @@ TARGET_BLOCK, TARGET_INPUT = "target", "target_input"
 DURATION_BLOCK, DURATION_INPUT = "duration", "duration_input"
 WHY_BLOCK, WHY_INPUT = "why", "why_input"
 TICKET_BLOCK, TICKET_INPUT = "ticket", "ticket_input"
-KIND_WORD = {"postgres": "database login", "ssh": "SSH certificate"}
+MAX_REASON = 1000  # characters
+MAX_TICKET = 500
+REMIND_BEFORE = timedelta(minutes=5)  # a session's requester is warned this long before its end
 
 
 def short(request_id: object) -> str:
     """The part of a request id people type: enough to tell their requests apart."""
-    return str(request_id)[:8]
+    return str(request_id)[:SHORT_ID]
 
 
 def at(when: datetime) -> str:
@@ -60,18 +63,20 @@ class Line:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A request waiting on someone as approver."""
+    """A request waiting on someone as approver: a person's session or an agent's command."""
 
     request_id: str
     target: str
     requester: str
-    what: str  # "a 15m database login" or the agent's command, shortened
     session: bool
+    kind: str  # the target's: postgres | ssh
+    ttl_seconds: int
+    command: str
 
 
 def describe(line: Line, now: datetime) -> str:
     ident = f"`{short(line.request_id)}`"
-    what = f"{KIND_WORD.get(line.kind, line.kind)} on `{escape(line.target)}`"
+    what = f"{KIND_WORDS.get(line.kind, line.kind)} on `{escape(line.target)}`"
     if line.open and line.expires_at is not None:
         return f"{ident} {what}: open until {at(line.expires_at)} ({left(line.expires_at, now)})"
     if line.status == "pending":
@@ -96,8 +101,14 @@ def waiting_listing(waiting: list[Waiting]) -> str:
 
 
 def _waiting_text(w: Waiting) -> str:
-    who = mention(w.requester) if w.session else f"`{escape(w.requester)}`"
-    return f"`{short(w.request_id)}` {who} asks for {w.what} on `{escape(w.target)}`"
+    if w.session:
+        ttl = format_duration(timedelta(seconds=w.ttl_seconds))
+        asks = f"{mention(w.requester)} asks for a {ttl} {KIND_WORDS.get(w.kind, w.kind)}"
+    else:
+        first = (w.command.strip().splitlines() or [""])[0]
+        cut = first[:80] + ("…" if len(w.command.strip()) > 80 else "")
+        asks = f"`{escape(w.requester)}` asks to run {escape(cut)}"
+    return f"`{short(w.request_id)}` {asks} on `{escape(w.target)}`"
 
 
 def delivery(
@@ -120,7 +131,8 @@ def delivery(
             "It prints a ready `psql` connection string "
             f"(`VAULT_ADDR={vault_addr} bao unwrap <token>` works too).",
             f"The login ends at {at(expires_at)} ({format_duration(ttl)}): your open sessions "
-            "are killed then. I will remind you 5 minutes before, with Extend buttons.",
+            f"are killed then. I will remind you {format_duration(REMIND_BEFORE)} before, with "
+            "Extend buttons.",
             ":warning: If unwrapping says the token was already used and you did not use it, "
             "report it to your security team now: someone else may hold your login.",
         ]
@@ -197,12 +209,11 @@ def news(
     return None
 
 
-def reminder(line: Line, now: datetime) -> tuple[str, list[dict[str, Any]]]:
-    """Sent 5 minutes before a session ends: Extend within the rule's maximum, or let it end."""
-    assert line.expires_at is not None
+def reminder(line: Line, expires_at: datetime, now: datetime) -> tuple[str, list[dict[str, Any]]]:
+    """Sent :data:`REMIND_BEFORE` a session ends: Extend within the rule's maximum, or not."""
     text = (
-        f":alarm_clock: Your {KIND_WORD.get(line.kind, line.kind)} on `{escape(line.target)}` "
-        f"ends at {at(line.expires_at)} ({left(line.expires_at, now)})."
+        f":alarm_clock: Your {KIND_WORDS.get(line.kind, line.kind)} on `{escape(line.target)}` "
+        f"ends at {at(expires_at)} ({left(expires_at, now)})."
     )
     if not line.extend_choices:
         text += " It cannot be extended further; ask again if you need more time."
@@ -211,23 +222,11 @@ def reminder(line: Line, now: datetime) -> tuple[str, list[dict[str, Any]]]:
     return text, blocks
 
 
-def _button(action_id: str, text: str, value: str, style: str | None = None) -> dict[str, Any]:
-    button: dict[str, Any] = {
-        "type": "button",
-        "action_id": action_id,
-        "value": value,
-        "text": {"type": "plain_text", "text": text},
-    }
-    if style:
-        button["style"] = style
-    return button
-
-
 def _grant_actions(line: Line, *, revoke: bool) -> list[dict[str, Any]]:
     if not line.grant_id:
         return []
     buttons = [
-        _button(
+        button(
             f"{SESSION_EXTEND}_{s}",
             f"Extend +{format_duration(timedelta(seconds=s))}",
             f"{line.grant_id}:{s}",
@@ -235,7 +234,7 @@ def _grant_actions(line: Line, *, revoke: bool) -> list[dict[str, Any]]:
         for s in line.extend_choices
     ]
     if revoke:
-        buttons.append(_button(SESSION_REVOKE, "End now", line.grant_id, "danger"))
+        buttons.append(button(SESSION_REVOKE, "End now", line.grant_id, "danger"))
     if not buttons:
         return []
     return [{"type": "actions", "block_id": f"grant_{line.grant_id}", "elements": buttons}]
@@ -269,8 +268,8 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
                 "type": "actions",
                 "block_id": f"decide_{w.request_id}",
                 "elements": [
-                    _button(APPROVE, "Approve", w.request_id, "primary"),
-                    _button(DENY, "Deny", w.request_id, "danger"),
+                    button(APPROVE, "Approve", w.request_id, "primary"),
+                    button(DENY, "Deny", w.request_id, "danger"),
                 ],
             },
         ]
@@ -316,7 +315,7 @@ def request_modal(
                 {
                     "type": "static_select",
                     "options": [
-                        option(f"{name} ({KIND_WORD.get(kind, kind)})", name)
+                        option(f"{name} ({KIND_WORDS.get(kind, kind)})", name)
                         for name, kind in targets
                     ],
                 },
@@ -336,13 +335,13 @@ def request_modal(
                 WHY_BLOCK,
                 WHY_INPUT,
                 "Why? Approvers see this.",
-                {"type": "plain_text_input", "multiline": True, "max_length": 1000},
+                {"type": "plain_text_input", "multiline": True, "max_length": MAX_REASON},
             ),
             field(
                 TICKET_BLOCK,
                 TICKET_INPUT,
                 "Ticket or incident link",
-                {"type": "plain_text_input", "max_length": 500},
+                {"type": "plain_text_input", "max_length": MAX_TICKET},
                 optional=True,
             ),
         ],
@@ -351,3 +350,24 @@ def request_modal(
 
 def _plain(text: str) -> dict[str, Any]:
     return {"type": "plain_text", "text": text}
+
+
+def confirmation(request_id: object, target: str, ttl_seconds: int, channel: str | None) -> str:
+    """What a person reads once their request is made."""
+    where = f" in <#{channel}>" if channel else ""
+    return (
+        f"Asked for {format_duration(timedelta(seconds=ttl_seconds))} on `{escape(target)}` "
+        f"(request `{short(request_id)}`): waiting for approval{where}. "
+        "I will DM you the credentials once it is approved."
+    )
+
+
+def approver_reminder(
+    users: list[str], usergroup: str | None, waited: timedelta, expires_at: datetime
+) -> str:
+    """The nudge in a session card's thread at half its pending TTL."""
+    who = [f"<@{u}>" for u in users] + ([f"<!subteam^{usergroup}>"] if usergroup else [])
+    return (
+        f":bell: {' '.join(who) or 'Approvers'}: this request has waited "
+        f"{format_duration(waited)}; it expires at {at(expires_at)}."
+    )

@@ -1,29 +1,36 @@
-"""On-call engineers' own access: ask for a session, receive it by DM, extend or end it,
-hear of every change, and see it all on the App Home.
+"""On-call engineers' own access: ask for a session, receive it by DM, hear of every change,
+and see it all on the App Home.
 
 A session is a request like an agent's (same cards, quorum and self-approval ban, same
-issuing and revocation), so this module adds only what is a person's: the checks of
-:class:`~keyturn.policy.AccessRule`, delivery by DM (the credentials go nowhere else), the
-news and reminders, and the App Home.
+issuing, revoking and extending in :class:`bot.service.Bot`), so this module adds only what
+is a person's: the checks of :class:`~keyturn.policy.AccessRule`, delivery by DM (the
+credentials go nowhere else), the news and reminders, and the App Home.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
+from typing import Any
 
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import card_store, session_views
-from bot.cards import escape
-from bot.credentials import Issuer, Session
+from bot.cards import extend_choices
+from bot.credentials import Issuer
 from bot.people import SLACK_ERRORS, Directory, approvers_for, check_decider, dm
-from bot.session_views import Line, Waiting
+from bot.session_views import MAX_REASON, MAX_TICKET, REMIND_BEFORE, Line, Waiting
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.policy import AccessRule, Config, SshTarget, format_duration, parse_duration
-from keyturn.store import grants, requests, sessions, ssh_keys
+from keyturn.policy import (
+    AccessRule,
+    Config,
+    PostgresTarget,
+    SshTarget,
+    format_duration,
+    parse_duration,
+)
+from keyturn.store import requests, sessions, ssh_keys
 from keyturn.store.db import Store
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
@@ -31,13 +38,11 @@ from keyturn.store.sessions import Held
 
 log = logging.getLogger(__name__)
 
-KIND_OF_COMMAND = {"db": "postgres", "ssh": "ssh"}
+KIND_OF_COMMAND = {"db": "postgres", "ssh": "ssh"}  # /keyturn db|ssh
 COMMAND_OF_KIND = {kind: word for word, kind in KIND_OF_COMMAND.items()}
-REMIND_BEFORE = timedelta(minutes=5)
-EXTEND_CHOICES = (15 * 60, 30 * 60, 60 * 60)  # seconds; only those within the rule's max show
+SESSION_EXTEND_CHOICES = (15 * 60, 30 * 60, 60 * 60)  # seconds, those within the rule's max
 MIN_TTL = timedelta(seconds=5)  # shorter is surely a typo
-MAX_REASON = 1000
-MAX_TICKET = 500
+HOME_VIEWERS = 1000  # App Homes a replica keeps redrawing (the most recently opened)
 
 
 class SlackUnavailable(Unavailable):
@@ -77,7 +82,7 @@ class Desk:
     client: AsyncWebClient
     directory: Directory
     issuer: Issuer
-    home_viewers: set[str] = field(default_factory=set)  # App Homes republished on change
+    home_viewers: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
 
     # ------------------------------------------------------------------ asking
 
@@ -97,6 +102,17 @@ class Desk:
                 found.append((name, target.kind, rule))
         return found
 
+    async def request_form(self, user: str, channel: str) -> dict[str, Any]:
+        """``/keyturn request``: a form listing only what this person may ask for."""
+        mine = await self.requestable(user)
+        if not mine:
+            raise InvalidInput(
+                "no access rule lets you ask for any target: ask your keyturn admins"
+            )
+        durations = sorted({d for _, _, rule in mine for d in rule.durations})
+        targets = [(name, kind) for name, kind, _ in mine]
+        return session_views.request_modal(targets, durations, channel)
+
     async def _choices(self, user: str) -> str:
         mine = await self.requestable(user)
         if not mine:
@@ -112,8 +128,8 @@ class Desk:
                 "target",
                 f"there is no target `{asked.target[:60]}`: {await self._choices(asked.user)}",
             )
+        word = COMMAND_OF_KIND[target.kind]
         if asked.kind is not None and asked.kind != target.kind:
-            word = COMMAND_OF_KIND[target.kind]
             raise BadField(
                 "target",
                 f"`{asked.target}` is a{'n' if word == 'ssh' else ''} {word} target: type "
@@ -129,7 +145,6 @@ class Desk:
         ttl = _ttl(asked.ttl, rule)
         reason = " ".join(asked.reason.split())
         if not reason:
-            word = COMMAND_OF_KIND[target.kind]
             raise BadField(
                 "reason",
                 f"a reason is required: `/keyturn {word} {asked.target} "
@@ -137,9 +152,10 @@ class Desk:
             )
         if len(reason) > MAX_REASON:
             raise BadField("reason", f"keep the reason under {MAX_REASON} characters")
-        if len(asked.ticket or "") > MAX_TICKET:
+        ticket = " ".join((asked.ticket or "").split())
+        if len(ticket) > MAX_TICKET:
             raise BadField("ticket", f"keep the ticket link under {MAX_TICKET} characters")
-        details: dict[str, str] = {"ticket": asked.ticket.strip()} if asked.ticket else {}
+        details = {"ticket": ticket} if ticket else {}
         if isinstance(target, SshTarget):
             keys = await ssh_keys.keys_of(self.store, asked.user)
             if not keys:
@@ -157,12 +173,13 @@ class Desk:
                     f"you already have request `{session_views.short(held.request.id)}` for "
                     f"`{asked.target}` ({held.request.status}): see `/keyturn list`",
                 )
+        key = f", key {details['key']}" if "key" in details else ""
         row, _ = await requests.create_request(
             self.store,
             requests.NewRequest(
                 target=asked.target,
                 command=f"{target.kind} session for {asked.user} on {asked.target}, "
-                f"{format_duration(ttl)}" + (f", key {details['key']}" if "key" in details else ""),
+                f"{format_duration(ttl)}{key}",
                 requester=asked.user,
                 pending_ttl=rule.pending_ttl or self.config.policy.pending_ttl,
                 quorum=rule.quorum,
@@ -187,54 +204,62 @@ class Desk:
         if rule is None:
             raise InvalidInput(f"the access rule {request.rule!r} is no longer in the policy")
         target = self.config.policy.targets.get(request.target)
-        key = None
-        if isinstance(target, SshTarget):
-            approved = (request.classification or {}).get("key")
-            keys = await ssh_keys.keys_of(self.store, request.requester)
-            key = next((k for k in keys if k.fingerprint == approved), None)
-            if key is None:
-                raise InvalidInput(
-                    f"the key {approved} this session was approved for is no longer registered;"
-                    " ask again"
-                )
-        now = self.store.clock.now()
-        session = await self.issuer.session(
-            request, rule.max_duration, key.public_key if key else None, now
-        )
-        expires_at = now + session.minted.ttl
-        if session.certificate is not None and isinstance(target, SshTarget) and key:
-            text = session_views.certificate_delivery(
-                request_id=str(request.id),
-                target=request.target,
-                principal=target.principal,
-                host=target.host,
-                port=target.port,
-                algorithm=key.algorithm,
-                fingerprint=key.fingerprint,
-                expires_at=expires_at,
-                certificate=session.certificate,
-            )
+        if isinstance(target, PostgresTarget):
+            minted, text = await self._login(request, target, rule)
+        elif isinstance(target, SshTarget):
+            minted, text = await self._certificate(request, target, rule)
         else:
-            text = self._login_text(request, session, expires_at)
+            raise InvalidInput(f"target {request.target} is not in the policy any more")
         try:
             await dm(self.client, request.requester, text)
         except SLACK_ERRORS as exc:
-            await self.issuer.unmint(session.minted)
+            await self.issuer.unmint(minted)
             raise SlackUnavailable(f"Slack did not take the credentials DM ({exc})") from None
-        return session.minted
+        return minted
 
-    def _login_text(self, request: RequestRow, session: Session, expires_at: datetime) -> str:
-        assert session.wrapping_token is not None
-        cfg = self.config.vault
-        return session_views.delivery(
+    async def _login(
+        self, request: RequestRow, target: PostgresTarget, rule: AccessRule
+    ) -> tuple[Minted, str]:
+        now = self.store.clock.now()
+        login = await self.issuer.session_login(request, target, rule.max_duration, now)
+        text = session_views.delivery(
             request_id=str(request.id),
             target=request.target,
-            expires_at=expires_at,
-            ttl=session.minted.ttl,
-            vault_addr=cfg.public_addr or self.issuer.vault.addr,
-            wrap_ttl=cfg.session_wrap_ttl,
-            wrapping_token=session.wrapping_token,
+            expires_at=now + login.minted.ttl,
+            ttl=login.minted.ttl,
+            vault_addr=self.config.vault.public_addr or self.issuer.vault.addr,
+            wrap_ttl=self.config.vault.session_wrap_ttl,
+            wrapping_token=login.wrapping_token,
         )
+        return login.minted, text
+
+    async def _certificate(
+        self, request: RequestRow, target: SshTarget, rule: AccessRule
+    ) -> tuple[Minted, str]:
+        approved = (request.classification or {}).get("key")
+        keys = await ssh_keys.keys_of(self.store, request.requester)
+        key = next((k for k in keys if k.fingerprint == approved), None)
+        if key is None:
+            raise InvalidInput(
+                f"the key {approved} this session was approved for is no longer registered;"
+                " ask again"
+            )
+        now = self.store.clock.now()
+        signed = await self.issuer.session_certificate(
+            request, target, rule.max_duration, key.public_key
+        )
+        text = session_views.certificate_delivery(
+            request_id=str(request.id),
+            target=request.target,
+            principal=target.principal,
+            host=target.host,
+            port=target.port,
+            algorithm=key.algorithm,
+            fingerprint=key.fingerprint,
+            expires_at=now + signed.minted.ttl,
+            certificate=signed.certificate,
+        )
+        return signed.minted, text
 
     # ------------------------------------------------------------------ holding
 
@@ -256,10 +281,8 @@ class Desk:
     def _extend_choices(self, grant: GrantRow | None) -> list[int]:
         if grant is None or grant.status != "active" or not grant.lease_id:
             return []  # an SSH certificate's validity is fixed when it is signed
-        headroom = (grant.max_expires_at or grant.expires_at) - max(
-            self.store.clock.now(), grant.expires_at
-        )
-        return [s for s in EXTEND_CHOICES if timedelta(seconds=s) <= headroom]
+        now = self.store.clock.now()
+        return extend_choices(SESSION_EXTEND_CHOICES, grant.expires_at, grant.max_expires_at, now)
 
     async def lines(self, user: str) -> list[Line]:
         return [self.line(held) for held in await sessions.of_requester(self.store, user)]
@@ -267,7 +290,7 @@ class Desk:
     async def waiting_on(self, user: str) -> list[Waiting]:
         """Pending requests ``user`` may approve (not their own)."""
         found = []
-        for row in await sessions.pending(self.store):
+        for row in await requests.pending_requests(self.store):
             if row.requester == user:
                 continue
             try:
@@ -275,20 +298,21 @@ class Desk:
             except KeyturnError:
                 continue
             target = self.config.policy.targets.get(row.target)
-            found.append(_waiting(row, target.kind if target else ""))
+            kind = target.kind if target else ""
+            ttl = row.grant_ttl_seconds or 0
+            found.append(
+                Waiting(str(row.id), row.target, row.requester, row.session, kind, ttl, row.command)
+            )
         return found
 
-    async def _own_grant(self, user: str, grant_id: str) -> GrantRow:
-        try:
-            grant = await grants.get_grant(self.store, uuid.UUID(grant_id))
-        except ValueError:
-            raise NotFound("this button refers to no grant") from None
+    async def check_own(self, user: str, grant: GrantRow) -> None:
+        """Raise unless ``grant`` is a session ``user`` asked for."""
         held = await sessions.own(self.store, user, str(grant.request_id or ""))
         if held.grant is None or held.grant.id != grant.id:
             raise NotFound("this is not a session of yours")
-        return grant
 
-    async def _open_grant(self, user: str, typed: str) -> GrantRow:
+    async def open_grant(self, user: str, typed: str) -> GrantRow:
+        """The open session of ``user``'s that ``typed`` (an id or its start) names."""
         held = await sessions.own(self.store, user, typed)
         if held.grant is None or held.grant.status != "active":
             raise InvalidInput(
@@ -297,54 +321,19 @@ class Desk:
             )
         return held.grant
 
-    async def revoke(self, user: str, typed: str) -> GrantRow:
-        """``/keyturn revoke <id>``: end one's own session now (its open connections die)."""
-        return await self.end(user, await self._open_grant(user, typed))
-
-    async def revoke_grant(self, user: str, grant_id: str) -> GrantRow:
-        return await self.end(user, await self._own_grant(user, grant_id))
-
-    async def end(self, user: str, grant: GrantRow) -> GrantRow:
-        return await grants.revoke(self.store, grant.id, user, self.issuer.revoke)
-
-    async def extend(self, user: str, typed: str, ttl: str) -> GrantRow:
-        """``/keyturn extend <id> <ttl>``: more time, within the access rule's maximum."""
-        grant = await self._open_grant(user, typed)
-        return await self._extend(user, grant, _duration(ttl))
-
-    async def extend_grant(self, user: str, value: str) -> GrantRow:
-        """An Extend button: ``<grant id>:<seconds>``."""
-        grant_id, _, seconds = value.partition(":")
-        if not seconds.isdigit():
-            raise InvalidInput("this button carries no valid extension; nothing was changed")
-        grant = await self._own_grant(user, grant_id)
-        return await self._extend(user, grant, timedelta(seconds=int(seconds)))
-
-    async def _extend(self, user: str, grant: GrantRow, extra: timedelta) -> GrantRow:
-        if not grant.lease_id:
-            raise InvalidInput(
-                "an SSH certificate cannot be extended: ask for a new session when it ends"
-            )
-        ceiling = grant.max_expires_at or grant.expires_at
-        if max(grant.expires_at, self.store.clock.now()) + extra > ceiling:
-            raise InvalidInput(
-                f"that is past what its access rule allows: the session may last until "
-                f"{session_views.at(ceiling)} at most"
-            )
-        return await grants.extend(self.store, grant.id, user, extra, self.issuer.renew)
-
     # ------------------------------------------------------------------ telling
 
     async def changed(self, card: card_store.Card, shown: str | None) -> None:
         """A card moved from ``shown`` to its current version: a session's requester hears
-        what changed, and open App Homes are redrawn. Best effort: logged when Slack fails,
-        never retried, so that a retried card update cannot say it twice."""
-        if card.request.session:
+        what changed, and the App Homes it touches are redrawn. Best effort: logged when
+        Slack fails, never retried, so that a retried card update cannot say it twice."""
+        row = card.request
+        if row.session:
             try:
                 await self._tell(card, shown)
             except SLACK_ERRORS as exc:
-                log.warning("could not tell the requester of %s: %s", card.request.id, exc)
-        await self.republish(*([card.request.requester] if card.request.session else []))
+                log.warning("could not tell the requester of %s: %s", row.id, exc)
+        await self.redraw_for(row)
 
     async def _tell(self, card: card_store.Card, shown: str | None) -> None:
         row, grant = card.request, card.grant
@@ -352,8 +341,8 @@ class Desk:
         text = session_views.news(
             request_id=str(row.id),
             target=row.target,
-            was=_parts(shown),
-            now_is=_parts(card.current),
+            was=card_store.parse_version(shown),
+            now_is=card_store.parse_version(card.current),
             approvers=[a.approver for a in row.approvals if a.decision == "approve"],
             denial=(denial.approver, denial.reason or "") if denial else None,
             error=row.error,
@@ -363,17 +352,33 @@ class Desk:
         if text is not None:
             await dm(self.client, row.requester, text)
 
-    async def remind_expiring(self) -> int:
-        """Warn requesters whose sessions end within 5 minutes, with Extend buttons."""
-        reminded = 0
-        for held in await sessions.claim_expiry_reminders(self.store, REMIND_BEFORE):
-            text, blocks = session_views.reminder(self.line(held), self.store.clock.now())
+    async def redraw_for(self, row: RequestRow) -> None:
+        """Redraw the App Homes a change to ``row`` touches: its approvers' (those opened
+        here) and, for a session, its requester's."""
+        people = approvers_for(self.config, row)
+        approvers = set(people.users) if people else set()
+        if people and people.slack_usergroup:
             try:
-                await dm(self.client, held.request.requester, text, blocks)
-            except SLACK_ERRORS:
-                assert held.grant is not None
-                await sessions.unclaim_reminder(self.store, held.grant.id)
-                raise
+                approvers |= await self.directory.members(people.slack_usergroup)
+            except SLACK_ERRORS as exc:
+                log.warning("could not list %s: %s", people.slack_usergroup, exc)
+        await self.republish(*approvers, requester=row.requester if row.session else None)
+
+    async def remind_expiring(self) -> int:
+        """Warn requesters whose sessions end within :data:`REMIND_BEFORE`, with Extend
+        buttons; a warning Slack refused is tried again on the next pass."""
+        reminded = 0
+        for due in await sessions.claim_expiry_reminders(self.store, REMIND_BEFORE):
+            line = self.line(Held(due.request, due.grant))
+            text, blocks = session_views.reminder(
+                line, due.grant.expires_at, self.store.clock.now()
+            )
+            try:
+                await dm(self.client, due.request.requester, text, blocks)
+            except SLACK_ERRORS as exc:
+                log.warning("could not warn %s: %s", due.request.requester, exc)
+                await sessions.unclaim_reminder(self.store, due.grant.id)
+                continue
             reminded += 1
         return reminded
 
@@ -384,16 +389,15 @@ class Desk:
         for overdue in await card_store.claim_approver_reminders(self.store):
             row = overdue.request
             people = approvers_for(self.config, row)
-            who = " ".join(f"<@{u}>" for u in (people.users if people else []))
-            if people and people.slack_usergroup:
-                who += f" <!subteam^{people.slack_usergroup}>"
-            waited = format_duration(self.store.clock.now() - row.created_at)
+            text = session_views.approver_reminder(
+                people.users if people else [],
+                people.slack_usergroup if people else None,
+                self.store.clock.now() - row.created_at,
+                row.pending_expires_at,
+            )
             try:
                 await self.client.chat_postMessage(
-                    channel=overdue.channel,
-                    thread_ts=overdue.ts,
-                    text=f":bell: {who.strip() or 'Approvers'}: this request has waited "
-                    f"{waited}; it expires at {session_views.at(row.pending_expires_at)}.",
+                    channel=overdue.channel, thread_ts=overdue.ts, text=text
                 )
             except SLACK_ERRORS as exc:
                 log.warning("could not remind the approvers of %s: %s", row.id, exc)
@@ -404,33 +408,37 @@ class Desk:
     # ------------------------------------------------------------------ App Home
 
     async def publish_home(self, user: str) -> None:
-        self.home_viewers.add(user)
+        """Draw ``user``'s App Home, and keep redrawing it on changes that concern them."""
+        self.home_viewers.pop(user, None)
+        self.home_viewers[user] = None
+        while len(self.home_viewers) > HOME_VIEWERS:
+            self.home_viewers.pop(next(iter(self.home_viewers)))
         view = session_views.home(
             await self.lines(user), await self.waiting_on(user), self.store.clock.now()
         )
         await self.client.views_publish(user_id=user, view=view)
 
-    async def republish(self, *users: str) -> None:
-        """Redraw the App Home of ``users`` and of whoever opened theirs on this replica
-        (anyone else's is drawn afresh when they open it). A courtesy: failures are logged."""
-        for user in set(users) | self.home_viewers:
+    async def republish(self, *users: str, requester: str | None = None) -> None:
+        """Redraw the App Homes of ``users`` that were opened on this replica (anyone else's
+        is drawn afresh when they open it) and of ``requester`` (a session's, whose own
+        request changed). A courtesy: failures are logged."""
+        redraw = {u for u in users if u in self.home_viewers} | (
+            {requester} if requester else set()
+        )
+        for user in sorted(redraw):
             try:
                 await self.publish_home(user)
             except (*SLACK_ERRORS, KeyturnError) as exc:
                 log.warning("could not redraw the App Home of %s: %s", user, exc)
 
 
-def _duration(typed: str) -> timedelta:
+def _ttl(typed: str, rule: AccessRule) -> timedelta:
     try:
-        return parse_duration(typed.strip())
+        ttl = parse_duration(typed.strip())
     except ValueError:
         raise BadField(
             "ttl", f"`{typed[:20]}` is not a duration: type one such as 15m, 30m or 1h"
         ) from None
-
-
-def _ttl(typed: str, rule: AccessRule) -> timedelta:
-    ttl = _duration(typed)
     if ttl < MIN_TTL:
         raise BadField("ttl", f"ask for at least {format_duration(MIN_TTL)}")
     if ttl > rule.max_duration:
@@ -440,22 +448,3 @@ def _ttl(typed: str, rule: AccessRule) -> timedelta:
             f"ask for {format_duration(rule.max_duration)} or less",
         )
     return ttl
-
-
-def _parts(version: str | None) -> tuple[str, str | None]:
-    """(request status, grant status) of a card version (see bot.card_store)."""
-    if not version:
-        return "pending", None
-    status, _, rest = version.partition(":")
-    grant = rest.partition(":")[2]
-    return status, grant.partition("@")[0] if "@" in grant else None
-
-
-def _waiting(row: RequestRow, kind: str) -> Waiting:
-    if row.session:
-        ttl = format_duration(timedelta(seconds=row.grant_ttl_seconds or 0))
-        what = f"a {ttl} {session_views.KIND_WORD.get(kind, kind)}"
-    else:
-        first = (row.command.strip().splitlines() or [""])[0]
-        what = "to run " + escape(first[:80] + ("…" if len(row.command) > 80 else ""))
-    return Waiting(str(row.id), row.target, row.requester, what, row.session)

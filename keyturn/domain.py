@@ -270,6 +270,6 @@ class Grant:
         new = max(self.expires_at, now) + by
         if new > max_expires_at:
             raise InvalidInput(
-                f"extension past the role's maximum; at most until {max_expires_at.isoformat()}"
+                f"that is past its maximum: it may last until {max_expires_at:%H:%M:%S} UTC at most"
             )
         self.expires_at = new

@@ -232,6 +232,8 @@ async def extend(
     """
     async with store.transaction() as tx:
         row = await tx.locked(GrantRow, grant_id)
+        if not row.lease_id:  # an SSH certificate: its validity was fixed when it was signed
+            raise InvalidInput("an SSH certificate cannot be extended: ask for a new one")
         grant = row.domain()
         now = tx.now
         ceiling = row.max_expires_at or row.expires_at

@@ -158,6 +158,22 @@ async def get_request(store: Store, request_id: uuid.UUID) -> RequestRow:
     return row
 
 
+async def pending_requests(store: Store, limit: int = 100) -> list[RequestRow]:
+    """Every pending request, agents' and people's, oldest first: who may decide each is
+    the bot's question (Slack user groups)."""
+    async with store.transaction() as tx:
+        return list(
+            (
+                await tx.session.scalars(
+                    select(RequestRow)
+                    .where(RequestRow.status == RequestStatus.PENDING)
+                    .order_by(RequestRow.created_at)
+                    .limit(limit)
+                )
+            ).all()
+        )
+
+
 @dataclass(frozen=True)
 class DecisionResult:
     request: RequestRow
@@ -304,7 +320,6 @@ async def end_sessions(tx: Tx, request_ids: Sequence[uuid.UUID]) -> list[uuid.UU
     """Sessions whose grant has ended are over: ``executing`` -> ``executed``, one statement."""
     if not request_ids:
         return []
-    assert RequestStatus.EXECUTING in came_from(RequestStatus.EXECUTED)
     conn = await tx.raw_connection()
     ended = await conn.fetch(
         "UPDATE requests SET status = 'executed', updated_at = $2"

@@ -1,5 +1,5 @@
-"""People's own sessions (``/keyturn db|ssh``): what someone has asked for and holds, what
-waits on approvers, and the reminder before a session ends.
+"""People's own sessions (``/keyturn db|ssh``): what someone has asked for and holds, and
+the reminder before a session ends.
 
 Sessions are requests (``session`` true) with grants, so approving, issuing, revoking and
 expiring them are the same operations as for agents (:mod:`keyturn.store.requests`,
@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from sqlalchemy import String, cast, select
 
-from keyturn.domain import GrantStatus, RequestStatus
+from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.store.db import Store
 from keyturn.store.grants import newest_grant
@@ -52,30 +52,13 @@ async def of_requester(store: Store, user: str, limit: int = 25) -> list[Held]:
         return [Held(row, await newest_grant(tx, row.id)) for row in rows]
 
 
-async def pending(store: Store, limit: int = 100) -> list[RequestRow]:
-    """Every pending request, agents' and people's, oldest first: who may decide each is
-    the bot's question (Slack user groups)."""
-    async with store.transaction() as tx:
-        return list(
-            (
-                await tx.session.scalars(
-                    select(RequestRow)
-                    .where(RequestRow.status == RequestStatus.PENDING)
-                    .order_by(RequestRow.created_at)
-                    .limit(limit)
-                )
-            ).all()
-        )
-
-
 async def own(store: Store, user: str, typed: str) -> Held:
     """The session ``user`` names by its id or the id's first characters; someone else's
     session, or none, is :class:`NotFound` (which of the two is not said)."""
     ident = typed.strip().lower()
     if len(ident) < SHORT_ID or any(c not in "0123456789abcdef-" for c in ident):
         raise InvalidInput(
-            f"`{typed[:40]}` is not a request id: type its first {SHORT_ID} characters or more,"
-            " as `/keyturn list` shows them"
+            f"`{typed[:40]}` is not a request id: type its first {SHORT_ID} characters or more"
         )
     async with store.transaction() as tx:
         rows = (
@@ -92,37 +75,44 @@ async def own(store: Store, user: str, typed: str) -> Held:
         if len(rows) > 1:
             raise InvalidInput(f"`{typed[:40]}` matches several of your requests: type more of it")
         if not rows:
-            raise NotFound(f"you have no request `{typed[:40]}` (see `/keyturn list`)")
+            raise NotFound(f"you have no request `{typed[:40]}`")
         return Held(rows[0], await newest_grant(tx, rows[0].id))
 
 
-async def claim_expiry_reminders(store: Store, within: timedelta, limit: int = 50) -> list[Held]:
+@dataclass(frozen=True)
+class Expiring:
+    """An open session whose requester is due a warning."""
+
+    request: RequestRow
+    grant: GrantRow
+
+
+async def claim_expiry_reminders(
+    store: Store, within: timedelta, limit: int = 50
+) -> list[Expiring]:
     """Open sessions ending within ``within`` whose requester has not been warned: marked
     warned now, so one replica warns once (:func:`unclaim_reminder` if the warning failed)."""
-    async with store.raw_connection() as conn:
+    async with store.transaction() as tx:
+        conn = await tx.raw_connection()
         ids = await conn.fetch(
-            "UPDATE grants g SET reminded_at = $1 FROM requests r"
-            " WHERE r.id = g.request_id AND r.session AND g.status = $2"
-            " AND g.reminded_at IS NULL AND g.expires_at <= $3 AND g.expires_at > $1"
-            " AND g.id IN (SELECT id FROM grants WHERE status = $2 AND reminded_at IS NULL"
-            "              AND expires_at <= $3 ORDER BY expires_at LIMIT $4"
-            "              FOR UPDATE SKIP LOCKED)"
-            " RETURNING g.id",
-            store.clock.now(),
-            GrantStatus.ACTIVE.value,
-            store.clock.now() + within,
+            "UPDATE grants SET reminded_at = $1 WHERE id IN ("
+            " SELECT g.id FROM grants g JOIN requests r ON r.id = g.request_id"
+            " WHERE r.session AND g.status = 'active' AND g.reminded_at IS NULL"
+            " AND g.expires_at > $1 AND g.expires_at <= $2"
+            " ORDER BY g.expires_at LIMIT $3 FOR UPDATE OF g SKIP LOCKED)"
+            " RETURNING id",
+            tx.now,
+            tx.now + within,
             limit,
         )
-    return [await _held(store, r["id"]) for r in ids]
-
-
-async def _held(store: Store, grant_id: uuid.UUID) -> Held:
-    async with store.transaction() as tx:
-        grant = await tx.session.get(GrantRow, grant_id)
-        request = await tx.session.get(RequestRow, grant.request_id) if grant else None
-    if grant is None or request is None:
-        raise NotFound(f"grant {grant_id} not found")
-    return Held(request, grant)
+        found = (
+            await tx.session.execute(
+                select(RequestRow, GrantRow)
+                .join(GrantRow, GrantRow.request_id == RequestRow.id)
+                .where(GrantRow.id.in_([r["id"] for r in ids]))
+            )
+        ).all()
+    return [Expiring(request, grant) for request, grant in found]
 
 
 async def unclaim_reminder(store: Store, grant_id: uuid.UUID) -> None:

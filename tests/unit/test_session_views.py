@@ -109,21 +109,23 @@ def line(**fields: Any) -> Line:
 
 
 def test_the_reminder_offers_only_the_extensions_left() -> None:
-    text, blocks = reminder(line(), NOW)
+    text, blocks = reminder(line(), NOW + timedelta(minutes=4), NOW)
     assert "4m left" in text
     buttons = [e["value"] for e in blocks[-1]["elements"]]
     assert buttons == ["g-1:900", "g-1:1800"]
-    text, blocks = reminder(line(extend_choices=[]), NOW)
+    text, blocks = reminder(line(extend_choices=[]), NOW + timedelta(minutes=4), NOW)
     assert "cannot be extended further" in text and len(blocks) == 1
 
 
 def test_home_shows_sessions_and_what_waits_on_me() -> None:
-    waiting = Waiting("r-2", "orders-db", "crew-<b>", "to run DELETE", False)
-    view = home([line()], [waiting], NOW)
+    agent = Waiting("r-2", "orders-db", "crew-<b>", False, "postgres", 0, "DELETE FROM t\nWHERE 1")
+    person = Waiting("r-3", "orders-db", "U_OMAR", True, "postgres", 900, "")
+    view = home([line()], [agent, person], NOW)
     text = json.dumps(view)
     assert view["type"] == "home"
     assert "open until 03:04:00 UTC (4m left)" in text and "End now" in text
-    assert "`crew-&lt;b&gt;` asks for to run DELETE" in text
+    assert "`crew-&lt;b&gt;` asks to run DELETE FROM t on `orders-db`" in text
+    assert "<@U_OMAR> asks for a 15m database login on `orders-db`" in text
     assert "keyturn_approve" in text and "keyturn_deny" in text
     empty = json.dumps(home([], [], NOW))
     assert "no pending or open sessions" in empty and "Nothing is waiting on you" in empty
