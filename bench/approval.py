@@ -14,15 +14,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from aiohttp import web
-
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.stack import percentile, real_stack, report
+from bench.stack import percentile, real_stack, report, serve_bot
 from bot import card_store
-from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE
-from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_config
 from keyturn.store import reads, requests
@@ -42,18 +38,7 @@ async def main() -> None:
             stack.policy_data, slack={"approval_channel": CHANNEL}, bot={"poll_interval": "1s"}
         )
         store = Store(stack.database)
-        bot, bolt = build(
-            parse_config(data),
-            store,
-            slack_client(slack.bot_token, slack.api_url),
-            slack.signing_secret,
-            stack.vault("keyturn-bot"),
-        )
-        runner = web.AppRunner(web_application(bot, bolt), access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        slack.bot_url = f"http://127.0.0.1:{port}/slack/events"
+        runner = await serve_bot(stack, parse_config(data), slack, store)
         watcher = Listener(stack.database)
         await watcher.start()
         await watcher.connected.wait()

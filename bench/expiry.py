@@ -26,13 +26,12 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.stack import Stack, percentile, real_stack, report
+from bench.stack import Stack, expire_together, percentile, real_stack, report
 from bot import card_store
 from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE
 from bot.credentials import Issuer
-from bot.revocation import Revoker
 from gateway.bootstrap import application
 from gateway.bootstrap import build as build_gateway
 from keyturn.domain import Decision
@@ -104,25 +103,7 @@ async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
     started = time.perf_counter()
     await issue_many(store, issuer, GRANTS)
     print(f"  issued {GRANTS} grants with real leases in {time.perf_counter() - started:.1f} s")
-    async with store.raw_connection() as conn:  # all due in the same second, a few seconds from now
-        await conn.execute(
-            "UPDATE grants SET expires_at = date_trunc('second', now()) + interval '5 seconds'"
-            " + random() * interval '1 second'"
-        )
-    revoker = Revoker(store, issuer, config.bot)
-    revoker.start()
-    await revoker.rebuild_once()  # one date job per grant, as a starting bot does
-    async with asyncio.timeout(120):
-        while await grants.active_grants(store):
-            await asyncio.sleep(0.2)
-    revoker.stop()
-    async with store.raw_connection() as conn:
-        lags = [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT extract(epoch FROM ended_at - expires_at)::float8 FROM grants"
-            )
-        ]
+    lags, _ = await expire_together(store, issuer, config)
     await issuer.vault.close()
     await store.close()
     return lags, await leftovers(stack)

@@ -21,20 +21,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.expiry import leftovers
-from bench.stack import Stack, percentile, real_stack, report
+from bench.stack import Stack, expire_together, percentile, real_stack, report, serve_bot
 from bot import card_store
-from bot.bootstrap import build as build_bot
-from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE
 from bot.credentials import Issuer
-from bot.revocation import Revoker
 from keyturn.domain import Decision
-from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_config
 from keyturn.store import grants, requests
@@ -84,20 +78,8 @@ async def command_to_dm(stack: Stack) -> tuple[list[float], list[float]]:
     for user in ["U_APPROVER", *engineers]:
         slack.add_user(user)
     slack.usergroups["S_ONCALL"] = engineers
-    config = parse_config(session_policy(stack))
     store = Store(stack.database)
-    bot, bolt = build_bot(
-        config,
-        store,
-        slack_client(slack.bot_token, slack.api_url),
-        slack.signing_secret,
-        stack.vault("keyturn-bot"),
-    )
-    runner = web.AppRunner(web_application(bot, bolt), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    slack.bot_url = f"http://127.0.0.1:{port}/slack/events"
+    runner = await serve_bot(stack, parse_config(session_policy(stack)), slack, store)
     samples = []
     try:
         for i, user in enumerate(engineers):
@@ -131,8 +113,11 @@ async def _request_of(store: Store, user: str) -> Any:
 async def issue_sessions(store: Store, issuer: Issuer, count: int) -> None:
     gate = asyncio.Semaphore(16)
 
+    target = issuer.config.policy.postgres_targets()["shop"]
+
     async def mint(row: RequestRow) -> grants.Minted:
-        return (await issuer.session(row, timedelta(hours=1), None, datetime.now(UTC))).minted
+        now = datetime.now(UTC)
+        return (await issuer.session_login(row, target, timedelta(hours=1), now)).minted
 
     async def one(i: int) -> None:
         async with gate:
@@ -174,33 +159,11 @@ async def revocation(stack: Stack) -> tuple[list[float], float, float, tuple[int
     store = Store(stack.database, pool_size=20)
     issuer = Issuer(config, stack.vault("keyturn-bot"))
     await issue_sessions(store, issuer, GRANTS)
+    lags, took = await expire_together(store, issuer, config)
     async with store.raw_connection() as conn:
-        await conn.execute(
-            "UPDATE grants SET expires_at = date_trunc('second', now()) + interval '5 seconds'"
-            " + random() * interval '1 second' WHERE status = 'active'"
-        )
-        due = await conn.fetchval("SELECT min(expires_at) FROM grants WHERE status = 'active'")
-    revoker = Revoker(store, issuer, config.bot)
-    revoker.start()
-    await revoker.rebuild_once()
-    async with asyncio.timeout(120):
-        while await grants.active_grants(store):
-            await asyncio.sleep(0.1)
-    revoker.stop()
-    async with store.raw_connection() as conn:
-        lags = [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT extract(epoch FROM ended_at - expires_at)::float8 FROM grants"
-                " WHERE expires_at >= $1",
-                due,
-            )
-        ]
-        ended = await conn.fetchval("SELECT max(ended_at) FROM grants")
         open_sessions = await conn.fetchval(
             "SELECT count(*) FROM requests WHERE session AND status <> 'executed'"
         )
-    took = (ended - due).total_seconds()
     floor = await vault_revoking(issuer.vault, GRANTS)
     await issuer.vault.close()
     await store.close()

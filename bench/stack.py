@@ -14,12 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from aiohttp.web import AppRunner, TCPSite
 
+from bot.bootstrap import build as build_bot
+from bot.bootstrap import slack_client, web_application
+from bot.credentials import Issuer
+from bot.revocation import Revoker
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
+from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import Config, parse_config
-from keyturn.store import migrate
+from keyturn.store import grants, migrate
+from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
@@ -114,3 +122,48 @@ def report(name: str, value: float, unit: str, target: str, ok: bool) -> None:
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+async def serve_bot(stack: Stack, config: Config, slack: SlackEmulator, store: Store) -> AppRunner:
+    """A real bot (Bolt over HTTP on a free port) for ``slack``; clean up the runner after."""
+    bot, bolt = build_bot(
+        config,
+        store,
+        slack_client(slack.bot_token, slack.api_url),
+        slack.signing_secret,
+        stack.vault("keyturn-bot"),
+    )
+    runner = AppRunner(web_application(bot, bolt), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await TCPSite(runner, "127.0.0.1", port).start()
+    slack.bot_url = f"http://127.0.0.1:{port}/slack/events"
+    return runner
+
+
+async def expire_together(
+    store: Store, issuer: Issuer, config: Config
+) -> tuple[list[float], float]:
+    """Make every active grant fall due in the same second, a few seconds from now, and let a
+    starting bot's revoker end them: each one's lag (ended - due, seconds) and how long it
+    took from the first due to the last ended."""
+    async with store.raw_connection() as conn:
+        due = await conn.fetchval(
+            "UPDATE grants SET expires_at = date_trunc('second', now()) + interval '5 seconds'"
+            " + random() * interval '1 second' WHERE status = 'active'"
+            " RETURNING date_trunc('second', now()) + interval '5 seconds'"
+        )
+    revoker = Revoker(store, issuer, config.bot)
+    revoker.start()
+    await revoker.rebuild_once()  # one date job per grant, as a starting bot does
+    async with asyncio.timeout(120):
+        while await grants.active_grants(store):
+            await asyncio.sleep(0.1)
+    revoker.stop()
+    async with store.raw_connection() as conn:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM ended_at - expires_at)::float8, ended_at FROM grants"
+            " WHERE expires_at >= $1",
+            due,
+        )
+    return [r[0] for r in rows], (max(r[1] for r in rows) - due).total_seconds()
