@@ -33,13 +33,27 @@ BOT_POLICY = "keyturn-bot"
 _PLACEHOLDER = re.compile(r"<([a-z_]+)>")
 
 # Revoking a lease alone leaves the role's open sessions alive: end them, then drop the role.
+# Whatever the login created (a table, a large object, default privileges) makes DROP ROLE
+# fail, and Vault runs these in one transaction: a failure would roll NOLOGIN back and leave
+# the login working. So its objects pass to the login Vault uses (nothing made during an
+# incident is lost) and its privileges are dropped, where that login may (a superuser or,
+# before Postgres 16, CREATEROLE); and a role that still cannot be dropped stays, NOLOGIN,
+# with a warning in the target's log. The DO blocks are kept whole by Vault ($$).
 REVOCATION = [
-    'ALTER ROLE "{{{{name}}}}" NOLOGIN;',
+    'ALTER ROLE "{{name}}" NOLOGIN;',
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE usename = '{{{{name}}}}' AND pid <> pg_backend_pid();",
-    "{revokes}",
-    'REVOKE CONNECT ON DATABASE "{database}" FROM "{{{{name}}}}";',
-    'DROP ROLE IF EXISTS "{{{{name}}}}";',
+    " WHERE usename = '{{name}}' AND pid <> pg_backend_pid();",
+    "DO $$ BEGIN"
+    " EXECUTE format('REASSIGN OWNED BY %I TO CURRENT_USER', '{{name}}');"
+    " EXECUTE format('DROP OWNED BY %I', '{{name}}');"
+    " EXCEPTION WHEN insufficient_privilege THEN"
+    " RAISE WARNING 'keyturn: cannot take over what % owns', '{{name}}';"
+    " END $$;",
+    "DO $$ BEGIN"
+    " EXECUTE format('DROP ROLE IF EXISTS %I', '{{name}}');"
+    " EXCEPTION WHEN dependent_objects_still_exist THEN"
+    " RAISE WARNING 'keyturn: % keeps objects; it stays, unable to log in', '{{name}}';"
+    " END $$;",
 ]
 
 
@@ -102,7 +116,6 @@ def role_statements(target: PostgresTarget, write: bool) -> tuple[list[str], lis
         "VALID UNTIL '{{expiration}}' NOINHERIT;",
         f'GRANT CONNECT ON DATABASE "{database}" TO "{{{{name}}}}";',
     ]
-    revokes = []
     for schema in schemas:
         tables = "SELECT, INSERT, UPDATE, DELETE" if write else "SELECT"
         create += [
@@ -113,15 +126,9 @@ def role_statements(target: PostgresTarget, write: bool) -> tuple[list[str], lis
             create.append(
                 f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{{{{name}}}}";'
             )
-        revokes += [
-            f'REVOKE ALL PRIVILEGES ON ALL TABLES IN SCHEMA "{schema}" FROM "{{{{name}}}}";',
-            f'REVOKE ALL PRIVILEGES ON ALL SEQUENCES IN SCHEMA "{schema}" FROM "{{{{name}}}}";',
-            f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{{{{name}}}}";',
-        ]
     if not write:
         create.append('ALTER ROLE "{{name}}" SET default_transaction_read_only = on;')
-    revoke = [line.format(database=database, revokes="\n".join(revokes)) for line in REVOCATION]
-    return create, revoke
+    return create, list(REVOCATION)
 
 
 @dataclass

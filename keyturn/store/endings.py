@@ -1,7 +1,8 @@
 """Ending grants in bulk: those due, those whose one-shot command ran, hand-offs nobody took.
 
 Each ending revokes the lease in Vault first and marks the grant ended only when Vault said
-yes (a failure leaves it active and overdue: the next sweep tries again). ``SKIP LOCKED``
+yes (a failure leaves it active and overdue, and a later pass tries again after a backoff, so
+that grants Vault keeps refusing cannot stand first in every pass while others fall due). ``SKIP LOCKED``
 lets replicas share the work. Requests a grant ended before they ran fail, in set-based SQL
 limited to the moves :data:`~keyturn.domain.REQUEST_TRANSITIONS` allows.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import exists, select
 
+from keyturn.backoff import Backoff
 from keyturn.domain import GrantStatus, RequestStatus
 from keyturn.store import requests
 from keyturn.store.audit_log import Event
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 REVOKE_CONCURRENCY = 32  # Vault calls in flight per sweep batch
+REVOKE_RETRY_CAP = 60.0  # seconds: the longest wait before a failed revocation is retried
 
 
 class Ending(StrEnum):
@@ -47,7 +50,10 @@ _REQUEST_FAILURE = {
 
 
 def _sweep_query(which: Ending, now: datetime, limit: int) -> Any:
-    query = select(GrantRow).where(GrantRow.status == GrantStatus.ACTIVE)
+    query = select(GrantRow).where(
+        GrantRow.status == GrantStatus.ACTIVE,
+        GrantRow.revoke_after.is_(None) | (GrantRow.revoke_after <= now),
+    )
     if which is Ending.DUE:
         query = query.where(GrantRow.expires_at <= now).order_by(GrantRow.expires_at)
     elif which is Ending.FINISHED:
@@ -90,7 +96,10 @@ async def end_grants(
         done = []
         events = []
         for row, at in zip(rows, confirmed, strict=True):
-            if at is None:
+            if at is None:  # not first in the next pass, or a few such grants block all others
+                row.revoke_attempts += 1
+                retry = Backoff(1.0, REVOKE_RETRY_CAP, attempt=row.revoke_attempts - 1)
+                row.revoke_after = tx.now + timedelta(seconds=retry.next())
                 continue
             grant = row.domain()
             if which is Ending.DUE:

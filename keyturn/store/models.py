@@ -193,6 +193,9 @@ class GrantRow(Base):
     handoff_expires_at: Mapped[datetime | None]
     max_expires_at: Mapped[datetime | None]  # the role's ceiling for Extend
     reminded_at: Mapped[datetime | None]  # a session's requester warned before expiry
+    # a revocation Vault refused is tried again after a backoff, not first in every pass
+    revoke_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revoke_after: Mapped[datetime | None]
 
     def domain(self) -> Grant:
         return Grant(

@@ -272,3 +272,40 @@ async def test_a_run_stranded_by_a_dead_gateway_fails_once_its_credentials_are_d
     assert await endings.fail_stranded(store, timedelta(0)) == [grant.request_id]
     row = await requests.get_request(store, grant.request_id)  # type: ignore[arg-type]
     assert row.status == "failed" and "stopped before recording" in (row.error or "")
+
+
+async def test_grants_vault_keeps_refusing_do_not_hold_up_the_others(store: Store) -> None:
+    """The attacker's story: enough grants whose revocation always fails (a role that cannot
+    be dropped) would stand first in every pass, oldest first, and no other grant would ever
+    end. Each failure now waits a backoff, so the next pass reaches the others."""
+    now = store.clock.now()
+    async with store.raw_connection() as conn:
+        for i in range(130):
+            await conn.execute(
+                "INSERT INTO grants (id, subject, target, status, lease_id, created_at,"
+                " expires_at) VALUES ($1, 'U1', 'shop', 'active', $2, $3, $3)",
+                uuid.uuid4(),
+                f"stuck-{i}",
+                now - timedelta(hours=2, seconds=i),
+            )
+        good = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO grants (id, subject, target, status, lease_id, created_at, expires_at)"
+            " VALUES ($1, 'crew', 'shop', 'active', 'good', $2, $2)",
+            good,
+            now - timedelta(seconds=1),
+        )
+
+    async def revoke(row: GrantRow) -> None:
+        if str(row.lease_id).startswith("stuck-"):
+            raise InvalidInput("role cannot be dropped because some objects depend on it")
+
+    for _ in range(2):  # two passes of 64, as the revoker's drainers take them
+        await endings.end_grants(store, endings.Ending.DUE, revoke, limit=64)
+    await endings.end_grants(store, endings.Ending.DUE, revoke, limit=64)
+    async with store.raw_connection() as conn:
+        assert await conn.fetchval("SELECT status FROM grants WHERE id = $1", good) == "expired"
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM grants WHERE revoke_attempts = 1 AND revoke_after > now()"
+        )
+    assert waiting == 130

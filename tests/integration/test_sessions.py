@@ -550,3 +550,26 @@ async def test_the_certificate_is_for_the_key_the_approvers_saw(
         failed = await oc.dm("nothing could be issued")
         assert "no longer registered" in failed.text
         assert len([m for m in oc.dms() if "Your SSH certificate" in m.text]) == 1
+
+
+async def test_what_the_login_created_does_not_keep_it_alive(shop: Shop, oncall: Factory) -> None:
+    """The attacker's story: in their session the engineer creates a large object (any login
+    may), so that DROP ROLE would fail and Vault would roll the whole revocation back,
+    NOLOGIN included. Revoking still ends the login; the object passes to Vault's login."""
+    async with oncall(session_policy(shop)) as oc:
+        request_id = await oc.ask("db shop 30m keeping a foothold")
+        await oc.click(request_id, APPROVER)
+        delivered = await oc.dm("keyturn unwrap")
+        status, psql, _ = await unwrap(shop, wrapping_token(delivered.text))
+        assert status == 0
+        session = await asyncpg.connect(psql.strip())
+        oid = await session.fetchval("SELECT lo_create(0)")
+        await session.execute("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
+        assert "its connections were closed" in await oc.say(f"revoke {str(request_id)[:8]}")
+        with pytest.raises(asyncpg.PostgresError):
+            await (await asyncpg.connect(psql.strip())).close()
+        owner = await shop.postgres.fetch(
+            f"SELECT pg_get_userbyid(lomowner) FROM pg_largeobject_metadata WHERE oid = {oid}",
+            shop.database,
+        )
+        assert owner[0][0] == "postgres"

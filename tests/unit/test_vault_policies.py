@@ -55,9 +55,8 @@ def test_revocation_ends_open_sessions_before_dropping_the_role() -> None:
     create, revoke = role_statements(target, write=False)
     assert any("default_transaction_read_only" in s for s in create)
     joined = "\n".join(revoke)
-    assert (
-        joined.index("NOLOGIN") < joined.index("pg_terminate_backend") < joined.index("DROP ROLE")
-    )
+    order = ["NOLOGIN", "pg_terminate_backend", "REASSIGN OWNED", "DROP OWNED", "DROP ROLE"]
+    assert [joined.index(s) for s in order] == sorted(joined.index(s) for s in order)
     assert '"{{name}}"' in joined and "{{{{" not in joined
     write_create, _ = role_statements(target, write=True)
     assert any("INSERT, UPDATE, DELETE" in s for s in write_create)

@@ -1,5 +1,6 @@
 """Humans' own sessions (``/keyturn db|ssh``): requests that run no command, and the
-reminders their requesters and approvers get.
+reminders their requesters and approvers get; and a backoff for a grant whose revocation
+fails, so that it cannot hold up every other grant's.
 
 Revision ID: 0006
 Revises: 0005
@@ -23,10 +24,17 @@ def upgrade() -> None:
         sa.Column("session", sa.Boolean(), server_default="false", nullable=False),
     )
     op.add_column("grants", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column(
+        "grants",
+        sa.Column("revoke_attempts", sa.Integer(), server_default="0", nullable=False),
+    )
+    op.add_column("grants", sa.Column("revoke_after", sa.DateTime(timezone=True), nullable=True))
     op.add_column("cards", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     op.drop_column("cards", "reminded_at")
+    op.drop_column("grants", "revoke_after")
+    op.drop_column("grants", "revoke_attempts")
     op.drop_column("grants", "reminded_at")
     op.drop_column("requests", "session")
