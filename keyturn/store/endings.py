@@ -2,9 +2,9 @@
 
 Each ending revokes the lease in Vault first and marks the grant ended only when Vault said
 yes (a failure leaves it active and overdue, and a later pass tries again after a backoff, so
-that grants Vault keeps refusing cannot stand first in every pass while others fall due). ``SKIP LOCKED``
-lets replicas share the work. Requests a grant ended before they ran fail, in set-based SQL
-limited to the moves :data:`~keyturn.domain.REQUEST_TRANSITIONS` allows.
+that grants Vault keeps refusing cannot stand first in every pass while others fall due).
+``SKIP LOCKED`` lets replicas share the work. Requests a grant ended before they ran fail,
+in set-based SQL limited to the moves :data:`~keyturn.domain.REQUEST_TRANSITIONS` allows.
 """
 
 from __future__ import annotations
