@@ -32,6 +32,7 @@ from bot.sessions import Ask, BadField
 from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
+from keyturn.policy import parse_duration
 from keyturn.vault import VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,12 @@ def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> 
 def _extension(value: str) -> tuple[str, timedelta]:
     """``<grant id>:<seconds>`` from an Extend button."""
     grant_id, _, seconds = value.partition(":")
-    if not seconds.isdigit():
-        raise InvalidInput("this button carries no valid extension; nothing was changed")
-    return grant_id, timedelta(seconds=int(seconds))
+    try:
+        if not (seconds.isascii() and seconds.isdigit()):
+            raise ValueError(seconds)
+        return grant_id, parse_duration(int(seconds))
+    except ValueError:
+        raise InvalidInput("this button carries no valid extension; nothing was changed") from None
 
 
 def _chosen(values: dict[str, Any], block: str, action: str) -> str:

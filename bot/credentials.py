@@ -32,7 +32,6 @@ import asyncssh
 
 from keyturn.errors import InvalidInput
 from keyturn.policy import Config, PostgresTarget, SshTarget
-from keyturn.store.dsn import parse_dsn
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
 from keyturn.vault import Lease, Vault, WrapInfo
@@ -57,10 +56,13 @@ class SessionCertificate:
 
 
 def psql_url(target: PostgresTarget, username: str, password: str) -> str:
-    """The target's DSN with this login in it: what ``psql`` and ``keyturn unwrap`` print."""
-    parts = urlsplit(parse_dsn(target.dsn, "dsn").url)
-    netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{parts.hostname}"
-    return urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port or 5432}"))
+    """The target's DSN with this login in it: what ``psql`` and ``keyturn unwrap`` print.
+    Its query stays whole: a person's psql must verify TLS as the target's DSN says."""
+    parts = urlsplit(target.dsn)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    login = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{login}@{host}:{parts.port or 5432}"))
 
 
 def _minted(

@@ -26,6 +26,8 @@ TICKET_BLOCK, TICKET_INPUT = "ticket", "ticket_input"
 MAX_REASON = 1000  # characters
 MAX_TICKET = 500
 REMIND_BEFORE = timedelta(minutes=5)  # a session's requester is warned this long before its end
+# Slack refuses a view of more than 100 blocks: the App Home shows at most this many of each
+HOME_SESSIONS, HOME_WAITING = 15, 25
 
 
 def short(request_id: object) -> str:
@@ -251,17 +253,19 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
     ]
     if not lines:
         blocks.append(_section(listing([], now)))
-    for line in lines:
+    for line in lines[:HOME_SESSIONS]:
         blocks.append(_section(describe(line, now)))
         if line.open:
             blocks += _grant_actions(line, revoke=True)
+    if len(lines) > HOME_SESSIONS:
+        blocks.append(_section(f"…and {len(lines) - HOME_SESSIONS} more: `/keyturn list`"))
     blocks += [
         {"type": "divider"},
         {"type": "header", "text": {"type": "plain_text", "text": "Waiting on you"}},
     ]
     if not waiting:
         blocks.append(_section("Nothing is waiting on you."))
-    for w in waiting:
+    for w in waiting[:HOME_WAITING]:
         blocks += [
             _section(_waiting_text(w)),
             {
@@ -273,6 +277,8 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
                 ],
             },
         ]
+    if len(waiting) > HOME_WAITING:
+        blocks.append(_section(f"…and {len(waiting) - HOME_WAITING} more: `/keyturn pending`"))
     blocks.append(
         {
             "type": "context",

@@ -122,6 +122,9 @@ class Desk:
 
     async def ask(self, asked: Ask) -> RequestRow:
         """Check everything, then create the pending request; bad input creates nothing."""
+        for name in ("target", "ttl", "reason", "ticket"):
+            if _unprintable(getattr(asked, name) or ""):
+                raise BadField(name, "that holds control characters: type plain text")
         target = self.config.policy.targets.get(asked.target)
         if target is None:
             raise BadField(
@@ -166,13 +169,13 @@ class Desk:
                 )
             # the approvers approve this key: one added later cannot take the certificate
             details["key"] = keys[-1].fingerprint
-        for held in await sessions.of_requester(self.store, asked.user):
-            if held.request.target == asked.target:
-                raise BadField(
-                    "target",
-                    f"you already have request `{session_views.short(held.request.id)}` for "
-                    f"`{asked.target}` ({held.request.status}): see `/keyturn list`",
-                )
+        if already := await sessions.of_requester(self.store, asked.user, asked.target):
+            first = already[0].request
+            raise BadField(
+                "target",
+                f"you already have request `{session_views.short(first.id)}` for "
+                f"`{asked.target}` ({first.status}): see `/keyturn list`",
+            )
         key = f", key {details['key']}" if "key" in details else ""
         row, _ = await requests.create_request(
             self.store,
@@ -432,19 +435,27 @@ class Desk:
                 log.warning("could not redraw the App Home of %s: %s", user, exc)
 
 
+def _unprintable(text: str) -> bool:
+    """Control characters (a NUL, an escape sequence…): line breaks and tabs are fine."""
+    return any((ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 for c in text)
+
+
 def _ttl(typed: str, rule: AccessRule) -> timedelta:
+    too_long = BadField(
+        "ttl",
+        f"`{typed.strip()[:20]}` is longer than access rule `{rule.name}` allows: "
+        f"ask for {format_duration(rule.max_duration)} or less",
+    )
     try:
         ttl = parse_duration(typed.strip())
-    except ValueError:
+    except ValueError as exc:
+        if "longer than" in str(exc):  # past any sensible duration
+            raise too_long from None
         raise BadField(
             "ttl", f"`{typed[:20]}` is not a duration: type one such as 15m, 30m or 1h"
         ) from None
     if ttl < MIN_TTL:
         raise BadField("ttl", f"ask for at least {format_duration(MIN_TTL)}")
     if ttl > rule.max_duration:
-        raise BadField(
-            "ttl",
-            f"{format_duration(ttl)} is longer than access rule `{rule.name}` allows: "
-            f"ask for {format_duration(rule.max_duration)} or less",
-        )
+        raise too_long
     return ttl

@@ -31,6 +31,7 @@ from keyturn.errors import ConfigError
 from keyturn.settings import target_env_name
 from keyturn.store.dsn import parse_dsn
 
+LONGEST = timedelta(days=3650)  # any duration past this is a typo (and past timedelta's range)
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 
 
@@ -47,6 +48,8 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError(f"expected a duration such as 30s, 10m, 1h or 2d, got {value!r}")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > LONGEST.total_seconds():
+        raise ValueError(f"{value!r} is longer than {LONGEST.days} days: surely a mistake")
     return timedelta(seconds=seconds)
 
 

@@ -59,6 +59,13 @@ class RequestRow(Base):
             "pending_expires_at",
             postgresql_where="status = 'pending'",
         ),
+        Index(
+            "uq_requests_open_session",
+            "requester",
+            "target",
+            unique=True,
+            postgresql_where="session AND status IN ('pending', 'approved', 'executing')",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)

@@ -117,6 +117,10 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
                 )
             )
     except IntegrityError:
+        if new.session:  # uq_requests_open_session: the other request won
+            raise Conflict(
+                f"{new.requester} already has a pending or open session on {new.target}"
+            ) from None
         # Lost a race with the same idempotency key: the winner's row is the answer.
         existing = await find_by_key(store, new.requester, new.idempotency_key, new.body_sha256)
         if existing is None:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import String, cast, select
+from sqlalchemy import String, cast, select, true
 
 from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, NotFound
@@ -32,8 +32,10 @@ class Held:
     grant: GrantRow | None
 
 
-async def of_requester(store: Store, user: str, limit: int = 25) -> list[Held]:
-    """``user``'s sessions still pending or open, oldest first."""
+async def of_requester(
+    store: Store, user: str, target: str | None = None, limit: int = 25
+) -> list[Held]:
+    """``user``'s sessions still pending or open (on ``target``), oldest first."""
     async with store.transaction() as tx:
         rows = (
             await tx.session.scalars(
@@ -41,6 +43,7 @@ async def of_requester(store: Store, user: str, limit: int = 25) -> list[Held]:
                 .where(
                     RequestRow.session.is_(True),
                     RequestRow.requester == user,
+                    RequestRow.target == target if target else true(),
                     RequestRow.status.in_(
                         [RequestStatus.PENDING, RequestStatus.APPROVED, RequestStatus.EXECUTING]
                     ),

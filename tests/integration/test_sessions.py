@@ -322,7 +322,7 @@ BAD_INPUT = [
     ("db private 15m fixing", "no access rule lets you ask for `private`"),
     ("db web 15m fixing", "`web` is an ssh target: type `/keyturn ssh web"),
     ("ssh shop 15m fixing", "`shop` is a db target"),
-    ("db shop 2h fixing", "2h is longer than access rule `on-call` allows: ask for 1h or less"),
+    ("db shop 2h fixing", "`2h` is longer than access rule `on-call` allows: ask for 1h or less"),
     ("db shop soon fixing", "`soon` is not a duration"),
     ("db shop 1s fixing", "ask for at least 5s"),
     ("db shop 15m", "a reason is required: `/keyturn db shop 15m &lt;why you need it&gt;`"),
@@ -573,3 +573,32 @@ async def test_what_the_login_created_does_not_keep_it_alive(shop: Shop, oncall:
             shop.database,
         )
         assert owner[0][0] == "postgres"
+
+
+async def test_the_form_refuses_what_the_command_refuses(shop: Shop, oncall: Factory) -> None:
+    """Modal fields reach keyturn without the slash command's checks: a NUL in the reason (a
+    500 from Postgres) and a TTL past any timedelta each get an answer under their field."""
+    async with oncall(session_policy(shop)) as oc:
+        status, _ = await oc.slack.command("request", ONCALL, CHANNEL)
+        (view_id,) = oc.slack.modals[ONCALL]
+        for values, block, fragment in [
+            ({"target": "shop", "duration": "15m", "why": "fix\x00it"}, "why", "control"),
+            ({"target": "shop", "duration": "15m", "why": "x", "ticket": "\x1b[2J"}, "ticket", ""),
+        ]:
+            status, answer = await oc.slack.submit(view_id, ONCALL, values)
+            assert status == 200 and fragment in json.loads(answer)["errors"][block], answer
+        assert "is longer than access rule" in await oc.say("db shop 99999999999d a typo")
+        assert await oc.requests() == 0
+
+
+async def test_racing_requests_for_one_target_make_one(shop: Shop, oncall: Factory) -> None:
+    """Ten `/keyturn db` at once for the same target: the database keeps one pending
+    session per person and target, whoever wins the check before it."""
+    async with oncall(session_policy(shop)) as oc:
+        await asyncio.gather(
+            *(oc.slack.command(f"db shop 15m try {i}", ONCALL, CHANNEL) for i in range(10))
+        )
+        answers = [e["text"] for e in oc.slack.ephemerals if e["user"] == ONCALL]
+        assert len(answers) == 10 and sum("waiting for approval" in a for a in answers) == 1
+        assert all("already" in a for a in answers if "waiting for approval" not in a)
+        assert await oc.requests() == 1

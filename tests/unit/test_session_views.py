@@ -129,3 +129,17 @@ def test_home_shows_sessions_and_what_waits_on_me() -> None:
     assert "keyturn_approve" in text and "keyturn_deny" in text
     empty = json.dumps(home([], [], NOW))
     assert "no pending or open sessions" in empty and "Nothing is waiting on you" in empty
+
+
+def test_home_stays_within_slacks_100_blocks() -> None:
+    """An agent may hold as many commands as it likes: past 100 blocks Slack refuses the
+    whole view, and the approver's own End now / Extend would stop updating."""
+    waiting = [
+        Waiting(f"r-{i}", "orders-db", "crew", False, "postgres", 0, "DELETE FROM t WHERE 1")
+        for i in range(100)
+    ]
+    lines = [line(request_id=f"{i:08d}-x") for i in range(40)]
+    view = home(lines, waiting, NOW)
+    assert len(view["blocks"]) <= 100
+    text = json.dumps(view)
+    assert "and 25 more: `/keyturn list`" in text and "and 75 more: `/keyturn pending`" in text

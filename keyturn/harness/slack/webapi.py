@@ -23,6 +23,8 @@ _VISIBLE = {
     "views.publish",
 }
 
+VIEW_BLOCKS = 100  # Slack: a modal or App Home holds at most 100 blocks
+
 
 class WebApi(Workspace):
     async def _api(self, request: web.Request) -> web.Response:
@@ -159,6 +161,8 @@ class WebApi(Workspace):
         if user not in self.users:
             return {"ok": False, "error": "user_not_found"}
         view = dict(json_arg(args.get("view")) or {}, id=f"VHOME{user}")
+        if len(view.get("blocks") or []) > VIEW_BLOCKS:  # as Slack: the whole view is refused
+            return {"ok": False, "error": "invalid_arguments"}
         self.home[user] = view
         return {"ok": True, "view": view}
 

@@ -23,6 +23,14 @@ def upgrade() -> None:
         "requests",
         sa.Column("session", sa.Boolean(), server_default="false", nullable=False),
     )
+    # one pending or open session per person and target, whatever races the bot loses
+    op.create_index(
+        "uq_requests_open_session",
+        "requests",
+        ["requester", "target"],
+        unique=True,
+        postgresql_where=sa.text("session AND status IN ('pending', 'approved', 'executing')"),
+    )
     op.add_column("grants", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column(
         "grants",
@@ -37,4 +45,5 @@ def downgrade() -> None:
     op.drop_column("grants", "revoke_after")
     op.drop_column("grants", "revoke_attempts")
     op.drop_column("grants", "reminded_at")
+    op.drop_index("uq_requests_open_session", table_name="requests")
     op.drop_column("requests", "session")
