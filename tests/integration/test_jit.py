@@ -341,11 +341,12 @@ async def test_an_orphan_lease_is_revoked_by_the_sweep(shop: Shop, run_bot: BotF
         request_id = await rb.hold()
         await rb.approve(request_id)
         known = await rb.grant(request_id)
-        await until(lambda: _lease_gone(shop, orphan.lease_id))
+        # recorded once Vault confirmed: the lease is gone before its audit event is written
+        events = await until(lambda: _audit(rb.store, "lease.orphan_revoked"))
+        assert orphan.lease_id in json.dumps(events)
+        assert await _lease_gone(shop, orphan.lease_id)
         assert await lease_ttl(shop, known.lease_id), "a recorded lease is not an orphan"
         assert orphan.data["username"] not in await shop.dynamic_roles()
-        events = await _audit(rb.store, "lease.orphan_revoked")
-        assert orphan.lease_id in json.dumps(events)
 
 
 async def _lease_gone(shop: Shop, lease_id: str) -> bool:
