@@ -26,19 +26,24 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.stack import Stack, expire_together, percentile, real_stack, report
+from bench.stack import (
+    Stack,
+    expire_together,
+    issue_many,
+    percentile,
+    real_stack,
+    report,
+    serve_bot,
+)
 from bot import card_store
-from bot.bootstrap import build as build_bot
-from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE
 from bot.credentials import Issuer
 from gateway.bootstrap import application
 from gateway.bootstrap import build as build_gateway
-from keyturn.domain import Decision
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_config
-from keyturn.store import grants, requests
+from keyturn.store import requests
 from keyturn.store.db import Store
 
 GRANTS = 1000
@@ -74,26 +79,15 @@ async def leftovers(stack: Stack) -> tuple[int, int]:
     return leases, int(roles)
 
 
-async def issue_many(store: Store, issuer: Issuer, count: int) -> None:
-    gate = asyncio.Semaphore(16)
-
-    async def one(i: int) -> None:
-        async with gate:
-            row, _ = await requests.create_request(
-                store,
-                requests.NewRequest(
-                    "shop",
-                    f"UPDATE orders SET status = 'x' WHERE id = {i + 1}",
-                    "crew-bench",
-                    timedelta(minutes=15),
-                    rule="writes",
-                    grant_ttl=timedelta(minutes=10),
-                ),
-            )
-            await requests.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
-            assert await grants.issue(store, row.id, issuer.mint, issuer.unmint) is not None
-
-    await asyncio.gather(*(one(i) for i in range(count)))
+def held_update(i: int) -> requests.NewRequest:
+    return requests.NewRequest(
+        "shop",
+        f"UPDATE orders SET status = 'x' WHERE id = {i + 1}",
+        "crew-bench",
+        timedelta(minutes=15),
+        rule="writes",
+        grant_ttl=timedelta(minutes=10),
+    )
 
 
 async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
@@ -101,7 +95,7 @@ async def revocation(stack: Stack) -> tuple[list[float], tuple[int, int]]:
     store = Store(stack.database, pool_size=20)
     issuer = Issuer(config, stack.vault("keyturn-bot"))
     started = time.perf_counter()
-    await issue_many(store, issuer, GRANTS)
+    await issue_many(store, GRANTS, held_update, issuer.mint, issuer.unmint)
     print(f"  issued {GRANTS} grants with real leases in {time.perf_counter() - started:.1f} s")
     lags, _ = await expire_together(store, issuer, config)
     await issuer.vault.close()
@@ -115,23 +109,13 @@ async def click_to_result(stack: Stack) -> list[float]:
     slack.add_user("U_APPROVER")
     config = parse_config(bench_policy(stack) | {"vault": stack.policy_data["vault"]})
     bot_store, gw_store = Store(stack.database), Store(stack.database, pool_size=20)
-    bot, bolt = build_bot(
-        config,
-        bot_store,
-        slack_client(slack.bot_token, slack.api_url),
-        slack.signing_secret,
-        stack.vault("keyturn-bot"),
-    )
+    bot_runner = await serve_bot(stack, config, slack, bot_store)
     gw = build_gateway(config, gw_store, stack.vault("keyturn-gateway"))
-    bot_runner = web.AppRunner(web_application(bot, bolt), access_log=None)
     gw_runner = web.AppRunner(application(gw), access_log=None)
-    ports = []
-    for runner in (bot_runner, gw_runner):
-        await runner.setup()
-        ports.append(free_port())
-        await web.TCPSite(runner, "127.0.0.1", ports[-1]).start()
-    slack.bot_url = f"http://127.0.0.1:{ports[0]}/slack/events"
-    url = f"http://127.0.0.1:{ports[1]}/v1/commands"
+    await gw_runner.setup()
+    port = free_port()
+    await web.TCPSite(gw_runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/v1/commands"
     headers = {"Authorization": f"Bearer {stack.idp.token('crew-bench', ttl=3600)}"}
     samples = []
     try:

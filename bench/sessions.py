@@ -24,11 +24,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.expiry import leftovers
-from bench.stack import Stack, expire_together, percentile, real_stack, report, serve_bot
+from bench.stack import (
+    Stack,
+    expire_together,
+    issue_many,
+    percentile,
+    real_stack,
+    report,
+    serve_bot,
+)
 from bot import card_store
 from bot.cards import APPROVE
 from bot.credentials import Issuer
-from keyturn.domain import Decision
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_config
 from keyturn.store import grants, requests
@@ -110,33 +117,16 @@ async def _request_of(store: Store, user: str) -> Any:
         return await conn.fetchval("SELECT id FROM requests WHERE requester = $1", user)
 
 
-async def issue_sessions(store: Store, issuer: Issuer, count: int) -> None:
-    gate = asyncio.Semaphore(16)
-
-    target = issuer.config.policy.postgres_targets()["shop"]
-
-    async def mint(row: RequestRow) -> grants.Minted:
-        now = datetime.now(UTC)
-        return (await issuer.session_login(row, target, timedelta(hours=1), now)).minted
-
-    async def one(i: int) -> None:
-        async with gate:
-            row, _ = await requests.create_request(
-                store,
-                requests.NewRequest(
-                    "shop",
-                    f"postgres session for U_BENCH{i} on shop, 15m",
-                    f"U_BENCH{i}",
-                    timedelta(minutes=15),
-                    rule="on-call",
-                    grant_ttl=TTL,
-                    session=True,
-                ),
-            )
-            await requests.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
-            assert await grants.issue(store, row.id, mint, issuer.unmint) is not None
-
-    await asyncio.gather(*(one(i) for i in range(count)))
+def held_session(i: int) -> requests.NewRequest:
+    return requests.NewRequest(
+        "shop",
+        f"postgres session for U_BENCH{i} on shop, 15m",
+        f"U_BENCH{i}",
+        timedelta(minutes=15),
+        rule="on-call",
+        grant_ttl=TTL,
+        session=True,
+    )
 
 
 async def vault_revoking(vault: Vault, count: int) -> float:
@@ -158,7 +148,13 @@ async def revocation(stack: Stack) -> tuple[list[float], float, float, tuple[int
     config = parse_config(session_policy(stack))
     store = Store(stack.database, pool_size=20)
     issuer = Issuer(config, stack.vault("keyturn-bot"))
-    await issue_sessions(store, issuer, GRANTS)
+    target = config.policy.postgres_targets()["shop"]
+
+    async def mint(row: RequestRow) -> grants.Minted:
+        now = datetime.now(UTC)
+        return (await issuer.session_login(row, target, timedelta(hours=1), now)).minted
+
+    await issue_many(store, GRANTS, held_session, mint, issuer.unmint)
     lags, took = await expire_together(store, issuer, config)
     async with store.raw_connection() as conn:
         open_sessions = await conn.fetchval(

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import statistics
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +20,14 @@ from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.credentials import Issuer
 from bot.revocation import Revoker
+from keyturn.domain import Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import Config, parse_config
-from keyturn.store import grants, migrate
+from keyturn.store import grants, migrate, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import AppRoleLogin, Vault
@@ -167,3 +168,22 @@ async def expire_together(
             due,
         )
     return [r[0] for r in rows], (max(r[1] for r in rows) - due).total_seconds()
+
+
+async def issue_many(
+    store: Store,
+    count: int,
+    new: Callable[[int], requests.NewRequest],
+    mint: grants.Mint,
+    unmint: grants.Unmint,
+) -> None:
+    """``count`` requests (``new(i)``), approved and issued with real leases, 16 at a time."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int) -> None:
+        async with gate:
+            row, _ = await requests.create_request(store, new(i))
+            await requests.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
+            assert await grants.issue(store, row.id, mint, unmint) is not None
+
+    await asyncio.gather(*(one(i) for i in range(count)))

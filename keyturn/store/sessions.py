@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import String, cast, select, true
+from sqlalchemy import Select, String, cast, select, true
 
 from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, NotFound
@@ -32,6 +32,10 @@ class Held:
     grant: GrantRow | None
 
 
+def _sessions_of(user: str) -> Select[RequestRow]:
+    return select(RequestRow).where(RequestRow.session.is_(True), RequestRow.requester == user)
+
+
 async def of_requester(
     store: Store, user: str, target: str | None = None, limit: int = 25
 ) -> list[Held]:
@@ -39,10 +43,8 @@ async def of_requester(
     async with store.transaction() as tx:
         rows = (
             await tx.session.scalars(
-                select(RequestRow)
+                _sessions_of(user)
                 .where(
-                    RequestRow.session.is_(True),
-                    RequestRow.requester == user,
                     RequestRow.target == target if target else true(),
                     RequestRow.status.in_(
                         [RequestStatus.PENDING, RequestStatus.APPROVED, RequestStatus.EXECUTING]
@@ -66,13 +68,7 @@ async def own(store: Store, user: str, typed: str) -> Held:
     async with store.transaction() as tx:
         rows = (
             await tx.session.scalars(
-                select(RequestRow)
-                .where(
-                    RequestRow.session.is_(True),
-                    RequestRow.requester == user,
-                    cast(RequestRow.id, String).startswith(ident),
-                )
-                .limit(2)
+                _sessions_of(user).where(cast(RequestRow.id, String).startswith(ident)).limit(2)
             )
         ).all()
         if len(rows) > 1:
