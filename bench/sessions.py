@@ -105,6 +105,9 @@ async def command_to_dm(stack: Stack) -> tuple[list[float], list[float]]:
                 await asyncio.sleep(0.002)
             if i >= 5:  # the first warm up pools and logins
                 samples.append(time.perf_counter() - start)
+        async with asyncio.timeout(30):  # the last cards drawn before the bot stops
+            while await card_store.stale_cards(store):
+                await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
         await slack.stop()
