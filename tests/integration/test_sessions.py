@@ -28,13 +28,14 @@ from bot.service import Bot
 from bot.session_views import SESSION_EXTEND
 from keyturn.clock import Clock, ManualClock
 from keyturn.domain import IllegalTransition, Request
+from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
 from keyturn.policy import parse_config
 from keyturn.store import grants, handoffs
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.integration.conftest import Shop, Spy, serve_bot
+from tests.integration.conftest import GatewayFactory, Shop, Spy, serve_bot
 from tests.integration.test_jit import CHANNEL, jit_policy, until
 
 APPROVER = "U_APPROVER"
@@ -602,3 +603,14 @@ async def test_racing_requests_for_one_target_make_one(shop: Shop, oncall: Facto
         assert len(answers) == 10 and sum("waiting for approval" in a for a in answers) == 1
         assert all("already" in a for a in answers if "waiting for approval" not in a)
         assert await oc.requests() == 1
+
+
+async def test_an_agent_never_sees_a_persons_session(
+    shop: Shop, oncall: Factory, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """An agent token whose sub happens to spell the engineer's Slack id reads nothing of
+    their session through the agent API (as if it did not exist)."""
+    async with oncall(session_policy(shop)) as oc, run_gateway() as gw:
+        request_id = await oc.ask("db shop 15m private business")
+        status, body = await gw.get(idp.token(ONCALL), str(request_id))
+        assert status == 404 and body["error"]["code"] == "not_found", body
