@@ -33,7 +33,7 @@ from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
 from keyturn.policy import parse_duration
-from keyturn.vault import VaultUnavailable
+from keyturn.vault import VaultForbidden, VaultRequestError, VaultUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ def tell(exc: KeyturnError) -> str:
         )
     if isinstance(exc, VaultUnavailable):
         return "keyturn cannot reach Vault right now; nothing was changed — try again in a minute"
+    if isinstance(exc, VaultForbidden | VaultRequestError):
+        # Vault's own words name leases and roles: for the operator, not for the clicker
+        log.warning("Vault refused a person's action: %s", exc.message)
+        return "Vault refused that, so nothing was changed; the bot's log has Vault's answer"
     if isinstance(exc, AlreadyVoted):
         return "you already approved this request; it needs another approver"
     if isinstance(exc, IllegalTransition):

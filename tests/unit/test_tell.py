@@ -6,7 +6,7 @@ from bot.app import tell
 from bot.service import NotRecorded
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, NotFound
-from keyturn.vault import VaultUnavailable
+from keyturn.vault import VaultRequestError, VaultUnavailable
 
 
 def test_each_error_is_told_plainly() -> None:
@@ -21,3 +21,5 @@ def test_each_error_is_told_plainly() -> None:
         "this request is already denied; nothing was changed"
     )
     assert tell(NotFound("this card refers to no request")).endswith("; nothing was changed")
+    refused = tell(VaultRequestError("Vault rejected sys/leases/revoke/database/creds/x/L1: …"))
+    assert "database/creds" not in refused and "bot's log" in refused
