@@ -23,7 +23,25 @@ _VISIBLE = {
     "views.publish",
 }
 
-VIEW_BLOCKS = 100  # Slack: a modal or App Home holds at most 100 blocks
+# Slack refuses a message of more than 50 blocks and a view (modal, App Home) of more than 100
+_BLOCK_LIMITS = {
+    "chat.postMessage": (50, "invalid_blocks"),
+    "chat.update": (50, "invalid_blocks"),
+    "chat.postEphemeral": (50, "invalid_blocks"),
+    "views.open": (100, "invalid_arguments"),
+    "views.update": (100, "invalid_arguments"),
+    "views.publish": (100, "invalid_arguments"),
+}
+
+
+def _too_many_blocks(method: str, args: dict[str, Any]) -> str | None:
+    """Slack's error when ``args`` holds more blocks than ``method`` takes."""
+    limit, error = _BLOCK_LIMITS.get(method, (0, ""))
+    if not limit:
+        return None
+    holder = json_arg(args.get("view")) if method.startswith("views.") else args
+    blocks = json_arg((holder or {}).get("blocks")) if isinstance(holder, dict) else None
+    return error if isinstance(blocks, list) and len(blocks) > limit else None
 
 
 class WebApi(Workspace):
@@ -62,6 +80,8 @@ class WebApi(Workspace):
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
+        if refused := _too_many_blocks(method, args):
+            return web.json_response({"ok": False, "error": refused})
         body: dict[str, Any] = handler(args)
         if body.get("ok"):
             if method in _VISIBLE:
@@ -161,8 +181,6 @@ class WebApi(Workspace):
         if user not in self.users:
             return {"ok": False, "error": "user_not_found"}
         view = dict(json_arg(args.get("view")) or {}, id=f"VHOME{user}")
-        if len(view.get("blocks") or []) > VIEW_BLOCKS:  # as Slack: the whole view is refused
-            return {"ok": False, "error": "invalid_arguments"}
         self.home[user] = view
         return {"ok": True, "view": view}
 
