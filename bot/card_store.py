@@ -194,9 +194,13 @@ async def take_card_update(
     )
 
 
+# approvers are reminded once, at half the pending TTL, of requests pending at least this long
+REMIND_PENDING_FROM = timedelta(minutes=2)
+
+
 @dataclass(frozen=True)
 class Overdue:
-    """A session request's card whose approvers are due a reminder."""
+    """A pending request's card whose approvers are due a reminder."""
 
     request: RequestRow
     channel: str
@@ -204,21 +208,23 @@ class Overdue:
 
 
 async def claim_approver_reminders(store: Store, limit: int = 50) -> list[Overdue]:
-    """Cards of session requests pending for half their pending TTL, not reminded yet:
-    marked reminded now, so one replica reminds once."""
+    """Cards of requests pending for half their pending TTL (of at least
+    :data:`REMIND_PENDING_FROM`), not reminded yet: marked reminded now, so one replica
+    reminds once."""
     async with store.transaction() as tx:
         found = (
             await tx.session.execute(
                 text(
                     "UPDATE cards SET reminded_at = :now WHERE request_id IN ("
                     " SELECT c.request_id FROM cards c JOIN requests r ON r.id = c.request_id"
-                    " WHERE r.session AND r.status = 'pending'"
+                    " WHERE r.status = 'pending'"
                     " AND c.ts IS NOT NULL AND c.reminded_at IS NULL"
+                    " AND r.pending_expires_at - r.created_at >= :worth"
                     " AND r.created_at + (r.pending_expires_at - r.created_at) / 2 <= :now"
                     " ORDER BY r.created_at LIMIT :limit FOR UPDATE OF c SKIP LOCKED)"
                     " RETURNING request_id, channel, ts"
                 ),
-                {"now": tx.now, "limit": limit},
+                {"now": tx.now, "limit": limit, "worth": REMIND_PENDING_FROM},
             )
         ).all()
         rows = [(await tx.session.get(RequestRow, f.request_id), f.channel, f.ts) for f in found]

@@ -386,8 +386,8 @@ class Desk:
         return reminded
 
     async def remind_approvers(self) -> int:
-        """A session request pending for half its pending TTL: a nudge in its card's thread
-        (best effort, like every courtesy message)."""
+        """A request pending for half its pending TTL: a nudge in its card's thread (best
+        effort, like every courtesy message)."""
         reminded = 0
         for overdue in await card_store.claim_approver_reminders(self.store):
             row = overdue.request

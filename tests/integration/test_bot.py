@@ -377,6 +377,23 @@ async def test_expired_request_card_loses_its_buttons(
         assert "Expired" in slack.thread(CHANNEL, ts)[0].text
 
 
+async def test_approvers_are_reminded_once_halfway_through_the_pending_ttl(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    clock = ManualClock()
+    async with run_bot(clock) as first, run_bot(clock):  # two replicas: still one reminder
+        request_id = await first.hold(pending_ttl=timedelta(minutes=10))
+        ts = await first.card(request_id)
+        await asyncio.sleep(1)
+        assert not slack.thread(CHANNEL, ts)  # not yet halfway
+        clock.advance(timedelta(minutes=5, seconds=1))
+        await first.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
+        await asyncio.sleep(1.2)
+        (nudge,) = slack.thread(CHANNEL, ts)
+        assert ":bell:" in nudge.text and "<@U_ALICE>" in nudge.text
+        assert "<!subteam^S_ONCALL>" in nudge.text
+
+
 async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
