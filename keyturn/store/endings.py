@@ -119,11 +119,8 @@ async def end_grants(
             )
         await tx.session.flush()
         tx.record(*events)
-        failure = _REQUEST_FAILURE.get(which)
         ended = [r.request_id for r in done if r.request_id]
-        if failure is not None:
-            await requests.fail_unrun(tx, ended, failure)
-        await requests.end_sessions(tx, ended)
+        await requests.grants_ended(tx, ended, _REQUEST_FAILURE.get(which))
     return done
 
 

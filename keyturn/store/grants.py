@@ -215,10 +215,8 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
         await revoke_lease(row)
         await _changed(tx, row, grant, by, {"why": "revoked by hand"})
         if row.request_id is not None:
-            await requests.fail_unrun(
-                tx, [row.request_id], f"credentials revoked by {by} before the run"
-            )
-            await requests.end_sessions(tx, [row.request_id])
+            unrun = f"credentials revoked by {by} before the run"
+            await requests.grants_ended(tx, [row.request_id], unrun)
     return row
 
 

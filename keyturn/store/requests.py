@@ -294,43 +294,55 @@ async def finish_execution(
     return row
 
 
+async def _move_all(
+    tx: Tx,
+    request_ids: Sequence[uuid.UUID],
+    came: RequestStatus,
+    to: RequestStatus,
+    *,
+    error: str | None = None,
+    sessions_only: bool = False,
+) -> list[uuid.UUID]:
+    """Move the requests still in ``came`` to ``to`` (with ``error``, when given) in one
+    statement, for a move the domain allows; the ids that moved."""
+    if came not in came_from(to):
+        raise IllegalTransition("request", came, to)
+    if not request_ids:
+        return []
+    conn = await tx.raw_connection()
+    moved = await conn.fetch(
+        "UPDATE requests SET status = $3, error = coalesce($4::text, error), updated_at = $5"
+        " WHERE id = ANY($1::uuid[]) AND status = $2 AND (session OR NOT $6::boolean)"
+        " RETURNING id",
+        list(request_ids),
+        came.value,
+        to.value,
+        error,
+        tx.now,
+        sessions_only,
+    )
+    return [r["id"] for r in moved]
+
+
 async def fail_unrun(
     tx: Tx,
     request_ids: Sequence[uuid.UUID],
     error: str,
     status: RequestStatus = RequestStatus.APPROVED,
 ) -> list[uuid.UUID]:
-    """Requests still in ``status`` fail, with the reason: one statement, for a move the
-    domain allows (an approval whose credentials died unused, a run its gateway lost)."""
-    if status not in came_from(RequestStatus.FAILED):
-        raise IllegalTransition("request", status, RequestStatus.FAILED)
-    if not request_ids:
-        return []
-    conn = await tx.raw_connection()
-    failed = await conn.fetch(
-        "UPDATE requests SET status = 'failed', error = $2, updated_at = $4"
-        " WHERE id = ANY($1::uuid[]) AND status = $3 RETURNING id",
-        list(request_ids),
-        error,
-        status.value,
-        tx.now,
-    )
-    ids = [r["id"] for r in failed]
+    """Requests still in ``status`` fail, with the reason (an approval whose credentials died
+    unused, a run its gateway lost)."""
+    ids = await _move_all(tx, request_ids, status, RequestStatus.FAILED, error=error)
     tx.record(*(Event("request.failed", "keyturn", i, data={"error": error}) for i in ids))
     return ids
 
 
-async def end_sessions(tx: Tx, request_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """Sessions whose grant has ended are over: ``executing`` -> ``executed``, one statement."""
-    if not request_ids:
-        return []
-    conn = await tx.raw_connection()
-    ended = await conn.fetch(
-        "UPDATE requests SET status = 'executed', updated_at = $2"
-        " WHERE id = ANY($1::uuid[]) AND session AND status = 'executing' RETURNING id",
-        list(request_ids),
-        tx.now,
+async def grants_ended(tx: Tx, request_ids: Sequence[uuid.UUID], unrun: str | None) -> None:
+    """What follows for the requests whose grants just ended: an approval that never ran
+    fails with ``unrun`` (when given); a person's session is over (``executed``)."""
+    if unrun is not None:
+        await fail_unrun(tx, request_ids, unrun)
+    over = await _move_all(
+        tx, request_ids, RequestStatus.EXECUTING, RequestStatus.EXECUTED, sessions_only=True
     )
-    ids = [r["id"] for r in ended]
-    tx.record(*(Event("request.session_ended", "keyturn", i) for i in ids))
-    return ids
+    tx.record(*(Event("request.session_ended", "keyturn", i) for i in over))
