@@ -70,6 +70,26 @@ class SshServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self._dir else ""
 
+    async def run(
+        self,
+        username: str,
+        key: asyncssh.SSHKey,
+        certificate: asyncssh.SSHCertificate,
+        command: str,
+    ) -> str:
+        """``command``'s output, logged in as ``username`` with ``key`` and ``certificate``,
+        this server's host key pinned (no agent, no ssh config)."""
+        async with asyncssh.connect(
+            "127.0.0.1",
+            self.port,
+            username=username,
+            client_keys=[(key, certificate)],
+            known_hosts=([asyncssh.import_public_key(self.host_public_key)], [], []),
+            agent_path=None,
+            config=None,
+        ) as conn:
+            return str((await conn.run(command, check=False)).stdout)
+
     def _configure(self, root: Path) -> Path:
         host_key = asyncssh.generate_private_key("ssh-ed25519")
         host_key.write_private_key(root / "host_key")

@@ -540,16 +540,7 @@ async def test_the_certificate_runs_only_its_command_and_expires(
         cert = asyncssh.import_certificate(creds["certificate"])
 
         async def run(command: str) -> str:
-            async with asyncssh.connect(
-                "127.0.0.1",
-                sshd.port,
-                username=creds["principal"],
-                client_keys=[(key, cert)],
-                known_hosts=([asyncssh.import_public_key(sshd.host_public_key)], [], []),
-                agent_path=None,
-                config=None,
-            ) as conn:
-                return str((await conn.run(command, check=False)).stdout)
+            return await sshd.run(creds["principal"], key, cert, command)
 
         # whatever we ask for, sshd runs the approved command
         assert (await run("cat /etc/passwd")).strip() == sshd.principal

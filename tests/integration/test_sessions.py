@@ -501,16 +501,7 @@ async def test_an_ssh_session_signs_the_registered_key_until_expiry(
         assert fingerprint in json.dumps(oc.slack.channel(CHANNEL)[-1].blocks)  # approved key
 
         async def run(command: str) -> str:
-            async with asyncssh.connect(
-                "127.0.0.1",
-                sshd.port,
-                username=sshd.principal,
-                client_keys=[(key, cert)],
-                known_hosts=([asyncssh.import_public_key(sshd.host_public_key)], [], []),
-                agent_path=None,
-                config=None,
-            ) as conn:
-                return str((await conn.run(command, check=False)).stdout)
+            return await sshd.run(sshd.principal, key, cert, command)
 
         assert (await run("echo any command")).strip() == "any command"
         grant = await oc.grant(request_id)
