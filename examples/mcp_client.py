@@ -23,8 +23,8 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from keyturn.demo import load_stack
 from keyturn.errors import ConfigError
+from keyturn.harness.demo import load_stack
 
 TARGET = "orders-db"
 

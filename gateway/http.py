@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.openapi import build_spec
 from gateway.schemas import MAX_BODY_BYTES
 from gateway.service import Blocked, Gateway
-from keyturn.api import CommandOut
+from keyturn.agent.api import CommandOut
 from keyturn.errors import InvalidInput, KeyturnError, RateLimited, Unavailable
 
 log = logging.getLogger(__name__)

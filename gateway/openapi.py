@@ -8,7 +8,7 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn
 from keyturn import __version__
-from keyturn.api import CommandOut, ErrorOut, TargetsOut
+from keyturn.agent.api import CommandOut, ErrorOut, TargetsOut
 
 
 def _error(description: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What agents send, checked at the edge. The answers are :mod:`keyturn.api`, shared with the
+"""What agents send, checked at the edge. The answers are :mod:`keyturn.agent.api`, shared with the
 client; /openapi.json is generated from both, so the spec cannot drift from the handlers."""
 
 from __future__ import annotations

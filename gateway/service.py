@@ -29,8 +29,8 @@ from gateway.readonly import ReadOnlyLogins
 from gateway.results import STALE_STATEMENT, Limits, SqlResult, finish, forget_statements
 from gateway.schemas import MAX_COMMAND_BYTES, CommandIn, storable
 from gateway.sql import SessionChanged, estimate_rows, run_readonly
+from keyturn.agent.api import TERMINAL, CommandOut, TargetOut, TargetsOut
 from keyturn.aio import Deadline
-from keyturn.api import TERMINAL, CommandOut, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan

@@ -1,8 +1,9 @@
 """The ``keyturn`` command.
 
-Bad input of any kind (arguments, config, DSN, an unreachable Postgres or Vault) prints one
-line saying what is wrong and what to do, and exits 2, never a traceback. A config file with
-several problems prints one line per problem.
+Bad input of any kind (arguments, config, DSN, an unreachable Postgres or Vault, a missing
+extra) prints one line saying what is wrong and what to do, and exits 2, never a traceback. A
+config file with several problems prints one line per problem. Third-party libraries' warnings
+are not shown to a person (``KEYTURN_DEBUG=1`` or ``python -W`` shows them).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from keyturn import extras
 from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
@@ -262,12 +265,8 @@ def cmd_unwrap(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    try:
-        from keyturn.mcp_server import DEFAULT_MAX_WAIT, MAX_STATUS_WAIT, serve
-    except ImportError as exc:
-        raise ConfigError(
-            f"keyturn mcp needs the MCP SDK: pip install 'keyturn[mcp]' ({exc})"
-        ) from None
+    from keyturn.agent.mcp import DEFAULT_MAX_WAIT, MAX_STATUS_WAIT, serve
+
     max_wait = DEFAULT_MAX_WAIT if args.max_wait is None else args.max_wait
     if not 0 <= max_wait <= MAX_STATUS_WAIT:
         raise ConfigError(f"--max-wait must be 0 to {MAX_STATUS_WAIT:g} seconds")
@@ -276,7 +275,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from keyturn.demo import demo
+    from keyturn.harness.demo import demo
 
     if not 0 < args.timeout <= 86400:  # also refuses nan
         raise ConfigError("--timeout must be 0 to 86400 seconds")
@@ -300,14 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the whole stack locally with throwaway services")
     p.add_argument("--state-dir", default=".keyturn/dev", help="where stack.json is written")
     p.add_argument("--once", action="store_true", help="start, print, stop (a smoke test)")
-    p.set_defaults(func=cmd_dev)
+    p.set_defaults(func=cmd_dev, extra="dev")
 
     p = sub.add_parser(
         "demo", help="play an agent against the running dev stack (then click in the sandbox)"
     )
     p.add_argument("--stack", type=Path, default=Path(".keyturn/dev/stack.json"))
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the click (600)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, extra=None)
 
     p = sub.add_parser(
         "unwrap", help="turn the token keyturn DMed you into a psql connection string (once)"
@@ -316,11 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vault-addr", help="Vault's address (default: $KEYTURN_VAULT_ADDR, $VAULT_ADDR)"
     )
-    p.set_defaults(func=cmd_unwrap)
+    p.set_defaults(func=cmd_unwrap, extra="server")
 
     p = sub.add_parser("gateway", help="run the agent-facing gateway")
     p.add_argument("--config", required=True, type=Path)
-    p.set_defaults(func=cmd_gateway)
+    p.set_defaults(func=cmd_gateway, extra="server")
 
     p = sub.add_parser(
         "mcp", help="serve the agent API as MCP tools (KEYTURN_GATEWAY_URL, KEYTURN_AGENT_TOKEN)"
@@ -329,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-wait", type=float, help="seconds run_* waits before answering pending (20, <= 25)"
     )
-    p.set_defaults(func=cmd_mcp)
+    p.set_defaults(func=cmd_mcp, extra="mcp")
 
     p = sub.add_parser("token", help="mint a development agent token (HS256; dev only)")
     p.add_argument("sub", help="the agent identity (JWT sub)")
@@ -337,23 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--on-behalf-of", help="the human the agent acts for")
     p.add_argument("--state", type=Path, default=Path(".keyturn/dev/stack.json"))
-    p.set_defaults(func=cmd_token)
+    p.set_defaults(func=cmd_token, extra="server")
 
     p = sub.add_parser(
         "check-config", help="validate a policy file (exit 2 listing every error) and run its tests"
     )
     p.add_argument("file", type=Path)
-    p.set_defaults(func=cmd_check_config)
+    p.set_defaults(func=cmd_check_config, extra="server")
 
     p = sub.add_parser("policy", help="policy tools")
     policy_sub = p.add_subparsers(dest="policy_command", required=True)
     p = policy_sub.add_parser("test", help="run the policy file's tests; exit 1 naming failures")
     p.add_argument("file", type=Path)
-    p.set_defaults(func=cmd_policy_test)
+    p.set_defaults(func=cmd_policy_test, extra="server")
 
     p = sub.add_parser("bot", help="run the Slack bot (HTTP mode, /slack/events)")
     p.add_argument("--config", required=True, type=Path)
-    p.set_defaults(func=cmd_bot)
+    p.set_defaults(func=cmd_bot, extra="server")
 
     p = sub.add_parser("classify", help="how the policy treats a command (one JSON line)")
     p.add_argument("--config", required=True, type=Path)
@@ -361,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", help="evaluate rules as this identity (JWT sub)")
     p.add_argument("--group", action="append", default=[], help="a group of that identity")
     p.add_argument("command", help="the SQL or shell command, quoted")
-    p.set_defaults(func=cmd_classify)
+    p.set_defaults(func=cmd_classify, extra="server")
 
     p = sub.add_parser("migrate", help="apply database migrations (KEYTURN_DATABASE_URL)")
     p.add_argument("--revision", default="head")
     p.add_argument("--down", metavar="REV", help="downgrade to REV (e.g. -1 or base)")
-    p.set_defaults(func=cmd_migrate)
+    p.set_defaults(func=cmd_migrate, extra="server")
 
     p = sub.add_parser("audit", help="verify or export the audit chain")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
@@ -374,18 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     exp = audit_sub.add_parser("export", help="write events as JSON lines")
     exp.add_argument("--since", type=int, default=0, help="only events after this seq")
     exp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=cmd_audit, extra="server")
 
     p = sub.add_parser("vault-bootstrap", help="configure Vault engines, roles, policies, AppRoles")
     p.add_argument("--config", required=True, type=Path)
     p.add_argument(
         "--secret-ids-out", type=Path, help="also issue AppRole secret ids into this file (0600)"
     )
-    p.set_defaults(func=cmd_vault_bootstrap)
+    p.set_defaults(func=cmd_vault_bootstrap, extra="server")
     return parser
 
 
+def quiet_libraries() -> None:
+    """Hide every warning raised outside keyturn's own code unless asked for.
+
+    A new release of any of ~150 dependencies can start warning (cryptography deprecating DSA
+    made asyncssh print eight lines on every start); a person reading a one-line error must not
+    get nine. A warning attributed to keyturn's own modules still shows: that one is ours to fix.
+    ``KEYTURN_DEBUG=1``, ``-W`` or ``PYTHONWARNINGS`` keep Python's defaults.
+    """
+    if sys.warnoptions or os.environ.get("KEYTURN_DEBUG", "") not in ("", "0"):
+        return
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"(keyturn|gateway|bot)(\.|$)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -394,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.extra:
+            extras.require(args.extra, args.command)
         return func(args)
     except ConfigError as exc:
         for problem in exc.problems:

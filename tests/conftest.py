@@ -1,1 +1,1 @@
-pytest_plugins = ["keyturn.testing.pytest_plugin"]
+pytest_plugins = ["keyturn.harness.pytest_plugin"]

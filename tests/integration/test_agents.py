@@ -22,8 +22,8 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult
 
-from keyturn.api import CommandOut
-from keyturn.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQLTool
+from keyturn.agent.api import CommandOut
+from keyturn.agent.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQLTool
 from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.ports import free_port

@@ -17,7 +17,7 @@ import pytest
 
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
-from keyturn.testing.pytest_plugin import PostgresServer
+from keyturn.harness.pytest_plugin import PostgresServer
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"
 

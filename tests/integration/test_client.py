@@ -1,4 +1,4 @@
-"""keyturn.client against the real stack: gateway, bot, Slack emulator, Postgres, OpenBao.
+"""keyturn.agent.client against the real stack: gateway, bot, Slack emulator, Postgres, OpenBao.
 
 Each outcome an agent can meet, typed; and the network failing in the ways that would make a
 naive client lose the outcome or make a second card.
@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from keyturn.api import SqlResultOut
-from keyturn.client import (
+from keyturn.agent.api import SqlResultOut
+from keyturn.agent.client import (
     AsyncClient,
     AuthError,
     Blocked,

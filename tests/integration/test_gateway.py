@@ -16,7 +16,7 @@ import jwt
 import pytest
 from sqlalchemy import text
 
-from keyturn.api import CommandOut
+from keyturn.agent.api import CommandOut
 from keyturn.clock import ManualClock
 from keyturn.domain import Decision
 from keyturn.harness.idp import DevIdP

@@ -12,10 +12,10 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from keyturn.harness.pytest_plugin import PostgresServer
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import Base
-from keyturn.testing.pytest_plugin import PostgresServer
 
 
 async def _tables(dsn: Dsn) -> set[str]:

@@ -14,8 +14,8 @@ import pytest_asyncio
 
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
+from keyturn.harness.pytest_plugin import PostgresServer
 from keyturn.policy import Config, parse_config
-from keyturn.testing.pytest_plugin import PostgresServer
 from keyturn.vault import (
     AppRoleLogin,
     Vault,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from keyturn.agent_reports import MAX_ROWS_SHOWN, MAX_TEXT, default_wait, refusal, report, table
-from keyturn.api import CommandOut, ShellResultOut, SqlResultOut
-from keyturn.client import (
+from keyturn.agent.api import CommandOut, ShellResultOut, SqlResultOut
+from keyturn.agent.client import (
     AuthError,
     Blocked,
     Denied,
@@ -16,6 +15,7 @@ from keyturn.client import (
     StillPending,
     Unavailable,
 )
+from keyturn.agent.reports import MAX_ROWS_SHOWN, MAX_TEXT, default_wait, refusal, report, table
 
 NEXT = "check({request_id})"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from keyturn.api import CommandOut
-from keyturn.client import (
+from keyturn.agent.api import CommandOut
+from keyturn.agent.client import (
     AuthError,
     Call,
     Client,

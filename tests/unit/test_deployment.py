@@ -555,18 +555,20 @@ def copies(dockerfile: str) -> list[tuple[int, list[str], str]]:
     return out
 
 
-def installs_the_project(run: str) -> bool:
+def installs_the_project(run: str) -> list[str]:
+    """The flags of the ``uv sync`` that installs the project, or [] when none does."""
     for part in re.split(r"&&|\|\||;", run):
         words = shlex.split(part)
-        if "install" in words:
-            at = words.index("install")
-            if any(w.split("/")[-1] in ("pip", "pip3") for w in words[:at]) and "." in words[at:]:
-                return True
-    return False
+        if "sync" in words:
+            at = words.index("sync")
+            if any(w.split("/")[-1] == "uv" for w in words[:at]):
+                return words[at:]
+    return []
 
 
 def dockerfile_problems(dockerfile: str, pyproject: dict[str, Any]) -> list[str]:
-    """The image installs this project, whole, as a non-root user, and runs its script."""
+    """The image installs this project's server from the lock, as a non-root user, and runs
+    its script."""
     project = pyproject["project"]
     scripts: dict[str, str] = project["scripts"]
     found = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
@@ -577,8 +579,16 @@ def dockerfile_problems(dockerfile: str, pyproject: dict[str, Any]) -> list[str]
     installs = [at for at in installs if installs_the_project(steps[at][1])]
     problems = []
     if not installs:
-        problems.append("Dockerfile: no `pip install .`: the image would not contain keyturn")
-    needed = [*packages, "pyproject.toml", project["readme"]]
+        problems.append("Dockerfile: no `uv sync`: the image would not contain keyturn")
+    for at in installs:
+        flags = installs_the_project(steps[at][1])
+        if "--frozen" not in flags:
+            problems.append("Dockerfile: `uv sync` without --frozen may install other versions")
+        if "--no-editable" not in flags:
+            problems.append("Dockerfile: `uv sync` without --no-editable links to the sources")
+        if "server" not in [e for f, e in zip(flags, flags[1:], strict=False) if f == "--extra"]:
+            problems.append("Dockerfile: `uv sync` without --extra server has no gateway or bot")
+    needed = [*packages, "pyproject.toml", "uv.lock", project["readme"]]
     for script, target in scripts.items():
         top = target.split(":")[0].split(".")[0]
         if top not in packages:
@@ -588,7 +598,7 @@ def dockerfile_problems(dockerfile: str, pyproject: dict[str, Any]) -> list[str]
         if not at:
             problems.append(f"Dockerfile: {name} is not copied into the image")
         elif installs and min(at) > installs[0]:
-            problems.append(f"Dockerfile: {name} is copied after `pip install .` ran")
+            problems.append(f"Dockerfile: {name} is copied after `uv sync` ran")
     env = dict(kv.split("=", 1) for word, rest in steps if word == "ENV" for kv in rest.split())
     policies = env.get("KEYTURN_VAULT_POLICIES")
     if not any(d == policies and "vault_policies" in s for _, s, d in copied):
@@ -621,8 +631,12 @@ def test_the_dockerfile_installs_what_compose_runs() -> None:
     [
         ("COPY bot ./bot\n", "", "bot is not copied"),
         ("COPY gateway ./gateway\n", "", "gateway is not copied"),
-        ("COPY pyproject.toml README.md ./", "COPY pyproject.toml ./", "README.md is not copied"),
-        ("pip install --no-cache-dir .", "pip install --no-cache-dir keyturn", "no `pip install"),
+        ("COPY pyproject.toml uv.lock README.md", "COPY pyproject.toml uv.lock", "README.md is not"),
+        ("uv sync --frozen", "uv pip install keyturn --frozen", "no `uv sync`"),
+        ("uv sync --frozen", "uv sync", "without --frozen"),
+        ("--no-editable", "", "without --no-editable"),
+        ("--extra server", "--extra mcp", "without --extra server"),
+        ("COPY pyproject.toml uv.lock README.md", "COPY pyproject.toml README.md", "uv.lock is not"),
         ("COPY vault_policies ./vault_policies\n", "", "KEYTURN_VAULT_POLICIES"),
         ("USER keyturn\n", "", "as root"),
         ('CMD ["keyturn", "--help"]', 'CMD ["keyturn-server"]', "not one of the scripts"),
@@ -638,7 +652,7 @@ def test_a_broken_dockerfile_is_reported(old: str, new: str, expected: str) -> N
 
 def test_installing_before_copying_is_reported() -> None:
     text = DOCKERFILE.read_text().replace("COPY bot ./bot\n", "")
-    text = text.replace("ENV KEYTURN_VAULT_POLICIES", "COPY bot ./bot\nENV KEYTURN_VAULT_POLICIES")
+    text = text.replace("ENV PATH=", "COPY bot ./bot\nENV PATH=")
     problems = dockerfile_problems(text, pyproject())
     assert any("bot is copied after" in p for p in problems), problems
 
@@ -724,7 +738,8 @@ def test_a_missing_path_is_reported(service: str, change: dict[str, Any], expect
 def test_an_operator_file_without_its_example_is_reported(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     shutil.copy(DOCKERFILE, tmp_path / "Dockerfile")
-    for name in ("pyproject.toml", "README.md"):
+    (tmp_path / "scripts").mkdir()
+    for name in ("pyproject.toml", "uv.lock", "README.md", "scripts/lockfile.py"):
         (tmp_path / name).touch()
     for name in ("keyturn", "gateway", "bot", "vault_policies"):
         (tmp_path / name).mkdir()

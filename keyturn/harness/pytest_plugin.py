@@ -1,4 +1,4 @@
-"""pytest fixtures on real services: ``pytest_plugins = ["keyturn.testing.pytest_plugin"]``.
+"""pytest fixtures on real services: ``pytest_plugins = ["keyturn.harness.pytest_plugin"]``.
 
 One Postgres cluster and one OpenBao dev server per session; the schema is migrated once into
 a template database and every test gets its own copy (``CREATE DATABASE … TEMPLATE``, ~20 ms).

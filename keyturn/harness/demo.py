@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from keyturn.api import SqlResultOut
-from keyturn.client import Blocked, Client, Denied, KeyturnError, Request
+from keyturn.agent.api import SqlResultOut
+from keyturn.agent.client import Blocked, Client, Denied, KeyturnError, Request
 from keyturn.errors import ConfigError
 
 TARGET = "orders-db"

@@ -1,6 +1,6 @@
 """The agent API's answers on the wire, shared by both ends.
 
-The gateway serializes them (and generates /openapi.json from them); :mod:`keyturn.client`
+The gateway serializes them (and generates /openapi.json from them); :mod:`keyturn.agent.client`
 parses them. One definition, so the client cannot drift from what the gateway really sends.
 Unknown fields are ignored when parsing (new fields do not break an older client; new statuses
 or target kinds would).

@@ -2,7 +2,7 @@
 happened and what to do next.
 
 Shared by the CrewAI tools and the MCP server so every agent framework reads the same words.
-Pure: it formats what :mod:`keyturn.client` returned or raised. Data from the target is put in
+Pure: it formats what :mod:`keyturn.agent.client` returned or raised. Data from the target is put in
 a fenced block (and fences inside it are broken up), so a model can tell rows from keyturn's own
 words; it is still data a model should not take instructions from.
 """
@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from keyturn.api import CommandOut, ShellResultOut, SqlResultOut
-from keyturn.client import (
+from keyturn.agent.api import CommandOut, ShellResultOut, SqlResultOut
+from keyturn.agent.client import (
     AuthError,
     Blocked,
     Cancelled,

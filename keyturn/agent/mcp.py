@@ -5,7 +5,7 @@ It speaks to the gateway as one agent (``KEYTURN_GATEWAY_URL``, ``KEYTURN_AGENT_
 MCP client never holds a database or SSH credential, nor the agent token. MCP clients time out
 tool calls (CrewAI's after 30 s), so ``run_sql`` / ``run_shell`` wait at most ``max_wait`` and
 then return the request id and the exact ``request_status`` call that waits on. Every outcome
-is a tool result (structured content plus the text of :mod:`keyturn.agent_reports`), never a
+is a tool result (structured content plus the text of :mod:`keyturn.agent.reports`), never a
 protocol error; ``isError`` is set when the command failed or the call never reached a
 decision (refused input, bad token, gateway unreachable, rate limited).
 """
@@ -21,9 +21,9 @@ from mcp.server.fastmcp import FastMCP
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from keyturn.agent_reports import Status, ToolOutcome, refusal, report, told, unexpected
-from keyturn.api import CommandOut, TargetOut, TargetsOut
-from keyturn.client import AsyncClient, KeyturnError, NotConfigured, Rejected
+from keyturn.agent.api import CommandOut, TargetOut, TargetsOut
+from keyturn.agent.client import AsyncClient, KeyturnError, NotConfigured, Rejected
+from keyturn.agent.reports import Status, ToolOutcome, refusal, report, told, unexpected
 from keyturn.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""The pytest plugin (fixtures on the throwaway services of :mod:`keyturn.harness`)."""
