@@ -390,9 +390,13 @@ def quiet_libraries() -> None:
     A new release of any of ~150 dependencies can start warning (cryptography deprecating DSA
     made asyncssh print eight lines on every start); a person reading a one-line error must not
     get nine. A warning attributed to keyturn's own modules still shows: that one is ours to fix.
-    ``KEYTURN_DEBUG=1``, ``-W`` or ``PYTHONWARNINGS`` keep Python's defaults.
+    ``KEYTURN_DEBUG=1`` shows every warning (deprecations included) once per place;
+    ``-W`` or ``PYTHONWARNINGS`` are obeyed as given.
     """
-    if sys.warnoptions or os.environ.get("KEYTURN_DEBUG", "") not in ("", "0"):
+    if sys.warnoptions:
+        return
+    if os.environ.get("KEYTURN_DEBUG", "") not in ("", "0"):
+        warnings.simplefilter("default")
         return
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"(keyturn|gateway|bot)(\.|$)")

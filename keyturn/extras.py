@@ -18,7 +18,8 @@ _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 _EXTRA = re.compile(r"""\bextra\s*==\s*["']([^"']+)["']""")
 
 
-def _normalise(name: str) -> str:
+def normalise(name: str) -> str:
+    """A distribution's name as PEP 503 compares it (``Slack_Bolt`` is ``slack-bolt``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -28,7 +29,7 @@ def requirements(extra: str, distribution: str = "keyturn") -> list[str]:
     Requirements with further markers (``uvloop; sys_platform != 'win32'``) are optional
     here: they are left out rather than evaluated.
     """
-    own = _normalise(distribution)
+    own = normalise(distribution)
     found: list[str] = []
     todo, seen = [extra], set()
     lines = metadata.requires(distribution) or []
@@ -45,7 +46,7 @@ def requirements(extra: str, distribution: str = "keyturn") -> list[str]:
             if match is None:
                 continue
             name = match.group(1)
-            if _normalise(name) == own:
+            if normalise(name) == own:
                 inner = (e.strip() for e in (match.group(2) or "").split(","))
                 todo += [e for e in inner if e and e not in seen]
             else:

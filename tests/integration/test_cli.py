@@ -366,18 +366,20 @@ def test_processes_start_and_serve_health(
             "KEYTURN_SLACK_API_URL": f"http://127.0.0.1:{free_port()}/api/",
         }
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", command, "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert proc.stdout is not None
-        assert banner in proc.stdout.readline()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            assert json.load(resp) == {"status": "ok"}
+        with subprocess.Popen(
+            [sys.executable, "-m", "keyturn.cli", command, "--config", str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as proc:  # its pipe is closed on the way out
+            try:
+                assert proc.stdout is not None
+                assert banner in proc.stdout.readline()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                    assert json.load(resp) == {"status": "ok"}
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
         asyncio.run(postgres_server.execute(f'DROP DATABASE "{name}" WITH (FORCE)'))

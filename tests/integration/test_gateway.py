@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -491,7 +492,7 @@ async def test_bad_requests(
     async with run_gateway() as gw:
         resp = await gw.client.post(
             "/v1/commands",
-            data=body,
+            data=io.BytesIO(body),  # as a stream: aiohttp warns that large raw bytes block
             headers={
                 "Authorization": f"Bearer {idp.token('crew-billing')}",
                 "Content-Type": "application/json",

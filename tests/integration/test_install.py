@@ -179,21 +179,61 @@ def checkout_copy(dest: Path) -> Path:
     return dest
 
 
-def test_the_dev_stack_runs_from_a_private_directory(tmp_path: Path) -> None:
-    """As root the harness runs Postgres as ``nobody``, who cannot enter a 0700 directory (root's
-    home, ``mktemp -d``): the stack must still come up from a checkout there."""
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    checkout = checkout_copy(private / "keyturn")
+def outside_env(**extra: str) -> dict[str, str]:
+    """This environment without the suite's own venv or keyturn settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYTURN_", "VIRTUAL_ENV"))}
     env["PATH"] = os.pathsep.join(
         p for p in env["PATH"].split(os.pathsep) if not p.startswith(str(ROOT))
     )
-    env["UV_OFFLINE"] = "1"  # the suite's own install filled uv's cache: nothing to download
+    return env | extra
+
+
+@pytest.fixture(scope="module")
+def private_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    private = tmp_path_factory.mktemp("private")
+    private.chmod(0o700)
+    return checkout_copy(private / "keyturn")
+
+
+def test_the_dev_stack_runs_from_a_private_directory(private_checkout: Path) -> None:
+    """As root the harness runs Postgres as ``nobody``, who cannot enter a 0700 directory (root's
+    home, ``mktemp -d``): the stack must still come up from a checkout there."""
     proc = subprocess.run(
-        [checkout / "scripts" / "dev", "--once"],
-        capture_output=True, text=True, check=False, env=env, cwd=checkout, timeout=600,
+        [private_checkout / "scripts" / "dev", "--once"],
+        capture_output=True, text=True, check=False, cwd=private_checkout, timeout=600,
+        env=outside_env(UV_OFFLINE="1"),  # the suite's own install filled uv's cache
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert (checkout / ".venv" / "bin" / "keyturn").is_file()
+    assert (private_checkout / ".venv" / "bin" / "keyturn").is_file()
+
+
+def test_a_failed_install_leaves_the_old_venv_or_none(
+    private_checkout: Path, tmp_path: Path
+) -> None:
+    """The network is down (uv offline, nothing cached) when pyproject.toml has changed."""
+    venv = private_checkout / ".venv"
+    stamp = (venv / ".keyturn-installed").read_text()
+    pyproject = private_checkout / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + "\n# edited\n")
+    cut_off = outside_env(UV_OFFLINE="1", UV_CACHE_DIR=str(tmp_path / "empty-cache"))
+
+    def keyturn_help() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [private_checkout / "scripts" / "dev", "--help"],
+            capture_output=True, text=True, check=False, cwd=private_checkout, env=cut_off,
+        )  # fmt: skip
+
+    failed = keyturn_help()
+    assert failed.returncode == 2
+    said = [line for line in failed.stderr.splitlines() if line.startswith("!!")]
+    assert said == [f"!! could not update .venv (see above); it still has what it had: "
+                    "run the command again"]  # fmt: skip
+    assert (venv / ".keyturn-installed").read_text() == stamp  # synced again next time
+    works = subprocess.run([venv / "bin" / "keyturn", "--help"], capture_output=True, check=False)
+    assert works.returncode == 0
+
+    shutil.rmtree(venv)
+    failed = keyturn_help()
+    assert failed.returncode == 2 and "nothing was left behind" in failed.stderr
+    assert not venv.exists()

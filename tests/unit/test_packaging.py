@@ -129,9 +129,12 @@ def contract_gaps(contract: dict[str, Any]) -> list[str]:
             continue
         gaps.append(f"keyturn module {name}")
     gaps += [f"package {p}" for p in ("gateway", "bot") if p not in forbidden]
-    providers = metadata.packages_distributions()
+    providers = {
+        module: {extras.normalise(d) for d in dists}
+        for module, dists in metadata.packages_distributions().items()
+    }
     for distribution in extras.requirements("server") + extras.requirements("dev"):
-        imports = [m for m, dists in providers.items() if distribution in dists]
+        imports = [m for m, dists in providers.items() if extras.normalise(distribution) in dists]
         assert imports, f"{distribution} provides no importable module here"
         gaps += [f"{distribution}'s {m}" for m in imports if not m.startswith("_")]
         gaps = [g for g in gaps if g.split("'s ")[-1] not in forbidden]
