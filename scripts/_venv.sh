@@ -43,7 +43,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x "$VENV/bin/py
     fi
     # uv fetches and checks everything before it changes the environment: a failed download
     # leaves the old one as it was
-    UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --frozen --all-extras >&2 || failed
+    UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --quiet --frozen --all-extras >&2 || failed
     echo "$want" > "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

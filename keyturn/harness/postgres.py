@@ -89,7 +89,8 @@ class PostgresCluster:
 
     def __init__(self, *, base_dir: str | None = None, port: int | None = None) -> None:
         self._as_nobody = os.geteuid() == 0
-        self.bin = find_pg_bin()
+        self._installed = find_pg_bin()
+        self.bin = self._installed  # what runs: the installed binaries, or the cluster's copy
         self.password = secrets.token_urlsafe(18)
         self.port = port or 0
         self._base_dir = base_dir
@@ -110,13 +111,26 @@ class PostgresCluster:
         return self._root / "data"
 
     def start(self) -> PostgresCluster:
+        """Make the cluster and start it; an OS refusal (no space, a binary it may not run)
+        is one :class:`Unavailable` line saying what to do, and leaves nothing behind."""
+        try:
+            return self._start()
+        except OSError as exc:
+            self.stop()
+            who = "nobody (the user root runs it as)" if self._as_nobody else "you"
+            raise Unavailable(
+                f"could not run the throwaway PostgreSQL from {self._installed}: {exc}; set "
+                f"KEYTURN_PG_BIN to PostgreSQL binaries {who} can run"
+            ) from None
+
+    def _start(self) -> PostgresCluster:
         # RAM-backed when available: a cluster is up in well under a second
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
         self._root = Path(tempfile.mkdtemp(prefix="keyturn-pg-", dir=self._base_dir or shm))
         if self._as_nobody:
             os.chown(self._root, *_NOBODY)
-            if not _others_may_run(self.bin):  # e.g. a checkout under /root
-                self.bin = copy_for_nobody(self.bin, self._root / "pg")
+            if not _others_may_run(self._installed):  # e.g. a checkout under /root
+                self.bin = copy_for_nobody(self._installed, self._root / "pg")
         pwfile = self._root / "pw"
         pwfile.write_text(self.password)
         if self._as_nobody:
@@ -151,7 +165,7 @@ class PostgresCluster:
                 self._proc.wait()
         self._proc = None
         if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
+            shutil.rmtree(self._root, ignore_errors=True)  # a copy of the binaries with it
             self._root = None
 
     def __enter__(self) -> PostgresCluster:

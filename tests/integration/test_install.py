@@ -227,7 +227,7 @@ def test_a_failed_install_leaves_the_old_venv_or_none(
     failed = keyturn_help()
     assert failed.returncode == 2
     said = [line for line in failed.stderr.splitlines() if line.startswith("!!")]
-    assert said == [f"!! could not update .venv (see above); it still has what it had: "
+    assert said == ["!! could not update .venv (see above); it still has what it had: "
                     "run the command again"]  # fmt: skip
     assert (venv / ".keyturn-installed").read_text() == stamp  # synced again next time
     works = subprocess.run([venv / "bin" / "keyturn", "--help"], capture_output=True, check=False)
