@@ -13,7 +13,7 @@ COPY vault_policies ./vault_policies
 RUN python -m venv /opt/uv \
     && python scripts/lockfile.py uv-pin > /tmp/uv.txt \
     && /opt/uv/bin/pip install --no-cache-dir --no-deps --require-hashes -r /tmp/uv.txt \
-    && /opt/uv/bin/uv sync --frozen --no-cache --no-editable --extra server \
+    && /opt/uv/bin/uv sync --frozen --no-cache --no-editable --compile-bytecode --extra server \
     && rm -rf /opt/uv /tmp/uv.txt \
     && useradd --system keyturn
 ENV PATH=/app/.venv/bin:$PATH KEYTURN_VAULT_POLICIES=/app/vault_policies

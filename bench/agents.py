@@ -35,8 +35,8 @@ for name, value in {
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.stack import percentile  # noqa: E402
-from keyturn.agent.client import Client  # noqa: E402
-from keyturn.agent.crewai import KeyturnSQLTool  # noqa: E402
+from keyturn.client import Client  # noqa: E402
+from keyturn.crewai import KeyturnSQLTool  # noqa: E402
 from keyturn.harness.sandbox import find_card  # noqa: E402
 
 SELECT = "SELECT id, status, total_cents FROM orders WHERE id = 1"

@@ -32,7 +32,7 @@ from crewai import LLM, Agent, Crew, Task  # noqa: E402
 from crewai.agents.parser import AgentAction, AgentFinish  # noqa: E402
 
 from keyturn.agent.api import CommandOut  # noqa: E402
-from keyturn.agent.crewai import KeyturnRequestStatusTool, KeyturnSQLTool  # noqa: E402
+from keyturn.crewai import KeyturnRequestStatusTool, KeyturnSQLTool  # noqa: E402
 from keyturn.errors import ConfigError  # noqa: E402
 from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall  # noqa: E402
 from keyturn.harness.demo import load_stack  # noqa: E402

@@ -6,13 +6,15 @@ Runs in a throwaway virtualenv (the committed uv.lock and .venv are not touched)
 2. installs that into a temporary venv (with this checkout, editable) and runs scripts/_suite.sh;
 3. when the suite fails, finds the upgrade that broke it: a binary search over the upgraded
    packages, each step the committed lock with the first k of them upgraded
-   (``uv lock --upgrade-package``), re-running only the stage and tests that failed.
+   (``uv lock --upgrade-package``), re-running the checks (ruff, mypy, contracts) and only the
+   tests that failed (all the asked-for tests when a check failed before pytest ran).
 
 Exit status: the suite's (0 when everything passes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,9 +66,15 @@ class Trial:
         return sh(ROOT / "scripts" / "_suite.sh", *pytest_args, env=env)
 
 
-def culprit(scratch: Path, upgraded: list[str], cache: Path) -> str | None:
-    """The first package in ``upgraded`` whose upgrade (with those before it) fails the
-    stage and tests that failed, or None when no step isolates one."""
+def failed_tests(cache: Path) -> list[str]:
+    """The test ids pytest recorded as failed (none when it never ran)."""
+    recorded = cache / "v" / "cache" / "lastfailed"
+    return sorted(json.loads(recorded.read_text())) if recorded.is_file() else []
+
+
+def culprit(scratch: Path, upgraded: list[str], again: list[str]) -> str | None:
+    """The first package in ``upgraded`` whose upgrade (with those before it) fails the suite
+    run with ``again`` as pytest's arguments, or None when no step isolates one."""
     lo, hi = 0, len(upgraded)  # upgrading upgraded[:hi] fails; upgraded[:lo] is not known to
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -75,7 +83,7 @@ def culprit(scratch: Path, upgraded: list[str], cache: Path) -> str | None:
         print(f"== --latest: trying the first {mid} of {len(upgraded)} upgrades", flush=True)
         if not (trial.lock(*flags) and trial.install()):
             return None
-        if trial.suite(["--lf", "-x", "-q"], cache) == 0:
+        if trial.suite(again, scratch / f"bisect-{mid}-cache") == 0:
             lo = mid
         else:
             hi = mid
@@ -104,7 +112,9 @@ def main(pytest_args: list[str]) -> int:
             return 0
         upgraded = [line.split()[0] for line in moved]
         print("== --latest: the suite fails; looking for the upgrade that broke it", flush=True)
-        name = culprit(scratch, upgraded, cache) if upgraded else None
+        failed = failed_tests(cache)
+        again = ["-x", "-q", *failed] if failed else pytest_args
+        name = culprit(scratch, upgraded, again) if upgraded else None
         if name is None:
             print("!! --latest: the suite fails and no single upgrade could be isolated")
         else:

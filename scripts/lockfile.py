@@ -26,14 +26,15 @@ def load(path: Path = LOCK) -> dict[str, object]:
 
 
 def versions(lock: dict[str, object]) -> dict[str, str]:
-    """Package name -> locked version (the project itself has no version worth comparing)."""
+    """Package name -> its locked version(s), comma-joined where markers lock several (numpy
+    for older and newer Pythons); the project itself is left out."""
     packages = lock.get("package", [])
     assert isinstance(packages, list)
-    return {
-        p["name"]: p["version"]
-        for p in packages
-        if "version" in p and p.get("source", {}).get("editable") is None
-    }
+    found: dict[str, set[str]] = {}
+    for p in packages:
+        if "version" in p and p.get("source", {}).get("editable") is None:
+            found.setdefault(p["name"], set()).add(p["version"])
+    return {name: ", ".join(sorted(v)) for name, v in found.items()}
 
 
 def uv_pin(lock: dict[str, object]) -> str:

@@ -45,6 +45,26 @@ from keyturn.agent.api import (
 )
 from keyturn.backoff import Backoff
 
+__all__ = [  # what keyturn.client, the public import path, offers
+    "AsyncClient",
+    "AuthError",
+    "Blocked",
+    "Cancelled",
+    "Client",
+    "Denied",
+    "Expired",
+    "Failed",
+    "KeyturnError",
+    "NotConfigured",
+    "RateLimited",
+    "Rejected",
+    "Request",
+    "Result",
+    "StillPending",
+    "Unavailable",
+    "outcome",
+]
+
 log = logging.getLogger(__name__)
 Request = CommandOut
 Result = SqlResultOut | ShellResultOut

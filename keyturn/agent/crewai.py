@@ -34,6 +34,8 @@ from keyturn.agent.reports import ToolOutcome, default_wait, told, unexpected
 
 log = logging.getLogger(__name__)
 
+__all__ = ["KeyturnRequestStatusTool", "KeyturnSQLTool", "KeyturnShellTool"]  # keyturn.crewai's
+
 NEXT_CALL = "keyturn_request_status with request_id {request_id}"
 MAX_STATUS_WAIT = 300.0
 TARGETS_TIMEOUT = 5.0

