@@ -21,6 +21,6 @@ install_uv() {
     local venv="$1" pin
     pin="$("$venv/bin/python" scripts/lockfile.py uv-pin)" || return 1
     [ "uv==$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "${pin%% *}" ] || return 0
-    echo "$pin" | "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    echo "$pin" | "$venv/bin/python" -m pip install -qq --disable-pip-version-check \
         --no-deps --require-hashes --only-binary :all: -r /dev/stdin >&2
 }
