@@ -30,6 +30,7 @@ from keyturn.harness.ports import free_port
 from keyturn.store.dsn import Dsn, parse_dsn
 
 _NOBODY = (65534, 65534)
+_ROOMY = 512 * 2**20  # bytes free in /dev/shm to put a cluster (and a copy of its binaries) there
 
 
 def find_pg_bin() -> Path:
@@ -89,6 +90,15 @@ def copy_for_nobody(bin_dir: Path, into: Path) -> Path:
     return into / install.relative_to(site) / bin_dir.name
 
 
+def _in_memory() -> str | None:
+    """``/dev/shm`` when it is writable and roomy (a cluster is up in well under a second
+    there), else None: the temp dir. A container's default 64 MB would not hold a cluster."""
+    shm = "/dev/shm"  # noqa: S108
+    if not os.access(shm, os.W_OK):
+        return None
+    return shm if shutil.disk_usage(shm).free >= _ROOMY else None
+
+
 class PostgresCluster:
     """``with PostgresCluster() as pg: pg.dsn("postgres")`` — superuser ``postgres``."""
 
@@ -100,7 +110,6 @@ class PostgresCluster:
         self.port = port or 0
         self._base_dir = base_dir
         self._root: Path | None = None
-        self._copy: Path | None = None  # where the binaries were copied for nobody, if they were
         self._proc: subprocess.Popen[bytes] | None = None
 
     # --------------------------------------------------------------- public
@@ -134,15 +143,14 @@ class PostgresCluster:
             ) from None
 
     def _start(self) -> PostgresCluster:
-        # RAM-backed when available: a cluster is up in well under a second
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
-        self._root = Path(tempfile.mkdtemp(prefix="keyturn-pg-", dir=self._base_dir or shm))
+        self._root = Path(
+            tempfile.mkdtemp(prefix="keyturn-pg-", dir=self._base_dir or _in_memory())
+        )
         if self._as_nobody:
             os.chown(self._root, *_NOBODY)
             if not _others_may_run(self._installed):  # e.g. a checkout under /root
-                # on disk: /dev/shm is 64 MB in a container, and Postgres's data is there
-                self._copy = Path(tempfile.mkdtemp(prefix="keyturn-pgbin-"))
-                self.bin = copy_for_nobody(self._installed, self._copy)
+                # beside the data, which nobody must reach anyway; it goes with the cluster
+                self.bin = copy_for_nobody(self._installed, self._root / "pg")
         pwfile = self._root / "pw"
         pwfile.write_text(self.password)
         if self._as_nobody:
@@ -179,9 +187,7 @@ class PostgresCluster:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-        if self._copy is not None:
-            shutil.rmtree(self._copy, ignore_errors=True)
-            self._copy, self.bin = None, self._installed
+        self.bin = self._installed
 
     def __enter__(self) -> PostgresCluster:
         return self.start()

@@ -213,10 +213,14 @@ def private_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def dev_once(checkout: Path) -> subprocess.CompletedProcess[str]:
+    """``scripts/dev --once`` with a private TMPDIR too (as a user's ``~/tmp`` would be)."""
+    private_tmp = checkout.parent / "tmp"
+    private_tmp.mkdir(mode=0o700, exist_ok=True)
     return subprocess.run(
         [checkout / "scripts" / "dev", "--once"],
         capture_output=True, text=True, check=False, cwd=checkout, timeout=600,
-        env=outside_env(UV_OFFLINE="1"),  # the suite's own install filled uv's cache
+        # the suite's own install filled uv's cache: nothing to download
+        env=outside_env(UV_OFFLINE="1", TMPDIR=str(private_tmp)),
     )  # fmt: skip
 
 
