@@ -23,8 +23,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x "$VENV/bin/py
     [ -z "$fresh" ] || "$py" -m venv "$VENV" || failed
     install_uv "$VENV" || failed
     # uv fetches and checks everything before it changes the environment: a failed download
-    # leaves the old one as it was
-    UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --quiet --frozen --all-extras >&2 || failed
+    # leaves the old one as it was. Bytecode is compiled once here (pip did so; uv does not by
+    # default), or every process the stack and the tests start would compile its imports anew.
+    UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --quiet --frozen --all-extras --compile-bytecode >&2 || failed
     echo "$want" > "$stamp"
 fi
 case "$VENV" in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
