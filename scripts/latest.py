@@ -53,7 +53,8 @@ class Trial:
             ("uv", "export", "--quiet", "--frozen", "--all-extras", "--no-emit-project",
              "--project", self.project, "-o", requirements),
             ("uv", "venv", "--quiet", "--allow-existing", "--python", sys.executable, self.venv),
-            ("uv", "pip", "sync", "--quiet", "--compile-bytecode", "--python", python, requirements),
+            ("uv", "pip", "sync", "--quiet", "--compile-bytecode", "--python", python,
+             requirements),
             ("uv", "pip", "install", "--quiet", "--python", python, "--no-deps", "-e", ROOT),
         ]  # fmt: skip
         return all(sh(*step) == 0 for step in steps)
