@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from keyturn.classify.shown import shown
+from keyturn.classify.shown import Shown, shown
 from keyturn.policy import format_duration
 
 APPROVE = "keyturn_approve"
@@ -73,6 +73,12 @@ def chunks(text: str, size: int = _MAX_COMMAND) -> list[str]:
     return [p.rstrip("\n") for p in out]
 
 
+def amount(what: Shown, shell: bool) -> str:
+    """ "2 statements", "1 command": how much the card shows (beside the sha256 it binds)."""
+    noun = "command" if shell else "statement"
+    return f"{len(what.parts)} {noun}{'s' if len(what.parts) != 1 else ''}"
+
+
 def listing(state: CardState) -> str:
     """Every statement (or simple command) numbered, as it will run."""
     what = shown(state.command, state.shell)
@@ -90,9 +96,7 @@ def command_blocks(state: CardState) -> tuple[list[dict[str, Any]], list[str]]:
     """The card's blocks for the command, and the thread messages that carry the rest of it
     when it is longer than a card holds. Nothing is ever cut silently."""
     what = shown(state.command, state.shell)
-    noun = "command" if state.shell else "statement"
-    count = len(what.parts)
-    summary = f"*{count} {noun}{'s' if count != 1 else ''}* · sha256 `{what.sha256[:16]}`"
+    summary = f"*{amount(what, state.shell)}* · sha256 `{what.sha256[:16]}`"
     if what.hidden:
         summary += (
             "\n:warning: *Invisible or direction-changing characters*, shown as ⟦U+…⟧: "

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.cards import APPROVE, DENY, KIND_WORDS, button, escape, mention
+from bot.cards import APPROVE, DENY, KIND_WORDS, amount, button, escape, mention
+from keyturn.classify.shown import shown
 from keyturn.policy import format_duration
 from keyturn.store.sessions import SHORT_ID
 
@@ -74,6 +75,7 @@ class Waiting:
     kind: str  # the target's: postgres | ssh
     ttl_seconds: int
     command: str
+    channel: str | None = None  # where its card is (the target's approval channel)
 
 
 def describe(line: Line, now: datetime) -> str:
@@ -103,14 +105,21 @@ def waiting_listing(waiting: list[Waiting]) -> str:
 
 
 def _waiting_text(w: Waiting) -> str:
+    """A session in full (there is no command to show); an agent's command only by how much it
+    is and its sha256, and where its card is. The card is the one place that shows a command
+    (every statement as it will run): any shorter rendition here (a first line, 80 characters)
+    could hide the part that matters, so only the card offers Approve for a command."""
+    where = f"`{short(w.request_id)}`"
     if w.session:
         ttl = format_duration(timedelta(seconds=w.ttl_seconds))
         asks = f"{mention(w.requester)} asks for a {ttl} {KIND_WORDS.get(w.kind, w.kind)}"
-    else:
-        first = (w.command.strip().splitlines() or [""])[0]
-        cut = first[:80] + ("…" if len(w.command.strip()) > 80 else "")
-        asks = f"`{escape(w.requester)}` asks to run {escape(cut)}"
-    return f"`{short(w.request_id)}` {asks} on `{escape(w.target)}`"
+        return f"{where} {asks} on `{escape(w.target)}`"
+    what = shown(w.command, w.kind == "ssh")
+    card = f"its card in <#{w.channel}>" if w.channel else "its card"
+    return (
+        f"{where} `{escape(w.requester)}` asks to run {amount(what, w.kind == 'ssh')} on "
+        f"`{escape(w.target)}` (sha256 `{what.sha256[:16]}`): read and decide it on {card}"
+    )
 
 
 def delivery(
@@ -266,17 +275,18 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
     if not waiting:
         blocks.append(_section("Nothing is waiting on you."))
     for w in waiting[:HOME_WAITING]:
-        blocks += [
-            _section(_waiting_text(w)),
-            {
-                "type": "actions",
-                "block_id": f"decide_{w.request_id}",
-                "elements": [
-                    button(APPROVE, "Approve", w.request_id, "primary"),
-                    button(DENY, "Deny", w.request_id, "danger"),
-                ],
-            },
-        ]
+        blocks.append(_section(_waiting_text(w)))
+        if w.session:  # a command is decided on its card only: see _waiting_text
+            blocks.append(
+                {
+                    "type": "actions",
+                    "block_id": f"decide_{w.request_id}",
+                    "elements": [
+                        button(APPROVE, "Approve", w.request_id, "primary"),
+                        button(DENY, "Deny", w.request_id, "danger"),
+                    ],
+                }
+            )
     if len(waiting) > HOME_WAITING:
         blocks.append(_section(f"…and {len(waiting) - HOME_WAITING} more: `/keyturn pending`"))
     blocks.append(

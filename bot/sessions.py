@@ -303,8 +303,18 @@ class Desk:
             target = self.config.policy.targets.get(row.target)
             kind = target.kind if target else ""
             ttl = row.grant_ttl_seconds or 0
+            channel = self.config.approval_channel(row.target)
             found.append(
-                Waiting(str(row.id), row.target, row.requester, row.session, kind, ttl, row.command)
+                Waiting(
+                    str(row.id),
+                    row.target,
+                    row.requester,
+                    row.session,
+                    kind,
+                    ttl,
+                    row.command,
+                    channel,
+                )
             )
         return found
 

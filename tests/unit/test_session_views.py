@@ -8,7 +8,19 @@ from typing import Any
 
 import pytest
 
-from bot.session_views import Line, Waiting, certificate_delivery, delivery, home, news, reminder
+from bot.cards import command_blocks
+from bot.session_views import (
+    Line,
+    Waiting,
+    certificate_delivery,
+    delivery,
+    home,
+    news,
+    reminder,
+    waiting_listing,
+)
+from keyturn.domain import command_sha256
+from tests.unit.test_command_card import state as card_state
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
 REQUEST = "1a2b3c4d-0000-4000-8000-000000000000"
@@ -124,9 +136,10 @@ def test_home_shows_sessions_and_what_waits_on_me() -> None:
     text = json.dumps(view)
     assert view["type"] == "home"
     assert "open until 03:04:00 UTC (4m left)" in text and "End now" in text
-    assert "`crew-&lt;b&gt;` asks to run DELETE FROM t on `orders-db`" in text
+    assert "`crew-&lt;b&gt;` asks to run 1 statement on `orders-db`" in text
     assert "<@U_OMAR> asks for a 15m database login on `orders-db`" in text
-    assert "keyturn_approve" in text and "keyturn_deny" in text
+    decided_here = [b["block_id"] for b in view["blocks"] if b["type"] == "actions"]
+    assert "decide_r-3" in decided_here and "decide_r-2" not in decided_here
     empty = json.dumps(home([], [], NOW))
     assert "no pending or open sessions" in empty and "Nothing is waiting on you" in empty
 
@@ -143,3 +156,39 @@ def test_home_stays_within_slacks_100_blocks() -> None:
     assert len(view["blocks"]) <= 100
     text = json.dumps(view)
     assert "and 25 more: `/keyturn list`" in text and "and 75 more: `/keyturn pending`" in text
+
+
+# What the red team saw: App Home showed "asks to run UPDATE … WHERE id = 2" beside Approve,
+# and approving ran UPDATE 3 (the rest was on a later line). Each command hides its risky part
+# from a first-line, 80-character rendition in another way.
+RISKY_LATER = {
+    "on a later line": "UPDATE orders SET status = 'refunded' WHERE id = 2\n   OR id > 0",
+    "after a comment": "UPDATE orders SET status = 'refunded' WHERE id = 2 -- one row\n; DELETE FROM orders",
+    "after 80 characters": "UPDATE orders SET status = 'refunded' WHERE id = 2"
+    + " " * 40
+    + "OR id > 0",
+}
+
+
+@pytest.mark.parametrize("command", RISKY_LATER.values(), ids=RISKY_LATER.keys())
+def test_only_the_card_offers_approve_for_a_command(command: str) -> None:
+    """App Home and /keyturn pending show no rendition of a command (no first line, no cut),
+    only how much it is, its sha256 and where its card is; and they offer no Approve for it."""
+    waiting = Waiting("r-9", "orders-db", "crew", False, "postgres", 0, command, "C0APPROVALS")
+    digest = command_sha256(command)[:16]
+    for surface in (json.dumps(home([], [waiting], NOW)), waiting_listing([waiting])):
+        assert "keyturn_approve" not in surface and "keyturn_deny" not in surface
+        assert "UPDATE" not in surface and "refunded" not in surface
+        assert digest in surface and "its card in <#C0APPROVALS>" in surface
+    card = json.dumps(command_blocks(card_state(command))[0])  # where Approve is offered
+    assert "OR id &gt; 0" in card or "DELETE FROM orders" in card  # escaped for mrkdwn
+    assert digest in card
+
+
+def test_the_count_matches_the_card() -> None:
+    command = RISKY_LATER["after a comment"]
+    waiting = Waiting("r-9", "orders-db", "crew", False, "postgres", 0, command)
+    assert "asks to run 2 statements" in waiting_listing([waiting])
+    assert "*2 statements*" in json.dumps(command_blocks(card_state(command))[0])
+    shell = Waiting("r-8", "web", "crew", False, "ssh", 0, "uptime; rm -rf /tmp/x")
+    assert "asks to run 2 commands on `web`" in waiting_listing([shell])
