@@ -165,6 +165,17 @@ DO $$ DECLARE f regprocedure; BEGIN
   LOOP EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f); END LOOP;
 END $$;
 """
+# Views that copy the values of every table a role may read (most common values, histograms),
+# past any masking: keyturn holds reads of them (keyturn.classify.readonly), and a DBA can take
+# them from PUBLIC for good (the planner reads pg_statistic itself, not these views).
+STATISTICS_VIEWS = ("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs")
+REVOKE_STATISTICS_VIEWS = """
+DO $$ DECLARE v regclass; BEGIN
+  FOR v IN SELECT oid::regclass FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace
+           AND relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs')
+  LOOP EXECUTE format('REVOKE SELECT ON %s FROM PUBLIC', v); END LOOP;
+END $$;
+"""
 
 
 async def readonly_findings(
@@ -196,6 +207,18 @@ async def readonly_findings(
     )
     for row in callable_:
         found.append(f"it may call {row[0]}: REVOKE EXECUTE ON FUNCTION {row[0]} FROM PUBLIC")
+    readable = await conn.fetch(
+        "SELECT c.oid::regclass::text FROM pg_class c WHERE c.relname = ANY($1::text[])"
+        " AND c.relnamespace = 'pg_catalog'::regnamespace"
+        " AND has_table_privilege(c.oid, 'SELECT') ORDER BY 1",
+        list(STATISTICS_VIEWS),
+    )
+    if readable:
+        views = ", ".join(f"pg_catalog.{row[0]}" for row in readable)
+        found.append(
+            f"it may read {views}, which show column values of every table it may read "
+            f"(keyturn holds such reads): REVOKE SELECT ON {views} FROM PUBLIC"
+        )
     return found
 
 

@@ -5,7 +5,11 @@ allow rule says what the policy author meant, this says what keyturn will execut
 human. Whatever the rules say, only plain reads (``SELECT`` without ``INTO`` or row locks,
 ``SHOW``, ``EXPLAIN``) and at most ``gateway.max_statements`` of them run at once; anything
 else — transaction control, ``SET``/``RESET``/``DISCARD``, ``LISTEN``/``NOTIFY``, ``DO``,
-``COPY``, ``PREPARE``/``EXECUTE``, writes — is held for approval.
+``COPY``, ``PREPARE``/``EXECUTE``, writes — is held for approval. So is a read of a system
+relation that is not known to describe only structure (:data:`STRUCTURE_CATALOGS`): statistics
+views copy column values (``pg_stats`` shows an email column's most common values and histogram
+past any masking), activity views copy other sessions' query texts, and a catalog added by a
+new PostgreSQL release or an extension is held until someone looks at it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,21 @@ from keyturn.classify.sql import explain_analyzes, nodes_under, parse
 from keyturn.errors import KeyturnError
 
 NO_MASKING = Patterns(())
+# pg_catalog relations that describe structure, settings or counters, never the values of a
+# table's rows or another session's SQL. Any other pg_catalog relation, or unqualified "pg_…"
+# name (pg_catalog is searched first), is held: the class is "copies values", and what is not
+# known to be safe is treated as if it did.
+STRUCTURE_CATALOGS = frozenset(
+    """
+    pg_am pg_attrdef pg_attribute pg_available_extensions pg_cast pg_class pg_collation
+    pg_constraint pg_database pg_depend pg_description pg_enum pg_extension pg_index
+    pg_indexes pg_inherits pg_language pg_locks pg_matviews pg_namespace pg_opclass
+    pg_operator pg_policies pg_proc pg_roles pg_sequences pg_settings pg_stat_all_indexes
+    pg_stat_all_tables pg_stat_database pg_stat_sys_tables pg_stat_user_indexes
+    pg_stat_user_tables pg_statio_all_tables pg_statio_user_tables pg_tables pg_tablespace
+    pg_timezone_abbrevs pg_timezone_names pg_trigger pg_type pg_views
+    """.split()
+)
 
 
 class NotReadOnly(KeyturnError):
@@ -53,13 +72,28 @@ def statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
     return out
 
 
+def _system_relation(node: ast.Node) -> str | None:
+    """Why a read of a system relation under ``node`` is held, or None."""
+    for found in nodes_under(node):
+        if not isinstance(found, ast.RangeVar) or not found.relname:
+            continue
+        schema, name = found.schemaname, found.relname
+        system = schema == "pg_catalog" or (schema is None and name.startswith("pg_"))
+        if system and name not in STRUCTURE_CATALOGS:
+            return (
+                f"reads {name}, a system relation that may copy column values or other "
+                "sessions' SQL past masking"
+            )
+    return None
+
+
 def _refusal(node: ast.Node | None) -> str | None:
     if isinstance(node, ast.SelectStmt):
         if node.intoClause is not None:
             return "SELECT … INTO creates a table"
         if node.lockingClause:
             return "SELECT … FOR UPDATE/SHARE takes row locks"
-        return None
+        return _system_relation(node)
     if isinstance(node, ast.VariableShowStmt):
         return None
     if isinstance(node, ast.ExplainStmt):

@@ -42,7 +42,12 @@ from keyturn.policy import parse_config
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault
-from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, BootstrapReport, bootstrap
+from keyturn.vault_setup import (
+    REVOKE_RISKY_FUNCTIONS,
+    REVOKE_STATISTICS_VIEWS,
+    BootstrapReport,
+    bootstrap,
+)
 
 DEMO_SCHEMA = (
     """
@@ -56,6 +61,7 @@ REVOKE TEMPORARY ON DATABASE orders FROM PUBLIC;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 """
     + REVOKE_RISKY_FUNCTIONS
+    + REVOKE_STATISTICS_VIEWS
 )
 DEMO_AGENT = "crew-demo"
 DEMO_SSH = "web-demo"

@@ -25,7 +25,7 @@ from keyturn.vault import (
     VaultUnavailable,
     WrapTokenInvalid,
 )
-from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, bootstrap
+from keyturn.vault_setup import REVOKE_RISKY_FUNCTIONS, REVOKE_STATISTICS_VIEWS, bootstrap
 
 
 @dataclass
@@ -129,9 +129,15 @@ async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
             "may create temporary tables" in w and f'ON DATABASE "{boot.database}"' in w
             for w in report.warnings
         ), report.warnings
+        assert any(
+            "may read pg_catalog.pg_stats," in w and "REVOKE SELECT ON pg_catalog.pg_stats" in w
+            for w in report.warnings
+        ), report.warnings
         await postgres_server.execute(
             f'REVOKE TEMPORARY ON DATABASE "{boot.database}" FROM PUBLIC;'
-            " REVOKE CREATE ON SCHEMA public FROM PUBLIC; " + REVOKE_RISKY_FUNCTIONS,
+            " REVOKE CREATE ON SCHEMA public FROM PUBLIC; "
+            + REVOKE_RISKY_FUNCTIONS
+            + REVOKE_STATISTICS_VIEWS,
             boot.database,
         )
         assert (await bootstrap(root, boot.config)).warnings == []
@@ -144,6 +150,11 @@ async def test_bootstrap_tells_the_dba_what_read_only_logins_could_still_do(
     finally:
         await postgres_server.execute("DROP EXTENSION IF EXISTS dblink", boot.database)
         await postgres_server.execute(f'GRANT TEMPORARY ON DATABASE "{boot.database}" TO PUBLIC')
+        await postgres_server.execute(
+            "GRANT SELECT ON pg_catalog.pg_stats, pg_catalog.pg_stats_ext,"
+            " pg_catalog.pg_stats_ext_exprs TO PUBLIC",
+            boot.database,
+        )
         await root.close()
 
 

@@ -542,6 +542,41 @@ def test_the_read_plan_refuses_whatever_is_not_a_read(command: str) -> None:
         read_plan(command, 20)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "SELECT attname, replace(histogram_bounds::text, '@', ' AT ') FROM pg_stats",
+        "SELECT * FROM pg_catalog.pg_stats_ext_exprs",
+        "TABLE pg_statistic",
+        "WITH s AS (SELECT * FROM pg_stats) SELECT most_common_vals::text FROM s",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM pg_stats WHERE most_common_vals::text LIKE '%@%')",
+        "SELECT * FROM customers c JOIN LATERAL (SELECT * FROM pg_stats) s ON true",
+        "SELECT query FROM pg_stat_activity",
+        "SELECT query FROM pg_stat_statements",
+        "SELECT * FROM pg_largeobject",
+        "SELECT * FROM pg_some_catalog_of_a_future_release",
+    ],
+)
+def test_system_relations_not_known_to_hold_only_structure_are_held(command: str) -> None:
+    """Statistics copy a masked column's values (the red team read emails from pg_stats);
+    what is not known to describe only structure is held, whatever its name."""
+    with pytest.raises(NotReadOnly, match="system relation"):
+        read_plan(command, 20)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "SELECT tablename FROM pg_tables",
+        "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace",
+        "SELECT column_name FROM information_schema.columns",
+        "SELECT * FROM public.pg_stats",  # a table of the database's own, not the catalog's
+    ],
+)
+def test_structure_catalogs_are_still_reads(command: str) -> None:
+    assert read_plan(command, 20)
+
+
 def test_the_read_plan_runs_statements_as_printed_back() -> None:
     plan = read_plan("select 1 ; /* c */ SHOW work_mem; explain select 2 -- end", 20)
     assert [(s.text, s.select) for s in plan] == [
