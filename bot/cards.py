@@ -34,10 +34,22 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+# What another writer's text may not carry into a card: line breaks (shown as ⏎) and the
+# backtick that would end the inline code it is shown in (shown as U+02CB, its look-alike).
+_LITERAL = str.maketrans({"`": "\u02cb", "\r": "", "\n": "⏎", "\u2028": "⏎", "\u2029": "⏎"})
+
+
+def literal(text: str) -> str:
+    """Text an agent or a requester wrote (a reason, run id, on-behalf-of, ticket, their
+    name), shown inert and set apart from keyturn's own words: inline code, where Slack
+    formats nothing, on one line, with ``&<>`` escaped so nothing is a link or a mention."""
+    return f"`{escape(text.translate(_LITERAL))}`"
+
+
 def mention(user: str | None) -> str:
     if user and _SLACK_USER.match(user):
         return f"<@{user}>"
-    return f"`{escape(user)}`" if user else "—"
+    return literal(user) if user else "—"
 
 
 def code_block(text: str) -> str:
@@ -278,10 +290,10 @@ def _session_blocks(state: CardState) -> list[dict[str, Any]]:
 
 def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
     fields = [
-        f"*Requester*\n`{escape(state.requester)}`",
+        f"*Requester*\n{literal(state.requester)}",
         f"*On behalf of*\n{mention(state.on_behalf_of)}",
         f"*Target*\n`{escape(state.target)}`",
-        f"*Run*\n{('`' + escape(state.run_id) + '`') if state.run_id else '—'}",
+        f"*Run*\n{literal(state.run_id) if state.run_id else '—'}",
     ]
     return [
         _header(_HEADERS[state.status]),
@@ -295,31 +307,30 @@ def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
 
 
 def approval_card(state: CardState) -> list[dict[str, Any]]:
+    found: list[str] = []  # the classifier's reasons: keyturn's words around the command's own
     if state.session_kind:
         blocks = _session_blocks(state)
-        why = [f"Access rule `{escape(state.rule or '')}`"]
+        rule = f"Access rule `{escape(state.rule or '')}`"
     else:
         blocks = _command_card_blocks(state)
-        why = [
-            f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"
-        ]
-        why += [escape(r) for r in state.reasons]
+        rule = f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"
+        found = list(state.reasons)
+    why = []
     if state.reason:
-        why.append(f"Reason given: {escape(state.reason)}")
+        why.append(f"Reason given: {literal(state.reason)}")
     if state.ticket:
-        why.append(f"Ticket: {escape(state.ticket)}")
+        why.append(f"Ticket: {literal(state.ticket)}")
     if state.estimated_rows is not None:
         why.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
     if state.status == "pending":
         why.append(f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC")
     why.append(f"grant TTL {_duration(state.grant_ttl_seconds)}")
-    blocks.append(
-        {
-            "type": "context",
-            "block_id": "why",
-            "elements": [{"type": "mrkdwn", "text": " · ".join(why)[:2900]}],
-        }
-    )
+    elements: list[dict[str, Any]] = [{"type": "mrkdwn", "text": rule[:2900]}]
+    if found:  # they quote identifiers from the command: plain text, on one line
+        said = " · ".join(found).translate(_LITERAL)
+        elements.append({"type": "plain_text", "text": said[:2900], "emoji": False})
+    elements.append({"type": "mrkdwn", "text": " · ".join(why)[:2900]})
+    blocks.append({"type": "context", "block_id": "why", "elements": elements})
     blocks.append(
         {
             "type": "section",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.cards import APPROVE, DENY, KIND_WORDS, amount, button, escape, mention
+from bot.cards import APPROVE, DENY, KIND_WORDS, amount, button, escape, literal, mention
 from keyturn.classify.shown import shown
 from keyturn.policy import format_duration
 from keyturn.store.sessions import SHORT_ID
@@ -117,7 +117,7 @@ def _waiting_text(w: Waiting) -> str:
     what = shown(w.command, w.kind == "ssh")
     card = f"its card in <#{w.channel}>" if w.channel else "its card"
     return (
-        f"{where} `{escape(w.requester)}` asks to run {amount(what, w.kind == 'ssh')} on "
+        f"{where} {literal(w.requester)} asks to run {amount(what, w.kind == 'ssh')} on "
         f"`{escape(w.target)}` (sha256 `{what.sha256[:16]}`): read and decide it on {card}"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -91,3 +92,63 @@ def test_a_run_card_says_what_ran_but_never_the_rows() -> None:
     assert "ada@example.com" not in text
     assert what_ran({"exit_status": 0, "stdout": "secret"}) == "exit 0"
     assert what_ran(None) is None and what_ran({"rows": []}) is None
+
+
+# ------------------------------------------------------------------ what others wrote
+
+# The red team's reason: rendered with real line breaks, bold and a code block, it read as
+# keyturn's own card text.
+FORGED = "fine\n\n*Command that will run*\n```SELECT 1```\nApprovals: 1/1 · policy says safe"
+
+
+def outside_inline_code(card: list[dict[str, object]]) -> str:
+    """Every mrkdwn text of the card without its code blocks and inline code: what Slack
+    formats."""
+    texts: list[str] = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, dict):
+            if value.get("type") == "mrkdwn":
+                texts.append(str(value.get("text", "")))
+            for inner in value.values():
+                collect(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                collect(inner)
+
+    collect(card)
+    blocks_out = (re.sub(r"```.*?```", "", t, flags=re.DOTALL) for t in texts)
+    return "\n".join(re.sub(r"`[^`\n]*`", "", t) for t in blocks_out)
+
+
+def test_what_an_agent_wrote_is_shown_inert_and_apart() -> None:
+    forged = replace(
+        state("UPDATE orders SET status = 'x' WHERE id = 1"),
+        requester="crew\n*Approved*",
+        reason=FORGED,
+        run_id="run`*bold*`\n<!channel>",
+        on_behalf_of="ada\n```x```",
+        ticket="INC-1\n*urgent*",
+    )
+    card = approval_card(forged)
+    formatted = outside_inline_code(card)
+    for planted in ("Command that will run", "Approvals: 1/1", "*bold*", "*Approved*", "urgent"):
+        assert planted not in formatted, planted
+    assert "```SELECT 1```" not in json.dumps(card, ensure_ascii=False)
+    assert "<!channel>" not in json.dumps(card)
+    why = json.dumps(next(b for b in card if b.get("block_id") == "why"), ensure_ascii=False)
+    assert "Reason given: `fine⏎⏎*Command that will run*⏎\u02cb\u02cb\u02cbSELECT 1" in why
+
+
+def test_the_classifiers_reasons_quote_the_command_as_plain_text() -> None:
+    """A quoted identifier may hold a line break and asterisks; the reason that names it is
+    plain text on one line, never mrkdwn."""
+    held = replace(
+        state('SELECT "x\n*Approvals: 1/1*"()'),
+        reasons=["calls x\n*Approvals: 1/1*(), not known to be read-only"],
+    )
+    card = approval_card(held)
+    why = next(b for b in card if b.get("block_id") == "why")
+    plain = [e for e in why["elements"] if e["type"] == "plain_text"]
+    assert len(plain) == 1 and "\n" not in plain[0]["text"] and "Approvals" in plain[0]["text"]
+    assert "*Approvals: 1/1*" not in outside_inline_code(card)
