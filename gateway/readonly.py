@@ -4,7 +4,7 @@ Every identity reads through a database role of its own (``database/creds/<reado
 read with the gateway's AppRole), so on the target one agent's sessions are invisible to
 another's (``pg_stat_activity`` hides other roles' SQL) and out of its reach
 (``pg_terminate_backend`` needs the same role), and the target's logs name who ran what
-(``application_name`` carries the request id).
+(``application_name`` carries the request's tag, which only keyturn can tie to the request).
 
 A login is made on first use, renewed at two thirds of its lease, replaced before the lease
 ends (the old lease is revoked once its last connection closes), closed — connections first,

@@ -34,7 +34,7 @@ from keyturn.aio import Deadline
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
-from keyturn.domain import Decision, RequestStatus
+from keyturn.domain import Decision, RequestStatus, request_tag
 from keyturn.errors import (
     Forbidden,
     InvalidInput,
@@ -216,7 +216,7 @@ class Gateway:
             with self.metrics.execute_seconds.time():
                 for attempt in (1, 2):
                     async with readers.transaction(
-                        cmd.target, who.subject, str(request_id), deadline
+                        cmd.target, who.subject, request_tag(request_id), deadline
                     ) as conn:
                         await self._recorded(recorded)  # the transaction opened meanwhile
                         started = True

@@ -153,6 +153,35 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _run(run())
 
 
+def cmd_tag(args: argparse.Namespace) -> int:
+    """The request behind a target's ``application_name = 'keyturn:<tag>'``."""
+    from keyturn.domain import TAG_LENGTH
+    from keyturn.settings import load_settings
+    from keyturn.store.db import Store
+    from keyturn.store.reads import requests_tagged
+
+    tag = args.tag.strip().removeprefix("keyturn:")
+    if len(tag) != TAG_LENGTH or any(c not in "0123456789abcdef" for c in tag):
+        raise ConfigError(
+            f"a tag is {TAG_LENGTH} hex characters, as in application_name 'keyturn:<tag>'"
+        )
+    dsn = load_settings().dsn()
+
+    async def run() -> int:
+        store = Store(dsn, pool_size=1)
+        try:
+            found = await requests_tagged(store, tag)
+        finally:
+            await store.close()
+        for r in found:
+            print(f"{r.id} {r.status} on {r.target} by {r.requester} at {r.created_at:%FT%TZ}")
+        if not found:
+            print(f"keyturn: no request has the tag {tag}", file=sys.stderr)
+        return 0 if found else 1
+
+    return _run(run())
+
+
 def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
     from keyturn.policy import load_config
     from keyturn.settings import load_settings
@@ -374,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--since", type=int, default=0, help="only events after this seq")
     exp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     p.set_defaults(func=cmd_audit, extra="server")
+
+    p = sub.add_parser(
+        "tag", help="the request behind a target's application_name 'keyturn:<tag>' (exit 1: none)"
+    )
+    p.add_argument("tag")
+    p.set_defaults(func=cmd_tag, extra="server")
 
     p = sub.add_parser("vault-bootstrap", help="configure Vault engines, roles, policies, AppRoles")
     p.add_argument("--config", required=True, type=Path)

@@ -103,6 +103,17 @@ def command_sha256(command: str) -> str:
     return hashlib.sha256(command.encode("utf-8")).hexdigest()
 
 
+TAG_LENGTH = 16  # hex characters
+
+
+def request_tag(request_id: object) -> str:
+    """What a target sees of a request (``application_name = 'keyturn:<tag>'``): the start of
+    the id's sha256. Another agent reading the target's session list learns nothing it can use
+    (ids are random and shown to no other identity); keyturn, which holds the ids, finds the
+    request again (``keyturn tag``)."""
+    return hashlib.sha256(str(request_id).encode()).hexdigest()[:TAG_LENGTH]
+
+
 _SLACK_MENTION = re.compile(r"^<@([^|>]+)(?:\|[^>]*)?>$")
 
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from keyturn.domain import (
-    Decision,
-)
+from keyturn.domain import TAG_LENGTH, Decision
 from keyturn.errors import NotFound
 from keyturn.store.db import Store
 from keyturn.store.models import RequestRow
@@ -107,3 +105,28 @@ async def count_pending(store: Store) -> int:
     async with store.raw_connection() as conn:
         count: int = await conn.fetchval("SELECT count(*) FROM requests WHERE status = 'pending'")
     return count
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    """A request found by the tag a target saw (its ``application_name``)."""
+
+    id: uuid.UUID
+    target: str
+    requester: str
+    status: str
+    created_at: datetime
+
+
+async def requests_tagged(store: Store, tag: str) -> list[Tagged]:
+    """The requests whose :func:`~keyturn.domain.request_tag` is ``tag`` (a scan: an
+    operator's question, not a hot path)."""
+    async with store.raw_connection() as conn:
+        rows = await conn.fetch(
+            "SELECT id, target, requester, status, created_at FROM requests"
+            " WHERE left(encode(sha256(convert_to(id::text, 'UTF8')), 'hex'), $2) = $1"
+            " ORDER BY created_at",
+            tag,
+            TAG_LENGTH,
+        )
+    return [Tagged(*row) for row in rows]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +21,7 @@ import asyncpg
 
 from gateway.journal import Journal
 from keyturn.classify.readonly import statement_texts
+from keyturn.domain import request_tag
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.ports import free_port
 from keyturn.store import outcomes, requests
@@ -131,7 +135,18 @@ async def test_agents_cannot_see_or_end_each_others_queries(
         status, body = await running
         assert status == 200
         assert body["status"] == "executed" and body["result"]["rows"][0][1] == "alice-secret"
-        assert seen[0]["application_name"] == f"keyturn:{body['id']}"  # the target sees who
+        # the target sees a tag, not the request id another agent could take away; keyturn
+        # ties it back to the request for an operator
+        tag = seen[0]["application_name"]
+        assert tag == f"keyturn:{request_tag(body['id'])}" and body["id"] not in tag
+        found = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "keyturn.cli", "tag", tag],
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "KEYTURN_DATABASE_URL": gw.store.dsn.url},
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.startswith(f"{body['id']} executed on shop by alice at ")
 
 
 # ------------------------------------------------------------------ time and concurrency

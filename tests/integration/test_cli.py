@@ -104,6 +104,8 @@ def test_check_config_lists_every_error(tmp_path: Path) -> None:
         (["frobnicate"], "invalid choice"),
         (["audit"], "required"),
         (["vault-bootstrap"], "--config"),
+        (["tag", "keyturn:not-a-tag"], "a tag is 16 hex characters"),
+        (["tag", "0123456789abcdef0"], "a tag is 16 hex characters"),
     ],
 )
 def test_bad_arguments(args: list[str], fragment: str) -> None:
@@ -144,6 +146,9 @@ def test_migrate_up_and_down(postgres_server: PostgresServer) -> None:
         assert up.returncode == 0, up.stderr
         assert "***" in up.stdout and postgres_server.password not in up.stdout
         assert keyturn("audit", "verify", KEYTURN_DATABASE_URL=url).returncode == 0
+        nothing = keyturn("tag", "keyturn:0123456789abcdef", KEYTURN_DATABASE_URL=url)
+        assert nothing.returncode == 1 and nothing.stdout == ""
+        assert nothing.stderr == "keyturn: no request has the tag 0123456789abcdef\n"
         down = keyturn("migrate", "--down", "base", KEYTURN_DATABASE_URL=url)
         assert down.returncode == 0, down.stderr
     finally:

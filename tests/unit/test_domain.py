@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from keyturn.domain import (
     REQUEST_TRANSITIONS,
+    TAG_LENGTH,
     AlreadyVoted,
     CommandChanged,
     Grant,
@@ -22,6 +23,7 @@ from keyturn.domain import (
     SelfApproval,
     command_sha256,
     person_key,
+    request_tag,
     same_person,
 )
 from keyturn.errors import Conflict, Forbidden, InvalidInput
@@ -262,3 +264,11 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
     command.approve("U_ADA", now)
     with pytest.raises(IllegalTransition):
         command.open_session()
+
+
+def test_a_request_tag_names_the_request_only_to_keyturn() -> None:
+    request_id = "0b0e8c3e-2f7e-4d33-9a4c-5b8a1c2d3e4f"
+    tag = request_tag(request_id)
+    assert tag == request_tag(uuid.UUID(request_id))  # str and UUID alike, as Postgres prints it
+    assert len(tag) == TAG_LENGTH and all(c in "0123456789abcdef" for c in tag)
+    assert tag not in request_id.replace("-", "")
