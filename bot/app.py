@@ -109,7 +109,13 @@ _FIELD_BLOCKS = {"ttl": DURATION_BLOCK, "reason": WHY_BLOCK, "ticket": TICKET_BL
 
 
 def register(app: AsyncApp, bot: Bot) -> None:
-    _on_click(app, APPROVE, lambda request_id, user, _body: bot.approve(request_id, user))
+    _on_click(
+        app,
+        APPROVE,
+        lambda request_id, user, body: bot.approve(
+            request_id, user, on_card=(body.get("container") or {}).get("type") == "message"
+        ),
+    )
     _on_click(
         app,
         DENY,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from keyturn.classify.shown import Shown, shown
+from keyturn.classify.shown import Shown, shown, visible
 from keyturn.policy import format_duration
 
 APPROVE = "keyturn_approve"
@@ -36,14 +36,21 @@ def escape(text: str) -> str:
 
 # What another writer's text may not carry into a card: line breaks (shown as ⏎) and the
 # backtick that would end the inline code it is shown in (shown as U+02CB, its look-alike).
-_LITERAL = str.maketrans({"`": "\u02cb", "\r": "", "\n": "⏎", "\u2028": "⏎", "\u2029": "⏎"})
+_ONE_LINE = str.maketrans({"\r": "", "\n": "⏎"})
+_LITERAL = str.maketrans({"`": "\u02cb", "\r": "", "\n": "⏎"})
+LITERAL_MAX = 300  # characters of another writer's text on a card: it cannot crowd out ours
 
 
 def literal(text: str) -> str:
     """Text an agent or a requester wrote (a reason, run id, on-behalf-of, ticket, their
-    name), shown inert and set apart from keyturn's own words: inline code, where Slack
-    formats nothing, on one line, with ``&<>`` escaped so nothing is a link or a mention."""
-    return f"`{escape(text.translate(_LITERAL))}`"
+    name, an error the target quoted), shown inert and set apart from keyturn's own words:
+    inline code, where Slack formats nothing, on one line, at most :data:`LITERAL_MAX`
+    characters, with every other invisible or direction-changing character shown as
+    ``⟦U+…⟧`` and ``&<>`` escaped so nothing is a link or a mention."""
+    shown = visible(text.translate(_LITERAL))[0]
+    if len(shown) > LITERAL_MAX:
+        shown = shown[: LITERAL_MAX - 1] + "…"
+    return f"`{escape(shown)}`" if shown else "—"
 
 
 def mention(user: str | None) -> str:
@@ -204,7 +211,7 @@ def _outcome(state: CardState) -> str:
         return ":no_entry_sign: Cancelled by the requester"
     if state.status == "failed" and state.error:
         who_text = who or "policy"
-        return f":warning: Approved by {who_text}; failed: {escape(state.error[:500])}"
+        return f":warning: Approved by {who_text}; failed: {literal(state.error)}"
     verbs = _SESSION_VERBS if state.session_kind else _VERBS
     verb = verbs.get(state.status, state.status)
     ran = f": `{escape(state.ran)}`" if state.status == "executed" and state.ran else ""
@@ -315,21 +322,21 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
         blocks = _command_card_blocks(state)
         rule = f"Rule `{escape(state.rule)}`" if state.rule else "No rule matched (held by default)"
         found = list(state.reasons)
-    why = []
-    if state.reason:
-        why.append(f"Reason given: {literal(state.reason)}")
-    if state.ticket:
-        why.append(f"Ticket: {literal(state.ticket)}")
+    facts = []  # keyturn's own, ahead of anything another writer said
     if state.estimated_rows is not None:
-        why.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
+        facts.append(f"EXPLAIN estimate: ~{state.estimated_rows} rows")
     if state.status == "pending":
-        why.append(f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC")
-    why.append(f"grant TTL {_duration(state.grant_ttl_seconds)}")
+        facts.append(f"Pending until {state.pending_expires_at:%Y-%m-%d %H:%M:%S} UTC")
+    facts.append(f"grant TTL {_duration(state.grant_ttl_seconds)}")
+    said = [f"Reason given: {literal(state.reason)}"] if state.reason else []
+    said += [f"Ticket: {literal(state.ticket)}"] if state.ticket else []
     elements: list[dict[str, Any]] = [{"type": "mrkdwn", "text": rule[:2900]}]
     if found:  # they quote identifiers from the command: plain text, on one line
-        said = " · ".join(found).translate(_LITERAL)
-        elements.append({"type": "plain_text", "text": said[:2900], "emoji": False})
-    elements.append({"type": "mrkdwn", "text": " · ".join(why)[:2900]})
+        quoted = visible(" · ".join(found).translate(_ONE_LINE))[0]
+        elements.append({"type": "plain_text", "text": quoted[:2900], "emoji": False})
+    elements.append({"type": "mrkdwn", "text": " · ".join(facts)})
+    if said:
+        elements.append({"type": "mrkdwn", "text": " · ".join(said)})
     blocks.append({"type": "context", "block_id": "why", "elements": elements})
     blocks.append(
         {

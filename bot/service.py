@@ -164,10 +164,14 @@ class Bot:
 
     # ------------------------------------------------------------------ votes
 
-    async def approve(self, request_id: str, user: str) -> None:
+    async def approve(self, request_id: str, user: str, *, on_card: bool = True) -> None:
         """Record an approval. Raises a keyturn error when nothing changed: the Slack edge
-        (:mod:`bot.app`) tells the clicker why."""
+        (:mod:`bot.app`) tells the clicker why. A command is approved on its card only, the
+        one place that shows every statement as it will run (``on_card``: the click came from
+        a message, not an App Home that an older release drew with a shortened command)."""
         row = await self._check_approver(request_id, user)
+        if not on_card and not row.session:
+            raise InvalidInput("approve a command on its card, where every statement is shown")
         result = await requests.decide(self.store, row.id, user, Decision.APPROVE)
         await self._after_decision(row.id, issue=result.decided)
 

@@ -160,7 +160,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     from keyturn.store.db import Store
     from keyturn.store.reads import requests_tagged
 
-    tag = args.tag.strip().removeprefix("keyturn:")
+    tag = args.tag.strip().removeprefix("keyturn:").lower()
     if len(tag) != TAG_LENGTH or any(c not in "0123456789abcdef" for c in tag):
         raise ConfigError(
             f"a tag is {TAG_LENGTH} hex characters, as in application_name 'keyturn:<tag>'"

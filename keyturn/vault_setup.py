@@ -169,10 +169,10 @@ END $$;
 # past any masking: keyturn holds reads of them (keyturn.classify.readonly), and a DBA can take
 # them from PUBLIC for good (the planner reads pg_statistic itself, not these views).
 STATISTICS_VIEWS = ("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs")
-REVOKE_STATISTICS_VIEWS = """
+REVOKE_STATISTICS_VIEWS = f"""
 DO $$ DECLARE v regclass; BEGIN
   FOR v IN SELECT oid::regclass FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace
-           AND relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs')
+           AND relname IN ({", ".join(f"'{name}'" for name in STATISTICS_VIEWS)})
   LOOP EXECUTE format('REVOKE SELECT ON %s FROM PUBLIC', v); END LOOP;
 END $$;
 """

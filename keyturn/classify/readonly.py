@@ -28,14 +28,16 @@ from keyturn.errors import KeyturnError
 
 NO_MASKING = Patterns(())
 # pg_catalog relations that describe structure, settings or counters, never the values of a
-# table's rows or another session's SQL. Any other pg_catalog relation, or unqualified "pg_…"
-# name (pg_catalog is searched first), is held: the class is "copies values", and what is not
-# known to be safe is treated as if it did.
+# table's rows or another session's SQL or locks (some hold literals a DBA wrote: function
+# bodies, policy conditions). Any other relation named "pg_…" in any schema (an extension's
+# pg_stat_statements lives in public or extensions), and anything in pg_catalog or pg_toast,
+# is held: the class is "copies values", and what is not known to be safe is treated as if it
+# did.
 STRUCTURE_CATALOGS = frozenset(
     """
     pg_am pg_attrdef pg_attribute pg_available_extensions pg_cast pg_class pg_collation
     pg_constraint pg_database pg_depend pg_description pg_enum pg_extension pg_index
-    pg_indexes pg_inherits pg_language pg_locks pg_matviews pg_namespace pg_opclass
+    pg_indexes pg_inherits pg_language pg_matviews pg_namespace pg_opclass
     pg_operator pg_policies pg_proc pg_roles pg_sequences pg_settings pg_stat_all_indexes
     pg_stat_all_tables pg_stat_database pg_stat_sys_tables pg_stat_user_indexes
     pg_stat_user_tables pg_statio_all_tables pg_statio_user_tables pg_tables pg_tablespace
@@ -78,8 +80,9 @@ def _system_relation(node: ast.Node) -> str | None:
         if not isinstance(found, ast.RangeVar) or not found.relname:
             continue
         schema, name = found.schemaname, found.relname
-        system = schema == "pg_catalog" or (schema is None and name.startswith("pg_"))
-        if system and name not in STRUCTURE_CATALOGS:
+        structure = schema in (None, "pg_catalog") and name in STRUCTURE_CATALOGS
+        system = schema in ("pg_catalog", "pg_toast") or name.startswith("pg_")
+        if system and not structure:
             return (
                 f"reads {name}, a system relation that may copy column values or other "
                 "sessions' SQL past masking"

@@ -205,6 +205,35 @@ async def test_approve_click(run_bot: BotFactory, slack: SlackEmulator) -> None:
         )
 
 
+async def test_a_command_is_approved_on_its_card_only(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    """An App Home drawn by an older release showed a command cut to its first line beside
+    Approve: a click there must not approve what the approver was not shown."""
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        await rb.card(request_id)
+        approve = {"type": "button", "action_id": APPROVE, "value": str(request_id)}
+        slack.home["U_ALICE"] = {
+            "id": "VSTALE",
+            "type": "home",
+            "blocks": [{"type": "actions", "block_id": "decide", "elements": [approve]}],
+        }
+        status, _ = await slack.click_view("VSTALE", APPROVE, "U_ALICE")
+        assert status == 200
+        await rb.until(
+            lambda: _true(
+                any(
+                    "on its card" in m.text
+                    for ms in slack.messages.values()
+                    for m in ms
+                    if m.channel.startswith("D")
+                )
+            )
+        )
+        assert await rb.status(request_id) == "pending"
+
+
 async def test_deny_with_a_reason_reaches_the_request(
     run_bot: BotFactory, slack: SlackEmulator
 ) -> None:

@@ -7,7 +7,7 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from bot.cards import CardState, Vote, approval_card, command_blocks
+from bot.cards import CardState, Vote, approval_card, command_blocks, literal
 from bot.service import what_ran
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -152,3 +152,23 @@ def test_the_classifiers_reasons_quote_the_command_as_plain_text() -> None:
     plain = [e for e in why["elements"] if e["type"] == "plain_text"]
     assert len(plain) == 1 and "\n" not in plain[0]["text"] and "Approvals" in plain[0]["text"]
     assert "*Approvals: 1/1*" not in outside_inline_code(card)
+
+
+def test_what_others_wrote_cannot_crowd_out_keyturns_facts() -> None:
+    """2,000 ampersands escape to 10,000 characters: the card's facts must still be there."""
+    crowded = replace(
+        state("UPDATE orders SET status = 'x' WHERE id = 1"),
+        reason="&" * 2000,
+        ticket="<" * 2000,
+        estimated_rows=1234567,
+    )
+    why = next(b for b in approval_card(crowded) if b.get("block_id") == "why")
+    texts = [e["text"] for e in why["elements"]]
+    assert any("EXPLAIN estimate: ~1234567 rows" in t and "grant TTL" in t for t in texts)
+    assert all(len(t) <= 3000 for t in texts)  # Slack's limit for a context element
+
+
+def test_invisible_and_direction_changing_characters_are_shown() -> None:
+    shown = literal("ok\u202edesrever\x0bnext\x85line")
+    assert "⟦U+202E⟧" in shown and "⟦U+000B⟧" in shown and "⟦U+0085⟧" in shown
+    assert literal("") == "—"
