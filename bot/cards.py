@@ -37,7 +37,7 @@ def escape(text: str) -> str:
 # What another writer's text may not carry into a card: line breaks (shown as ⏎) and the
 # backtick that would end the inline code it is shown in (shown as U+02CB, its look-alike).
 _ONE_LINE = str.maketrans({"\r": "", "\n": "⏎"})
-_LITERAL = str.maketrans({"`": "\u02cb", "\r": "", "\n": "⏎"})
+_LITERAL = _ONE_LINE | str.maketrans({"`": "\u02cb"})
 LITERAL_MAX = 300  # characters of another writer's text on a card: it cannot crowd out ours
 
 
@@ -56,7 +56,7 @@ def literal(text: str) -> str:
 def mention(user: str | None) -> str:
     if user and _SLACK_USER.match(user):
         return f"<@{user}>"
-    return literal(user) if user else "—"
+    return literal(user or "")
 
 
 def code_block(text: str) -> str:

@@ -114,10 +114,11 @@ def _waiting_text(w: Waiting) -> str:
         ttl = format_duration(timedelta(seconds=w.ttl_seconds))
         asks = f"{mention(w.requester)} asks for a {ttl} {KIND_WORDS.get(w.kind, w.kind)}"
         return f"{where} {asks} on `{escape(w.target)}`"
-    what = shown(w.command, w.kind == "ssh")
+    shell = w.kind == "ssh"
+    what = shown(w.command, shell)
     card = f"its card in <#{w.channel}>" if w.channel else "its card"
     return (
-        f"{where} {literal(w.requester)} asks to run {amount(what, w.kind == 'ssh')} on "
+        f"{where} {literal(w.requester)} asks to run {amount(what, shell)} on "
         f"`{escape(w.target)}` (sha256 `{what.sha256[:16]}`): read and decide it on {card}"
     )
 

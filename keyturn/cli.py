@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,6 +25,7 @@ from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
     from keyturn.policy import Config
+    from keyturn.store.db import Store
 
 EXIT_BAD_INPUT = 2
 EXIT_TAMPERED = 1
@@ -112,27 +114,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check_database(dsn: Any) -> int:
+@contextlib.asynccontextmanager
+async def _store(dsn: Any) -> AsyncIterator[Store]:
+    """keyturn's database for one command: a single connection, closed however it ends."""
     from keyturn.store.db import Store
 
     store = Store(dsn, pool_size=1)
     try:
-        await store.ping()
+        yield store
     finally:
         await store.close()
+
+
+async def _check_database(dsn: Any) -> int:
+    async with _store(dsn) as store:
+        await store.ping()
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn import audit
     from keyturn.settings import load_settings
-    from keyturn.store.db import Store
 
     dsn = load_settings().dsn()
 
     async def run() -> int:
-        store = Store(dsn, pool_size=1)
-        try:
+        async with _store(dsn) as store:
             if args.audit_command == "verify":
                 result = await audit.verify(store)
                 if result.broken is not None:
@@ -147,8 +154,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     count = await audit.export(store, out, args.since)
             print(f"exported {count} events", file=sys.stderr)
             return 0
-        finally:
-            await store.close()
 
     return _run(run())
 
@@ -157,7 +162,6 @@ def cmd_tag(args: argparse.Namespace) -> int:
     """The request behind a target's ``application_name = 'keyturn:<tag>'``."""
     from keyturn.domain import TAG_LENGTH
     from keyturn.settings import load_settings
-    from keyturn.store.db import Store
     from keyturn.store.reads import requests_tagged
 
     tag = args.tag.strip().removeprefix("keyturn:").lower()
@@ -168,11 +172,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     dsn = load_settings().dsn()
 
     async def run() -> int:
-        store = Store(dsn, pool_size=1)
-        try:
+        async with _store(dsn) as store:
             found = await requests_tagged(store, tag)
-        finally:
-            await store.close()
         for r in found:
             print(f"{r.id} {r.status} on {r.target} by {r.requester} at {r.created_at:%FT%TZ}")
         if not found:

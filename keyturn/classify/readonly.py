@@ -9,7 +9,8 @@ else — transaction control, ``SET``/``RESET``/``DISCARD``, ``LISTEN``/``NOTIFY
 relation that is not known to describe only structure (:data:`STRUCTURE_CATALOGS`): statistics
 views copy column values (``pg_stats`` shows an email column's most common values and histogram
 past any masking), activity views copy other sessions' query texts, and a catalog added by a
-new PostgreSQL release or an extension is held until someone looks at it.
+new PostgreSQL release, or an extension's ``pg_…`` view in any schema, is held until someone
+looks at it. (An extension's view named otherwise is judged as any other relation.)
 """
 
 from __future__ import annotations
