@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
@@ -65,7 +67,33 @@ def tell(exc: KeyturnError) -> str:
 Click = Callable[[str, str, dict[str, Any]], Awaitable[object]]
 
 
-def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> None:
+Listener = TypeVar("Listener", bound=Callable[..., Awaitable[None]])
+
+
+def _tracked(tasks: set[asyncio.Task[Any]], listener: Listener) -> Listener:
+    """``listener``, its task held in ``tasks`` while it runs.
+
+    Bolt runs each listener in a task of its own after the ack, which nothing else holds: the
+    bot drains ``tasks`` at shutdown, so a click being handled is finished, not cut off with
+    its store closed under it. (Bolt reads the argument names through ``__wrapped__``.)
+    """
+
+    @functools.wraps(listener)
+    async def run(**kwargs: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await listener(**kwargs)
+        finally:
+            tasks.discard(task)
+
+    return run  # type: ignore[return-value]
+
+
+def _on_click(
+    app: AsyncApp, tasks: set[asyncio.Task[Any]], action: str | re.Pattern[str], use_case: Click
+) -> None:
     """Ack, run ``use_case(value, user, body)``; a keyturn error is told to the clicker: in
     the channel they clicked in, or by DM for a click on their App Home."""
 
@@ -81,7 +109,7 @@ def _on_click(app: AsyncApp, action: str | re.Pattern[str], use_case: Click) -> 
             else:
                 await dm(client, user, tell(exc))
 
-    app.action(action)(listener)
+    app.action(action)(_tracked(tasks, listener))
 
 
 def _extension(value: str) -> tuple[str, timedelta]:
@@ -109,8 +137,12 @@ _FIELD_BLOCKS = {"ttl": DURATION_BLOCK, "reason": WHY_BLOCK, "ticket": TICKET_BL
 
 
 def register(app: AsyncApp, bot: Bot) -> None:
+    def tracked(listener: Listener) -> Listener:
+        return _tracked(bot.tasks, listener)
+
     _on_click(
         app,
+        bot.tasks,
         APPROVE,
         lambda request_id, user, body: bot.approve(
             request_id, user, on_card=(body.get("container") or {}).get("type") == "message"
@@ -118,10 +150,11 @@ def register(app: AsyncApp, bot: Bot) -> None:
     )
     _on_click(
         app,
+        bot.tasks,
         DENY,
         lambda request_id, user, body: bot.open_deny(request_id, user, body["trigger_id"]),
     )
-    _on_click(app, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
+    _on_click(app, bot.tasks, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
 
     def extend(*, own: bool) -> Click:
         async def click(value: str, user: str, _body: dict[str, Any]) -> object:
@@ -130,14 +163,18 @@ def register(app: AsyncApp, bot: Bot) -> None:
 
         return click
 
-    _on_click(app, re.compile(f"^{EXTEND}_\\d+$"), extend(own=False))
+    _on_click(app, bot.tasks, re.compile(f"^{EXTEND}_\\d+$"), extend(own=False))
     # a person's own session, from their DM or App Home
-    _on_click(app, re.compile(f"^{SESSION_EXTEND}_\\d+$"), extend(own=True))
+    _on_click(app, bot.tasks, re.compile(f"^{SESSION_EXTEND}_\\d+$"), extend(own=True))
     _on_click(
-        app, SESSION_REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user, own=True)
+        app,
+        bot.tasks,
+        SESSION_REVOKE,
+        lambda grant_id, user, _body: bot.revoke(grant_id, user, own=True),
     )
 
     @app.view(DENY_MODAL)
+    @tracked
     async def deny_reason(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         # Decide before acking (a few ms): a refusal goes back into the modal itself.
         reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
@@ -149,6 +186,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
             await ack()
 
     @app.command("/keyturn")
+    @tracked
     async def keyturn_command(
         ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient
     ) -> None:
@@ -170,6 +208,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
             spawn(bot.tasks, bot.desk.republish(requester=user))
 
     @app.view(REQUEST_MODAL)
+    @tracked
     async def request_submitted(
         ack: AsyncAck, body: dict[str, Any], view: dict[str, Any], client: AsyncWebClient
     ) -> None:
@@ -205,6 +244,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
         spawn(bot.tasks, bot.desk.republish(requester=user))
 
     @app.event("app_home_opened")
+    @tracked
     async def home_opened(event: dict[str, Any]) -> None:
         if event.get("tab", "home") == "home":
             await bot.desk.publish_home(event["user"])

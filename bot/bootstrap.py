@@ -20,7 +20,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.app import register
 from bot.credentials import Issuer
 from bot.service import Bot
-from keyturn.aio import cancel
+from keyturn.aio import cancel, drain
 from keyturn.clock import Clock
 from keyturn.errors import ConfigError
 from keyturn.policy import Config
@@ -30,6 +30,7 @@ from keyturn.store.listener import Listener
 from keyturn.vault import Vault, process_vault
 
 BOT_KEY = web.AppKey("bot", Bot)
+DRAIN_SECONDS = 10.0  # what a click or a decision still in flight gets to finish at shutdown
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
 
@@ -82,6 +83,7 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     await bot.listener.start()
     runner = asyncio.create_task(bot.run_forever(), name="keyturn-bot")
     yield
+    await drain(bot.tasks, DRAIN_SECONDS)
     await cancel(runner)
     await bot.listener.stop()
     await bot.issuer.vault.close()

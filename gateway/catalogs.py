@@ -1,6 +1,7 @@
-"""Each Postgres target's function catalog, read through a read-only login and kept fresh.
+"""Each Postgres target's catalog, read through a read-only login and kept fresh.
 
-The classifier judges function calls by what the target itself says about them
+The classifier judges function calls by what the target itself says about them, and reads
+``t.f`` as a column or a call on the whole row by the target's columns
 (:mod:`keyturn.classify.catalog`). A catalog is read on first use of a target, served from
 memory afterwards and re-read in the background once older than ``gateway.catalog_refresh``.
 When it cannot be read and no earlier copy exists, an empty catalog stands in: every function
@@ -17,7 +18,7 @@ import asyncpg
 
 from gateway.readonly import ReadOnlyLogins
 from keyturn.aio import Deadline, spawn
-from keyturn.classify.catalog import CATALOG_SQL, SEARCH_PATH_SQL, Catalog
+from keyturn.classify.catalog import CATALOG_SQL, COLUMNS_SQL, SEARCH_PATH_SQL, Catalog
 from keyturn.errors import KeyturnError
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ class Catalogs:
             ) as conn:
                 rows = await conn.fetch(CATALOG_SQL, timeout=deadline.left())
                 path = await conn.fetchval(SEARCH_PATH_SQL, timeout=deadline.left())
+                relations = await conn.fetch(COLUMNS_SQL, timeout=deadline.left())
         except (KeyturnError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
             log.warning("cannot read the function catalog of %s (calls hold): %s", target, exc)
             return
-        self._loaded[target] = (time.monotonic(), Catalog.of(rows, path))
-        log.info("function catalog of %s: %d functions", target, len(rows))
+        self._loaded[target] = (time.monotonic(), Catalog.of(rows, path, relations))
+        log.info("catalog of %s: %d functions, %d relations", target, len(rows), len(relations))

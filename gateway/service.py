@@ -23,6 +23,7 @@ from gateway.approved import Executor, digest
 from gateway.auth import Authenticator
 from gateway.catalogs import Catalogs
 from gateway.journal import Journal
+from gateway.judging import judged
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.readonly import ReadOnlyLogins
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 AGENT_TERMINAL = frozenset(RequestStatus(status) for status in TERMINAL)
 ESTIMATE_TIMEOUT = 2.0
-CLASSIFY_INLINE = 4096  # longer commands are classified in a worker thread
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
 DEFAULT_DESCRIPTIONS = {
     "postgres": "PostgreSQL database: plain reads run at once, anything else waits for a human",
@@ -141,13 +141,14 @@ class Gateway:
         return classify(self.config, target, command, who, catalog)
 
     async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
-        """Cached (per catalog); a long command is parsed off the event loop."""
-        catalog = None
+        """Cached (per catalog); judged in the judging pool, never on the event loop."""
+        catalog = await self._catalog(target)
+        return await judged(self._classify, target, command, who, catalog)
+
+    async def _catalog(self, target: str) -> Catalog | None:
         if self.catalogs is not None and self.readers is not None and target in self.readers:
-            catalog = await self.catalogs.get(target)
-        if len(command) <= CLASSIFY_INLINE:
-            return self._classify(target, command, who, catalog)
-        return await asyncio.to_thread(self._classify, target, command, who, catalog)
+            return await self.catalogs.get(target)
+        return None
 
     # ------------------------------------------------------------------ submit
 
@@ -210,7 +211,8 @@ class Gateway:
         cfg = self.config.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
         masking = masking_patterns(self.config, rule)
-        plan = read_plan(cmd.command, cfg.max_statements, masking)
+        catalog = await self._catalog(cmd.target)
+        plan = await judged(read_plan, cmd.command, cfg.max_statements, masking, catalog)
         started = False
         try:
             with self.metrics.execute_seconds.time():

@@ -12,11 +12,11 @@ before anything else runs on it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import asyncpg
 
+from gateway.judging import judged
 from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
 from keyturn.aio import Deadline
 from keyturn.classify.readonly import NotReadOnly, Statement
@@ -88,9 +88,7 @@ async def estimate_rows(conn: asyncpg.Connection, sql: str, deadline: Deadline) 
     The read-only role may not EXPLAIN a write (the planner checks write privileges), but it
     may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same rows.
     """
-    query = (
-        preview_select(sql) if len(sql) <= 4096 else await asyncio.to_thread(preview_select, sql)
-    )
+    query = await judged(preview_select, sql)
     if query is None:
         return None
     try:

@@ -29,6 +29,23 @@ def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]) -> asyn
     return task
 
 
+async def drain(tasks: set[asyncio.Task[Any]], timeout: float) -> None:
+    """Let the work in ``tasks`` finish (work may start more), then cancel what is left.
+
+    A stopping process drains before it closes its store and clients: a decision committed a
+    moment ago still gets its card and its credentials, and nothing runs on a closed pool.
+    """
+    deadline = time.monotonic() + timeout
+    while pending := {t for t in tasks if not t.done() and t is not asyncio.current_task()}:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return
+        await asyncio.wait(pending, timeout=left)
+
+
 class Deadline:
     """Seconds left of one command's time; every call under it gets what remains."""
 

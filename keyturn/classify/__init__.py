@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from keyturn.classify.argv import argv_matches, compile_pattern
+from keyturn.classify.budget import budget
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.lineage import Patterns
 from keyturn.classify.options import ALWAYS_RISKY, RISKY_OPTIONS
@@ -109,13 +110,17 @@ def classify(
     who: Identity | None = None,
     catalog: Catalog | None = None,
 ) -> Verdict:
-    """``catalog``: the target's functions (the gateway passes it; without, built-in lists)."""
+    """``catalog``: the target's functions (the gateway passes it; without, built-in lists).
+
+    Raises TooComplex once judging it has taken :data:`~keyturn.classify.budget.WORK_LIMIT`.
+    """
     target = config.policy.targets.get(target_name)
     if target is None:
         raise NotFound(f"unknown target {target_name!r}")
-    if isinstance(target, PostgresTarget):
-        return _classify_sql(config, target_name, command, who, catalog)
-    return _classify_shell(config, target_name, command, who)
+    with budget():
+        if isinstance(target, PostgresTarget):
+            return _classify_sql(config, target_name, command, who, catalog)
+        return _classify_shell(config, target_name, command, who)
 
 
 def _classify_sql(
@@ -125,7 +130,7 @@ def _classify_sql(
     if verdict.action == "allow":
         try:
             masking = masking_patterns(config, verdict.rule)
-            read_plan(command, config.gateway.max_statements, masking)
+            read_plan(command, config.gateway.max_statements, masking, catalog)
         except NotReadOnly as exc:  # whatever the rules say, a human decides
             reasons = [*verdict.reasons, f"held: {exc.message}"]
             return Verdict("hold", None, reasons, verdict.kinds, verdict.shadow)

@@ -18,6 +18,7 @@ import re
 import shlex
 from collections.abc import Sequence
 
+from keyturn.classify.budget import spend
 from keyturn.errors import ConfigError
 
 
@@ -75,6 +76,7 @@ def argv_matches(pattern: Sequence[str], argv: Sequence[str], *, whole: bool = T
 
     @functools.cache
     def fits(p: int, a: int) -> bool:
+        spend()
         if p == len(pattern):
             return a == len(argv) or not whole
         if pattern[p] == "**":

@@ -11,7 +11,7 @@ the catalog through a read-only login (:data:`CATALOG_SQL`) and refreshes it on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Run as the read-only role: what it may execute, and where unqualified names resolve.
 CATALOG_SQL = """
@@ -21,6 +21,14 @@ FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE has_function_privilege(p.oid, 'EXECUTE')
 """
 SEARCH_PATH_SQL = "SELECT current_schemas(true)"
+# Every relation's columns (system ones too), by name: ``t.f`` is the column f when t has one,
+# else the call f(t) on the whole row (see lineage). No privilege filter: names are not data.
+COLUMNS_SQL = """
+SELECT c.relname, array_agg(a.attname::text)
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT a.attisdropped
+GROUP BY c.oid, c.relname
+"""
 
 DENYLIST = frozenset(
     """
@@ -65,16 +73,25 @@ class Proc:
 class Catalog:
     procs: Mapping[str, tuple[Proc, ...]]  # by function name, every schema
     search_path: tuple[str, ...]  # where an unqualified name resolves (pg_catalog first)
+    # by relation name, every schema: the columns all relations of that name have
+    columns: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def of(
-        cls, rows: Iterable[tuple[str, str, int, int, bool, str]], search_path: Iterable[str]
+        cls,
+        rows: Iterable[tuple[str, str, int, int, bool, str]],
+        search_path: Iterable[str],
+        relations: Iterable[tuple[str, Iterable[str]]] = (),
     ) -> Catalog:
         procs: dict[str, list[Proc]] = {}
         for schema, name, nargs, defaults, variadic, volatility in rows:
             procs.setdefault(name, []).append(Proc(schema, nargs, defaults, variadic, volatility))
         path = tuple(s for s in search_path if not s.startswith("pg_temp"))
-        return cls({name: tuple(found) for name, found in procs.items()}, path)
+        columns: dict[str, frozenset[str]] = {}
+        for relation, names in relations:  # same name in two schemas: only what both have
+            found = frozenset(names)
+            columns[relation] = columns[relation] & found if relation in columns else found
+        return cls({name: tuple(found) for name, found in procs.items()}, path, columns)
 
     def judge(self, parts: tuple[str, ...], nargs: int) -> str | None:
         """Why a call of ``parts`` (``name`` or ``schema.name``) with ``nargs`` arguments

@@ -9,29 +9,34 @@ whole row (``row_to_json(t)``, ``t::text``) — would let its value out in anoth
 (``reverse(email)``, ``WHERE email = 'ada@…'`` answering yes or no), so the command is held
 with the reason. ``SELECT *`` stays allowed: its columns are masked by name.
 
+A whole row is a use wherever it appears, under any alias, CTE or subquery, and whatever takes
+it: PostgreSQL reads ``t.f`` as the column ``f`` of ``t`` when there is one and otherwise as the
+call ``f(t)`` (or the cast ``t::f``), so ``c.concat`` is ``concat(c)``. Which it is depends on
+``t``'s columns, so they come from the target's catalog (``relations``); a ``t.f`` that is not
+known to be a column of ``t`` is a call on the whole row, and holds when ``t`` may carry a
+masked column — unless the rule's ``masked_uses`` lists ``f``. No list of "row functions"
+decides: a name not known to be a column is treated as the worst it could be.
+
 Unqualified columns are resolved against the FROM clause without asking the target: a name a
 pattern could mask in any table in scope counts as masked. Erring that way holds, never leaks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
+from keyturn.classify.budget import spend
 from keyturn.classify.sql import children
 
 STAR = "*"
-# Functions of a whole row, callable in column notation (t.to_json): the row comes out whole.
-ROW_FUNCTIONS = frozenset(
-    """to_json to_jsonb row_to_json json_build_array jsonb_build_array hstore text
-    record_out array_to_json json_agg jsonb_agg string_agg""".split()
-)
-# name -> (its columns -> masked source or None, whether those columns are all known)
-Ctes = dict[str, tuple[dict[str, str | None], bool]]
+# the target's relations by name -> the columns every relation of that name has
+Relations = Mapping[str, frozenset[str]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,14 @@ class Source:
     table: str | None  # a base table's name; None for a derived one
     outputs: dict[str, str | None] | None = None  # derived: column -> masked source or None
     exact: bool = True  # derived: False when a * over a base table fed it (columns unknown)
+    # derived and not exact: the names that * may have brought (None: unknown), and whether
+    # a table it reached may have masked columns
+    more: frozenset[str] | None = frozenset()
+    hides: bool = False
+
+
+# a CTE's name -> what a query reading it sees (named when read)
+Ctes = dict[str, Source]
 
 
 @dataclass
@@ -88,15 +101,17 @@ class Lineage:
 class _Query:
     """One SELECT's scope: its FROM items (and the CTEs it can see)."""
 
-    def __init__(self, patterns: Patterns, ctes: Ctes) -> None:
+    def __init__(self, patterns: Patterns, ctes: Ctes, relations: Relations) -> None:
         self.patterns = patterns
         self.ctes = ctes
+        self.relations = relations
         self.sources: list[Source] = []
         self.holds: list[str] = []
 
     # -- resolving
 
     def masked_ref(self, ref: ast.ColumnRef) -> str | None:
+        spend(len(self.sources))
         fields = [f.sval or "" if isinstance(f, ast.String) else STAR for f in ref.fields or ()]
         if not fields or fields[-1] == STAR:
             return None
@@ -122,33 +137,50 @@ class _Query:
             return self.patterns.column(None, column)
         return None
 
-    def whole_row(self, ref: ast.ColumnRef) -> Source | None:
+    def whole_rows(self, ref: ast.ColumnRef) -> list[Source]:
+        """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*``, ``*``, or
+        ``t.f`` when ``f`` is not known to be a column of ``t`` (then it is ``f(t)``)."""
         fields = ref.fields or ()
         if len(fields) == 1 and isinstance(fields[0], ast.String):
-            return next((s for s in self.sources if s.name == fields[0].sval), None)
-        return None
-
-    def whole_rows(self, ref: ast.ColumnRef) -> list[Source]:
-        """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*``, ``*``, or a
-        row function in column notation (``t.to_json`` is ``to_json(t)``)."""
-        fields = ref.fields or ()
-        row = self.whole_row(ref)
-        if row is not None:
-            return [row]
+            return [s for s in self.sources if s.name == fields[0].sval][:1]
         if fields and isinstance(fields[-1], ast.A_Star):
             return _starred(self, fields)
-        if (
-            len(fields) == 2
-            and isinstance(fields[0], ast.String)
-            and isinstance(fields[1], ast.String)
-            and (fields[1].sval or "").lower() in ROW_FUNCTIONS
-        ):
-            return [s for s in self.sources if s.name == fields[0].sval]
-        return []
+        called = self.call_on_row(ref)
+        return [called[0]] if called is not None else []
+
+    def call_on_row(self, ref: ast.ColumnRef) -> tuple[Source, str] | None:
+        """``t.f`` read as the call ``f(t)``: the source and ``f``; None for a column.
+
+        A name that a masking pattern matches counts as a column: if it is a call instead, the
+        result column is masked all the same, and anywhere else it holds as a masked use.
+        """
+        fields = ref.fields or ()
+        if len(fields) < 2 or not all(isinstance(f, ast.String) for f in fields[-2:]):
+            return None
+        qualifier, name = _strings(fields[-2:], lower=False)
+        spend(len(self.sources))
+        for source in self.sources:
+            if source.name != qualifier:
+                continue
+            columns = self.columns(source)
+            known = columns is not None and (name in columns or name.lower() in columns)
+            if not known and not self.patterns.column(source.table, name):
+                return source, name
+        return None
+
+    def columns(self, source: Source) -> frozenset[str] | None:
+        """The column names of ``source``, or None when they are not all known."""
+        if source.outputs is None:
+            return self.relations.get(source.table or "")
+        if source.more is None:
+            return None
+        return frozenset(source.outputs) | source.more
 
     def may_hide(self, source: Source) -> bool:
         if source.outputs is not None:
-            return any(source.outputs.values())
+            return any(source.outputs.values()) or source.hides
+        # by the patterns, not the catalog: a column added since the catalog was read may
+        # be masked, and a whole row carries it
         return self.patterns.table(source.table)
 
     # -- walking
@@ -164,7 +196,11 @@ class _Query:
         stack: list[tuple[ast.Node, str]] = [(node, "")]
         while stack:
             current, inside = stack.pop()
+            spend()
             if isinstance(current, ast.ColumnRef):
+                called = self.call_on_row(current)
+                if called is not None and called[1].lower() in self.patterns.uses:
+                    continue  # the rule lets this function take a masked row (count)
                 rows = self.whole_rows(current)
                 hidden = [row for row in rows if self.may_hide(row)]
                 if hidden:
@@ -179,7 +215,7 @@ class _Query:
             if isinstance(current, ast.SubLink):
                 sub = current.subselect
                 if isinstance(sub, ast.SelectStmt):
-                    inner = _outputs(sub, self.patterns, self.ctes, outer=self)
+                    inner = _outputs(sub, self.patterns, self.ctes, self.relations, outer=self)
                     self.holds += inner.holds
                     for masked in inner.masked:
                         if masked:
@@ -208,6 +244,8 @@ class _Outputs:
     masked: list[str | None]
     holds: list[str]
     exact: bool = True  # False when a * reached a base table: positions unknown
+    more: frozenset[str] | None = frozenset()  # not exact: names the * may have brought
+    hides: bool = False  # not exact: a table the * reached may have masked columns
 
 
 def _name(call: ast.FuncCall) -> str:
@@ -226,6 +264,12 @@ def _target_name(target: ast.ResTarget) -> str:
     return "?column?"
 
 
+def _derived(name: str, names: list[str], found: _Outputs) -> Source:
+    """A FROM item made by a query: its columns under ``names`` (the query's own, renamed)."""
+    columns = dict(zip(names + found.names[len(names) :], found.masked, strict=False))
+    return Source(name, None, columns, found.exact, found.more, found.hides)
+
+
 def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
     for item in items:
         if isinstance(item, ast.RangeTableSample):
@@ -237,10 +281,9 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             cte = ctes.get((item.relname or "").lower()) if not item.schemaname else None
             given = _strings(item.alias.colnames) if item.alias else []
             if cte is not None:
-                columns, exact = cte
-                names = given + list(columns)[len(given) :]
-                renamed = dict(zip(names, columns.values(), strict=False))
-                query.sources.append(Source(name, None, renamed, exact))
+                names = given + list(cte.outputs or {})[len(given) :]
+                renamed = dict(zip(names, (cte.outputs or {}).values(), strict=False))
+                query.sources.append(dataclasses.replace(cte, name=name, outputs=renamed))
             elif given and query.patterns.table(item.relname):
                 query.holds.append(f"renames the columns of {item.relname}, which may be masked")
                 query.sources.append(Source(name, item.relname))
@@ -248,13 +291,11 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
                 query.sources.append(Source(name, item.relname))
         elif isinstance(item, ast.RangeSubselect) and isinstance(item.subquery, ast.SelectStmt):
             outer = query if item.lateral else None
-            inner = _outputs(item.subquery, query.patterns, ctes, outer=outer)
+            inner = _outputs(item.subquery, query.patterns, ctes, query.relations, outer=outer)
             query.holds += inner.holds
             alias = item.alias.aliasname if item.alias else ""
             names = _strings(item.alias.colnames if item.alias else ())
-            names += inner.names[len(names) :]
-            columns = dict(zip(names, inner.masked, strict=False))
-            query.sources.append(Source(alias or "", None, columns, inner.exact))
+            query.sources.append(_derived(alias or "", names, inner))
         elif isinstance(item, ast.JoinExpr):
             before = len(query.sources)
             _sources(query, [n for n in (item.larg, item.rarg) if n is not None], ctes)
@@ -266,7 +307,9 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             if item.isNatural and any(query.may_hide(s) for s in joined):
                 query.holds.append("a NATURAL join may compare masked columns")
             if item.alias is not None:  # the join's columns under one name: unknown which
-                query.sources.append(Source(item.alias.aliasname or "", None, {}, exact=False))
+                hides = any(query.may_hide(s) for s in joined)
+                joint = Source(item.alias.aliasname or "", None, {}, False, None, hides)
+                query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
             query.uses(item, "in a FROM function")
             alias = item.alias.aliasname if item.alias else ""
@@ -279,41 +322,39 @@ def _column(qualifier: str, name: str) -> ast.ColumnRef:
     return ast.ColumnRef(fields=(ast.String(sval=qualifier), ast.String(sval=name)))
 
 
-def _strings(nodes: Iterable[ast.Node] | None) -> list[str]:
-    return [(n.sval or "").lower() for n in nodes or () if isinstance(n, ast.String)]
+def _strings(nodes: Iterable[ast.Node] | None, *, lower: bool = True) -> list[str]:
+    found = [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
+    return [s.lower() for s in found] if lower else found
 
 
 def _outputs(
     stmt: ast.SelectStmt,
     patterns: Patterns,
     ctes: Ctes,
+    relations: Relations,
     outer: _Query | None = None,
+    left: _Outputs | None = None,
 ) -> _Outputs:
+    """``left``: the first term of this set operation, already followed (a recursive CTE's
+    seed): following it again would double the work at every level of nesting."""
+    spend(1 + len(ctes) + (len(outer.sources) if outer is not None else 0))  # the copies below
     ctes = dict(ctes)
     holds: list[str] = []
     recursive = bool(stmt.withClause and stmt.withClause.recursive)
     for cte in (stmt.withClause.ctes or ()) if stmt.withClause else ():
         if isinstance(cte, ast.CommonTableExpr) and isinstance(cte.ctequery, ast.SelectStmt):
+            name, given = (cte.ctename or "").lower(), _strings(cte.aliascolnames)
+            seed = None
             if recursive and cte.ctequery.larg is not None:
                 # the recursive term reads the CTE itself: as its first term defines it
-                seed = _outputs(cte.ctequery.larg, patterns, ctes)
-                seeded = _strings(cte.aliascolnames)
-                seeded += seed.names[len(seeded) :]
-                ctes[(cte.ctename or "").lower()] = (
-                    dict(zip(seeded, seed.masked, strict=False)),
-                    seed.exact,
-                )
-            inner = _outputs(cte.ctequery, patterns, ctes)
+                seed = _outputs(cte.ctequery.larg, patterns, ctes, relations)
+                ctes[name] = _derived(name, given, seed)
+            inner = _outputs(cte.ctequery, patterns, ctes, relations, left=seed)
             holds += inner.holds
-            columns = _strings(cte.aliascolnames)
-            columns += inner.names[len(columns) :]
-            ctes[(cte.ctename or "").lower()] = (
-                dict(zip(columns, inner.masked, strict=False)),
-                inner.exact,
-            )
+            ctes[name] = _derived(name, given, inner)
     if stmt.op and stmt.larg is not None and stmt.rarg is not None:  # UNION / INTERSECT / EXCEPT
-        left = _outputs(stmt.larg, patterns, ctes, outer)
-        right = _outputs(stmt.rarg, patterns, ctes, outer)
+        left = left or _outputs(stmt.larg, patterns, ctes, relations, outer)
+        right = _outputs(stmt.rarg, patterns, ctes, relations, outer)
         either = [a or b for a, b in zip(left.masked, right.masked, strict=False)]
         holds += left.holds + right.holds
         if not (left.exact and right.exact) and patterns.pairs:
@@ -321,11 +362,11 @@ def _outputs(
         if any(either) and (stmt.op != SetOperation.SETOP_UNION or not stmt.all):
             holds.append("compares masked values (UNION, INTERSECT or EXCEPT)")
         holds += _ordering(stmt, left.names, either)
-        probe = _Query(patterns, ctes)
+        probe = _Query(patterns, ctes, relations)
         probe.uses(stmt.limitCount, "in LIMIT")
         probe.uses(stmt.limitOffset, "in OFFSET")
         return _Outputs(left.names, either, holds + probe.holds, True)
-    query = _Query(patterns, ctes)
+    query = _Query(patterns, ctes, relations)
     if outer is not None:
         query.sources += outer.sources
     _sources(query, stmt.fromClause or (), ctes)
@@ -344,39 +385,51 @@ def _outputs(
     for item in stmt.distinctClause or ():
         if isinstance(item, ast.Node):
             query.uses(item, "in DISTINCT ON")
-    names: list[str] = []
-    masked: list[str | None] = []
-    exact = True
+    out = _Outputs([], [], holds)
     for target in stmt.targetList or ():
         if not isinstance(target, ast.ResTarget) or target.val is None:
             continue
         value = target.val
-        if isinstance(value, ast.ColumnRef) and query.whole_row(value) is None:
-            fields = value.fields or ()
-            if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
-                for source in _starred(query, fields):
-                    if source.outputs is None or not source.exact:
-                        exact = False
-                    for name, source_masked in (source.outputs or {}).items():
-                        names.append(name)
-                        masked.append(source_masked)
-                continue
-            names.append(_target_name(target))
-            masked.append(query.masked_ref(value))
+        fields = value.fields or () if isinstance(value, ast.ColumnRef) else ()
+        if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
+            for source in _starred(query, fields):
+                _star(out, query, source)
+            continue
+        if isinstance(value, ast.ColumnRef) and not query.whole_rows(value):
+            out.names.append(_target_name(target))
+            out.masked.append(query.masked_ref(value))
             continue
         if isinstance(value, ast.SubLink) and value.subLinkType == SubLinkType.EXPR_SUBLINK:
             sub = value.subselect
             if isinstance(sub, ast.SelectStmt):
-                inner = _outputs(sub, patterns, ctes, outer=query)
+                inner = _outputs(sub, patterns, ctes, relations, outer=query)
                 query.holds += inner.holds
-                names.append(_target_name(target))
-                masked.append(inner.masked[0] if inner.masked else None)
+                out.names.append(_target_name(target))
+                out.masked.append(inner.masked[0] if inner.masked else None)
                 continue
         query.uses(value, "")
-        names.append(_target_name(target))
-        masked.append(None)
-    holds += _ordering(stmt, names, masked)
-    return _Outputs(names, masked, holds + query.holds, exact)
+        out.names.append(_target_name(target))
+        out.masked.append(None)
+    out.holds += _ordering(stmt, out.names, out.masked) + query.holds
+    return out
+
+
+def _star(out: _Outputs, query: _Query, source: Source) -> None:
+    """What ``*`` or ``t.*`` adds to ``out`` from ``source``: its known columns in order, or,
+    over a base table, columns known at most by name (the catalog may be older than the
+    table, so never by position)."""
+    if source.outputs is None:
+        out.exact = False
+        columns = query.relations.get(source.table or "")
+        out.more = None if columns is None or out.more is None else out.more | columns
+        out.hides = out.hides or query.patterns.table(source.table)
+        return
+    if not source.exact:
+        out.exact = False
+        out.more = None if source.more is None or out.more is None else out.more | source.more
+        out.hides = out.hides or source.hides
+    out.names += source.outputs
+    out.masked += source.outputs.values()
 
 
 def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
@@ -406,19 +459,24 @@ def _starred(query: _Query, fields: Sequence[ast.Node]) -> list[Source]:
     return query.sources
 
 
-def lineage(statements: Sequence[ast.Node | None], patterns: Patterns) -> Lineage:
-    """Why a command must hold, and which result columns of its last statement are masked."""
+def lineage(
+    statements: Sequence[ast.Node | None], patterns: Patterns, relations: Relations
+) -> Lineage:
+    """Why a command must hold, and which result columns of its last statement are masked.
+
+    ``relations``: the target's tables and views with their columns (an unknown one: every
+    ``t.f`` on it that no pattern names is taken for a call on the whole row)."""
     out = Lineage()
     if not patterns.pairs:
         return out
     for stmt in statements:
         if isinstance(stmt, ast.SelectStmt):
-            found = _outputs(stmt, patterns, {})
+            found = _outputs(stmt, patterns, {}, relations)
             out.holds += found.holds
             out.masked = tuple(m is not None for m in found.masked) if found.exact else None
             if not found.exact and any(found.masked):  # positions unknown, names changed
                 out.holds.append("a masked column under another name beside a *")
         elif isinstance(stmt, ast.ExplainStmt) and isinstance(stmt.query, ast.SelectStmt):
-            out.holds += _outputs(stmt.query, patterns, {}).holds
+            out.holds += _outputs(stmt.query, patterns, {}, relations).holds
     out.holds = list(dict.fromkeys(h.replace("  ", " ").strip() for h in out.holds))
     return out

@@ -23,6 +23,8 @@ import pglast
 from pglast import ast
 from pglast.stream import RawStream
 
+from keyturn.classify.budget import budget
+from keyturn.classify.catalog import Catalog
 from keyturn.classify.lineage import Patterns, lineage
 from keyturn.classify.sql import explain_analyzes, nodes_under, parse
 from keyturn.errors import KeyturnError
@@ -114,10 +116,18 @@ def _refusal(node: ast.Node | None) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def read_plan(
-    sql: str, max_statements: int, masking: Patterns = NO_MASKING
+    sql: str, max_statements: int, masking: Patterns = NO_MASKING, catalog: Catalog | None = None
 ) -> tuple[Statement, ...]:
     """The statements of an allowed command, each a read; raises NotReadOnly otherwise —
-    also for a read that uses a masked column other than as itself (see lineage)."""
+    also for a read that uses a masked column other than as itself (see lineage, which
+    takes the target's columns from ``catalog``). Raises TooComplex past the work budget."""
+    with budget():
+        return _read_plan(sql, max_statements, masking, catalog)
+
+
+def _read_plan(
+    sql: str, max_statements: int, masking: Patterns, catalog: Catalog | None
+) -> tuple[Statement, ...]:
     try:
         texts = statement_texts(sql)
     except pglast.parser.ParseError as exc:
@@ -133,7 +143,8 @@ def read_plan(
             raise NotReadOnly(refusal)
         assert node is not None
         plan.append(Statement(_deparsed(node), isinstance(node, ast.SelectStmt)))
-    traced = lineage([node for _, node in texts], masking)
+    relations = catalog.columns if catalog is not None else {}
+    traced = lineage([node for _, node in texts], masking, relations)
     if traced.holds:
         raise NotReadOnly("; ".join(traced.holds[:3]) + (" …" if len(traced.holds) > 3 else ""))
     plan[-1] = dataclasses.replace(plan[-1], masked=traced.masked)

@@ -9,12 +9,14 @@ simple command; an ``allow`` needs every command matched and nothing unsafe.
 from __future__ import annotations
 
 import os.path
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import bashlex
 import bashlex.errors
 
+from keyturn.classify.budget import budget, spend
 from keyturn.classify.options import risky_use
 from keyturn.errors import TooComplex
 
@@ -57,6 +59,7 @@ class _Walker:
         self.operators: set[str] = set()
 
     def visit(self, node: Any, nested: bool = False) -> None:
+        spend()
         kind = node.kind
         if kind == "command":
             self._command(node, nested)
@@ -126,6 +129,7 @@ class _Walker:
         if program in WRAPPERS:
             self.a.flag(f"{program} runs another command")
             # we cannot know where its own options end: every tail may be the wrapped command
+            spend(len(words) * len(words) // 2)  # that many words copied, and matched later
             self.a.inner += [words[i:] for i in range(1, len(words))]
         if program in INTERPRETERS or program.startswith(("python", "perl", "ruby", "php")):
             self.a.flag(f"{program} can run arbitrary code")
@@ -140,17 +144,30 @@ class _Walker:
             self.a.reasons.append(f"nested command: {' '.join(words)}")
 
 
+# bashlex parses in Python at ~0.1 ms a token: past this many, a line is refused unparsed
+# (quotes are not understood here, so a quoted script counts its words: erring towards refusal)
+MAX_TOKENS = 2_000
+_TOKENS = re.compile(r"[^\s|;&()<>]+|[|;&()<>]+")
+
+
 def analyze_shell(line: str) -> ShellAnalysis:
+    """Raises TooComplex for a line with more than :data:`MAX_TOKENS` words and operators."""
     if not line.strip():
         return ShellAnalysis(parsed=False, reasons=["empty command"])
     if "\n" in line.strip() or "\r" in line:
         return ShellAnalysis(parsed=False, reasons=["multi-line shell input is not accepted"])
+    if len(_TOKENS.findall(line)) > MAX_TOKENS:  # counted in C before bashlex's Python parse
+        raise TooComplex(
+            f"the shell command has more than {MAX_TOKENS:,} words and operators; split it up"
+        )
     try:
-        trees = bashlex.parse(line)
-        analysis = ShellAnalysis(parsed=True)
-        walker = _Walker(analysis)
-        for tree in trees:
-            walker.visit(tree)
+        with budget():
+            spend(len(line))  # bashlex's parse: linear in the line
+            trees = bashlex.parse(line)
+            analysis = ShellAnalysis(parsed=True)
+            walker = _Walker(analysis)
+            for tree in trees:
+                walker.visit(tree)
     except (bashlex.errors.ParsingError, NotImplementedError, IndexError, AttributeError) as exc:
         return ShellAnalysis(parsed=False, reasons=[f"not parseable as a shell command: {exc}"])
     except RecursionError:

@@ -16,6 +16,7 @@ from typing import Literal
 import pglast
 from pglast import ast
 
+from keyturn.classify.budget import spend
 from keyturn.classify.catalog import UNKNOWN, Catalog
 from keyturn.errors import InvalidInput, TooComplex
 
@@ -134,6 +135,7 @@ def nodes_under(root: ast.Node) -> Iterator[ast.Node]:
     stack = [root]
     while stack:
         node = stack.pop()
+        spend()
         yield node
         stack.extend(children(node))
 
@@ -201,6 +203,7 @@ class _Walker:
         stack = [(root, 1)]
         while stack:
             node, depth = stack.pop()
+            spend()
             self.seen += 1
             if self.seen > MAX_NODES:
                 raise TooComplex(f"the SQL has more than {MAX_NODES:,} parts; split it up")

@@ -142,7 +142,11 @@ _RECORD = (
 
 
 class Store:
-    """Owns the engine. Every state change goes through :meth:`transaction`."""
+    """Owns the engine. Every state change goes through :meth:`transaction`.
+
+    ``async with Store(dsn) as store:`` closes it on the way out. A closed store refuses use
+    rather than quietly opening new pools that nothing would close again.
+    """
 
     def __init__(
         self, dsn: Dsn, *, clock: Clock | None = None, pool_size: int = 10, **engine_kwargs: Any
@@ -161,6 +165,17 @@ class Store:
             **engine_kwargs,
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._closed = False
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Store is closed; open a new one")
 
     @contextlib.asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
@@ -176,6 +191,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         """Commit on success, roll back on any error."""
+        self._open()
         async with self._translated(), self._sessions() as session, session.begin():
             tx = Tx(session, self.clock.now())
             yield tx
@@ -188,9 +204,11 @@ class Store:
         No ORM session and no greenlet per call: thousands of long-polls re-read rows through
         this without the memory and CPU a session costs.
         """
+        self._open()
         async with self._translated():
             if self._raw_pool is None:
                 async with self._raw_pool_lock:
+                    self._open()  # closed while this waited: no pool that nothing would close
                     if self._raw_pool is None:
                         self._raw_pool = await asyncpg.create_pool(
                             self.dsn.url,
@@ -206,7 +224,9 @@ class Store:
             await tx.session.execute(text("SELECT 1"))
 
     async def close(self) -> None:
-        if self._raw_pool is not None:
-            await self._raw_pool.close()
-            self._raw_pool = None
+        self._closed = True
+        async with self._raw_pool_lock:  # a pool being made now is closed too
+            if self._raw_pool is not None:
+                await self._raw_pool.close()
+                self._raw_pool = None
         await self.engine.dispose()

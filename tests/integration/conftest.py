@@ -432,11 +432,8 @@ def run_desk(
         async with (
             serve_bot(approvals_slack, config, database, bot_vault or shop.bot_vault()),
             run_gateway(rules=data["rules"], gateway=gateway, **overrides) as running,
+            Store(database) as store,
         ):
-            desk = Desk(running, approvals_slack, Store(database))
-            try:
-                yield desk
-            finally:
-                await desk.store.close()
+            yield Desk(running, approvals_slack, store)
 
     return start

@@ -279,6 +279,29 @@ async def test_health_answers_while_a_maximal_result_is_produced(
         assert status == 200 and body["result"]["row_count"] == 1000 and answered > 1
 
 
+async def test_health_answers_while_eight_agents_send_the_costliest_commands_to_judge(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The red team stalled /healthz for 23 s with one query; judging now happens in a small
+    pool off the event loop and within a work budget: each gets a 400, the loop stays free."""
+    costly = sql(
+        "WITH c0 AS (SELECT * FROM customers), "
+        + ", ".join(f"c{i} AS (SELECT * FROM c{i - 1})" for i in range(1, 2000))
+        + " SELECT * FROM c1999"
+    )
+    async with run_gateway() as gw:
+        token = idp.token("crew-billing")
+        judging = [asyncio.create_task(gw.post(token, costly)) for _ in range(8)]
+        answered = 0
+        while not all(task.done() for task in judging):
+            assert (await gw.client.get("/healthz")).status == 200
+            answered += 1
+            await asyncio.sleep(0.005)
+        for status, body in [task.result() for task in judging]:
+            assert (status, body["error"]["code"]) == (400, "too_complex"), body
+        assert answered > 1
+
+
 # ------------------------------------------------------------------ records
 
 
@@ -733,3 +756,29 @@ async def test_masked_columns_are_followed_through_the_query(
             assert (status, body["status"]) == (202, "pending"), (command, body)
             request = await requests.get_request(gw.store, uuid.UUID(body["id"]))
             assert any("customers.email" in r for r in request.classification["reasons"])
+
+
+async def test_a_whole_row_call_in_column_notation_is_held_on_a_real_target(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The red team's reads: ``c.concat`` is ``concat(c)`` on PostgreSQL, the whole row with
+    its email. The gateway knows the target's columns, so ``c.name`` stays a plain read."""
+    token = idp.token("crew-billing")
+    async with run_gateway() as gw:
+        status, body = await gw.post(token, sql("SELECT c.id, c.name FROM customers c ORDER BY 1"))
+        assert body["status"] == "executed", body
+        for command in (
+            "SELECT reverse(c.concat) FROM customers c",
+            "SELECT encode(convert_to(c.concat, 'UTF8'), 'hex') FROM customers c",
+            "SELECT replace(c.quote_literal, '@', ' AT ') FROM customers c",
+            "SELECT replace(c.json_agg_strict::text, '@', ' at ') FROM customers c",
+            "WITH x AS (SELECT * FROM customers) SELECT translate(x.quote_literal, '@', '#') FROM x",
+            "SELECT id FROM customers c WHERE c.concat LIKE '%ada%'",
+            "SELECT c.to_json FROM customers c",
+            "SELECT c.array_agg FROM customers c",
+        ):
+            status, body = await gw.post(token, sql(command))
+            assert (status, body["status"]) == (202, "pending"), (command, body)
+            assert "example.com" not in json.dumps(body)
+            request = await requests.get_request(gw.store, uuid.UUID(body["id"]))
+            assert any("whole row" in r for r in request.classification["reasons"]), command

@@ -115,8 +115,11 @@ def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop) -> BotFactory:
     @contextlib.asynccontextmanager
     async def start(clock: Clock | None = None, **overrides: Any) -> AsyncIterator[RunningBot]:
         config = parse_config(policy_data(shop, **overrides))
-        async with serve_bot(slack, config, database, shop.bot_vault(), clock) as bot:
-            yield RunningBot(bot, Store(database), slack)
+        async with (
+            serve_bot(slack, config, database, shop.bot_vault(), clock) as bot,
+            Store(database) as store,
+        ):
+            yield RunningBot(bot, store, slack)
 
     return start
 
@@ -443,7 +446,7 @@ async def test_socket_mode(slack: SlackEmulator, database: Dsn, shop: Shop) -> N
     await handler.connect_async()
     slack.bot_url = None
     try:
-        rb = RunningBot(bot, Store(database), slack)
+        rb = RunningBot(bot, store, slack)
         request_id = await rb.hold()
         ts = await rb.card(request_id)
         async with asyncio.timeout(10):
@@ -558,8 +561,11 @@ async def test_postgres_down_at_click_time_tells_the_clicker(
     proxy = TcpProxy(int(database.url.rsplit(":", 1)[1].split("/")[0]))
     await proxy.up()
     config = parse_config(policy_data(shop))
-    async with serve_bot(slack, config, proxy.dsn(database), shop.bot_vault()) as bot:
-        rb = RunningBot(bot, Store(database), slack)
+    async with (
+        serve_bot(slack, config, proxy.dsn(database), shop.bot_vault()) as bot,
+        Store(database) as store,
+    ):
+        rb = RunningBot(bot, store, slack)
         request_id = await rb.hold()
         ts = await rb.card(request_id)
         await proxy.down()

@@ -140,10 +140,10 @@ async def test_the_sync_client_raises_denied_with_the_reason(
             await desk.deny((await held(calls)).id, "add a WHERE clause limiting it to order 42")
             with pytest.raises(Denied) as denied:
                 await running
+        assert await desk.requests() == 1
     assert denied.value.denied_by == "U_APPROVER"
     assert denied.value.reason == "add a WHERE clause limiting it to order 42"
     assert denied.value.request_id == calls[0].id
-    assert await desk.requests() == 1
 
 
 async def test_blocked_expired_and_still_pending(run_desk: DeskFactory, idp: DevIdP) -> None:

@@ -149,8 +149,8 @@ def run_bot(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> BotFac
     ) -> AsyncIterator[RunningBot]:
         config = parse_config(data or jit_policy(shop))
         watched = spy.watch(vault or shop.bot_vault())
-        async with serve_bot(slack, config, database, watched) as bot:
-            yield RunningBot(bot, Store(database), slack)
+        async with serve_bot(slack, config, database, watched) as bot, Store(database) as store:
+            yield RunningBot(bot, store, slack)
 
     return start
 
@@ -311,7 +311,7 @@ async def _login(shop: Shop, creds: dict[str, Any]) -> asyncpg.Connection:
 
 
 async def test_a_restarted_bot_revokes_what_fell_due_while_it_was_down(
-    shop: Shop, run_bot: BotFactory
+    shop: Shop, run_bot: BotFactory, store: Store
 ) -> None:
     data = jit_policy(shop, bot={"sweep_interval": "1h"})
     async with run_bot(data) as rb:
@@ -320,7 +320,7 @@ async def test_a_restarted_bot_revokes_what_fell_due_while_it_was_down(
         grant = await rb.grant(request_id)
     await _outlive(shop, grant.lease_id)
     await asyncio.sleep(2.5)  # due while no bot runs
-    assert (await grants.get_grant(rb.store, grant.id)).status == "active"
+    assert (await grants.get_grant(store, grant.id)).status == "active"
     assert await lease_ttl(shop, grant.lease_id) is not None
     async with run_bot(data) as rb:
         ended = await until(lambda: _ended(rb.store, request_id))
@@ -552,7 +552,7 @@ async def test_the_certificate_runs_only_its_command_and_expires(
 
 
 async def test_two_replicas_revoke_each_due_grant_once(
-    shop: Shop, run_bot: BotFactory, database: Dsn
+    shop: Shop, run_bot: BotFactory, database: Dsn, store: Store
 ) -> None:
     data = jit_policy(shop, bot={"sweep_interval": "1h"})
     async with run_bot(data) as rb:
@@ -560,14 +560,14 @@ async def test_two_replicas_revoke_each_due_grant_once(
         for request_id in ids:
             await rb.approve(request_id)
             await rb.grant(request_id)
-    async with rb.store.raw_connection() as conn:
+    async with store.raw_connection() as conn:
         await conn.execute("UPDATE grants SET expires_at = now()")
     config = parse_config(data)
     replicas = [
         Revoker(Store(database), Issuer(config, shop.bot_vault()), config.bot) for _ in "ab"
     ]
     await asyncio.gather(*(r.end_due() for r in replicas))
-    async with rb.store.raw_connection() as conn:
+    async with store.raw_connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM grants WHERE status = 'expired'") == 12
         expired = await conn.fetch(
             "SELECT grant_id, count(*) AS n FROM audit_events WHERE kind = 'grant.expired'"

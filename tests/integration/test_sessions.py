@@ -152,8 +152,11 @@ def oncall(slack: SlackEmulator, database: Dsn, shop: Shop, spy: Spy) -> Factory
     @contextlib.asynccontextmanager
     async def start(data: dict[str, Any], clock: Clock | None = None) -> AsyncIterator[OnCall]:
         vault = spy.watch(shop.bot_vault())
-        async with serve_bot(slack, parse_config(data), database, vault, clock) as bot:
-            yield OnCall(bot, Store(database, clock=clock), slack)
+        async with (
+            serve_bot(slack, parse_config(data), database, vault, clock) as bot,
+            Store(database, clock=clock) as store,
+        ):
+            yield OnCall(bot, store, slack)
 
     return start
 

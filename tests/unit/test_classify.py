@@ -813,6 +813,67 @@ def test_any_other_use_of_a_masked_column_holds_with_the_reason(command: str) ->
     assert any(w in why for w in ("email", "masked", "whole row")), verdict.reasons
 
 
+# t.f is the column f of t when t has one, else the call f(t) on the whole row (or the cast
+# t::f): the red team read emails through c.concat, c.quote_literal and c.to_json
+COLUMNS = Catalog.of([], ["pg_catalog", "public"], [("t", ["id", "name", "email"]), ("u", ["id"])])
+WHOLE_ROW_CALLS = [
+    "SELECT reverse(c.concat) FROM t c",
+    "SELECT encode(convert_to(c.concat, 'UTF8'), 'hex') FROM t c",
+    "SELECT replace(c.quote_literal, '@', ' AT ') FROM t c",
+    "SELECT replace(c.json_agg_strict::text, '@', ' at ') FROM t c",
+    "WITH x AS (SELECT * FROM t) SELECT translate(x.quote_literal, '@', '#') FROM x",
+    "SELECT id FROM t c WHERE c.concat LIKE '%ada%'",
+    "SELECT id FROM t c ORDER BY c.concat",
+    "SELECT c.to_json FROM t c",  # bare in the select list: the row comes back whole
+    "SELECT c.array_agg FROM t c",
+    "SELECT t.varchar FROM t",  # a cast's function form
+    "SELECT public.t.concat FROM t",
+    "SELECT s.concat FROM (SELECT * FROM t) s",
+    "SELECT s.concat FROM (SELECT id, email FROM t) s",
+    "SELECT x::text FROM (SELECT * FROM t) x",
+    "WITH x AS (SELECT * FROM t) SELECT x FROM x",
+    "SELECT j.concat FROM (t JOIN u USING (id)) j",
+    "SELECT c.concat FROM t c UNION ALL SELECT 'x'",
+    "SELECT v FROM t c, LATERAL (SELECT c.concat) s(v)",
+    "SELECT (SELECT c.concat) FROM t c",
+    "SELECT c.concat || '' FROM t c",
+]
+
+
+@pytest.mark.parametrize("catalog", [COLUMNS, None], ids=["columns-known", "no-catalog"])
+@pytest.mark.parametrize("command", WHOLE_ROW_CALLS)
+def test_a_call_on_a_whole_row_in_any_notation_holds(command: str, catalog: Catalog | None) -> None:
+    with pytest.raises(NotReadOnly, match="whole row"):
+        read_plan(command, 20, masking_patterns(lax_policy()), catalog)
+
+
+def test_a_column_in_column_notation_is_a_column_when_the_target_says_so() -> None:
+    masking = masking_patterns(lax_policy())
+    for command, masked in (
+        ("SELECT c.name, c.email FROM t c", (False, True)),
+        ("WITH x AS (SELECT * FROM t) SELECT x.name FROM x", (False,)),
+        ("SELECT s.id FROM (SELECT id, email FROM t) s", (False,)),
+    ):
+        assert read_plan(command, 20, masking, COLUMNS)[-1].masked == masked, command
+    with pytest.raises(NotReadOnly, match="whole row"):  # the target's columns unknown
+        read_plan("SELECT c.name FROM t c", 20, masking)
+
+
+def test_masked_uses_lets_its_function_take_a_whole_row_in_column_notation() -> None:
+    counting = lax_policy()
+    rules = [r.model_dump(mode="json", exclude_defaults=True) for r in counting.policy.rules]
+    rules[-1]["masked_uses"] = ["count"]
+    masking = masking_patterns(lax_policy(rules=rules), lax_policy(rules=rules).policy.rules[-1])
+    assert read_plan("SELECT c.count FROM t c", 20, masking, COLUMNS)
+    with pytest.raises(NotReadOnly, match="whole row"):
+        read_plan("SELECT c.concat FROM t c", 20, masking, COLUMNS)
+
+
+def test_same_named_relations_share_only_their_common_columns() -> None:
+    both = Catalog.of([], ["public"], [("t", ["id", "concat"]), ("t", ["id"])])
+    assert both.columns["t"] == frozenset({"id"})
+
+
 def test_masking_patterns_may_name_the_table() -> None:
     config = lax_policy(masking={"columns": ["customers.ssn"]})
     assert classify(config, "db", "SELECT upper(ssn) FROM customers").action == "hold"
