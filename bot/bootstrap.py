@@ -17,10 +17,12 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.anchoring import anchor_forever
 from bot.app import register
 from bot.credentials import Issuer
 from bot.service import Bot
 from keyturn.aio import cancel, drain
+from keyturn.checkpoint import Anchor
 from keyturn.clock import Clock
 from keyturn.errors import ConfigError
 from keyturn.policy import Config
@@ -82,8 +84,12 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     bot = web_app[BOT_KEY]
     await bot.listener.start()
     runner = asyncio.create_task(bot.run_forever(), name="keyturn-bot")
+    anchor = Anchor.of(bot.issuer.vault, bot.config.vault)
+    every = bot.config.bot.audit_checkpoint.total_seconds()
+    anchoring = asyncio.create_task(anchor_forever(bot.store, anchor, every), name="keyturn-anchor")
     yield
     await drain(bot.tasks, DRAIN_SECONDS)
+    await cancel(anchoring)
     await cancel(runner)
     await bot.listener.stop()
     await bot.issuer.vault.close()

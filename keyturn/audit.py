@@ -1,7 +1,10 @@
 """Verify and export the hash-chained audit events (written by :mod:`keyturn.store.audit_log`).
 
 ``verify`` recomputes every hash and the chain's links, and checks the tail against
-``audit_head``: it catches what someone who disabled the append-only trigger did.
+``audit_head``: it catches what someone who disabled the append-only trigger did to some rows.
+Someone who re-chains, cuts the tail and moves ``audit_head``, or wipes everything, leaves a
+chain that verifies; so ``verify`` also checks it against the newest checkpoint kept in Vault
+(:mod:`keyturn.checkpoint`), and ``export`` ends with a fresh one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from uuid import UUID
 
 from sqlalchemy import Text, select
 
+from keyturn.checkpoint import Anchor, Anchoring, CheckpointRefused, check
 from keyturn.store.audit_log import GENESIS, event_hash
 from keyturn.store.db import Store
 from keyturn.store.models import AuditEventRow, AuditHeadRow
@@ -57,6 +61,8 @@ class Break:
     problem: str
 
     def __str__(self) -> str:
+        if self.seq == 0:  # not an event: the checkpoint itself
+            return f"audit chain not verified: {self.problem}"
         return f"audit chain broken at event {self.seq}: {self.problem}"
 
 
@@ -64,6 +70,20 @@ class Break:
 class VerifyResult:
     checked: int
     broken: Break | None
+    anchoring: Anchoring | None = None  # None: not checked against a checkpoint
+
+    def summary(self) -> str:
+        """One line for an intact chain: how much of it a checkpoint anchors."""
+        line = f"audit chain intact: {self.checked} events"
+        if self.anchoring is None:
+            return line + "; not checked against a checkpoint (--unanchored)"
+        checkpoint = self.anchoring.checkpoint
+        if checkpoint is None:
+            return line + "; no checkpoint in Vault yet: none of them is anchored"
+        return (
+            f"{line}; the checkpoint taken {checkpoint.at} anchors events 1..{checkpoint.seq}; "
+            f"{self.anchoring.unanchored} after it are not anchored yet"
+        )
 
 
 class ChainWalker:
@@ -135,7 +155,8 @@ async def _stream(store: Store, since: int = 0) -> AsyncGenerator[StoredEvent, N
             yield StoredEvent(*row)
 
 
-async def verify(store: Store) -> VerifyResult:
+async def verify(store: Store, anchor: Anchor | None = None) -> VerifyResult:
+    """The chain walked; with ``anchor``, then checked against the newest checkpoint."""
     async with store.transaction() as tx:
         head = await tx.session.get(AuditHeadRow, 1)
     walker = ChainWalker()
@@ -143,7 +164,17 @@ async def verify(store: Store) -> VerifyResult:
         async for row in rows:
             if not walker.feed(row):
                 break
-    return walker.finish(head)
+    walked = walker.finish(head)
+    if walked.broken is not None or anchor is None:
+        return walked
+    try:
+        checkpoint, _ = await anchor.latest()
+    except CheckpointRefused as exc:
+        return VerifyResult(walked.checked, Break(0, exc.message))
+    found = await check(store, checkpoint, walker.expected_seq - 1)
+    if found.problem is not None and checkpoint is not None:
+        return VerifyResult(walked.checked, Break(checkpoint.seq, found.problem), found)
+    return VerifyResult(walked.checked, None, found)
 
 
 def event_json(row: StoredEvent) -> dict[str, Any]:
@@ -160,10 +191,19 @@ def event_json(row: StoredEvent) -> dict[str, Any]:
     }
 
 
-async def export(store: Store, out: IO[str], since: int = 0) -> int:
-    """Write events after ``since`` as JSON lines; returns how many were written."""
+async def export(store: Store, out: IO[str], since: int = 0, anchor: Anchor | None = None) -> int:
+    """Write events after ``since`` as JSON lines; returns how many were written.
+
+    With ``anchor``, a checkpoint is taken first and written last (``{"checkpoint": …}``):
+    the export then carries Vault's HMAC over a head it contains, kept wherever the file is.
+    """
+    checkpoint = await anchor.record(store) if anchor is not None else None
     count = 0
     async for row in _stream(store, since):
+        if checkpoint is not None and row.seq > checkpoint.seq:
+            break  # events after the checkpoint belong to the next export
         out.write(json.dumps(event_json(row), sort_keys=True) + "\n")
         count += 1
+    if checkpoint is not None:
+        out.write(json.dumps({"checkpoint": checkpoint.as_json()}, sort_keys=True) + "\n")
     return count

@@ -134,26 +134,48 @@ async def _check_database(dsn: Any) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn import audit
+    from keyturn.checkpoint import Anchor
+    from keyturn.policy import load_config
     from keyturn.settings import load_settings
+    from keyturn.vault import process_vault
 
-    dsn = load_settings().dsn()
+    settings = load_settings()
+    dsn = settings.dsn()
+    unanchored = args.audit_command == "verify" and args.unanchored
+    if args.config is None and not unanchored:
+        more = (
+            " (or --unanchored to check the chain alone)" if args.audit_command == "verify" else ""
+        )
+        raise ConfigError(
+            f"keyturn audit {args.audit_command} needs --config FILE and the bot's Vault AppRole "
+            f"(KEYTURN_BOT_ROLE_ID, KEYTURN_BOT_SECRET_ID) to use the checkpoints in Vault{more}"
+        )
+    vault = None
+    if args.config is not None and not unanchored:
+        config = load_config(args.config)
+        vault = process_vault(settings, config, "bot")
 
     async def run() -> int:
-        async with _store(dsn) as store:
-            if args.audit_command == "verify":
-                result = await audit.verify(store)
-                if result.broken is not None:
-                    print(str(result.broken), file=sys.stderr)
-                    return EXIT_TAMPERED
-                print(f"audit chain intact: {result.checked} events")
+        anchor = Anchor.of(vault, config.vault) if vault is not None else None
+        try:
+            async with _store(dsn) as store:
+                if args.audit_command == "verify":
+                    result = await audit.verify(store, anchor)
+                    if result.broken is not None:
+                        print(str(result.broken), file=sys.stderr)
+                        return EXIT_TAMPERED
+                    print(result.summary())
+                    return 0
+                if args.output == "-":
+                    count = await audit.export(store, sys.stdout, args.since, anchor)
+                else:
+                    with Path(args.output).open("w", encoding="utf-8") as out:  # noqa: ASYNC230
+                        count = await audit.export(store, out, args.since, anchor)
+                print(f"exported {count} events", file=sys.stderr)
                 return 0
-            if args.output == "-":
-                count = await audit.export(store, sys.stdout, args.since)
-            else:
-                with Path(args.output).open("w", encoding="utf-8") as out:  # noqa: ASYNC230
-                    count = await audit.export(store, out, args.since)
-            print(f"exported {count} events", file=sys.stderr)
-            return 0
+        finally:
+            if vault is not None:
+                await vault.close()
 
     return _run(run())
 
@@ -399,8 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="verify or export the audit chain")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
-    audit_sub.add_parser("verify", help="exit 1 naming the first bad event if tampered")
+    ver = audit_sub.add_parser("verify", help="exit 1 naming the first bad event if tampered")
+    ver.add_argument("--config", type=Path, help="check against the checkpoint in Vault")
+    ver.add_argument("--unanchored", action="store_true", help="check the chain alone (no Vault)")
     exp = audit_sub.add_parser("export", help="write events as JSON lines")
+    exp.add_argument("--config", type=Path, help="end with a fresh checkpoint from Vault")
     exp.add_argument("--since", type=int, default=0, help="only events after this seq")
     exp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     p.set_defaults(func=cmd_audit, extra="server")

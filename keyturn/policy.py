@@ -358,6 +358,9 @@ class VaultConfig(Model):
     wrap_ttl: Duration = timedelta(seconds=60)  # a gateway takes its hand-off at once
     session_wrap_ttl: Duration = timedelta(minutes=10)  # a person reads a DM, then unwraps
     public_addr: str | None = None  # how people reach Vault to unwrap; default: addr
+    transit_mount: Name = "transit"  # its key HMACs audit checkpoints (keyturn.checkpoint)
+    kv_mount: Name = "secret"  # KV v2: where audit checkpoints are kept
+    audit_anchor: Name = "default"  # this deployment's checkpoint: keyturn/audit/<name>
 
 
 Algorithm = Literal[
@@ -427,6 +430,7 @@ class BotConfig(Model):
     sweep_interval: Duration = timedelta(seconds=15)  # revocation's guarantee behind the jobs
     orphan_grace: Duration = timedelta(seconds=60)  # unknown this long -> an orphan lease
     issue_timeout: Duration = timedelta(minutes=15)  # keep retrying Vault this long, then fail
+    audit_checkpoint: Duration = timedelta(minutes=1)  # anchor the audit chain in Vault this often
 
 
 # What keyturn decides with (targets, rules, masking, TTLs and the file's own tests); the

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from keyturn import checkpoint
 from keyturn.errors import ConfigError, KeyturnError, NotFound
 from keyturn.policy import Config, PostgresTarget
 from keyturn.settings import target_admin_credentials, target_env_name
@@ -88,6 +89,8 @@ def policy_values(config: Config) -> dict[str, list[str]]:
     return {
         "database_mount": [config.vault.database_mount],
         "ssh_mount": [config.vault.ssh_mount],
+        "transit_mount": [config.vault.transit_mount],
+        "kv_mount": [config.vault.kv_mount],
         "readonly_role": sorted({t.vault.readonly_role for t in pg}),
         "write_role": sorted({t.vault.write_role for t in pg}),
         "ssh_role": sorted({t.vault.ssh_role for t in ssh}),
@@ -248,16 +251,34 @@ async def _check_readonly(vault: Vault, config: Config, report: BootstrapReport)
 
 
 async def _ensure_mount(
-    vault: Vault, report: BootstrapReport, kind: str, path: str, auth: bool
+    vault: Vault,
+    report: BootstrapReport,
+    kind: str,
+    path: str,
+    auth: bool,
+    options: dict[str, str] | None = None,
 ) -> None:
     listing = await vault.read("sys/auth" if auth else "sys/mounts") or {}
     mounts = listing.get("data", listing)
     existing = mounts.get(f"{path}/")
     if existing is None:
-        await vault.write(f"sys/{'auth' if auth else 'mounts'}/{path}", {"type": kind})
+        body: dict[str, object] = {"type": kind} | ({"options": options} if options else {})
+        await vault.write(f"sys/{'auth' if auth else 'mounts'}/{path}", body)
         report.did(f"enabled {kind} at {path}/")
     elif existing.get("type") != kind:
         raise ConfigError(f"Vault path {path}/ is a {existing.get('type')} mount, not {kind}")
+    elif options and any((existing.get("options") or {}).get(k) != v for k, v in options.items()):
+        raise ConfigError(f"Vault path {path}/ is a {kind} mount without options {options}")
+
+
+async def _audit_anchor(vault: Vault, config: Config, report: BootstrapReport) -> None:
+    """The transit key that HMACs audit checkpoints, and the KV v2 mount that keeps them."""
+    transit = config.vault.transit_mount
+    await _ensure_mount(vault, report, "transit", transit, auth=False)
+    if await vault.read(f"{transit}/keys/{checkpoint.KEY}") is None:
+        await vault.write(f"{transit}/keys/{checkpoint.KEY}", {"exportable": False})
+        report.did(f"created the transit key {transit}/keys/{checkpoint.KEY}")
+    await _ensure_mount(vault, report, "kv", config.vault.kv_mount, False, {"version": "2"})
 
 
 def _connection_url(target: PostgresTarget) -> str:
@@ -391,6 +412,7 @@ async def bootstrap(
         await _database(vault, config, report)
         await _check_readonly(vault, config, report)
     await _ssh(vault, config, report)
+    await _audit_anchor(vault, config, report)
     for name, text in policies.items():
         await vault.write(f"sys/policies/acl/{name}", {"policy": text})
         report.did(f"wrote policy {name}")

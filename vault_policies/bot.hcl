@@ -32,3 +32,18 @@ path "sys/leases/revoke/<database_mount>/creds/<write_role>/*" {
 path "sys/leases/lookup/<database_mount>/creds/<write_role>/" {
   capabilities = ["list", "sudo"]
 }
+
+# Audit checkpoints (keyturn.checkpoint): the chain's head, HMACed under a key nobody can
+# export and kept where a database superuser cannot write. The bot takes one every minute;
+# `keyturn audit verify` checks the chain against it with the same AppRole.
+path "<transit_mount>/hmac/keyturn-audit" {
+  capabilities = ["update"]
+}
+
+path "<transit_mount>/verify/keyturn-audit" {
+  capabilities = ["update"]
+}
+
+path "<kv_mount>/data/keyturn/audit/*" {
+  capabilities = ["create", "read", "update"]
+}

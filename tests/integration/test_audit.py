@@ -9,18 +9,22 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 from keyturn import audit
+from keyturn.checkpoint import Anchor, CheckpointRefused
 from keyturn.domain import Decision
 from keyturn.store import requests
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
+from tests.integration.conftest import Shop
 
 
 async def _fill(store: Store, events: int) -> None:
@@ -44,8 +48,10 @@ async def _tamper(dsn: Dsn, *statements: str) -> None:
         await conn.close()
 
 
-def _cli(dsn: Dsn, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url}
+def _cli(
+    dsn: Dsn, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "keyturn.cli", *args],
         capture_output=True,
@@ -64,7 +70,7 @@ async def test_intact_chain_verifies(store: Store, database: Dsn) -> None:
     await requests.decide(store, row.id, "U1", Decision.DENY, "no")
     result = await audit.verify(store)
     assert result.broken is None and result.checked == 32
-    proc = await asyncio.to_thread(_cli, database, "audit", "verify")
+    proc = await asyncio.to_thread(_cli, database, "audit", "verify", "--unanchored")
     assert proc.returncode == 0, proc.stderr
     assert "intact: 32 events" in proc.stdout
 
@@ -109,7 +115,7 @@ async def test_tampering_is_detected(
     assert result.broken is not None
     assert result.broken.seq == first_bad
     assert problem in result.broken.problem
-    proc = await asyncio.to_thread(_cli, database, "audit", "verify")
+    proc = await asyncio.to_thread(_cli, database, "audit", "verify", "--unanchored")
     assert proc.returncode == 1
     assert f"broken at event {first_bad}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -124,10 +130,8 @@ async def test_export_writes_json_lines(store: Store, database: Dsn, tmp_path: o
     assert lines[1]["prev_hash"] == lines[0]["hash"]
     assert {"at", "kind", "actor", "data", "hash", "request_id", "grant_id"} <= lines[0].keys()
 
-    out = f"{tmp_path}/audit.jsonl"
-    proc = await asyncio.to_thread(_cli, database, "audit", "export", "-o", out)
-    assert proc.returncode == 0, proc.stderr
-    assert len(Path(out).read_text(encoding="utf-8").splitlines()) == 5
+    proc = await asyncio.to_thread(_cli, database, "audit", "export")
+    assert proc.returncode == 2 and "--config" in proc.stderr  # an export carries a checkpoint
 
 
 async def test_the_unit_of_work_records_only_what_commits(store: Store, database: Dsn) -> None:
@@ -169,3 +173,119 @@ async def asyncpg_fetch(database: Dsn, sql: str) -> list[tuple[object, ...]]:
         return [tuple(r) for r in await conn.fetch(sql)]
     finally:
         await conn.close()
+
+
+# ------------------------------------------------------------------ checkpoints in Vault
+# What a database superuser can do with the append-only trigger off, and the chain alone
+# cannot see: cut the tail and move audit_head, wipe everything, re-chain after an edit.
+
+
+@pytest_asyncio.fixture
+async def anchor(shop: Shop, database: Dsn) -> AsyncIterator[Anchor]:
+    vault = shop.bot_vault()  # the bot's own AppRole: what the bot and verify use
+    yield Anchor(vault, name=database.url.rsplit("/", 1)[1])  # one per test
+    await vault.close()
+
+
+CUT_TAIL = [
+    "DELETE FROM audit_events WHERE seq > 5",
+    "UPDATE audit_head SET seq = 5, hash = (SELECT hash FROM audit_events WHERE seq = 5)",
+]
+WIPE = ["DELETE FROM audit_events", f"UPDATE audit_head SET seq = 0, hash = '{'0' * 64}'"]
+RECHAIN = [
+    "UPDATE audit_events SET data = '{\"i\": 999}' WHERE seq = 7",
+    """DO $$ DECLARE r record; prev text; BEGIN
+        SELECT hash INTO prev FROM audit_events WHERE seq = 6;
+        FOR r IN SELECT * FROM audit_events WHERE seq >= 7 ORDER BY seq LOOP
+            UPDATE audit_events SET prev_hash = prev, hash = keyturn_audit_hash(prev, r.seq,
+                r.at, r.kind, r.actor, r.request_id, r.grant_id, r.data)
+            WHERE seq = r.seq RETURNING hash INTO prev;
+        END LOOP;
+        UPDATE audit_head SET hash = prev WHERE id = 1;
+    END $$""",
+]
+
+
+@pytest.mark.parametrize(
+    ("statements", "problem"),
+    [
+        (CUT_TAIL, "events 6..10 are missing"),
+        (WIPE, "events 1..10 are missing"),
+        (RECHAIN, "differs"),
+    ],
+    ids=["tail-cut", "wipe", "re-chain"],
+)
+async def test_rewriting_the_chain_is_caught_by_the_checkpoint(
+    store: Store, database: Dsn, anchor: Anchor, statements: list[str], problem: str
+) -> None:
+    await _fill(store, 10)
+    assert (await anchor.record(store)) is not None
+    await _tamper(database, *statements)
+    assert (await audit.verify(store)).broken is None  # the chain alone: "intact"
+    result = await audit.verify(store, anchor)
+    assert result.broken is not None and problem in result.broken.problem, result
+    assert result.broken.seq == 10
+    again = await anchor.record(store)  # the anchor does not move back to the cut chain
+    assert again is not None and again.seq == 10
+
+
+async def test_a_checkpoint_written_without_the_key_is_refused(
+    store: Store, shop: Shop, anchor: Anchor
+) -> None:
+    """Someone who may write the KV path but not use the transit key (or who copied an old
+    checkpoint's fields) cannot make verify trust a checkpoint of their own."""
+    await _fill(store, 3)
+    genuine = await anchor.record(store)
+    assert genuine is not None
+    root = shop.root_vault()
+    forged = {**genuine.as_json(), "seq": 2, "hash": "ab" * 32}
+    await root.write(anchor.path, {"data": forged})
+    await root.close()
+    result = await audit.verify(store, anchor)
+    assert result.broken is not None and "HMAC" in str(result.broken), result
+    with pytest.raises(CheckpointRefused):
+        await anchor.record(store)  # nothing is written over it
+
+
+async def test_verify_says_how_many_events_are_not_yet_anchored(
+    store: Store, anchor: Anchor
+) -> None:
+    await _fill(store, 4)
+    first = await audit.verify(store, anchor)
+    assert first.broken is None and "no checkpoint in Vault yet" in first.summary()
+    await anchor.record(store)
+    await _fill(store, 3)
+    result = await audit.verify(store, anchor)
+    assert result.broken is None, result
+    assert "anchors events 1..4; 3 after it are not anchored yet" in result.summary()
+
+
+async def test_the_cli_verifies_and_exports_against_vault(
+    store: Store, database: Dsn, shop: Shop, anchor: Anchor, tmp_path: Path
+) -> None:
+    await _fill(store, 5)
+    config = tmp_path / "keyturn.yaml"
+    data = {**shop.base_policy, "vault": {**shop.base_policy["vault"], "audit_anchor": anchor.name}}
+    config.write_text(json.dumps(data), encoding="utf-8")
+    env = {"KEYTURN_BOT_ROLE_ID": shop.bot_role_id, "KEYTURN_BOT_SECRET_ID": shop.bot_secret_id}
+    out = tmp_path / "audit.jsonl"
+    proc = await asyncio.to_thread(
+        _cli, database, "audit", "export", "--config", str(config), "-o", str(out), env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    *events, last = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert last["checkpoint"]["seq"] == 5 and last["checkpoint"]["hash"] == events[-1]["hash"]
+    assert last["checkpoint"]["hmac"].startswith("vault:v1:")
+    ok = await asyncio.to_thread(
+        _cli, database, "audit", "verify", "--config", str(config), env=env
+    )
+    assert ok.returncode == 0 and "anchors events 1..5" in ok.stdout, ok.stderr
+    await _tamper(database, *WIPE)
+    cut = await asyncio.to_thread(
+        _cli, database, "audit", "verify", "--config", str(config), env=env
+    )
+    assert cut.returncode == 1 and "events 1..5 are missing" in cut.stderr, cut.stderr
+    assert "Traceback" not in cut.stderr and shop.bot_secret_id not in cut.stderr + cut.stdout
+    alone = await asyncio.to_thread(_cli, database, "audit", "verify")
+    assert alone.returncode == 2 and "--unanchored" in alone.stderr

@@ -21,6 +21,7 @@ from bot import card_store
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
+from keyturn.checkpoint import Anchor, Checkpoint
 from keyturn.clock import Clock, ManualClock
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import parse_config
@@ -584,3 +585,30 @@ async def test_postgres_down_at_click_time_tells_the_clicker(
         assert len(slack.calls_to("chat.postEphemeral")) == 1
         await rb.store.close()
     await proxy.down()
+
+
+async def test_the_bot_anchors_the_audit_chain_in_vault(
+    run_bot: BotFactory, shop: Shop, database: Dsn
+) -> None:
+    """Every bot.audit_checkpoint the bot HMACs the chain's head with Vault's transit key and
+    keeps it in Vault's KV (keyturn.checkpoint): a database superuser cannot move it."""
+    name = database.url.rsplit("/", 1)[1]
+    vault = {**shop.base_policy["vault"], "audit_anchor": name}
+    bot = {"poll_interval": "500ms", "card_claim_timeout": "2s", "audit_checkpoint": "300ms"}
+    reader = shop.bot_vault()
+    anchor = Anchor(reader, name=name)
+    try:
+        async with run_bot(vault=vault, bot=bot) as rb:
+            await rb.hold()
+
+            async def anchored() -> Checkpoint | None:
+                checkpoint, _ = await anchor.latest()
+                async with rb.store.raw_connection() as conn:
+                    head = await conn.fetchval("SELECT seq FROM audit_head")
+                return checkpoint if checkpoint is not None and checkpoint.seq == head else None
+
+            await rb.until(anchored)
+            checkpoint = await anchored()
+            assert checkpoint is not None and checkpoint.hmac.startswith("vault:v1:")
+    finally:
+        await reader.close()
