@@ -8,6 +8,8 @@ words for the person (:func:`bot.app.tell`); nothing is created.
 
 from __future__ import annotations
 
+import asyncio
+
 from bot import session_views
 from bot.cards import escape
 from bot.service import Bot
@@ -54,7 +56,8 @@ async def run(bot: Bot, user: str, text: str) -> str:
     if command == "list" and not rest:
         return session_views.listing(await desk.lines(user), desk.store.clock.now())
     if command == "pending" and not rest:
-        return session_views.waiting_listing(await desk.waiting_on(user))
+        waiting = await desk.waiting_on(user)  # off the loop, as cards are (Bot's drawn)
+        return await asyncio.to_thread(session_views.waiting_listing, waiting)
     if command == "revoke":
         return await _revoke(bot, user, rest)
     if command == "extend":

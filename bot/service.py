@@ -290,7 +290,7 @@ class Bot:
                 ts = await self._find_card(channel, row.id)
                 adopted = ts is not None
                 if ts is not None:  # its thread may lack the full command: posted again
-                    await self._post_full_command(channel, ts, self._state(row))
+                    await self._post_full_command(channel, ts, await drawn(self._state(row)))
                 else:
                     ts = await self._post_card(channel, row)
             except SLACK_ERRORS as exc:
@@ -317,20 +317,20 @@ class Bot:
         )
 
     async def _post_card(self, channel: str, row: RequestRow) -> str:
-        state = self._state(row)
+        card = await drawn(self._state(row))
         resp = await self.client.chat_postMessage(
             channel=channel,
-            text=card_text(state),
-            blocks=approval_card(state),
+            text=card.text,
+            blocks=card.blocks,
             metadata={"event_type": "keyturn_request", "event_payload": {"id": str(row.id)}},
         )
         ts = str(resp["ts"])
-        await self._post_full_command(channel, ts, state)
+        await self._post_full_command(channel, ts, card)
         return ts
 
-    async def _post_full_command(self, channel: str, ts: str, state: CardState) -> None:
+    async def _post_full_command(self, channel: str, ts: str, card: Drawn) -> None:
         """A command longer than a card holds goes, complete, into the card's thread."""
-        for text in command_blocks(state)[1]:
+        for text in card.thread:
             await self.client.chat_postMessage(channel=channel, thread_ts=ts, text=text)
 
     async def _find_card(self, channel: str, request_id: uuid.UUID) -> str | None:
@@ -353,12 +353,10 @@ class Bot:
         if not await card_store.take_card_update(self.store, row.id, shown, card.current):
             return
         state = self._state(row, card.grant)
+        picture = await drawn(state)
         try:
             await self.client.chat_update(
-                channel=card.channel,
-                ts=card.ts,
-                text=card_text(state),
-                blocks=approval_card(state),
+                channel=card.channel, ts=card.ts, text=picture.text, blocks=picture.blocks
             )
             if row.status != "pending" and (shown is None or shown.startswith("pending")):
                 await self._announce(card, state)
@@ -419,6 +417,24 @@ class Bot:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+
+@dataclass(frozen=True)
+class Drawn:
+    text: str
+    blocks: list[dict[str, Any]]
+    thread: list[str]  # the rest of a command longer than the card holds
+
+
+def _draw(state: CardState) -> Drawn:
+    return Drawn(card_text(state), approval_card(state), command_blocks(state)[1])
+
+
+async def drawn(state: CardState) -> Drawn:
+    """A card, drawn in a worker thread: printing a command back from its parse tree takes
+    up to a few hundred ms for the longest one an agent may send, and the bot's event loop
+    serves every click meanwhile."""
+    return await asyncio.to_thread(_draw, state)
 
 
 class NotRecorded(DatabaseUnavailable):

@@ -9,6 +9,7 @@ credentials go nowhere else), the news and reminders, and the App Home.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -426,9 +427,9 @@ class Desk:
         self.home_viewers[user] = None
         while len(self.home_viewers) > HOME_VIEWERS:
             self.home_viewers.pop(next(iter(self.home_viewers)))
-        view = session_views.home(
-            await self.lines(user), await self.waiting_on(user), self.store.clock.now()
-        )
+        lines, waiting = await self.lines(user), await self.waiting_on(user)
+        # off the loop: each agent command is printed back to count its statements (see drawn)
+        view = await asyncio.to_thread(session_views.home, lines, waiting, self.store.clock.now())
         await self.client.views_publish(user_id=user, view=view)
 
     async def republish(self, *users: str, requester: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -612,3 +613,30 @@ async def test_the_bot_anchors_the_audit_chain_in_vault(
             assert checkpoint is not None and checkpoint.hmac.startswith("vault:v1:")
     finally:
         await reader.close()
+
+
+async def test_commands_are_printed_back_off_the_event_loop(
+    run_bot: BotFactory, slack: SlackEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Printing a 64 KiB command back from its parse tree takes a few hundred ms; an agent
+    that sends many would stall every click if the bot drew cards on its event loop."""
+    from bot import cards, session_views
+
+    on_loop: list[str] = []
+
+    def recording(real: Any) -> Any:
+        def shown(command: str, shell: bool) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(command)
+            return real(command, shell)
+
+        return shown
+
+    monkeypatch.setattr(cards, "shown", recording(cards.shown))
+    monkeypatch.setattr(session_views, "shown", recording(session_views.shown))
+    async with run_bot() as rb:
+        request_id = await rb.hold("DELETE FROM t WHERE id IN (" + ", ".join(["1"] * 8000) + ")")
+        await rb.card(request_id)
+        status, _ = await slack.command("pending", "U_ALICE", CHANNEL)
+        assert status == 200 and "asks to run 1 statement" in slack.ephemerals[-1]["text"]
+    assert on_loop == []
