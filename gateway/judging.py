@@ -4,15 +4,19 @@ An agent chooses its command and so the CPU that judging it costs (parsing, line
 back, argv matching; each bounded by :mod:`keyturn.classify.budget`). On the event loop that
 time would stall every other agent, ``/healthz`` and the background loops. In a small pool of
 its own it only queues other judgements: at most :data:`JUDGES` threads contend with the loop
-for the interpreter, whatever number of agents send adversarial commands at once.
+for the interpreter, whatever number of agents send adversarial commands at once. And each
+agent identity is judged one command at a time (:class:`Turns`): one agent sending costly
+commands from many connections waits for itself, not in front of the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
@@ -28,3 +32,19 @@ async def judged(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     context = contextvars.copy_context()
     call = functools.partial(context.run, fn, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(_POOL, call)
+
+
+class Turns:
+    """One judgement at a time per agent identity; a lock lives while someone holds or
+    waits for it (a weak map: idle identities cost nothing)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, subject: str) -> AsyncIterator[None]:
+        lock = self._locks.get(subject)
+        if lock is None:
+            lock = self._locks[subject] = asyncio.Lock()
+        async with lock:
+            yield

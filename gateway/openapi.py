@@ -75,7 +75,10 @@ def build_spec() -> dict[str, Any]:
                         "400": _error("bad JSON or fields"),
                         "403": _error("blocked by a rule (error.rule) or target not allowed"),
                         "404": _error("unknown target"),
-                        "409": _error("Idempotency-Key reused with a different body"),
+                        "409": _error(
+                            "Idempotency-Key reused with a different body, or too many of the"
+                            " agent's requests are waiting for a human (too_many_pending)"
+                        ),
                         "413": _error("body or command too large"),
                         "429": _error("rate limited (see Retry-After)"),
                         **COMMON_ERRORS,

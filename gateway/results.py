@@ -19,6 +19,7 @@ import datetime as dt
 import decimal
 import functools
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import asyncpg
 from keyturn.aio import Deadline
 from keyturn.masking import MASK, Masker
 from keyturn.policy import GatewayConfig
+
+log = logging.getLogger(__name__)
 
 Truncation = Literal["rows", "value_bytes", "response_bytes"]
 TAIL_MARGIN = 256  # characters dropped from the end of a cut value, after masking
@@ -387,10 +390,19 @@ def shape(
     """JSON-ready, masked rows within the response cap, and which cap applied (if any).
 
     A column is masked by its name, and by position where lineage says it is a masked
-    column under another name (``SELECT email AS contact``).
+    column under another name (``SELECT email AS contact``). A result with another number of
+    columns than lineage counted means lineage misread the query, so no position can be
+    trusted: every column is masked.
     """
     hidden = masker.masked_columns(tuple(fetched.columns))
-    if masked is not None and len(masked) == len(hidden):
+    if masked is not None and len(masked) != len(hidden):
+        log.warning(
+            "lineage expected %d columns and the result has %d: every column is masked",
+            len(masked),
+            len(hidden),
+        )
+        hidden = (True,) * len(hidden)
+    elif masked is not None:
         hidden = tuple(a or b for a, b in zip(hidden, masked, strict=True))
     cut_at = limits.cut_at(len(fetched.columns))
     truncated = fetched.truncated

@@ -23,7 +23,7 @@ from gateway.approved import Executor, digest
 from gateway.auth import Authenticator
 from gateway.catalogs import Catalogs
 from gateway.journal import Journal
-from gateway.judging import judged
+from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.readonly import ReadOnlyLogins
@@ -127,6 +127,7 @@ class Gateway:
     masker: Masker = field(init=False)
     limits: Limits = field(init=False)
     draining: bool = field(init=False, default=False)
+    turns: Turns = field(init=False, default_factory=Turns)  # one judgement per agent at once
 
     def __post_init__(self) -> None:
         cfg = self.config.gateway
@@ -143,7 +144,8 @@ class Gateway:
     async def _verdict(self, target: str, command: str, who: Identity) -> Verdict:
         """Cached (per catalog); judged in the judging pool, never on the event loop."""
         catalog = await self._catalog(target)
-        return await judged(self._classify, target, command, who, catalog)
+        async with self.turns.turn(who.subject):
+            return await judged(self._classify, target, command, who, catalog)
 
     async def _catalog(self, target: str) -> Catalog | None:
         if self.catalogs is not None and self.readers is not None and target in self.readers:
@@ -212,7 +214,8 @@ class Gateway:
         deadline = Deadline(cfg.statement_timeout.total_seconds())
         masking = masking_patterns(self.config, rule)
         catalog = await self._catalog(cmd.target)
-        plan = await judged(read_plan, cmd.command, cfg.max_statements, masking, catalog)
+        async with self.turns.turn(who.subject):
+            plan = await judged(read_plan, cmd.command, cfg.max_statements, masking, catalog)
         started = False
         try:
             with self.metrics.execute_seconds.time():
@@ -403,6 +406,7 @@ class Gateway:
                 classification=_classification(verdict) | {"estimated_rows": estimate},
                 idempotency_key=key,
                 body_sha256=body_sha,
+                max_pending=self.config.gateway.max_pending_per_agent,
             ),
         )
         if created and verdict.action == "allow":

@@ -399,6 +399,9 @@ class GatewayConfig(Model):
     max_statements: int = Field(default=20, ge=1, le=1000)  # per allowed command
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
+    # held requests of one agent waiting for a human at once: each posts a card (and a long
+    # command a thread of them), so an agent cannot bury everyone's approvals in its own
+    max_pending_per_agent: int = Field(default=20, ge=1, le=10_000)
     max_wait: Duration = timedelta(seconds=60)
     poll_interval: Duration = timedelta(seconds=5)
     # the allowed path: one read-only login (Vault lease + pool) per agent identity and target

@@ -17,8 +17,8 @@ from typing import Literal
 from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.budget import budget
 from keyturn.classify.catalog import Catalog
-from keyturn.classify.lineage import Patterns
 from keyturn.classify.options import ALWAYS_RISKY, RISKY_OPTIONS
+from keyturn.classify.patterns import Patterns
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql

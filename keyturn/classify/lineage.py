@@ -1,13 +1,12 @@
 """Masked columns followed through a query: selected as themselves, or used.
 
-Masking patterns name columns, optionally with their table (``customers.email``,
-``*.ssn``, ``card*`` — a pattern without a table applies to every table). A masked column may
-come back only *as itself*: directly, or through aliases, subqueries, CTEs and set operations,
-and then the gateway masks that result column wherever it lands. Any other use — inside an
-expression or function, a cast, a predicate, a join key, GROUP BY, ORDER BY, a window, or a
-whole row (``row_to_json(t)``, ``t::text``) — would let its value out in another shape
-(``reverse(email)``, ``WHERE email = 'ada@…'`` answering yes or no), so the command is held
-with the reason. ``SELECT *`` stays allowed: its columns are masked by name.
+A masked column (:mod:`keyturn.classify.patterns`) may come back only *as itself*: directly,
+or through aliases, subqueries, CTEs and set operations, and then the gateway masks that
+result column wherever it lands. Any other use — inside an expression or function, a cast, a
+predicate, a join key, GROUP BY, ORDER BY, a window, or a whole row (``row_to_json(t)``,
+``t::text``) — would let its value out in another shape (``reverse(email)``, ``WHERE email =
+'ada@…'`` answering yes or no), so the command is held with the reason. ``SELECT *`` stays
+allowed: its columns are masked by name.
 
 A whole row is a use wherever it appears, under any alias, CTE or subquery, and whatever takes
 it: PostgreSQL reads ``t.f`` as the column ``f`` of ``t`` when there is one and otherwise as the
@@ -17,14 +16,20 @@ known to be a column of ``t`` is a call on the whole row, and holds when ``t`` m
 masked column — unless the rule's ``masked_uses`` lists ``f``. No list of "row functions"
 decides: a name not known to be a column is treated as the worst it could be.
 
-Unqualified columns are resolved against the FROM clause without asking the target: a name a
-pattern could mask in any table in scope counts as masked. Erring that way holds, never leaks.
+Names are resolved as PostgreSQL would be asked to, and where the two could differ, the worse
+reading wins: identifiers are compared exactly as the parser gives them (``"S"`` is not ``s``);
+a name is looked up in the query's own FROM items *and* every enclosing query's (an inner
+``c`` shadows an outer one in PostgreSQL; here both count); subqueries in FROM and CTE bodies
+see the enclosing queries' items (they may be correlated with them), a LATERAL one its
+siblings too; a derived table keeps every column in order, same-named ones included. Where the
+result's columns cannot be counted (``(f()).*``, ``*`` over a USING join, a function in FROM),
+positions are unknown and columns are masked by name; the gateway masks every column of a
+result whose count differs from what lineage expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,44 +37,14 @@ from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.budget import spend
+from keyturn.classify.patterns import Patterns
 from keyturn.classify.sql import children
 
 STAR = "*"
 # the target's relations by name -> the columns every relation of that name has
 Relations = Mapping[str, frozenset[str]]
-
-
-@dataclass(frozen=True)
-class Patterns:
-    """``table.column`` globs, lower-cased; a bare pattern is ``*.pattern``. ``uses``: the
-    functions the deciding rule lets take masked columns as plain arguments (``count``)."""
-
-    pairs: tuple[tuple[str, str], ...]
-    uses: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, patterns: Iterable[str], uses: Iterable[str] = ()) -> Patterns:
-        pairs = []
-        for raw in patterns:
-            table, _, column = raw.lower().rpartition(".")
-            pairs.append((table or "*", column))
-        return cls(tuple(pairs), frozenset(u.lower() for u in uses))
-
-    def column(self, table: str | None, name: str) -> str | None:
-        """The masked ``table.column`` this is, or None. ``table`` None: any table."""
-        name = name.lower()
-        for table_glob, column_glob in self.pairs:
-            if fnmatch.fnmatchcase(name, column_glob) and (
-                table is None or fnmatch.fnmatchcase(table.lower(), table_glob)
-            ):
-                return f"{table or '?'}.{name}"
-        return None
-
-    def table(self, table: str | None) -> bool:
-        """Whether some column of ``table`` (None: an unknown one) may be masked."""
-        return bool(self.pairs) and (
-            table is None or any(fnmatch.fnmatchcase(table.lower(), t) for t, _ in self.pairs)
-        )
+# a derived table's columns in order: (name, the masked column it is, or None)
+Columns = tuple[tuple[str, str | None], ...]
 
 
 @dataclass
@@ -78,10 +53,10 @@ class Source:
 
     name: str  # alias, or the table's own name
     table: str | None  # a base table's name; None for a derived one
-    outputs: dict[str, str | None] | None = None  # derived: column -> masked source or None
-    exact: bool = True  # derived: False when a * over a base table fed it (columns unknown)
-    # derived and not exact: the names that * may have brought (None: unknown), and whether
-    # a table it reached may have masked columns
+    outputs: Columns | None = None  # derived: its columns; None for a base table
+    exact: bool = True  # derived: False when its columns cannot all be counted
+    # derived and not exact: the names its columns may have beyond ``outputs`` (None:
+    # unknown), and whether something it reached may have masked columns
     more: frozenset[str] | None = frozenset()
     hides: bool = False
 
@@ -99,41 +74,59 @@ class Lineage:
 
 
 class _Query:
-    """One SELECT's scope: its FROM items (and the CTEs it can see)."""
+    """One SELECT's scope: its own FROM items, the enclosing queries' (``outer``), and the
+    CTEs it can see."""
 
-    def __init__(self, patterns: Patterns, ctes: Ctes, relations: Relations) -> None:
+    def __init__(
+        self, patterns: Patterns, ctes: Ctes, relations: Relations, outer: Sequence[Source]
+    ) -> None:
+        spend(1 + len(outer))
         self.patterns = patterns
         self.ctes = ctes
         self.relations = relations
         self.sources: list[Source] = []
+        self.outer = list(outer)
+        self.merged = False  # a USING or NATURAL join: * has fewer columns than its parts
         self.holds: list[str] = []
+
+    @property
+    def visible(self) -> list[Source]:
+        """Every FROM item a name here may resolve to: this query's, then the enclosing."""
+        return self.sources + self.outer
+
+    def named(self, name: str) -> list[Source]:
+        found = self.visible
+        spend(len(found))
+        return [s for s in found if s.name == name]
 
     # -- resolving
 
     def masked_ref(self, ref: ast.ColumnRef) -> str | None:
-        spend(len(self.sources))
         fields = [f.sval or "" if isinstance(f, ast.String) else STAR for f in ref.fields or ()]
         if not fields or fields[-1] == STAR:
             return None
         column = fields[-1]
         if len(fields) >= 2:
-            qualifier = fields[-2]
-            sources = [s for s in self.sources if s.name == qualifier]
+            sources = self.named(fields[-2])
             if not sources:  # a table named in full (schema.table.col), or one we cannot see
-                return self.patterns.column(qualifier, column) or self.patterns.column(None, column)
+                return self.patterns.column(fields[-2], column) or self.patterns.column(
+                    None, column
+                )
         else:
-            sources = self.sources
+            sources = self.visible
+            spend(len(sources))
         for source in sources:
             if source.outputs is not None:
-                if source.outputs.get(column.lower()):
-                    return source.outputs[column.lower()]
+                found = next((m for n, m in source.outputs if n == column and m), None)
+                if found:
+                    return found
                 if not source.exact and self.patterns.column(None, column):
                     return self.patterns.column(None, column)
             else:
                 found = self.patterns.column(source.table, column)
                 if found:
                     return found
-        if not sources:  # no FROM: a name an outer query brings in
+        if not sources:  # no FROM anywhere: erring towards masked
             return self.patterns.column(None, column)
         return None
 
@@ -142,7 +135,7 @@ class _Query:
         ``t.f`` when ``f`` is not known to be a column of ``t`` (then it is ``f(t)``)."""
         fields = ref.fields or ()
         if len(fields) == 1 and isinstance(fields[0], ast.String):
-            return [s for s in self.sources if s.name == fields[0].sval][:1]
+            return self.named(fields[0].sval or "")
         if fields and isinstance(fields[-1], ast.A_Star):
             return _starred(self, fields)
         called = self.call_on_row(ref)
@@ -157,13 +150,10 @@ class _Query:
         fields = ref.fields or ()
         if len(fields) < 2 or not all(isinstance(f, ast.String) for f in fields[-2:]):
             return None
-        qualifier, name = _strings(fields[-2:], lower=False)
-        spend(len(self.sources))
-        for source in self.sources:
-            if source.name != qualifier:
-                continue
+        qualifier, name = _strings(fields[-2:])
+        for source in self.named(qualifier):
             columns = self.columns(source)
-            known = columns is not None and (name in columns or name.lower() in columns)
+            known = columns is not None and name in columns
             if not known and not self.patterns.column(source.table, name):
                 return source, name
         return None
@@ -174,11 +164,11 @@ class _Query:
             return self.relations.get(source.table or "")
         if source.more is None:
             return None
-        return frozenset(source.outputs) | source.more
+        return frozenset(n for n, _ in source.outputs) | source.more
 
     def may_hide(self, source: Source) -> bool:
         if source.outputs is not None:
-            return any(source.outputs.values()) or source.hides
+            return any(m for _, m in source.outputs) or source.hides
         # by the patterns, not the catalog: a column added since the catalog was read may
         # be masked, and a whole row carries it
         return self.patterns.table(source.table)
@@ -199,7 +189,7 @@ class _Query:
             spend()
             if isinstance(current, ast.ColumnRef):
                 called = self.call_on_row(current)
-                if called is not None and called[1].lower() in self.patterns.uses:
+                if called is not None and called[1] in self.patterns.uses:
                     continue  # the rule lets this function take a masked row (count)
                 rows = self.whole_rows(current)
                 hidden = [row for row in rows if self.may_hide(row)]
@@ -215,7 +205,7 @@ class _Query:
             if isinstance(current, ast.SubLink):
                 sub = current.subselect
                 if isinstance(sub, ast.SelectStmt):
-                    inner = _outputs(sub, self.patterns, self.ctes, self.relations, outer=self)
+                    inner = _outputs(sub, self.patterns, self.ctes, self.relations, self.visible)
                     self.holds += inner.holds
                     for masked in inner.masked:
                         if masked:
@@ -224,7 +214,7 @@ class _Query:
                     stack.append((current.testexpr, inside or "in a comparison "))
                 continue
             if isinstance(current, ast.FuncCall):
-                if _name(current).lower() in self.patterns.uses and all(
+                if _name(current) in self.patterns.uses and all(
                     isinstance(arg, ast.ColumnRef) for arg in current.args or ()
                 ):  # the rule lets count(email) through; its FILTER and OVER still count
                     extra = (current.agg_filter, current.over, *(current.agg_order or ()))
@@ -243,9 +233,13 @@ class _Outputs:
     names: list[str]
     masked: list[str | None]
     holds: list[str]
-    exact: bool = True  # False when a * reached a base table: positions unknown
+    exact: bool = True  # False when the columns cannot all be counted: positions unknown
     more: frozenset[str] | None = frozenset()  # not exact: names the * may have brought
-    hides: bool = False  # not exact: a table the * reached may have masked columns
+    hides: bool = False  # not exact: something the * reached may have masked columns
+
+    def unknown(self, hides: bool) -> None:
+        """Columns of unknown number and names were added here."""
+        self.exact, self.more, self.hides = False, None, self.hides or hides
 
 
 def _name(call: ast.FuncCall) -> str:
@@ -254,19 +248,19 @@ def _name(call: ast.FuncCall) -> str:
 
 def _target_name(target: ast.ResTarget) -> str:
     if target.name:
-        return target.name.lower()
+        return target.name
     value = target.val
     if isinstance(value, ast.ColumnRef):
         last = (value.fields or ())[-1]
-        return (last.sval or "").lower() if isinstance(last, ast.String) else STAR
+        return (last.sval or "") if isinstance(last, ast.String) else STAR
     if isinstance(value, ast.FuncCall):
-        return _name(value).rsplit(".", 1)[-1].lower()
+        return _name(value).rsplit(".", 1)[-1]
     return "?column?"
 
 
 def _derived(name: str, names: list[str], found: _Outputs) -> Source:
     """A FROM item made by a query: its columns under ``names`` (the query's own, renamed)."""
-    columns = dict(zip(names + found.names[len(names) :], found.masked, strict=False))
+    columns = tuple(zip(names + found.names[len(names) :], found.masked, strict=False))
     return Source(name, None, columns, found.exact, found.more, found.hides)
 
 
@@ -278,11 +272,12 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             continue
         if isinstance(item, ast.RangeVar):
             name = (item.alias.aliasname if item.alias else None) or item.relname or ""
-            cte = ctes.get((item.relname or "").lower()) if not item.schemaname else None
+            cte = ctes.get(item.relname or "") if not item.schemaname else None
             given = _strings(item.alias.colnames) if item.alias else []
             if cte is not None:
-                names = given + list(cte.outputs or {})[len(given) :]
-                renamed = dict(zip(names, (cte.outputs or {}).values(), strict=False))
+                columns = cte.outputs or ()
+                names = given + [n for n, _ in columns][len(given) :]
+                renamed = tuple(zip(names, (m for _, m in columns), strict=False))
                 query.sources.append(dataclasses.replace(cte, name=name, outputs=renamed))
             elif given and query.patterns.table(item.relname):
                 query.holds.append(f"renames the columns of {item.relname}, which may be masked")
@@ -290,8 +285,9 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             else:
                 query.sources.append(Source(name, item.relname))
         elif isinstance(item, ast.RangeSubselect) and isinstance(item.subquery, ast.SelectStmt):
-            outer = query if item.lateral else None
-            inner = _outputs(item.subquery, query.patterns, ctes, query.relations, outer=outer)
+            # correlated with the enclosing queries always; with its siblings when LATERAL
+            scope = query.visible if item.lateral else query.outer
+            inner = _outputs(item.subquery, query.patterns, ctes, query.relations, scope)
             query.holds += inner.holds
             alias = item.alias.aliasname if item.alias else ""
             names = _strings(item.alias.colnames if item.alias else ())
@@ -306,14 +302,15 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
                     query.holds.append(f"joins on a masked column ({column}) in USING")
             if item.isNatural and any(query.may_hide(s) for s in joined):
                 query.holds.append("a NATURAL join may compare masked columns")
+            query.merged = query.merged or bool(item.usingClause) or bool(item.isNatural)
             if item.alias is not None:  # the join's columns under one name: unknown which
                 hides = any(query.may_hide(s) for s in joined)
-                joint = Source(item.alias.aliasname or "", None, {}, False, None, hides)
+                joint = Source(item.alias.aliasname or "", None, (), False, None, hides)
                 query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
             query.uses(item, "in a FROM function")
             alias = item.alias.aliasname if item.alias else ""
-            query.sources.append(Source(alias or "", None, {}))
+            query.sources.append(Source(alias or "", None, (), False, None))
         else:
             query.uses(item, "in FROM")
 
@@ -322,9 +319,9 @@ def _column(qualifier: str, name: str) -> ast.ColumnRef:
     return ast.ColumnRef(fields=(ast.String(sval=qualifier), ast.String(sval=name)))
 
 
-def _strings(nodes: Iterable[ast.Node] | None, *, lower: bool = True) -> list[str]:
-    found = [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
-    return [s.lower() for s in found] if lower else found
+def _strings(nodes: Iterable[ast.Node] | None) -> list[str]:
+    """Identifiers as the parser gives them: unquoted ones already folded, quoted ones not."""
+    return [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
 
 
 def _outputs(
@@ -332,24 +329,25 @@ def _outputs(
     patterns: Patterns,
     ctes: Ctes,
     relations: Relations,
-    outer: _Query | None = None,
+    outer: Sequence[Source] = (),
     left: _Outputs | None = None,
 ) -> _Outputs:
-    """``left``: the first term of this set operation, already followed (a recursive CTE's
-    seed): following it again would double the work at every level of nesting."""
-    spend(1 + len(ctes) + (len(outer.sources) if outer is not None else 0))  # the copies below
+    """``outer``: the FROM items of the enclosing queries. ``left``: the first term of this
+    set operation, already followed (a recursive CTE's seed): following it again would double
+    the work at every level of nesting."""
+    spend(1 + len(ctes))  # the copy below
     ctes = dict(ctes)
     holds: list[str] = []
     recursive = bool(stmt.withClause and stmt.withClause.recursive)
     for cte in (stmt.withClause.ctes or ()) if stmt.withClause else ():
         if isinstance(cte, ast.CommonTableExpr) and isinstance(cte.ctequery, ast.SelectStmt):
-            name, given = (cte.ctename or "").lower(), _strings(cte.aliascolnames)
+            name, given = cte.ctename or "", _strings(cte.aliascolnames)
             seed = None
             if recursive and cte.ctequery.larg is not None:
                 # the recursive term reads the CTE itself: as its first term defines it
-                seed = _outputs(cte.ctequery.larg, patterns, ctes, relations)
+                seed = _outputs(cte.ctequery.larg, patterns, ctes, relations, outer)
                 ctes[name] = _derived(name, given, seed)
-            inner = _outputs(cte.ctequery, patterns, ctes, relations, left=seed)
+            inner = _outputs(cte.ctequery, patterns, ctes, relations, outer, left=seed)
             holds += inner.holds
             ctes[name] = _derived(name, given, inner)
     if stmt.op and stmt.larg is not None and stmt.rarg is not None:  # UNION / INTERSECT / EXCEPT
@@ -362,16 +360,19 @@ def _outputs(
         if any(either) and (stmt.op != SetOperation.SETOP_UNION or not stmt.all):
             holds.append("compares masked values (UNION, INTERSECT or EXCEPT)")
         holds += _ordering(stmt, left.names, either)
-        probe = _Query(patterns, ctes, relations)
+        probe = _Query(patterns, ctes, relations, outer)
         probe.uses(stmt.limitCount, "in LIMIT")
         probe.uses(stmt.limitOffset, "in OFFSET")
         return _Outputs(left.names, either, holds + probe.holds, True)
-    query = _Query(patterns, ctes, relations)
-    if outer is not None:
-        query.sources += outer.sources
+    query = _Query(patterns, ctes, relations, outer)
     _sources(query, stmt.fromClause or (), ctes)
-    for rows in stmt.valuesLists or ():
-        query.uses(rows, "in VALUES")
+    out = _Outputs([], [], holds)
+    for row in stmt.valuesLists or ():
+        query.uses(row, "in VALUES")
+    if stmt.valuesLists:  # VALUES (…), (…): column1, column2, … as PostgreSQL names them
+        width = len(getattr(stmt.valuesLists[0], "items", None) or stmt.valuesLists[0] or ())
+        out.names += [f"column{i}" for i in range(1, width + 1)]
+        out.masked += [None] * width
     query.uses(stmt.whereClause, "in WHERE")
     query.uses(stmt.havingClause, "in HAVING")
     query.uses(stmt.limitCount, "in LIMIT")
@@ -385,7 +386,6 @@ def _outputs(
     for item in stmt.distinctClause or ():
         if isinstance(item, ast.Node):
             query.uses(item, "in DISTINCT ON")
-    out = _Outputs([], [], holds)
     for target in stmt.targetList or ():
         if not isinstance(target, ast.ResTarget) or target.val is None:
             continue
@@ -394,6 +394,8 @@ def _outputs(
         if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
             for source in _starred(query, fields):
                 _star(out, query, source)
+            if len(fields) == 1 and query.merged:
+                out.unknown(hides=False)  # a USING column once for two: positions shift
             continue
         if isinstance(value, ast.ColumnRef) and not query.whole_rows(value):
             out.names.append(_target_name(target))
@@ -402,12 +404,17 @@ def _outputs(
         if isinstance(value, ast.SubLink) and value.subLinkType == SubLinkType.EXPR_SUBLINK:
             sub = value.subselect
             if isinstance(sub, ast.SelectStmt):
-                inner = _outputs(sub, patterns, ctes, relations, outer=query)
+                inner = _outputs(sub, patterns, ctes, relations, query.visible)
                 query.holds += inner.holds
                 out.names.append(_target_name(target))
                 out.masked.append(inner.masked[0] if inner.masked else None)
                 continue
         query.uses(value, "")
+        if isinstance(value, ast.A_Indirection) and isinstance(
+            (value.indirection or (None,))[-1], ast.A_Star
+        ):  # (f()).*: as many columns as f returns, named as it names them
+            out.unknown(hides=False)
+            continue
         out.names.append(_target_name(target))
         out.masked.append(None)
     out.holds += _ordering(stmt, out.names, out.masked) + query.holds
@@ -428,8 +435,8 @@ def _star(out: _Outputs, query: _Query, source: Source) -> None:
         out.exact = False
         out.more = None if source.more is None or out.more is None else out.more | source.more
         out.hides = out.hides or source.hides
-    out.names += source.outputs
-    out.masked += source.outputs.values()
+    out.names += [n for n, _ in source.outputs]
+    out.masked += [m for _, m in source.outputs]
 
 
 def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
@@ -440,22 +447,23 @@ def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | Non
     items += [d for d in stmt.distinctClause or () if isinstance(d, ast.Node)]
     for item in items:
         key = item.node if isinstance(item, ast.SortBy) else item
-        index = None
+        indexes: list[int] = []
         if isinstance(key, ast.A_Const) and isinstance(key.val, ast.Integer):
-            index = (key.val.ival or 0) - 1
+            indexes = [(key.val.ival or 0) - 1]
         elif isinstance(key, ast.ColumnRef) and len(key.fields or ()) == 1:
-            field = (key.fields or ())[0]
-            name = (field.sval or "").lower() if isinstance(field, ast.String) else ""
-            index = names.index(name) if name in names else None
-        if index is not None and 0 <= index < len(masked) and masked[index]:
-            found.append(f"orders or groups by a masked column ({masked[index]})")
+            field_ = (key.fields or ())[0]
+            name = (field_.sval or "") if isinstance(field_, ast.String) else ""
+            indexes = [i for i, n in enumerate(names) if n == name]
+        for index in indexes:
+            if 0 <= index < len(masked) and masked[index]:
+                found.append(f"orders or groups by a masked column ({masked[index]})")
     return found
 
 
 def _starred(query: _Query, fields: Sequence[ast.Node]) -> list[Source]:
-    """The sources a ``*`` or ``t.*`` reaches."""
+    """The sources a ``*`` (this query's own FROM items) or ``t.*`` (any named t) reaches."""
     if len(fields) >= 2 and isinstance(fields[-2], ast.String):
-        return [s for s in query.sources if s.name == fields[-2].sval]
+        return query.named(fields[-2].sval or "")
     return query.sources
 
 

@@ -25,7 +25,8 @@ from pglast.stream import RawStream
 
 from keyturn.classify.budget import budget
 from keyturn.classify.catalog import Catalog
-from keyturn.classify.lineage import Patterns, lineage
+from keyturn.classify.lineage import lineage
+from keyturn.classify.patterns import Patterns
 from keyturn.classify.sql import explain_analyzes, nodes_under, parse
 from keyturn.errors import KeyturnError
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.domain import (
@@ -55,6 +55,33 @@ class NewRequest:
     idempotency_key: str | None = None
     body_sha256: str | None = None
     session: bool = False  # a human's own session: runs no command (keyturn.domain.Request)
+    max_pending: int | None = None  # the requester's pending requests at most (agents)
+
+
+class TooManyPending(Conflict):
+    """An agent already has as many requests waiting for a human as it may. A conflict, not a
+    rate limit: clients do not retry it; the agent (or its model) reads why and waits."""
+
+    code = "too_many_pending"
+
+
+async def _within_pending(tx: Tx, requester: str, limit: int) -> None:
+    """Count ``requester``'s pending requests under a lock on its name (concurrent holds of
+    one agent take turns here, so the limit is exact across gateways)."""
+    await tx.session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('keyturn-pending:' || :who, 0))"),
+        {"who": requester},
+    )
+    waiting = await tx.session.scalar(
+        select(func.count())
+        .select_from(RequestRow)
+        .where(RequestRow.requester == requester, RequestRow.status == RequestStatus.PENDING)
+    )
+    if (waiting or 0) >= limit:
+        raise TooManyPending(
+            f"{requester} already has {waiting} requests waiting for a human (at most {limit}); "
+            "wait for them to be decided or to expire, then send more"
+        )
 
 
 async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, bool]:
@@ -98,6 +125,8 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
     )
     try:
         async with store.transaction() as tx:
+            if new.max_pending is not None:
+                await _within_pending(tx, new.requester, new.max_pending)
             tx.session.add(row)
             await tx.session.flush()
             tx.record(

@@ -279,19 +279,22 @@ async def test_health_answers_while_a_maximal_result_is_produced(
         assert status == 200 and body["result"]["row_count"] == 1000 and answered > 1
 
 
+# 2,000 chained CTEs: judging it spends the whole work budget, then refuses it too_complex
+COSTLY = sql(
+    "WITH c0 AS (SELECT * FROM customers), "
+    + ", ".join(f"c{i} AS (SELECT * FROM c{i - 1})" for i in range(1, 2000))
+    + " SELECT * FROM c1999"
+)
+
+
 async def test_health_answers_while_eight_agents_send_the_costliest_commands_to_judge(
     run_gateway: GatewayFactory, idp: DevIdP
 ) -> None:
     """The red team stalled /healthz for 23 s with one query; judging now happens in a small
     pool off the event loop and within a work budget: each gets a 400, the loop stays free."""
-    costly = sql(
-        "WITH c0 AS (SELECT * FROM customers), "
-        + ", ".join(f"c{i} AS (SELECT * FROM c{i - 1})" for i in range(1, 2000))
-        + " SELECT * FROM c1999"
-    )
     async with run_gateway() as gw:
         token = idp.token("crew-billing")
-        judging = [asyncio.create_task(gw.post(token, costly)) for _ in range(8)]
+        judging = [asyncio.create_task(gw.post(token, COSTLY)) for _ in range(8)]
         answered = 0
         while not all(task.done() for task in judging):
             assert (await gw.client.get("/healthz")).status == 200
@@ -300,6 +303,22 @@ async def test_health_answers_while_eight_agents_send_the_costliest_commands_to_
         for status, body in [task.result() for task in judging]:
             assert (status, body["error"]["code"]) == (400, "too_complex"), body
         assert answered > 1
+
+
+async def test_one_agents_costly_commands_wait_for_each_other_not_in_front_of_others(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The red team's four connections of costly shell lines made another agent's SELECT 1
+    wait 17-20 s. Each identity is judged one command at a time: the attacker queues behind
+    itself, and the other agent's command takes the pool's other thread."""
+    async with run_gateway() as gw:
+        attacker = idp.token("crew-billing")
+        flood = [asyncio.create_task(gw.post(attacker, COSTLY)) for _ in range(8)]
+        await asyncio.sleep(0.05)  # the flood is queued
+        status, body = await gw.post(idp.token("crew-other"), sql("SELECT 1"))
+        assert (status, body["status"]) == (200, "executed"), body
+        assert sum(not task.done() for task in flood) >= 4  # most of the flood still waits
+        await asyncio.gather(*flood)
 
 
 # ------------------------------------------------------------------ records
@@ -782,3 +801,31 @@ async def test_a_whole_row_call_in_column_notation_is_held_on_a_real_target(
             assert "example.com" not in json.dumps(body)
             request = await requests.get_request(gw.store, uuid.UUID(body["id"]))
             assert any("whole row" in r for r in request.classification["reasons"]), command
+
+
+async def test_names_an_agent_shadows_duplicates_or_quotes_are_held_on_a_real_target(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The second outside round read emails through a duplicate column name, a quoted CTE
+    name, an inner alias shadowing an outer one, and a FROM subquery correlated with the
+    enclosing query; and lost a renamed email's mask beside (f()).*."""
+    token = idp.token("crew-billing")
+    async with run_gateway() as gw:
+        for command in (
+            "SELECT translate(row_to_json(s)::text, '@.', '#,')"
+            " FROM (SELECT email AS a, 1 AS a FROM customers) s",
+            'WITH "S" AS (SELECT email FROM customers), s AS (SELECT 1 AS x)'
+            ' SELECT reverse(email) FROM "S"',
+            "SELECT (SELECT string_agg(translate(c::text, '@.', '#,'), ';') FROM customers c)"
+            " FROM (SELECT 1 AS x) c",
+            "SELECT (SELECT t FROM (SELECT translate(c::text, '@.', '#,') AS t) s)"
+            " FROM customers c",
+            "SELECT email AS e2, (information_schema._pg_expandarray(ARRAY[1])).* FROM customers",
+        ):
+            status, body = await gw.post(token, sql(command))
+            assert (status, body["status"]) == (202, "pending"), (command, body)
+            assert "example" not in json.dumps(body)
+        status, body = await gw.post(
+            token, sql("SELECT s.* FROM (SELECT email AS a, 1 AS a FROM customers) s ORDER BY 2")
+        )
+        assert body["result"]["rows"] == [["***", 1], ["***", 1]], body

@@ -644,3 +644,29 @@ async def test_a_shadow_rule_is_audited_and_counted_not_enforced(
             'keyturn_gateway_shadow_matches_total{action="block",rule="no-updates-at-all"} 1.0'
             in metrics
         )
+
+
+async def test_an_agent_cannot_bury_the_approvals_channel(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The outside round held ~430 long commands in minutes: 50,312 messages in #approvals.
+    An agent has at most gateway.max_pending_per_agent requests waiting for a human; the
+    limit holds under concurrency, other agents are not affected, and a decision frees room."""
+    async with run_gateway(gateway={"max_pending_per_agent": 3}) as gw:
+        flood = idp.token("crew-billing")
+        results = await asyncio.gather(
+            *(
+                gw.post(flood, {"target": "shop", "command": f"DELETE FROM orders WHERE id = {i}"})
+                for i in range(8)
+            )
+        )
+        assert sorted(status for status, _ in results) == [202] * 3 + [409] * 5
+        refused = next(body for status, body in results if status == 409)
+        assert refused["error"]["code"] == "too_many_pending"
+        assert "at most 3" in refused["error"]["message"]
+        status, _ = await gw.post(idp.token("crew-other"), UPDATE)
+        assert status == 202
+        first = next(body for status, body in results if status == 202)
+        await requests.decide(gw.store, uuid.UUID(first["id"]), "U_APPROVER", Decision.DENY, "no")
+        status, body = await gw.post(flood, UPDATE)
+        assert status == 202, body

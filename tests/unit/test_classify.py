@@ -869,6 +869,49 @@ def test_masked_uses_lets_its_function_take_a_whole_row_in_column_notation() -> 
         read_plan("SELECT c.concat FROM t c", 20, masking, COLUMNS)
 
 
+# The second outside round: names resolved unlike PostgreSQL resolves them
+NAME_TRICKS = {
+    # two columns of one name: the plain one hid the masked one
+    "duplicate-names": "SELECT translate(row_to_json(s)::text, '@', '#')"
+    " FROM (SELECT email AS a, 1 AS a FROM t) s",
+    # a quoted CTE name is not its lower-case twin
+    "quoted-cte": 'WITH "S" AS (SELECT email FROM t), s AS (SELECT 1 AS x)'
+    ' SELECT reverse(email) FROM "S"',
+    "quoted-cte-row": 'WITH "S" AS (SELECT email FROM t), s AS (SELECT 1 AS x)'
+    ' SELECT x::text FROM "S" x',
+    # an inner c shadows the outer c
+    "shadowed": "SELECT (SELECT string_agg(c::text, ';') FROM t c) FROM (SELECT 1 AS x) c",
+    # a FROM subquery or a CTE body may reach the enclosing query's c
+    "correlated-from": "SELECT (SELECT v FROM (SELECT c::text AS v) s) FROM t c",
+    "correlated-cte": "SELECT (WITH w AS (SELECT c::text AS v) SELECT v FROM w) FROM t c",
+    "correlated-notation": "SELECT (SELECT v FROM (SELECT c.concat AS v) s) FROM t c",
+    # (f()).* makes columns nobody counted: the renamed email loses its position
+    "uncounted": "SELECT email AS e2, (information_schema._pg_expandarray(ARRAY[1])).* FROM t",
+    "function-star": "SELECT email AS e, x.* FROM t, generate_series(1, 2) x",
+    "using-star": "SELECT * FROM (SELECT id, email AS e FROM t) a"
+    " JOIN (SELECT id, 1 AS x FROM t) b USING (id)",
+}
+
+
+@pytest.mark.parametrize("catalog", [COLUMNS, None], ids=["columns-known", "no-catalog"])
+@pytest.mark.parametrize("command", list(NAME_TRICKS.values()), ids=list(NAME_TRICKS))
+def test_names_resolve_no_better_for_the_agent_than_postgres_resolves_them(
+    command: str, catalog: Catalog | None
+) -> None:
+    with pytest.raises(NotReadOnly):
+        read_plan(command, 20, masking_patterns(lax_policy()), catalog)
+
+
+def test_duplicate_and_values_columns_keep_their_positions() -> None:
+    masking = masking_patterns(lax_policy())
+    assert read_plan("SELECT s.* FROM (SELECT email AS a, 1 AS a FROM t) s", 20, masking)[
+        -1
+    ].masked == (True, False)
+    assert read_plan("SELECT email AS e, v.* FROM t, (VALUES (1, 2)) v", 20, masking)[
+        -1
+    ].masked == (True, False, False)
+
+
 def test_same_named_relations_share_only_their_common_columns() -> None:
     both = Catalog.of([], ["public"], [("t", ["id", "concat"]), ("t", ["id"])])
     assert both.columns["t"] == frozenset({"id"})

@@ -99,6 +99,10 @@ ADVERSARIAL_SHELL = {
     "wrapper": "sudo " + " ".join(["a"] * 30000),  # every tail could be the wrapped command
     "pipes": " | ".join(["ls"] * 15000),
     "script": "bash -c '" + " ; ".join(["ls"] * 8000) + "'",
+    # one "word" to a whitespace count, 21,333 nested parses to bashlex (2.5 s of CPU)
+    "backticks": "echo " + "`a`" * 21333,
+    "expansions": "echo " + "$a" * 30000,
+    "substitutions": "echo " + "$(a)" * 15000,
 }
 
 

@@ -45,3 +45,13 @@ def test_json_has_no_nan() -> None:
         "-Infinity",
         1.5,
     ]
+
+
+def test_a_result_of_another_width_than_lineage_counted_is_masked_whole() -> None:
+    """The red team's (f()).* made lineage count fewer columns than came back; the gateway
+    then masked by name only, and a renamed email was clear but for the detector."""
+    fetched = Fetched(["e2", "x"], [["secret-value", 1]])
+    rows, _ = shape(fetched, MASKER, LIMITS, masked=(True,))
+    assert rows == [["***", "***"]]
+    rows, _ = shape(fetched, MASKER, LIMITS, masked=(True, False))
+    assert rows == [["***", 1]]
