@@ -116,7 +116,7 @@ class SqlAnalysis:
             self.reasons.append(reason)
 
 
-MAX_NODES = 50_000  # more parse-tree nodes than this: too complex to judge
+MAX_NODES = 25_000  # more parse-tree nodes than this: too complex to judge (and to print)
 MAX_DEPTH = 1_000  # parse-tree nodes nested deeper than this: likewise
 
 
