@@ -249,7 +249,13 @@ class Login:
                 self._draining.add(conn)
                 try:
                     await conn.execute(RESET, timeout=RESET_TIMEOUT)
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,  # mid-operation (a cancelled read): unusable
+                ):
                     reusable = False
                 finally:
                     self._draining.discard(conn)

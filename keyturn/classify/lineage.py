@@ -38,7 +38,7 @@ from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.budget import spend
 from keyturn.classify.patterns import Patterns
-from keyturn.classify.sql import children
+from keyturn.classify.sql import children, nodes_under
 
 STAR = "*"
 # the target's relations by name -> the columns every relation of that name has
@@ -260,8 +260,24 @@ def _target_name(target: ast.ResTarget) -> str:
 
 def _derived(name: str, names: list[str], found: _Outputs) -> Source:
     """A FROM item made by a query: its columns under ``names`` (the query's own, renamed)."""
-    columns = tuple(zip(names + found.names[len(names) :], found.masked, strict=False))
-    return Source(name, None, columns, found.exact, found.more, found.hides)
+    columns = tuple(zip(found.names, found.masked, strict=False))
+    renamed = _renamed(columns, names, found.exact, found.hides)
+    return Source(name, None, renamed, found.exact, found.more, found.hides)
+
+
+def _renamed(columns: Columns, given: list[str], exact: bool, hides: bool) -> Columns:
+    """``columns`` with the first ones renamed to ``given`` (``AS x(a, b)``, a CTE's list).
+
+    When the columns cannot be counted (a ``*`` fed them), which column each new name lands
+    on is unknown: if any of them may be masked, every new name is taken for a masked one.
+    """
+    if not given:
+        return columns
+    if exact:
+        names = given + [n for n, _ in columns][len(given) :]
+        return tuple(zip(names, (m for _, m in columns), strict=False))
+    risky = "a column renamed over *" if hides or any(m for _, m in columns) else None
+    return tuple((n, risky) for n in given) + columns
 
 
 def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
@@ -275,9 +291,7 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             cte = ctes.get(item.relname or "") if not item.schemaname else None
             given = _strings(item.alias.colnames) if item.alias else []
             if cte is not None:
-                columns = cte.outputs or ()
-                names = given + [n for n, _ in columns][len(given) :]
-                renamed = tuple(zip(names, (m for _, m in columns), strict=False))
+                renamed = _renamed(cte.outputs or (), given, cte.exact, cte.hides)
                 query.sources.append(dataclasses.replace(cte, name=name, outputs=renamed))
             elif given and query.patterns.table(item.relname):
                 query.holds.append(f"renames the columns of {item.relname}, which may be masked")
@@ -305,7 +319,8 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             query.merged = query.merged or bool(item.usingClause) or bool(item.isNatural)
             if item.alias is not None:  # the join's columns under one name: unknown which
                 hides = any(query.may_hide(s) for s in joined)
-                joint = Source(item.alias.aliasname or "", None, (), False, None, hides)
+                renamed = _renamed((), _strings(item.alias.colnames), False, hides)
+                joint = Source(item.alias.aliasname or "", None, renamed, False, None, hides)
                 query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
             query.uses(item, "in a FROM function")
@@ -324,6 +339,58 @@ def _strings(nodes: Iterable[ast.Node] | None) -> list[str]:
     return [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
 
 
+def _cte(
+    query: ast.SelectStmt,
+    name: str,
+    given: list[str],
+    patterns: Patterns,
+    ctes: Ctes,
+    relations: Relations,
+    outer: Sequence[Source],
+) -> _Outputs:
+    """A CTE's columns. A recursive one (``seed UNION ALL step``) reads itself in its step:
+    as what the seed and the steps so far make, until the masks stop growing (they only grow,
+    so at most once more than it has columns; usually the first pass is the last)."""
+    if not (query.op and query.larg is not None and query.rarg is not None):
+        return _outputs(query, patterns, ctes, relations, outer)
+    seed = _outputs(query.larg, patterns, ctes, relations, outer)
+    found, holds = seed, []
+    for _ in range(len(seed.names) + 1):
+        ctes[name] = _derived(name, given, found)
+        again = _outputs(query, patterns, ctes, relations, outer, left=seed)  # seed | step
+        holds += again.holds
+        if [bool(m) for m in again.masked] == [bool(m) for m in found.masked]:
+            break  # reading itself as it is gives itself
+        found = again
+    return dataclasses.replace(again, holds=list(dict.fromkeys(holds)))
+
+
+def _reads_later(ctes: Sequence[ast.CommonTableExpr]) -> list[str]:
+    """WITH RECURSIVE lets a CTE read one listed after it; lineage follows CTEs in order and
+    would take the later name for a table of that name, so such a list is held."""
+    for i, cte in enumerate(ctes):
+        later = {c.ctename for c in ctes[i + 1 :]}
+        for node in nodes_under(cte.ctequery) if cte.ctequery is not None else ():
+            if isinstance(node, ast.RangeVar) and not node.schemaname and node.relname in later:
+                return [f"a CTE of a WITH RECURSIVE reads {node.relname}, listed after it"]
+    return []
+
+
+def _search_and_cycle(cte: ast.CommonTableExpr, source: Source) -> list[str]:
+    """SEARCH … SET o and CYCLE … USING p copy the listed columns' values into new columns
+    (and CYCLE compares them): listing a column that may be masked is a use of it."""
+    listed: list[str] = []
+    for clause in (cte.search_clause, cte.cycle_clause):
+        if isinstance(clause, ast.CTESearchClause):
+            listed += _strings(clause.search_col_list)
+        elif isinstance(clause, ast.CTECycleClause):
+            listed += _strings(clause.cycle_col_list)
+    masked = {n for n, m in source.outputs or () if m}
+    if any(n in masked for n in listed) or (listed and not source.exact and source.hides):
+        return [f"SEARCH or CYCLE of {cte.ctename} copies or compares a masked column"]
+    return []
+
+
 def _outputs(
     stmt: ast.SelectStmt,
     patterns: Patterns,
@@ -338,18 +405,20 @@ def _outputs(
     spend(1 + len(ctes))  # the copy below
     ctes = dict(ctes)
     holds: list[str] = []
-    recursive = bool(stmt.withClause and stmt.withClause.recursive)
-    for cte in (stmt.withClause.ctes or ()) if stmt.withClause else ():
-        if isinstance(cte, ast.CommonTableExpr) and isinstance(cte.ctequery, ast.SelectStmt):
+    listed = [
+        cte
+        for cte in ((stmt.withClause.ctes or ()) if stmt.withClause else ())
+        if isinstance(cte, ast.CommonTableExpr)
+    ]
+    if stmt.withClause and stmt.withClause.recursive:
+        holds += _reads_later(listed)
+    for cte in listed:
+        if isinstance(cte.ctequery, ast.SelectStmt):
             name, given = cte.ctename or "", _strings(cte.aliascolnames)
-            seed = None
-            if recursive and cte.ctequery.larg is not None:
-                # the recursive term reads the CTE itself: as its first term defines it
-                seed = _outputs(cte.ctequery.larg, patterns, ctes, relations, outer)
-                ctes[name] = _derived(name, given, seed)
-            inner = _outputs(cte.ctequery, patterns, ctes, relations, outer, left=seed)
+            inner = _cte(cte.ctequery, name, given, patterns, ctes, relations, outer)
             holds += inner.holds
             ctes[name] = _derived(name, given, inner)
+            holds += _search_and_cycle(cte, ctes[name])
     if stmt.op and stmt.larg is not None and stmt.rarg is not None:  # UNION / INTERSECT / EXCEPT
         left = left or _outputs(stmt.larg, patterns, ctes, relations, outer)
         right = _outputs(stmt.rarg, patterns, ctes, relations, outer)
@@ -440,11 +509,15 @@ def _star(out: _Outputs, query: _Query, source: Source) -> None:
 
 
 def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
-    """ORDER BY, GROUP BY and DISTINCT ON by position (``1``) or output name, when they
-    land on a masked column: its order or grouping tells its value."""
+    """ORDER BY, GROUP BY (grouping sets, ROLLUP and CUBE included) and DISTINCT ON by
+    position (``1``) or output name, and plain DISTINCT, when they land on a masked column:
+    its order, grouping or equality tells its value."""
     found = []
-    items = [*(stmt.sortClause or ()), *(stmt.groupClause or ())]
-    items += [d for d in stmt.distinctClause or () if isinstance(d, ast.Node)]
+    distinct = stmt.distinctClause or ()
+    if distinct and all(d is None for d in distinct) and any(masked):
+        found.append("compares masked values (DISTINCT)")
+    items = [*(stmt.sortClause or ()), *_grouping_keys(stmt.groupClause or ())]
+    items += [d for d in distinct if isinstance(d, ast.Node)]
     for item in items:
         key = item.node if isinstance(item, ast.SortBy) else item
         indexes: list[int] = []
@@ -458,6 +531,17 @@ def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | Non
             if 0 <= index < len(masked) and masked[index]:
                 found.append(f"orders or groups by a masked column ({masked[index]})")
     return found
+
+
+def _grouping_keys(items: Iterable[ast.Node | None]) -> Iterator[ast.Node]:
+    """GROUP BY's keys, out of ROLLUP, CUBE, GROUPING SETS and their (a, b) rows."""
+    for item in items:
+        if isinstance(item, ast.GroupingSet):
+            yield from _grouping_keys(item.content or ())
+        elif isinstance(item, ast.RowExpr):
+            yield from _grouping_keys(item.args or ())
+        elif isinstance(item, ast.Node):
+            yield item
 
 
 def _starred(query: _Query, fields: Sequence[ast.Node]) -> list[Source]:

@@ -829,3 +829,29 @@ async def test_names_an_agent_shadows_duplicates_or_quotes_are_held_on_a_real_ta
             token, sql("SELECT s.* FROM (SELECT email AS a, 1 AS a FROM customers) s ORDER BY 2")
         )
         assert body["result"]["rows"] == [["***", 1], ["***", 1]], body
+
+
+async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The third outside round: new names over a *, a recursive step reading earlier steps,
+    a WITH RECURSIVE reading a later CTE, SEARCH/CYCLE copies, ROLLUP on an output name."""
+    token = idp.token("crew-billing")
+    async with run_gateway() as gw:
+        for command in (
+            "SELECT reverse(c) FROM (SELECT * FROM customers) x(a, b, c)",
+            "WITH s(a, b, c) AS (SELECT * FROM customers) SELECT a, replace(c, '@', ' AT ') FROM s",
+            "SELECT a, reverse(f) FROM (customers CROSS JOIN (SELECT 1) o) AS j(a, b, c, f)",
+            "WITH RECURSIVE r(n, e, leak) AS (SELECT 0, NULL::text, NULL::text UNION ALL"
+            " SELECT r.n + 1, c.email, reverse(r.e) FROM r JOIN customers c ON c.id = r.n + 1)"
+            " SELECT n, leak FROM r",
+            "WITH RECURSIVE a AS (SELECT x FROM s), s AS (SELECT email AS x FROM customers)"
+            " SELECT reverse(x) FROM a",
+            "WITH RECURSIVE r AS (SELECT id, email FROM customers UNION ALL SELECT id, email"
+            " FROM r WHERE false) SEARCH DEPTH FIRST BY email SET o SELECT id, reverse(o::text)"
+            " FROM r",
+            "SELECT email AS x, count(*) FROM customers GROUP BY ROLLUP (x) ORDER BY 2",
+        ):
+            status, body = await gw.post(token, sql(command))
+            assert (status, body["status"]) == (202, "pending"), (command, body)
+            assert "elpmaxe" not in json.dumps(body) and "example" not in json.dumps(body)

@@ -890,6 +890,27 @@ NAME_TRICKS = {
     "function-star": "SELECT email AS e, x.* FROM t, generate_series(1, 2) x",
     "using-star": "SELECT * FROM (SELECT id, email AS e FROM t) a"
     " JOIN (SELECT id, 1 AS x FROM t) b USING (id)",
+    # the third round: new names over a *, whose positions nobody knows
+    "renamed-star": "SELECT reverse(c) FROM (SELECT * FROM t) x(a, b, c)",
+    "renamed-star-cte": "WITH s(a, b, c) AS (SELECT * FROM t) SELECT replace(c, '@', ' ') FROM s",
+    "renamed-join": "SELECT reverse(f) FROM (t CROSS JOIN (SELECT 1) o) AS j(a, b, f)",
+    "renamed-star-oracle": "SELECT a FROM (SELECT * FROM t) x(a, b, c) WHERE c LIKE 'a%'",
+    # a recursive step reads what earlier steps made, not only the seed
+    "recursive-step": "WITH RECURSIVE r(n, e, leak) AS (SELECT 0, NULL::text, NULL::text"
+    " UNION ALL SELECT r.n + 1, t.email, reverse(r.e) FROM r JOIN t ON t.id = r.n + 1)"
+    " SELECT n, leak FROM r",
+    # WITH RECURSIVE lets a CTE read one listed after it
+    "forward-cte": "WITH RECURSIVE a AS (SELECT x FROM s), s AS (SELECT email AS x FROM t)"
+    " SELECT reverse(x) FROM a",
+    # SEARCH and CYCLE copy the listed columns into new ones
+    "search": "WITH RECURSIVE r AS (SELECT id, email FROM t UNION ALL SELECT id, email FROM r"
+    " WHERE false) SEARCH DEPTH FIRST BY email SET o SELECT id, reverse(o::text) FROM r",
+    "cycle": "WITH RECURSIVE r AS (SELECT id, email FROM t UNION ALL SELECT id, email FROM r"
+    " WHERE false) CYCLE email SET c USING p SELECT id, p::text FROM r",
+    # grouping by an output name inside ROLLUP or GROUPING SETS, and DISTINCT's equality
+    "rollup": "SELECT email AS x, count(*) FROM t GROUP BY ROLLUP (x)",
+    "grouping-sets": "SELECT email AS x, count(*) FROM t GROUP BY GROUPING SETS ((x), ())",
+    "distinct": "SELECT DISTINCT email, id FROM t",
 }
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from keyturn.masking import MASK, Masker, luhn_ok
@@ -63,3 +66,29 @@ def test_only_configured_detectors_run() -> None:
 def test_luhn() -> None:
     assert luhn_ok("4111111111111111") and luhn_ok("79927398713")
     assert not luhn_ok("4111111111111112")
+
+
+ADVERSARIAL = ["a." * 32768, "a-" * 32768, "1." * 32768, "2-" * 32768, "@" + "a.a" * 21000]
+
+
+def test_a_value_shaped_against_the_detectors_is_masked_in_bounded_time() -> None:
+    """A target's 64 KiB value of "a.a.a.…" took the email pattern 4 s (it rescanned to the
+    end from every start), on the gateway's event loop. A hang guard, not a timing test: the
+    five values get 5 s of CPU between them in a child process; bounded, they take ~0.05 s."""
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, (5, 5))\n"
+        "from tests.unit.test_masking import ADVERSARIAL, ALL\n"
+        "for value in ADVERSARIAL: ALL.text(value)\n"
+        "print('done')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-500:]
+
+
+def test_bounded_email_pattern_still_masks_real_addresses() -> None:
+    local = "x" * 64
+    assert ALL.text(f"to {local}@example.com") == "to x***@example.com"
+    assert ALL.text("ada.lovelace+k@mail.example.co.uk") == "a***@mail.example.co.uk"
