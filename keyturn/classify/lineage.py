@@ -16,21 +16,18 @@ known to be a column of ``t`` is a call on the whole row, and holds when ``t`` m
 masked column — unless the rule's ``masked_uses`` lists ``f``. No list of "row functions"
 decides: a name not known to be a column is treated as the worst it could be.
 
-Names are resolved as PostgreSQL would be asked to, and where the two could differ, the worse
-reading wins: identifiers are compared exactly as the parser gives them (``"S"`` is not ``s``);
-a name is looked up in the query's own FROM items *and* every enclosing query's (an inner
-``c`` shadows an outer one in PostgreSQL; here both count); subqueries in FROM and CTE bodies
-see the enclosing queries' items (they may be correlated with them), a LATERAL one its
-siblings too; a derived table keeps every column in order, same-named ones included. Where the
-result's columns cannot be counted (``(f()).*``, ``*`` over a USING join, a function in FROM),
-positions are unknown and columns are masked by name; the gateway masks every column of a
-result whose count differs from what lineage expected.
+Names are resolved in :mod:`keyturn.classify.scope`, never better for the agent than
+PostgreSQL resolves them. Subqueries in FROM and CTE bodies see the enclosing queries' items
+(they may be correlated with them), a LATERAL one its siblings too. Where the result's columns
+cannot be counted (``(f()).*``, ``*`` over a USING join, a function in FROM), positions are
+unknown and columns are masked by name; the gateway masks every column of a result whose
+count differs from what lineage expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pglast import ast
@@ -38,31 +35,20 @@ from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.budget import spend
 from keyturn.classify.patterns import Patterns
+from keyturn.classify.scope import (
+    STAR,
+    Ctes,
+    Outputs,
+    Relations,
+    Scope,
+    Source,
+    derived,
+    star,
+    starred,
+    strings,
+    with_names,
+)
 from keyturn.classify.sql import children, nodes_under
-
-STAR = "*"
-# the target's relations by name -> the columns every relation of that name has
-Relations = Mapping[str, frozenset[str]]
-# a derived table's columns in order: (name, the masked column it is, or None)
-Columns = tuple[tuple[str, str | None], ...]
-
-
-@dataclass
-class Source:
-    """One FROM item as seen from the query using it."""
-
-    name: str  # alias, or the table's own name
-    table: str | None  # a base table's name; None for a derived one
-    outputs: Columns | None = None  # derived: its columns; None for a base table
-    exact: bool = True  # derived: False when its columns cannot all be counted
-    # derived and not exact: the names its columns may have beyond ``outputs`` (None:
-    # unknown), and whether something it reached may have masked columns
-    more: frozenset[str] | None = frozenset()
-    hides: bool = False
-
-
-# a CTE's name -> what a query reading it sees (named when read)
-Ctes = dict[str, Source]
 
 
 @dataclass
@@ -73,173 +59,58 @@ class Lineage:
     masked: tuple[bool, ...] | None = None
 
 
-class _Query:
-    """One SELECT's scope: its own FROM items, the enclosing queries' (``outer``), and the
-    CTEs it can see."""
+def _uses(query: Scope, node: ast.Node | None, where: str) -> None:
+    """Hold for every masked column, and whole masked row, used anywhere under ``node``."""
+    if node is None:
+        return
+    for found, shape in _references(query, node):
+        query.holds.append(f"uses {found} {shape}{where}")
 
-    def __init__(
-        self, patterns: Patterns, ctes: Ctes, relations: Relations, outer: Sequence[Source]
-    ) -> None:
-        spend(1 + len(outer))
-        self.patterns = patterns
-        self.ctes = ctes
-        self.relations = relations
-        self.sources: list[Source] = []
-        self.outer = list(outer)
-        self.merged = False  # a USING or NATURAL join: * has fewer columns than its parts
-        self.holds: list[str] = []
 
-    @property
-    def visible(self) -> list[Source]:
-        """Every FROM item a name here may resolve to: this query's, then the enclosing."""
-        return self.sources + self.outer
-
-    def named(self, name: str) -> list[Source]:
-        found = self.visible
-        spend(len(found))
-        return [s for s in found if s.name == name]
-
-    # -- resolving
-
-    def masked_ref(self, ref: ast.ColumnRef) -> str | None:
-        fields = [f.sval or "" if isinstance(f, ast.String) else STAR for f in ref.fields or ()]
-        if not fields or fields[-1] == STAR:
-            return None
-        column = fields[-1]
-        if len(fields) >= 2:
-            sources = self.named(fields[-2])
-            if not sources:  # a table named in full (schema.table.col), or one we cannot see
-                return self.patterns.column(fields[-2], column) or self.patterns.column(
-                    None, column
-                )
-        else:
-            sources = self.visible
-            spend(len(sources))
-        for source in sources:
-            if source.outputs is not None:
-                found = next((m for n, m in source.outputs if n == column and m), None)
-                if found:
-                    return found
-                if not source.exact and self.patterns.column(None, column):
-                    return self.patterns.column(None, column)
-            else:
-                found = self.patterns.column(source.table, column)
-                if found:
-                    return found
-        if not sources:  # no FROM anywhere: erring towards masked
-            return self.patterns.column(None, column)
-        return None
-
-    def whole_rows(self, ref: ast.ColumnRef) -> list[Source]:
-        """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*``, ``*``, or
-        ``t.f`` when ``f`` is not known to be a column of ``t`` (then it is ``f(t)``)."""
-        fields = ref.fields or ()
-        if len(fields) == 1 and isinstance(fields[0], ast.String):
-            return self.named(fields[0].sval or "")
-        if fields and isinstance(fields[-1], ast.A_Star):
-            return _starred(self, fields)
-        called = self.call_on_row(ref)
-        return [called[0]] if called is not None else []
-
-    def call_on_row(self, ref: ast.ColumnRef) -> tuple[Source, str] | None:
-        """``t.f`` read as the call ``f(t)``: the source and ``f``; None for a column.
-
-        A name that a masking pattern matches counts as a column: if it is a call instead, the
-        result column is masked all the same, and anywhere else it holds as a masked use.
-        """
-        fields = ref.fields or ()
-        if len(fields) < 2 or not all(isinstance(f, ast.String) for f in fields[-2:]):
-            return None
-        qualifier, name = _strings(fields[-2:])
-        for source in self.named(qualifier):
-            columns = self.columns(source)
-            known = columns is not None and name in columns
-            if not known and not self.patterns.column(source.table, name):
-                return source, name
-        return None
-
-    def columns(self, source: Source) -> frozenset[str] | None:
-        """The column names of ``source``, or None when they are not all known."""
-        if source.outputs is None:
-            return self.relations.get(source.table or "")
-        if source.more is None:
-            return None
-        return frozenset(n for n, _ in source.outputs) | source.more
-
-    def may_hide(self, source: Source) -> bool:
-        if source.outputs is not None:
-            return any(m for _, m in source.outputs) or source.hides
-        # by the patterns, not the catalog: a column added since the catalog was read may
-        # be masked, and a whole row carries it
-        return self.patterns.table(source.table)
-
-    # -- walking
-
-    def uses(self, node: ast.Node | None, where: str) -> None:
-        """Hold for every masked column, and whole masked row, used anywhere under ``node``."""
-        if node is None:
-            return
-        for found, shape in self.references(node):
-            self.holds.append(f"uses {found} {shape}{where}")
-
-    def references(self, node: ast.Node) -> Iterator[tuple[str, str]]:
-        stack: list[tuple[ast.Node, str]] = [(node, "")]
-        while stack:
-            current, inside = stack.pop()
-            spend()
-            if isinstance(current, ast.ColumnRef):
-                called = self.call_on_row(current)
-                if called is not None and called[1] in self.patterns.uses:
-                    continue  # the rule lets this function take a masked row (count)
-                rows = self.whole_rows(current)
-                hidden = [row for row in rows if self.may_hide(row)]
-                if hidden:
-                    yield f"the whole row of {hidden[0].name}", inside
-                    continue
-                if rows:
-                    continue
-                found = self.masked_ref(current)
-                if found:
-                    yield found, inside
+def _references(query: Scope, node: ast.Node) -> Iterator[tuple[str, str]]:
+    stack: list[tuple[ast.Node, str]] = [(node, "")]
+    while stack:
+        current, inside = stack.pop()
+        spend()
+        if isinstance(current, ast.ColumnRef):
+            called = query.call_on_row(current)
+            if called is not None and called[1] in query.patterns.uses:
+                continue  # the rule lets this function take a masked row (count)
+            rows = query.whole_rows(current)
+            hidden = [row for row in rows if query.may_hide(row)]
+            if hidden:
+                yield f"the whole row of {hidden[0].name}", inside
                 continue
-            if isinstance(current, ast.SubLink):
-                sub = current.subselect
-                if isinstance(sub, ast.SelectStmt):
-                    inner = _outputs(sub, self.patterns, self.ctes, self.relations, self.visible)
-                    self.holds += inner.holds
-                    for masked in inner.masked:
-                        if masked:
-                            yield masked, inside or "inside a subquery "
-                if current.testexpr is not None:
-                    stack.append((current.testexpr, inside or "in a comparison "))
+            if rows:
                 continue
-            if isinstance(current, ast.FuncCall):
-                if _name(current) in self.patterns.uses and all(
-                    isinstance(arg, ast.ColumnRef) for arg in current.args or ()
-                ):  # the rule lets count(email) through; its FILTER and OVER still count
-                    extra = (current.agg_filter, current.over, *(current.agg_order or ()))
-                    stack.extend((n, inside) for n in extra if isinstance(n, ast.Node))
-                    continue
-                inside = inside or f"inside {_name(current)}() "
-            elif isinstance(current, ast.TypeCast):
-                inside = inside or "inside a cast "
-            elif isinstance(current, ast.A_Expr | ast.BoolExpr | ast.NullTest):
-                inside = inside or "inside an expression "
-            stack.extend((child, inside) for child in children(current))
-
-
-@dataclass
-class _Outputs:
-    names: list[str]
-    masked: list[str | None]
-    holds: list[str]
-    exact: bool = True  # False when the columns cannot all be counted: positions unknown
-    more: frozenset[str] | None = frozenset()  # not exact: names the * may have brought
-    hides: bool = False  # not exact: something the * reached may have masked columns
-
-    def unknown(self, hides: bool) -> None:
-        """Columns of unknown number and names were added here."""
-        self.exact, self.more, self.hides = False, None, self.hides or hides
+            found = query.masked_ref(current)
+            if found:
+                yield found, inside
+            continue
+        if isinstance(current, ast.SubLink):
+            sub = current.subselect
+            if isinstance(sub, ast.SelectStmt):
+                inner = _outputs(sub, query.patterns, query.ctes, query.relations, query.visible)
+                query.holds += inner.holds
+                for masked in inner.masked:
+                    if masked:
+                        yield masked, inside or "inside a subquery "
+            if current.testexpr is not None:
+                stack.append((current.testexpr, inside or "in a comparison "))
+            continue
+        if isinstance(current, ast.FuncCall):
+            if _name(current) in query.patterns.uses and all(
+                isinstance(arg, ast.ColumnRef) for arg in current.args or ()
+            ):  # the rule lets count(email) through; its FILTER and OVER still count
+                extra = (current.agg_filter, current.over, *(current.agg_order or ()))
+                stack.extend((n, inside) for n in extra if isinstance(n, ast.Node))
+                continue
+            inside = inside or f"inside {_name(current)}() "
+        elif isinstance(current, ast.TypeCast):
+            inside = inside or "inside a cast "
+        elif isinstance(current, ast.A_Expr | ast.BoolExpr | ast.NullTest):
+            inside = inside or "inside an expression "
+        stack.extend((child, inside) for child in children(current))
 
 
 def _name(call: ast.FuncCall) -> str:
@@ -258,40 +129,18 @@ def _target_name(target: ast.ResTarget) -> str:
     return "?column?"
 
 
-def _derived(name: str, names: list[str], found: _Outputs) -> Source:
-    """A FROM item made by a query: its columns under ``names`` (the query's own, renamed)."""
-    columns = tuple(zip(found.names, found.masked, strict=False))
-    renamed = _renamed(columns, names, found.exact, found.hides)
-    return Source(name, None, renamed, found.exact, found.more, found.hides)
-
-
-def _renamed(columns: Columns, given: list[str], exact: bool, hides: bool) -> Columns:
-    """``columns`` with the first ones renamed to ``given`` (``AS x(a, b)``, a CTE's list).
-
-    When the columns cannot be counted (a ``*`` fed them), which column each new name lands
-    on is unknown: if any of them may be masked, every new name is taken for a masked one.
-    """
-    if not given:
-        return columns
-    if exact:
-        names = given + [n for n, _ in columns][len(given) :]
-        return tuple(zip(names, (m for _, m in columns), strict=False))
-    risky = "a column renamed over *" if hides or any(m for _, m in columns) else None
-    return tuple((n, risky) for n in given) + columns
-
-
-def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
+def _sources(query: Scope, items: Sequence[ast.Node], ctes: Ctes) -> None:
     for item in items:
         if isinstance(item, ast.RangeTableSample):
-            query.uses(item, "in TABLESAMPLE")
+            _uses(query, item, "in TABLESAMPLE")
             _sources(query, [item.relation] if item.relation is not None else [], ctes)
             continue
         if isinstance(item, ast.RangeVar):
             name = (item.alias.aliasname if item.alias else None) or item.relname or ""
             cte = ctes.get(item.relname or "") if not item.schemaname else None
-            given = _strings(item.alias.colnames) if item.alias else []
+            given = strings(item.alias.colnames) if item.alias else []
             if cte is not None:
-                renamed = _renamed(cte.outputs or (), given, cte.exact, cte.hides)
+                renamed = with_names(cte.outputs or (), given, cte.exact, cte.hides)
                 query.sources.append(dataclasses.replace(cte, name=name, outputs=renamed))
             elif given and query.patterns.table(item.relname):
                 query.holds.append(f"renames the columns of {item.relname}, which may be masked")
@@ -304,14 +153,14 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             inner = _outputs(item.subquery, query.patterns, ctes, query.relations, scope)
             query.holds += inner.holds
             alias = item.alias.aliasname if item.alias else ""
-            names = _strings(item.alias.colnames if item.alias else ())
-            query.sources.append(_derived(alias or "", names, inner))
+            names = strings(item.alias.colnames if item.alias else ())
+            query.sources.append(derived(alias or "", names, inner))
         elif isinstance(item, ast.JoinExpr):
             before = len(query.sources)
             _sources(query, [n for n in (item.larg, item.rarg) if n is not None], ctes)
             joined = query.sources[before:]
-            query.uses(item.quals, "in a join condition")
-            for column in _strings(item.usingClause):  # USING compares the named columns
+            _uses(query, item.quals, "in a join condition")
+            for column in strings(item.usingClause):  # USING compares the named columns
                 if any(query.masked_ref(_column(s.name, column)) for s in joined):
                     query.holds.append(f"joins on a masked column ({column}) in USING")
             if item.isNatural and any(query.may_hide(s) for s in joined):
@@ -319,24 +168,19 @@ def _sources(query: _Query, items: Sequence[ast.Node], ctes: Ctes) -> None:
             query.merged = query.merged or bool(item.usingClause) or bool(item.isNatural)
             if item.alias is not None:  # the join's columns under one name: unknown which
                 hides = any(query.may_hide(s) for s in joined)
-                renamed = _renamed((), _strings(item.alias.colnames), False, hides)
+                renamed = with_names((), strings(item.alias.colnames), False, hides)
                 joint = Source(item.alias.aliasname or "", None, renamed, False, None, hides)
                 query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
-            query.uses(item, "in a FROM function")
+            _uses(query, item, "in a FROM function")
             alias = item.alias.aliasname if item.alias else ""
             query.sources.append(Source(alias or "", None, (), False, None))
         else:
-            query.uses(item, "in FROM")
+            _uses(query, item, "in FROM")
 
 
 def _column(qualifier: str, name: str) -> ast.ColumnRef:
     return ast.ColumnRef(fields=(ast.String(sval=qualifier), ast.String(sval=name)))
-
-
-def _strings(nodes: Iterable[ast.Node] | None) -> list[str]:
-    """Identifiers as the parser gives them: unquoted ones already folded, quoted ones not."""
-    return [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
 
 
 def _cte(
@@ -347,7 +191,7 @@ def _cte(
     ctes: Ctes,
     relations: Relations,
     outer: Sequence[Source],
-) -> _Outputs:
+) -> Outputs:
     """A CTE's columns. A recursive one (``seed UNION ALL step``) reads itself in its step:
     as what the seed and the steps so far make, until the masks stop growing (they only grow,
     so at most once more than it has columns; usually the first pass is the last)."""
@@ -356,7 +200,7 @@ def _cte(
     seed = _outputs(query.larg, patterns, ctes, relations, outer)
     found, holds = seed, []
     for _ in range(len(seed.names) + 1):
-        ctes[name] = _derived(name, given, found)
+        ctes[name] = derived(name, given, found)
         again = _outputs(query, patterns, ctes, relations, outer, left=seed)  # seed | step
         holds += again.holds
         if [bool(m) for m in again.masked] == [bool(m) for m in found.masked]:
@@ -382,9 +226,9 @@ def _search_and_cycle(cte: ast.CommonTableExpr, source: Source) -> list[str]:
     listed: list[str] = []
     for clause in (cte.search_clause, cte.cycle_clause):
         if isinstance(clause, ast.CTESearchClause):
-            listed += _strings(clause.search_col_list)
+            listed += strings(clause.search_col_list)
         elif isinstance(clause, ast.CTECycleClause):
-            listed += _strings(clause.cycle_col_list)
+            listed += strings(clause.cycle_col_list)
     masked = {n for n, m in source.outputs or () if m}
     if any(n in masked for n in listed) or (listed and not source.exact and source.hides):
         return [f"SEARCH or CYCLE of {cte.ctename} copies or compares a masked column"]
@@ -397,8 +241,8 @@ def _outputs(
     ctes: Ctes,
     relations: Relations,
     outer: Sequence[Source] = (),
-    left: _Outputs | None = None,
-) -> _Outputs:
+    left: Outputs | None = None,
+) -> Outputs:
     """``outer``: the FROM items of the enclosing queries. ``left``: the first term of this
     set operation, already followed (a recursive CTE's seed): following it again would double
     the work at every level of nesting."""
@@ -414,10 +258,10 @@ def _outputs(
         holds += _reads_later(listed)
     for cte in listed:
         if isinstance(cte.ctequery, ast.SelectStmt):
-            name, given = cte.ctename or "", _strings(cte.aliascolnames)
+            name, given = cte.ctename or "", strings(cte.aliascolnames)
             inner = _cte(cte.ctequery, name, given, patterns, ctes, relations, outer)
             holds += inner.holds
-            ctes[name] = _derived(name, given, inner)
+            ctes[name] = derived(name, given, inner)
             holds += _search_and_cycle(cte, ctes[name])
     if stmt.op and stmt.larg is not None and stmt.rarg is not None:  # UNION / INTERSECT / EXCEPT
         left = left or _outputs(stmt.larg, patterns, ctes, relations, outer)
@@ -429,40 +273,40 @@ def _outputs(
         if any(either) and (stmt.op != SetOperation.SETOP_UNION or not stmt.all):
             holds.append("compares masked values (UNION, INTERSECT or EXCEPT)")
         holds += _ordering(stmt, left.names, either)
-        probe = _Query(patterns, ctes, relations, outer)
-        probe.uses(stmt.limitCount, "in LIMIT")
-        probe.uses(stmt.limitOffset, "in OFFSET")
-        return _Outputs(left.names, either, holds + probe.holds, True)
-    query = _Query(patterns, ctes, relations, outer)
+        probe = Scope(patterns, ctes, relations, outer)
+        _uses(probe, stmt.limitCount, "in LIMIT")
+        _uses(probe, stmt.limitOffset, "in OFFSET")
+        return Outputs(left.names, either, holds + probe.holds, True)
+    query = Scope(patterns, ctes, relations, outer)
     _sources(query, stmt.fromClause or (), ctes)
-    out = _Outputs([], [], holds)
+    out = Outputs([], [], holds)
     for row in stmt.valuesLists or ():
-        query.uses(row, "in VALUES")
+        _uses(query, row, "in VALUES")
     if stmt.valuesLists:  # VALUES (…), (…): column1, column2, … as PostgreSQL names them
         width = len(getattr(stmt.valuesLists[0], "items", None) or stmt.valuesLists[0] or ())
         out.names += [f"column{i}" for i in range(1, width + 1)]
         out.masked += [None] * width
-    query.uses(stmt.whereClause, "in WHERE")
-    query.uses(stmt.havingClause, "in HAVING")
-    query.uses(stmt.limitCount, "in LIMIT")
-    query.uses(stmt.limitOffset, "in OFFSET")
+    _uses(query, stmt.whereClause, "in WHERE")
+    _uses(query, stmt.havingClause, "in HAVING")
+    _uses(query, stmt.limitCount, "in LIMIT")
+    _uses(query, stmt.limitOffset, "in OFFSET")
     for item in stmt.groupClause or ():
-        query.uses(item, "in GROUP BY")
+        _uses(query, item, "in GROUP BY")
     for item in stmt.sortClause or ():
-        query.uses(item, "in ORDER BY")
+        _uses(query, item, "in ORDER BY")
     for item in stmt.windowClause or ():
-        query.uses(item, "in a window")
+        _uses(query, item, "in a window")
     for item in stmt.distinctClause or ():
         if isinstance(item, ast.Node):
-            query.uses(item, "in DISTINCT ON")
+            _uses(query, item, "in DISTINCT ON")
     for target in stmt.targetList or ():
         if not isinstance(target, ast.ResTarget) or target.val is None:
             continue
         value = target.val
         fields = value.fields or () if isinstance(value, ast.ColumnRef) else ()
         if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
-            for source in _starred(query, fields):
-                _star(out, query, source)
+            for source in starred(query, fields):
+                star(out, query, source)
             if len(fields) == 1 and query.merged:
                 out.unknown(hides=False)  # a USING column once for two: positions shift
             continue
@@ -478,7 +322,7 @@ def _outputs(
                 out.names.append(_target_name(target))
                 out.masked.append(inner.masked[0] if inner.masked else None)
                 continue
-        query.uses(value, "")
+        _uses(query, value, "")
         if isinstance(value, ast.A_Indirection) and isinstance(
             (value.indirection or (None,))[-1], ast.A_Star
         ):  # (f()).*: as many columns as f returns, named as it names them
@@ -488,24 +332,6 @@ def _outputs(
         out.masked.append(None)
     out.holds += _ordering(stmt, out.names, out.masked) + query.holds
     return out
-
-
-def _star(out: _Outputs, query: _Query, source: Source) -> None:
-    """What ``*`` or ``t.*`` adds to ``out`` from ``source``: its known columns in order, or,
-    over a base table, columns known at most by name (the catalog may be older than the
-    table, so never by position)."""
-    if source.outputs is None:
-        out.exact = False
-        columns = query.relations.get(source.table or "")
-        out.more = None if columns is None or out.more is None else out.more | columns
-        out.hides = out.hides or query.patterns.table(source.table)
-        return
-    if not source.exact:
-        out.exact = False
-        out.more = None if source.more is None or out.more is None else out.more | source.more
-        out.hides = out.hides or source.hides
-    out.names += [n for n, _ in source.outputs]
-    out.masked += [m for _, m in source.outputs]
 
 
 def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
@@ -542,13 +368,6 @@ def _grouping_keys(items: Iterable[ast.Node | None]) -> Iterator[ast.Node]:
             yield from _grouping_keys(item.args or ())
         elif isinstance(item, ast.Node):
             yield item
-
-
-def _starred(query: _Query, fields: Sequence[ast.Node]) -> list[Source]:
-    """The sources a ``*`` (this query's own FROM items) or ``t.*`` (any named t) reaches."""
-    if len(fields) >= 2 and isinstance(fields[-2], ast.String):
-        return query.named(fields[-2].sval or "")
-    return query.sources
 
 
 def lineage(
