@@ -319,7 +319,8 @@ def _outputs(
             if isinstance(sub, ast.SelectStmt):
                 inner = _outputs(sub, patterns, ctes, relations, query.visible)
                 query.holds += inner.holds
-                out.names.append(_target_name(target))
+                # named as PostgreSQL names it: after the subquery's first column
+                out.names.append(target.name or (inner.names[0] if inner.names else "?column?"))
                 out.masked.append(inner.masked[0] if inner.masked else None)
                 continue
         _uses(query, value, "")
@@ -330,17 +331,21 @@ def _outputs(
             continue
         out.names.append(_target_name(target))
         out.masked.append(None)
-    out.holds += _ordering(stmt, out.names, out.masked) + query.holds
+    uncounted = not out.exact and out.hides
+    out.holds += _ordering(stmt, out.names, out.masked, uncounted) + query.holds
     return out
 
 
-def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None]) -> list[str]:
+def _ordering(
+    stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | None], uncounted: bool = False
+) -> list[str]:
     """ORDER BY, GROUP BY (grouping sets, ROLLUP and CUBE included) and DISTINCT ON by
     position (``1``) or output name, and plain DISTINCT, when they land on a masked column:
-    its order, grouping or equality tells its value."""
+    its order, grouping or equality tells its value. ``uncounted``: a * that may bring a
+    masked column made the positions unknown, so any position may be one."""
     found = []
     distinct = stmt.distinctClause or ()
-    if distinct and all(d is None for d in distinct) and any(masked):
+    if distinct and all(d is None for d in distinct) and (any(masked) or uncounted):
         found.append("compares masked values (DISTINCT)")
     items = [*(stmt.sortClause or ()), *_grouping_keys(stmt.groupClause or ())]
     items += [d for d in distinct if isinstance(d, ast.Node)]
@@ -348,6 +353,8 @@ def _ordering(stmt: ast.SelectStmt, names: list[str], masked: Sequence[str | Non
         key = item.node if isinstance(item, ast.SortBy) else item
         indexes: list[int] = []
         if isinstance(key, ast.A_Const) and isinstance(key.val, ast.Integer):
+            if uncounted:
+                found.append("orders or groups by a position a * may fill with a masked column")
             indexes = [(key.val.ival or 0) - 1]
         elif isinstance(key, ast.ColumnRef) and len(key.fields or ()) == 1:
             field_ = (key.fields or ())[0]

@@ -911,6 +911,16 @@ NAME_TRICKS = {
     "rollup": "SELECT email AS x, count(*) FROM t GROUP BY ROLLUP (x)",
     "grouping-sets": "SELECT email AS x, count(*) FROM t GROUP BY GROUPING SETS ((x), ())",
     "distinct": "SELECT DISTINCT email, id FROM t",
+    # the fourth round: a scalar subquery is named after its column, as PostgreSQL names it
+    "subquery-name": "SELECT reverse(s.email) FROM (SELECT (SELECT email FROM t t2"
+    " WHERE t2.id = t.id) FROM t) s",
+    "subquery-alias": "SELECT translate(e, '@', '#') FROM (SELECT (SELECT email AS e FROM t"
+    " WHERE id = u.id) FROM u) x",
+    "subquery-order": "SELECT id, (SELECT email AS e FROM t t2 WHERE t2.id = t.id) FROM t ORDER BY e",
+    # positions a * may fill with a masked column
+    "star-position": "SELECT * FROM t ORDER BY 3 DESC",
+    "star-distinct-on": "SELECT DISTINCT ON (3) * FROM t",
+    "star-distinct": "SELECT DISTINCT * FROM t",
 }
 
 
