@@ -92,9 +92,12 @@ def _references(query: Scope, node: ast.Node) -> Iterator[tuple[str, str]]:
             if isinstance(sub, ast.SelectStmt):
                 inner = _outputs(sub, query.patterns, query.ctes, query.relations, query.visible)
                 query.holds += inner.holds
-                for masked in inner.masked:
-                    if masked:
-                        yield masked, inside or "inside a subquery "
+                if current.subLinkType != SubLinkType.EXISTS_SUBLINK:  # EXISTS reads no column
+                    for masked in inner.masked:
+                        if masked:
+                            yield masked, inside or "inside a subquery "
+                    if not inner.exact and inner.hides:  # compared, IN, ANY, a row: by value
+                        yield "a * that may bring a masked column", inside or "inside a subquery "
             if current.testexpr is not None:
                 stack.append((current.testexpr, inside or "in a comparison "))
             continue
@@ -166,17 +169,31 @@ def _sources(query: Scope, items: Sequence[ast.Node], ctes: Ctes) -> None:
             if item.isNatural and any(query.may_hide(s) for s in joined):
                 query.holds.append("a NATURAL join may compare masked columns")
             query.merged = query.merged or bool(item.usingClause) or bool(item.isNatural)
+            if item.join_using_alias is not None:  # USING (k) AS u: u.k, the merged columns
+                merged = tuple((c, None) for c in strings(item.usingClause))
+                query.sources.append(Source(item.join_using_alias.aliasname or "", None, merged))
             if item.alias is not None:  # the join's columns under one name: unknown which
                 hides = any(query.may_hide(s) for s in joined)
                 renamed = with_names((), strings(item.alias.colnames), False, hides)
                 joint = Source(item.alias.aliasname or "", None, renamed, False, None, hides)
+                del query.sources[before:]  # hidden behind the alias, as PostgreSQL hides them
                 query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
             _uses(query, item, "in a FROM function")
-            alias = item.alias.aliasname if item.alias else ""
-            query.sources.append(Source(alias or "", None, (), False, None))
-        else:
+            query.sources.append(Source(_function_name(item), None, (), False, None))
+        else:  # JSON_TABLE, XMLTABLE, …: columns of their own, of unknown number
             _uses(query, item, "in FROM")
+            alias = getattr(item, "alias", None)
+            name = alias.aliasname or "" if isinstance(alias, ast.Alias) else ""
+            query.sources.append(Source(name, None, (), False, None))
+
+
+def _function_name(item: ast.RangeFunction) -> str:
+    """How a function in FROM is named: its alias, else (one function) its own name."""
+    if item.alias is not None:
+        return item.alias.aliasname or ""
+    calls = [f[0] for f in item.functions or () if f and isinstance(f[0], ast.FuncCall)]
+    return _name(calls[0]).rsplit(".", 1)[-1] if len(calls) == 1 else ""
 
 
 def _column(qualifier: str, name: str) -> ast.ColumnRef:
@@ -305,7 +322,10 @@ def _outputs(
         value = target.val
         fields = value.fields or () if isinstance(value, ast.ColumnRef) else ()
         if fields and isinstance(fields[-1], ast.A_Star):  # * and t.*
-            for source in starred(query, fields):
+            reached = starred(query, fields)
+            if not reached:  # a t lineage does not know: columns of unknown number
+                out.unknown(hides=True)
+            for source in reached:
                 star(out, query, source)
             if len(fields) == 1 and query.merged:
                 out.unknown(hides=False)  # a USING column once for two: positions shift

@@ -856,6 +856,14 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             " WHERE c2.id = c.id) FROM customers c) s",
             "SELECT * FROM customers ORDER BY 3 DESC",
             "SELECT DISTINCT ON (3) * FROM customers",
+            # the fifth round: a subquery's * compared by value; FROM items lineage missed
+            "SELECT (1, 'Ada', 'a') < (SELECT * FROM customers WHERE id = 1) AS lt",
+            "SELECT id FROM customers WHERE (1, 'Ada', 'ada@example.com') IN"
+            " (SELECT * FROM customers)",
+            "SELECT reverse(b) AS r FROM (SELECT * FROM JSON_TABLE('[1]', '$[*]'"
+            " COLUMNS (z int PATH '$')) x, (SELECT email AS e FROM customers) c) q(a, b)",
+            "SELECT reverse(q.a) AS r FROM (SELECT c.* FROM ((SELECT 1 AS z) c CROSS JOIN"
+            " (SELECT 1 AS w) o) AS j, (SELECT email AS e FROM customers) c) q(a)",
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)

@@ -921,6 +921,19 @@ NAME_TRICKS = {
     "star-position": "SELECT * FROM t ORDER BY 3 DESC",
     "star-distinct-on": "SELECT DISTINCT ON (3) * FROM t",
     "star-distinct": "SELECT DISTINCT * FROM t",
+    # the fifth round: a subquery's * compared by value (row comparison, IN, ANY)
+    "row-compare": "SELECT (1, 'Ada', 'a') < (SELECT * FROM t WHERE id = 1)",
+    "row-in": "SELECT id FROM t WHERE (1, 'Ada', 'ada@example.com') IN (SELECT * FROM t)",
+    "row-any": "SELECT (1, 'a', 'b') = ANY (TABLE t)",
+    # names a join alias hides, and FROM items lineage did not register
+    "hidden-by-join-alias": "SELECT reverse(q.a) FROM (SELECT c.* FROM ((SELECT 1 AS z) c"
+    " CROSS JOIN (SELECT 1 AS w) o) AS j, (SELECT email AS e FROM t) c) q(a)",
+    "using-alias": "SELECT reverse(b) FROM (SELECT u.*, c.e FROM (SELECT 1 AS k) x"
+    " JOIN (SELECT 1 AS k, email AS e FROM t) c USING (k) AS u) q(a, b)",
+    "function-name": "SELECT reverse(b) FROM (SELECT generate_series.*, c.e"
+    " FROM generate_series(1, 1), (SELECT email AS e FROM t) c) q(a, b)",
+    "json-table": "SELECT reverse(b) FROM (SELECT * FROM JSON_TABLE('[1]', '$[*]'"
+    " COLUMNS (z int PATH '$')) x, (SELECT email AS e FROM t) c) q(a, b)",
 }
 
 
@@ -931,6 +944,12 @@ def test_names_resolve_no_better_for_the_agent_than_postgres_resolves_them(
 ) -> None:
     with pytest.raises(NotReadOnly):
         read_plan(command, 20, masking_patterns(lax_policy()), catalog)
+
+
+def test_exists_over_a_star_stays_a_read() -> None:
+    """EXISTS reads no column of its subquery: SELECT * there compares nothing."""
+    command = "SELECT id FROM u WHERE EXISTS (SELECT * FROM t WHERE t.id = u.id)"
+    assert read_plan(command, 20, masking_patterns(lax_policy()), COLUMNS)[-1].masked == (False,)
 
 
 def test_duplicate_and_values_columns_keep_their_positions() -> None:
