@@ -652,7 +652,13 @@ async def test_a_cancelled_command_is_recorded_as_failed(
         task = asyncio.create_task(
             gw.gw.submit(who, json.dumps(sql("SELECT pg_sleep(5)")).encode(), None)
         )
-        await asyncio.sleep(0.5)
+
+        async def executing() -> bool:  # judged (in the pool), recorded, and running
+            async with gw.store.raw_connection() as conn:
+                return await conn.fetchval("SELECT status FROM requests") == "executing"
+
+        await until(executing)
+        await asyncio.sleep(0.2)  # the statement is on its way to the target
         task.cancel()
 
         async def failed() -> bool:
