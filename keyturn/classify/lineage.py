@@ -81,8 +81,8 @@ def _references(query: Scope, node: ast.Node) -> Iterator[tuple[str, str]]:
             if hidden:
                 yield f"the whole row of {hidden[0].name}", inside
                 continue
-            if rows:
-                continue
+            # a bare name is a column of some FROM item first, in PostgreSQL, and a row only
+            # when none has it: both readings count
             found = query.masked_ref(current)
             if found:
                 yield found, inside
@@ -208,11 +208,13 @@ def _cte(
     ctes: Ctes,
     relations: Relations,
     outer: Sequence[Source],
+    recursive: bool,
 ) -> Outputs:
-    """A CTE's columns. A recursive one (``seed UNION ALL step``) reads itself in its step:
-    as what the seed and the steps so far make, until the masks stop growing (they only grow,
-    so at most once more than it has columns; usually the first pass is the last)."""
-    if not (query.op and query.larg is not None and query.rarg is not None):
+    """A CTE's columns. Under WITH RECURSIVE one (``seed UNION ALL step``) reads itself in
+    its step: as what the seed and the steps so far make, until the masks stop growing (they
+    only grow, so at most once more than it has columns; usually the first pass is the last).
+    Without RECURSIVE its own name in its body is whatever that name meant outside it."""
+    if not (recursive and query.op and query.larg is not None and query.rarg is not None):
         return _outputs(query, patterns, ctes, relations, outer)
     seed = _outputs(query.larg, patterns, ctes, relations, outer)
     found, holds = seed, []
@@ -271,12 +273,13 @@ def _outputs(
         for cte in ((stmt.withClause.ctes or ()) if stmt.withClause else ())
         if isinstance(cte, ast.CommonTableExpr)
     ]
-    if stmt.withClause and stmt.withClause.recursive:
+    recursive = bool(stmt.withClause and stmt.withClause.recursive)
+    if recursive:
         holds += _reads_later(listed)
     for cte in listed:
         if isinstance(cte.ctequery, ast.SelectStmt):
             name, given = cte.ctename or "", strings(cte.aliascolnames)
-            inner = _cte(cte.ctequery, name, given, patterns, ctes, relations, outer)
+            inner = _cte(cte.ctequery, name, given, patterns, ctes, relations, outer, recursive)
             holds += inner.holds
             ctes[name] = derived(name, given, inner)
             holds += _search_and_cycle(cte, ctes[name])
@@ -334,6 +337,11 @@ def _outputs(
             out.names.append(_target_name(target))
             out.masked.append(query.masked_ref(value))
             continue
+        if isinstance(value, ast.ColumnRef) and len(fields) == 1:  # a bare name: both readings
+            _uses(query, value, "")  # the row, if it is one and may hide a masked column
+            out.names.append(_target_name(target))
+            out.masked.append(query.masked_ref(value))  # the column, if one of that name is
+            continue
         if isinstance(value, ast.SubLink) and value.subLinkType == SubLinkType.EXPR_SUBLINK:
             sub = value.subselect
             if isinstance(sub, ast.SelectStmt):
@@ -351,7 +359,7 @@ def _outputs(
             continue
         out.names.append(_target_name(target))
         out.masked.append(None)
-    uncounted = not out.exact and out.hides
+    uncounted = not out.exact and (out.hides or any(out.masked))
     out.holds += _ordering(stmt, out.names, out.masked, uncounted) + query.holds
     return out
 
@@ -416,5 +424,11 @@ def lineage(
                 out.holds.append("a masked column under another name beside a *")
         elif isinstance(stmt, ast.ExplainStmt) and isinstance(stmt.query, ast.SelectStmt):
             out.holds += _outputs(stmt.query, patterns, {}, relations).holds
+        elif isinstance(stmt, ast.ExplainStmt) and stmt.query is not None:
+            # the plan of a DELETE, a DECLARE, a CREATE TABLE AS: its estimates answer for
+            # its conditions. Judged with no scope: any masked-pattern name is a masked use.
+            probe = Scope(patterns, {}, relations, ())
+            _uses(probe, stmt.query, "in the explained statement")
+            out.holds += probe.holds
     out.holds = list(dict.fromkeys(h.replace("  ", " ").strip() for h in out.holds))
     return out

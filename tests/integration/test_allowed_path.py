@@ -870,6 +870,13 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             " COLUMNS (z int PATH '$')) x, (SELECT email AS e FROM customers) c) q(a, b)",
             "SELECT reverse(q.a) AS r FROM (SELECT c.* FROM ((SELECT 1 AS z) c CROSS JOIN"
             " (SELECT 1 AS w) o) AS j, (SELECT email AS e FROM customers) c) q(a)",
+            # the sixth round: a non-recursive CTE named like a table, an alias named like a
+            # column, a position after a * of unknown width
+            "WITH customers AS (SELECT 'x' AS e UNION ALL SELECT email FROM customers)"
+            " SELECT reverse(e) FROM customers",
+            "SELECT reverse(email) FROM customers, (SELECT 1 AS y) email",
+            "SELECT name FROM (SELECT g.*, email, name FROM customers,"
+            " generate_series(1, 1) g ORDER BY 2 DESC) s",
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)

@@ -934,6 +934,22 @@ NAME_TRICKS = {
     " FROM generate_series(1, 1), (SELECT email AS e FROM t) c) q(a, b)",
     "json-table": "SELECT reverse(b) FROM (SELECT * FROM JSON_TABLE('[1]', '$[*]'"
     " COLUMNS (z int PATH '$')) x, (SELECT email AS e FROM t) c) q(a, b)",
+    # the sixth round: without RECURSIVE a CTE's own name in its body is the outer one
+    "not-recursive": "WITH t AS (SELECT 'x' AS e UNION ALL SELECT email FROM t)"
+    " SELECT reverse(e) FROM t",
+    "not-recursive-outer": "WITH s AS (SELECT email AS x FROM t) SELECT * FROM (WITH s AS"
+    " (SELECT 'a' AS x UNION ALL SELECT x FROM s) SELECT reverse(x) AS r FROM s) q",
+    # a bare name is a column of some FROM item first, a row only if none has it
+    "alias-named-like-column": "SELECT reverse(email) FROM t, (SELECT 1 AS y) email",
+    "alias-oracle": "SELECT name FROM t, (SELECT 1 AS y) email WHERE email LIKE 'lin@%'",
+    "cte-named-like-column": "WITH email AS (SELECT 1 AS y) SELECT length(email) FROM t, email",
+    # positions after a * of unknown width, in a subquery
+    "uncounted-position": "SELECT name FROM (SELECT g.*, email, name FROM t,"
+    " generate_series(1, 1) g ORDER BY 2 DESC) s",
+    # the plan of any explained statement answers for its conditions
+    "explain-declare": "EXPLAIN DECLARE c CURSOR FOR SELECT 1 FROM t WHERE email < 'm'",
+    "explain-ctas": "EXPLAIN CREATE TABLE x AS SELECT 1 FROM t WHERE email < 'm'",
+    "explain-delete": "EXPLAIN DELETE FROM t WHERE email < 'm'",
 }
 
 
