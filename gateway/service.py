@@ -35,6 +35,7 @@ from keyturn.aio import Deadline
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
+from keyturn.classify.sql import preview_select
 from keyturn.domain import Decision, RequestStatus, request_tag
 from keyturn.errors import (
     Forbidden,
@@ -369,12 +370,29 @@ class Gateway:
         )
 
     async def _estimate(self, target: str, command: str, who: Identity) -> int | None:
+        """How many rows a held command would touch, by the planner, for the card and agent.
+
+        The read-only role may not EXPLAIN a write (the planner checks write privileges), but
+        it may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same
+        rows. That estimate answers for the condition: one on a masked column (``WHERE email
+        < 'm'``) would be an oracle on its values, with no human in the loop. So the preview
+        is judged as a read would be, masking included, and gets no estimate unless it passes.
+        """
         if self.readers is None or target not in self.readers:
             return None
+        async with self.turns.turn(who.subject):
+            query = await judged(preview_select, command)
+            if query is None:
+                return None
+            masking, catalog = masking_patterns(self.config), await self._catalog(target)
+            try:
+                await judged(read_plan, query, 1, masking, catalog)
+            except KeyturnError:  # NotReadOnly (a masked use, a system relation), TooComplex
+                return None
         deadline = Deadline(ESTIMATE_TIMEOUT)
         try:
             async with self.readers.transaction(target, who.subject, "estimate", deadline) as c:
-                return await estimate_rows(c, command, deadline)
+                return await estimate_rows(c, query, deadline)
         except (TimeoutError, KeyturnError, OSError, asyncpg.PostgresError) as exc:
             log.info("no EXPLAIN estimate for a held command on %s: %s", target, exc)
             return None

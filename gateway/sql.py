@@ -16,12 +16,10 @@ import json
 
 import asyncpg
 
-from gateway.judging import judged
 from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
 from keyturn.aio import Deadline
 from keyturn.classify.readonly import NotReadOnly, Statement
 from keyturn.classify.shown import sql_statements
-from keyturn.classify.sql import preview_select
 
 READ_TAGS = frozenset({"SELECT", "SHOW", "EXPLAIN"})
 # Settings the server reports (ParameterStatus) that change how it reads the next statement
@@ -82,15 +80,9 @@ async def run_readonly(
     return fetched, len(plan)
 
 
-async def estimate_rows(conn: asyncpg.Connection, sql: str, deadline: Deadline) -> int | None:
-    """Planner's row estimate for what ``sql`` would touch, without running it; None if unknown.
-
-    The read-only role may not EXPLAIN a write (the planner checks write privileges), but it
-    may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same rows.
-    """
-    query = await judged(preview_select, sql)
-    if query is None:
-        return None
+async def estimate_rows(conn: asyncpg.Connection, query: str, deadline: Deadline) -> int | None:
+    """Planner's row estimate for ``query`` (a held command's preview), without running it;
+    None if unknown."""
     try:
         plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}", timeout=deadline.left())
     except asyncpg.PostgresError:

@@ -172,10 +172,8 @@ def _sources(query: Scope, items: Sequence[ast.Node], ctes: Ctes) -> None:
             if item.join_using_alias is not None:  # USING (k) AS u: u.k, the merged columns
                 merged = tuple((c, None) for c in strings(item.usingClause))
                 query.sources.append(Source(item.join_using_alias.aliasname or "", None, merged))
-            if item.alias is not None:  # the join's columns under one name: unknown which
-                hides = any(query.may_hide(s) for s in joined)
-                renamed = with_names((), strings(item.alias.colnames), False, hides)
-                joint = Source(item.alias.aliasname or "", None, renamed, False, None, hides)
+            if item.alias is not None:  # the join's columns under one name
+                joint = _joint(query, item.alias, joined, bool(item.usingClause or item.isNatural))
                 del query.sources[before:]  # hidden behind the alias, as PostgreSQL hides them
                 query.sources.append(joint)
         elif isinstance(item, ast.RangeFunction):
@@ -186,6 +184,30 @@ def _sources(query: Scope, items: Sequence[ast.Node], ctes: Ctes) -> None:
             alias = getattr(item, "alias", None)
             name = alias.aliasname or "" if isinstance(alias, ast.Alias) else ""
             query.sources.append(Source(name, None, (), False, None))
+
+
+def _joint(query: Scope, alias: ast.Alias, joined: list[Source], merged: bool) -> Source:
+    """``(a JOIN b) AS j``: j's columns are a's then b's, each masked as it was there. A base
+    table's are known by name only (from the catalog; in no known order), a USING or NATURAL
+    join merges some: then positions are unknown, and names are all that is known."""
+    columns: list[tuple[str, str | None]] = []
+    exact = not merged
+    more: frozenset[str] | None = frozenset()
+    for source in joined:
+        if source.outputs is None:
+            known = query.relations.get(source.table or "")
+            exact = False
+            if known is None:
+                more = None
+            else:
+                columns += [(n, query.patterns.column(source.table, n)) for n in sorted(known)]
+            continue
+        columns += source.outputs
+        exact = exact and source.exact
+        more = None if source.more is None or more is None else more | source.more
+    hides = any(query.may_hide(s) for s in joined)
+    renamed = with_names(tuple(columns), strings(alias.colnames), exact, hides)
+    return Source(alias.aliasname or "", None, renamed, exact, more, hides)
 
 
 def _function_name(item: ast.RangeFunction) -> str:
@@ -420,7 +442,12 @@ def lineage(
             found = _outputs(stmt, patterns, {}, relations)
             out.holds += found.holds
             out.masked = tuple(m is not None for m in found.masked) if found.exact else None
-            if not found.exact and any(found.masked):  # positions unknown, names changed
+            renamed = [
+                m
+                for n, m in zip(found.names, found.masked, strict=False)
+                if m and not patterns.column(None, n)
+            ]
+            if not found.exact and renamed:  # positions unknown: only names mask, and these
                 out.holds.append("a masked column under another name beside a *")
         elif isinstance(stmt, ast.ExplainStmt) and isinstance(stmt.query, ast.SelectStmt):
             out.holds += _outputs(stmt.query, patterns, {}, relations).holds

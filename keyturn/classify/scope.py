@@ -93,6 +93,10 @@ class Scope:
                     return found
                 if not source.exact and self.patterns.column(None, column):
                     return self.patterns.column(None, column)
+                named = any(n == column for n, _ in source.outputs)
+                if not named and source.more is None and source.hides:
+                    # a column of unknown origin in something that may hold a masked one
+                    return f"{source.name}.{column} (may be masked)"
             else:
                 found = self.patterns.column(source.table, column)
                 if found:

@@ -877,6 +877,9 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             "SELECT reverse(email) FROM customers, (SELECT 1 AS y) email",
             "SELECT name FROM (SELECT g.*, email, name FROM customers,"
             " generate_series(1, 1) g ORDER BY 2 DESC) s",
+            # the seventh round: a bare name over an aliased join
+            "SELECT reverse(x) AS r FROM ((SELECT email AS x FROM customers) s"
+            " CROSS JOIN (SELECT 1) o) j",
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)

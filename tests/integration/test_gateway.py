@@ -670,3 +670,24 @@ async def test_an_agent_cannot_bury_the_approvals_channel(
         await requests.decide(gw.store, uuid.UUID(first["id"]), "U_APPROVER", Decision.DENY, "no")
         status, body = await gw.post(flood, UPDATE)
         assert status == 202, body
+
+
+async def test_a_held_commands_estimate_never_answers_for_a_masked_column(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    """The seventh outside round read email histogram bounds through held writes' estimates
+    (DELETE … WHERE email < 'm': 1 row or 2), many comparisons to a request. A held command's
+    preview is judged as a read is: one that uses a masked column gets no estimate."""
+    await shop.postgres.execute("ANALYZE customers", shop.database)  # what autovacuum does
+    token = idp.token("crew-billing")
+    async with run_gateway() as gw:
+        for probe in (
+            "DELETE FROM customers WHERE email < 'b'",
+            "INSERT INTO orders (id) SELECT 1 FROM customers WHERE email < 'm'",
+            "UPDATE orders SET status = 'x' WHERE customer_id IN"
+            " (SELECT id FROM customers WHERE email LIKE 'a%')",
+        ):
+            status, body = await gw.post(token, {"target": "shop", "command": probe})
+            assert status == 202 and body.get("estimated_rows") is None, (probe, body)
+        status, body = await gw.post(token, UPDATE)
+        assert status == 202 and body["estimated_rows"] is not None, body

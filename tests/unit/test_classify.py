@@ -950,6 +950,13 @@ NAME_TRICKS = {
     "explain-declare": "EXPLAIN DECLARE c CURSOR FOR SELECT 1 FROM t WHERE email < 'm'",
     "explain-ctas": "EXPLAIN CREATE TABLE x AS SELECT 1 FROM t WHERE email < 'm'",
     "explain-delete": "EXPLAIN DELETE FROM t WHERE email < 'm'",
+    # the seventh round: a bare name over an aliased join is the join's column
+    "join-alias-bare": "SELECT reverse(x) FROM ((SELECT email AS x FROM t) s"
+    " CROSS JOIN (SELECT 1) o) j",
+    "join-alias-oracle": "SELECT id FROM ((SELECT id, email AS x FROM t) s"
+    " CROSS JOIN (SELECT 1) o) j WHERE x LIKE 'a%'",
+    "join-alias-nested": "SELECT length(x) FROM (SELECT t.* FROM ((SELECT email AS x FROM t) s"
+    " CROSS JOIN (SELECT 1) o) t) s2",
 }
 
 
