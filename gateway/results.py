@@ -264,11 +264,35 @@ def _unwrap(record: Sequence[Any], layout: Layout) -> list[Any]:
     return values
 
 
-def _weight(row: Sequence[Any]) -> int:
-    """A cheap upper-ish estimate of a raw row's size, for sizing fetches and stopping early."""
+def hidden_columns(
+    masker: Masker, names: Sequence[str], masked: Sequence[bool] | None
+) -> tuple[bool, ...]:
+    """Which result columns are masked whole: by name, and by position where lineage says a
+    column is a masked one under another name. A result with another number of columns than
+    lineage counted means lineage misread the query: no position can be trusted, all are."""
+    hidden = masker.masked_columns(tuple(names))
+    if masked is None:
+        return hidden
+    if len(masked) != len(hidden):
+        log.warning(
+            "lineage expected %d columns and the result has %d: every column is masked",
+            len(masked),
+            len(hidden),
+        )
+        return (True,) * len(hidden)
+    return tuple(a or b for a, b in zip(hidden, masked, strict=True))
+
+
+def _weight(row: Sequence[Any], hidden: Sequence[bool] = ()) -> int:
+    """A cheap upper-ish estimate of a raw row's size, for sizing fetches and stopping early.
+
+    A masked column weighs what its mask does: were its value's length to decide where a
+    result is cut, the row count would tell the length of a value nobody may see."""
     total = 0
-    for value in row:
-        if isinstance(value, str | bytes):
+    for i, value in enumerate(row):
+        if i < len(hidden) and hidden[i]:
+            total += len(MASK) + 8
+        elif isinstance(value, str | bytes):
             total += len(value) + 8
         elif isinstance(value, list | tuple | dict):
             total += len(repr(value))
@@ -317,11 +341,14 @@ async def fetch_bounded(
     *,
     wrap: bool,
     state: Any = None,
+    masker: Masker | None = None,
+    masked: Sequence[bool] | None = None,
 ) -> Fetched:
     """Run one statement inside the caller's transaction and fetch its rows within the caps.
 
     ``tag`` is the server's command tag (``SELECT 3``), or empty when fetching stopped at a
-    cap before the statement completed.
+    cap before the statement completed. ``masker`` and ``masked`` (lineage's positions): the
+    columns that will be masked weigh as their masks do when the response cap is applied.
     """
     state = state if state is not None else await describe(conn, sql, deadline)
     attributes = columns_of(state)
@@ -334,6 +361,7 @@ async def fetch_bounded(
     wrapped = layout.wrapped
     running = await describe(conn, wrapped, deadline) if wrapped else state
     out = Fetched(list(layout.names))
+    hidden = hidden_columns(masker, out.columns, masked) if masker is not None else ()
     want = max(1, min(limits.rows + 1, CHUNK_BYTES // layout.worst, MAX_CHUNK_ROWS))
     budget = limits.response_bytes
     records, status, done = await protocol.bind_execute(
@@ -346,7 +374,7 @@ async def fetch_bounded(
                 out.truncated = "rows"
                 break
             row = _unwrap(record, layout) if wrapped else list(record)
-            weight = _weight(row)
+            weight = _weight(row, hidden)
             heaviest = max(heaviest, weight)
             if weight > budget and out.rows:
                 out.truncated = "response_bytes"
@@ -394,16 +422,7 @@ def shape(
     columns than lineage counted means lineage misread the query, so no position can be
     trusted: every column is masked.
     """
-    hidden = masker.masked_columns(tuple(fetched.columns))
-    if masked is not None and len(masked) != len(hidden):
-        log.warning(
-            "lineage expected %d columns and the result has %d: every column is masked",
-            len(masked),
-            len(hidden),
-        )
-        hidden = (True,) * len(hidden)
-    elif masked is not None:
-        hidden = tuple(a or b for a, b in zip(hidden, masked, strict=True))
+    hidden = hidden_columns(masker, fetched.columns, masked)
     cut_at = limits.cut_at(len(fetched.columns))
     truncated = fetched.truncated
     rows: list[list[Any]] = []
@@ -412,7 +431,7 @@ def shape(
         row = []
         for hide, value in zip(hidden, raw, strict=True):
             value = _cut(jsonable(value), cut_at)
-            if hide and value is not None:
+            if hide:  # a null too: whether a masked value is missing is a fact about it
                 row.append(MASK)
             elif isinstance(value, Cut):
                 truncated = truncated or "value_bytes"

@@ -35,7 +35,7 @@ from keyturn.aio import Deadline
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
-from keyturn.classify.sql import preview_select
+from keyturn.classify.sql import calls_a_function, preview_select
 from keyturn.domain import Decision, RequestStatus, request_tag
 from keyturn.errors import (
     Forbidden,
@@ -228,7 +228,7 @@ class Gateway:
                         started = True
                         try:
                             fetched, statements = await run_readonly(
-                                conn, plan, self.limits, deadline
+                                conn, plan, self.limits, deadline, self.masker
                             )
                             break
                         except STALE_STATEMENT:
@@ -377,12 +377,15 @@ class Gateway:
         rows. That estimate answers for the condition: one on a masked column (``WHERE email
         < 'm'``) would be an oracle on its values, with no human in the loop. So the preview
         is judged as a read would be, masking included, and gets no estimate unless it passes.
+        Nor does one that calls a function: the planner evaluates stable calls while planning
+        (``generate_series(1, ascii(substr(table_to_xml(…), k, 1)))`` estimates a character
+        of any table), whatever the allowed path would think of them.
         """
         if self.readers is None or target not in self.readers:
             return None
         async with self.turns.turn(who.subject):
             query = await judged(preview_select, command)
-            if query is None:
+            if query is None or await judged(calls_a_function, query):
                 return None
             masking, catalog = masking_patterns(self.config), await self._catalog(target)
             try:

@@ -20,6 +20,7 @@ from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
 from keyturn.aio import Deadline
 from keyturn.classify.readonly import NotReadOnly, Statement
 from keyturn.classify.shown import sql_statements
+from keyturn.masking import Masker
 
 READ_TAGS = frozenset({"SELECT", "SHOW", "EXPLAIN"})
 # Settings the server reports (ParameterStatus) that change how it reads the next statement
@@ -53,7 +54,11 @@ def check_session(conn: asyncpg.Connection, tag: str) -> None:
 
 
 async def run_readonly(
-    conn: asyncpg.Connection, plan: tuple[Statement, ...], limits: Limits, deadline: Deadline
+    conn: asyncpg.Connection,
+    plan: tuple[Statement, ...],
+    limits: Limits,
+    deadline: Deadline,
+    masker: Masker,
 ) -> tuple[Fetched, int]:
     """Run each statement of ``plan`` in the open read-only transaction; the last one's rows.
 
@@ -75,6 +80,8 @@ async def run_readonly(
             deadline,
             wrap=statement.select,
             state=state,
+            masker=masker,
+            masked=statement.masked,
         )
         check_session(conn, fetched.tag)
     return fetched, len(plan)

@@ -101,9 +101,6 @@ class Masker:
     def rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         hidden = [self.masked_column(c) for c in columns]
         return [
-            [
-                MASK if hide and v is not None else self.value(v)
-                for hide, v in zip(hidden, row, strict=True)
-            ]
+            [MASK if hide else self.value(v) for hide, v in zip(hidden, row, strict=True)]
             for row in rows
         ]

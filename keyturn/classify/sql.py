@@ -360,6 +360,12 @@ def analyze_sql(sql: str, catalog: Catalog | None = None) -> SqlAnalysis:
 
 
 @functools.lru_cache(maxsize=4096)
+def calls_a_function(sql: str) -> bool:
+    """Whether ``sql`` calls any function: planning it may evaluate the stable ones."""
+    roots = [raw.stmt for raw in parse(sql) if raw.stmt is not None]
+    return any(isinstance(node, ast.FuncCall) for root in roots for node in nodes_under(root))
+
+
 def preview_select(sql: str) -> str | None:
     """A SELECT that reads the rows a single UPDATE/DELETE would touch, for an EXPLAIN estimate.
 

@@ -884,3 +884,30 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)
             assert "elpmaxe" not in json.dumps(body) and "example" not in json.dumps(body)
+
+
+async def test_where_a_result_is_cut_tells_nothing_of_a_masked_value(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """The eighth outside round read each email's exact length from where the response cap
+    cut a result (raw sizes decided it, masking came after): 8 requests a row. A masked
+    column now weighs what its mask does, so the cut falls at the same row whatever it holds."""
+    token = idp.token("crew-billing")
+
+    async def rows(value: str, pad: int) -> int:
+        command = (
+            "SELECT NULL::text AS email, repeat('x', 1090) AS p FROM generate_series(1, 900)"
+            f" UNION ALL SELECT '{value}', repeat('x', {pad})"
+        )
+        status, body = await gw.post(token, sql(command))
+        assert status == 200, body
+        assert all(row[0] == "***" for row in body["result"]["rows"])  # nulls too
+        return int(body["result"]["row_count"])
+
+    async with run_gateway() as gw:
+        low, high = 1, 200_000  # the largest pad that still fits, for a one-letter value
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if await rows("a", middle) == 901 else (low, middle - 1)
+        for pad in range(low - 45, low + 6, 5):
+            assert await rows("a", pad) == await rows("a" * 40, pad), pad

@@ -686,6 +686,10 @@ async def test_a_held_commands_estimate_never_answers_for_a_masked_column(
             "INSERT INTO orders (id) SELECT 1 FROM customers WHERE email < 'm'",
             "UPDATE orders SET status = 'x' WHERE customer_id IN"
             " (SELECT id FROM customers WHERE email LIKE 'a%')",
+            # the eighth round: the planner evaluates stable calls while planning
+            "INSERT INTO orders (status) SELECT 'x' FROM generate_series(1, 12345)",
+            "INSERT INTO orders (status) SELECT 'x' FROM generate_series(1,"
+            " ascii(substr(pg_relation_filepath('customers'), 1, 1)))",
         ):
             status, body = await gw.post(token, {"target": "shop", "command": probe})
             assert status == 202 and body.get("estimated_rows") is None, (probe, body)
