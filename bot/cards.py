@@ -204,7 +204,7 @@ def _outcome(state: CardState) -> str:
     if state.status == "pending":
         return f"Approvals: {len(approvers)}/{state.quorum}" + (f" ({who})" if who else "")
     if state.status == "denied" and denial is not None:
-        return f":x: Denied by {mention(denial.approver)}: {escape(denial.reason or '')}"
+        return f":x: Denied by {mention(denial.approver)}: {literal(denial.reason or '')}"
     if state.status == "expired":
         return ":hourglass: Expired: nobody decided in time"
     if state.status == "cancelled":

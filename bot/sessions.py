@@ -22,6 +22,7 @@ from bot.cards import extend_choices
 from bot.credentials import Issuer
 from bot.people import SLACK_ERRORS, Directory, approvers_for, check_decider, dm
 from bot.session_views import MAX_REASON, MAX_TICKET, REMIND_BEFORE, Line, Waiting
+from keyturn.domain import unprintable
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import (
     AccessRule,
@@ -124,7 +125,7 @@ class Desk:
     async def ask(self, asked: Ask) -> RequestRow:
         """Check everything, then create the pending request; bad input creates nothing."""
         for name in ("target", "ttl", "reason", "ticket"):
-            if _unprintable(getattr(asked, name) or ""):
+            if unprintable(getattr(asked, name) or ""):
                 raise BadField(name, "that holds control characters: type plain text")
         target = self.config.policy.targets.get(asked.target)
         if target is None:
@@ -444,11 +445,6 @@ class Desk:
                 await self.publish_home(user)
             except (*SLACK_ERRORS, KeyturnError) as exc:
                 log.warning("could not redraw the App Home of %s: %s", user, exc)
-
-
-def _unprintable(text: str) -> bool:
-    """Control characters (a NUL, an escape sequence…): line breaks and tabs are fine."""
-    return any((ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 for c in text)
 
 
 def _ttl(typed: str, rule: AccessRule) -> timedelta:

@@ -18,6 +18,7 @@ import jwt
 from jwt import PyJWK, PyJWKClient
 
 from keyturn.classify import Identity
+from keyturn.domain import slack_user
 from keyturn.errors import ConfigError, Unauthorized, Unavailable
 from keyturn.policy import GatewayAuth
 
@@ -161,10 +162,30 @@ def _identity(claims: dict[str, Any], groups_claim: str) -> Identity:
         raise Unauthorized(f"token claim {groups_claim} must be a list of strings")
     if len(groups) > MAX_GROUPS:
         raise Unauthorized(f"token claim {groups_claim} lists more than {MAX_GROUPS} groups")
-    act = claims.get("act")
-    human = act.get("sub") if isinstance(act, dict) else claims.get("on_behalf_of")
     return Identity(
         _name(subject, "sub"),
         frozenset(_name(g, groups_claim) for g in groups),
-        _name(human, "on_behalf_of") if isinstance(human, str) else None,
+        _human(claims),
     )
+
+
+def _human(claims: dict[str, Any]) -> str | None:
+    """The Slack user an agent acts for (``act.sub``, RFC 8693, or ``on_behalf_of``), who may
+    then not approve its requests. A claim that is there but malformed is refused, never
+    dropped: dropping it would let that person approve what they asked for."""
+    act, behalf = claims.get("act"), claims.get("on_behalf_of")
+    if act is not None and not (isinstance(act, dict) and isinstance(act.get("sub"), str)):
+        raise Unauthorized("token claim act must be an object with a string sub")
+    if behalf is not None and not isinstance(behalf, str):
+        raise Unauthorized("token claim on_behalf_of must be a string")
+    claimed: list[str] = [act["sub"]] if isinstance(act, dict) else []
+    claimed += [behalf] if isinstance(behalf, str) else []
+    named = [_name(h, "on_behalf_of") for h in claimed]
+    people = {slack_user(h) for h in named}
+    if None in people:
+        raise Unauthorized(
+            "the human a token acts for (act.sub, on_behalf_of) must be a Slack user id (U…)"
+        )
+    if len(people) > 1:
+        raise Unauthorized("token claims act.sub and on_behalf_of name different people")
+    return people.pop() if people else None

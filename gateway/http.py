@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.openapi import build_spec
@@ -66,6 +68,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(exc.status, code, message)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
+    except (HttpProcessingError, RequestPayloadError) as exc:  # bad gzip, framing, length
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        message = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+        response = error_response(400, "invalid_input", f"the body cannot be read: {message}")
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -36,8 +36,9 @@ _TRIES = 3  # check-and-set races with another replica: re-read and try again
 
 
 class CheckpointRefused(KeyturnError):
-    """A stored checkpoint whose HMAC Vault does not confirm: written by someone without the
-    key. Treated as tampering, never as "no checkpoint"."""
+    """Tampering found at the anchor: a stored checkpoint whose HMAC Vault does not confirm
+    (written by someone without the key), or a chain that no longer reaches the stored
+    checkpoint. Never treated as "no checkpoint", and never anchored over."""
 
     code = "checkpoint_forged"
 
@@ -122,16 +123,21 @@ class Anchor:
 
     async def record(self, store: Store) -> Checkpoint | None:
         """Anchor the chain's current head; returns the checkpoint now stored (None: no
-        events yet). Never moves the stored checkpoint back."""
+        events yet). Never moves the stored checkpoint back, and never anchors a chain that
+        no longer reaches the stored one: a rewrite below it would be signed as genuine."""
         for _ in range(_TRIES):
             stored, version = await self.latest()
             async with store.transaction() as tx:
                 head = await tx.session.get(AuditHeadRow, 1)
                 now = tx.now
+            if stored is not None:
+                found = await check(store, stored, head.seq if head is not None else 0)
+                if found.problem is not None:
+                    raise CheckpointRefused(f"not anchoring a rewritten chain: {found.problem}")
             if head is None or head.seq == 0:
                 return stored
             if stored is not None and stored.seq >= head.seq:
-                return stored  # nothing new (or the database lost events: verify says so)
+                return stored  # nothing new
             fresh = await self.sign(head.seq, head.hash, now)
             try:
                 await self.vault.write(

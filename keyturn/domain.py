@@ -114,21 +114,47 @@ def request_tag(request_id: object) -> str:
     return hashlib.sha256(str(request_id).encode()).hexdigest()[:TAG_LENGTH]
 
 
+MAX_REASON = 2000  # what the deny modal allows: enforced here too, for any other client
+
+
+def unprintable(text: str) -> bool:
+    """Control characters (a NUL, an escape sequence), DEL or a lone surrogate: line breaks
+    and tabs are fine. Nothing keyturn stores from a person may hold them."""
+    return any(
+        (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF
+        for c in text
+    )
+
+
 _SLACK_MENTION = re.compile(r"^<@([^|>]+)(?:\|[^>]*)?>$")
+_SLACK_USER = re.compile(r"^[UW][A-Z0-9_]+$")  # U…/W…; the sandbox's ids have underscores
+
+
+def slack_user(who: str) -> str | None:
+    """The Slack user id ``who`` names, in upper case (``U123``), or None if it names none.
+
+    One spelling at a time: ``U123``, ``u123``, ``<@U123>``, ``<@U123|alice>``, ``@U123`` or
+    ``slack:U123``. Anything else — another or a doubled prefix (``@slack:U123``), letters that
+    only look like these (a combining underline, full-width digits), spaces inside — names
+    nobody: a human an agent acts for must be named so that the self-approval check cannot be
+    spelled around.
+    """
+    key = who.strip()
+    if mention := _SLACK_MENTION.match(key):
+        key = mention.group(1)
+    elif key.startswith("slack:"):
+        key = key.removeprefix("slack:")
+    elif key.startswith("@"):
+        key = key.removeprefix("@")
+    key = key.upper()
+    return key if key.isascii() and _SLACK_USER.match(key) else None
 
 
 def person_key(who: str) -> str:
-    """One comparable form of a person's id, however a token or Slack spelled it.
-
-    ``U123``, ``u123``, ``<@U123>``, ``<@U123|alice>``, ``@U123`` and ``slack:U123`` all name
-    the same Slack user; the self-approval check compares these keys, never raw strings, so an
-    agent acting for ``<@u123>`` cannot have ``U123`` approve its request.
-    """
-    key = unicodedata.normalize("NFKC", who).strip()
-    if mention := _SLACK_MENTION.match(key):
-        key = mention.group(1)
-    key = key.removeprefix("slack:").removeprefix("@").strip()
-    return key.casefold()
+    """One comparable form of a person's id, however a token or Slack spelled it: the Slack
+    user id when ``who`` names one (:func:`slack_user`), else the text itself, folded. The
+    self-approval check compares these keys, never raw strings."""
+    return slack_user(who) or unicodedata.normalize("NFKC", who).strip().casefold()
 
 
 def same_person(who: str, *others: str | None) -> bool:
@@ -185,15 +211,17 @@ class Request:
             raise IllegalTransition("request", self.status, target)
         self.status = target
 
-    def _check_decider(self, who: str, target: RequestStatus) -> None:
+    def _check_decider(self, who: str, target: RequestStatus, now: datetime) -> None:
         if self.status is not RequestStatus.PENDING:
             raise IllegalTransition("request", self.status, target)
+        if now >= self.pending_expires_at:  # expired, whether or not the sweep has run yet
+            raise IllegalTransition("request", "past its pending TTL", target)
         if same_person(who, self.requester, self.on_behalf_of):
             raise SelfApproval("nobody may decide their own request")
 
     def approve(self, approver: str, now: datetime) -> bool:
         """Record one approval; returns True when this vote reached the quorum."""
-        self._check_decider(approver, RequestStatus.APPROVED)
+        self._check_decider(approver, RequestStatus.APPROVED, now)
         if same_person(approver, *self.approvers):
             raise AlreadyVoted(f"{approver} already approved this request")
         self.approvals.append(Approval(approver, Decision.APPROVE, now))
@@ -205,9 +233,14 @@ class Request:
 
     def deny(self, approver: str, reason: str, now: datetime) -> None:
         """One deny ends the request, whatever the quorum; the reason goes back to the agent."""
-        self._check_decider(approver, RequestStatus.DENIED)
+        self._check_decider(approver, RequestStatus.DENIED, now)
         if not reason.strip():
             raise InvalidInput("a deny needs a reason")
+        if len(reason) > MAX_REASON or unprintable(reason):
+            raise InvalidInput(
+                f"a deny reason is plain text of at most {MAX_REASON} characters: no control "
+                "characters"
+            )
         self.approvals.append(Approval(approver, Decision.DENY, now, reason.strip()))
         self._move(RequestStatus.DENIED)
         self.decided_at = now

@@ -97,9 +97,13 @@ class DevIdP:
         ttl: int = 300,
         groups: list[str] | None = None,
         on_behalf_of: str | None = None,
+        raw_on_behalf_of: Any = None,
         **claims: Any,
     ) -> str:
-        """A valid token unless ``claims`` override ``exp``, ``aud``, ``iss``, ``nbf``…"""
+        """A valid token unless ``claims`` override ``exp``, ``aud``, ``iss``, ``nbf``…
+
+        ``on_behalf_of`` names the human as RFC 8693 does (``act.sub``); ``raw_on_behalf_of``
+        sets the plain ``on_behalf_of`` claim, as some identity providers spell it."""
         now = int(time.time())
         body: dict[str, Any] = {
             "sub": sub,
@@ -113,6 +117,8 @@ class DevIdP:
             body["groups"] = groups
         if on_behalf_of is not None:
             body["act"] = {"sub": on_behalf_of}
+        if raw_on_behalf_of is not None:
+            body["on_behalf_of"] = raw_on_behalf_of
         body.update(claims)
         key = self.keys[kid]
         return jwt.encode(body, key, algorithm=self._alg_for(key), headers={"kid": kid})

@@ -230,7 +230,10 @@ class SshKeyRow(Base):
     """A person's registered SSH public key: what the SSH CA signs for their own sessions."""
 
     __tablename__ = "ssh_keys"
-    __table_args__ = (UniqueConstraint("owner", "fingerprint", name="uq_ssh_keys_owner"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "fingerprint", name="uq_ssh_keys_owner"),
+        UniqueConstraint("fingerprint", name="uq_ssh_keys_fingerprint"),  # one owner per key
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     owner: Mapped[str] = mapped_column(String(50), index=True)  # a Slack user id

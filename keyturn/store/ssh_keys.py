@@ -1,7 +1,8 @@
 """People's registered SSH public keys: add, list, remove, each audited.
 
 Keys are checked before they get here (:func:`keyturn.ssh_keys.parse_public_key`); the store
-keeps at most :data:`MAX_KEYS` per person and never the same key twice for one person.
+keeps at most :data:`MAX_KEYS` per person, and one owner per key: a certificate names the person
+whose key it signs, so two people holding one key could not be told apart in a login.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ async def add_key(store: Store, owner: str, key: PublicKey) -> SshKeyRow:
             tx.session.add(row)
             await tx.session.flush()
             tx.record(Event("ssh_key.added", owner, data=_described(key.fingerprint, row)))
-    except IntegrityError:
-        raise Conflict(f"that key ({key.fingerprint}) is already registered") from None
+    except IntegrityError as exc:
+        if "uq_ssh_keys_owner" in str(exc.orig):
+            raise Conflict(f"that key ({key.fingerprint}) is already registered") from None
+        raise Conflict(
+            f"that key ({key.fingerprint}) is registered to someone else: make a key of your "
+            "own (`ssh-keygen -t ed25519`)"
+        ) from None
     return row
 
 

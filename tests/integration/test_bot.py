@@ -248,8 +248,9 @@ async def test_deny_with_a_reason_reaches_the_request(
         await slack.click(CHANNEL, ts, DENY, "U_BOB")
         await slack.wait_for("views.open")
         view_id = next(iter(slack.views))
-        status, body = await slack.submit(view_id, "U_BOB", {"reason": "   "})
-        assert status == 200 and json.loads(body)["response_action"] == "errors"
+        for refused in ("   ", "no\x00pe", "x" * 2001):  # a NUL once failed the listener
+            status, body = await slack.submit(view_id, "U_BOB", {"reason": refused})
+            assert status == 200 and json.loads(body)["response_action"] == "errors"
         assert await rb.status(request_id) == "pending"
         status, body = await slack.submit(view_id, "U_BOB", {"reason": "freeze week"})
         assert status == 200 and "errors" not in body

@@ -451,6 +451,26 @@ async def test_idempotency_key(run_gateway: GatewayFactory, idp: DevIdP) -> None
         assert status == 400
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    run_gateway: GatewayFactory, idp: DevIdP, encoding: str
+) -> None:
+    """The ninth outside round got a 500 (and two tracebacks) for Content-Encoding: gzip on a
+    body that was not gzip. A body aiohttp cannot decode is the client's error."""
+    async with run_gateway() as gw:
+        resp = await gw.client.post(
+            "/v1/commands",
+            data=b"this is not compressed",
+            headers={
+                "Authorization": f"Bearer {idp.token('crew-billing')}",
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            },
+        )
+        body = await resp.json()
+        assert resp.status == 400 and error_of(body)["code"] == "invalid_input", body
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -695,3 +715,48 @@ async def test_a_held_commands_estimate_never_answers_for_a_masked_column(
             assert status == 202 and body.get("estimated_rows") is None, (probe, body)
         status, body = await gw.post(token, UPDATE)
         assert status == 202 and body["estimated_rows"] is not None, body
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"raw_on_behalf_of": "@slack:U_APPROVER"},
+        {"on_behalf_of": "slack:slack:U_APPROVER"},
+        {"raw_on_behalf_of": "U\u0332_APPROVER"},  # a combining underline
+        {"raw_on_behalf_of": 123},
+        {"act": {}, "raw_on_behalf_of": "U_APPROVER"},
+        {"act": {"sub": 123}},
+        {"act": "U_APPROVER"},
+        {"act": {"sub": "U_APPROVER"}, "raw_on_behalf_of": "U_OTHER"},
+    ],
+    ids=[
+        "double-prefix",
+        "prefix-twice",
+        "look-alike",
+        "number",
+        "empty-act",
+        "act-number",
+        "act-string",
+        "two-people",
+    ],
+)
+async def test_a_token_that_spells_its_human_around_the_self_approval_check_is_refused(
+    run_gateway: GatewayFactory, idp: DevIdP, claims: dict[str, Any]
+) -> None:
+    """The ninth outside round had U_APPROVER approve requests made on its own behalf by
+    spelling itself @slack:U_APPROVER, by a look-alike, or by a malformed act claim that the
+    gateway dropped. A human claim that names no Slack user exactly is refused whole."""
+    async with run_gateway() as gw:
+        status, body = await gw.post(idp.token("crew-billing", **claims), UPDATE)
+        assert status == 401 and error_of(body)["code"] == "unauthorized", body
+
+
+async def test_the_human_a_token_names_is_stored_as_one_slack_id(
+    run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    async with run_gateway() as gw:
+        token = idp.token("crew-billing", on_behalf_of="<@u_human|ada>", raw_on_behalf_of="U_HUMAN")
+        status, body = await gw.post(token, UPDATE)
+        assert status == 202, body
+        row = await requests.get_request(gw.store, uuid.UUID(body["id"]))
+        assert row.on_behalf_of == "U_HUMAN"

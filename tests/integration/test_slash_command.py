@@ -48,6 +48,9 @@ async def test_register_list_and_remove_a_key(run_bot: BotFactory, slack: SlackE
         assert "no SSH keys" in await said(slack, "U_BOB", "ssh-key list")  # theirs alone
         assert "you have no key" in await said(slack, "U_BOB", f"ssh-key remove {fingerprint}")
         assert "already registered" in await said(slack, "U_ALICE", f"ssh-key add {line}")
+        # one owner per key: a certificate must name one person (the ninth outside round
+        # registered Ada's key for Omar too)
+        assert "registered to someone else" in await said(slack, "U_BOB", f"ssh-key add {line}")
         assert await keys(rb.store) == [("U_ALICE", fingerprint)]
         assert "Removed" in await said(slack, "U_ALICE", f"ssh-key remove {fingerprint}")
         assert await keys(rb.store) == []

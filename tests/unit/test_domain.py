@@ -25,6 +25,7 @@ from keyturn.domain import (
     person_key,
     request_tag,
     same_person,
+    slack_user,
 )
 from keyturn.errors import Conflict, Forbidden, InvalidInput
 
@@ -52,8 +53,41 @@ def test_single_approval_reaches_quorum_of_one() -> None:
 
 
 def test_person_keys() -> None:
-    assert person_key(" <@U123|ada> ") == person_key("slack:u123") == person_key("@U123") == "u123"
+    assert person_key(" <@U123|ada> ") == person_key("slack:u123") == person_key("@U123") == "U123"
     assert not same_person("U123", "U124", None)
+
+
+@pytest.mark.parametrize(
+    ("spelled", "user"),
+    [
+        ("U_APPROVER", "U_APPROVER"),
+        ("u_approver", "U_APPROVER"),
+        ("<@U_APPROVER>", "U_APPROVER"),
+        ("<@U_APPROVER|ada>", "U_APPROVER"),
+        ("@U_APPROVER", "U_APPROVER"),
+        ("slack:U_APPROVER", "U_APPROVER"),
+        (" U_APPROVER ", "U_APPROVER"),
+        # the ninth outside round approved its own requests with these: they name nobody
+        ("@slack:U_APPROVER", None),
+        ("slack:slack:U_APPROVER", None),
+        ("U\u0332_APPROVER", None),  # a combining underline: looks the same on a card
+        ("\uff35123", None),  # full-width U
+        ("U APPROVER", None),
+        ("alice@example.com", None),
+    ],
+)
+def test_a_slack_user_has_one_spelling_at_a_time(spelled: str, user: str | None) -> None:
+    assert slack_user(spelled.encode().decode("unicode_escape")) == user
+
+
+def test_nobody_decides_after_the_pending_ttl_even_before_the_sweep() -> None:
+    """The ninth round approved 3 of 4 requests past their pending TTL before the sweep."""
+    req = make_request()
+    with pytest.raises(IllegalTransition):
+        req.approve("U1", req.pending_expires_at)
+    with pytest.raises(IllegalTransition):
+        req.deny("U1", "no", req.pending_expires_at + timedelta(seconds=1))
+    assert req.status is RequestStatus.PENDING  # the sweep expires it
 
 
 def test_quorum_needs_distinct_approvers() -> None:
@@ -245,7 +279,7 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
         command="postgres session",
         requester="U_OMAR",
         created_at=now,
-        pending_expires_at=now,
+        pending_expires_at=now + timedelta(minutes=5),
         session=True,
     )
     session.approve("U_ADA", now)
@@ -259,7 +293,7 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
         command="UPDATE t SET x = 1 WHERE id = 1",
         requester="crew",
         created_at=now,
-        pending_expires_at=now,
+        pending_expires_at=now + timedelta(minutes=5),
     )
     command.approve("U_ADA", now)
     with pytest.raises(IllegalTransition):
@@ -272,3 +306,13 @@ def test_a_request_tag_names_the_request_only_to_keyturn() -> None:
     assert tag == request_tag(uuid.UUID(request_id))  # str and UUID alike, as Postgres prints it
     assert len(tag) == TAG_LENGTH and all(c in "0123456789abcdef" for c in tag)
     assert tag not in request_id.replace("-", "")
+
+
+@pytest.mark.parametrize("reason", ["no\x00pe", "\x1b[31mred", "x" * 2001, "half \ud800"])
+def test_a_deny_reason_is_plain_text_of_bounded_length(reason: str) -> None:
+    """The ninth round's NUL in a deny reason made the bot fail with a database error and a
+    500 to Slack; 100,000 characters were stored and sent to the agent."""
+    req = make_request()
+    with pytest.raises(InvalidInput):
+        req.deny("U1", reason, T0)
+    assert req.status is RequestStatus.PENDING
