@@ -11,7 +11,6 @@ options (``-ro FILE`` holds ``sort`` as ``-o`` would).
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Iterator, Sequence
 
@@ -35,10 +34,10 @@ RISKY_OPTIONS: dict[str, tuple[frozenset[str], str, str]] = {
         frozenset(
             """-c --config-env --exec-path --upload-pack --receive-pack -C --output
             --ext-diff --textconv --open-files-in-pager --paginate -p --git-dir --work-tree
-            --namespace""".split()
+            --namespace -O --orderfile""".split()
         )
         - {"-p"},
-        "",
+        "O",
         "writes files or runs configured programs (pager, diff drivers, hooks)",
     ),
     "journalctl": (
@@ -56,17 +55,16 @@ RISKY_OPTIONS: dict[str, tuple[frozenset[str], str, str]] = {
         "reads files other than those named (recursively, or a pattern file)",
     ),
     "systemctl": (frozenset("-H --host -M --machine".split()), "HM", "reaches another host"),
-    "sort": (frozenset("-o --output --compress-program".split()), "o", "writes files"),
+    "sort": (
+        frozenset("-o --output --compress-program --files0-from -T --temporary-directory".split()),
+        "oT",
+        "writes files or reads files named elsewhere",
+    ),
     "wc": (frozenset({"--files0-from"}), "", "reads files named elsewhere"),
     "du": (frozenset({"--files0-from"}), "", "reads files named elsewhere"),
     "zip": (frozenset("-T --test -TT --unzip-command".split()), "T", "runs programs"),
     "rsync": (frozenset("-e --rsh --rsync-path".split()), "e", "runs programs"),
-    "curl": (
-        frozenset("-o --output -O --remote-name -K --config -T --upload-file".split()),
-        "oOKT",
-        "writes or sends files",
-    ),
-    "date": (frozenset("-s --set".split()), "s", "sets the clock"),
+    "date": (frozenset("-s --set -f --file".split()), "sf", "sets the clock or reads a file"),
     "tcpdump": (frozenset("-w -z -Z".split()), "wzZ", "writes files or runs programs"),
     "sed": (frozenset("-i --in-place -f --file".split()), "if", "edits or reads files"),
 }
@@ -76,6 +74,10 @@ ALWAYS_RISKY = {
         "is interactive and can run commands from within",
     ),
     "tee": "writes files",
+    # reads any local file (file://, -d @file, -H @file), writes them (-o, -D, -c, --trace,
+    # --libcurl, …) and reaches any host from the target: too many ways to list one by one
+    "curl": "reads, writes and sends files and reaches any host",
+    "wget": "writes files and reaches any host",
 }
 # The only sed scripts an allow rule may let through: print, delete, quit, line ranges and
 # s///[gpI] substitutions — no e (execute), w/W (write) or r/R (read another file).
@@ -113,8 +115,42 @@ def risky_use(program: str, args: Sequence[str]) -> Iterator[str]:
             if _uses(word, options, letters):
                 yield f"{program} {word.split('=', 1)[0]} {why}"
                 return
-    if program == "sed":
-        given = [b for a, b in itertools.pairwise(args) if a in ("-e", "--expression")]
-        scripts = given or [a for a in args if not a.startswith("-")][:1]
-        if any(not _SAFE_SED.match(script.strip()) for script in scripts):
-            yield "sed with a script beyond printing and substitution may run or write things"
+    if program == "tar" and any(":" in word for word in args):
+        yield "tar with host:path reads or writes a remote archive through a remote shell"
+        return
+    if program == "sed" and any(not _SAFE_SED.match(s.strip()) for s in sed_scripts(args)):
+        yield "sed with a script beyond printing and substitution may run or write things"
+
+
+SED_VALUES = "efl"  # short options that take a value: -e SCRIPT, -f FILE, -l N
+
+
+def sed_scripts(args: Sequence[str]) -> list[str]:
+    """The scripts GNU sed would run, read as its getopt reads them: ``-e SCRIPT``,
+    ``-eSCRIPT``, ``-neSCRIPT``, ``--expression=SCRIPT`` and any prefix of it (``--e=``,
+    ``--expr SCRIPT``); with none of these, the first word that is not an option."""
+    scripts: list[str] = []
+    positional: list[str] = []
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            positional += words
+            break
+        if word.startswith("--") and len(word) > 2:
+            name, has_value, value = word.partition("=")
+            takes = [o for o in ("--expression", "--file", "--line-length") if o.startswith(name)]
+            if takes and not has_value:
+                value = next(words, "")
+            if "--expression" in takes:  # an ambiguous prefix counts as a script: erring safe
+                scripts.append(value)
+            continue
+        if word.startswith("-") and len(word) > 1:
+            for i, letter in enumerate(word[1:], start=1):
+                if letter in SED_VALUES:
+                    value = word[i + 1 :] or next(words, "")
+                    if letter == "e":
+                        scripts.append(value)
+                    break
+            continue
+        positional.append(word)
+    return scripts or positional[:1]

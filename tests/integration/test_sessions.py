@@ -468,7 +468,7 @@ async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Facto
         command="x",
         requester=ONCALL,
         created_at=grant.created_at,
-        pending_expires_at=grant.created_at,
+        pending_expires_at=grant.created_at + timedelta(minutes=5),
         session=True,
     )
     request.approve(APPROVER, grant.created_at)
