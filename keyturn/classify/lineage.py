@@ -34,9 +34,9 @@ from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.budget import spend
+from keyturn.classify.naming import column_name
 from keyturn.classify.patterns import Patterns
 from keyturn.classify.scope import (
-    STAR,
     Ctes,
     Outputs,
     Relations,
@@ -118,18 +118,6 @@ def _references(query: Scope, node: ast.Node) -> Iterator[tuple[str, str]]:
 
 def _name(call: ast.FuncCall) -> str:
     return ".".join(p.sval or "" for p in call.funcname or () if isinstance(p, ast.String))
-
-
-def _target_name(target: ast.ResTarget) -> str:
-    if target.name:
-        return target.name
-    value = target.val
-    if isinstance(value, ast.ColumnRef):
-        last = (value.fields or ())[-1]
-        return (last.sval or "") if isinstance(last, ast.String) else STAR
-    if isinstance(value, ast.FuncCall):
-        return _name(value).rsplit(".", 1)[-1]
-    return "?column?"
 
 
 def _sources(query: Scope, items: Sequence[ast.Node], ctes: Ctes) -> None:
@@ -318,6 +306,10 @@ def _outputs(
         probe = Scope(patterns, ctes, relations, outer)
         _uses(probe, stmt.limitCount, "in LIMIT")
         _uses(probe, stmt.limitOffset, "in OFFSET")
+        # ORDER BY over a set operation reads its output columns (email::text is one)
+        probe.sources.append(Source("", None, tuple(zip(left.names, either, strict=False))))
+        for item in stmt.sortClause or ():
+            _uses(probe, item, "in ORDER BY")
         return Outputs(left.names, either, holds + probe.holds, True)
     query = Scope(patterns, ctes, relations, outer)
     _sources(query, stmt.fromClause or (), ctes)
@@ -356,12 +348,12 @@ def _outputs(
                 out.unknown(hides=False)  # a USING column once for two: positions shift
             continue
         if isinstance(value, ast.ColumnRef) and not query.whole_rows(value):
-            out.names.append(_target_name(target))
+            out.names.append(column_name(target))
             out.masked.append(query.masked_ref(value))
             continue
         if isinstance(value, ast.ColumnRef) and len(fields) == 1:  # a bare name: both readings
             _uses(query, value, "")  # the row, if it is one and may hide a masked column
-            out.names.append(_target_name(target))
+            out.names.append(column_name(target))
             out.masked.append(query.masked_ref(value))  # the column, if one of that name is
             continue
         if isinstance(value, ast.SubLink) and value.subLinkType == SubLinkType.EXPR_SUBLINK:
@@ -369,8 +361,7 @@ def _outputs(
             if isinstance(sub, ast.SelectStmt):
                 inner = _outputs(sub, patterns, ctes, relations, query.visible)
                 query.holds += inner.holds
-                # named as PostgreSQL names it: after the subquery's first column
-                out.names.append(target.name or (inner.names[0] if inner.names else "?column?"))
+                out.names.append(column_name(target))  # after the subquery's first column
                 out.masked.append(inner.masked[0] if inner.masked else None)
                 continue
         _uses(query, value, "")
@@ -379,7 +370,7 @@ def _outputs(
         ):  # (f()).*: as many columns as f returns, named as it names them
             out.unknown(hides=False)
             continue
-        out.names.append(_target_name(target))
+        out.names.append(column_name(target))
         out.masked.append(None)
     uncounted = not out.exact and (out.hides or any(out.masked))
     out.holds += _ordering(stmt, out.names, out.masked, uncounted) + query.holds

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pglast import ast
 
 from keyturn.classify.budget import spend
+from keyturn.classify.naming import UNNAMED
 from keyturn.classify.patterns import Patterns
 
 STAR = "*"
@@ -97,6 +98,9 @@ class Scope:
                 if not named and source.more is None and source.hides:
                     # a column of unknown origin in something that may hold a masked one
                     return f"{source.name}.{column} (may be masked)"
+                unnamed = next((m for n, m in source.outputs if n == UNNAMED and m), None)
+                if not named and unnamed:  # a masked column lineage could not name: any
+                    return unnamed  # name it does not know may be that one
             else:
                 found = self.patterns.column(source.table, column)
                 if found:

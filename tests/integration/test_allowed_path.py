@@ -880,6 +880,10 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             # the seventh round: a bare name over an aliased join
             "SELECT reverse(x) AS r FROM ((SELECT email AS x FROM customers) s"
             " CROSS JOIN (SELECT 1) o) j",
+            # the eleventh round: columns named as PostgreSQL names them; a set operation's
+            # ORDER BY expression
+            "SELECT reverse(text) FROM (SELECT 'x'::text UNION ALL SELECT email FROM customers) s",
+            "SELECT id, email FROM customers UNION ALL SELECT -1, 'b' ORDER BY email::text",
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)
@@ -911,3 +915,56 @@ async def test_where_a_result_is_cut_tells_nothing_of_a_masked_value(
             low, high = (middle, high) if await rows("a", middle) == 901 else (low, middle - 1)
         for pad in range(low - 45, low + 6, 5):
             assert await rows("a", pad) == await rows("a" * 40, pad), pad
+
+
+NAMED = [
+    "email",
+    "c.email",
+    "'x'::text",
+    "email::text",
+    "email::varchar(3)",
+    'email COLLATE "C"',
+    "coalesce(email, 'x')",
+    "CASE WHEN true THEN email END",
+    "nullif(email, 'x')",
+    "greatest(email, 'x')",
+    "least(email, 'x')",
+    "ARRAY[email]",
+    "ROW(email)",
+    "1 + 1",
+    "lower(email)",
+    "pg_catalog.lower(email)",
+    "(SELECT email FROM customers LIMIT 1)",
+    "(SELECT 'x'::text UNION ALL SELECT email FROM customers LIMIT 1)",
+    "EXISTS (SELECT 1)",
+    "ARRAY(SELECT email FROM customers)",
+    "current_user",
+    "current_date",
+    "localtimestamp",
+    "(ROW(email, 1)).f1",
+    "'x'",
+    "CAST(NULL AS int)",
+    "- id",
+    "email IS NULL",
+    "GROUPING(email)",
+]
+
+
+async def test_columns_are_named_as_postgresql_names_them(shop: Shop) -> None:
+    """The eleventh outside round read emails through columns lineage called ?column? and
+    PostgreSQL called `text` or `coalesce`: the server says what each expression is named."""
+    from pglast import parse_sql
+
+    from keyturn.classify.naming import column_name
+
+    conn = await asyncpg.connect(shop.postgres.dsn(shop.database).url)
+    try:
+        for expression in NAMED:
+            grouped = " GROUP BY email" if "GROUPING" in expression else ""
+            query = f"SELECT {expression} FROM customers c{grouped}"
+            statement = await conn.prepare(query)
+            (attribute,) = statement.get_attributes()
+            target = parse_sql(query)[0].stmt.targetList[0]  # type: ignore[union-attr]
+            assert column_name(target) == attribute.name, expression
+    finally:
+        await conn.close()

@@ -1002,6 +1002,15 @@ NAME_TRICKS = {
     " CROSS JOIN (SELECT 1) o) j WHERE x LIKE 'a%'",
     "join-alias-nested": "SELECT length(x) FROM (SELECT t.* FROM ((SELECT email AS x FROM t) s"
     " CROSS JOIN (SELECT 1) o) t) s2",
+    # the eleventh round: a column named as PostgreSQL names it, from a set operation's left
+    "cast-name": "SELECT reverse(text) FROM (SELECT 'x'::text UNION ALL SELECT email FROM t) s",
+    "coalesce-name": "SELECT reverse(\"coalesce\") FROM (SELECT coalesce('x')"
+    " UNION ALL SELECT email FROM t) s",
+    "collate-name": 'SELECT reverse(name) FROM (SELECT name COLLATE "C" FROM t'
+    " UNION ALL SELECT email FROM t) s",
+    "unnamed-expression": "SELECT reverse(foo) FROM (SELECT 1 + 1 UNION ALL SELECT email FROM t) s",
+    # …and a set operation's ORDER BY reads its outputs
+    "setop-order-expression": "SELECT id, email FROM t UNION ALL SELECT -1, 'b' ORDER BY email::text",
 }
 
 
