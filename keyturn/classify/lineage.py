@@ -34,7 +34,7 @@ from pglast import ast
 from pglast.enums import SetOperation, SubLinkType
 
 from keyturn.classify.budget import spend
-from keyturn.classify.naming import column_name
+from keyturn.classify.naming import UNNAMED, column_name
 from keyturn.classify.patterns import Patterns
 from keyturn.classify.scope import (
     Ctes,
@@ -314,12 +314,8 @@ def _outputs(
     query = Scope(patterns, ctes, relations, outer)
     _sources(query, stmt.fromClause or (), ctes)
     out = Outputs([], [], holds)
-    for row in stmt.valuesLists or ():
-        _uses(query, row, "in VALUES")
     if stmt.valuesLists:  # VALUES (…), (…): column1, column2, … as PostgreSQL names them
-        width = len(getattr(stmt.valuesLists[0], "items", None) or stmt.valuesLists[0] or ())
-        out.names += [f"column{i}" for i in range(1, width + 1)]
-        out.masked += [None] * width
+        _values(out, query, stmt.valuesLists)
     _uses(query, stmt.whereClause, "in WHERE")
     _uses(query, stmt.havingClause, "in HAVING")
     _uses(query, stmt.limitCount, "in LIMIT")
@@ -361,8 +357,13 @@ def _outputs(
             if isinstance(sub, ast.SelectStmt):
                 inner = _outputs(sub, patterns, ctes, relations, query.visible)
                 query.holds += inner.holds
-                out.names.append(column_name(target))  # after the subquery's first column
-                out.masked.append(inner.masked[0] if inner.masked else None)
+                # named after the subquery's first column, as it comes out (a * expanded)
+                first = inner.names[0] if inner.exact and inner.names else UNNAMED
+                out.names.append(target.name or first)
+                masked = inner.masked[0] if inner.masked else None
+                if not inner.exact and inner.hides:  # a * whose first column may be masked
+                    masked = masked or "a column a * may bring"
+                out.masked.append(masked)
                 continue
         _uses(query, value, "")
         if isinstance(value, ast.A_Indirection) and isinstance(
@@ -375,6 +376,22 @@ def _outputs(
     uncounted = not out.exact and (out.hides or any(out.masked))
     out.holds += _ordering(stmt, out.names, out.masked, uncounted) + query.holds
     return out
+
+
+def _values(out: Outputs, query: Scope, rows: Sequence[object]) -> None:
+    """``VALUES (…), (…)``: a masked column there as itself stays masked in its position
+    (whatever row it is in); anything else that uses one holds. (pglast gives each row as a
+    plain tuple of expressions.)"""
+    for row in rows:
+        items = row if isinstance(row, tuple | list) else (row,)
+        for index, item in enumerate(items):
+            if index == len(out.names):
+                out.names.append(f"column{index + 1}")
+                out.masked.append(None)
+            if isinstance(item, ast.ColumnRef) and not query.whole_rows(item):
+                out.masked[index] = out.masked[index] or query.masked_ref(item)
+            elif isinstance(item, ast.Node):
+                _uses(query, item, "in VALUES")
 
 
 def _ordering(
@@ -400,7 +417,11 @@ def _ordering(
         elif isinstance(key, ast.ColumnRef) and len(key.fields or ()) == 1:
             field_ = (key.fields or ())[0]
             name = (field_.sval or "") if isinstance(field_, ast.String) else ""
-            indexes = [i for i, n in enumerate(names) if n == name]
+            indexes = [i for i, n in enumerate(names) if n == name] or [
+                i
+                for i, n in enumerate(names)
+                if n == UNNAMED  # a name lineage could not give
+            ]
         for index in indexes:
             if 0 <= index < len(masked) and masked[index]:
                 found.append(f"orders or groups by a masked column ({masked[index]})")

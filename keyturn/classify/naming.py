@@ -57,6 +57,8 @@ def _last_string(nodes: tuple[ast.Node, ...] | None) -> str | None:
 def _figure(node: ast.Node) -> tuple[str, int]:
     """(name, strength): 2 for a name from the expression, 1 from a type, 0 for none."""
     if isinstance(node, ast.ColumnRef):
+        if node.fields and isinstance(node.fields[-1], ast.A_Star):  # t.*: named as expanded
+            return UNNAMED, 0
         name = _last_string(node.fields)
         return (name, 2) if name else (UNNAMED, 0)
     if isinstance(node, ast.A_Indirection):

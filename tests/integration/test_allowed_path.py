@@ -841,9 +841,11 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
     run_gateway: GatewayFactory, idp: DevIdP
 ) -> None:
     """The third outside round: new names over a *, a recursive step reading earlier steps,
-    a WITH RECURSIVE reading a later CTE, SEARCH/CYCLE copies, ROLLUP on an output name."""
+    a WITH RECURSIVE reading a later CTE, SEARCH/CYCLE copies, ROLLUP on an output name;
+    and what the later rounds found (each held, so more than the 20 pending an agent may
+    have by default)."""
     token = idp.token("crew-billing")
-    async with run_gateway() as gw:
+    async with run_gateway(gateway={"max_pending_per_agent": 100}) as gw:
         for command in (
             "SELECT reverse(c) FROM (SELECT * FROM customers) x(a, b, c)",
             "WITH s(a, b, c) AS (SELECT * FROM customers) SELECT a, replace(c, '@', ' AT ') FROM s",
@@ -884,6 +886,10 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             # ORDER BY expression
             "SELECT reverse(text) FROM (SELECT 'x'::text UNION ALL SELECT email FROM customers) s",
             "SELECT id, email FROM customers UNION ALL SELECT -1, 'b' ORDER BY email::text",
+            # the twelfth round: VALUES rows; a scalar subquery's * in the select list
+            "SELECT v.column1 FROM customers c, LATERAL (VALUES (reverse(c.email))) v",
+            "SELECT reverse(e) FROM (SELECT (SELECT t.* FROM (SELECT email AS e FROM customers"
+            " c2 WHERE c2.id = c.id) t) FROM customers c) s",
         ):
             status, body = await gw.post(token, sql(command))
             assert (status, body["status"]) == (202, "pending"), (command, body)

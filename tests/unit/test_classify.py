@@ -1011,6 +1011,16 @@ NAME_TRICKS = {
     "unnamed-expression": "SELECT reverse(foo) FROM (SELECT 1 + 1 UNION ALL SELECT email FROM t) s",
     # …and a set operation's ORDER BY reads its outputs
     "setop-order-expression": "SELECT id, email FROM t UNION ALL SELECT -1, 'b' ORDER BY email::text",
+    # the twelfth round: what VALUES rows hold, and a scalar subquery's * in the select list
+    "values-lateral": "SELECT v.column1 FROM t c, LATERAL (VALUES (reverse(c.email))) v",
+    "values-renamed": "SELECT reverse(x) FROM t c, LATERAL (VALUES (c.email)) v(x)",
+    "values-subquery": "SELECT reverse(column1) FROM (VALUES ((SELECT email FROM t LIMIT 1)),"
+    " ('a')) v",
+    "scalar-star-name": "SELECT reverse(e) FROM (SELECT (SELECT x.* FROM (SELECT email AS e"
+    " FROM t t2 WHERE t2.id = t.id) x) FROM t) s",
+    "scalar-star-order": "SELECT (SELECT * FROM (SELECT email AS e FROM t t2 WHERE t2.id = t.id)"
+    " x) FROM t ORDER BY e",
+    "scalar-star-table": "SELECT reverse(y) FROM (SELECT (TABLE t LIMIT 1) AS y) s",
 }
 
 
