@@ -316,6 +316,8 @@ def _outputs(
     out = Outputs([], [], holds)
     if stmt.valuesLists:  # VALUES (…), (…): column1, column2, … as PostgreSQL names them
         _values(out, query, stmt.valuesLists)
+        # its ORDER BY, LIMIT and OFFSET read those columns (ORDER BY column1::text)
+        query.sources.append(Source("", None, tuple(zip(out.names, out.masked, strict=False))))
     _uses(query, stmt.whereClause, "in WHERE")
     _uses(query, stmt.havingClause, "in HAVING")
     _uses(query, stmt.limitCount, "in LIMIT")

@@ -17,7 +17,6 @@ UNNAMED = "?column?"
 
 # node type -> the name PostgreSQL gives it (src/backend/parser/parse_target.c)
 _FIXED: dict[type[ast.Node], str] = {
-    ast.CaseExpr: "case",
     ast.A_ArrayExpr: "array",
     ast.RowExpr: "row",
     ast.CoalesceExpr: "coalesce",
@@ -76,6 +75,9 @@ def _figure(node: ast.Node) -> tuple[str, int]:
             if typed:
                 return typed, 1
         return name, strength
+    if isinstance(node, ast.CaseExpr):  # named after its ELSE when that has a name
+        name, strength = _figure(node.defresult) if node.defresult else (UNNAMED, 0)
+        return (name, strength) if strength > 1 else ("case", 1)
     if isinstance(node, ast.CollateClause):
         return _figure(node.arg) if node.arg is not None else (UNNAMED, 0)
     if isinstance(node, ast.SubLink):

@@ -888,6 +888,11 @@ async def test_renames_recursion_and_grouping_sets_are_held_on_a_real_target(
             "SELECT id, email FROM customers UNION ALL SELECT -1, 'b' ORDER BY email::text",
             # the twelfth round: VALUES rows; a scalar subquery's * in the select list
             "SELECT v.column1 FROM customers c, LATERAL (VALUES (reverse(c.email))) v",
+            # the thirteenth round: CASE named after its ELSE; VALUES' own ORDER BY
+            "SELECT reverse(lower) FROM (SELECT CASE WHEN true THEN 'a' ELSE lower('b') END"
+            " UNION ALL SELECT email FROM customers) s",
+            "SELECT c.id, v.y FROM customers c, LATERAL (VALUES (c.email, 1), ('m', 2)"
+            " ORDER BY column1::text LIMIT 1) v(x, y)",
             "SELECT reverse(e) FROM (SELECT (SELECT t.* FROM (SELECT email AS e FROM customers"
             " c2 WHERE c2.id = c.id) t) FROM customers c) s",
         ):
@@ -953,6 +958,10 @@ NAMED = [
     "- id",
     "email IS NULL",
     "GROUPING(email)",
+    "CASE WHEN true THEN 'a' ELSE lower('b') END",
+    "CASE WHEN true THEN 'a' END",
+    "CASE WHEN true THEN 'a' END::text",
+    "CASE WHEN true THEN email ELSE (SELECT 'x' AS q) END",
 ]
 
 

@@ -1021,6 +1021,13 @@ NAME_TRICKS = {
     "scalar-star-order": "SELECT (SELECT * FROM (SELECT email AS e FROM t t2 WHERE t2.id = t.id)"
     " x) FROM t ORDER BY e",
     "scalar-star-table": "SELECT reverse(y) FROM (SELECT (TABLE t LIMIT 1) AS y) s",
+    # the thirteenth round: CASE is named after its ELSE; VALUES' ORDER BY reads its columns
+    "case-else-name": "SELECT reverse(lower) FROM (SELECT CASE WHEN true THEN 'a'"
+    " ELSE lower('b') END UNION ALL SELECT email FROM t) s",
+    "case-cast-name": "SELECT reverse(text) FROM (SELECT CASE WHEN true THEN 'a' END::text"
+    " UNION ALL SELECT email FROM t) s",
+    "values-order": "SELECT c.id, v.y FROM t c, LATERAL (VALUES (c.email, 1), ('m', 2)"
+    " ORDER BY column1::text LIMIT 1) v(x, y)",
 }
 
 
