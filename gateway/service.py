@@ -34,6 +34,7 @@ from keyturn.agent.api import TERMINAL, CommandOut, TargetOut, TargetsOut
 from keyturn.aio import Deadline
 from keyturn.classify import Identity, Verdict, check_access, classify, masking_patterns, may_use
 from keyturn.classify.catalog import Catalog
+from keyturn.classify.patterns import Patterns
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.sql import calls_a_function, preview_select
 from keyturn.domain import Decision, RequestStatus, request_tag
@@ -78,6 +79,19 @@ class Blocked(Forbidden):
     def __init__(self, message: str, rule: str | None) -> None:
         super().__init__(message)
         self.rule = rule
+
+
+def _estimable(command: str, masking: Patterns, catalog: Catalog | None) -> str | None:
+    """The preview a held command's estimate may plan, or None (see ``Gateway._estimate``):
+    one that calls a function, or that a read could not run as it is, gets no estimate."""
+    query = preview_select(command)
+    if query is None or calls_a_function(query):
+        return None
+    try:
+        read_plan(query, 1, masking, catalog)
+    except KeyturnError:  # NotReadOnly (a masked use, a system relation), TooComplex
+        return None
+    return query
 
 
 def _classification(verdict: Verdict) -> dict[str, Any]:
@@ -383,15 +397,11 @@ class Gateway:
         """
         if self.readers is None or target not in self.readers:
             return None
+        masking, catalog = masking_patterns(self.config), await self._catalog(target)
         async with self.turns.turn(who.subject):
-            query = await judged(preview_select, command)
-            if query is None or await judged(calls_a_function, query):
-                return None
-            masking, catalog = masking_patterns(self.config), await self._catalog(target)
-            try:
-                await judged(read_plan, query, 1, masking, catalog)
-            except KeyturnError:  # NotReadOnly (a masked use, a system relation), TooComplex
-                return None
+            query = await judged(_estimable, command, masking, catalog)
+        if query is None:
+            return None
         deadline = Deadline(ESTIMATE_TIMEOUT)
         try:
             async with self.readers.transaction(target, who.subject, "estimate", deadline) as c:

@@ -88,26 +88,29 @@ class Scope:
             sources = self.visible
             spend(len(sources))
         for source in sources:
-            if source.outputs is not None:
-                found = next((m for n, m in source.outputs if n == column and m), None)
-                if found:
-                    return found
-                if not source.exact and self.patterns.column(None, column):
-                    return self.patterns.column(None, column)
-                named = any(n == column for n, _ in source.outputs)
-                if not named and source.more is None and source.hides:
-                    # a column of unknown origin in something that may hold a masked one
-                    return f"{source.name}.{column} (may be masked)"
-                unnamed = next((m for n, m in source.outputs if n == UNNAMED and m), None)
-                if not named and unnamed:  # a masked column lineage could not name: any
-                    return unnamed  # name it does not know may be that one
-            else:
+            if source.outputs is None:
                 found = self.patterns.column(source.table, column)
-                if found:
-                    return found
+            else:
+                found = self._derived_masked(source, source.outputs, column)
+            if found:
+                return found
         if not sources:  # no FROM anywhere: erring towards masked
             return self.patterns.column(None, column)
         return None
+
+    def _derived_masked(self, source: Source, outputs: Columns, column: str) -> str | None:
+        """The masked column ``column`` of a derived table may be, or None."""
+        if found := next((m for n, m in outputs if n == column and m), None):
+            return found
+        if not source.exact and (found := self.patterns.column(None, column)):
+            return found  # a * may have brought it under its own name
+        if any(n == column for n, _ in outputs):
+            return None  # a column of that name, not masked
+        if source.more is None and source.hides:
+            # a column of unknown origin in something that may hold a masked one
+            return f"{source.name}.{column} (may be masked)"
+        # a masked column lineage could not name: any name it does not know may be that one
+        return next((m for n, m in outputs if n == UNNAMED and m), None)
 
     def whole_rows(self, ref: ast.ColumnRef) -> list[Source]:
         """The rows a reference stands for whole: ``t`` (a FROM name), ``t.*``, ``*``, or
