@@ -160,7 +160,11 @@ async def long_polls(stack: Stack) -> None:
         config = Path(tmp) / "policy.yml"
         data = dict(stack.policy_data)
         data["gateway"] = dict(
-            data["gateway"], listen=f"127.0.0.1:{port}", max_wait="600s", poll_interval="10s"
+            data["gateway"],
+            listen=f"127.0.0.1:{port}",
+            max_wait="600s",
+            poll_interval="10s",
+            max_pending_per_agent=100,  # the 100 held requests the long-polls wait on
         )
         config.write_text(yaml.safe_dump(data))
         role_id, secret_id = stack.approles["keyturn-gateway"]
