@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from gateway.results import jsonable
+from gateway.drivers.postgres.values import jsonable
 
 POOL_KEY = web.AppKey("pool", asyncpg.Pool)
 

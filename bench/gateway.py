@@ -141,7 +141,8 @@ async def in_process(stack: Stack) -> None:
         ">= 0.8",
         gw_rate >= 0.8 * floor_rate,
     )
-    print(f"  gateway {gw_rate:,.0f} req/s ({AGENTS} agents); journal {gw.journal.commits} commits")
+    commits = gw.gw.journal.commits
+    print(f"  gateway {gw_rate:,.0f} req/s ({AGENTS} agents); journal {commits} commits")
 
 
 def _rss_mb(pid: int) -> float:
@@ -254,14 +255,19 @@ async def long_polls(stack: Stack) -> None:
                     rss <= 300 and waiting >= LONG_POLLS,
                 )
                 # release them all through the real path: a decision wakes the waiters
-                from keyturn.domain import Decision
+                from keyturn.domain import Deciders, Decision
                 from keyturn.store import requests
 
                 store = Store(stack.database, pool_size=2)
                 released = time.perf_counter()
                 for ident in ids:
                     await requests.decide(
-                        store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "bench"
+                        store,
+                        uuid.UUID(ident),
+                        "U_APPROVER",
+                        Decision.DENY,
+                        "bench",
+                        deciders=Deciders.only("U_APPROVER"),
                     )
                 statuses = await asyncio.gather(*polls)
                 await store.close()

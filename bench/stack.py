@@ -20,7 +20,7 @@ from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.credentials import Issuer
 from bot.revocation import Revoker
-from keyturn.domain import Decision
+from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
@@ -183,7 +183,9 @@ async def issue_many(
     async def one(i: int) -> None:
         async with gate:
             row, _ = await requests.create_request(store, new(i))
-            await requests.decide(store, row.id, "U_APPROVER", Decision.APPROVE)
+            await requests.decide(
+                store, row.id, "U_APPROVER", Decision.APPROVE, deciders=Deciders.only("U_APPROVER")
+            )
             assert await grants.issue(store, row.id, mint, unmint) is not None
 
     await asyncio.gather(*(one(i) for i in range(count)))

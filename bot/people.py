@@ -14,15 +14,11 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from keyturn.errors import Forbidden
+from keyturn.domain import Deciders
 from keyturn.policy import Config, People
 from keyturn.store.models import RequestRow
 
 SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
-
-
-class NotApprover(Forbidden):
-    code = "not_approver"
 
 
 class Directory:
@@ -51,6 +47,24 @@ class Directory:
             return False
         return user in await self.members(people.slack_usergroup)
 
+    async def deciders(self, config: Config, row: RequestRow) -> Deciders:
+        """Who may decide ``row``, resolved for :class:`keyturn.domain.Deciders`, which checks
+        a vote with every other rule of voting under the request's lock."""
+        people = approvers_for(config, row)
+        if people is None:
+            return Deciders(frozenset())
+        listed = frozenset(people.users)
+        if people.slack_usergroup:
+            listed |= await self.members(people.slack_usergroup)
+        rule = config.policy.access_rule(row.rule) if row.session else None
+        group = rule.requesters.slack_usergroup if rule is not None else None
+        barred: frozenset[str] = frozenset()
+        if rule is not None and group and not rule.own_group_may_approve:
+            members = await self.members(group)
+            if row.requester in members:
+                barred = members
+        return Deciders(listed, barred)
+
 
 def approvers_for(config: Config, row: RequestRow) -> People | None:
     """Who may decide ``row``: its access rule's approvers for a session (nobody, once the
@@ -62,25 +76,6 @@ def approvers_for(config: Config, row: RequestRow) -> People | None:
     if agent_rule is not None and agent_rule.approvers is not None:
         return agent_rule.approvers
     return config.slack.approvers
-
-
-async def check_decider(directory: Directory, config: Config, user: str, row: RequestRow) -> None:
-    """Raise unless ``user`` may vote on ``row`` (the domain bars the requester themself)."""
-    if not await directory.allows(user, approvers_for(config, row)):
-        raise NotApprover("you are not an approver for this request; nothing was changed")
-    rule = config.policy.access_rule(row.rule) if row.session else None
-    group = rule.requesters.slack_usergroup if rule is not None else None
-    if rule is not None and group and not rule.own_group_may_approve:
-        members = await directory.members(group)
-        if user != row.requester and user in members and row.requester in members:
-            raise OwnGroup(
-                "you are in the requester's own group, and this access rule needs an approver"
-                " from outside it; nothing was changed"
-            )
-
-
-class OwnGroup(Forbidden):
-    code = "own_group"
 
 
 async def dm(

@@ -31,12 +31,12 @@ from bot.cards import (
     outcome_message,
 )
 from bot.credentials import Issuer
-from bot.people import SLACK_ERRORS, Directory, check_decider, dm
+from bot.people import SLACK_ERRORS, Directory, dm
 from bot.revocation import Revoker
 from bot.sessions import Desk
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
-from keyturn.domain import Decision, IllegalTransition, SelfApproval, same_person
+from keyturn.domain import Deciders, Decision, RequestStatus
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Config, SshTarget
 from keyturn.store import grants, requests
@@ -154,13 +154,13 @@ class Bot:
 
     # ------------------------------------------------------------------ who decides
 
-    async def _check_approver(self, request_id: str, user: str) -> RequestRow:
+    async def _voting(self, request_id: str) -> tuple[RequestRow, Deciders]:
+        """The request a click names, and who may decide it (checked with the vote)."""
         try:
             row = await requests.get_request(self.store, uuid.UUID(request_id))
         except ValueError:
             raise NotFound("this card refers to no request") from None
-        await check_decider(self.directory, self.config, user, row)
-        return row
+        return row, await self.directory.deciders(self.config, row)
 
     # ------------------------------------------------------------------ votes
 
@@ -169,19 +169,19 @@ class Bot:
         (:mod:`bot.app`) tells the clicker why. A command is approved on its card only, the
         one place that shows every statement as it will run (``on_card``: the click came from
         a message, not an App Home that an older release drew with a shortened command)."""
-        row = await self._check_approver(request_id, user)
+        row, deciders = await self._voting(request_id)
+        deciders.check(user)
         if not on_card and not row.session:
             raise InvalidInput("approve a command on its card, where every statement is shown")
-        result = await requests.decide(self.store, row.id, user, Decision.APPROVE)
+        result = await requests.decide(
+            self.store, row.id, user, Decision.APPROVE, deciders=deciders
+        )
         await self._after_decision(row.id, issue=result.decided)
 
     async def open_deny(self, request_id: str, user: str, trigger_id: str) -> None:
         """Open the reason modal, only for someone who may deny."""
-        row = await self._check_approver(request_id, user)
-        if same_person(user, row.requester, row.on_behalf_of):
-            raise SelfApproval("nobody may decide their own request")
-        if row.status != "pending":
-            raise IllegalTransition("request", row.status, "denied")
+        row, deciders = await self._voting(request_id)
+        row.domain().check_decider(user, deciders, RequestStatus.DENIED, self.store.clock.now())
         await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
 
     async def deny(self, request_id: str, user: str, reason: str) -> None:
@@ -189,8 +189,8 @@ class Bot:
         3 s), and the card and the thread follow in the background."""
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
-        row = await self._check_approver(request_id, user)
-        await requests.decide(self.store, row.id, user, Decision.DENY, reason)
+        row, deciders = await self._voting(request_id)
+        await requests.decide(self.store, row.id, user, Decision.DENY, reason, deciders=deciders)
         spawn(self.tasks, self._after_decision(row.id, issue=False))
 
     async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
@@ -244,7 +244,8 @@ class Bot:
         if own:
             await self.desk.check_own(user, grant)
         else:
-            await self._check_approver(str(grant.request_id), user)
+            _, deciders = await self._voting(str(grant.request_id))
+            deciders.check(user)
         return grant
 
     async def revoke(self, grant_id: str, user: str, *, own: bool = False) -> GrantRow:

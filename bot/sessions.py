@@ -20,9 +20,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import card_store, session_views
 from bot.cards import extend_choices
 from bot.credentials import Issuer
-from bot.people import SLACK_ERRORS, Directory, approvers_for, check_decider, dm
+from bot.people import SLACK_ERRORS, Directory, approvers_for, dm
 from bot.session_views import MAX_REASON, MAX_TICKET, REMIND_BEFORE, Line, Waiting
-from keyturn.domain import unprintable
+from keyturn.domain import RequestStatus, unprintable
 from keyturn.errors import InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import (
     AccessRule,
@@ -298,8 +298,11 @@ class Desk:
         for row in await requests.pending_requests(self.store):
             if row.requester == user:
                 continue
+            deciders = await self.directory.deciders(self.config, row)
             try:
-                await check_decider(self.directory, self.config, user, row)
+                row.domain().check_decider(
+                    user, deciders, RequestStatus.APPROVED, self.store.clock.now()
+                )
             except KeyturnError:
                 continue
             target = self.config.policy.targets.get(row.target)

@@ -1,36 +1,73 @@
 """Composition root of a gateway process: build everything from Settings + Config, once.
 
-Nothing connects here; :func:`lifecycle` (aiohttp ``cleanup_ctx``) starts the listener, the
-journal and the poller and stops them in reverse. Tests call :func:`build` with their own
-store and Vault.
+Edges, use cases and drivers meet only here: the bootstrap builds a driver per kind of
+target, hands them to the use cases, and puts the HTTP edge in front. Nothing connects while
+building; :func:`lifecycle` (aiohttp ``cleanup_ctx``) starts the listener, the journal and the
+supervised loops (:mod:`keyturn.supervise`) and stops them in reverse. Tests call
+:func:`build` with their own store and Vault.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.approved import Executor
 from gateway.auth import Authenticator
-from gateway.catalogs import Catalogs
-from gateway.http import GATEWAY_KEY, create_app
+from gateway.drivers.postgres.catalogs import Catalogs
+from gateway.drivers.postgres.driver import PostgresDriver
+from gateway.drivers.postgres.logins import ReadOnlyLogins
+from gateway.drivers.ssh import SshDriver
+from gateway.edges.http import EDGE_KEY, Edge, create_app
 from gateway.journal import Journal
+from gateway.judging import Turns
 from gateway.metrics import Metrics
-from gateway.readonly import ReadOnlyLogins
-from gateway.service import Gateway
-from keyturn.aio import cancel
+from gateway.ratelimit import RateLimiter
+from gateway.usecases.approved import Executor
+from gateway.usecases.driver import Drivers
+from gateway.usecases.gateway import Gateway, poll
 from keyturn.clock import Clock
+from keyturn.masking import Masker
 from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
+from keyturn.supervise import Loop, Supervisor
 from keyturn.vault import Vault, process_vault
 
 
 def gateway_vault(settings: Settings, config: Config) -> Vault | None:
     return process_vault(settings, config, "gateway") if config.policy.targets else None
+
+
+@dataclass
+class GatewayProcess:
+    """One gateway process, wired: the use cases, their drivers, the edge, the loops."""
+
+    gw: Gateway
+    edge: Edge
+    postgres: PostgresDriver
+    executor: Executor | None  # runs approved commands (needs Vault)
+    supervisor: Supervisor
+
+    async def start(self) -> None:
+        await self.gw.listener.start()
+        self.gw.journal.start()
+        self.supervisor.start()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        if self.executor is not None:
+            await self.executor.close()
+        for driver in self.gw.drivers:
+            await driver.close()
+        await self.gw.journal.stop()
+        await self.gw.listener.stop()
+        for vault in self.gw.vaults:
+            await vault.close()
+        await self.gw.store.close()
 
 
 def build(
@@ -40,64 +77,68 @@ def build(
     *,
     dev_secret: str | None = None,
     public_url: str | None = None,
-) -> Gateway:
-    metrics = Metrics()
-    readers = None
-    if vault is not None:
-        readers = ReadOnlyLogins(
-            vault,
-            config.policy.postgres_targets(),
-            config.vault.database_mount,
-            config.gateway,
-            metrics,
-        )
+) -> GatewayProcess:
     cfg = config.gateway
+    metrics = Metrics()
+    masker = Masker.from_policy(config.policy.masking)
+    listener = Listener(store.dsn)
+    logins = catalogs = None
+    if vault is not None:
+        logins = ReadOnlyLogins(
+            vault, config.policy.postgres_targets(), config.vault.database_mount, cfg, metrics
+        )
+        catalogs = Catalogs(logins, cfg.catalog_refresh.total_seconds())
+    turns = Turns()
+    postgres = PostgresDriver(config, masker, metrics, turns, logins, catalogs)
+    ssh = SshDriver(config.policy.ssh_targets(), cfg.ssh_timeout, masker)
+    kinds = {name: target.kind for name, target in config.policy.targets.items()}
     gw = Gateway(
         config=config,
         store=store,
-        listener=Listener(store.dsn),
+        listener=listener,
         journal=Journal(store),
-        auth=Authenticator(cfg.auth, dev_secret),
-        readers=readers,
+        drivers=Drivers(kinds, [postgres, ssh]),
         public_url=(public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
         metrics=metrics,
+        turns=turns,
+        vaults=[vault] if vault is not None else [],
     )
+    supervisor = Supervisor(metrics.registry)
+    period = cfg.poll_interval.total_seconds()
+    supervisor.add(Loop("poller", lambda: poll(gw), period))
+    executor = None
     if vault is not None:
-        gw.executor = Executor(config, store, vault, gw.listener, gw.masker, gw.metrics)
-    if readers is not None:
-        gw.catalogs = Catalogs(readers, cfg.catalog_refresh.total_seconds())
-    return gw
+        executor = Executor(config, store, vault, listener, gw.drivers, masker, metrics)
+        supervisor.add(Loop("executor", executor.drain, period, wake=executor.wake))
+    for driver in gw.drivers:
+        for loop in driver.background():
+            supervisor.add(Loop(loop.name, loop.step, loop.period))
+    edge = Edge(
+        gw,
+        Authenticator(cfg.auth, dev_secret),
+        RateLimiter(cfg.rate_per_second, cfg.rate_burst),
+        supervisor.down,
+    )
+    return GatewayProcess(gw, edge, postgres, executor, supervisor)
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY_KEY]
-    await gw.listener.start()
-    gw.journal.start()
-    poller = asyncio.create_task(gw.poll_forever(), name="keyturn-gateway-poller")
-    executor = reaper = None
-    if gw.executor is not None:
-        executor = asyncio.create_task(gw.executor.run_forever(), name="keyturn-executor")
-    if gw.readers is not None:
-        reaper = asyncio.create_task(gw.readers.reap_forever(), name="keyturn-ro-reaper")
+    process = app[PROCESS_KEY]
+    await process.start()
     yield
-    await cancel(executor)
-    await cancel(reaper)
-    await cancel(poller)
-    if gw.readers is not None:
-        await gw.readers.close()
-    await gw.journal.stop()
-    await gw.listener.stop()
-    for vault in gw.vaults():
-        await vault.close()
-    await gw.store.close()
+    await process.stop()
 
 
 async def drain(app: web.Application) -> None:
-    app[GATEWAY_KEY].drain()
+    app[EDGE_KEY].gw.drain()
 
 
-def application(gw: Gateway) -> web.Application:
-    app = create_app(gw)
+PROCESS_KEY = web.AppKey("process", GatewayProcess)
+
+
+def application(process: GatewayProcess) -> web.Application:
+    app = create_app(process.edge)
+    app[PROCESS_KEY] = process
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)  # runs after the listening socket closed, before handlers end
     return app
@@ -108,9 +149,9 @@ async def serve(settings: Settings, config: Config) -> None:
     dsn = settings.dsn()
     vault = gateway_vault(settings, config)
     store = Store(dsn, clock=Clock())  # connects lazily: configuration errors come first
-    gw = build(config, store, vault, dev_secret=secret.get_secret_value() if secret else None)
+    process = build(config, store, vault, dev_secret=secret.get_secret_value() if secret else None)
     await store.ping()  # then fail fast, with one clear line, when Postgres is not there
-    runner = web.AppRunner(application(gw), access_log=None)
+    runner = web.AppRunner(application(process), access_log=None)
     await runner.setup()
     host, _, port = config.gateway.listen.rpartition(":")
     site = web.TCPSite(runner, host, int(port))

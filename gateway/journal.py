@@ -22,6 +22,7 @@ import asyncpg
 
 from keyturn.aio import cancel
 from keyturn.backoff import Backoff
+from keyturn.errors import Conflict
 from keyturn.store import outcomes
 from keyturn.store.db import Store
 
@@ -32,6 +33,19 @@ Waited = tuple[Record, asyncio.Future[None] | None]
 
 CONNECT_TIMEOUT = 5.0
 COMMIT_TIMEOUT = 10.0
+
+
+class AlreadyRecorded(Conflict):
+    """A record with this request's Idempotency-Key exists already (a concurrent twin won)."""
+
+    code = "already_recorded"
+
+
+def _as_waited(exc: Exception) -> Exception:
+    """What a waiter is told of a record the database refused: a duplicate key by name."""
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return AlreadyRecorded("a request with this Idempotency-Key is recorded already")
+    return exc
 
 
 def _refused(exc: Exception) -> bool:
@@ -200,7 +214,7 @@ class Journal:
                     return
                 log.error("journal record %s refused by the database: %s", item[0].id, exc)
                 if item[1] is not None and not item[1].done():
-                    item[1].set_exception(exc)
+                    item[1].set_exception(_as_waited(exc))
                 # a submitted record the database refuses would be refused forever: dropped
                 continue
             self._committed([item])

@@ -162,6 +162,51 @@ def same_person(who: str, *others: str | None) -> bool:
     return any(other is not None and person_key(other) == mine for other in others)
 
 
+class NotApprover(Forbidden):
+    code = "not_approver"
+
+
+class OwnGroup(Forbidden):
+    code = "own_group"
+
+
+def policy_decider(rule: str | None) -> str:
+    """The decider recorded when a rule approves an allowed command itself: the gateway holds
+    no standing credentials for its target (SSH), so the bot mints them as for any approval."""
+    return f"policy:{rule}"
+
+
+@dataclass(frozen=True)
+class Deciders:
+    """Who may decide one request, resolved by the caller from the policy (and Slack's user
+    groups), checked with every other rule of a vote under the request's lock
+    (:meth:`Request.approve`, :meth:`Request.deny`): the one place that says who may decide.
+
+    ``barred``: the requester's own group, where its access rule wants an approver from outside.
+    """
+
+    people: frozenset[str]
+    barred: frozenset[str] = frozenset()
+
+    @classmethod
+    def only(cls, *people: str) -> Deciders:
+        return cls(frozenset(people))
+
+    @classmethod
+    def rule(cls, name: str | None) -> Deciders:
+        """Only the rule itself (:func:`policy_decider`)."""
+        return cls.only(policy_decider(name))
+
+    def check(self, who: str) -> None:
+        if who not in self.people:
+            raise NotApprover("you are not an approver for this request; nothing was changed")
+        if who in self.barred:
+            raise OwnGroup(
+                "you are in the requester's own group, and this access rule needs an approver"
+                " from outside it; nothing was changed"
+            )
+
+
 @dataclass(frozen=True)
 class Approval:
     approver: str
@@ -211,7 +256,11 @@ class Request:
             raise IllegalTransition("request", self.status, target)
         self.status = target
 
-    def _check_decider(self, who: str, target: RequestStatus, now: datetime) -> None:
+    def check_decider(
+        self, who: str, deciders: Deciders, target: RequestStatus, now: datetime
+    ) -> None:
+        """Raise unless ``who`` may decide this request now (moving it to ``target``)."""
+        deciders.check(who)
         if self.status is not RequestStatus.PENDING:
             raise IllegalTransition("request", self.status, target)
         if now >= self.pending_expires_at:  # expired, whether or not the sweep has run yet
@@ -219,9 +268,9 @@ class Request:
         if same_person(who, self.requester, self.on_behalf_of):
             raise SelfApproval("nobody may decide their own request")
 
-    def approve(self, approver: str, now: datetime) -> bool:
+    def approve(self, approver: str, deciders: Deciders, now: datetime) -> bool:
         """Record one approval; returns True when this vote reached the quorum."""
-        self._check_decider(approver, RequestStatus.APPROVED, now)
+        self.check_decider(approver, deciders, RequestStatus.APPROVED, now)
         if same_person(approver, *self.approvers):
             raise AlreadyVoted(f"{approver} already approved this request")
         self.approvals.append(Approval(approver, Decision.APPROVE, now))
@@ -231,9 +280,9 @@ class Request:
         self.decided_at = now
         return True
 
-    def deny(self, approver: str, reason: str, now: datetime) -> None:
+    def deny(self, approver: str, deciders: Deciders, reason: str, now: datetime) -> None:
         """One deny ends the request, whatever the quorum; the reason goes back to the agent."""
-        self._check_decider(approver, RequestStatus.DENIED, now)
+        self.check_decider(approver, deciders, RequestStatus.DENIED, now)
         if not reason.strip():
             raise InvalidInput("a deny needs a reason")
         if len(reason) > MAX_REASON or unprintable(reason):

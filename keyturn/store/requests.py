@@ -21,6 +21,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.domain import (
+    Deciders,
     Decision,
     IllegalTransition,
     RequestStatus,
@@ -219,16 +220,19 @@ async def decide(
     approver: str,
     decision: Decision,
     reason: str | None = None,
+    *,
+    deciders: Deciders,
 ) -> DecisionResult:
-    """Record an approve or deny vote. Who may vote is the caller's check (policy approvers)."""
+    """Record an approve or deny vote, if ``approver`` is among ``deciders`` (resolved from
+    the policy by the caller) and may vote now; checked under the request's row lock."""
     async with store.transaction() as tx:
         row = await tx.locked(RequestRow, request_id)
         req = row.domain()
         now = tx.now
         if decision is Decision.APPROVE:
-            decided = req.approve(approver, now)
+            decided = req.approve(approver, deciders, now)
         else:
-            req.deny(approver, reason or "", now)
+            req.deny(approver, deciders, reason or "", now)
             decided = True
         row.save(req, now)
         kind = {

@@ -22,8 +22,8 @@ from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
-from gateway.bootstrap import application, build
-from gateway.service import Gateway
+from gateway.bootstrap import GatewayProcess, application, build
+from gateway.usecases.gateway import Gateway
 from keyturn.clock import Clock
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
@@ -252,8 +252,13 @@ async def serve_bot(
 @dataclass
 class Running:
     client: TestClient[Any, Any]
-    gw: Gateway
+    process: GatewayProcess
     store: Store
+
+    @property
+    def gw(self) -> Gateway:
+        """The use cases' view of this gateway."""
+        return self.process.gw
 
     async def post(self, token: str, body: Any, **headers: str) -> tuple[int, dict[str, Any]]:
         resp = await self.client.post(

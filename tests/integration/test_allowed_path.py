@@ -497,7 +497,7 @@ async def test_logins_stay_within_their_bound(
     run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
 ) -> None:
     async with run_gateway(gateway={"readonly_logins": 5, "statement_timeout": "1s"}) as gw:
-        readers = gw.gw.readers
+        readers = gw.process.postgres.logins
         assert readers is not None
         most = 0
         sampling = True
@@ -540,13 +540,13 @@ async def test_an_idle_login_is_closed_and_its_lease_revoked(
     async with run_gateway(gateway={"readonly_idle": "1s"}) as gw:
         status, body = await gw.post(idp.token("crew-billing"), sql("SELECT 1"))
         assert (status, body["status"]) == (200, "executed")
-        assert gw.gw.readers is not None
-        login = gw.gw.readers.login_of("shop", "crew-billing")
+        assert gw.process.postgres.logins is not None
+        login = gw.process.postgres.logins.login_of("shop", "crew-billing")
         assert login is not None and login.lease is not None
         username, lease_id = login.lease.data["username"], login.lease.lease_id
 
         async def closed() -> bool:
-            return gw.gw.readers.login_of("shop", "crew-billing") is None  # type: ignore[union-attr]
+            return gw.process.postgres.logins.login_of("shop", "crew-billing") is None  # type: ignore[union-attr]
 
         async def dropped() -> bool:  # the lease's revocation runs after the login is let go
             check = f"SELECT 1 FROM pg_roles WHERE rolname = '{username}'"
@@ -657,12 +657,13 @@ async def test_a_cancelled_command_is_recorded_as_failed(
     run_gateway: GatewayFactory, idp: DevIdP
 ) -> None:
     from gateway.auth import _identity
+    from gateway.usecases.submission import Submission
+    from gateway.usecases.submit import submit
 
     async with run_gateway(rules=ALLOW_ANY) as gw:
         who = _identity({"sub": "crew-billing"}, "groups")
-        task = asyncio.create_task(
-            gw.gw.submit(who, json.dumps(sql("SELECT pg_sleep(5)")).encode(), None)
-        )
+        asked = Submission("shop", "SELECT pg_sleep(5)", None, None, body_sha256="0" * 64)
+        task = asyncio.create_task(submit(gw.gw, who, asked))
 
         async def executing() -> bool:  # judged (in the pool), recorded, and running
             async with gw.store.raw_connection() as conn:
@@ -685,17 +686,17 @@ async def test_a_replaced_lease_is_revoked_once_its_connections_close(
 ) -> None:
     token = idp.token("mallory")
     async with run_gateway(rules=ALLOW_ANY) as gw:
-        assert gw.gw.readers is not None
+        assert gw.process.postgres.logins is not None
         slow = asyncio.create_task(gw.post(token, sql("SELECT pg_sleep(1.5) AS slow")))
 
         async def running() -> bool:
             return not await no_query_left(shop, "AS slow")
 
         await until(running)
-        login = gw.gw.readers.login_of("shop", "mallory")
+        login = gw.process.postgres.logins.login_of("shop", "mallory")
         assert login is not None and login.username is not None
         old = login.username
-        await login._fresh_lease()  # what the keeper does when the lease nears its max TTL
+        await login.leases._fresh()  # what the keeper does when the lease nears its max TTL
 
         async def role_exists() -> bool:
             rows = await superuser(shop, f"SELECT 1 FROM pg_roles WHERE rolname = '{old}'")

@@ -17,9 +17,10 @@ import jwt
 import pytest
 from sqlalchemy import text
 
+from gateway.usecases.gateway import poll
 from keyturn.agent.api import CommandOut
 from keyturn.clock import ManualClock
-from keyturn.domain import Decision
+from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.store import requests
 from tests.integration.conftest import GatewayFactory, Shop
@@ -168,8 +169,8 @@ async def test_allowed_read_runs_on_vault_readonly_credentials_and_is_masked(
         assert result["rows"][1][3] == "call ***-***-2671"
         assert result["truncated"] is False
 
-        assert gw.gw.readers is not None
-        login = gw.gw.readers.login_of("shop", "crew-billing")  # its own login
+        assert gw.process.postgres.logins is not None
+        login = gw.process.postgres.logins.login_of("shop", "crew-billing")  # its own login
         assert login is not None
         assert login.lease is not None
         password, username = login.lease.data["password"], login.lease.data["username"]
@@ -238,11 +239,11 @@ async def test_readonly_login_is_renewed_and_replaced(
         async with run_gateway() as gw:
             token = idp.token("crew-billing")
             first_user = None
-            assert gw.gw.readers is not None
+            assert gw.process.postgres.logins is not None
             for _ in range(8):
                 status, body = await gw.post(token, READ)
                 assert status == 200 and body["status"] == "executed", body
-                login = gw.gw.readers.login_of("shop", "crew-billing")
+                login = gw.process.postgres.logins.login_of("shop", "crew-billing")
                 assert login is not None
                 first_user = first_user or login.username
                 await asyncio.sleep(1)
@@ -319,7 +320,13 @@ async def test_held_update_waits_for_a_decision(
         await asyncio.sleep(0.3)
         assert not waiter.done()
         request_id = uuid.UUID(held.id)
-        await requests.decide(gw.store, request_id, "U_APPROVER", Decision.APPROVE)
+        await requests.decide(
+            gw.store,
+            request_id,
+            "U_APPROVER",
+            Decision.APPROVE,
+            deciders=Deciders.only("U_APPROVER"),
+        )
         row = await requests.start_execution(
             gw.store, request_id, (await requests.get_request(gw.store, request_id)).command_sha256
         )
@@ -342,7 +349,12 @@ async def test_denied_reason_reaches_the_agent(run_gateway: GatewayFactory, idp:
     async with run_gateway() as gw:
         _, body = await gw.post(token, UPDATE)
         await requests.decide(
-            gw.store, uuid.UUID(body["id"]), "U_APPROVER", Decision.DENY, "freeze week"
+            gw.store,
+            uuid.UUID(body["id"]),
+            "U_APPROVER",
+            Decision.DENY,
+            "freeze week",
+            deciders=Deciders.only("U_APPROVER"),
         )
         _, final = await gw.get(token, body["id"], wait=5)
         assert final["status"] == "denied"
@@ -412,7 +424,14 @@ async def test_one_listen_connection_serves_many_waiters(
         assert counts.get("keyturn-listener") == 1
         assert sum(counts.values()) <= 25  # the pool plus the listener plus this probe
         for ident in ids:
-            await requests.decide(gw.store, uuid.UUID(ident), "U_APPROVER", Decision.DENY, "no")
+            await requests.decide(
+                gw.store,
+                uuid.UUID(ident),
+                "U_APPROVER",
+                Decision.DENY,
+                "no",
+                deciders=Deciders.only("U_APPROVER"),
+            )
         results = await asyncio.wait_for(asyncio.gather(*waiters), 30)
         assert {body["status"] for _, body in results} == {"denied"}
 
@@ -608,7 +627,7 @@ async def test_health_ready_metrics(run_gateway: GatewayFactory, idp: DevIdP) ->
         await gw.post(idp.token("crew-billing"), READ)
         await gw.post(idp.token("crew-billing"), UPDATE)
         await gw.post(idp.token("crew-billing"), {"target": "shop", "command": "DROP TABLE x"})
-        await gw.gw.poll_once()
+        await poll(gw.gw)
         text_ = await (await gw.client.get("/metrics")).text()
         for outcome in ("allowed", "held", "blocked"):
             assert f'keyturn_gateway_commands_total{{outcome="{outcome}"}} 1.0' in text_
@@ -687,7 +706,14 @@ async def test_an_agent_cannot_bury_the_approvals_channel(
         status, _ = await gw.post(idp.token("crew-other"), UPDATE)
         assert status == 202
         first = next(body for status, body in results if status == 202)
-        await requests.decide(gw.store, uuid.UUID(first["id"]), "U_APPROVER", Decision.DENY, "no")
+        await requests.decide(
+            gw.store,
+            uuid.UUID(first["id"]),
+            "U_APPROVER",
+            Decision.DENY,
+            "no",
+            deciders=Deciders.only("U_APPROVER"),
+        )
         status, body = await gw.post(flood, UPDATE)
         assert status == 202, body
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 import asyncpg
 import pytest_asyncio
 
-from keyturn.domain import Decision
+from keyturn.domain import Deciders, Decision
 from keyturn.harness.ports import free_port
 from keyturn.store import requests
 from keyturn.store.db import Store
@@ -56,7 +56,7 @@ async def test_state_change_wakes_the_waiter(listener: Listener, store: Store) -
     )
     with listener.watch("request", row.id) as changed:
         task = asyncio.create_task(changed.wait(10))
-        await requests.decide(store, row.id, "U1", Decision.APPROVE)
+        await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
         assert await task is True
     assert listener.waiting == 0
 
@@ -131,7 +131,7 @@ async def test_wait_until_wakes_on_notification(listener: Listener, store: Store
     # a poll interval far beyond the test's patience: only the notification can wake it in time
     waiter = asyncio.create_task(_wait_for_decision(listener, store, row.id, poll=60))
     await asyncio.sleep(0.1)
-    await requests.decide(store, row.id, "U1", Decision.DENY, "no")
+    await requests.decide(store, row.id, "U1", Decision.DENY, "no", deciders=Deciders.only("U1"))
     assert await asyncio.wait_for(waiter, 5) == "denied"
 
 
@@ -145,5 +145,5 @@ async def test_wait_until_falls_back_to_polling(database: Dsn, store: Store) -> 
     )
     waiter = asyncio.create_task(_wait_for_decision(silent, store, row.id, poll=0.05))
     await asyncio.sleep(0.1)
-    await requests.decide(store, row.id, "U1", Decision.APPROVE)
+    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     assert await asyncio.wait_for(waiter, 5) == "approved"

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy import func, select, text
 
-from keyturn.domain import Decision, IllegalTransition, RequestStatus, SelfApproval
+from keyturn.domain import Deciders, Decision, IllegalTransition, RequestStatus, SelfApproval
 from keyturn.errors import Conflict, InvalidInput, NotFound
 from keyturn.store import endings, grants, handoffs, requests
 from keyturn.store.db import Store
@@ -100,19 +100,29 @@ async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None
 
 async def test_approve_and_deny_flow(store: Store) -> None:
     row, _ = await requests.create_request(store, held(quorum=2))
-    first = await requests.decide(store, row.id, "U1", Decision.APPROVE)
+    first = await requests.decide(
+        store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1")
+    )
     assert not first.decided and first.request.status == "pending"
     with pytest.raises(Conflict):
-        await requests.decide(store, row.id, "U1", Decision.APPROVE)
+        await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     with pytest.raises(SelfApproval):
-        await requests.decide(store, row.id, "U_HUMAN", Decision.APPROVE)
-    second = await requests.decide(store, row.id, "U2", Decision.APPROVE)
+        await requests.decide(
+            store, row.id, "U_HUMAN", Decision.APPROVE, deciders=Deciders.only("U_HUMAN")
+        )
+    second = await requests.decide(
+        store, row.id, "U2", Decision.APPROVE, deciders=Deciders.only("U2")
+    )
     assert second.decided and second.request.status == "approved"
     with pytest.raises(IllegalTransition):
-        await requests.decide(store, row.id, "U3", Decision.DENY, "too late")
+        await requests.decide(
+            store, row.id, "U3", Decision.DENY, "too late", deciders=Deciders.only("U3")
+        )
 
     denied, _ = await requests.create_request(store, held())
-    result = await requests.decide(store, denied.id, "U1", Decision.DENY, "not during the freeze")
+    result = await requests.decide(
+        store, denied.id, "U1", Decision.DENY, "not during the freeze", deciders=Deciders.only("U1")
+    )
     assert result.request.status == "denied"
     stored = await requests.get_request(store, denied.id)
     assert stored.approvals[0].reason == "not during the freeze"
@@ -120,7 +130,9 @@ async def test_approve_and_deny_flow(store: Store) -> None:
 
 async def test_unknown_request(store: Store) -> None:
     with pytest.raises(NotFound):
-        await requests.decide(store, uuid.uuid4(), "U1", Decision.APPROVE)
+        await requests.decide(
+            store, uuid.uuid4(), "U1", Decision.APPROVE, deciders=Deciders.only("U1")
+        )
 
 
 async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None:
@@ -130,7 +142,9 @@ async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None
     async def attempt(i: int) -> str:
         decision = Decision.APPROVE if i % 2 else Decision.DENY
         try:
-            await requests.decide(store, row.id, approvers[i], decision, "no")
+            await requests.decide(
+                store, row.id, approvers[i], decision, "no", deciders=Deciders.only(approvers[i])
+            )
         except IllegalTransition:
             return "conflict"
         return "decided"
@@ -153,7 +167,13 @@ async def test_concurrent_decisions_across_separate_engines(database: Dsn) -> No
 
         async def attempt(i: int) -> bool:
             try:
-                await requests.decide(stores[i % 2], row.id, f"U{i}", Decision.APPROVE)
+                await requests.decide(
+                    stores[i % 2],
+                    row.id,
+                    f"U{i}",
+                    Decision.APPROVE,
+                    deciders=Deciders.only(f"U{i}"),
+                )
             except IllegalTransition:
                 return False
             return True
@@ -173,12 +193,12 @@ async def test_expire_due_requests(store: Store) -> None:
     assert (await requests.get_request(store, fresh.id)).status == "pending"
     assert await requests.expire_due_requests(store) == []
     with pytest.raises(IllegalTransition):
-        await requests.decide(store, due.id, "U1", Decision.APPROVE)
+        await requests.decide(store, due.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
 
 
 async def test_execution_claims_the_approval_once(store: Store) -> None:
     row, _ = await requests.create_request(store, held())
-    await requests.decide(store, row.id, "U1", Decision.APPROVE)
+    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     claims = await asyncio.gather(
         *(requests.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
         return_exceptions=True,
@@ -219,7 +239,7 @@ async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantR
     row, _ = await requests.create_request(
         store, held(command=f"UPDATE t SET a = 1 WHERE id = '{lease_id}'")
     )
-    await requests.decide(store, row.id, "U1", Decision.APPROVE)
+    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
 
     async def mint(_request: RequestRow) -> grants.Minted:
         return grants.Minted(

@@ -450,7 +450,7 @@ def test_a_one_shot_nobody_waits_for_is_long_running() -> None:
 def served_paths(command: str) -> set[str]:
     """The GET routes the process really serves, from its own application object."""
     if command == "gateway":
-        from gateway.http import create_app
+        from gateway.edges.http import create_app
 
         app = create_app(cast(Any, None))
     else:

@@ -15,6 +15,7 @@ from keyturn.domain import (
     TAG_LENGTH,
     AlreadyVoted,
     CommandChanged,
+    Deciders,
     Grant,
     GrantStatus,
     IllegalTransition,
@@ -47,7 +48,7 @@ def make_request(quorum: int = 1, on_behalf_of: str | None = "U_HUMAN") -> Reque
 
 def test_single_approval_reaches_quorum_of_one() -> None:
     req = make_request()
-    assert req.approve("U1", T0) is True
+    assert req.approve("U1", Deciders.only("U1"), T0) is True
     assert req.status is RequestStatus.APPROVED
     assert req.decided_at == T0
 
@@ -84,20 +85,20 @@ def test_nobody_decides_after_the_pending_ttl_even_before_the_sweep() -> None:
     """The ninth round approved 3 of 4 requests past their pending TTL before the sweep."""
     req = make_request()
     with pytest.raises(IllegalTransition):
-        req.approve("U1", req.pending_expires_at)
+        req.approve("U1", Deciders.only("U1"), req.pending_expires_at)
     with pytest.raises(IllegalTransition):
-        req.deny("U1", "no", req.pending_expires_at + timedelta(seconds=1))
+        req.deny("U1", Deciders.only("U1"), "no", req.pending_expires_at + timedelta(seconds=1))
     assert req.status is RequestStatus.PENDING  # the sweep expires it
 
 
 def test_quorum_needs_distinct_approvers() -> None:
     req = make_request(quorum=2)
-    assert req.approve("U1", T0) is False
+    assert req.approve("U1", Deciders.only("U1"), T0) is False
     with pytest.raises(AlreadyVoted):
-        req.approve("U1", T0)
+        req.approve("U1", Deciders.only("U1"), T0)
     assert req.status is RequestStatus.PENDING
     assert req.approvers == ["U1"]
-    assert req.approve("U2", T0) is True
+    assert req.approve("U2", Deciders.only("U2"), T0) is True
     assert req.status is RequestStatus.APPROVED
 
 
@@ -108,31 +109,31 @@ def test_nobody_decides_their_own_request(who: str) -> None:
     """However Slack or a token spells the human, it is the same person."""
     req = make_request()
     with pytest.raises(SelfApproval):
-        req.approve(who, T0)
+        req.approve(who, Deciders.only(who), T0)
     with pytest.raises(SelfApproval):
-        req.deny(who, "no", T0)
+        req.deny(who, Deciders.only(who), "no", T0)
     assert req.status is RequestStatus.PENDING
     assert req.approvals == []
 
 
 def test_deny_needs_a_reason_and_ends_the_request() -> None:
     req = make_request(quorum=2)
-    req.approve("U1", T0)
+    req.approve("U1", Deciders.only("U1"), T0)
     with pytest.raises(InvalidInput):
-        req.deny("U2", "   ", T0)
-    req.deny("U2", "  not during the freeze ", T0)
+        req.deny("U2", Deciders.only("U2"), "   ", T0)
+    req.deny("U2", Deciders.only("U2"), "  not during the freeze ", T0)
     assert req.status is RequestStatus.DENIED
     assert req.denial is not None
     assert req.denial.reason == "not during the freeze"
     with pytest.raises(IllegalTransition):
-        req.approve("U3", T0)
+        req.approve("U3", Deciders.only("U3"), T0)
 
 
 def test_decided_request_cannot_be_decided_again() -> None:
     req = make_request()
-    req.approve("U1", T0)
+    req.approve("U1", Deciders.only("U1"), T0)
     with pytest.raises(IllegalTransition) as info:
-        req.deny("U2", "late", T0)
+        req.deny("U2", Deciders.only("U2"), "late", T0)
     assert isinstance(info.value, Conflict)
     assert info.value.current == "approved"
 
@@ -157,7 +158,7 @@ def test_execution_is_for_the_approved_hash_only_and_once() -> None:
     req = make_request()
     with pytest.raises(IllegalTransition):
         req.start_execution(req.command_sha256)  # not approved yet
-    req.approve("U1", T0)
+    req.approve("U1", Deciders.only("U1"), T0)
     with pytest.raises(CommandChanged):
         req.start_execution(command_sha256("DELETE FROM orders"))
     req.start_execution(req.command_sha256)
@@ -224,11 +225,11 @@ class RequestMachine(RuleBasedStateMachine):
 
     @rule(who=PEOPLE)
     def approve(self, who: str) -> None:
-        self._attempt(lambda: self.req.approve(who, self.now))
+        self._attempt(lambda: self.req.approve(who, Deciders.only(who), self.now))
 
     @rule(who=PEOPLE, reason=st.text(max_size=5))
     def deny(self, who: str, reason: str) -> None:
-        self._attempt(lambda: self.req.deny(who, reason, self.now))
+        self._attempt(lambda: self.req.deny(who, Deciders.only(who), reason, self.now))
 
     @rule(minutes=st.integers(0, 20))
     def tick_and_expire(self, minutes: int) -> None:
@@ -282,7 +283,7 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
         pending_expires_at=now + timedelta(minutes=5),
         session=True,
     )
-    session.approve("U_ADA", now)
+    session.approve("U_ADA", Deciders.only("U_ADA"), now)
     with pytest.raises(IllegalTransition):
         session.start_execution(session.command_sha256)
     session.open_session()
@@ -295,7 +296,7 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
         created_at=now,
         pending_expires_at=now + timedelta(minutes=5),
     )
-    command.approve("U_ADA", now)
+    command.approve("U_ADA", Deciders.only("U_ADA"), now)
     with pytest.raises(IllegalTransition):
         command.open_session()
 
@@ -314,5 +315,5 @@ def test_a_deny_reason_is_plain_text_of_bounded_length(reason: str) -> None:
     500 to Slack; 100,000 characters were stored and sent to the agent."""
     req = make_request()
     with pytest.raises(InvalidInput):
-        req.deny("U1", reason, T0)
+        req.deny("U1", Deciders.only("U1"), reason, T0)
     assert req.status is RequestStatus.PENDING

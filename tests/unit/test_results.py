@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.results import Cut, Fetched, Limits, bounded_select, jsonable, shape
+from gateway.drivers.postgres.fetch import bounded_select
+from gateway.drivers.postgres.values import Cut, Fetched, Limits, jsonable, shape
 from keyturn.masking import Masker
 from keyturn.policy import Masking
 

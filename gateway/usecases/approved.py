@@ -1,40 +1,35 @@
 """Approved commands: take the bot's hand-off, unwrap it once, run exactly that command.
 
 Procrastinate-style: a ``handoff:<request id>`` notification wakes the executor at once and a
-poll every ``gateway.poll_interval`` is the guarantee. Claims use ``SKIP LOCKED``, so any
-number of gateways share the work and each hand-off runs once.
+pass every ``gateway.poll_interval`` is the guarantee (the bootstrap supervises the loop).
+Claims use ``SKIP LOCKED``, so any number of gateways share the work and each hand-off runs
+once.
 
 Before unwrapping, the executor checks the wrapping token's ``creation_path`` (only the bot's
 ``sys/wrapping/wrap`` is accepted); after, that the payload names this target, this grant's
-lease and the approved command's sha256. Credentials live in local variables only: they are
-never logged, stored or returned, and error messages never quote them.
+lease and the approved command's sha256; then the target's driver runs it. Credentials live
+in local variables only: they are never logged, stored or returned, and error messages never
+quote them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
-import asyncssh
-
 from gateway.metrics import Metrics
-from gateway.results import Limits, decode_times_as_text, finish
-from gateway.sql import run_approved
-from gateway.ssh import run_ssh
-from keyturn.aio import Deadline, spawn
+from gateway.usecases.allowed import digest
+from gateway.usecases.driver import Drivers, RunFailed
+from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Config, PostgresTarget, SshTarget
+from keyturn.policy import Config
 from keyturn.store import handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -44,7 +39,6 @@ log = logging.getLogger(__name__)
 
 WRAP_PATH = "sys/wrapping/wrap"
 CONCURRENCY = 16  # approved commands running at once per gateway
-SSH_OUTPUT_LIMIT = 64 * 1024
 
 
 class HandoffRejected(KeyturnError):
@@ -54,19 +48,16 @@ class HandoffRejected(KeyturnError):
     status = 403
 
 
-def digest(result: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
-
-
 @dataclass
 class Executor:
     config: Config
     store: Store
     vault: Vault
     listener: Listener
+    drivers: Drivers
     masker: Masker
     metrics: Metrics
-    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _gate: asyncio.Semaphore = field(
         init=False, default_factory=lambda: asyncio.Semaphore(CONCURRENCY)
     )
@@ -74,24 +65,13 @@ class Executor:
 
     def __post_init__(self) -> None:
         self.listener.subscribe(
-            lambda kind, _ident: self._wake.set() if kind in ("handoff", "*") else None
+            lambda kind, _ident: self.wake.set() if kind in ("handoff", "*") else None
         )
 
-    async def run_forever(self) -> None:
-        interval = self.config.gateway.poll_interval.total_seconds()
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    await self.drain()
-                except KeyturnError as exc:
-                    log.warning("cannot claim approved commands: %s", exc.message)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval):
-                        await self._wake.wait()
-        finally:
-            for task in list(self._running):
-                task.cancel()
+    async def close(self) -> None:
+        """Shutting down: approved commands still running are cancelled."""
+        for task in list(self._running):
+            await cancel(task)
 
     async def drain(self) -> int:
         """Claim every waiting hand-off and start running each; returns how many."""
@@ -129,10 +109,8 @@ class Executor:
             error = exc.message
         except KeyturnError as exc:
             error = exc.message
-        except asyncpg.PostgresError as exc:
-            error = f"{exc.sqlstate}: {exc}"
-        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncssh.Error) as exc:
-            error = f"target {request.target} failed: {type(exc).__name__}: {exc}"
+        except RunFailed as exc:
+            error = exc.message
         finally:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)
         if error is not None:
@@ -194,39 +172,6 @@ class Executor:
         self, name: str, command: str, credentials: dict[str, Any]
     ) -> dict[str, Any]:
         target = self.config.policy.targets.get(name)
-        cfg = self.config.gateway
-        if isinstance(target, PostgresTarget):
-            url, kwargs = target.login(credentials["username"], credentials["password"])
-            timeout_ms = int(cfg.statement_timeout.total_seconds() * 1000)
-            conn = await asyncpg.connect(
-                url,
-                timeout=10,
-                server_settings={
-                    "statement_timeout": str(timeout_ms),
-                    "application_name": "keyturn-gateway-approved",
-                },
-                **kwargs,
-            )
-            limits = Limits.of(cfg)
-            try:
-                await decode_times_as_text(conn)
-                fetched, tags = await run_approved(
-                    conn, command, limits, Deadline(cfg.statement_timeout.total_seconds())
-                )
-            finally:
-                await conn.close()
-            return (await finish(fetched, len(tags), self.masker, limits, tags)).as_json()
-        if isinstance(target, SshTarget):
-            shell = await run_ssh(
-                target,
-                name,
-                credentials,
-                command,
-                timeout=cfg.ssh_timeout,
-                output_limit=SSH_OUTPUT_LIMIT,
-            )
-            return shell.as_json() | {
-                "stdout": self.masker.text(shell.stdout),
-                "stderr": self.masker.text(shell.stderr),
-            }
-        raise HandoffRejected(f"target {name} is not in the policy any more")
+        if target is None:
+            raise HandoffRejected(f"target {name} is not in the policy any more")
+        return await self.drivers.kind(target.kind).run_approved(name, command, credentials)

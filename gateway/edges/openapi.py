@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from gateway.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn
+from gateway.edges.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn
 from keyturn import __version__
 from keyturn.agent.api import CommandOut, ErrorOut, TargetsOut
 

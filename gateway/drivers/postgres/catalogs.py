@@ -16,7 +16,7 @@ import time
 
 import asyncpg
 
-from gateway.readonly import ReadOnlyLogins
+from gateway.drivers.postgres.logins import ReadOnlyLogins
 from keyturn.aio import Deadline, spawn
 from keyturn.classify.catalog import CATALOG_SQL, COLUMNS_SQL, SEARCH_PATH_SQL, Catalog
 from keyturn.errors import KeyturnError

@@ -1,4 +1,7 @@
-"""Running an approved shell command over SSH with a one-off CA certificate.
+"""The ``ssh`` driver: an approved shell command over SSH with a one-off CA certificate.
+
+The gateway holds no standing SSH credentials: an allowed command, like an approved one,
+runs with the certificate the bot mints for it (:meth:`SshDriver.runs_allowed` is False).
 
 The certificate's ``force-command`` is the approved command, so sshd runs that and nothing
 else whatever we send. The host is checked against the target's known host key or host CA;
@@ -10,14 +13,20 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncssh
 
+from gateway.usecases.driver import Allowed, Background, RunFailed
+from keyturn.classify import Identity
+from keyturn.classify.catalog import Catalog
 from keyturn.errors import ConfigError
+from keyturn.masking import Masker
 from keyturn.policy import SshTarget
+from keyturn.vault import Vault
 
 KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")
+OUTPUT_LIMIT = 64 * 1024  # characters of stdout (and of stderr) kept
 
 
 @dataclass(frozen=True)
@@ -102,3 +111,56 @@ async def run_ssh(
                 process.close()
             completed = await process.wait(check=False)
     return ShellResult(completed.exit_status, stdout, stderr, truncated)
+
+
+class SshDriver:
+    kind: ClassVar[str] = "ssh"
+    description: ClassVar[str] = (
+        "host reached over SSH: each shell command runs as its policy allows"
+    )
+
+    def __init__(self, targets: dict[str, SshTarget], timeout: timedelta, masker: Masker) -> None:
+        self._targets = targets
+        self._timeout = timeout
+        self._masker = masker
+
+    def runs_allowed(self, target: str) -> bool:
+        return False
+
+    async def catalog(self, target: str) -> Catalog | None:
+        return None
+
+    async def run_allowed(self, allowed: Allowed) -> dict[str, Any]:
+        raise RunFailed("the gateway holds no SSH credentials of its own", started=False)
+
+    async def describe_held(self, target: str, command: str, who: Identity) -> dict[str, Any]:
+        return {}
+
+    async def run_approved(
+        self, target: str, command: str, credentials: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            shell = await run_ssh(
+                self._targets[target],
+                target,
+                credentials,
+                command,
+                timeout=self._timeout,
+                output_limit=OUTPUT_LIMIT,
+            )
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            message = f"target {target} failed: {type(exc).__name__}: {exc}"
+            raise RunFailed(message, started=True) from exc
+        return shell.as_json() | {
+            "stdout": self._masker.text(shell.stdout),
+            "stderr": self._masker.text(shell.stderr),
+        }
+
+    def vaults(self) -> list[Vault]:
+        return []
+
+    def background(self) -> list[Background]:
+        return []
+
+    async def close(self) -> None:
+        return None

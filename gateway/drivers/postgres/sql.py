@@ -4,7 +4,7 @@ The read-only path does not trust the classifier, nor the parser to agree with t
 :func:`keyturn.classify.readonly.read_plan` splits a command with pglast and refuses,
 whatever any rule says, every statement that is not a plain read. Each statement then goes
 alone over the extended protocol, where the server refuses a second statement in one
-message, inside a read-only transaction the gateway opened (see :mod:`gateway.readonly`).
+message, inside a read-only transaction the gateway opened (see :mod:`.pool`).
 After every statement the *server's* word is checked — its command tag, the transaction
 status, and the parse-relevant settings it reports — and any surprise drops the connection
 before anything else runs on it.
@@ -16,7 +16,8 @@ import json
 
 import asyncpg
 
-from gateway.results import Fetched, Limits, columns_of, describe, fetch_bounded
+from gateway.drivers.postgres.fetch import columns_of, describe, fetch_bounded
+from gateway.drivers.postgres.values import Fetched, Limits
 from keyturn.aio import Deadline
 from keyturn.classify.readonly import NotReadOnly, Statement
 from keyturn.classify.shown import sql_statements

@@ -1,28 +1,49 @@
-"""The aiohttp edge: parse, call one use case, serialize; every error in one envelope."""
+"""The HTTP agent API (aiohttp): parse, authenticate, call one use case, serialize; every
+error in one envelope."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from gateway.openapi import build_spec
-from gateway.schemas import MAX_BODY_BYTES
-from gateway.service import Blocked, Gateway
+from gateway.auth import Authenticator
+from gateway.edges.openapi import build_spec
+from gateway.edges.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn, storable
+from gateway.ratelimit import RateLimiter
+from gateway.usecases.gateway import Gateway, read, ready, targets
+from gateway.usecases.submission import Submission
+from gateway.usecases.submit import Blocked, submit
 from keyturn.agent.api import CommandOut
-from keyturn.errors import InvalidInput, KeyturnError, RateLimited, Unavailable
+from keyturn.errors import InvalidInput, KeyturnError, RateLimited, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
-GATEWAY_KEY = web.AppKey("gateway", Gateway)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Edge:
+    """What the HTTP edge holds: the use cases' gateway, who is calling, how often."""
+
+    gw: Gateway
+    auth: Authenticator
+    limiter: RateLimiter
+    down: Callable[[], list[str]]  # background loops down longer than their period
+
+
+EDGE_KEY = web.AppKey("edge", Edge)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -40,7 +61,7 @@ def error_response(status: int, code: str, message: str, **extra: object) -> web
 
 
 @web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def edge_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time the request, and turn every error into the envelope.
 
     keyturn errors and aiohttp's HTTP errors keep their status; anything else is logged with
@@ -80,7 +101,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers["X-Request-Id"] = request_id
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[GATEWAY_KEY].metrics.http_seconds.labels(route).observe(
+    request.app[EDGE_KEY].gw.metrics.http_seconds.labels(route).observe(
         time.perf_counter() - started
     )
     return response
@@ -99,21 +120,51 @@ async def _json(out: CommandOut, status: int = 200) -> web.Response:
     return web.Response(text=body, status=status, content_type="application/json")
 
 
-async def submit(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    who = await gw.auth.authenticate(request.headers.get("Authorization"))
-    gw.limiter.check(who.subject)
+def _parse(raw: bytes, idempotency_key: str | None) -> Submission:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
+        raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("body is not valid JSON: it nests too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object with target and command")
+    command = data.get("command")
+    if isinstance(command, str) and len(command.encode(errors="replace")) > MAX_COMMAND_BYTES:
+        raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
+    try:
+        cmd = CommandIn.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from None
+    for name in ("target", "command", "reason", "run_id"):
+        storable(name, getattr(cmd, name))
+    return Submission(
+        target=cmd.target,
+        command=cmd.command,
+        reason=cmd.reason,
+        run_id=cmd.run_id,
+        body_sha256=hashlib.sha256(raw).hexdigest(),
+        idempotency_key=idempotency_key,
+    )
+
+
+async def post_command(request: web.Request) -> web.Response:
+    edge = request.app[EDGE_KEY]
+    who = await edge.auth.authenticate(request.headers.get("Authorization"))
+    edge.limiter.check(who.subject)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
         raise InvalidInput("Idempotency-Key must be 1 to 200 printable characters")
-    raw = await request.read()
-    status, out = await gw.submit(who, raw, key)
-    return await _json(out, status)
+    sub = _parse(await request.read(), key)
+    ended, out = await submit(edge.gw, who, sub)
+    return await _json(out, 200 if ended else 202)
 
 
-async def read(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    who = await gw.auth.authenticate(request.headers.get("Authorization"))
+async def get_command(request: web.Request) -> web.Response:
+    edge = request.app[EDGE_KEY]
+    who = await edge.auth.authenticate(request.headers.get("Authorization"))
     raw_wait = request.query.get("wait", "0")
     try:
         wait = float(raw_wait)
@@ -121,26 +172,32 @@ async def read(request: web.Request) -> web.Response:
         raise InvalidInput(f"wait must be a number of seconds, got {raw_wait!r}") from None
     if not math.isfinite(wait) or wait < 0:
         raise InvalidInput("wait must be a non-negative number of seconds")
-    wait = min(wait, gw.config.gateway.max_wait.total_seconds())
-    return await _json(await gw.read(who, request.match_info["id"], wait))
+    wait = min(wait, edge.gw.config.gateway.max_wait.total_seconds())
+    return await _json(await read(edge.gw, who, request.match_info["id"], wait))
 
 
-async def targets(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    who = await gw.auth.authenticate(request.headers.get("Authorization"))
-    return web.json_response(gw.targets(who).model_dump())
+async def get_targets(request: web.Request) -> web.Response:
+    edge = request.app[EDGE_KEY]
+    who = await edge.auth.authenticate(request.headers.get("Authorization"))
+    return web.json_response(targets(edge.gw, who).model_dump())
 
 
-async def healthz(_request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
+    """Alive unless a background loop is down (crashed, not recovered within its period):
+    held requests would never run, grants never end, while the process still answered."""
+    down = request.app[EDGE_KEY].down()
+    if down:
+        message = f"background loops down: {', '.join(down)}"
+        return error_response(503, "loops_down", message, loops=down)
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[GATEWAY_KEY].ready())
+    return web.json_response(await ready(request.app[EDGE_KEY].gw))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[GATEWAY_KEY].metrics.registry)
+    body = generate_latest(request.app[EDGE_KEY].gw.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -148,12 +205,12 @@ async def openapi(_request: web.Request) -> web.Response:
     return web.json_response(build_spec())
 
 
-def create_app(gw: Gateway) -> web.Application:
-    app = web.Application(middlewares=[edge], client_max_size=MAX_BODY_BYTES)
-    app[GATEWAY_KEY] = gw
-    app.router.add_post("/v1/commands", submit)
-    app.router.add_get("/v1/commands/{id}", read)
-    app.router.add_get("/v1/targets", targets)
+def create_app(edge: Edge) -> web.Application:
+    app = web.Application(middlewares=[edge_errors], client_max_size=MAX_BODY_BYTES)
+    app[EDGE_KEY] = edge
+    app.router.add_post("/v1/commands", post_command)
+    app.router.add_get("/v1/commands/{id}", get_command)
+    app.router.add_get("/v1/targets", get_targets)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

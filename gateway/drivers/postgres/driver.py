@@ -1,0 +1,230 @@
+"""The ``postgres`` driver (:class:`gateway.usecases.driver.Driver`).
+
+Allowed commands run on the agent's own read-only login (:mod:`.logins`), statement by
+statement as :func:`keyturn.classify.readonly.read_plan` splits them, each checked against
+the server's own word (:mod:`.sql`). Approved commands run on the login the bot handed over,
+in one transaction. Every result and every error the agent sees is masked here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import asyncpg
+
+from gateway.drivers.postgres.catalogs import Catalogs
+from gateway.drivers.postgres.fetch import STALE_STATEMENT, decode_times_as_text, forget_statements
+from gateway.drivers.postgres.logins import ReadOnlyLogins
+from gateway.drivers.postgres.sql import SessionChanged, estimate_rows, run_approved, run_readonly
+from gateway.drivers.postgres.values import Limits, SqlResult, finish
+from gateway.judging import Turns, judged
+from gateway.metrics import Metrics
+from gateway.usecases.driver import Allowed, Background, RunFailed
+from keyturn.aio import Deadline
+from keyturn.classify import Identity, masking_patterns
+from keyturn.classify.catalog import Catalog
+from keyturn.classify.patterns import Patterns
+from keyturn.classify.readonly import NotReadOnly, read_plan
+from keyturn.classify.sql import calls_a_function, preview_select
+from keyturn.domain import request_tag
+from keyturn.errors import KeyturnError
+from keyturn.masking import Masker
+from keyturn.policy import Config, PostgresTarget
+from keyturn.vault import Vault
+
+log = logging.getLogger(__name__)
+
+ESTIMATE_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 10.0
+MAX_ERROR = 2000  # characters of a database error passed back to the agent
+# What the agent is told as a failed command (status "failed"); anything else that stops a
+# command is the target being unreachable, or a keyturn error of its own.
+FAILED = (TimeoutError, SessionChanged, NotReadOnly, asyncpg.PostgresError)
+
+
+def _estimable(command: str, masking: Patterns, catalog: Catalog | None) -> str | None:
+    """The preview a held command's estimate may plan, or None (see
+    :meth:`PostgresDriver.describe_held`): one that calls a function, or that a read could
+    not run as it is, gets no estimate."""
+    query = preview_select(command)
+    if query is None or calls_a_function(query):
+        return None
+    try:
+        read_plan(query, 1, masking, catalog)
+    except KeyturnError:  # NotReadOnly (a masked use, a system relation), TooComplex
+        return None
+    return query
+
+
+class PostgresDriver:
+    kind: ClassVar[str] = "postgres"
+    description: ClassVar[str] = (
+        "PostgreSQL database: plain reads run at once, anything else waits for a human"
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        masker: Masker,
+        metrics: Metrics,
+        turns: Turns,
+        logins: ReadOnlyLogins | None,  # the allowed path's logins (needs Vault)
+        catalogs: Catalogs | None = None,
+    ) -> None:
+        self.config = config
+        self.masker = masker
+        self.metrics = metrics
+        self.turns = turns
+        self.logins = logins
+        self.catalogs = catalogs
+        self.limits = Limits.of(config.gateway)
+
+    def runs_allowed(self, target: str) -> bool:
+        return self.logins is not None and target in self.logins
+
+    async def catalog(self, target: str) -> Catalog | None:
+        if self.catalogs is not None and self.runs_allowed(target):
+            return await self.catalogs.get(target)
+        return None
+
+    # ------------------------------------------------------------------ allowed
+
+    async def run_allowed(self, allowed: Allowed) -> dict[str, Any]:
+        sent: list[bool] = []  # not empty once the first statement may have reached the target
+        try:
+            result = await self._read(allowed, sent)
+        except Exception as exc:
+            raise self._failed(exc, started=bool(sent)) from exc
+        if result.truncated:
+            self.metrics.truncated.labels(result.truncated).inc()
+        return result.as_json()
+
+    async def _read(self, allowed: Allowed, sent: list[bool]) -> SqlResult:
+        """Run ``allowed`` on its agent's own read-only login, once recorded."""
+        assert self.logins is not None
+        cfg = self.config.gateway
+        deadline = Deadline(cfg.statement_timeout.total_seconds())
+        masking = masking_patterns(self.config, allowed.rule)
+        catalog = await self.catalog(allowed.target)
+        subject = allowed.who.subject
+        async with self.turns.turn(subject):
+            plan = await judged(read_plan, allowed.command, cfg.max_statements, masking, catalog)
+        label = request_tag(allowed.request_id)
+        with self.metrics.execute_seconds.time():
+            for attempt in (1, 2):
+                async with self.logins.transaction(allowed.target, subject, label, deadline) as c:
+                    await allowed.recorded  # the transaction opened meanwhile
+                    sent.append(True)
+                    try:
+                        fetched, statements = await run_readonly(
+                            c, plan, self.limits, deadline, self.masker
+                        )
+                        break
+                    except STALE_STATEMENT:
+                        forget_statements(c)  # the schema changed under the cache
+                        if attempt == 2:
+                            raise
+        return await finish(fetched, statements, self.masker, self.limits, masked=plan[-1].masked)
+
+    def _failed(self, exc: Exception, *, started: bool) -> RunFailed:
+        """What the agent is told when its allowed command did not complete (masked)."""
+        message = self._message(exc)
+        if not started:
+            message = f"never ran: {message}"
+        if isinstance(exc, TimeoutError) and not started:
+            return RunFailed(message, started=False, outcome="busy")
+        if isinstance(exc, FAILED):
+            return RunFailed(message, started=started)
+        if isinstance(exc, KeyturnError):
+            return RunFailed(message, started=started, error=exc)
+        return RunFailed(message, started=started, outcome="unreachable")
+
+    def _message(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            seconds = self.config.gateway.statement_timeout.total_seconds()
+            return f"deadline exceeded: the gateway cancelled the command after {seconds:g} s"
+        if isinstance(exc, SessionChanged):
+            return f"{exc}; keyturn closed that connection and ran nothing more"
+        if isinstance(exc, asyncpg.PostgresError):
+            return self.masker.text(f"{exc.sqlstate}: {exc}"[:MAX_ERROR])
+        if isinstance(exc, KeyturnError):
+            return exc.message
+        return f"the target connection failed: {type(exc).__name__}"
+
+    # ------------------------------------------------------------------ held
+
+    async def describe_held(self, target: str, command: str, who: Identity) -> dict[str, Any]:
+        """How many rows a held command would touch, by the planner, for the card and agent.
+
+        The read-only role may not EXPLAIN a write (the planner checks write privileges), but
+        it may plan ``SELECT 1 FROM <table> WHERE <same condition>``, which estimates the same
+        rows. That estimate answers for the condition: one on a masked column (``WHERE email
+        < 'm'``) would be an oracle on its values, with no human in the loop. So the preview
+        is judged as a read would be, masking included, and gets no estimate unless it passes.
+        Nor does one that calls a function: the planner evaluates stable calls while planning
+        (``generate_series(1, ascii(substr(table_to_xml(…), k, 1)))`` estimates a character
+        of any table), whatever the allowed path would think of them.
+        """
+        if self.logins is None or not self.runs_allowed(target):
+            return {"estimated_rows": None}
+        masking, catalog = masking_patterns(self.config), await self.catalog(target)
+        async with self.turns.turn(who.subject):
+            query = await judged(_estimable, command, masking, catalog)
+        if query is None:
+            return {"estimated_rows": None}
+        deadline = Deadline(ESTIMATE_TIMEOUT)
+        try:
+            async with self.logins.transaction(target, who.subject, "estimate", deadline) as c:
+                return {"estimated_rows": await estimate_rows(c, query, deadline)}
+        except (TimeoutError, KeyturnError, OSError, asyncpg.PostgresError) as exc:
+            log.info("no EXPLAIN estimate for a held command on %s: %s", target, exc)
+            return {"estimated_rows": None}
+
+    # ------------------------------------------------------------------ approved
+
+    async def run_approved(
+        self, target: str, command: str, credentials: dict[str, Any]
+    ) -> dict[str, Any]:
+        policy_target = self.config.policy.targets[target]
+        assert isinstance(policy_target, PostgresTarget)
+        cfg = self.config.gateway
+        try:
+            url, kwargs = policy_target.login(credentials["username"], credentials["password"])
+            conn = await asyncpg.connect(
+                url,
+                timeout=CONNECT_TIMEOUT,
+                server_settings={
+                    "statement_timeout": str(int(cfg.statement_timeout.total_seconds() * 1000)),
+                    "application_name": "keyturn-gateway-approved",
+                },
+                **kwargs,
+            )
+            try:
+                await decode_times_as_text(conn)
+                fetched, tags = await run_approved(
+                    conn, command, self.limits, Deadline(cfg.statement_timeout.total_seconds())
+                )
+            finally:
+                await conn.close()
+        except asyncpg.PostgresError as exc:
+            raise RunFailed(f"{exc.sqlstate}: {exc}", started=True) from exc
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            message = f"target {target} failed: {type(exc).__name__}: {exc}"
+            raise RunFailed(message, started=True) from exc
+        result = await finish(fetched, len(tags), self.masker, self.limits, tags)
+        return result.as_json()
+
+    # ------------------------------------------------------------------ upkeep
+
+    def vaults(self) -> list[Vault]:
+        return [self.logins.vault] if self.logins is not None else []
+
+    def background(self) -> list[Background]:
+        if self.logins is None:
+            return []
+        return [Background("readonly-reaper", self.logins.close_idle, self.logins.reap_interval())]
+
+    async def close(self) -> None:
+        if self.logins is not None:
+            await self.logins.close()

@@ -1,0 +1,144 @@
+"""Run an allowed command at once: record, then run.
+
+Nothing of the command reaches the target before its record (request row and audit event)
+is committed; concurrent records share a commit (:mod:`gateway.journal`), and the outcome
+follows the answer. Each agent has at most ``gateway.agent_concurrency`` allowed commands in
+flight (:class:`gateway.usecases.inflight.InFlight`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+from gateway.journal import AlreadyRecorded
+from gateway.usecases.driver import Allowed, Driver, RunFailed
+from gateway.usecases.gateway import Gateway
+from gateway.usecases.submission import Submission, outcome
+from keyturn.agent.api import CommandOut
+from keyturn.classify import Identity, Verdict
+from keyturn.errors import KeyturnError, RateLimited, Unavailable
+from keyturn.store import outcomes, reads, requests
+
+
+def digest(result: dict[str, Any]) -> str:
+    """What the record keeps of a result: its sha256, never the rows."""
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def _recorded(recording: asyncio.Future[None]) -> None:
+    """Wait for a record's commit; a failure other than a keyturn error is a 503."""
+    try:
+        await recording
+    except KeyturnError:  # AlreadyRecorded among them
+        raise
+    except Exception as exc:
+        raise Unavailable("cannot record the command in keyturn's database") from exc
+
+
+async def run(
+    gw: Gateway, driver: Driver, who: Identity, sub: Submission, verdict: Verdict
+) -> CommandOut:
+    async with gw.in_flight.admit(who.subject):
+        intent = outcome(
+            sub,
+            who,
+            verdict,
+            status="executing",
+            idempotency_key=sub.idempotency_key,
+            body_sha256=sub.body_sha256,
+        )
+        recording = gw.journal.enqueue(intent)
+        allowed = Allowed(sub.target, sub.command, who, intent.id, verdict.rule, recording)
+        try:
+            result = await driver.run_allowed(allowed)
+        except asyncio.CancelledError:
+            _abandon(gw, intent, recording)
+            raise
+        except RunFailed as failed:
+            return await _not_run(gw, sub, who, intent, recording, failed)
+    if sub.idempotency_key is None:
+        gw.journal.submit(outcomes.Completion(intent.id, who.subject, None, digest(result)))
+    else:  # a replay with this key must find the result: committed before the answer
+        done = outcomes.Completion(intent.id, who.subject, None, digest(result), result)
+        try:
+            await gw.journal.record(done)
+        except Exception:  # the command ran: answer it; the record is retried
+            gw.journal.submit(done)
+    gw.metrics.commands.labels("allowed").inc()
+    return _answer(gw, sub, intent, result, None)
+
+
+def _abandon(gw: Gateway, intent: outcomes.Outcome, recording: asyncio.Future[None]) -> None:
+    """The request was cancelled mid-way: once its record is in, say it did not finish."""
+
+    def done(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            gw.journal.submit(
+                outcomes.Completion(intent.id, intent.requester, "cancelled by the gateway", None)
+            )
+
+    recording.add_done_callback(done)
+
+
+async def _earlier(gw: Gateway, who: Identity, sub: Submission) -> CommandOut:
+    """An earlier call with the same Idempotency-Key won the record: its request answers."""
+    earlier = await requests.find_by_key(
+        gw.store, who.subject, sub.idempotency_key or "", sub.body_sha256
+    )
+    if earlier is None:
+        raise Unavailable("cannot record the command in keyturn's database")
+    return gw.view(reads.RequestView.of(earlier))
+
+
+async def _not_run(
+    gw: Gateway,
+    sub: Submission,
+    who: Identity,
+    intent: outcomes.Outcome,
+    recording: asyncio.Future[None],
+    failed: RunFailed,
+) -> CommandOut:
+    """An allowed command that did not complete: its record says why. Without a record
+    nothing ran (an earlier call with the same key won, or keyturn's database is down);
+    a command that never started gives its Idempotency-Key back, so a retry runs it."""
+    try:
+        await _recorded(recording)
+    except AlreadyRecorded:
+        return await _earlier(gw, who, sub)
+    gw.journal.submit(
+        outcomes.Completion(
+            intent.id, who.subject, failed.message, None, release_key=not failed.started
+        )
+    )
+    if failed.outcome == "busy":
+        raise RateLimited(
+            f"no read-only connection of {who.subject} became free in time; retry",
+            retry_after=1.0,
+        ) from None
+    if failed.outcome == "failed":
+        gw.metrics.commands.labels("failed").inc()
+        return _answer(gw, sub, intent, None, failed.message)
+    if failed.error is not None:
+        raise failed.error
+    raise Unavailable(f"target {sub.target} is not reachable: {failed.message}") from failed
+
+
+def _answer(
+    gw: Gateway,
+    sub: Submission,
+    intent: outcomes.Outcome,
+    result: dict[str, Any] | None,
+    error: str | None,
+) -> CommandOut:
+    return CommandOut(
+        id=str(intent.id),
+        status="failed" if error else "executed",
+        target=sub.target,
+        rule=intent.rule,
+        created_at=gw.store.clock.now(),
+        result=result,
+        error=error,
+    )

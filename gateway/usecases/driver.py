@@ -1,0 +1,126 @@
+"""What the use cases need of a kind of target: the driver interface, and drivers by kind.
+
+A driver (:mod:`gateway.drivers`) holds everything specific to one kind of target: how an
+allowed command runs on the gateway's own standing credentials (if the kind has any), what a
+held command's card is told about it beforehand, how an approved command runs with the
+credentials the bot handed over, and how its output is masked. The use cases know the
+interface only; the bootstrap builds the drivers and registers them by the policy's ``kind``.
+
+A driver reports a command that did not complete as :class:`RunFailed`, saying in its
+``outcome`` how the agent is answered — the use cases never see a driver's own exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+from keyturn.classify import Identity
+from keyturn.classify.catalog import Catalog
+from keyturn.errors import KeyturnError
+from keyturn.policy import Rule
+from keyturn.vault import Vault
+
+# How an allowed command that did not complete is answered:
+#   failed      — the target (or the gateway's checks on it) refused it: status "failed"
+#   busy        — it never started for want of a free connection in time: 429, retry
+#   unreachable — the target could not be reached: 503
+#   error       — a keyturn error of the gateway's own (``error``), answered as itself
+Outcome = Literal["failed", "busy", "unreachable", "error"]
+
+
+class RunFailed(Exception):
+    """A command did not complete; ``message`` is what the agent is told and recorded."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        started: bool,
+        outcome: Outcome = "failed",
+        error: KeyturnError | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.started = started  # whether any of it reached the target
+        self.outcome = "error" if error is not None else outcome
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """An allowed command, to run once ``recorded`` (its record's commit) is done."""
+
+    target: str
+    command: str
+    who: Identity
+    request_id: uuid.UUID
+    rule: Rule | None
+    recorded: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class Background:
+    """A loop a driver needs kept alive (its bootstrap supervises it)."""
+
+    name: str
+    step: Callable[[], Any]
+    period: float
+
+
+class Driver(Protocol):
+    kind: ClassVar[str]
+    description: ClassVar[str]  # for targets that have none of their own
+
+    def runs_allowed(self, target: str) -> bool:
+        """Whether the gateway runs an allowed command on ``target`` with standing credentials
+        of its own. If not, an allowed command is approved by its rule and waits for the
+        bot's credentials like any approved one."""
+
+    async def catalog(self, target: str) -> Catalog | None:
+        """What judging a command needs to know of ``target`` (None: nothing)."""
+
+    async def run_allowed(self, allowed: Allowed) -> dict[str, Any]:
+        """Run an allowed command: nothing reaches the target before ``allowed.recorded``.
+        Returns the agent's (masked) result; raises RunFailed or a keyturn error."""
+
+    async def describe_held(self, target: str, command: str, who: Identity) -> dict[str, Any]:
+        """What the card and the agent are told of a held command before anyone decides
+        (``estimated_rows``); empty when nothing can be known safely."""
+
+    async def run_approved(
+        self, target: str, command: str, credentials: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Run exactly the approved command with the bot's credentials; the (masked) result.
+        Raises RunFailed or a keyturn error."""
+
+    def vaults(self) -> list[Vault]:
+        """The Vault clients it holds (closed by the bootstrap, checked by /readyz)."""
+
+    def background(self) -> list[Background]:
+        """Its loops."""
+
+    async def close(self) -> None:
+        """Release everything it holds (connections, leases)."""
+
+
+class Drivers:
+    """The drivers by kind, and the kind of each target in the policy."""
+
+    def __init__(self, kinds: Mapping[str, str], drivers: list[Driver]) -> None:
+        self._kinds = dict(kinds)  # target name -> kind
+        self._by_kind = {driver.kind: driver for driver in drivers}
+
+    def __iter__(self) -> Iterator[Driver]:
+        return iter(self._by_kind.values())
+
+    def kind(self, kind: str) -> Driver:
+        return self._by_kind[kind]
+
+    def of(self, target: str) -> Driver | None:
+        """The driver of ``target``, or None for a target not in the policy."""
+        kind = self._kinds.get(target)
+        return self._by_kind.get(kind) if kind is not None else None

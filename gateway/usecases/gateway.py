@@ -1,0 +1,152 @@
+"""The gateway as its use cases see it: what they share, and the small use cases.
+
+Edges (:mod:`gateway.edges`) parse and authenticate, then call a use case: :mod:`.submit`
+(which runs an allowed command, :mod:`.allowed`, or holds it, :mod:`.hold`), :func:`read`
+(and wait), :func:`targets`; :mod:`.approved` runs what humans approved. Use cases know
+nothing of HTTP, nor of Postgres or SSH: each kind of target is a driver (:mod:`.driver`).
+Errors are keyturn errors; each edge maps them to its own answers.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass, field
+
+from gateway.journal import Journal
+from gateway.judging import Turns, judged
+from gateway.metrics import Metrics
+from gateway.usecases.driver import Drivers
+from gateway.usecases.inflight import InFlight
+from keyturn.agent.api import TERMINAL, CommandOut, TargetOut, TargetsOut
+from keyturn.classify import Identity, Verdict, classify, may_use
+from keyturn.classify.catalog import Catalog
+from keyturn.domain import RequestStatus
+from keyturn.errors import NotFound
+from keyturn.policy import Config
+from keyturn.store import reads, requests
+from keyturn.store.db import Store
+from keyturn.store.listener import Listener, wait_until
+from keyturn.vault import Vault
+
+AGENT_TERMINAL = frozenset(RequestStatus(status) for status in TERMINAL)
+
+
+@dataclass
+class Gateway:
+    config: Config
+    store: Store
+    listener: Listener
+    journal: Journal
+    drivers: Drivers
+    public_url: str
+    metrics: Metrics = field(default_factory=Metrics)
+    turns: Turns = field(default_factory=Turns)  # one judgement per agent at once
+    vaults: list[Vault] = field(default_factory=list)  # every Vault client, for /readyz
+    draining: bool = field(init=False, default=False)
+    in_flight: InFlight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.in_flight = InFlight(self.config.gateway.agent_concurrency, self.metrics)
+        self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
+
+    def _classify_uncached(
+        self, target: str, command: str, who: Identity, catalog: Catalog | None
+    ) -> Verdict:
+        return classify(self.config, target, command, who, catalog)
+
+    async def verdict(self, target: str, command: str, who: Identity) -> Verdict:
+        """Cached (per catalog); judged in the judging pool, never on the event loop."""
+        driver = self.drivers.of(target)
+        catalog = await driver.catalog(target) if driver is not None else None
+        async with self.turns.turn(who.subject):
+            return await judged(self._classify, target, command, who, catalog)
+
+    def view(self, row: reads.RequestView) -> CommandOut:
+        status = RequestStatus(row.status)
+        waiting = status not in AGENT_TERMINAL
+        return CommandOut(
+            id=str(row.id),
+            status=status.value,
+            target=row.target,
+            rule=row.rule,
+            created_at=row.created_at,
+            wait_url=f"{self.public_url}/v1/commands/{row.id}?wait=30" if waiting else None,
+            expires_at=row.pending_expires_at if status is RequestStatus.PENDING else None,
+            estimated_rows=row.estimated_rows,
+            result=row.result,
+            error=row.error,
+            denied_by=row.denied_by,
+            deny_reason=row.deny_reason,
+        )
+
+    def drain(self) -> None:
+        """Shutting down: answer every long-poll now with its request as it stands, rather than
+        holding a restart for up to ``max_wait``. Agents poll again (another replica, or this
+        one once back); nothing is lost, the request lives in the database."""
+        self.draining = True
+        for ident in self.listener.watched("request"):
+            self.listener.wake("request", ident)
+
+
+def targets(gw: Gateway, who: Identity) -> TargetsOut:
+    """The targets ``who`` may use, for an agent (or its model) choosing one."""
+    return TargetsOut(
+        targets=[
+            TargetOut(
+                name=name,
+                kind=target.kind,
+                description=target.description or gw.drivers.kind(target.kind).description,
+            )
+            for name, target in gw.config.policy.targets.items()
+            if may_use(target, who)
+        ]
+    )
+
+
+async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> CommandOut:
+    """``who``'s request as it stands, or once it ends (within ``wait`` seconds)."""
+    try:
+        ident = uuid.UUID(request_id)
+    except ValueError:
+        raise NotFound(f"request {request_id} not found") from None
+
+    async def load() -> reads.RequestView:
+        row = await reads.get_request_view(gw.store, ident)
+        if row.requester != who.subject:
+            raise NotFound(f"request {request_id} not found")  # do not reveal it exists
+        return row
+
+    if wait <= 0:
+        return gw.view(await load())
+    gw.metrics.waiters.inc()
+    try:
+        row = await wait_until(
+            gw.listener,
+            "request",
+            ident,
+            load,
+            lambda r: r.status in AGENT_TERMINAL or gw.draining,
+            timeout=wait,
+            poll_interval=wait,  # the batch poller is the polling guarantee
+        )
+    finally:
+        gw.metrics.waiters.dec()
+    return gw.view(row)
+
+
+async def poll(gw: Gateway) -> None:
+    """The polling guarantee behind long-polls, expiry of pending requests, the gauge."""
+    await requests.expire_due_requests(gw.store)
+    watched = [uuid.UUID(ident) for ident in gw.listener.watched("request")]
+    for ident in await reads.decided_among(gw.store, watched):
+        gw.listener.wake("request", str(ident))
+    gw.metrics.pending.set(await reads.count_pending(gw.store))
+
+
+async def ready(gw: Gateway) -> dict[str, str]:
+    """Postgres and Vault reachable; raises Unavailable naming what is not."""
+    await gw.store.ping()
+    for vault in gw.vaults:
+        await vault.health()
+    return {"postgres": "ok", "vault": "ok" if gw.vaults else "not configured"}

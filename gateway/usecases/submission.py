@@ -1,0 +1,48 @@
+"""A command an agent submitted, as every use case receives it from an edge, and its records."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from keyturn.classify import Identity, Verdict
+from keyturn.store import outcomes
+
+
+@dataclass(frozen=True)
+class Submission:
+    target: str
+    command: str
+    reason: str | None
+    run_id: str | None
+    body_sha256: str  # of what the agent sent: a replayed Idempotency-Key must match it
+    idempotency_key: str | None = None
+
+
+def classification(verdict: Verdict) -> dict[str, Any]:
+    """What is stored (and audited) of a verdict: kinds, reasons, and what shadow rules
+    would have done."""
+    out: dict[str, Any] = {"kinds": sorted(verdict.kinds), "reasons": verdict.reasons}
+    if verdict.shadow:
+        out["shadow"] = [{"rule": rule, "action": action} for rule, action in verdict.shadow]
+    return out
+
+
+def outcome(
+    sub: Submission, who: Identity, verdict: Verdict, *, status: str, **extra: Any
+) -> outcomes.Outcome:
+    """The record of a command the gateway decides alone (blocked, or allowed and run)."""
+    return outcomes.Outcome(
+        id=uuid.uuid4(),
+        target=sub.target,
+        command=sub.command,
+        requester=who.subject,
+        status=status,
+        rule=verdict.rule.name if verdict.rule else None,
+        classification=classification(verdict),
+        on_behalf_of=who.on_behalf_of,
+        run_id=sub.run_id,
+        reason=sub.reason,
+        **extra,
+    )

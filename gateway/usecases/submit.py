@@ -1,0 +1,48 @@
+"""Submit a command: judge it, then refuse it, run it at once, or hold it for a human."""
+
+from __future__ import annotations
+
+from gateway.usecases import allowed, hold
+from gateway.usecases.gateway import AGENT_TERMINAL, Gateway
+from gateway.usecases.submission import Submission, outcome
+from keyturn.agent.api import CommandOut
+from keyturn.classify import Identity, check_access
+from keyturn.errors import Forbidden
+from keyturn.store import reads, requests
+
+
+class Blocked(Forbidden):
+    code = "blocked"
+
+    def __init__(self, message: str, rule: str | None) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, CommandOut]:
+    """The request as it stands, and whether it has ended (an edge answers 200, else 202).
+
+    A replay of an Idempotency-Key with the same body answers the earlier request."""
+    check_access(gw.config, sub.target, who)
+    if sub.idempotency_key is not None:
+        earlier = await requests.find_by_key(
+            gw.store, who.subject, sub.idempotency_key, sub.body_sha256
+        )
+        if earlier is not None:
+            return earlier.status in AGENT_TERMINAL, gw.view(reads.RequestView.of(earlier))
+    verdict = await gw.verdict(sub.target, sub.command, who)
+    rule = verdict.rule.name if verdict.rule else None
+    for shadow_rule, action in verdict.shadow:
+        gw.metrics.shadow.labels(shadow_rule, action).inc()
+    if verdict.action == "block":
+        await gw.journal.record(outcome(sub, who, verdict, status="blocked"))
+        gw.metrics.commands.labels("blocked").inc()
+        message = verdict.rule.message if verdict.rule and verdict.rule.message else None
+        raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
+    driver = gw.drivers.of(sub.target)
+    if verdict.action == "allow" and driver is not None and driver.runs_allowed(sub.target):
+        out = await allowed.run(gw, driver, who, sub, verdict)
+        return out.status in AGENT_TERMINAL, out
+    if verdict.action == "allow":
+        return False, await hold.approve_by_rule(gw, who, sub, verdict)
+    return False, await hold.hold(gw, who, sub, verdict)

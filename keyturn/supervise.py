@@ -1,0 +1,152 @@
+"""Background loops that cannot die silently: started, watched and restarted in one place.
+
+Each process's bootstrap hands its loops to a :class:`Supervisor`. A loop is a *pass* (one
+coroutine function call) run every ``period`` seconds, or sooner when its ``wake`` event is
+set (a NOTIFY hint; polling stays the guarantee). What a pass can end with:
+
+- success: the next pass after ``period`` (or a wake);
+- an *expected* error (a keyturn error: Postgres, Vault or Slack away, which production
+  meets): a warning, and the next pass after the shared backoff. The loop is alive; whether
+  its dependencies are is ``/readyz``'s business;
+- anything else: a *crash*. It is logged with its traceback, counted in
+  ``keyturn_loop_crashes_total{loop}``, and the next pass comes after the backoff. The loop is
+  *down* from its crash until a pass completes; a loop down for longer than its period is
+  named by :meth:`Supervisor.down`, and ``/healthz`` answers 503 with it.
+
+A pass never takes its task with it, and the task is watched too: were it to end while the
+supervisor runs, it is counted as a crash and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter
+
+from keyturn.backoff import Backoff
+from keyturn.errors import KeyturnError
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY = 1.0  # seconds after a failed pass; doubling up to RETRY_CAP
+RETRY_CAP = 30.0
+
+
+@dataclass
+class Loop:
+    name: str
+    step: Callable[[], Awaitable[object]]  # one pass
+    period: float  # seconds between passes
+    wake: asyncio.Event | None = None  # set to run the next pass early
+    failing_since: float | None = field(default=None, init=False)  # monotonic, while down
+    passes: int = field(default=0, init=False)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        expected: tuple[type[BaseException], ...] = (KeyturnError,),
+    ) -> None:
+        self._expected = expected
+        self._loops: dict[str, Loop] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        self.crashes = Counter(
+            "keyturn_loop_crashes_total",
+            "Unexpected exceptions in a background loop (each was logged with its traceback)",
+            ["loop"],
+            registry=registry,
+        )
+
+    def add(self, loop: Loop) -> Loop:
+        if loop.name in self._loops:
+            raise ValueError(f"loop {loop.name} is supervised already")
+        self._loops[loop.name] = loop
+        self.crashes.labels(loop.name)  # the series exists at 0 from the start
+        if self._running:
+            self._start(loop)
+        return loop
+
+    @property
+    def loops(self) -> list[Loop]:
+        return list(self._loops.values())
+
+    def start(self) -> None:
+        self._running = True
+        for loop in self._loops.values():
+            self._start(loop)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def down(self) -> list[str]:
+        """Loops that have been down (crashed, no pass completed since) longer than their
+        period."""
+        now = time.monotonic()
+        return sorted(
+            loop.name
+            for loop in self._loops.values()
+            if loop.failing_since is not None and now - loop.failing_since > loop.period
+        )
+
+    def _start(self, loop: Loop, delay: float = 0.0) -> None:
+        task = asyncio.create_task(self._run(loop, delay), name=f"keyturn-loop-{loop.name}")
+        self._tasks[loop.name] = task
+        task.add_done_callback(lambda done: self._ended(loop, done))
+
+    def _ended(self, loop: Loop, task: asyncio.Task[None]) -> None:
+        if not self._running or self._tasks.get(loop.name) is not task:
+            return  # stopped on purpose
+        exc = None if task.cancelled() else task.exception()
+        log.error("loop %s ended (%r); starting it again", loop.name, exc)
+        self.crashes.labels(loop.name).inc()
+        loop.failing_since = loop.failing_since or time.monotonic()
+        self._start(loop, delay=FIRST_RETRY)
+
+    async def _run(self, loop: Loop, delay: float) -> None:
+        await asyncio.sleep(delay)
+        backoff = Backoff(FIRST_RETRY, RETRY_CAP)
+        while True:
+            if loop.wake is not None:
+                loop.wake.clear()
+            try:
+                await loop.step()
+            except asyncio.CancelledError:
+                raise
+            except self._expected as exc:
+                wait = backoff.next()
+                log.warning("loop %s: %s; next pass in %.1f s", loop.name, exc, wait)
+                await asyncio.sleep(wait)
+                continue
+            except Exception:
+                wait = backoff.next()
+                self.crashes.labels(loop.name).inc()
+                loop.failing_since = loop.failing_since or time.monotonic()
+                log.exception("loop %s crashed; next pass in %.1f s", loop.name, wait)
+                await asyncio.sleep(wait)
+                continue
+            loop.passes += 1
+            loop.failing_since = None
+            backoff.reset()
+            await self._rest(loop)
+
+    @staticmethod
+    async def _rest(loop: Loop) -> None:
+        if loop.wake is None:
+            await asyncio.sleep(loop.period)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(loop.period):
+                await loop.wake.wait()
