@@ -11,10 +11,12 @@ import os
 import statistics
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import asyncpg
 from aiohttp.web import AppRunner, TCPSite
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
@@ -127,14 +129,14 @@ def median(samples: list[float]) -> float:
 
 async def serve_bot(stack: Stack, config: Config, slack: SlackEmulator, store: Store) -> AppRunner:
     """A real bot (Bolt over HTTP on a free port) for ``slack``; clean up the runner after."""
-    bot, bolt = build_bot(
+    process = build_bot(
         config,
         store,
         slack_client(slack.bot_token, slack.api_url),
         slack.signing_secret,
         stack.vault("keyturn-bot"),
     )
-    runner = AppRunner(web_application(bot, bolt), access_log=None)
+    runner = AppRunner(web_application(process), access_log=None)
     await runner.setup()
     port = free_port()
     await TCPSite(runner, "127.0.0.1", port).start()
@@ -154,7 +156,7 @@ async def expire_together(
             " + random() * interval '1 second' WHERE status = 'active'"
             " RETURNING date_trunc('second', now()) + interval '5 seconds'"
         )
-    revoker = Revoker(store, issuer, config.bot)
+    revoker = Revoker(store, issuer, config.bot, AsyncIOScheduler(timezone=UTC))
     revoker.start()
     await revoker.rebuild_once()  # one date job per grant, as a starting bot does
     async with asyncio.timeout(120):

@@ -13,16 +13,13 @@ from typing import Any, TypeVar
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import commands, session_views
-from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE, escape
-from bot.people import SLACK_ERRORS, dm
-from bot.service import Bot, NotRecorded
-from bot.session_views import (
+from bot import commands
+from bot.access import views
+from bot.access.ask import Ask, BadField
+from bot.access.home_view import (
     DURATION_BLOCK,
     DURATION_INPUT,
     REQUEST_MODAL,
-    SESSION_EXTEND,
-    SESSION_REVOKE,
     TARGET_BLOCK,
     TARGET_INPUT,
     TICKET_BLOCK,
@@ -30,7 +27,11 @@ from bot.session_views import (
     WHY_BLOCK,
     WHY_INPUT,
 )
-from bot.sessions import Ask, BadField
+from bot.access.views import ACCESS_EXTEND, ACCESS_REVOKE
+from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
+from bot.people import SLACK_ERRORS, dm
+from bot.service import Bot, NotRecorded
+from bot.slack_text import escape
 from keyturn.aio import spawn
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
@@ -165,11 +166,11 @@ def register(app: AsyncApp, bot: Bot) -> None:
 
     _on_click(app, bot.tasks, re.compile(f"^{EXTEND}_\\d+$"), extend(own=False))
     # a person's own session, from their DM or App Home
-    _on_click(app, bot.tasks, re.compile(f"^{SESSION_EXTEND}_\\d+$"), extend(own=True))
+    _on_click(app, bot.tasks, re.compile(f"^{ACCESS_EXTEND}_\\d+$"), extend(own=True))
     _on_click(
         app,
         bot.tasks,
-        SESSION_REVOKE,
+        ACCESS_REVOKE,
         lambda grant_id, user, _body: bot.revoke(grant_id, user, own=True),
     )
 
@@ -195,7 +196,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
         user, text = command["user_id"], (command.get("text") or "").strip()
         try:
             if text == "request":  # a form: acked empty, then opened with the trigger
-                form = await bot.desk.request_form(user, command["channel_id"])
+                form = await bot.asking.request_form(user, command["channel_id"])
                 await ack()
                 await client.views_open(trigger_id=command["trigger_id"], view=form)
                 return
@@ -205,7 +206,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
             return
         await ack(answer)
         if text.partition(" ")[0] in commands.ASKS:
-            spawn(bot.tasks, bot.desk.republish(requester=user))
+            spawn(bot.tasks, bot.home.republish(requester=user))
 
     @app.view(REQUEST_MODAL)
     @tracked
@@ -221,7 +222,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
             ticket=_typed(values, TICKET_BLOCK, TICKET_INPUT) or None,
         )
         try:
-            row = await bot.desk.ask(asked)
+            row = await bot.asking.ask(asked)
         except BadField as exc:
             block = _FIELD_BLOCKS.get(exc.field, TARGET_BLOCK)
             await ack(response_action="errors", errors={block: tell(exc)})
@@ -231,7 +232,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
             return
         await ack()
         channel = view.get("private_metadata") or ""
-        text = session_views.confirmation(
+        text = views.confirmation(
             row.id, row.target, row.grant_ttl_seconds or 0, bot.config.approval_channel(row.target)
         )
         try:
@@ -241,13 +242,13 @@ def register(app: AsyncApp, bot: Bot) -> None:
                 await dm(client, user, text)
         except SLACK_ERRORS as exc:
             log.warning("could not confirm request %s to %s: %s", row.id, user, exc)
-        spawn(bot.tasks, bot.desk.republish(requester=user))
+        spawn(bot.tasks, bot.home.republish(requester=user))
 
     @app.event("app_home_opened")
     @tracked
     async def home_opened(event: dict[str, Any]) -> None:
         if event.get("tab", "home") == "home":
-            await bot.desk.publish_home(event["user"])
+            await bot.home.publish_home(event["user"])
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:

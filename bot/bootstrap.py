@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC
 
 from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
@@ -17,21 +22,28 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.anchoring import anchor_forever
+from bot.access.ask import Asking
+from bot.access.deliver import Delivery
+from bot.access.home import Home
+from bot.access.news import News
+from bot.anchoring import anchor_once
 from bot.app import register
+from bot.card_keeper import CardKeeper
 from bot.credentials import Issuer
+from bot.people import SLACK_ERRORS, Directory
+from bot.revocation import Revoker
 from bot.service import Bot
-from keyturn.aio import cancel, drain
+from keyturn.aio import drain
 from keyturn.checkpoint import Anchor
 from keyturn.clock import Clock
-from keyturn.errors import ConfigError
+from keyturn.errors import ConfigError, KeyturnError
 from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
+from keyturn.supervise import Loop, Supervisor
 from keyturn.vault import Vault, process_vault
 
-BOT_KEY = web.AppKey("bot", Bot)
 DRAIN_SECONDS = 10.0  # what a click or a decision still in flight gets to finish at shutdown
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
@@ -57,59 +69,116 @@ def slack_client(token: str, base_url: str | None = None) -> AsyncWebClient:
     )
 
 
+@dataclass
+class BotProcess:
+    """One bot process, wired: the use cases, the Bolt app, the supervised loops."""
+
+    bot: Bot
+    bolt: AsyncApp
+    supervisor: Supervisor
+    registry: CollectorRegistry
+
+    async def start(self) -> None:
+        await self.bot.listener.start()
+        self.bot.revoker.start()
+        self.supervisor.start()
+
+    async def stop(self) -> None:
+        await drain(self.bot.tasks, DRAIN_SECONDS)
+        await self.supervisor.stop()
+        self.bot.revoker.stop()
+        await self.bot.listener.stop()
+        await self.bot.issuer.vault.close()
+        await self.bot.store.close()
+
+
+PROCESS_KEY = web.AppKey("bot", BotProcess)
+
+
 def build(
     config: Config,
     store: Store,
     client: AsyncWebClient,
     signing_secret: str | None,
     vault: Vault,
-) -> tuple[Bot, AsyncApp]:
+) -> BotProcess:
     """HTTP mode with a signing secret; without one, Socket Mode (Slack signs nothing there)."""
     if signing_secret is None:
         app = AsyncApp(client=client, request_verification_enabled=False)
     else:
         app = AsyncApp(client=client, signing_secret=signing_secret)
+    issuer = Issuer(config, vault)
+    directory = Directory(client, config.bot.usergroup_cache.total_seconds())
+    revoker = Revoker(store, issuer, config.bot, AsyncIOScheduler(timezone=UTC))
+    home = Home(config, store, client, directory)
+    news = News(store, client, home)
+    replica = f"bot-{uuid.uuid4().hex[:8]}"
     bot = Bot(
         config=config,
         store=store,
         listener=Listener(store.dsn),
         client=client,
-        issuer=Issuer(config, vault),
+        issuer=issuer,
+        directory=directory,
+        revoker=revoker,
+        asking=Asking(config, store, directory),
+        delivery=Delivery(config, store, client, issuer),
+        home=home,
+        news=news,
+        cards=CardKeeper(config, store, client, home, news, replica),
     )
     register(app, bot)
-    return bot, app
+    registry = CollectorRegistry()
+    supervisor = Supervisor(registry, expected=(KeyturnError, *SLACK_ERRORS))
+    cfg = config.bot
+    supervisor.add(Loop("bot", bot.sync, cfg.poll_interval.total_seconds(), wake=bot.wake))
+    anchor = Anchor.of(vault, config.vault)
+    supervisor.add(
+        Loop(
+            "audit-anchor", lambda: anchor_once(store, anchor), cfg.audit_checkpoint.total_seconds()
+        )
+    )
+    return BotProcess(bot, app, supervisor, registry)
 
 
 async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
-    bot = web_app[BOT_KEY]
-    await bot.listener.start()
-    runner = asyncio.create_task(bot.run_forever(), name="keyturn-bot")
-    anchor = Anchor.of(bot.issuer.vault, bot.config.vault)
-    every = bot.config.bot.audit_checkpoint.total_seconds()
-    anchoring = asyncio.create_task(anchor_forever(bot.store, anchor, every), name="keyturn-anchor")
+    process = web_app[PROCESS_KEY]
+    await process.start()
     yield
-    await drain(bot.tasks, DRAIN_SECONDS)
-    await cancel(anchoring)
-    await cancel(runner)
-    await bot.listener.stop()
-    await bot.issuer.vault.close()
-    await bot.store.close()
+    await process.stop()
 
 
-def web_application(bot: Bot, bolt: AsyncApp, *, http_mode: bool = True) -> web.Application:
-    """Bolt's one POST route (HTTP mode) mounted in our own app, next to /healthz."""
+def web_application(process: BotProcess, *, http_mode: bool = True) -> web.Application:
+    """Bolt's one POST route (HTTP mode) mounted in our own app, next to /healthz and
+    /metrics."""
 
     async def events(request: web.Request) -> web.Response:
-        return await to_aiohttp_response(await bolt.async_dispatch(await to_bolt_request(request)))
+        dispatched = await process.bolt.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(dispatched)
 
     async def healthz(_request: web.Request) -> web.Response:
+        """Alive unless a background loop is down (crashed, not recovered within its
+        period): cards would not be posted, credentials not issued, grants not ended."""
+        down = process.supervisor.down()
+        if down:
+            error = {
+                "code": "loops_down",
+                "message": f"background loops down: {', '.join(down)}",
+                "loops": down,
+            }
+            return web.json_response({"error": error}, status=503)
         return web.json_response({"status": "ok"})
 
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(process.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
-    app[BOT_KEY], app[BOLT_KEY] = bot, bolt
+    app[PROCESS_KEY] = process
     if http_mode:
         app.router.add_post("/slack/events", events)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
@@ -128,15 +197,16 @@ async def serve(settings: Settings, config: Config) -> None:
     client = slack_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
     store = Store(settings.dsn(), clock=Clock())
     signing = None if app_token else secret.get_secret_value()  # type: ignore[union-attr]
-    bot, bolt = build(config, store, client, signing, vault)
+    process = build(config, store, client, signing, vault)
     await store.ping()
-    runner = web.AppRunner(web_application(bot, bolt, http_mode=app_token is None), access_log=None)
+    web_app = web_application(process, http_mode=app_token is None)
+    runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
     host, _, port = config.bot.listen.rpartition(":")
     await web.TCPSite(runner, host, int(port)).start()
     socket = None
     if app_token is not None:
-        socket = AsyncSocketModeHandler(bolt, app_token, web_client=client)
+        socket = AsyncSocketModeHandler(process.bolt, app_token, web_client=client)
         await socket.connect_async()  # type: ignore[no-untyped-call]
         print("keyturn bot connected to Slack in Socket Mode", flush=True)
     else:

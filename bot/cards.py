@@ -1,19 +1,17 @@
 """Approval cards as Block Kit, from a request's state. Pure: no Slack calls here.
 
-Everything that came from an agent (command, reason, run id, identity) is escaped, so
-``<!channel>``, ``<@U…>`` or ``<http://x|y>`` inside a command render as text and ping nobody.
-Only Slack user ids keyturn itself knows (approvers, a well-formed on-behalf-of id) become
-mentions.
+Whatever came from an agent or a person is written through :mod:`bot.slack_text`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from keyturn.classify.shown import Shown, shown, visible
+from bot.command_view import command_blocks
+from bot.slack_text import ONE_LINE, escape, literal, mention
+from keyturn.classify.shown import visible
 from keyturn.policy import format_duration
 
 APPROVE = "keyturn_approve"
@@ -23,127 +21,6 @@ EXTEND = "keyturn_extend"  # one button per choice: keyturn_extend_<seconds>
 DENY_MODAL = "keyturn_deny_reason"
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason_input"
-
-_SLACK_USER = re.compile(r"^[UW][A-Z0-9_]{2,30}$")
-_MAX_COMMAND = 2800  # a section's text is limited to 3,000 characters
-_CARD_PIECES = 4  # longer commands go to the card's thread in full
-
-
-def escape(text: str) -> str:
-    """Slack's mrkdwn escaping: with ``&``, ``<`` and ``>`` escaped nothing is a control word."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-# What another writer's text may not carry into a card: line breaks (shown as ⏎) and the
-# backtick that would end the inline code it is shown in (shown as U+02CB, its look-alike).
-_ONE_LINE = str.maketrans({"\r": "", "\n": "⏎"})
-_LITERAL = _ONE_LINE | str.maketrans({"`": "\u02cb"})
-LITERAL_MAX = 300  # characters of another writer's text on a card: it cannot crowd out ours
-
-
-def literal(text: str) -> str:
-    """Text an agent or a requester wrote (a reason, run id, on-behalf-of, ticket, their
-    name, an error the target quoted), shown inert and set apart from keyturn's own words:
-    inline code, where Slack formats nothing, on one line, at most :data:`LITERAL_MAX`
-    characters, with every other invisible or direction-changing character shown as
-    ``⟦U+…⟧`` and ``&<>`` escaped so nothing is a link or a mention."""
-    shown = visible(text.translate(_LITERAL))[0]
-    if len(shown) > LITERAL_MAX:
-        shown = shown[: LITERAL_MAX - 1] + "…"
-    return f"`{escape(shown)}`" if shown else "—"
-
-
-def mention(user: str | None) -> str:
-    if user and _SLACK_USER.match(user):
-        return f"<@{user}>"
-    return literal(user or "")
-
-
-def code_block(text: str) -> str:
-    """``text`` as a code block; callers keep it within a section (see :func:`chunks`)."""
-    body = escape(text).replace("```", "`\u200b``")  # a fence inside must not close ours
-    return f"```{body}```"
-
-
-# What a character costs inside a code block: escaped entities, and at most one zero-width
-# space per backtick where a fence is broken up.
-_COST = {"&": 5, "<": 4, ">": 4, "`": 2}
-
-
-def chunks(text: str, size: int = _MAX_COMMAND) -> list[str]:
-    """``text`` cut into pieces whose code blocks fit a section: at line ends where it can,
-    inside a line where it must. Every character is kept."""
-    out: list[str] = []
-    piece: list[str] = []
-    used = 0
-    for line in text.splitlines(keepends=True):
-        for char in line:
-            cost = _COST.get(char, 1)
-            if used + cost > size:
-                out.append("".join(piece))
-                piece, used = [], 0
-            piece.append(char)
-            used += cost
-        if used > size * 3 // 4:  # near full: start the next line in a new piece
-            out.append("".join(piece))
-            piece, used = [], 0
-    if piece or not out:
-        out.append("".join(piece))
-    return [p.rstrip("\n") for p in out]
-
-
-def amount(what: Shown, shell: bool) -> str:
-    """ "2 statements", "1 command": how much the card shows (beside the sha256 it binds)."""
-    noun = "command" if shell else "statement"
-    return f"{len(what.parts)} {noun}{'s' if len(what.parts) != 1 else ''}"
-
-
-def listing(state: CardState) -> str:
-    """Every statement (or simple command) numbered, as it will run."""
-    what = shown(state.command, state.shell)
-    if what.line is not None:  # the exact line, then each command's arguments
-        commands = "\n".join(
-            f"# {i}: {part.text}" for i, part in enumerate(what.parts, 1) if part.kind != "UNPARSED"
-        )
-        return f"$ {what.line}\n{commands}" if commands else f"$ {what.line}"
-    if len(what.parts) == 1:
-        return what.parts[0].text
-    return "\n".join(f"-- {i}: {part.kind}\n{part.text};" for i, part in enumerate(what.parts, 1))
-
-
-def command_blocks(state: CardState) -> tuple[list[dict[str, Any]], list[str]]:
-    """The card's blocks for the command, and the thread messages that carry the rest of it
-    when it is longer than a card holds. Nothing is ever cut silently."""
-    what = shown(state.command, state.shell)
-    summary = f"*{amount(what, state.shell)}* · sha256 `{what.sha256[:16]}`"
-    if what.hidden:
-        summary += (
-            "\n:warning: *Invisible or direction-changing characters*, shown as ⟦U+…⟧: "
-            + escape(", ".join(what.hidden[:6]))
-            + (f" and {len(what.hidden) - 6} more" if len(what.hidden) > 6 else "")
-        )
-    pieces = chunks(listing(state))
-    on_card, thread = pieces, []
-    if len(pieces) > _CARD_PIECES:
-        on_card, thread = (
-            pieces[:1],
-            [
-                f"Request `{state.id}`, the command in full ({i}/{len(pieces)}):\n{code_block(p)}"
-                for i, p in enumerate(pieces, 1)
-            ],
-        )
-        summary += (
-            f"\n:warning: *Longer than a card holds*: the beginning is below; the complete "
-            f"command is in this card's thread, in {len(pieces)} parts."
-        )
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "block_id": "what", "text": {"type": "mrkdwn", "text": summary}}
-    ]
-    blocks += [
-        {"type": "section", "block_id": f"command_{i}", "text": {"type": "mrkdwn", "text": t}}
-        for i, t in enumerate(code_block(p) for p in on_card)
-    ]
-    return blocks, thread
 
 
 @dataclass(frozen=True)
@@ -309,7 +186,7 @@ def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
             "block_id": "who",
             "fields": [{"type": "mrkdwn", "text": f} for f in fields],
         },
-        *command_blocks(state)[0],
+        *command_blocks(state.id, state.command, state.shell)[0],
     ]
 
 
@@ -332,7 +209,7 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
     said += [f"Ticket: {literal(state.ticket)}"] if state.ticket else []
     elements: list[dict[str, Any]] = [{"type": "mrkdwn", "text": rule[:2900]}]
     if found:  # they quote identifiers from the command: plain text, on one line
-        quoted = visible(" · ".join(found).translate(_ONE_LINE))[0]
+        quoted = visible(" · ".join(found).translate(ONE_LINE))[0]
         elements.append({"type": "plain_text", "text": quoted[:2900], "emoji": False})
     elements.append({"type": "mrkdwn", "text": " · ".join(facts)})
     if said:

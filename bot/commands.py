@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bot import session_views
-from bot.cards import escape
+from bot.access import views
+from bot.access.ask import KIND_OF_COMMAND, Ask
 from bot.service import Bot
-from bot.sessions import KIND_OF_COMMAND, Ask
+from bot.slack_text import at, escape
 from keyturn.errors import InvalidInput
 from keyturn.policy import parse_duration
 from keyturn.ssh_keys import parse_public_key
@@ -44,7 +44,7 @@ ASKS = frozenset(KIND_OF_COMMAND)  # the commands that create a request
 async def run(bot: Bot, user: str, text: str) -> str:
     """The answer to ``/keyturn text`` typed by ``user`` (``request`` is the Slack edge's:
     it opens a modal)."""
-    desk = bot.desk
+    home = bot.home
     if any(ord(c) < 32 and c != "\t" for c in text):
         raise InvalidInput("that holds control characters: type `/keyturn help`")
     command, _, rest = text.strip().partition(" ")
@@ -54,10 +54,10 @@ async def run(bot: Bot, user: str, text: str) -> str:
     if command in KIND_OF_COMMAND:
         return await _ask(bot, user, command, rest)
     if command == "list" and not rest:
-        return session_views.listing(await desk.lines(user), desk.store.clock.now())
+        return views.listing(await home.lines(user), home.store.clock.now())
     if command == "pending" and not rest:
-        waiting = await desk.waiting_on(user)  # off the loop, as cards are (Bot's drawn)
-        return await asyncio.to_thread(session_views.waiting_listing, waiting)
+        waiting = await home.waiting_on(user)  # off the loop, as cards are (Bot's drawn)
+        return await asyncio.to_thread(views.waiting_listing, waiting)
     if command == "revoke":
         return await _revoke(bot, user, rest)
     if command == "extend":
@@ -76,21 +76,21 @@ async def _ask(bot: Bot, user: str, command: str, rest: str) -> str:
         )
     target, ttl = words[0], words[1]
     reason = words[2] if len(words) > 2 else ""
-    row = await bot.desk.ask(Ask(user, target, ttl, reason, kind=KIND_OF_COMMAND[command]))
+    row = await bot.asking.ask(Ask(user, target, ttl, reason, kind=KIND_OF_COMMAND[command]))
     channel = bot.config.approval_channel(row.target)
-    return session_views.confirmation(row.id, row.target, row.grant_ttl_seconds or 0, channel)
+    return views.confirmation(row.id, row.target, row.grant_ttl_seconds or 0, channel)
 
 
 async def _revoke(bot: Bot, user: str, rest: str) -> str:
     if not rest or " " in rest:
         raise InvalidInput("type `/keyturn revoke <id>` with an id from `/keyturn list`")
-    grant = await bot.desk.open_grant(user, rest)
+    grant = await bot.home.open_grant(user, rest)
     grant = await bot.revoke(str(grant.id), user, own=True)
     if grant.lease_id:
         return f"Ended your session on `{escape(grant.target)}`: its connections were closed."
     return (
         f"Ended your session on `{escape(grant.target)}` in keyturn; the certificate already "
-        f"issued works until {session_views.at(grant.expires_at)} (certificates cannot be "
+        f"issued works until {at(grant.expires_at)} (certificates cannot be "
         "recalled)."
     )
 
@@ -99,16 +99,13 @@ async def _extend(bot: Bot, user: str, rest: str) -> str:
     words = rest.split()
     if len(words) != 2:
         raise InvalidInput("type `/keyturn extend <id> <ttl>`, e.g. `/keyturn extend 1a2b3c4d 15m`")
-    grant = await bot.desk.open_grant(user, words[0])
+    grant = await bot.home.open_grant(user, words[0])
     try:
         extra = parse_duration(words[1])
     except ValueError:
         raise InvalidInput(f"`{words[1][:20]}` is not a duration: type one such as 15m") from None
     grant = await bot.extend(str(grant.id), user, extra, own=True)
-    return (
-        f"Your session on `{escape(grant.target)}` now ends at "
-        f"{session_views.at(grant.expires_at)}."
-    )
+    return f"Your session on `{escape(grant.target)}` now ends at {at(grant.expires_at)}."
 
 
 async def _ssh_key(bot: Bot, user: str, text: str) -> str:

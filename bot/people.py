@@ -61,8 +61,8 @@ class Directory:
         barred: frozenset[str] = frozenset()
         if rule is not None and group and not rule.own_group_may_approve:
             members = await self.members(group)
-            if row.requester in members:
-                barred = members
+            if row.requester in members:  # the requester themself hears of self-approval
+                barred = members - {row.requester}
         return Deciders(listed, barred)
 
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -37,11 +37,13 @@ DRAINERS = 3  # grants per pass: small enough that each commit follows its revoc
 
 
 class Revoker:
-    def __init__(self, store: Store, issuer: Issuer, cfg: BotConfig) -> None:
+    def __init__(
+        self, store: Store, issuer: Issuer, cfg: BotConfig, scheduler: AsyncIOScheduler
+    ) -> None:
         self.store = store
         self.issuer = issuer
         self.cfg = cfg
-        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.scheduler = scheduler  # AsyncIOScheduler(timezone=UTC), built by the bootstrap
         self._end_lock = asyncio.Lock()
         self._end_wanted = False
         self._suspects: dict[str, float] = {}  # orphan lease id -> first seen (monotonic)

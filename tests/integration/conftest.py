@@ -239,12 +239,12 @@ async def serve_bot(
     """A real bot (Bolt over HTTP) on ``database``, receiving the emulator's signed clicks."""
     client = slack_client(slack.bot_token, slack.api_url)
     store = Store(database, clock=clock)
-    bot, bolt = build_bot(config, store, client, slack.signing_secret, vault)
-    server = TestServer(web_application(bot, bolt))
+    process = build_bot(config, store, client, slack.signing_secret, vault)
+    server = TestServer(web_application(process))
     await server.start_server()
     slack.bot_url = str(server.make_url("/slack/events"))
     try:
-        yield bot
+        yield process.bot
     finally:
         await server.close()
 

@@ -371,14 +371,14 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
     store = Store(database, clock=clock)
     config = parse_config(policy_data(shop))
     client = slack_client(slack.bot_token, slack.api_url)
-    dying, _ = build(config, store, client, slack.signing_secret, shop.bot_vault())
+    dying = build(config, store, client, slack.signing_secret, shop.bot_vault()).bot
     new = requests.NewRequest(
         "shop", "DELETE FROM t WHERE id = 3", "crew", timedelta(minutes=5), rule="writes"
     )
     row, _ = await requests.create_request(store, new)
-    claimed = await card_store.claim_card(store, dying.replica, timedelta(seconds=2))
+    claimed = await card_store.claim_card(store, dying.cards.replica, timedelta(seconds=2))
     assert claimed is not None
-    await dying._post_card(CHANNEL, claimed.request)
+    await dying.cards._post_card(CHANNEL, claimed.request)
     assert len(slack.channel(CHANNEL)) == 1
     clock.advance(timedelta(seconds=2.1))  # the dead replica's claim goes stale
     async with run_bot(clock) as rb:
@@ -442,10 +442,11 @@ async def test_socket_mode(slack: SlackEmulator, database: Dsn, shop: Shop) -> N
 
     store = Store(database)
     client = slack_client(slack.bot_token, slack.api_url)
-    bot, bolt = build(parse_config(policy_data(shop)), store, client, None, shop.bot_vault())
-    server = TestServer(web_application(bot, bolt, http_mode=False))
+    process = build(parse_config(policy_data(shop)), store, client, None, shop.bot_vault())
+    bot = process.bot
+    server = TestServer(web_application(process, http_mode=False))
     await server.start_server()
-    handler = AsyncSocketModeHandler(bolt, slack.app_token, web_client=client)
+    handler = AsyncSocketModeHandler(process.bolt, slack.app_token, web_client=client)
     await handler.connect_async()
     slack.bot_url = None
     try:
@@ -621,7 +622,8 @@ async def test_commands_are_printed_back_off_the_event_loop(
 ) -> None:
     """Printing a 64 KiB command back from its parse tree takes a few hundred ms; an agent
     that sends many would stall every click if the bot drew cards on its event loop."""
-    from bot import cards, session_views
+    from bot import command_view
+    from bot.access import views
 
     on_loop: list[str] = []
 
@@ -633,8 +635,8 @@ async def test_commands_are_printed_back_off_the_event_loop(
 
         return shown
 
-    monkeypatch.setattr(cards, "shown", recording(cards.shown))
-    monkeypatch.setattr(session_views, "shown", recording(session_views.shown))
+    monkeypatch.setattr(command_view, "shown", recording(command_view.shown))
+    monkeypatch.setattr(views, "shown", recording(views.shown))
     async with run_bot() as rb:
         request_id = await rb.hold("DELETE FROM t WHERE id IN (" + ", ".join(["1"] * 8000) + ")")
         await rb.card(request_id)

@@ -14,13 +14,14 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import asyncpg
 import asyncssh
 import pytest
 import pytest_asyncio
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import card_store
 from bot.cards import APPROVE, EXTEND, REVOKE
@@ -564,7 +565,13 @@ async def test_two_replicas_revoke_each_due_grant_once(
         await conn.execute("UPDATE grants SET expires_at = now()")
     config = parse_config(data)
     replicas = [
-        Revoker(Store(database), Issuer(config, shop.bot_vault()), config.bot) for _ in "ab"
+        Revoker(
+            Store(database),
+            Issuer(config, shop.bot_vault()),
+            config.bot,
+            AsyncIOScheduler(timezone=UTC),
+        )
+        for _ in "ab"
     ]
     await asyncio.gather(*(r.end_due() for r in replicas))
     async with store.raw_connection() as conn:

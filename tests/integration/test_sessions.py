@@ -23,16 +23,16 @@ import asyncssh
 import pytest
 import pytest_asyncio
 
-from bot.cards import APPROVE, DENY
+from bot.access.views import ACCESS_EXTEND
+from bot.cards import APPROVE, DENY, REVOKE
 from bot.service import Bot
-from bot.session_views import SESSION_EXTEND
 from keyturn.clock import Clock, ManualClock
-from keyturn.domain import IllegalTransition, Request
+from keyturn.domain import Deciders, IllegalTransition, Request
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
 from keyturn.policy import parse_config
-from keyturn.store import grants, handoffs
+from keyturn.store import grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import GatewayFactory, Shop, Spy, serve_bot
@@ -248,7 +248,7 @@ async def test_a_database_session_from_slash_command_to_expiry(
 
         # 1 minute left: the reminder offers Extend within the rule's maximum (1h)
         reminder = await oc.dm(":alarm_clock:")
-        status, _ = await oc.slack.click(f"D{ONCALL}", reminder.ts, f"{SESSION_EXTEND}_900", ONCALL)
+        status, _ = await oc.slack.click(f"D{ONCALL}", reminder.ts, f"{ACCESS_EXTEND}_900", ONCALL)
         assert status == 200
         extended = await until(lambda: _expires_after(oc, request_id, grant.expires_at))
         # Vault renews in whole seconds: the grant ends with the lease, a moment earlier
@@ -471,7 +471,7 @@ async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Facto
         pending_expires_at=grant.created_at + timedelta(minutes=5),
         session=True,
     )
-    request.approve(APPROVER, grant.created_at)
+    request.approve(APPROVER, Deciders.only(APPROVER), grant.created_at)
     with pytest.raises(IllegalTransition):
         request.start_execution(request.command_sha256)
 
@@ -608,3 +608,90 @@ async def test_an_agent_never_sees_a_persons_session(
         request_id = await oc.ask("db shop 15m private business")
         status, body = await gw.get(idp.token(ONCALL), str(request_id))
         assert status == 404 and body["error"]["code"] == "not_found", body
+
+
+# ------------------------------------------------------------------ who may decide, every path
+# Each story is an attacker with a real Slack identity and a signed payload aimed at a request
+# they may not decide: the one check (keyturn.domain.Deciders, under the request's lock) must
+# refuse it whichever surface it came through.
+
+
+async def test_a_forged_app_home_approve_by_someone_who_is_no_approver_changes_nothing(
+    shop: Shop, oncall: Factory
+) -> None:
+    async with oncall(session_policy(shop)) as oc:
+        await oc.slack.open_home(APPROVER)
+        request_id = await oc.ask("db shop 15m forged home click")
+        await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
+        before = len(oc.slack.ephemerals) + len(oc.dms(MALLORY))
+        # Mallory replays the approver's App Home button as herself
+        status, _ = await oc.slack.click_view(f"VHOME{APPROVER}", APPROVE, MALLORY)
+        assert status == 200
+
+        async def told() -> bool:
+            return len(oc.slack.ephemerals) + len(oc.dms(MALLORY)) > before
+
+        await until(told)
+        row = await requests.get_request(oc.store, request_id)
+        assert row.status == "pending" and not row.approvals
+
+
+async def test_the_requesters_own_group_cannot_approve_from_the_app_home_either(
+    shop: Shop, oncall: Factory
+) -> None:
+    async with oncall(session_policy(shop)) as oc:
+        await oc.slack.open_home(APPROVER)
+        request_id = await oc.ask("db shop 15m own group from home")
+        await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
+        status, _ = await oc.slack.click_view(f"VHOME{APPROVER}", APPROVE, PEER)
+        assert status == 200
+        await until(lambda: _refusal_for(oc, PEER, "own group"))
+        row = await requests.get_request(oc.store, request_id)
+        assert row.status == "pending" and not row.approvals
+
+
+async def test_a_deny_modal_submitted_by_someone_else_denies_nothing(
+    shop: Shop, oncall: Factory
+) -> None:
+    """The approver opened the deny modal; Mallory submits that view as herself."""
+    async with oncall(session_policy(shop)) as oc:
+        request_id = await oc.ask("db shop 15m forged deny")
+        opened = len(oc.slack.views)
+        await oc.click(request_id, APPROVER, DENY)
+        view_id = await until(lambda: _newest_view(oc, opened))
+        status, body = await oc.slack.submit(view_id, MALLORY, {"reason": "no"})
+        assert status == 200 and "not an approver" in body  # said in the modal itself
+        row = await requests.get_request(oc.store, request_id)
+        assert row.status == "pending" and not row.approvals
+
+
+async def test_nobody_revokes_or_extends_anothers_access_by_card_or_command(
+    shop: Shop, oncall: Factory
+) -> None:
+    async with oncall(session_policy(shop)) as oc:
+        request_id = await oc.ask("db shop 15m keep mine")
+        await oc.click(request_id, APPROVER)
+        grant = await oc.grant(request_id)
+        short = str(request_id)[:8]
+        assert "you" in (await oc.say(f"revoke {short}", MALLORY)).lower()
+        assert "you" in (await oc.say(f"extend {short} 15m", MALLORY)).lower()
+        ts = await oc.card(request_id)
+        await until(lambda: _has_button(oc, ts, REVOKE))
+        await oc.slack.click(CHANNEL, ts, REVOKE, MALLORY)
+        await until(lambda: _refusal_for(oc, MALLORY, "not an approver"))
+        after = await grants.get_grant(oc.store, grant.id)
+        assert after.status == "active" and after.expires_at == grant.expires_at
+
+
+async def _refusal_for(oc: OnCall, user: str, containing: str) -> bool:
+    texts = [e["text"] for e in oc.slack.ephemerals if e["user"] == user]
+    texts += [m.text for m in oc.dms(user)]
+    return any(containing in text for text in texts)
+
+
+async def _newest_view(oc: OnCall, opened: int) -> str | None:
+    return list(oc.slack.views)[-1] if len(oc.slack.views) > opened else None
+
+
+async def _has_button(oc: OnCall, ts: str, action: str) -> bool:
+    return action in json.dumps(oc.slack.message(CHANNEL, ts).blocks)

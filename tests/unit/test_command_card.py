@@ -7,10 +7,16 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from bot.cards import CardState, Vote, approval_card, command_blocks, literal
-from bot.service import what_ran
+from bot.cards import CardState, Vote, approval_card
+from bot.command_view import command_blocks
+from bot.drawing import what_ran
+from bot.slack_text import literal
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def _shown(card: CardState) -> tuple[str, str, bool]:
+    return card.id, card.command, card.shell
 
 
 def state(command: str, ssh: bool = False) -> CardState:
@@ -27,7 +33,7 @@ def state(command: str, ssh: bool = False) -> CardState:
 
 
 def shown_text(command: str, ssh: bool = False) -> str:
-    blocks, thread = command_blocks(state(command, ssh))
+    blocks, thread = command_blocks(*_shown(state(command, ssh)))
     return json.dumps(blocks, ensure_ascii=False) + json.dumps(thread, ensure_ascii=False)
 
 
@@ -38,7 +44,7 @@ def test_padding_in_a_comment_cannot_hide_a_statement() -> None:
         + " " * 2900
         + "*/ UPDATE orders SET status = 'x' WHERE id = 1"
     )
-    blocks, thread = command_blocks(state(command))
+    blocks, thread = command_blocks(*_shown(state(command)))
     card = json.dumps(blocks)
     assert "*2 statements*" in card and thread == []
     assert "WHERE id = -301" in card and "WHERE id = 1;" in card
@@ -54,7 +60,7 @@ def test_invisible_and_bidi_characters_are_shown_and_flagged() -> None:
 
 def test_a_command_longer_than_a_card_goes_whole_into_the_thread() -> None:
     statements = [f"UPDATE orders SET note = '{'n' * 900}' WHERE id = {i}" for i in range(40)]
-    blocks, thread = command_blocks(state("; ".join(statements)))
+    blocks, thread = command_blocks(*_shown(state("; ".join(statements))))
     card = json.dumps(blocks)
     assert "Longer than a card holds" in card and "*40 statements*" in card
     whole = "".join(thread)

@@ -7,7 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from bot.cards import EXTEND, REVOKE, CardState, Credentials, approval_card
-from bot.service import credentials_of, retry_delay
+from bot.drawing import credentials_of
+from bot.service import retry_delay
 from keyturn.store.models import GrantRow, RequestRow
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -456,7 +456,7 @@ def served_paths(command: str) -> set[str]:
     else:
         from bot.bootstrap import web_application
 
-        app = web_application(cast(Any, None), cast(Any, None))
+        app = web_application(cast(Any, None))
     return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}
 
 

@@ -1,4 +1,5 @@
-"""What on-call engineers read: news for each change, the DMs, lists, the App Home."""
+"""What on-call engineers read of their access: news of each change, the DMs, lists, the
+App Home."""
 
 from __future__ import annotations
 
@@ -8,19 +9,18 @@ from typing import Any
 
 import pytest
 
-from bot.cards import command_blocks
-from bot.session_views import (
+from bot.access.home_view import home
+from bot.access.views import (
     Line,
     Waiting,
     certificate_delivery,
     delivery,
-    home,
     news,
     reminder,
     waiting_listing,
 )
+from bot.command_view import command_blocks
 from keyturn.domain import command_sha256
-from tests.unit.test_command_card import state as card_state
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
 REQUEST = "1a2b3c4d-0000-4000-8000-000000000000"
@@ -180,7 +180,7 @@ def test_only_the_card_offers_approve_for_a_command(command: str) -> None:
         assert "keyturn_approve" not in surface and "keyturn_deny" not in surface
         assert "UPDATE" not in surface and "refunded" not in surface
         assert digest in surface and "its card in <#C0APPROVALS>" in surface
-    card = json.dumps(command_blocks(card_state(command))[0])  # where Approve is offered
+    card = json.dumps(command_blocks(REQUEST, command, False)[0])  # where Approve is offered
     assert "OR id &gt; 0" in card or "DELETE FROM orders" in card  # escaped for mrkdwn
     assert digest in card
 
@@ -189,6 +189,6 @@ def test_the_count_matches_the_card() -> None:
     command = RISKY_LATER["after a comment"]
     waiting = Waiting("r-9", "orders-db", "crew", False, "postgres", 0, command)
     assert "asks to run 2 statements" in waiting_listing([waiting])
-    assert "*2 statements*" in json.dumps(command_blocks(card_state(command))[0])
+    assert "*2 statements*" in json.dumps(command_blocks(REQUEST, command, False)[0])
     shell = Waiting("r-8", "web", "crew", False, "ssh", 0, "uptime; rm -rf /tmp/x")
     assert "asks to run 2 commands on `web`" in waiting_listing([shell])

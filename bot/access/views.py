@@ -1,6 +1,5 @@
-"""What on-call engineers read about their own sessions: the credentials DM, the news of each
-change, the reminder before expiry, ``/keyturn list`` and ``pending``, the request modal and
-the App Home. Pure: no Slack calls here.
+"""What on-call engineers read about their own access: the credentials DM, the news of each
+change, the reminder before expiry, ``/keyturn list`` and ``pending``. Pure: no Slack calls.
 
 Credentials appear in exactly one place, :func:`delivery` (a DM), and nowhere else: every
 other text names a request by its id and a target by its name.
@@ -12,32 +11,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.cards import APPROVE, DENY, KIND_WORDS, amount, button, escape, literal, mention
+from bot.cards import KIND_WORDS, button
+from bot.slack_text import amount, at, escape, literal, mention
 from keyturn.classify.shown import shown
 from keyturn.policy import format_duration
-from keyturn.store.sessions import SHORT_ID
+from keyturn.store.access import SHORT_ID
 
-SESSION_EXTEND = "keyturn_session_extend"  # one button per choice: keyturn_session_extend_<s>
-SESSION_REVOKE = "keyturn_session_revoke"
-REQUEST_MODAL = "keyturn_request"
-TARGET_BLOCK, TARGET_INPUT = "target", "target_input"
-DURATION_BLOCK, DURATION_INPUT = "duration", "duration_input"
-WHY_BLOCK, WHY_INPUT = "why", "why_input"
-TICKET_BLOCK, TICKET_INPUT = "ticket", "ticket_input"
+ACCESS_EXTEND = "keyturn_session_extend"  # one button per choice: keyturn_session_extend_<s>
+ACCESS_REVOKE = "keyturn_session_revoke"  # (the action ids buttons already posted carry)
 MAX_REASON = 1000  # characters
 MAX_TICKET = 500
-REMIND_BEFORE = timedelta(minutes=5)  # a session's requester is warned this long before its end
-# Slack refuses a view of more than 100 blocks: the App Home shows at most this many of each
-HOME_SESSIONS, HOME_WAITING = 15, 25
+REMIND_BEFORE = timedelta(minutes=5)  # a person is warned this long before their access ends
 
 
 def short(request_id: object) -> str:
     """The part of a request id people type: enough to tell their requests apart."""
     return str(request_id)[:SHORT_ID]
-
-
-def at(when: datetime) -> str:
-    return f"{when:%H:%M:%S} UTC"
 
 
 def left(until: datetime, now: datetime) -> str:
@@ -101,10 +90,10 @@ def listing(lines: list[Line], now: datetime) -> str:
 def waiting_listing(waiting: list[Waiting]) -> str:
     if not waiting:
         return "Nothing is waiting on you."
-    return "Waiting on you:\n" + "\n".join(f"• {_waiting_text(w)}" for w in waiting)
+    return "Waiting on you:\n" + "\n".join(f"• {waiting_text(w)}" for w in waiting)
 
 
-def _waiting_text(w: Waiting) -> str:
+def waiting_text(w: Waiting) -> str:
     """A session in full (there is no command to show); an agent's command only by how much it
     is and its sha256, and where its card is. The card is the one place that shows a command
     (every statement as it will run): any shorter rendition here (a first line, 80 characters)
@@ -230,143 +219,26 @@ def reminder(line: Line, expires_at: datetime, now: datetime) -> tuple[str, list
     if not line.extend_choices:
         text += " It cannot be extended further; ask again if you need more time."
     blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
-    blocks += _grant_actions(line, revoke=False)
+    blocks += grant_actions(line, revoke=False)
     return text, blocks
 
 
-def _grant_actions(line: Line, *, revoke: bool) -> list[dict[str, Any]]:
+def grant_actions(line: Line, *, revoke: bool) -> list[dict[str, Any]]:
     if not line.grant_id:
         return []
     buttons = [
         button(
-            f"{SESSION_EXTEND}_{s}",
+            f"{ACCESS_EXTEND}_{s}",
             f"Extend +{format_duration(timedelta(seconds=s))}",
             f"{line.grant_id}:{s}",
         )
         for s in line.extend_choices
     ]
     if revoke:
-        buttons.append(button(SESSION_REVOKE, "End now", line.grant_id, "danger"))
+        buttons.append(button(ACCESS_REVOKE, "End now", line.grant_id, "danger"))
     if not buttons:
         return []
     return [{"type": "actions", "block_id": f"grant_{line.grant_id}", "elements": buttons}]
-
-
-def _section(text: str) -> dict[str, Any]:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
-
-
-def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, Any]:
-    """The App Home tab: my sessions (Extend, End now), then requests waiting on me."""
-    blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": "Your access"}}
-    ]
-    if not lines:
-        blocks.append(_section(listing([], now)))
-    for line in lines[:HOME_SESSIONS]:
-        blocks.append(_section(describe(line, now)))
-        if line.open:
-            blocks += _grant_actions(line, revoke=True)
-    if len(lines) > HOME_SESSIONS:
-        blocks.append(_section(f"…and {len(lines) - HOME_SESSIONS} more: `/keyturn list`"))
-    blocks += [
-        {"type": "divider"},
-        {"type": "header", "text": {"type": "plain_text", "text": "Waiting on you"}},
-    ]
-    if not waiting:
-        blocks.append(_section("Nothing is waiting on you."))
-    for w in waiting[:HOME_WAITING]:
-        blocks.append(_section(_waiting_text(w)))
-        if w.session:  # a command is decided on its card only: see _waiting_text
-            blocks.append(
-                {
-                    "type": "actions",
-                    "block_id": f"decide_{w.request_id}",
-                    "elements": [
-                        button(APPROVE, "Approve", w.request_id, "primary"),
-                        button(DENY, "Deny", w.request_id, "danger"),
-                    ],
-                }
-            )
-    if len(waiting) > HOME_WAITING:
-        blocks.append(_section(f"…and {len(waiting) - HOME_WAITING} more: `/keyturn pending`"))
-    blocks.append(
-        {
-            "type": "context",
-            "elements": [{"type": "mrkdwn", "text": f"Updated {at(now)} · `/keyturn help`"}],
-        }
-    )
-    return {"type": "home", "blocks": blocks}
-
-
-def request_modal(
-    targets: list[tuple[str, str]], durations: list[timedelta], channel: str
-) -> dict[str, Any]:
-    """``/keyturn request``: ``targets`` as (name, kind) this person may ask for."""
-
-    def option(text: str, value: str) -> dict[str, Any]:
-        return {"text": {"type": "plain_text", "text": text}, "value": value}
-
-    def field(block: str, action: str, label: str, element: dict[str, Any], **kw: Any) -> Any:
-        element = element | {"action_id": action}
-        return {
-            "type": "input",
-            "block_id": block,
-            "label": _plain(label),
-            "element": element,
-            **kw,
-        }
-
-    return {
-        "type": "modal",
-        "callback_id": REQUEST_MODAL,
-        "private_metadata": channel,
-        "title": _plain("Request access"),
-        "submit": _plain("Request"),
-        "close": _plain("Cancel"),
-        "blocks": [
-            field(
-                TARGET_BLOCK,
-                TARGET_INPUT,
-                "Target",
-                {
-                    "type": "static_select",
-                    "options": [
-                        option(f"{name} ({KIND_WORDS.get(kind, kind)})", name)
-                        for name, kind in targets
-                    ],
-                },
-            ),
-            field(
-                DURATION_BLOCK,
-                DURATION_INPUT,
-                "For how long",
-                {
-                    "type": "static_select",
-                    "options": [
-                        option(format_duration(d), format_duration(d)) for d in sorted(durations)
-                    ],
-                },
-            ),
-            field(
-                WHY_BLOCK,
-                WHY_INPUT,
-                "Why? Approvers see this.",
-                {"type": "plain_text_input", "multiline": True, "max_length": MAX_REASON},
-            ),
-            field(
-                TICKET_BLOCK,
-                TICKET_INPUT,
-                "Ticket or incident link",
-                {"type": "plain_text_input", "max_length": MAX_TICKET},
-                optional=True,
-            ),
-        ],
-    }
-
-
-def _plain(text: str) -> dict[str, Any]:
-    return {"type": "plain_text", "text": text}
 
 
 def confirmation(request_id: object, target: str, ttl_seconds: int, channel: str | None) -> str:
@@ -376,15 +248,4 @@ def confirmation(request_id: object, target: str, ttl_seconds: int, channel: str
         f"Asked for {format_duration(timedelta(seconds=ttl_seconds))} on `{escape(target)}` "
         f"(request `{short(request_id)}`): waiting for approval{where}. "
         "I will DM you the credentials once it is approved."
-    )
-
-
-def approver_reminder(
-    users: list[str], usergroup: str | None, waited: timedelta, expires_at: datetime
-) -> str:
-    """The nudge in a session card's thread at half its pending TTL."""
-    who = [f"<@{u}>" for u in users] + ([f"<!subteam^{usergroup}>"] if usergroup else [])
-    return (
-        f":bell: {' '.join(who) or 'Approvers'}: this request has waited "
-        f"{format_duration(waited)}; it expires at {at(expires_at)}."
     )
