@@ -96,6 +96,8 @@ class Listener:
         self._lost = asyncio.Event()
         self.connected = asyncio.Event()
         self.connects = 0  # how many times a LISTEN connection was established
+        self.failures = 0  # connections that failed or were lost
+        self.last_wait = 0.0  # seconds of the last backoff before reconnecting
 
     # ------------------------------------------------------------ waiting side
 
@@ -184,11 +186,13 @@ class Listener:
                 raise
             except Exception as exc:  # never let the listener die: log, back off, retry
                 log.warning("listener connection to %s lost: %s", self._dsn.redacted, exc)
+                self.failures += 1
             finally:
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
-            await asyncio.sleep(backoff.next())
+            self.last_wait = backoff.next()
+            await asyncio.sleep(self.last_wait)
 
     async def _hold(self, conn: asyncpg.Connection) -> None:
         """Return when the connection is gone: terminated, or silent and failing a probe."""

@@ -22,6 +22,7 @@ from bot import card_store
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
+from keyturn import supervise
 from keyturn.checkpoint import Anchor, Checkpoint
 from keyturn.clock import Clock, ManualClock
 from keyturn.harness.slack import SlackEmulator
@@ -103,6 +104,12 @@ class RunningBot:
     async def status(self, request_id: uuid.UUID) -> str:
         return (await requests.get_request(self.store, request_id)).status
 
+    async def passes(self, count: int = 3) -> None:
+        """``count`` whole passes of the bot's loop, run here: whatever they would do is done
+        when this returns (no waiting on the loop's timing)."""
+        for _ in range(count):
+            await self.bot.sync()
+
     async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
             while not await check():
@@ -136,7 +143,7 @@ async def test_a_held_request_gets_exactly_one_card(
     async with run_bot() as rb:
         request_id = await rb.hold(run_id="run-42")
         ts = await rb.card(request_id)
-        await asyncio.sleep(1.2)  # a few more sync passes: still one card
+        await rb.passes()  # a few more passes: still one card
         cards = slack.channel(CHANNEL)
         assert len(cards) == 1 and cards[0].ts == ts
         text = blocks_text(cards[0].blocks)
@@ -313,7 +320,7 @@ async def test_twenty_concurrent_clicks_make_one_outcome(
         assert row.status in ("approved", "denied")
         assert len(row.approvals) == 1
         await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
-        await asyncio.sleep(1)
+        await rb.passes()
         assert len(slack.thread(CHANNEL, ts)) == 1  # one outcome announced
 
 
@@ -346,6 +353,9 @@ async def test_rate_limit_is_honoured(run_bot: BotFactory, slack: SlackEmulator)
         request_id = await rb.hold()
         await rb.card(request_id)
         assert len(slack.channel(CHANNEL)) == 1
+        (limited,) = slack.faulted
+        posted = slack.calls_to("chat.postMessage")[0]
+        assert posted.at - limited.at >= 1.0  # Retry-After was waited out, not retried at once
 
 
 async def test_a_slack_outage_loses_nothing(run_bot: BotFactory, slack: SlackEmulator) -> None:
@@ -383,7 +393,7 @@ async def test_a_restarted_bot_adopts_the_card_it_posted(
     clock.advance(timedelta(seconds=2.1))  # the dead replica's claim goes stale
     async with run_bot(clock) as rb:
         ts = await rb.card(row.id)
-        await asyncio.sleep(1)
+        await rb.passes()
         assert [m.ts for m in slack.channel(CHANNEL)] == [ts]  # adopted, not posted again
     await store.close()
 
@@ -393,7 +403,7 @@ async def test_two_replicas_post_each_card_once(run_bot: BotFactory, slack: Slac
         ids = [await first.hold(f"DELETE FROM t WHERE id = {i}") for i in range(10)]
         for ident in ids:
             await second.card(ident)
-        await asyncio.sleep(1.5)
+        await asyncio.gather(first.passes(), second.passes())
         posted = slack.channel(CHANNEL)
         assert len(posted) == 10
         assert {m.metadata["event_payload"]["id"] for m in posted} == {str(i) for i in ids}  # type: ignore[index]
@@ -416,14 +426,14 @@ async def test_approvers_are_reminded_once_halfway_through_the_pending_ttl(
     run_bot: BotFactory, slack: SlackEmulator
 ) -> None:
     clock = ManualClock()
-    async with run_bot(clock) as first, run_bot(clock):  # two replicas: still one reminder
+    async with run_bot(clock) as first, run_bot(clock) as second:  # still one reminder
         request_id = await first.hold(pending_ttl=timedelta(minutes=10))
         ts = await first.card(request_id)
-        await asyncio.sleep(1)
+        await first.passes()
         assert not slack.thread(CHANNEL, ts)  # not yet halfway
         clock.advance(timedelta(minutes=5, seconds=1))
         await first.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
-        await asyncio.sleep(1.2)
+        await asyncio.gather(first.passes(), second.passes())
         (nudge,) = slack.thread(CHANNEL, ts)
         assert ":bell:" in nudge.text and "<@U_ALICE>" in nudge.text
         assert "<!subteam^S_ONCALL>" in nudge.text
@@ -510,7 +520,7 @@ async def test_a_decision_survives_a_failing_card_update(
             lambda: _true("Approved" in blocks_text(slack.message(CHANNEL, ts).blocks)), 30
         )
         await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))  # posted after it
-        await asyncio.sleep(1)
+        await rb.passes()
         assert len(slack.thread(CHANNEL, ts)) == 1  # and only once
 
 
@@ -551,7 +561,7 @@ async def test_a_failing_dm_does_not_repeat_the_thread_message(
         slack.fail("conversations.open", 500, times=8)
         await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")
         await rb.until(lambda: _true(len(slack.thread(CHANNEL, ts)) == 1))
-        await asyncio.sleep(1.5)  # several sync passes
+        await rb.passes()
         assert len(slack.thread(CHANNEL, ts)) == 1
         assert not any(m.channel.startswith("D") for ms in slack.messages.values() for m in ms)
 
@@ -643,3 +653,52 @@ async def test_commands_are_printed_back_off_the_event_loop(
         status, _ = await slack.command("pending", "U_ALICE", CHANNEL)
         assert status == 200 and "asks to run 1 statement" in slack.ephemerals[-1]["text"]
     assert on_loop == []
+
+
+async def test_the_bots_loop_crashing_turns_its_healthz_503_and_cards_follow_once_back(
+    slack: SlackEmulator, database: Dsn, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervise, "FIRST_RETRY", 0.2)
+    monkeypatch.setattr(supervise, "RETRY_CAP", 0.5)
+    store = Store(database)
+    client = slack_client(slack.bot_token, slack.api_url)
+    process = build(
+        parse_config(policy_data(shop)), store, client, slack.signing_secret, shop.bot_vault()
+    )
+    server = TestServer(web_application(process))
+    await server.start_server()
+    slack.bot_url = str(server.make_url("/slack/events"))
+    health = str(server.make_url("/healthz"))
+    loop = next(loop for loop in process.supervisor.loops if loop.name == "bot")
+    step = loop.step
+
+    async def broken() -> None:
+        raise RuntimeError("injected into the bot's loop")
+
+    async def answer() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as http, http.get(health) as resp:
+            return resp.status, await resp.json()
+
+    try:
+        async with Store(database) as reader:
+            rb = RunningBot(process.bot, reader, slack)
+            loop.step = broken
+            await rb.until(lambda: _eq(_status(answer()), 503))
+            _, body = await answer()
+            assert body["error"]["loops"] == ["bot"]
+            request_id = await rb.hold()
+            assert await card_store.posted_at(reader, request_id) is None  # nobody posts it
+            loop.step = step
+            await rb.until(lambda: _eq(_status(answer()), 200))
+            await rb.card(request_id)  # the held work is done once the loop is back
+            metrics_url = str(server.make_url("/metrics"))
+            async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
+                metrics = await resp.text()
+            assert 'keyturn_loop_crashes_total{loop="bot"}' in metrics
+            assert 'keyturn_loop_crashes_total{loop="bot"} 0.0' not in metrics
+    finally:
+        await server.close()
+
+
+async def _status(answer: Any) -> int:
+    return int((await answer)[0])

@@ -96,12 +96,16 @@ async def test_keeps_delivering_after_its_backend_is_terminated(
 
 
 async def test_reconnects_with_backoff_while_postgres_refuses(database: Dsn) -> None:
-    """Pointed at a dead port it keeps trying (no crash); it never stops the process."""
+    """Pointed at a dead port it keeps trying (no crash), waiting longer after each failure
+    up to its cap; it never stops the process."""
     dead = parse_dsn(f"postgresql://nobody:x@127.0.0.1:{free_port()}/nothing")
     listener = Listener(dead, backoff_initial=0.01, backoff_max=0.05)
     await listener.start()
-    await asyncio.sleep(0.5)
-    assert listener._task is not None and not listener._task.done()
+    async with asyncio.timeout(10):
+        while listener.failures < 4:  # three waits behind it: the ceiling is the cap now
+            await asyncio.sleep(0.01)
+    # jitter takes a wait down to half its ceiling: above the first wait means it doubled
+    assert 0.01 < listener.last_wait <= 0.05
     assert listener.connects == 0
     await listener.stop()
 

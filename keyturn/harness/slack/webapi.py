@@ -63,6 +63,7 @@ class WebApi(Workspace):
                 fault.times -= 1
                 if fault.times <= 0:
                     faults.pop(0)
+                self.faulted.append(Call(method, {"status": fault.status}))
                 headers = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
                 error = "ratelimited" if fault.status == 429 else "internal_error"
                 return web.json_response(

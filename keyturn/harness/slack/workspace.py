@@ -79,6 +79,7 @@ class Workspace:
         self.signing_secret = signing_secret or secrets.token_hex(16)
         self.bot_user = bot_user
         self.calls: list[Call] = []
+        self.faulted: list[Call] = []  # calls answered with an injected fault, when
         self.messages: dict[str, list[Message]] = {}
         self.channel_names: dict[str, str] = {}  # id -> name, as the sandbox shows them
         self.ephemerals: list[dict[str, Any]] = []
