@@ -256,12 +256,12 @@ async def long_polls(stack: Stack) -> None:
                 )
                 # release them all through the real path: a decision wakes the waiters
                 from keyturn.domain import Deciders, Decision
-                from keyturn.store import requests
+                from keyturn.store import decisions
 
                 store = Store(stack.database, pool_size=2)
                 released = time.perf_counter()
                 for ident in ids:
-                    await requests.decide(
+                    await decisions.decide(
                         store,
                         uuid.UUID(ident),
                         "U_APPROVER",

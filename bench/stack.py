@@ -29,7 +29,7 @@ from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.slack import SlackEmulator
 from keyturn.policy import Config, parse_config
-from keyturn.store import grants, migrate, requests
+from keyturn.store import decisions, grants, migrate, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import AppRoleLogin, Vault
@@ -185,7 +185,7 @@ async def issue_many(
     async def one(i: int) -> None:
         async with gate:
             row, _ = await requests.create_request(store, new(i))
-            await requests.decide(
+            await decisions.decide(
                 store, row.id, "U_APPROVER", Decision.APPROVE, deciders=Deciders.only("U_APPROVER")
             )
             assert await grants.issue(store, row.id, mint, unmint) is not None

@@ -34,7 +34,7 @@ from keyturn.backoff import Backoff
 from keyturn.domain import Deciders, Decision, RequestStatus
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
 from keyturn.policy import Config
-from keyturn.store import grants, requests
+from keyturn.store import decisions, grants, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.store.models import GrantRow, RequestRow
@@ -99,7 +99,7 @@ class Bot:
         row, deciders = await self._voting(request_id)
         if not on_card and not row.session:
             raise InvalidInput("approve a command on its card, where every statement is shown")
-        result = await requests.decide(
+        result = await decisions.decide(
             self.store, row.id, user, Decision.APPROVE, deciders=deciders
         )
         await self._after_decision(row.id, issue=result.decided)
@@ -116,7 +116,7 @@ class Bot:
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
         row, deciders = await self._voting(request_id)
-        await requests.decide(self.store, row.id, user, Decision.DENY, reason, deciders=deciders)
+        await decisions.decide(self.store, row.id, user, Decision.DENY, reason, deciders=deciders)
         spawn(self.tasks, self._after_decision(row.id, issue=False))
 
     async def _after_decision(self, request_id: uuid.UUID, *, issue: bool) -> None:
@@ -203,7 +203,7 @@ class Bot:
         issue credentials, end grants whose command has run, post missing cards, refresh
         stale ones, remind."""
         await self.revoker.rebuild_once()
-        await requests.expire_due_requests(self.store)
+        await decisions.expire_due_requests(self.store)
         for request_id in await grants.awaiting_credentials(self.store):
             await self.issue_credentials(request_id)
         await self.revoker.end_finished()

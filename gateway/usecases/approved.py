@@ -30,7 +30,7 @@ from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
 from keyturn.policy import Config
-from keyturn.store import handoffs, requests
+from keyturn.store import handoffs, runs
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, VaultUnavailable
@@ -116,7 +116,7 @@ class Executor:
         if error is not None:
             error = self.masker.text(error)
         try:
-            await requests.finish_execution(
+            await runs.finish_execution(
                 self.store,
                 request.id,
                 result=result,

@@ -24,7 +24,7 @@ from keyturn.classify.catalog import Catalog
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
 from keyturn.policy import Config
-from keyturn.store import reads, requests
+from keyturn.store import decisions, reads
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until
 from keyturn.vault import Vault
@@ -137,7 +137,7 @@ async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> Comm
 
 async def poll(gw: Gateway) -> None:
     """The polling guarantee behind long-polls, expiry of pending requests, the gauge."""
-    await requests.expire_due_requests(gw.store)
+    await decisions.expire_due_requests(gw.store)
     watched = [uuid.UUID(ident) for ident in gw.listener.watched("request")]
     for ident in await reads.decided_among(gw.store, watched):
         gw.listener.wake("request", str(ident))

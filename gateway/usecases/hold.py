@@ -10,7 +10,7 @@ from gateway.usecases.submission import Submission, classification
 from keyturn.agent.api import CommandOut
 from keyturn.classify import Identity, Verdict
 from keyturn.domain import Deciders, Decision, policy_decider
-from keyturn.store import reads, requests
+from keyturn.store import decisions, reads, requests
 from keyturn.store.models import RequestRow
 
 
@@ -58,7 +58,7 @@ async def approve_by_rule(
     executor runs it. No human is asked, and the audit log says the rule decided."""
     row, created = await _request(gw, who, sub, verdict, {})
     if created:
-        decided = await requests.decide(
+        decided = await decisions.decide(
             gw.store,
             row.id,
             policy_decider(row.rule),

@@ -20,7 +20,7 @@ import pytest_asyncio
 from keyturn import audit
 from keyturn.checkpoint import Anchor, CheckpointRefused
 from keyturn.domain import Deciders, Decision
-from keyturn.store import requests
+from keyturn.store import decisions, requests
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -67,7 +67,7 @@ async def test_intact_chain_verifies(store: Store, database: Dsn) -> None:
         store,
         requests.NewRequest("orders-db", "DELETE FROM t WHERE id=1", "crew", timedelta(minutes=1)),
     )
-    await requests.decide(store, row.id, "U1", Decision.DENY, "no", deciders=Deciders.only("U1"))
+    await decisions.decide(store, row.id, "U1", Decision.DENY, "no", deciders=Deciders.only("U1"))
     result = await audit.verify(store)
     assert result.broken is None and result.checked == 32
     proc = await asyncio.to_thread(_cli, database, "audit", "verify", "--unanchored")

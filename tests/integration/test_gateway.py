@@ -22,7 +22,7 @@ from keyturn.agent.api import CommandOut
 from keyturn.clock import ManualClock
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
-from keyturn.store import requests
+from keyturn.store import decisions, requests, runs
 from tests.integration.conftest import GatewayFactory, Shop
 
 READ = {"target": "shop", "command": "SELECT id, name, email, note FROM customers ORDER BY id"}
@@ -320,14 +320,14 @@ async def test_held_update_waits_for_a_decision(
         await asyncio.sleep(0.3)
         assert not waiter.done()
         request_id = uuid.UUID(held.id)
-        await requests.decide(
+        await decisions.decide(
             gw.store,
             request_id,
             "U_APPROVER",
             Decision.APPROVE,
             deciders=Deciders.only("U_APPROVER"),
         )
-        row = await requests.start_execution(
+        row = await runs.start_execution(
             gw.store, request_id, (await requests.get_request(gw.store, request_id)).command_sha256
         )
         result = {
@@ -338,7 +338,7 @@ async def test_held_update_waits_for_a_decision(
             "statements": 1,
             "tags": ["UPDATE 9"],
         }
-        await requests.finish_execution(gw.store, row.id, result=result, result_digest="d")
+        await runs.finish_execution(gw.store, row.id, result=result, result_digest="d")
         status, final = await asyncio.wait_for(waiter, 30)
         assert status == 200 and final["status"] == "executed"
         assert final["result"] == result and "wait_url" not in final
@@ -348,7 +348,7 @@ async def test_denied_reason_reaches_the_agent(run_gateway: GatewayFactory, idp:
     token = idp.token("crew-billing")
     async with run_gateway() as gw:
         _, body = await gw.post(token, UPDATE)
-        await requests.decide(
+        await decisions.decide(
             gw.store,
             uuid.UUID(body["id"]),
             "U_APPROVER",
@@ -424,7 +424,7 @@ async def test_one_listen_connection_serves_many_waiters(
         assert counts.get("keyturn-listener") == 1
         assert sum(counts.values()) <= 25  # the pool plus the listener plus this probe
         for ident in ids:
-            await requests.decide(
+            await decisions.decide(
                 gw.store,
                 uuid.UUID(ident),
                 "U_APPROVER",
@@ -706,7 +706,7 @@ async def test_an_agent_cannot_bury_the_approvals_channel(
         status, _ = await gw.post(idp.token("crew-other"), UPDATE)
         assert status == 202
         first = next(body for status, body in results if status == 202)
-        await requests.decide(
+        await decisions.decide(
             gw.store,
             uuid.UUID(first["id"]),
             "U_APPROVER",

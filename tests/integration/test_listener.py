@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.ports import free_port
-from keyturn.store import requests
+from keyturn.store import decisions, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn, parse_dsn
 from keyturn.store.listener import Listener, wait_until
@@ -56,7 +56,7 @@ async def test_state_change_wakes_the_waiter(listener: Listener, store: Store) -
     )
     with listener.watch("request", row.id) as changed:
         task = asyncio.create_task(changed.wait(10))
-        await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+        await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
         assert await task is True
     assert listener.waiting == 0
 
@@ -135,7 +135,7 @@ async def test_wait_until_wakes_on_notification(listener: Listener, store: Store
     # a poll interval far beyond the test's patience: only the notification can wake it in time
     waiter = asyncio.create_task(_wait_for_decision(listener, store, row.id, poll=60))
     await asyncio.sleep(0.1)
-    await requests.decide(store, row.id, "U1", Decision.DENY, "no", deciders=Deciders.only("U1"))
+    await decisions.decide(store, row.id, "U1", Decision.DENY, "no", deciders=Deciders.only("U1"))
     assert await asyncio.wait_for(waiter, 5) == "denied"
 
 
@@ -149,5 +149,5 @@ async def test_wait_until_falls_back_to_polling(database: Dsn, store: Store) -> 
     )
     waiter = asyncio.create_task(_wait_for_decision(silent, store, row.id, poll=0.05))
     await asyncio.sleep(0.1)
-    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+    await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     assert await asyncio.wait_for(waiter, 5) == "approved"

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from keyturn.domain import Deciders, Decision, IllegalTransition, RequestStatus, SelfApproval
 from keyturn.errors import Conflict, InvalidInput, NotFound
-from keyturn.store import endings, grants, handoffs, requests
+from keyturn.store import decisions, endings, grants, handoffs, requests, runs
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRow
@@ -100,27 +100,27 @@ async def test_concurrent_same_idempotency_key_creates_one(store: Store) -> None
 
 async def test_approve_and_deny_flow(store: Store) -> None:
     row, _ = await requests.create_request(store, held(quorum=2))
-    first = await requests.decide(
+    first = await decisions.decide(
         store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1")
     )
     assert not first.decided and first.request.status == "pending"
     with pytest.raises(Conflict):
-        await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+        await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     with pytest.raises(SelfApproval):
-        await requests.decide(
+        await decisions.decide(
             store, row.id, "U_HUMAN", Decision.APPROVE, deciders=Deciders.only("U_HUMAN")
         )
-    second = await requests.decide(
+    second = await decisions.decide(
         store, row.id, "U2", Decision.APPROVE, deciders=Deciders.only("U2")
     )
     assert second.decided and second.request.status == "approved"
     with pytest.raises(IllegalTransition):
-        await requests.decide(
+        await decisions.decide(
             store, row.id, "U3", Decision.DENY, "too late", deciders=Deciders.only("U3")
         )
 
     denied, _ = await requests.create_request(store, held())
-    result = await requests.decide(
+    result = await decisions.decide(
         store, denied.id, "U1", Decision.DENY, "not during the freeze", deciders=Deciders.only("U1")
     )
     assert result.request.status == "denied"
@@ -130,7 +130,7 @@ async def test_approve_and_deny_flow(store: Store) -> None:
 
 async def test_unknown_request(store: Store) -> None:
     with pytest.raises(NotFound):
-        await requests.decide(
+        await decisions.decide(
             store, uuid.uuid4(), "U1", Decision.APPROVE, deciders=Deciders.only("U1")
         )
 
@@ -142,7 +142,7 @@ async def test_fifty_concurrent_decisions_make_exactly_one(store: Store) -> None
     async def attempt(i: int) -> str:
         decision = Decision.APPROVE if i % 2 else Decision.DENY
         try:
-            await requests.decide(
+            await decisions.decide(
                 store, row.id, approvers[i], decision, "no", deciders=Deciders.only(approvers[i])
             )
         except IllegalTransition:
@@ -167,7 +167,7 @@ async def test_concurrent_decisions_across_separate_engines(database: Dsn) -> No
 
         async def attempt(i: int) -> bool:
             try:
-                await requests.decide(
+                await decisions.decide(
                     stores[i % 2],
                     row.id,
                     f"U{i}",
@@ -188,23 +188,23 @@ async def test_expire_due_requests(store: Store) -> None:
     due, _ = await requests.create_request(store, held(pending_ttl=timedelta(milliseconds=1)))
     fresh, _ = await requests.create_request(store, held())
     await asyncio.sleep(0.01)
-    expired = await requests.expire_due_requests(store)
+    expired = await decisions.expire_due_requests(store)
     assert [r.id for r in expired] == [due.id]
     assert (await requests.get_request(store, fresh.id)).status == "pending"
-    assert await requests.expire_due_requests(store) == []
+    assert await decisions.expire_due_requests(store) == []
     with pytest.raises(IllegalTransition):
-        await requests.decide(store, due.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+        await decisions.decide(store, due.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
 
 
 async def test_execution_claims_the_approval_once(store: Store) -> None:
     row, _ = await requests.create_request(store, held())
-    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+    await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     claims = await asyncio.gather(
-        *(requests.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
+        *(runs.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
         return_exceptions=True,
     )
     assert sum(not isinstance(c, BaseException) for c in claims) == 1
-    done = await requests.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
+    done = await runs.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
     assert done.status == "executed" and done.result == {"rows": 1}
 
 
@@ -239,7 +239,7 @@ async def _approved_grant(store: Store, ttl: timedelta, lease_id: str) -> GrantR
     row, _ = await requests.create_request(
         store, held(command=f"UPDATE t SET a = 1 WHERE id = '{lease_id}'")
     )
-    await requests.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
+    await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
 
     async def mint(_request: RequestRow) -> grants.Minted:
         return grants.Minted(
@@ -270,8 +270,8 @@ async def test_sweeps_skip_rows_locked_by_another_replica(store: Store, database
             await tx.session.execute(
                 text("SELECT 1 FROM requests WHERE id = :id FOR UPDATE"), {"id": due.id}
             )
-            assert await requests.expire_due_requests(store) == []  # skipped, not blocked
-        assert [r.id for r in await requests.expire_due_requests(store)] == [due.id]
+            assert await decisions.expire_due_requests(store) == []  # skipped, not blocked
+        assert [r.id for r in await decisions.expire_due_requests(store)] == [due.id]
     finally:
         await other.close()
 
