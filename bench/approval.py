@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.stack import percentile, real_stack, report, serve_bot
 from bot import card_store
 from bot.cards import APPROVE
+from keyturn.config.loading import parse_config
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_config
 from keyturn.store import reads, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener

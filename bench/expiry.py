@@ -40,9 +40,9 @@ from bot.cards import APPROVE
 from bot.credentials import Issuer
 from gateway.bootstrap import application
 from gateway.bootstrap import build as build_gateway
+from keyturn.config.loading import parse_config
 from keyturn.harness.ports import free_port
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_config
 from keyturn.store import requests
 from keyturn.store.db import Store
 

@@ -22,13 +22,14 @@ from bot.bootstrap import build as build_bot
 from bot.bootstrap import slack_client, web_application
 from bot.credentials import Issuer
 from bot.revocation import Revoker
+from keyturn.config.loading import parse_config
+from keyturn.config.policy import Config
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import Config, parse_config
 from keyturn.store import decisions, grants, migrate, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn

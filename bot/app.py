@@ -33,9 +33,9 @@ from bot.people import SLACK_ERRORS, dm
 from bot.service import Bot, NotRecorded
 from bot.slack_text import escape
 from keyturn.aio import spawn
+from keyturn.config.durations import parse_duration
 from keyturn.domain import AlreadyVoted, IllegalTransition
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound
-from keyturn.policy import parse_duration
 from keyturn.vault import VaultForbidden, VaultRequestError, VaultUnavailable
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def register(app: AsyncApp, bot: Bot) -> None:
         return click
 
     _on_click(app, bot.tasks, re.compile(f"^{EXTEND}_\\d+$"), extend(own=False))
-    # a person's own session, from their DM or App Home
+    # a person's own access, from their DM or App Home
     _on_click(app, bot.tasks, re.compile(f"^{ACCESS_EXTEND}_\\d+$"), extend(own=True))
     _on_click(
         app,

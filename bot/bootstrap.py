@@ -36,8 +36,8 @@ from bot.service import Bot
 from keyturn.aio import drain
 from keyturn.checkpoint import Anchor
 from keyturn.clock import Clock
+from keyturn.config.policy import Config
 from keyturn.errors import ConfigError, KeyturnError
-from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener

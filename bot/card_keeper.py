@@ -21,7 +21,7 @@ from bot.cards import CardState, outcome_message
 from bot.drawing import Drawn, drawn, state_of
 from bot.people import SLACK_ERRORS, approvers_for, dm
 from bot.slack_text import approver_reminder
-from keyturn.policy import Config
+from keyturn.config.policy import Config
 from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
 
@@ -115,7 +115,7 @@ class CardKeeper:
             await self.client.chat_update(
                 channel=card.channel, ts=card.ts, text=picture.text, blocks=picture.blocks
             )
-            if row.status != "pending" and (shown is None or shown.startswith("pending")):
+            if row.status != "pending" and (shown is None or shown.status == "pending"):
                 await self._announce(card, state)
         except SLACK_ERRORS:
             await card_store.take_card_update(self.store, row.id, card.current, shown)

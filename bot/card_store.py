@@ -2,15 +2,17 @@
 
 One replica claims a request without a card (``SKIP LOCKED``; a stale claim is taken over),
 posts it, and records channel and ts. What a card shows is one comparable version of the
-request (status, votes, its grant or issuance retries), computed in SQL only
-(:data:`_VERSION`): at claim time for what the new card shows, later to find stale cards. The
-replica that wins the compare-and-set on ``shown`` renders each change, exactly once.
+request (status, votes, its grant or issuance retries): a typed :class:`CardVersion`, computed
+in SQL only (:data:`_VERSION`): at claim time for what the new card shows, later to find stale
+cards. The replica that wins the compare-and-set on ``shown`` renders each change, exactly
+once.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,24 +24,51 @@ from keyturn.store import grants
 from keyturn.store.db import Store
 from keyturn.store.models import CardRow, GrantRow, RequestRow
 
-# The version of request ``r`` a card would show.
+# The version of request ``r`` a card would show (``g``: its newest grant, see _WITH_GRANT).
 _VERSION = """
-r.status || ':' || (SELECT count(*) FROM approvals a WHERE a.request_id = r.id) || ':' ||
-coalesce(
-    (SELECT g.status || '@' || floor(extract(epoch FROM g.expires_at))::bigint FROM grants g
-     WHERE g.request_id = r.id ORDER BY g.created_at DESC LIMIT 1),
-    CASE WHEN r.issue_attempts > 0 THEN 'retry' ELSE '' END)
+jsonb_build_object(
+    'status', r.status,
+    'votes', (SELECT count(*) FROM approvals a WHERE a.request_id = r.id),
+    'grant', g.status,
+    'grant_expires', floor(extract(epoch FROM g.expires_at))::bigint,
+    'retrying', g.status IS NULL AND r.issue_attempts > 0
+)::text
+"""
+_WITH_GRANT = """
+LEFT JOIN LATERAL (
+    SELECT status, expires_at FROM grants WHERE request_id = r.id ORDER BY created_at DESC LIMIT 1
+) g ON true
 """
 
 
-def parse_version(version: str | None) -> tuple[str, str | None]:
-    """(request status, newest grant's status) of a version :data:`_VERSION` computed; a card
-    not drawn yet shows a pending request."""
-    if not version:
-        return "pending", None
-    status, _, rest = version.partition(":")
-    grant = rest.partition(":")[2]
-    return status, grant.partition("@")[0] if "@" in grant else None
+@dataclass(frozen=True)
+class CardVersion:
+    """What a card shows of its request: its status, votes and newest grant (or that issuing
+    is being retried). Computed by SQL alone (:data:`_VERSION`), stored as its JSON text, read
+    back as this typed value; a card is stale when the two versions differ."""
+
+    status: str
+    votes: int
+    grant: str | None
+    grant_expires: int | None
+    retrying: bool
+    text: str = field(compare=False, repr=False)  # the stored form, for compare-and-set
+
+    @classmethod
+    def of(cls, text: str) -> CardVersion:
+        data = json.loads(text)
+        return cls(
+            status=str(data["status"]),
+            votes=int(data["votes"]),
+            grant=data["grant"],
+            grant_expires=data["grant_expires"],
+            retrying=bool(data["retrying"]),
+            text=text,
+        )
+
+    @classmethod
+    def maybe(cls, text: str | None) -> CardVersion | None:
+        return None if text is None else cls.of(text)
 
 
 @dataclass(frozen=True)
@@ -47,7 +76,7 @@ class Claimed:
     """A request this replica may post a card for, and the version that card will show."""
 
     request: RequestRow
-    version: str
+    version: CardVersion
 
 
 @dataclass(frozen=True)
@@ -58,8 +87,8 @@ class Card:
     grant: GrantRow | None
     channel: str
     ts: str
-    shown: str | None
-    current: str
+    shown: CardVersion | None  # None: not drawn from the database yet (a card just adopted)
+    current: CardVersion
 
     @property
     def stale(self) -> bool:
@@ -97,11 +126,11 @@ async def claim_card(store: Store, replica: str, claim_timeout: timedelta) -> Cl
                 " ON CONFLICT (request_id) DO UPDATE SET claimed_by = :by, claimed_at = :at"
                 " WHERE cards.ts IS NULL"
                 " AND (cards.claimed_at IS NULL OR cards.claimed_at < :stale)"
-                f" RETURNING (SELECT {_VERSION} FROM requests r WHERE r.id = :id)"
+                f" RETURNING (SELECT {_VERSION} FROM requests r {_WITH_GRANT} WHERE r.id = :id)"
             ),
             {"id": row.id, "by": replica, "at": tx.now, "stale": tx.now - claim_timeout},
         )
-    return None if version is None else Claimed(row, str(version))
+    return None if version is None else Claimed(row, CardVersion.of(version))
 
 
 async def _changed_one(store: Store, sql: str, *args: Any) -> bool:
@@ -124,7 +153,7 @@ async def card_posted(
         replica,
         channel,
         ts,
-        None if adopted else claimed.version,
+        None if adopted else claimed.version.text,
     )
 
 
@@ -151,7 +180,7 @@ async def stale_cards(store: Store, limit: int = 50) -> list[uuid.UUID]:
     """Requests whose card shows an older version (status, votes, grant) than the database."""
     async with store.raw_connection() as conn:
         rows = await conn.fetch(
-            "SELECT r.id FROM cards c JOIN requests r ON r.id = c.request_id"
+            f"SELECT r.id FROM cards c JOIN requests r ON r.id = c.request_id {_WITH_GRANT}"
             f" WHERE c.ts IS NOT NULL AND c.shown IS DISTINCT FROM ({_VERSION})"
             " ORDER BY r.updated_at LIMIT $1",
             limit,
@@ -166,7 +195,7 @@ async def card_of(store: Store, request_id: uuid.UUID) -> Card | None:
             await tx.session.execute(
                 text(
                     f"SELECT c.channel, c.ts, c.shown, ({_VERSION}) AS current"
-                    " FROM cards c JOIN requests r ON r.id = c.request_id"
+                    f" FROM cards c JOIN requests r ON r.id = c.request_id {_WITH_GRANT}"
                     " WHERE c.request_id = :id AND c.ts IS NOT NULL"
                 ),
                 {"id": request_id},
@@ -178,19 +207,20 @@ async def card_of(store: Store, request_id: uuid.UUID) -> Card | None:
         if row is None:
             raise NotFound(f"request {request_id} not found")
         grant = await grants.newest_grant(tx, request_id)
-    return Card(row, grant, found.channel, found.ts, found.shown, found.current)
+    shown, current = CardVersion.maybe(found.shown), CardVersion.of(found.current)
+    return Card(row, grant, found.channel, found.ts, shown, current)
 
 
 async def take_card_update(
-    store: Store, request_id: uuid.UUID, shown: str | None, version: str | None
+    store: Store, request_id: uuid.UUID, shown: CardVersion | None, version: CardVersion | None
 ) -> bool:
     """Compare-and-set the version the card shows: exactly one replica renders each change."""
     return await _changed_one(
         store,
         "UPDATE cards SET shown = $3 WHERE request_id = $1 AND shown IS NOT DISTINCT FROM $2",
         request_id,
-        shown,
-        version,
+        shown.text if shown is not None else None,
+        version.text if version is not None else None,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from bot.command_view import command_blocks
 from bot.slack_text import ONE_LINE, escape, literal, mention
 from keyturn.classify.shown import visible
-from keyturn.policy import format_duration
+from keyturn.config.durations import format_duration
 
 APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
@@ -51,11 +51,11 @@ class CardState:
     error: str | None = None
     credentials: Credentials | None = None
     ran: str | None = None  # what the approved run reported: command tags or an exit status
-    # a person's request for a session of their own (postgres | ssh), not an agent's command
-    session_kind: str | None = None
+    # a person's request for access of their own (postgres | ssh), not an agent's command
+    access_kind: str | None = None
     ticket: str | None = None
     max_ttl_seconds: int | None = None  # how far the requester may extend it
-    ssh_key: str | None = None  # the fingerprint an SSH session's certificate is for
+    ssh_key: str | None = None  # the fingerprint an SSH access's certificate is for
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _outcome(state: CardState) -> str:
     if state.status == "failed" and state.error:
         who_text = who or "policy"
         return f":warning: Approved by {who_text}; failed: {literal(state.error)}"
-    verbs = _SESSION_VERBS if state.session_kind else _VERBS
+    verbs = _ACCESS_VERBS if state.access_kind else _VERBS
     verb = verbs.get(state.status, state.status)
     ran = f": `{escape(state.ran)}`" if state.status == "executed" and state.ran else ""
     return f":white_check_mark: {verb} by {who or 'policy'}{ran}"
@@ -101,13 +101,13 @@ _VERBS = {
     "executed": "Approved and run",
     "failed": "Approved; the run failed",
 }
-_SESSION_VERBS = {
+_ACCESS_VERBS = {
     "approved": "Approved",
     "executing": "Approved, session open",
     "executed": "Approved; the session is over",
     "failed": "Approved; nothing could be issued",
 }
-_SESSION_HEADERS = {
+_ACCESS_HEADERS = {
     "pending": "Access requested",
     "executing": "Approved: session open",
     "executed": "Session over",
@@ -132,7 +132,7 @@ _HEADERS = {
 def card_text(state: CardState) -> str:
     """The notification text (shown where blocks are not)."""
     rule = f" ({escape(state.rule)})" if state.rule else ""
-    what = "Session requested" if state.session_kind else "Approval needed"
+    what = "Session requested" if state.access_kind else "Approval needed"
     return f"{what} on {escape(state.target)}{rule}: {state.status}"
 
 
@@ -140,9 +140,9 @@ def _header(text: str) -> dict[str, Any]:
     return {"type": "header", "text": {"type": "plain_text", "text": text, "emoji": False}}
 
 
-def _session_blocks(state: CardState) -> list[dict[str, Any]]:
-    """What a person asked for, in place of a command: the card says a session, for how long."""
-    kind = KIND_WORDS.get(state.session_kind or "", "session")
+def _access_blocks(state: CardState) -> list[dict[str, Any]]:
+    """What a person asked for, in place of a command: the card says what access, for how long."""
+    kind = KIND_WORDS.get(state.access_kind or "", "session")
     fields = [
         f"*Requester*\n{mention(state.requester)}",
         f"*Target*\n`{escape(state.target)}`",
@@ -162,7 +162,7 @@ def _session_blocks(state: CardState) -> list[dict[str, Any]]:
     if state.ssh_key:
         text += f" The certificate is for their key `{escape(state.ssh_key)}`."
     return [
-        _header(_SESSION_HEADERS.get(state.status) or _HEADERS[state.status]),
+        _header(_ACCESS_HEADERS.get(state.status) or _HEADERS[state.status]),
         {
             "type": "section",
             "block_id": "who",
@@ -192,8 +192,8 @@ def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
 
 def approval_card(state: CardState) -> list[dict[str, Any]]:
     found: list[str] = []  # the classifier's reasons: keyturn's words around the command's own
-    if state.session_kind:
-        blocks = _session_blocks(state)
+    if state.access_kind:
+        blocks = _access_blocks(state)
         rule = f"Access rule `{escape(state.rule or '')}`"
     else:
         blocks = _command_card_blocks(state)

@@ -14,8 +14,8 @@ from bot.access import views
 from bot.access.ask import KIND_OF_COMMAND, Ask
 from bot.service import Bot
 from bot.slack_text import at, escape
+from keyturn.config.durations import parse_duration
 from keyturn.errors import InvalidInput
-from keyturn.policy import parse_duration
 from keyturn.ssh_keys import parse_public_key
 from keyturn.store import ssh_keys
 

@@ -13,10 +13,10 @@ grant's, and the key exists only in the gateway's memory while the command runs.
 The wrapped payload also names the target and the approved command's sha256, so a gateway
 can check it runs what was approved with what was issued for it.
 
-A person's session (``/keyturn db|ssh``) is issued the same way but handed to the person, not
-a gateway: a database login wrapped with ``vault.session_wrap_ttl`` (the wrapping token goes
-in their DM and nowhere else: :class:`SessionLogin`), or their registered key signed for the
-target's principal with a pty and no ``force-command`` (:class:`SessionCertificate`).
+A person's access (``/keyturn db|ssh``) is issued the same way but handed to the person, not
+a gateway: a database login wrapped with ``vault.access_wrap_ttl`` (the wrapping token goes
+in their DM and nowhere else: :class:`AccessLogin`), or their registered key signed for the
+target's principal with a pty and no ``force-command`` (:class:`AccessCertificate`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncssh
 
+from keyturn.config.policy import Config
+from keyturn.config.targets import PostgresTarget, SshTarget
 from keyturn.errors import InvalidInput
-from keyturn.policy import Config, PostgresTarget, SshTarget
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
 from keyturn.vault import Lease, Vault, WrapInfo
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SessionLogin:
+class AccessLogin:
     """A person's database login, as their DM carries it: never stored, never logged."""
 
     minted: Minted
@@ -48,7 +49,7 @@ class SessionLogin:
 
 
 @dataclass(frozen=True)
-class SessionCertificate:
+class AccessCertificate:
     """A person's SSH certificate for their own key, as their DM carries it."""
 
     minted: Minted
@@ -164,10 +165,10 @@ class Issuer:
         # a certificate's validity is fixed when it is signed: its max TTL is its TTL
         return _minted("ssh", wrapped, ttl, ttl, serial=serial)
 
-    async def session_login(
+    async def access_login(
         self, request: RequestRow, target: PostgresTarget, max_ttl: timedelta, now: datetime
-    ) -> SessionLogin:
-        """A person's own database login, wrapped for ``vault.session_wrap_ttl``."""
+    ) -> AccessLogin:
+        """A person's own database login, wrapped for ``vault.access_wrap_ttl``."""
         await self.vault.ensure_login()
         ttl = self.grant_ttl(request, max_ttl)
 
@@ -184,16 +185,16 @@ class Issuer:
             }
 
         lease, wrapped = await self._wrapped_login(
-            target, ttl, self.config.vault.session_wrap_ttl, payload
+            target, ttl, self.config.vault.access_wrap_ttl, payload
         )
         minted = Minted(
             "postgres", ttl, max_ttl, lease_id=lease.lease_id, wrap_accessor=wrapped.accessor
         )
-        return SessionLogin(minted, wrapped.token)
+        return AccessLogin(minted, wrapped.token)
 
-    async def session_certificate(
+    async def access_certificate(
         self, request: RequestRow, target: SshTarget, max_ttl: timedelta, public_key: str
-    ) -> SessionCertificate:
+    ) -> AccessCertificate:
         """A person's own key signed for the target's principal: a pty, no force-command."""
         await self.vault.ensure_login()
         ttl = self.grant_ttl(request, max_ttl)
@@ -206,7 +207,7 @@ class Issuer:
             critical_options=options,
             extensions={"permit-pty": ""},
         )
-        return SessionCertificate(Minted("ssh", ttl, ttl, serial=serial), certificate)
+        return AccessCertificate(Minted("ssh", ttl, ttl, serial=serial), certificate)
 
     async def unmint(self, minted: Minted) -> None:
         if minted.lease_id:

@@ -9,7 +9,8 @@ from typing import Any
 
 from bot.cards import CardState, Credentials, Vote, approval_card, card_text, extend_choices
 from bot.command_view import command_blocks
-from keyturn.policy import Config, SshTarget
+from keyturn.config.policy import Config
+from keyturn.config.targets import SshTarget
 from keyturn.store.models import GrantRow, RequestRow
 
 AGENT_EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds, those within the max TTL
@@ -39,7 +40,7 @@ def card_state(
     now: datetime,
     *,
     shell: bool = False,
-    session_kind: str | None = None,
+    access_kind: str | None = None,
     max_ttl: timedelta | None = None,
 ) -> CardState:
     classification = row.classification or {}
@@ -63,7 +64,7 @@ def card_state(
         error=row.error,
         credentials=credentials_of(row, grant, now),
         ran=what_ran(row.result),
-        session_kind=session_kind,
+        access_kind=access_kind,
         ticket=classification.get("ticket"),
         ssh_key=classification.get("key"),
         max_ttl_seconds=int(max_ttl.total_seconds()) if max_ttl else None,
@@ -84,13 +85,13 @@ def what_ran(result: dict[str, Any] | None) -> str | None:
 
 def state_of(config: Config, row: RequestRow, grant: GrantRow | None, now: datetime) -> CardState:
     target = config.policy.targets.get(row.target)
-    rule = config.policy.access_rule(row.rule) if row.session else None
+    rule = config.policy.access_rule(row.rule) if row.access else None
     return card_state(
         row,
         grant,
         now,
         shell=isinstance(target, SshTarget),
-        session_kind=(target.kind if target else "session") if row.session else None,
+        access_kind=(target.kind if target else "session") if row.access else None,
         max_ttl=rule.max_duration if rule else None,
     )
 

@@ -1,7 +1,7 @@
 """Slack people: who may decide a request, who is in which user group, how to reach one.
 
 Who decides comes from the policy: an agent's request from the rule that held it (else
-``slack.approvers``), a person's session from its access rule, which may also bar the
+``slack.approvers``), a person's access from its access rule, which may also bar the
 requester's own user group. Groups are resolved through Slack's API and cached briefly.
 """
 
@@ -14,8 +14,9 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from keyturn.config.policy import Config
+from keyturn.config.rules import People
 from keyturn.domain import Deciders
-from keyturn.policy import Config, People
 from keyturn.store.models import RequestRow
 
 SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
@@ -56,7 +57,7 @@ class Directory:
         listed = frozenset(people.users)
         if people.slack_usergroup:
             listed |= await self.members(people.slack_usergroup)
-        rule = config.policy.access_rule(row.rule) if row.session else None
+        rule = config.policy.access_rule(row.rule) if row.access else None
         group = rule.requesters.slack_usergroup if rule is not None else None
         barred: frozenset[str] = frozenset()
         if rule is not None and group and not rule.own_group_may_approve:
@@ -67,9 +68,9 @@ class Directory:
 
 
 def approvers_for(config: Config, row: RequestRow) -> People | None:
-    """Who may decide ``row``: its access rule's approvers for a session (nobody, once the
+    """Who may decide ``row``: its access rule's approvers for a person's access (nobody, once the
     rule has left the policy); for an agent's command, its rule's, else ``slack.approvers``."""
-    if row.session:
+    if row.access:
         rule = config.policy.access_rule(row.rule)
         return rule.approvers if rule is not None else None
     agent_rule = next((r for r in config.policy.rules if r.name == row.rule), None)

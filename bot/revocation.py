@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot.credentials import Issuer
+from keyturn.config.process import BotConfig
 from keyturn.errors import KeyturnError, NotFound
-from keyturn.policy import BotConfig
 from keyturn.store import endings, grants
 from keyturn.store.db import Store
 

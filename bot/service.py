@@ -31,9 +31,9 @@ from bot.people import SLACK_ERRORS, Directory
 from bot.revocation import Revoker
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
+from keyturn.config.policy import Config
 from keyturn.domain import Deciders, Decision, RequestStatus
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.policy import Config
 from keyturn.store import decisions, grants, requests
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -97,7 +97,7 @@ class Bot:
         one place that shows every statement as it will run (``on_card``: the click came from
         a message, not an App Home that an older release drew with a shortened command)."""
         row, deciders = await self._voting(request_id)
-        if not on_card and not row.session:
+        if not on_card and not row.access:
             raise InvalidInput("approve a command on its card, where every statement is shown")
         result = await decisions.decide(
             self.store, row.id, user, Decision.APPROVE, deciders=deciders
@@ -153,14 +153,14 @@ class Bot:
             self.revoker.schedule(grant.id, grant.expires_at)
 
     async def _mint(self, request: RequestRow) -> grants.Minted:
-        """An agent's credentials go to a gateway; a person's session goes to them by DM."""
-        if request.session:
+        """An agent's credentials go to a gateway; a person's access goes to them by DM."""
+        if request.access:
             return await self.delivery.deliver(request)
         return await self.issuer.mint(request)
 
     async def _grant_for(self, grant_id: str, user: str, *, own: bool) -> GrantRow:
         """The grant ``user`` may revoke or extend: as an approver of its request, or
-        (``own``) as the person whose session it is."""
+        (``own``) as the person whose access it is."""
         try:
             grant = await grants.get_grant(self.store, uuid.UUID(grant_id))
         except ValueError:
@@ -175,7 +175,8 @@ class Bot:
         return grant
 
     async def revoke(self, grant_id: str, user: str, *, own: bool = False) -> GrantRow:
-        """Revoke now: the lease dies in Vault (its sessions end), the card says who did it."""
+        """Revoke now: the lease dies in Vault (its database sessions end), the card says who
+        did it."""
         grant = await self._grant_for(grant_id, user, own=own)
         async with _vault_first():
             row = await grants.revoke(self.store, grant.id, user, self.issuer.revoke)

@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timedelta
 
 from keyturn.classify.shown import Shown, visible
-from keyturn.policy import format_duration
+from keyturn.config.durations import format_duration
 
 _SLACK_USER = re.compile(r"^[UW][A-Z0-9_]{2,30}$")
 
@@ -97,7 +97,7 @@ def amount(what: Shown, shell: bool) -> str:
 def approver_reminder(
     users: list[str], usergroup: str | None, waited: timedelta, expires_at: datetime
 ) -> str:
-    """The nudge in a session card's thread at half its pending TTL."""
+    """The nudge in a card's thread at half its pending TTL."""
     who = [f"<@{u}>" for u in users] + ([f"<!subteam^{usergroup}>"] if usergroup else [])
     return (
         f":bell: {' '.join(who) or 'Approvers'}: this request has waited "

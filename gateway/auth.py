@@ -18,9 +18,9 @@ import jwt
 from jwt import PyJWK, PyJWKClient
 
 from keyturn.classify import Identity
+from keyturn.config.process import GatewayAuth
 from keyturn.domain import slack_user
 from keyturn.errors import ConfigError, Unauthorized, Unavailable
-from keyturn.policy import GatewayAuth
 
 REFETCH_INTERVAL = 10.0
 CACHE_SIZE = 10_000

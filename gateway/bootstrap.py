@@ -29,8 +29,8 @@ from gateway.usecases.approved import Executor
 from gateway.usecases.driver import Drivers
 from gateway.usecases.gateway import Gateway, poll
 from keyturn.clock import Clock
+from keyturn.config.policy import Config
 from keyturn.masking import Masker
-from keyturn.policy import Config
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener

@@ -24,8 +24,8 @@ from typing import Any
 
 from sqlalchemy import select
 
+from keyturn.config.process import VaultConfig
 from keyturn.errors import KeyturnError
-from keyturn.policy import VaultConfig
 from keyturn.store.db import Store
 from keyturn.store.models import AuditEventRow, AuditHeadRow
 from keyturn.vault import Vault, VaultRequestError

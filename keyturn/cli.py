@@ -24,7 +24,7 @@ from keyturn import extras
 from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
-    from keyturn.policy import Config
+    from keyturn.config.policy import Config
     from keyturn.store.db import Store
 
 EXIT_BAD_INPUT = 2
@@ -55,7 +55,7 @@ def run_fast(coro: Coroutine[Any, Any, None]) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from keyturn.classify import policy_warnings
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
 
     config = load_config(args.file)
     rules, targets = len(config.policy.rules), len(config.policy.targets)
@@ -80,7 +80,7 @@ def _policy_cases_fail(file: Path, config: Config) -> bool:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
 
     config = load_config(args.file)
     if _policy_cases_fail(args.file, config):
@@ -91,7 +91,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from keyturn.classify import Identity, classify
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
 
     config = load_config(args.config)
     who = Identity(args.subject, frozenset(args.group)) if args.subject else None
@@ -135,7 +135,7 @@ async def _check_database(dsn: Any) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn import audit
     from keyturn.checkpoint import Anchor
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
     from keyturn.settings import load_settings
     from keyturn.vault import process_vault
 
@@ -206,7 +206,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
     from keyturn.settings import load_settings
     from keyturn.vault import Vault
     from keyturn.vault_setup import bootstrap
@@ -261,7 +261,7 @@ def _write_secret_ids(
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.bootstrap import serve
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
     from keyturn.settings import load_settings
 
     config = load_config(args.config)
@@ -271,7 +271,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_bot(args: argparse.Namespace) -> int:
     from bot.bootstrap import serve
-    from keyturn.policy import load_config
+    from keyturn.config.loading import load_config
     from keyturn.settings import load_settings
 
     config = load_config(args.config)
@@ -280,8 +280,8 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from keyturn.config.durations import parse_duration
     from keyturn.harness.idp import dev_token
-    from keyturn.policy import parse_duration
     from keyturn.settings import load_settings
 
     secret = load_settings().gateway_dev_secret

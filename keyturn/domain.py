@@ -217,9 +217,9 @@ class Approval:
 
 @dataclass
 class Request:
-    """A command an agent asked to run on a target, or (``session``) a human's request for
+    """A command an agent asked to run on a target, or (``access``) a person's request for
     a login or certificate of their own: approved the same way, but it runs no command. Its
-    credentials go to the human by DM; the request is ``executing`` while the session's grant
+    credentials go to the human by DM; the request is ``executing`` while the access's grant
     lives and ``executed`` once it has ended."""
 
     id: UUID
@@ -233,7 +233,7 @@ class Request:
     status: RequestStatus = RequestStatus.PENDING
     approvals: list[Approval] = field(default_factory=list)
     decided_at: datetime | None = None
-    session: bool = False
+    access: bool = False
 
     def __post_init__(self) -> None:
         if self.quorum < 1:
@@ -308,16 +308,16 @@ class Request:
 
     def start_execution(self, sha256: str) -> None:
         """Claim the approval for this exact command; an approval is used once."""
-        if self.session:  # its credentials are a person's: no gateway may run with them
-            raise IllegalTransition("session request", self.status, "run as a command")
+        if self.access:  # its credentials are a person's: no gateway may run with them
+            raise IllegalTransition("access request", self.status, "run as a command")
         if sha256 != self.command_sha256:
             raise CommandChanged("the command does not match the approved command")
         self._move(RequestStatus.EXECUTING)
 
-    def open_session(self) -> None:
-        """A session's credentials were delivered: it is in use until its grant ends."""
-        if not self.session:
-            raise IllegalTransition("request", "a command, not a session", "an open session")
+    def open_access(self) -> None:
+        """A person's credentials were delivered: it is in use until its grant ends."""
+        if not self.access:
+            raise IllegalTransition("request", "a command, not a person's access", "open access")
         self._move(RequestStatus.EXECUTING)
 
     def finish(self, ok: bool) -> None:

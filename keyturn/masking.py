@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keyturn.policy import Masking
+from keyturn.config.rules import Masking
 
 MASK = "***"
 

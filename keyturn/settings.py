@@ -1,6 +1,6 @@
 """Process settings: secrets and addresses from ``KEYTURN_*`` environment variables only.
 
-The policy YAML (:mod:`keyturn.policy`) says *what* is allowed; this says *where* things are
+The policy YAML (:mod:`keyturn.config`) says *what* is allowed; this says *where* things are
 and holds every secret. Nothing here is read from the YAML file, so a config file can be
 reviewed, committed and shared without leaking anything.
 """

@@ -1,4 +1,4 @@
-"""Which SSH public keys a person may register for their own sessions, and what is wrong
+"""Which SSH public keys a person may register for their own access, and what is wrong
 with the ones they may not.
 
 A registered key is what Vault's SSH CA will sign for a human grant, so it must be a real

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from keyturn.config.durations import format_duration
 from keyturn.errors import InvalidInput
-from keyturn.policy import format_duration
 from keyturn.vault import Vault, WrapTokenInvalid
 
 ALREADY_USED = (

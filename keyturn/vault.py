@@ -31,7 +31,7 @@ from keyturn.backoff import Backoff
 from keyturn.errors import ConfigError, Forbidden, KeyturnError, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from keyturn.policy import Config
+    from keyturn.config.policy import Config
     from keyturn.settings import Settings
 
 log = logging.getLogger(__name__)

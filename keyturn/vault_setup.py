@@ -18,8 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from keyturn import checkpoint
+from keyturn.config.policy import Config
+from keyturn.config.targets import PostgresTarget
 from keyturn.errors import ConfigError, KeyturnError, NotFound
-from keyturn.policy import Config, PostgresTarget
 from keyturn.settings import target_admin_credentials, target_env_name
 from keyturn.store.dsn import parse_dsn
 from keyturn.vault import Vault, VaultRequestError

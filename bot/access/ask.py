@@ -1,5 +1,5 @@
 """Asking for access: ``/keyturn db|ssh``, the request modal, and every check of an
-:class:`~keyturn.policy.AccessRule` before a request exists. Bad input creates nothing."""
+:class:`~keyturn.config.rules.AccessRule` before a request exists. Bad input creates nothing."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from typing import Any
 from bot.access import home_view, views
 from bot.access.views import MAX_REASON, MAX_TICKET
 from bot.people import Directory
+from keyturn.config.durations import format_duration, parse_duration
+from keyturn.config.policy import Config
+from keyturn.config.rules import AccessRule
+from keyturn.config.targets import SshTarget
 from keyturn.domain import unprintable
 from keyturn.errors import InvalidInput
-from keyturn.policy import AccessRule, Config, SshTarget, format_duration, parse_duration
 from keyturn.store import access, requests, ssh_keys
 from keyturn.store.db import Store
 from keyturn.store.models import RequestRow
@@ -158,7 +161,7 @@ class Asking:
                 rule=rule.name,
                 classification=details,
                 grant_ttl=ttl,
-                session=True,
+                access=True,
             ),
         )
         return row

@@ -12,8 +12,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.access import views
 from bot.credentials import Issuer
 from bot.people import SLACK_ERRORS, dm
+from keyturn.config.policy import Config
+from keyturn.config.rules import AccessRule
+from keyturn.config.targets import PostgresTarget, SshTarget
 from keyturn.errors import InvalidInput, Unavailable
-from keyturn.policy import AccessRule, Config, PostgresTarget, SshTarget
 from keyturn.store import ssh_keys
 from keyturn.store.db import Store
 from keyturn.store.grants import Minted
@@ -32,7 +34,7 @@ class Delivery:
     issuer: Issuer
 
     async def deliver(self, request: RequestRow) -> Minted:
-        """Issue a session and DM it to its requester (``grants.issue``'s mint for sessions).
+        """Issue access and DM it to its requester (``grants.issue``'s mint for a person's access).
 
         Raised errors change nothing: what was minted is revoked here when the DM fails, so a
         retry (Slack back) issues afresh. The credentials are in the DM and nowhere else.
@@ -58,14 +60,14 @@ class Delivery:
         self, request: RequestRow, target: PostgresTarget, rule: AccessRule
     ) -> tuple[Minted, str]:
         now = self.store.clock.now()
-        login = await self.issuer.session_login(request, target, rule.max_duration, now)
+        login = await self.issuer.access_login(request, target, rule.max_duration, now)
         text = views.delivery(
             request_id=str(request.id),
             target=request.target,
             expires_at=now + login.minted.ttl,
             ttl=login.minted.ttl,
             vault_addr=self.config.vault.public_addr or self.issuer.vault.addr,
-            wrap_ttl=self.config.vault.session_wrap_ttl,
+            wrap_ttl=self.config.vault.access_wrap_ttl,
             wrapping_token=login.wrapping_token,
         )
         return login.minted, text
@@ -78,11 +80,11 @@ class Delivery:
         key = next((k for k in keys if k.fingerprint == approved), None)
         if key is None:
             raise InvalidInput(
-                f"the key {approved} this session was approved for is no longer registered;"
+                f"the key {approved} this access was approved for is no longer registered;"
                 " ask again"
             )
         now = self.store.clock.now()
-        signed = await self.issuer.session_certificate(
+        signed = await self.issuer.access_certificate(
             request, target, rule.max_duration, key.public_key
         )
         text = views.certificate_delivery(

@@ -16,9 +16,9 @@ from bot.access import home_view, views
 from bot.access.views import Line, Waiting
 from bot.cards import extend_choices
 from bot.people import SLACK_ERRORS, Directory, approvers_for
+from keyturn.config.policy import Config
 from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, KeyturnError, NotFound
-from keyturn.policy import Config
 from keyturn.store import access, requests
 from keyturn.store.access import Held
 from keyturn.store.db import Store
@@ -84,7 +84,7 @@ class Home:
                     str(row.id),
                     row.target,
                     row.requester,
-                    row.session,
+                    row.access,
                     kind,
                     ttl,
                     row.command,
@@ -94,13 +94,13 @@ class Home:
         return found
 
     async def check_own(self, user: str, grant: GrantRow) -> None:
-        """Raise unless ``grant`` is a session ``user`` asked for."""
+        """Raise unless ``grant`` is access ``user`` asked for."""
         held = await access.own(self.store, user, str(grant.request_id or ""))
         if held.grant is None or held.grant.id != grant.id:
             raise NotFound("this is not a session of yours")
 
     async def open_grant(self, user: str, typed: str) -> GrantRow:
-        """The open session of ``user``'s that ``typed`` (an id or its start) names."""
+        """The open access of ``user``'s that ``typed`` (an id or its start) names."""
         held = await access.own(self.store, user, typed)
         if held.grant is None or held.grant.status != "active":
             raise InvalidInput(
@@ -111,7 +111,7 @@ class Home:
 
     async def redraw_for(self, row: RequestRow) -> None:
         """Redraw the App Homes a change to ``row`` touches: its approvers' (those opened
-        here) and, for a session, its requester's."""
+        here) and, for a person's access, its requester's."""
         people = approvers_for(self.config, row)
         approvers = set(people.users) if people else set()
         if people and people.slack_usergroup:
@@ -119,7 +119,7 @@ class Home:
                 approvers |= await self.directory.members(people.slack_usergroup)
             except SLACK_ERRORS as exc:
                 log.warning("could not list %s: %s", people.slack_usergroup, exc)
-        await self.republish(*approvers, requester=row.requester if row.session else None)
+        await self.republish(*approvers, requester=row.requester if row.access else None)
 
     async def publish_home(self, user: str) -> None:
         """Draw ``user``'s App Home, and keep redrawing it on changes that concern them."""
@@ -134,7 +134,7 @@ class Home:
 
     async def republish(self, *users: str, requester: str | None = None) -> None:
         """Redraw the App Homes of ``users`` that were opened on this replica (anyone else's
-        is drawn afresh when they open it) and of ``requester`` (a session's, whose own
+        is drawn afresh when they open it) and of ``requester`` (a person's, whose own
         request changed). A courtesy: failures are logged."""
         redraw = {u for u in users if u in self.viewers} | ({requester} if requester else set())
         for user in sorted(redraw):

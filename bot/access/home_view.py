@@ -17,7 +17,7 @@ from bot.access.views import (
 )
 from bot.cards import APPROVE, DENY, KIND_WORDS, button
 from bot.slack_text import at
-from keyturn.policy import format_duration
+from keyturn.config.durations import format_duration
 
 REQUEST_MODAL = "keyturn_request"
 TARGET_BLOCK, TARGET_INPUT = "target", "target_input"
@@ -33,7 +33,7 @@ def _section(text: str) -> dict[str, Any]:
 
 
 def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, Any]:
-    """The App Home tab: my sessions (Extend, End now), then requests waiting on me."""
+    """The App Home tab: my access (Extend, End now), then requests waiting on me."""
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": "Your access"}}
     ]
@@ -53,7 +53,7 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
         blocks.append(_section("Nothing is waiting on you."))
     for w in waiting[:HOME_WAITING]:
         blocks.append(_section(waiting_text(w)))
-        if w.session:  # a command is decided on its card only: see _waiting_text
+        if w.access:  # a command is decided on its card only: see _waiting_text
             blocks.append(
                 {
                     "type": "actions",

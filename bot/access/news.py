@@ -15,6 +15,7 @@ from bot import card_store
 from bot.access import views
 from bot.access.home import Home
 from bot.access.views import REMIND_BEFORE
+from bot.card_store import CardVersion
 from bot.people import SLACK_ERRORS, dm
 from keyturn.store import access
 from keyturn.store.access import Held
@@ -29,26 +30,26 @@ class News:
     client: AsyncWebClient
     home: Home
 
-    async def changed(self, card: card_store.Card, shown: str | None) -> None:
-        """A card moved from ``shown`` to its current version: a session's requester hears
+    async def changed(self, card: card_store.Card, shown: CardVersion | None) -> None:
+        """A card moved from ``shown`` to its current version: a person asking for access hears
         what changed, and the App Homes it touches are redrawn. Best effort: logged when
         Slack fails, never retried, so that a retried card update cannot say it twice."""
         row = card.request
-        if row.session:
+        if row.access:
             try:
                 await self._tell(card, shown)
             except SLACK_ERRORS as exc:
                 log.warning("could not tell the requester of %s: %s", row.id, exc)
         await self.home.redraw_for(row)
 
-    async def _tell(self, card: card_store.Card, shown: str | None) -> None:
+    async def _tell(self, card: card_store.Card, shown: CardVersion | None) -> None:
         row, grant = card.request, card.grant
         denial = next((a for a in row.approvals if a.decision == "deny"), None)
         text = views.news(
             request_id=str(row.id),
             target=row.target,
-            was=card_store.parse_version(shown),
-            now_is=card_store.parse_version(card.current),
+            was=(shown.status, shown.grant) if shown else ("pending", None),
+            now_is=(card.current.status, card.current.grant),
             approvers=[a.approver for a in row.approvals if a.decision == "approve"],
             denial=(denial.approver, denial.reason or "") if denial else None,
             error=row.error,
@@ -59,7 +60,7 @@ class News:
             await dm(self.client, row.requester, text)
 
     async def remind_expiring(self) -> int:
-        """Warn requesters whose sessions end within :data:`REMIND_BEFORE`, with Extend
+        """Warn people whose access ends within :data:`REMIND_BEFORE`, with Extend
         buttons; a warning Slack refused is tried again on the next pass."""
         reminded = 0
         for due in await access.claim_expiry_reminders(self.store, REMIND_BEFORE):

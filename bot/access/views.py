@@ -14,7 +14,7 @@ from typing import Any
 from bot.cards import KIND_WORDS, button
 from bot.slack_text import amount, at, escape, literal, mention
 from keyturn.classify.shown import shown
-from keyturn.policy import format_duration
+from keyturn.config.durations import format_duration
 from keyturn.store.access import SHORT_ID
 
 ACCESS_EXTEND = "keyturn_session_extend"  # one button per choice: keyturn_session_extend_<s>
@@ -36,7 +36,7 @@ def left(until: datetime, now: datetime) -> str:
 
 @dataclass(frozen=True)
 class Line:
-    """One of a person's sessions as lists and App Home show it."""
+    """One piece of a person's access as lists and App Home show it."""
 
     request_id: str
     target: str
@@ -55,12 +55,12 @@ class Line:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A request waiting on someone as approver: a person's session or an agent's command."""
+    """A request waiting on someone as approver: a person's access or an agent's command."""
 
     request_id: str
     target: str
     requester: str
-    session: bool
+    access: bool
     kind: str  # the target's: postgres | ssh
     ttl_seconds: int
     command: str
@@ -94,12 +94,12 @@ def waiting_listing(waiting: list[Waiting]) -> str:
 
 
 def waiting_text(w: Waiting) -> str:
-    """A session in full (there is no command to show); an agent's command only by how much it
-    is and its sha256, and where its card is. The card is the one place that shows a command
+    """A person's access in full (there is no command to show); an agent's command only by how
+    much it is and its sha256, and where its card is. The card is the one place that shows a command
     (every statement as it will run): any shorter rendition here (a first line, 80 characters)
     could hide the part that matters, so only the card offers Approve for a command."""
     where = f"`{short(w.request_id)}`"
-    if w.session:
+    if w.access:
         ttl = format_duration(timedelta(seconds=w.ttl_seconds))
         asks = f"{mention(w.requester)} asks for a {ttl} {KIND_WORDS.get(w.kind, w.kind)}"
         return f"{where} {asks} on `{escape(w.target)}`"
@@ -211,7 +211,8 @@ def news(
 
 
 def reminder(line: Line, expires_at: datetime, now: datetime) -> tuple[str, list[dict[str, Any]]]:
-    """Sent :data:`REMIND_BEFORE` a session ends: Extend within the rule's maximum, or not."""
+    """Sent :data:`REMIND_BEFORE` a person's access ends: Extend within the rule's maximum, or
+    not."""
     text = (
         f":alarm_clock: Your {KIND_WORDS.get(line.kind, line.kind)} on `{escape(line.target)}` "
         f"ends at {at(expires_at)} ({left(expires_at, now)})."

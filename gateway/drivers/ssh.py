@@ -20,9 +20,9 @@ import asyncssh
 from gateway.usecases.driver import Allowed, Background, RunFailed
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
+from keyturn.config.targets import SshTarget
 from keyturn.errors import ConfigError
 from keyturn.masking import Masker
-from keyturn.policy import SshTarget
 from keyturn.vault import Vault
 
 KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")

@@ -26,10 +26,10 @@ from gateway.usecases.allowed import digest
 from gateway.usecases.driver import Drivers, RunFailed
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
+from keyturn.config.policy import Config
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Config
 from keyturn.store import handoffs, runs
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener

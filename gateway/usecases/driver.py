@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
+from keyturn.config.rules import Rule
 from keyturn.errors import KeyturnError
-from keyturn.policy import Rule
 from keyturn.vault import Vault
 
 # How an allowed command that did not complete is answered:

@@ -21,9 +21,9 @@ from gateway.usecases.inflight import InFlight
 from keyturn.agent.api import TERMINAL, CommandOut, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, classify, may_use
 from keyturn.classify.catalog import Catalog
+from keyturn.config.policy import Config
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
-from keyturn.policy import Config
 from keyturn.store import decisions, reads
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until

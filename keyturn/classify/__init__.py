@@ -22,8 +22,10 @@ from keyturn.classify.patterns import Patterns
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql
+from keyturn.config.policy import Config
+from keyturn.config.rules import Rule
+from keyturn.config.targets import PostgresTarget, TargetBase
 from keyturn.errors import Forbidden, NotFound
-from keyturn.policy import Config, PostgresTarget, Rule, TargetBase
 
 Action = Literal["allow", "hold", "block"]
 

@@ -14,9 +14,10 @@ from pglast import ast
 
 from keyturn.classify import Identity, classify
 from keyturn.classify.sql import parse
+from keyturn.config.policy import Config
+from keyturn.config.rules import PolicyTest
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Config, PolicyTest
 
 
 def result_columns(command: str) -> list[str]:

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 import yaml
 
+from keyturn.config.loading import parse_config
 from keyturn.errors import ConfigError, Unavailable
 from keyturn.harness.dev_slack import Workspace, open_workspace
 from keyturn.harness.idp import dev_token
@@ -38,7 +39,6 @@ from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.sshd import SshServer, find_sshd, ssh_principal
-from keyturn.policy import parse_config
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault

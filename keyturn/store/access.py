@@ -1,7 +1,7 @@
-"""People's own sessions (``/keyturn db|ssh``): what someone has asked for and holds, and
-the reminder before a session ends.
+"""People's own access (``/keyturn db|ssh``): what someone has asked for and holds, and
+the reminder before it ends.
 
-Sessions are requests (``session`` true) with grants, so approving, issuing, revoking and
+A person's access is a request (``access`` true) with grants, so approving, issuing, revoking and
 expiring them are the same operations as for agents (:mod:`keyturn.store.requests`,
 :mod:`keyturn.store.grants`, :mod:`keyturn.store.endings`); this module only reads them and
 claims reminders, each exactly once across replicas.
@@ -26,24 +26,24 @@ SHORT_ID = 8  # how many leading characters of a request id people may type
 
 @dataclass(frozen=True)
 class Held:
-    """One of a person's sessions: the request and its newest grant (None while pending)."""
+    """One piece of a person's access: the request and its newest grant (None while pending)."""
 
     request: RequestRow
     grant: GrantRow | None
 
 
-def _sessions_of(user: str) -> Select[RequestRow]:
-    return select(RequestRow).where(RequestRow.session.is_(True), RequestRow.requester == user)
+def _access_of(user: str) -> Select[RequestRow]:
+    return select(RequestRow).where(RequestRow.access.is_(True), RequestRow.requester == user)
 
 
 async def of_requester(
     store: Store, user: str, target: str | None = None, limit: int = 25
 ) -> list[Held]:
-    """``user``'s sessions still pending or open (on ``target``), oldest first."""
+    """``user``'s access still pending or open (on ``target``), oldest first."""
     async with store.transaction() as tx:
         rows = (
             await tx.session.scalars(
-                _sessions_of(user)
+                _access_of(user)
                 .where(
                     RequestRow.target == target if target else true(),
                     RequestRow.status.in_(
@@ -58,8 +58,8 @@ async def of_requester(
 
 
 async def own(store: Store, user: str, typed: str) -> Held:
-    """The session ``user`` names by its id or the id's first characters; someone else's
-    session, or none, is :class:`NotFound` (which of the two is not said)."""
+    """The access ``user`` names by its id or the id's first characters; someone else's,
+    or none, is :class:`NotFound` (which of the two is not said)."""
     ident = typed.strip().lower()
     if len(ident) < SHORT_ID or any(c not in "0123456789abcdef-" for c in ident):
         raise InvalidInput(
@@ -68,7 +68,7 @@ async def own(store: Store, user: str, typed: str) -> Held:
     async with store.transaction() as tx:
         rows = (
             await tx.session.scalars(
-                _sessions_of(user).where(cast(RequestRow.id, String).startswith(ident)).limit(2)
+                _access_of(user).where(cast(RequestRow.id, String).startswith(ident)).limit(2)
             )
         ).all()
         if len(rows) > 1:
@@ -80,7 +80,7 @@ async def own(store: Store, user: str, typed: str) -> Held:
 
 @dataclass(frozen=True)
 class Expiring:
-    """An open session whose requester is due a warning."""
+    """Open access whose requester is due a warning."""
 
     request: RequestRow
     grant: GrantRow
@@ -89,14 +89,14 @@ class Expiring:
 async def claim_expiry_reminders(
     store: Store, within: timedelta, limit: int = 50
 ) -> list[Expiring]:
-    """Open sessions ending within ``within`` whose requester has not been warned: marked
+    """Open access ending within ``within`` whose requester has not been warned: marked
     warned now, so one replica warns once (:func:`unclaim_reminder` if the warning failed)."""
     async with store.transaction() as tx:
         conn = await tx.raw_connection()
         ids = await conn.fetch(
             "UPDATE grants SET reminded_at = $1 WHERE id IN ("
             " SELECT g.id FROM grants g JOIN requests r ON r.id = g.request_id"
-            " WHERE r.session AND g.status = 'active' AND g.reminded_at IS NULL"
+            " WHERE r.access AND g.status = 'active' AND g.reminded_at IS NULL"
             " AND g.expires_at > $1 AND g.expires_at <= $2"
             " ORDER BY g.expires_at LIMIT $3 FOR UPDATE OF g SKIP LOCKED)"
             " RETURNING id",

@@ -131,7 +131,7 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
         conn = await tx.raw_connection()
         rows = await conn.fetch(
             "SELECT r.id FROM requests r JOIN grants g ON g.request_id = r.id"
-            " WHERE r.status = 'executing' AND NOT r.session AND g.status <> 'active'"
+            " WHERE r.status = 'executing' AND NOT r.access AND g.status <> 'active'"
             " AND g.ended_at < $1"
             " ORDER BY g.ended_at LIMIT $2 FOR UPDATE OF r SKIP LOCKED",
             tx.now - after,

@@ -39,7 +39,7 @@ class Minted:
     kind: str  # postgres | ssh
     ttl: timedelta  # the grant's life
     max_ttl: timedelta  # the role's ceiling, for Extend
-    # the single-use wrapping token a gateway takes; a session's went to its human by DM
+    # the single-use wrapping token a gateway takes; a person's access went to them by DM
     handoff_token: str | None = None
     wrap_accessor: str | None = None
     handoff_ttl: timedelta | None = None
@@ -138,7 +138,7 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
         lease_id=minted.lease_id,
         wrap_accessor=minted.wrap_accessor,
         command_sha256=request.command_sha256,
-        one_shot=not request.session,
+        one_shot=not request.access,
         handoff_token=minted.handoff_token,
         handoff_expires_at=now + minted.handoff_ttl if minted.handoff_ttl else None,
         created_at=now,
@@ -148,9 +148,9 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
     tx.session.add(row)
     request.issue_error, request.issue_after = None, None
     request.updated_at = now
-    if request.session:  # its human holds the credentials now
+    if request.access:  # its human holds the credentials now
         req = request.domain()
-        req.open_session()
+        req.open_access()
         request.save(req, now)
     await tx.session.flush()
     tx.record(
@@ -169,7 +169,7 @@ async def _record_grant(tx: Tx, request: RequestRow, minted: Minted) -> GrantRow
             },
         )
     )
-    if not request.session:
+    if not request.access:
         tx.wake("handoff", request.id)
     return row
 

@@ -38,7 +38,7 @@ async def claim_handoff(store: Store, request_id: uuid.UUID | None = None) -> Ha
             .join(GrantRow, GrantRow.request_id == RequestRow.id)
             .where(
                 RequestRow.status == RequestStatus.APPROVED,
-                RequestRow.session.is_(False),  # a person's credentials: never a gateway's
+                RequestRow.access.is_(False),  # a person's credentials: never a gateway's
                 GrantRow.status == GrantStatus.ACTIVE,
                 GrantRow.handoff_token.is_not(None),
                 GrantRow.handoff_expires_at > now,

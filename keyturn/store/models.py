@@ -60,11 +60,11 @@ class RequestRow(Base):
             postgresql_where="status = 'pending'",
         ),
         Index(
-            "uq_requests_open_session",
+            "uq_requests_open_access",
             "requester",
             "target",
             unique=True,
-            postgresql_where="session AND status IN ('pending', 'approved', 'executing')",
+            postgresql_where="access AND status IN ('pending', 'approved', 'executing')",
         ),
     )
 
@@ -93,8 +93,8 @@ class RequestRow(Base):
     issue_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     issue_after: Mapped[datetime | None]
     issue_error: Mapped[str | None] = mapped_column(Text)
-    # a human's request for a session of their own: it runs no command (keyturn.domain.Request)
-    session: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # a person's request for access of their own: it runs no command (keyturn.domain.Request)
+    access: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     approvals: Mapped[list[ApprovalRow]] = relationship(
         back_populates="request", order_by="ApprovalRow.id", lazy="selectin"
@@ -115,7 +115,7 @@ class RequestRow(Base):
                 Approval(a.approver, Decision(a.decision), a.at, a.reason) for a in self.approvals
             ],
             decided_at=self.decided_at,
-            session=self.session,
+            access=self.access,
         )
 
     def save(self, req: Request, now: datetime) -> None:
@@ -163,7 +163,7 @@ class CardRow(Base):
     ts: Mapped[str | None] = mapped_column(String(50))
     claimed_by: Mapped[str | None] = mapped_column(String(100))
     claimed_at: Mapped[datetime | None]
-    shown: Mapped[str | None] = mapped_column(String(100))
+    shown: Mapped[str | None] = mapped_column(Text)  # bot.card_store.CardVersion, as JSON
     reminded_at: Mapped[datetime | None]  # approvers reminded at half the pending TTL
 
 
@@ -199,7 +199,7 @@ class GrantRow(Base):
     handoff_token: Mapped[str | None] = mapped_column(Text)
     handoff_expires_at: Mapped[datetime | None]
     max_expires_at: Mapped[datetime | None]  # the role's ceiling for Extend
-    reminded_at: Mapped[datetime | None]  # a session's requester warned before expiry
+    reminded_at: Mapped[datetime | None]  # a person warned before their access ends
     # a revocation Vault refused is tried again after a backoff, not first in every pass
     revoke_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     revoke_after: Mapped[datetime | None]
@@ -227,7 +227,7 @@ class GrantRow(Base):
 
 
 class SshKeyRow(Base):
-    """A person's registered SSH public key: what the SSH CA signs for their own sessions."""
+    """A person's registered SSH public key: what the SSH CA signs for their own access."""
 
     __tablename__ = "ssh_keys"
     __table_args__ = (

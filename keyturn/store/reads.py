@@ -63,7 +63,7 @@ LEFT JOIN LATERAL (
     SELECT approver, reason FROM approvals a
     WHERE a.request_id = r.id AND a.decision = 'deny' ORDER BY a.id LIMIT 1
 ) d ON true
-WHERE r.id = $1 AND NOT r.session  -- the agent API's view: a person's session is not there
+WHERE r.id = $1 AND NOT r.access  -- the agent API's view: a person's access is not there
 """
 
 

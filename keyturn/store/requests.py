@@ -50,7 +50,7 @@ class NewRequest:
     grant_ttl: timedelta | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None
-    session: bool = False  # a human's own session: runs no command (keyturn.domain.Request)
+    access: bool = False  # a person's own access: runs no command (keyturn.domain.Request)
     max_pending: int | None = None  # the requester's pending requests at most (agents)
 
 
@@ -113,7 +113,7 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
         grant_ttl_seconds=int(new.grant_ttl.total_seconds()) if new.grant_ttl else None,
         idempotency_key=new.idempotency_key,
         body_sha256=new.body_sha256,
-        session=new.session,
+        access=new.access,
         created_at=now,
         updated_at=now,
         pending_expires_at=now + new.pending_ttl,
@@ -137,14 +137,14 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
                         "on_behalf_of": new.on_behalf_of,
                         "run_id": new.run_id,
                     }
-                    | ({"session": True, "reason": new.reason} if new.session else {})
+                    | ({"access": True, "reason": new.reason} if new.access else {})
                     | shadow(new.classification),
                 )
             )
     except IntegrityError:
-        if new.session:  # uq_requests_open_session: the other request won
+        if new.access:  # uq_requests_open_access: the other request won
             raise Conflict(
-                f"{new.requester} already has a pending or open session on {new.target}"
+                f"{new.requester} already has pending or open access to {new.target}"
             ) from None
         # Lost a race with the same idempotency key: the winner's row is the answer.
         existing = await find_by_key(store, new.requester, new.idempotency_key, new.body_sha256)

@@ -64,7 +64,7 @@ async def _move_all(
     to: RequestStatus,
     *,
     error: str | None = None,
-    sessions_only: bool = False,
+    access_only: bool = False,
 ) -> list[uuid.UUID]:
     """Move the requests still in ``came`` to ``to`` (with ``error``, when given) in one
     statement, for a move the domain allows; the ids that moved."""
@@ -75,14 +75,14 @@ async def _move_all(
     conn = await tx.raw_connection()
     moved = await conn.fetch(
         "UPDATE requests SET status = $3, error = coalesce($4::text, error), updated_at = $5"
-        " WHERE id = ANY($1::uuid[]) AND status = $2 AND (session OR NOT $6::boolean)"
+        " WHERE id = ANY($1::uuid[]) AND status = $2 AND (access OR NOT $6::boolean)"
         " RETURNING id",
         list(request_ids),
         came.value,
         to.value,
         error,
         tx.now,
-        sessions_only,
+        access_only,
     )
     return [r["id"] for r in moved]
 
@@ -102,10 +102,10 @@ async def fail_unrun(
 
 async def grants_ended(tx: Tx, request_ids: Sequence[uuid.UUID], unrun: str | None) -> None:
     """What follows for the requests whose grants just ended: an approval that never ran
-    fails with ``unrun`` (when given); a person's session is over (``executed``)."""
+    fails with ``unrun`` (when given); a person's access is over (``executed``)."""
     if unrun is not None:
         await fail_unrun(tx, request_ids, unrun)
     over = await _move_all(
-        tx, request_ids, RequestStatus.EXECUTING, RequestStatus.EXECUTED, sessions_only=True
+        tx, request_ids, RequestStatus.EXECUTING, RequestStatus.EXECUTED, access_only=True
     )
-    tx.record(*(Event("request.session_ended", "keyturn", i) for i in over))
+    tx.record(*(Event("request.access_ended", "keyturn", i) for i in over))

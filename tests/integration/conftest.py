@@ -25,13 +25,14 @@ from bot.service import Bot
 from gateway.bootstrap import GatewayProcess, application, build
 from gateway.usecases.gateway import Gateway
 from keyturn.clock import Clock
+from keyturn.config.loading import parse_config
+from keyturn.config.policy import Config
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.pytest_plugin import PostgresServer
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
-from keyturn.policy import Config, parse_config
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.vault import AppRoleLogin, Vault

@@ -25,8 +25,8 @@ from bot.service import Bot
 from keyturn import supervise
 from keyturn.checkpoint import Anchor, Checkpoint
 from keyturn.clock import Clock, ManualClock
+from keyturn.config.loading import parse_config
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_config
 from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn

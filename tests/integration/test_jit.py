@@ -28,10 +28,10 @@ from bot.cards import APPROVE, EXTEND, REVOKE
 from bot.credentials import Issuer
 from bot.revocation import Revoker
 from bot.service import Bot
+from keyturn.config.loading import parse_config
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
-from keyturn.policy import parse_config
 from keyturn.store import grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn

@@ -13,10 +13,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from keyturn.config.loading import parse_config
+from keyturn.config.policy import Config
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.pytest_plugin import PostgresServer
-from keyturn.policy import Config, parse_config
 from keyturn.vault import (
     AppRoleLogin,
     Vault,

@@ -22,8 +22,10 @@ from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.cases import failing_cases
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.readonly import NotReadOnly, read_plan
+from keyturn.config.loading import parse_config
+from keyturn.config.policy import Config
+from keyturn.config.rules import Rule
 from keyturn.errors import ConfigError, NotFound
-from keyturn.policy import Config, Rule, parse_config
 
 DB = {
     "kind": "postgres",

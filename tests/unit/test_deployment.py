@@ -27,7 +27,8 @@ import yaml
 
 from keyturn.classify.cases import failing_cases
 from keyturn.cli import build_parser
-from keyturn.policy import Config, load_config, parse_config
+from keyturn.config.loading import load_config, parse_config
+from keyturn.config.policy import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -281,12 +281,12 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
         requester="U_OMAR",
         created_at=now,
         pending_expires_at=now + timedelta(minutes=5),
-        session=True,
+        access=True,
     )
     session.approve("U_ADA", Deciders.only("U_ADA"), now)
     with pytest.raises(IllegalTransition):
         session.start_execution(session.command_sha256)
-    session.open_session()
+    session.open_access()
     assert session.status is RequestStatus.EXECUTING
     command = Request(
         id=uuid.uuid4(),
@@ -298,7 +298,7 @@ def test_a_session_never_runs_as_a_command_and_a_command_never_opens_a_session()
     )
     command.approve("U_ADA", Deciders.only("U_ADA"), now)
     with pytest.raises(IllegalTransition):
-        command.open_session()
+        command.open_access()
 
 
 def test_a_request_tag_names_the_request_only_to_keyturn() -> None:

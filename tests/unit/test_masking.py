@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
+from keyturn.config.rules import Masking
 from keyturn.masking import MASK, Masker, luhn_ok
-from keyturn.policy import Masking
 
 FULL_WIDTH_CARD = "".join(chr(0xFF10 + int(d)) for d in "4111111111111111")
 ALL = Masker.from_policy(

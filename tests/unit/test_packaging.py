@@ -196,7 +196,7 @@ from keyturn.cli import quiet_libraries
 quiet_libraries()
 warnings.warn_explicit("a library deprecates", DeprecationWarning, "lib.py", 1, module="somelib")
 warnings.warn_explicit("a library's user warning", UserWarning, "lib.py", 2, module="other.x")
-warnings.warn_explicit("keyturn's own", DeprecationWarning, "k.py", 3, module="keyturn.policy")
+warnings.warn_explicit("keyturn's own", DeprecationWarning, "k.py", 3, module="keyturn.config.loading")
 """
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from keyturn.config.durations import parse_duration
+from keyturn.config.loading import load_config, parse_config
 from keyturn.errors import ConfigError
-from keyturn.policy import load_config, parse_config, parse_duration
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "policy.yml"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from bot.credentials import psql_url
-from keyturn.policy import PostgresTarget
+from keyturn.config.targets import PostgresTarget
 
 
 def target(dsn: str) -> PostgresTarget:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from gateway.drivers.postgres.fetch import bounded_select
 from gateway.drivers.postgres.values import Cut, Fetched, Limits, jsonable, shape
+from keyturn.config.rules import Masking
 from keyturn.masking import Masker
-from keyturn.policy import Masking
 
 MASKER = Masker.from_policy(Masking(columns=["*email*"], detectors=["email", "credit_card"]))
 LIMITS = Limits(rows=100, value_bytes=1024, response_bytes=4096)

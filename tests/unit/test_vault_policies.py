@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from keyturn.config.loading import parse_config
 from keyturn.errors import ConfigError
-from keyturn.policy import parse_config
 from keyturn.vault_setup import render_policy, rendered_policies, role_statements
 
 

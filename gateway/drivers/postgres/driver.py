@@ -16,7 +16,12 @@ import asyncpg
 from gateway.drivers.postgres.catalogs import Catalogs
 from gateway.drivers.postgres.fetch import STALE_STATEMENT, decode_times_as_text, forget_statements
 from gateway.drivers.postgres.logins import ReadOnlyLogins
-from gateway.drivers.postgres.sql import SessionChanged, estimate_rows, run_approved, run_readonly
+from gateway.drivers.postgres.sql import (
+    ConnectionChanged,
+    estimate_rows,
+    run_approved,
+    run_readonly,
+)
 from gateway.drivers.postgres.values import Limits, SqlResult, finish
 from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
@@ -27,10 +32,11 @@ from keyturn.classify.catalog import Catalog
 from keyturn.classify.patterns import Patterns
 from keyturn.classify.readonly import NotReadOnly, read_plan
 from keyturn.classify.sql import calls_a_function, preview_select
+from keyturn.config.policy import Config
+from keyturn.config.targets import PostgresTarget
 from keyturn.domain import request_tag
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.policy import Config, PostgresTarget
 from keyturn.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,7 @@ CONNECT_TIMEOUT = 10.0
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
 # What the agent is told as a failed command (status "failed"); anything else that stops a
 # command is the target being unreachable, or a keyturn error of its own.
-FAILED = (TimeoutError, SessionChanged, NotReadOnly, asyncpg.PostgresError)
+FAILED = (TimeoutError, ConnectionChanged, NotReadOnly, asyncpg.PostgresError)
 
 
 def _estimable(command: str, masking: Patterns, catalog: Catalog | None) -> str | None:
@@ -144,7 +150,7 @@ class PostgresDriver:
         if isinstance(exc, TimeoutError):
             seconds = self.config.gateway.statement_timeout.total_seconds()
             return f"deadline exceeded: the gateway cancelled the command after {seconds:g} s"
-        if isinstance(exc, SessionChanged):
+        if isinstance(exc, ConnectionChanged):
             return f"{exc}; keyturn closed that connection and ran nothing more"
         if isinstance(exc, asyncpg.PostgresError):
             return self.masker.text(f"{exc.sqlstate}: {exc}"[:MAX_ERROR])

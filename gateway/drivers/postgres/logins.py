@@ -27,8 +27,9 @@ from gateway.drivers.postgres.leases import LoginKey
 from gateway.drivers.postgres.pool import Login
 from gateway.metrics import Metrics
 from keyturn.aio import Deadline, spawn
+from keyturn.config.process import GatewayConfig
+from keyturn.config.targets import PostgresTarget
 from keyturn.errors import RateLimited
-from keyturn.policy import GatewayConfig, PostgresTarget
 from keyturn.vault import Vault
 
 

@@ -22,8 +22,9 @@ import asyncpg
 from gateway.drivers.postgres.fetch import decode_times_as_text
 from gateway.drivers.postgres.leases import Leases, LoginKey
 from keyturn.aio import Deadline, spawn
+from keyturn.config.process import GatewayConfig
+from keyturn.config.targets import PostgresTarget
 from keyturn.errors import KeyturnError, Unavailable
-from keyturn.policy import GatewayConfig, PostgresTarget
 from keyturn.vault import Lease, Vault
 
 log = logging.getLogger(__name__)

@@ -33,25 +33,25 @@ PINNED = {
 }
 
 
-class SessionChanged(Exception):
+class ConnectionChanged(Exception):
     """The server reports something the gateway did not ask for: drop the connection."""
 
 
-def check_session(conn: asyncpg.Connection, tag: str) -> None:
-    """Raise SessionChanged unless the server still reports the session the gateway opened.
+def check_connection(conn: asyncpg.Connection, tag: str) -> None:
+    """Raise ConnectionChanged unless the server still reports the session the gateway opened.
 
     ``tag`` is the server's command tag of the statement just run (empty when it was cut
     short at a cap, which only a row-returning statement can be).
     """
     if not conn.is_in_transaction():
-        raise SessionChanged("the statement ended the gateway's read-only transaction")
+        raise ConnectionChanged("the statement ended the gateway's read-only transaction")
     kind = tag.split(" ", 1)[0]
     if tag and kind not in READ_TAGS:
-        raise SessionChanged(f"the database ran {kind}, not a read")
+        raise ConnectionChanged(f"the database ran {kind}, not a read")
     settings = conn.get_settings()
     for name, expected in PINNED.items():
         if getattr(settings, name, expected) != expected:
-            raise SessionChanged(f"the statement changed {name}")
+            raise ConnectionChanged(f"the statement changed {name}")
 
 
 async def run_readonly(
@@ -84,7 +84,7 @@ async def run_readonly(
             masker=masker,
             masked=statement.masked,
         )
-        check_session(conn, fetched.tag)
+        check_connection(conn, fetched.tag)
     return fetched, len(plan)
 
 

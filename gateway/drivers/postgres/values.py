@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import asyncpg
 
+from keyturn.config.process import GatewayConfig
 from keyturn.masking import MASK, Masker
-from keyturn.policy import GatewayConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""On-call sessions benchmark: run ``python bench/sessions.py`` (after scripts/test has set up
+"""On-call access benchmark: run ``python bench/access.py`` (after scripts/test has set up
 .venv).
 
 1. Slash command to DM: on-call engineers type ``/keyturn db shop 15m …`` (signed, through
@@ -36,8 +36,8 @@ from bench.stack import (
 from bot import card_store
 from bot.cards import APPROVE
 from bot.credentials import Issuer
+from keyturn.config.loading import parse_config
 from keyturn.harness.slack import SlackEmulator
-from keyturn.policy import parse_config
 from keyturn.store import grants, requests
 from keyturn.store.db import Store
 from keyturn.store.models import RequestRow
@@ -49,7 +49,7 @@ CHANNEL = "CBENCH"
 TTL = timedelta(minutes=15)
 
 
-def session_policy(stack: Stack) -> dict[str, Any]:
+def access_policy(stack: Stack) -> dict[str, Any]:
     data = dict(stack.policy_data)
     data["slack"] = {"approval_channel": CHANNEL}
     data["bot"] = {"poll_interval": "1s"}
@@ -86,7 +86,7 @@ async def command_to_dm(stack: Stack) -> tuple[list[float], list[float]]:
         slack.add_user(user)
     slack.usergroups["S_ONCALL"] = engineers
     store = Store(stack.database)
-    runner = await serve_bot(stack, parse_config(session_policy(stack)), slack, store)
+    runner = await serve_bot(stack, parse_config(access_policy(stack)), slack, store)
     samples = []
     try:
         for i, user in enumerate(engineers):
@@ -120,7 +120,7 @@ async def _request_of(store: Store, user: str) -> Any:
         return await conn.fetchval("SELECT id FROM requests WHERE requester = $1", user)
 
 
-def held_session(i: int) -> requests.NewRequest:
+def held_access(i: int) -> requests.NewRequest:
     return requests.NewRequest(
         "shop",
         f"postgres session for U_BENCH{i} on shop, 15m",
@@ -128,7 +128,7 @@ def held_session(i: int) -> requests.NewRequest:
         timedelta(minutes=15),
         rule="on-call",
         grant_ttl=TTL,
-        session=True,
+        access=True,
     )
 
 
@@ -148,20 +148,20 @@ async def vault_revoking(vault: Vault, count: int) -> float:
 
 
 async def revocation(stack: Stack) -> tuple[list[float], float, float, tuple[int, int], int]:
-    config = parse_config(session_policy(stack))
+    config = parse_config(access_policy(stack))
     store = Store(stack.database, pool_size=20)
     issuer = Issuer(config, stack.vault("keyturn-bot"))
     target = config.policy.postgres_targets()["shop"]
 
     async def mint(row: RequestRow) -> grants.Minted:
         now = datetime.now(UTC)
-        return (await issuer.session_login(row, target, timedelta(hours=1), now)).minted
+        return (await issuer.access_login(row, target, timedelta(hours=1), now)).minted
 
-    await issue_many(store, GRANTS, held_session, mint, issuer.unmint)
+    await issue_many(store, GRANTS, held_access, mint, issuer.unmint)
     lags, took = await expire_together(store, issuer, config)
     async with store.raw_connection() as conn:
         open_sessions = await conn.fetchval(
-            "SELECT count(*) FROM requests WHERE session AND status <> 'executed'"
+            "SELECT count(*) FROM requests WHERE access AND status <> 'executed'"
         )
     floor = await vault_revoking(issuer.vault, GRANTS)
     await issuer.vault.close()

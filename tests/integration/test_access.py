@@ -27,11 +27,11 @@ from bot.access.views import ACCESS_EXTEND
 from bot.cards import APPROVE, DENY, REVOKE
 from bot.service import Bot
 from keyturn.clock import Clock, ManualClock
+from keyturn.config.loading import parse_config
 from keyturn.domain import Deciders, IllegalTransition, Request
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer
-from keyturn.policy import parse_config
 from keyturn.store import grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
@@ -56,7 +56,7 @@ def access(**overrides: Any) -> dict[str, Any]:
     } | overrides
 
 
-def session_policy(shop: Shop, sshd: SshServer | None = None, **rule: Any) -> dict[str, Any]:
+def access_policy(shop: Shop, sshd: SshServer | None = None, **rule: Any) -> dict[str, Any]:
     data = jit_policy(shop, sshd, bot={"sweep_interval": "1s"})
     data["access"] = [access(**rule)]
     return data
@@ -216,7 +216,7 @@ async def test_a_database_session_from_slash_command_to_expiry(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     clock = ManualClock()
-    async with oncall(session_policy(shop), clock) as oc:
+    async with oncall(access_policy(shop), clock) as oc:
         request_id = await oc.ask("db shop 1m checking a refund")
         ts = await oc.card(request_id)
         card = json.dumps(oc.slack.message(CHANNEL, ts).blocks)
@@ -274,7 +274,7 @@ async def _expires_after(oc: OnCall, request_id: uuid.UUID, before: Any) -> Any:
 async def test_the_request_modal_offers_only_what_the_rule_allows(
     shop: Shop, oncall: Factory
 ) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         assert await oc.say("request", user=MALLORY) == (
             "no access rule lets you ask for any target: ask your keyturn admins"
         )
@@ -308,7 +308,7 @@ async def test_the_request_modal_offers_only_what_the_rule_allows(
         confirmation = await until(confirmed)
         assert "waiting for approval" in confirmation["text"]
         async with oc.store.raw_connection() as conn:
-            row = await conn.fetchrow("SELECT session, grant_ttl_seconds, reason FROM requests")
+            row = await conn.fetchrow("SELECT access, grant_ttl_seconds, reason FROM requests")
         assert tuple(row) == (True, 1800, "refund")
         card = await until(lambda: _card_text(oc, "INC-42"))
         assert "30m" in card
@@ -342,7 +342,7 @@ BAD_INPUT = [
 
 
 async def test_bad_input_says_what_to_type_and_creates_nothing(shop: Shop, oncall: Factory) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         for text, expected in BAD_INPUT[:-1]:
             answer = await oc.say(text)
             assert expected in answer, (text, answer)
@@ -361,7 +361,7 @@ async def test_bad_input_says_what_to_type_and_creates_nothing(shop: Shop, oncal
 
 
 async def test_a_denied_session_is_told_with_the_reason(shop: Shop, oncall: Factory) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m looking around")
         await oc.click(request_id, APPROVER, DENY)
         view_id = await until(lambda: _modal(oc, APPROVER))
@@ -379,7 +379,7 @@ async def _modal(oc: OnCall, user: str) -> str | None:
 async def test_the_requesters_own_group_may_approve_only_when_the_rule_says_so(
     shop: Shop, oncall: Factory
 ) -> None:
-    async with oncall(session_policy(shop, own_group_may_approve=True)) as oc:
+    async with oncall(access_policy(shop, own_group_may_approve=True)) as oc:
         request_id = await oc.ask("db shop 15m peer review")
         assert str(request_id)[:8] not in await oc.say("pending", ONCALL)  # not their own
         assert f"`{str(request_id)[:8]}`" in await oc.say("pending", PEER)
@@ -389,7 +389,7 @@ async def test_the_requesters_own_group_may_approve_only_when_the_rule_says_so(
 
 async def test_a_quorum_of_two_needs_two_people(shop: Shop, oncall: Factory) -> None:
     rule = {"approvers": {"users": [APPROVER, MALLORY]}, "quorum": 2}
-    async with oncall(session_policy(shop, **rule)) as oc:
+    async with oncall(access_policy(shop, **rule)) as oc:
         request_id = await oc.ask("db shop 15m two keys")
         await oc.click(request_id, APPROVER)
         assert "already approved" in await oc.refused(request_id, APPROVER)
@@ -399,7 +399,7 @@ async def test_a_quorum_of_two_needs_two_people(shop: Shop, oncall: Factory) -> 
 
 
 async def test_the_app_home_follows_every_change(shop: Shop, oncall: Factory) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         await oc.slack.open_home(APPROVER)
         home = await until(lambda: _home(oc, APPROVER, "Nothing is waiting on you"))
         request_id = await oc.ask("db shop 15m home check")
@@ -430,7 +430,7 @@ async def _home(oc: OnCall, user: str, containing: str) -> str | None:
 
 async def test_approvers_are_reminded_at_half_the_pending_ttl(shop: Shop, oncall: Factory) -> None:
     clock = ManualClock()
-    async with oncall(session_policy(shop, pending_ttl="10m"), clock) as oc:
+    async with oncall(access_policy(shop, pending_ttl="10m"), clock) as oc:
         request_id = await oc.ask("db shop 15m slow approvers")
         ts = await oc.card(request_id)
         clock.advance(timedelta(minutes=5, seconds=1))
@@ -450,7 +450,7 @@ async def test_approvers_are_reminded_at_half_the_pending_ttl(shop: Shop, oncall
 async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Factory) -> None:
     """The attacker's story: a session's grant that (by a bug, or a hand in the database)
     carries a hand-off token is still never run by a gateway as a command."""
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m careful")
         await oc.click(request_id, APPROVER)
         grant = await oc.grant(request_id)
@@ -470,7 +470,7 @@ async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Facto
         requester=ONCALL,
         created_at=grant.created_at,
         pending_expires_at=grant.created_at + timedelta(minutes=5),
-        session=True,
+        access=True,
     )
     request.approve(APPROVER, Deciders.only(APPROVER), grant.created_at)
     with pytest.raises(IllegalTransition):
@@ -490,7 +490,7 @@ async def test_an_ssh_session_signs_the_registered_key_until_expiry(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     key = asyncssh.generate_private_key("ssh-ed25519")
-    async with oncall(session_policy(shop, sshd)) as oc:
+    async with oncall(access_policy(shop, sshd)) as oc:
         line = key.export_public_key().decode().strip()
         assert "Registered" in await oc.say(f"ssh-key add {line}")
         request_id = await oc.ask("ssh web 6s restarting the worker")
@@ -527,7 +527,7 @@ async def test_the_certificate_is_for_the_key_the_approvers_saw(
     the request is made. The approved session still certifies the key named on the card, and
     a session whose key was removed is not issued at all."""
     first, later = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         await oc.say(f"ssh-key add {first.export_public_key().decode().strip()}")
         request_id = await oc.ask("ssh web 15m checking a worker")
         await oc.say(f"ssh-key add {later.export_public_key().decode().strip()}")
@@ -552,7 +552,7 @@ async def test_what_the_login_created_does_not_keep_it_alive(shop: Shop, oncall:
     """The attacker's story: in their session the engineer creates a large object (any login
     may), so that DROP ROLE would fail and Vault would roll the whole revocation back,
     NOLOGIN included. Revoking still ends the login; the object passes to Vault's login."""
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 30m keeping a foothold")
         await oc.click(request_id, APPROVER)
         delivered = await oc.dm("keyturn unwrap")
@@ -574,7 +574,7 @@ async def test_what_the_login_created_does_not_keep_it_alive(shop: Shop, oncall:
 async def test_the_form_refuses_what_the_command_refuses(shop: Shop, oncall: Factory) -> None:
     """Modal fields reach keyturn without the slash command's checks: a NUL in the reason (a
     500 from Postgres) and a TTL past any timedelta each get an answer under their field."""
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         status, _ = await oc.slack.command("request", ONCALL, CHANNEL)
         (view_id,) = oc.slack.modals[ONCALL]
         for values, block, fragment in [
@@ -590,7 +590,7 @@ async def test_the_form_refuses_what_the_command_refuses(shop: Shop, oncall: Fac
 async def test_racing_requests_for_one_target_make_one(shop: Shop, oncall: Factory) -> None:
     """Ten `/keyturn db` at once for the same target: the database keeps one pending
     session per person and target, whoever wins the check before it."""
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         await asyncio.gather(
             *(oc.slack.command(f"db shop 15m try {i}", ONCALL, CHANNEL) for i in range(10))
         )
@@ -605,7 +605,7 @@ async def test_an_agent_never_sees_a_persons_session(
 ) -> None:
     """An agent token whose sub happens to spell the engineer's Slack id reads nothing of
     their session through the agent API (as if it did not exist)."""
-    async with oncall(session_policy(shop)) as oc, run_gateway() as gw:
+    async with oncall(access_policy(shop)) as oc, run_gateway() as gw:
         request_id = await oc.ask("db shop 15m private business")
         status, body = await gw.get(idp.token(ONCALL), str(request_id))
         assert status == 404 and body["error"]["code"] == "not_found", body
@@ -620,7 +620,7 @@ async def test_an_agent_never_sees_a_persons_session(
 async def test_a_forged_app_home_approve_by_someone_who_is_no_approver_changes_nothing(
     shop: Shop, oncall: Factory
 ) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         await oc.slack.open_home(APPROVER)
         request_id = await oc.ask("db shop 15m forged home click")
         await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
@@ -640,7 +640,7 @@ async def test_a_forged_app_home_approve_by_someone_who_is_no_approver_changes_n
 async def test_the_requesters_own_group_cannot_approve_from_the_app_home_either(
     shop: Shop, oncall: Factory
 ) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         await oc.slack.open_home(APPROVER)
         request_id = await oc.ask("db shop 15m own group from home")
         await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
@@ -655,7 +655,7 @@ async def test_a_deny_modal_submitted_by_someone_else_denies_nothing(
     shop: Shop, oncall: Factory
 ) -> None:
     """The approver opened the deny modal; Mallory submits that view as herself."""
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m forged deny")
         opened = len(oc.slack.views)
         await oc.click(request_id, APPROVER, DENY)
@@ -669,7 +669,7 @@ async def test_a_deny_modal_submitted_by_someone_else_denies_nothing(
 async def test_nobody_revokes_or_extends_anothers_access_by_card_or_command(
     shop: Shop, oncall: Factory
 ) -> None:
-    async with oncall(session_policy(shop)) as oc:
+    async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m keep mine")
         await oc.click(request_id, APPROVER)
         grant = await oc.grant(request_id)
