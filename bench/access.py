@@ -160,22 +160,22 @@ async def revocation(stack: Stack) -> tuple[list[float], float, float, tuple[int
     await issue_many(store, GRANTS, held_access, mint, issuer.unmint)
     lags, took = await expire_together(store, issuer, config)
     async with store.raw_connection() as conn:
-        open_sessions = await conn.fetchval(
+        open_access = await conn.fetchval(
             "SELECT count(*) FROM requests WHERE access AND status <> 'executed'"
         )
     floor = await vault_revoking(issuer.vault, GRANTS)
     await issuer.vault.close()
     await store.close()
-    return lags, took, floor, await leftovers(stack), int(open_sessions)
+    return lags, took, floor, await leftovers(stack), int(open_access)
 
 
 async def main() -> None:
     async with real_stack() as stack:
-        print("keyturn on-call sessions benchmark (real Postgres, real OpenBao, Bolt over HTTP)")
+        print("keyturn on-call access benchmark (real Postgres, real OpenBao, Bolt over HTTP)")
         samples, floor = await command_to_dm(stack)
         p50, vault = percentile(samples, 0.5) * 1000, percentile(floor, 0.5) * 1000
         print(
-            f"  {len(samples)} sessions; p95 {percentile(samples, 0.95) * 1000:.0f} ms; "
+            f"  {len(samples)} grants of access; p95 {percentile(samples, 0.95) * 1000:.0f} ms; "
             f"Vault's own part p50 {vault:.1f} ms (the floor)"
         )
         report(
@@ -203,7 +203,7 @@ async def main() -> None:
         )
         report("leases left in Vault afterwards", leases, "", "0", leases == 0)
         report("dynamic roles left in Postgres afterwards", roles, "", "0", roles == 0)
-        report("sessions not marked over", unfinished, "", "0", unfinished == 0)
+        report("access not marked over", unfinished, "", "0", unfinished == 0)
 
 
 if __name__ == "__main__":
