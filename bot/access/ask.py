@@ -34,7 +34,7 @@ class BadField(InvalidInput):
         self.field = field
 
 
-class NotAllowed(BadField):
+class NoAccessRule(BadField):
     code = "not_allowed"
     status = 403
 
@@ -111,7 +111,7 @@ class Asking:
             )
         rule = await self.rule_for(asked.user, asked.target)
         if rule is None:
-            raise NotAllowed(
+            raise NoAccessRule(
                 "target",
                 f"no access rule lets you ask for `{asked.target}`: "
                 f"{await self._choices(asked.user)}",

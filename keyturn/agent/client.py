@@ -15,7 +15,7 @@ backoff and error mapping exist once. A submit always carries an ``Idempotency-K
 when none is given) and is retried with it, so a retry after a dropped connection never makes
 a second request (or a second Slack card). Long-polls reconnect across gateway restarts.
 
-The errors here are the client's outcomes, all under :class:`KeyturnError`; they are not the
+The errors here are the client's outcomes, all under :class:`ClientError`; they are not the
 server-side errors of :mod:`keyturn.errors`.
 """
 
@@ -48,20 +48,20 @@ from keyturn.backoff import Backoff
 __all__ = [  # what keyturn.client, the public import path, offers
     "AsyncClient",
     "AuthError",
-    "Blocked",
     "Cancelled",
     "Client",
+    "ClientError",
+    "CommandBlocked",
     "Denied",
     "Expired",
     "Failed",
-    "KeyturnError",
+    "GatewayUnavailable",
     "NotConfigured",
-    "RateLimited",
     "Rejected",
     "Request",
     "Result",
     "StillPending",
-    "Unavailable",
+    "TooManyRequests",
     "outcome",
 ]
 
@@ -88,7 +88,7 @@ class NotConfigured(ValueError):
     """No gateway URL or agent token (from arguments or the environment), or a bad URL."""
 
 
-class KeyturnError(Exception):
+class ClientError(Exception):
     """Every way a command can end other than executed. ``request_id`` when one exists."""
 
     code = "error"
@@ -99,7 +99,7 @@ class KeyturnError(Exception):
         self.request_id = request_id
 
 
-class Blocked(KeyturnError):
+class CommandBlocked(ClientError):
     """A policy rule refuses the command outright; no request was made."""
 
     code = "blocked"
@@ -109,7 +109,7 @@ class Blocked(KeyturnError):
         self.rule = rule
 
 
-class Denied(KeyturnError):
+class Denied(ClientError):
     code = "denied"
 
     def __init__(self, request_id: str, denied_by: str | None, reason: str | None) -> None:
@@ -119,23 +119,23 @@ class Denied(KeyturnError):
         self.reason = reason
 
 
-class Expired(KeyturnError):
+class Expired(ClientError):
     """Nobody decided before the request's pending time ran out."""
 
     code = "expired"
 
 
-class Cancelled(KeyturnError):
+class Cancelled(ClientError):
     code = "cancelled"
 
 
-class Failed(KeyturnError):
+class Failed(ClientError):
     """The command was allowed or approved but did not complete (``error`` says why)."""
 
     code = "failed"
 
 
-class StillPending(KeyturnError):
+class StillPending(ClientError):
     """The wait ended before a decision; the request goes on (``status`` says where)."""
 
     code = "pending"
@@ -146,13 +146,13 @@ class StillPending(KeyturnError):
         self.request = request
 
 
-class AuthError(KeyturnError):
+class AuthError(ClientError):
     """The gateway refused the token (401). Never retried."""
 
     code = "unauthorized"
 
 
-class Rejected(KeyturnError):
+class Rejected(ClientError):
     """The gateway refused the call itself: bad input, unknown target, not allowed, a key
     reused with another body, too large. ``code`` is the gateway's error code."""
 
@@ -162,7 +162,7 @@ class Rejected(KeyturnError):
         self.code = code
 
 
-class RateLimited(KeyturnError):
+class TooManyRequests(ClientError):
     code = "rate_limited"
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -170,7 +170,7 @@ class RateLimited(KeyturnError):
         self.retry_after = retry_after
 
 
-class Unavailable(KeyturnError):
+class GatewayUnavailable(ClientError):
     """The gateway (or what it needs) could not be reached in time."""
 
     code = "unavailable"
@@ -228,7 +228,7 @@ def _retry_after(reply: Reply) -> float:
         return 1.0
 
 
-def _error(reply: Reply) -> KeyturnError:
+def _error(reply: Reply) -> ClientError:
     """The typed error of a non-2xx answer."""
     detail = reply.body.get("error") if isinstance(reply.body, dict) else None
     code = str(detail.get("code", "http_error")) if isinstance(detail, dict) else "http_error"
@@ -237,11 +237,11 @@ def _error(reply: Reply) -> KeyturnError:
     if reply.status == 401:
         return AuthError(message)
     if reply.status == 403 and code == "blocked":
-        return Blocked(message, detail.get("rule") if isinstance(detail, dict) else None)
+        return CommandBlocked(message, detail.get("rule") if isinstance(detail, dict) else None)
     if reply.status == 429:
-        return RateLimited(message, _retry_after(reply))
+        return TooManyRequests(message, _retry_after(reply))
     if reply.status >= 500:
-        return Unavailable(f"{message} (HTTP {reply.status})")
+        return GatewayUnavailable(f"{message} (HTTP {reply.status})")
     return Rejected(reply.status, code, message)
 
 
@@ -249,7 +249,9 @@ def _request(reply: Reply) -> Request:
     try:
         return CommandOut.model_validate(reply.body)
     except ValidationError:
-        raise Unavailable(f"the gateway answered HTTP {reply.status} with no request") from None
+        raise GatewayUnavailable(
+            f"the gateway answered HTTP {reply.status} with no request"
+        ) from None
 
 
 def _exchange(call: Call, deadline: float, what: str) -> Flow[Reply]:
@@ -270,7 +272,7 @@ def _exchange(call: Call, deadline: float, what: str) -> Flow[Reply]:
             pause = backoff.next()
             if time.monotonic() + pause > deadline:
                 cause = _error(reply).message if reply is not None else "no connection"
-                raise Unavailable(f"could not {what}: {cause}")
+                raise GatewayUnavailable(f"could not {what}: {cause}")
         else:
             raise _error(reply)
         yield Sleep(pause)
@@ -369,7 +371,7 @@ def targets_flow(timeout: float) -> Flow[list[TargetOut]]:
     try:
         return TargetsOut.model_validate(reply.body).targets
     except ValidationError:
-        raise Unavailable("the gateway answered /v1/targets without a target list") from None
+        raise GatewayUnavailable("the gateway answered /v1/targets without a target list") from None
 
 
 # ---------------------------------------------------------------------- the two drivers

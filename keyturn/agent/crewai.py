@@ -27,7 +27,7 @@ from keyturn.agent.client import (
     SUBMIT_RETRY_SECONDS,
     AsyncClient,
     Client,
-    KeyturnError,
+    ClientError,
     NotConfigured,
 )
 from keyturn.agent.reports import ToolOutcome, default_wait, told, unexpected
@@ -104,7 +104,7 @@ class _CommandTool(_Connection):
             try:
                 with self._client() as kt:
                     listed = [t for t in kt.targets(TARGETS_TIMEOUT) if t.kind == self.kind]
-            except (KeyturnError, NotConfigured) as exc:
+            except (ClientError, NotConfigured) as exc:
                 log.warning("keyturn: cannot list targets for %s: %s", self.name, exc)
                 return "Targets: keyturn could not list them now; an unknown one is refused."
             self.targets = [t.name for t in listed]
@@ -114,22 +114,22 @@ class _CommandTool(_Connection):
     def _submit(self, target: str, command: str, reason: str) -> ToolOutcome:
         with self._client() as kt:
             try:
-                found: CommandOut | KeyturnError = kt.submit_and_wait(
+                found: CommandOut | ClientError = kt.submit_and_wait(
                     target, command, reason or None, wait=self._wait_for,
                     on_pending=self.on_pending, retry_for=self.retry_for,
                 )  # fmt: skip
-            except KeyturnError as exc:
+            except ClientError as exc:
                 found = exc
         return told(found, NEXT_CALL, self.targets)
 
     async def _asubmit(self, target: str, command: str, reason: str) -> ToolOutcome:
         async with self._async_client() as kt:
             try:
-                found: CommandOut | KeyturnError = await kt.submit_and_wait(
+                found: CommandOut | ClientError = await kt.submit_and_wait(
                     target, command, reason or None, wait=self._wait_for,
                     on_pending=self.on_pending, retry_for=self.retry_for,
                 )  # fmt: skip
-            except KeyturnError as exc:
+            except ClientError as exc:
                 found = exc
         return told(found, NEXT_CALL, self.targets)
 
@@ -201,10 +201,10 @@ class KeyturnRequestStatusTool(_Connection):
         try:
             with self._client() as kt:
                 try:
-                    found: CommandOut | KeyturnError = kt.wait(
+                    found: CommandOut | ClientError = kt.wait(
                         request_id, min(wait_seconds, MAX_STATUS_WAIT)
                     )
-                except KeyturnError as exc:
+                except ClientError as exc:
                     found = exc
             return told(found, NEXT_CALL).text
         except Exception as exc:
@@ -214,10 +214,10 @@ class KeyturnRequestStatusTool(_Connection):
         try:
             async with self._async_client() as kt:
                 try:
-                    found: CommandOut | KeyturnError = await kt.wait(
+                    found: CommandOut | ClientError = await kt.wait(
                         request_id, min(wait_seconds, MAX_STATUS_WAIT)
                     )
-                except KeyturnError as exc:
+                except ClientError as exc:
                     found = exc
             return told(found, NEXT_CALL).text
         except Exception as exc:

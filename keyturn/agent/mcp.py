@@ -22,7 +22,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from keyturn.agent.api import CommandOut, TargetOut, TargetsOut
-from keyturn.agent.client import AsyncClient, KeyturnError, NotConfigured, Rejected
+from keyturn.agent.client import AsyncClient, ClientError, NotConfigured, Rejected
 from keyturn.agent.reports import Status, ToolOutcome, refusal, report, told, unexpected
 from keyturn.errors import ConfigError
 
@@ -88,7 +88,7 @@ def build(
                 target, command, reason or None,
                 wait=lambda _: deadline - time.monotonic(), retry_for=max_wait,
             )  # fmt: skip
-        except KeyturnError as exc:
+        except ClientError as exc:
             known = None
             if isinstance(exc, Rejected) and exc.status == 404:  # name the right ones
                 left = max(1.0, deadline - time.monotonic())
@@ -109,9 +109,9 @@ def build(
         try:
             targets = await client.targets()
         except Exception as exc:
-            if not isinstance(exc, KeyturnError):
+            if not isinstance(exc, ClientError):
                 log.exception("keyturn mcp: list_targets failed")
-            said = refusal(exc, NEXT_CALL) if isinstance(exc, KeyturnError) else unexpected()
+            said = refusal(exc, NEXT_CALL) if isinstance(exc, ClientError) else unexpected()
             listed = TargetList(targets=[], status=said.status, text=said.text)
         else:
             lines = [f"{t.name} ({t.kind}): {t.description}" for t in targets]
@@ -160,10 +160,10 @@ def build(
         wait_seconds: Annotated[float, Field(ge=0, description="capped at 25")] = MAX_STATUS_WAIT,
     ) -> Outcome:
         try:
-            found: CommandOut | KeyturnError = await client.wait(
+            found: CommandOut | ClientError = await client.wait(
                 request_id, min(wait_seconds, MAX_STATUS_WAIT)
             )
-        except KeyturnError as exc:
+        except ClientError as exc:
             found = exc
         except Exception:
             log.exception("keyturn mcp: request_status failed")
@@ -177,7 +177,7 @@ async def _targets(client: AsyncClient, timeout: float) -> list[TargetOut]:
     """The identity's targets, for a refusal's hint: none when they cannot be had in time."""
     try:
         return await client.targets(timeout)
-    except KeyturnError:
+    except ClientError:
         return []
 
 

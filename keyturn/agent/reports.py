@@ -20,16 +20,16 @@ from pydantic import BaseModel, Field
 from keyturn.agent.api import CommandOut, ShellResultOut, SqlResultOut
 from keyturn.agent.client import (
     AuthError,
-    Blocked,
     Cancelled,
+    ClientError,
+    CommandBlocked,
     Denied,
     Expired,
     Failed,
-    KeyturnError,
-    RateLimited,
+    GatewayUnavailable,
     Rejected,
     StillPending,
-    Unavailable,
+    TooManyRequests,
 )
 
 MAX_ROWS_SHOWN = 50
@@ -194,13 +194,13 @@ def report(request: CommandOut, next_call: str) -> ToolOutcome:
     return refusal(Failed(request.error or "the command failed", request.id), next_call)
 
 
-def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None) -> ToolOutcome:
+def refusal(exc: ClientError, next_call: str, targets: list[str] | None = None) -> ToolOutcome:
     """One plain sentence for every way a command does not run (or is not known to)."""
     rid = exc.request_id
     fields: dict[str, Any] = {"request_id": rid}
     if isinstance(exc, StillPending):
         return waiting(exc.request, next_call)
-    if isinstance(exc, Blocked):
+    if isinstance(exc, CommandBlocked):
         said = exc.message.rstrip(". ") or "this command is not allowed"
         if not said.lower().startswith("blocked"):
             said = f"Blocked by rule {exc.rule}: {said}" if exc.rule else f"Blocked: {said}"
@@ -234,13 +234,13 @@ def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None)
         if exc.status == 404 and targets is not None:
             text += f" Targets you may use: {', '.join(targets) or 'none'}."
         status = "rejected"
-    elif isinstance(exc, RateLimited):
+    elif isinstance(exc, TooManyRequests):
         text = (
             f"keyturn is rate limiting this agent; nothing ran. Wait {exc.retry_after:g} s "
             "before the next command."
         )
         status = "rate_limited"
-    elif isinstance(exc, Unavailable):
+    elif isinstance(exc, GatewayUnavailable):
         text = f"keyturn could not be reached ({exc.message.rstrip('.')}). Try again in a minute."
         status = "unavailable"
     else:
@@ -249,10 +249,10 @@ def refusal(exc: KeyturnError, next_call: str, targets: list[str] | None = None)
 
 
 def told(
-    found: CommandOut | KeyturnError, next_call: str, targets: list[str] | None = None
+    found: CommandOut | ClientError, next_call: str, targets: list[str] | None = None
 ) -> ToolOutcome:
     """What the model is told of whatever the client returned or raised."""
-    if isinstance(found, KeyturnError):
+    if isinstance(found, ClientError):
         return refusal(found, next_call, targets)
     return report(found, next_call)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keyturn.agent.api import SqlResultOut
-from keyturn.agent.client import Blocked, Client, Denied, KeyturnError, Request
+from keyturn.agent.client import Client, ClientError, CommandBlocked, Denied, Request
 from keyturn.errors import ConfigError
 
 TARGET = "orders-db"
@@ -72,7 +72,7 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
         try:
             agent.submit(TARGET, FORBIDDEN, reason="keyturn demo")
             say("   (it ran: the demo policy's no-drop rule is missing)")
-        except Blocked as exc:
+        except CommandBlocked as exc:
             say(f"   {exc.message}")
         say()
         say("3. A risky write waits for a person:")
@@ -113,7 +113,7 @@ def demo(stack_file: Path, timeout: float) -> int:
     stack = load_stack(stack_file)
     try:
         return run_demo(stack, timeout=timeout)
-    except KeyturnError as exc:
+    except ClientError as exc:
         raise ConfigError(
             f"the dev stack at {stack['gateway_url']} did not answer as expected ({exc.message});"
             " is keyturn dev still running?"

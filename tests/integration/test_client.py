@@ -18,14 +18,14 @@ from keyturn.agent.api import SqlResultOut
 from keyturn.agent.client import (
     AsyncClient,
     AuthError,
-    Blocked,
     Client,
+    CommandBlocked,
     Denied,
     Expired,
+    GatewayUnavailable,
     Rejected,
     Request,
     StillPending,
-    Unavailable,
 )
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.ports import free_port
@@ -151,7 +151,7 @@ async def test_blocked_expired_and_still_pending(run_desk: DeskFactory, idp: Dev
         run_desk(writes={"pending_ttl": "2s"}) as desk,
         client(desk, idp.token(AGENT)) as kt,
     ):
-        with pytest.raises(Blocked) as blocked:
+        with pytest.raises(CommandBlocked) as blocked:
             await kt.run("shop", "DROP TABLE orders", timeout=5)
         assert blocked.value.rule == "no-drop" and "never allowed" in blocked.value.message
         with pytest.raises(StillPending) as pending:
@@ -189,7 +189,7 @@ async def test_a_wrong_token_is_an_auth_error_at_once(run_desk: DeskFactory) -> 
 
 async def test_a_gateway_that_is_down_is_unavailable(idp: DevIdP) -> None:
     async with AsyncClient(f"http://127.0.0.1:{free_port()}", idp.token(AGENT)) as kt:
-        with pytest.raises(Unavailable) as down:
+        with pytest.raises(GatewayUnavailable) as down:
             await kt.run("shop", "SELECT 1", timeout=1)
     assert "no connection" in down.value.message
 

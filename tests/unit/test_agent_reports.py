@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 from keyturn.agent.api import CommandOut, ShellResultOut, SqlResultOut
 from keyturn.agent.client import (
     AuthError,
-    Blocked,
+    CommandBlocked,
     Denied,
     Failed,
-    RateLimited,
+    GatewayUnavailable,
     Rejected,
     StillPending,
-    Unavailable,
+    TooManyRequests,
 )
 from keyturn.agent.reports import (
     DATA_LABEL,
@@ -82,14 +82,14 @@ def test_waiting_names_the_exact_next_call() -> None:
 
 def test_one_sentence_per_refusal() -> None:
     said = {
-        "blocked": refusal(Blocked("dropping tables is never allowed", "no-drop"), NEXT),
+        "blocked": refusal(CommandBlocked("dropping tables is never allowed", "no-drop"), NEXT),
         "denied": refusal(Denied("r-1", "U_ALICE", "limit it to order 42."), NEXT),
         "expired": report(request("expired"), NEXT),
         "failed": refusal(Failed("deadline exceeded", "r-1"), NEXT),
         "unauthorized": refusal(AuthError("token expired"), NEXT),
         "rejected": refusal(Rejected(404, "not_found", "unknown target 'x'"), NEXT, ["db"]),
-        "rate_limited": refusal(RateLimited("slow down", 2.0), NEXT),
-        "unavailable": refusal(Unavailable("could not submit: no connection"), NEXT),
+        "rate_limited": refusal(TooManyRequests("slow down", 2.0), NEXT),
+        "unavailable": refusal(GatewayUnavailable("could not submit: no connection"), NEXT),
     }
     assert {k: v.status for k, v in said.items()} == {k: k for k in said}
     assert said["blocked"].text == (
@@ -144,10 +144,10 @@ def test_backtick_runs_of_any_length_are_broken_up() -> None:
 
 
 def test_odd_refusals_still_read_well() -> None:
-    assert refusal(Blocked("no writes on Fridays", None), NEXT).text.startswith(
+    assert refusal(CommandBlocked("no writes on Fridays", None), NEXT).text.startswith(
         "Blocked: no writes on Fridays."
     )
-    assert refusal(Blocked("", "r1"), NEXT).text.startswith(
+    assert refusal(CommandBlocked("", "r1"), NEXT).text.startswith(
         "Blocked by rule r1: this command is not allowed."
     )
     empty = report(request("executed"), NEXT)  # executed, but no result: not "Ran on"

@@ -13,11 +13,11 @@ from keyturn.agent.client import (
     Call,
     Client,
     Failed,
+    GatewayUnavailable,
     NotConfigured,
     Rejected,
     Reply,
     Sleep,
-    Unavailable,
     outcome,
     settle_flow,
     submit_flow,
@@ -65,7 +65,7 @@ def test_429_waits_retry_after_and_a_dead_gateway_gives_up_at_the_deadline() -> 
     assert pause == Sleep(3.0)
     flow = submit_flow("db", "SELECT 1", None, None, "k", retry_for=0)
     next(flow)
-    with pytest.raises(Unavailable, match="could not submit to db: no connection"):
+    with pytest.raises(GatewayUnavailable, match="could not submit to db: no connection"):
         flow.send(None)
 
 
