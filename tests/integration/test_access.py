@@ -633,8 +633,7 @@ async def test_a_forged_app_home_approve_by_someone_who_is_no_approver_changes_n
             return len(oc.slack.ephemerals) + len(oc.dms(MALLORY)) > before
 
         await until(told)
-        row = await requests.get_request(oc.store, request_id)
-        assert row.status == "pending" and not row.approvals
+        await _undecided(oc, request_id)
 
 
 async def test_the_requesters_own_group_cannot_approve_from_the_app_home_either(
@@ -647,8 +646,7 @@ async def test_the_requesters_own_group_cannot_approve_from_the_app_home_either(
         status, _ = await oc.slack.click_view(f"VHOME{APPROVER}", APPROVE, PEER)
         assert status == 200
         await until(lambda: _refusal_for(oc, PEER, "own group"))
-        row = await requests.get_request(oc.store, request_id)
-        assert row.status == "pending" and not row.approvals
+        await _undecided(oc, request_id)
 
 
 async def test_a_deny_modal_submitted_by_someone_else_denies_nothing(
@@ -662,8 +660,7 @@ async def test_a_deny_modal_submitted_by_someone_else_denies_nothing(
         view_id = await until(lambda: _newest_view(oc, opened))
         status, body = await oc.slack.submit(view_id, MALLORY, {"reason": "no"})
         assert status == 200 and "not an approver" in body  # said in the modal itself
-        row = await requests.get_request(oc.store, request_id)
-        assert row.status == "pending" and not row.approvals
+        await _undecided(oc, request_id)
 
 
 async def test_nobody_revokes_or_extends_anothers_access_by_card_or_command(
@@ -682,6 +679,11 @@ async def test_nobody_revokes_or_extends_anothers_access_by_card_or_command(
         await until(lambda: _refusal_for(oc, MALLORY, "not an approver"))
         after = await grants.get_grant(oc.store, grant.id)
         assert after.status == "active" and after.expires_at == grant.expires_at
+
+
+async def _undecided(oc: OnCall, request_id: uuid.UUID) -> None:
+    row = await requests.get_request(oc.store, request_id)
+    assert row.status == "pending" and not row.approvals
 
 
 async def _refusal_for(oc: OnCall, user: str, containing: str) -> bool:

@@ -23,6 +23,7 @@ from keyturn.clock import ManualClock
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
 from keyturn.store import decisions, requests, runs
+from keyturn.store.db import Store
 from tests.integration.conftest import GatewayFactory, Shop
 
 READ = {"target": "shop", "command": "SELECT id, name, email, note FROM customers ORDER BY id"}
@@ -105,6 +106,13 @@ BAD_TOKEN_NAMES = [
     "garbage",
     "no-sub",
 ]
+
+
+async def approver_denies(store: Store, request_id: uuid.UUID, reason: str) -> None:
+    """U_APPROVER denies the request, as the bot records it."""
+    await decisions.decide(
+        store, request_id, "U_APPROVER", Decision.DENY, reason, deciders=Deciders.only("U_APPROVER")
+    )
 
 
 async def test_bad_tokens_get_401(run_gateway: GatewayFactory, idp: DevIdP) -> None:
@@ -348,14 +356,7 @@ async def test_denied_reason_reaches_the_agent(run_gateway: GatewayFactory, idp:
     token = idp.token("crew-billing")
     async with run_gateway() as gw:
         _, body = await gw.post(token, UPDATE)
-        await decisions.decide(
-            gw.store,
-            uuid.UUID(body["id"]),
-            "U_APPROVER",
-            Decision.DENY,
-            "freeze week",
-            deciders=Deciders.only("U_APPROVER"),
-        )
+        await approver_denies(gw.store, uuid.UUID(body["id"]), "freeze week")
         _, final = await gw.get(token, body["id"], wait=5)
         assert final["status"] == "denied"
         assert final["denied_by"] == "U_APPROVER" and final["deny_reason"] == "freeze week"
@@ -424,14 +425,7 @@ async def test_one_listen_connection_serves_many_waiters(
         assert counts.get("keyturn-listener") == 1
         assert sum(counts.values()) <= 25  # the pool plus the listener plus this probe
         for ident in ids:
-            await decisions.decide(
-                gw.store,
-                uuid.UUID(ident),
-                "U_APPROVER",
-                Decision.DENY,
-                "no",
-                deciders=Deciders.only("U_APPROVER"),
-            )
+            await approver_denies(gw.store, uuid.UUID(ident), "no")
         results = await asyncio.wait_for(asyncio.gather(*waiters), 30)
         assert {body["status"] for _, body in results} == {"denied"}
 
@@ -706,14 +700,7 @@ async def test_an_agent_cannot_bury_the_approvals_channel(
         status, _ = await gw.post(idp.token("crew-other"), UPDATE)
         assert status == 202
         first = next(body for status, body in results if status == 202)
-        await decisions.decide(
-            gw.store,
-            uuid.UUID(first["id"]),
-            "U_APPROVER",
-            Decision.DENY,
-            "no",
-            deciders=Deciders.only("U_APPROVER"),
-        )
+        await approver_denies(gw.store, uuid.UUID(first["id"]), "no")
         status, body = await gw.post(flood, UPDATE)
         assert status == 202, body
 
