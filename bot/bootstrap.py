@@ -79,7 +79,6 @@ class BotProcess:
     registry: CollectorRegistry
 
     async def start(self) -> None:
-        await self.bot.listener.start()
         self.bot.revoker.start()
         self.supervisor.start()
 
@@ -130,6 +129,7 @@ def build(
     register(app, bot)
     registry = CollectorRegistry()
     supervisor = Supervisor(registry, expected=(KeyturnError, *SLACK_ERRORS))
+    supervisor.watch("listener", bot.listener.start)
     cfg = config.bot
     supervisor.add(Loop("bot", bot.sync, cfg.poll_interval.total_seconds(), wake=bot.wake))
     anchor = Anchor.of(vault, config.vault)

@@ -53,8 +53,6 @@ class GatewayProcess:
     supervisor: Supervisor
 
     async def start(self) -> None:
-        await self.gw.listener.start()
-        self.gw.journal.start()
         self.supervisor.start()
 
     async def stop(self) -> None:
@@ -104,6 +102,8 @@ def build(
         vaults=[vault] if vault is not None else [],
     )
     supervisor = Supervisor(metrics.registry)
+    supervisor.watch("listener", listener.start)
+    supervisor.watch("journal", gw.journal.start)
     period = cfg.poll_interval.total_seconds()
     supervisor.add(Loop("poller", lambda: poll(gw), period))
     executor = None

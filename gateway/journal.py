@@ -99,9 +99,11 @@ class Journal:
         self._submitted.append(record)
         self._wake.set()
 
-    def start(self) -> None:
-        if self._task is None:
+    def start(self) -> asyncio.Task[None]:
+        """Start committing (again, if the task ended); the process's supervisor watches it."""
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="keyturn-journal")
+        return self._task
 
     def pending(self) -> int:
         return len(self._waited) + len(self._submitted) + self._committing

@@ -14,7 +14,8 @@ set (a NOTIFY hint; polling stays the guarantee). What a pass can end with:
   named by :meth:`Supervisor.down`, and ``/healthz`` answers 503 with it.
 
 A pass never takes its task with it, and the task is watched too: were it to end while the
-supervisor runs, it is counted as a crash and started again.
+supervisor runs, it is counted as a crash and started again. Long-running tasks that retry on
+their own (the journal, the listener) are *watched* the same way (:meth:`Supervisor.watch`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -57,6 +59,7 @@ class Supervisor:
         self._expected = expected
         self._loops: dict[str, Loop] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watched: dict[str, Callable[[], asyncio.Task[Any]]] = {}
         self._running = False
         self.crashes = Counter(
             "keyturn_loop_crashes_total",
@@ -78,8 +81,20 @@ class Supervisor:
     def loops(self) -> list[Loop]:
         return list(self._loops.values())
 
+    def watch(self, name: str, start: Callable[[], asyncio.Task[Any]]) -> None:
+        """A long-running task that handles its own failures: ``start()`` starts it (and
+        starts it anew once it has ended). Should it end while the process runs, that is a
+        crash like a loop's: logged, counted, and the task started again after
+        :data:`FIRST_RETRY`. Its owner stops it; the supervisor only stops restarting it."""
+        self.crashes.labels(name)
+        self._watched[name] = start
+        if self._running:
+            self._begin(name)
+
     def start(self) -> None:
         self._running = True
+        for name in self._watched:
+            self._begin(name)
         for loop in self._loops.values():
             self._start(loop)
 
@@ -100,6 +115,22 @@ class Supervisor:
             for loop in self._loops.values()
             if loop.failing_since is not None and now - loop.failing_since > loop.period
         )
+
+    def _begin(self, name: str) -> None:
+        task = self._watched[name]()
+        task.add_done_callback(lambda done: self._watched_ended(name, done))
+
+    def _watched_ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        if not self._running:
+            return  # stopped on purpose
+        exc = None if task.cancelled() else task.exception()
+        log.error("%s ended (%r); starting it again", name, exc)
+        self.crashes.labels(name).inc()
+        asyncio.get_running_loop().call_later(FIRST_RETRY, self._restart, name)
+
+    def _restart(self, name: str) -> None:
+        if self._running:
+            self._begin(name)
 
     def _start(self, loop: Loop, delay: float = 0.0) -> None:
         task = asyncio.create_task(self._run(loop, delay), name=f"keyturn-loop-{loop.name}")

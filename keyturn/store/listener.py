@@ -153,9 +153,11 @@ class Listener:
     def _on_termination(self, _conn: Any) -> None:
         self._lost.set()
 
-    async def start(self) -> None:
-        if self._task is None:
+    def start(self) -> asyncio.Task[None]:
+        """Start listening (again, if the task ended); the process's supervisor watches it."""
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="keyturn-listener")
+        return self._task
 
     async def stop(self) -> None:
         await cancel(self._task)

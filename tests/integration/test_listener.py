@@ -21,7 +21,7 @@ from keyturn.store.listener import Listener, wait_until
 @pytest_asyncio.fixture
 async def listener(database: Dsn) -> AsyncIterator[Listener]:
     listener = Listener(database, probe_after=0.5, backoff_initial=0.05, backoff_max=0.5)
-    await listener.start()
+    listener.start()
     await asyncio.wait_for(listener.connected.wait(), 10)
     yield listener
     await listener.stop()
@@ -100,7 +100,7 @@ async def test_reconnects_with_backoff_while_postgres_refuses(database: Dsn) -> 
     up to its cap; it never stops the process."""
     dead = parse_dsn(f"postgresql://nobody:x@127.0.0.1:{free_port()}/nothing")
     listener = Listener(dead, backoff_initial=0.01, backoff_max=0.05)
-    await listener.start()
+    listener.start()
     async with asyncio.timeout(10):
         while listener.failures < 4:  # three waits behind it: the ceiling is the cap now
             await asyncio.sleep(0.01)

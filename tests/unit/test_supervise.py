@@ -115,3 +115,32 @@ async def test_stopping_ends_every_loop_and_counts_nothing() -> None:
     passes = flaky.passes
     await asyncio.sleep(0.05)
     assert flaky.passes == passes and crashes(supervisor, "steady") == 0
+
+
+async def test_a_watched_task_that_ends_is_counted_and_started_again() -> None:
+    """The journal and the listener retry on their own; should one end anyway (a bug in its
+    own loop), the supervisor sees it, counts it and starts it again."""
+    supervisor = Supervisor(CollectorRegistry())
+    started: list[asyncio.Task[None]] = []
+    running = asyncio.Event()
+
+    async def first_dies_then_runs() -> None:
+        if len(started) == 1:
+            raise RuntimeError("a bug in the task's own loop")
+        running.set()
+        await asyncio.Event().wait()
+
+    def start() -> asyncio.Task[None]:
+        started.append(asyncio.create_task(first_dies_then_runs()))
+        return started[-1]
+
+    supervisor.watch("journal", start)
+    supervisor.start()
+    try:
+        await asyncio.wait_for(running.wait(), 10)
+        assert len(started) == 2 and crashes(supervisor, "journal") == 1
+    finally:
+        await supervisor.stop()
+        started[-1].cancel()
+    await asyncio.sleep(supervise.FIRST_RETRY * 2)
+    assert len(started) == 2  # stopping is not a crash: nothing is started again
