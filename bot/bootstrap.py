@@ -37,7 +37,7 @@ from keyturn.aio import drain
 from keyturn.checkpoint import Anchor
 from keyturn.clock import Clock
 from keyturn.config.policy import Config
-from keyturn.errors import ConfigError, KeyturnError
+from keyturn.errors import ConfigError, Unavailable
 from keyturn.settings import Settings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -128,7 +128,7 @@ def build(
     )
     register(app, bot)
     registry = CollectorRegistry()
-    supervisor = Supervisor(registry, expected=(KeyturnError, *SLACK_ERRORS))
+    supervisor = Supervisor(registry, expected=(Unavailable, *SLACK_ERRORS))
     supervisor.watch("listener", bot.listener.start)
     cfg = config.bot
     supervisor.add(Loop("bot", bot.sync, cfg.poll_interval.total_seconds(), wake=bot.wake))
@@ -159,15 +159,8 @@ def web_application(process: BotProcess, *, http_mode: bool = True) -> web.Appli
     async def healthz(_request: web.Request) -> web.Response:
         """Alive unless a background loop is down (crashed, not recovered within its
         period): cards would not be posted, credentials not issued, grants not ended."""
-        down = process.supervisor.down()
-        if down:
-            error = {
-                "code": "loops_down",
-                "message": f"background loops down: {', '.join(down)}",
-                "loops": down,
-            }
-            return web.json_response({"error": error}, status=503)
-        return web.json_response({"status": "ok"})
+        status, body = process.supervisor.health()
+        return web.json_response(body, status=status)
 
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(process.registry)

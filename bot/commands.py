@@ -56,7 +56,7 @@ async def run(bot: Bot, user: str, text: str) -> str:
     if command == "list" and not rest:
         return views.listing(await home.lines(user), home.store.clock.now())
     if command == "pending" and not rest:
-        waiting = await home.waiting_on(user)  # off the loop, as cards are (Bot's drawn)
+        waiting = await home.waiting_on(user)  # off the loop, as cards are (bot.drawing)
         return await asyncio.to_thread(views.waiting_listing, waiting)
     if command == "revoke":
         return await _revoke(bot, user, rest)

@@ -28,6 +28,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.usecases.approved import Executor
 from gateway.usecases.driver import Drivers
 from gateway.usecases.gateway import Gateway, poll
+from gateway.usecases.inflight import InFlight
 from keyturn.clock import Clock
 from keyturn.config.policy import Config
 from keyturn.masking import Masker
@@ -48,7 +49,6 @@ class GatewayProcess:
 
     gw: Gateway
     edge: Edge
-    postgres: PostgresDriver
     executor: Executor | None  # runs approved commands (needs Vault)
     supervisor: Supervisor
 
@@ -96,9 +96,9 @@ def build(
         listener=listener,
         journal=Journal(store),
         drivers=Drivers(kinds, [postgres, ssh]),
-        public_url=(public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
         metrics=metrics,
         turns=turns,
+        in_flight=InFlight(cfg.agent_concurrency, metrics),
         vaults=[vault] if vault is not None else [],
     )
     supervisor = Supervisor(metrics.registry)
@@ -112,14 +112,15 @@ def build(
         supervisor.add(Loop("executor", executor.drain, period, wake=executor.wake))
     for driver in gw.drivers:
         for loop in driver.background():
-            supervisor.add(Loop(loop.name, loop.step, loop.period))
+            supervisor.add(loop)
     edge = Edge(
         gw,
         Authenticator(cfg.auth, dev_secret),
         RateLimiter(cfg.rate_per_second, cfg.rate_burst),
-        supervisor.down,
+        supervisor.health,
+        (public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
     )
-    return GatewayProcess(gw, edge, postgres, executor, supervisor)
+    return GatewayProcess(gw, edge, executor, supervisor)
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:

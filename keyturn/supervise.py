@@ -5,9 +5,9 @@ coroutine function call) run every ``period`` seconds, or sooner when its ``wake
 set (a NOTIFY hint; polling stays the guarantee). What a pass can end with:
 
 - success: the next pass after ``period`` (or a wake);
-- an *expected* error (a keyturn error: Postgres, Vault or Slack away, which production
-  meets): a warning, and the next pass after the shared backoff. The loop is alive; whether
-  its dependencies are is ``/readyz``'s business;
+- an *expected* error (:class:`~keyturn.errors.Unavailable`: Postgres, Vault or Slack away
+  or out of room, which production meets): a warning, and the next pass after the shared
+  backoff. The loop is alive; whether its dependencies are is ``/readyz``'s business;
 - anything else: a *crash*. It is logged with its traceback, counted in
   ``keyturn_loop_crashes_total{loop}``, and the next pass comes after the backoff. The loop is
   *down* from its crash until a pass completes; a loop down for longer than its period is
@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from keyturn.backoff import Backoff
-from keyturn.errors import KeyturnError
+from keyturn.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Supervisor:
         self,
         registry: CollectorRegistry,
         *,
-        expected: tuple[type[BaseException], ...] = (KeyturnError,),
+        expected: tuple[type[BaseException], ...] = (Unavailable,),
     ) -> None:
         self._expected = expected
         self._loops: dict[str, Loop] = {}
@@ -131,6 +131,14 @@ class Supervisor:
     def _restart(self, name: str) -> None:
         if self._running:
             self._begin(name)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``/healthz`` of the process: 200, or 503 naming the loops :meth:`down`."""
+        down = self.down()
+        if not down:
+            return 200, {"status": "ok"}
+        message = f"background loops down: {', '.join(down)}"
+        return 503, {"error": {"code": "loops_down", "message": message, "loops": down}}
 
     def _start(self, loop: Loop, delay: float = 0.0) -> None:
         task = asyncio.create_task(self._run(loop, delay), name=f"keyturn-loop-{loop.name}")

@@ -250,6 +250,9 @@ class Vault:
                 except KeyturnError as again:
                     log.warning("Vault login failed: %s", again.message)
                     self._token_ttl = max(1, round(backoff.next()))
+            except Exception:  # never a silently dead renewer: the token would just run out
+                log.exception("Vault token renewal failed unexpectedly; retrying")
+                self._token_ttl = max(1, round(backoff.next()))
 
     async def close(self) -> None:
         await cancel(self._renewer)

@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 
 import asyncssh
 
-from gateway.usecases.driver import Allowed, Background, RunFailed
+from gateway.usecases.driver import Allowed, RunFailed
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
 from keyturn.config.targets import SshTarget
 from keyturn.errors import ConfigError
 from keyturn.masking import Masker
-from keyturn.vault import Vault
+from keyturn.supervise import Loop
 
 KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")
 OUTPUT_LIMIT = 64 * 1024  # characters of stdout (and of stderr) kept
@@ -131,7 +131,7 @@ class SshDriver:
         return None
 
     async def run_allowed(self, allowed: Allowed) -> dict[str, Any]:
-        raise RunFailed("the gateway holds no SSH credentials of its own", started=False)
+        raise RunFailed("the gateway holds no SSH credentials of its own", final=False)
 
     async def describe_held(self, target: str, command: str, who: Identity) -> dict[str, Any]:
         return {}
@@ -150,16 +150,13 @@ class SshDriver:
             )
         except (OSError, TimeoutError, asyncssh.Error) as exc:
             message = f"target {target} failed: {type(exc).__name__}: {exc}"
-            raise RunFailed(message, started=True) from exc
+            raise RunFailed(self._masker.text(message), final=True) from exc
         return shell.as_json() | {
             "stdout": self._masker.text(shell.stdout),
             "stderr": self._masker.text(shell.stderr),
         }
 
-    def vaults(self) -> list[Vault]:
-        return []
-
-    def background(self) -> list[Background]:
+    def background(self) -> list[Loop]:
         return []
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -23,11 +24,13 @@ from gateway.auth import Authenticator
 from gateway.edges.openapi import build_spec
 from gateway.edges.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn, storable
 from gateway.ratelimit import RateLimiter
-from gateway.usecases.gateway import Gateway, read, ready, targets
+from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read, ready, targets
 from gateway.usecases.submission import Submission
 from gateway.usecases.submit import Blocked, submit
 from keyturn.agent.api import CommandOut
+from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, KeyturnError, RateLimited, TooLarge, Unavailable
+from keyturn.store.reads import RequestView
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,7 +43,27 @@ class Edge:
     gw: Gateway
     auth: Authenticator
     limiter: RateLimiter
-    down: Callable[[], list[str]]  # background loops down longer than their period
+    health: Callable[[], tuple[int, dict[str, Any]]]  # the process's loops (Supervisor.health)
+    public_url: str  # where agents reach this gateway (wait_url)
+
+    def answer(self, row: RequestView) -> CommandOut:
+        """A request as the HTTP API shows it; one still going carries where to wait for it."""
+        status = RequestStatus(row.status)
+        waiting = status not in AGENT_TERMINAL
+        return CommandOut(
+            id=str(row.id),
+            status=status.value,
+            target=row.target,
+            rule=row.rule,
+            created_at=row.created_at,
+            wait_url=f"{self.public_url}/v1/commands/{row.id}?wait=30" if waiting else None,
+            expires_at=row.pending_expires_at if status is RequestStatus.PENDING else None,
+            estimated_rows=row.estimated_rows,
+            result=row.result,
+            error=row.error,
+            denied_by=row.denied_by,
+            deny_reason=row.deny_reason,
+        )
 
 
 EDGE_KEY = web.AppKey("edge", Edge)
@@ -158,8 +181,8 @@ async def post_command(request: web.Request) -> web.Response:
     if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
         raise InvalidInput("Idempotency-Key must be 1 to 200 printable characters")
     sub = _parse(await request.read(), key)
-    ended, out = await submit(edge.gw, who, sub)
-    return await _json(out, 200 if ended else 202)
+    ended, row = await submit(edge.gw, who, sub)
+    return await _json(edge.answer(row), 200 if ended else 202)
 
 
 async def get_command(request: web.Request) -> web.Response:
@@ -173,7 +196,7 @@ async def get_command(request: web.Request) -> web.Response:
     if not math.isfinite(wait) or wait < 0:
         raise InvalidInput("wait must be a non-negative number of seconds")
     wait = min(wait, edge.gw.config.gateway.max_wait.total_seconds())
-    return await _json(await read(edge.gw, who, request.match_info["id"], wait))
+    return await _json(edge.answer(await read(edge.gw, who, request.match_info["id"], wait)))
 
 
 async def get_targets(request: web.Request) -> web.Response:
@@ -184,12 +207,9 @@ async def get_targets(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Alive unless a background loop is down (crashed, not recovered within its period):
-    held requests would never run, grants never end, while the process still answered."""
-    down = request.app[EDGE_KEY].down()
-    if down:
-        message = f"background loops down: {', '.join(down)}"
-        return error_response(503, "loops_down", message, loops=down)
-    return web.json_response({"status": "ok"})
+    held requests would never run while the process still answered."""
+    status, body = request.app[EDGE_KEY].health()
+    return web.json_response(body, status=status)
 
 
 async def readyz(request: web.Request) -> web.Response:

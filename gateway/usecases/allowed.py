@@ -9,23 +9,15 @@ flight (:class:`gateway.usecases.inflight.InFlight`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from typing import Any
 
 from gateway.journal import AlreadyRecorded
 from gateway.usecases.driver import Allowed, Driver, RunFailed
 from gateway.usecases.gateway import Gateway
-from gateway.usecases.submission import Submission, outcome
-from keyturn.agent.api import CommandOut
+from gateway.usecases.submission import Submission, digest, outcome
 from keyturn.classify import Identity, Verdict
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.store import outcomes, reads, requests
-
-
-def digest(result: dict[str, Any]) -> str:
-    """What the record keeps of a result: its sha256, never the rows."""
-    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
 
 
 async def _recorded(recording: asyncio.Future[None]) -> None:
@@ -40,7 +32,7 @@ async def _recorded(recording: asyncio.Future[None]) -> None:
 
 async def run(
     gw: Gateway, driver: Driver, who: Identity, sub: Submission, verdict: Verdict
-) -> CommandOut:
+) -> reads.RequestView:
     async with gw.in_flight.admit(who.subject):
         intent = outcome(
             sub,
@@ -83,14 +75,14 @@ def _abandon(gw: Gateway, intent: outcomes.Outcome, recording: asyncio.Future[No
     recording.add_done_callback(done)
 
 
-async def _earlier(gw: Gateway, who: Identity, sub: Submission) -> CommandOut:
+async def _earlier(gw: Gateway, who: Identity, sub: Submission) -> reads.RequestView:
     """An earlier call with the same Idempotency-Key won the record: its request answers."""
     earlier = await requests.find_by_key(
         gw.store, who.subject, sub.idempotency_key or "", sub.body_sha256
     )
     if earlier is None:
         raise Unavailable("cannot record the command in keyturn's database")
-    return gw.view(reads.RequestView.of(earlier))
+    return reads.RequestView.of(earlier)
 
 
 async def _not_run(
@@ -100,7 +92,7 @@ async def _not_run(
     intent: outcomes.Outcome,
     recording: asyncio.Future[None],
     failed: RunFailed,
-) -> CommandOut:
+) -> reads.RequestView:
     """An allowed command that did not complete: its record says why. Without a record
     nothing ran (an earlier call with the same key won, or keyturn's database is down);
     a command that never started gives its Idempotency-Key back, so a retry runs it."""
@@ -110,14 +102,11 @@ async def _not_run(
         return await _earlier(gw, who, sub)
     gw.journal.submit(
         outcomes.Completion(
-            intent.id, who.subject, failed.message, None, release_key=not failed.started
+            intent.id, who.subject, failed.message, None, release_key=not failed.final
         )
     )
     if failed.outcome == "busy":
-        raise RateLimited(
-            f"no read-only connection of {who.subject} became free in time; retry",
-            retry_after=1.0,
-        ) from None
+        raise RateLimited(f"{failed.message}; retry", retry_after=1.0) from None
     if failed.outcome == "failed":
         gw.metrics.commands.labels("failed").inc()
         return _answer(gw, sub, intent, None, failed.message)
@@ -132,13 +121,19 @@ def _answer(
     intent: outcomes.Outcome,
     result: dict[str, Any] | None,
     error: str | None,
-) -> CommandOut:
-    return CommandOut(
-        id=str(intent.id),
-        status="failed" if error else "executed",
+) -> reads.RequestView:
+    now = gw.store.clock.now()
+    return reads.RequestView(
+        id=intent.id,
         target=sub.target,
+        requester=intent.requester,
+        status="failed" if error else "executed",
         rule=intent.rule,
-        created_at=gw.store.clock.now(),
+        created_at=now,
+        pending_expires_at=now,  # it never waited
+        estimated_rows=None,
         result=result,
         error=error,
+        denied_by=None,
+        deny_reason=None,
     )

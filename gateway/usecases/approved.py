@@ -22,8 +22,8 @@ from datetime import timedelta
 from typing import Any
 
 from gateway.metrics import Metrics
-from gateway.usecases.allowed import digest
 from gateway.usecases.driver import Drivers, RunFailed
+from gateway.usecases.submission import digest
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
@@ -107,9 +107,7 @@ class Executor:
         except HandoffRejected as exc:
             log.error("approved request %s not run: %s", request.id, exc.message)
             error = exc.message
-        except KeyturnError as exc:
-            error = exc.message
-        except RunFailed as exc:
+        except (KeyturnError, RunFailed) as exc:
             error = exc.message
         finally:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)

@@ -14,38 +14,43 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
 from keyturn.config.rules import Rule
-from keyturn.errors import KeyturnError
-from keyturn.vault import Vault
+from keyturn.errors import KeyturnError, NotFound
+from keyturn.supervise import Loop
 
-# How an allowed command that did not complete is answered:
-#   failed      — the target (or the gateway's checks on it) refused it: status "failed"
-#   busy        — it never started for want of a free connection in time: 429, retry
-#   unreachable — the target could not be reached: 503
+# How a command that did not complete is answered:
+#   failed      — the target (or the gateway's checks on it) refused it: the request failed
+#   busy        — it never started for want of room on the target in time: retry later
+#   unreachable — the target could not be reached: the gateway is unavailable
 #   error       — a keyturn error of the gateway's own (``error``), answered as itself
-Outcome = Literal["failed", "busy", "unreachable", "error"]
+Answer = Literal["failed", "busy", "unreachable", "error"]
 
 
 class RunFailed(Exception):
-    """A command did not complete; ``message`` is what the agent is told and recorded."""
+    """A command did not complete; ``message`` is what the agent is told and recorded.
+
+    ``final``: a retry with the same Idempotency-Key must get this same answer (some of it may
+    have reached the target, or judging refused it). Otherwise nothing reached the target and
+    the key is given back, so a retry runs it.
+    """
 
     def __init__(
         self,
         message: str,
         *,
-        started: bool,
-        outcome: Outcome = "failed",
+        final: bool,
+        outcome: Answer = "failed",
         error: KeyturnError | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.started = started  # whether any of it reached the target
+        self.final = final
         self.outcome = "error" if error is not None else outcome
         self.error = error
 
@@ -60,15 +65,6 @@ class Allowed:
     request_id: uuid.UUID
     rule: Rule | None
     recorded: asyncio.Future[None]
-
-
-@dataclass(frozen=True)
-class Background:
-    """A loop a driver needs kept alive (its bootstrap supervises it)."""
-
-    name: str
-    step: Callable[[], Any]
-    period: float
 
 
 class Driver(Protocol):
@@ -97,11 +93,8 @@ class Driver(Protocol):
         """Run exactly the approved command with the bot's credentials; the (masked) result.
         Raises RunFailed or a keyturn error."""
 
-    def vaults(self) -> list[Vault]:
-        """The Vault clients it holds (closed by the bootstrap, checked by /readyz)."""
-
-    def background(self) -> list[Background]:
-        """Its loops."""
+    def background(self) -> list[Loop]:
+        """Its loops (the bootstrap supervises them)."""
 
     async def close(self) -> None:
         """Release everything it holds (connections, leases)."""
@@ -120,7 +113,10 @@ class Drivers:
     def kind(self, kind: str) -> Driver:
         return self._by_kind[kind]
 
-    def of(self, target: str) -> Driver | None:
-        """The driver of ``target``, or None for a target not in the policy."""
+    def of(self, target: str) -> Driver:
+        """The driver of ``target``, one the policy names (the use cases check access first:
+        :func:`keyturn.classify.check_access`)."""
         kind = self._kinds.get(target)
-        return self._by_kind.get(kind) if kind is not None else None
+        if kind is None:
+            raise NotFound(f"unknown target {target!r}")
+        return self._by_kind[kind]

@@ -18,7 +18,7 @@ from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
 from gateway.usecases.driver import Drivers
 from gateway.usecases.inflight import InFlight
-from keyturn.agent.api import TERMINAL, CommandOut, TargetOut, TargetsOut
+from keyturn.agent.api import TERMINAL, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, classify, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.config.policy import Config
@@ -39,15 +39,13 @@ class Gateway:
     listener: Listener
     journal: Journal
     drivers: Drivers
-    public_url: str
-    metrics: Metrics = field(default_factory=Metrics)
-    turns: Turns = field(default_factory=Turns)  # one judgement per agent at once
-    vaults: list[Vault] = field(default_factory=list)  # every Vault client, for /readyz
+    metrics: Metrics
+    turns: Turns  # one judgement per agent at once
+    in_flight: InFlight  # allowed commands running per agent
+    vaults: list[Vault]  # every Vault client, for /readyz
     draining: bool = field(init=False, default=False)
-    in_flight: InFlight = field(init=False)
 
     def __post_init__(self) -> None:
-        self.in_flight = InFlight(self.config.gateway.agent_concurrency, self.metrics)
         self._classify = functools.lru_cache(maxsize=8192)(self._classify_uncached)
 
     def _classify_uncached(
@@ -57,28 +55,9 @@ class Gateway:
 
     async def verdict(self, target: str, command: str, who: Identity) -> Verdict:
         """Cached (per catalog); judged in the judging pool, never on the event loop."""
-        driver = self.drivers.of(target)
-        catalog = await driver.catalog(target) if driver is not None else None
+        catalog = await self.drivers.of(target).catalog(target)
         async with self.turns.turn(who.subject):
             return await judged(self._classify, target, command, who, catalog)
-
-    def view(self, row: reads.RequestView) -> CommandOut:
-        status = RequestStatus(row.status)
-        waiting = status not in AGENT_TERMINAL
-        return CommandOut(
-            id=str(row.id),
-            status=status.value,
-            target=row.target,
-            rule=row.rule,
-            created_at=row.created_at,
-            wait_url=f"{self.public_url}/v1/commands/{row.id}?wait=30" if waiting else None,
-            expires_at=row.pending_expires_at if status is RequestStatus.PENDING else None,
-            estimated_rows=row.estimated_rows,
-            result=row.result,
-            error=row.error,
-            denied_by=row.denied_by,
-            deny_reason=row.deny_reason,
-        )
 
     def drain(self) -> None:
         """Shutting down: answer every long-poll now with its request as it stands, rather than
@@ -104,7 +83,7 @@ def targets(gw: Gateway, who: Identity) -> TargetsOut:
     )
 
 
-async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> CommandOut:
+async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> reads.RequestView:
     """``who``'s request as it stands, or once it ends (within ``wait`` seconds)."""
     try:
         ident = uuid.UUID(request_id)
@@ -118,7 +97,7 @@ async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> Comm
         return row
 
     if wait <= 0:
-        return gw.view(await load())
+        return await load()
     gw.metrics.waiters.inc()
     try:
         row = await wait_until(
@@ -132,7 +111,7 @@ async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> Comm
         )
     finally:
         gw.metrics.waiters.dec()
-    return gw.view(row)
+    return row
 
 
 async def poll(gw: Gateway) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 from gateway.usecases.gateway import Gateway
 from gateway.usecases.submission import Submission, classification
-from keyturn.agent.api import CommandOut
 from keyturn.classify import Identity, Verdict
 from keyturn.domain import Deciders, Decision, policy_decider
 from keyturn.store import decisions, reads, requests
@@ -39,19 +38,18 @@ async def _request(
     )
 
 
-async def hold(gw: Gateway, who: Identity, sub: Submission, verdict: Verdict) -> CommandOut:
+async def hold(gw: Gateway, who: Identity, sub: Submission, verdict: Verdict) -> reads.RequestView:
     """A pending request, with what its driver can tell the approvers beforehand."""
-    driver = gw.drivers.of(sub.target)
-    details = await driver.describe_held(sub.target, sub.command, who) if driver else {}
+    details = await gw.drivers.of(sub.target).describe_held(sub.target, sub.command, who)
     row, created = await _request(gw, who, sub, verdict, details)
     if created:
         gw.metrics.commands.labels("held").inc()
-    return gw.view(reads.RequestView.of(row))
+    return reads.RequestView.of(row)
 
 
 async def approve_by_rule(
     gw: Gateway, who: Identity, sub: Submission, verdict: Verdict
-) -> CommandOut:
+) -> reads.RequestView:
     """An allowed command the gateway cannot run on standing credentials of its own (an SSH
     command: every run needs a certificate): recorded, then approved in the rule's name
     (``policy:<rule>``), so the bot mints its credentials as for any approval and the
@@ -67,4 +65,4 @@ async def approve_by_rule(
         )
         row = decided.request
         gw.metrics.commands.labels("held").inc()
-    return gw.view(reads.RequestView.of(row))
+    return reads.RequestView.of(row)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -46,3 +48,8 @@ def outcome(
         reason=sub.reason,
         **extra,
     )
+
+
+def digest(result: dict[str, Any]) -> str:
+    """What the record keeps of a result: its sha256, never the rows."""
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()

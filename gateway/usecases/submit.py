@@ -5,7 +5,6 @@ from __future__ import annotations
 from gateway.usecases import allowed, hold
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway
 from gateway.usecases.submission import Submission, outcome
-from keyturn.agent.api import CommandOut
 from keyturn.classify import Identity, check_access
 from keyturn.errors import Forbidden
 from keyturn.store import reads, requests
@@ -19,7 +18,7 @@ class Blocked(Forbidden):
         self.rule = rule
 
 
-async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, CommandOut]:
+async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, reads.RequestView]:
     """The request as it stands, and whether it has ended (an edge answers 200, else 202).
 
     A replay of an Idempotency-Key with the same body answers the earlier request."""
@@ -29,7 +28,7 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, Com
             gw.store, who.subject, sub.idempotency_key, sub.body_sha256
         )
         if earlier is not None:
-            return earlier.status in AGENT_TERMINAL, gw.view(reads.RequestView.of(earlier))
+            return earlier.status in AGENT_TERMINAL, reads.RequestView.of(earlier)
     verdict = await gw.verdict(sub.target, sub.command, who)
     rule = verdict.rule.name if verdict.rule else None
     for shadow_rule, action in verdict.shadow:
@@ -40,7 +39,7 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, Com
         message = verdict.rule.message if verdict.rule and verdict.rule.message else None
         raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
     driver = gw.drivers.of(sub.target)
-    if verdict.action == "allow" and driver is not None and driver.runs_allowed(sub.target):
+    if verdict.action == "allow" and driver.runs_allowed(sub.target):
         out = await allowed.run(gw, driver, who, sub, verdict)
         return out.status in AGENT_TERMINAL, out
     if verdict.action == "allow":

@@ -374,7 +374,7 @@ def targets_flow(timeout: float) -> Flow[list[TargetOut]]:
         raise GatewayUnavailable("the gateway answered /v1/targets without a target list") from None
 
 
-# ---------------------------------------------------------------------- the two drivers
+# ---------------------------------------------------------------------- the two runners
 
 
 def _settings(url: str | None, token: str | None) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql
 from keyturn.config.policy import Config
 from keyturn.config.rules import Rule
-from keyturn.config.targets import PostgresTarget, TargetBase
+from keyturn.config.targets import PostgresTarget, SshTarget, TargetBase
 from keyturn.errors import Forbidden, NotFound
 
 Action = Literal["allow", "hold", "block"]
@@ -122,7 +122,10 @@ def classify(
     with budget():
         if isinstance(target, PostgresTarget):
             return _classify_sql(config, target_name, command, who, catalog)
-        return _classify_shell(config, target_name, command, who)
+        if isinstance(target, SshTarget):
+            return _classify_shell(config, target_name, command, who)
+    # a new kind of target is judged by its own parser, never by another kind's
+    raise NotImplementedError(f"no classifier for targets of kind {target.kind!r}")
 
 
 def _classify_sql(

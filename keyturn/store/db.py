@@ -38,6 +38,10 @@ def describe_connect_error(dsn: Dsn, exc: BaseException) -> Unavailable:
         why = f"database {dsn.database!r} does not exist (create it, then run `keyturn migrate`)"
     elif isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
         why = "nothing answers there (is Postgres running, and are host and port right?)"
+    elif isinstance(exc, asyncpg.InsufficientResourcesError):
+        return DatabaseUnavailable(
+            f"Postgres at {dsn.redacted} is out of resources ({exc.sqlstate}: {exc}); retry later"
+        )
     else:
         why = f"{type(exc).__name__}: {exc}"
     return DatabaseUnavailable(f"cannot connect to Postgres at {dsn.redacted}: {why}")
@@ -52,6 +56,11 @@ _CONNECTION_ERRORS = (
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
+    # the server is there but cannot take the work now: too many connections, disk full, out
+    # of memory; shutting down or restarting
+    asyncpg.InsufficientResourcesError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
 )
 
 

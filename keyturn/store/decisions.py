@@ -1,5 +1,5 @@
 """Deciding a request: votes (who may vote is :class:`keyturn.domain.Deciders`, checked
-under the request's row lock), cancelling, and expiry past the pending TTL."""
+under the request's row lock), and expiry past the pending TTL."""
 
 from __future__ import annotations
 
@@ -60,17 +60,6 @@ async def decide(
             )
         )
     return DecisionResult(row, decided)
-
-
-async def cancel_request(store: Store, request_id: uuid.UUID, by: str) -> RequestRow:
-    async with store.transaction() as tx:
-        row = await tx.locked(RequestRow, request_id)
-        req = row.domain()
-        now = tx.now
-        req.cancel(by, now)
-        row.save(req, now)
-        tx.record(Event("request.cancelled", by, request_id=row.id))
-    return row
 
 
 async def expire_due_requests(store: Store, *, limit: int = 100) -> list[RequestRow]:

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -23,7 +23,10 @@ from bot.bootstrap import slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
 from gateway.bootstrap import GatewayProcess, application, build
+from gateway.drivers.postgres.driver import PostgresDriver
+from gateway.drivers.postgres.logins import ReadOnlyLogins
 from gateway.usecases.gateway import Gateway
+from keyturn import supervise
 from keyturn.clock import Clock
 from keyturn.config.loading import parse_config
 from keyturn.config.policy import Config
@@ -35,6 +38,7 @@ from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
+from keyturn.supervise import Loop
 from keyturn.vault import AppRoleLogin, Vault
 from keyturn.vault_setup import bootstrap
 
@@ -261,6 +265,11 @@ class Running:
         """The use cases' view of this gateway."""
         return self.process.gw
 
+    @property
+    def logins(self) -> ReadOnlyLogins | None:
+        """The postgres driver's read-only logins (None without the gateway's Vault)."""
+        return cast(PostgresDriver, self.gw.drivers.kind("postgres")).logins
+
     async def post(self, token: str, body: Any, **headers: str) -> tuple[int, dict[str, Any]]:
         resp = await self.client.post(
             "/v1/commands", json=body, headers={"Authorization": f"Bearer {token}", **headers}
@@ -443,3 +452,28 @@ def run_desk(
             yield Desk(running, approvals_slack, store)
 
     return start
+
+
+# ------------------------------------------------------------------ supervised loops
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crashed loops come back within a second (the shared backoff, shortened)."""
+    monkeypatch.setattr(supervise, "FIRST_RETRY", 0.2)
+    monkeypatch.setattr(supervise, "RETRY_CAP", 0.5)
+
+
+@contextlib.contextmanager
+def crashing(loop: Loop) -> Iterator[None]:
+    """Every pass of ``loop`` raises what no loop expects, until the block ends."""
+    step = loop.step
+
+    async def broken() -> None:
+        raise RuntimeError(f"injected into {loop.name}")
+
+    loop.step = broken
+    try:
+        yield
+    finally:
+        loop.step = step

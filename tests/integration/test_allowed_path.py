@@ -497,7 +497,7 @@ async def test_logins_stay_within_their_bound(
     run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
 ) -> None:
     async with run_gateway(gateway={"readonly_logins": 5, "statement_timeout": "1s"}) as gw:
-        readers = gw.process.postgres.logins
+        readers = gw.logins
         assert readers is not None
         most = 0
         sampling = True
@@ -540,13 +540,13 @@ async def test_an_idle_login_is_closed_and_its_lease_revoked(
     async with run_gateway(gateway={"readonly_idle": "1s"}) as gw:
         status, body = await gw.post(idp.token("crew-billing"), sql("SELECT 1"))
         assert (status, body["status"]) == (200, "executed")
-        assert gw.process.postgres.logins is not None
-        login = gw.process.postgres.logins.login_of("shop", "crew-billing")
+        assert gw.logins is not None
+        login = gw.logins.login_of("shop", "crew-billing")
         assert login is not None and login.lease is not None
         username, lease_id = login.lease.data["username"], login.lease.lease_id
 
         async def closed() -> bool:
-            return gw.process.postgres.logins.login_of("shop", "crew-billing") is None  # type: ignore[union-attr]
+            return gw.logins.login_of("shop", "crew-billing") is None  # type: ignore[union-attr]
 
         async def dropped() -> bool:  # the lease's revocation runs after the login is let go
             check = f"SELECT 1 FROM pg_roles WHERE rolname = '{username}'"
@@ -686,14 +686,14 @@ async def test_a_replaced_lease_is_revoked_once_its_connections_close(
 ) -> None:
     token = idp.token("mallory")
     async with run_gateway(rules=ALLOW_ANY) as gw:
-        assert gw.process.postgres.logins is not None
+        assert gw.logins is not None
         slow = asyncio.create_task(gw.post(token, sql("SELECT pg_sleep(1.5) AS slow")))
 
         async def running() -> bool:
             return not await no_query_left(shop, "AS slow")
 
         await until(running)
-        login = gw.process.postgres.logins.login_of("shop", "mallory")
+        login = gw.logins.login_of("shop", "mallory")
         assert login is not None and login.username is not None
         old = login.username
         await login.leases._fresh()  # what the keeper does when the lease nears its max TTL

@@ -22,7 +22,6 @@ from bot import card_store
 from bot.bootstrap import build, slack_client, web_application
 from bot.cards import APPROVE, DENY
 from bot.service import Bot
-from keyturn import supervise
 from keyturn.checkpoint import Anchor, Checkpoint
 from keyturn.clock import Clock, ManualClock
 from keyturn.config.loading import parse_config
@@ -30,7 +29,7 @@ from keyturn.harness.slack import SlackEmulator
 from keyturn.store import requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.integration.conftest import Shop, TcpProxy, serve_bot
+from tests.integration.conftest import Shop, TcpProxy, crashing, serve_bot
 
 CHANNEL = "CAPPROVALS"
 APPROVERS = ["U_ALICE", "U_BOB", "U_CAROL"]
@@ -343,7 +342,7 @@ async def test_bad_signatures_are_refused(run_bot: BotFactory, slack: SlackEmula
             signature=headers["X-Slack-Signature"],
         )
         assert status == 401
-        await asyncio.sleep(0.3)
+        await rb.passes()
         assert await rb.status(request_id) == "pending"
 
 
@@ -655,47 +654,40 @@ async def test_commands_are_printed_back_off_the_event_loop(
     assert on_loop == []
 
 
-async def test_the_bots_loop_crashing_turns_its_healthz_503_and_cards_follow_once_back(
-    slack: SlackEmulator, database: Dsn, shop: Shop, monkeypatch: pytest.MonkeyPatch
+async def test_each_bot_loop_crashing_turns_its_healthz_503_and_its_work_follows_once_back(
+    slack: SlackEmulator, database: Dsn, shop: Shop, quick_retries: None
 ) -> None:
-    monkeypatch.setattr(supervise, "FIRST_RETRY", 0.2)
-    monkeypatch.setattr(supervise, "RETRY_CAP", 0.5)
     store = Store(database)
     client = slack_client(slack.bot_token, slack.api_url)
-    process = build(
-        parse_config(policy_data(shop)), store, client, slack.signing_secret, shop.bot_vault()
-    )
+    bot = {"poll_interval": "500ms", "card_claim_timeout": "2s", "audit_checkpoint": "300ms"}
+    config = parse_config(policy_data(shop, bot=bot))
+    process = build(config, store, client, slack.signing_secret, shop.bot_vault())
     server = TestServer(web_application(process))
     await server.start_server()
     slack.bot_url = str(server.make_url("/slack/events"))
-    health = str(server.make_url("/healthz"))
-    loop = next(loop for loop in process.supervisor.loops if loop.name == "bot")
-    step = loop.step
 
-    async def broken() -> None:
-        raise RuntimeError("injected into the bot's loop")
-
-    async def answer() -> tuple[int, dict[str, Any]]:
-        async with aiohttp.ClientSession() as http, http.get(health) as resp:
-            return resp.status, await resp.json()
+    async def answer(path: str = "/healthz") -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as http, http.get(str(server.make_url(path))) as resp:
+            return resp.status, await (resp.json() if path == "/healthz" else resp.text())
 
     try:
         async with Store(database) as reader:
             rb = RunningBot(process.bot, reader, slack)
-            loop.step = broken
-            await rb.until(lambda: _eq(_status(answer()), 503))
-            _, body = await answer()
-            assert body["error"]["loops"] == ["bot"]
-            request_id = await rb.hold()
-            assert await card_store.posted_at(reader, request_id) is None  # nobody posts it
-            loop.step = step
-            await rb.until(lambda: _eq(_status(answer()), 200))
+            loops = {loop.name: loop for loop in process.supervisor.loops}
+            assert set(loops) == {"bot", "audit-anchor"}
+            for name, loop in loops.items():
+                with crashing(loop):
+                    await rb.until(lambda: _eq(_status(answer()), 503))
+                    _, body = await answer()
+                    assert body["error"]["loops"] == [name]
+                    if name == "bot":
+                        request_id = await rb.hold()
+                        assert await card_store.posted_at(reader, request_id) is None
+                await rb.until(lambda: _eq(_status(answer()), 200))
             await rb.card(request_id)  # the held work is done once the loop is back
-            metrics_url = str(server.make_url("/metrics"))
-            async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
-                metrics = await resp.text()
-            assert 'keyturn_loop_crashes_total{loop="bot"}' in metrics
-            assert 'keyturn_loop_crashes_total{loop="bot"} 0.0' not in metrics
+            _, metrics = await answer("/metrics")
+            for name in loops:
+                assert f'keyturn_loop_crashes_total{{loop="{name}"}} 0.0' not in metrics
     finally:
         await server.close()
 

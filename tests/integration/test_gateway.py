@@ -177,8 +177,8 @@ async def test_allowed_read_runs_on_vault_readonly_credentials_and_is_masked(
         assert result["rows"][1][3] == "call ***-***-2671"
         assert result["truncated"] is False
 
-        assert gw.process.postgres.logins is not None
-        login = gw.process.postgres.logins.login_of("shop", "crew-billing")  # its own login
+        assert gw.logins is not None
+        login = gw.logins.login_of("shop", "crew-billing")  # its own login
         assert login is not None
         assert login.lease is not None
         password, username = login.lease.data["password"], login.lease.data["username"]
@@ -247,11 +247,11 @@ async def test_readonly_login_is_renewed_and_replaced(
         async with run_gateway() as gw:
             token = idp.token("crew-billing")
             first_user = None
-            assert gw.process.postgres.logins is not None
+            assert gw.logins is not None
             for _ in range(8):
                 status, body = await gw.post(token, READ)
                 assert status == 200 and body["status"] == "executed", body
-                login = gw.process.postgres.logins.login_of("shop", "crew-billing")
+                login = gw.logins.login_of("shop", "crew-billing")
                 assert login is not None
                 first_user = first_user or login.username
                 await asyncio.sleep(1)

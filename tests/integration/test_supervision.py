@@ -4,39 +4,32 @@ shown on /healthz while it lasts; the work it held up is done once the loop is b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
+import uuid
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from keyturn import supervise
+from gateway.bootstrap import application, build
 from keyturn.harness.idp import DevIdP
+from keyturn.harness.pytest_plugin import PostgresServer
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
 from keyturn.supervise import Loop
-from tests.integration.conftest import DeskFactory, GatewayFactory, Running
+from tests.integration.conftest import (
+    DeskFactory,
+    GatewayFactory,
+    Running,
+    Shop,
+    crashing,
+)
 
 UPDATE = {"target": "shop", "command": "UPDATE orders SET status = 'paid' WHERE id = 1"}
 
 
 @pytest.fixture(autouse=True)
-def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervise, "FIRST_RETRY", 0.2)
-    monkeypatch.setattr(supervise, "RETRY_CAP", 0.5)
-
-
-@contextlib.contextmanager
-def crashing(loop: Loop) -> Iterator[None]:
-    """Every pass of ``loop`` raises what no loop expects, until the block ends."""
-    step = loop.step
-
-    async def broken() -> None:
-        raise RuntimeError(f"injected into {loop.name}")
-
-    loop.step = broken
-    try:
-        yield
-    finally:
-        loop.step = step
+def _quick(quick_retries: None) -> None:
+    """Every test here crashes loops and waits for them to come back."""
 
 
 async def health(gw: Running, status: int, timeout: float = 20) -> dict[str, Any]:
@@ -111,3 +104,51 @@ async def test_an_approval_made_while_the_executor_is_down_runs_once_it_is_back(
             assert meanwhile["status"] in ("pending", "approved")  # handed off, never run
         _, ran = await gw.get(token, body["id"], wait=30)
         assert ran["status"] == "executed", ran
+
+
+async def test_postgres_refusing_connections_is_a_dependency_away_not_a_crash(
+    shop: Shop, database: Dsn, postgres_server: PostgresServer
+) -> None:
+    """keyturn's own Postgres out of connections (SQLSTATE 53300): every replica's liveness
+    failing at once would get them all restarted into the same wall, dropping every agent's
+    long-poll. /healthz stays 200; /readyz says Postgres is unavailable (found by an outside
+    tester after the recut)."""
+    name = database.database
+    role = f"kt_lim_{uuid.uuid4().hex[:6]}"
+    await postgres_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    await postgres_server.execute(
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
+        f" GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        f' GRANT ALL ON SCHEMA public TO {role}; GRANT ALL ON DATABASE "{name}" TO {role};'
+        f" GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+        name,
+    )
+    store = Store(postgres_server.dsn(name, role, "pw"))
+    process = build(shop.policy(gateway={"poll_interval": "200ms"}), store, shop.vault())
+    client = TestClient(TestServer(application(process)))
+    await client.start_server()
+    try:
+        running = Running(client, process, store)
+        await health(running, 200)
+        await postgres_server.execute(f"ALTER ROLE {role} CONNECTION LIMIT 0")
+        await postgres_server.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        )
+        poller = loop_named(running, "poller")
+        passes = poller.passes
+        async with asyncio.timeout(20):  # several passes meet the refusal
+            while not await _refused(client):
+                await asyncio.sleep(0.1)
+        assert (await client.get("/healthz")).status == 200
+        assert poller.failing_since is None and poller.passes == passes
+        metrics = await (await client.get("/metrics")).text()
+        assert 'keyturn_loop_crashes_total{loop="poller"} 0.0' in metrics
+    finally:
+        await postgres_server.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        await client.close()
+
+
+async def _refused(client: TestClient[Any, Any]) -> bool:
+    ready = await client.get("/readyz")
+    body = await ready.json()
+    return ready.status == 503 and "Postgres" in body["error"]["message"]

@@ -25,19 +25,19 @@ from gateway.drivers.postgres.sql import (
 from gateway.drivers.postgres.values import Limits, SqlResult, finish
 from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
-from gateway.usecases.driver import Allowed, Background, RunFailed
+from gateway.usecases.driver import Allowed, RunFailed
 from keyturn.aio import Deadline
 from keyturn.classify import Identity, masking_patterns
 from keyturn.classify.catalog import Catalog
 from keyturn.classify.patterns import Patterns
-from keyturn.classify.readonly import NotReadOnly, read_plan
+from keyturn.classify.readonly import NotReadOnly, Statement, read_plan
 from keyturn.classify.sql import calls_a_function, preview_select
 from keyturn.config.policy import Config
 from keyturn.config.targets import PostgresTarget
 from keyturn.domain import request_tag
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.vault import Vault
+from keyturn.supervise import Loop
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +97,33 @@ class PostgresDriver:
     # ------------------------------------------------------------------ allowed
 
     async def run_allowed(self, allowed: Allowed) -> dict[str, Any]:
+        cfg = self.config.gateway
+        masking = masking_patterns(self.config, allowed.rule)
+        try:
+            catalog = await self.catalog(allowed.target)
+            async with self.turns.turn(allowed.who.subject):
+                plan = await judged(
+                    read_plan, allowed.command, cfg.max_statements, masking, catalog
+                )
+        except KeyturnError as exc:  # judging refused it: the same answer every time
+            raise self._failed(exc, started=True) from exc
         sent: list[bool] = []  # not empty once the first statement may have reached the target
         try:
-            result = await self._read(allowed, sent)
+            result = await self._read(allowed, plan, sent)
         except Exception as exc:
             raise self._failed(exc, started=bool(sent)) from exc
         if result.truncated:
             self.metrics.truncated.labels(result.truncated).inc()
         return result.as_json()
 
-    async def _read(self, allowed: Allowed, sent: list[bool]) -> SqlResult:
-        """Run ``allowed`` on its agent's own read-only login, once recorded."""
+    async def _read(
+        self, allowed: Allowed, plan: tuple[Statement, ...], sent: list[bool]
+    ) -> SqlResult:
+        """Run ``allowed``'s plan on its agent's own read-only login, once recorded."""
         assert self.logins is not None
         cfg = self.config.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
-        masking = masking_patterns(self.config, allowed.rule)
-        catalog = await self.catalog(allowed.target)
         subject = allowed.who.subject
-        async with self.turns.turn(subject):
-            plan = await judged(read_plan, allowed.command, cfg.max_statements, masking, catalog)
         label = request_tag(allowed.request_id)
         with self.metrics.execute_seconds.time():
             for attempt in (1, 2):
@@ -135,16 +143,15 @@ class PostgresDriver:
 
     def _failed(self, exc: Exception, *, started: bool) -> RunFailed:
         """What the agent is told when its allowed command did not complete (masked)."""
-        message = self._message(exc)
-        if not started:
-            message = f"never ran: {message}"
+        message = self._message(exc) if started else f"never ran: {self._message(exc)}"
         if isinstance(exc, TimeoutError) and not started:
-            return RunFailed(message, started=False, outcome="busy")
+            busy = "never ran: no read-only connection became free in time"
+            return RunFailed(busy, final=False, outcome="busy")
         if isinstance(exc, FAILED):
-            return RunFailed(message, started=started)
+            return RunFailed(message, final=started)
         if isinstance(exc, KeyturnError):
-            return RunFailed(message, started=started, error=exc)
-        return RunFailed(message, started=started, outcome="unreachable")
+            return RunFailed(message, final=started, error=exc)
+        return RunFailed(message, final=started, outcome="unreachable")
 
     def _message(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
@@ -214,22 +221,19 @@ class PostgresDriver:
             finally:
                 await conn.close()
         except asyncpg.PostgresError as exc:
-            raise RunFailed(f"{exc.sqlstate}: {exc}", started=True) from exc
+            raise RunFailed(self._message(exc), final=True) from exc
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             message = f"target {target} failed: {type(exc).__name__}: {exc}"
-            raise RunFailed(message, started=True) from exc
+            raise RunFailed(self.masker.text(message), final=True) from exc
         result = await finish(fetched, len(tags), self.masker, self.limits, tags)
         return result.as_json()
 
     # ------------------------------------------------------------------ upkeep
 
-    def vaults(self) -> list[Vault]:
-        return [self.logins.vault] if self.logins is not None else []
-
-    def background(self) -> list[Background]:
+    def background(self) -> list[Loop]:
         if self.logins is None:
             return []
-        return [Background("readonly-reaper", self.logins.close_idle, self.logins.reap_interval())]
+        return [Loop("readonly-reaper", self.logins.close_idle, self.logins.reap_interval())]
 
     async def close(self) -> None:
         if self.logins is not None:

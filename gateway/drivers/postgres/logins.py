@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from gateway.drivers.postgres.leases import LoginKey
-from gateway.drivers.postgres.pool import Login
+from gateway.drivers.postgres.pool import ReadOnlyLogin
 from gateway.metrics import Metrics
 from keyturn.aio import Deadline, spawn
 from keyturn.config.process import GatewayConfig
@@ -49,7 +49,7 @@ class ReadOnlyLogins:
         self._mount = mount
         self._cfg = cfg
         self._metrics = metrics
-        self._logins: OrderedDict[LoginKey, Login] = OrderedDict()
+        self._logins: OrderedDict[LoginKey, ReadOnlyLogin] = OrderedDict()
         self._closing = 0  # logins out of the table whose connections and lease are closing
         self._unclaimed = 0  # of those, the ones no new login waits for
         self._freed = asyncio.Event()  # set when a login falls idle or one finishes closing
@@ -60,10 +60,10 @@ class ReadOnlyLogins:
     def __contains__(self, target: str) -> bool:
         return target in self._targets
 
-    def logins(self) -> list[Login]:
+    def logins(self) -> list[ReadOnlyLogin]:
         return list(self._logins.values())
 
-    def login_of(self, target: str, identity: str) -> Login | None:
+    def login_of(self, target: str, identity: str) -> ReadOnlyLogin | None:
         return self._logins.get(LoginKey(target, identity))
 
     def open_count(self) -> int:
@@ -71,7 +71,7 @@ class ReadOnlyLogins:
         ``readonly_logins`` (a login waiting for an evicted one to close holds nothing yet)."""
         return sum(1 for login in self._logins.values() if login.holds) + self._closing
 
-    async def login(self, target: str, identity: str, deadline: Deadline) -> Login:
+    async def login(self, target: str, identity: str, deadline: Deadline) -> ReadOnlyLogin:
         """``identity``'s login to ``target``; when every login is busy and the table is full,
         wait (within ``deadline``) for one to fall idle, then 429."""
         key = LoginKey(target, identity)
@@ -100,7 +100,7 @@ class ReadOnlyLogins:
         async with login.transaction(label, deadline) as conn:  # busy from here: not evicted
             yield conn
 
-    def _make_room_for(self, key: LoginKey) -> Login | None:
+    def _make_room_for(self, key: LoginKey) -> ReadOnlyLogin | None:
         """A new login, after the least recently used idle one if the table is full (None
         when every login is busy).
 
@@ -113,7 +113,7 @@ class ReadOnlyLogins:
             if idle is None:
                 return None
             after = self._close(self._logins.pop(idle), "evicted", claimed=True)
-        login = Login(
+        login = ReadOnlyLogin(
             self.vault,
             key,
             self._targets[key.target],
@@ -125,7 +125,9 @@ class ReadOnlyLogins:
         self._logins[key] = login
         return login
 
-    def _close(self, login: Login, why: str, *, claimed: bool = False) -> asyncio.Task[None]:
+    def _close(
+        self, login: ReadOnlyLogin, why: str, *, claimed: bool = False
+    ) -> asyncio.Task[None]:
         """Close ``login`` in the background. A ``claimed`` close makes room for a new login
         that waits for it, so its place is already taken; any other keeps its place until
         done."""

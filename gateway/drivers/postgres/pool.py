@@ -50,7 +50,7 @@ BEGIN = (
 RESET = "ROLLBACK; SELECT pg_advisory_unlock_all()"
 
 
-class Login:
+class ReadOnlyLogin:
     """One identity's read-only login on one target: its leases and up to ``size``
     connections made with them."""
 
