@@ -103,14 +103,14 @@ _VERBS = {
 }
 _ACCESS_VERBS = {
     "approved": "Approved",
-    "executing": "Approved, session open",
-    "executed": "Approved; the session is over",
+    "executing": "Approved, access open",
+    "executed": "Approved; the access is over",
     "failed": "Approved; nothing could be issued",
 }
 _ACCESS_HEADERS = {
     "pending": "Access requested",
-    "executing": "Approved: session open",
-    "executed": "Session over",
+    "executing": "Approved: access open",
+    "executed": "Access over",
     "failed": "Approved: failed",
 }
 KIND_WORDS = {"postgres": "database login", "ssh": "SSH certificate"}
@@ -132,7 +132,7 @@ _HEADERS = {
 def card_text(state: CardState) -> str:
     """The notification text (shown where blocks are not)."""
     rule = f" ({escape(state.rule)})" if state.rule else ""
-    what = "Session requested" if state.access_kind else "Approval needed"
+    what = "Access requested" if state.access_kind else "Approval needed"
     return f"{what} on {escape(state.target)}{rule}: {state.status}"
 
 
@@ -142,7 +142,7 @@ def _header(text: str) -> dict[str, Any]:
 
 def _access_blocks(state: CardState) -> list[dict[str, Any]]:
     """What a person asked for, in place of a command: the card says what access, for how long."""
-    kind = KIND_WORDS.get(state.access_kind or "", "session")
+    kind = KIND_WORDS.get(state.access_kind or "", "access")
     fields = [
         f"*Requester*\n{mention(state.requester)}",
         f"*Target*\n`{escape(state.target)}`",
@@ -155,7 +155,7 @@ def _access_blocks(state: CardState) -> list[dict[str, Any]]:
         else ""
     )
     text = (
-        f":bust_in_silhouette: *Human request for a session*, not a single command: "
+        f":bust_in_silhouette: *Human request for access*, not a single command: "
         f"{mention(state.requester)} would get their own {kind} on `{escape(state.target)}` "
         f"for {_duration(state.grant_ttl_seconds)}{extend}."
     )

@@ -26,12 +26,12 @@ HELP = "\n".join(
         "`/keyturn db orders-db 15m checking a refund`",
         "• `/keyturn ssh <target> <ttl> <reason>`: an SSH certificate for your registered key",
         "• `/keyturn request`: the same, from a form",
-        "• `/keyturn list`: your pending and open sessions",
+        "• `/keyturn list`: your pending and open access",
         "• `/keyturn pending`: requests waiting on you as approver",
-        "• `/keyturn extend <id> <ttl>`: more time for an open session, within its rule's maximum",
-        "• `/keyturn revoke <id>`: end one of your sessions now",
+        "• `/keyturn extend <id> <ttl>`: more time for open access, within its rule's maximum",
+        "• `/keyturn revoke <id>`: end your access now",
         "• `/keyturn ssh-key add <public key>`: register the key keyturn's SSH CA will sign"
-        " for your own sessions (Ed25519, ECDSA, or RSA of 3072 bits or more)",
+        " for your own access (Ed25519, ECDSA, or RSA of 3072 bits or more)",
         "• `/keyturn ssh-key list`: your keys and their fingerprints",
         "• `/keyturn ssh-key remove <fingerprint>`: forget one of them",
         "• `/keyturn help`: this list",
@@ -87,9 +87,9 @@ async def _revoke(bot: Bot, user: str, rest: str) -> str:
     grant = await bot.home.open_grant(user, rest)
     grant = await bot.revoke(str(grant.id), user, own=True)
     if grant.lease_id:
-        return f"Ended your session on `{escape(grant.target)}`: its connections were closed."
+        return f"Ended your access to `{escape(grant.target)}`: its connections were closed."
     return (
-        f"Ended your session on `{escape(grant.target)}` in keyturn; the certificate already "
+        f"Ended your access to `{escape(grant.target)}` in keyturn; the certificate already "
         f"issued works until {at(grant.expires_at)} (certificates cannot be "
         "recalled)."
     )
@@ -105,7 +105,7 @@ async def _extend(bot: Bot, user: str, rest: str) -> str:
     except ValueError:
         raise InvalidInput(f"`{words[1][:20]}` is not a duration: type one such as 15m") from None
     grant = await bot.extend(str(grant.id), user, extra, own=True)
-    return f"Your session on `{escape(grant.target)}` now ends at {at(grant.expires_at)}."
+    return f"Your access to `{escape(grant.target)}` now ends at {at(grant.expires_at)}."
 
 
 async def _ssh_key(bot: Bot, user: str, text: str) -> str:

@@ -91,7 +91,7 @@ def state_of(config: Config, row: RequestRow, grant: GrantRow | None, now: datet
         grant,
         now,
         shell=isinstance(target, SshTarget),
-        access_kind=(target.kind if target else "session") if row.access else None,
+        access_kind=(target.kind if target else "access") if row.access else None,
         max_ttl=rule.max_duration if rule else None,
     )
 

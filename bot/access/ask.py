@@ -152,7 +152,7 @@ class Asking:
             self.store,
             requests.NewRequest(
                 target=asked.target,
-                command=f"{target.kind} session for {asked.user} on {asked.target}, "
+                command=f"{target.kind} access for {asked.user} on {asked.target}, "
                 f"{format_duration(ttl)}{key}",
                 requester=asked.user,
                 pending_ttl=rule.pending_ttl or self.config.policy.pending_ttl,

@@ -97,14 +97,14 @@ class Home:
         """Raise unless ``grant`` is access ``user`` asked for."""
         held = await access.own(self.store, user, str(grant.request_id or ""))
         if held.grant is None or held.grant.id != grant.id:
-            raise NotFound("this is not a session of yours")
+            raise NotFound("this is not your access")
 
     async def open_grant(self, user: str, typed: str) -> GrantRow:
         """The open access of ``user``'s that ``typed`` (an id or its start) names."""
         held = await access.own(self.store, user, typed)
         if held.grant is None or held.grant.status != "active":
             raise InvalidInput(
-                f"request `{views.short(held.request.id)}` has no open session "
+                f"request `{views.short(held.request.id)}` has no open access "
                 f"(it is {held.request.status})"
             )
         return held.grant

@@ -81,10 +81,10 @@ def describe(line: Line, now: datetime) -> str:
 def listing(lines: list[Line], now: datetime) -> str:
     if not lines:
         return (
-            "You have no pending or open sessions. Ask with "
+            "You have no pending or open access. Ask with "
             "`/keyturn db <target> <ttl> <reason>`, `/keyturn ssh …` or `/keyturn request`."
         )
-    return "Your sessions:\n" + "\n".join(f"• {describe(line, now)}" for line in lines)
+    return "Your access:\n" + "\n".join(f"• {describe(line, now)}" for line in lines)
 
 
 def waiting_listing(waiting: list[Waiting]) -> str:

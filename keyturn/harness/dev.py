@@ -91,7 +91,7 @@ def demo_policy(
             },
             {"name": "reads", "match": {"sql": ["select"]}, "action": "allow"},
         ],
-        # on-call engineers' own sessions: /keyturn db orders-db 15m <reason>, approved by
+        # on-call engineers' own access: /keyturn db orders-db 15m <reason>, approved by
         # the approvers (with a real workspace, the approvers may ask each other)
         "access": [
             {

@@ -149,7 +149,7 @@ def test_the_on_call_engineer_registers_a_key_by_slash_command(page: Page) -> No
     expect(page.locator(".message.ephemeral", has_text="Registered your")).to_have_count(0)
 
 
-def test_an_on_call_database_session_from_the_sandbox(page: Page, stack: dict[str, Any]) -> None:
+def test_on_call_database_access_from_the_sandbox(page: Page, stack: dict[str, Any]) -> None:
     """The on-call engineer's whole path in `keyturn dev`: typed in the composer as Omar,
     approved by Ada on the card, the DM's token unwrapped by `keyturn unwrap` into a working
     connection string, and the session killed when the grant ends."""
@@ -164,9 +164,9 @@ def test_an_on_call_database_session_from_the_sandbox(page: Page, stack: dict[st
     page.select_option("#user", "U_APPROVER")
     session_card = page.locator(".message", has_text="checking a refund")
     expect(session_card).to_be_visible(timeout=CARD_WAIT)
-    expect(session_card).to_contain_text("Human request for a session")
+    expect(session_card).to_contain_text("Human request for access")
     session_card.get_by_role("button", name="Approve").click()
-    expect(session_card).to_contain_text("Approved: session open", timeout=CARD_WAIT)
+    expect(session_card).to_contain_text("Approved: access open", timeout=CARD_WAIT)
 
     page.select_option("#user", "U_ONCALL")
     page.locator("#dms li").click()

@@ -1,4 +1,4 @@
-"""On-call engineers' own sessions, end to end: ``/keyturn`` as Slack delivers it (signed,
+"""On-call engineers' own access, end to end: ``/keyturn`` as Slack delivers it (signed,
 through Bolt), the approval card, delivery by DM, ``keyturn unwrap``, a real login on the
 target, Extend from the reminder, expiry that kills the open session; an SSH certificate for a
 registered key against a real sshd; every bad input refused with nothing created.
@@ -211,7 +211,7 @@ async def assert_only_in_dms(
 # ------------------------------------------------------------------ a database session
 
 
-async def test_a_database_session_from_slash_command_to_expiry(
+async def test_database_access_from_slash_command_to_expiry(
     shop: Shop, oncall: Factory, spy: Spy, database: Dsn, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -220,7 +220,7 @@ async def test_a_database_session_from_slash_command_to_expiry(
         request_id = await oc.ask("db shop 1m checking a refund")
         ts = await oc.card(request_id)
         card = json.dumps(oc.slack.message(CHANNEL, ts).blocks)
-        assert "Human request for a session" in card and "checking a refund" in card
+        assert "Human request for access" in card and "checking a refund" in card
         # the same rules as an agent's request: nobody approves their own, nor their group
         assert "their own request" in await oc.refused(request_id, ONCALL)
         assert "requester's own group" in await oc.refused(request_id, PEER)
@@ -348,19 +348,19 @@ async def test_bad_input_says_what_to_type_and_creates_nothing(shop: Shop, oncal
             assert expected in answer, (text, answer)
         assert "no access rule lets you ask for `shop`" in await oc.say("db shop 15m x", MALLORY)
         assert await oc.requests() == 0
-        # someone else's session is as unknown as a missing one
+        # someone else's access is as unknown as a missing one
         request_id = await oc.ask(BAD_INPUT[-1][0])
         short = str(request_id)[:8]
         assert f"you have no request `{short}`" in await oc.say(f"revoke {short}", PEER)
         assert f"you have no request `{short}`" in await oc.say(f"extend {short} 15m", PEER)
-        assert "has no open session (it is pending)" in await oc.say(f"revoke {short}")
+        assert "has no open access (it is pending)" in await oc.say(f"revoke {short}")
         assert "you already have request" in await oc.say("db shop 15m again")
         card = await until(lambda: _card_text(oc, short))
         assert "&lt;!channel&gt;" in card and "<!channel>" not in card
         assert await oc.requests() == 1
 
 
-async def test_a_denied_session_is_told_with_the_reason(shop: Shop, oncall: Factory) -> None:
+async def test_denied_access_is_told_with_the_reason(shop: Shop, oncall: Factory) -> None:
     async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m looking around")
         await oc.click(request_id, APPROVER, DENY)
@@ -417,7 +417,7 @@ async def test_the_app_home_follows_every_change(shop: Shop, oncall: Factory) ->
         status, _ = await oc.slack.click_view(f"VHOME{ONCALL}", "keyturn_session_revoke", ONCALL)
         assert status == 200
         await oc.dm("was revoked by <@U_ONCALL>")
-        await until(lambda: _home(oc, ONCALL, "You have no pending or open sessions"))
+        await until(lambda: _home(oc, ONCALL, "You have no pending or open access"))
         grant = await oc.grant(request_id)
         assert grant.status == "revoked" and grant.ended_by == ONCALL
 
@@ -447,8 +447,8 @@ async def test_approvers_are_reminded_at_half_the_pending_ttl(shop: Shop, oncall
         await oc.dm("expired: nobody decided within 10m")
 
 
-async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Factory) -> None:
-    """The attacker's story: a session's grant that (by a bug, or a hand in the database)
+async def test_a_gateway_never_takes_a_persons_access(shop: Shop, oncall: Factory) -> None:
+    """The attacker's story: a person's grant that (by a bug, or a hand in the database)
     carries a hand-off token is still never run by a gateway as a command."""
     async with oncall(access_policy(shop)) as oc:
         request_id = await oc.ask("db shop 15m careful")
@@ -477,10 +477,10 @@ async def test_a_gateway_never_takes_a_persons_session(shop: Shop, oncall: Facto
         request.start_execution(request.command_sha256)
 
 
-# ------------------------------------------------------------------ an SSH session
+# ------------------------------------------------------------------ SSH access
 
 
-async def test_an_ssh_session_signs_the_registered_key_until_expiry(
+async def test_ssh_access_signs_the_registered_key_until_expiry(
     shop: Shop,
     sshd: SshServer,
     oncall: Factory,
@@ -524,8 +524,8 @@ async def test_the_certificate_is_for_the_key_the_approvers_saw(
     shop: Shop, oncall: Factory
 ) -> None:
     """The attacker's story: with the engineer's Slack open, someone adds their own key after
-    the request is made. The approved session still certifies the key named on the card, and
-    a session whose key was removed is not issued at all."""
+    the request is made. The approved access still certifies the key named on the card, and
+    access whose key was removed is not issued at all."""
     first, later = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
     async with oncall(access_policy(shop)) as oc:
         await oc.say(f"ssh-key add {first.export_public_key().decode().strip()}")
@@ -589,7 +589,7 @@ async def test_the_form_refuses_what_the_command_refuses(shop: Shop, oncall: Fac
 
 async def test_racing_requests_for_one_target_make_one(shop: Shop, oncall: Factory) -> None:
     """Ten `/keyturn db` at once for the same target: the database keeps one pending
-    session per person and target, whoever wins the check before it."""
+    request for access per person and target, whoever wins the check before it."""
     async with oncall(access_policy(shop)) as oc:
         await asyncio.gather(
             *(oc.slack.command(f"db shop 15m try {i}", ONCALL, CHANNEL) for i in range(10))
@@ -600,11 +600,11 @@ async def test_racing_requests_for_one_target_make_one(shop: Shop, oncall: Facto
         assert await oc.requests() == 1
 
 
-async def test_an_agent_never_sees_a_persons_session(
+async def test_an_agent_never_sees_a_persons_access(
     shop: Shop, oncall: Factory, run_gateway: GatewayFactory, idp: DevIdP
 ) -> None:
     """An agent token whose sub happens to spell the engineer's Slack id reads nothing of
-    their session through the agent API (as if it did not exist)."""
+    their access through the agent API (as if it did not exist)."""
     async with oncall(access_policy(shop)) as oc, run_gateway() as gw:
         request_id = await oc.ask("db shop 15m private business")
         status, body = await gw.get(idp.token(ONCALL), str(request_id))

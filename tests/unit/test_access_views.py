@@ -129,7 +129,7 @@ def test_the_reminder_offers_only_the_extensions_left() -> None:
     assert "cannot be extended further" in text and len(blocks) == 1
 
 
-def test_home_shows_sessions_and_what_waits_on_me() -> None:
+def test_home_shows_access_and_what_waits_on_me() -> None:
     agent = Waiting("r-2", "orders-db", "crew-<b>", False, "postgres", 0, "DELETE FROM t\nWHERE 1")
     person = Waiting("r-3", "orders-db", "U_OMAR", True, "postgres", 900, "")
     view = home([line()], [agent, person], NOW)
@@ -141,7 +141,7 @@ def test_home_shows_sessions_and_what_waits_on_me() -> None:
     decided_here = [b["block_id"] for b in view["blocks"] if b["type"] == "actions"]
     assert "decide_r-3" in decided_here and "decide_r-2" not in decided_here
     empty = json.dumps(home([], [], NOW))
-    assert "no pending or open sessions" in empty and "Nothing is waiting on you" in empty
+    assert "no pending or open access" in empty and "Nothing is waiting on you" in empty
 
 
 def test_home_stays_within_slacks_100_blocks() -> None:
