@@ -28,7 +28,8 @@ from bot.access.home_view import (
     WHY_INPUT,
 )
 from bot.access.views import ACCESS_EXTEND, ACCESS_REVOKE
-from bot.cards import APPROVE, DENY, DENY_MODAL, EXTEND, REASON_BLOCK, REASON_INPUT, REVOKE
+from bot.cards import APPROVE, DENY, EXTEND, REVOKE
+from bot.deny_modal import DENY_MODAL, REASON_BLOCK, REASON_INPUT
 from bot.people import SLACK_ERRORS, dm
 from bot.service import Bot, NotRecorded
 from bot.slack_text import escape

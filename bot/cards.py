@@ -18,9 +18,6 @@ APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
 REVOKE = "keyturn_revoke"
 EXTEND = "keyturn_extend"  # one button per choice: keyturn_extend_<seconds>
-DENY_MODAL = "keyturn_deny_reason"
-REASON_BLOCK = "reason"
-REASON_INPUT = "reason_input"
 
 
 @dataclass(frozen=True)
@@ -291,27 +288,3 @@ def _credentials_blocks(creds: Credentials) -> list[dict[str, Any]]:
 def outcome_message(state: CardState) -> str:
     """Posted in the card's thread (and DMed to the on-behalf-of human) once decided."""
     return f"{_outcome(state)} (request `{state.id}`)"
-
-
-def deny_modal(request_id: str) -> dict[str, Any]:
-    return {
-        "type": "modal",
-        "callback_id": DENY_MODAL,
-        "private_metadata": request_id,
-        "title": {"type": "plain_text", "text": "Deny request"},
-        "submit": {"type": "plain_text", "text": "Deny"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [
-            {
-                "type": "input",
-                "block_id": REASON_BLOCK,
-                "label": {"type": "plain_text", "text": "Why? The agent will see this."},
-                "element": {
-                    "type": "plain_text_input",
-                    "action_id": REASON_INPUT,
-                    "multiline": True,
-                    "max_length": 2000,
-                },
-            }
-        ],
-    }

@@ -25,8 +25,8 @@ from bot.access.deliver import Delivery
 from bot.access.home import Home
 from bot.access.news import News
 from bot.card_keeper import CardKeeper
-from bot.cards import deny_modal
 from bot.credentials import Issuer
+from bot.deny_modal import deny_modal
 from bot.people import SLACK_ERRORS, Directory
 from bot.revocation import Revoker
 from keyturn.aio import spawn
