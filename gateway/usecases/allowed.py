@@ -21,7 +21,8 @@ from keyturn.store import outcomes, reads, requests
 
 
 async def _recorded(recording: asyncio.Future[None]) -> None:
-    """Wait for a record's commit; a failure other than a keyturn error is a 503."""
+    """Wait for a record's commit; a failure other than a keyturn error is keyturn's database
+    being unavailable."""
     try:
         await recording
     except KeyturnError:  # AlreadyRecorded among them

@@ -10,7 +10,7 @@ from keyturn.errors import RateLimited
 
 
 class InFlight:
-    """Allowed commands running per agent identity; 429 past ``agent_concurrency``."""
+    """Allowed commands running per agent identity; rate-limited past ``agent_concurrency``."""
 
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self._limit = limit

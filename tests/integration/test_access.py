@@ -621,9 +621,7 @@ async def test_a_forged_app_home_approve_by_someone_who_is_no_approver_changes_n
     shop: Shop, oncall: Factory
 ) -> None:
     async with oncall(access_policy(shop)) as oc:
-        await oc.slack.open_home(APPROVER)
-        request_id = await oc.ask("db shop 15m forged home click")
-        await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
+        request_id = await _on_approvers_home(oc, "db shop 15m forged home click")
         before = len(oc.slack.ephemerals) + len(oc.dms(MALLORY))
         # Mallory replays the approver's App Home button as herself
         status, _ = await oc.slack.click_view(f"VHOME{APPROVER}", APPROVE, MALLORY)
@@ -640,9 +638,7 @@ async def test_the_requesters_own_group_cannot_approve_from_the_app_home_either(
     shop: Shop, oncall: Factory
 ) -> None:
     async with oncall(access_policy(shop)) as oc:
-        await oc.slack.open_home(APPROVER)
-        request_id = await oc.ask("db shop 15m own group from home")
-        await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
+        request_id = await _on_approvers_home(oc, "db shop 15m own group from home")
         status, _ = await oc.slack.click_view(f"VHOME{APPROVER}", APPROVE, PEER)
         assert status == 200
         await until(lambda: _refusal_for(oc, PEER, "own group"))
@@ -679,6 +675,14 @@ async def test_nobody_revokes_or_extends_anothers_access_by_card_or_command(
         await until(lambda: _refusal_for(oc, MALLORY, "not an approver"))
         after = await grants.get_grant(oc.store, grant.id)
         assert after.status == "active" and after.expires_at == grant.expires_at
+
+
+async def _on_approvers_home(oc: OnCall, asked: str) -> uuid.UUID:
+    """``/keyturn <asked>``, once the request shows, with its buttons, on the approver's Home."""
+    await oc.slack.open_home(APPROVER)
+    request_id = await oc.ask(asked)
+    await until(lambda: _home(oc, APPROVER, str(request_id)[:8]))
+    return request_id
 
 
 async def _undecided(oc: OnCall, request_id: uuid.UUID) -> None:
