@@ -48,23 +48,23 @@ class Directory:
             return False
         return user in await self.members(people.slack_usergroup)
 
-    async def deciders(self, config: Config, row: RequestRow) -> Deciders:
-        """Who may decide ``row``, resolved for :class:`keyturn.domain.Deciders`, which checks
-        a vote with every other rule of voting under the request's lock."""
-        people = approvers_for(config, row)
-        if people is None:
-            return Deciders(frozenset())
-        listed = frozenset(people.users)
-        if people.slack_usergroup:
-            listed |= await self.members(people.slack_usergroup)
+    async def deciders(self, config: Config, row: RequestRow, user: str) -> Deciders:
+        """Whether ``user`` may decide ``row``, resolved for :class:`keyturn.domain.Deciders`
+        (which checks it with every other rule of voting, under the request's lock).
+
+        Resolved for this one person, as far as it takes: someone the policy lists needs no
+        call to Slack, so a user group Slack cannot list now stops only its members' votes."""
+        may = await self.allows(user, approvers_for(config, row))
         rule = config.policy.access_rule(row.rule) if row.access else None
         group = rule.requesters.slack_usergroup if rule is not None else None
-        barred: frozenset[str] = frozenset()
-        if rule is not None and group and not rule.own_group_may_approve:
+        barred = False
+        if may and rule is not None and group and not rule.own_group_may_approve:
             members = await self.members(group)
-            if row.requester in members:  # the requester themself hears of self-approval
-                barred = members - {row.requester}
-        return Deciders(listed, barred)
+            # the requester themself hears of self-approval instead
+            barred = user != row.requester and user in members and row.requester in members
+        return Deciders(
+            frozenset({user}) if may else frozenset(), frozenset({user}) if barred else frozenset()
+        )
 
 
 def approvers_for(config: Config, row: RequestRow) -> People | None:

@@ -81,13 +81,13 @@ class Bot:
 
     # ------------------------------------------------------------------ who decides
 
-    async def _voting(self, request_id: str) -> tuple[RequestRow, Deciders]:
+    async def _voting(self, request_id: str, user: str) -> tuple[RequestRow, Deciders]:
         """The request a click names, and who may decide it (checked with the vote)."""
         try:
             row = await requests.get_request(self.store, uuid.UUID(request_id))
         except ValueError:
             raise NotFound("this card refers to no request") from None
-        return row, await self.directory.deciders(self.config, row)
+        return row, await self.directory.deciders(self.config, row, user)
 
     # ------------------------------------------------------------------ votes
 
@@ -96,7 +96,7 @@ class Bot:
         (:mod:`bot.app`) tells the clicker why. A command is approved on its card only, the
         one place that shows every statement as it will run (``on_card``: the click came from
         a message, not an App Home that an older release drew with a shortened command)."""
-        row, deciders = await self._voting(request_id)
+        row, deciders = await self._voting(request_id, user)
         if not on_card and not row.access:
             raise InvalidInput("approve a command on its card, where every statement is shown")
         result = await decisions.decide(
@@ -106,7 +106,7 @@ class Bot:
 
     async def open_deny(self, request_id: str, user: str, trigger_id: str) -> None:
         """Open the reason modal, only for someone who may deny."""
-        row, deciders = await self._voting(request_id)
+        row, deciders = await self._voting(request_id, user)
         row.domain().check_decider(user, deciders, RequestStatus.DENIED, self.store.clock.now())
         await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
 
@@ -115,7 +115,7 @@ class Bot:
         3 s), and the card and the thread follow in the background."""
         if not reason.strip():
             raise InvalidInput("a reason is required: the agent will see it")
-        row, deciders = await self._voting(request_id)
+        row, deciders = await self._voting(request_id, user)
         await decisions.decide(self.store, row.id, user, Decision.DENY, reason, deciders=deciders)
         spawn(self.tasks, self._after_decision(row.id, issue=False))
 
@@ -170,7 +170,7 @@ class Bot:
         if own:
             await self.home.check_own(user, grant)
         else:
-            _, deciders = await self._voting(str(grant.request_id))
+            _, deciders = await self._voting(str(grant.request_id), user)
             deciders.check(user)
         return grant
 

@@ -68,7 +68,7 @@ class Home:
         for row in await requests.pending_requests(self.store):
             if row.requester == user:
                 continue
-            deciders = await self.directory.deciders(self.config, row)
+            deciders = await self.directory.deciders(self.config, row, user)
             try:
                 row.domain().check_decider(
                     user, deciders, RequestStatus.APPROVED, self.store.clock.now()

@@ -694,3 +694,16 @@ async def test_each_bot_loop_crashing_turns_its_healthz_503_and_its_work_follows
 
 async def _status(answer: Any) -> int:
     return int((await answer)[0])
+
+
+async def test_a_listed_approver_decides_while_slack_cannot_list_the_approvers_group(
+    run_bot: BotFactory, slack: SlackEmulator
+) -> None:
+    """Someone the policy names needs no call to Slack to be an approver: a user group Slack
+    cannot list now (an outage, a missing scope) stops only its members' votes."""
+    slack.fail("usergroups.users.list", 500, times=1000)  # before anything is cached
+    async with run_bot() as rb:
+        request_id = await rb.hold()
+        ts = await rb.card(request_id)
+        await slack.click(CHANNEL, ts, APPROVE, "U_ALICE")  # listed by name in the rule
+        await rb.until(lambda: _eq(rb.status(request_id), "approved"))
