@@ -179,10 +179,12 @@ def policy_decider(rule: str | None) -> str:
 @dataclass(frozen=True)
 class Deciders:
     """Who may decide one request, resolved by the caller from the policy (and Slack's user
-    groups), checked with every other rule of a vote under the request's lock
-    (:meth:`Request.approve`, :meth:`Request.deny`): the one place that says who may decide.
+    groups; the bot resolves it for the person voting), checked with every other rule of a vote
+    under the request's lock (:meth:`Request.approve`, :meth:`Request.deny`): the one place
+    that says who may decide.
 
-    ``barred``: the requester's own group, where its access rule wants an approver from outside.
+    ``barred``: in the requester's own group, where its access rule wants an approver from
+    outside it.
     """
 
     people: frozenset[str]
