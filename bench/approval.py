@@ -40,7 +40,7 @@ async def main() -> None:
         store = Store(stack.database)
         runner = await serve_bot(stack, parse_config(data), slack, store)
         watcher = Listener(stack.database)
-        await watcher.start()
+        watcher.start()
         await watcher.connected.wait()
         probe = Store(stack.database, pool_size=2)
         samples = []
