@@ -189,7 +189,7 @@ async def main() -> None:
         lags, took, vault_took, (leases, roles), unfinished = await revocation(stack)
         p99 = percentile(lags, 0.99)
         print(
-            f"  {GRANTS} session grants ended in {took:.2f} s after the first was due; "
+            f"  {GRANTS} grants of access ended in {took:.2f} s after the first was due; "
             f"Vault alone revokes as many in {vault_took:.2f} s; lag p50 "
             f"{percentile(lags, 0.5):.2f} s, max {max(lags):.2f} s"
         )
