@@ -104,8 +104,8 @@ class Drivers:
     """The drivers by kind, and the kind of each target in the policy."""
 
     def __init__(self, kinds: Mapping[str, str], drivers: list[Driver]) -> None:
-        self._kinds = dict(kinds)  # target name -> kind
         self._by_kind = {driver.kind: driver for driver in drivers}
+        self._of = {target: self._by_kind[kind] for target, kind in kinds.items()}  # hot path
 
     def __iter__(self) -> Iterator[Driver]:
         return iter(self._by_kind.values())
@@ -116,7 +116,7 @@ class Drivers:
     def of(self, target: str) -> Driver:
         """The driver of ``target``, one the policy names (the use cases check access first:
         :func:`keyturn.classify.check_access`)."""
-        kind = self._kinds.get(target)
-        if kind is None:
+        driver = self._of.get(target)
+        if driver is None:
             raise NotFound(f"unknown target {target!r}")
-        return self._by_kind[kind]
+        return driver
