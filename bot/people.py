@@ -15,11 +15,18 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from keyturn.config.policy import Config
-from keyturn.config.rules import People
+from keyturn.config.rules import AccessRule, People
 from keyturn.domain import Deciders
+from keyturn.errors import Unavailable
 from keyturn.store.models import RequestRow
 
 SLACK_ERRORS = (SlackApiError, OSError, asyncio.TimeoutError)
+LOOKUP_SECONDS = 2.0  # one user group lookup, retries included
+FAILURE_SECONDS = 10.0  # a failed lookup is not tried again sooner
+
+
+class SlackUnavailable(Unavailable):
+    code = "slack_unavailable"
 
 
 class Directory:
@@ -29,12 +36,34 @@ class Directory:
         self._client = client
         self._ttl = ttl
         self._groups: dict[str, tuple[float, frozenset[str]]] = {}
+        self._failures: dict[str, tuple[float, str]] = {}  # usergroup -> (when, why)
 
     async def members(self, usergroup: str) -> frozenset[str]:
+        """Who is in ``usergroup`` (cached); SlackUnavailable when Slack cannot say: whoever
+        needed to know is told that nothing was changed, and nothing is.
+
+        Bounded: a person's click or ``/keyturn`` is answered within Slack's 3 s, so one
+        lookup waits at most :data:`LOOKUP_SECONDS` (the client's own retries included) and a
+        failure is remembered for :data:`FAILURE_SECONDS`, not met again request by request."""
+        now = time.monotonic()
         cached = self._groups.get(usergroup)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+        if cached is not None and now - cached[0] < self._ttl:
             return cached[1]
-        resp = await self._client.usergroups_users_list(usergroup=usergroup)
+        failed = self._failures.get(usergroup)
+        if failed is not None and now - failed[0] < FAILURE_SECONDS:
+            raise SlackUnavailable(failed[1])
+        try:
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                resp = await self._client.usergroups_users_list(usergroup=usergroup)
+        except SLACK_ERRORS as exc:
+            why = "it took too long" if isinstance(exc, TimeoutError) else str(exc)
+            message = (
+                f"keyturn cannot read Slack user group {usergroup} right now ({why}); nothing "
+                "was changed — try again in a minute"
+            )
+            self._failures[usergroup] = (now, message)
+            raise SlackUnavailable(message) from None
+        self._failures.pop(usergroup, None)
         members = frozenset(resp.get("users") or [])
         self._groups[usergroup] = (time.monotonic(), members)
         return members
@@ -59,12 +88,34 @@ class Directory:
         group = rule.requesters.slack_usergroup if rule is not None else None
         barred = False
         if may and rule is not None and group and not rule.own_group_may_approve:
-            members = await self.members(group)
-            # the requester themself hears of self-approval instead
-            barred = user != row.requester and user in members and row.requester in members
+            # the group as it was when the requester asked (see own_group); leaving it since,
+            # or taking a peer out of it, bars nobody less. The requester themself hears of
+            # self-approval instead.
+            asked = (row.classification or {}).get(OWN_GROUP)
+            if isinstance(asked, list):
+                members = frozenset(str(m) for m in asked)
+            else:  # asked before keyturn kept it: the group as it is now
+                members = await self.members(group)
+                members = members if row.requester in members else frozenset()
+            barred = user != row.requester and user in members
         return Deciders(
             frozenset({user}) if may else frozenset(), frozenset({user}) if barred else frozenset()
         )
+
+
+OWN_GROUP = "own_group"  # where a request for access keeps its requester's own group
+
+
+async def own_group(directory: Directory, rule: AccessRule, requester: str) -> list[str] | None:
+    """The members of ``requester``'s own group, kept with their request when its access rule
+    wants an approver from outside it: who is barred is settled when they ask, so nobody
+    changing the group later (the requester leaving it, a peer taking themself out) moves
+    the bar."""
+    group = rule.requesters.slack_usergroup
+    if not group or rule.own_group_may_approve:
+        return None
+    members = await directory.members(group)
+    return sorted(members) if requester in members else []
 
 
 def approvers_for(config: Config, row: RequestRow) -> People | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from bot.access import home_view, views
 from bot.access.views import MAX_REASON, MAX_TICKET
-from bot.people import Directory
+from bot.people import OWN_GROUP, Directory, own_group
 from keyturn.config.durations import format_duration, parse_duration
 from keyturn.config.policy import Config
 from keyturn.config.rules import AccessRule
@@ -129,7 +129,9 @@ class Asking:
         ticket = " ".join((asked.ticket or "").split())
         if len(ticket) > MAX_TICKET:
             raise BadField("ticket", f"keep the ticket link under {MAX_TICKET} characters")
-        details = {"ticket": ticket} if ticket else {}
+        details: dict[str, Any] = {"ticket": ticket} if ticket else {}
+        if (group := await own_group(self.directory, rule, asked.user)) is not None:
+            details[OWN_GROUP] = group
         if isinstance(target, SshTarget):
             keys = await ssh_keys.keys_of(self.store, asked.user)
             if not keys:

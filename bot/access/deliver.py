@@ -11,19 +11,15 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.access import views
 from bot.credentials import Issuer
-from bot.people import SLACK_ERRORS, dm
+from bot.people import SLACK_ERRORS, SlackUnavailable, dm
 from keyturn.config.policy import Config
 from keyturn.config.rules import AccessRule
 from keyturn.config.targets import PostgresTarget, SshTarget
-from keyturn.errors import InvalidInput, Unavailable
+from keyturn.errors import InvalidInput
 from keyturn.store import ssh_keys
 from keyturn.store.db import Store
 from keyturn.store.grants import Minted
 from keyturn.store.models import RequestRow
-
-
-class SlackUnavailable(Unavailable):
-    code = "slack_unavailable"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.access import home_view, views
 from bot.access.views import Line, Waiting
 from bot.cards import extend_choices
-from bot.people import SLACK_ERRORS, Directory, approvers_for
+from bot.people import SLACK_ERRORS, Directory, SlackUnavailable, approvers_for
 from keyturn.config.policy import Config
 from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, KeyturnError, NotFound
@@ -68,8 +68,8 @@ class Home:
         for row in await requests.pending_requests(self.store):
             if row.requester == user:
                 continue
-            deciders = await self.directory.deciders(self.config, row, user)
-            try:
+            try:  # one request Slack cannot place (its group unreadable) hides only itself
+                deciders = await self.directory.deciders(self.config, row, user)
                 row.domain().check_decider(
                     user, deciders, RequestStatus.APPROVED, self.store.clock.now()
                 )
@@ -117,7 +117,7 @@ class Home:
         if people and people.slack_usergroup:
             try:
                 approvers |= await self.directory.members(people.slack_usergroup)
-            except SLACK_ERRORS as exc:
+            except SlackUnavailable as exc:
                 log.warning("could not list %s: %s", people.slack_usergroup, exc)
         await self.republish(*approvers, requester=row.requester if row.access else None)
 

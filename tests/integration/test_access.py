@@ -702,3 +702,37 @@ async def _newest_view(oc: OnCall, opened: int) -> str | None:
 
 async def _has_button(oc: OnCall, ts: str, action: str) -> bool:
     return action in json.dumps(oc.slack.message(CHANNEL, ts).blocks)
+
+
+async def test_the_own_group_bar_is_settled_when_the_requester_asks(
+    shop: Shop, oncall: Factory
+) -> None:
+    """The attacker's story: once the request is made, the requester leaves their group, or
+    a peer takes themself out of it (Slack lets members edit groups), and the peer then
+    approves. Who is barred was settled when they asked: neither move lifts the bar."""
+    approvers = {"users": [APPROVER, PEER]}  # an approver by name, on call in the group too
+    async with oncall(access_policy(shop, approvers=approvers)) as oc:
+        request_id = await oc.ask("db shop 15m leave the group")
+        assert "own group" in await oc.refused(request_id, PEER)
+        oc.slack.usergroups[GROUP] = [PEER]  # the requester leaves
+        oc.bot.directory._groups.clear()  # as once bot.usergroup_cache has run out
+        assert "own group" in await oc.refused(request_id, PEER)
+        oc.slack.usergroups[GROUP] = [ONCALL]  # the peer takes themself out instead
+        oc.bot.directory._groups.clear()
+        assert "own group" in await oc.refused(request_id, PEER)
+        await _undecided(oc, request_id)
+
+
+async def test_a_group_slack_cannot_list_refuses_with_a_reason_and_hides_only_its_request(
+    shop: Shop, oncall: Factory
+) -> None:
+    """Slack failing to list the approvers' group (an outage, a missing scope): its member's
+    click is refused and told why, and `/keyturn pending` still answers."""
+    rule = {"approvers": {"users": [APPROVER], "slack_usergroup": "S_APPROVERS"}}
+    async with oncall(access_policy(shop, own_group_may_approve=True, **rule)) as oc:
+        oc.slack.usergroups["S_APPROVERS"] = [MALLORY]
+        oc.slack.fail("usergroups.users.list", 500, times=1000)  # before anything is cached
+        request_id = await oc.ask("db shop 15m group unreadable")
+        assert "cannot read Slack user group" in await oc.refused(request_id, MALLORY)
+        await _undecided(oc, request_id)
+        assert "Nothing is waiting on you" in await oc.say("pending", MALLORY)
