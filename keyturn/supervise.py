@@ -58,8 +58,10 @@ class Supervisor:
     ) -> None:
         self._expected = expected
         self._loops: dict[str, Loop] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._watched: dict[str, Callable[[], asyncio.Task[Any]]] = {}
+        # every task the supervisor keeps going, loops' and watched ones alike: how to start
+        # it, and the task now running
+        self._starters: dict[str, Callable[[], asyncio.Task[Any]]] = {}
+        self._current: dict[str, asyncio.Task[Any]] = {}
         self._running = False
         self.crashes = Counter(
             "keyturn_loop_crashes_total",
@@ -69,12 +71,11 @@ class Supervisor:
         )
 
     def add(self, loop: Loop) -> Loop:
-        if loop.name in self._loops:
-            raise ValueError(f"loop {loop.name} is supervised already")
         self._loops[loop.name] = loop
-        self.crashes.labels(loop.name)  # the series exists at 0 from the start
-        if self._running:
-            self._start(loop)
+        self._keep(
+            loop.name,
+            lambda: asyncio.create_task(self._run(loop), name=f"keyturn-loop-{loop.name}"),
+        )
         return loop
 
     @property
@@ -86,22 +87,25 @@ class Supervisor:
         starts it anew once it has ended). Should it end while the process runs, that is a
         crash like a loop's: logged, counted, and the task started again after
         :data:`FIRST_RETRY`. Its owner stops it; the supervisor only stops restarting it."""
-        self.crashes.labels(name)
-        self._watched[name] = start
+        self._keep(name, start)
+
+    def _keep(self, name: str, start: Callable[[], asyncio.Task[Any]]) -> None:
+        if name in self._starters:
+            raise ValueError(f"{name} is supervised already")
+        self._starters[name] = start
+        self.crashes.labels(name)  # the series exists at 0 from the start
         if self._running:
             self._begin(name)
 
     def start(self) -> None:
         self._running = True
-        for name in self._watched:
+        for name in self._starters:  # in the order given: watched tasks before the loops
             self._begin(name)
-        for loop in self._loops.values():
-            self._start(loop)
 
     async def stop(self) -> None:
+        """Stop the loops (and restarting anything); watched tasks are their owners' to stop."""
         self._running = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
+        tasks = [self._current.pop(name) for name in self._loops if name in self._current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -116,22 +120,6 @@ class Supervisor:
             if loop.failing_since is not None and now - loop.failing_since > loop.period
         )
 
-    def _begin(self, name: str) -> None:
-        task = self._watched[name]()
-        task.add_done_callback(lambda done: self._watched_ended(name, done))
-
-    def _watched_ended(self, name: str, task: asyncio.Task[Any]) -> None:
-        if not self._running:
-            return  # stopped on purpose
-        exc = None if task.cancelled() else task.exception()
-        log.error("%s ended (%r); starting it again", name, exc)
-        self.crashes.labels(name).inc()
-        asyncio.get_running_loop().call_later(FIRST_RETRY, self._restart, name)
-
-    def _restart(self, name: str) -> None:
-        if self._running:
-            self._begin(name)
-
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/healthz`` of the process: 200, or 503 naming the loops :meth:`down`."""
         down = self.down()
@@ -140,22 +128,29 @@ class Supervisor:
         message = f"background loops down: {', '.join(down)}"
         return 503, {"error": {"code": "loops_down", "message": message, "loops": down}}
 
-    def _start(self, loop: Loop, delay: float = 0.0) -> None:
-        task = asyncio.create_task(self._run(loop, delay), name=f"keyturn-loop-{loop.name}")
-        self._tasks[loop.name] = task
-        task.add_done_callback(lambda done: self._ended(loop, done))
+    def _begin(self, name: str) -> None:
+        task = self._starters[name]()
+        self._current[name] = task
+        task.add_done_callback(lambda done: self._ended(name, done))
 
-    def _ended(self, loop: Loop, task: asyncio.Task[None]) -> None:
-        if not self._running or self._tasks.get(loop.name) is not task:
-            return  # stopped on purpose
+    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        """A kept task ended: a crash, unless the supervisor is stopping (or the task was
+        already replaced); it starts again after :data:`FIRST_RETRY`."""
+        if not self._running or self._current.get(name) is not task:
+            return
         exc = None if task.cancelled() else task.exception()
-        log.error("loop %s ended (%r); starting it again", loop.name, exc)
-        self.crashes.labels(loop.name).inc()
-        loop.failing_since = loop.failing_since or time.monotonic()
-        self._start(loop, delay=FIRST_RETRY)
+        log.error("%s ended (%r); starting it again", name, exc)
+        self.crashes.labels(name).inc()
+        loop = self._loops.get(name)
+        if loop is not None:
+            loop.failing_since = loop.failing_since or time.monotonic()
+        asyncio.get_running_loop().call_later(FIRST_RETRY, self._restart, name)
 
-    async def _run(self, loop: Loop, delay: float) -> None:
-        await asyncio.sleep(delay)
+    def _restart(self, name: str) -> None:
+        if self._running:
+            self._begin(name)
+
+    async def _run(self, loop: Loop) -> None:
         backoff = Backoff(FIRST_RETRY, RETRY_CAP)
         while True:
             if loop.wake is not None:
