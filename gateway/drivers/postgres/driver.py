@@ -107,46 +107,48 @@ class PostgresDriver:
                 )
         except KeyturnError as exc:  # judging refused it: the same answer every time
             raise self._failed(exc, started=True) from exc
-        sent: list[bool] = []  # not empty once the first statement may have reached the target
-        try:
-            result = await self._read(allowed, plan, sent)
-        except Exception as exc:
-            raise self._failed(exc, started=bool(sent)) from exc
+        result = await self._read(allowed, plan)
         if result.truncated:
             self.metrics.truncated.labels(result.truncated).inc()
         return result.as_json()
 
-    async def _read(
-        self, allowed: Allowed, plan: tuple[Statement, ...], sent: list[bool]
-    ) -> SqlResult:
-        """Run ``allowed``'s plan on its agent's own read-only login, once recorded."""
+    async def _read(self, allowed: Allowed, plan: tuple[Statement, ...]) -> SqlResult:
+        """Run ``allowed``'s plan on its agent's own read-only login, once recorded; whatever
+        stops it is a RunFailed saying whether anything may have reached the target."""
         assert self.logins is not None
         cfg = self.config.gateway
         deadline = Deadline(cfg.statement_timeout.total_seconds())
         subject = allowed.who.subject
         label = request_tag(allowed.request_id)
-        with self.metrics.execute_seconds.time():
-            for attempt in (1, 2):
-                async with self.logins.transaction(allowed.target, subject, label, deadline) as c:
-                    await allowed.recorded  # the transaction opened meanwhile
-                    sent.append(True)
-                    try:
-                        fetched, statements = await run_readonly(
-                            c, plan, self.limits, deadline, self.masker
-                        )
-                        break
-                    except STALE_STATEMENT:
-                        forget_statements(c)  # the schema changed under the cache
-                        if attempt == 2:
-                            raise
-        return await finish(fetched, statements, self.masker, self.limits, masked=plan[-1].masked)
+        started = False
+        try:
+            with self.metrics.execute_seconds.time():
+                for attempt in (1, 2):
+                    async with self.logins.transaction(
+                        allowed.target, subject, label, deadline
+                    ) as c:
+                        await allowed.recorded  # the transaction opened meanwhile
+                        started = True
+                        try:
+                            fetched, statements = await run_readonly(
+                                c, plan, self.limits, deadline, self.masker
+                            )
+                            break
+                        except STALE_STATEMENT:
+                            forget_statements(c)  # the schema changed under the cache
+                            if attempt == 2:
+                                raise
+            masked = plan[-1].masked
+            return await finish(fetched, statements, self.masker, self.limits, masked=masked)
+        except Exception as exc:
+            raise self._failed(exc, started=started) from exc
 
     def _failed(self, exc: Exception, *, started: bool) -> RunFailed:
         """What the agent is told when its allowed command did not complete (masked)."""
-        message = self._message(exc) if started else f"never ran: {self._message(exc)}"
         if isinstance(exc, TimeoutError) and not started:
             busy = "never ran: no read-only connection became free in time"
             return RunFailed(busy, final=False, outcome="busy")
+        message = self._message(exc) if started else f"never ran: {self._message(exc)}"
         if isinstance(exc, FAILED):
             return RunFailed(message, final=started)
         if isinstance(exc, KeyturnError):
