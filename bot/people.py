@@ -92,12 +92,9 @@ class Directory:
             # or taking a peer out of it, bars nobody less. The requester themself hears of
             # self-approval instead.
             asked = (row.classification or {}).get(OWN_GROUP)
-            if isinstance(asked, list):
-                members = frozenset(str(m) for m in asked)
-            else:  # asked before keyturn kept it: the group as it is now
-                members = await self.members(group)
-                members = members if row.requester in members else frozenset()
-            barred = user != row.requester and user in members
+            if not isinstance(asked, list):  # asked before keyturn kept it: the group now
+                asked = await own_group(self, rule, row.requester) or []
+            barred = user != row.requester and user in asked
         return Deciders(
             frozenset({user}) if may else frozenset(), frozenset({user}) if barred else frozenset()
         )
