@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.auth import Authenticator
+from gateway.drivers.http import HttpDriver
 from gateway.drivers.postgres.catalogs import Catalogs
 from gateway.drivers.postgres.driver import PostgresDriver
 from gateway.drivers.postgres.logins import ReadOnlyLogins
@@ -89,13 +90,14 @@ def build(
     turns = Turns()
     postgres = PostgresDriver(config, masker, metrics, turns, logins, catalogs)
     ssh = SshDriver(config.policy.ssh_targets(), cfg.ssh_timeout, masker)
+    http = HttpDriver(config.policy.http_targets(), vault, masker)
     kinds = {name: target.kind for name, target in config.policy.targets.items()}
     gw = Gateway(
         config=config,
         store=store,
         listener=listener,
         journal=Journal(store),
-        drivers=Drivers(kinds, [postgres, ssh]),
+        drivers=Drivers(kinds, [postgres, ssh, http]),
         metrics=metrics,
         turns=turns,
         in_flight=InFlight(cfg.agent_concurrency, metrics),

@@ -64,6 +64,7 @@ DETECTORS: dict[str, Callable[[str], str]] = {
 class Masker:
     columns: tuple[str, ...]
     detectors: tuple[Callable[[str], str], ...]
+    keys: tuple[str, ...] = ()  # JSON keys masked outright: the patterns without a table
 
     @classmethod
     def from_policy(cls, masking: Masking) -> Masker:
@@ -72,7 +73,8 @@ class Masker:
         # by name, result columns are masked whatever table a pattern names (lineage, in
         # keyturn.classify.lineage, knows the table; a name alone cannot tell)
         names = tuple(p.lower().rpartition(".")[2] for p in masking.columns)
-        return cls(names, tuple(DETECTORS[d] for d in order))
+        keys = tuple(p.lower() for p in masking.columns if "." not in p)
+        return cls(names, tuple(DETECTORS[d] for d in order), keys)
 
     def masked_column(self, name: str) -> bool:
         lowered = name.lower()
@@ -97,6 +99,31 @@ class Masker:
         if isinstance(value, dict):
             return {k: self.value(v) for k, v in value.items()}
         return value
+
+    def json(self, value: Any) -> Any:
+        """A JSON document as an agent may see it: the value of a key matching a masked
+        pattern, at any depth, is replaced outright; every other string (keys included)
+        goes through the detectors. Iterative: depth is bounded by the parser, not by us."""
+        root: list[Any] = [value]
+        stack: list[tuple[Any, Any, Any]] = [(root, 0, value)]  # (container, slot, node)
+        while stack:
+            container, slot, node = stack.pop()
+            if isinstance(node, str):
+                container[slot] = self.text(node)
+            elif isinstance(node, list):
+                copy = list(node)
+                container[slot] = copy
+                stack += [(copy, i, item) for i, item in enumerate(node)]
+            elif isinstance(node, dict):
+                out: dict[str, Any] = {}
+                container[slot] = out
+                for key, item in node.items():
+                    name = self.text(key)
+                    hidden = any(fnmatch.fnmatchcase(key.lower(), p) for p in self.keys)
+                    out[name] = MASK if hidden else item
+                    if not hidden:
+                        stack.append((out, name, item))
+        return root[0]
 
     def rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         hidden = [self.masked_column(c) for c in columns]

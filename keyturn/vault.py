@@ -351,6 +351,23 @@ class Vault:
             raise VaultRequestError(f"Vault returned no certificate from {path}")
         return str(data["signed_key"]), str(data.get("serial_number", ""))
 
+    async def kv_secret(self, mount: str, path: str) -> dict[str, Any]:
+        """A KV v2 secret's current fields, read anew each time (a rotation takes effect at
+        the next call). Errors name the path, never a value."""
+        result = await self.read(f"{mount}/data/{path}")
+        data = ((result or {}).get("data") or {}).get("data")
+        if not isinstance(data, dict):
+            raise NotFound(f"Vault has no KV v2 secret at {mount}/{path}")
+        return data
+
+    async def identity_token(self, role: str) -> str:
+        """A short-lived JWT from Vault's identity OIDC provider, for this login's entity."""
+        result = await self.read(f"identity/oidc/token/{role}")
+        token = ((result or {}).get("data") or {}).get("token")
+        if not isinstance(token, str) or not token:
+            raise VaultRequestError(f"Vault gave no token for identity/oidc/token/{role}")
+        return token
+
     async def renew_lease(self, lease_id: str, increment: timedelta) -> int:
         """Renew by ``increment`` (always pass one: none *shortens* to the default TTL)."""
         result = await self.write(

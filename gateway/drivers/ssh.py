@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import asyncssh
 
-from gateway.usecases.driver import Allowed, RunFailed
+from gateway.usecases.driver import Allowed, RunFailed, as_text
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
 from keyturn.config.targets import SshTarget
@@ -123,6 +123,9 @@ class SshDriver:
         self._targets = targets
         self._timeout = timeout
         self._masker = masker
+
+    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
+        return as_text(self.kind, target, command, is_call=is_call)
 
     def runs_allowed(self, target: str) -> bool:
         return False

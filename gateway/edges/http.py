@@ -22,12 +22,19 @@ from pydantic import ValidationError
 
 from gateway.auth import Authenticator
 from gateway.edges.openapi import build_spec
-from gateway.edges.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn, storable
+from gateway.edges.schemas import (
+    MAX_BODY_BYTES,
+    MAX_COMMAND_BYTES,
+    CommandIn,
+    HttpRequestIn,
+    storable,
+)
 from gateway.ratelimit import RateLimiter
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read, ready, targets
 from gateway.usecases.submission import Submission
 from gateway.usecases.submit import Blocked, submit
 from keyturn.agent.api import CommandOut
+from keyturn.classify.http import call_of
 from keyturn.domain import RequestStatus
 from keyturn.errors import InvalidInput, KeyturnError, RateLimited, TooLarge, Unavailable
 from keyturn.store.reads import RequestView
@@ -151,26 +158,46 @@ def _parse(raw: bytes, idempotency_key: str | None) -> Submission:
     except RecursionError:
         raise InvalidInput("body is not valid JSON: it nests too deeply") from None
     if not isinstance(data, dict):
-        raise InvalidInput("body must be a JSON object with target and command")
-    command = data.get("command")
-    if isinstance(command, str) and len(command.encode(errors="replace")) > MAX_COMMAND_BYTES:
-        raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
+        raise InvalidInput("body must be a JSON object with target and command (or request)")
     try:
         cmd = CommandIn.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidInput(f"{where}: {first['msg']}") from None
-    for name in ("target", "command", "reason", "run_id"):
-        storable(name, getattr(cmd, name))
+    command = _call(cmd.request) if cmd.request is not None else cmd.command or ""
+    if len(command.encode(errors="replace")) > MAX_COMMAND_BYTES:
+        raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
+    for name, value in (
+        ("target", cmd.target),
+        ("command", command),
+        ("reason", cmd.reason),
+        ("run_id", cmd.run_id),
+    ):
+        storable(name, value)
     return Submission(
         target=cmd.target,
-        command=cmd.command,
+        command=command,
         reason=cmd.reason,
         run_id=cmd.run_id,
         body_sha256=hashlib.sha256(raw).hexdigest(),
         idempotency_key=idempotency_key,
+        is_call=cmd.request is not None,
     )
+
+
+def _call(request: HttpRequestIn) -> str:
+    """An HTTP call's text form (:mod:`keyturn.classify.http`): what is judged and sent."""
+    given = "json_body" in request.model_fields_set
+    call = call_of(
+        request.method,
+        request.path,
+        query=request.query,
+        headers=request.headers,
+        json_body=(given, request.json_body),
+        text=request.text,
+    )
+    return call.render()
 
 
 async def post_command(request: web.Request) -> web.Response:

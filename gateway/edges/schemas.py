@@ -3,7 +3,9 @@ client; /openapi.json is generated from both, so the spec cannot drift from the 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keyturn.errors import InvalidInput
 
@@ -27,10 +29,34 @@ def storable(name: str, value: str | None) -> None:
         raise InvalidInput(f"{name}: must be valid Unicode text (no lone surrogates)") from None
 
 
+class HttpRequestIn(BaseModel):
+    """An API call for an HTTP target: keyturn sends exactly this (and its credential)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="GET, HEAD, OPTIONS, POST, PUT, PATCH or DELETE")
+    path: str = Field(description="relative to the target's base_url, e.g. /orders/7")
+    query: dict[str, Any] | list[list[Any]] | None = None
+    headers: dict[str, str] | None = Field(
+        default=None,
+        description="only Accept, Accept-Language, Content-Type, If-Match, If-None-Match, "
+        "If-Modified-Since, If-Unmodified-Since, Idempotency-Key, Prefer, X-Request-Id",
+    )
+    json_body: Any = Field(default=None, alias="json", description="a JSON body")
+    text: str | None = Field(default=None, description="a text body (with its Content-Type)")
+
+
 class CommandIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field(min_length=1, max_length=200)
-    command: str = Field(min_length=1)
+    command: str | None = Field(default=None, min_length=1, description="SQL or a shell line")
+    request: HttpRequestIn | None = Field(default=None, description="an HTTP target's call")
     reason: str | None = Field(default=None, max_length=2000)
     run_id: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one(self) -> CommandIn:
+        if (self.command is None) == (self.request is None):
+            raise ValueError("send command (SQL, shell) or request (an HTTP call), one of them")
+        return self

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
 from keyturn.config.rules import Rule
-from keyturn.errors import KeyturnError, NotFound
+from keyturn.errors import InvalidInput, KeyturnError, NotFound
 from keyturn.supervise import Loop
 
 # How a command that did not complete is answered:
@@ -67,9 +67,20 @@ class Allowed:
     recorded: asyncio.Future[None]
 
 
+def as_text(kind: str, target: str, command: str, *, is_call: bool) -> str:
+    """:meth:`Driver.canonical` for kinds whose commands are text judged as sent (SQL, shell)."""
+    if is_call:
+        raise InvalidInput(f"{target} is a {kind} target: send command, not request")
+    return command
+
+
 class Driver(Protocol):
     kind: ClassVar[str]
     description: ClassVar[str]  # for targets that have none of their own
+
+    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
+        """The command as it will be judged, recorded, shown and run (one rendition), or
+        InvalidInput; ``is_call``: the agent sent a structured HTTP call."""
 
     def runs_allowed(self, target: str) -> bool:
         """Whether the gateway runs an allowed command on ``target`` with standing credentials

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gateway.usecases import allowed, hold
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway
 from gateway.usecases.submission import Submission, outcome
@@ -29,6 +31,8 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
         )
         if earlier is not None:
             return earlier.status in AGENT_TERMINAL, reads.RequestView.of(earlier)
+    driver = gw.drivers.of(sub.target)
+    sub = replace(sub, command=driver.canonical(sub.target, sub.command, is_call=sub.is_call))
     verdict = await gw.verdict(sub.target, sub.command, who)
     rule = verdict.rule.name if verdict.rule else None
     for shadow_rule, action in verdict.shadow:
@@ -37,8 +41,8 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
         await gw.journal.record(outcome(sub, who, verdict, status="blocked"))
         gw.metrics.commands.labels("blocked").inc()
         message = verdict.rule.message if verdict.rule and verdict.rule.message else None
-        raise Blocked(message or f"blocked by rule {rule}: {'; '.join(verdict.reasons)}", rule)
-    driver = gw.drivers.of(sub.target)
+        why = "; ".join(verdict.reasons)
+        raise Blocked(message or (f"blocked by rule {rule}: {why}" if rule else why), rule)
     if verdict.action == "allow" and driver.runs_allowed(sub.target):
         out = await allowed.run(gw, driver, who, sub, verdict)
         return out.status in AGENT_TERMINAL, out

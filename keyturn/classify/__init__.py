@@ -17,6 +17,8 @@ from typing import Literal
 from keyturn.classify.argv import argv_matches, compile_pattern
 from keyturn.classify.budget import budget
 from keyturn.classify.catalog import Catalog
+from keyturn.classify.http import parse_call
+from keyturn.classify.http_rules import against_spec, kinds_of, rule_matches
 from keyturn.classify.options import ALWAYS_RISKY, RISKY_OPTIONS
 from keyturn.classify.patterns import Patterns
 from keyturn.classify.readonly import NotReadOnly, read_plan
@@ -24,7 +26,7 @@ from keyturn.classify.shell import INTERPRETERS, WRAPPERS, analyze_shell
 from keyturn.classify.sql import analyze_sql
 from keyturn.config.policy import Config
 from keyturn.config.rules import Rule
-from keyturn.config.targets import PostgresTarget, SshTarget, TargetBase
+from keyturn.config.targets import HttpTarget, PostgresTarget, SshTarget, TargetBase
 from keyturn.errors import Forbidden, NotFound
 
 Action = Literal["allow", "hold", "block"]
@@ -124,6 +126,8 @@ def classify(
             return _classify_sql(config, target_name, command, who, catalog)
         if isinstance(target, SshTarget):
             return _classify_shell(config, target_name, command, who)
+        if isinstance(target, HttpTarget):
+            return _classify_http(config, target_name, target, command, who)
     # a new kind of target is judged by its own parser, never by another kind's
     raise NotImplementedError(f"no classifier for targets of kind {target.kind!r}")
 
@@ -202,6 +206,28 @@ def _classify_shell(
             return Verdict(rule.action, rule, reasons, shadow=tuple(shadow))
     reasons = [*analysis.reasons, "no rule matched: held by default"]
     return Verdict("hold", None, reasons, shadow=tuple(shadow))
+
+
+def _classify_http(
+    config: Config, target_name: str, target: HttpTarget, command: str, who: Identity | None
+) -> Verdict:
+    """Raises InvalidInput for text that is not a call (the edges build calls; a policy test
+    or a hand-typed command may not be one)."""
+    call = parse_call(command)
+    kinds = kinds_of(call)
+    operation, refusal = against_spec(target, call)
+    if refusal:
+        return Verdict("block", None, [f"not allowed by the API's OpenAPI file: {refusal}"], kinds)
+    shadow: list[tuple[str, Action]] = []
+    for rule in config.policy.rules:
+        if not _applies(rule, target_name, who) or not (rule.match.http or rule.match.operation):
+            continue
+        hit = rule_matches(rule, call, operation)
+        if hit is not None and rule.mode == "shadow":
+            shadow.append((rule.name, rule.action))
+        elif hit is not None:
+            return Verdict(rule.action, rule, [f"matches {hit}"], kinds, tuple(shadow))
+    return Verdict("hold", None, ["no rule matched: held by default"], kinds, tuple(shadow))
 
 
 def policy_warnings(config: Config) -> list[str]:

@@ -31,7 +31,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("postgres", "ssh") and out.startswith("targets."):
+        elif part in ("postgres", "ssh", "http") and out.startswith("targets."):
             continue  # the discriminator tag pydantic adds for tagged unions
         elif part.startswith("function-"):
             continue
@@ -49,9 +49,9 @@ def _message(err: ErrorDetails) -> str:
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "union_tag_not_found":
-        return "missing kind (postgres or ssh)"
+        return "missing kind (postgres, ssh or http)"
     if kind == "union_tag_invalid":
-        return f"expected kind postgres or ssh, got {ctx.get('tag')!r}"
+        return f"expected kind postgres, ssh or http, got {ctx.get('tag')!r}"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
 
@@ -106,12 +106,13 @@ def _secret_keys(node: Any, path: str = "") -> list[str]:
     return found
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
+def parse_config(data: Any, source: str = "config", base_dir: Path | None = None) -> Config:
+    """``base_dir``: where relative paths in the file (an OpenAPI file) are found."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with targets and rules at the top level")
     problems = _secret_keys(data)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in format_errors(exc) if p.split(":", 1)[0] not in reported]
@@ -137,4 +138,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), path.parent)

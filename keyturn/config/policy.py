@@ -14,7 +14,7 @@ from keyturn.config.durations import Duration, format_duration
 from keyturn.config.model import Model, Name
 from keyturn.config.process import BotConfig, GatewayConfig, SlackConfig, VaultConfig
 from keyturn.config.rules import AccessRule, Masking, PolicyTest, Rule
-from keyturn.config.targets import PostgresTarget, SshTarget, Target
+from keyturn.config.targets import HttpTarget, PostgresTarget, SshTarget, Target
 
 # What keyturn decides with (targets, rules, masking, TTLs and the file's own tests); the
 # rest of the file says how the processes run. In the YAML both sit at the top level.
@@ -53,6 +53,7 @@ class Policy(Model):
                 raise ValueError(
                     f"rules[{i}].target: unknown target {rule.target!r} (known: {known})"
                 )
+            self._check_operations(i, rule)
         self._check_access()
         for i, test in enumerate(self.tests):
             if test.target not in self.targets:
@@ -60,6 +61,23 @@ class Policy(Model):
             if test.rule is not None and test.rule not in seen:
                 raise ValueError(f"tests[{i}].rule: no rule is named {test.rule!r}")
         return self
+
+    def _check_operations(self, i: int, rule: Rule) -> None:
+        """A rule's operation ids must be in the OpenAPI file of a target it applies to."""
+        if not rule.match.operation:
+            return
+        specs = [
+            t.spec
+            for name, t in self.http_targets().items()
+            if t.spec is not None and rule.target in ("*", name)
+        ]
+        known = set().union(*(spec.operation_ids() for spec in specs))
+        for op in rule.match.operation:
+            if op not in known:
+                raise ValueError(
+                    f"rules[{i}].match.operation: {op!r} is in no OpenAPI file of the targets "
+                    f"it applies to (known: {', '.join(sorted(known)) or 'none'})"
+                )
 
     def _check_access(self) -> None:
         names: set[str] = set()
@@ -93,6 +111,9 @@ class Policy(Model):
 
     def ssh_targets(self) -> dict[str, SshTarget]:
         return {n: t for n, t in self.targets.items() if isinstance(t, SshTarget)}
+
+    def http_targets(self) -> dict[str, HttpTarget]:
+        return {n: t for n, t in self.targets.items() if isinstance(t, HttpTarget)}
 
 
 class Config(Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     Field,
@@ -61,9 +61,57 @@ class People(Model):
         return self
 
 
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+
+
+class Condition(Model):
+    """A condition on one query parameter or JSON body field; a bare value means equals.
+    A field that is absent, or of another type, never meets a condition."""
+
+    equals: str | int | float | bool | None = None
+    one_of: list[str | int | float | bool] | None = None
+    at_most: float | None = None
+    at_least: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_value(cls, data: Any) -> Any:
+        return data if isinstance(data, dict) else {"equals": data}
+
+    @model_validator(mode="after")
+    def _something(self) -> Condition:
+        if self.equals is None and self.one_of is None and self.at_most is self.at_least is None:
+            raise ValueError("a condition needs equals, one_of, at_most or at_least")
+        return self
+
+
+def _http_pattern(pattern: str) -> str:
+    method, _, path = pattern.partition(" ")
+    if method != "*" and method not in HTTP_METHODS:
+        raise ValueError(f"{pattern!r}: the method must be * or one of {', '.join(HTTP_METHODS)}")
+    if not path.startswith("/") or "//" in path or any(c in path for c in "?#%; \\"):
+        raise ValueError(
+            f"{pattern!r} must be METHOD /path with * or ** segments, e.g. GET /orders/*"
+        )
+    for segment in path[1:].split("/"):
+        if segment in (".", "..") or ("*" in segment and segment not in ("*", "**")):
+            raise ValueError(f"{pattern!r}: a segment is a name, * (one) or ** (any number)")
+    return pattern
+
+
 class Match(Model):
     sql: list[SqlKind] | None = None
     shell: list[str] | None = None
+    # HTTP targets: "METHOD /path" patterns and/or OpenAPI operation ids, then conditions
+    http: list[str] | None = None
+    operation: list[Name] | None = None
+    query: dict[str, Condition] | None = None
+    body: dict[str, Condition] | None = None
+
+    @field_validator("http")
+    @classmethod
+    def _http_patterns(cls, value: list[str] | None) -> list[str] | None:
+        return [_http_pattern(p) for p in value] if value is not None else None
 
     @field_validator("shell")
     @classmethod
@@ -79,8 +127,10 @@ class Match(Model):
 
     @model_validator(mode="after")
     def _something(self) -> Match:
-        if not self.sql and not self.shell:
-            raise ValueError("a match needs sql kinds or shell patterns")
+        if not (self.sql or self.shell or self.http or self.operation):
+            raise ValueError("a match needs sql kinds, shell patterns, http patterns or operations")
+        if (self.query or self.body) and not (self.http or self.operation):
+            raise ValueError("query and body conditions go with http patterns or operations")
         return self
 
 
@@ -157,7 +207,9 @@ class AccessRule(Model):
 
 
 class PolicyTest(Model):
-    """A case the policy must decide as stated: run by check-config and `keyturn policy test`."""
+    """A case the policy must decide as stated: run by check-config and `keyturn policy test`.
+    For an HTTP target the command is the call's text form: ``POST /orders/7/refunds``, then
+    ``Content-Type: application/json``, a blank line and the body."""
 
     target: str
     command: str = Field(min_length=1)

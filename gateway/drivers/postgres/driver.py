@@ -25,7 +25,7 @@ from gateway.drivers.postgres.sql import (
 from gateway.drivers.postgres.values import Limits, SqlResult, finish
 from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
-from gateway.usecases.driver import Allowed, RunFailed
+from gateway.usecases.driver import Allowed, RunFailed, as_text
 from keyturn.aio import Deadline
 from keyturn.classify import Identity, masking_patterns
 from keyturn.classify.catalog import Catalog
@@ -85,6 +85,9 @@ class PostgresDriver:
         self.logins = logins
         self.catalogs = catalogs
         self.limits = Limits.of(config.gateway)
+
+    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
+        return as_text(self.kind, target, command, is_call=is_call)
 
     def runs_allowed(self, target: str) -> bool:
         return self.logins is not None and target in self.logins

@@ -1,0 +1,218 @@
+"""An HTTP target's OpenAPI file (3.0 or 3.1): its operations, and what it does not allow.
+
+Loaded once with the policy, so a broken file is a config error, not a failure at a
+request. :meth:`Spec.refusal` says, in the spec's own words, why a call is not one the API
+describes (no such path or method, a path or query parameter of the wrong type, a body that
+fails its schema); the classifier refuses such a call before anyone sees it. Schemas are
+checked with ``jsonschema`` (draft 4 semantics for 3.0, 2020-12 for 3.1), references
+resolved inside the file only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft4Validator, Draft202012Validator
+from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+from referencing import Registry
+from referencing.jsonschema import DRAFT4, DRAFT202012
+
+from keyturn.errors import ConfigError
+
+METHODS = ("get", "head", "options", "post", "put", "patch", "delete")
+LOCAL = "urn:keyturn:openapi"  # the file's own URI: "#/components/…" resolves inside it
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str  # upper case
+    template: tuple[str, ...]  # path segments, "{name}" for a parameter
+    operation_id: str | None
+    summary: str | None
+    parameters: tuple[dict[str, Any], ...]
+    body: dict[str, Any] | None  # requestBody
+
+    @property
+    def path(self) -> str:
+        return "/" + "/".join(self.template)
+
+    def bind(self, segments: tuple[str, ...]) -> dict[str, str] | None:
+        """The path parameters if ``segments`` fit this template, else None."""
+        if len(segments) != len(self.template):
+            return None
+        bound = {}
+        for part, segment in zip(self.template, segments, strict=True):
+            if part.startswith("{") and part.endswith("}"):
+                if not segment:
+                    return None
+                bound[part[1:-1]] = segment
+            elif part != segment:
+                return None
+        return bound
+
+    def literal_parts(self) -> int:
+        return sum(1 for part in self.template if not part.startswith("{"))
+
+
+def _prepared(node: Any, v30: bool) -> Any:
+    """The document with every local ``$ref`` made absolute (so a schema taken out of the
+    file still resolves through the registry), and, for 3.0, ``nullable: true`` as draft 4
+    can check it (``type: [t, "null"]``)."""
+    if isinstance(node, dict):
+        out = {k: _prepared(v, v30) for k, v in node.items() if not (v30 and k == "nullable")}
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+            out["$ref"] = LOCAL + node["$ref"]
+        if v30 and node.get("nullable") is True and isinstance(node.get("type"), str):
+            out["type"] = [node["type"], "null"]
+        return out
+    if isinstance(node, list):
+        return [_prepared(v, v30) for v in node]
+    return node
+
+
+def _typed(value: str, schema: dict[str, Any]) -> Any:
+    """A path or query value as its schema's type would have it (text otherwise)."""
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(value, 10)
+        if kind == "number":
+            return float(value)
+    except ValueError:
+        return value
+    if kind == "boolean" and value in ("true", "false"):
+        return value == "true"
+    return value
+
+
+class Spec:
+    def __init__(self, document: dict[str, Any], source: str) -> None:
+        version = str(document.get("openapi", ""))
+        if not version.startswith(("3.0.", "3.1.")):
+            raise ConfigError(f"{source}: not an OpenAPI 3.0 or 3.1 file (openapi: {version!r})")
+        self.source = source
+        self.version = version
+        self._v30 = version.startswith("3.0.")
+        self.document = _prepared(document, self._v30)
+        spec = DRAFT4 if self._v30 else DRAFT202012
+        self._registry: Registry[Any] = Registry().with_resource(
+            LOCAL, spec.create_resource(self.document)
+        )
+        self.operations = tuple(self._operations())
+        ids = [op.operation_id for op in self.operations if op.operation_id]
+        if len(ids) != len(set(ids)):
+            raise ConfigError(f"{source}: an operationId is used twice")
+
+    @classmethod
+    def load(cls, path: Path) -> Spec:
+        try:
+            text = path.read_text(encoding="utf-8")
+            document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the OpenAPI file: {exc}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
+            raise ConfigError(f"{path}: an OpenAPI file needs openapi and paths")
+        return cls(document, str(path))
+
+    def _resolve(self, node: Any) -> Any:
+        """One level of ``$ref`` inside the file (parameters, request bodies)."""
+        if isinstance(node, dict) and isinstance(node.get("$ref"), str):
+            ref = node["$ref"]
+            if not ref.startswith(LOCAL + "#/"):
+                raise ConfigError(f"{self.source}: only references inside the file ({ref})")
+            try:
+                return self._registry.resolver(LOCAL).lookup(ref).contents
+            except Exception as exc:  # referencing's Unresolvable and its kin
+                raise ConfigError(f"{self.source}: cannot resolve {ref}: {exc}") from None
+        return node
+
+    def _operations(self) -> Iterator[Operation]:
+        for path, item in self.document["paths"].items():
+            if not isinstance(path, str) or not path.startswith("/") or not isinstance(item, dict):
+                raise ConfigError(f"{self.source}: paths: {path!r} is not a path")
+            shared = [self._resolve(p) for p in item.get("parameters", [])]
+            for method in METHODS:
+                op = item.get(method)
+                if not isinstance(op, dict):
+                    continue
+                own = [self._resolve(p) for p in op.get("parameters", [])]
+                named = {(p.get("in"), p.get("name")): p for p in shared + own}
+                body = self._resolve(op.get("requestBody")) if "requestBody" in op else None
+                yield Operation(
+                    method=method.upper(),
+                    template=tuple(path[1:].split("/")),
+                    operation_id=op.get("operationId"),
+                    summary=op.get("summary"),
+                    parameters=tuple(named.values()),
+                    body=body,
+                )
+
+    def operation_ids(self) -> set[str]:
+        return {op.operation_id for op in self.operations if op.operation_id}
+
+    def find(self, method: str, segments: tuple[str, ...]) -> tuple[Operation | None, str]:
+        """The operation for a call (concrete paths before templated ones), or why none."""
+        fits = [(op, op.bind(segments)) for op in self.operations]
+        fitting = [(op, bound) for op, bound in fits if bound is not None]
+        if not fitting:
+            return None, "the API's OpenAPI file has no path like it"
+        same = [op for op, _ in fitting if op.method == method]
+        if not same:
+            allowed = ", ".join(sorted({op.method for op, _ in fitting}))
+            return None, f"the API's OpenAPI file allows only {allowed} there"
+        return max(same, key=Operation.literal_parts), ""
+
+    def _validator(self, schema: Any) -> Validator:
+        cls = Draft4Validator if self._v30 else Draft202012Validator
+        return cls(schema, registry=self._registry)
+
+    def _error(self, where: str, value: Any, schema: Any) -> str | None:
+        if not isinstance(schema, dict):
+            return None
+        error = best_match(self._validator(schema).iter_errors(value))
+        if error is None:
+            return None
+        inner = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in error.absolute_path)
+        return f"{where}{inner}: {error.message}"
+
+    def refusal(
+        self,
+        op: Operation,
+        segments: tuple[str, ...],
+        query: tuple[tuple[str, str], ...],
+        body: tuple[bool, Any, str | None],
+    ) -> str | None:
+        """Why the spec does not allow this call of ``op``, or None. ``body`` is (is JSON,
+        parsed JSON, content type or None)."""
+        bound = op.bind(segments) or {}
+        given = dict(query)
+        for param in op.parameters:
+            where, name = param.get("in"), str(param.get("name"))
+            schema = param.get("schema") or {}
+            value = bound.get(name) if where == "path" else given.get(name)
+            if where not in ("path", "query"):
+                continue
+            if value is None:
+                if param.get("required"):
+                    return f"{where} parameter {name} is required"
+                continue
+            error = self._error(f"{where} parameter {name}", _typed(value, schema), schema)
+            if error:
+                return error
+        is_json, data, content_type = body
+        if op.body is None:
+            return "the operation takes no body" if content_type else None
+        if content_type is None:
+            return "the operation needs a body" if op.body.get("required") else None
+        content = op.body.get("content") or {}
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media not in content:
+            return f"the operation takes {', '.join(content) or 'no body'}, not {media}"
+        schema = (content[media] or {}).get("schema")
+        return self._error("body", data, schema) if is_json and schema else None
