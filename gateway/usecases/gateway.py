@@ -18,10 +18,11 @@ from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
 from gateway.usecases.driver import Drivers
 from gateway.usecases.inflight import InFlight
-from keyturn.agent.api import TERMINAL, TargetOut, TargetsOut
+from keyturn.agent.api import TERMINAL, OperationOut, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, classify, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.config.policy import Config
+from keyturn.config.targets import HttpTarget, TargetBase
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
 from keyturn.store import decisions, reads
@@ -76,11 +77,24 @@ def targets(gw: Gateway, who: Identity) -> TargetsOut:
                 name=name,
                 kind=target.kind,
                 description=target.description or gw.drivers.kind(target.kind).description,
+                operations=_operations(target),
             )
             for name, target in gw.config.policy.targets.items()
             if may_use(target, who)
         ]
     )
+
+
+def _operations(target: TargetBase) -> list[OperationOut] | None:
+    spec = target.spec if isinstance(target, HttpTarget) else None
+    if spec is None:
+        return None
+    return [
+        OperationOut(
+            method=op.method, path=op.path, operation_id=op.operation_id, summary=op.summary
+        )
+        for op in spec.operations
+    ]
 
 
 async def read(gw: Gateway, who: Identity, request_id: str, wait: float) -> reads.RequestView:

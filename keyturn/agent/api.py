@@ -39,6 +39,18 @@ class ShellResultOut(BaseModel):
     truncated: bool
 
 
+class HttpResultOut(BaseModel):
+    status: int = Field(description="the API's status code; an error status is a result too")
+    headers: dict[str, str] = Field(description="Content-Type, Location, ETag and a few more")
+    json_body: Any = Field(default=None, alias="json", description="a JSON body, masked")
+    text: str | None = Field(default=None, description="a text body, masked")
+    note: str | None = Field(default=None, description="why a body is not shown")
+    bytes: int = Field(description="bytes of the body read")
+    truncated: bool = Field(description="the body was longer than the target's cap")
+
+    model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
 Status = Literal[
     "pending", "approved", "executing", "executed", "failed", "denied", "expired", "cancelled"
 ]
@@ -53,7 +65,7 @@ class CommandOut(BaseModel):
     wait_url: str | None = None
     expires_at: datetime | None = Field(default=None, description="when a pending request expires")
     estimated_rows: int | None = Field(default=None, description="EXPLAIN estimate (held SQL)")
-    result: SqlResultOut | ShellResultOut | None = None
+    result: SqlResultOut | ShellResultOut | HttpResultOut | None = None
     error: str | None = None
     denied_by: str | None = None
     deny_reason: str | None = None
@@ -69,10 +81,20 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
+class OperationOut(BaseModel):
+    method: str
+    path: str = Field(description="a template: /orders/{id}")
+    operation_id: str | None = None
+    summary: str | None = None
+
+
 class TargetOut(BaseModel):
     name: str
-    kind: Literal["postgres", "ssh"]
+    kind: Literal["postgres", "ssh", "http"]
     description: str = Field(description="one line for a person or a model choosing a target")
+    operations: list[OperationOut] | None = Field(
+        default=None, description="an HTTP target's operations, from its OpenAPI file"
+    )
 
 
 class TargetsOut(BaseModel):

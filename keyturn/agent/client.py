@@ -38,6 +38,7 @@ from keyturn import __version__
 from keyturn.agent.api import (
     TERMINAL,
     CommandOut,
+    HttpResultOut,
     ShellResultOut,
     SqlResultOut,
     TargetOut,
@@ -56,18 +57,72 @@ __all__ = [  # what keyturn.client, the public import path, offers
     "Expired",
     "Failed",
     "GatewayUnavailable",
+    "HttpResult",
     "NotConfigured",
     "Rejected",
     "Request",
     "Result",
     "StillPending",
     "TooManyRequests",
+    "http_call",
     "outcome",
 ]
 
 log = logging.getLogger(__name__)
 Request = CommandOut
-Result = SqlResultOut | ShellResultOut
+Result = SqlResultOut | ShellResultOut | HttpResultOut
+# What an agent sends: SQL or a shell line (text), or an HTTP call (:func:`http_call`).
+Command = str | dict[str, Any]
+NO_BODY: Any = object()  # http(json=...) not given (JSON null is a body)
+
+
+def http_call(
+    method: str,
+    path: str,
+    *,
+    params: dict[str, Any] | list[list[Any]] | None = None,
+    json: Any = NO_BODY,
+    text: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An HTTP target's call as the gateway takes it (``request`` in POST /v1/commands)."""
+    call: dict[str, Any] = {"method": method, "path": path}
+    for name, value in (("query", params), ("text", text), ("headers", headers)):
+        if value is not None:
+            call[name] = value
+    if json is not NO_BODY:
+        call["json"] = json
+    return call
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """An HTTP target's answer, as the agent may see it (masked, capped)."""
+
+    status: int
+    headers: dict[str, str]
+    json: Any
+    text: str | None
+    truncated: bool
+    request_id: str
+    note: str | None = None
+
+
+def http_result(request: Request) -> HttpResult:
+    result = outcome(request)
+    if not isinstance(result, HttpResultOut):
+        raise TypeError(f"request {request.id} is not an HTTP call")
+    return HttpResult(
+        status=result.status,
+        headers=result.headers,
+        json=result.json_body,
+        text=result.text,
+        truncated=result.truncated,
+        request_id=request.id,
+        note=result.note,
+    )
+
+
 T = TypeVar("T")
 
 POLL_SECONDS = 30.0  # one long-poll; the gateway caps it at its max_wait anyway
@@ -280,13 +335,13 @@ def _exchange(call: Call, deadline: float, what: str) -> Flow[Reply]:
 
 def submit_flow(
     target: str,
-    command: str,
+    command: Command,
     reason: str | None,
     run_id: str | None,
     idempotency_key: str | None,
     retry_for: float,
 ) -> Flow[Request]:
-    body = {"target": target, "command": command}
+    body = {"target": target, "command" if isinstance(command, str) else "request": command}
     body |= {k: v for k, v in (("reason", reason), ("run_id", run_id)) if v is not None}
     key = idempotency_key or f"keyturn-client-{uuid.uuid4()}"
     call = Call("POST", "/v1/commands", POLL_SECONDS, body, {"Idempotency-Key": key})
@@ -318,7 +373,7 @@ def wait_flow(request_id: str, timeout: float) -> Flow[Request]:
 
 def settle_flow(
     target: str,
-    command: str,
+    command: Command,
     reason: str | None,
     run_id: str | None,
     idempotency_key: str | None,
@@ -342,27 +397,55 @@ def settle_flow(
     return (yield from wait_flow(request.id, max(0.0, seconds)))
 
 
+def deadline_flow(
+    target: str,
+    command: Command,
+    reason: str | None,
+    run_id: str | None,
+    idempotency_key: str | None,
+    timeout: float,
+    on_pending: Callable[[Request], None] | None,
+) -> Flow[Request]:
+    """Submit, then wait for a held command until ``timeout`` seconds in all have passed."""
+    deadline = time.monotonic() + timeout
+    return (
+        yield from settle_flow(
+            target,
+            command,
+            reason,
+            run_id,
+            idempotency_key,
+            wait=lambda _: deadline - time.monotonic(),
+            on_pending=on_pending,
+            retry_for=min(timeout, SUBMIT_RETRY_SECONDS),
+        )
+    )
+
+
 def run_flow(
     target: str,
-    command: str,
+    command: Command,
     reason: str | None,
     run_id: str | None,
     idempotency_key: str | None,
     timeout: float,
     on_pending: Callable[[Request], None] | None,
 ) -> Flow[Result]:
-    deadline = time.monotonic() + timeout
-    request = yield from settle_flow(
-        target,
-        command,
-        reason,
-        run_id,
-        idempotency_key,
-        wait=lambda _: deadline - time.monotonic(),
-        on_pending=on_pending,
-        retry_for=min(timeout, SUBMIT_RETRY_SECONDS),
-    )
-    return outcome(request)
+    args = (target, command, reason, run_id, idempotency_key, timeout, on_pending)
+    return outcome((yield from deadline_flow(*args)))
+
+
+def http_flow(
+    target: str,
+    call: dict[str, Any],
+    reason: str | None,
+    run_id: str | None,
+    idempotency_key: str | None,
+    timeout: float,
+    on_pending: Callable[[Request], None] | None,
+) -> Flow[HttpResult]:
+    args = (target, call, reason, run_id, idempotency_key, timeout, on_pending)
+    return http_result((yield from deadline_flow(*args)))
 
 
 def targets_flow(timeout: float) -> Flow[list[TargetOut]]:
@@ -456,7 +539,7 @@ class Client(_Base):
     def submit(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -476,7 +559,7 @@ class Client(_Base):
     def run(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -494,7 +577,7 @@ class Client(_Base):
     def submit_and_wait(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -516,6 +599,29 @@ class Client(_Base):
                 on_pending=on_pending,
                 retry_for=retry_for,
             )
+        )
+
+    def http(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | list[list[Any]] | None = None,
+        json: Any = NO_BODY,
+        text: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 900.0,
+        on_pending: Callable[[Request], None] | None = None,
+    ) -> HttpResult:
+        """Call an HTTP target's API through keyturn, waiting (within ``timeout``) for a held
+        call as :meth:`run` does: the API's answer (any status), or the typed error."""
+        call = http_call(method, path, params=params, json=json, text=text, headers=headers)
+        return self._drive(
+            http_flow(target, call, reason, run_id, idempotency_key, timeout, on_pending)
         )
 
     def targets(self, timeout: float = TARGETS_TIMEOUT) -> list[TargetOut]:
@@ -573,7 +679,7 @@ class AsyncClient(_Base):
     async def submit(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -590,7 +696,7 @@ class AsyncClient(_Base):
     async def run(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -605,7 +711,7 @@ class AsyncClient(_Base):
     async def submit_and_wait(
         self,
         target: str,
-        command: str,
+        command: Command,
         reason: str | None = None,
         run_id: str | None = None,
         idempotency_key: str | None = None,
@@ -625,6 +731,29 @@ class AsyncClient(_Base):
                 on_pending=on_pending,
                 retry_for=retry_for,
             )
+        )
+
+    async def http(
+        self,
+        target: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | list[list[Any]] | None = None,
+        json: Any = NO_BODY,
+        text: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 900.0,
+        on_pending: Callable[[Request], None] | None = None,
+    ) -> HttpResult:
+        """Call an HTTP target's API through keyturn, waiting (within ``timeout``) for a held
+        call as :meth:`run` does: the API's answer (any status), or the typed error."""
+        call = http_call(method, path, params=params, json=json, text=text, headers=headers)
+        return await self._drive(
+            http_flow(target, call, reason, run_id, idempotency_key, timeout, on_pending)
         )
 
     async def targets(self, timeout: float = TARGETS_TIMEOUT) -> list[TargetOut]:

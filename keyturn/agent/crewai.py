@@ -24,17 +24,25 @@ from pydantic import BaseModel, Field, SecretStr
 
 from keyturn.agent.api import CommandOut
 from keyturn.agent.client import (
+    NO_BODY,
     SUBMIT_RETRY_SECONDS,
     AsyncClient,
     Client,
     ClientError,
+    Command,
     NotConfigured,
+    http_call,
 )
 from keyturn.agent.reports import ToolOutcome, default_wait, told, unexpected
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KeyturnRequestStatusTool", "KeyturnSQLTool", "KeyturnShellTool"]  # keyturn.crewai's
+__all__ = [
+    "KeyturnHTTPTool",
+    "KeyturnRequestStatusTool",
+    "KeyturnSQLTool",
+    "KeyturnShellTool",
+]  # keyturn.crewai's
 
 NEXT_CALL = "keyturn_request_status with request_id {request_id}"
 MAX_STATUS_WAIT = 300.0
@@ -84,8 +92,8 @@ class _CommandTool(_Connection):
     in async code, pass ``targets`` or make the tool in a worker thread) and names them in its
     description, which is what the model reads."""
 
-    kind: Literal["postgres", "ssh"]
-    command_argument: Literal["sql", "command"]
+    kind: Literal["postgres", "ssh", "http"]
+    command_argument: Literal["sql", "command", "call"]
     targets: list[str] | None = Field(
         default=None, description="target names offered to the model; default: asked of keyturn"
     )
@@ -111,7 +119,12 @@ class _CommandTool(_Connection):
             return "Targets: " + "; ".join(f"{t.name} ({t.description})" for t in listed) + "."
         return f"Targets: {', '.join(self.targets)}."
 
-    def _submit(self, target: str, command: str, reason: str) -> ToolOutcome:
+    def _command(self, args: dict[str, Any]) -> Command:
+        """What is submitted, from the model's arguments past target and reason."""
+        command: str = args[self.command_argument]
+        return command
+
+    def _submit(self, target: str, command: Command, reason: str) -> ToolOutcome:
         with self._client() as kt:
             try:
                 found: CommandOut | ClientError = kt.submit_and_wait(
@@ -122,7 +135,7 @@ class _CommandTool(_Connection):
                 found = exc
         return told(found, NEXT_CALL, self.targets)
 
-    async def _asubmit(self, target: str, command: str, reason: str) -> ToolOutcome:
+    async def _asubmit(self, target: str, command: Command, reason: str) -> ToolOutcome:
         async with self._async_client() as kt:
             try:
                 found: CommandOut | ClientError = await kt.submit_and_wait(
@@ -133,15 +146,15 @@ class _CommandTool(_Connection):
                 found = exc
         return told(found, NEXT_CALL, self.targets)
 
-    def _run(self, target: str, reason: str = "", **command: str) -> str:
+    def _run(self, target: str, reason: str = "", **args: Any) -> str:
         try:
-            return self._submit(target, command[self.command_argument], reason).text
+            return self._submit(target, self._command(args), reason).text
         except Exception as exc:
             return _failure(self.name, exc)
 
-    async def _arun(self, target: str, reason: str = "", **command: str) -> str:
+    async def _arun(self, target: str, reason: str = "", **args: Any) -> str:
         try:
-            return (await self._asubmit(target, command[self.command_argument], reason)).text
+            return (await self._asubmit(target, self._command(args), reason)).text
         except Exception as exc:
             return _failure(self.name, exc)
 
@@ -160,8 +173,8 @@ class KeyturnSQLTool(_CommandTool):
         "it in Slack, so give a clear reason; some commands are refused outright."
     )
     args_schema: type[BaseModel] = SQLArgs
-    kind: Literal["postgres", "ssh"] = "postgres"
-    command_argument: Literal["sql", "command"] = "sql"
+    kind: Literal["postgres", "ssh", "http"] = "postgres"
+    command_argument: Literal["sql", "command", "call"] = "sql"
 
 
 class ShellArgs(BaseModel):
@@ -178,8 +191,39 @@ class KeyturnShellTool(_CommandTool):
         "some are refused outright."
     )
     args_schema: type[BaseModel] = ShellArgs
-    kind: Literal["postgres", "ssh"] = "ssh"
-    command_argument: Literal["sql", "command"] = "command"
+    kind: Literal["postgres", "ssh", "http"] = "ssh"
+    command_argument: Literal["sql", "command", "call"] = "command"
+
+
+class HTTPArgs(BaseModel):
+    target: str = Field(description="the API target's name")
+    method: str = Field(description="GET, HEAD, OPTIONS, POST, PUT, PATCH or DELETE")
+    path: str = Field(description="the path under the API, e.g. /orders/7")
+    query: dict[str, Any] | None = Field(default=None, description="query parameters")
+    body: Any = Field(default=None, description="a JSON body (POST, PUT, PATCH)")
+    reason: str = Field(default="", description="why: shown to the person who approves it")
+
+
+class KeyturnHTTPTool(_CommandTool):
+    name: str = "keyturn_http"
+    description: str = (
+        "Call an HTTP API through keyturn. Calls the policy allows run at once (sensitive "
+        "fields come back masked as ***); others wait for a person to approve them in Slack, "
+        "so give a clear reason; some are refused outright. keyturn adds the API's "
+        "credential itself: never send one."
+    )
+    args_schema: type[BaseModel] = HTTPArgs
+    kind: Literal["postgres", "ssh", "http"] = "http"
+    command_argument: Literal["sql", "command", "call"] = "call"
+
+    def _command(self, args: dict[str, Any]) -> Command:
+        body = args.get("body")
+        return http_call(
+            args["method"],
+            args["path"],
+            params=args.get("query"),
+            json=NO_BODY if body is None else body,
+        )
 
 
 class StatusArgs(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from keyturn.agent.api import CommandOut, ShellResultOut, SqlResultOut
+from keyturn.agent.api import CommandOut, HttpResultOut, ShellResultOut, SqlResultOut
 from keyturn.agent.client import (
     AuthError,
     Cancelled,
@@ -135,9 +135,22 @@ def _rows(count: int) -> str:
     return f"{count} row" + ("" if count == 1 else "s")
 
 
-def executed(request: CommandOut, result: SqlResultOut | ShellResultOut) -> ToolOutcome:
+def executed(
+    request: CommandOut, result: SqlResultOut | ShellResultOut | HttpResultOut
+) -> ToolOutcome:
     where = f"Ran on {request.target} (request {request.id})"
-    if isinstance(result, ShellResultOut):
+    if isinstance(result, HttpResultOut):
+        text = f"{where}: the API answered HTTP {result.status}."
+        if result.json_body is not None or result.text:
+            body = (
+                json.dumps(result.json_body, indent=1, ensure_ascii=False)
+                if result.json_body is not None
+                else result.text or ""
+            )
+            text += f"\n{DATA_LABEL}\n" + _fenced("body", body)
+        if result.note or result.truncated:
+            text += f"\n({result.note or 'the body was cut at the target cap'})"
+    elif isinstance(result, ShellResultOut):
         status = "cut off" if result.exit_status is None else str(result.exit_status)
         parts = [f"{where}: exit status {status}."]
         streams = (("stdout", result.stdout), ("stderr", result.stderr))
