@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.command_view import command_blocks
+from bot.command_view import ApiView, command_blocks
 from bot.slack_text import ONE_LINE, escape, literal, mention
 from keyturn.classify.shown import visible
 from keyturn.config.durations import format_duration
@@ -37,6 +37,7 @@ class CardState:
     quorum: int
     pending_expires_at: datetime
     shell: bool = False  # an SSH target's command (else SQL)
+    api: ApiView | None = None  # an HTTP target's call
     rule: str | None = None
     reasons: list[str] = field(default_factory=list)
     run_id: str | None = None
@@ -183,7 +184,7 @@ def _command_card_blocks(state: CardState) -> list[dict[str, Any]]:
             "block_id": "who",
             "fields": [{"type": "mrkdwn", "text": f} for f in fields],
         },
-        *command_blocks(state.id, state.command, state.shell)[0],
+        *command_blocks(state.id, state.command, state.shell, state.api)[0],
     ]
 
 

@@ -4,12 +4,57 @@ ever cut silently. Pure: no Slack calls here."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from bot.slack_text import amount, chunks, code_block, escape
-from keyturn.classify.shown import shown
+from keyturn.classify.http import HttpCall, parse_call
+from keyturn.classify.shown import Part, Shown, shown, visible
+from keyturn.errors import InvalidInput
 
 _CARD_PIECES = 4  # longer commands go to the card's thread in full
+
+
+@dataclass(frozen=True)
+class ApiView:
+    """What a card shows of an HTTP target around a call: where it goes, which header
+    will carry the credential (named, never shown), and the OpenAPI operation."""
+
+    base_url: str
+    credential_header: str | None
+    operation: str | None = None  # "createRefund: Refund part of an order"
+
+
+def call_listing(call: HttpCall, api: ApiView) -> str:
+    """The request as it will be sent; a JSON body pretty-printed (the bytes sent are the
+    compact form whose length and sha256 the summary gives)."""
+    lines = [f"{call.method} {api.base_url}{call.target}"]
+    lines += [f"{name}: {value}" for name, value in call.headers]
+    if api.credential_header:
+        lines.append(f"{api.credential_header}: (the credential from Vault, added when sent)")
+    if call.body:
+        pretty = json.dumps(call.data, indent=2, ensure_ascii=False) if call.is_json else call.body
+        lines += ["", pretty]
+    return "\n".join(lines)
+
+
+def _call_summary(command: str, api: ApiView) -> tuple[Shown, str, str]:
+    """(what is shown, the summary line, the listing) of an HTTP call."""
+    sha = hashlib.sha256(command.encode()).hexdigest()
+    try:
+        call = parse_call(command)
+    except InvalidInput:  # never stored so; shown raw and flagged rather than hidden
+        text, hidden = visible(command)
+        return Shown(sha, (Part("HTTP", text),), tuple(hidden)), "*HTTP call (unreadable)*", text
+    text, hidden = visible(call_listing(call, api))
+    summary = f"*HTTP {call.method}*"
+    if api.operation:
+        summary += f" · operation `{escape(api.operation)}`"
+    if call.body:
+        summary += f" · body {len(call.body_bytes)} bytes, sha256 `{call.body_sha256[:16]}`"
+    return Shown(sha, (Part("HTTP", text),), tuple(hidden)), summary, text
 
 
 def listing(command: str, shell: bool) -> str:
@@ -26,19 +71,24 @@ def listing(command: str, shell: bool) -> str:
 
 
 def command_blocks(
-    request_id: str, command: str, shell: bool
+    request_id: str, command: str, shell: bool, api: ApiView | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The card's blocks for the command, and the thread messages that carry the rest of it
-    when it is longer than a card holds. Nothing is ever cut silently."""
-    what = shown(command, shell)
-    summary = f"*{amount(what, shell)}* · sha256 `{what.sha256[:16]}`"
+    when it is longer than a card holds. Nothing is ever cut silently. ``api``: the command
+    is a call to that HTTP target."""
+    if api is not None:
+        what, summary, text = _call_summary(command, api)
+        summary += f" · sha256 `{what.sha256[:16]}`"
+    else:
+        what, text = shown(command, shell), listing(command, shell)
+        summary = f"*{amount(what, shell)}* · sha256 `{what.sha256[:16]}`"
     if what.hidden:
         summary += (
             "\n:warning: *Invisible or direction-changing characters*, shown as ⟦U+…⟧: "
             + escape(", ".join(what.hidden[:6]))
             + (f" and {len(what.hidden) - 6} more" if len(what.hidden) > 6 else "")
         )
-    pieces = chunks(listing(command, shell))
+    pieces = chunks(text)
     on_card, thread = pieces, []
     if len(pieces) > _CARD_PIECES:
         on_card, thread = (

@@ -5,6 +5,10 @@ TTL, and wraps ``{lease_id, username, password, …}`` with ``sys/wrapping/wrap`
 itself rather than asking Vault to wrap the read, because a wrapped read hides the lease id:
 keyturn must know the lease before anyone can use it, or it could not revoke it on time.
 
+HTTP: no secret at all: a wrapped ``{kind, target, command_sha256}``, the approval a gateway
+must unwrap to send the call once; the API's own credential is read by the gateway from Vault
+at send time.
+
 SSH: an ephemeral ed25519 key pair, signed by the Vault SSH CA for the target's principal with
 ``force-command`` set to the approved command (and ``source-address`` where configured),
 ``ttl`` = the grant's TTL, then wrapped. Certificates cannot be revoked: their TTL is the
@@ -31,7 +35,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncssh
 
 from keyturn.config.policy import Config
-from keyturn.config.targets import PostgresTarget, SshTarget
+from keyturn.config.targets import HttpTarget, PostgresTarget, SshTarget
 from keyturn.errors import InvalidInput
 from keyturn.store.grants import Minted
 from keyturn.store.models import GrantRow, RequestRow
@@ -99,6 +103,8 @@ class Issuer:
             return await self._postgres(request, target)
         if isinstance(target, SshTarget):
             return await self._ssh(request, target)
+        if isinstance(target, HttpTarget):
+            return await self._http(request, target)
         raise InvalidInput(f"target {request.target} is not in the policy any more")
 
     async def _wrapped_login(
@@ -164,6 +170,19 @@ class Issuer:
         wrapped = await self.vault.wrap(payload, cfg.wrap_ttl)
         # a certificate's validity is fixed when it is signed: its max TTL is its TTL
         return _minted("ssh", wrapped, ttl, ttl, serial=serial)
+
+    async def _http(self, request: RequestRow, target: HttpTarget) -> Minted:
+        """An HTTP call's hand-off carries no secret: it is the approval, bound to the
+        call's sha256, that lets a gateway send it once. The gateway reads the API's
+        credential from Vault when it sends (so a rotation in between is honoured)."""
+        ttl = self.grant_ttl(request, target.vault.max_ttl)
+        payload = {
+            "kind": "http",
+            "target": request.target,
+            "command_sha256": request.command_sha256,
+        }
+        wrapped = await self.vault.wrap(payload, self.config.vault.wrap_ttl)
+        return _minted("http", wrapped, ttl, ttl)
 
     async def access_login(
         self, request: RequestRow, target: PostgresTarget, max_ttl: timedelta, now: datetime

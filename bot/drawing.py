@@ -8,9 +8,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bot.cards import CardState, Credentials, Vote, approval_card, card_text, extend_choices
-from bot.command_view import command_blocks
+from bot.command_view import ApiView, command_blocks
+from keyturn.classify.http import parse_call
 from keyturn.config.policy import Config
-from keyturn.config.targets import SshTarget
+from keyturn.config.targets import HttpTarget, SshTarget
+from keyturn.errors import InvalidInput
 from keyturn.store.models import GrantRow, RequestRow
 
 AGENT_EXTEND_CHOICES = (15 * 60, 60 * 60, 4 * 60 * 60)  # seconds, those within the max TTL
@@ -40,6 +42,7 @@ def card_state(
     now: datetime,
     *,
     shell: bool = False,
+    api: ApiView | None = None,
     access_kind: str | None = None,
     max_ttl: timedelta | None = None,
 ) -> CardState:
@@ -53,6 +56,7 @@ def card_state(
         quorum=row.quorum,
         pending_expires_at=row.pending_expires_at,
         shell=shell,
+        api=api,
         rule=row.rule,
         reasons=list(classification.get("reasons", [])),
         run_id=row.run_id,
@@ -91,9 +95,25 @@ def state_of(config: Config, row: RequestRow, grant: GrantRow | None, now: datet
         grant,
         now,
         shell=isinstance(target, SshTarget),
+        api=api_view(target, row.command) if isinstance(target, HttpTarget) else None,
         access_kind=(target.kind if target else "access") if row.access else None,
         max_ttl=rule.max_duration if rule else None,
     )
+
+
+def api_view(target: HttpTarget, command: str) -> ApiView:
+    """Where an HTTP call goes, the header its credential rides in, its OpenAPI operation."""
+    credential = target.inject.header if target.vault.kv or target.vault.identity_token else None
+    operation = None
+    if target.spec is not None:
+        try:
+            call = parse_call(command)
+        except InvalidInput:
+            call = None
+        found = target.spec.find(call.method, call.segments)[0] if call else None
+        if found is not None and found.operation_id:
+            operation = found.operation_id + (f": {found.summary}" if found.summary else "")
+    return ApiView(target.base_url, credential, operation)
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,7 @@ class Drawn:
 
 
 def _draw(state: CardState) -> Drawn:
-    _, thread = command_blocks(state.id, state.command, state.shell)
+    _, thread = command_blocks(state.id, state.command, state.shell, state.api)
     return Drawn(card_text(state), approval_card(state), thread)
 
 

@@ -68,6 +68,8 @@ class Asking:
         """(target, kind, rule) for every target ``user`` may ask for."""
         found: list[tuple[str, str, AccessRule]] = []
         for name, target in sorted(self.config.policy.targets.items()):
+            if target.kind not in COMMAND_OF_KIND:  # an HTTP API: for agents' calls only
+                continue
             rule = await self.rule_for(user, name)
             if rule is not None:
                 found.append((name, target.kind, rule))
@@ -102,7 +104,13 @@ class Asking:
                 "target",
                 f"there is no target `{asked.target[:60]}`: {await self._choices(asked.user)}",
             )
-        word = COMMAND_OF_KIND[target.kind]
+        word = COMMAND_OF_KIND.get(target.kind)
+        if word is None:
+            raise BadField(
+                "target",
+                f"`{asked.target}` is an HTTP API: keyturn guards agents' calls to it, and "
+                f"gives people access to databases and hosts only; {await self._choices(asked.user)}",
+            )
         if asked.kind is not None and asked.kind != target.kind:
             raise BadField(
                 "target",
