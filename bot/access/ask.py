@@ -106,10 +106,11 @@ class Asking:
             )
         word = COMMAND_OF_KIND.get(target.kind)
         if word is None:
+            choices = await self._choices(asked.user)
             raise BadField(
                 "target",
                 f"`{asked.target}` is an HTTP API: keyturn guards agents' calls to it, and "
-                f"gives people access to databases and hosts only; {await self._choices(asked.user)}",
+                f"gives people access to databases and hosts only; {choices}",
             )
         if asked.kind is not None and asked.kind != target.kind:
             raise BadField(
