@@ -87,6 +87,7 @@ def render_policy(text: str, values: dict[str, list[str]]) -> str:
 def policy_values(config: Config) -> dict[str, list[str]]:
     pg = config.policy.postgres_targets().values()
     ssh = config.policy.ssh_targets().values()
+    http = config.policy.http_targets().values()
     return {
         "database_mount": [config.vault.database_mount],
         "ssh_mount": [config.vault.ssh_mount],
@@ -95,6 +96,8 @@ def policy_values(config: Config) -> dict[str, list[str]]:
         "readonly_role": sorted({t.vault.readonly_role for t in pg}),
         "write_role": sorted({t.vault.write_role for t in pg}),
         "ssh_role": sorted({t.vault.ssh_role for t in ssh}),
+        "http_secret": sorted({t.vault.kv_data_path for t in http if t.vault.kv}),
+        "identity_role": sorted({t.vault.identity_token for t in http if t.vault.identity_token}),
     }
 
 
@@ -376,6 +379,30 @@ async def _ssh(vault: Vault, config: Config, report: BootstrapReport) -> None:
         report.did(f"wrote SSH role {mount}/roles/{role}")
 
 
+OIDC_KEY = "keyturn"  # the signing key of every HTTP target's identity-token role
+
+
+async def _identity_tokens(vault: Vault, config: Config, report: BootstrapReport) -> None:
+    """The OIDC roles HTTP targets mint identity tokens with; an API checks them against
+    Vault's ``/v1/identity/oidc/.well-known/keys``."""
+    roles = sorted(
+        {
+            t.vault.identity_token
+            for t in config.policy.http_targets().values()
+            if t.vault.identity_token
+        }
+    )
+    if not roles:
+        return
+    await vault.write(
+        f"identity/oidc/key/{OIDC_KEY}",
+        {"allowed_client_ids": "*", "rotation_period": "24h", "verification_ttl": "24h"},
+    )
+    for role in roles:
+        await vault.write(f"identity/oidc/role/{role}", {"key": OIDC_KEY, "ttl": "5m"})
+        report.did(f"wrote identity token role identity/oidc/role/{role}")
+
+
 async def _approles(
     vault: Vault, config: Config, report: BootstrapReport, issue_secret_ids: bool
 ) -> None:
@@ -413,6 +440,7 @@ async def bootstrap(
         await _database(vault, config, report)
         await _check_readonly(vault, config, report)
     await _ssh(vault, config, report)
+    await _identity_tokens(vault, config, report)
     await _audit_anchor(vault, config, report)
     for name, text in policies.items():
         await vault.write(f"sys/policies/acl/{name}", {"policy": text})

@@ -5,8 +5,12 @@
 # hands over as single-use wrapping tokens. It can read nothing else: no write roles, no SSH
 # signing, and it may revoke only its own read-only leases.
 #
+# For HTTP API targets it reads, when a call is sent, only the KV v2 secret each target names
+# (or mints an identity token with each target's OIDC role).
+#
 # `keyturn vault-bootstrap` renders this file: <database_mount> becomes the configured mount,
-# and a stanza naming <readonly_role> is repeated once per Postgres target's read-only role.
+# and a stanza naming <readonly_role>, <http_secret> or <identity_role> is repeated once per
+# Postgres target's read-only role, HTTP target's secret or identity-token role.
 
 path "<database_mount>/creds/<readonly_role>" {
   capabilities = ["read"]
@@ -29,4 +33,14 @@ path "sys/wrapping/lookup" {
 
 path "sys/wrapping/unwrap" {
   capabilities = ["update"]
+}
+
+# An HTTP target's credential, read when one of its calls is sent (KV v2: <mount>/data/<path>).
+path "<http_secret>" {
+  capabilities = ["read"]
+}
+
+# An HTTP target's short-lived identity token, minted per call for the gateway's entity.
+path "identity/oidc/token/<identity_role>" {
+  capabilities = ["read"]
 }

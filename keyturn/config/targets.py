@@ -134,6 +134,12 @@ class HttpVault(Model):
         mount, _, path = (self.kv or "").partition("/")
         return mount, path
 
+    @property
+    def kv_data_path(self) -> str:
+        """The path Vault's API reads the secret at (what a policy grants)."""
+        mount, path = self.kv_mount_path
+        return f"{mount}/data/{path}"
+
 
 class Inject(Model):
     """The header a credential is sent in: ``value`` names the secret's fields as
