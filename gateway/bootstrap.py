@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.auth import Authenticator
-from gateway.drivers.http import HttpDriver
+from gateway.drivers.http.driver import HttpDriver
 from gateway.drivers.postgres.catalogs import Catalogs
 from gateway.drivers.postgres.driver import PostgresDriver
 from gateway.drivers.postgres.logins import ReadOnlyLogins

@@ -436,6 +436,9 @@ def run_desk(
         bot_vault: Vault | None = None, writes: dict[str, Any] | None = None, **overrides: Any
     ) -> AsyncIterator[Desk]:
         data = copy.deepcopy(shop.base_policy)
+        for key in ("targets", "rules", "masking"):  # the bot's policy is the gateway's
+            if key in overrides:
+                data[key] = overrides.pop(key)
         data["slack"] = {"approval_channel": APPROVALS}
         data["bot"] = {"poll_interval": "500ms"}
         data["gateway"] = {**data["gateway"], "poll_interval": "500ms"}
@@ -444,9 +447,10 @@ def run_desk(
                 rule.update(writes or {})
         config = parse_config(data)
         gateway = {"poll_interval": "500ms", **overrides.pop("gateway", {})}
+        policy = {key: data[key] for key in ("targets", "rules", "masking")}
         async with (
             serve_bot(approvals_slack, config, database, bot_vault or shop.bot_vault()),
-            run_gateway(rules=data["rules"], gateway=gateway, **overrides) as running,
+            run_gateway(gateway=gateway, **policy, **overrides) as running,
             Store(database) as store,
         ):
             yield Desk(running, approvals_slack, store)

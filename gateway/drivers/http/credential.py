@@ -1,0 +1,119 @@
+"""An HTTP target's credential for one call: read from Vault when the call is sent, never
+kept after it, and scrubbed from whatever the API answers.
+
+An API may echo what it was sent (httpbin does; so do debugging endpoints and error pages
+that quote the request). The answer passes through :meth:`Credential.scrub` before anything
+else reads it, so the key an agent must never hold cannot come back to it in the answer:
+every spelling of it an echo is likely to use (as sent, JSON-escaped, percent-encoded,
+base64) is replaced, and a cut answer loses any tail that could be the start of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import dataclass
+from urllib.parse import quote, quote_plus
+
+from gateway.usecases.driver import RunFailed
+from keyturn.backoff import Backoff
+from keyturn.config.targets import HttpTarget
+from keyturn.errors import KeyturnError
+from keyturn.vault import Vault, VaultUnavailable
+
+log = logging.getLogger(__name__)
+
+MASK = b"***"
+SHORTEST = 4  # shorter values are not scrubbed (they would mangle every answer)
+
+
+def _spellings(value: str) -> set[bytes]:
+    raw = value.encode()
+    return {
+        raw,
+        json.dumps(value)[1:-1].encode(),
+        quote(value, safe="").encode(),
+        quote_plus(value).encode(),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+    }
+
+
+@dataclass(frozen=True)
+class Credential:
+    headers: dict[str, str]  # what is added to the call
+    spellings: tuple[bytes, ...] = ()  # longest first
+
+    @classmethod
+    def of(cls, header: str, value: str, secrets: list[str]) -> Credential:
+        found: set[bytes] = set()
+        for secret in [value, *secrets]:
+            found |= _spellings(secret)
+        kept = sorted((s for s in found if len(s) >= SHORTEST), key=len, reverse=True)
+        return cls({header: value}, tuple(kept))
+
+    def scrub(self, data: bytes, *, cut: bool = False) -> bytes:
+        """``data`` without the credential; ``cut``: it was cut short, so a tail that could
+        begin a spelling of it goes too."""
+        for spelling in self.spellings:
+            data = data.replace(spelling, MASK)
+        if cut:
+            for spelling in self.spellings:
+                for size in range(min(len(spelling), len(data)) - 1, SHORTEST - 1, -1):
+                    if data.endswith(spelling[:size]):
+                        data = data[:-size]
+                        break
+        return data
+
+    def scrub_text(self, text: str) -> str:
+        return self.scrub(text.encode()).decode(errors="replace")
+
+
+NONE = Credential({})
+
+
+async def read_credential(vault: Vault | None, target: HttpTarget, wait: float) -> Credential:
+    """The credential for one call, read now: nothing is sent without it. While Vault is
+    unavailable it is retried for up to ``wait`` seconds (an approved call waits; an allowed
+    one does not)."""
+    if not (target.vault.kv or target.vault.identity_token):
+        return NONE
+    if vault is None:
+        raise RunFailed(
+            "the gateway has no Vault for credentials", final=False, outcome="unreachable"
+        )
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + wait
+    backoff = Backoff(0.5, 10.0)
+    while True:
+        try:
+            await vault.ensure_login()
+            if target.vault.identity_token:
+                secret = {"token": await vault.identity_token(target.vault.identity_token)}
+            else:
+                secret = await vault.kv_secret(*target.vault.kv_mount_path)
+            break
+        except VaultUnavailable as exc:
+            delay = backoff.next()
+            if loop.time() + delay > give_up:
+                raise RunFailed(
+                    f"the API's credential cannot be read ({exc.message}): nothing was sent",
+                    final=False,
+                    outcome="unreachable",
+                ) from None
+            log.warning("waiting for Vault to send an approved call: %s", exc.message)
+            await asyncio.sleep(delay)
+        except KeyturnError as exc:
+            raise RunFailed(
+                f"the API's credential cannot be read: {exc.message}; nothing was sent",
+                final=False,
+                error=exc,
+            ) from None
+    try:
+        value = target.inject.render(secret)
+    except ValueError as exc:
+        raise RunFailed(f"{exc}; nothing was sent", final=False) from None
+    used = [str(secret[name]) for name in target.inject.fields()]
+    return Credential.of(target.inject.header, value, used)
