@@ -67,9 +67,11 @@ def _same(want: Any, have: Any) -> bool:
     return isinstance(want, str) and isinstance(have, str) and want == have
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any) -> int | float | None:
+    """A JSON number (compared exactly: Python compares any int with a float exactly, and
+    an integer too large for a float must not overflow into an error)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return value
     return None
 
 
