@@ -35,7 +35,7 @@ path "sys/wrapping/unwrap" {
   capabilities = ["update"]
 }
 
-# An HTTP target's credential, read when one of its calls is sent (KV v2: <mount>/data/<path>).
+# An HTTP target's credential, read when one of its calls is sent (a KV v2 data path).
 path "<http_secret>" {
   capabilities = ["read"]
 }

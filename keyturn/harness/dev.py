@@ -1,8 +1,9 @@
 """``keyturn dev``: the local stack on throwaway services, no accounts needed.
 
 Starts a throwaway Postgres (keyturn's own database, migrated, plus a demo ``orders``
-database), an OpenBao dev server bootstrapped for the demo config, a demo SSH target (this
-machine's sshd, where OpenSSH is installed), the Slack emulator with its
+database), an OpenBao dev server bootstrapped for the demo config, a demo HTTP target (the
+orders API over that database, its key in OpenBao only: :mod:`keyturn.harness.dev_api`), a
+demo SSH target (this machine's sshd, where OpenSSH is installed), the Slack emulator with its
 sandbox page, and the gateway and the bot as their own ``keyturn gateway`` / ``keyturn bot``
 processes. Writes the addresses and a dev agent token to ``<state-dir>/stack.json`` (mode
 0600: it holds dev-only secrets; its keys are a contract, see docs/dev.md) and waits for
@@ -33,6 +34,7 @@ import yaml
 
 from keyturn.config.loading import parse_config
 from keyturn.errors import ConfigError, Unavailable
+from keyturn.harness import dev_api
 from keyturn.harness.dev_slack import Workspace, open_workspace
 from keyturn.harness.idp import dev_token
 from keyturn.harness.openbao import OpenBaoDevServer
@@ -194,8 +196,10 @@ def _start_demo_ssh(
 
 
 async def _prepare(
-    pg: PostgresCluster, bao: OpenBaoDevServer, state_dir: Path, slack: Workspace
-) -> tuple[Dsn, Path, BootstrapReport]:
+    pg: PostgresCluster, bao: OpenBaoDevServer, state_dir: Path, slack: Workspace, api_port: int
+) -> tuple[Dsn, Path, BootstrapReport, str]:
+    """keyturn's database, the demo database, the policy file and Vault, ready; the demo
+    API's key (from KV: the API process is given it, nothing else keeps it)."""
     admin = await asyncpg.connect(pg.dsn().url)
     try:
         await admin.execute("CREATE DATABASE keyturn")
@@ -211,6 +215,7 @@ async def _prepare(
     await asyncio.to_thread(migrate.upgrade, database)
     data = demo_policy(pg.port, bao.addr, free_port(), free_port(), slack)
     _add_demo_ssh(data, slack.approvers)
+    dev_api.add_to_policy(data, api_port, slack.approvers)
     policy_file = state_dir / "policy.yml"
     policy_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KEYTURN_TARGET_ORDERS_DB_USERNAME"] = "postgres"
@@ -218,9 +223,11 @@ async def _prepare(
     vault = Vault(bao.addr, token=bao.root_token)
     try:
         report = await bootstrap(vault, parse_config(data), issue_secret_ids=True)
+        await dev_api.store_key(vault)
+        key = await dev_api.read_key(vault)
     finally:
         await vault.close()
-    return database, policy_file, report
+    return database, policy_file, report, key
 
 
 @contextlib.contextmanager
@@ -286,6 +293,20 @@ def _forget(*files: Path) -> None:
         files[0].parent.rmdir()
 
 
+def _approve(stack: DevStack, request_id: str) -> str:
+    """Click Approve on the request's card in the local sandbox, as the first approver."""
+    slack, channel, approver = stack.slack.sandbox, stack.slack.channel, stack.slack.approvers[0]
+    assert slack is not None, "the smoke test clicks in the local sandbox"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        cards = [m for m in slack.channel(channel) if request_id in json.dumps(m.blocks)]
+        if cards:
+            stack.slack.run(slack.click(channel, cards[0].ts, "keyturn_approve", approver))
+            return approver
+        time.sleep(0.1)
+    raise Unavailable(f"no card for request {request_id} in #{channel} within 30 s")
+
+
 def _smoke(stack: DevStack, *, ssh: bool) -> list[str]:
     """What an agent and an approver would do: a read, then a held write approved in Slack."""
     read = _call(
@@ -306,18 +327,16 @@ def _smoke(stack: DevStack, *, ssh: bool) -> list[str]:
         },
     )
     lines.append(f"held UPDATE -> {held['status']}")
-    slack, channel, approver = stack.slack.sandbox, stack.slack.channel, stack.slack.approvers[0]
-    assert slack is not None, "the smoke test clicks in the local sandbox"
-    deadline = time.monotonic() + 30
-    while not slack.channel(channel) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    card = slack.channel(channel)[0]
-    stack.slack.run(slack.click(channel, card.ts, "keyturn_approve", approver))
+    approver = _approve(stack, held["id"])
     done = _call(stack, "GET", f"/v1/commands/{held['id']}?wait=30")
     outcome = (done.get("result") or {}).get("tags") or done.get("error")
     lines.append(
-        f"card posted in #{channel}, approved by {approver} -> {done['status']}"
+        f"card posted in #{stack.slack.channel}, approved by {approver} -> {done['status']}"
         f" ({outcome}) with one-shot credentials from Vault"
+    )
+    lines += dev_api.smoke(
+        lambda method, path, body: _call(stack, method, path, body),
+        lambda request_id: _approve(stack, request_id),
     )
     if ssh:
         shell = _call(stack, "POST", "/v1/commands", {"target": DEMO_SSH, "command": "uptime"})
@@ -356,7 +375,10 @@ def _run(
 ) -> int:
     state = state_dir / "stack.json"
     services.callback(_forget, state, state_dir / "policy.yml")
-    database, policy_file, report = asyncio.run(_prepare(pg, bao, state_dir, slack))
+    api_port = free_port()
+    database, policy_file, report, key = asyncio.run(_prepare(pg, bao, state_dir, slack, api_port))
+    api_url = services.enter_context(dev_api.serving(pg, key, api_port))
+    del key  # the API process has it; keyturn reads it from OpenBao when it sends a call
     demo_ssh = _start_demo_ssh(services, bao, policy_file)
     config = parse_config(yaml.safe_load(policy_file.read_text()))
     stack = DevStack(
@@ -402,6 +424,7 @@ def _run(
         print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
+        print(f"  orders api {api_url}  (demo target: {dev_api.TARGET}, its key only in OpenBao)")
         if demo_ssh:
             print(f"  sshd       {demo_ssh}  (demo target: {DEMO_SSH}, trusts OpenBao's SSH CA)")
         print(f"  try it     {_keyturn()} demo   (in another terminal; then click Approve)")

@@ -8,7 +8,11 @@ OpenAPI; change both together.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,3 +195,24 @@ async def start_orders_api(
         raise
     bound = runner.addresses[0][1]
     return OrdersApi(f"http://{f'[{host}]' if ':' in host else host}:{bound}", runner, pool)
+
+
+def main() -> None:
+    """``python -m keyturn.harness.orders_api PORT``: the dev stack's process. Its database
+    and key come from the environment (``DEMO_API_DSN``, ``DEMO_API_KEY``), never argv,
+    where any user on the machine could read them."""
+
+    async def serve() -> None:
+        dsn, key = os.environ.pop("DEMO_API_DSN"), os.environ.pop("DEMO_API_KEY")
+        api = await start_orders_api(dsn, key, port=int(sys.argv[1]))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await api.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
