@@ -9,8 +9,8 @@
 # (or mints an identity token with each target's OIDC role).
 #
 # `keyturn vault-bootstrap` renders this file: <database_mount> becomes the configured mount,
-# and a stanza naming <readonly_role>, <http_secret> or <identity_role> is repeated once per
-# Postgres target's read-only role, HTTP target's secret or identity-token role.
+# and a stanza naming <readonly_role> is repeated once per Postgres target's read-only role
+# (as the HTTP stanzas below are per HTTP target's secret or identity-token role).
 
 path "<database_mount>/creds/<readonly_role>" {
   capabilities = ["read"]

@@ -18,6 +18,7 @@ only make a call *more* guarded:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from keyturn.classify.budget import spend
@@ -91,12 +92,16 @@ def meets(condition: Condition, value: Any) -> bool:
     return True
 
 
-def _query_value(text: str) -> Any:
-    """A query value as a condition sees it: a number when it is written as one."""
+def _query_meets(condition: Condition, text: str) -> bool:
+    """A query value is text; written as a number, it also meets numeric conditions
+    (``limit=50`` meets ``at_most: 100``, and ``equals: "50"`` as well as ``equals: 50``)."""
+    if meets(condition, text):
+        return True
     try:
-        return int(text, 10) if text.lstrip("-").isdigit() else float(text)
+        number: int | float = int(text, 10) if text.lstrip("-").isdigit() else float(text)
     except ValueError:
-        return text
+        return False
+    return math.isfinite(number) and meets(condition, number)
 
 
 def _field(data: Any, dotted: str) -> tuple[bool, Any]:
@@ -113,8 +118,8 @@ def _field(data: Any, dotted: str) -> tuple[bool, Any]:
 
 def conditions_met(rule: Rule, call: HttpCall, *, strict: bool) -> bool:
     for name, condition in (rule.match.query or {}).items():
-        values = [_query_value(v) for k, v in call.query if k == name]
-        results = [meets(condition, v) for v in values]
+        values = [v for k, v in call.query if k == name]
+        results = [_query_meets(condition, v) for v in values]
         if not values or not (all(results) if strict else any(results)):
             return False
     for name, condition in (rule.match.body or {}).items():

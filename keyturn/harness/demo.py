@@ -1,9 +1,11 @@
 """``keyturn demo``: play an agent against a running ``keyturn dev`` stack, narrated for a person.
 
-Three commands show the three outcomes: an allowed read (run at once, emails masked), a
-forbidden ``DROP TABLE`` (refused by a rule) and a held ``UPDATE`` that waits until someone
-clicks Approve or Deny on its card in the Slack sandbox. Uses the public agent client, as
-an agent would; reads the stack's addresses and dev token from its stack.json.
+On the database, three commands show the three outcomes: an allowed read (run at once,
+emails masked), a forbidden ``DROP TABLE`` (refused by a rule) and a held ``UPDATE`` that
+waits until someone clicks Approve or Deny on its card in the Slack sandbox. Then the same on
+the orders API: an allowed GET (emails masked in its JSON), a refund too large to run
+without a human, held until the click. Uses the public agent client, as an agent would; reads
+the stack's addresses and dev token from its stack.json.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from keyturn.agent.api import SqlResultOut
-from keyturn.agent.client import Client, ClientError, CommandBlocked, Denied, Request
+from keyturn.agent.api import HttpResultOut, SqlResultOut
+from keyturn.agent.client import Client, ClientError, CommandBlocked, Denied, Request, http_call
 from keyturn.errors import ConfigError
 
 TARGET = "orders-db"
@@ -23,6 +25,8 @@ READ = "SELECT id, name, email FROM customers ORDER BY id"
 FORBIDDEN = "DROP TABLE orders"
 HELD = "UPDATE orders SET status = 'shipped' WHERE id = 2"
 REASON = "keyturn demo: order 2 left the warehouse"
+API = "orders-api"
+REFUND = 500  # cents: over the demo policy's 100 that run without a human
 EXIT_UNDECIDED = 1
 
 
@@ -88,7 +92,32 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
         else:
             say(f"   held as request {held.id}: its card is in your Slack channel; click Approve")
         say("   (or Deny, and type a reason: the agent reads it). Waiting for the click...")
-        return _outcome(agent.wait(held.id, timeout), say)
+        decided = _outcome(agent.wait(held.id, timeout), say)
+        if decided != 0 or API not in stack.get("targets", {}):
+            return decided
+        say()
+        return _api(agent, stack, timeout, say)
+
+
+def _api(agent: Client, stack: dict[str, Any], timeout: float, say: Callable[[str], None]) -> int:
+    say(f"4. An HTTP API is guarded the same way. A GET on {API} runs at once; keyturn adds")
+    say("   the API key from OpenBao when it sends the call: the agent never holds it.")
+    say("   GET /customers")
+    read = agent.submit(API, http_call("GET", "/customers"), reason="keyturn demo: customers")
+    if isinstance(read.result, HttpResultOut):
+        say(f"     HTTP {read.result.status} {json.dumps(read.result.json_body)}")
+    say("   The emails in the JSON are masked by the same masking rules.")
+    say("")
+    say(f"5. A refund of {REFUND} is over what runs without a human (100), so it is held:")
+    say(f'   POST /orders/1/refunds {{"amount": {REFUND}}}')
+    call = http_call("POST", "/orders/1/refunds", json={"amount": REFUND})
+    held = agent.submit(API, call, reason="keyturn demo: a customer asked for a refund")
+    if held.status != "pending":
+        say(f"   not held but {held.status}: is this the demo policy?")
+        return EXIT_UNDECIDED
+    say(f"   held as request {held.id}. Its card shows the exact request; click Approve")
+    say("   (or Deny). Waiting for the click...")
+    return _outcome(agent.wait(held.id, timeout), say)
 
 
 def _outcome(request: Request, say: Callable[[str], None]) -> int:
@@ -97,6 +126,10 @@ def _outcome(request: Request, say: Callable[[str], None]) -> int:
             f"   approved: the gateway ran it with one-shot credentials from Vault -> "
             f"{', '.join(request.result.tags or [])}"
         )
+        return 0
+    if request.status == "executed" and isinstance(request.result, HttpResultOut):
+        status, body = request.result.status, request.result.json_body
+        say(f"   approved: the gateway sent exactly that call -> HTTP {status} {json.dumps(body)}")
         return 0
     if request.status == "denied":
         say(f"   {Denied(request.id, request.denied_by, request.deny_reason).message}")

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import copy
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +32,7 @@ from keyturn import supervise
 from keyturn.clock import Clock
 from keyturn.config.loading import parse_config
 from keyturn.config.policy import Config
+from keyturn.harness.http_servers import Httpbin, JsonServer
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
@@ -190,6 +193,96 @@ def sshd(shop: Shop) -> Iterator[SshServer]:
     ca = requests.get(f"{shop.openbao.addr}/v1/ssh/public_key", timeout=5).text
     with SshServer(ca) as server:
         yield server
+
+
+# ------------------------------------------------------------------ HTTP API targets
+
+NODE_DIR = Path(__file__).parents[1] / "node"
+CRUD_DATA = {
+    "customers": [
+        {"id": 1, "name": "Ada", "contact": {"email": "ada@example.com", "phone": "x"}},
+        {"id": 2, "name": "Lin", "contact": {"email": "lin@example.com"}},
+    ],
+    "orders": [{"id": 1, "customerId": 1, "status": "open"}],
+}
+API_KEY_NAMES = ("httpbin", "crud", "hostile")
+
+
+@dataclass
+class Apis:
+    """Real HTTP APIs as targets, each with a key only OpenBao's KV (and the test) knows."""
+
+    httpbin: Httpbin
+    crud: JsonServer
+    keys: dict[str, str]  # target -> its API key
+    targets: dict[str, Any]
+
+    def policy(
+        self, hostile: str = "http://127.0.0.1:9", **hostile_settings: Any
+    ) -> dict[str, Any]:
+        """Targets and rules for run_gateway / run_desk: the shop's, and the APIs'; the
+        hostile target at ``hostile`` (a server the test runs)."""
+        targets = copy.deepcopy(self.targets)
+        targets["hostile"] |= {"base_url": hostile, **hostile_settings}
+        return {"targets": targets, "rules": API_RULES}
+
+    async def rotate(self, shop: Shop, target: str) -> str:
+        key = secrets.token_urlsafe(24)
+        root = shop.root_vault()
+        try:
+            await root.write(f"secret/data/{target}", {"data": {"token": key}})
+        finally:
+            await root.close()
+        self.keys[target] = key
+        return key
+
+
+API_RULES: list[dict[str, Any]] = [
+    {"name": "no-deletes", "match": {"http": ["DELETE /**"]}, "action": "block"},
+    {"name": "api-reads", "match": {"http": ["GET /**"]}, "action": "allow"},
+    {
+        "name": "echo",
+        "target": "httpbin",
+        "match": {"http": ["POST /anything/**"]},
+        "action": "allow",
+    },
+    {
+        "name": "writes",  # run_desk's writes= overrides apply here too
+        "match": {"http": ["* /**"], "sql": ["insert", "update", "delete"]},
+        "action": "hold",
+        "approvers": {"users": ["U_APPROVER"]},
+        "grant_ttl": "5m",
+    },
+]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def apis(shop: Shop) -> AsyncIterator[Apis]:
+    """httpbin and json-server running, their keys in KV, the gateway's Vault policy grown
+    by their secrets (vault-bootstrap again, as an operator adding targets would)."""
+    with Httpbin() as httpbin, JsonServer(NODE_DIR, CRUD_DATA) as crud:
+        keys = {name: secrets.token_urlsafe(24) for name in API_KEY_NAMES}
+        targets = copy.deepcopy(shop.base_policy["targets"])
+        for name, url in (("httpbin", httpbin.url), ("crud", crud.url), ("hostile", "")):
+            targets[name] = {
+                "kind": "http",
+                "base_url": url or "http://127.0.0.1:9",
+                "vault": {"kv": f"secret/{name}"},
+                "timeout": "3s",
+                "max_response_bytes": 65536,
+            }
+        root = shop.root_vault()
+        try:
+            for name, key in keys.items():
+                await root.write(f"secret/data/{name}", {"data": {"token": key}})
+            with pytest.MonkeyPatch.context() as mp:
+                for target in ("SHOP", "PRIVATE"):
+                    mp.setenv(f"KEYTURN_TARGET_{target}_USERNAME", "postgres")
+                    mp.setenv(f"KEYTURN_TARGET_{target}_PASSWORD", shop.postgres.password)
+                await bootstrap(root, shop.policy(targets=targets))
+        finally:
+            await root.close()
+        yield Apis(httpbin, crud, keys, targets)
 
 
 class TcpProxy:

@@ -82,12 +82,14 @@ def held_id(line: str) -> str:
 
 
 def demo(stack: dict[str, Any], decision: str, reason: str | None = None) -> list[str]:
-    """Run ``keyturn demo`` and click ``decision`` on its held UPDATE in the sandbox."""
+    """Run ``keyturn demo`` and click ``decision`` on each of its held requests (the UPDATE,
+    then the refund) in the sandbox."""
     run = Spawned("-m", "keyturn.cli", "demo", "--stack", stack["file"], "--timeout", "60")
     try:
-        request = held_id(run.until("held as request"))
-        run.until("Waiting for the click")
-        click(stack, request, decision, reason)
+        for _ in range(2):
+            request = held_id(run.until("held as request"))
+            run.until("Waiting for the click")
+            click(stack, request, decision, reason)
         return run.finish()
     finally:
         run.stop()
@@ -100,7 +102,11 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         for key, kind in CONTRACT.items():
             assert isinstance(stack.get(key), kind), key
         assert "slack_sandbox" not in stack
-        assert stack["targets"] == {"orders-db": "postgres", "web-demo": "ssh"}
+        assert stack["targets"] == {
+            "orders-db": "postgres",
+            "web-demo": "ssh",
+            "orders-api": "http",
+        }
         assert stat.S_IMODE(Path(stack["file"]).stat().st_mode) == 0o600
         printed = "\n".join(dev.lines)
         assert f"sandbox    {stack['sandbox_url']}/" in printed
@@ -122,6 +128,8 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         assert "| ***" in approved and "@example.com" not in approved  # masked emails
         assert "blocked by rule no-drop" in approved
         assert "approved: the gateway ran it" in approved and "UPDATE 1" in approved
+        assert '"email": "***"' in approved  # the API's JSON, masked
+        assert "approved: the gateway sent exactly that call -> HTTP 201" in approved
         denied = demo(stack, "keyturn_deny", "not during the freeze")
         assert denied[-2].strip() == "denied by U_APPROVER: not during the freeze"
 

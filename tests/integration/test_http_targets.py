@@ -1,0 +1,287 @@
+"""HTTP API targets against real servers nobody here wrote (httpbin, json-server), and a
+hostile one of our own for what no honest API does (a 200 MB answer, an echo of the key in
+base64, PII in an error body): what reaches the wire is exactly the call that was judged plus
+the key from Vault, and the key never comes back to the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from keyturn.harness.idp import DevIdP
+from keyturn.vault import AppRoleLogin, Vault
+from tests.integration.conftest import (
+    Apis,
+    DeskFactory,
+    GatewayFactory,
+    Shop,
+    TcpProxy,
+)
+
+AGENT = "crew-api"
+
+
+def call(target: str, method: str, path: str, **request: Any) -> dict[str, Any]:
+    return {"target": target, "request": {"method": method, "path": path, **request}}
+
+
+async def requests_recorded(gw: Any) -> int:
+    async with gw.store.raw_connection() as conn:
+        return int(await conn.fetchval("SELECT count(*) FROM requests"))
+
+
+# ------------------------------------------------------------------ httpbin: the wire
+
+
+async def test_what_reaches_the_wire_is_the_judged_call_plus_the_key_from_vault(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with run_gateway(**apis.policy()) as gw:
+        status, out = await gw.post(
+            token,
+            call(
+                "httpbin",
+                "POST",
+                "/anything/orders/%2e%2e/refunds",
+                query=[["b", "2"], ["a", "x y"]],
+                json={"amount": 5, "note": "duplicate charge"},
+                headers={"Accept": "application/json", "Idempotency-Key": "refund-7"},
+            ),
+        )
+    assert status == 200 and out["status"] == "executed", out
+    echoed = out["result"]["json"]  # httpbin says what it received
+    assert echoed["method"] == "POST"
+    assert echoed["url"].endswith("/anything/refunds?b=2&a=x%20y")
+    assert echoed["data"] == '{"amount":5,"note":"duplicate charge"}'  # byte for byte
+    sent = echoed["headers"]
+    assert sorted(sent) == sorted(
+        [
+            "Accept",
+            "Accept-Encoding",
+            "Authorization",
+            "Content-Length",
+            "Content-Type",
+            "Host",
+            "Idempotency-Key",
+            "User-Agent",
+        ]
+    )
+    assert sent["Accept-Encoding"] == "identity" and sent["Content-Type"] == "application/json"
+    # the key went out (httpbin echoed it) and came back scrubbed
+    assert sent["Authorization"] == "***"
+    assert apis.keys["httpbin"] not in json.dumps(out)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Authorization", "Cookie", "Host", "X-Forwarded-For", "Proxy-Authorization",
+     "Content-Length", "Transfer-Encoding"],
+)  # fmt: skip
+async def test_headers_an_agent_may_not_set_are_refused_before_anything_is_recorded(
+    header: str, apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    async with run_gateway(**apis.policy()) as gw:
+        status, out = await gw.post(
+            idp.token(AGENT), call("httpbin", "GET", "/anything", headers={header: "x"})
+        )
+        assert status == 400 and out["error"]["code"] == "invalid_input", out
+        assert "may not be set" in out["error"]["message"]
+        assert await requests_recorded(gw) == 0
+
+
+async def test_redirects_are_answers_never_followed(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    elsewhere = f"{apis.crud.url}/customers"
+    async with run_gateway(**apis.policy()) as gw:
+        status, out = await gw.post(
+            idp.token(AGENT),
+            call("httpbin", "GET", "/redirect-to", query={"url": elsewhere, "status_code": 302}),
+        )
+    assert status == 200 and out["result"]["status"] == 302, out
+    assert out["result"]["headers"]["Location"] == elsewhere
+    assert "customers" not in json.dumps(out["result"].get("json"))  # not json-server's answer
+
+
+async def test_answers_are_bounded_in_bytes_and_in_time(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with run_gateway(**apis.policy()) as gw:
+        _, big = await gw.post(token, call("httpbin", "GET", "/bytes/100000"))
+        _, slow = await gw.post(token, call("httpbin", "GET", "/delay/6"))
+        _, drip = await gw.post(
+            token, call("httpbin", "GET", "/drip", query={"duration": 6, "numbytes": 6})
+        )
+    assert big["result"]["truncated"] is True and big["result"]["bytes"] == 65536, big
+    assert "not shown" in big["result"]["note"]
+    for out in (slow, drip):  # the target's timeout (3 s) ends the call, whole
+        assert out["status"] == "failed" and "did not answer within 3 s" in out["error"], out
+
+
+# ------------------------------------------------------------------ a hostile API
+
+
+@contextlib.asynccontextmanager
+async def hostile_api() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """What no honest API does; records the headers of every call it gets."""
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        return web.json_response({"ok": True}, status=201)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b"[" + b"1," * 32768
+        for _ in range(200 * 1024 * 1024 // len(chunk)):  # 200 MB, if anyone read it all
+            await response.write(chunk)
+        return response
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        encoded = base64.b64encode(auth.removeprefix("Bearer ").encode()).decode()
+        return web.Response(text=f"you sent {auth} ({encoded})", status=401)
+
+    async def pii(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"user": {"email": "ada@example.com"}, "detail": "card 4111111111111111"}}
+        return web.json_response(error, status=422)
+
+    app = web.Application()
+    app.router.add_post("/record", record)
+    app.router.add_get("/huge", huge)
+    app.router.add_get("/echo", echo)
+    app.router.add_get("/pii", pii)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), seen
+    finally:
+        await server.close()
+
+
+async def test_a_hostile_answer_is_capped_scrubbed_and_masked(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with hostile_api() as (url, _), run_gateway(**apis.policy(url)) as gw:
+        _, huge = await gw.post(token, call("hostile", "GET", "/huge"))
+        _, echo = await gw.post(token, call("hostile", "GET", "/echo"))
+        _, pii = await gw.post(token, call("hostile", "GET", "/pii"))
+    assert huge["result"]["truncated"] is True and huge["result"]["bytes"] == 65536
+    assert "json" not in huge["result"]  # half a JSON document is never shown
+    assert echo["result"]["status"] == 401 and echo["result"]["text"] == "you sent *** (***)"
+    key = apis.keys["hostile"]
+    assert key not in json.dumps([huge, echo, pii])
+    assert pii["result"]["status"] == 422  # an error status is an answer
+    assert pii["result"]["json"] == {
+        "error": {"user": {"email": "***"}, "detail": "card ************1111"}
+    }
+
+
+async def test_the_key_is_read_at_send_time_so_a_rotation_before_the_click_counts(
+    shop: Shop, apis: Apis, run_desk: DeskFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with hostile_api() as (url, seen), run_desk(**apis.policy(url)) as desk:
+        status, held = await desk.gateway.post(token, call("hostile", "POST", "/record", json={}))
+        assert status == 202, held
+        rotated = await apis.rotate(shop, "hostile")
+        await desk.approve(held["id"])
+        _, done = await desk.gateway.get(token, held["id"], wait=30)
+    assert done["status"] == "executed" and done["result"]["status"] == 201, done
+    assert [h["Authorization"] for h in seen] == [f"Bearer {rotated}"]
+
+
+async def test_vault_down_at_send_time_sends_nothing_half_authenticated(
+    shop: Shop, apis: Apis, run_desk: DeskFactory, idp: DevIdP
+) -> None:
+    """Allowed: 503 and nothing sent (a retry runs it). Approved: the call waits for Vault
+    and is sent once, with its key, when Vault is back."""
+    proxy = TcpProxy(int(shop.openbao.addr.rsplit(":", 1)[1]))
+    await proxy.up()
+    vault = Vault(proxy.addr, approle=AppRoleLogin(shop.role_id, shop.secret_id))
+    token = idp.token(AGENT)
+    policy = apis.policy()
+    async with hostile_api() as (url, seen):
+        policy = apis.policy(url)
+        policy["rules"] = [
+            {"name": "fast", "target": "hostile", "match": {"http": ["POST /record"], "query": {"fast": "1"}}, "action": "allow"},
+            *policy["rules"],
+        ]  # fmt: skip
+        async with run_desk(vault=vault, **policy) as desk:
+            await vault.ensure_login()
+            await proxy.down()
+            status, out = await desk.gateway.post(
+                token, call("hostile", "POST", "/record", query={"fast": "1"}, json={})
+            )
+            assert status == 503 and out["error"]["code"] == "unavailable", out
+            assert seen == []
+            status, held = await desk.gateway.post(
+                token, call("hostile", "POST", "/record", json={})
+            )
+            assert status == 202, held
+            await desk.approve(held["id"])  # the bot's Vault is up; the gateway's is not
+            await asyncio.sleep(3)
+            _, meanwhile = await desk.gateway.get(token, held["id"])
+            assert meanwhile["status"] in ("approved", "executing") and seen == []
+            await proxy.up()
+            _, done = await desk.gateway.get(token, held["id"], wait=60)
+    await proxy.down()
+    assert done["status"] == "executed", done
+    assert [h["Authorization"] for h in seen] == [f"Bearer {apis.keys['hostile']}"]
+
+
+# ------------------------------------------------------------------ json-server: CRUD
+
+
+async def crud(apis: Apis, path: str) -> httpx.Response:
+    """json-server as it stands, asked directly (not through keyturn)."""
+    async with httpx.AsyncClient() as client:
+        return await client.get(f"{apis.crud.url}{path}")
+
+
+async def test_crud_reads_run_masked_writes_wait_deletes_are_refused(
+    apis: Apis, run_desk: DeskFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with run_desk(**apis.policy()) as desk:
+        gw = desk.gateway
+        status, read = await gw.post(token, call("crud", "GET", "/customers"))
+        assert status == 200, read
+        assert read["result"]["json"][0]["contact"]["email"] == "***"  # nested, by key
+        assert "ada@example.com" not in json.dumps(read)
+
+        status, held = await gw.post(
+            token, call("crud", "PATCH", "/customers/2", json={"name": "Lin Q"})
+        )
+        assert status == 202 and held["status"] == "pending", held
+        await desk.approve(held["id"])
+        _, done = await gw.get(token, held["id"], wait=30)
+        assert done["status"] == "executed" and done["result"]["status"] == 200, done
+        assert (await crud(apis, "/customers/2")).json()["name"] == "Lin Q"
+
+        status, denied = await gw.post(
+            token, call("crud", "PATCH", "/customers/1", json={"name": "Mallory"})
+        )
+        await desk.deny(denied["id"], "not our customer's wish")
+        _, out = await gw.get(token, denied["id"], wait=30)
+        assert out["status"] == "denied" and out["deny_reason"] == "not our customer's wish"
+        assert (await crud(apis, "/customers/1")).json()["name"] == "Ada"
+
+        status, blocked = await gw.post(token, call("crud", "DELETE", "/customers/1"))
+        assert status == 403 and blocked["error"]["rule"] == "no-deletes", blocked
+        assert (await crud(apis, "/customers/1")).status_code == 200
+    for key in apis.keys.values():
+        assert key not in json.dumps([read, held, done, out, blocked])
