@@ -4,10 +4,12 @@ file behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,17 @@ def test_demo_without_a_stack(args: list[str], fragment: str, tmp_path: Path) ->
     assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
 
 
+def card_of(slack: SlackEmulator, channel: str, request_id: str, timeout: float = 30) -> str:
+    """The ts of the card in ``channel`` that names ``request_id``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in slack.channel(channel):
+            if request_id in json.dumps(message.blocks):
+                return message.ts
+        time.sleep(0.1)
+    raise AssertionError(f"no card for {request_id} in {channel}")
+
+
 def test_dev_with_a_real_workspace_in_socket_mode(tmp_path: Path) -> None:
     """Slack tokens set: no sandbox, the bot connects out over Socket Mode (here to the
     emulator playing slack.com), and the cards go to the channel and approvers named."""
@@ -194,7 +207,11 @@ def test_dev_with_a_real_workspace_in_socket_mode(tmp_path: Path) -> None:
                 assert card.args["channel"] == "C0REAL" and slack.socket_connected
                 status, _ = loop.run(slack.click("C0REAL", ts, APPROVE, "U0LIN"))
                 assert status == 200
-                assert "approved: the gateway ran it" in "\n".join(run.finish())
+                refund = held_id(run.until("held as request"))  # then the API's held refund
+                ts = card_of(slack, "C0REAL", refund)
+                assert loop.run(slack.click("C0REAL", ts, APPROVE, "U0LIN"))[0] == 200
+                said = "\n".join(run.finish())
+                assert "approved: the gateway ran it" in said and "HTTP 201" in said
             finally:
                 run.stop()
     finally:
@@ -226,3 +243,81 @@ def test_dev_with_half_a_workspace(env: dict[str, str], fragment: str, tmp_path:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr, proc.stderr
     assert not (tmp_path / "s").exists()  # nothing was started
+
+
+def test_the_orders_api_key_lives_in_openbao_only(tmp_path: Path) -> None:
+    """The dev stack's HTTP target end to end: a GET runs at once with masked emails, a
+    large refund waits for Approve and returns the API's 201, a DELETE is refused by a rule,
+    and the API key (read from OpenBao, the only place it is kept) appears in no answer,
+    log line, database row, Slack message or file of the stack."""
+    with running_dev(tmp_path / "state") as (dev, stack):
+        kv = httpx.get(
+            f"{stack['vault_addr']}/v1/secret/data/orders-api",
+            headers={"X-Vault-Token": stack["vault_root_token"]},
+            timeout=5,
+        )
+        key = kv.json()["data"]["data"]["token"]
+        gateway = httpx.Client(
+            base_url=stack["gateway_url"],
+            headers={"Authorization": f"Bearer {stack['agent_token']}"},
+            timeout=40,
+        )
+        answers = []
+
+        def send(method: str, path: str, **body: Any) -> Any:
+            request = {"method": method, "path": path, **body}
+            answer = gateway.post("/v1/commands", json={"target": "orders-api", "request": request})
+            answers.append(answer.text)
+            return answer
+
+        read = send("GET", "/orders").json()
+        assert read["status"] == "executed", read
+        assert {o["customer"]["email"] for o in read["result"]["json"]["orders"]} == {"***"}
+        held = send("POST", "/orders/2/refunds", json={"amount": 5000}).json()
+        assert held["status"] == "pending", held
+        click(stack, held["id"], APPROVE)
+        done = gateway.get(f"/v1/commands/{held['id']}?wait=30")
+        answers.append(done.text)
+        assert done.json()["status"] == "executed" and done.json()["result"]["status"] == 201
+        blocked = send("DELETE", "/orders/3")
+        assert blocked.status_code == 403 and "never allowed" in blocked.text
+        wrong = send("GET", "/orders", headers={"Authorization": f"Bearer {key}"})
+        assert wrong.status_code == 400  # an agent may not send a credential of its own
+
+        rows = subprocess.run(
+            [sys.executable, "-c", DUMP, stack["database_url"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert held["id"] in rows  # the dump is real
+        messages = httpx.get(f"{stack['sandbox_url']}/sandbox/messages", timeout=5).text
+        assert "orders/2/refunds" in messages
+        files = "".join(p.read_text() for p in (tmp_path / "state").iterdir())
+        gateway.close()
+        printed = "\n".join(dev.lines)
+    for place, text in {
+        "answers": "\n".join(answers),
+        "rows": rows,
+        "slack": messages,
+        "files": files,
+        "logs": printed,
+    }.items():
+        assert key not in text, f"the orders API key leaked into {place}"
+
+
+DUMP = """
+import asyncio, json, sys
+import asyncpg
+
+async def dump(url):
+    conn = await asyncpg.connect(url)
+    tables = [r[0] for r in await conn.fetch(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    for table in tables:
+        for row in await conn.fetch(f'SELECT * FROM "{table}"'):
+            print(json.dumps(dict(row), default=str))
+    await conn.close()
+
+asyncio.run(dump(sys.argv[1]))
+"""
