@@ -58,8 +58,8 @@ def test_every_error_is_reported_at_once() -> None:
     data["targets"]["box"] = {"host": "x"}
     data["rules"].append({"name": "x", "match": {"sql": ["sellect"]}, "action": "allow", "oops": 1})
     found = problems(data)
-    assert "targets.web: expected kind postgres or ssh, got 'telnet'" in found
-    assert "targets.box: missing kind (postgres or ssh)" in found
+    assert "targets.web: expected kind postgres, ssh or http, got 'telnet'" in found
+    assert "targets.box: missing kind (postgres, ssh or http)" in found
     assert any(p.startswith("rules[1].match.sql[0]: expected select") for p in found)
     assert "rules[1].oops: unknown field" in found
     assert len(found) == 4
@@ -123,7 +123,7 @@ def test_every_error_is_reported_at_once() -> None:
         ),
         (
             lambda d: d["rules"].append({"name": "w", "match": {}, "action": "hold"}),
-            "rules[1].match: a match needs sql kinds or shell patterns",
+            "rules[1].match: a match needs sql kinds, shell patterns, http patterns or operations",
         ),
         (
             lambda d: d["targets"].update(
