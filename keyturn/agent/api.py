@@ -51,6 +51,9 @@ class HttpResultOut(BaseModel):
     model_config = {"populate_by_name": True, "serialize_by_alias": True}
 
 
+# What an executed command returns, by the kind of its target.
+Result = SqlResultOut | ShellResultOut | HttpResultOut
+
 Status = Literal[
     "pending", "approved", "executing", "executed", "failed", "denied", "expired", "cancelled"
 ]
@@ -65,7 +68,7 @@ class CommandOut(BaseModel):
     wait_url: str | None = None
     expires_at: datetime | None = Field(default=None, description="when a pending request expires")
     estimated_rows: int | None = Field(default=None, description="EXPLAIN estimate (held SQL)")
-    result: SqlResultOut | ShellResultOut | HttpResultOut | None = None
+    result: Result | None = None
     error: str | None = None
     denied_by: str | None = None
     deny_reason: str | None = None

@@ -39,8 +39,7 @@ from keyturn.agent.api import (
     TERMINAL,
     CommandOut,
     HttpResultOut,
-    ShellResultOut,
-    SqlResultOut,
+    Result,
     TargetOut,
     TargetsOut,
 )
@@ -70,7 +69,6 @@ __all__ = [  # what keyturn.client, the public import path, offers
 
 log = logging.getLogger(__name__)
 Request = CommandOut
-Result = SqlResultOut | ShellResultOut | HttpResultOut
 # What an agent sends: SQL or a shell line (text), or an HTTP call (:func:`http_call`).
 Command = str | dict[str, Any]
 NO_BODY: Any = object()  # http(json=...) not given (JSON null is a body)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from keyturn.agent.api import CommandOut, HttpResultOut, ShellResultOut, SqlResultOut
+from keyturn.agent.api import CommandOut, HttpResultOut, Result, ShellResultOut, SqlResultOut
 from keyturn.agent.client import (
     AuthError,
     Cancelled,
@@ -74,7 +74,7 @@ class ToolOutcome(BaseModel):
     text: str
     request_id: str | None = None
     target: str | None = None
-    result: SqlResultOut | ShellResultOut | None = None
+    result: Result | None = None
     rule: str | None = None
     error: str | None = None
     denied_by: str | None = None
@@ -135,9 +135,7 @@ def _rows(count: int) -> str:
     return f"{count} row" + ("" if count == 1 else "s")
 
 
-def executed(
-    request: CommandOut, result: SqlResultOut | ShellResultOut | HttpResultOut
-) -> ToolOutcome:
+def executed(request: CommandOut, result: Result) -> ToolOutcome:
     where = f"Ran on {request.target} (request {request.id})"
     if isinstance(result, HttpResultOut):
         text = f"{where}: the API answered HTTP {result.status}."

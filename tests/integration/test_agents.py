@@ -207,7 +207,7 @@ async def test_mcp_tools_from_a_read_to_an_approved_update(
     ):
         tools = await mcp.list_tools()
         assert [t.name for t in tools.tools] == [
-            "list_targets", "run_sql", "run_shell", "request_status",
+            "list_targets", "run_sql", "run_shell", "call_api", "request_status",
         ]  # fmt: skip
         text, data = told(await mcp.call_tool("list_targets", {}))
         assert [t["name"] for t in data["targets"]] == ["shop", "web"] and "shop (postgres)" in text
