@@ -122,9 +122,7 @@ def conditions_met(rule: Rule, call: HttpCall, *, strict: bool) -> bool:
         results = [_query_meets(condition, v) for v in values]
         if not values or not (all(results) if strict else any(results)):
             return False
-    for name, condition in (rule.match.body or {}).items():
-        if not call.is_json:
-            return False
+    for name, condition in (rule.match.body or {}).items():  # a body that is not JSON: no fields
         found, value = _field(call.data, name)
         if not found or not meets(condition, value):
             return False

@@ -216,6 +216,28 @@ def test_a_body_condition_is_met_only_by_its_own_type(body: Any) -> None:
     assert decide(config(), "POST", "/orders/7/refunds", json_body=(True, body))[0] == "hold"
 
 
+def test_equals_and_one_of_compare_json_types_too() -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "one", "match": {"http": ["POST /x"], "body": {"n": 1}}, "action": "allow"},
+            {"name": "some", "match": {"http": ["POST /y"], "body": {"n": {"one_of": [1, "a"]}}},
+             "action": "allow"},
+        ],
+    }  # fmt: skip
+    cfg = parse_config(data)
+    for path in ("/x", "/y"):
+        assert decide(cfg, "POST", path, json_body=(True, {"n": 1}))[0] == "allow"
+        assert decide(cfg, "POST", path, json_body=(True, {"n": 1.0}))[0] == "allow"
+        assert decide(cfg, "POST", path, json_body=(True, {"n": True}))[0] == "hold"  # not 1
+        assert decide(cfg, "POST", path, json_body=(True, {"n": "1"}))[0] == "hold"
+
+
+def test_a_text_body_with_nul_is_refused_it_could_not_be_recorded() -> None:
+    with pytest.raises(InvalidInput, match="NUL"):
+        call_of("POST", "/r", headers={"Content-Type": "text/plain"}, text="a\x00b")
+
+
 def test_a_body_that_is_not_json_meets_no_condition() -> None:
     form = {"headers": {"Content-Type": "application/x-www-form-urlencoded"}, "text": "amount=5"}
     assert decide(config(), "POST", "/orders/7/refunds", **form)[0] == "hold"
