@@ -17,6 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.drivers.http.credential import read_credential
+from gateway.usecases.driver import RunFailed
 from keyturn.harness.idp import DevIdP
 from keyturn.vault import AppRoleLogin, Vault
 from tests.integration.conftest import (
@@ -180,7 +182,7 @@ async def test_a_hostile_answer_is_capped_scrubbed_and_masked(
         _, echo = await gw.post(token, call("hostile", "GET", "/echo"))
         _, pii = await gw.post(token, call("hostile", "GET", "/pii"))
     assert huge["result"]["truncated"] is True and huge["result"]["bytes"] == 65536
-    assert "json" not in huge["result"]  # half a JSON document is never shown
+    assert "json" not in huge["result"] and "text" not in huge["result"]  # nor half of one
     assert echo["result"]["status"] == 401 and echo["result"]["text"] == "you sent *** (***)"
     key = apis.keys["hostile"]
     assert key not in json.dumps([huge, echo, pii])
@@ -241,6 +243,32 @@ async def test_vault_down_at_send_time_sends_nothing_half_authenticated(
     await proxy.down()
     assert done["status"] == "executed", done
     assert [h["Authorization"] for h in seen] == [f"Bearer {apis.keys['hostile']}"]
+
+
+async def test_reading_the_key_waits_for_vault_only_as_long_as_it_is_told(
+    shop: Shop, apis: Apis
+) -> None:
+    """The executor unwraps the hand-off first (retrying while Vault is down); Vault can
+    still go between that and the key's read: an approved call waits there too, unsent."""
+    proxy = TcpProxy(int(shop.openbao.addr.rsplit(":", 1)[1]))
+    await proxy.up()
+    vault = Vault(proxy.addr, approle=AppRoleLogin(shop.role_id, shop.secret_id))
+    target = shop.policy(**apis.policy()).policy.http_targets()["hostile"]
+    try:
+        await vault.ensure_login()
+        await proxy.down()
+        with pytest.raises(RunFailed, match="nothing was sent") as failed:
+            await read_credential(vault, target, wait=0.0)  # an allowed call: at once
+        assert failed.value.outcome == "unreachable" and not failed.value.final
+        waiting = asyncio.create_task(read_credential(vault, target, wait=30.0))
+        await asyncio.sleep(1.5)
+        assert not waiting.done()
+        await proxy.up()
+        credential = await waiting
+        assert credential.headers == {"Authorization": f"Bearer {apis.keys['hostile']}"}
+    finally:
+        await proxy.down()
+        await vault.close()
 
 
 # ------------------------------------------------------------------ json-server: CRUD
