@@ -51,7 +51,10 @@ def test_the_example_crew_waits_for_the_click(dev_stack: dict[str, Any], decisio
 def test_the_mcp_example_waits_for_the_click(dev_stack: dict[str, Any]) -> None:
     client = Spawned("examples/mcp_client.py", "--stack", dev_stack["file"], "--order", "3")
     try:
-        assert client.until("tools: ") == "tools: list_targets, run_sql, run_shell, request_status"
+        assert (
+            client.until("tools: ")
+            == "tools: list_targets, run_sql, run_shell, call_api, request_status"
+        )
         assert "3 | open | 300" in client.until("3 | open")
         client.until('-> run_sql {"target": "orders-db", "sql": "UPDATE')
         # run_sql waits up to keyturn mcp's --max-wait: a click meanwhile finishes it at once

@@ -178,7 +178,7 @@ async def test_the_mcp_extra_serves_its_tools(wheel: Path, tmp_path: Path) -> No
             await session.initialize()
             tools = await session.list_tools()
     names = [t.name for t in tools.tools]
-    assert names == ["list_targets", "run_sql", "run_shell", "request_status"]
+    assert names == ["list_targets", "run_sql", "run_shell", "call_api", "request_status"]
 
 
 # ------------------------------------------------------------------ a checkout anywhere
