@@ -1,4 +1,4 @@
-"""HTTP target benchmark: run ``python bench/http.py`` (after scripts/test has set up .venv).
+"""HTTP target benchmark: run ``python bench/http_target.py`` (after scripts/test has set up .venv).
 
 1. Added latency of an allowed GET: through the gateway (HTTP, JWT, policy, the record, the
    API key read from Vault for the call, the answer scrubbed and masked) minus calling the API
