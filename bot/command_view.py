@@ -28,15 +28,18 @@ class ApiView:
 
 
 def call_listing(call: HttpCall, api: ApiView) -> str:
-    """The request as it will be sent; a JSON body pretty-printed (the bytes sent are the
-    compact form whose length and sha256 the summary gives)."""
+    """The request as it will be sent. A JSON body is pretty-printed (the bytes sent are the
+    compact form whose length and sha256 the summary gives); any other body is shown as one
+    quoted string with every line break and control character escaped, so blank lines or
+    carriage returns cannot push part of it out of an approver's sight."""
     lines = [f"{call.method} {api.base_url}{call.target}"]
     lines += [f"{name}: {value}" for name, value in call.headers]
     if api.credential_header:
         lines.append(f"{api.credential_header}: (the credential from Vault, added when sent)")
-    if call.body:
-        pretty = json.dumps(call.data, indent=2, ensure_ascii=False) if call.is_json else call.body
-        lines += ["", pretty]
+    if call.is_json:
+        lines += ["", json.dumps(call.data, indent=2, ensure_ascii=False)]
+    elif call.body:
+        lines += ["", json.dumps(call.body, ensure_ascii=False)]
     return "\n".join(lines)
 
 

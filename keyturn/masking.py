@@ -85,8 +85,12 @@ class Masker:
         return tuple(self.masked_column(name) for name in names)
 
     def text(self, value: str) -> str:
+        """Text as it may leave keyturn: PII masked, and storable and sendable (a NUL or a
+        lone surrogate, which an API's answer or a command's output may hold, is U+FFFD)."""
         if not value.isascii():  # full-width digits and letters, as the detectors know them
-            value = unicodedata.normalize("NFKC", value)
+            value = unicodedata.normalize("NFKC", value).encode("utf-8", "replace").decode()
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
         for detect in self.detectors:
             value = detect(value)
         return value
@@ -100,16 +104,21 @@ class Masker:
             return {k: self.value(v) for k, v in value.items()}
         return value
 
-    def json(self, value: Any) -> Any:
+    def json(self, value: Any, clean: Callable[[str], str] | None = None) -> Any:
         """A JSON document as an agent may see it: the value of a key matching a masked
         pattern, at any depth, is replaced outright; every other string (keys included)
-        goes through the detectors. Iterative: depth is bounded by the parser, not by us."""
+        goes through ``clean`` (if given), then the detectors. Iterative: depth is bounded
+        by the parser, not by us."""
+
+        def text(string: str) -> str:
+            return self.text(clean(string) if clean is not None else string)
+
         root: list[Any] = [value]
         stack: list[tuple[Any, Any, Any]] = [(root, 0, value)]  # (container, slot, node)
         while stack:
             container, slot, node = stack.pop()
             if isinstance(node, str):
-                container[slot] = self.text(node)
+                container[slot] = text(node)
             elif isinstance(node, list):
                 copy = list(node)
                 container[slot] = copy
@@ -118,7 +127,7 @@ class Masker:
                 out: dict[str, Any] = {}
                 container[slot] = out
                 for key, item in node.items():
-                    name = self.text(key)
+                    name = text(key)
                     hidden = any(fnmatch.fnmatchcase(key.lower(), p) for p in self.keys)
                     out[name] = MASK if hidden else item
                     if not hidden:

@@ -11,6 +11,7 @@ resolved inside the file only.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +77,26 @@ def _prepared(node: Any, v30: bool) -> Any:
     return node
 
 
+# A number as every server reads it: no exponent, "_", "+", leading zero or space ("100000e-3"
+# is 100 to Python's float(), 100000 to JavaScript's parseInt and Ruby's to_i; "1_0_0" is
+# 100 to Python's int(), 1 to parseInt).
+_PLAIN_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+
+
+def plain_number(text: str) -> int | float | None:
+    """``text`` as a number, if it is written as one the same way for every reader."""
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    return float(text) if "." in text else int(text)
+
+
 def _typed(value: str, schema: dict[str, Any]) -> Any:
-    """A path or query value as its schema's type would have it (text otherwise)."""
+    """A path or query value as its schema's type would have it (text otherwise, which then
+    fails the schema's type)."""
     kind = schema.get("type")
-    try:
-        if kind == "integer":
-            return int(value, 10)
-        if kind == "number":
-            return float(value)
-    except ValueError:
-        return value
+    number = plain_number(value) if kind in ("integer", "number") else None
+    if number is not None and (kind == "number" or isinstance(number, int)):
+        return number
     if kind == "boolean" and value in ("true", "false"):
         return value == "true"
     return value
@@ -191,18 +202,27 @@ class Spec:
         """Why the spec does not allow this call of ``op``, or None. ``body`` is (is JSON,
         parsed JSON, content type or None)."""
         bound = op.bind(segments) or {}
-        given = dict(query)
         for param in op.parameters:
             where, name = param.get("in"), str(param.get("name"))
-            schema = param.get("schema") or {}
-            value = bound.get(name) if where == "path" else given.get(name)
             if where not in ("path", "query"):
                 continue
-            if value is None:
+            schema = param.get("schema") or {}
+            if where == "path":
+                values = [bound[name]] if name in bound else []
+            else:  # every copy, in any case: servers differ on which one they read
+                values = [v for k, v in query if k.casefold() == name.casefold()]
+            if not values:
                 if param.get("required"):
                     return f"{where} parameter {name} is required"
                 continue
-            error = self._error(f"{where} parameter {name}", _typed(value, schema), schema)
+            if schema.get("type") == "array":
+                items = schema.get("items") or {}
+                typed: Any = [_typed(v, items) for v in values]
+            elif len(values) > 1:
+                return f"{where} parameter {name} is given {len(values)} times"
+            else:
+                typed = _typed(values[0], schema)
+            error = self._error(f"{where} parameter {name}", typed, schema)
             if error:
                 return error
         is_json, data, content_type = body

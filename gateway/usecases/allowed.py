@@ -9,15 +9,18 @@ flight (:class:`gateway.usecases.inflight.InFlight`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from gateway.journal import AlreadyRecorded
-from gateway.usecases.driver import Allowed, Driver, RunFailed
+from gateway.usecases.driver import UNEXPECTED, Allowed, Driver, RunFailed
 from gateway.usecases.gateway import Gateway
 from gateway.usecases.submission import Submission, digest, outcome
 from keyturn.classify import Identity, Verdict
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.store import outcomes, reads, requests
+
+log = logging.getLogger(__name__)
 
 
 async def _recorded(recording: asyncio.Future[None]) -> None:
@@ -52,6 +55,10 @@ async def run(
             raise
         except RunFailed as failed:
             return await _not_run(gw, sub, who, intent, recording, failed)
+        except Exception:  # a driver's bug: the request must still end, as failed
+            log.exception("allowed request %s: the driver failed unexpectedly", intent.id)
+            unknown = RunFailed(f"the gateway failed while running it ({UNEXPECTED})", final=True)
+            return await _not_run(gw, sub, who, intent, recording, unknown)
     if sub.idempotency_key is None:
         gw.journal.submit(outcomes.Completion(intent.id, who.subject, None, digest(result)))
     else:  # a replay with this key must find the result: committed before the answer

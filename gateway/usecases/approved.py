@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from gateway.metrics import Metrics
-from gateway.usecases.driver import Drivers, RunFailed
+from gateway.usecases.driver import UNEXPECTED, Drivers, RunFailed
 from gateway.usecases.submission import digest
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
@@ -109,6 +109,9 @@ class Executor:
             error = exc.message
         except (KeyturnError, RunFailed) as exc:
             error = exc.message
+        except Exception:  # a driver's bug: the request must still end, as failed
+            log.exception("approved request %s: the driver failed unexpectedly", request.id)
+            error = f"the gateway failed while running it ({UNEXPECTED})"
         finally:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)
         if error is not None:

@@ -30,6 +30,9 @@ from keyturn.supervise import Loop
 #   unreachable — the target could not be reached: the gateway is unavailable
 #   error       — a keyturn error of the gateway's own (``error``), answered as itself
 Answer = Literal["failed", "busy", "unreachable", "error"]
+# What the agent is told when a driver raised something other than RunFailed (a bug): the
+# request still ends, as failed, and the details go to the log only.
+UNEXPECTED = "an unexpected error, in the gateway's log; it may have reached the target"
 
 
 class RunFailed(Exception):

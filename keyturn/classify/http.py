@@ -219,24 +219,38 @@ def _refuse_constant(name: str) -> Any:
     raise InvalidInput(f"the JSON body has {name}, which JSON does not allow")
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
+def _folded(key: str) -> str:
+    return unicodedata.normalize("NFKC", key).casefold()
+
+
+def check_json(value: Any) -> None:
+    """Refuse a body whose meaning differs between parsers: nested deeper than
+    :data:`MAX_JSON_DEPTH`, or an object with two keys that are one key to a server that
+    matches keys without case (Go's encoding/json, ASP.NET): ``amount`` and ``AMOUNT``,
+    ``s`` and the long s (U+017F). A rule would read one, the server perhaps the other."""
+    stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > MAX_JSON_DEPTH:
-            break
-        children = (
-            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        )
-        stack += [(child, depth + 1) for child in children]
-    return deepest
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"the JSON body nests deeper than {MAX_JSON_DEPTH}")
+        if isinstance(node, dict):
+            seen: dict[str, str] = {}
+            for key in node:
+                folded = _folded(key)
+                if folded in seen:
+                    raise InvalidInput(
+                        f"the JSON body has keys {seen[folded][:40]!r} and {key[:40]!r}, one "
+                        "key to servers that ignore case: send one"
+                    )
+                seen[folded] = key
+            stack += [(child, depth + 1) for child in node.values()]
+        elif isinstance(node, list):
+            stack += [(child, depth + 1) for child in node]
 
 
 def dump_json(value: Any) -> str:
     """The one serialisation of a JSON body keyturn sends (compact, key order kept)."""
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidInput(f"the JSON body nests deeper than {MAX_JSON_DEPTH}")
+    check_json(value)
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -307,7 +321,7 @@ def call_of(
         _check_charset(content_type)
     if "\x00" in body:
         raise InvalidInput("the body must not contain NUL characters")
-    return HttpCall(
+    call = HttpCall(
         method=method_of(method),
         segments=segments_of(path),
         query=query_of(query),
@@ -316,6 +330,21 @@ def call_of(
         is_json=has_json,
         data=data if has_json else None,
     )
+    _no_method_override(call)
+    return call
+
+
+def _no_method_override(call: HttpCall) -> None:
+    """Rails, Laravel and others let a ``_method`` parameter turn a POST into a DELETE: a
+    call would be judged by one method and run as another. Refused wherever a server reads
+    it: the query, a JSON object's top level, a form body."""
+    names = [k for k, _ in call.query]
+    if call.is_json and isinstance(call.data, dict):
+        names += list(call.data)
+    elif (call.header("Content-Type") or "").lower().startswith("application/x-www-form"):
+        names += [k for k, _ in parse_qsl(call.body, keep_blank_values=True)]
+    if any(_folded(name) == "_method" for name in names):
+        raise InvalidInput("_method overrides the method on many servers: send the method itself")
 
 
 def parse_call(command: str) -> HttpCall:

@@ -10,34 +10,47 @@ only make a call *more* guarded:
 * an allow rule's path matches case for case and slash for slash; a block or hold rule's
   also matches ``/ORDERS/7/`` for ``/orders/*`` (servers that ignore case or a trailing
   slash exist);
-* a condition on a query parameter sent twice must hold for every value to allow, and for
-  any value to block or hold (servers differ on which one they read);
+* a condition on a query parameter must hold for every value (and the parameter be spelled
+  as the rule spells it, and not also be in the body) to allow; any value, in the query or
+  the body, in any case, blocks or holds (servers differ on which copy they read, merge
+  query and body, or ignore case);
 * a field that is absent, or of another type (a number sent as a string, a body that is not
-  JSON), never meets a condition: the call falls through to a later rule, or is held.
+  JSON), never meets a condition: the call falls through to a later rule, or is held; a
+  query value meets a numeric condition only written as a plain decimal (``1e2`` is 100 to
+  one server and 1 to another).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from keyturn.classify.budget import spend
 from keyturn.classify.http import READ_METHODS, HttpCall
 from keyturn.config.rules import Condition, Rule
 from keyturn.config.targets import HttpTarget
-from keyturn.openapi import Operation
+from keyturn.openapi import Operation, plain_number
 
 
 def _segments_match(pattern: list[str], path: list[str]) -> bool:
-    """``*`` is one non-empty segment, ``**`` any number (none included)."""
-    if not pattern:
-        return not path
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_segments_match(rest, path[i:]) for i in range(len(path) + 1))
-    if not path or (head == "*" and not path[0]):
-        return False
-    return (head == "*" or head == path[0]) and _segments_match(rest, path[1:])
+    """``*`` is one non-empty segment, ``**`` any number (none included). One pass of
+    dynamic programming over (pattern, path) positions: work is their product at most
+    (a path has at most ~1,000 segments), however many ``**`` a pattern has."""
+    # fits[j]: pattern[:i] matches path[:j], for the i of the current row
+    fits = [True] + [False] * len(path)
+    for part in pattern:
+        spend()
+        if part == "**":
+            row, seen = [], False
+            for fit in fits:
+                seen = seen or fit
+                row.append(seen)
+        else:
+            row = [False] + [
+                fits[j] and (part == segment if part != "*" else segment != "")
+                for j, segment in enumerate(path)
+            ]
+        fits = row
+    return fits[-1]
 
 
 def pattern_matches(pattern: str, call: HttpCall, *, strict: bool) -> bool:
@@ -59,12 +72,15 @@ def pattern_matches(pattern: str, call: HttpCall, *, strict: bool) -> bool:
     return _segments_match(want, have)
 
 
-def _same(want: Any, have: Any) -> bool:
-    """Equal values of the same JSON type (``true`` is not ``1``, ``"5"`` is not ``5``)."""
+def _same(want: Any, have: Any, *, fold: bool = False) -> bool:
+    """Equal values of the same JSON type (``true`` is not ``1``, ``"5"`` is not ``5``);
+    ``fold``: text compared without case (``True`` is ``true`` to many servers)."""
     if isinstance(want, bool) or isinstance(have, bool):
         return isinstance(want, bool) and isinstance(have, bool) and want == have
     if isinstance(want, int | float) and isinstance(have, int | float):
         return want == have
+    if fold and isinstance(want, str) and isinstance(have, str):
+        return want.casefold() == have.casefold()
     return isinstance(want, str) and isinstance(have, str) and want == have
 
 
@@ -76,10 +92,12 @@ def _number(value: Any) -> int | float | None:
     return None
 
 
-def meets(condition: Condition, value: Any) -> bool:
-    if condition.equals is not None and not _same(condition.equals, value):
+def meets(condition: Condition, value: Any, *, fold: bool = False) -> bool:
+    if condition.equals is not None and not _same(condition.equals, value, fold=fold):
         return False
-    if condition.one_of is not None and not any(_same(w, value) for w in condition.one_of):
+    if condition.one_of is not None and not any(
+        _same(w, value, fold=fold) for w in condition.one_of
+    ):
         return False
     if condition.at_most is not None or condition.at_least is not None:
         number = _number(value)
@@ -92,23 +110,24 @@ def meets(condition: Condition, value: Any) -> bool:
     return True
 
 
-def _query_meets(condition: Condition, text: str) -> bool:
-    """A query value is text; written as a number, it also meets numeric conditions
-    (``limit=50`` meets ``at_most: 100``, and ``equals: "50"`` as well as ``equals: 50``)."""
-    if meets(condition, text):
+def _query_meets(condition: Condition, text: str, *, fold: bool = False) -> bool:
+    """A query value is text; written as a plain decimal number, it also meets numeric
+    conditions (``limit=50`` meets ``at_most: 100``, and ``equals: "50"`` as well as
+    ``equals: 50``)."""
+    if meets(condition, text, fold=fold):
         return True
-    try:
-        number: int | float = int(text, 10) if text.lstrip("-").isdigit() else float(text)
-    except ValueError:
-        return False
-    return math.isfinite(number) and meets(condition, number)
+    number = plain_number(text)
+    return number is not None and meets(condition, number, fold=fold)
 
 
-def _field(data: Any, dotted: str) -> tuple[bool, Any]:
+def _field(data: Any, dotted: str, *, fold: bool = False) -> tuple[bool, Any]:
     node = data
     for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
+        if isinstance(node, dict):
+            keys = [k for k in node if k == part or (fold and k.casefold() == part.casefold())]
+            if not keys:
+                return False, None
+            node = node[keys[0]]  # keys differing only in case were refused (check_json)
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
@@ -116,15 +135,43 @@ def _field(data: Any, dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+def _query(call: HttpCall, name: str) -> tuple[list[str], bool]:
+    """The values of parameter ``name`` (any case: servers that ignore it exist), and
+    whether every one was spelled exactly ``name``."""
+    found = [(k, v) for k, v in call.query if k.casefold() == name.casefold()]
+    return [v for _, v in found], all(k == name for k, _ in found)
+
+
+def _in_body(call: HttpCall, name: str) -> bool:
+    top = name.split(".", 1)[0].casefold()
+    return isinstance(call.data, dict) and any(k.casefold() == top for k in call.data)
+
+
 def conditions_met(rule: Rule, call: HttpCall, *, strict: bool) -> bool:
+    """Strict (allow): the parameter is in one place only, spelled as the rule spells it,
+    and every value meets. Broad (block, hold): any value meets, in the query or the body,
+    in any case: servers that merge query and body parameters (Rails, Laravel) or ignore
+    case (ASP.NET) exist, and their reading must never let a call dodge a guard."""
     for name, condition in (rule.match.query or {}).items():
-        values = [v for k, v in call.query if k == name]
-        results = [_query_meets(condition, v) for v in values]
-        if not values or not (all(results) if strict else any(results)):
-            return False
+        values, exact = _query(call, name)
+        if strict:
+            if not values or not exact or _in_body(call, name):
+                return False
+            if not all(_query_meets(condition, v) for v in values):
+                return False
+        else:
+            found, value = _field(call.data, name, fold=True)
+            in_query = any(_query_meets(condition, v, fold=True) for v in values)
+            if not in_query and not (found and meets(condition, value, fold=True)):
+                return False
     for name, condition in (rule.match.body or {}).items():  # a body that is not JSON: no fields
-        found, value = _field(call.data, name)
-        if not found or not meets(condition, value):
+        found, value = _field(call.data, name, fold=not strict)
+        if strict:
+            if not found or not meets(condition, value) or _query(call, name.split(".")[0])[0]:
+                return False
+        elif not (found and meets(condition, value, fold=True)) and not any(
+            _query_meets(condition, v, fold=True) for v in _query(call, name)[0]
+        ):
             return False
     return True
 

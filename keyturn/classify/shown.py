@@ -35,11 +35,35 @@ class Shown:
     line: str | None = None
 
 
+# Unicode's Default_Ignorable_Code_Point characters that are not format (Cf) characters, and
+# blanks that are letters or symbols: drawn as nothing, or as a space, by Slack.
+_BLANK = frozenset(
+    [
+        0x034F,
+        0x115F,
+        0x1160,
+        0x17B4,
+        0x17B5,
+        0x3164,
+        0xFFA0,
+        0x2800,
+        *range(0x180B, 0x1810),
+        *range(0xFE00, 0xFE10),
+        *range(0xFFF0, 0xFFF9),
+        *range(0xE0100, 0xE01F0),
+    ]
+)
+
+
 def _escaped(char: str) -> bool:
     if char in "\n\t":
         return False
     category = unicodedata.category(char)
-    return category in ("Cf", "Cc", "Co", "Cs", "Zl", "Zp") or (category == "Zs" and char != " ")
+    return (
+        category in ("Cf", "Cc", "Co", "Cs", "Cn", "Zl", "Zp")
+        or (category == "Zs" and char != " ")
+        or ord(char) in _BLANK
+    )
 
 
 def visible(text: str) -> tuple[str, list[str]]:

@@ -53,7 +53,10 @@ def add_to_policy(data: dict[str, Any], port: int, approvers: list[str]) -> None
         {
             "name": "small-refunds",
             "target": TARGET,
-            "match": {"operation": ["createRefund"], "body": {"amount": {"at_most": 100}}},
+            "match": {
+                "operation": ["createRefund"],
+                "body": {"amount": {"at_least": 1, "at_most": 100}},
+            },
             "action": "allow",
         },
         {

@@ -131,6 +131,26 @@ async def test_answers_are_bounded_in_bytes_and_in_time(
         assert out["status"] == "failed" and "did not answer within 3 s" in out["error"], out
 
 
+async def test_answers_keyturn_could_not_store_or_encode_still_end_the_request(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    """httpbin sends a header that is not UTF-8 and a body with NUL bytes: each is an
+    answer (shown as it can be), the request ends, and a replay of its key finds it."""
+    token = idp.token(AGENT)
+    async with run_gateway(**apis.policy()) as gw:
+        status, latin = await gw.post(
+            token, call("httpbin", "GET", "/response-headers", query={"ETag": "caf\u00e9"})
+        )
+        assert status == 200 and latin["status"] == "executed", latin
+        assert latin["result"]["headers"]["ETag"].startswith("caf")
+        nul = call("httpbin", "GET", "/base64/AAAA")
+        status, first = await gw.post(token, nul, **{"Idempotency-Key": "nul-1"})
+        assert status == 200 and first["status"] == "executed", first
+        assert "not shown" in first["result"]["note"]
+        status, again = await gw.post(token, nul, **{"Idempotency-Key": "nul-1"})
+        assert (status, again["id"], again["status"]) == (200, first["id"], "executed")
+
+
 # ------------------------------------------------------------------ a hostile API
 
 
@@ -160,7 +180,19 @@ async def hostile_api() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         error = {"error": {"user": {"email": "ada@example.com"}, "detail": "card 4111111111111111"}}
         return web.json_response(error, status=422)
 
+    async def escaped(request: web.Request) -> web.StreamResponse:
+        """The key as .NET (\\u002B) and PHP (\\/) escape it, and in UTF-16."""
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        spelled = "".join(f"\\u{ord(c):04x}" for c in key)
+        if request.query.get("plain"):
+            return web.Response(text=f"you sent {spelled}")
+        if request.query.get("utf16"):
+            body = json.dumps({"you": key}).encode("utf-16")
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(text=f'{{"you": "{spelled}"}}', content_type="application/json")
+
     app = web.Application()
+    app.router.add_get("/escaped", escaped)
     app.router.add_post("/record", record)
     app.router.add_get("/huge", huge)
     app.router.add_get("/echo", echo)
@@ -181,12 +213,19 @@ async def test_a_hostile_answer_is_capped_scrubbed_and_masked(
         _, huge = await gw.post(token, call("hostile", "GET", "/huge"))
         _, echo = await gw.post(token, call("hostile", "GET", "/echo"))
         _, pii = await gw.post(token, call("hostile", "GET", "/pii"))
+        _, escaped = await gw.post(token, call("hostile", "GET", "/escaped"))
+        _, utf16 = await gw.post(token, call("hostile", "GET", "/escaped", query={"utf16": 1}))
+        _, plain = await gw.post(token, call("hostile", "GET", "/escaped", query={"plain": 1}))
     assert huge["result"]["truncated"] is True and huge["result"]["bytes"] == 65536
     assert "json" not in huge["result"] and "text" not in huge["result"]  # nor half of one
     assert echo["result"]["status"] == 401 and echo["result"]["text"] == "you sent *** (***)"
     key = apis.keys["hostile"]
     assert key not in json.dumps([huge, echo, pii])
     assert pii["result"]["status"] == 422  # an error status is an answer
+    assert key not in json.dumps([escaped, utf16, plain])
+    assert "cannot cut out" in plain["result"]["note"] and "text" not in plain["result"]
+    assert escaped["result"]["json"] == {"you": "***"}  # cut out once the escapes are decoded
+    assert "not shown" in utf16["result"]["note"]  # UTF-16 is not text keyturn shows
     assert pii["result"]["json"] == {
         "error": {"user": {"email": "***"}, "detail": "card ************1111"}
     }

@@ -6,6 +6,8 @@ and the API another. Each is refused, or judged the way the server will read it.
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -318,8 +320,6 @@ def test_policy_tests_and_shadow_rules_cover_http_rules() -> None:
 def test_the_credential_is_scrubbed_from_an_answer_in_every_likely_spelling() -> None:
     secret = "s3cr/et+key=="
     cred = Credential.of("Authorization", f"Bearer {secret}", [secret])
-    import base64
-    import json
     from urllib.parse import quote
 
     for spelled in (secret, json.dumps(secret)[1:-1], quote(secret, safe=""),
@@ -349,3 +349,135 @@ def test_json_answers_are_masked_by_key_at_any_depth_and_by_detectors() -> None:
         ],
         "a***@example.com": "card ************1111",
     }
+
+
+# ------------------------------------------------------------------ a second outside round
+
+
+@pytest.mark.parametrize("limit", ["100000e-3", "1e-99999", "1_0_0", "+5", "05", " 5", "5 "])
+def test_a_query_number_meets_a_numeric_condition_only_written_plainly(limit: str) -> None:
+    # 100000e-3 is 100 to Python's float() and 100000 to JavaScript's parseInt
+    assert decide(config(), "GET", "/orders", query={"limit": limit})[0] == "hold"
+
+
+@pytest.mark.parametrize("limit", ["50", "50.5", "0", "100"])
+def test_a_plain_query_number_meets_it(limit: str) -> None:
+    assert decide(config(), "GET", "/orders", query={"limit": limit})[0] == "allow"
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"amount": 50, "AMOUNT": 100000}', '{"s": 1, "\u017f": 2}', '{"k": 1, "\u212a": 2}'],
+)
+def test_keys_that_are_one_key_to_a_case_blind_server_are_refused(body: str) -> None:
+    with pytest.raises(InvalidInput, match="ignore case"):
+        call_of("POST", "/r", headers={"Content-Type": "application/json"}, text=body)
+    with pytest.raises(InvalidInput, match="ignore case"):
+        call_of("POST", "/r", json_body=(True, {"x": [json.loads(body)]}))
+
+
+def test_a_parameter_in_the_query_and_the_body_is_never_allowed_by_either() -> None:
+    # Rails' params let the query win over the body: the server would refund 100000
+    refund = {"query": {"amount": 100000}, "json_body": (True, {"amount": 50})}
+    assert decide(config(), "POST", "/orders/7/refunds", **refund)[0] == "hold"
+    capped = {"query": {"limit": 5}, "json_body": (True, {"limit": 5000})}
+    assert decide(config(), "GET", "/orders", **capped)[0] == "hold"  # Laravel: body wins
+
+
+def test_a_guard_on_a_parameter_reads_both_places_and_any_case() -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
+             "action": "block"},
+            {"name": "force", "match": {"http": ["POST /r"], "query": {"force": "true"}},
+             "action": "block"},
+            {"name": "ok", "match": {"http": ["POST /r"]}, "action": "allow"},
+        ],
+    }  # fmt: skip
+    cfg = parse_config(data)
+    assert decide(cfg, "POST", "/r", query={"amount": 5000}, json_body=(True, {"amount": 5})) == (
+        "block",
+        "big",
+    )
+    assert decide(cfg, "POST", "/r", json_body=(True, {"Force": "True"}))[1] == "force"
+    assert decide(cfg, "POST", "/r", query={"FORCE": "TRUE"})[1] == "force"
+    assert decide(cfg, "POST", "/r", json_body=(True, {"AMOUNT": 1000}))[1] == "big"
+    assert decide(cfg, "POST", "/r", json_body=(True, {"amount": 5})) == ("allow", "ok")
+
+
+def test_a_query_name_in_another_case_is_never_allowed() -> None:
+    # ASP.NET binds LIMIT to limit and takes the first
+    assert decide(config(), "GET", "/orders", query=[["LIMIT", "100000"], ["limit", "5"]])[0] == (
+        "hold"
+    )
+
+
+def test_the_openapi_file_checks_every_copy_of_a_parameter() -> None:
+    cfg = config(openapi=str(SPEC))
+    verdict = classify(
+        cfg, "api", text("GET", "/orders", query=[["limit", "5000"], ["limit", "50"]])
+    )
+    assert verdict.action == "block" and "given 2 times" in verdict.reasons[0]
+    verdict = classify(cfg, "api", text("GET", "/orders", query={"LIMIT": "5000"}))
+    assert verdict.action == "block" and "maximum of 100" in verdict.reasons[0]
+    verdict = classify(cfg, "api", text("GET", "/orders", query={"limit": "1_0"}))
+    assert verdict.action == "block" and "is not of type 'integer'" in verdict.reasons[0]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"query": {"_method": "DELETE"}},
+        {"json_body": (True, {"_METHOD": "DELETE"})},
+        {
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            "text": "_method=DELETE",
+        },
+    ],
+)
+def test_a_method_override_is_refused(parts: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput, match="_method"):
+        call_of("POST", "/orders/7", **parts)
+
+
+def test_many_double_stars_against_a_long_path_are_bounded_work() -> None:
+    cfg = parse_config(
+        {
+            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "rules": [
+                {"name": "deep", "match": {"http": ["* /**/a/**/a/**/a/**/b"]}, "action": "block"}
+            ],
+        }
+    )
+    path = "/" + "/".join(["a"] * 1000)  # hours of backtracking for a recursive matcher
+    assert decide(cfg, "GET", path)[0] == "hold"
+    assert decide(cfg, "GET", path + "/b") == ("block", "deep")
+
+
+def test_a_text_body_is_one_visible_line_on_the_card() -> None:
+    from bot.command_view import ApiView, command_blocks
+
+    padded = "amount=50" + "\n" * 6000 + "&amount=100000"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    command = text("POST", "/orders/7/refunds", headers=form, text=padded)
+    blocks, thread = command_blocks("r1", command, False, ApiView("https://a.example", None))
+    shown = json.dumps(blocks) + json.dumps(thread)
+    assert "&amp;amount=100000" in shown  # escaped for Slack, shown
+    assert "\\\\n\\\\n" in shown  # the line breaks, written out
+    hidden = text("POST", "/x", json_body=(True, {"note": "ok\u3164"}))
+    blocks, _ = command_blocks("r2", hidden, False, ApiView("https://a.example", None))
+    assert "U+3164 HANGUL FILLER" in json.dumps(blocks)
+
+
+def test_an_answer_that_still_carries_the_key_after_decoding_is_caught() -> None:
+    key = "AKIAab+cd/ef0123456789=="
+    cred = Credential.of("Authorization", f"Bearer {key}", [key])
+    for echo in (
+        "\\u0041KIAab\\u002Bcd\\/ef0123456789==",  # .NET and PHP escapes
+        "AKIAab%2bcd%2Fef0123456789%3d%3d",  # lowercase percent-encoding
+        key.encode().hex(),
+        "AKIAab&#43;cd/ef0123456789==",  # an HTML entity
+    ):
+        assert cred.leaks(cred.scrub_text(echo)), echo
+    assert not cred.leaks("an answer about something else")

@@ -32,7 +32,7 @@ SHOWN_HEADERS = (
     "X-Total-Count",
 )
 CHUNK = 64 * 1024
-PARSE_IN_THREAD = 64 * 1024  # JSON bodies larger than this are parsed and masked off the loop
+IN_THREAD = 64 * 1024  # larger bodies are parsed, scrubbed and masked off the event loop
 TEXT_TYPES = ("application/xml", "application/x-www-form-urlencoded", "application/javascript")
 
 
@@ -65,6 +65,41 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[byt
     return b"".join(chunks)[:limit], True
 
 
+def _header_text(value: str) -> str:
+    """A header as text: aiohttp keeps bytes that are not UTF-8 as lone surrogates."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _utf8(body: bytes, truncated: bool) -> str | None:
+    """The body as UTF-8 text (a cut body may end inside a character), or None: bytes
+    that are not UTF-8 text, or that hold NUL (UTF-16 looks like that), are not text."""
+    for end in range(len(body), max(len(body) - 4, -1) if truncated else len(body) - 1, -1):
+        try:
+            text = body[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return None if "\x00" in text else text
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a shown answer, keys included."""
+    found, stack = [], [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            found.append(node)
+        elif isinstance(node, dict):
+            found += [str(k) for k in node]
+            stack += list(node.values())
+        elif isinstance(node, list):
+            stack += node
+    return found
+
+
+WITHHELD = "the answer quotes the API's credential in a form keyturn cannot cut out: not shown"
+
+
 class Answers:
     def __init__(self, masker: Masker) -> None:
         self.masker = masker
@@ -74,26 +109,37 @@ class Answers:
     ) -> dict[str, Any]:
         raw, truncated = await read_capped(response, limit)
         body = credential.scrub(raw, cut=truncated)
-        headers = {
-            name: self.masker.text(credential.scrub_text(response.headers[name]))
-            for name in SHOWN_HEADERS
-            if name in response.headers
-        }
+        headers = {}
+        for name in SHOWN_HEADERS:
+            if name in response.headers:
+                value = self.masker.text(
+                    credential.scrub_text(_header_text(response.headers[name]))
+                )
+                if not credential.leaks(value):
+                    headers[name] = value
         out: dict[str, Any] = {
             "status": response.status,
             "headers": headers,
             "bytes": len(raw),
             "truncated": truncated,
         }
-        return out | await self._body(
-            body,
-            truncated,
-            response.headers.get("Content-Type", ""),
-            response.headers.get("Content-Encoding", "identity"),
-        )
+        content_type = _header_text(response.headers.get("Content-Type", ""))
+        encoding = _header_text(response.headers.get("Content-Encoding", "identity"))
+        args = (body, truncated, content_type, encoding, credential)
+        if len(body) > IN_THREAD:  # parsing, scrubbing and masking a large body take CPU
+            return out | await asyncio.to_thread(self._body, *args)
+        return out | self._body(*args)
 
-    async def _body(
-        self, body: bytes, truncated: bool, content_type: str, encoding: str
+    def _body(
+        self, body: bytes, truncated: bool, content_type: str, encoding: str, credential: Credential
+    ) -> dict[str, Any]:
+        shown = self._shown(body, truncated, content_type, encoding, credential)
+        if any(credential.leaks(text) for text in _strings(shown)):
+            return {"note": WITHHELD}
+        return shown
+
+    def _shown(
+        self, body: bytes, truncated: bool, content_type: str, encoding: str, credential: Credential
     ) -> dict[str, Any]:
         if not body:
             return {}
@@ -101,23 +147,14 @@ class Answers:
             return {"note": f"a {encoding} compressed body is not shown"}
         if is_json(content_type) and truncated:
             return {"note": "a JSON body larger than the target's max_response_bytes is not shown"}
+        text = _utf8(body, truncated)
+        if text is None:
+            return {"note": f"a binary body ({media_type(content_type) or 'no type'}) is not shown"}
         if is_json(content_type):
-            big = len(body) > PARSE_IN_THREAD
-            parsed = await asyncio.to_thread(self._json, body) if big else self._json(body)
-            if parsed is not None:
-                return parsed
-        if not is_text(content_type) and not is_json(content_type):
+            try:
+                return {"json": self.masker.json(json.loads(text), clean=credential.scrub_text)}
+            except (ValueError, RecursionError):
+                pass  # not JSON after all: shown as masked text
+        elif not is_text(content_type):
             return {"note": f"a {media_type(content_type)} body is not shown"}
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            if not truncated:
-                return {"note": "a body that is not UTF-8 text is not shown"}
-            text = body.decode("utf-8", errors="ignore")  # cut inside a character
-        return {"text": self.masker.text(text)}
-
-    def _json(self, body: bytes) -> dict[str, Any] | None:
-        try:
-            return {"json": self.masker.json(json.loads(body))}
-        except (ValueError, RecursionError):
-            return None  # not JSON after all: shown as masked text
+        return {"text": self.masker.text(credential.scrub_text(text))}

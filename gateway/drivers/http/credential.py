@@ -3,19 +3,23 @@ kept after it, and scrubbed from whatever the API answers.
 
 An API may echo what it was sent (httpbin does; so do debugging endpoints and error pages
 that quote the request). The answer passes through :meth:`Credential.scrub` before anything
-else reads it, so the key an agent must never hold cannot come back to it in the answer:
-every spelling of it an echo is likely to use (as sent, JSON-escaped, percent-encoded,
-base64) is replaced, and a cut answer loses any tail that could be the start of one.
+else reads it: every spelling of the key an echo is likely to use (as sent, JSON-escaped,
+percent-encoded, base64) is replaced, and a cut answer loses any tail that could be the start
+of one. Then, what the agent would be shown is checked again as decoders would read it
+(:meth:`Credential.leaks`: JSON and HTML escapes, percent-encoding in any case, hex): an
+answer that still carries the key is not shown at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import json
 import logging
+import re
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 from gateway.usecases.driver import RunFailed
 from keyturn.backoff import Backoff
@@ -41,18 +45,38 @@ def _spellings(value: str) -> set[bytes]:
     }
 
 
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\(/)")
+
+
+def _json_unescaped(text: str) -> str:
+    return _JSON_ESCAPE.sub(lambda m: m.group(2) or chr(int(m.group(1), 16)), text)
+
+
 @dataclass(frozen=True)
 class Credential:
     headers: dict[str, str]  # what is added to the call
     spellings: tuple[bytes, ...] = ()  # longest first
+    secrets: tuple[str, ...] = ()  # the header's value and each field in it
 
     @classmethod
     def of(cls, header: str, value: str, secrets: list[str]) -> Credential:
         found: set[bytes] = set()
-        for secret in [value, *secrets]:
+        kept_secrets = tuple(s for s in {value, *secrets} if len(s) >= SHORTEST)
+        for secret in kept_secrets:
             found |= _spellings(secret)
         kept = sorted((s for s in found if len(s) >= SHORTEST), key=len, reverse=True)
-        return cls({header: value}, tuple(kept))
+        return cls({header: value}, tuple(kept), kept_secrets)
+
+    def leaks(self, text: str) -> bool:
+        """Whether ``text`` still carries the key as some decoder would read it."""
+        if not self.secrets:
+            return False
+        views = (text, html.unescape(text), unquote(text), _json_unescaped(text))
+        lowered = text.lower()
+        return any(
+            any(secret in view for view in views) or secret.encode().hex() in lowered
+            for secret in self.secrets
+        )
 
     def scrub(self, data: bytes, *, cut: bool = False) -> bytes:
         """``data`` without the credential; ``cut``: it was cut short, so a tail that could
@@ -68,7 +92,9 @@ class Credential:
         return data
 
     def scrub_text(self, text: str) -> str:
-        return self.scrub(text.encode()).decode(errors="replace")
+        for spelling in self.spellings:  # ASCII: the key is one line of ASCII
+            text = text.replace(spelling.decode(), MASK.decode())
+        return text
 
 
 NONE = Credential({})
