@@ -62,13 +62,18 @@ async def run(
     if sub.idempotency_key is None:
         gw.journal.submit(outcomes.Completion(intent.id, who.subject, None, digest(result)))
     else:  # a replay with this key must find the result: committed before the answer
-        done = outcomes.Completion(intent.id, who.subject, None, digest(result), result)
-        try:
-            await gw.journal.record(done)
-        except Exception:  # the command ran: answer it; the record is retried
-            gw.journal.submit(done)
+        await _record(gw, outcomes.Completion(intent.id, who.subject, None, digest(result), result))
     gw.metrics.commands.labels("allowed").inc()
     return _answer(gw, sub, intent, result, None)
+
+
+async def _record(gw: Gateway, ended: outcomes.Completion) -> None:
+    """Commit how a request ended before answering; if that fails, the record is retried
+    in the background (the command ran or failed either way: the agent is answered)."""
+    try:
+        await gw.journal.record(ended)
+    except Exception:
+        gw.journal.submit(ended)
 
 
 def _abandon(gw: Gateway, intent: outcomes.Outcome, recording: asyncio.Future[None]) -> None:
@@ -108,11 +113,13 @@ async def _not_run(
         await _recorded(recording)
     except AlreadyRecorded:
         return await _earlier(gw, who, sub)
-    gw.journal.submit(
-        outcomes.Completion(
-            intent.id, who.subject, failed.message, None, release_key=not failed.final
-        )
+    ended = outcomes.Completion(
+        intent.id, who.subject, failed.message, None, release_key=not failed.final
     )
+    if sub.idempotency_key is None:
+        gw.journal.submit(ended)
+    else:  # a replay with this key must find how it ended: committed before the answer
+        await _record(gw, ended)
     if failed.outcome == "busy":
         raise RateLimited(f"{failed.message}; retry", retry_after=1.0) from None
     if failed.outcome == "failed":

@@ -151,6 +151,27 @@ async def test_answers_keyturn_could_not_store_or_encode_still_end_the_request(
         assert (status, again["id"], again["status"]) == (200, first["id"], "executed")
 
 
+async def test_a_drivers_unexpected_error_ends_the_request_as_failed(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a driver (here: reading the answer raises) must not leave the request
+    executing forever or answer 500: it fails, its record says so, and a replay of its key
+    finds that."""
+
+    async def broken(*_args: Any) -> dict[str, Any]:
+        raise RuntimeError("a driver's bug")
+
+    token = idp.token(AGENT)
+    async with run_gateway(**apis.policy()) as gw:
+        monkeypatch.setattr(gw.gw.drivers.kind("http")._answers, "of", broken)
+        get = call("httpbin", "GET", "/get")
+        status, out = await gw.post(token, get, **{"Idempotency-Key": "bug-1"})
+        assert (status, out["status"]) == (200, "failed"), out
+        assert "unexpected error" in out["error"]
+        _, again = await gw.post(token, get, **{"Idempotency-Key": "bug-1"})
+        assert (again["id"], again["status"]) == (out["id"], "failed")
+
+
 # ------------------------------------------------------------------ a hostile API
 
 

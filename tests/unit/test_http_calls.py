@@ -481,3 +481,12 @@ def test_an_answer_that_still_carries_the_key_after_decoding_is_caught() -> None
     ):
         assert cred.leaks(cred.scrub_text(echo)), echo
     assert not cred.leaks("an answer about something else")
+
+
+def test_text_that_leaves_keyturn_is_storable() -> None:
+    """A NUL or a lone surrogate (an API's answer, a command's output) cannot be stored in
+    Postgres or sent as UTF-8: a request would be left half-recorded."""
+    masker = Masker.from_policy(Masking())
+    assert masker.text("a\x00b") == "a\ufffdb"
+    assert masker.text("caf\udce9") == "caf?"
+    assert masker.json({"k\x00": ["v\x00"]}) == {"k\ufffd": ["v\ufffd"]}

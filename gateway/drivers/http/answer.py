@@ -65,11 +65,6 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[byt
     return b"".join(chunks)[:limit], True
 
 
-def _header_text(value: str) -> str:
-    """A header as text: aiohttp keeps bytes that are not UTF-8 as lone surrogates."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _utf8(body: bytes, truncated: bool) -> str | None:
     """The body as UTF-8 text (a cut body may end inside a character), or None: bytes
     that are not UTF-8 text, or that hold NUL (UTF-16 looks like that), are not text."""
@@ -112,9 +107,8 @@ class Answers:
         headers = {}
         for name in SHOWN_HEADERS:
             if name in response.headers:
-                value = self.masker.text(
-                    credential.scrub_text(_header_text(response.headers[name]))
-                )
+                # bytes that are not UTF-8 come as lone surrogates: Masker.text replaces them
+                value = self.masker.text(credential.scrub_text(response.headers[name]))
                 if not credential.leaks(value):
                     headers[name] = value
         out: dict[str, Any] = {
@@ -123,8 +117,8 @@ class Answers:
             "bytes": len(raw),
             "truncated": truncated,
         }
-        content_type = _header_text(response.headers.get("Content-Type", ""))
-        encoding = _header_text(response.headers.get("Content-Encoding", "identity"))
+        content_type = response.headers.get("Content-Type", "")
+        encoding = response.headers.get("Content-Encoding", "identity")
         args = (body, truncated, content_type, encoding, credential)
         if len(body) > IN_THREAD:  # parsing, scrubbing and masking a large body take CPU
             return out | await asyncio.to_thread(self._body, *args)
