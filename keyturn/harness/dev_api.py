@@ -69,6 +69,25 @@ def add_to_policy(data: dict[str, Any], port: int, approvers: list[str]) -> None
         },
         *data["rules"],
     ]
+    # what the rules must decide: `keyturn policy test --config .keyturn/dev/policy.yml`
+    data.setdefault("tests", []).extend(
+        [
+            {"target": TARGET, "command": "GET /orders?limit=10", "expect": "allow"},
+            {
+                "target": TARGET,
+                "command": _refund_text(50),
+                "expect": "allow",
+                "rule": "small-refunds",
+            },
+            {"target": TARGET, "command": _refund_text(500), "expect": "hold", "rule": "refunds"},
+            {"target": TARGET, "command": "DELETE /orders/3", "expect": "block"},
+        ]
+    )
+
+
+def _refund_text(amount: int) -> str:
+    """A refund in the text form of a call (keyturn.classify.http), as policy tests write it."""
+    return f'POST /orders/1/refunds\nContent-Type: application/json\n\n{{"amount":{amount}}}'
 
 
 async def store_key(vault: Vault) -> None:
