@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import resource
 import subprocess
@@ -18,18 +17,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import yaml
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.floor import floor_app
-from bench.stack import Stack, percentile, real_stack, report
+from bench.stack import Stack, percentile, real_stack, report, serve
 from gateway.bootstrap import application, build
 from keyturn.harness.ports import free_port
 from keyturn.store.db import Store
@@ -88,18 +85,6 @@ async def http_rate(http: aiohttp.ClientSession, url: str, headers: list[dict[st
     return done / (time.perf_counter() - started)
 
 
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1/commands"
-    finally:
-        await runner.cleanup()
-
-
 async def in_process(stack: Stack) -> None:
     vault = stack.vault("keyturn-gateway")
     await vault.login()
@@ -114,10 +99,12 @@ async def in_process(stack: Stack) -> None:
     ]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
-        async with serve(floor_app(pool)) as url:
+        async with serve(floor_app(pool)) as base:
+            url = f"{base}/v1/commands"
             floor_p50 = await http_p50(http, url, {})
             floor_rate = await http_rate(http, url, [{}])
-        async with serve(application(gw)) as url:
+        async with serve(application(gw)) as base:
+            url = f"{base}/v1/commands"
             gw_p50 = await http_p50(http, url, agents[0])
             gw_rate = await http_rate(http, url, agents)
     await pool.close()

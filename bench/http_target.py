@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.stack import Stack, percentile, real_stack, report, serve_bot
+from bench.stack import Stack, percentile, real_stack, report, serve, serve_bot
 from bot import card_store
 from bot.cards import APPROVE
 from gateway.bootstrap import application, build
@@ -91,18 +90,6 @@ async def _forward(request: web.Request) -> web.Response:
     ) as resp:
         body = await resp.read()
     return web.json_response({"status": resp.status, "json": json.loads(body)})
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def p50(http: aiohttp.ClientSession, send: Any) -> float:

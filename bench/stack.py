@@ -15,6 +15,7 @@ from datetime import UTC
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 from aiohttp.web import AppRunner, TCPSite
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -113,6 +114,19 @@ async def real_stack(**gateway: Any) -> AsyncIterator[Stack]:
             yield Stack(pg, bao, idp, database, data, approles)
         finally:
             await idp.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port until the block ends; its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -73,6 +73,10 @@ class _Process:
                 self._process.kill()
                 self._process.wait()
         self._log.close()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """What a server leaves behind besides its process (nothing, unless it says)."""
 
 
 class Httpbin(_Process):
@@ -95,13 +99,13 @@ class JsonServer(_Process):
     """json-server over a copy of ``data``: GET, POST, PATCH, PUT, DELETE on its collections."""
 
     def __init__(self, node_dir: Path, data: dict[str, Any]) -> None:
-        super().__init__()
         binary = node_dir / "node_modules" / ".bin" / "json-server"
         if not binary.exists() or shutil.which("node") is None:
             raise Unavailable(
                 f"json-server is not installed in {node_dir}: run scripts/test (npm ci there; "
                 "Node.js from the distribution's nodejs and npm packages)"
             )
+        super().__init__()
         self._binary = binary
         self._dir = tempfile.TemporaryDirectory(prefix="keyturn-json-server-")
         self.db = Path(self._dir.name) / "db.json"
@@ -111,16 +115,5 @@ class JsonServer(_Process):
     def command(self) -> list[str]:
         return [str(self._binary), "--port", str(self.port), "--host", "127.0.0.1", str(self.db)]
 
-    def read(self) -> dict[str, Any]:
-        """The data as json-server keeps it on disk (what a change really did)."""
-        found: dict[str, Any] = json.loads(self.db.read_text())
-        return found
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        super().__exit__(kind, exc, tb)
+    def cleanup(self) -> None:
         self._dir.cleanup()
