@@ -84,7 +84,7 @@ async def _forward(request: web.Request) -> web.Response:
     """The floor: what any HTTP forwarder must do (parse the body, send the call with the
     key, return the answer as JSON) and nothing keyturn adds."""
     session, base, key = request.app[FORWARD]
-    call = json.loads(await request.read())["request"]
+    call = json.loads(await request.read())["http"]
     async with session.request(
         call["method"], base + call["path"], headers={"Authorization": f"Bearer {key}"}
     ) as resp:
@@ -133,7 +133,7 @@ async def latency(stack: Stack, data: dict[str, Any], api_url: str, key: str) ->
         parse_config(data), Store(stack.database, pool_size=20), stack.vault("keyturn-gateway")
     )
     agent = {"Authorization": f"Bearer {stack.idp.token('crew-bench')}"}
-    get = {"target": "api", "request": {"method": "GET", "path": "/orders"}}
+    get = {"target": "api", "http": {"method": "GET", "path": "/orders"}}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
 
         async def direct(h: aiohttp.ClientSession) -> None:
@@ -191,7 +191,7 @@ async def click_to_answer(stack: Stack, data: dict[str, Any]) -> None:
             for i in range(CLICKS + 10):
                 call = {"method": "POST", "path": f"/orders/{i}/refunds", "json": {"amount": i}}
                 async with http.post(
-                    f"{url}/v1/commands", json={"target": "api", "request": call}, headers=agent
+                    f"{url}/v1/commands", json={"target": "api", "http": call}, headers=agent
                 ) as resp:
                     held = await resp.json()
                     assert resp.status == 202, held

@@ -10,6 +10,7 @@ from typing import Any
 from bot.cards import CardState, Credentials, Vote, approval_card, card_text, extend_choices
 from bot.command_view import ApiView, command_blocks
 from keyturn.classify.http import parse_call
+from keyturn.classify.http_rules import against_spec
 from keyturn.config.policy import Config
 from keyturn.config.targets import HttpTarget, SshTarget
 from keyturn.errors import InvalidInput
@@ -102,18 +103,17 @@ def state_of(config: Config, row: RequestRow, grant: GrantRow | None, now: datet
 
 
 def api_view(target: HttpTarget, command: str) -> ApiView:
-    """Where an HTTP call goes, the header its credential rides in, its OpenAPI operation."""
-    credential = target.inject.header if target.vault.kv or target.vault.identity_token else None
-    operation = None
-    if target.spec is not None:
-        try:
-            call = parse_call(command)
-        except InvalidInput:
-            call = None
-        found = target.spec.find(call.method, call.segments)[0] if call else None
-        if found is not None and found.operation_id:
-            operation = found.operation_id + (f": {found.summary}" if found.summary else "")
-    return ApiView(target.base_url, credential, operation)
+    """Where an HTTP call goes, the header its credential rides in, its OpenAPI operation
+    (found as the classifier finds it)."""
+    try:
+        operation, _ = against_spec(target, parse_call(command))
+    except InvalidInput:  # never stored so: the card shows the raw text, flagged
+        operation = None
+    named = None
+    if operation is not None and operation.operation_id:
+        summary = f": {operation.summary}" if operation.summary else ""
+        named = operation.operation_id + summary
+    return ApiView(target.base_url, target.credential_header, named)
 
 
 @dataclass(frozen=True)

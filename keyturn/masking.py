@@ -85,8 +85,8 @@ class Masker:
         return tuple(self.masked_column(name) for name in names)
 
     def text(self, value: str) -> str:
-        """Text as it may leave keyturn: PII masked, and storable and sendable (a NUL or a
-        lone surrogate, which an API's answer or a command's output may hold, is U+FFFD)."""
+        """Text as it may leave keyturn: PII masked, and storable and sendable (a NUL, which an
+        API's answer or a command's output may hold, becomes U+FFFD; a lone surrogate, ?)."""
         if not value.isascii():  # full-width digits and letters, as the detectors know them
             value = unicodedata.normalize("NFKC", value).encode("utf-8", "replace").decode()
         if "\x00" in value:

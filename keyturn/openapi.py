@@ -108,7 +108,6 @@ class Spec:
         if not version.startswith(("3.0.", "3.1.")):
             raise ConfigError(f"{source}: not an OpenAPI 3.0 or 3.1 file (openapi: {version!r})")
         self.source = source
-        self.version = version
         self._v30 = version.startswith("3.0.")
         self.document = _prepared(document, self._v30)
         spec = DRAFT4 if self._v30 else DRAFT202012

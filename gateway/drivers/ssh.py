@@ -124,8 +124,8 @@ class SshDriver:
         self._timeout = timeout
         self._masker = masker
 
-    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
-        return as_text(self.kind, target, command, is_call=is_call)
+    def canonical(self, target: str, command: str, *, as_http: bool) -> str:
+        return as_text(self.kind, target, command, as_http=as_http)
 
     def runs_allowed(self, target: str) -> bool:
         return False

@@ -26,7 +26,7 @@ from gateway.edges.schemas import (
     MAX_BODY_BYTES,
     MAX_COMMAND_BYTES,
     CommandIn,
-    HttpRequestIn,
+    HttpCallIn,
     storable,
 )
 from gateway.ratelimit import RateLimiter
@@ -165,7 +165,7 @@ def _parse(raw: bytes, idempotency_key: str | None) -> Submission:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidInput(f"{where}: {first['msg']}") from None
-    command = _call(cmd.request) if cmd.request is not None else cmd.command or ""
+    command = _http_text(cmd.http) if cmd.http is not None else cmd.command or ""
     if len(command.encode(errors="replace")) > MAX_COMMAND_BYTES:
         raise TooLarge(f"command is larger than {MAX_COMMAND_BYTES} bytes")
     for name, value in (
@@ -182,20 +182,19 @@ def _parse(raw: bytes, idempotency_key: str | None) -> Submission:
         run_id=cmd.run_id,
         body_sha256=hashlib.sha256(raw).hexdigest(),
         idempotency_key=idempotency_key,
-        is_call=cmd.request is not None,
+        as_http=cmd.http is not None,
     )
 
 
-def _call(request: HttpRequestIn) -> str:
-    """An HTTP call's text form (:mod:`keyturn.classify.http`): what is judged and sent."""
-    given = "json_body" in request.model_fields_set
+def _http_text(given: HttpCallIn) -> str:
+    """An API call's text form (:mod:`keyturn.classify.http`): what is judged and sent."""
     call = call_of(
-        request.method,
-        request.path,
-        query=request.query,
-        headers=request.headers,
-        json_body=(given, request.json_body),
-        text=request.text,
+        given.method,
+        given.path,
+        query=given.query,
+        headers=given.headers,
+        json_body=("json_body" in given.model_fields_set, given.json_body),
+        text=given.text,
     )
     return call.render()
 

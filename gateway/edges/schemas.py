@@ -29,7 +29,7 @@ def storable(name: str, value: str | None) -> None:
         raise InvalidInput(f"{name}: must be valid Unicode text (no lone surrogates)") from None
 
 
-class HttpRequestIn(BaseModel):
+class HttpCallIn(BaseModel):
     """An API call for an HTTP target: keyturn sends exactly this (and its credential)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -51,12 +51,12 @@ class CommandIn(BaseModel):
 
     target: str = Field(min_length=1, max_length=200)
     command: str | None = Field(default=None, min_length=1, description="SQL or a shell line")
-    request: HttpRequestIn | None = Field(default=None, description="an HTTP target's call")
+    http: HttpCallIn | None = Field(default=None, description="an HTTP target's call")
     reason: str | None = Field(default=None, max_length=2000)
     run_id: str | None = Field(default=None, max_length=200)
 
     @model_validator(mode="after")
     def _one(self) -> CommandIn:
-        if (self.command is None) == (self.request is None):
-            raise ValueError("send command (SQL, shell) or request (an HTTP call), one of them")
+        if (self.command is None) == (self.http is None):
+            raise ValueError("send command (SQL, shell) or http (an API call), one of them")
         return self

@@ -70,10 +70,10 @@ class Allowed:
     recorded: asyncio.Future[None]
 
 
-def as_text(kind: str, target: str, command: str, *, is_call: bool) -> str:
+def as_text(kind: str, target: str, command: str, *, as_http: bool) -> str:
     """:meth:`Driver.canonical` for kinds whose commands are text judged as sent (SQL, shell)."""
-    if is_call:
-        raise InvalidInput(f"{target} is a {kind} target: send command, not request")
+    if as_http:
+        raise InvalidInput(f"{target} is a {kind} target: send command (http is for API calls)")
     return command
 
 
@@ -81,9 +81,9 @@ class Driver(Protocol):
     kind: ClassVar[str]
     description: ClassVar[str]  # for targets that have none of their own
 
-    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
+    def canonical(self, target: str, command: str, *, as_http: bool) -> str:
         """The command as it will be judged, recorded, shown and run (one rendition), or
-        InvalidInput; ``is_call``: the agent sent a structured HTTP call."""
+        InvalidInput; ``as_http``: the agent sent it in the ``http`` field, as an API call."""
 
     def runs_allowed(self, target: str) -> bool:
         """Whether the gateway runs an allowed command on ``target`` with standing credentials

@@ -20,7 +20,7 @@ class Submission:
     run_id: str | None
     body_sha256: str  # of what the agent sent: a replayed Idempotency-Key must match it
     idempotency_key: str | None = None
-    is_call: bool = False  # sent as a structured HTTP call (for an HTTP target only)
+    as_http: bool = False  # sent in the http field, as an API call (for an HTTP target only)
 
 
 def classification(verdict: Verdict) -> dict[str, Any]:

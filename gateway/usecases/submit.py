@@ -32,7 +32,7 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
         if earlier is not None:
             return earlier.status in AGENT_TERMINAL, reads.RequestView.of(earlier)
     driver = gw.drivers.of(sub.target)
-    sub = replace(sub, command=driver.canonical(sub.target, sub.command, is_call=sub.is_call))
+    sub = replace(sub, command=driver.canonical(sub.target, sub.command, as_http=sub.as_http))
     verdict = await gw.verdict(sub.target, sub.command, who)
     rule = verdict.rule.name if verdict.rule else None
     for shadow_rule, action in verdict.shadow:

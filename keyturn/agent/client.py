@@ -93,6 +93,12 @@ def http_call(
     return call
 
 
+def tool_call(method: str, path: str, query: dict[str, Any] | None, body: Any) -> dict[str, Any]:
+    """An API call from a model's tool arguments, where no body is ``None`` (a tool cannot
+    send a JSON ``null`` body; the client can)."""
+    return http_call(method, path, params=query, json=NO_BODY if body is None else body)
+
+
 @dataclass(frozen=True)
 class HttpResult:
     """An HTTP target's answer, as the agent may see it (masked, capped)."""
@@ -102,6 +108,7 @@ class HttpResult:
     json: Any
     text: str | None
     truncated: bool
+    bytes: int  # of the body read (before masking)
     request_id: str
     note: str | None = None
 
@@ -116,6 +123,7 @@ def http_result(request: Request) -> HttpResult:
         json=result.json_body,
         text=result.text,
         truncated=result.truncated,
+        bytes=result.bytes,
         request_id=request.id,
         note=result.note,
     )
@@ -339,7 +347,7 @@ def submit_flow(
     idempotency_key: str | None,
     retry_for: float,
 ) -> Flow[Request]:
-    body = {"target": target, "command" if isinstance(command, str) else "request": command}
+    body = {"target": target, "command" if isinstance(command, str) else "http": command}
     body |= {k: v for k, v in (("reason", reason), ("run_id", run_id)) if v is not None}
     key = idempotency_key or f"keyturn-client-{uuid.uuid4()}"
     call = Call("POST", "/v1/commands", POLL_SECONDS, body, {"Idempotency-Key": key})

@@ -24,14 +24,13 @@ from pydantic import BaseModel, Field, SecretStr
 
 from keyturn.agent.api import CommandOut
 from keyturn.agent.client import (
-    NO_BODY,
     SUBMIT_RETRY_SECONDS,
     AsyncClient,
     Client,
     ClientError,
     Command,
     NotConfigured,
-    http_call,
+    tool_call,
 )
 from keyturn.agent.reports import ToolOutcome, default_wait, told, unexpected
 
@@ -93,7 +92,7 @@ class _CommandTool(_Connection):
     description, which is what the model reads."""
 
     kind: Literal["postgres", "ssh", "http"]
-    command_argument: Literal["sql", "command", "call"]
+    command_argument: Literal["sql", "command"] | None  # None: the tool builds its command
     targets: list[str] | None = Field(
         default=None, description="target names offered to the model; default: asked of keyturn"
     )
@@ -121,7 +120,7 @@ class _CommandTool(_Connection):
 
     def _command(self, args: dict[str, Any]) -> Command:
         """What is submitted, from the model's arguments past target and reason."""
-        command: str = args[self.command_argument]
+        command: str = args[self.command_argument or "command"]
         return command
 
     def _submit(self, target: str, command: Command, reason: str) -> ToolOutcome:
@@ -174,7 +173,7 @@ class KeyturnSQLTool(_CommandTool):
     )
     args_schema: type[BaseModel] = SQLArgs
     kind: Literal["postgres", "ssh", "http"] = "postgres"
-    command_argument: Literal["sql", "command", "call"] = "sql"
+    command_argument: Literal["sql", "command"] | None = "sql"
 
 
 class ShellArgs(BaseModel):
@@ -192,7 +191,7 @@ class KeyturnShellTool(_CommandTool):
     )
     args_schema: type[BaseModel] = ShellArgs
     kind: Literal["postgres", "ssh", "http"] = "ssh"
-    command_argument: Literal["sql", "command", "call"] = "command"
+    command_argument: Literal["sql", "command"] | None = "command"
 
 
 class HTTPArgs(BaseModel):
@@ -214,16 +213,10 @@ class KeyturnHTTPTool(_CommandTool):
     )
     args_schema: type[BaseModel] = HTTPArgs
     kind: Literal["postgres", "ssh", "http"] = "http"
-    command_argument: Literal["sql", "command", "call"] = "call"
+    command_argument: Literal["sql", "command"] | None = None
 
     def _command(self, args: dict[str, Any]) -> Command:
-        body = args.get("body")
-        return http_call(
-            args["method"],
-            args["path"],
-            params=args.get("query"),
-            json=NO_BODY if body is None else body,
-        )
+        return tool_call(args["method"], args["path"], args.get("query"), args.get("body"))
 
 
 class StatusArgs(BaseModel):

@@ -23,13 +23,12 @@ from pydantic import Field
 
 from keyturn.agent.api import CommandOut, TargetOut, TargetsOut
 from keyturn.agent.client import (
-    NO_BODY,
     AsyncClient,
     ClientError,
     Command,
     NotConfigured,
     Rejected,
-    http_call,
+    tool_call,
 )
 from keyturn.agent.reports import Status, ToolOutcome, refusal, report, told, unexpected
 from keyturn.errors import ConfigError
@@ -171,8 +170,7 @@ def build(
         query: Annotated[dict[str, Any] | None, Field(description="query parameters")] = None,
         body: Annotated[Any, Field(description="a JSON body (POST, PUT, PATCH)")] = None,
     ) -> Outcome:
-        call = http_call(method, path, params=query, json=NO_BODY if body is None else body)
-        return await run("http", target, call, reason)
+        return await run("http", target, tool_call(method, path, query, body), reason)
 
     @server.tool(
         name="request_status",

@@ -11,7 +11,8 @@ odd spellings cannot mean one thing to a rule and another to the API.
 What cannot be given one meaning is refused (:class:`~keyturn.errors.InvalidInput`), never
 guessed at: an encoded ``/`` or ``\\``, ``//``, ``;`` (matrix parameters some servers strip),
 control characters, raw non-ASCII, invalid or overlong UTF-8, a header outside the
-allowlist, a JSON object with a key twice.
+allowlist, a JSON body that could mean two things (:mod:`keyturn.classify.json_body`), a
+``_method`` override.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
+from keyturn.classify.json_body import dump_json, folded, load_json
+from keyturn.config.rules import HTTP_METHODS
 from keyturn.errors import InvalidInput
 
-METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+METHODS = HTTP_METHODS
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What an agent may set: content negotiation, conditional requests, idempotency and tracing.
 # Never credentials, cookies, routing or framing (Host, Content-Length, Transfer-Encoding,
@@ -49,7 +52,6 @@ HEADERS = {
 MAX_PATH = 2048
 MAX_QUERY_PAIRS = 100
 MAX_HEADER_VALUE = 1024
-MAX_JSON_DEPTH = 64
 SAFE_IN_SEGMENT = "-._~!$&'()*+,=:"  # left as they are when a segment is encoded
 
 
@@ -62,11 +64,6 @@ class HttpCall:
     body: str  # exactly what is sent, as UTF-8; "" for none
     is_json: bool = False
     data: Any = None  # the parsed JSON body, when is_json
-
-    @property
-    def path(self) -> str:
-        """The decoded path rules match (``/orders/7/refunds``)."""
-        return "/" + "/".join(self.segments)
 
     @property
     def target(self) -> str:
@@ -206,73 +203,15 @@ def headers_of(value: object) -> dict[str, str]:
     return out
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise InvalidInput(f"the JSON body has the key {key[:60]!r} twice")
-        seen[key] = value
-    return seen
+def media_type(content_type: str) -> str:
+    """``application/json`` of ``Application/JSON; charset=utf-8``."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
-def _refuse_constant(name: str) -> Any:
-    raise InvalidInput(f"the JSON body has {name}, which JSON does not allow")
-
-
-def _folded(key: str) -> str:
-    return unicodedata.normalize("NFKC", key).casefold()
-
-
-def check_json(value: Any) -> None:
-    """Refuse a body whose meaning differs between parsers: nested deeper than
-    :data:`MAX_JSON_DEPTH`, or an object with two keys that are one key to a server that
-    matches keys without case (Go's encoding/json, ASP.NET): ``amount`` and ``AMOUNT``,
-    ``s`` and the long s (U+017F). A rule would read one, the server perhaps the other."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidInput(f"the JSON body nests deeper than {MAX_JSON_DEPTH}")
-        if isinstance(node, dict):
-            seen: dict[str, str] = {}
-            for key in node:
-                folded = _folded(key)
-                if folded in seen:
-                    raise InvalidInput(
-                        f"the JSON body has keys {seen[folded][:40]!r} and {key[:40]!r}, one "
-                        "key to servers that ignore case: send one"
-                    )
-                seen[folded] = key
-            stack += [(child, depth + 1) for child in node.values()]
-        elif isinstance(node, list):
-            stack += [(child, depth + 1) for child in node]
-
-
-def dump_json(value: Any) -> str:
-    """The one serialisation of a JSON body keyturn sends (compact, key order kept)."""
-    check_json(value)
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"the JSON body cannot be sent: {exc}") from None
-
-
-def load_json(text: str) -> Any:
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise InvalidInput(f"the JSON body nests deeper than {MAX_JSON_DEPTH}") from None
-    except ValueError as exc:
-        if isinstance(exc, InvalidInput):
-            raise
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
-
-
-def _json_type(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
+def is_json(content_type: str) -> bool:
+    """JSON as keyturn reads a body, sent or answered: ``application/json`` or ``…+json``."""
+    media = media_type(content_type)
+    return media == "application/json" or media.endswith("+json")
 
 
 def _check_charset(content_type: str) -> None:
@@ -302,11 +241,11 @@ def call_of(
             raise InvalidInput("text must be a string")
         if content_type is None:
             raise InvalidInput("a text body needs its Content-Type header")
-        if _json_type(content_type):
+        if is_json(content_type):
             has_json, data = True, load_json(text)
     if has_json:
         content_type = content_type or "application/json"
-        if not _json_type(content_type):
+        if not is_json(content_type):
             raise InvalidInput(f"a JSON body cannot be sent as {content_type}")
         named["Content-Type"] = content_type
         body = dump_json(data)
@@ -343,7 +282,7 @@ def _no_method_override(call: HttpCall) -> None:
         names += list(call.data)
     elif (call.header("Content-Type") or "").lower().startswith("application/x-www-form"):
         names += [k for k, _ in parse_qsl(call.body, keep_blank_values=True)]
-    if any(_folded(name) == "_method" for name in names):
+    if any(folded(name) == "_method" for name in names):
         raise InvalidInput("_method overrides the method on many servers: send the method itself")
 
 

@@ -248,5 +248,11 @@ class HttpTarget(TargetBase):
     def spec(self) -> Spec | None:
         return self._spec
 
+    @property
+    def credential_header(self) -> str | None:
+        """The header keyturn adds the credential in, if the target has one."""
+        has_one = self.vault.kv or self.vault.identity_token
+        return self.inject.header if has_one else None
+
 
 Target = Annotated[PostgresTarget | SshTarget | HttpTarget, Field(discriminator="kind")]

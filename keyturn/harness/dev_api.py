@@ -141,7 +141,7 @@ def smoke(call: Call, approve: Callable[[str], object]) -> list[str]:
     """An agent on the orders API: a read, a small refund, a refund held and approved, and
     a DELETE refused."""
     lines = []
-    get = {"target": TARGET, "request": {"method": "GET", "path": "/orders"}}
+    get = {"target": TARGET, "http": {"method": "GET", "path": "/orders"}}
     read = call("POST", "/v1/commands", get)
     email = read["result"]["json"]["orders"][0]["customer"]["email"]
     lines.append(f"allowed GET /orders -> HTTP {read['result']['status']}, email {email}")
@@ -154,7 +154,7 @@ def smoke(call: Call, approve: Callable[[str], object]) -> list[str]:
     lines.append(
         f"held refund of 500 -> {held['status']}, approved -> {done['status']} (HTTP {status})"
     )
-    delete = {"target": TARGET, "request": {"method": "DELETE", "path": "/orders/3"}}
+    delete = {"target": TARGET, "http": {"method": "DELETE", "path": "/orders/3"}}
     try:
         call("POST", "/v1/commands", delete)
         lines.append("DELETE /orders/3 -> ran (the no-api-deletes rule is missing)")
@@ -166,7 +166,7 @@ def smoke(call: Call, approve: Callable[[str], object]) -> list[str]:
 def refund(order: int, amount: int) -> dict[str, Any]:
     return {
         "target": TARGET,
-        "request": {
+        "http": {
             "method": "POST",
             "path": f"/orders/{order}/refunds",
             "json": {"amount": amount},

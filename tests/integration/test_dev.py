@@ -266,7 +266,7 @@ def test_the_orders_api_key_lives_in_openbao_only(tmp_path: Path) -> None:
 
         def send(method: str, path: str, **body: Any) -> Any:
             request = {"method": method, "path": path, **body}
-            answer = gateway.post("/v1/commands", json={"target": "orders-api", "request": request})
+            answer = gateway.post("/v1/commands", json={"target": "orders-api", "http": request})
             answers.append(answer.text)
             return answer
 

@@ -14,6 +14,7 @@ import pytest
 from keyturn.agent.client import AsyncClient, Client, Denied, HttpResult
 from keyturn.agent.crewai import KeyturnHTTPTool
 from keyturn.harness.idp import DevIdP
+from keyturn.openapi import Spec
 from tests.integration.conftest import Apis, DeskFactory, held
 from tests.integration.test_agents import mcp_session, told
 
@@ -58,8 +59,9 @@ async def test_client_http_reads_at_once_and_waits_for_a_held_change(
                           on_pending=pending.append)  # fmt: skip
 
         running_sync = asyncio.create_task(asyncio.to_thread(denied))
-        while len(pending) < 2:
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while len(pending) < 2 and not running_sync.done():
+                await asyncio.sleep(0.05)
         await desk.deny(pending[1].id, "it is not lost")
         with pytest.raises(Denied, match="it is not lost"):
             await running_sync
@@ -93,9 +95,14 @@ async def test_mcp_lists_an_apis_operations_and_calls_it(
     ):
         text, data = told(await mcp.call_tool("list_targets", {}))
         described = next(t for t in data["targets"] if t["name"] == "described")
+        spec = Spec.load(SPEC)
         assert described["kind"] == "http"
-        assert {"method": "POST", "path": "/orders/{id}/refunds", "operation_id": "createRefund",
-                "summary": described["operations"][4]["summary"]} in described["operations"]  # fmt: skip
+        assert described["operations"] == [
+            {"method": op.method, "path": op.path, "operation_id": op.operation_id,
+             "summary": op.summary}
+            for op in spec.operations
+        ]  # fmt: skip
+        assert len(described["operations"]) == 5
         assert "POST /orders/{id}/refunds createRefund" in text
         result = await mcp.call_tool(
             "call_api", {"target": "crud", "method": "GET", "path": "/customers", "reason": "x"}

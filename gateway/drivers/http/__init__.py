@@ -1,2 +1,2 @@
 """The ``http`` driver: HTTP API targets (:mod:`.driver`), their credentials
-(:mod:`.credential`) and the answers agents see (:mod:`.answer`)."""
+(:mod:`.credential`) and the answers agents see (:mod:`.response`)."""

@@ -64,8 +64,7 @@ class Credential:
         kept_secrets = tuple(s for s in {value, *secrets} if len(s) >= SHORTEST)
         for secret in kept_secrets:
             found |= _spellings(secret)
-        kept = sorted((s for s in found if len(s) >= SHORTEST), key=len, reverse=True)
-        return cls({header: value}, tuple(kept), kept_secrets)
+        return cls({header: value}, tuple(sorted(found, key=len, reverse=True)), kept_secrets)
 
     def leaks(self, text: str) -> bool:
         """Whether ``text`` still carries the key as some decoder would read it."""
@@ -104,7 +103,7 @@ async def read_credential(vault: Vault | None, target: HttpTarget, wait: float) 
     """The credential for one call, read now: nothing is sent without it. While Vault is
     unavailable it is retried for up to ``wait`` seconds (an approved call waits; an allowed
     one does not)."""
-    if not (target.vault.kv or target.vault.identity_token):
+    if target.credential_header is None:
         return NONE
     if vault is None:
         raise RunFailed(

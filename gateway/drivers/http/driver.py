@@ -9,7 +9,7 @@ KV v2 secret, or an identity token minted for it). It connects to the configured
 no proxies from the environment, TLS verified against the system's CAs or ``ca_file``,
 redirects never followed (a 3xx is the agent's answer), compression never decoded.
 
-The answer (:mod:`.answer`) is read up to ``max_response_bytes`` before ``timeout`` ends,
+The answer (:mod:`.response`) is read up to ``max_response_bytes`` before ``timeout`` ends,
 the credential scrubbed from it (:mod:`.credential`), then masked. An error status is a
 result, not a failure.
 """
@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import aiohttp
 from yarl import URL
 
-from gateway.drivers.http.answer import Answers
 from gateway.drivers.http.credential import Credential, read_credential
+from gateway.drivers.http.response import Responses
 from gateway.usecases.driver import Allowed, RunFailed
 from keyturn import __version__
 from keyturn.classify import Identity
@@ -53,10 +53,10 @@ class HttpDriver:
         self._targets = targets
         self._vault = vault
         self._masker = masker
-        self._answers = Answers(masker)
+        self._responses = Responses(masker)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
-    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
+    def canonical(self, target: str, command: str, *, as_http: bool) -> str:
         """Either form (a structured call, or its text) becomes the canonical text."""
         call = parse_call(command)
         limit = self._targets[target].max_body_bytes
@@ -152,7 +152,7 @@ class HttpDriver:
                 allow_redirects=False,
                 timeout=timeout,
             ) as response:
-                return await self._answers.of(response, target.max_response_bytes, credential)
+                return await self._responses.shown(response, target.max_response_bytes, credential)
         except aiohttp.ClientConnectorError as exc:
             message = f"{name} cannot be reached: {type(exc).__name__}: {exc.os_error}"
             raise RunFailed(

@@ -86,8 +86,8 @@ class PostgresDriver:
         self.catalogs = catalogs
         self.limits = Limits.of(config.gateway)
 
-    def canonical(self, target: str, command: str, *, is_call: bool) -> str:
-        return as_text(self.kind, target, command, is_call=is_call)
+    def canonical(self, target: str, command: str, *, as_http: bool) -> str:
+        return as_text(self.kind, target, command, as_http=as_http)
 
     def runs_allowed(self, target: str) -> bool:
         return self.logins is not None and target in self.logins

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from gateway.drivers.http.credential import Credential
+from keyturn.classify.http import is_json, media_type
 from keyturn.masking import Masker
 
 # Response headers an agent is shown (never Set-Cookie, never the server's internals).
@@ -34,15 +35,6 @@ SHOWN_HEADERS = (
 CHUNK = 64 * 1024
 IN_THREAD = 64 * 1024  # larger bodies are parsed, scrubbed and masked off the event loop
 TEXT_TYPES = ("application/xml", "application/x-www-form-urlencoded", "application/javascript")
-
-
-def media_type(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
-
-
-def is_json(content_type: str) -> bool:
-    media = media_type(content_type)
-    return media == "application/json" or media.endswith("+json")
 
 
 def is_text(content_type: str) -> bool:
@@ -95,15 +87,14 @@ def _strings(value: Any) -> list[str]:
 WITHHELD = "the answer quotes the API's credential in a form keyturn cannot cut out: not shown"
 
 
-class Answers:
+class Responses:
     def __init__(self, masker: Masker) -> None:
         self.masker = masker
 
-    async def of(
+    async def shown(
         self, response: aiohttp.ClientResponse, limit: int, credential: Credential
     ) -> dict[str, Any]:
         raw, truncated = await read_capped(response, limit)
-        body = credential.scrub(raw, cut=truncated)
         headers = {}
         for name in SHOWN_HEADERS:
             if name in response.headers:
@@ -119,14 +110,15 @@ class Answers:
         }
         content_type = response.headers.get("Content-Type", "")
         encoding = response.headers.get("Content-Encoding", "identity")
-        args = (body, truncated, content_type, encoding, credential)
-        if len(body) > IN_THREAD:  # parsing, scrubbing and masking a large body take CPU
+        args = (raw, truncated, content_type, encoding, credential)
+        if len(raw) > IN_THREAD:  # scrubbing, parsing and masking a large body take CPU
             return out | await asyncio.to_thread(self._body, *args)
         return out | self._body(*args)
 
     def _body(
-        self, body: bytes, truncated: bool, content_type: str, encoding: str, credential: Credential
+        self, raw: bytes, truncated: bool, content_type: str, encoding: str, credential: Credential
     ) -> dict[str, Any]:
+        body = credential.scrub(raw, cut=truncated)
         shown = self._shown(body, truncated, content_type, encoding, credential)
         if any(credential.leaks(text) for text in _strings(shown)):
             return {"note": WITHHELD}
