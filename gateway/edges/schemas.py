@@ -40,7 +40,7 @@ class HttpCallIn(BaseModel):
     headers: dict[str, str] | None = Field(
         default=None,
         description="only Accept, Accept-Language, Content-Type, If-Match, If-None-Match, "
-        "If-Modified-Since, If-Unmodified-Since, Idempotency-Key, Prefer, X-Request-Id",
+        "If-Modified-Since, If-Unmodified-Since, Idempotency-Key, X-Request-Id",
     )
     json_body: Any = Field(default=None, alias="json", description="a JSON body")
     text: str | None = Field(default=None, description="a text body (with its Content-Type)")

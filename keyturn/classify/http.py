@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
+from urllib.parse import parse_qsl, quote, unquote_plus, unquote_to_bytes, urlencode
 
 from keyturn.classify.json_body import dump_json, folded, load_json
 from keyturn.config.rules import HTTP_METHODS
@@ -32,6 +33,8 @@ from keyturn.errors import InvalidInput
 METHODS = HTTP_METHODS
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What an agent may set: content negotiation, conditional requests, idempotency and tracing.
+# Not Prefer: it changes what a write does (PostgREST's resolution=merge-duplicates makes an
+# insert an upsert) and no rule can see it.
 # Never credentials, cookies, routing or framing (Host, Content-Length, Transfer-Encoding,
 # X-Forwarded-*, Proxy-*): keyturn sets those, or nobody does.
 HEADERS = {
@@ -45,7 +48,6 @@ HEADERS = {
         "If-Modified-Since",
         "If-Unmodified-Since",
         "Idempotency-Key",
-        "Prefer",
         "X-Request-Id",
     )
 }
@@ -53,6 +55,7 @@ MAX_PATH = 2048
 MAX_QUERY_PAIRS = 100
 MAX_HEADER_VALUE = 1024
 SAFE_IN_SEGMENT = "-._~!$&'()*+,=:"  # left as they are when a segment is encoded
+_STILL_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ def segments_of(path: object) -> tuple[str, ...]:
             raise InvalidInput("path has percent-escapes that are not valid UTF-8") from None
         if "/" in segment or "\\" in segment:
             raise InvalidInput("path must not contain an encoded / or \\ (%2F, %5C)")
+        if _STILL_ENCODED.search(segment):  # %252e: ".." to a chain that decodes twice
+            raise InvalidInput("path is percent-encoded twice (%25…): encode it once")
         if ";" in segment:  # raw or encoded: servers that strip matrix parameters exist
             raise InvalidInput("path must not contain ; (matrix parameters)")
         if not segment.isprintable():
@@ -209,9 +214,10 @@ def media_type(content_type: str) -> str:
 
 
 def is_json(content_type: str) -> bool:
-    """JSON as keyturn reads a body, sent or answered: ``application/json`` or ``…+json``."""
-    media = media_type(content_type)
-    return media == "application/json" or media.endswith("+json")
+    """JSON as keyturn reads a body, sent or answered: any type that mentions json
+    (``application/json``, ``…+json``, ``text/json``; Laravel reads ``text/plain; x=/json``
+    as JSON too), so a body a server may parse as JSON is one keyturn parsed and judged."""
+    return "json" in content_type.lower()
 
 
 def _check_charset(content_type: str) -> None:
@@ -273,16 +279,24 @@ def call_of(
     return call
 
 
+def parameter_names(name: str) -> set[str]:
+    """The names a server may read a parameter as: without case, with PHP's ``.`` and space
+    as ``_``, and each part of a nested ``r[amount]`` (Rails, PHP, qs)."""
+    mangled = folded(name).replace(".", "_").replace(" ", "_")
+    return {mangled, *(part for part in re.split(r"[\[\]]+", mangled) if part)}
+
+
 def _no_method_override(call: HttpCall) -> None:
-    """Rails, Laravel and others let a ``_method`` parameter turn a POST into a DELETE: a
-    call would be judged by one method and run as another. Refused wherever a server reads
-    it: the query, a JSON object's top level, a form body."""
+    """Rails, Laravel, Symfony and others let a ``_method`` parameter turn a POST into a
+    DELETE: a call would be judged by one method and run as another. Refused wherever a
+    server may read one: a query name, a JSON body's keys, or anywhere in a body that is not
+    JSON (form, multipart or any other: keyturn does not parse those as servers do)."""
     names = [k for k, _ in call.query]
     if call.is_json and isinstance(call.data, dict):
         names += list(call.data)
-    elif (call.header("Content-Type") or "").lower().startswith("application/x-www-form"):
-        names += [k for k, _ in parse_qsl(call.body, keep_blank_values=True)]
-    if any(folded(name) == "_method" for name in names):
+    elif call.body and "_method" in unquote_plus(call.body).casefold():
+        names.append("_method")
+    if any("_method" in parameter_names(name) for name in names):
         raise InvalidInput("_method overrides the method on many servers: send the method itself")
 
 

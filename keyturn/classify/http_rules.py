@@ -10,22 +10,26 @@ only make a call *more* guarded:
 * an allow rule's path matches case for case and slash for slash; a block or hold rule's
   also matches ``/ORDERS/7/`` for ``/orders/*`` (servers that ignore case or a trailing
   slash exist);
-* a condition on a query parameter must hold for every value (and the parameter be spelled
-  as the rule spells it, and not also be in the body) to allow; any value, in the query or
-  the body, in any case, blocks or holds (servers differ on which copy they read, merge
-  query and body, or ignore case);
-* a field that is absent, or of another type (a number sent as a string, a body that is not
-  JSON), never meets a condition: the call falls through to a later rule, or is held; a
-  query value meets a numeric condition only written as a plain decimal (``1e2`` is 100 to
-  one server and 1 to another).
+* to allow, a condition's parameter must be in one place only (the query or a JSON body),
+  spelled exactly as the rule spells it, with no other name a server may read as it, and
+  every copy must meet it; and the call may carry no body keyturn cannot read as a server
+  would (a form, multipart, text). To block or hold, any copy in the query, a form body or
+  a JSON body, in any such spelling, meets it (:func:`conditions_met`);
+* a field that is absent, or of another type (a number sent as a string), never meets a
+  condition: the call falls through to a later rule, or is held; a query value meets a
+  numeric condition only written as a plain decimal (``1e2`` is 100 to one server and 1 to
+  another).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote_plus
 
 from keyturn.classify.budget import spend
-from keyturn.classify.http import READ_METHODS, HttpCall
+from keyturn.classify.http import READ_METHODS, HttpCall, media_type, parameter_names
 from keyturn.config.rules import Condition, Rule
 from keyturn.config.targets import HttpTarget
 from keyturn.openapi import Operation, plain_number
@@ -135,45 +139,70 @@ def _field(data: Any, dotted: str, *, fold: bool = False) -> tuple[bool, Any]:
     return True, node
 
 
-def _query(call: HttpCall, name: str) -> tuple[list[str], bool]:
-    """The values of parameter ``name`` (any case: servers that ignore it exist), and
-    whether every one was spelled exactly ``name``."""
-    found = [(k, v) for k, v in call.query if k.casefold() == name.casefold()]
-    return [v for _, v in found], all(k == name for k, _ in found)
+def _pairs(call: HttpCall) -> list[tuple[str, str]]:
+    """Every name=value a server may read outside a JSON body: the query, and a form body
+    split as Rack splits one (on ``&`` and ``;``, names stripped)."""
+    pairs = list(call.query)
+    if media_type(call.header("Content-Type") or "") == "application/x-www-form-urlencoded":
+        for part in re.split(r"[&;]", call.body):
+            name, _, value = part.partition("=")
+            pairs.append((unquote_plus(name).strip(), unquote_plus(value)))
+    return pairs
+
+
+def _aliases(pairs: Sequence[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """The pairs a server may read as ``name`` (:func:`parameter_names`)."""
+    wanted = parameter_names(name)
+    return [(k, v) for k, v in pairs if parameter_names(k) & wanted]
 
 
 def _in_body(call: HttpCall, name: str) -> bool:
-    top = name.split(".", 1)[0].casefold()
-    return isinstance(call.data, dict) and any(k.casefold() == top for k in call.data)
+    wanted = parameter_names(name.split(".", 1)[0])
+    return isinstance(call.data, dict) and any(parameter_names(k) & wanted for k in call.data)
+
+
+def _strict(rule: Rule, call: HttpCall) -> bool:
+    """An allow rule's conditions: each parameter in one place only, spelled exactly as
+    the rule spells it, every copy meeting it; and no body keyturn cannot read as a server
+    would (form, multipart, text), which could carry the parameter too."""
+    if call.body and not call.is_json:
+        return False
+    for name, condition in (rule.match.query or {}).items():
+        named = _aliases(call.query, name)
+        if not named or any(k != name for k, _ in named) or _in_body(call, name):
+            return False
+        if not all(_query_meets(condition, v) for _, v in named):
+            return False
+    for name, condition in (rule.match.body or {}).items():
+        found, value = _field(call.data, name)
+        parts = name.split(".")
+        elsewhere = _aliases(call.query, parts[0]) or _aliases(call.query, parts[-1])
+        if not found or not meets(condition, value) or elsewhere:
+            return False
+    return True
+
+
+def _broad(rule: Rule, call: HttpCall) -> bool:
+    """A block or hold rule's conditions: met by any copy, in the query, a form body or a
+    JSON body, in any spelling a server may read as the parameter."""
+    pairs = _pairs(call)
+    conditions = [*(rule.match.query or {}).items(), *(rule.match.body or {}).items()]
+    for name, condition in conditions:
+        found, value = _field(call.data, name, fold=True)
+        named = _aliases(pairs, name.split(".")[-1])
+        in_json = found and meets(condition, value, fold=True)
+        if not in_json and not any(_query_meets(condition, v, fold=True) for _, v in named):
+            return False
+    return True
 
 
 def conditions_met(rule: Rule, call: HttpCall, *, strict: bool) -> bool:
-    """Strict (allow): the parameter is in one place only, spelled as the rule spells it,
-    and every value meets. Broad (block, hold): any value meets, in the query or the body,
-    in any case: servers that merge query and body parameters (Rails, Laravel) or ignore
-    case (ASP.NET) exist, and their reading must never let a call dodge a guard."""
-    for name, condition in (rule.match.query or {}).items():
-        values, exact = _query(call, name)
-        if strict:
-            if not values or not exact or _in_body(call, name):
-                return False
-            if not all(_query_meets(condition, v) for v in values):
-                return False
-        else:
-            found, value = _field(call.data, name, fold=True)
-            in_query = any(_query_meets(condition, v, fold=True) for v in values)
-            if not in_query and not (found and meets(condition, value, fold=True)):
-                return False
-    for name, condition in (rule.match.body or {}).items():  # a body that is not JSON: no fields
-        found, value = _field(call.data, name, fold=not strict)
-        if strict:
-            if not found or not meets(condition, value) or _query(call, name.split(".")[0])[0]:
-                return False
-        elif not (found and meets(condition, value, fold=True)) and not any(
-            _query_meets(condition, v, fold=True) for v in _query(call, name)[0]
-        ):
-            return False
-    return True
+    """Servers merge query and body parameters (Rails, Laravel), read names without case
+    or with PHP's mangling (ASP.NET, PHP), nest them (``r[amount]``) and parse bodies keyturn
+    does not: an allow rule's reading is the narrowest, a guard's the widest."""
+    if not (rule.match.query or rule.match.body):
+        return True
+    return _strict(rule, call) if strict else _broad(rule, call)
 
 
 def rule_matches(rule: Rule, call: HttpCall, operation: Operation | None) -> str | None:

@@ -45,9 +45,12 @@ def check_json(value: Any) -> None:
         node, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise InvalidInput(f"the JSON body nests deeper than {MAX_JSON_DEPTH}")
-        if isinstance(node, dict):
+        if isinstance(node, str):
+            _encodable(node)
+        elif isinstance(node, dict):
             seen: dict[str, str] = {}
             for key in node:
+                _encodable(key)
                 one = folded(key)
                 if one in seen:
                     raise InvalidInput(
@@ -58,6 +61,14 @@ def check_json(value: Any) -> None:
             stack += [(child, depth + 1) for child in node.values()]
         elif isinstance(node, list):
             stack += [(child, depth + 1) for child in node]
+
+
+def _encodable(text: str) -> None:
+    """A lone surrogate (``\\ud800`` in JSON) cannot be sent as UTF-8 or stored."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("the JSON body has a lone surrogate (\\ud800…): not UTF-8") from None
 
 
 def dump_json(value: Any) -> str:

@@ -504,3 +504,124 @@ def test_text_that_leaves_keyturn_is_storable() -> None:
     assert masker.text("a\x00b") == "a\ufffdb"
     assert masker.text("caf\udce9") == "caf?"
     assert masker.json({"k\x00": ["v\x00"]}) == {"k\ufffd": ["v\ufffd"]}
+
+
+def test_a_cut_answer_loses_a_fixed_tail_whatever_it_holds() -> None:
+    """Dropping a tail only when it looks like the key's start would tell an agent, guess
+    by guess, how the key begins (an echo endpoint and a cap are enough)."""
+    key = "s3cr/et+key=="
+    cred = Credential.of("Authorization", f"Bearer {key}", [key])
+    right = b"x" * 100 + b"Bearer s3cr/e"
+    wrong = b"x" * 100 + b"Bearer zzzz/e"
+    assert len(cred.scrub(right, cut=True)) == len(cred.scrub(wrong, cut=True))
+    assert cred.scrub(right, cut=True) == cred.scrub(wrong, cut=True)
+    assert cred.scrub(right, cut=False) == right  # whole: nothing to cut
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data; boundary=XX",
+         '--XX\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XX--'),
+        ("text/json", '{"_method": "DELETE"}'),
+        ("text/plain; x=/json", '{"_method": "DELETE"}'),
+        ("application/x-www-form-urlencoded", "a=1;_method=DELETE"),
+        ("application/x-www-form-urlencoded", "a=1& _method=DELETE"),
+        ("application/x-www-form-urlencoded", "a=1&%5Fmethod=DELETE"),
+    ],
+)  # fmt: skip
+def test_a_method_override_in_any_body_is_refused(content_type: str, body: str) -> None:
+    with pytest.raises(InvalidInput, match="_method"):
+        call_of("POST", "/orders/7", headers={"Content-Type": content_type}, text=body)
+
+
+def test_a_body_that_mentions_json_is_judged_as_json() -> None:
+    # Laravel reads any type holding "/json" as JSON; keyturn parses and judges it so too
+    call = call_of(
+        "POST", "/r", headers={"Content-Type": "text/plain; x=/json"}, text='{ "amount" : 5 }'
+    )
+    assert call.is_json and call.data == {"amount": 5} and call.body == '{"amount":5}'
+    refund = {"headers": {"Content-Type": "text/json"}, "text": '{"amount": 5000}'}
+    assert decide(config(), "POST", "/orders/7/refunds", **refund)[0] == "hold"
+
+
+@pytest.mark.parametrize(
+    ("query", "parts"),
+    [
+        ({"r[amount]": "99999"}, {"json_body": (True, {"amount": 50})}),  # Rails' params
+        ({"amount": "5"}, {"headers": {"Content-Type": "application/x-www-form-urlencoded"},
+                           "text": "amount=99999"}),  # PHP's $_REQUEST
+        ({"amount": "5"}, {"headers": {"Content-Type": "multipart/form-data; boundary=X"},
+                           "text": "--X--"}),
+    ],
+)  # fmt: skip
+def test_an_allow_condition_never_holds_when_a_server_may_read_the_parameter_elsewhere(
+    query: dict[str, str], parts: dict[str, Any]
+) -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "small", "match": {"http": ["POST /orders/*/refunds"],
+             "body": {"amount": {"at_most": 100}}}, "action": "allow"},
+            {"name": "small-q", "match": {"http": ["POST /orders/*/refunds"],
+             "query": {"amount": {"at_most": 100}}}, "action": "allow"},
+        ],
+    }  # fmt: skip
+    verdict = decide(parse_config(data), "POST", "/orders/7/refunds", query=query, **parts)
+    assert verdict[0] == "hold"
+
+
+def test_php_mangled_names_are_the_same_parameter() -> None:
+    paged = parse_config(
+        {
+            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "rules": [
+                {
+                    "name": "small-pages",
+                    "match": {"http": ["GET /items"], "query": {"page_size": {"at_most": 100}}},
+                    "action": "allow",
+                },
+            ],
+        }
+    )
+    assert decide(paged, "GET", "/items", query={"page_size": "5"})[0] == "allow"
+    both = [["page_size", "5"], ["page.size", "5000"]]  # PHP reads page.size as page_size
+    assert decide(paged, "GET", "/items", query=both)[0] == "hold"
+
+
+def test_a_guard_reads_a_form_body_too() -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
+             "action": "block"},
+        ],
+    }  # fmt: skip
+    form = {
+        "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        "text": "x=1;amount=5000",
+    }
+    assert decide(parse_config(data), "POST", "/r", **form) == ("block", "big")
+
+
+def test_a_path_encoded_twice_is_refused() -> None:
+    for path in ("/public/%252e%252e/admin", "/public/..%252Fadmin"):
+        with pytest.raises(InvalidInput, match="twice"):
+            call_of("GET", path)
+
+
+def test_a_lone_surrogate_escape_in_a_json_text_body_is_bad_input() -> None:
+    with pytest.raises(InvalidInput, match="surrogate"):
+        parse_call('POST /x\nContent-Type: application/json\n\n{"a":"\\ud800"}')
+
+
+async def test_an_approval_is_sent_only_to_the_base_url_the_card_showed() -> None:
+    from gateway.drivers.http.driver import HttpDriver
+    from gateway.usecases.driver import RunFailed
+
+    cfg = config()
+    driver = HttpDriver(cfg.policy.http_targets(), None, Masker.from_policy(Masking()))
+    handoff = {"kind": "http", "base_url": "https://elsewhere.example"}
+    with pytest.raises(RunFailed, match="not the one approved"):
+        await driver.run_approved("api", "GET /orders", handoff)
+    await driver.close()

@@ -4,10 +4,10 @@ kept after it, and scrubbed from whatever the API answers.
 An API may echo what it was sent (httpbin does; so do debugging endpoints and error pages
 that quote the request). The answer passes through :meth:`Credential.scrub` before anything
 else reads it: every spelling of the key an echo is likely to use (as sent, JSON-escaped,
-percent-encoded, base64) is replaced, and a cut answer loses any tail that could be the start
-of one. Then, what the agent would be shown is checked again as decoders would read it
-(:meth:`Credential.leaks`: JSON and HTML escapes, percent-encoding in any case, hex): an
-answer that still carries the key is not shown at all.
+percent-encoded, base64) is replaced, and a cut answer loses a tail as long as the longest of
+them, whatever it holds. Then what the agent would be shown is checked again as decoders
+would read it (:meth:`Credential.leaks`: JSON and HTML escapes, percent-encoding in any
+case, hex): an answer that still carries the key is not shown at all.
 """
 
 from __future__ import annotations
@@ -78,16 +78,14 @@ class Credential:
         )
 
     def scrub(self, data: bytes, *, cut: bool = False) -> bytes:
-        """``data`` without the credential; ``cut``: it was cut short, so a tail that could
-        begin a spelling of it goes too."""
+        """``data`` without the credential; ``cut``: it was cut short, so its last bytes go
+        too, as many as the longest spelling has whatever they hold, since a tail could be
+        the start of one. Never only when they look like one: what is cut would then tell
+        an agent, guess by guess, how the key begins."""
         for spelling in self.spellings:
             data = data.replace(spelling, MASK)
-        if cut:
-            for spelling in self.spellings:
-                for size in range(min(len(spelling), len(data)) - 1, SHORTEST - 1, -1):
-                    if data.endswith(spelling[:size]):
-                        data = data[:-size]
-                        break
+        if cut and self.spellings:
+            data = data[: max(0, len(data) - len(self.spellings[0]))]
         return data
 
     def scrub_text(self, text: str) -> str:

@@ -94,7 +94,14 @@ class HttpDriver:
         self, target: str, command: str, credentials: dict[str, Any]
     ) -> dict[str, Any]:
         """``credentials`` is the bot's hand-off, already checked against the approved hash:
-        the approval itself. The API's credential is read now, from Vault."""
+        the approval itself, naming the base URL the card showed (a policy changed since
+        cannot send the call elsewhere). The API's credential is read now, from Vault."""
+        approved_at = credentials.get("base_url")
+        if approved_at != self._targets[target].base_url:
+            raise RunFailed(
+                f"{target}'s base_url is not the one approved ({approved_at}): not sent",
+                final=False,
+            )
         call = self._call(command)
         credential = await read_credential(self._vault, self._targets[target], CREDENTIAL_WAIT)
         return await self._send(target, call, credential)
