@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,15 @@ def upstream_main(port: int, key: str) -> None:
 def upstream(key: str) -> Any:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--upstream", str(port), key])
+    deadline = time.monotonic() + 30
+    while True:  # up once it accepts a connection
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

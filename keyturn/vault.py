@@ -2,9 +2,12 @@
 
 hvac is blocking, so every call runs in a worker thread (a pool of its own, so a sweep that
 revokes hundreds of leases at once is not throttled by the loop's small default executor) and
-the event loop never waits on the network. Failures become keyturn errors that say what is wrong and
-what to do: :class:`VaultUnavailable` (down or unreachable), :class:`VaultSealed`,
-:class:`VaultForbidden` (the token's policy refuses), :class:`VaultUnauthenticated`.
+the event loop never waits on the network. The reads on an agent's hot path (an HTTP
+target's key, read for every call it sends) go over aiohttp instead: a thread hop and
+requests' overhead cost more than the read (1.1 ms against 0.44 ms p50 on OpenBao).
+Failures become keyturn errors that say what is wrong and what to do:
+:class:`VaultUnavailable` (down or unreachable), :class:`VaultSealed`, :class:`VaultForbidden`
+(the token's policy refuses), :class:`VaultUnauthenticated`.
 
 A process logs in once with AppRole and a background task renews its token at two thirds of
 its TTL, logging in again when renewal is refused or the token reaches its max TTL.
@@ -16,12 +19,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import aiohttp
 import hvac
 import hvac.exceptions
 import requests
@@ -143,6 +148,7 @@ class Vault:
         self._timeout = timeout
         self._verify = verify
         self._renewer: asyncio.Task[None] | None = None
+        self._aio: aiohttp.ClientSession | None = None  # the hot path's reads
         self._login_lock = asyncio.Lock()
         self._token_ttl = 0
 
@@ -257,6 +263,9 @@ class Vault:
     async def close(self) -> None:
         await cancel(self._renewer)
         self._renewer = None
+        if self._aio is not None:
+            await self._aio.close()
+            self._aio = None
         with contextlib.suppress(Exception):
             self._client.adapter.close()
         self._threads.shutdown(wait=False)
@@ -351,10 +360,45 @@ class Vault:
             raise VaultRequestError(f"Vault returned no certificate from {path}")
         return str(data["signed_key"]), str(data.get("serial_number", ""))
 
+    async def _fast_read(self, path: str) -> dict[str, Any]:
+        """GET ``path`` over aiohttp on the event loop; errors as :func:`_translate` words
+        hvac's (the response body is never quoted: it may hold the secret)."""
+        if self._aio is None or self._aio.closed:
+            verify: ssl.SSLContext | bool = self._verify is not False
+            if isinstance(self._verify, str):
+                verify = ssl.create_default_context(cafile=self._verify)
+            self._aio = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=verify),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                trust_env=False,
+            )
+        headers = {"X-Vault-Token": self.token or ""}
+        try:
+            async with self._aio.get(f"{self.addr}/v1/{path}", headers=headers) as resp:
+                status = resp.status
+                body = await resp.json(content_type=None) if status in (200, 400) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            raise VaultUnavailable(
+                f"Vault at {self.addr} is not reachable ({path}): is it running and is the "
+                "address right?"
+            ) from None
+        if status == 200 and isinstance(body, dict):
+            return body
+        if status == 503:
+            raise VaultSealed(f"Vault at {self.addr} is sealed ({path}): unseal it, then retry")
+        if status == 403:
+            raise VaultForbidden(f"Vault refused {path}: permission denied by policy")
+        if status == 404:
+            raise NotFound(f"Vault has nothing at {path}")
+        if status == 400:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            raise VaultRequestError(f"Vault rejected {path}: {_first(errors)}")
+        raise VaultUnavailable(f"Vault at {self.addr} failed on {path}: HTTP {status}")
+
     async def kv_secret(self, mount: str, path: str) -> dict[str, Any]:
         """A KV v2 secret's current fields, read anew each time (a rotation takes effect at
         the next call). Errors name the path, never a value."""
-        result = await self.read(f"{mount}/data/{path}")
+        result = await self._fast_read(f"{mount}/data/{path}")
         data = ((result or {}).get("data") or {}).get("data")
         if not isinstance(data, dict):
             raise NotFound(f"Vault has no KV v2 secret at {mount}/{path}")
@@ -362,7 +406,7 @@ class Vault:
 
     async def identity_token(self, role: str) -> str:
         """A short-lived JWT from Vault's identity OIDC provider, for this login's entity."""
-        result = await self.read(f"identity/oidc/token/{role}")
+        result = await self._fast_read(f"identity/oidc/token/{role}")
         token = ((result or {}).get("data") or {}).get("token")
         if not isinstance(token, str) or not token:
             raise VaultRequestError(f"Vault gave no token for identity/oidc/token/{role}")

@@ -215,6 +215,7 @@ async def hostile_api() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     app = web.Application()
     app.router.add_get("/escaped", escaped)
     app.router.add_post("/record", record)
+    app.router.add_get("/record", record)
     app.router.add_get("/huge", huge)
     app.router.add_get("/echo", echo)
     app.router.add_get("/pii", pii)
@@ -328,6 +329,29 @@ async def test_reading_the_key_waits_for_vault_only_as_long_as_it_is_told(
     finally:
         await proxy.down()
         await vault.close()
+
+
+@pytest.mark.parametrize(
+    ("vault", "said"),
+    [
+        ({"kv": "secret/not-granted"}, "permission denied by policy"),  # not in its policy
+        ({"kv": "secret/hostile", "max_ttl": "1h"}, None),
+    ],
+)
+async def test_a_key_the_gateway_cannot_read_or_use_sends_nothing(
+    vault: dict[str, Any], said: str | None, apis: Apis, run_gateway: GatewayFactory,
+    idp: DevIdP,
+) -> None:  # fmt: skip
+    token = idp.token(AGENT)
+    inject = {"header": "Authorization", "value": "Bearer {{missing}}"} if said is None else {}
+    async with hostile_api() as (url, seen):
+        policy = apis.policy(url, vault=vault, **({"inject": inject} if inject else {}))
+        async with run_gateway(**policy) as gw:
+            status, out = await gw.post(token, call("hostile", "GET", "/record"))
+    assert status == 503 and out["error"]["code"] == "unavailable", out
+    assert "nothing was sent" in out["error"]["message"]
+    assert said is None or said in out["error"]["message"]
+    assert seen == []
 
 
 # ------------------------------------------------------------------ json-server: CRUD

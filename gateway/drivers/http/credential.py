@@ -128,15 +128,17 @@ async def read_credential(vault: Vault | None, target: HttpTarget, wait: float) 
                 ) from None
             log.warning("waiting for Vault to send an approved call: %s", exc.message)
             await asyncio.sleep(delay)
-        except KeyturnError as exc:
+        except KeyturnError as exc:  # the operator's to fix: Vault's policy, the path
+            log.error("the key of an HTTP target cannot be read: %s", exc.message)
             raise RunFailed(
-                f"the API's credential cannot be read: {exc.message}; nothing was sent",
+                f"the API's credential cannot be read ({exc.message}): nothing was sent",
                 final=False,
-                error=exc,
+                outcome="unreachable",
             ) from None
     try:
         value = target.inject.render(secret)
     except ValueError as exc:
-        raise RunFailed(f"{exc}; nothing was sent", final=False) from None
+        log.error("the key of an HTTP target cannot be used: %s", exc)
+        raise RunFailed(f"{exc}; nothing was sent", final=False, outcome="unreachable") from None
     used = [str(secret[name]) for name in target.inject.fields()]
     return Credential.of(target.inject.header, value, used)
