@@ -169,12 +169,21 @@ async def latency(stack: Stack, data: dict[str, Any], api_url: str, key: str) ->
                     await r.read()
 
             gw_p50 = await p50(http, through_keyturn)
+        vault = stack.vault("keyturn-gateway")
+        await vault.ensure_login()
+
+        async def key_read(_h: aiohttp.ClientSession) -> None:
+            await vault.kv_secret("secret", "api")
+
+        read_p50 = await p50(http, key_read)  # what the design adds to every call, alone
+        await vault.close()
     floor_added, gw_added = (floor_p50 - direct_p50) * 1000, (gw_p50 - direct_p50) * 1000
     print(
         f"  direct p50 {direct_p50 * 1000:.3f} ms; floor forwarder p50 {floor_p50 * 1000:.3f} ms"
         f" (adds {floor_added:.3f} ms); gateway p50 {gw_p50 * 1000:.3f} ms (adds"
         f" {gw_added:.3f} ms)"
     )
+    print(f"  of which, done alone: the key's read from OpenBao p50 {read_p50 * 1000:.3f} ms")
     report(
         "allowed GET: added p50 latency / floor's",
         gw_added / floor_added,
