@@ -206,6 +206,7 @@ CRUD_DATA = {
     "orders": [{"id": 1, "customerId": 1, "status": "open"}],
 }
 API_KEY_NAMES = ("httpbin", "crud", "hostile")
+MINTED_ROLE = "hostile-caller"  # an identity-token role: the gateway mints a JWT per call
 
 
 @dataclass
@@ -224,6 +225,7 @@ class Apis:
         hostile target at ``hostile`` (a server the test runs)."""
         targets = copy.deepcopy(self.targets)
         targets["hostile"] |= {"base_url": hostile, **hostile_settings}
+        targets["minted"]["base_url"] = hostile  # the same server, with identity tokens
         return {"targets": targets, "rules": API_RULES}
 
     async def rotate(self, shop: Shop, target: str) -> str:
@@ -271,6 +273,7 @@ async def apis(shop: Shop) -> AsyncIterator[Apis]:
                 "timeout": "3s",
                 "max_response_bytes": 65536,
             }
+        targets["minted"] = targets["hostile"] | {"vault": {"identity_token": MINTED_ROLE}}
         root = shop.root_vault()
         try:
             for name, key in keys.items():

@@ -8,14 +8,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
+import ipaddress
 import json
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.drivers.http.credential import read_credential
 from gateway.usecases.driver import RunFailed
@@ -352,6 +361,95 @@ async def test_a_key_the_gateway_cannot_read_or_use_sends_nothing(
     assert "nothing was sent" in out["error"]["message"]
     assert said is None or said in out["error"]["message"]
     assert seen == []
+
+
+async def test_an_identity_token_is_minted_for_each_call_and_verifies_with_vaults_keys(
+    shop: Shop, apis: Apis, run_gateway: GatewayFactory, idp: DevIdP
+) -> None:
+    token = idp.token(AGENT)
+    async with hostile_api() as (url, seen), run_gateway(**apis.policy(url)) as gw:
+        answers = [await gw.post(token, call("minted", "GET", "/record")) for _ in range(2)]
+    assert [(s, out["result"]["status"]) for s, out in answers] == [(200, 201), (200, 201)]
+    minted = [h["Authorization"].removeprefix("Bearer ") for h in seen]
+    assert len(minted) == 2  # (two mints in one second are the same JWT: Vault's iat is whole)
+    async with httpx.AsyncClient() as client:
+        keys = (await client.get(f"{shop.openbao.addr}/v1/identity/oidc/.well-known/keys")).json()
+    kid = jwt.get_unverified_header(minted[0])["kid"]
+    key = next(k for k in jwt.PyJWKSet.from_dict(keys).keys if k.key_id == kid)
+    claims = jwt.decode(minted[0], key.key, algorithms=["RS256"], options={"verify_aud": False})
+    assert claims["iss"].endswith("/v1/identity/oidc") and claims["sub"]  # the gateway's entity
+    assert claims["exp"] - claims["iat"] <= 300  # the role's 5 minutes
+    for jwt_text in minted:
+        assert jwt_text not in json.dumps(answers)
+
+
+def tls_files(where: Path) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (its PEM file) and a server context for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("keyturn test CA")).issuer_name(name("keyturn test CA"))
+        .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    ca_file, cert_file, key_file = where / "ca.pem", where / "cert.pem", where / "key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return ca_file, context
+
+
+async def test_tls_is_verified_against_the_targets_ca_file_or_nothing_is_sent(
+    apis: Apis, run_gateway: GatewayFactory, idp: DevIdP, tmp_path: Path
+) -> None:
+    ca_file, context = tls_files(tmp_path)
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"ok": True}, status=201)
+
+    app = web.Application()
+    app.router.add_get("/record", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    token = idp.token(AGENT)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        async with run_gateway(**apis.policy(url, ca_file=str(ca_file))) as gw:
+            status, trusted = await gw.post(token, call("hostile", "GET", "/record"))
+        async with run_gateway(**apis.policy(url)) as gw:  # the system's CAs: not ours
+            refused, untrusted = await gw.post(token, call("hostile", "GET", "/record"))
+    finally:
+        await runner.cleanup()
+    assert status == 200 and trusted["result"]["status"] == 201, trusted
+    assert refused == 503 and "certificate" in untrusted["error"]["message"], untrusted
+    assert seen == [f"Bearer {apis.keys['hostile']}"]  # the key went to the verified host only
 
 
 # ------------------------------------------------------------------ json-server: CRUD
