@@ -74,7 +74,7 @@ async def test_the_crewai_http_tool_lists_its_targets_and_reports_the_answer(
         tool = await asyncio.to_thread(
             KeyturnHTTPTool, gateway_url=desk.gateway.url, token=idp.token(AGENT)
         )
-        assert set(tool.targets or []) == {"httpbin", "crud", "hostile", "described"}
+        assert set(tool.targets or []) == {"httpbin", "crud", "hostile", "minted", "described"}
         text = await asyncio.to_thread(
             tool.run, target="crud", method="GET", path="/customers/2", reason="who"
         )
