@@ -5,9 +5,10 @@ TTL, and wraps ``{lease_id, username, password, …}`` with ``sys/wrapping/wrap`
 itself rather than asking Vault to wrap the read, because a wrapped read hides the lease id:
 keyturn must know the lease before anyone can use it, or it could not revoke it on time.
 
-HTTP: no secret at all: a wrapped ``{kind, target, command_sha256, base_url}``, the approval
-a gateway must unwrap to send the call once, and only to the base URL the card showed; the
-API's own credential is read by the gateway from Vault at send time.
+HTTP: no secret at all: a wrapped ``{kind, target, command_sha256, base_url, where_sent}``,
+the approval a gateway must unwrap to send the call once, and only where the card said, with
+the credential the policy named then; the API's own credential is read by the gateway from
+Vault at send time.
 
 SSH: an ephemeral ed25519 key pair, signed by the Vault SSH CA for the target's principal with
 ``force-command`` set to the approved command (and ``source-address`` where configured),
@@ -181,6 +182,7 @@ class Issuer:
             "target": request.target,
             "command_sha256": request.command_sha256,
             "base_url": target.base_url,  # where the card said it goes
+            "where_sent": target.where_sent,  # and with which credential
         }
         wrapped = await self.vault.wrap(payload, self.config.vault.wrap_ttl)
         return _minted("http", wrapped, ttl, ttl)

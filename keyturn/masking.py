@@ -35,6 +35,9 @@ _PHONE = re.compile(
 )
 
 
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def luhn_ok(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -133,6 +136,14 @@ class Masker:
                     if not hidden:
                         stack.append((out, name, item))
         return root[0]
+
+    def names_masked_key(self, text: str) -> bool:
+        """Whether ``text`` holds a word that names a masked field (``salary`` in a CSV
+        header, ``<email>`` in XML): such text cannot be masked by field, only withheld."""
+        if not self.keys:
+            return False
+        words = {w.lower() for w in _WORD.findall(text)}
+        return any(fnmatch.fnmatchcase(w, p) for w in words for p in self.keys)
 
     def rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         hidden = [self.masked_column(c) for c in columns]

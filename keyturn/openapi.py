@@ -10,12 +10,14 @@ resolved inside the file only.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import yaml
 from jsonschema import Draft4Validator, Draft202012Validator
@@ -43,38 +45,78 @@ class Operation:
     def path(self) -> str:
         return "/" + "/".join(self.template)
 
-    def bind(self, segments: tuple[str, ...]) -> dict[str, str] | None:
-        """The path parameters if ``segments`` fit this template, else None."""
+    def bind(self, segments: tuple[str, ...], *, folded: bool = False) -> dict[str, str] | None:
+        """The path parameters if ``segments`` fit this template, else None; ``folded``:
+        literal text compared as a server that ignores case compares it."""
         if len(segments) != len(self.template):
             return None
-        bound = {}
+        bound: dict[str, str] = {}
         for part, segment in zip(self.template, segments, strict=True):
-            if part.startswith("{") and part.endswith("}"):
-                if not segment:
+            if "{" not in part:
+                if (fold(part) != fold(segment)) if folded else (part != segment):
                     return None
-                bound[part[1:-1]] = segment
-            elif part != segment:
+                continue
+            match = _segment_pattern(part, folded).fullmatch(fold(segment) if folded else segment)
+            if match is None:
                 return None
+            names = re.findall(r"\{([^{}]+)\}", part)
+            bound |= dict(zip(names, match.groups(), strict=True))
         return bound
 
     def literal_parts(self) -> int:
-        return sum(1 for part in self.template if not part.startswith("{"))
+        return sum(len(re.sub(r"\{[^{}]+\}", "", part)) for part in self.template)
 
 
-def _prepared(node: Any, v30: bool) -> Any:
+def _prepared(node: Any, v30: bool, seen: dict[int, Any], open_: set[int]) -> Any:
     """The document with every local ``$ref`` made absolute (so a schema taken out of the
     file still resolves through the registry), and, for 3.0, ``nullable: true`` as draft 4
-    can check it (``type: [t, "null"]``)."""
-    if isinstance(node, dict):
-        out = {k: _prepared(v, v30) for k, v in node.items() if not (v30 and k == "nullable")}
+    can check it (``type: [t, "null"]``). A node YAML shares (an alias) is prepared once,
+    so a file of aliases of aliases costs its size, not its expansion; one that contains
+    itself is refused."""
+    if not isinstance(node, dict | list):
+        return node
+    if id(node) in seen:
+        return seen[id(node)]
+    if id(node) in open_:
+        raise ConfigError("the OpenAPI file contains itself (a YAML alias inside its anchor)")
+    open_.add(id(node))
+    if isinstance(node, list):
+        out: Any = [_prepared(v, v30, seen, open_) for v in node]
+    else:
+        out = {
+            k: _prepared(v, v30, seen, open_)
+            for k, v in node.items()
+            if not (v30 and k == "nullable")
+        }
         if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
             out["$ref"] = LOCAL + node["$ref"]
         if v30 and node.get("nullable") is True and isinstance(node.get("type"), str):
             out["type"] = [node["type"], "null"]
-        return out
-    if isinstance(node, list):
-        return [_prepared(v, v30) for v in node]
-    return node
+    open_.discard(id(node))
+    seen[id(node)] = out
+    return out
+
+
+def fold(text: str) -> str:
+    """A path segment as a server that ignores case may compare it: Python's casefold, and
+    the dotless and dotted i that Java's equalsIgnoreCase also takes for i."""
+    return text.casefold().replace("\u0131", "i").replace("i\u0307", "i")
+
+
+@functools.lru_cache(maxsize=1024)
+def _segment_pattern(part: str, folded: bool) -> re.Pattern[str]:
+    """A template segment (``{id}``, ``{id}.json``, ``v{major}``) as a pattern."""
+    pieces = re.split(r"(\{[^{}]+\})", part)
+    regex = "".join(
+        f"(?P<{_group(p)}>[^/]+?)" if p.startswith("{") else re.escape(fold(p) if folded else p)
+        for p in pieces
+    )
+    return re.compile(regex, re.DOTALL)
+
+
+def _group(piece: str) -> str:
+    """A regex group name for ``{name}`` (names are free text in OpenAPI)."""
+    return "p_" + "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in piece[1:-1])
 
 
 # A number as every server reads it: no exponent, "_", "+", leading zero or space ("100000e-3"
@@ -94,6 +136,8 @@ def _typed(value: str, schema: dict[str, Any]) -> Any:
     """A path or query value as its schema's type would have it (text otherwise, which then
     fails the schema's type)."""
     kind = schema.get("type")
+    if isinstance(kind, list):  # 3.1's ["integer", "null"], 3.0's nullable as keyturn keeps it
+        kind = next((k for k in kind if k != "null"), None)
     number = plain_number(value) if kind in ("integer", "number") else None
     if number is not None and (kind == "number" or isinstance(number, int)):
         return number
@@ -109,7 +153,10 @@ class Spec:
             raise ConfigError(f"{source}: not an OpenAPI 3.0 or 3.1 file (openapi: {version!r})")
         self.source = source
         self._v30 = version.startswith("3.0.")
-        self.document = _prepared(document, self._v30)
+        try:
+            self.document = _prepared(document, self._v30, {}, set())
+        except RecursionError:
+            raise ConfigError(f"{source}: the OpenAPI file nests too deeply") from None
         spec = DRAFT4 if self._v30 else DRAFT202012
         self._registry: Registry[Any] = Registry().with_resource(
             LOCAL, spec.create_resource(self.document)
@@ -167,16 +214,29 @@ class Spec:
         return {op.operation_id for op in self.operations if op.operation_id}
 
     def find(self, method: str, segments: tuple[str, ...]) -> tuple[Operation | None, str]:
-        """The operation for a call (concrete paths before templated ones), or why none."""
-        fits = [(op, op.bind(segments)) for op in self.operations]
-        fitting = [(op, bound) for op, bound in fits if bound is not None]
-        if not fitting:
+        """The operation for a call (concrete paths before templated ones), or why none.
+
+        A server that ignores case (Express by default) may route ``/orders/EXPORT`` to
+        ``/orders/export`` where the file's own reading is ``/orders/{id}``: a call whose
+        operation differs between the two readings is refused, so a rule keyed on an
+        operation cannot be dodged by a spelling."""
+        fitting = [op for op in self.operations if op.bind(segments) is not None]
+        folded = [op for op in self.operations if op.bind(segments, folded=True) is not None]
+        if not folded:
             return None, "the API's OpenAPI file has no path like it"
-        same = [op for op, _ in fitting if op.method == method]
-        if not same:
-            allowed = ", ".join(sorted({op.method for op, _ in fitting}))
+        same = [op for op in fitting if op.method == method]
+        same_folded = [op for op in folded if op.method == method]
+        if not same_folded:
+            allowed = ", ".join(sorted({op.method for op in folded}))
             return None, f"the API's OpenAPI file allows only {allowed} there"
-        return max(same, key=Operation.literal_parts), ""
+        best_folded = max(same_folded, key=Operation.literal_parts)
+        best = max(same, key=Operation.literal_parts) if same else None
+        if best is not best_folded:
+            return None, (
+                f"to a server that ignores case this is {best_folded.path}: send it as the "
+                "API's OpenAPI file spells it"
+            )
+        return best, ""
 
     def _validator(self, schema: Any) -> Validator:
         cls = Draft4Validator if self._v30 else Draft202012Validator
@@ -196,10 +256,10 @@ class Spec:
         op: Operation,
         segments: tuple[str, ...],
         query: tuple[tuple[str, str], ...],
-        body: tuple[bool, Any, str | None],
+        body: tuple[bool, Any, str | None, str],
     ) -> str | None:
         """Why the spec does not allow this call of ``op``, or None. ``body`` is (is JSON,
-        parsed JSON, content type or None)."""
+        parsed JSON, content type or None, the body's text)."""
         bound = op.bind(segments) or {}
         for param in op.parameters:
             where, name = param.get("in"), str(param.get("name"))
@@ -224,7 +284,7 @@ class Spec:
             error = self._error(f"{where} parameter {name}", typed, schema)
             if error:
                 return error
-        is_json, data, content_type = body
+        is_json, data, content_type, text = body
         if op.body is None:
             return "the operation takes no body" if content_type else None
         if content_type is None:
@@ -234,4 +294,27 @@ class Spec:
         if media not in content:
             return f"the operation takes {', '.join(content) or 'no body'}, not {media}"
         schema = (content[media] or {}).get("schema")
-        return self._error("body", data, schema) if is_json and schema else None
+        if not schema:
+            return None
+        if is_json:
+            return self._error("body", data, schema)
+        if media == "application/x-www-form-urlencoded":
+            return self._form_error(text, schema)
+        return f"keyturn cannot check a {media} body against the OpenAPI file's schema"
+
+    def _form_error(self, text: str, schema: dict[str, Any]) -> str | None:
+        """A form body as its schema's types read it (a name given twice is an array's)."""
+        fields: dict[str, list[str]] = {}
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            fields.setdefault(name, []).append(value)
+        properties = schema.get("properties") or {}
+        typed: dict[str, Any] = {}
+        for name, values in fields.items():
+            field = properties.get(name) or {}
+            if field.get("type") == "array":
+                typed[name] = [_typed(v, field.get("items") or {}) for v in values]
+            elif len(values) > 1:
+                return f"body field {name} is given {len(values)} times"
+            else:
+                typed[name] = _typed(values[0], field)
+        return self._error("body", typed, schema)

@@ -31,7 +31,7 @@ from gateway.edges.schemas import (
 )
 from gateway.ratelimit import RateLimiter
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read, ready, targets
-from gateway.usecases.submission import Submission
+from gateway.usecases.submission import Submission, large
 from gateway.usecases.submit import Blocked, submit
 from keyturn.agent.api import CommandOut
 from keyturn.classify.http import call_of
@@ -137,13 +137,10 @@ async def edge_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-LARGE_ROWS = 200  # results with more rows are encoded in a worker thread
-
-
 async def _json(out: CommandOut, status: int = 200) -> web.Response:
     """The body; a large result is encoded off the event loop, which keeps /healthz prompt."""
     rows = getattr(out.result, "rows", None) or []
-    if len(rows) > LARGE_ROWS or len(str(rows[:1])) > 4096:
+    if large(len(rows), getattr(out.result, "bytes", 0)) or len(str(rows[:1])) > 4096:
         body = await asyncio.to_thread(out.model_dump_json, exclude_none=True)
     else:
         body = out.model_dump_json(exclude_none=True)

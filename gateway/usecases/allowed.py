@@ -15,7 +15,7 @@ from typing import Any
 from gateway.journal import AlreadyRecorded
 from gateway.usecases.driver import UNEXPECTED, Allowed, Driver, RunFailed
 from gateway.usecases.gateway import Gateway
-from gateway.usecases.submission import Submission, digest, outcome
+from gateway.usecases.submission import Submission, digest_of, outcome
 from keyturn.classify import Identity, Verdict
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.store import outcomes, reads, requests
@@ -60,9 +60,12 @@ async def run(
             unknown = RunFailed(f"the gateway failed while running it ({UNEXPECTED})", final=True)
             return await _not_run(gw, sub, who, intent, recording, unknown)
     if sub.idempotency_key is None:
-        gw.journal.submit(outcomes.Completion(intent.id, who.subject, None, digest(result)))
+        gw.journal.submit(
+            outcomes.Completion(intent.id, who.subject, None, await digest_of(result))
+        )
     else:  # a replay with this key must find the result: committed before the answer
-        await _record(gw, outcomes.Completion(intent.id, who.subject, None, digest(result), result))
+        done = outcomes.Completion(intent.id, who.subject, None, await digest_of(result), result)
+        await _record(gw, done)
     gw.metrics.commands.labels("allowed").inc()
     return _answer(gw, sub, intent, result, None)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.metrics import Metrics
 from gateway.usecases.driver import UNEXPECTED, Drivers, RunFailed
-from gateway.usecases.submission import digest
+from gateway.usecases.submission import digest_of
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
@@ -122,7 +122,7 @@ class Executor:
                 request.id,
                 result=result,
                 error=error,
-                result_digest=digest(result) if result is not None else None,
+                result_digest=await digest_of(result) if result is not None else None,
             )
         except IllegalTransition as exc:  # failed meanwhile as stranded: keep that outcome
             log.warning("result of %s not recorded: %s", request.id, exc.message)

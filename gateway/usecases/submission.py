@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -49,6 +50,23 @@ def outcome(
         reason=sub.reason,
         **extra,
     )
+
+
+LARGE_ROWS = 200  # results with more rows are encoded in a worker thread
+LARGE_BYTES = 64 * 1024  # and API answers of more bytes
+
+
+def large(rows: int, size: int) -> bool:
+    """Whether encoding a result of ``rows`` rows or an API answer of ``size`` bytes would
+    hold the event loop long enough to matter (a 16 MiB answer: a second)."""
+    return rows > LARGE_ROWS or size > LARGE_BYTES
+
+
+async def digest_of(result: dict[str, Any]) -> str:
+    """:func:`digest`, in a worker thread for a large result."""
+    if large(len(result.get("rows") or ()), int(result.get("bytes") or 0)):
+        return await asyncio.to_thread(digest, result)
+    return digest(result)
 
 
 def digest(result: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ allowlist, a JSON body that could mean two things (:mod:`keyturn.classify.json_b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -81,6 +82,18 @@ class HttpCall:
     @property
     def body_sha256(self) -> str:
         return hashlib.sha256(self.body_bytes).hexdigest()
+
+    @functools.cached_property
+    def form_pairs(self) -> tuple[tuple[str, str], ...]:
+        """A form body's name=value pairs split as Rack splits them (on ``&`` and ``;``,
+        names stripped); none for any other body. Computed once per call."""
+        if media_type(self.header("Content-Type") or "") != "application/x-www-form-urlencoded":
+            return ()
+        pairs = []
+        for part in re.split(r"[&;]", self.body):
+            name, _, value = part.partition("=")
+            pairs.append((unquote_plus(name).strip(), unquote_plus(value)))
+        return tuple(pairs)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -220,6 +233,14 @@ def is_json(content_type: str) -> bool:
     return "json" in content_type.lower()
 
 
+@functools.lru_cache(maxsize=4096)
+def parameter_names(name: str) -> frozenset[str]:
+    """The names a server may read a parameter as: without case, with PHP's ``.`` and space
+    as ``_``, and each part of a nested ``r[amount]`` (Rails, PHP, qs)."""
+    mangled = folded(name).replace(".", "_").replace(" ", "_")
+    return frozenset({mangled, *(part for part in re.split(r"[\[\]]+", mangled) if part)})
+
+
 def _check_charset(content_type: str) -> None:
     for param in content_type.split(";")[1:]:
         name, _, value = param.partition("=")
@@ -279,13 +300,6 @@ def call_of(
     return call
 
 
-def parameter_names(name: str) -> set[str]:
-    """The names a server may read a parameter as: without case, with PHP's ``.`` and space
-    as ``_``, and each part of a nested ``r[amount]`` (Rails, PHP, qs)."""
-    mangled = folded(name).replace(".", "_").replace(" ", "_")
-    return {mangled, *(part for part in re.split(r"[\[\]]+", mangled) if part)}
-
-
 def _no_method_override(call: HttpCall) -> None:
     """Rails, Laravel, Symfony and others let a ``_method`` parameter turn a POST into a
     DELETE: a call would be judged by one method and run as another. Refused wherever a
@@ -294,8 +308,8 @@ def _no_method_override(call: HttpCall) -> None:
     names = [k for k, _ in call.query]
     if call.is_json and isinstance(call.data, dict):
         names += list(call.data)
-    elif call.body and "_method" in unquote_plus(call.body).casefold():
-        names.append("_method")
+    elif call.body and "_method" in re.sub(r"[. \[]", "_", unquote_plus(call.body).casefold()):
+        names.append("_method")  # PHP reads ".method", " method" and "[method" as _method
     if any("_method" in parameter_names(name) for name in names):
         raise InvalidInput("_method overrides the method on many servers: send the method itself")
 

@@ -23,16 +23,15 @@ only make a call *more* guarded:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote_plus
 
 from keyturn.classify.budget import spend
-from keyturn.classify.http import READ_METHODS, HttpCall, media_type, parameter_names
+from keyturn.classify.http import READ_METHODS, HttpCall, parameter_names
+from keyturn.classify.json_body import folded
 from keyturn.config.rules import Condition, Rule
 from keyturn.config.targets import HttpTarget
-from keyturn.openapi import Operation, plain_number
+from keyturn.openapi import Operation, fold, plain_number
 
 
 def _segments_match(pattern: list[str], path: list[str]) -> bool:
@@ -67,8 +66,8 @@ def pattern_matches(pattern: str, call: HttpCall, *, strict: bool) -> bool:
         return False
     want, have = path[1:].split("/"), list(call.segments)
     if not strict:
-        want = [s if s in ("*", "**") else s.casefold() for s in want]
-        have = [s.casefold() for s in have]
+        want = [s if s in ("*", "**") else fold(s) for s in want]
+        have = [fold(s) for s in have]
         if want[-1:] == [""]:
             want.pop()
         if have[-1:] == [""]:
@@ -84,7 +83,7 @@ def _same(want: Any, have: Any, *, fold: bool = False) -> bool:
     if isinstance(want, int | float) and isinstance(have, int | float):
         return want == have
     if fold and isinstance(want, str) and isinstance(have, str):
-        return want.casefold() == have.casefold()
+        return folded(want) == folded(have)
     return isinstance(want, str) and isinstance(have, str) and want == have
 
 
@@ -139,21 +138,15 @@ def _field(data: Any, dotted: str, *, fold: bool = False) -> tuple[bool, Any]:
     return True, node
 
 
-def _pairs(call: HttpCall) -> list[tuple[str, str]]:
-    """Every name=value a server may read outside a JSON body: the query, and a form body
-    split as Rack splits one (on ``&`` and ``;``, names stripped)."""
-    pairs = list(call.query)
-    if media_type(call.header("Content-Type") or "") == "application/x-www-form-urlencoded":
-        for part in re.split(r"[&;]", call.body):
-            name, _, value = part.partition("=")
-            pairs.append((unquote_plus(name).strip(), unquote_plus(value)))
-    return pairs
-
-
 def _aliases(pairs: Sequence[tuple[str, str]], name: str) -> list[tuple[str, str]]:
     """The pairs a server may read as ``name`` (:func:`parameter_names`)."""
     wanted = parameter_names(name)
-    return [(k, v) for k, v in pairs if parameter_names(k) & wanted]
+    found = []
+    for k, v in pairs:
+        spend()
+        if parameter_names(k) & wanted:
+            found.append((k, v))
+    return found
 
 
 def _in_body(call: HttpCall, name: str) -> bool:
@@ -185,7 +178,7 @@ def _strict(rule: Rule, call: HttpCall) -> bool:
 def _broad(rule: Rule, call: HttpCall) -> bool:
     """A block or hold rule's conditions: met by any copy, in the query, a form body or a
     JSON body, in any spelling a server may read as the parameter."""
-    pairs = _pairs(call)
+    pairs = (*call.query, *call.form_pairs)
     conditions = [*(rule.match.query or {}).items(), *(rule.match.body or {}).items()]
     for name, condition in conditions:
         found, value = _field(call.data, name, fold=True)
@@ -231,5 +224,5 @@ def against_spec(target: HttpTarget, call: HttpCall) -> tuple[Operation | None, 
     operation, why = target.spec.find(call.method, call.segments)
     if operation is None:
         return None, why
-    body = (call.is_json, call.data, call.header("Content-Type"))
+    body = (call.is_json, call.data, call.header("Content-Type"), call.body)
     return operation, target.spec.refusal(operation, call.segments, call.query, body)

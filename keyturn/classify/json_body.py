@@ -14,6 +14,7 @@ import unicodedata
 from typing import Any
 
 from keyturn.errors import InvalidInput
+from keyturn.openapi import fold
 
 MAX_JSON_DEPTH = 64
 
@@ -32,7 +33,8 @@ def _refuse_constant(name: str) -> Any:
 
 
 def folded(key: str) -> str:
-    return unicodedata.normalize("NFKC", key).casefold()
+    """A name as a server that ignores case may read it (NFKC, then :func:`fold`)."""
+    return fold(unicodedata.normalize("NFKC", key))
 
 
 def check_json(value: Any) -> None:

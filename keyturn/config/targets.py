@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -199,7 +201,7 @@ class HttpTarget(TargetBase):
     allow_plain_http: bool = False  # http:// to a host other than loopback
     ca_file: Path | None = None  # trust this CA (PEM) instead of the system's
     timeout: Duration = timedelta(seconds=30)  # connect to last byte of the response
-    max_response_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_response_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_body_bytes: int = Field(default=64 * 1024, ge=1, le=1024 * 1024)  # what an agent sends
     openapi: Path | None = None  # 3.0/3.1, JSON or YAML: names operations, refuses the rest
     vault: HttpVault = HttpVault()
@@ -247,6 +249,18 @@ class HttpTarget(TargetBase):
     @property
     def spec(self) -> Spec | None:
         return self._spec
+
+    @property
+    def where_sent(self) -> str:
+        """A digest of what decides where a call goes and with which credential: an
+        approval names it, and a gateway whose policy now says otherwise does not send."""
+        decides = {
+            "base_url": self.base_url,
+            "ca_file": str(self.ca_file) if self.ca_file else None,
+            "vault": [self.vault.kv, self.vault.identity_token],
+            "inject": [self.inject.header, self.inject.value],
+        }
+        return hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
 
     @property
     def credential_header(self) -> str | None:

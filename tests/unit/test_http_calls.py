@@ -21,7 +21,7 @@ from keyturn.classify.http import call_of, parse_call
 from keyturn.config.loading import parse_config
 from keyturn.config.policy import Config
 from keyturn.config.rules import Masking
-from keyturn.errors import InvalidInput
+from keyturn.errors import ConfigError, InvalidInput, TooComplex
 from keyturn.masking import Masker
 
 SPEC = Path(__file__).parents[2] / "keyturn" / "harness" / "orders-api.yaml"
@@ -615,13 +615,157 @@ def test_a_lone_surrogate_escape_in_a_json_text_body_is_bad_input() -> None:
         parse_call('POST /x\nContent-Type: application/json\n\n{"a":"\\ud800"}')
 
 
-async def test_an_approval_is_sent_only_to_the_base_url_the_card_showed() -> None:
+async def test_an_approval_is_sent_only_where_and_with_what_the_card_showed() -> None:
     from gateway.drivers.http.driver import HttpDriver
     from gateway.usecases.driver import RunFailed
 
     cfg = config()
     driver = HttpDriver(cfg.policy.http_targets(), None, Masker.from_policy(Masking()))
-    handoff = {"kind": "http", "base_url": "https://elsewhere.example"}
-    with pytest.raises(RunFailed, match="not the one approved"):
-        await driver.run_approved("api", "GET /orders", handoff)
+    elsewhere = config(base_url="https://elsewhere.example").policy.http_targets()["api"]
+    other_key = config(vault={"kv": "secret/other"}).policy.http_targets()["api"]
+    for approved in (elsewhere, other_key):
+        handoff = {"kind": "http", "base_url": approved.base_url, "where_sent": approved.where_sent}
+        with pytest.raises(RunFailed, match="not the one approved"):
+            await driver.run_approved("api", "GET /orders", handoff)
     await driver.close()
+
+
+# ------------------------------------------------------------------ the OpenAPI file, read as servers read
+
+SPEC_WITH_EXPORT = """
+openapi: 3.0.3
+info: {title: t, version: "1"}
+paths:
+  /orders/{id}:
+    get:
+      operationId: getOrder
+      parameters: [{name: id, in: path, required: true, schema: {type: string}}]
+  /orders/export:
+    get: {operationId: exportOrders}
+  /orders/{id}.json:
+    get:
+      operationId: getOrderJson
+      parameters: [{name: id, in: path, required: true, schema: {type: integer}}]
+  /items:
+    get:
+      operationId: listItems
+      parameters: [{name: limit, in: query, schema: {type: integer, maximum: 10, nullable: true}}]
+    post:
+      operationId: addItem
+      requestBody:
+        content:
+          application/x-www-form-urlencoded:
+            schema: {type: object, properties: {text: {type: string, maxLength: 10}},
+                     additionalProperties: false}
+          multipart/form-data:
+            schema: {type: object}
+"""
+
+
+def spec_config(tmp_path: Path, rules: list[dict[str, Any]] | None = None) -> Config:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC_WITH_EXPORT)
+    target = {"kind": "http", "base_url": "https://a.example", "openapi": str(spec)}
+    return parse_config({"targets": {"api": target}, "rules": rules or []})
+
+
+@pytest.mark.parametrize("path", ["/orders/EXPORT", "/orders/Export", "/orders/%45xport"])
+def test_an_operation_rule_cannot_be_dodged_by_case(tmp_path: Path, path: str) -> None:
+    # Express routes /orders/EXPORT to /orders/export; the file's own reading is getOrder
+    rules = [
+        {"name": "exports", "match": {"operation": ["exportOrders"]}, "action": "hold"},
+        {"name": "one", "match": {"operation": ["getOrder"]}, "action": "allow"},
+    ]
+    cfg = spec_config(tmp_path, rules)
+    assert decide(cfg, "GET", "/orders/export") == ("hold", "exports")
+    assert decide(cfg, "GET", "/orders/7") == ("allow", "one")
+    verdict = classify(cfg, "api", text("GET", path))
+    assert verdict.action == "block" and "ignores case" in verdict.reasons[0]
+
+
+def test_templates_inside_a_segment_and_nullable_parameters_are_read(tmp_path: Path) -> None:
+    cfg = spec_config(tmp_path, [{"name": "r", "match": {"http": ["GET /**"]}, "action": "allow"}])
+    assert decide(cfg, "GET", "/orders/7.json") == ("allow", "r")
+    # {id}.json is the nearer template: its integer id refuses x (a server may route it so)
+    assert decide(cfg, "GET", "/orders/x.json")[0] == "block"
+    assert decide(cfg, "GET", "/items", query={"limit": "5"}) == ("allow", "r")
+    assert decide(cfg, "GET", "/items", query={"limit": "50"})[0] == "block"
+
+
+def test_a_form_body_is_checked_against_its_schema_and_multipart_is_refused(
+    tmp_path: Path,
+) -> None:
+    cfg = spec_config(
+        tmp_path, [{"name": "w", "match": {"http": ["POST /items"]}, "action": "allow"}]
+    )
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert decide(cfg, "POST", "/items", headers=form, text="text=short") == ("allow", "w")
+    long = classify(cfg, "api", text("POST", "/items", headers=form, text="text=" + "x" * 50))
+    assert long.action == "block" and "is too long" in long.reasons[0]
+    extra = classify(cfg, "api", text("POST", "/items", headers=form, text="text=a&more=1"))
+    assert extra.action == "block" and "Additional properties" in extra.reasons[0]
+    multipart = {"Content-Type": "multipart/form-data; boundary=X"}
+    parts = classify(cfg, "api", text("POST", "/items", headers=multipart, text="--X--"))
+    assert parts.action == "block" and "cannot check" in parts.reasons[0]
+
+
+def test_an_openapi_file_of_aliases_loads_in_its_own_size_or_is_refused(tmp_path: Path) -> None:
+    from keyturn.openapi import Spec
+
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    bomb = tmp_path / "bomb.yaml"  # 10^12 nodes expanded; a dozen shared ones really
+    bomb.write_text(
+        "openapi: 3.0.3\npaths: {}\nx-laughs:\n" + "\n".join("  " + line for line in laughs)
+    )
+    assert Spec.load(bomb).operations == ()
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("openapi: 3.0.3\npaths: {}\nx-loop: &a [*a]\n")
+    with pytest.raises(ConfigError, match="contains itself"):
+        Spec.load(loop)
+
+
+# ------------------------------------------------------------------ more spellings servers read
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", ".method=DELETE"),
+        ("application/x-www-form-urlencoded", "%2Emethod=DELETE"),
+        ("application/x-www-form-urlencoded", "[method=DELETE"),
+        ("multipart/form-data; boundary=X",
+         '--X\r\nContent-Disposition: form-data; name=".method"\r\n\r\nDELETE\r\n--X--'),
+    ],
+)  # fmt: skip
+def test_phps_renaming_cannot_smuggle_a_method_override(content_type: str, body: str) -> None:
+    with pytest.raises(InvalidInput, match="_method"):
+        call_of("POST", "/orders/7", headers={"Content-Type": content_type}, text=body)
+
+
+def test_a_guard_folds_case_as_java_does_too() -> None:
+    cfg = parse_config(
+        {
+            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "rules": [
+                {"name": "admin", "match": {"http": ["* /admin/**"]}, "action": "block"},
+                {"name": "reads", "match": {"http": ["GET /**"]}, "action": "allow"},
+            ],
+        }
+    )
+    for spelled in ("/adm%C4%B1n/users", "/ADM%C4%B0N/users"):  # dotless i, dotted capital I
+        assert decide(cfg, "GET", spelled) == ("block", "admin"), spelled
+
+
+def test_judging_a_huge_form_body_against_many_conditions_is_bounded() -> None:
+    rules = [
+        {"name": f"g{i}", "match": {"http": ["POST /r"], "body": {f"f{i}": 1, f"h{i}": 2}},
+         "action": "block"}
+        for i in range(50)
+    ]  # fmt: skip
+    cfg = parse_config(
+        {"targets": {"api": {"kind": "http", "base_url": "https://a.example"}}, "rules": rules}
+    )
+    form = {"headers": {"Content-Type": "application/x-www-form-urlencoded"}, "text": "a&" * 30000}
+    with pytest.raises(TooComplex):
+        decide(cfg, "POST", "/r", **form)

@@ -94,12 +94,14 @@ class HttpDriver:
         self, target: str, command: str, credentials: dict[str, Any]
     ) -> dict[str, Any]:
         """``credentials`` is the bot's hand-off, already checked against the approved hash:
-        the approval itself, naming the base URL the card showed (a policy changed since
-        cannot send the call elsewhere). The API's credential is read now, from Vault."""
-        approved_at = credentials.get("base_url")
-        if approved_at != self._targets[target].base_url:
+        the approval itself, naming where the card said the call goes and with which
+        credential (a policy changed since cannot send it elsewhere, or with another key).
+        The API's credential is read now, from Vault."""
+        settings = self._targets[target]
+        if credentials.get("where_sent") != settings.where_sent:
             raise RunFailed(
-                f"{target}'s base_url is not the one approved ({approved_at}): not sent",
+                f"{target}'s base_url, CA or credential is not the one approved (approved for "
+                f"{credentials.get('base_url')}): not sent",
                 final=False,
             )
         call = self._call(command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import aiohttp
@@ -84,6 +85,16 @@ def _strings(value: Any) -> list[str]:
     return found
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+
+
+def _named(content_type: str) -> str:
+    """A content type for a note, only if it is one: a note is keyturn's own words, so the
+    API's header text (which could say anything to a model) is never quoted."""
+    media = media_type(content_type)
+    return media if _MEDIA_TYPE.fullmatch(media) else "an unnamed type"
+
+
 WITHHELD = "the answer quotes the API's credential in a form keyturn cannot cut out: not shown"
 
 
@@ -130,17 +141,20 @@ class Responses:
         if not body:
             return {}
         if encoding.lower() != "identity":
-            return {"note": f"a {encoding} compressed body is not shown"}
+            return {"note": "a compressed body is not shown"}
         if is_json(content_type) and truncated:
             return {"note": "a JSON body larger than the target's max_response_bytes is not shown"}
         text = _utf8(body, truncated)
         if text is None:
-            return {"note": f"a binary body ({media_type(content_type) or 'no type'}) is not shown"}
+            return {"note": f"a binary body ({_named(content_type)}) is not shown"}
         if is_json(content_type):
             try:
                 return {"json": self.masker.json(json.loads(text), clean=credential.scrub_text)}
             except (ValueError, RecursionError):
-                pass  # not JSON after all: shown as masked text
+                pass  # not JSON after all (a BOM, an XSSI prefix): read as text below
         elif not is_text(content_type):
-            return {"note": f"a {media_type(content_type)} body is not shown"}
+            return {"note": f"a body of type {_named(content_type)} is not shown"}
+        if self.masker.names_masked_key(text):  # CSV, XML, JSON keyturn could not parse...
+            return {"note": "a text answer that names a masked field is not shown: fields are "
+                    "masked in JSON answers only"}  # fmt: skip
         return {"text": self.masker.text(credential.scrub_text(text))}
