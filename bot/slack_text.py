@@ -55,14 +55,21 @@ def mention(user: str | None) -> str:
     return literal(user or "")
 
 
+_FENCE = re.compile("`{3,}")  # any run of three or more: four would still close a fence
+
+
 def code_block(text: str) -> str:
     """``text`` as a code block; callers keep it within a section (see :func:`chunks`)."""
-    body = escape(text).replace("```", "`\u200b``")  # a fence inside must not close ours
+    body = _FENCE.sub(lambda run: "\u200b".join(run.group()), escape(text))  # ``` ends ours
+    if body.startswith("`"):  # nor may a backtick at either end join our own fence
+        body = "\u200b" + body
+    if body.endswith("`"):
+        body += "\u200b"
     return f"```{body}```"
 
 
 # What a character costs inside a code block: escaped entities, and at most one zero-width
-# space per backtick where a fence is broken up.
+# space per backtick where a fence is broken up (and one at either end).
 _COST = {"&": 5, "<": 4, ">": 4, "`": 2}
 
 

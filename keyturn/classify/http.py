@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_plus, unquote_to_bytes, urlencode
 
+from keyturn.classify.budget import spend
 from keyturn.classify.json_body import dump_json, folded, load_json
 from keyturn.config.rules import HTTP_METHODS
 from keyturn.errors import InvalidInput
@@ -82,6 +83,23 @@ class HttpCall:
     @property
     def body_sha256(self) -> str:
         return hashlib.sha256(self.body_bytes).hexdigest()
+
+    @functools.cached_property
+    def json_keys(self) -> tuple[tuple[str, Any], ...]:
+        """Every (key, value) of a JSON body, at any depth: where a server may find a
+        parameter (Rails' wrapped params, lodash's paths). Computed once per call, within
+        the judging budget."""
+        found: list[tuple[str, Any]] = []
+        stack = [self.data] if self.is_json else []
+        while stack:
+            spend()
+            node = stack.pop()
+            if isinstance(node, dict):
+                found += node.items()
+                stack += node.values()
+            elif isinstance(node, list):
+                stack += node
+        return tuple(found)
 
     @functools.cached_property
     def form_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -222,22 +240,36 @@ def headers_of(value: object) -> dict[str, str]:
 
 
 def media_type(content_type: str) -> str:
-    """``application/json`` of ``Application/JSON; charset=utf-8``."""
-    return content_type.split(";", 1)[0].strip().lower()
+    """``application/json`` of ``Application/JSON; charset=utf-8``: what precedes the first
+    ``;``, ``,`` or space, where Rack, Rails and PHP cut it."""
+    return re.split(r"[;,\s]", content_type.strip(), maxsplit=1)[0].lower()
 
 
 def is_json(content_type: str) -> bool:
-    """JSON as keyturn reads a body, sent or answered: any type that mentions json
-    (``application/json``, ``…+json``, ``text/json``; Laravel reads ``text/plain; x=/json``
-    as JSON too), so a body a server may parse as JSON is one keyturn parsed and judged."""
-    return "json" in content_type.lower()
+    """JSON as keyturn reads a body, sent or answered: its media type is ``…/json`` or
+    ``…+json`` (``text/json`` too, as ASP.NET and Laravel read it)."""
+    media = media_type(content_type)
+    return media.endswith(("/json", "+json"))
+
+
+def _one_type(content_type: str) -> None:
+    """A Content-Type one server reads as JSON (Laravel looks for ``/json`` anywhere in it)
+    and another as a form (Rack cuts it at ``;``, ``,`` or a space) means two things, as
+    does a list of types: refused."""
+    if "," in content_type:
+        raise InvalidInput("Content-Type must name one type (no commas)")
+    if "json" in content_type.lower() and not is_json(content_type):
+        raise InvalidInput(
+            f"Content-Type {media_type(content_type)} with json in it reads as JSON to some "
+            "servers and not to others: send application/json, or no json in the type"
+        )
 
 
 @functools.lru_cache(maxsize=4096)
 def parameter_names(name: str) -> frozenset[str]:
     """The names a server may read a parameter as: without case, with PHP's ``.`` and space
     as ``_``, and each part of a nested ``r[amount]`` (Rails, PHP, qs)."""
-    mangled = folded(name).replace(".", "_").replace(" ", "_")
+    mangled = folded(name).lstrip(" ").replace(".", "_").replace(" ", "_")  # PHP's reading
     return frozenset({mangled, *(part for part in re.split(r"[\[\]]+", mangled) if part)})
 
 
@@ -284,6 +316,7 @@ def call_of(
     else:
         body = ""
     if content_type is not None:
+        _one_type(content_type)
         _check_charset(content_type)
     if "\x00" in body:
         raise InvalidInput("the body must not contain NUL characters")

@@ -149,9 +149,16 @@ def _aliases(pairs: Sequence[tuple[str, str]], name: str) -> list[tuple[str, str
     return found
 
 
-def _in_body(call: HttpCall, name: str) -> bool:
-    wanted = parameter_names(name.split(".", 1)[0])
-    return isinstance(call.data, dict) and any(parameter_names(k) & wanted for k in call.data)
+def _in_json(call: HttpCall, name: str) -> list[Any]:
+    """The values of every key, at any depth of a JSON body, a server may read as the
+    parameter ``name`` (its last part: ``refund.amount`` is ``amount`` to Rails' wrapped
+    params), and of a literal dotted key (lodash's ``_.get`` reads ``"refund.amount"``)."""
+    wanted = parameter_names(name.split(".")[-1])
+    return [
+        value
+        for key, value in call.json_keys
+        if parameter_names(key) & wanted or ("." in name and folded(key) == folded(name))
+    ]
 
 
 def _strict(rule: Rule, call: HttpCall) -> bool:
@@ -162,7 +169,7 @@ def _strict(rule: Rule, call: HttpCall) -> bool:
         return False
     for name, condition in (rule.match.query or {}).items():
         named = _aliases(call.query, name)
-        if not named or any(k != name for k, _ in named) or _in_body(call, name):
+        if not named or any(k != name for k, _ in named) or _in_json(call, name):
             return False
         if not all(_query_meets(condition, v) for _, v in named):
             return False
@@ -170,20 +177,23 @@ def _strict(rule: Rule, call: HttpCall) -> bool:
         found, value = _field(call.data, name)
         parts = name.split(".")
         elsewhere = _aliases(call.query, parts[0]) or _aliases(call.query, parts[-1])
-        if not found or not meets(condition, value) or elsewhere:
+        copies = len(_in_json(call, name))  # the one at the rule's path, and no other
+        if not found or not meets(condition, value) or elsewhere or copies != 1:
             return False
     return True
 
 
 def _broad(rule: Rule, call: HttpCall) -> bool:
     """A block or hold rule's conditions: met by any copy, in the query, a form body or a
-    JSON body, in any spelling a server may read as the parameter."""
+    JSON body (at any depth), in any spelling a server may read as the parameter."""
     pairs = (*call.query, *call.form_pairs)
     conditions = [*(rule.match.query or {}).items(), *(rule.match.body or {}).items()]
     for name, condition in conditions:
         found, value = _field(call.data, name, fold=True)
+        values = [value] if found else []
+        values += _in_json(call, name)
+        in_json = any(meets(condition, v, fold=True) for v in values)
         named = _aliases(pairs, name.split(".")[-1])
-        in_json = found and meets(condition, value, fold=True)
         if not in_json and not any(_query_meets(condition, v, fold=True) for _, v in named):
             return False
     return True

@@ -7,6 +7,7 @@ and the API another. Each is refused, or judged the way the server will read it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -531,18 +532,24 @@ def test_a_cut_answer_loses_a_fixed_tail_whatever_it_holds() -> None:
     ],
 )  # fmt: skip
 def test_a_method_override_in_any_body_is_refused(content_type: str, body: str) -> None:
-    with pytest.raises(InvalidInput, match="_method"):
+    with pytest.raises(InvalidInput, match=r"_method|json"):
         call_of("POST", "/orders/7", headers={"Content-Type": content_type}, text=body)
 
 
-def test_a_body_that_mentions_json_is_judged_as_json() -> None:
-    # Laravel reads any type holding "/json" as JSON; keyturn parses and judges it so too
-    call = call_of(
-        "POST", "/r", headers={"Content-Type": "text/plain; x=/json"}, text='{ "amount" : 5 }'
-    )
+def test_a_body_is_json_when_its_media_type_is_and_never_ambiguously() -> None:
+    call = call_of("POST", "/r", headers={"Content-Type": "text/json"}, text='{ "amount" : 5 }')
     assert call.is_json and call.data == {"amount": 5} and call.body == '{"amount":5}'
     refund = {"headers": {"Content-Type": "text/json"}, "text": '{"amount": 5000}'}
     assert decide(config(), "POST", "/orders/7/refunds", **refund)[0] == "hold"
+    # JSON to Laravel (/json anywhere), a form to Rack and PHP (cut at ; , or a space)
+    for ambiguous in (
+        "text/plain; x=/json",
+        "application/x-www-form-urlencoded; x=json",
+        "application/x-www-form-urlencoded, application/json",
+        "application/x-www-form-urlencoded json",
+    ):
+        with pytest.raises(InvalidInput, match=r"json|one type"):
+            call_of("POST", "/r", headers={"Content-Type": ambiguous}, text='{"amount":50}')
 
 
 @pytest.mark.parametrize(
@@ -769,3 +776,89 @@ def test_judging_a_huge_form_body_against_many_conditions_is_bounded() -> None:
     form = {"headers": {"Content-Type": "application/x-www-form-urlencoded"}, "text": "a&" * 30000}
     with pytest.raises(TooComplex):
         decide(cfg, "POST", "/r", **form)
+
+
+# ------------------------------------------------------------------ a fifth outside round
+
+
+def test_php_drops_a_parameter_names_leading_spaces() -> None:
+    both = [["limit", "50"], [" limit", "5000"]]  # PHP's $_GET['limit'] is 5000
+    assert decide(config(), "GET", "/orders", query=both)[0] == "hold"
+    with pytest.raises(InvalidInput, match="_method"):
+        call_of("POST", "/orders/7", query=[[" _method", "DELETE"]])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"amount": 50, "refund": {"amount": 5000}},  # Rails reads params[:refund][:amount]
+        {"amount": 50, "items": [{"amount": 5000}]},
+    ],
+)
+def test_an_allow_condition_needs_its_field_once_in_the_whole_body(body: Any) -> None:
+    assert decide(config(), "POST", "/orders/7/refunds", json_body=(True, body))[0] == "hold"
+
+
+def test_a_literal_dotted_key_is_the_dotted_field_too() -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "small", "match": {"http": ["POST /r"],
+             "body": {"refund.amount": {"at_most": 100}}}, "action": "allow"},
+        ],
+    }  # fmt: skip
+    cfg = parse_config(data)
+    assert decide(cfg, "POST", "/r", json_body=(True, {"refund": {"amount": 50}})) == (
+        "allow",
+        "small",
+    )
+    lodash = {"refund.amount": 5000, "refund": {"amount": 50}}  # _.get reads the literal key
+    assert decide(cfg, "POST", "/r", json_body=(True, lodash))[0] == "hold"
+
+
+def test_a_query_condition_never_allows_with_the_parameter_deep_in_the_body() -> None:
+    nested = {"query": {"limit": 50}, "json_body": (True, {"order": {"limit": 5000}})}
+    assert decide(config(), "GET", "/orders", **nested)[0] == "hold"
+
+
+def test_a_guard_reads_a_parameter_deep_in_the_body() -> None:
+    data = {
+        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "rules": [
+            {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
+             "action": "block"},
+        ],
+    }  # fmt: skip
+    deep = {"amount": 5, "refund": {"amount": 5000}}
+    assert decide(parse_config(data), "POST", "/r", json_body=(True, deep)) == ("block", "big")
+
+
+def _decodable(text: bytes, altchars: bytes) -> bytes:
+    """Everything an agent could decode from the base64 runs left in ``text``."""
+    out = b""
+    for run in text.split(b"***"):
+        for skip in range(4):
+            piece = run[skip:]
+            piece = piece[: len(piece) - len(piece) % 4]
+            with contextlib.suppress(ValueError):
+                out += base64.b64decode(piece, altchars=altchars) + b"|"
+    return out
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4, 5])
+def test_the_key_in_base64_is_cut_out_at_any_alignment(offset: int) -> None:
+    # an echo that base64-encodes the whole request: the agent shifts the key's alignment
+    key = "AKIAab+cd/ef0123456789=="
+    cred = Credential.of("Authorization", f"Bearer {key}", [key])
+    echoed = ("x" * offset + f"Authorization: Bearer {key}\r\nHost: api\r\n").encode()
+    for encode, altchars in ((base64.b64encode, b"+/"), (base64.urlsafe_b64encode, b"-_")):
+        left = _decodable(cred.scrub(encode(echoed)), altchars)
+        assert key[2:-2].encode() not in left, (offset, altchars)
+
+
+def test_a_fence_in_a_command_never_closes_the_cards_code_block() -> None:
+    from bot.slack_text import code_block
+
+    for hostile in ("a````b", "`````", "x`", "`x", "``` ```"):
+        inside = code_block(hostile)[3:-3]
+        assert "```" not in inside and not inside.startswith("`") and not inside.endswith("`")

@@ -4,10 +4,10 @@ kept after it, and scrubbed from whatever the API answers.
 An API may echo what it was sent (httpbin does; so do debugging endpoints and error pages
 that quote the request). The answer passes through :meth:`Credential.scrub` before anything
 else reads it: every spelling of the key an echo is likely to use (as sent, JSON-escaped,
-percent-encoded, base64) is replaced, and a cut answer loses a tail as long as the longest of
-them, whatever it holds. Then what the agent would be shown is checked again as decoders
-would read it (:meth:`Credential.leaks`: JSON and HTML escapes, percent-encoding in any
-case, hex): an answer that still carries the key is not shown at all.
+percent-encoded, base64 at any alignment) is replaced, and a cut answer loses a tail as long
+as the longest of them, whatever it holds. Then what the agent would be shown is checked
+again as decoders would read it (:meth:`Credential.leaks`: JSON and HTML escapes,
+percent-encoding in any case, hex): an answer that still carries the key is not shown.
 """
 
 from __future__ import annotations
@@ -33,6 +33,20 @@ MASK = b"***"
 SHORTEST = 4  # shorter values are not scrubbed (they would mangle every answer)
 
 
+def _base64_inside(raw: bytes) -> set[bytes]:
+    """The key's base64 wherever it starts in a longer encoded text (an echo that encodes
+    the whole request): at each of the three byte alignments, the characters that depend on
+    the key alone (the first and last block also hold their neighbours' bits)."""
+    found = set()
+    for pad in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(b"\0" * pad + raw).rstrip(b"=")
+            middle = encoded[4 if pad else 0 : len(encoded) - 4]
+            if len(middle) >= 2 * SHORTEST:
+                found.add(middle)
+    return found
+
+
 def _spellings(value: str) -> set[bytes]:
     raw = value.encode()
     return {
@@ -42,6 +56,7 @@ def _spellings(value: str) -> set[bytes]:
         quote_plus(value).encode(),
         base64.b64encode(raw),
         base64.urlsafe_b64encode(raw).rstrip(b"="),
+        *_base64_inside(raw),
     }
 
 
