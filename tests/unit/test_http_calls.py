@@ -26,6 +26,7 @@ from keyturn.errors import ConfigError, InvalidInput, TooComplex
 from keyturn.masking import Masker
 
 SPEC = Path(__file__).parents[2] / "keyturn" / "harness" / "orders-api.yaml"
+API = {"api": {"kind": "http", "base_url": "https://a.example"}}  # a target for rules' tests
 
 
 def text(method: str, path: str, **parts: Any) -> str:
@@ -235,7 +236,7 @@ def test_a_body_condition_is_met_only_by_its_own_type(body: Any) -> None:
 
 def test_equals_and_one_of_compare_json_types_too() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "one", "match": {"http": ["POST /x"], "body": {"n": 1}}, "action": "allow"},
             {"name": "some", "match": {"http": ["POST /y"], "body": {"n": {"one_of": [1, "a"]}}},
@@ -318,7 +319,7 @@ def test_rules_may_name_openapi_operations() -> None:
 
 def test_policy_tests_and_shadow_rules_cover_http_rules() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "try", "match": {"http": ["DELETE /**"]}, "action": "block", "mode": "shadow"},
             {"name": "reads", "match": {"http": ["GET /**"]}, "action": "allow"},
@@ -401,7 +402,7 @@ def test_a_parameter_in_the_query_and_the_body_is_never_allowed_by_either() -> N
 
 def test_a_guard_on_a_parameter_reads_both_places_and_any_case() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
              "action": "block"},
@@ -459,7 +460,7 @@ def test_a_method_override_is_refused(parts: dict[str, Any]) -> None:
 def test_many_double_stars_against_a_long_path_are_bounded_work() -> None:
     cfg = parse_config(
         {
-            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "targets": API,
             "rules": [
                 {"name": "deep", "match": {"http": ["* /**/a/**/a/**/a/**/b"]}, "action": "block"}
             ],
@@ -566,7 +567,7 @@ def test_an_allow_condition_never_holds_when_a_server_may_read_the_parameter_els
     query: dict[str, str], parts: dict[str, Any]
 ) -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "small", "match": {"http": ["POST /orders/*/refunds"],
              "body": {"amount": {"at_most": 100}}}, "action": "allow"},
@@ -581,7 +582,7 @@ def test_an_allow_condition_never_holds_when_a_server_may_read_the_parameter_els
 def test_php_mangled_names_are_the_same_parameter() -> None:
     paged = parse_config(
         {
-            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "targets": API,
             "rules": [
                 {
                     "name": "small-pages",
@@ -598,7 +599,7 @@ def test_php_mangled_names_are_the_same_parameter() -> None:
 
 def test_a_guard_reads_a_form_body_too() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
              "action": "block"},
@@ -753,7 +754,7 @@ def test_phps_renaming_cannot_smuggle_a_method_override(content_type: str, body:
 def test_a_guard_folds_case_as_java_does_too() -> None:
     cfg = parse_config(
         {
-            "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+            "targets": API,
             "rules": [
                 {"name": "admin", "match": {"http": ["* /admin/**"]}, "action": "block"},
                 {"name": "reads", "match": {"http": ["GET /**"]}, "action": "allow"},
@@ -770,9 +771,7 @@ def test_judging_a_huge_form_body_against_many_conditions_is_bounded() -> None:
          "action": "block"}
         for i in range(50)
     ]  # fmt: skip
-    cfg = parse_config(
-        {"targets": {"api": {"kind": "http", "base_url": "https://a.example"}}, "rules": rules}
-    )
+    cfg = parse_config({"targets": API, "rules": rules})
     form = {"headers": {"Content-Type": "application/x-www-form-urlencoded"}, "text": "a&" * 30000}
     with pytest.raises(TooComplex):
         decide(cfg, "POST", "/r", **form)
@@ -801,7 +800,7 @@ def test_an_allow_condition_needs_its_field_once_in_the_whole_body(body: Any) ->
 
 def test_a_literal_dotted_key_is_the_dotted_field_too() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "small", "match": {"http": ["POST /r"],
              "body": {"refund.amount": {"at_most": 100}}}, "action": "allow"},
@@ -823,7 +822,7 @@ def test_a_query_condition_never_allows_with_the_parameter_deep_in_the_body() ->
 
 def test_a_guard_reads_a_parameter_deep_in_the_body() -> None:
     data = {
-        "targets": {"api": {"kind": "http", "base_url": "https://a.example"}},
+        "targets": API,
         "rules": [
             {"name": "big", "match": {"http": ["POST /r"], "body": {"amount": {"at_least": 1000}}},
              "action": "block"},
