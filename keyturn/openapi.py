@@ -13,11 +13,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import yaml
 from jsonschema import Draft4Validator, Draft202012Validator
@@ -256,10 +255,10 @@ class Spec:
         op: Operation,
         segments: tuple[str, ...],
         query: tuple[tuple[str, str], ...],
-        body: tuple[bool, Any, str | None, str],
+        body: tuple[bool, Any, str | None, Sequence[tuple[str, str]]],
     ) -> str | None:
         """Why the spec does not allow this call of ``op``, or None. ``body`` is (is JSON,
-        parsed JSON, content type or None, the body's text)."""
+        parsed JSON, content type or None, a form body's pairs as the guards read them)."""
         bound = op.bind(segments) or {}
         for param in op.parameters:
             where, name = param.get("in"), str(param.get("name"))
@@ -284,7 +283,7 @@ class Spec:
             error = self._error(f"{where} parameter {name}", typed, schema)
             if error:
                 return error
-        is_json, data, content_type, text = body
+        is_json, data, content_type, form = body
         if op.body is None:
             return "the operation takes no body" if content_type else None
         if content_type is None:
@@ -299,13 +298,13 @@ class Spec:
         if is_json:
             return self._error("body", data, schema)
         if media == "application/x-www-form-urlencoded":
-            return self._form_error(text, schema)
+            return self._form_error(form, schema)
         return f"keyturn cannot check a {media} body against the OpenAPI file's schema"
 
-    def _form_error(self, text: str, schema: dict[str, Any]) -> str | None:
+    def _form_error(self, form: Sequence[tuple[str, str]], schema: dict[str, Any]) -> str | None:
         """A form body as its schema's types read it (a name given twice is an array's)."""
         fields: dict[str, list[str]] = {}
-        for name, value in parse_qsl(text, keep_blank_values=True):
+        for name, value in form:
             fields.setdefault(name, []).append(value)
         properties = schema.get("properties") or {}
         typed: dict[str, Any] = {}

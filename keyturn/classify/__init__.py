@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os.path
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -146,6 +147,32 @@ def _classify_sql(
     return verdict
 
 
+def _first_rule(
+    config: Config,
+    target_name: str,
+    who: Identity | None,
+    matched: Callable[[Rule], list[str] | None],
+    unmatched: list[str],
+    kinds: frozenset[str] = frozenset(),
+) -> Verdict:
+    """The first rule for this target and identity that ``matched`` (its reasons, or None
+    when the rule does not match or is not for this kind of command) decides; shadow rules
+    that match before it are recorded, never enforced; no rule: hold."""
+    shadow: list[tuple[str, Action]] = []
+    for rule in config.policy.rules:
+        if not _applies(rule, target_name, who):
+            continue
+        reasons = matched(rule)
+        if reasons is None:
+            continue
+        if rule.mode == "shadow":
+            shadow.append((rule.name, rule.action))
+        else:
+            return Verdict(rule.action, rule, reasons, kinds, tuple(shadow))
+    reasons = [*unmatched, "no rule matched: held by default"]
+    return Verdict("hold", None, reasons, kinds, tuple(shadow))
+
+
 def _sql_rules(
     config: Config, target_name: str, command: str, who: Identity | None, catalog: Catalog | None
 ) -> Verdict:
@@ -155,24 +182,20 @@ def _sql_rules(
         return Verdict(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
-    shadow: list[tuple[str, Action]] = []
-    for rule in config.policy.rules:
-        if not _applies(rule, target_name, who) or rule.match.sql is None:
-            continue
+
+    def matched(rule: Rule) -> list[str] | None:
+        if rule.match.sql is None:
+            return None
         listed = set(rule.match.sql)
         if "any" in listed:
-            matched = True
+            hit = True
         elif rule.action == "allow":
-            matched = kinds <= listed
+            hit = kinds <= listed
         else:
-            matched = bool(kinds & listed)
-        if matched and rule.mode == "shadow":
-            shadow.append((rule.name, rule.action))
-        elif matched:
-            reasons = analysis.reasons or [f"matches {sorted(kinds)}"]
-            return Verdict(rule.action, rule, reasons, kinds, tuple(shadow))
-    reasons = [*analysis.reasons, "no rule matched: held by default"]
-    return Verdict("hold", None, reasons, kinds, tuple(shadow))
+            hit = bool(kinds & listed)
+        return (analysis.reasons or [f"matches {sorted(kinds)}"]) if hit else None
+
+    return _first_rule(config, target_name, who, matched, analysis.reasons, kinds)
 
 
 def _hit(argv: list[str], patterns: list[str], *, whole: bool) -> bool:
@@ -188,24 +211,18 @@ def _classify_shell(
             "hold", None, [*analysis.reasons, "held: only parsed commands can be allowed"]
         )
     commands = analysis.commands
-    shadow: list[tuple[str, Action]] = []
-    for rule in config.policy.rules:
-        if not _applies(rule, target_name, who) or rule.match.shell is None:
-            continue
+
+    def matched(rule: Rule) -> list[str] | None:
         patterns = rule.match.shell
+        if patterns is None:
+            return None
         if rule.action == "allow":  # every command, argument for argument, and nothing unsafe
-            matched = not analysis.unsafe and all(
-                _hit(argv, patterns, whole=True) for argv in commands
-            )
+            hit = not analysis.unsafe and all(_hit(argv, patterns, whole=True) for argv in commands)
         else:  # any command (or one run by another), with any arguments past the pattern's
-            matched = any(_hit(argv, patterns, whole=False) for argv in commands + analysis.inner)
-        if matched and rule.mode == "shadow":
-            shadow.append((rule.name, rule.action))
-        elif matched:
-            reasons = analysis.reasons or [f"matches {rule.match.shell}"]
-            return Verdict(rule.action, rule, reasons, shadow=tuple(shadow))
-    reasons = [*analysis.reasons, "no rule matched: held by default"]
-    return Verdict("hold", None, reasons, shadow=tuple(shadow))
+            hit = any(_hit(argv, patterns, whole=False) for argv in commands + analysis.inner)
+        return (analysis.reasons or [f"matches {patterns}"]) if hit else None
+
+    return _first_rule(config, target_name, who, matched, analysis.reasons)
 
 
 def _classify_http(
@@ -218,16 +235,14 @@ def _classify_http(
     operation, refusal = against_spec(target, call)
     if refusal:
         return Verdict("block", None, [f"not allowed by the API's OpenAPI file: {refusal}"], kinds)
-    shadow: list[tuple[str, Action]] = []
-    for rule in config.policy.rules:
-        if not _applies(rule, target_name, who) or not (rule.match.http or rule.match.operation):
-            continue
+
+    def matched(rule: Rule) -> list[str] | None:
+        if not (rule.match.http or rule.match.operation):
+            return None
         hit = rule_matches(rule, call, operation)
-        if hit is not None and rule.mode == "shadow":
-            shadow.append((rule.name, rule.action))
-        elif hit is not None:
-            return Verdict(rule.action, rule, [f"matches {hit}"], kinds, tuple(shadow))
-    return Verdict("hold", None, ["no rule matched: held by default"], kinds, tuple(shadow))
+        return [f"matches {hit}"] if hit is not None else None
+
+    return _first_rule(config, target_name, who, matched, [], kinds)
 
 
 def policy_warnings(config: Config) -> list[str]:

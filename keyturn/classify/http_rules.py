@@ -127,7 +127,7 @@ def _field(data: Any, dotted: str, *, fold: bool = False) -> tuple[bool, Any]:
     node = data
     for part in dotted.split("."):
         if isinstance(node, dict):
-            keys = [k for k in node if k == part or (fold and k.casefold() == part.casefold())]
+            keys = [k for k in node if k == part or (fold and folded(k) == folded(part))]
             if not keys:
                 return False, None
             node = node[keys[0]]  # keys differing only in case were refused (check_json)
@@ -234,5 +234,5 @@ def against_spec(target: HttpTarget, call: HttpCall) -> tuple[Operation | None, 
     operation, why = target.spec.find(call.method, call.segments)
     if operation is None:
         return None, why
-    body = (call.is_json, call.data, call.header("Content-Type"), call.body)
+    body = (call.is_json, call.data, call.header("Content-Type"), call.form_pairs)
     return operation, target.spec.refusal(operation, call.segments, call.query, body)

@@ -133,18 +133,14 @@ async def read_credential(vault: Vault | None, target: HttpTarget, wait: float) 
             else:
                 secret = await vault.kv_secret(*target.vault.kv_mount_path)
             break
-        except VaultUnavailable as exc:
+        except KeyturnError as exc:
             delay = backoff.next()
-            if loop.time() + delay > give_up:
-                raise RunFailed(
-                    f"the API's credential cannot be read ({exc.message}): nothing was sent",
-                    final=False,
-                    outcome="unreachable",
-                ) from None
-            log.warning("waiting for Vault to send an approved call: %s", exc.message)
-            await asyncio.sleep(delay)
-        except KeyturnError as exc:  # the operator's to fix: Vault's policy, the path
-            log.error("the key of an HTTP target cannot be read: %s", exc.message)
+            if isinstance(exc, VaultUnavailable) and loop.time() + delay <= give_up:
+                log.warning("waiting for Vault to send an approved call: %s", exc.message)
+                await asyncio.sleep(delay)
+                continue
+            if not isinstance(exc, VaultUnavailable):  # the operator's: Vault's policy, a path
+                log.error("the key of an HTTP target cannot be read: %s", exc.message)
             raise RunFailed(
                 f"the API's credential cannot be read ({exc.message}): nothing was sent",
                 final=False,

@@ -105,7 +105,7 @@ class HttpDriver:
                 final=False,
             )
         call = self._call(command)
-        credential = await read_credential(self._vault, self._targets[target], CREDENTIAL_WAIT)
+        credential = await read_credential(self._vault, settings, CREDENTIAL_WAIT)
         return await self._send(target, call, credential)
 
     def background(self) -> list[Loop]:
