@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import ssl
 from collections.abc import Callable
@@ -361,8 +362,9 @@ class Vault:
         return str(data["signed_key"]), str(data.get("serial_number", ""))
 
     async def _fast_read(self, path: str) -> dict[str, Any]:
-        """GET ``path`` over aiohttp on the event loop; errors as :func:`_translate` words
-        hvac's (the response body is never quoted: it may hold the secret)."""
+        """GET ``path`` over aiohttp on the event loop. A failure is mapped by its status as
+        hvac maps it, then worded by :func:`_translate`, as every other Vault call's is (the
+        response body is never quoted beyond Vault's own ``errors``)."""
         if self._aio is None or self._aio.closed:
             verify: ssl.SSLContext | bool = self._verify is not False
             if isinstance(self._verify, str):
@@ -376,24 +378,19 @@ class Vault:
         try:
             async with self._aio.get(f"{self.addr}/v1/{path}", headers=headers) as resp:
                 status = resp.status
-                body = await resp.json(content_type=None) if status in (200, 400) else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            raise VaultUnavailable(
-                f"Vault at {self.addr} is not reachable ({path}): is it running and is the "
-                "address right?"
-            ) from None
+                text = await resp.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            unreachable = requests.exceptions.ConnectionError()  # worded as the hvac path words it
+            raise _translate(unreachable, self.addr, path) from exc
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
         if status == 200 and isinstance(body, dict):
             return body
-        if status == 503:
-            raise VaultSealed(f"Vault at {self.addr} is sealed ({path}): unseal it, then retry")
-        if status == 403:
-            raise VaultForbidden(f"Vault refused {path}: permission denied by policy")
-        if status == 404:
-            raise NotFound(f"Vault has nothing at {path}")
-        if status == 400:
-            errors = body.get("errors") if isinstance(body, dict) else None
-            raise VaultRequestError(f"Vault rejected {path}: {_first(errors)}")
-        raise VaultUnavailable(f"Vault at {self.addr} failed on {path}: HTTP {status}")
+        errors = body.get("errors") if isinstance(body, dict) else None
+        error = hvac.exceptions.VaultError.from_status(status, errors=errors)
+        raise _translate(error, self.addr, path) from None
 
     async def kv_secret(self, mount: str, path: str) -> dict[str, Any]:
         """A KV v2 secret's current fields, read anew each time (a rotation takes effect at
