@@ -10,8 +10,9 @@ supervised loops (:mod:`keyturn.supervise`) and stops them in reverse. Tests cal
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -22,6 +23,8 @@ from gateway.drivers.postgres.driver import PostgresDriver
 from gateway.drivers.postgres.logins import ReadOnlyLogins
 from gateway.drivers.ssh import SshDriver
 from gateway.edges.http import EDGE_KEY, Edge, create_app
+from gateway.edges.pgwire.server import WireConfig, WireServer
+from gateway.edges.pgwire.session import Settings as WireSettings
 from gateway.journal import Journal
 from gateway.judging import Turns
 from gateway.metrics import Metrics
@@ -32,6 +35,8 @@ from gateway.usecases.gateway import Gateway, poll
 from gateway.usecases.inflight import InFlight
 from keyturn.clock import Clock
 from keyturn.config.policy import Config
+from keyturn.config.process import GatewayConfig
+from keyturn.errors import ConfigError
 from keyturn.masking import Masker
 from keyturn.settings import Settings
 from keyturn.store.db import Store
@@ -52,11 +57,19 @@ class GatewayProcess:
     edge: Edge
     executor: Executor | None  # runs approved commands (needs Vault)
     supervisor: Supervisor
+    wire: WireServer | None = None  # the Postgres protocol's edge (gateway.postgres_listen)
+    wire_port: int | None = field(init=False, default=None)  # where it listens, once started
 
     async def start(self) -> None:
         self.supervisor.start()
+        listen = self.gw.config.gateway.postgres_listen
+        if self.wire is not None and listen is not None:
+            host, _, port = listen.rpartition(":")
+            self.wire_port = await self.wire.start(host, int(port))
 
     async def stop(self) -> None:
+        if self.wire is not None and self.wire_port is not None:
+            await self.wire.stop()
         await self.supervisor.stop()
         if self.executor is not None:
             await self.executor.close()
@@ -122,7 +135,33 @@ def build(
         supervisor.health,
         (public_url or cfg.public_url or f"http://{cfg.listen}").rstrip("/"),
     )
-    return GatewayProcess(gw, edge, executor, supervisor)
+    wire = None
+    if cfg.postgres_listen is not None:
+        wire = WireServer(gw, edge.auth, edge.limiter, server_tls(cfg), wire_config(cfg, edge))
+    return GatewayProcess(gw, edge, executor, supervisor, wire)
+
+
+def server_tls(cfg: GatewayConfig) -> ssl.SSLContext:
+    """The Postgres edge's TLS: the configured certificate, TLS 1.2 at least, ALPN
+    ``postgresql`` (what libpq 17 sends, and what direct TLS requires)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["postgresql"])
+    assert cfg.postgres_tls_cert is not None and cfg.postgres_tls_key is not None
+    try:
+        context.load_cert_chain(cfg.postgres_tls_cert, cfg.postgres_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"gateway.postgres_tls_cert/postgres_tls_key: {exc}") from None
+    return context
+
+
+def wire_config(cfg: GatewayConfig, edge: Edge) -> WireConfig:
+    return WireConfig(
+        max_connections=cfg.postgres_max_connections,
+        per_agent=cfg.postgres_connections_per_agent,
+        max_message=cfg.postgres_max_message_bytes,
+        settings=WireSettings(cfg.postgres_notice_interval.total_seconds(), edge.public_url),
+    )
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -160,6 +199,9 @@ async def serve(settings: Settings, config: Config) -> None:
     site = web.TCPSite(runner, host, int(port))
     await site.start()
     print(f"keyturn gateway listening on http://{config.gateway.listen}", flush=True)
+    if process.wire_port is not None:
+        host = config.gateway.postgres_listen.rpartition(":")[0]  # type: ignore[union-attr]
+        print(f"  and for Postgres clients on {host}:{process.wire_port} (TLS)", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

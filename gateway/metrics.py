@@ -68,3 +68,28 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # the Postgres protocol's edge (gateway.postgres_listen)
+        self.pg_connections = Gauge(
+            "keyturn_gateway_pg_connections",
+            "Postgres-protocol client connections open (authenticated or not).",
+            registry=self.registry,
+        )
+        self.pg_connections_refused = Counter(
+            "keyturn_gateway_pg_connections_refused_total",
+            "Postgres-protocol connections refused, by reason: auth, limit, tls, protocol.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.pg_statements = Counter(
+            "keyturn_gateway_pg_statements_total",
+            "Statements from Postgres-protocol clients, by how they ended: executed, failed,"
+            " denied, expired, blocked, refused (by the edge), local (answered by the edge).",
+            ["verdict"],
+            registry=self.registry,
+        )
+        self.pg_held_seconds = Histogram(
+            "keyturn_gateway_pg_held_seconds",
+            "Time a Postgres-protocol client waited on a held statement.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        )

@@ -16,7 +16,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from keyturn.classify import Identity
 from keyturn.classify.catalog import Catalog
@@ -112,6 +112,44 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Release everything it holds (connections, leases)."""
+
+
+@dataclass(frozen=True)
+class Described:
+    """A statement as its target parses it, before anything runs (for the Postgres protocol's
+    Describe): its parameters and its result's columns."""
+
+    params: tuple[tuple[int, str], ...]  # (type oid, the type's SQL name)
+    columns: tuple[tuple[str, int], ...]  # (name, type oid); a masked column is text (25)
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What the sessions a target's statements run on report, for a client that asks."""
+
+    server_version: str
+    timezone: str
+    search_path: tuple[str, ...]
+
+
+class StatementRefused(InvalidInput):
+    """The target refused to parse a statement; ``sqlstate`` is its own code."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@runtime_checkable
+class Describes(Protocol):
+    """A driver whose targets can parse a statement without running it (Postgres)."""
+
+    async def describe(self, target: str, sql: str, who: Identity) -> Described:
+        """``sql`` as ``target`` parses it, on ``who``'s read-only login; raises
+        StatementRefused for what the target refuses, or a keyturn error."""
+
+    async def session_facts(self, target: str) -> SessionFacts:
+        """The settings ``target``'s sessions report (read once, then cached)."""
 
 
 class Drivers:

@@ -30,6 +30,10 @@ class SqlResultOut(BaseModel):
     tags: list[str] | None = Field(
         default=None, description="command tags of an approved run, e.g. UPDATE 3"
     )
+    types: list[int] | None = Field(
+        default=None,
+        description="each column's Postgres type oid (25, text, for a masked column)",
+    )
 
 
 class ShellResultOut(BaseModel):

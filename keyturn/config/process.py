@@ -84,14 +84,33 @@ class GatewayConfig(Model):
     readonly_idle: Duration = timedelta(minutes=5)  # a login unused this long is closed
     agent_concurrency: int = Field(default=8, ge=1, le=1000)  # allowed commands in flight
     catalog_refresh: Duration = timedelta(minutes=10)  # re-read a target's function catalog
+    # the Postgres protocol's front door (docs/gateway.md): off unless postgres_listen is set
+    postgres_listen: str | None = None  # HOST:PORT, e.g. 0.0.0.0:6432
+    postgres_tls_cert: Path | None = None  # PEM chain clients verify (TLS is required)
+    postgres_tls_key: Path | None = None
+    postgres_connections_per_agent: int = Field(default=20, ge=1, le=10_000)
+    postgres_max_connections: int = Field(default=1000, ge=1, le=100_000)  # all clients
+    postgres_notice_interval: Duration = timedelta(seconds=10)  # "still held" keep-alives
+    postgres_max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
 
-    @field_validator("listen")
+    @field_validator("listen", "postgres_listen")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:8080")
         return value
+
+    @model_validator(mode="after")
+    def _postgres_tls(self) -> GatewayConfig:
+        if self.postgres_listen and not (self.postgres_tls_cert and self.postgres_tls_key):
+            raise ValueError(
+                "postgres_listen needs postgres_tls_cert and postgres_tls_key: "
+                "Postgres clients connect over TLS only"
+            )
+        return self
 
 
 class SlackConfig(Model):

@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 import asyncpg
 
 from gateway.drivers.postgres.catalogs import Catalogs
-from gateway.drivers.postgres.fetch import STALE_STATEMENT, decode_times_as_text, forget_statements
+from gateway.drivers.postgres.catalogs import CATALOG_IDENTITY
+from gateway.drivers.postgres.fetch import (
+    STALE_STATEMENT,
+    columns_of,
+    decode_times_as_text,
+    describe,
+    forget_statements,
+)
 from gateway.drivers.postgres.logins import ReadOnlyLogins
 from gateway.drivers.postgres.sql import (
     ConnectionChanged,
@@ -22,10 +29,17 @@ from gateway.drivers.postgres.sql import (
     run_approved,
     run_readonly,
 )
-from gateway.drivers.postgres.values import Limits, SqlResult, finish
+from gateway.drivers.postgres.values import TEXT, Limits, SqlResult, finish
 from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
-from gateway.usecases.driver import Allowed, RunFailed, as_text
+from gateway.usecases.driver import (
+    Allowed,
+    Described,
+    RunFailed,
+    SessionFacts,
+    StatementRefused,
+    as_text,
+)
 from keyturn.aio import Deadline
 from keyturn.classify import Identity, masking_patterns
 from keyturn.classify.catalog import Catalog
@@ -35,7 +49,7 @@ from keyturn.classify.sql import calls_a_function, preview_select
 from keyturn.config.policy import Config
 from keyturn.config.targets import PostgresTarget
 from keyturn.domain import request_tag
-from keyturn.errors import KeyturnError
+from keyturn.errors import InvalidInput, KeyturnError, Unavailable
 from keyturn.masking import Masker
 from keyturn.supervise import Loop
 
@@ -63,6 +77,18 @@ def _estimable(command: str, masking: Patterns, catalog: Catalog | None) -> str 
     return query
 
 
+FACTS_SQL = (
+    "SELECT current_setting('server_version') AS server_version,"
+    " current_setting('TimeZone') AS timezone, current_setting('search_path') AS search_path"
+)
+
+
+def _type_name(schema: str, name: str) -> str:
+    """A type as SQL names it (asyncpg spells an array type ``int4[]``)."""
+    base, array = (name[:-2], "[]") if name.endswith("[]") else (name, "")
+    return '"' + schema.replace('"', '""') + '"."' + base.replace('"', '""') + '"' + array
+
+
 class PostgresDriver:
     kind: ClassVar[str] = "postgres"
     description: ClassVar[str] = (
@@ -85,6 +111,7 @@ class PostgresDriver:
         self.logins = logins
         self.catalogs = catalogs
         self.limits = Limits.of(config.gateway)
+        self._facts: dict[str, SessionFacts] = {}
 
     def canonical(self, target: str, command: str, *, as_http: bool) -> str:
         return as_text(self.kind, target, command, as_http=as_http)
@@ -198,6 +225,53 @@ class PostgresDriver:
         except (TimeoutError, KeyturnError, OSError, asyncpg.PostgresError) as exc:
             log.info("no EXPLAIN estimate for a held command on %s: %s", target, exc)
             return {"estimated_rows": None}
+
+    # ------------------------------------------------------------------ described
+
+    async def describe(self, target: str, sql: str, who: Identity) -> Described:
+        """Parse ``sql`` on ``who``'s read-only login, inside the gateway's read-only
+        transaction: Parse and Describe run nothing (privileges are checked at execution), so
+        a write is described as safely as a read. A column masked by its name is described
+        as text; one lineage masks under another name shows when it runs (the wire edge
+        then refuses a result whose types differ from what it described)."""
+        if self.logins is None or not self.runs_allowed(target):
+            raise InvalidInput(f"{target} has no read-only login to describe statements with")
+        deadline = Deadline(ESTIMATE_TIMEOUT)
+        try:
+            async with self.logins.transaction(target, who.subject, "describe", deadline) as c:
+                state = await describe(c, sql, deadline)
+                params, attributes = state._get_parameters(), columns_of(state)
+        except asyncpg.PostgresError as exc:
+            raise StatementRefused(self._message(exc).split(": ", 1)[-1], exc.sqlstate) from exc
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"target {target} is not reachable: {type(exc).__name__}") from exc
+        names = tuple(a.name for a in attributes)
+        hidden = self.masker.masked_columns(names)
+        return Described(
+            params=tuple((p.oid, _type_name(p.schema, p.name)) for p in params),
+            columns=tuple(
+                (a.name, TEXT if hide else a.type.oid)
+                for a, hide in zip(attributes, hidden, strict=True)
+            ),
+        )
+
+    async def session_facts(self, target: str) -> SessionFacts:
+        facts = self._facts.get(target)
+        if facts is not None:
+            return facts
+        if self.logins is None or not self.runs_allowed(target):
+            raise InvalidInput(f"{target} has no read-only login to read its settings with")
+        deadline = Deadline(ESTIMATE_TIMEOUT)
+        try:
+            async with self.logins.transaction(target, CATALOG_IDENTITY, "facts", deadline) as c:
+                row = await c.fetchrow(FACTS_SQL, timeout=deadline.left())
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"target {target} is not reachable: {type(exc).__name__}") from exc
+        assert row is not None
+        path = tuple(part.strip().strip('"') for part in row["search_path"].split(","))
+        facts = SessionFacts(row["server_version"], row["timezone"], path)
+        self._facts[target] = facts
+        return facts
 
     # ------------------------------------------------------------------ approved
 

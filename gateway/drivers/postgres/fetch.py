@@ -221,7 +221,7 @@ async def fetch_bounded(
     layout = _layout(sql, tuple((a.name, a.type.oid) for a in attributes), cut, wrap)
     wrapped = layout.wrapped
     running = await describe(conn, wrapped, deadline) if wrapped else state
-    out = Fetched(list(layout.names))
+    out = Fetched(list(layout.names), types=[a.type.oid for a in attributes])
     hidden = hidden_columns(masker, out.columns, masked) if masker is not None else ()
     want = max(1, min(limits.rows + 1, CHUNK_BYTES // layout.worst, MAX_CHUNK_ROWS))
     budget = limits.response_bytes

@@ -30,6 +30,7 @@ from keyturn.masking import MASK, Masker
 log = logging.getLogger(__name__)
 
 Truncation = Literal["rows", "value_bytes", "response_bytes"]
+TEXT = 25  # the type a masked column is described as: its values are all "***"
 TAIL_MARGIN = 256  # characters dropped from the end of a cut value, after masking
 LARGE = 256 * 1024  # results this large are shaped (masked, measured) off the event loop
 
@@ -57,6 +58,7 @@ class SqlResult:
     truncated: Truncation | None
     statements: int
     tags: list[str] | None = None  # command tags of an approved run (``UPDATE 3``)
+    types: list[int] | None = None  # each column's type oid; text (25) for a masked one
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -68,6 +70,8 @@ class SqlResult:
         }
         if self.tags is not None:
             out["tags"] = self.tags
+        if self.types is not None:
+            out["types"] = self.types
         return out
 
 
@@ -83,6 +87,7 @@ class Fetched:
     rows: list[list[Any]] = field(default_factory=list)
     truncated: Truncation | None = None
     tag: str = ""
+    types: list[int] = field(default_factory=list)  # each column's type oid
 
 
 def _range(value: asyncpg.Range) -> str:
@@ -223,4 +228,6 @@ async def finish(
         rows, truncated = await asyncio.to_thread(shape, fetched, masker, limits, masked)
     else:
         rows, truncated = shape(fetched, masker, limits, masked)
-    return SqlResult(fetched.columns, rows, truncated, statements, tags)
+    hidden = hidden_columns(masker, fetched.columns, masked)
+    types = [TEXT if hide else oid for hide, oid in zip(hidden, fetched.types, strict=True)]
+    return SqlResult(fetched.columns, rows, truncated, statements, tags, types)

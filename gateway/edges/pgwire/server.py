@@ -1,0 +1,446 @@
+"""The Postgres protocol's asyncio edge: accept, negotiate TLS, authenticate, move bytes.
+
+Everything about messages is :mod:`.protocol` (sans IO) and everything about statements is
+:mod:`.session`; this module only reads, feeds, and writes, and keeps the process-wide
+tables: connections by identity (``gateway.postgres_connections_per_agent``), and the
+cancel keys.
+
+TLS is required. A client asks for it with an SSLRequest (answered ``S``) or starts TLS
+directly (``sslnegotiation=direct``, which must negotiate ALPN ``postgresql``). Bytes sent
+after an SSLRequest before the handshake would be read as if they came over TLS (CVE-2021-23214
+in Postgres itself): they close the connection. GSSENCRequest is declined (``N``). A
+StartupMessage in the clear is refused. The password is the agent's token, asked for with
+cleartext-password authentication (inside TLS only); ``user`` must be the token's subject
+(or absent), ``database`` is the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import socket
+import ssl
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.auth import Authenticator
+from gateway.edges.pgwire import protocol as pg
+from gateway.edges.pgwire.session import Fatal, Session, Settings, error_of
+from gateway.ratelimit import RateLimiter
+from gateway.usecases import wire
+from gateway.usecases.gateway import Gateway
+from keyturn.classify.session import SessionSettings
+from keyturn.errors import KeyturnError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 15.0  # to finish TLS and authentication (Postgres's authentication_timeout: 60 s)
+READ_CHUNK = 64 * 1024
+QUEUED_EVENTS = 256  # events read ahead of the one running (backpressure past that)
+ALPN = "postgresql"
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    max_connections: int  # all clients, authenticated or not
+    per_agent: int  # authenticated connections of one identity
+    max_message: int
+    settings: Settings
+
+
+@dataclass
+class _Client:
+    session: Session | None = None
+    running: asyncio.Future[None] | None = None  # the event being handled (cancellable)
+
+
+@dataclass
+class WireServer:
+    gw: Gateway
+    auth: Authenticator
+    limiter: RateLimiter
+    tls: ssl.SSLContext
+    config: WireConfig
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _by_agent: Counter[str] = field(init=False, default_factory=Counter)
+    _keys: dict[int, tuple[int, _Client]] = field(init=False, default_factory=dict)
+    _open: int = field(init=False, default=0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the port (0 picks a free one)."""
+        sock = socket.create_server((host, port), backlog=512)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        return int(sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        self._accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._accepting
+        self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            if self._open >= self.config.max_connections:
+                self.gw.metrics.pg_connections_refused.labels("limit").inc()
+                sock.close()
+                continue
+            task = loop.create_task(self._serve(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ one connection
+
+    async def _serve(self, sock: socket.socket) -> None:
+        metrics = self.gw.metrics
+        self._open += 1
+        metrics.pg_connections.inc()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                opened = await self._negotiate(sock)
+            if opened is None:
+                return
+            reader, writer, conn, startup = opened
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                client = await self._authenticate(reader, writer, conn, startup)
+            if client is None:
+                return
+            await self._run(reader, writer, conn, client)
+        except pg.ProtocolError as exc:
+            metrics.pg_connections_refused.labels("protocol").inc()
+            if writer is not None:
+                writer.write(pg.error(exc.sqlstate, exc.message, severity="FATAL"))
+        except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            self._open -= 1
+            metrics.pg_connections.dec()
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            else:
+                sock.close()
+
+    async def _negotiate(
+        self, sock: socket.socket
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, pg.Connection, pg.Event] | None:
+        """Up to TLS: returns the streams, the protocol state and the first event over TLS."""
+        loop = asyncio.get_running_loop()
+        conn = pg.Connection(self.config.max_message)
+        while True:
+            first = await _peek(loop, sock)
+            if first[:1] == b"\x16":  # a TLS ClientHello: direct TLS
+                return await self._over_tls(sock, conn, direct=True)
+            event = await _plain_packet(loop, sock, conn)
+            if isinstance(event, pg.GssEncRequest):
+                await loop.sock_sendall(sock, b"N")
+                continue
+            if isinstance(event, pg.CancelRequest):
+                self._cancel(event)
+                return None
+            if isinstance(event, pg.SslRequest):
+                if _pending(sock):
+                    log.warning("a Postgres client sent data after SSLRequest: closed")
+                    self.gw.metrics.pg_connections_refused.labels("tls").inc()
+                    return None
+                await loop.sock_sendall(sock, b"S")
+                return await self._over_tls(sock, conn, direct=False)
+            self.gw.metrics.pg_connections_refused.labels("tls").inc()
+            refusal = pg.error(
+                "28000",
+                "keyturn accepts Postgres clients over TLS only: connect with sslmode=require "
+                "or stricter (verify-full with keyturn's CA)",
+                severity="FATAL",
+            )
+            await loop.sock_sendall(sock, refusal)
+            return None
+
+    async def _over_tls(
+        self, sock: socket.socket, conn: pg.Connection, *, direct: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, pg.Connection, pg.Event] | None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=STARTUP_TIMEOUT
+        )
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        alpn = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+        if direct and alpn != ALPN:
+            self.gw.metrics.pg_connections_refused.labels("tls").inc()
+            writer.write(pg.error("08P01", "direct TLS needs ALPN postgresql", severity="FATAL"))
+            writer.close()
+            return None
+        while True:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                writer.close()
+                return None
+            events = conn.receive(data)
+            if events:
+                break
+        event = events[0]
+        if isinstance(event, pg.CancelRequest):
+            self._cancel(event)
+            writer.close()
+            return None
+        if not isinstance(event, pg.Startup) or len(events) > 1:
+            raise pg.ProtocolError("expected a StartupMessage")
+        return reader, writer, conn, event
+
+    async def _authenticate(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: pg.Connection,
+        startup: pg.Event,
+    ) -> _Client | None:
+        assert isinstance(startup, pg.Startup)
+        metrics = self.gw.metrics
+        params = startup.parameters
+        unknown = [name for name in params if name.startswith("_pq_.")]
+        if startup.minor > 0 or unknown:
+            writer.write(pg.negotiate_version(0, unknown))
+        writer.write(pg.auth_cleartext())
+        await writer.drain()
+        password = await _next_event(reader, conn)
+        assert isinstance(password, pg.Password)
+        token = password.password
+        target = params.get("database") or params.get("user") or ""
+
+        def refuse(sqlstate: str, message: str, reason: str) -> None:
+            metrics.pg_connections_refused.labels(reason).inc()
+            writer.write(pg.error(sqlstate, message, severity="FATAL"))
+
+        try:
+            who = await self.auth.authenticate(f"Bearer {token}")
+        except Unauthorized:
+            refuse("28P01", "password authentication failed: keyturn takes the agent's token", "auth")  # fmt: skip
+            return None
+        user = params.get("user")
+        if user not in (None, who.subject):
+            refuse("28P01", "password authentication failed: user must be the token's subject", "auth")  # fmt: skip
+            return None
+        try:
+            facts = await wire.session_facts(self.gw, who, target)
+        except KeyturnError as exc:
+            error = error_of(exc)
+            sqlstate = "3D000" if error.sqlstate == "42501" else error.sqlstate
+            refuse(sqlstate, f'database "{target}": {exc.message}', "auth")
+            return None
+        if self._by_agent[who.subject] >= self.config.per_agent:
+            refuse(
+                "53300",
+                f"too many connections for {who.subject}: keyturn allows "
+                f"{self.config.per_agent} per agent (gateway.postgres_connections_per_agent)",
+                "limit",
+            )
+            return None
+        client = _Client()
+        client.session = Session(
+            self.gw,
+            self.config.settings,
+            who,
+            target,
+            SessionSettings(facts.search_path, facts.timezone),
+            check=lambda: self.auth.authenticate(f"Bearer {token}"),
+            limit=self.limiter.check,
+            send=writer.write,
+            flush=writer.drain,
+        )
+        self._by_agent[who.subject] += 1
+        pid, secret = self._new_key(client)
+        writer.write(pg.auth_ok())
+        for name, value in (
+            ("server_version", facts.server_version),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("TimeZone", facts.timezone),
+            ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on"),
+            ("is_superuser", "off"),
+            ("session_authorization", who.subject),
+            ("application_name", params.get("application_name", "")),
+        ):
+            writer.write(pg.parameter_status(name, value))
+        writer.write(pg.backend_key(pid, secret))
+        writer.write(pg.ready("I"))
+        await writer.drain()
+        client.session.application_name = params.get("application_name", "")
+        return client
+
+    async def _run(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: pg.Connection,
+        client: _Client,
+    ) -> None:
+        """Read ahead into a bounded queue while one event at a time is handled: a client
+        that disconnects is noticed while its statement waits (and the wait ends)."""
+        session = client.session
+        assert session is not None
+        queue: asyncio.Queue[pg.Event | None] = asyncio.Queue(QUEUED_EVENTS)
+
+        async def read_ahead() -> None:
+            try:
+                while True:
+                    data = await reader.read(READ_CHUNK)
+                    if not data:
+                        break
+                    for event in conn.receive(data):
+                        await queue.put(event)
+            finally:
+                await queue.put(None)
+
+        reading = asyncio.create_task(read_ahead())
+        try:
+            while True:
+                event = await _take(queue, reading)
+                if event is None or isinstance(event, pg.Terminate):
+                    return
+                handling = asyncio.ensure_future(session.handle(event))
+                client.running = handling
+                try:
+                    await asyncio.wait({handling, reading}, return_when=asyncio.FIRST_COMPLETED)
+                    if not handling.done():  # the client went away: stop (a held request
+                        handling.cancel()  # stays held, an allowed read is cancelled)
+                        await asyncio.gather(handling, return_exceptions=True)
+                        return
+                finally:
+                    client.running = None
+                if handling.cancelled():  # a CancelRequest came for it
+                    session.cancelled(event)
+                elif isinstance(handling.exception(), Fatal):
+                    fatal = handling.exception()
+                    assert isinstance(fatal, Fatal)
+                    writer.write(pg.error(fatal.sqlstate, fatal.message, severity="FATAL"))
+                    return
+                else:
+                    handling.result()
+                await writer.drain()
+        finally:
+            reading.cancel()
+            self._by_agent[session.who.subject] -= 1
+            if self._by_agent[session.who.subject] <= 0:
+                del self._by_agent[session.who.subject]
+            for pid, (_, owner) in list(self._keys.items()):
+                if owner is client:
+                    del self._keys[pid]
+
+    # ------------------------------------------------------------------ cancel
+
+    def _new_key(self, client: _Client) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbelow(2**31 - 1) + 1
+            if pid not in self._keys:
+                secret = secrets.randbits(32)
+                self._keys[pid] = (secret, client)
+                return pid, secret
+
+    def _cancel(self, request: pg.CancelRequest) -> None:
+        """Cancel the statement a client is running, if the key is right (compared in
+        constant time); Postgres answers a cancel request with nothing either way."""
+        entry = self._keys.get(request.pid)
+        if entry is None or not hmac.compare_digest(
+            struct.pack("!I", entry[0]), struct.pack("!I", request.secret)
+        ):
+            return
+        client = entry[1]
+        if client.running is not None and not client.running.done():
+            client.running.cancel()
+
+
+# ------------------------------------------------------------------ socket helpers
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """The first byte waiting, without taking it (a TLS ClientHello starts with 0x16)."""
+    while True:
+        await _readable(loop, sock)
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not data:
+            raise ConnectionError("closed")
+        return data
+
+
+def _pending(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+async def _plain_packet(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: pg.Connection
+) -> pg.Event:
+    """One untyped startup packet read in the clear, and nothing past it."""
+    head = await _recv_exactly(loop, sock, 4)
+    (length,) = struct.unpack("!i", head)
+    if not 8 <= length <= pg.MAX_STARTUP:
+        raise pg.ProtocolError(f"invalid startup packet length {length}")
+    events = conn.receive(head + await _recv_exactly(loop, sock, length - 4))
+    if len(events) != 1:
+        raise pg.ProtocolError("expected one startup packet")
+    return events[0]
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+async def _next_event(reader: asyncio.StreamReader, conn: pg.Connection) -> pg.Event:
+    while True:
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            raise ConnectionError("closed")
+        events = conn.receive(data)
+        if events:
+            if len(events) > 1:
+                raise pg.ProtocolError("messages sent before authentication finished")
+            return events[0]
+
+
+async def _take(queue: asyncio.Queue[pg.Event | None], reading: asyncio.Task[None]) -> pg.Event | None:
+    event = await queue.get()
+    if event is None and reading.done() and not reading.cancelled():
+        error = reading.exception()
+        if error is not None:
+            raise error
+    return event
+
+

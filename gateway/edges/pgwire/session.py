@@ -1,0 +1,613 @@
+"""One authenticated Postgres client: its statements and portals, its transaction status,
+and each message answered through the gateway's use cases.
+
+Messages are handled one at a time, in order: a statement held for approval holds every
+message behind it, so nothing pipelined after it runs early, and an error skips the rest up
+to Sync (as Postgres does). Every statement that reaches a target goes through
+:func:`gateway.usecases.submit.submit` as one text, parameters in place, exactly as an HTTP
+API command would. What a client's ``BEGIN … COMMIT`` means is in docs/decisions.md: the
+block is a status kept here; each statement runs in a transaction of its own; a write
+committed at approval inside a block is announced, and a block that would roll it back says
+it cannot, as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pglast.parser import ParseError
+
+from gateway.edges.pgwire import protocol as pg
+from gateway.edges.pgwire.statements import BadStatement, Prepared, Statement, prepare, split
+from gateway.edges.pgwire.values import TYPE_NAMES, UNTYPED, ValueError_, cell, literal, param_text
+from gateway.usecases import wire
+from gateway.usecases.driver import StatementRefused
+from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read
+from gateway.usecases.submission import Submission
+from gateway.usecases.submit import Blocked, submit
+from keyturn.classify import Identity
+from keyturn.classify.session import Effect, Refused, SessionSettings
+from keyturn.errors import (
+    Forbidden,
+    InvalidInput,
+    KeyturnError,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from keyturn.store.reads import RequestView
+
+log = logging.getLogger(__name__)
+
+_SQLSTATE = re.compile(r"^([0-9A-Z]{5}): (.*)$", re.DOTALL)
+
+
+class StatementError(Exception):
+    """A statement's ErrorResponse: the session answers it and goes on."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate, self.message, self.hint = sqlstate, message, hint
+
+
+class Fatal(StatementError):
+    """An error after which the connection closes (the token expired, say)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the edge treats its clients (from ``gateway.postgres_*``)."""
+
+    notice_interval: float  # seconds between "still held" notices
+    public_url: str  # where a held request's status can be read
+
+
+@dataclass
+class Portal:
+    prepared: Prepared
+    sql: str  # the statement with its parameters in place
+    formats: tuple[int, ...]
+    describe_pending: bool = False  # a Describe answered when the portal runs (see _settle)
+    rows: list[list[Any]] | None = None  # rows not yet sent (an Execute with a row limit)
+    types: list[int] = field(default_factory=list)
+    tag: str = ""
+
+
+def error_of(exc: BaseException) -> StatementError:  # noqa: PLR0911 one line per kind
+    """A keyturn error as the client's ErrorResponse."""
+    if isinstance(exc, StatementError):
+        return exc
+    if isinstance(exc, Blocked):
+        rule = f" (rule {exc.rule})" if exc.rule else ""
+        return StatementError("42501", f"keyturn blocked this statement{rule}: {exc.message}")
+    if isinstance(exc, StatementRefused | ValueError_):
+        return StatementError(exc.sqlstate, exc.message)
+    if isinstance(exc, Refused):
+        return StatementError(exc.sqlstate, exc.message)
+    if isinstance(exc, RateLimited):
+        return StatementError("53400", exc.message, hint=f"retry in {exc.retry_after:.1f} s")
+    if isinstance(exc, Unavailable):
+        return StatementError("57P03", exc.message, hint="retry later")
+    if isinstance(exc, Unauthorized):
+        return Fatal("28P01", f"keyturn: {exc.message}")
+    if isinstance(exc, Forbidden | NotFound):
+        return StatementError("42501", exc.message)
+    if isinstance(exc, TooLarge):
+        return StatementError("54000", exc.message)
+    if isinstance(exc, InvalidInput):
+        return StatementError("42601", exc.message)
+    if isinstance(exc, KeyturnError):
+        return StatementError("XX000", exc.message)
+    log.exception("a Postgres-protocol statement failed unexpectedly", exc_info=exc)
+    return StatementError("XX000", "internal error in the keyturn gateway (see its log)")
+
+
+def _failed(view: RequestView) -> StatementError:
+    """How a request that did not run is told to the client."""
+    if view.status == "denied":
+        reason = view.deny_reason or "no reason given"
+        return StatementError(
+            "42501", f"denied by {view.denied_by or 'an approver'}: {reason} (request {view.id})"
+        )
+    if view.status == "expired":
+        return StatementError(
+            "57014", f"request {view.id} expired before anyone approved it; nothing ran"
+        )
+    message = view.error or f"request {view.id} {view.status}"
+    match = _SQLSTATE.match(message)
+    if match:
+        return StatementError(match.group(1), match.group(2))
+    if view.status == "cancelled" or message.startswith("deadline exceeded"):
+        return StatementError("57014", message)
+    return StatementError("XX000", message)
+
+
+class Session:
+    """One client after authentication; :meth:`handle` answers each event in order."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        settings: Settings,
+        who: Identity,
+        target: str,
+        session: SessionSettings,
+        check: Callable[[], Awaitable[Identity]],
+        limit: Callable[[str], None],
+        send: Callable[[bytes], None],
+        flush: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.gw, self.settings, self.who, self.target = gw, settings, who, target
+        self.session = session
+        self._check = check  # re-checks the token (cached): an expired one ends the session
+        self._limit = limit  # the identity's rate limit, shared with the HTTP API
+        self._send, self._flush = send, flush
+        self.statements: dict[str, Prepared] = {}
+        self.portals: dict[str, Portal] = {}
+        self.status = "I"  # ReadyForQuery's: idle, in a block, in a failed block
+        self.committed: list[str] = []  # requests committed at approval inside this block
+        self.skipping = False  # after an error in the extended protocol, until Sync
+        self.application_name = ""
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, event: pg.Event) -> None:
+        if isinstance(event, pg.Sync):
+            await self._settle()
+            self.skipping = False
+            self._send(pg.ready(self.status))
+            await self._flush()
+            return
+        if isinstance(event, pg.Query):
+            await self._settle()
+            await self._query(event.sql)
+            self._send(pg.ready(self.status))
+            await self._flush()
+            return
+        if self.skipping:
+            return
+        try:
+            await self._extended(event)
+        except Fatal:
+            raise
+        except Exception as exc:
+            self._fail(error_of(exc))
+            self.skipping = True
+
+    async def _extended(self, event: pg.Event) -> None:
+        if not (isinstance(event, pg.Execute) and self._pending_for(event.portal)):
+            await self._settle()
+        if isinstance(event, pg.Parse):
+            self._parse(event)
+        elif isinstance(event, pg.Bind):
+            await self._bind(event)
+        elif isinstance(event, pg.Describe):
+            await self._describe(event)
+        elif isinstance(event, pg.Execute):
+            await self._execute(event)
+        elif isinstance(event, pg.Close):
+            (self.statements if event.what == "S" else self.portals).pop(event.name, None)
+            self._send(pg.CLOSE_COMPLETE)
+        elif isinstance(event, pg.Flush):
+            await self._flush()
+
+    def _fail(self, error: StatementError) -> None:
+        if isinstance(error, Fatal):
+            raise error
+        self._send(pg.error(error.sqlstate, error.message, hint=error.hint))
+        if self.status == "T":
+            self.status = "E"
+
+    def cancelled(self, event: pg.Event) -> None:
+        """The statement ``event`` started was cancelled by the client's CancelRequest."""
+        self._fail(StatementError("57014", "canceling statement due to user request"))
+        if isinstance(event, pg.Query):
+            self._send(pg.ready(self.status))
+        else:
+            self.skipping = True
+
+    # ------------------------------------------------------------------ simple query
+
+    async def _query(self, sql: str) -> None:
+        try:
+            statements = split(sql, self.session)
+        except ParseError as exc:
+            self._fail(StatementError("42601", f"syntax error: {exc}"))
+            return
+        if not statements:
+            self._send(pg.EMPTY_QUERY)
+            return
+        runs = [s for s in statements if s.effect is None and s.refused is None]
+        try:
+            if len(runs) > 1 and not await self._all_at_once(runs):
+                # several statements that are not all plain reads: one request, all or nothing
+                await self._run_together(statements, runs)
+                return
+            for statement in statements:
+                await self._one(statement, statement.text, (), describe=True)
+        except Fatal:
+            raise
+        except Exception as exc:
+            self._fail(error_of(exc))
+
+    async def _all_at_once(self, runs: list[Statement]) -> bool:
+        for statement in runs:
+            if not await wire.runs_at_once(self.gw, self.who, self.target, statement.text):
+                return False
+        return True
+
+    async def _run_together(self, statements: list[Statement], runs: list[Statement]) -> None:
+        """Several statements sent as one Query (Postgres runs them as one transaction) that
+        are not all plain reads: held as one request, run at approval in one transaction.
+        Only a BEGIN first and a COMMIT last may go with them (the block they make is the
+        request's own transaction); any other local statement among them is refused."""
+        first, last = statements[0].effect, statements[-1].effect
+        opens = first is not None and first.kind == "begin"
+        closes = last is not None and last.kind == "commit"
+        inner = statements[int(opens) : len(statements) - int(closes)]
+        for statement in inner:
+            if statement.refused is not None:
+                raise statement.refused
+            if statement.effect is not None:
+                raise StatementError(
+                    "0A000",
+                    "statements sent together that need approval are held as one request, "
+                    f"run in one transaction: {statement.effect.tag} cannot be among them",
+                )
+        if self.status == "E":
+            raise _ABORTED
+        if first is not None and opens:
+            self._local(first)
+        view = await self._submit(";\n".join(s.text for s in runs))
+        result = view.result or {}
+        tags = list(result.get("tags") or [])
+        for i, statement in enumerate(runs):
+            last = i == len(runs) - 1
+            if last and result.get("columns"):
+                self._rows(result, (), describe=True)
+            self._send(pg.command_complete(tags[i] if i < len(tags) else statement.tag))
+        self._committed(view)
+        if last is not None and closes:
+            self._local(last)
+
+    # ------------------------------------------------------------------ extended protocol
+
+    def _parse(self, event: pg.Parse) -> None:
+        if event.name and event.name in self.statements:
+            raise StatementError("42P05", f'prepared statement "{event.name}" already exists')
+        try:
+            prepared = prepare(event.sql, event.param_oids, self.session)
+        except ParseError as exc:
+            raise StatementError("42601", f"syntax error: {exc}") from None
+        except BadStatement as exc:
+            raise StatementError("42601", str(exc)) from None
+        if prepared.statement.refused is not None:
+            raise prepared.statement.refused
+        self.statements[event.name] = prepared
+        self._send(pg.PARSE_COMPLETE)
+
+    async def _described(self, prepared: Prepared) -> None:
+        """Ask the target what the statement takes and returns (once per statement)."""
+        statement = prepared.statement
+        if prepared.described is not None or statement.effect is not None or statement.empty:
+            return
+        prepared.described = await wire.describe(self.gw, self.who, self.target, statement.text)
+        if len(prepared.described.params) != prepared.count:
+            raise StatementError(
+                "08P01", "the statement's parameters do not match what the target describes"
+            )
+
+    def _param_oid(self, prepared: Prepared, i: int) -> int:
+        given = prepared.client_oids[i] if i < len(prepared.client_oids) else 0
+        if given not in UNTYPED:
+            return given
+        described = prepared.described.params if prepared.described else ()
+        return described[i][0] if i < len(described) else 0
+
+    async def _bind(self, event: pg.Bind) -> None:
+        prepared = self.statements.get(event.statement)
+        if prepared is None:
+            raise StatementError("26000", f'prepared statement "{event.statement}" does not exist')
+        if len(event.params) != prepared.count:
+            raise StatementError(
+                "08P01",
+                f"bind message supplies {len(event.params)} parameters, but prepared "
+                f"statement requires {prepared.count}",
+            )
+        formats = event.param_formats
+        if len(formats) not in (0, 1, len(event.params)):
+            raise StatementError("08P01", "the number of parameter formats is wrong")
+        if event.params:
+            await self._described(prepared)
+        literals = []
+        for i, raw in enumerate(event.params):
+            binary = bool(formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
+            oid = self._param_oid(prepared, i)
+            given = prepared.client_oids[i] if i < len(prepared.client_oids) else 0
+            text = None if raw is None else param_text(raw, binary, oid)
+            literals.append(literal(text, TYPE_NAMES.get(given) if given not in UNTYPED else None))
+        if event.portal and event.portal in self.portals:
+            raise StatementError("42P03", f'cursor "{event.portal}" already exists')
+        sql = prepared.bound(literals) if literals else prepared.statement.text
+        self.portals[event.portal] = Portal(prepared, sql, event.result_formats)
+        self._send(pg.BIND_COMPLETE)
+
+    async def _describe(self, event: pg.Describe) -> None:
+        if event.what == "P":
+            portal = self.portals.get(event.name)
+            if portal is None:
+                raise StatementError("34000", f'portal "{event.name}" does not exist')
+            portal.describe_pending = True  # answered when it runs, or at the next message
+            return
+        prepared = self.statements.get(event.name)
+        if prepared is None:
+            raise StatementError("26000", f'prepared statement "{event.name}" does not exist')
+        await self._described(prepared)
+        oids = [self._param_oid(prepared, i) for i in range(prepared.count)]
+        self._send(pg.parameter_description(oids))
+        self._describe_columns(prepared, ())
+
+    def _describe_columns(self, prepared: Prepared, formats: tuple[int, ...]) -> None:
+        columns = prepared.described.columns if prepared.described else ()
+        if not columns:
+            self._send(pg.NO_DATA)
+            return
+        self._send(
+            pg.row_description(
+                [pg.Column(name, oid) for name, oid in columns], _formats(formats, len(columns))
+            )
+        )
+
+    def _pending_for(self, name: str) -> bool:
+        portal = self.portals.get(name)
+        return portal is not None and portal.describe_pending
+
+    async def _settle(self) -> None:
+        """Answer Describes of portals that did not run right after: from the target's
+        description. (A portal described and then run answers from its real result, which
+        saves a round trip for the clients that always do so, such as psycopg.)"""
+        for portal in self.portals.values():
+            if portal.describe_pending:
+                portal.describe_pending = False
+                await self._described(portal.prepared)
+                self._describe_columns(portal.prepared, portal.formats)
+
+    async def _execute(self, event: pg.Execute) -> None:
+        portal = self.portals.get(event.portal)
+        if portal is None:
+            raise StatementError("34000", f'portal "{event.portal}" does not exist')
+        if portal.rows is None:
+            describe, portal.describe_pending = portal.describe_pending, False
+            result = await self._one(portal.prepared.statement, portal.sql, portal.formats,
+                                     describe=describe, portal=portal)  # fmt: skip
+            if result is None:
+                return
+        self._more(portal, event.max_rows)
+
+    def _more(self, portal: Portal, max_rows: int) -> None:
+        """Send a portal's rows, ``max_rows`` of them at most (0: all)."""
+        rows = portal.rows or []
+        batch = rows if max_rows <= 0 else rows[:max_rows]
+        formats = _formats(portal.formats, len(portal.types))
+        for row in batch:
+            self._send(pg.data_row(cell(v, t, f == 1) for v, t, f in zip(row, portal.types, formats, strict=True)))  # fmt: skip
+        portal.rows = rows[len(batch) :]
+        if portal.rows:
+            self._send(pg.PORTAL_SUSPENDED)
+        else:
+            self._send(pg.command_complete(portal.tag))
+
+    # ------------------------------------------------------------------ one statement
+
+    async def _one(
+        self,
+        statement: Statement,
+        sql: str,
+        formats: tuple[int, ...],
+        *,
+        describe: bool,
+        portal: Portal | None = None,
+    ) -> dict[str, Any] | None:
+        """Run one statement: answer it locally, or through the use cases; send its rows
+        (a portal keeps them, to send as its Executes ask). Returns the result, if any."""
+        if statement.refused is not None:
+            raise statement.refused
+        if statement.empty:
+            self._send(pg.EMPTY_QUERY)
+            return None
+        if statement.effect is not None:
+            self._local(statement.effect)
+            if describe:
+                self._send(pg.NO_DATA)
+            if portal is not None:
+                portal.rows, portal.tag = [], statement.effect.tag
+            return {}
+        if self.status == "E":
+            raise _ABORTED
+        view = await self._submit(sql)
+        result = view.result or {}
+        if result.get("truncated") == "value_bytes":
+            raise StatementError(
+                "54000",
+                "a value is larger than the gateway's per-value cap (gateway.value_bytes): "
+                "select a part of it",
+            )
+        if result.get("truncated"):
+            self._send(
+                pg.notice(
+                    f"keyturn cut this result at its {result['truncated']} cap "
+                    f"(gateway.{'row_limit' if result['truncated'] == 'rows' else 'response_bytes'})",
+                    severity="WARNING",
+                    sqlstate="01000",
+                )
+            )
+        self._committed(view)
+        target = portal or Portal(Prepared(statement, (), 0, ()), sql, formats)
+        self._take(target, result, statement, describe)
+        if portal is None:
+            self._more(target, 0)
+        return result
+
+    def _take(
+        self, portal: Portal, result: dict[str, Any], statement: Statement, describe: bool
+    ) -> None:
+        columns = list(result.get("columns") or [])
+        types = list(result.get("types") or [25] * len(columns))
+        described = portal.prepared.described
+        if described is not None and not describe and columns:
+            if [oid for _, oid in described.columns] != types:
+                raise StatementError(
+                    "0A000",
+                    "the result's column types differ from the statement's description "
+                    "(a column masked under another name is text): describe it again",
+                )
+        if describe:
+            if columns:
+                self._send(
+                    pg.row_description(
+                        [pg.Column(n, t) for n, t in zip(columns, types, strict=True)],
+                        _formats(portal.formats, len(columns)),
+                    )
+                )
+            else:
+                self._send(pg.NO_DATA)
+        tags = result.get("tags") or []
+        rows = list(result.get("rows") or [])
+        portal.types, portal.rows = types, rows
+        portal.tag = tags[-1] if tags else f"{statement.tag} {len(rows)}"
+        if statement.tag in ("SHOW", "EXPLAIN") and not tags:
+            portal.tag = statement.tag
+
+    def _rows(self, result: dict[str, Any], formats: tuple[int, ...], *, describe: bool) -> None:
+        portal = Portal(Prepared(Statement("", None, None, ""), (), 0, ()), "", formats)
+        self._take(portal, result, portal.prepared.statement, describe)
+        for row in portal.rows or []:
+            self._send(pg.data_row(cell(v, t, False) for v, t in zip(row, portal.types, strict=True)))  # fmt: skip
+
+    async def _submit(self, sql: str) -> RequestView:
+        """One statement (or several, as one request) through the use cases; waits while it
+        is held, telling the client so; returns the request once executed."""
+        self.who = await self._check()
+        self._limit(self.who.subject)
+        sub = Submission(
+            target=self.target,
+            command=sql,
+            reason=None,
+            run_id=None,
+            body_sha256=hashlib.sha256(sql.encode()).hexdigest(),
+        )
+        metrics = self.gw.metrics
+        try:
+            done, view = await submit(self.gw, self.who, sub)
+        except Blocked:
+            metrics.pg_statements.labels("blocked").inc()
+            raise
+        if not done:
+            view = await self._hold(view)
+        metrics.pg_statements.labels(view.status).inc()
+        if view.status != "executed":
+            raise _failed(view)
+        return view
+
+    async def _hold(self, view: RequestView) -> RequestView:
+        """Wait for a held request, telling the client now and every ``notice_interval``."""
+        started = time.monotonic()
+        link = f"{self.settings.public_url}/v1/commands/{view.id}"
+        try:
+            while view.status not in AGENT_TERMINAL:
+                waited = int(time.monotonic() - started)
+                note = f"held for approval: request {view.id} — {link}"
+                self._send(pg.notice(note if not waited else f"{note} (waiting {waited} s)"))
+                await self._flush()
+                view = await read(self.gw, self.who, str(view.id), self.settings.notice_interval)
+        except asyncio.CancelledError:
+            # the client went away or cancelled: the request stays as it is (held), as for an
+            # HTTP client that stops polling; request_status finds it
+            raise
+        finally:
+            self.gw.metrics.pg_held_seconds.observe(time.monotonic() - started)
+        return view
+
+    # ------------------------------------------------------------------ the block
+
+    def _local(self, effect: Effect) -> None:
+        """Answer a transaction-control statement or a harmless SET (see the module doc)."""
+        self.gw.metrics.pg_statements.labels("local").inc()
+        kind = effect.kind
+        if kind == "set":
+            if self.status == "E":
+                raise _ABORTED
+            if effect.setting is not None:
+                name, value = effect.setting
+                if name == "application_name":
+                    self.application_name = value
+                self._send(pg.parameter_status(name, value))
+        elif kind == "begin":
+            if self.status != "I":
+                self._send(pg.notice("there is already a transaction in progress", severity="WARNING", sqlstate="25001"))  # fmt: skip
+            else:
+                self.status = "T"
+        elif kind in ("commit", "rollback"):
+            if self.status == "I":
+                self._send(pg.notice("there is no transaction in progress", severity="WARNING", sqlstate="25P01"))  # fmt: skip
+            failed = self.status == "E"
+            committed, self.committed, self.status = self.committed, [], "I"
+            if committed and (failed or kind == "rollback"):
+                raise StatementError(
+                    "25000",
+                    f"this block cannot be rolled back: {len(committed)} statement(s) in it were "
+                    f"committed on approval (requests {', '.join(committed)}); nothing was undone",
+                )
+            if failed:
+                effect = Effect(kind, "ROLLBACK")
+        elif self.status == "I":
+            raise StatementError("25P01", f"{effect.tag} can only be used in transaction blocks")
+        elif kind == "rollback_to":
+            if self.committed:
+                raise StatementError(
+                    "25000",
+                    "cannot roll back to a savepoint: statements in this block were committed "
+                    f"on approval (requests {', '.join(self.committed)})",
+                )
+            self.status = "T"
+        elif self.status == "E":
+            raise _ABORTED
+        self._send(pg.command_complete(effect.tag))
+
+    def _committed(self, view: RequestView) -> None:
+        """A statement that ran on approval committed then, whatever block the client is in."""
+        if view.result is None or not view.result.get("tags") or self.status == "I":
+            return
+        self.committed.append(str(view.id))
+        self._send(
+            pg.notice(
+                f"request {view.id} was committed on its own when approved: a ROLLBACK of this "
+                "block cannot undo it",
+                severity="WARNING",
+                sqlstate="01000",
+            )
+        )
+
+
+_ABORTED = StatementError(
+    "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+)
+
+
+def _formats(formats: tuple[int, ...], n: int) -> list[int]:
+    if len(formats) == 0:
+        return [0] * n
+    if len(formats) == 1:
+        return [formats[0]] * n
+    if len(formats) != n:
+        raise StatementError("08P01", f"{len(formats)} result formats for {n} columns")
+    return list(formats)
