@@ -42,7 +42,8 @@ STRUCTURE_CATALOGS = frozenset(
     pg_am pg_attrdef pg_attribute pg_available_extensions pg_cast pg_class pg_collation
     pg_constraint pg_database pg_depend pg_description pg_enum pg_extension pg_index
     pg_indexes pg_inherits pg_language pg_matviews pg_namespace pg_opclass
-    pg_operator pg_policies pg_proc pg_roles pg_sequences pg_settings pg_stat_all_indexes
+    pg_operator pg_policies pg_proc pg_roles pg_sequence pg_sequences pg_settings
+    pg_stat_all_indexes
     pg_stat_all_tables pg_stat_database pg_stat_sys_tables pg_stat_user_indexes
     pg_stat_user_tables pg_statio_all_tables pg_statio_user_tables pg_tables pg_tablespace
     pg_timezone_abbrevs pg_timezone_names pg_trigger pg_type pg_views
@@ -69,12 +70,11 @@ def statement_texts(sql: str) -> list[tuple[str, ast.Node | None]]:
     statements = parse(sql)
     if len(statements) == 1:
         return [(sql, statements[0].stmt)]
-    encoded = sql.encode()  # locations are byte offsets
     out = []
-    for raw in statements:
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(encoded)
-        out.append((encoded[start:end].decode().strip(), raw.stmt))
+    for raw in statements:  # pglast gives locations in characters (libpg_query's bytes,
+        start = raw.stmt_location or 0  # converted): slicing bytes broke on non-ASCII text
+        end = start + raw.stmt_len if raw.stmt_len else len(sql)
+        out.append((sql[start:end].strip(), raw.stmt))
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ class Wire:
     desk: Desk
     tls: ServerTls
     port: int
+    decided: set[str] = field(default_factory=set)  # held requests a test has decided
 
     def url(self, user: str, target: str = "shop", **params: str) -> str:
         query = "&".join(f"{k}={v}" for k, v in params.items())

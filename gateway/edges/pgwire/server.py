@@ -107,10 +107,10 @@ class WireServer:
         metrics = self.gw.metrics
         self._open += 1
         metrics.pg_connections.inc()
-        writer: asyncio.StreamWriter | None = None
+        writers: list[asyncio.StreamWriter] = []  # the TLS stream, once it owns the socket
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
-                opened = await self._negotiate(sock)
+                opened = await self._negotiate(sock, writers)
             if opened is None:
                 return
             reader, writer, conn, startup = opened
@@ -121,22 +121,22 @@ class WireServer:
             await self._run(reader, writer, conn, client)
         except pg.ProtocolError as exc:
             metrics.pg_connections_refused.labels("protocol").inc()
-            if writer is not None:
+            for writer in writers:
                 writer.write(pg.error(exc.sqlstate, exc.message, severity="FATAL"))
         except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
             self._open -= 1
             metrics.pg_connections.dec()
-            if writer is not None:
+            for writer in writers:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-            else:
+            if not writers:
                 sock.close()
 
     async def _negotiate(
-        self, sock: socket.socket
+        self, sock: socket.socket, writers: list[asyncio.StreamWriter]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, pg.Connection, pg.Event] | None:
         """Up to TLS: returns the streams, the protocol state and the first event over TLS."""
         loop = asyncio.get_running_loop()
@@ -144,7 +144,7 @@ class WireServer:
         while True:
             first = await _peek(loop, sock)
             if first[:1] == b"\x16":  # a TLS ClientHello: direct TLS
-                return await self._over_tls(sock, conn, direct=True)
+                return await self._over_tls(sock, conn, writers, direct=True)
             event = await _plain_packet(loop, sock, conn)
             if isinstance(event, pg.GssEncRequest):
                 await loop.sock_sendall(sock, b"N")
@@ -158,7 +158,7 @@ class WireServer:
                     self.gw.metrics.pg_connections_refused.labels("tls").inc()
                     return None
                 await loop.sock_sendall(sock, b"S")
-                return await self._over_tls(sock, conn, direct=False)
+                return await self._over_tls(sock, conn, writers, direct=False)
             self.gw.metrics.pg_connections_refused.labels("tls").inc()
             refusal = pg.error(
                 "28000",
@@ -170,7 +170,12 @@ class WireServer:
             return None
 
     async def _over_tls(
-        self, sock: socket.socket, conn: pg.Connection, *, direct: bool
+        self,
+        sock: socket.socket,
+        conn: pg.Connection,
+        writers: list[asyncio.StreamWriter],
+        *,
+        direct: bool,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, pg.Connection, pg.Event] | None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_CHUNK)
@@ -179,16 +184,15 @@ class WireServer:
             lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=STARTUP_TIMEOUT
         )
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        writers.append(writer)  # it owns the socket now: closing is the writer's
         alpn = transport.get_extra_info("ssl_object").selected_alpn_protocol()
         if direct and alpn != ALPN:
             self.gw.metrics.pg_connections_refused.labels("tls").inc()
             writer.write(pg.error("08P01", "direct TLS needs ALPN postgresql", severity="FATAL"))
-            writer.close()
             return None
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
-                writer.close()
                 return None
             events = conn.receive(data)
             if events:
@@ -196,7 +200,6 @@ class WireServer:
         event = events[0]
         if isinstance(event, pg.CancelRequest):
             self._cancel(event)
-            writer.close()
             return None
         if not isinstance(event, pg.Startup) or len(events) > 1:
             raise pg.ProtocolError("expected a StartupMessage")

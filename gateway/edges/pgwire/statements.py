@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pglast
 from pglast import ast, parser
 
 from gateway.usecases.driver import Described
+from keyturn.classify.readonly import statement_texts
 from keyturn.classify.session import Effect, Refused, SessionSettings, session_effect
 
 MAX_PARAMS = 65535  # the protocol's own limit (an int16 count)
@@ -76,12 +76,7 @@ def _statement(text: str, node: ast.Node | None, settings: SessionSettings) -> S
 def split(sql: str, settings: SessionSettings) -> list[Statement]:
     """A Query message's statements, each with its own text as sent (raises pglast's
     ParseError; an empty query is no statement)."""
-    out = []
-    for stmt in pglast.parse_sql(sql):  # locations in characters
-        start = stmt.stmt_location or 0
-        end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
-        out.append(_statement(sql[start:end].strip(), stmt.stmt, settings))
-    return out
+    return [_statement(text, node, settings) for text, node in statement_texts(sql)]
 
 
 class BadStatement(Exception):
