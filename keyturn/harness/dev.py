@@ -17,7 +17,9 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,6 +35,7 @@ import asyncpg
 import yaml
 
 from keyturn.config.loading import parse_config
+from keyturn.config.policy import Config
 from keyturn.errors import ConfigError, Unavailable
 from keyturn.harness import dev_api
 from keyturn.harness.dev_slack import Workspace, open_workspace
@@ -41,6 +44,7 @@ from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.sshd import SshServer, find_sshd, ssh_principal
+from keyturn.harness.tls import ServerTls, make_server_tls
 from keyturn.store import migrate
 from keyturn.store.dsn import Dsn
 from keyturn.vault import Vault
@@ -70,8 +74,21 @@ DEMO_SSH = "web-demo"
 
 
 def demo_policy(
-    pg_port: int, vault_addr: str, gateway_port: int, bot_port: int, slack: Workspace
+    pg_port: int,
+    vault_addr: str,
+    gateway_port: int,
+    bot_port: int,
+    slack: Workspace,
+    wire: tuple[int, ServerTls] | None = None,
 ) -> dict[str, Any]:
+    """The demo's policy; ``wire``: the port and TLS files of the Postgres protocol's edge."""
+    postgres = {}
+    if wire is not None:
+        postgres = {
+            "postgres_listen": f"127.0.0.1:{wire[0]}",
+            "postgres_tls_cert": str(wire[1].cert_file),
+            "postgres_tls_key": str(wire[1].key_file),
+        }
     return {
         "targets": {
             "orders-db": {
@@ -110,6 +127,7 @@ def demo_policy(
         "gateway": {
             "listen": f"127.0.0.1:{gateway_port}",
             "auth": {"algorithms": ["HS256"]},
+            **postgres,
         },
         "bot": {"listen": f"127.0.0.1:{bot_port}", "poll_interval": "1s"},
     }
@@ -125,14 +143,28 @@ class DevStack:
     gateway_url: str
     slack: Workspace
     dev_secret: str
+    tls: ServerTls
+    wire_port: int
 
     def agent_token(self) -> str:
         return dev_token(self.dev_secret, DEMO_AGENT)
+
+    @property
+    def wire_url(self) -> str:
+        """A libpq URL for the demo Postgres target through keyturn (the password is the
+        agent token)."""
+        port = self.wire_port
+        return (
+            f"postgresql://{DEMO_AGENT}@127.0.0.1:{port}/orders-db"
+            f"?sslmode=verify-full&sslrootcert={self.tls.ca_file}"
+        )
 
     def describe(self, targets: Mapping[str, str]) -> dict[str, Any]:
         """stack.json: every key is documented in docs/dev.md (scripts rely on them)."""
         return {
             "gateway_url": self.gateway_url,
+            "wire_url": self.wire_url,
+            "ca_file": str(self.tls.ca_file),
             "sandbox_url": self.slack.sandbox_url,
             "agent_token": self.agent_token(),
             "agent": DEMO_AGENT,
@@ -213,7 +245,8 @@ async def _prepare(
         await orders.close()
     database = pg.dsn("keyturn")
     await asyncio.to_thread(migrate.upgrade, database)
-    data = demo_policy(pg.port, bao.addr, free_port(), free_port(), slack)
+    tls = make_server_tls(state_dir / "tls")
+    data = demo_policy(pg.port, bao.addr, free_port(), free_port(), slack, (free_port(), tls))
     _add_demo_ssh(data, slack.approvers)
     dev_api.add_to_policy(data, api_port, slack.approvers)
     policy_file = state_dir / "policy.yml"
@@ -274,6 +307,34 @@ def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None =
     )
     with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
         return json.load(resp)
+
+
+def _tls_of(config: Config, state_dir: Path) -> ServerTls:
+    cert, key = config.gateway.postgres_tls_cert, config.gateway.postgres_tls_key
+    assert cert is not None and key is not None
+    return ServerTls(state_dir / "tls" / "ca.pem", cert, key)
+
+
+async def _wire_smoke(stack: DevStack) -> list[str]:
+    """What a Postgres client sees through keyturn: a masked read, a refused DROP."""
+    conn = await asyncpg.connect(
+        host="127.0.0.1",
+        port=stack.wire_port,
+        user=DEMO_AGENT,
+        password=stack.agent_token(),
+        database="orders-db",
+        ssl=ssl.create_default_context(cafile=str(stack.tls.ca_file)),
+    )
+    try:
+        rows = await conn.fetch("SELECT id, email FROM customers ORDER BY id")
+        lines = [f"Postgres protocol: SELECT -> {[tuple(r) for r in rows]}"]
+        try:
+            await conn.execute("DROP TABLE orders")
+        except asyncpg.InsufficientPrivilegeError as exc:
+            lines.append(f"Postgres protocol: DROP TABLE -> SQLSTATE {exc.sqlstate}: {exc}")
+    finally:
+        await conn.close()
+    return lines
 
 
 def _keyturn() -> str:
@@ -375,6 +436,7 @@ def _run(
 ) -> int:
     state = state_dir / "stack.json"
     services.callback(_forget, state, state_dir / "policy.yml")
+    services.callback(shutil.rmtree, state_dir / "tls", ignore_errors=True)  # runs first
     api_port = free_port()
     database, policy_file, report, key = asyncio.run(_prepare(pg, bao, state_dir, slack, api_port))
     api_url = services.enter_context(dev_api.serving(pg, key, api_port))
@@ -390,6 +452,8 @@ def _run(
         gateway_url=f"http://{config.gateway.listen}",
         slack=slack,
         dev_secret=secrets.token_urlsafe(32),
+        tls=_tls_of(config, state_dir),
+        wire_port=int((config.gateway.postgres_listen or ":0").rpartition(":")[2]),
     )
     gateway = config.vault.gateway_approle
     common = {"KEYTURN_DATABASE_URL": database.url}
@@ -422,6 +486,7 @@ def _run(
         else:
             print(f"  slack      your workspace: cards in {slack.channel}, for {slack.approvers}")
         print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
+        print(f"  psql       PGPASSWORD=<agent_token> psql '{stack.wire_url}'")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
         print(f"  orders api {api_url}  (demo target: {dev_api.TARGET}, its key only in OpenBao)")
@@ -429,7 +494,7 @@ def _run(
             print(f"  sshd       {demo_ssh}  (demo target: {DEMO_SSH}, trusts OpenBao's SSH CA)")
         print(f"  try it     {_keyturn()} demo   (in another terminal; then click Approve)")
         if once:
-            for line in _smoke(stack, ssh=demo_ssh is not None):
+            for line in _smoke(stack, ssh=demo_ssh is not None) + asyncio.run(_wire_smoke(stack)):
                 print(f"  smoke test: {line}")
             return 0
         print("Ctrl-C stops everything and deletes the throwaway data.")

@@ -4,8 +4,10 @@ file behind."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
 
 from bot.cards import APPROVE
 from keyturn.harness.dev_slack import LoopThread
@@ -37,6 +40,8 @@ CONTRACT = {  # docs/dev.md: what scripts may rely on
     "vault_addr": str,
     "vault_root_token": str,
     "approles": dict,
+    "wire_url": str,
+    "ca_file": str,
 }
 
 
@@ -97,6 +102,56 @@ def demo(stack: dict[str, Any], decision: str, reason: str | None = None) -> lis
         run.stop()
 
 
+def _psql(stack: dict[str, Any], sql: str) -> subprocess.CompletedProcess[str]:
+    psql = shutil.which("psql")
+    assert psql, "Debian's psql (postgresql-client) is missing: scripts/test installs it"
+    return subprocess.run(
+        [psql, stack["wire_url"], "-X", "-A", "-t", "-c", sql],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGPASSWORD": stack["agent_token"]},
+        timeout=120,
+    )
+
+
+def psql_demo(stack: dict[str, Any]) -> None:
+    """The README's psql line: the demo's three steps through the Postgres protocol."""
+    read = _psql(stack, "SELECT id, email FROM customers ORDER BY id")
+    assert read.returncode == 0 and read.stdout.split() == ["1|***", "2|***"], read
+    dropped = _psql(stack, "DROP TABLE orders")
+    assert dropped.returncode != 0 and "blocked" in dropped.stderr, dropped
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        update = pool.submit(_psql, stack, "UPDATE orders SET status = 'refunded' WHERE id = 3")
+        click(stack, "'refunded'", "keyturn_approve")
+        done = update.result(timeout=120)
+    assert done.returncode == 0 and "held for approval" in done.stderr, done
+    assert "UPDATE 1" in done.stdout
+
+
+def sqlalchemy_demo(stack: dict[str, Any]) -> None:
+    """An unchanged SQLAlchemy program (psycopg) does the same three steps."""
+    url = stack["wire_url"].replace("postgresql://", "postgresql+psycopg://")
+    engine = sa.create_engine(url, connect_args={"password": stack["agent_token"]})
+    try:
+        with engine.connect() as conn:
+            emails = conn.execute(sa.text("SELECT email FROM customers")).scalars().all()
+        assert emails and set(emails) == {"***"}
+        with pytest.raises(sa.exc.ProgrammingError, match="blocked"), engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE orders"))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+            def update() -> int:
+                with engine.begin() as conn:
+                    sql = "UPDATE orders SET status = 'packed' WHERE id = 1"
+                    return conn.execute(sa.text(sql)).rowcount
+
+            running = pool.submit(update)
+            click(stack, "'packed'", "keyturn_approve")
+            assert running.result(timeout=120) == 1
+    finally:
+        engine.dispose()
+
+
 def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"  # every temporary file of the stack goes here: TMPDIR
     scratch.mkdir()
@@ -134,6 +189,9 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         assert "approved: the gateway sent exactly that call -> HTTP 201" in approved
         denied = demo(stack, "keyturn_deny", "not during the freeze")
         assert denied[-2].strip() == "denied by U_APPROVER: not during the freeze"
+        assert f"psql       PGPASSWORD=<agent_token> psql '{stack['wire_url']}'" in printed
+        psql_demo(stack)
+        sqlalchemy_demo(stack)
 
         below = descendants(dev.proc.pid)
         assert len(below) >= 4  # gateway, bot, postgres, openbao (and sshd)
