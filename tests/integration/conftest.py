@@ -39,6 +39,7 @@ from keyturn.harness.ports import free_port
 from keyturn.harness.pytest_plugin import PostgresServer
 from keyturn.harness.slack import SlackEmulator
 from keyturn.harness.sshd import SshServer, ssh_principal
+from keyturn.harness.tls import ServerTls, make_server_tls
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.supervise import Loop
@@ -555,6 +556,12 @@ def run_desk(
 
 
 # ------------------------------------------------------------------ supervised loops
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> ServerTls:
+    """A throwaway CA and a certificate for 127.0.0.1: the Postgres edge's TLS."""
+    return make_server_tls(tmp_path_factory.mktemp("wire-tls"))
 
 
 @pytest.fixture

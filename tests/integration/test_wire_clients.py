@@ -21,17 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 
 from keyturn.harness.idp import DevIdP
-from keyturn.harness.tls import ServerTls, make_server_tls
+from keyturn.harness.tls import ServerTls
 from tests.integration.conftest import DeskFactory
 from tests.integration.wire import Wire, wire_desk
 
 AGENT = "crew-billing"
 LONG_READ = "SELECT count(*) FROM generate_series(1, 2000000000) a"
-
-
-@pytest.fixture(scope="session")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> ServerTls:
-    return make_server_tls(tmp_path_factory.mktemp("wire-tls"))
 
 
 async def _decide(wire: Wire, approve: bool, reason: str = "not today") -> str:

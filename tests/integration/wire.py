@@ -3,11 +3,12 @@ clients over TLS, and how each real client connects to it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from keyturn.harness.tls import ServerTls
@@ -61,5 +62,74 @@ async def wire_desk(
         yield Wire(desk, tls, port)
 
 
-def ca_path(tls: ServerTls) -> Path:
-    return tls.ca_file
+class Raw:
+    """A Postgres client written out byte by byte, for what real clients never send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, wire: Wire, *, tls: bool = True) -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", wire.port)
+        raw = cls(reader, writer)
+        if tls:
+            writer.write(struct.pack("!ii", 8, 80877103))
+            assert await reader.readexactly(1) == b"S"
+            await writer.start_tls(wire.ssl_context(), server_hostname="127.0.0.1")
+        return raw
+
+    @classmethod
+    async def login(cls, wire: Wire, user: str, token: str, target: str = "shop") -> Raw:
+        raw = await cls.open(wire)
+        raw.startup({"user": user, "database": target})
+        kind, body = await raw.message()
+        assert (kind, body) == (b"R", struct.pack("!i", 3)), (kind, body)
+        raw.send(b"p", token.encode() + b"\0")
+        while (await raw.message())[0] != b"Z":
+            pass
+        return raw
+
+    def startup(self, params: dict[str, str], version: int = 196608) -> None:
+        body = struct.pack("!i", version)
+        body += b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+        self.writer.write(struct.pack("!i", len(body) + 5) + body + b"\0")
+
+    def send(self, kind: bytes, body: bytes = b"", length: int | None = None) -> None:
+        self.writer.write(kind + struct.pack("!i", len(body) + 4 if length is None else length) + body)
+
+    async def message(self, timeout: float = 20) -> tuple[bytes, bytes]:
+        async with asyncio.timeout(timeout):
+            kind = await self.reader.readexactly(1)
+            (length,) = struct.unpack("!i", await self.reader.readexactly(4))
+            return kind, await self.reader.readexactly(length - 4)
+
+    async def until(self, kind: bytes, timeout: float = 20) -> list[tuple[bytes, bytes]]:
+        """Messages up to and including the first of ``kind``."""
+        out = []
+        while True:
+            message = await self.message(timeout)
+            out.append(message)
+            if message[0] == kind:
+                return out
+
+    async def closed(self, timeout: float = 10) -> bool:
+        """Whether the server closes the connection (reading what it sent before)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        except (ConnectionError, ssl.SSLError):
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def fields(body: bytes) -> dict[str, str]:
+    """An ErrorResponse's or NoticeResponse's fields by their code letter."""
+    out = {}
+    for part in body.rstrip(b"\0").split(b"\0"):
+        if part:
+            out[part[:1].decode()] = part[1:].decode()
+    return out

@@ -1,0 +1,272 @@
+"""Attackers' stories against the Postgres protocol's edge, each with a valid token; each
+fails with its guard removed (the guard named in the test's docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import asyncpg
+import psycopg
+import pytest
+
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.tls import ServerTls
+from tests.integration.conftest import DeskFactory
+from tests.integration.wire import Raw, Wire, fields, wire_desk
+
+AGENT = "crew-billing"
+
+
+async def _commands(wire: Wire) -> list[str]:
+    async with wire.desk.store.raw_connection() as conn:
+        return [r[0] for r in await conn.fetch("SELECT command FROM requests ORDER BY created_at")]
+
+
+async def test_a_write_in_a_bind_parameter_is_a_value(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: values.literal doubles the quote (and parenthesises). A parameter carrying SQL
+    comes back as the string it is, in text and in binary, and nothing else is recorded."""
+    token = idp.token(AGENT)
+    payloads = [
+        "x'); DELETE FROM orders WHERE id = 20; --",
+        "x' AS a; DELETE FROM orders WHERE id = 20; --",
+        "\\'; DELETE FROM orders WHERE id = 20; --",
+        "$$; DELETE FROM orders WHERE id = 20; $$",
+    ]
+    async with wire_desk(run_desk, tls) as wire:
+        conn = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=token, autocommit=True
+        )
+        async with conn:
+            for payload in payloads:
+                cur = await conn.execute("SELECT %s::text AS v", (payload,))
+                assert await cur.fetchone() == (payload,)
+                cur = await conn.execute("SELECT %b::bytea AS v", (payload.encode(),))
+                assert await cur.fetchone() == (payload.encode(),)
+        kwargs = wire.kwargs(AGENT, token)
+        ssl_context = kwargs.pop("ssl_context")
+        binary = await asyncpg.connect(**kwargs, ssl=ssl_context)
+        try:
+            for payload in payloads:  # asyncpg sends text parameters in binary
+                assert await binary.fetchval("SELECT $1::text", payload) == payload
+        finally:
+            await binary.close()
+        recorded = await _commands(wire)
+        assert not [c for c in recorded if c.lstrip("(").upper().startswith("DELETE")]
+        assert all(c.startswith("SELECT") for c in recorded), recorded
+        async with wire.desk.store.raw_connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM requests WHERE status <> 'executed'") == 0
+
+
+async def test_statements_pipelined_behind_a_held_one_wait_and_die_with_it(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: one message at a time, and an error skips to Sync. Behind a held UPDATE, a
+    pipelined write is not even recorded until the UPDATE is decided; once it is denied, the
+    write never is."""
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, token)
+        for sql in (
+            "UPDATE orders SET status = 'paid' WHERE id = 30",
+            "UPDATE orders SET status = 'paid' WHERE id = 31",
+        ):
+            raw.send(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
+            raw.send(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+            raw.send(b"E", b"\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        await raw.writer.drain()
+        notice = await raw.until(b"N")
+        assert "held for approval" in fields(notice[-1][1])["M"]
+        await asyncio.sleep(1.0)  # what a pipelining gateway would have recorded by now
+        assert [c for c in await _commands(wire) if "id = 31" in c] == []
+        ident = fields(notice[-1][1])["M"].split("request ")[1].split(" ")[0]
+        await wire.desk.deny(ident, "no")
+        answer = await raw.until(b"Z", timeout=30)
+        errors = [fields(body) for kind, body in answer if kind == b"E"]
+        assert [e["C"] for e in errors] == ["42501"]
+        assert not [kind for kind, _ in answer if kind == b"C"]  # nothing completed
+        assert [c for c in await _commands(wire) if "id = 31" in c] == []
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET ROLE postgres",
+        "set role = 'postgres'",
+        "SET SESSION AUTHORIZATION postgres",
+        "SET LOCAL statement_timeout = 0",
+        "RESET ALL",
+        "RESET role",
+        "DISCARD ALL",
+        "LISTEN keyturn",
+        "NOTIFY keyturn",
+        "COPY orders FROM PROGRAM 'id'",
+        "COPY orders TO STDOUT",
+        "PREPARE p AS SELECT 1",
+        "EXECUTE p",
+        "DECLARE c CURSOR FOR SELECT 1",
+        "LOAD 'plpgsql'",
+        "SET search_path TO pg_temp, public",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+    ],
+)
+async def test_session_state_is_refused(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls, sql: str
+) -> None:
+    """Guard: keyturn.classify.session. Statements that would change a session keyturn does
+    not keep are refused at once (0A000), before anything is recorded or held."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        raw.send(b"Q", sql.encode() + b"\0")
+        answer = await raw.until(b"Z", timeout=10)
+        errors = [fields(body) for kind, body in answer if kind == b"E"]
+        assert [e["C"] for e in errors] == ["0A000"], answer
+        assert await _commands(wire) == []
+        raw.close()
+
+
+async def test_the_startup_user_must_be_the_tokens_subject(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: server._authenticate compares ``user`` with the token's sub."""
+    async with wire_desk(run_desk, tls) as wire:
+        with pytest.raises(psycopg.OperationalError, match="user must be the token's subject"):
+            await psycopg.AsyncConnection.connect(
+                wire.url("crew-vip"), password=idp.token(AGENT)
+            )
+        for bad in (idp.token(AGENT, exp=0), idp.token(AGENT, aud="other"), "x" * 5000):
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                await psycopg.AsyncConnection.connect(wire.url(AGENT), password=bad)
+        with pytest.raises(psycopg.OperationalError, match="web"):  # an SSH target
+            await psycopg.AsyncConnection.connect(wire.url(AGENT, "web"), password=idp.token(AGENT))
+        with pytest.raises(psycopg.OperationalError, match="private"):  # not this agent's
+            await psycopg.AsyncConnection.connect(
+                wire.url(AGENT, "private"), password=idp.token(AGENT)
+            )
+
+
+async def test_bad_messages_close_only_their_connection(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: protocol.Connection's length and shape checks. Each bad message gets a FATAL
+    error and its connection closed at once (a 1 GB length costs nothing); a second
+    connection of the same agent goes on working."""
+    token = idp.token(AGENT)
+    bad = {
+        "1 GB": (b"Q", b"SELECT 1\0", 1 << 30),
+        "negative": (b"Q", b"", -5),
+        "too short": (b"Q", b"", 2),
+        "unknown type": (b"z", b"", None),
+        "function call": (b"F", b"", None),
+        "copy data": (b"d", b"x", None),
+        "bind count": (b"B", b"\0\0" + struct.pack("!h", 30000), None),
+        "describe what": (b"D", b"X\0", None),
+        "no terminator": (b"Q", b"SELECT 1", None),
+        "trailing bytes": (b"S", b"junk", None),
+        "invalid utf-8": (b"Q", b"SELECT '\xff'\0", None),
+    }
+    async with wire_desk(run_desk, tls) as wire:
+        good = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=token, autocommit=True
+        )
+        async with good:
+            for name, (kind, body, length) in bad.items():
+                raw = await Raw.login(wire, AGENT, token)
+                raw.send(kind, body, length)
+                sent, answer = await raw.message()
+                assert sent == b"E", name
+                assert fields(answer)["S"] == "FATAL", (name, fields(answer))
+                assert await raw.closed(), name
+                cur = await good.execute("SELECT 1")
+                assert await cur.fetchone() == (1,)
+            startup = await Raw.open(wire)
+            startup.writer.write(struct.pack("!ii", 99_999_999, 196608))
+            assert (await startup.message())[0] == b"E"
+            assert await startup.closed()
+
+
+async def test_tls_is_required_and_nothing_rides_in_before_it(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guards: a StartupMessage in the clear is refused; bytes sent after an SSLRequest,
+    before the handshake (CVE-2021-23214's class), close the connection unanswered."""
+    async with wire_desk(run_desk, tls) as wire:
+        plain = await Raw.open(wire, tls=False)
+        plain.startup({"user": AGENT, "database": "shop"})
+        kind, body = await plain.message()
+        assert kind == b"E" and fields(body)["C"] == "28000"
+        assert await plain.closed()
+        early = await Raw.open(wire, tls=False)
+        early.writer.write(struct.pack("!ii", 8, 80877103))
+        early.startup({"user": AGENT, "database": "shop"})  # in the same write
+        try:
+            answered = await early.reader.read(1)
+        except ConnectionResetError:  # closed with the client's bytes unread
+            answered = b""
+        assert answered == b""  # closed, no "S"
+        gss = await Raw.open(wire, tls=False)
+        gss.writer.write(struct.pack("!ii", 8, 80877104))
+        assert await gss.reader.readexactly(1) == b"N"
+        gss.close()
+
+
+async def test_an_agents_idle_connections_stay_within_its_limit(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: postgres_connections_per_agent. 500 connections from one identity: 20 are
+    let in, the rest get 53300; another agent still connects."""
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+
+        async def attempt() -> Raw | str:
+            raw = await Raw.open(wire)
+            raw.startup({"user": AGENT, "database": "shop"})
+            await raw.message()
+            raw.send(b"p", token.encode() + b"\0")
+            kind, body = await raw.message(timeout=60)
+            if kind == b"E":
+                raw.close()
+                return fields(body)["C"]
+            return raw
+
+        results = await asyncio.gather(*(attempt() for _ in range(500)))
+        admitted = [r for r in results if isinstance(r, Raw)]
+        assert len(admitted) == 20
+        assert {r for r in results if isinstance(r, str)} == {"53300"}
+        other = await psycopg.AsyncConnection.connect(
+            wire.url("crew-other"), password=idp.token("crew-other")
+        )
+        await other.close()
+        for raw in admitted:
+            raw.close()
+
+
+async def test_a_block_with_a_write_committed_on_approval_cannot_roll_back_quietly(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: Session._local refuses ROLLBACK of a block in which a write was committed at
+    approval. The client is warned when it commits, and its ROLLBACK is an error."""
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        conn = await psycopg.AsyncConnection.connect(wire.url(AGENT), password=token)
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        async with conn:
+            update = asyncio.create_task(
+                conn.execute("UPDATE orders SET status = 'paid' WHERE id = 40")
+            )
+            async with asyncio.timeout(30):
+                while not any("held for approval" in n for n in notices):
+                    await asyncio.sleep(0.05)
+            ident = notices[0].split("request ")[1].split(" ")[0]
+            await wire.desk.approve(ident)
+            await update
+            assert any("cannot undo it" in n for n in notices)
+            with pytest.raises(psycopg.errors.InvalidTransactionState, match="nothing was undone"):
+                await conn.rollback()
+            cur = await conn.execute("SELECT status FROM orders WHERE id = 40")
+            assert await cur.fetchone() == ("paid",)
