@@ -101,7 +101,7 @@ def _transaction_options(options: tuple[ast.Node, ...] | None) -> None:
             continue
         raise Refused(
             "keyturn runs each statement in a transaction of its own (READ COMMITTED); "
-            f"it cannot give a block {option.defname.removeprefix('transaction_')} {raw}"
+            f"it cannot give a block {(option.defname or '').removeprefix('transaction_')} {raw}"
         )
 
 
@@ -122,10 +122,14 @@ def _set(node: ast.VariableSetStmt, settings: SessionSettings) -> Effect:
         if len(values[0]) > MAX_APPLICATION_NAME:
             raise Refused("application_name is longer than 63 bytes", "22023")
         return Effect("set", "SET", ("application_name", values[0]))
-    if name == "extra_float_digits" and len(values) == 1 and values[0].lstrip("-").isdigit():
-        if -15 <= int(values[0]) <= 3:
-            return Effect("set", "SET")  # keyturn's floats are the shortest exact ones anyway
-    if name == "client_encoding" and [v.lower() for v in values] in (["utf8"], ["utf-8"], ["unicode"]):
+    digits = len(values) == 1 and values[0].lstrip("-").isdigit()
+    if name == "extra_float_digits" and digits and -15 <= int(values[0]) <= 3:
+        return Effect("set", "SET")  # keyturn's floats are the shortest exact ones anyway
+    if name == "client_encoding" and [v.lower() for v in values] in (
+        ["utf8"],
+        ["utf-8"],
+        ["unicode"],
+    ):
         return Effect("set", "SET", ("client_encoding", "UTF8"))
     if name == "datestyle" and {v.lower() for v in values} <= {"iso", "mdy"}:
         return Effect("set", "SET", ("DateStyle", "ISO, MDY"))

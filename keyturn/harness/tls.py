@@ -29,7 +29,9 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_server_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> ServerTls:
+def make_server_tls(
+    directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ServerTls:
     """A CA and a certificate for ``hosts`` (IPs and names), valid for a day, in ``directory``
     (the key readable by its owner only)."""
     now = dt.datetime.now(dt.UTC)

@@ -57,7 +57,9 @@ async def test_a_write_in_a_bind_parameter_is_a_value(
         assert not [c for c in recorded if c.lstrip("(").upper().startswith("DELETE")]
         assert all(c.startswith("SELECT") for c in recorded), recorded
         async with wire.desk.store.raw_connection() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM requests WHERE status <> 'executed'") == 0
+            assert (
+                await conn.fetchval("SELECT count(*) FROM requests WHERE status <> 'executed'") == 0
+            )
 
 
 async def test_statements_pipelined_behind_a_held_one_wait_and_die_with_it(
@@ -135,9 +137,7 @@ async def test_the_startup_user_must_be_the_tokens_subject(
     """Guard: server._authenticate compares ``user`` with the token's sub."""
     async with wire_desk(run_desk, tls) as wire:
         with pytest.raises(psycopg.OperationalError, match="user must be the token's subject"):
-            await psycopg.AsyncConnection.connect(
-                wire.url("crew-vip"), password=idp.token(AGENT)
-            )
+            await psycopg.AsyncConnection.connect(wire.url("crew-vip"), password=idp.token(AGENT))
         for bad in (idp.token(AGENT, exp=0), idp.token(AGENT, aud="other"), "x" * 5000):
             with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
                 await psycopg.AsyncConnection.connect(wire.url(AGENT), password=bad)

@@ -46,9 +46,7 @@ class Wire:
 
 
 @contextlib.asynccontextmanager
-async def wire_desk(
-    run_desk: DeskFactory, tls: ServerTls, **gateway: Any
-) -> AsyncIterator[Wire]:
+async def wire_desk(run_desk: DeskFactory, tls: ServerTls, **gateway: Any) -> AsyncIterator[Wire]:
     settings = {
         "postgres_listen": "127.0.0.1:0",
         "postgres_tls_cert": str(tls.cert_file),
@@ -95,7 +93,9 @@ class Raw:
         self.writer.write(struct.pack("!i", len(body) + 5) + body + b"\0")
 
     def send(self, kind: bytes, body: bytes = b"", length: int | None = None) -> None:
-        self.writer.write(kind + struct.pack("!i", len(body) + 4 if length is None else length) + body)
+        self.writer.write(
+            kind + struct.pack("!i", len(body) + 4 if length is None else length) + body
+        )
 
     async def message(self, timeout: float = 20) -> tuple[bytes, bytes]:
         async with asyncio.timeout(timeout):

@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from gateway.drivers.postgres.catalogs import Catalogs
-from gateway.drivers.postgres.catalogs import CATALOG_IDENTITY
+from gateway.drivers.postgres.catalogs import CATALOG_IDENTITY, Catalogs
 from gateway.drivers.postgres.fetch import (
     STALE_STATEMENT,
     columns_of,

@@ -39,7 +39,7 @@ class ProtocolError(Exception):
 
 class State(enum.Enum):
     STARTUP = "startup"  # untyped packets: SSLRequest, GSSENCRequest, CancelRequest, Startup
-    PASSWORD = "password"  # AuthenticationCleartextPassword sent; a PasswordMessage is next
+    PASSWORD = "password"  # noqa: S105 (a state) cleartext auth asked: a PasswordMessage next
     READY = "ready"  # queries
     CLOSED = "closed"
 
@@ -289,7 +289,7 @@ class Connection:
         self.state = State.PASSWORD
         return Startup(code & 0xFFFF, parameters)
 
-    def _typed(self, kind: bytes, r: _Reader) -> Event:  # noqa: PLR0911 one branch per type
+    def _typed(self, kind: bytes, r: _Reader) -> Event:
         if kind == b"p":
             self.state = State.READY
             return Password(r.cstring())
@@ -388,7 +388,9 @@ def command_complete(tag: str) -> bytes:
     return _message(b"C", _cstr(tag))
 
 
-def _fields(severity: str, sqlstate: str, message: str, detail: str | None, hint: str | None) -> bytes:
+def _fields(
+    severity: str, sqlstate: str, message: str, detail: str | None, hint: str | None
+) -> bytes:
     out = b"S" + _cstr(severity) + b"V" + _cstr(severity) + b"C" + _cstr(sqlstate)
     out += b"M" + _cstr(message)
     if detail:

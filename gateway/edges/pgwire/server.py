@@ -42,6 +42,7 @@ STARTUP_TIMEOUT = 15.0  # to finish TLS and authentication (Postgres's authentic
 READ_CHUNK = 64 * 1024
 QUEUED_EVENTS = 256  # events read ahead of the one running (backpressure past that)
 ALPN = "postgresql"
+AUTH_FAILED = "password authentication failed"  # what libpq's users search for
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,11 @@ class WireServer:
         try:
             who = await self.auth.authenticate(f"Bearer {token}")
         except Unauthorized:
-            refuse("28P01", "password authentication failed: keyturn takes the agent's token", "auth")  # fmt: skip
+            refuse("28P01", f"{AUTH_FAILED}: keyturn takes the agent's token", "auth")
             return None
         user = params.get("user")
         if user not in (None, who.subject):
-            refuse("28P01", "password authentication failed: user must be the token's subject", "auth")  # fmt: skip
+            refuse("28P01", f"{AUTH_FAILED}: user must be the token's subject", "auth")
             return None
         try:
             facts = await wire.session_facts(self.gw, who, target)
@@ -375,7 +376,12 @@ class WireServer:
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
     try:
         await ready
     finally:
@@ -438,12 +444,12 @@ async def _next_event(reader: asyncio.StreamReader, conn: pg.Connection) -> pg.E
             return events[0]
 
 
-async def _take(queue: asyncio.Queue[pg.Event | None], reading: asyncio.Task[None]) -> pg.Event | None:
+async def _take(
+    queue: asyncio.Queue[pg.Event | None], reading: asyncio.Task[None]
+) -> pg.Event | None:
     event = await queue.get()
     if event is None and reading.done() and not reading.cancelled():
         error = reading.exception()
         if error is not None:
             raise error
     return event
-
-

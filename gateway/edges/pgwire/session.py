@@ -26,7 +26,15 @@ from pglast.parser import ParseError
 
 from gateway.edges.pgwire import protocol as pg
 from gateway.edges.pgwire.statements import BadStatement, Prepared, Statement, prepare, split
-from gateway.edges.pgwire.values import TYPE_NAMES, UNTYPED, ValueError_, cell, literal, param_text
+from gateway.edges.pgwire.values import (
+    TEXT,
+    TYPE_NAMES,
+    UNTYPED,
+    ValueError_,
+    cell,
+    literal,
+    param_text,
+)
 from gateway.usecases import wire
 from gateway.usecases.driver import StatementRefused
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read
@@ -82,7 +90,7 @@ class Portal:
     tag: str = ""
 
 
-def error_of(exc: BaseException) -> StatementError:  # noqa: PLR0911 one line per kind
+def error_of(exc: BaseException) -> StatementError:
     """A keyturn error as the client's ErrorResponse."""
     if isinstance(exc, StatementError):
         return exc
@@ -271,9 +279,10 @@ class Session:
         result = view.result or {}
         tags = list(result.get("tags") or [])
         for i, statement in enumerate(runs):
-            last = i == len(runs) - 1
-            if last and result.get("columns"):
-                self._rows(result, (), describe=True)
+            if i == len(runs) - 1 and result.get("columns"):
+                rows = Portal(Prepared(statement, (), 0, ()), "", ())
+                self._take(rows, self._sendable(rows, result, True), statement, describe=True)
+                self._data_rows(rows, rows.rows or [])
             self._send(pg.command_complete(tags[i] if i < len(tags) else statement.tag))
         self._committed(view)
         if last is not None and closes:
@@ -387,8 +396,10 @@ class Session:
             raise StatementError("34000", f'portal "{event.portal}" does not exist')
         if portal.rows is None:
             describe, portal.describe_pending = portal.describe_pending, False
-            result = await self._one(portal.prepared.statement, portal.sql, portal.formats,
-                                     describe=describe, portal=portal)  # fmt: skip
+            statement = portal.prepared.statement
+            result = await self._one(
+                statement, portal.sql, portal.formats, describe=describe, portal=portal
+            )
             if result is None:
                 return
         self._more(portal, event.max_rows)
@@ -397,9 +408,7 @@ class Session:
         """Send a portal's rows, ``max_rows`` of them at most (0: all)."""
         rows = portal.rows or []
         batch = rows if max_rows <= 0 else rows[:max_rows]
-        formats = _formats(portal.formats, len(portal.types))
-        for row in batch:
-            self._send(pg.data_row(cell(v, t, f == 1) for v, t, f in zip(row, portal.types, formats, strict=True)))  # fmt: skip
+        self._data_rows(portal, batch)
         portal.rows = rows[len(batch) :]
         if portal.rows:
             self._send(pg.PORTAL_SUSPENDED)
@@ -435,41 +444,51 @@ class Session:
             raise _ABORTED
         view = await self._submit(sql)
         result = view.result or {}
-        if result.get("truncated") == "value_bytes":
-            raise StatementError(
+        self._committed(view)
+        target = portal or Portal(Prepared(statement, (), 0, ()), sql, formats)
+        result = self._sendable(target, result, describe)
+        self._take(target, result, statement, describe)
+        if portal is None:
+            self._more(target, 0)
+        return result
+
+    def _sendable(self, portal: Portal, result: dict[str, Any], describe: bool) -> dict[str, Any]:
+        """``result`` as it can be sent faithfully. Rows that cannot (a value cut at the
+        per-value cap; types other than the client was told, as when lineage masks a
+        column under another name) are refused; after a write committed on approval they
+        are left out with a warning instead, since the write itself stands."""
+        cap = result.get("truncated")
+        problem = None
+        if cap == "value_bytes":
+            problem = StatementError(
                 "54000",
                 "a value is larger than the gateway's per-value cap (gateway.value_bytes): "
                 "select a part of it",
             )
-        if result.get("truncated"):
-            self._send(
-                pg.notice(
-                    f"keyturn cut this result at its {result['truncated']} cap "
-                    f"(gateway.{'row_limit' if result['truncated'] == 'rows' else 'response_bytes'})",
-                    severity="WARNING",
-                    sqlstate="01000",
-                )
+        described = portal.prepared.described
+        types = result.get("types") or [TEXT] * len(result.get("columns") or [])
+        told = [oid for _, oid in described.columns] if described and not describe else types
+        if result.get("columns") and told != types:
+            problem = StatementError(
+                "0A000",
+                "the result's column types differ from the statement's description "
+                "(a column masked under another name is text): describe it again",
             )
-        self._committed(view)
-        target = portal or Portal(Prepared(statement, (), 0, ()), sql, formats)
-        self._take(target, result, statement, describe)
-        if portal is None:
-            self._more(target, 0)
+        if problem is not None and not result.get("tags"):
+            raise problem
+        if problem is not None:
+            self._warn(f"the statement ran, but its rows are not sent: {problem.message}")
+            return {**result, "rows": []}
+        if cap:
+            setting = "row_limit" if cap == "rows" else "response_bytes"
+            self._warn(f"keyturn cut this result at its {cap} cap (gateway.{setting})")
         return result
 
     def _take(
         self, portal: Portal, result: dict[str, Any], statement: Statement, describe: bool
     ) -> None:
         columns = list(result.get("columns") or [])
-        types = list(result.get("types") or [25] * len(columns))
-        described = portal.prepared.described
-        if described is not None and not describe and columns:
-            if [oid for _, oid in described.columns] != types:
-                raise StatementError(
-                    "0A000",
-                    "the result's column types differ from the statement's description "
-                    "(a column masked under another name is text): describe it again",
-                )
+        types = list(result.get("types") or [TEXT] * len(columns))
         if describe:
             if columns:
                 self._send(
@@ -487,11 +506,11 @@ class Session:
         if statement.tag in ("SHOW", "EXPLAIN") and not tags:
             portal.tag = statement.tag
 
-    def _rows(self, result: dict[str, Any], formats: tuple[int, ...], *, describe: bool) -> None:
-        portal = Portal(Prepared(Statement("", None, None, ""), (), 0, ()), "", formats)
-        self._take(portal, result, portal.prepared.statement, describe)
-        for row in portal.rows or []:
-            self._send(pg.data_row(cell(v, t, False) for v, t in zip(row, portal.types, strict=True)))  # fmt: skip
+    def _data_rows(self, portal: Portal, rows: list[list[Any]]) -> None:
+        formats = [f == 1 for f in _formats(portal.formats, len(portal.types))]
+        for row in rows:
+            cells = zip(row, portal.types, formats, strict=True)
+            self._send(pg.data_row(cell(value, oid, binary) for value, oid, binary in cells))
 
     async def _submit(self, sql: str) -> RequestView:
         """One statement (or several, as one request) through the use cases; waits while it
@@ -553,12 +572,12 @@ class Session:
                 self._send(pg.parameter_status(name, value))
         elif kind == "begin":
             if self.status != "I":
-                self._send(pg.notice("there is already a transaction in progress", severity="WARNING", sqlstate="25001"))  # fmt: skip
+                self._warn("there is already a transaction in progress", "25001")
             else:
                 self.status = "T"
         elif kind in ("commit", "rollback"):
             if self.status == "I":
-                self._send(pg.notice("there is no transaction in progress", severity="WARNING", sqlstate="25P01"))  # fmt: skip
+                self._warn("there is no transaction in progress", "25P01")
             failed = self.status == "E"
             committed, self.committed, self.status = self.committed, [], "I"
             if committed and (failed or kind == "rollback"):
@@ -588,14 +607,13 @@ class Session:
         if view.result is None or not view.result.get("tags") or self.status == "I":
             return
         self.committed.append(str(view.id))
-        self._send(
-            pg.notice(
-                f"request {view.id} was committed on its own when approved: a ROLLBACK of this "
-                "block cannot undo it",
-                severity="WARNING",
-                sqlstate="01000",
-            )
+        self._warn(
+            f"request {view.id} was committed on its own when approved: a ROLLBACK of this "
+            "block cannot undo it"
         )
+
+    def _warn(self, message: str, sqlstate: str = "01000") -> None:
+        self._send(pg.notice(message, severity="WARNING", sqlstate=sqlstate))
 
 
 _ABORTED = StatementError(

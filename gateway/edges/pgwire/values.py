@@ -99,7 +99,7 @@ def param_text(raw: bytes, binary: bool, oid: int) -> str:
             "0A000",
         )
     try:
-        return reader(raw)
+        return str(reader(raw))
     except (struct.error, ValueError, IndexError, OverflowError):
         raise ValueError_(f"a binary parameter of type oid {oid} is malformed") from None
 
@@ -217,7 +217,9 @@ def _array_text(items: Any, elem: int) -> str:
         else:
             text = item if isinstance(item, str) else _text(item, elem)
             plain = _PLAIN.fullmatch(text) and text.upper() != "NULL"
-            parts.append(text if plain else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+            parts.append(
+                text if plain else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            )
     return "{" + ",".join(parts) + "}"
 
 
@@ -254,7 +256,7 @@ def cell(value: Any, oid: int, binary: bool) -> bytes | None:
             "0A000",
         )
     try:
-        return writer(value)
+        return bytes(writer(value))
     except (ValueError, TypeError, ArithmeticError, struct.error):
         raise ValueError_(f"a value of type oid {oid} cannot be sent in binary") from None
 
