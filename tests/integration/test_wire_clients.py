@@ -92,6 +92,15 @@ async def test_psycopg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> No
             assert await cur.fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             await psycopg.AsyncConnection.connect(wire.url(AGENT), password=token + "x")
+        metrics = await (await wire.desk.gateway.client.get("/metrics")).text()
+        for line in (
+            'keyturn_gateway_pg_statements_total{verdict="executed"}',
+            'keyturn_gateway_pg_statements_total{verdict="denied"} 1.0',
+            'keyturn_gateway_pg_connections_refused_total{reason="auth"} 1.0',
+            "keyturn_gateway_pg_held_seconds_count 2.0",
+            "# TYPE keyturn_gateway_pg_connections gauge",
+        ):
+            assert line in metrics, line
 
 
 # ------------------------------------------------------------------ asyncpg

@@ -53,8 +53,27 @@ class WireConfig:
     settings: Settings
 
 
+class _Out:
+    """What a session sends, gathered and written at once when it flushes (at Sync, Flush, a
+    held statement's notice): one TLS record and one segment, not one per message."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._parts: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    async def flush(self) -> None:
+        if self._parts:
+            self._writer.write(b"".join(self._parts))
+            self._parts.clear()
+        await self._writer.drain()
+
+
 @dataclass
 class _Client:
+    out: _Out
     session: Session | None = None
     running: asyncio.Future[None] | None = None  # the event being handled (cancellable)
 
@@ -94,6 +113,7 @@ class WireServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._open >= self.config.max_connections:
                 self.gw.metrics.pg_connections_refused.labels("limit").inc()
                 sock.close()
@@ -254,7 +274,7 @@ class WireServer:
                 "limit",
             )
             return None
-        client = _Client()
+        client = _Client(out=_Out(writer))
         client.session = Session(
             self.gw,
             self.config.settings,
@@ -263,8 +283,8 @@ class WireServer:
             SessionSettings(facts.search_path, facts.timezone),
             check=lambda: self.auth.authenticate(f"Bearer {token}"),
             limit=self.limiter.check,
-            send=writer.write,
-            flush=writer.drain,
+            send=client.out.send,
+            flush=client.out.flush,
         )
         self._by_agent[who.subject] += 1
         pid, secret = self._new_key(client)
@@ -334,11 +354,12 @@ class WireServer:
                 elif isinstance(handling.exception(), Fatal):
                     fatal = handling.exception()
                     assert isinstance(fatal, Fatal)
-                    writer.write(pg.error(fatal.sqlstate, fatal.message, severity="FATAL"))
+                    client.out.send(pg.error(fatal.sqlstate, fatal.message, severity="FATAL"))
+                    await client.out.flush()
                     return
                 else:
                     handling.result()
-                await writer.drain()
+                await client.out.flush()
         finally:
             reading.cancel()
             self._by_agent[session.who.subject] -= 1
