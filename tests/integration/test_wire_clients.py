@@ -10,8 +10,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 import pg8000.native
@@ -22,8 +20,8 @@ from sqlalchemy import orm
 
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.tls import ServerTls
-from tests.integration.conftest import DeskFactory
-from tests.integration.wire import Wire, wire_desk
+from tests.integration.conftest import DeskFactory, Shop
+from tests.integration.wire import Raw, Wire, fields, wire_desk
 
 AGENT = "crew-billing"
 LONG_READ = "SELECT count(*) FROM generate_series(1, 2000000000) a"
@@ -50,17 +48,20 @@ async def _decide(wire: Wire, approve: bool, reason: str = "not today") -> str:
     return str(ident)
 
 
-async def _cancel_soon(cancel: Callable[[], Any], delay: float = 1.0) -> None:
-    await asyncio.sleep(delay)
-    result = cancel()
-    if asyncio.iscoroutine(result):
-        await result
-
-
 # ------------------------------------------------------------------ psycopg 3
 
 
-async def test_psycopg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> None:
+async def _still_running(shop: Shop, fragment: str) -> int:
+    """Statements containing ``fragment`` active on the target (keyturn wraps reads)."""
+    rows = await shop.postgres.fetch(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+        f" AND pid <> pg_backend_pid() AND query LIKE '%{fragment}%'",
+        shop.database,
+    )
+    return int(rows[0][0])
+
+
+async def test_psycopg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls, shop: Shop) -> None:
     token = idp.token(AGENT)
     async with wire_desk(run_desk, tls) as wire:
         conn = await psycopg.AsyncConnection.connect(
@@ -85,9 +86,15 @@ async def test_psycopg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> No
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="order 8 is audited"):
                 await delete
             long = asyncio.create_task(conn.execute(LONG_READ))
-            await _cancel_soon(conn.cancel_safe)
+            async with asyncio.timeout(10):  # running on the target
+                while not await _still_running(shop, "generate_series(1, 2000000000)"):
+                    await asyncio.sleep(0.05)
+            await conn.cancel_safe()
             with pytest.raises(psycopg.errors.QueryCanceled):
                 await long
+            async with asyncio.timeout(10):  # cancelled on the target too, not just abandoned
+                while await _still_running(shop, "generate_series(1, 2000000000)"):
+                    await asyncio.sleep(0.1)
             cur = await conn.execute("SELECT 1")  # the connection goes on
             assert await cur.fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
@@ -252,3 +259,38 @@ async def test_psql(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> None:
             )
         )
         assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr
+
+
+# ------------------------------------------------------------------ held, then expired or left
+
+
+async def test_a_held_statement_that_nobody_decides_expires_as_57014(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls, writes={"pending_ttl": "2s"}) as wire:
+        conn = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=token, autocommit=True
+        )
+        async with conn:
+            with pytest.raises(psycopg.errors.QueryCanceled, match="expired before anyone"):
+                await conn.execute("UPDATE orders SET status = 'paid' WHERE id = 50")
+            cur = await conn.execute("SELECT status FROM orders WHERE id = 50")
+            assert await cur.fetchone() == ("open",)
+
+
+async def test_a_client_that_leaves_while_held_leaves_the_request_held(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, token)
+        raw.send(b"Q", b"UPDATE orders SET status = 'paid' WHERE id = 51\0")
+        notice = await raw.until(b"N")
+        ident = fields(notice[-1][1])["M"].split("request ")[1].split(" ")[0]
+        again = await raw.until(b"N", timeout=5)  # the keep-alive, every notice_interval
+        assert "waiting" in fields(again[-1][1])["M"]
+        raw.close()
+        await asyncio.sleep(1.5)
+        status, body = await wire.desk.gateway.get(token, ident)
+        assert (status, body["status"]) == (200, "pending")

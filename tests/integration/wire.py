@@ -46,7 +46,11 @@ class Wire:
 
 
 @contextlib.asynccontextmanager
-async def wire_desk(run_desk: DeskFactory, tls: ServerTls, **gateway: Any) -> AsyncIterator[Wire]:
+async def wire_desk(
+    run_desk: DeskFactory, tls: ServerTls, writes: dict[str, Any] | None = None, **gateway: Any
+) -> AsyncIterator[Wire]:
+    """A desk (gateway, bot, Slack) whose gateway also listens for Postgres clients;
+    ``writes``: changes to the policy's rule for writes, ``gateway``: gateway settings."""
     settings = {
         "postgres_listen": "127.0.0.1:0",
         "postgres_tls_cert": str(tls.cert_file),
@@ -54,7 +58,7 @@ async def wire_desk(run_desk: DeskFactory, tls: ServerTls, **gateway: Any) -> As
         "postgres_notice_interval": "1s",
         **gateway,
     }
-    async with run_desk(gateway=settings) as desk:
+    async with run_desk(gateway=settings, writes=writes) as desk:
         port = desk.gateway.process.wire_port
         assert port is not None
         yield Wire(desk, tls, port)
