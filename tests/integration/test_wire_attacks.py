@@ -291,3 +291,31 @@ async def test_a_session_ends_when_its_token_does(
             await conn.execute("SELECT 2")
         assert conn.closed or conn.broken
         await conn.close()
+
+
+async def test_a_statement_past_the_command_cap_is_refused_and_the_session_goes_on(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: session._capped. The HTTP API's 64 KiB cap on a command holds on the wire too,
+    in a Query, a Parse, and after a Bind's values are put in; nothing is recorded."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        big = b"x" * 70_000
+        raw.send(b"Q", b"SELECT '" + big + b"'\0")
+        raw.send(b"P", b"\0SELECT '" + big + b"'\0" + struct.pack("!h", 0))
+        raw.send(b"S")
+        raw.send(b"P", b"\0SELECT $1::text\0" + struct.pack("!h", 0))
+        raw.send(b"B", b"\0\0" + struct.pack("!hhi", 0, 1, len(big)) + big + struct.pack("!h", 0))
+        raw.send(b"E", b"\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        raw.send(b"Q", b"SELECT 1\0")
+        await raw.writer.drain()
+        codes = []
+        for _ in range(3):
+            answer = await raw.until(b"Z")
+            codes += [fields(body)["C"] for kind, body in answer if kind == b"E"]
+        assert codes == ["54000", "54000", "54000"]
+        last = await raw.until(b"Z")
+        assert [kind for kind, _ in last] == [b"T", b"D", b"C", b"Z"]
+        assert [c for c in await _commands(wire) if "xxx" in c] == []
+        raw.close()

@@ -25,6 +25,7 @@ from typing import Any
 from pglast.parser import ParseError
 
 from gateway.edges.pgwire import protocol as pg
+from gateway.edges.schemas import MAX_COMMAND_BYTES
 from gateway.edges.pgwire.statements import BadStatement, Prepared, Statement, prepare, split
 from gateway.edges.pgwire.values import (
     TEXT,
@@ -227,9 +228,13 @@ class Session:
 
     async def _query(self, sql: str) -> None:
         try:
+            _capped(sql)
             statements = split(sql, self.session)
-        except ParseError as exc:
-            self._fail(StatementError("42601", f"syntax error: {exc}"))
+        except (ParseError, RecursionError) as exc:
+            self._fail(_unparsed(exc))
+            return
+        except StatementError as exc:
+            self._fail(exc)
             return
         if not statements:
             self._send(pg.EMPTY_QUERY)
@@ -291,12 +296,13 @@ class Session:
     # ------------------------------------------------------------------ extended protocol
 
     def _parse(self, event: pg.Parse) -> None:
+        _capped(event.sql)
         if event.name and event.name in self.statements:
             raise StatementError("42P05", f'prepared statement "{event.name}" already exists')
         try:
             prepared = prepare(event.sql, event.param_oids, self.session)
-        except ParseError as exc:
-            raise StatementError("42601", f"syntax error: {exc}") from None
+        except (ParseError, RecursionError) as exc:
+            raise _unparsed(exc) from None
         except BadStatement as exc:
             raise StatementError("42601", str(exc)) from None
         if prepared.statement.refused is not None:
@@ -515,6 +521,7 @@ class Session:
     async def _submit(self, sql: str) -> RequestView:
         """One statement (or several, as one request) through the use cases; waits while it
         is held, telling the client so; returns the request once executed."""
+        _capped(sql)
         self.who = await self._check()
         self._limit(self.who.subject)
         sub = Submission(
@@ -619,6 +626,21 @@ class Session:
 _ABORTED = StatementError(
     "25P02", "current transaction is aborted, commands ignored until end of transaction block"
 )
+
+
+def _unparsed(exc: Exception) -> StatementError:
+    if isinstance(exc, RecursionError):
+        return StatementError("54001", "the statement nests too deeply for keyturn to judge")
+    return StatementError("42601", f"syntax error: {exc}")
+
+
+def _capped(sql: str) -> None:
+    """The HTTP API's cap on a command holds here too (parameters in place): a statement is
+    judged, described and shown whole."""
+    if len(sql.encode()) > MAX_COMMAND_BYTES:
+        raise StatementError(
+            "54000", f"the statement is longer than keyturn's {MAX_COMMAND_BYTES} bytes"
+        )
 
 
 def _formats(formats: tuple[int, ...], n: int) -> list[int]:
