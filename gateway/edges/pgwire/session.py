@@ -25,7 +25,6 @@ from typing import Any
 from pglast.parser import ParseError
 
 from gateway.edges.pgwire import protocol as pg
-from gateway.edges.schemas import MAX_COMMAND_BYTES
 from gateway.edges.pgwire.statements import BadStatement, Prepared, Statement, prepare, split
 from gateway.edges.pgwire.values import (
     TEXT,
@@ -36,6 +35,7 @@ from gateway.edges.pgwire.values import (
     literal,
     param_text,
 )
+from gateway.edges.schemas import MAX_COMMAND_BYTES
 from gateway.usecases import wire
 from gateway.usecases.driver import StatementRefused
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read
