@@ -13,7 +13,6 @@ it cannot, as an error.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -166,6 +165,7 @@ class Session:
         self.committed: list[str] = []  # requests committed at approval inside this block
         self.skipping = False  # after an error in the extended protocol, until Sync
         self.application_name = ""
+        self.holding: str | None = None  # the held request a statement is waiting on
 
     # ------------------------------------------------------------------ dispatch
 
@@ -218,7 +218,10 @@ class Session:
 
     def cancelled(self, event: pg.Event) -> None:
         """The statement ``event`` started was cancelled by the client's CancelRequest."""
-        self._fail(StatementError("57014", "canceling statement due to user request"))
+        held = self.holding
+        still = f"; request {held} stays held for approval" if held else ""
+        self._fail(StatementError("57014", f"canceling statement due to user request{still}"))
+        self.holding = None
         if isinstance(event, pg.Query):
             self._send(pg.ready(self.status))
         else:
@@ -522,6 +525,7 @@ class Session:
         """One statement (or several, as one request) through the use cases; waits while it
         is held, telling the client so; returns the request once executed."""
         _capped(sql)
+        self.holding = None
         self.who = await self._check()
         self._limit(self.who.subject)
         sub = Submission(
@@ -545,9 +549,12 @@ class Session:
         return view
 
     async def _hold(self, view: RequestView) -> RequestView:
-        """Wait for a held request, telling the client now and every ``notice_interval``."""
+        """Wait for a held request, telling the client now and every ``notice_interval``.
+        A client that goes away or cancels leaves the request as it is (held), as an HTTP
+        client that stops polling does; request_status finds it."""
         started = time.monotonic()
         link = f"{self.settings.public_url}/v1/commands/{view.id}"
+        self.holding = str(view.id)
         try:
             while view.status not in AGENT_TERMINAL:
                 waited = int(time.monotonic() - started)
@@ -555,12 +562,9 @@ class Session:
                 self._send(pg.notice(note if not waited else f"{note} (waiting {waited} s)"))
                 await self._flush()
                 view = await read(self.gw, self.who, str(view.id), self.settings.notice_interval)
-        except asyncio.CancelledError:
-            # the client went away or cancelled: the request stays as it is (held), as for an
-            # HTTP client that stops polling; request_status finds it
-            raise
         finally:
             self.gw.metrics.pg_held_seconds.observe(time.monotonic() - started)
+        self.holding = None
         return view
 
     # ------------------------------------------------------------------ the block
