@@ -486,7 +486,7 @@ def _run(
         else:
             print(f"  slack      your workspace: cards in {slack.channel}, for {slack.approvers}")
         print(f"  gateway    {stack.gateway_url}  (agent {DEMO_AGENT}, policy {policy_file})")
-        print(f"  psql       PGPASSWORD=<agent_token> psql '{stack.wire_url}'")
+        print(f"  psql       psql '{stack.wire_url}'  (sign in with stack.json's agent_token)")
         print(f"  postgres   {database.redacted}  (demo target: orders-db)")
         print(f"  openbao    {bao.addr}  (bootstrapped: {len(report.actions)} steps)")
         print(f"  orders api {api_url}  (demo target: {dev_api.TARGET}, its key only in OpenBao)")

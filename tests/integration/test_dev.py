@@ -189,7 +189,7 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         assert "approved: the gateway sent exactly that call -> HTTP 201" in approved
         denied = demo(stack, "keyturn_deny", "not during the freeze")
         assert denied[-2].strip() == "denied by U_APPROVER: not during the freeze"
-        assert f"psql       PGPASSWORD=<agent_token> psql '{stack['wire_url']}'" in printed
+        assert f"psql       psql '{stack['wire_url']}'  (sign in with" in printed
         psql_demo(stack)
         sqlalchemy_demo(stack)
 
