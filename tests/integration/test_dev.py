@@ -351,7 +351,7 @@ def test_the_orders_api_key_lives_in_openbao_only(tmp_path: Path) -> None:
         assert held["id"] in rows  # the dump is real
         messages = httpx.get(f"{stack['sandbox_url']}/sandbox/messages", timeout=5).text
         assert "orders/2/refunds" in messages
-        files = "".join(p.read_text() for p in (tmp_path / "state").iterdir())
+        files = "".join(p.read_text() for p in (tmp_path / "state").rglob("*") if p.is_file())
         gateway.close()
         printed = "\n".join(dev.lines)
     for place, text in {

@@ -94,7 +94,7 @@ async def test_statements_pipelined_behind_a_held_one_wait_and_die_with_it(
         assert [e["C"] for e in errors] == ["42501"]
         assert not [kind for kind, _ in answer if kind == b"C"]  # nothing completed
         assert [c for c in await _commands(wire) if "id = 31" in c] == []
-        raw.close()
+        await raw.close()
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ async def test_session_state_is_refused(
         errors = [fields(body) for kind, body in answer if kind == b"E"]
         assert [e["C"] for e in errors] == ["0A000"], answer
         assert await _commands(wire) == []
-        raw.close()
+        await raw.close()
 
 
 async def test_the_startup_user_must_be_the_tokens_subject(
@@ -211,10 +211,11 @@ async def test_tls_is_required_and_nothing_rides_in_before_it(
         except ConnectionResetError:  # closed with the client's bytes unread
             answered = b""
         assert answered == b""  # closed, no "S"
+        await early.close()
         gss = await Raw.open(wire, tls=False)
         gss.writer.write(struct.pack("!ii", 8, 80877104))
         assert await gss.reader.readexactly(1) == b"N"
-        gss.close()
+        await gss.close()
 
 
 async def test_an_agents_idle_connections_stay_within_its_limit(
@@ -232,7 +233,7 @@ async def test_an_agents_idle_connections_stay_within_its_limit(
             raw.send(b"p", token.encode() + b"\0")
             kind, body = await raw.message(timeout=60)
             if kind == b"E":
-                raw.close()
+                await raw.close()
                 return fields(body)["C"]
             return raw
 
@@ -245,7 +246,7 @@ async def test_an_agents_idle_connections_stay_within_its_limit(
         )
         await other.close()
         for raw in admitted:
-            raw.close()
+            await raw.close()
 
 
 async def test_a_block_with_a_write_committed_on_approval_cannot_roll_back_quietly(
@@ -318,4 +319,4 @@ async def test_a_statement_past_the_command_cap_is_refused_and_the_session_goes_
         last = await raw.until(b"Z")
         assert [kind for kind, _ in last] == [b"T", b"D", b"C", b"Z"]
         assert [c for c in await _commands(wire) if "xxx" in c] == []
-        raw.close()
+        await raw.close()

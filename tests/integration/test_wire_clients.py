@@ -290,7 +290,7 @@ async def test_a_client_that_leaves_while_held_leaves_the_request_held(
         ident = fields(notice[-1][1])["M"].split("request ")[1].split(" ")[0]
         again = await raw.until(b"N", timeout=5)  # the keep-alive, every notice_interval
         assert "waiting" in fields(again[-1][1])["M"]
-        raw.close()
+        await raw.close()
         await asyncio.sleep(1.5)
         status, body = await wire.desk.gateway.get(token, ident)
         assert (status, body["status"]) == (200, "pending")

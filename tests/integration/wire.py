@@ -124,10 +124,14 @@ class Raw:
                     pass
         except (ConnectionError, ssl.SSLError):
             pass
+        await self.close()
         return True
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
 
 
 def fields(body: bytes) -> dict[str, str]:

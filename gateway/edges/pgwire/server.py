@@ -151,8 +151,9 @@ class WireServer:
             metrics.pg_connections.dec()
             for writer in writers:
                 writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                with contextlib.suppress(Exception):  # a peer that never answers TLS's close
+                    async with asyncio.timeout(STARTUP_TIMEOUT):
+                        await writer.wait_closed()
             if not writers:
                 sock.close()
 
