@@ -322,9 +322,35 @@ class _Walker:
 TOO_COMPLEX = "nests too deeply for keyturn to analyse; simplify it or split it up"
 
 
+# pglast turns Postgres's parse tree into Python objects by recursing in C, with no check:
+# a left-deep chain (``1+1+…``, ``x::t::t…``, ``a IS NULL IS NULL…``), which the grammar
+# builds without nesting its own stack, takes the process down near 23,000 levels (8 MiB
+# stack; fewer where threads get less). Parentheses are bounded by the grammar (~3,300
+# levels). Each token that is not a name, a constant, a comma, a parenthesis or a comment
+# can add a level at most, so a command with more than MAX_OPERATORS of them is refused
+# before pglast sees it; shorter commands cannot have that many.
+MAX_OPERATORS = 5000
+_FLAT_TOKENS = frozenset(
+    """IDENT ICONST FCONST SCONST BCONST XCONST USCONST UIDENT PARAM ASCII_44 ASCII_40
+    ASCII_41 ASCII_59 ASCII_46 SQL_COMMENT C_COMMENT""".split()
+)
+
+
+def _check_depth(sql: str) -> None:
+    if len(sql) <= 2 * MAX_OPERATORS:  # too short to hold that many
+        return
+    operators = sum(1 for token in pglast.parser.scan(sql) if token.name not in _FLAT_TOKENS)
+    if operators > MAX_OPERATORS:
+        raise TooComplex(
+            f"the SQL has more than {MAX_OPERATORS:,} operators and keywords; split it up"
+        )
+
+
 @functools.lru_cache(maxsize=32)  # judging, planning and showing one command share its parse
 def parse(sql: str) -> tuple[ast.RawStmt, ...]:
-    """pglast's parse of ``sql`` (raises its ParseError, or RecursionError when too deep)."""
+    """pglast's parse of ``sql`` (raises its ParseError, TooComplex past
+    :data:`MAX_OPERATORS`, or RecursionError when too deep)."""
+    _check_depth(sql)
     return tuple(pglast.parse_sql(sql))
 
 

@@ -4,6 +4,7 @@ fails with its guard removed (the guard named in the test's docstring)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 import asyncpg
@@ -237,7 +238,13 @@ async def test_an_agents_idle_connections_stay_within_its_limit(
                 return fields(body)["C"]
             return raw
 
-        results = await asyncio.gather(*(attempt() for _ in range(500)))
+        gate = asyncio.Semaphore(16)  # within what one address may have starting at once
+
+        async def gated() -> Raw | str:
+            async with gate:
+                return await attempt()
+
+        results = await asyncio.gather(*(gated() for _ in range(500)))
         admitted = [r for r in results if isinstance(r, Raw)]
         assert len(admitted) == 20
         assert {r for r in results if isinstance(r, str)} == {"53300"}
@@ -320,3 +327,30 @@ async def test_a_statement_past_the_command_cap_is_refused_and_the_session_goes_
         assert [kind for kind, _ in last] == [b"T", b"D", b"C", b"Z"]
         assert [c for c in await _commands(wire) if "xxx" in c] == []
         await raw.close()
+
+
+async def test_idle_sockets_from_one_address_cannot_lock_others_out(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: server.STARTING_PER_PEER. 300 sockets that never speak, from 127.0.0.2, hold
+    at most that many startup slots; an agent from 127.0.0.1 still connects at once (with
+    room for 100 connections in all, which the sockets alone would fill)."""
+    async with wire_desk(run_desk, tls, postgres_max_connections=100) as wire:
+        idle = []
+        for _ in range(300):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", wire.port))
+            idle.append(sock)
+        try:
+            async with asyncio.timeout(10):
+                conn = await psycopg.AsyncConnection.connect(
+                    wire.url(AGENT), password=idp.token(AGENT), autocommit=True
+                )
+                cur = await conn.execute("SELECT 1")
+                assert await cur.fetchone() == (1,)
+                await conn.close()
+        finally:
+            for sock in idle:
+                sock.close()

@@ -39,6 +39,8 @@ from keyturn.errors import KeyturnError, Unauthorized
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 15.0  # to finish TLS and authentication (Postgres's authentication_timeout: 60 s)
+STARTING = 256  # connections not yet authenticated, from anywhere
+STARTING_PER_PEER = 32  # from one address (the limit test opens 500 from one: 20 get in)
 READ_CHUNK = 64 * 1024
 QUEUED_EVENTS = 256  # events read ahead of the one running (backpressure past that)
 ALPN = "postgresql"
@@ -89,6 +91,7 @@ class WireServer:
     _by_agent: Counter[str] = field(init=False, default_factory=Counter)
     _keys: dict[int, tuple[int, _Client]] = field(init=False, default_factory=dict)
     _open: int = field(init=False, default=0)
+    _starting: Counter[str] = field(init=False, default_factory=Counter)  # by peer address
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,31 +115,42 @@ class WireServer:
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(listener)
+            sock, address = await loop.sock_accept(listener)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._open >= self.config.max_connections:
+            peer = str(address[0])
+            starting = sum(self._starting.values())
+            if (
+                self._open >= self.config.max_connections
+                or self._starting[peer] >= STARTING_PER_PEER
+                or starting >= STARTING
+            ):
+                # connections that never authenticate hold no more than these slots: a
+                # flood of idle sockets from one address cannot lock everyone else out
                 self.gw.metrics.pg_connections_refused.labels("limit").inc()
                 sock.close()
                 continue
-            task = loop.create_task(self._serve(sock))
+            task = loop.create_task(self._serve(sock, peer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ one connection
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
         metrics = self.gw.metrics
         self._open += 1
+        self._starting[peer] += 1
         metrics.pg_connections.inc()
         writers: list[asyncio.StreamWriter] = []  # the TLS stream, once it owns the socket
         try:
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                opened = await self._negotiate(sock, writers)
-            if opened is None:
-                return
-            reader, writer, conn, startup = opened
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                client = await self._authenticate(reader, writer, conn, startup)
+            try:
+                async with asyncio.timeout(STARTUP_TIMEOUT):  # TLS and authentication
+                    opened = await self._negotiate(sock, writers)
+                    if opened is None:
+                        return
+                    reader, writer, conn, startup = opened
+                    client = await self._authenticate(reader, writer, conn, startup)
+            finally:
+                self._started(peer)
             if client is None:
                 return
             await self._run(reader, writer, conn, client)
@@ -369,6 +383,11 @@ class WireServer:
             for pid, (_, owner) in list(self._keys.items()):
                 if owner is client:
                     del self._keys[pid]
+
+    def _started(self, peer: str) -> None:
+        self._starting[peer] -= 1
+        if self._starting[peer] <= 0:
+            del self._starting[peer]
 
     # ------------------------------------------------------------------ cancel
 

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pglast.parser import ParseError
 
@@ -35,6 +35,7 @@ from gateway.edges.pgwire.values import (
     param_text,
 )
 from gateway.edges.schemas import MAX_COMMAND_BYTES
+from gateway.judging import judged
 from gateway.usecases import wire
 from gateway.usecases.driver import StatementRefused
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read
@@ -48,6 +49,7 @@ from keyturn.errors import (
     KeyturnError,
     NotFound,
     RateLimited,
+    TooComplex,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -57,6 +59,12 @@ from keyturn.store.reads import RequestView
 log = logging.getLogger(__name__)
 
 _SQLSTATE = re.compile(r"^([0-9A-Z]{5}): (.*)$", re.DOTALL)
+T = TypeVar("T")
+# What one connection may keep (Postgres keeps anything; keyturn is shared by every agent):
+MAX_STATEMENTS = 500  # named prepared statements (asyncpg and psycopg keep 100 at most)
+MAX_STATEMENT_BYTES = 4 * 1024 * 1024  # their text, together
+MAX_PORTALS = 100  # named portals
+MAX_SUSPENDED = 4  # portals holding rows not yet sent (each up to gateway.response_bytes)
 
 
 class StatementError(Exception):
@@ -86,6 +94,7 @@ class Portal:
     formats: tuple[int, ...]
     describe_pending: bool = False  # a Describe answered when the portal runs (see _settle)
     rows: list[list[Any]] | None = None  # rows not yet sent (an Execute with a row limit)
+    error: StatementError | None = None  # how its run failed: a second Execute says it again
     types: list[int] = field(default_factory=list)
     tag: str = ""
 
@@ -111,6 +120,8 @@ def error_of(exc: BaseException) -> StatementError:
         return StatementError("42501", exc.message)
     if isinstance(exc, TooLarge):
         return StatementError("54000", exc.message)
+    if isinstance(exc, TooComplex):
+        return StatementError("54001", exc.message)
     if isinstance(exc, InvalidInput):
         return StatementError("42601", exc.message)
     if isinstance(exc, KeyturnError):
@@ -166,6 +177,7 @@ class Session:
         self.skipping = False  # after an error in the extended protocol, until Sync
         self.application_name = ""
         self.holding: str | None = None  # the held request a statement is waiting on
+        self._simple = False  # answering a Query (no NoData in the simple protocol)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -173,12 +185,18 @@ class Session:
         if isinstance(event, pg.Sync):
             await self._settle()
             self.skipping = False
+            if self.status == "I":  # the implicit transaction ends: so do its portals
+                self.portals.clear()
             self._send(pg.ready(self.status))
             await self._flush()
             return
         if isinstance(event, pg.Query):
             await self._settle()
-            await self._query(event.sql)
+            self._simple = True
+            try:
+                await self._query(event.sql)
+            finally:
+                self._simple = False
             self._send(pg.ready(self.status))
             await self._flush()
             return
@@ -196,7 +214,7 @@ class Session:
         if not (isinstance(event, pg.Execute) and self._pending_for(event.portal)):
             await self._settle()
         if isinstance(event, pg.Parse):
-            self._parse(event)
+            await self._parse(event)
         elif isinstance(event, pg.Bind):
             await self._bind(event)
         elif isinstance(event, pg.Describe):
@@ -232,17 +250,22 @@ class Session:
     async def _query(self, sql: str) -> None:
         try:
             _capped(sql)
-            statements = split(sql, self.session)
+            statements = await self._judged(split, sql, self.session)
+            refused = next((s.refused for s in statements if s.refused is not None), None)
+            if refused is not None:  # before anything in the query runs, as a syntax error
+                raise refused
         except (ParseError, RecursionError) as exc:
             self._fail(_unparsed(exc))
             return
-        except StatementError as exc:
-            self._fail(exc)
+        except Fatal:
+            raise
+        except Exception as exc:
+            self._fail(error_of(exc))
             return
         if not statements:
             self._send(pg.EMPTY_QUERY)
             return
-        runs = [s for s in statements if s.effect is None and s.refused is None]
+        runs = [s for s in statements if s.effect is None]
         try:
             if len(runs) > 1 and not await self._all_at_once(runs):
                 # several statements that are not all plain reads: one request, all or nothing
@@ -254,6 +277,12 @@ class Session:
             raise
         except Exception as exc:
             self._fail(error_of(exc))
+
+    async def _judged(self, fn: Callable[..., T], *args: Any) -> T:
+        """pglast's work on a statement, off the event loop and one at a time per agent (a
+        64 KiB statement takes a parser tens of milliseconds)."""
+        async with self.gw.turns.turn(self.who.subject):
+            return await judged(fn, *args)
 
     async def _all_at_once(self, runs: list[Statement]) -> bool:
         for statement in runs:
@@ -271,8 +300,6 @@ class Session:
         closes = last is not None and last.kind == "commit"
         inner = statements[int(opens) : len(statements) - int(closes)]
         for statement in inner:
-            if statement.refused is not None:
-                raise statement.refused
             if statement.effect is not None:
                 raise StatementError(
                     "0A000",
@@ -283,7 +310,8 @@ class Session:
             raise _ABORTED
         if first is not None and opens:
             self._local(first)
-        view = await self._submit(";\n".join(s.text for s in runs))
+        # each on its own lines: a statement may end in a "-- comment"
+        view = await self._submit("\n;\n".join(s.text for s in runs))
         result = view.result or {}
         tags = list(result.get("tags") or [])
         for i, statement in enumerate(runs):
@@ -298,12 +326,22 @@ class Session:
 
     # ------------------------------------------------------------------ extended protocol
 
-    def _parse(self, event: pg.Parse) -> None:
+    async def _parse(self, event: pg.Parse) -> None:
         _capped(event.sql)
         if event.name and event.name in self.statements:
             raise StatementError("42P05", f'prepared statement "{event.name}" already exists')
+        kept = sum(len(p.statement.text) for p in self.statements.values())
+        if event.name and (
+            len(self.statements) >= MAX_STATEMENTS or kept + len(event.sql) > MAX_STATEMENT_BYTES
+        ):
+            raise StatementError(
+                "54000",
+                f"keyturn keeps at most {MAX_STATEMENTS} prepared statements "
+                f"({MAX_STATEMENT_BYTES // (1024 * 1024)} MiB of text) per connection: "
+                "close some first",
+            )
         try:
-            prepared = prepare(event.sql, event.param_oids, self.session)
+            prepared = await self._judged(prepare, event.sql, event.param_oids, self.session)
         except (ParseError, RecursionError) as exc:
             raise _unparsed(exc) from None
         except BadStatement as exc:
@@ -318,7 +356,13 @@ class Session:
         statement = prepared.statement
         if prepared.described is not None or statement.effect is not None or statement.empty:
             return
-        prepared.described = await wire.describe(self.gw, self.who, self.target, statement.text)
+        self.who = await self._check()  # the target is asked: the token must still hold
+        typed = [
+            f"${n}::{TYPE_NAMES[oid]}" if oid in TYPE_NAMES else f"${n}"
+            for n, oid in enumerate(_padded(prepared.client_oids, prepared.count), 1)
+        ]
+        text = prepared.bound(typed) if prepared.placeholders else statement.text
+        prepared.described = await wire.describe(self.gw, self.who, self.target, text)
         if len(prepared.described.params) != prepared.count:
             raise StatementError(
                 "08P01", "the statement's parameters do not match what the target describes"
@@ -355,7 +399,12 @@ class Session:
             literals.append(literal(text, TYPE_NAMES.get(given) if given not in UNTYPED else None))
         if event.portal and event.portal in self.portals:
             raise StatementError("42P03", f'cursor "{event.portal}" already exists')
+        if event.portal and len(self.portals) >= MAX_PORTALS:
+            raise StatementError(
+                "54000", f"keyturn keeps at most {MAX_PORTALS} portals per connection"
+            )
         sql = prepared.bound(literals) if literals else prepared.statement.text
+        _capped(sql)
         self.portals[event.portal] = Portal(prepared, sql, event.result_formats)
         self._send(pg.BIND_COMPLETE)
 
@@ -403,12 +452,18 @@ class Session:
         portal = self.portals.get(event.portal)
         if portal is None:
             raise StatementError("34000", f'portal "{event.portal}" does not exist')
+        if portal.error is not None:
+            raise portal.error
         if portal.rows is None:
             describe, portal.describe_pending = portal.describe_pending, False
             statement = portal.prepared.statement
-            result = await self._one(
-                statement, portal.sql, portal.formats, describe=describe, portal=portal
-            )
+            try:
+                result = await self._one(
+                    statement, portal.sql, portal.formats, describe=describe, portal=portal
+                )
+            except Exception as exc:  # the portal ran (or was refused) once: never again
+                portal.error = error_of(exc)
+                raise portal.error from exc
             if result is None:
                 return
         self._more(portal, event.max_rows)
@@ -420,6 +475,11 @@ class Session:
         self._data_rows(portal, batch)
         portal.rows = rows[len(batch) :]
         if portal.rows:
+            if sum(1 for p in self.portals.values() if p.rows) > MAX_SUSPENDED:
+                portal.rows = []
+                raise StatementError(
+                    "54000", f"keyturn keeps at most {MAX_SUSPENDED} portals suspended at once"
+                )
             self._send(pg.PORTAL_SUSPENDED)
         else:
             self._send(pg.command_complete(portal.tag))
@@ -444,7 +504,7 @@ class Session:
             return None
         if statement.effect is not None:
             self._local(statement.effect)
-            if describe:
+            if describe and not self._simple:
                 self._send(pg.NO_DATA)
             if portal is not None:
                 portal.rows, portal.tag = [], statement.effect.tag
@@ -506,7 +566,7 @@ class Session:
                         _formats(portal.formats, len(columns)),
                     )
                 )
-            else:
+            elif not self._simple:  # the simple protocol has no NoData
                 self._send(pg.NO_DATA)
         tags = result.get("tags") or []
         rows = list(result.get("rows") or [])
@@ -636,6 +696,10 @@ def _unparsed(exc: Exception) -> StatementError:
     if isinstance(exc, RecursionError):
         return StatementError("54001", "the statement nests too deeply for keyturn to judge")
     return StatementError("42601", f"syntax error: {exc}")
+
+
+def _padded(oids: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return (oids + (0,) * n)[:n]
 
 
 def _capped(sql: str) -> None:

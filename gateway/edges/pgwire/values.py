@@ -82,25 +82,24 @@ def literal(text: str | None, type_name: str | None) -> str:
 
 def param_text(raw: bytes, binary: bool, oid: int) -> str:
     """A parameter's text, read from the form it was sent in (``oid``: its type)."""
-    if not binary:
-        return _utf8(raw)
-    if oid in _TEXTUAL:
+    if not binary or oid in _TEXTUAL:
         return _utf8(raw)
     if oid == JSONB:
         if raw[:1] != b"\x01":
             raise ValueError_("unsupported jsonb version in a binary parameter")
         return _utf8(raw[1:])
-    if oid in ARRAY_OF:
-        return _array_text(_read_array(raw, ARRAY_OF[oid]), ARRAY_OF[oid])
-    reader = _BINARY_READERS.get(oid)
-    if reader is None:
+    if oid not in ARRAY_OF and oid not in _BINARY_READERS:
         raise ValueError_(
             f"keyturn cannot read a binary parameter of type oid {oid}: send it as text",
             "0A000",
         )
     try:
-        return str(reader(raw))
-    except (struct.error, ValueError, IndexError, OverflowError):
+        if oid in ARRAY_OF:
+            return _array_text(_read_array(raw, ARRAY_OF[oid]), ARRAY_OF[oid])
+        return str(_BINARY_READERS[oid](raw))
+    except ValueError_:
+        raise
+    except (struct.error, ValueError, IndexError, KeyError, OverflowError, ArithmeticError):
         raise ValueError_(f"a binary parameter of type oid {oid} is malformed") from None
 
 
@@ -175,6 +174,8 @@ def _read_array(raw: bytes, elem: int) -> Any:
     if not 0 < ndim <= 6 or oid != elem:
         raise ValueError_("a binary array parameter is malformed")
     dims = [struct.unpack("!ii", raw[12 + 8 * i : 20 + 8 * i])[0] for i in range(ndim)]
+    if min(dims) < 1 or math.prod(dims) * 4 > len(raw):  # each element takes 4 bytes at least
+        raise ValueError_("a binary array parameter is malformed")
     at = 12 + 8 * ndim
     items: list[str | None] = []
     for _ in range(math.prod(dims)):
@@ -205,6 +206,8 @@ def _float_text(value: float, *, float4: bool = False) -> str:
 
 
 _PLAIN = re.compile(r'[^\s{}",\\]+')
+_NUMBERS = frozenset({20, 21, 23, 26, 700, 701, 1700})
+_NUMBER = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|NaN|-?Infinity")
 
 
 def _array_text(items: Any, elem: int) -> str:
@@ -243,6 +246,14 @@ def cell(value: Any, oid: int, binary: bool) -> bytes | None:
     """One result value as the client asked for it (``binary``: the type's binary form)."""
     if value is None:
         return None
+    if oid in _NUMBERS and isinstance(value, str) and not _NUMBER.fullmatch(value):
+        # a detector masked part of a number (a card number in a numeric column): no value
+        # of the column's type can say so
+        raise ValueError_(
+            f"a value of type oid {oid} was masked and cannot be sent as its type: "
+            "select it as text",
+            "0A000",
+        )
     if not binary:
         return _text(value, oid).encode()
     if oid in _TEXTUAL:
