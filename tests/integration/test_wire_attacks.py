@@ -354,3 +354,187 @@ async def test_idle_sockets_from_one_address_cannot_lock_others_out(
         finally:
             for sock in idle:
                 sock.close()
+
+
+async def test_a_left_deep_expression_is_refused_and_the_gateway_lives(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: keyturn.classify.sql.MAX_OPERATORS. pglast recursed in C without a check and
+    took the whole process down on ``1+1+…`` (32,000 terms fit in 64 KiB); over the wire and
+    over HTTP it is refused, and the gateway answers the next statement."""
+    deep = "SELECT " + "+".join(["1"] * 32_000)
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        conn = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=token, autocommit=True
+        )
+        async with conn:
+            with pytest.raises(psycopg.errors.StatementTooComplex):
+                await conn.execute(deep)
+            with pytest.raises(psycopg.errors.StatementTooComplex):
+                await conn.execute(deep + " + %s", (1,))
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        status, body = await wire.desk.gateway.post(token, {"target": "shop", "command": deep})
+        assert (status, body["error"]["code"]) == (400, "too_complex")
+
+
+async def test_what_a_connection_keeps_is_bounded(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: session.MAX_STATEMENTS (and its bytes): named statements past the cap are
+    refused, not kept, and the connection goes on."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        for i in range(501):
+            raw.send(b"P", f"s{i}\0SELECT {i}\0".encode() + struct.pack("!h", 0))
+            raw.send(b"S")
+        await raw.writer.drain()
+        codes = []
+        for _ in range(501):
+            answer = await raw.until(b"Z")
+            codes += [fields(body)["C"] for kind, body in answer if kind == b"E"]
+        assert codes == ["54000"]
+        raw.send(b"Q", b"SELECT 1\0")
+        assert [kind for kind, _ in await raw.until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+        await raw.close()
+
+
+async def test_a_query_with_a_refused_statement_runs_none_of_it(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: Session._query refuses the whole query first. ``UPDATE …; LISTEN x`` used to
+    hold (and on approval commit) the UPDATE, then refuse LISTEN: Postgres would have run
+    none of it."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        raw.send(b"Q", b"UPDATE orders SET status = 'x' WHERE id = 60; LISTEN x\0")
+        answer = await raw.until(b"Z", timeout=10)
+        assert [fields(b)["C"] for k, b in answer if k == b"E"] == ["0A000"]
+        assert not [k for k, _ in answer if k in (b"N", b"C")]
+        assert await _commands(wire) == []
+        raw.send(b"Q", b"SET application_name = 'crew'\0")  # answered, without NoData
+        assert [kind for kind, _ in await raw.until(b"Z")] == [b"S", b"C", b"Z"]
+        await raw.close()
+
+
+async def test_statements_sent_together_keep_their_line_comments_to_themselves(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: joined statements go on lines of their own. A trailing ``-- comment`` once
+    swallowed the separator, merging two statements into one request no one sent."""
+    async with wire_desk(run_desk, tls) as wire:
+        conn = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=idp.token(AGENT), autocommit=True
+        )
+        async with conn:
+            both = asyncio.create_task(
+                conn.execute(
+                    "UPDATE orders SET status = 'a' WHERE id = 61 -- first\n;"
+                    " UPDATE orders SET status = 'b' WHERE id = 62"
+                )
+            )
+            async with asyncio.timeout(20):
+                while not (recorded := await _commands(wire)):
+                    await asyncio.sleep(0.05)
+            await wire.desk.approve(await _pending_id(wire))
+            await both
+            cur = await conn.execute("SELECT status FROM orders WHERE id IN (61, 62) ORDER BY id")
+            assert await cur.fetchall() == [("a",), ("b",)]
+        assert len(recorded) == 1 and "-- first\n;" in recorded[0]
+
+
+async def _pending_id(wire: Wire) -> str:
+    async with wire.desk.store.raw_connection() as conn:
+        return str(await conn.fetchval("SELECT id::text FROM requests WHERE status = 'pending'"))
+
+
+async def test_a_portal_runs_once_and_ends_at_sync(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guards: a portal that failed says so again rather than running again; portals end
+    with the implicit transaction at Sync, as in Postgres."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        raw.send(b"P", b"\0DROP TABLE orders\0" + struct.pack("!h", 0))
+        raw.send(b"B", b"p\0\0" + struct.pack("!hhh", 0, 0, 0))
+        raw.send(b"E", b"p\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        raw.send(b"E", b"p\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        await raw.writer.drain()
+        first = await raw.until(b"Z")
+        assert [fields(b)["C"] for k, b in first if k == b"E"] == ["42501"]
+        second = await raw.until(b"Z")
+        assert [fields(b)["C"] for k, b in second if k == b"E"] == ["34000"]
+        blocked = wire.desk.gateway.gw.metrics.pg_statements.labels("blocked")
+        assert blocked._value.get() == 1  # judged (and recorded) once
+        # in a block, portals outlive Sync; ROLLBACK TO clears the failure, not the portal
+        raw.send(b"Q", b"BEGIN; SAVEPOINT a\0")
+        raw.send(b"B", b"p\0\0" + struct.pack("!hhh", 0, 0, 0))
+        raw.send(b"E", b"p\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        raw.send(b"Q", b"ROLLBACK TO a\0")
+        raw.send(b"E", b"p\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        await raw.writer.drain()
+        codes = []
+        for _ in range(4):
+            answer = await raw.until(b"Z")
+            codes += [fields(b)["C"] for k, b in answer if k == b"E"]
+        assert codes == ["42501", "42501"]
+        assert blocked._value.get() == 2  # the second is the first's answer, not a new run
+
+
+async def test_a_write_that_committed_is_never_reported_as_failed(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: Session._sendable. An approved write whose RETURNING rows cannot be sent (a
+    value past the per-value cap) answers its real tag and a warning, not an error that
+    would invite the agent to send the write again."""
+    async with wire_desk(run_desk, tls) as wire:
+        conn = await psycopg.AsyncConnection.connect(
+            wire.url(AGENT), password=idp.token(AGENT), autocommit=True
+        )
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        async with conn:
+            update = asyncio.create_task(
+                conn.execute(
+                    "UPDATE orders SET status = 'big' WHERE id = 63 RETURNING repeat('x', 100000)"
+                )
+            )
+            async with asyncio.timeout(20):
+                while not await _commands(wire):
+                    await asyncio.sleep(0.05)
+            await wire.desk.approve(await _pending_id(wire))
+            cur = await update
+            assert cur.statusmessage == "UPDATE 1"
+            assert any("its rows are not sent" in n for n in notices)
+
+
+async def test_a_parameter_typed_by_the_client_is_described_as_that_type(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """``SELECT $1`` with $1 typed float8 by the client: described (and run) as float8, so
+    a client that relies on Describe gets its rows, not a type mismatch."""
+    async with wire_desk(run_desk, tls) as wire:
+        raw = await Raw.login(wire, AGENT, idp.token(AGENT))
+        raw.send(b"P", b"s\0SELECT $1\0" + struct.pack("!hI", 1, 701))
+        raw.send(b"D", b"Ss\0")
+        raw.send(
+            b"B",
+            b"\0s\0"
+            + struct.pack("!hhhi", 1, 1, 1, 8)
+            + struct.pack("!d", 1.5)
+            + struct.pack("!hh", 1, 1),
+        )
+        raw.send(b"E", b"\0" + struct.pack("!i", 0))
+        raw.send(b"S")
+        await raw.writer.drain()
+        answer = dict((k, b) for k, b in await raw.until(b"Z") if k in b"tTDE")
+        assert b"E" not in answer, fields(answer[b"E"])
+        assert answer[b"t"] == struct.pack("!hI", 1, 701)
+        assert struct.unpack("!I", answer[b"T"][-12:-8])[0] == 701  # the column's type oid
+        assert answer[b"D"] == struct.pack("!hi", 1, 8) + struct.pack("!d", 1.5)
+        await raw.close()

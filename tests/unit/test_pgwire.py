@@ -216,6 +216,27 @@ def test_binary_of_an_unknown_type_is_refused_not_guessed() -> None:
         param_text(b"\0\0", True, 23)
 
 
+def test_a_masked_number_is_refused_not_sent_as_another_type() -> None:
+    with pytest.raises(ValueError_, match="masked"):
+        cell("************1111", 1700, False)
+    assert cell("1E+5", 1700, False) == b"1E+5"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        struct.pack("!iiI", 1, 0, 23),  # no dimensions after the header
+        struct.pack("!iiIiiii", 2, 0, 23, 1, 1, 0, 1),  # a zero dimension
+        struct.pack("!iiIii", 1, 0, 23, 1 << 30, 1),  # more elements than bytes
+        struct.pack("!iiIii", 1, 0, 25, 1, 1) + struct.pack("!i", 1) + b"x",  # wrong element
+    ],
+)
+def test_malformed_binary_arrays_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError_):
+        param_text(raw, True, 1007)
+
+
 def test_binary_arrays_read_back() -> None:
     raw = struct.pack("!iiIii", 1, 1, 23, 2, 1) + struct.pack("!ii", 4, 5) + struct.pack("!i", -1)
     assert param_text(raw, True, 1007) == "{5,NULL}"
