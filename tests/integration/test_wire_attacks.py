@@ -377,6 +377,9 @@ async def test_a_left_deep_expression_is_refused_and_the_gateway_lives(
             assert await cur.fetchone() == (1,)
         status, body = await wire.desk.gateway.post(token, {"target": "shop", "command": deep})
         assert (status, body["error"]["code"]) == (400, "too_complex")
+        nested = "DELETE FROM orders WHERE id = " + "abs(" * 300 + "1" + ")" * 300
+        status, body = await wire.desk.gateway.post(token, {"target": "shop", "command": nested})
+        assert (status, body["status"]) == (202, "pending")  # printed back for no estimate
 
 
 async def test_what_a_connection_keeps_is_bounded(
@@ -408,10 +411,12 @@ async def test_a_query_with_a_refused_statement_runs_none_of_it(
     none of it."""
     async with wire_desk(run_desk, tls) as wire:
         raw = await Raw.login(wire, AGENT, idp.token(AGENT))
-        raw.send(b"Q", b"UPDATE orders SET status = 'x' WHERE id = 60; LISTEN x\0")
-        answer = await raw.until(b"Z", timeout=10)
-        assert [fields(b)["C"] for k, b in answer if k == b"E"] == ["0A000"]
-        assert not [k for k, _ in answer if k in (b"N", b"C")]
+        for tail in (b"LISTEN x", b"SAVEPOINT s", b"ROLLBACK", b"RELEASE s"):
+            # a write and a statement that would undo it (in Postgres): neither runs
+            raw.send(b"Q", b"UPDATE orders SET status = 'x' WHERE id = 60; " + tail + b"\0")
+            answer = await raw.until(b"Z", timeout=10)
+            assert [fields(b)["C"] for k, b in answer if k == b"E"] == ["0A000"], tail
+            assert not [k for k, _ in answer if k in (b"N", b"C")]
         assert await _commands(wire) == []
         raw.send(b"Q", b"SET application_name = 'crew'\0")  # answered, without NoData
         assert [kind for kind, _ in await raw.until(b"Z")] == [b"S", b"C", b"Z"]
@@ -538,3 +543,38 @@ async def test_a_parameter_typed_by_the_client_is_described_as_that_type(
         assert struct.unpack("!I", answer[b"T"][-12:-8])[0] == 701  # the column's type oid
         assert answer[b"D"] == struct.pack("!hi", 1, 8) + struct.pack("!d", 1.5)
         await raw.close()
+
+
+async def test_a_pipeline_partly_committed_says_so_when_it_fails(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    """Guard: Session.pipelined. asyncpg's executemany sends its writes in one pipeline; each
+    is its own request. When the first is approved and the second denied, the error the
+    client raises names the committed one: a retry of the whole batch is not quietly safe."""
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        kwargs = wire.kwargs(AGENT, token)
+        ssl_context = kwargs.pop("ssl_context")
+        conn = await asyncpg.connect(**kwargs, ssl=ssl_context)
+        try:
+            batch = asyncio.create_task(
+                conn.executemany(
+                    "UPDATE orders SET status = $1 WHERE id = $2", [("one", 70), ("two", 71)]
+                )
+            )
+            for decide in (wire.desk.approve, None):
+                async with asyncio.timeout(20):
+                    while not (pending := await _pending_id(wire)) or pending == "None":
+                        await asyncio.sleep(0.05)
+                if decide is not None:
+                    first = pending
+                    await decide(pending)
+                    async with asyncio.timeout(20):
+                        while await _pending_id(wire) == first:
+                            await asyncio.sleep(0.05)
+                else:
+                    await wire.desk.deny(pending, "not two")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match=f"requests {first}"):
+                await batch
+        finally:
+            await conn.close()

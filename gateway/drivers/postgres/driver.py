@@ -67,11 +67,11 @@ def _estimable(command: str, masking: Patterns, catalog: Catalog | None) -> str 
     :meth:`PostgresDriver.describe_held`): one that calls a function, or that a read could
     not run as it is, gets no estimate."""
     query = preview_select(command)
-    if query is None or calls_a_function(query):
-        return None
     try:
+        if query is None or calls_a_function(query):
+            return None
         read_plan(query, 1, masking, catalog)
-    except KeyturnError:  # NotReadOnly (a masked use, a system relation), TooComplex
+    except (KeyturnError, RecursionError):  # NotReadOnly (a masked use…), TooComplex
         return None
     return query
 

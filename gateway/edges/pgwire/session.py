@@ -174,6 +174,7 @@ class Session:
         self.portals: dict[str, Portal] = {}
         self.status = "I"  # ReadyForQuery's: idle, in a block, in a failed block
         self.committed: list[str] = []  # requests committed at approval inside this block
+        self.pipelined: list[str] = []  # and outside a block, since the last Sync
         self.skipping = False  # after an error in the extended protocol, until Sync
         self.application_name = ""
         self.holding: str | None = None  # the held request a statement is waiting on
@@ -185,6 +186,7 @@ class Session:
         if isinstance(event, pg.Sync):
             await self._settle()
             self.skipping = False
+            self.pipelined.clear()
             if self.status == "I":  # the implicit transaction ends: so do its portals
                 self.portals.clear()
             self._send(pg.ready(self.status))
@@ -230,7 +232,13 @@ class Session:
     def _fail(self, error: StatementError) -> None:
         if isinstance(error, Fatal):
             raise error
-        self._send(pg.error(error.sqlstate, error.message, hint=error.hint))
+        message = error.message
+        if self.pipelined:  # the client may take this error for its batch's: it is not
+            message += (
+                f" (before it, {len(self.pipelined)} statement(s) sent with it were committed "
+                f"on approval and are not undone: requests {', '.join(self.pipelined)})"
+            )
+        self._send(pg.error(error.sqlstate, message, hint=error.hint))
         if self.status == "T":
             self.status = "E"
 
@@ -267,7 +275,7 @@ class Session:
             return
         runs = [s for s in statements if s.effect is None]
         try:
-            if len(runs) > 1 and not await self._all_at_once(runs):
+            if len(statements) > 1 and runs and not await self._all_at_once(runs):
                 # several statements that are not all plain reads: one request, all or nothing
                 await self._run_together(statements, runs)
                 return
@@ -675,12 +683,18 @@ class Session:
 
     def _committed(self, view: RequestView) -> None:
         """A statement that ran on approval committed then, whatever block the client is in."""
-        if view.result is None or not view.result.get("tags") or self.status == "I":
+        if view.result is None or not view.result.get("tags"):
             return
-        self.committed.append(str(view.id))
+        if self.status != "I":
+            self.committed.append(str(view.id))
+            what = "a ROLLBACK of this block"
+        elif not self._simple:  # a pipeline (asyncpg's executemany): one batch to its client
+            self.pipelined.append(str(view.id))
+            what = "an error later in this pipeline"
+        else:
+            return
         self._warn(
-            f"request {view.id} was committed on its own when approved: a ROLLBACK of this "
-            "block cannot undo it"
+            f"request {view.id} was committed on its own when approved: {what} cannot undo it"
         )
 
     def _warn(self, message: str, sqlstate: str = "01000") -> None:
