@@ -46,9 +46,7 @@ async def test_a_write_in_a_bind_parameter_is_a_value(
                 assert await cur.fetchone() == (payload,)
                 cur = await conn.execute("SELECT %b::bytea AS v", (payload.encode(),))
                 assert await cur.fetchone() == (payload.encode(),)
-        kwargs = wire.kwargs(AGENT, token)
-        ssl_context = kwargs.pop("ssl_context")
-        binary = await asyncpg.connect(**kwargs, ssl=ssl_context)
+        binary = await wire.asyncpg(AGENT, token)
         try:
             for payload in payloads:  # asyncpg sends text parameters in binary
                 assert await binary.fetchval("SELECT $1::text", payload) == payload
@@ -553,9 +551,7 @@ async def test_a_pipeline_partly_committed_says_so_when_it_fails(
     client raises names the committed one: a retry of the whole batch is not quietly safe."""
     token = idp.token(AGENT)
     async with wire_desk(run_desk, tls) as wire:
-        kwargs = wire.kwargs(AGENT, token)
-        ssl_context = kwargs.pop("ssl_context")
-        conn = await asyncpg.connect(**kwargs, ssl=ssl_context)
+        conn = await wire.asyncpg(AGENT, token)
         try:
             batch = asyncio.create_task(
                 conn.executemany(

@@ -116,9 +116,7 @@ async def test_psycopg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls, shop:
 async def test_asyncpg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> None:
     token = idp.token(AGENT)
     async with wire_desk(run_desk, tls) as wire:
-        kwargs = wire.kwargs(AGENT, token)
-        ssl_context = kwargs.pop("ssl_context")
-        conn = await asyncpg.connect(**kwargs, ssl=ssl_context)
+        conn = await wire.asyncpg(AGENT, token)
         try:
             rows = await conn.fetch("SELECT id, name, email FROM customers ORDER BY id")
             assert [tuple(r) for r in rows] == [(1, "Ada", "***"), (2, "Lin", "***")]
@@ -140,7 +138,7 @@ async def test_asyncpg(run_desk: DeskFactory, idp: DevIdP, tls: ServerTls) -> No
         finally:
             await conn.close()
         with pytest.raises(asyncpg.InvalidPasswordError):
-            await asyncpg.connect(**{**kwargs, "password": "nope"}, ssl=ssl_context)
+            await wire.asyncpg(AGENT, "nope")
 
 
 # ------------------------------------------------------------------ pg8000

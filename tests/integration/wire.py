@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
+
 from keyturn.harness.tls import ServerTls
 from tests.integration.conftest import Desk, DeskFactory
 
@@ -32,6 +34,11 @@ class Wire:
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.tls.ca_file))
+
+    async def asyncpg(self, user: str, token: str, **overrides: Any) -> asyncpg.Connection:
+        kwargs = self.kwargs(user, token) | overrides
+        context = kwargs.pop("ssl_context")
+        return await asyncpg.connect(**kwargs, ssl=context)
 
     def kwargs(self, user: str, token: str, target: str = "shop") -> dict[str, Any]:
         """asyncpg's and pg8000's keyword arguments."""
