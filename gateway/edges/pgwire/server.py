@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from gateway.auth import Authenticator
 from gateway.edges.pgwire import protocol as pg
-from gateway.edges.pgwire.session import Fatal, Session, Settings, error_of
+from gateway.edges.pgwire.errors import Fatal, error_of
+from gateway.edges.pgwire.session import Session, Settings
 from gateway.ratelimit import RateLimiter
 from gateway.usecases import wire
 from gateway.usecases.gateway import Gateway

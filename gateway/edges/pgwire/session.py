@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,59 +23,41 @@ from typing import Any, TypeVar
 from pglast.parser import ParseError
 
 from gateway.edges.pgwire import protocol as pg
+from gateway.edges.pgwire.errors import (
+    ABORTED,
+    Fatal,
+    StatementError,
+    capped,
+    error_of,
+    failed,
+    unparsed,
+)
 from gateway.edges.pgwire.statements import BadStatement, Prepared, Statement, prepare, split
 from gateway.edges.pgwire.values import (
     TEXT,
     TYPE_NAMES,
     UNTYPED,
-    ValueError_,
     cell,
     literal,
     param_text,
 )
-from gateway.edges.schemas import MAX_COMMAND_BYTES
 from gateway.judging import judged
 from gateway.usecases import wire
-from gateway.usecases.driver import StatementRefused
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read
 from gateway.usecases.submission import Submission
 from gateway.usecases.submit import Blocked, submit
 from keyturn.classify import Identity
-from keyturn.classify.session import Effect, Refused, SessionSettings
-from keyturn.errors import (
-    Forbidden,
-    InvalidInput,
-    KeyturnError,
-    NotFound,
-    RateLimited,
-    TooComplex,
-    TooLarge,
-    Unauthorized,
-    Unavailable,
-)
+from keyturn.classify.session import Effect, SessionSettings
 from keyturn.store.reads import RequestView
 
 log = logging.getLogger(__name__)
 
-_SQLSTATE = re.compile(r"^([0-9A-Z]{5}): (.*)$", re.DOTALL)
 T = TypeVar("T")
 # What one connection may keep (Postgres keeps anything; keyturn is shared by every agent):
 MAX_STATEMENTS = 500  # named prepared statements (asyncpg and psycopg keep 100 at most)
 MAX_STATEMENT_BYTES = 4 * 1024 * 1024  # their text, together
 MAX_PORTALS = 100  # named portals
 MAX_SUSPENDED = 4  # portals holding rows not yet sent (each up to gateway.response_bytes)
-
-
-class StatementError(Exception):
-    """A statement's ErrorResponse: the session answers it and goes on."""
-
-    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate, self.message, self.hint = sqlstate, message, hint
-
-
-class Fatal(StatementError):
-    """An error after which the connection closes (the token expired, say)."""
 
 
 @dataclass(frozen=True)
@@ -97,57 +78,6 @@ class Portal:
     error: StatementError | None = None  # how its run failed: a second Execute says it again
     types: list[int] = field(default_factory=list)
     tag: str = ""
-
-
-def error_of(exc: BaseException) -> StatementError:
-    """A keyturn error as the client's ErrorResponse."""
-    if isinstance(exc, StatementError):
-        return exc
-    if isinstance(exc, Blocked):
-        rule = f" (rule {exc.rule})" if exc.rule else ""
-        return StatementError("42501", f"keyturn blocked this statement{rule}: {exc.message}")
-    if isinstance(exc, StatementRefused | ValueError_):
-        return StatementError(exc.sqlstate, exc.message)
-    if isinstance(exc, Refused):
-        return StatementError(exc.sqlstate, exc.message)
-    if isinstance(exc, RateLimited):
-        return StatementError("53400", exc.message, hint=f"retry in {exc.retry_after:.1f} s")
-    if isinstance(exc, Unavailable):
-        return StatementError("57P03", exc.message, hint="retry later")
-    if isinstance(exc, Unauthorized):
-        return Fatal("28P01", f"keyturn: {exc.message}")
-    if isinstance(exc, Forbidden | NotFound):
-        return StatementError("42501", exc.message)
-    if isinstance(exc, TooLarge):
-        return StatementError("54000", exc.message)
-    if isinstance(exc, TooComplex):
-        return StatementError("54001", exc.message)
-    if isinstance(exc, InvalidInput):
-        return StatementError("42601", exc.message)
-    if isinstance(exc, KeyturnError):
-        return StatementError("XX000", exc.message)
-    log.exception("a Postgres-protocol statement failed unexpectedly", exc_info=exc)
-    return StatementError("XX000", "internal error in the keyturn gateway (see its log)")
-
-
-def _failed(view: RequestView) -> StatementError:
-    """How a request that did not run is told to the client."""
-    if view.status == "denied":
-        reason = view.deny_reason or "no reason given"
-        return StatementError(
-            "42501", f"denied by {view.denied_by or 'an approver'}: {reason} (request {view.id})"
-        )
-    if view.status == "expired":
-        return StatementError(
-            "57014", f"request {view.id} expired before anyone approved it; nothing ran"
-        )
-    message = view.error or f"request {view.id} {view.status}"
-    match = _SQLSTATE.match(message)
-    if match:
-        return StatementError(match.group(1), match.group(2))
-    if view.status == "cancelled" or message.startswith("deadline exceeded"):
-        return StatementError("57014", message)
-    return StatementError("XX000", message)
 
 
 class Session:
@@ -257,13 +187,13 @@ class Session:
 
     async def _query(self, sql: str) -> None:
         try:
-            _capped(sql)
+            capped(sql)
             statements = await self._judged(split, sql, self.session)
             refused = next((s.refused for s in statements if s.refused is not None), None)
             if refused is not None:  # before anything in the query runs, as a syntax error
                 raise refused
         except (ParseError, RecursionError) as exc:
-            self._fail(_unparsed(exc))
+            self._fail(unparsed(exc))
             return
         except Fatal:
             raise
@@ -315,7 +245,7 @@ class Session:
                     f"run in one transaction: {statement.effect.tag} cannot be among them",
                 )
         if self.status == "E":
-            raise _ABORTED
+            raise ABORTED
         if first is not None and opens:
             self._local(first)
         # each on its own lines: a statement may end in a "-- comment"
@@ -335,7 +265,7 @@ class Session:
     # ------------------------------------------------------------------ extended protocol
 
     async def _parse(self, event: pg.Parse) -> None:
-        _capped(event.sql)
+        capped(event.sql)
         if event.name and event.name in self.statements:
             raise StatementError("42P05", f'prepared statement "{event.name}" already exists')
         kept = sum(len(p.statement.text) for p in self.statements.values())
@@ -351,7 +281,7 @@ class Session:
         try:
             prepared = await self._judged(prepare, event.sql, event.param_oids, self.session)
         except (ParseError, RecursionError) as exc:
-            raise _unparsed(exc) from None
+            raise unparsed(exc) from None
         except BadStatement as exc:
             raise StatementError("42601", str(exc)) from None
         if prepared.statement.refused is not None:
@@ -412,7 +342,7 @@ class Session:
                 "54000", f"keyturn keeps at most {MAX_PORTALS} portals per connection"
             )
         sql = prepared.bound(literals) if literals else prepared.statement.text
-        _capped(sql)
+        capped(sql)
         self.portals[event.portal] = Portal(prepared, sql, event.result_formats)
         self._send(pg.BIND_COMPLETE)
 
@@ -518,7 +448,7 @@ class Session:
                 portal.rows, portal.tag = [], statement.effect.tag
             return {}
         if self.status == "E":
-            raise _ABORTED
+            raise ABORTED
         view = await self._submit(sql)
         result = view.result or {}
         self._committed(view)
@@ -592,7 +522,7 @@ class Session:
     async def _submit(self, sql: str) -> RequestView:
         """One statement (or several, as one request) through the use cases; waits while it
         is held, telling the client so; returns the request once executed."""
-        _capped(sql)
+        capped(sql)
         self.holding = None
         self.who = await self._check()
         self._limit(self.who.subject)
@@ -613,7 +543,7 @@ class Session:
             view = await self._hold(view)
         metrics.pg_statements.labels(view.status).inc()
         if view.status != "executed":
-            raise _failed(view)
+            raise failed(view)
         return view
 
     async def _hold(self, view: RequestView) -> RequestView:
@@ -643,7 +573,7 @@ class Session:
         kind = effect.kind
         if kind == "set":
             if self.status == "E":
-                raise _ABORTED
+                raise ABORTED
             if effect.setting is not None:
                 name, value = effect.setting
                 if name == "application_name":
@@ -657,15 +587,15 @@ class Session:
         elif kind in ("commit", "rollback"):
             if self.status == "I":
                 self._warn("there is no transaction in progress", "25P01")
-            failed = self.status == "E"
+            aborted = self.status == "E"
             committed, self.committed, self.status = self.committed, [], "I"
-            if committed and (failed or kind == "rollback"):
+            if committed and (aborted or kind == "rollback"):
                 raise StatementError(
                     "25000",
                     f"this block cannot be rolled back: {len(committed)} statement(s) in it were "
                     f"committed on approval (requests {', '.join(committed)}); nothing was undone",
                 )
-            if failed:
+            if aborted:
                 effect = Effect(kind, "ROLLBACK")
         elif self.status == "I":
             raise StatementError("25P01", f"{effect.tag} can only be used in transaction blocks")
@@ -678,7 +608,7 @@ class Session:
                 )
             self.status = "T"
         elif self.status == "E":
-            raise _ABORTED
+            raise ABORTED
         self._send(pg.command_complete(effect.tag))
 
     def _committed(self, view: RequestView) -> None:
@@ -701,28 +631,8 @@ class Session:
         self._send(pg.notice(message, severity="WARNING", sqlstate=sqlstate))
 
 
-_ABORTED = StatementError(
-    "25P02", "current transaction is aborted, commands ignored until end of transaction block"
-)
-
-
-def _unparsed(exc: Exception) -> StatementError:
-    if isinstance(exc, RecursionError):
-        return StatementError("54001", "the statement nests too deeply for keyturn to judge")
-    return StatementError("42601", f"syntax error: {exc}")
-
-
 def _padded(oids: tuple[int, ...], n: int) -> tuple[int, ...]:
     return (oids + (0,) * n)[:n]
-
-
-def _capped(sql: str) -> None:
-    """The HTTP API's cap on a command holds here too (parameters in place): a statement is
-    judged, described and shown whole."""
-    if len(sql.encode()) > MAX_COMMAND_BYTES:
-        raise StatementError(
-            "54000", f"the statement is longer than keyturn's {MAX_COMMAND_BYTES} bytes"
-        )
 
 
 def _formats(formats: tuple[int, ...], n: int) -> list[int]:
