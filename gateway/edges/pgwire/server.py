@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from gateway.auth import Authenticator
 from gateway.edges.pgwire import protocol as pg
+from gateway.edges.pgwire import sockets
 from gateway.edges.pgwire.errors import Fatal, error_of
 from gateway.edges.pgwire.session import Session, Settings
 from gateway.ratelimit import RateLimiter
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 15.0  # to finish TLS and authentication (Postgres's authentication_timeout: 60 s)
 STARTING = 256  # connections not yet authenticated, from anywhere
 STARTING_PER_PEER = 32  # from one address (the limit test opens 500 from one: 20 get in)
-READ_CHUNK = 64 * 1024
 QUEUED_EVENTS = 256  # events read ahead of the one running (backpressure past that)
 ALPN = "postgresql"
 AUTH_FAILED = "password authentication failed"  # what libpq's users search for
@@ -179,10 +179,10 @@ class WireServer:
         loop = asyncio.get_running_loop()
         conn = pg.Connection(self.config.max_message)
         while True:
-            first = await _peek(loop, sock)
+            first = await sockets.peek(loop, sock)
             if first[:1] == b"\x16":  # a TLS ClientHello: direct TLS
                 return await self._over_tls(sock, conn, writers, direct=True)
-            event = await _plain_packet(loop, sock, conn)
+            event = await sockets.plain_packet(loop, sock, conn)
             if isinstance(event, pg.GssEncRequest):
                 await loop.sock_sendall(sock, b"N")
                 continue
@@ -190,7 +190,7 @@ class WireServer:
                 self._cancel(event)
                 return None
             if isinstance(event, pg.SslRequest):
-                if _pending(sock):
+                if sockets.pending(sock):
                     log.warning("a Postgres client sent data after SSLRequest: closed")
                     self.gw.metrics.pg_connections_refused.labels("tls").inc()
                     return None
@@ -215,7 +215,7 @@ class WireServer:
         direct: bool,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, pg.Connection, pg.Event] | None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        reader = asyncio.StreamReader(limit=sockets.READ_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport, _ = await loop.connect_accepted_socket(
             lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=STARTUP_TIMEOUT
@@ -228,7 +228,7 @@ class WireServer:
             writer.write(pg.error("08P01", "direct TLS needs ALPN postgresql", severity="FATAL"))
             return None
         while True:
-            data = await reader.read(READ_CHUNK)
+            data = await reader.read(sockets.READ_CHUNK)
             if not data:
                 return None
             events = conn.receive(data)
@@ -257,7 +257,7 @@ class WireServer:
             writer.write(pg.negotiate_version(0, unknown))
         writer.write(pg.auth_cleartext())
         await writer.drain()
-        password = await _next_event(reader, conn)
+        password = await sockets.next_event(reader, conn)
         assert isinstance(password, pg.Password)
         token = password.password
         target = params.get("database") or params.get("user") or ""
@@ -341,7 +341,7 @@ class WireServer:
         async def read_ahead() -> None:
             try:
                 while True:
-                    data = await reader.read(READ_CHUNK)
+                    data = await reader.read(sockets.READ_CHUNK)
                     if not data:
                         break
                     for event in conn.receive(data):
@@ -352,7 +352,7 @@ class WireServer:
         reading = asyncio.create_task(read_ahead())
         try:
             while True:
-                event = await _take(queue, reading)
+                event = await sockets.take(queue, reading)
                 if event is None or isinstance(event, pg.Terminate):
                     return
                 handling = asyncio.ensure_future(session.handle(event))
@@ -411,87 +411,3 @@ class WireServer:
         client = entry[1]
         if client.running is not None and not client.running.done():
             client.running.cancel()
-
-
-# ------------------------------------------------------------------ socket helpers
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """The first byte waiting, without taking it (a TLS ClientHello starts with 0x16)."""
-    while True:
-        await _readable(loop, sock)
-        try:
-            data = sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            continue
-        if not data:
-            raise ConnectionError("closed")
-        return data
-
-
-def _pending(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-
-
-async def _plain_packet(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: pg.Connection
-) -> pg.Event:
-    """One untyped startup packet read in the clear, and nothing past it."""
-    head = await _recv_exactly(loop, sock, 4)
-    (length,) = struct.unpack("!i", head)
-    if not 8 <= length <= pg.MAX_STARTUP:
-        raise pg.ProtocolError(f"invalid startup packet length {length}")
-    events = conn.receive(head + await _recv_exactly(loop, sock, length - 4))
-    if len(events) != 1:
-        raise pg.ProtocolError("expected one startup packet")
-    return events[0]
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = await loop.sock_recv(sock, n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return out
-
-
-async def _next_event(reader: asyncio.StreamReader, conn: pg.Connection) -> pg.Event:
-    while True:
-        data = await reader.read(READ_CHUNK)
-        if not data:
-            raise ConnectionError("closed")
-        events = conn.receive(data)
-        if events:
-            if len(events) > 1:
-                raise pg.ProtocolError("messages sent before authentication finished")
-            return events[0]
-
-
-async def _take(
-    queue: asyncio.Queue[pg.Event | None], reading: asyncio.Task[None]
-) -> pg.Event | None:
-    event = await queue.get()
-    if event is None and reading.done() and not reading.cancelled():
-        error = reading.exception()
-        if error is not None:
-            raise error
-    return event
