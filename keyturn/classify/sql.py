@@ -330,9 +330,9 @@ TOO_COMPLEX = "nests too deeply for keyturn to analyse; simplify it or split it 
 # can add a level at most, so a command with more than MAX_OPERATORS of them is refused
 # before pglast sees it; shorter commands cannot have that many.
 MAX_OPERATORS = 5000
-_FLAT_TOKENS = frozenset(
-    """IDENT ICONST FCONST SCONST BCONST XCONST USCONST UIDENT PARAM ASCII_44 ASCII_40
-    ASCII_41 ASCII_59 ASCII_46 SQL_COMMENT C_COMMENT""".split()
+_FLAT_TOKENS = frozenset(  # names, constants (NULL, TRUE… too), punctuation, comments
+    """IDENT ICONST FCONST SCONST BCONST XCONST USCONST UIDENT PARAM NULL_P TRUE_P FALSE_P
+    DEFAULT ASCII_44 ASCII_40 ASCII_41 ASCII_59 ASCII_46 SQL_COMMENT C_COMMENT""".split()
 )
 
 
