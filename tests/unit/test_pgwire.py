@@ -16,6 +16,7 @@ from gateway.edges.pgwire.values import ValueError_, cell, literal, param_text
 from keyturn.classify.readonly import statement_texts
 from keyturn.classify.session import Refused, SessionSettings
 from keyturn.classify.sql import parse
+from keyturn.errors import TooComplex
 
 SETTINGS = SessionSettings(("$user", "public"), "Etc/UTC")
 
@@ -322,3 +323,12 @@ def test_everything_else_is_judged() -> None:
     for sql in ("SELECT 1", "UPDATE t SET a = 1", "SHOW search_path", "DO $$ BEGIN END $$"):
         (statement,) = split(sql, SETTINGS)
         assert statement.effect is None and statement.refused is None
+
+
+def test_the_operator_count_spares_what_cannot_nest() -> None:
+    """keyturn.classify.sql.MAX_OPERATORS counts what can deepen a tree, not a bulk INSERT's
+    NULLs, TRUEs and DEFAULTs."""
+    rows = ", ".join("(NULL, TRUE, DEFAULT)" for _ in range(3000))
+    assert len(parse(f"INSERT INTO t VALUES {rows}")) == 1
+    with pytest.raises(TooComplex):
+        parse("SELECT " + " || ".join(["'a'"] * 6000))
