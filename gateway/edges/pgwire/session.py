@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -296,8 +296,10 @@ class Session:
             return
         self.who = await self._check()  # the target is asked: the token must still hold
         typed = [
-            f"${n}::{TYPE_NAMES[oid]}" if oid in TYPE_NAMES else f"${n}"
-            for n, oid in enumerate(_padded(prepared.client_oids, prepared.count), 1)
+            f"${i + 1}::{TYPE_NAMES[oid]}"
+            if (oid := prepared.given(i)) in TYPE_NAMES
+            else f"${i + 1}"
+            for i in range(prepared.count)
         ]
         text = prepared.bound(typed) if prepared.placeholders else statement.text
         prepared.described = await wire.describe(self.gw, self.who, self.target, text)
@@ -307,7 +309,7 @@ class Session:
             )
 
     def _param_oid(self, prepared: Prepared, i: int) -> int:
-        given = prepared.client_oids[i] if i < len(prepared.client_oids) else 0
+        given = prepared.given(i)
         if given not in UNTYPED:
             return given
         described = prepared.described.params if prepared.described else ()
@@ -331,8 +333,7 @@ class Session:
         literals = []
         for i, raw in enumerate(event.params):
             binary = bool(formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
-            oid = self._param_oid(prepared, i)
-            given = prepared.client_oids[i] if i < len(prepared.client_oids) else 0
+            oid, given = self._param_oid(prepared, i), prepared.given(i)
             text = None if raw is None else param_text(raw, binary, oid)
             literals.append(literal(text, TYPE_NAMES.get(given) if given not in UNTYPED else None))
         if event.portal and event.portal in self.portals:
@@ -362,15 +363,18 @@ class Session:
         self._describe_columns(prepared, ())
 
     def _describe_columns(self, prepared: Prepared, formats: tuple[int, ...]) -> None:
-        columns = prepared.described.columns if prepared.described else ()
-        if not columns:
+        self._row_description(prepared.described.columns if prepared.described else (), formats)
+
+    def _row_description(
+        self, columns: Sequence[tuple[str, int]], formats: tuple[int, ...]
+    ) -> None:
+        """RowDescription of ``columns`` (name, type oid), or NoData for none (the simple
+        protocol has no NoData: it says nothing)."""
+        if columns:
+            described = [pg.Column(name, oid) for name, oid in columns]
+            self._send(pg.row_description(described, _formats(formats, len(columns))))
+        elif not self._simple:
             self._send(pg.NO_DATA)
-            return
-        self._send(
-            pg.row_description(
-                [pg.Column(name, oid) for name, oid in columns], _formats(formats, len(columns))
-            )
-        )
 
     def _pending_for(self, name: str) -> bool:
         portal = self.portals.get(name)
@@ -442,8 +446,8 @@ class Session:
             return None
         if statement.effect is not None:
             self._local(statement.effect)
-            if describe and not self._simple:
-                self._send(pg.NO_DATA)
+            if describe:
+                self._row_description((), formats)
             if portal is not None:
                 portal.rows, portal.tag = [], statement.effect.tag
             return {}
@@ -473,7 +477,7 @@ class Session:
                 "select a part of it",
             )
         described = portal.prepared.described
-        types = result.get("types") or [TEXT] * len(result.get("columns") or [])
+        types = _types(result)
         told = [oid for _, oid in described.columns] if described and not describe else types
         if result.get("columns") and told != types:
             problem = StatementError(
@@ -494,18 +498,9 @@ class Session:
     def _take(
         self, portal: Portal, result: dict[str, Any], statement: Statement, describe: bool
     ) -> None:
-        columns = list(result.get("columns") or [])
-        types = list(result.get("types") or [TEXT] * len(columns))
+        columns, types = list(result.get("columns") or []), _types(result)
         if describe:
-            if columns:
-                self._send(
-                    pg.row_description(
-                        [pg.Column(n, t) for n, t in zip(columns, types, strict=True)],
-                        _formats(portal.formats, len(columns)),
-                    )
-                )
-            elif not self._simple:  # the simple protocol has no NoData
-                self._send(pg.NO_DATA)
+            self._row_description(list(zip(columns, types, strict=True)), portal.formats)
         tags = result.get("tags") or []
         rows = list(result.get("rows") or [])
         portal.types, portal.rows = types, rows
@@ -631,8 +626,9 @@ class Session:
         self._send(pg.notice(message, severity="WARNING", sqlstate=sqlstate))
 
 
-def _padded(oids: tuple[int, ...], n: int) -> tuple[int, ...]:
-    return (oids + (0,) * n)[:n]
+def _types(result: dict[str, Any]) -> list[int]:
+    """Each result column's type oid (text where a result carries none)."""
+    return list(result.get("types") or [TEXT] * len(result.get("columns") or []))
 
 
 def _formats(formats: tuple[int, ...], n: int) -> list[int]:

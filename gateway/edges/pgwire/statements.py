@@ -44,6 +44,10 @@ class Prepared:
     client_oids: tuple[int, ...]  # the types the client gave (0: infer)
     described: Described | None = field(default=None)
 
+    def given(self, i: int) -> int:
+        """The type oid the client gave parameter ``i`` (0-based), or 0 (infer it)."""
+        return self.client_oids[i] if i < len(self.client_oids) else 0
+
     def bound(self, literals: list[str]) -> str:
         """The text with each ``$n`` replaced by the n-th literal."""
         text, out, at = self.statement.text, [], 0
