@@ -31,6 +31,7 @@ from bot.access.views import ACCESS_EXTEND, ACCESS_REVOKE
 from bot.cards import APPROVE, DENY, EXTEND, REVOKE
 from bot.deny_modal import DENY_MODAL, REASON_BLOCK, REASON_INPUT
 from bot.people import SLACK_ERRORS, dm
+from bot.run_view import VIEW_RUN
 from bot.service import Bot, NotRecorded
 from bot.slack_text import escape
 from keyturn.aio import spawn
@@ -157,6 +158,12 @@ def register(app: AsyncApp, bot: Bot) -> None:
         lambda request_id, user, body: bot.open_deny(request_id, user, body["trigger_id"]),
     )
     _on_click(app, bot.tasks, REVOKE, lambda grant_id, user, _body: bot.revoke(grant_id, user))
+    _on_click(
+        app,
+        bot.tasks,
+        VIEW_RUN,
+        lambda request_id, user, body: bot.view_run(request_id, user, body["trigger_id"]),
+    )
 
     def extend(*, own: bool) -> Click:
         async def click(value: str, user: str, _body: dict[str, Any]) -> object:

@@ -39,12 +39,14 @@ from keyturn.clock import Clock
 from keyturn.config.policy import Config
 from keyturn.errors import ConfigError, Unavailable
 from keyturn.settings import Settings
+from keyturn.store import recordings
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.supervise import Loop, Supervisor
 from keyturn.vault import Vault, process_vault
 
 DRAIN_SECONDS = 10.0  # what a click or a decision still in flight gets to finish at shutdown
+PURGE_EVERY = 3600.0  # seconds between passes deleting outputs past record.retention
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
 
@@ -137,6 +139,10 @@ def build(
         Loop(
             "audit-anchor", lambda: anchor_once(store, anchor), cfg.audit_checkpoint.total_seconds()
         )
+    )
+    retention = config.record.retention
+    supervisor.add(
+        Loop("recording-retention", lambda: recordings.purge(store, retention), PURGE_EVERY)
     )
     return BotProcess(bot, app, supervisor, registry)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -20,12 +20,24 @@ from bot.access.news import News
 from bot.cards import CardState, outcome_message
 from bot.drawing import Drawn, drawn, state_of
 from bot.people import SLACK_ERRORS, approvers_for, dm
+from bot.run_view import CARD_STEPS, RunContext
 from bot.slack_text import approver_reminder
 from keyturn.config.policy import Config
+from keyturn.store import run_steps
 from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
 
 log = logging.getLogger(__name__)
+
+
+async def run_context(
+    store: Store, config: Config, request_id: uuid.UUID, last: int
+) -> RunContext | None:
+    """The last ``last`` steps before a request in its agent's run (None: not a step)."""
+    found = await run_steps.so_far(store, request_id, config.record.run_gap, last=last)
+    if found is None:
+        return None
+    return RunContext(found.run, tuple(found.steps), found.earlier)
 
 
 @dataclass
@@ -37,8 +49,11 @@ class CardKeeper:
     news: News
     replica: str
 
-    def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
-        return state_of(self.config, row, grant, self.store.clock.now())
+    async def _state(self, row: RequestRow, grant: GrantRow | None = None) -> CardState:
+        state = state_of(self.config, row, grant, self.store.clock.now())
+        if row.access:  # a person's access: no agent run behind it
+            return state
+        return replace(state, run=await run_context(self.store, self.config, row.id, CARD_STEPS))
 
     async def post_pending_cards(self) -> int:
         """Post a card for every pending request without one; each exactly once."""
@@ -59,7 +74,7 @@ class CardKeeper:
                 ts = await self._find_card(channel, row.id)
                 adopted = ts is not None
                 if ts is not None:  # its thread may lack the full command: posted again
-                    await self._post_full_command(channel, ts, await drawn(self._state(row)))
+                    await self._post_full_command(channel, ts, await drawn(await self._state(row)))
                 else:
                     ts = await self._post_card(channel, row)
             except SLACK_ERRORS as exc:
@@ -74,7 +89,7 @@ class CardKeeper:
         return posted
 
     async def _post_card(self, channel: str, row: RequestRow) -> str:
-        card = await drawn(self._state(row))
+        card = await drawn(await self._state(row))
         resp = await self.client.chat_postMessage(
             channel=channel,
             text=card.text,
@@ -109,7 +124,7 @@ class CardKeeper:
         row, shown = card.request, card.shown
         if not await card_store.take_card_update(self.store, row.id, shown, card.current):
             return
-        state = self._state(row, card.grant)
+        state = await self._state(row, card.grant)
         picture = await drawn(state)
         try:
             await self.client.chat_update(

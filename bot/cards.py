@@ -10,6 +10,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bot.command_view import ApiView, command_blocks
+from bot.run_view import RunContext
+from bot.run_view import card_blocks as run_blocks
 from bot.slack_text import ONE_LINE, escape, literal, mention
 from keyturn.classify.shown import visible
 from keyturn.config.durations import format_duration
@@ -54,6 +56,7 @@ class CardState:
     ticket: str | None = None
     max_ttl_seconds: int | None = None  # how far the requester may extend it
     ssh_key: str | None = None  # the fingerprint an SSH access's certificate is for
+    run: RunContext | None = None  # an agent's steps before this one in its run
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,8 @@ def approval_card(state: CardState) -> list[dict[str, Any]]:
     if said:
         elements.append({"type": "mrkdwn", "text": " · ".join(said)})
     blocks.append({"type": "context", "block_id": "why", "elements": elements})
+    if state.run is not None:
+        blocks += run_blocks(state.run, state.id)
     blocks.append(
         {
             "type": "section",

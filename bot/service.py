@@ -14,7 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from slack_sdk.web.async_client import AsyncWebClient
@@ -24,17 +24,18 @@ from bot.access.ask import Asking
 from bot.access.deliver import Delivery
 from bot.access.home import Home
 from bot.access.news import News
-from bot.card_keeper import CardKeeper
+from bot.card_keeper import CardKeeper, run_context
 from bot.credentials import Issuer
 from bot.deny_modal import deny_modal
 from bot.people import SLACK_ERRORS, Directory
 from bot.revocation import Revoker
+from bot.run_view import MODAL_STEPS, run_modal
 from keyturn.aio import spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
 from keyturn.domain import Deciders, Decision, RequestStatus
 from keyturn.errors import DatabaseUnavailable, InvalidInput, KeyturnError, NotFound, Unavailable
-from keyturn.store import decisions, grants, requests
+from keyturn.store import decisions, grants, requests, run_steps
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.store.models import GrantRow, RequestRow
@@ -109,6 +110,20 @@ class Bot:
         row, deciders = await self._voting(request_id, user)
         row.domain().check_decider(user, deciders, RequestStatus.DENIED, self.store.clock.now())
         await self.client.views_open(trigger_id=trigger_id, view=deny_modal(request_id))
+
+    async def view_run(self, request_id: str, user: str, trigger_id: str) -> None:
+        """Open the run behind a request (its steps up to it, newest first) for someone who
+        may decide the request: a card's channel sees the command, its deciders the run."""
+        row, deciders = await self._voting(request_id, user)
+        deciders.check(user)
+        if row.access:
+            raise InvalidInput("a person's own access belongs to no agent run")
+        found = await run_context(self.store, self.config, row.id, MODAL_STEPS - 1)
+        step = await run_steps.step(self.store, row.id)
+        if found is None or step is None:
+            raise NotFound("this request belongs to no run")
+        run = replace(found, steps=(*found.steps, step))
+        await self.client.views_open(trigger_id=trigger_id, view=run_modal(run, row.requester))
 
     async def deny(self, request_id: str, user: str, reason: str) -> None:
         """Record a denial; the modal is answered as soon as it is committed (Slack allows

@@ -4,7 +4,9 @@
 ``audit_head``: it catches what someone who disabled the append-only trigger did to some rows.
 Someone who re-chains, cuts the tail and moves ``audit_head``, or wipes everything, leaves a
 chain that verifies; so ``verify`` also checks it against the newest checkpoint kept in Vault
-(:mod:`keyturn.checkpoint`), and ``export`` ends with a fresh one.
+(:mod:`keyturn.checkpoint`), and ``export`` ends with a fresh one. The recordings of agents'
+runs are checked against the events that vouch for them
+(:func:`keyturn.store.recordings.check_recordings`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
-from sqlalchemy import Text, select
+from sqlalchemy import Text, select, true
 
 from keyturn.checkpoint import Anchor, Anchoring, CheckpointRefused, check
 from keyturn.store.audit_log import GENESIS, event_hash
 from keyturn.store.db import Store
 from keyturn.store.models import AuditEventRow, AuditHeadRow
+from keyturn.store.recordings import check_recordings
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,10 @@ class ChainWalker:
         return VerifyResult(self.checked, self.broken)
 
 
-async def _stream(store: Store, since: int = 0) -> AsyncGenerator[StoredEvent, None]:
+async def stream(
+    store: Store, since: int = 0, until: int | None = None
+) -> AsyncGenerator[StoredEvent, None]:
+    """Events after ``since`` (up to ``until``), in order, a thousand rows at a time."""
     e = AuditEventRow
     query = (
         select(
@@ -145,7 +151,7 @@ async def _stream(store: Store, since: int = 0) -> AsyncGenerator[StoredEvent, N
             e.prev_hash,
             e.hash,
         )
-        .where(e.seq > since)
+        .where(e.seq > since, e.seq <= until if until is not None else true())
         .order_by(e.seq)
         .execution_options(yield_per=1000)
     )
@@ -160,11 +166,15 @@ async def verify(store: Store, anchor: Anchor | None = None) -> VerifyResult:
     async with store.transaction() as tx:
         head = await tx.session.get(AuditHeadRow, 1)
     walker = ChainWalker()
-    async with contextlib.aclosing(_stream(store)) as rows:
+    async with contextlib.aclosing(stream(store)) as rows:
         async for row in rows:
             if not walker.feed(row):
                 break
     walked = walker.finish(head)
+    if walked.broken is None:  # the chain holds: do the recordings it vouches for?
+        unvouched = await check_recordings(store)
+        if unvouched is not None:
+            return VerifyResult(walked.checked, Break(unvouched.seq, unvouched.problem))
     if walked.broken is not None or anchor is None:
         return walked
     try:
@@ -199,7 +209,7 @@ async def export(store: Store, out: IO[str], since: int = 0, anchor: Anchor | No
     """
     checkpoint = await anchor.record(store) if anchor is not None else None
     count = 0
-    async for row in _stream(store, since):
+    async for row in stream(store, since):
         if checkpoint is not None and row.seq > checkpoint.seq:
             break  # events after the checkpoint belong to the next export
         out.write(json.dumps(event_json(row), sort_keys=True) + "\n")

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from keyturn import extras
+from keyturn import cli_runs, extras
 from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
@@ -139,8 +139,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn.settings import load_settings
     from keyturn.vault import process_vault
 
+    if args.audit_command == "verify" and args.evidence is not None:
+        return _verify_evidence(args.evidence)
     settings = load_settings()
     dsn = settings.dsn()
+    if args.audit_command == "evidence":
+        return _run(_write_evidence(dsn, args.request, Path(args.output)))
     unanchored = args.audit_command == "verify" and args.unanchored
     if args.config is None and not unanchored:
         more = (
@@ -178,6 +182,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 await vault.close()
 
     return _run(run())
+
+
+def _verify_evidence(file: Path) -> int:
+    from keyturn.recording.proof import EvidenceBroken, check
+
+    try:
+        evidence = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot read it as an evidence file: {exc}") from None
+    try:
+        proven = check(evidence)
+    except EvidenceBroken as exc:
+        print(f"{file}: evidence does not hold: {exc}", file=sys.stderr)
+        return EXIT_TAMPERED
+    print(
+        f"{file}: evidence holds: step {proven.step}, {proven.events} audit events "
+        f"({proven.first_seq}..{proven.last_seq}) recomputed and linked"
+    )
+    return 0
+
+
+async def _write_evidence(dsn: Any, request: str, file: Path) -> int:
+    import uuid
+
+    from keyturn import evidence
+
+    try:
+        step_id = uuid.UUID(request)
+    except ValueError:
+        raise ConfigError(f"{request!r} is not a request id (a UUID)") from None
+    partial = file.with_name(file.name + ".partial")  # the file appears whole, or not at all
+    try:
+        async with _store(dsn) as store:
+            with partial.open("w", encoding="utf-8") as out:
+                count = await evidence.write(store, step_id, out)
+        partial.replace(file)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote the evidence of {step_id} ({count} audit events) to {file}", file=sys.stderr)
+    return 0
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -424,11 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     ver = audit_sub.add_parser("verify", help="exit 1 naming the first bad event if tampered")
     ver.add_argument("--config", type=Path, help="check against the checkpoint in Vault")
     ver.add_argument("--unanchored", action="store_true", help="check the chain alone (no Vault)")
+    ver.add_argument(
+        "--evidence", type=Path, metavar="FILE", help="check an evidence file offline (no database)"
+    )
+    evi = audit_sub.add_parser("evidence", help="one request's proof in a file, checkable offline")
+    evi.add_argument("request", help="the request's id (or a blocked command's step id)")
+    evi.add_argument("-o", "--output", required=True, help="the file to write")
     exp = audit_sub.add_parser("export", help="write events as JSON lines")
     exp.add_argument("--config", type=Path, help="end with a fresh checkpoint from Vault")
     exp.add_argument("--since", type=int, default=0, help="only events after this seq")
     exp.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     p.set_defaults(func=cmd_audit, extra="server")
+
+    cli_runs.add_parser(sub)
 
     p = sub.add_parser(
         "tag", help="the request behind a target's application_name 'keyturn:<tag>' (exit 1: none)"

@@ -16,6 +16,7 @@ from bot.access.views import (
     waiting_text,
 )
 from bot.cards import APPROVE, DENY, KIND_WORDS, button
+from bot.run_view import VIEW_RUN
 from bot.slack_text import at
 from keyturn.config.durations import format_duration
 
@@ -54,16 +55,14 @@ def home(lines: list[Line], waiting: list[Waiting], now: datetime) -> dict[str, 
     for w in waiting[:HOME_WAITING]:
         blocks.append(_section(waiting_text(w)))
         if w.access:  # a command is decided on its card only: see _waiting_text
-            blocks.append(
-                {
-                    "type": "actions",
-                    "block_id": f"decide_{w.request_id}",
-                    "elements": [
-                        button(APPROVE, "Approve", w.request_id, "primary"),
-                        button(DENY, "Deny", w.request_id, "danger"),
-                    ],
-                }
-            )
+            block = f"decide_{w.request_id}"
+            elements = [
+                button(APPROVE, "Approve", w.request_id, "primary"),
+                button(DENY, "Deny", w.request_id, "danger"),
+            ]
+        else:  # an agent's command: what its run did before it
+            block, elements = f"run_{w.request_id}", [button(VIEW_RUN, "View run", w.request_id)]
+        blocks.append({"type": "actions", "block_id": block, "elements": elements})
     if len(waiting) > HOME_WAITING:
         blocks.append(_section(f"…and {len(waiting) - HOME_WAITING} more: `/keyturn pending`"))
     blocks.append(

@@ -35,6 +35,7 @@ class ShellResult:
     stdout: str
     stderr: str
     truncated: bool
+    timing: Timing  # when each chunk arrived, for the run's replay (not the agent's answer)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class ShellResult:
             "stdout": self.stdout,
             "stderr": self.stderr,
             "truncated": self.truncated,
+            "timing": [list(chunk) for chunk in self.timing],
         }
 
 
@@ -66,8 +68,18 @@ def known_hosts(target: SshTarget, name: str) -> tuple[list[Any], list[Any], lis
     return keys, cas, []
 
 
-async def _read(stream: asyncssh.SSHReader[str], limit: int) -> tuple[str, bool]:
-    """Up to ``limit`` characters until EOF; True when there was more."""
+# at most this many chunks' arrival times are kept for a replay; later ones merge into the last
+TIMED_CHUNKS = 2000
+
+
+Timing = list[tuple[float, str, int]]
+
+
+async def _read(
+    stream: asyncssh.SSHReader[str], limit: int, started: float, timing: Timing, name: str
+) -> tuple[str, bool]:
+    """Up to ``limit`` characters until EOF; True when there was more. Each chunk's arrival
+    (seconds since ``started``, the stream's name, its end offset) is added to ``timing``."""
     chunks: list[str] = []
     size = 0
     while size <= limit:
@@ -76,6 +88,8 @@ async def _read(stream: asyncssh.SSHReader[str], limit: int) -> tuple[str, bool]
             break
         chunks.append(data)
         size += len(data)
+        if len(timing) < TIMED_CHUNKS:
+            timing.append((asyncio.get_running_loop().time() - started, name, min(size, limit)))
     text = "".join(chunks)
     return text[:limit], len(text) > limit
 
@@ -103,14 +117,16 @@ async def run_ssh(
             preferred_auth="publickey",
         ) as conn:
             process = await conn.create_process(command, stdin=asyncssh.DEVNULL)
+            started, timing = asyncio.get_running_loop().time(), Timing()
             (stdout, cut_out), (stderr, cut_err) = await asyncio.gather(
-                _read(process.stdout, output_limit), _read(process.stderr, output_limit)
+                _read(process.stdout, output_limit, started, timing, "stdout"),
+                _read(process.stderr, output_limit, started, timing, "stderr"),
             )
             truncated = cut_out or cut_err
             if truncated:
                 process.close()
             completed = await process.wait(check=False)
-    return ShellResult(completed.exit_status, stdout, stderr, truncated)
+    return ShellResult(completed.exit_status, stdout, stderr, truncated, timing)
 
 
 class SshDriver:

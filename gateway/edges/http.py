@@ -30,7 +30,7 @@ from gateway.edges.schemas import (
     storable,
 )
 from gateway.ratelimit import RateLimiter
-from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, read, ready, targets
+from gateway.usecases.gateway import AGENT_TERMINAL, Gateway, agent_run, read, ready, targets
 from gateway.usecases.submission import Submission, large
 from gateway.usecases.submit import Blocked, submit
 from keyturn.agent.api import CommandOut
@@ -74,6 +74,7 @@ class Edge:
 
 
 EDGE_KEY = web.AppKey("edge", Edge)
+RUN_STEPS, MAX_RUN_STEPS = 100, 1000  # steps of a run one GET answers: by default, at most
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -228,6 +229,19 @@ async def get_targets(request: web.Request) -> web.Response:
     return web.json_response(targets(edge.gw, who).model_dump())
 
 
+async def get_run(request: web.Request) -> web.Response:
+    """The agent's own steps of one run, outputs as it saw them."""
+    edge = request.app[EDGE_KEY]
+    who = await edge.auth.authenticate(request.headers.get("Authorization"))
+    edge.limiter.check(who.subject)
+    raw = request.query.get("limit", str(RUN_STEPS))
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_RUN_STEPS):
+        raise InvalidInput(f"limit must be a whole number from 1 to {MAX_RUN_STEPS}")
+    found = await agent_run(edge.gw, who, request.match_info["id"], int(raw))
+    body = await asyncio.to_thread(found.model_dump_json)
+    return web.Response(text=body, content_type="application/json")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Alive unless a background loop is down (crashed, not recovered within its period):
     held requests would never run while the process still answered."""
@@ -254,6 +268,7 @@ def create_app(edge: Edge) -> web.Application:
     app.router.add_post("/v1/commands", post_command)
     app.router.add_get("/v1/commands/{id}", get_command)
     app.router.add_get("/v1/targets", get_targets)
+    app.router.add_get("/v1/runs/{id}", get_run)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -8,7 +8,7 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.edges.schemas import MAX_BODY_BYTES, MAX_COMMAND_BYTES, CommandIn
 from keyturn import __version__
-from keyturn.agent.api import CommandOut, ErrorOut, TargetsOut
+from keyturn.agent.api import CommandOut, ErrorOut, RunOut, TargetsOut
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -33,7 +33,7 @@ COMMON_ERRORS = {
 
 def build_spec() -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "validation") for m in (CommandIn, CommandOut, ErrorOut, TargetsOut)],
+        [(m, "validation") for m in (CommandIn, CommandOut, ErrorOut, RunOut, TargetsOut)],
         ref_template="#/components/schemas/{model}",
     )
     return {
@@ -123,6 +123,39 @@ def build_spec() -> dict[str, Any]:
                                 }
                             },
                         },
+                        **COMMON_ERRORS,
+                    },
+                }
+            },
+            "/v1/runs/{id}": {
+                "get": {
+                    "summary": "This identity's steps of one run, in order, outputs as it saw them",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "description": "at most this many steps (100)",
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the run",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/RunOut"}
+                                }
+                            },
+                        },
+                        "400": _error("bad limit"),
+                        "404": _error("no such run for this identity"),
                         **COMMON_ERRORS,
                     },
                 }

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keyturn.errors import InvalidInput
+from keyturn.recording.runs import check_run_id
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_COMMAND_BYTES = 64 * 1024
@@ -53,7 +54,14 @@ class CommandIn(BaseModel):
     command: str | None = Field(default=None, min_length=1, description="SQL or a shell line")
     http: HttpCallIn | None = Field(default=None, description="an HTTP target's call")
     reason: str | None = Field(default=None, max_length=2000)
-    run_id: str | None = Field(default=None, max_length=200)
+    run_id: str | None = Field(
+        default=None, max_length=200, description="groups commands into a run (keyturn runs)"
+    )
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_run_id(value)
 
     @model_validator(mode="after")
     def _one(self) -> CommandIn:

@@ -23,14 +23,14 @@ from typing import Any
 
 from gateway.metrics import Metrics
 from gateway.usecases.driver import UNEXPECTED, Drivers, RunFailed
-from gateway.usecases.submission import digest_of
+from gateway.usecases.submission import recorded
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
 from keyturn.domain import IllegalTransition, command_sha256
 from keyturn.errors import KeyturnError
 from keyturn.masking import Masker
-from keyturn.store import handoffs, runs
+from keyturn.store import executions, handoffs
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
 from keyturn.vault import Vault, VaultUnavailable
@@ -116,13 +116,12 @@ class Executor:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)
         if error is not None:
             error = self.masker.text(error)
+        timing = result.pop("timing", None) if result is not None else None
+        seen = {"error": error} if result is None else result
+        kept = await recorded(self.config.record, request.id, seen | _timing(timing))
         try:
-            await runs.finish_execution(
-                self.store,
-                request.id,
-                result=result,
-                error=error,
-                result_digest=await digest_of(result) if result is not None else None,
+            await executions.finish_execution(
+                self.store, request.id, result=result, error=error, recorded=kept
             )
         except IllegalTransition as exc:  # failed meanwhile as stranded: keep that outcome
             log.warning("result of %s not recorded: %s", request.id, exc.message)
@@ -176,3 +175,9 @@ class Executor:
         if target is None:
             raise HandoffRejected(f"target {name} is not in the policy any more")
         return await self.drivers.kind(target.kind).run_approved(name, command, credentials)
+
+
+def _timing(timing: object) -> dict[str, Any]:
+    """A driver's timing of its output (SSH: when each chunk arrived) goes to the run's
+    recording only, not into the agent's answer."""
+    return {"timing": timing} if timing else {}

@@ -18,14 +18,15 @@ from gateway.judging import Turns, judged
 from gateway.metrics import Metrics
 from gateway.usecases.driver import Drivers
 from gateway.usecases.inflight import InFlight
-from keyturn.agent.api import TERMINAL, OperationOut, TargetOut, TargetsOut
+from keyturn.agent.api import TERMINAL, OperationOut, RunOut, TargetOut, TargetsOut
 from keyturn.classify import Identity, Verdict, classify, may_use
 from keyturn.classify.catalog import Catalog
 from keyturn.config.policy import Config
 from keyturn.config.targets import HttpTarget, TargetBase
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
-from keyturn.store import decisions, reads
+from keyturn.recording.views import step_json
+from keyturn.store import decisions, reads, run_steps
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until
 from keyturn.vault import Vault
@@ -135,6 +136,16 @@ async def poll(gw: Gateway) -> None:
     for ident in await reads.decided_among(gw.store, watched):
         gw.listener.wake("request", str(ident))
     gw.metrics.pending.set(await reads.count_pending(gw.store))
+
+
+async def agent_run(gw: Gateway, who: Identity, name: str, limit: int) -> RunOut:
+    """``who``'s own steps of run ``name``: another identity's run is not found, as if it
+    did not exist."""
+    found = await run_steps.run(
+        gw.store, name, gw.config.record.run_gap, agent=who.subject, limit=limit
+    )
+    steps = [step_json(step, n) for n, step in enumerate(found.steps, 1)]
+    return RunOut.model_validate({"id": found.id, "steps": steps, "more": found.later})
 
 
 async def ready(gw: Gateway) -> dict[str, str]:

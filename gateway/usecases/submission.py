@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from keyturn.classify import Identity, Verdict
+from keyturn.config.process import RecordConfig
+from keyturn.recording.output import Recorded, record
 from keyturn.store import outcomes
 
 
@@ -62,13 +63,11 @@ def large(rows: int, size: int) -> bool:
     return rows > LARGE_ROWS or size > LARGE_BYTES
 
 
-async def digest_of(result: dict[str, Any]) -> str:
-    """:func:`digest`, in a worker thread for a large result."""
-    if large(len(result.get("rows") or ()), int(result.get("bytes") or 0)):
-        return await asyncio.to_thread(digest, result)
-    return digest(result)
-
-
-def digest(result: dict[str, Any]) -> str:
-    """What the record keeps of a result: its sha256, never the rows."""
-    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
+async def recorded(config: RecordConfig, step: uuid.UUID, output: dict[str, Any]) -> Recorded:
+    """What the step's run keeps of ``output`` (its ``sha256`` is the request's
+    ``result_digest``); in a worker thread for a large output."""
+    keep = functools.partial(record, step, output, kept=config.outputs, cap=config.output_bytes)
+    text = sum(len(v) for v in output.values() if isinstance(v, str))
+    if large(len(output.get("rows") or ()), max(int(output.get("bytes") or 0), text)):
+        return await asyncio.to_thread(keep)
+    return keep()

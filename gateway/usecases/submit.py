@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from gateway.usecases import allowed, hold
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway
-from gateway.usecases.submission import Submission, outcome
+from gateway.usecases.submission import Submission, outcome, recorded
 from keyturn.classify import Identity, check_access
 from keyturn.errors import Forbidden
 from keyturn.store import reads, requests
@@ -38,11 +38,15 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
     for shadow_rule, action in verdict.shadow:
         gw.metrics.shadow.labels(shadow_rule, action).inc()
     if verdict.action == "block":
-        await gw.journal.record(outcome(sub, who, verdict, status="blocked"))
-        gw.metrics.commands.labels("blocked").inc()
         message = verdict.rule.message if verdict.rule and verdict.rule.message else None
         why = "; ".join(verdict.reasons)
-        raise Blocked(message or (f"blocked by rule {rule}: {why}" if rule else why), rule)
+        refused = Blocked(message or (f"blocked by rule {rule}: {why}" if rule else why), rule)
+        blocked = outcome(sub, who, verdict, status="blocked")
+        seen = {"error": {"code": refused.code, "message": refused.message, "rule": rule}}
+        kept = await recorded(gw.config.record, blocked.id, seen)
+        await gw.journal.record(replace(blocked, recorded=kept))
+        gw.metrics.commands.labels("blocked").inc()
+        raise refused
     if verdict.action == "allow" and driver.runs_allowed(sub.target):
         out = await allowed.run(gw, driver, who, sub, verdict)
         return out.status in AGENT_TERMINAL, out

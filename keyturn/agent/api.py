@@ -106,3 +106,41 @@ class TargetOut(BaseModel):
 
 class TargetsOut(BaseModel):
     targets: list[TargetOut] = Field(description="the targets this identity may use")
+
+
+class DecisionOut(BaseModel):
+    by: str = Field(description="the approver, or policy:<rule> for a rule's own approval")
+    decision: Literal["approve", "deny"]
+    at: datetime
+    reason: str | None = None
+
+
+class StepOutputOut(BaseModel):
+    kept: Literal["none", "tags", "masked"] = Field(description="what record.outputs keeps")
+    bytes: int = Field(description="the size of the output as the agent saw it (JSON)")
+    sha256: str = Field(description="its sha256: the result_digest in the audit log")
+    truncated: bool = Field(description="only the first record.output_bytes were kept")
+    deleted: bool = Field(description="deleted by retention (its hashes remain)")
+    value: Any = Field(default=None, description="the output as kept (masked, capped)")
+
+
+class StepOut(BaseModel):
+    step: int = Field(description="1 for the run's first step")
+    id: str = Field(description="the request's id (a blocked command's step id)")
+    at: datetime
+    target: str
+    command: str
+    verdict: Literal["allowed", "held", "blocked"]
+    status: str = Field(description="the request's status, or blocked")
+    rule: str | None = None
+    summary: str = Field(description="a few words: allowed, approved by U1, denied by U2…")
+    ended_at: datetime | None = None
+    error: str | None = None
+    decisions: list[DecisionOut] = Field(default_factory=list)
+    output: StepOutputOut | None = None
+
+
+class RunOut(BaseModel):
+    id: str = Field(description="the run_id given, or auto-<first step> for an idle-gap run")
+    steps: list[StepOut] = Field(description="oldest first")
+    more: int = Field(description="steps after these left out (raise limit)")

@@ -12,7 +12,13 @@ from pydantic import (
 
 from keyturn.config.durations import Duration, format_duration
 from keyturn.config.model import Model, Name
-from keyturn.config.process import BotConfig, GatewayConfig, SlackConfig, VaultConfig
+from keyturn.config.process import (
+    BotConfig,
+    GatewayConfig,
+    RecordConfig,
+    SlackConfig,
+    VaultConfig,
+)
 from keyturn.config.rules import AccessRule, Masking, PolicyTest, Rule
 from keyturn.config.targets import HttpTarget, PostgresTarget, SshTarget, Target
 
@@ -125,6 +131,7 @@ class Config(Model):
     slack: SlackConfig = SlackConfig()
     gateway: GatewayConfig = GatewayConfig()
     bot: BotConfig = BotConfig()
+    record: RecordConfig = RecordConfig()
 
     @model_validator(mode="before")
     @classmethod

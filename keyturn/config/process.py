@@ -118,6 +118,25 @@ class SlackConfig(Model):
     approvers: People | None = None  # for requests no rule with approvers matched
 
 
+class RecordConfig(Model):
+    """What keyturn keeps of each agent run (docs/runs.md)."""
+
+    # an agent that gives no run_id starts a new run after this long without a command
+    run_gap: Duration = timedelta(minutes=15)
+    # masked: the output as the agent saw it (capped); tags: its shape (columns, counts, exit
+    # status) without values; none: only its size and sha256
+    outputs: Literal["none", "tags", "masked"] = "masked"
+    output_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)  # kept a step
+    retention: Duration = timedelta(days=90)  # outputs older are deleted; their hashes stay
+
+    @field_validator("run_gap", "retention")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return value
+
+
 class BotConfig(Model):
     listen: str = "127.0.0.1:3000"
     poll_interval: Duration = timedelta(seconds=3)

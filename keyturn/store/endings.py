@@ -20,7 +20,7 @@ from sqlalchemy import exists, select
 
 from keyturn.backoff import Backoff
 from keyturn.domain import GrantStatus, RequestStatus
-from keyturn.store import runs
+from keyturn.store import executions
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store
 from keyturn.store.grants import RevokeLease
@@ -120,7 +120,7 @@ async def end_grants(
         await tx.session.flush()
         tx.record(*events)
         ended = [r.request_id for r in done if r.request_id]
-        await runs.grants_ended(tx, ended, _REQUEST_FAILURE.get(which))
+        await executions.grants_ended(tx, ended, _REQUEST_FAILURE.get(which))
     return done
 
 
@@ -137,7 +137,7 @@ async def fail_stranded(store: Store, after: timedelta, *, limit: int = 100) -> 
             tx.now - after,
             limit,
         )
-        return await runs.fail_unrun(
+        return await executions.fail_unrun(
             tx,
             [r["id"] for r in rows],
             "the gateway running this command stopped before recording a result",

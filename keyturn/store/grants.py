@@ -26,7 +26,7 @@ from sqlalchemy import exists, select
 
 from keyturn.domain import Grant, GrantStatus, RequestStatus
 from keyturn.errors import InvalidInput, NotFound
-from keyturn.store import runs
+from keyturn.store import executions
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx
 from keyturn.store.models import GrantRow, RequestRow
@@ -216,7 +216,7 @@ async def revoke(store: Store, grant_id: uuid.UUID, by: str, revoke_lease: Revok
         await _changed(tx, row, grant, by, {"why": "revoked by hand"})
         if row.request_id is not None:
             unrun = f"credentials revoked by {by} before the run"
-            await runs.grants_ended(tx, [row.request_id], unrun)
+            await executions.grants_ended(tx, [row.request_id], unrun)
     return row
 
 

@@ -66,6 +66,7 @@ class RequestRow(Base):
             unique=True,
             postgresql_where="access AND status IN ('pending', 'approved', 'executing')",
         ),
+        Index("ix_requests_requester_created", "requester", "created_at"),  # an agent's steps
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -74,7 +75,7 @@ class RequestRow(Base):
     command_sha256: Mapped[str] = mapped_column(String(64))
     requester: Mapped[str] = mapped_column(String(200))
     on_behalf_of: Mapped[str | None] = mapped_column(String(200))
-    run_id: Mapped[str | None] = mapped_column(String(200))
+    run_id: Mapped[str | None] = mapped_column(String(200), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(20), index=True)
     rule: Mapped[str | None] = mapped_column(String(200))
@@ -270,3 +271,36 @@ class AuditHeadRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class RecordingRow(Base):
+    """One step of an agent's run, as kept (keyturn.recording.output): the output the agent
+    saw and its hashes. A blocked command has no request row: its step is this row alone,
+    with its command. ``output`` is deleted by retention; every hash stays."""
+
+    __tablename__ = "recordings"
+    __table_args__ = (
+        CheckConstraint("kept IN ('none', 'tags', 'masked')", name="kept_known"),
+        CheckConstraint("(request_id IS NULL) = (command IS NOT NULL)", name="command_if_blocked"),
+        Index("ix_recordings_blocked", "agent", "at", postgresql_where="request_id IS NULL"),
+        Index("ix_recordings_kept_at", "at", postgresql_where="output IS NOT NULL"),
+    )
+
+    step_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    request_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("requests.id", ondelete="RESTRICT"), unique=True
+    )
+    agent: Mapped[str] = mapped_column(String(200))
+    run_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    target: Mapped[str] = mapped_column(String(200))
+    command: Mapped[str | None] = mapped_column(Text)  # a blocked command's; else the request's
+    rule: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    kept: Mapped[str] = mapped_column(String(10))
+    output: Mapped[str | None] = mapped_column(Text)  # canonical JSON, fitted to the cap
+    output_bytes: Mapped[int] = mapped_column(BigInteger)  # the full output's
+    output_sha256: Mapped[str] = mapped_column(String(64))
+    truncated: Mapped[bool] = mapped_column(Boolean)
+    stored_sha256: Mapped[str] = mapped_column(String(64))
+    record_hash: Mapped[str] = mapped_column(String(64))
+    purged_at: Mapped[datetime | None]

@@ -20,7 +20,9 @@ from keyturn.domain import (
     came_from,
     command_sha256,
 )
+from keyturn.recording.output import Recorded
 from keyturn.store.audit_log import recording
+from keyturn.store.recordings import output_event, recording_json
 from keyturn.store.requests import shadow
 
 
@@ -47,6 +49,7 @@ class Outcome:
     result_digest: str | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None
+    recorded: Recorded | None = None  # what its run keeps of the output (blocked: the refusal)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Completion:
     result_digest: str | None
     result: dict[str, Any] | None = None
     release_key: bool = False  # it never ran: its Idempotency-Key may be used again
+    recorded: Recorded | None = None  # what its run keeps of the output
 
 
 # where a run may end, executed or failed: the domain's table says, not this module
@@ -83,7 +87,21 @@ WITH inserted AS (
     FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb,
         release_key boolean)
     WHERE r.id = x.id AND r.status = ANY($4::text[])
-    RETURNING r.id
+    RETURNING r.id, r.requester, r.run_id, r.target
+), kept AS (
+    -- a completion's recording goes with the change it records, as its event does
+    INSERT INTO recordings (step_id, request_id, agent, run_id, target, command, rule, kept,
+        output, output_bytes, output_sha256, truncated, stored_sha256, record_hash)
+    SELECT x.step_id, x.request_id, coalesce(c.requester, x.agent), coalesce(c.run_id, x.run_id),
+        coalesce(c.target, x.target), x.command, x.rule, x.kept, x.output, x.output_bytes,
+        x.output_sha256, x.truncated, x.stored_sha256, x.record_hash
+    FROM jsonb_to_recordset($5::jsonb) AS x(step_id uuid, request_id uuid, agent text,
+        run_id text, target text, command text, rule text, kept text, output text,
+        output_bytes bigint, output_sha256 text, truncated boolean, stored_sha256 text,
+        record_hash text, outcome boolean)
+    LEFT JOIN completed c ON c.id = x.request_id
+    WHERE NOT x.outcome OR c.id IS NOT NULL
+    ON CONFLICT DO NOTHING
 ), happened AS (
     -- an outcome is audited only with the change it records: a retried completion whose
     -- first attempt did commit changes nothing and adds no second event
@@ -100,6 +118,7 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
     rows: list[dict[str, Any]] = []
     done: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
     for r in records:
         if isinstance(r, Completion):
             status = RequestStatus.FAILED if r.error else RequestStatus.EXECUTED
@@ -117,18 +136,38 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
                     "kind": f"request.{status}",
                     "actor": "keyturn",
                     "request_id": str(r.id),
-                    "data": {"result_digest": r.result_digest, "error": r.error},
+                    "data": {"result_digest": r.result_digest, "error": r.error}
+                    | output_event(r.recorded),
                     "outcome": True,
                 }
             )
+            if r.recorded is not None:
+                kept.append(recording_json(r.recorded, request_id=r.id, outcome=True))
             continue
-        data: dict[str, Any] = {
-            "target": r.target,
-            "command_sha256": command_sha256(r.command),
-            "rule": r.rule,
-            "on_behalf_of": r.on_behalf_of,
-            "run_id": r.run_id,
-        } | shadow(r.classification)
+        data: dict[str, Any] = (
+            {
+                "target": r.target,
+                "command_sha256": command_sha256(r.command),
+                "rule": r.rule,
+                "on_behalf_of": r.on_behalf_of,
+                "run_id": r.run_id,
+            }
+            | shadow(r.classification)
+            | output_event(r.recorded)
+        )
+        if r.recorded is not None:
+            blocked = r.status == "blocked"
+            kept.append(
+                recording_json(
+                    r.recorded,
+                    request_id=None if blocked else r.id,
+                    agent=r.requester,
+                    run_id=r.run_id,
+                    target=r.target,
+                    command=r.command if blocked else None,
+                    rule=r.rule,
+                )
+            )
         if r.status == "blocked":
             events.append(
                 {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}
@@ -158,5 +197,10 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
             {"kind": "request.allowed", "actor": r.requester, "request_id": str(r.id), "data": data}
         )
     await conn.execute(
-        _WRITE_OUTCOMES, json.dumps(rows), json.dumps(done), json.dumps(events), _COMPLETABLE
+        _WRITE_OUTCOMES,
+        json.dumps(rows),
+        json.dumps(done),
+        json.dumps(events),
+        _COMPLETABLE,
+        json.dumps(kept),
     )

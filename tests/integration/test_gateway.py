@@ -22,7 +22,7 @@ from keyturn.agent.api import CommandOut
 from keyturn.clock import ManualClock
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
-from keyturn.store import decisions, requests, runs
+from keyturn.store import decisions, executions, requests
 from keyturn.store.db import Store
 from tests.integration.conftest import GatewayFactory, Shop
 
@@ -335,7 +335,7 @@ async def test_held_update_waits_for_a_decision(
             Decision.APPROVE,
             deciders=Deciders.only("U_APPROVER"),
         )
-        row = await runs.start_execution(
+        row = await executions.start_execution(
             gw.store, request_id, (await requests.get_request(gw.store, request_id)).command_sha256
         )
         result = {
@@ -346,7 +346,7 @@ async def test_held_update_waits_for_a_decision(
             "statements": 1,
             "tags": ["UPDATE 9"],
         }
-        await runs.finish_execution(gw.store, row.id, result=result, result_digest="d")
+        await executions.finish_execution(gw.store, row.id, result=result)
         status, final = await asyncio.wait_for(waiter, 30)
         assert status == 200 and final["status"] == "executed"
         assert final["result"] == result and "wait_url" not in final

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from keyturn.domain import Deciders, Decision, IllegalTransition, RequestStatus, SelfApproval
 from keyturn.errors import Conflict, InvalidInput, NotFound
-from keyturn.store import decisions, endings, grants, handoffs, requests, runs
+from keyturn.store import decisions, endings, executions, grants, handoffs, requests
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import ApprovalRow, AuditEventRow, GrantRow, RequestRow
@@ -200,11 +200,11 @@ async def test_execution_claims_the_approval_once(store: Store) -> None:
     row, _ = await requests.create_request(store, held())
     await decisions.decide(store, row.id, "U1", Decision.APPROVE, deciders=Deciders.only("U1"))
     claims = await asyncio.gather(
-        *(runs.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
+        *(executions.start_execution(store, row.id, row.command_sha256) for _ in range(5)),
         return_exceptions=True,
     )
     assert sum(not isinstance(c, BaseException) for c in claims) == 1
-    done = await runs.finish_execution(store, row.id, result={"rows": 1}, result_digest="abc")
+    done = await executions.finish_execution(store, row.id, result={"rows": 1})
     assert done.status == "executed" and done.result == {"rows": 1}
 
 

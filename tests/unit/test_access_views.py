@@ -140,6 +140,7 @@ def test_home_shows_access_and_what_waits_on_me() -> None:
     assert "<@U_OMAR> asks for a 15m database login on `orders-db`" in text
     decided_here = [b["block_id"] for b in view["blocks"] if b["type"] == "actions"]
     assert "decide_r-3" in decided_here and "decide_r-2" not in decided_here
+    assert "run_r-2" in decided_here and '"action_id": "keyturn_view_run", "value": "r-2"' in text
     empty = json.dumps(home([], [], NOW))
     assert "no pending or open access" in empty and "Nothing is waiting on you" in empty
 

@@ -48,6 +48,7 @@ from gateway.usecases.submission import Submission
 from gateway.usecases.submit import Blocked, submit
 from keyturn.classify import Identity
 from keyturn.classify.session import Effect, SessionSettings
+from keyturn.recording.runs import BadRunId, check_run_id
 from keyturn.store.reads import RequestView
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ MAX_STATEMENTS = 500  # named prepared statements (asyncpg and psycopg keep 100 
 MAX_STATEMENT_BYTES = 4 * 1024 * 1024  # their text, together
 MAX_PORTALS = 100  # named portals
 MAX_SUSPENDED = 4  # portals holding rows not yet sent (each up to gateway.response_bytes)
+RUN_PREFIX = "run:"  # application_name run:<id> puts the statements in run <id>
 
 
 @dataclass(frozen=True)
@@ -514,6 +516,17 @@ class Session:
             cells = zip(row, portal.types, formats, strict=True)
             self._send(pg.data_row(cell(value, oid, binary) for value, oid, binary in cells))
 
+    def _run_id(self) -> str | None:
+        """The run a statement belongs to: ``application_name`` ``run:<id>`` names it (at
+        startup, or by SET); any other name leaves it to keyturn's idle-gap runs."""
+        name = self.application_name
+        if not name.startswith(RUN_PREFIX):
+            return None
+        try:
+            return check_run_id(name.removeprefix(RUN_PREFIX))
+        except BadRunId as exc:
+            raise StatementError("22023", f"application_name {name!r}: {exc}") from None
+
     async def _submit(self, sql: str) -> RequestView:
         """One statement (or several, as one request) through the use cases; waits while it
         is held, telling the client so; returns the request once executed."""
@@ -525,7 +538,7 @@ class Session:
             target=self.target,
             command=sql,
             reason=None,
-            run_id=None,
+            run_id=self._run_id(),
             body_sha256=hashlib.sha256(sql.encode()).hexdigest(),
         )
         metrics = self.gw.metrics

@@ -1,4 +1,4 @@
-"""A request's run: claimed for execution once, finished with its outcome, and ended with its
+"""A request's execution: claimed once, finished with its outcome, and ended with its
 grant (an approval never outlives the credentials it was for)."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from keyturn.domain import (
     RequestStatus,
     came_from,
 )
+from keyturn.recording.output import Recorded
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx
 from keyturn.store.models import RequestRow
+from keyturn.store.recordings import output_event, recording_row
 
 
 async def start_execution(store: Store, request_id: uuid.UUID, sha256: str) -> RequestRow:
@@ -34,9 +36,10 @@ async def finish_execution(
     *,
     result: dict[str, Any] | None = None,
     error: str | None = None,
-    result_digest: str | None = None,
+    recorded: Recorded | None = None,
 ) -> RequestRow:
-    """Record the outcome; ``error`` set means failed. Store only masked results here."""
+    """Record the outcome and what its run keeps of it; ``error`` set means failed. Store
+    only masked results here."""
     async with store.transaction() as tx:
         row = await tx.locked(RequestRow, request_id)
         req = row.domain()
@@ -46,12 +49,23 @@ async def finish_execution(
             req.finish(ok=error is None)
         row.save(req, tx.now)
         row.result, row.error = result, error
+        if recorded is not None:
+            tx.session.add(
+                recording_row(
+                    recorded,
+                    request_id=row.id,
+                    agent=row.requester,
+                    run_id=row.run_id,
+                    target=row.target,
+                )
+            )
+        outcome = {"error": error} if error else {"result_digest": recorded and recorded.sha256}
         tx.record(
             Event(
                 f"request.{req.status}",
                 "keyturn",
                 request_id=row.id,
-                data={"result_digest": result_digest} if result_digest else {"error": error},
+                data=outcome | output_event(recorded),
             )
         )
     return row

@@ -1,0 +1,115 @@
+"""A run as an approver sees it: the steps before a held command on its card, and the whole
+timeline in a modal (View run), newest first. Pure: no Slack calls.
+
+Every step is keyturn's words (when, what happened) around the agent's text set apart by
+:func:`bot.slack_text.literal`; outputs are never shown here, only their size: a card goes to
+a channel, and an output is the agent's to read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bot.slack_text import at, escape, literal, mention
+from keyturn.recording.runs import Step
+
+VIEW_RUN = "keyturn_view_run"
+CARD_STEPS = 5  # the steps before a held command its card shows
+MODAL_BLOCKS = 100  # Slack's limit for a view
+MODAL_STEPS = MODAL_BLOCKS - 2  # and a heading and an "…and N earlier" line
+COMMAND_CHARS = 90  # of each step's command on a card or in the modal
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What came before a held command in its run."""
+
+    name: str
+    steps: tuple[Step, ...]  # the last few, oldest first
+    earlier: int | None  # steps before those (None: too many to count)
+
+
+def _outcome(step: Step) -> str:
+    if step.verdict == "blocked":
+        return ":no_entry: blocked" + (f" by rule `{escape(step.rule)}`" if step.rule else "")
+    if step.verdict == "allowed":
+        failed = " (failed)" if step.status == "failed" else ""
+        return f":white_check_mark: allowed{failed}"
+    denial = next((v for v in step.votes if v.decision == "deny"), None)
+    if denial is not None:
+        return f":x: denied by {mention(denial.approver)}"
+    approvers = [v.approver for v in step.votes if v.decision == "approve"]
+    if approvers and step.status in ("approved", "executing", "executed", "failed"):
+        ran = "" if step.status == "executed" else f" ({step.status})"
+        return f":heavy_check_mark: approved by {', '.join(mention(a) for a in approvers)}{ran}"
+    return f":hourglass: held ({escape(step.status)})"
+
+
+def step_line(step: Step) -> str:
+    """One step on one line: when, where, what happened, the command (cut, set apart)."""
+    command = (
+        step.command if len(step.command) <= COMMAND_CHARS else step.command[:COMMAND_CHARS] + "…"
+    )
+    size = f" · output {step.recorded.bytes} B" if step.recorded is not None else ""
+    return f"{at(step.at)} · {literal(step.target)} · {_outcome(step)}{size}\n{literal(command)}"
+
+
+def card_blocks(run: RunContext, request_id: str) -> list[dict[str, Any]]:
+    """The card's "run so far": the last steps before this one, and a View run button."""
+    if run.earlier is None:
+        earlier = "many earlier steps"
+    else:
+        earlier = f"{run.earlier} earlier step{'s' if run.earlier != 1 else ''}"
+    if not run.steps:
+        head = f"*Run* {literal(run.name)}: this is its first step."
+    else:
+        more = f", and {earlier}" if run.earlier != 0 else ""
+        head = (
+            f"*Run so far* {literal(run.name)}: the last {len(run.steps)} steps before this "
+            f"one{more} (already decided; outputs are not shown here)"
+        )
+    lines = "\n".join(f"• {step_line(s)}" for s in run.steps)
+    text = head + ("\n" + lines if lines else "")
+    return [
+        _section(text) | {"block_id": "run"},
+        {
+            "type": "actions",
+            "block_id": "run_actions",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": VIEW_RUN,
+                    "value": request_id,
+                    "text": {"type": "plain_text", "text": "View run"},
+                }
+            ],
+        },
+    ]
+
+
+def run_modal(run: RunContext, agent: str) -> dict[str, Any]:
+    """The run up to a held command, newest first, within Slack's 100 blocks: ``run`` holds
+    the steps that fit (oldest first), ``earlier`` counts the rest."""
+    first = run.earlier + 1 if run.earlier is not None else None
+    total = f"{first + len(run.steps) - 1} steps" if first is not None else "many steps"
+    head = f"*{total}* of run {literal(run.name)} by {literal(agent)}, newest first"
+    blocks: list[dict[str, Any]] = [_section(head)]
+    for i, step in reversed(list(enumerate(run.steps))):
+        number = f"*{first + i}.* " if first is not None else ""
+        blocks.append(_section(f"{number}{step_line(step)}"))
+    if run.earlier != 0:
+        left = "many" if run.earlier is None else str(run.earlier)
+        more = f"…and {left} earlier: keyturn runs show {literal(run.name)}"
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": more}]})
+    title = "Run " + run.name
+    return {
+        "type": "modal",
+        "title": {"type": "plain_text", "text": title if len(title) <= 24 else title[:23] + "…"},
+        "close": {"type": "plain_text", "text": "Close"},
+        "blocks": blocks[:MODAL_BLOCKS],
+    }
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:2990]}}
