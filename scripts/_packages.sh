@@ -7,6 +7,7 @@ have sshd || missing+=(openssh-server)       # the SSH tests start a real sshd
 have chromium || missing+=(chromium)         # the browser tests drive it with Playwright
 have npm || missing+=(nodejs npm)            # json-server, a real CRUD API, is an npm package
 have psql || missing+=(postgresql-client)    # the Postgres edge is tested with Debian's psql
+have asciinema || missing+=(asciinema)         # recorded runs are exported as asciicast it plays
 # the deployment test runs `docker compose config` (the client only: no Docker engine)
 docker compose version >/dev/null 2>&1 || have docker-compose || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -9,21 +9,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
+from bot.run_view import VIEW_RUN
 from keyturn.agent.client import AsyncClient, Denied
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.sshd import SshServer
 from keyturn.store import run_steps
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.integration.conftest import APPROVER, Apis, Desk, DeskFactory, Shop
+from tests.integration.conftest import APPROVALS, APPROVER, Apis, Desk, DeskFactory, Shop
 
 AGENT = "crew-nightly"
 RUN = "nightly-7"
@@ -117,6 +122,31 @@ async def _the_run(desk: Desk, token: str) -> dict[str, Any]:
     return seen
 
 
+async def _card_of(desk: Desk, command: str) -> dict[str, Any]:
+    """The card of the request that ran ``command``, as last drawn."""
+    async with desk.store.raw_connection() as conn:
+        ident = await conn.fetchval("SELECT id::text FROM requests WHERE command = $1", command)
+    ts = await desk.card(ident)
+    return next(m.as_json() for m in desk.slack.messages[APPROVALS] if m.ts == ts)
+
+
+async def _view_run(desk: Desk, card: dict[str, Any], user: str) -> dict[str, Any] | str:
+    """Click View run on ``card`` as ``user``: the modal opened, or the ephemeral said."""
+    opened, told = len(desk.slack.views), len(desk.slack.ephemerals)
+    status, _ = await desk.slack.click(APPROVALS, card["ts"], VIEW_RUN, user)
+    assert status == 200
+    async with asyncio.timeout(10):
+        while len(desk.slack.views) == opened and len(desk.slack.ephemerals) == told:
+            await asyncio.sleep(0.05)
+    if len(desk.slack.views) > opened:
+        return list(desk.slack.views.values())[-1]
+    return str(desk.slack.ephemerals[-1]["text"])
+
+
+def _recorded_text(rows: list[asyncpg.Record]) -> str:
+    return "\n".join(str(r["output"]) for r in rows)
+
+
 async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
     run_desk: DeskFactory,
     idp: DevIdP,
@@ -129,6 +159,46 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
     async with run_desk(**_policy(shop, sshd, apis)) as desk:
         seen = await _the_run(desk, idp.token(AGENT))
         ran = await run_steps.run(desk.store, RUN, GAP)
+        # the card of a later held request (the SSH command, step 7) shows the run before it
+        card = await _card_of(desk, TICKS)
+        run_block = next(b for b in card["blocks"] if b.get("block_id") == "run")
+        text = run_block["text"]["text"]
+        assert "the last 5 steps before this one, and 1 earlier step" in text
+        assert "`nightly-7`" in text and "customers" not in text  # step 1 is the earlier one
+        assert "blocked by rule `no-drop`" in text and f"approved by <@{APPROVER}>" in text
+        assert f"denied by <@{APPROVER}>" in text
+        assert text.index("SELECT count(*)") < text.index("DROP TABLE orders")  # in order
+        assert not any(e in json.dumps(card) for e in EMAILS)
+        first_held = await _card_of(desk, "UPDATE orders SET status = 'paid' WHERE id = 3")
+        assert "the last 3 steps before this one (" in json.dumps(first_held)
+        # View run: the modal for an approver, "not allowed" for anyone else
+        modal = await _view_run(desk, card, APPROVER)
+        assert isinstance(modal, dict) and modal["title"]["text"] == "Run nightly-7"
+        body = json.dumps(modal["blocks"])
+        assert "*7 steps*" in body and body.index("one; sleep") < body.index("count(*)")
+        desk.slack.add_user("U_OTHER", "Someone Else")
+        refused = await _view_run(desk, card, "U_OTHER")
+        assert isinstance(refused, str) and "not an approver" in refused
+        # another identity's run is not found, as if it did not exist; its own is there
+        other = idp.token("crew-other")
+        async with aiohttp.ClientSession() as http:
+            for token, status in ((other, 404), (idp.token(AGENT), 200)):
+                async with http.get(
+                    f"{desk.gateway.url}/v1/runs/{RUN}",
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as resp:
+                    assert resp.status == status, await resp.text()
+                    answer = await resp.json()
+        assert [s["verdict"] for s in answer["steps"]][:4] == [
+            "allowed",
+            "allowed",
+            "blocked",
+            "held",
+        ]
+        assert answer["steps"][0]["output"]["value"]["rows"] == [[1, "***"], [2, "***"]]
+        async with desk.store.raw_connection() as conn:
+            kept = await conn.fetch("SELECT * FROM recordings ORDER BY at")
+    # the steps, in order, with verdicts and deciders
     assert [s.verdict for s in ran.steps] == [
         "allowed",
         "allowed",
@@ -150,4 +220,110 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
         f"denied by {APPROVER}",
         f"approved by {APPROVER}",
     ]
-    print(seen)
+    update, ticks = ran.steps[3], ran.steps[6]
+    assert update.grant is not None and update.grant.status in ("revoked", "expired")
+    assert update.recorded is not None and update.recorded.output() == seen["update"].model_dump()
+    assert ticks.recorded is not None and (ticks.recorded.output() or {})["timing"]
+    # nothing unmasked was kept: the customers' real emails are nowhere in the recordings
+    assert len(kept) == 11  # every step but the denied one produced an output
+    assert not any(e in _recorded_text(kept) for e in EMAILS)
+    # keyturn runs show / --json / list
+    show = await asyncio.to_thread(_cli, database, "runs", "show", RUN)
+    assert show.returncode == 0, show.stderr
+    lines = show.stdout.splitlines()
+    assert len(lines) == 14 and "DROP TABLE orders" in lines[4] and "blocked" in lines[4]
+    assert f"approved by {APPROVER}" in lines[5] and f"denied by {APPROVER}" in lines[7]
+    as_json = json.loads(
+        (await asyncio.to_thread(_cli, database, "runs", "show", RUN, "--json")).stdout
+    )
+    assert [s["step"] for s in as_json["steps"]] == list(range(1, 13))
+    listed = await asyncio.to_thread(_cli, database, "runs", "list", "--agent", AGENT)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(RUN))
+    assert row.split()[4:8] == ["12", "3", "1", "1"], row  # steps, held, denied, blocked
+    # replay: the same outputs in the same order
+    replay = await asyncio.to_thread(_cli, database, "runs", "replay", RUN, "--speed", "100")
+    assert replay.returncode == 0, replay.stderr
+    order = [
+        "count",
+        "dropping tables",
+        "UPDATE 1",
+        "3 | paid",
+        "not tonight",
+        "one",
+        "two",
+        "three",
+        "/anything/nightly",
+        "x9@example.org",
+        "x12@example.org",
+    ]
+    at = [replay.stdout.find(word) for word in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at, strict=True))
+    # asciicast v2 that Debian's asciinema plays
+    cast = tmp_path / "run.cast"
+    done = await asyncio.to_thread(_cli, database, "runs", "export", RUN, "-o", str(cast))
+    assert done.returncode == 0, done.stderr
+    _check_asciicast_v2(cast.read_text(encoding="utf-8"))
+    asciinema = shutil.which("asciinema")
+    assert asciinema, "Debian's asciinema is installed by scripts/test"
+    played = await asyncio.to_thread(_in_a_terminal, f"{asciinema} cat {cast}")
+    assert played.returncode == 0, played.stderr
+    assert "UPDATE 1" in played.stdout and "three" in played.stdout
+    jsonl = await asyncio.to_thread(_cli, database, "runs", "export", RUN, "--format", "jsonl")
+    assert [json.loads(line)["step"] for line in jsonl.stdout.splitlines()] == list(range(1, 13))
+    # evidence of the approved update: holds offline; one byte of its output changed does not
+    await _evidence_holds_until_one_byte_changes(database, str(update.id), tmp_path)
+
+
+def _in_a_terminal(command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` with a terminal of its own (asciinema reads /dev/tty): util-linux's
+    script gives it one, as a person's shell would."""
+    script = shutil.which("script")
+    assert script, "util-linux's script is part of every Debian"
+    return subprocess.run(
+        [script, "-q", "-e", "-c", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _check_asciicast_v2(text: str) -> None:
+    """Read back line by line against the v2 format: a header object, then events."""
+    header, *events = [json.loads(line) for line in text.splitlines()]
+    assert header["version"] == 2 and isinstance(header["timestamp"], int)
+    assert (
+        header["width"] > 0 and header["height"] > 0 and header["title"].startswith("keyturn run")
+    )
+    times = [e[0] for e in events]
+    assert times == sorted(times) and all(isinstance(t, int | float) and t >= 0 for t in times)
+    assert {e[1] for e in events} == {"i", "o", "m"}
+    assert all(len(e) == 3 and isinstance(e[2], str) for e in events)
+    markers = [e[2] for e in events if e[1] == "m"]
+    assert f"approved by {APPROVER}" in markers and "blocked by rule no-drop" in markers
+    assert any(
+        m.startswith("credentials revoked") or m.startswith("credentials expired") for m in markers
+    )
+
+
+async def _evidence_holds_until_one_byte_changes(dsn: Dsn, request: str, tmp_path: Path) -> None:
+    file = tmp_path / "evidence.json"
+    wrote = await asyncio.to_thread(_cli, dsn, "audit", "evidence", request, "-o", str(file))
+    assert wrote.returncode == 0, wrote.stderr
+    held = await asyncio.to_thread(_cli, dsn, "audit", "verify", "--evidence", str(file))
+    assert held.returncode == 0 and "evidence holds" in held.stdout, held.stderr
+    conn = await asyncpg.connect(dsn.url)
+    try:
+        await conn.execute(
+            "UPDATE recordings SET output = replace(output, 'UPDATE 1', 'UPDATE 2')"
+            " WHERE step_id = $1",
+            uuid.UUID(request),
+        )
+    finally:
+        await conn.close()
+    again = await asyncio.to_thread(_cli, dsn, "audit", "evidence", request, "-o", str(file))
+    assert again.returncode == 0, again.stderr
+    broken = await asyncio.to_thread(_cli, dsn, "audit", "verify", "--evidence", str(file))
+    assert broken.returncode == 1 and "the recorded output was changed" in broken.stderr
+    chain = await asyncio.to_thread(_cli, dsn, "audit", "verify", "--unanchored")
+    assert chain.returncode == 1 and "its output was changed" in chain.stderr, chain.stderr
