@@ -1,11 +1,12 @@
 """``keyturn runs``: agents' runs listed, shown, replayed and exported, read from keyturn's
-database (KEYTURN_DATABASE_URL). ``--config`` supplies ``record.run_gap``, which names the
-idle-gap runs; without it the default (15 min) is used, as it is by the gateway."""
+database (KEYTURN_DATABASE_URL; without it, a running ``keyturn dev``'s). ``--config``
+supplies ``record.run_gap``, which names the idle-gap runs; without it the default (15 min)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import timedelta
@@ -42,15 +43,33 @@ def add_parser(sub: Any) -> None:
         one.add_argument("--limit", type=int, default=1000, help="at most this many steps")
     for one in (listing, show, replay, export):
         one.add_argument("--config", type=Path, help="the config file (for record.run_gap)")
+        one.add_argument(
+            "--stack",
+            type=Path,
+            default=Path(".keyturn/dev/stack.json"),
+            help="without KEYTURN_DATABASE_URL: the keyturn dev stack to read",
+        )
     p.set_defaults(func=cmd_runs, extra="server")
 
 
-def _gap(args: argparse.Namespace) -> timedelta:
-    if args.config is None:
-        return timedelta(minutes=15)
+def _where(args: argparse.Namespace) -> tuple[Any, timedelta]:
+    """keyturn's database and ``record.run_gap``: from KEYTURN_DATABASE_URL and --config, or
+    (without the variable) from a running ``keyturn dev``'s stack.json and policy file."""
     from keyturn.config.loading import load_config
+    from keyturn.settings import load_settings
 
-    return load_config(args.config).record.run_gap
+    config = args.config
+    if "KEYTURN_DATABASE_URL" in os.environ or not args.stack.exists():
+        dsn = load_settings().dsn()
+    else:
+        from keyturn.harness.demo import load_stack
+        from keyturn.store.dsn import parse_dsn
+
+        stack = load_stack(args.stack)
+        dsn = parse_dsn(str(stack.get("database_url", "")), f"{args.stack}: database_url")
+        config = config or Path(str(stack.get("policy_file", "")))
+    gap = load_config(config).record.run_gap if config else timedelta(minutes=15)
+    return dsn, gap
 
 
 def _duration(value: str, flag: str) -> timedelta:
@@ -62,15 +81,13 @@ def _duration(value: str, flag: str) -> timedelta:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from keyturn.cli import _run, _store
-    from keyturn.settings import load_settings
 
     if not 1 <= args.limit <= 100_000:
         raise ConfigError("--limit must be 1 to 100000")
     if args.runs_command == "replay" and not (0.01 <= args.speed <= 1000 and args.step >= 1):
         raise ConfigError("--speed must be 0.01 to 1000 and --step 1 or more")
     since = _duration(args.since, "--since") if args.runs_command == "list" else None
-    gap = _gap(args)
-    dsn = load_settings().dsn()
+    dsn, gap = _where(args)
 
     async def run() -> int:
         from keyturn.store import run_steps

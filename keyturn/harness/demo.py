@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -63,10 +64,11 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
+    run = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"  # every step below is one run
     with Client(stack["gateway_url"], stack["agent_token"]) as agent:
         say(f"1. An allowed read on {TARGET} runs at once, with a read-only login:")
         say(f"   {READ}")
-        read = agent.submit(TARGET, READ, reason="keyturn demo: who are our customers?")
+        read = agent.submit(TARGET, READ, reason="keyturn demo: who are our customers?", run_id=run)
         if isinstance(read.result, SqlResultOut):
             say("\n".join("     " + line for line in grid(read.result)))
         say("   The emails are masked by the policy's masking rules; the agent never sees them.")
@@ -74,14 +76,14 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
         say("2. A forbidden command is refused before anything runs:")
         say(f"   {FORBIDDEN}")
         try:
-            agent.submit(TARGET, FORBIDDEN, reason="keyturn demo")
+            agent.submit(TARGET, FORBIDDEN, reason="keyturn demo", run_id=run)
             say("   (it ran: the demo policy's no-drop rule is missing)")
         except CommandBlocked as exc:
             say(f"   {exc.message}")
         say()
         say("3. A risky write waits for a person:")
         say(f"   {HELD}")
-        held = agent.submit(TARGET, HELD, reason=REASON)
+        held = agent.submit(TARGET, HELD, reason=REASON, run_id=run)
         if held.status != "pending":
             say(f"   not held but {held.status}: is this the demo policy?")
             return EXIT_UNDECIDED
@@ -93,17 +95,21 @@ def run_demo(stack: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout)
             say(f"   held as request {held.id}: its card is in your Slack channel; click Approve")
         say("   (or Deny, and type a reason: the agent reads it). Waiting for the click...")
         decided = _outcome(agent.wait(held.id, timeout), say)
-        if decided != 0 or API not in stack.get("targets", {}):
-            return decided
-        say()
-        return _api(agent, stack, timeout, say)
+        if decided == 0 and API in stack.get("targets", {}):
+            say()
+            decided = _api(agent, run, timeout, say)
+    say()
+    say(f"Every step was recorded as run {run}, outputs as the agent saw them:")
+    say(f"   keyturn runs show {run}      (or replay it: keyturn runs replay {run})")
+    return decided
 
 
-def _api(agent: Client, stack: dict[str, Any], timeout: float, say: Callable[[str], None]) -> int:
+def _api(agent: Client, run: str, timeout: float, say: Callable[[str], None]) -> int:
     say(f"4. An HTTP API is guarded the same way. A GET on {API} runs at once; keyturn adds")
     say("   the API key from OpenBao when it sends the call: the agent never holds it.")
     say("   GET /customers")
-    read = agent.submit(API, http_call("GET", "/customers"), reason="keyturn demo: customers")
+    call = http_call("GET", "/customers")
+    read = agent.submit(API, call, reason="keyturn demo: customers", run_id=run)
     if isinstance(read.result, HttpResultOut):
         say(f"     HTTP {read.result.status} {json.dumps(read.result.json_body)}")
     say("   The emails in the JSON are masked by the same masking rules.")
@@ -111,12 +117,12 @@ def _api(agent: Client, stack: dict[str, Any], timeout: float, say: Callable[[st
     say(f"5. A refund of {REFUND} is over what runs without a human (100), so it is held:")
     say(f'   POST /orders/1/refunds {{"amount": {REFUND}}}')
     call = http_call("POST", "/orders/1/refunds", json={"amount": REFUND})
-    held = agent.submit(API, call, reason="keyturn demo: a customer asked for a refund")
+    held = agent.submit(API, call, reason="keyturn demo: a customer asked for a refund", run_id=run)
     if held.status != "pending":
         say(f"   not held but {held.status}: is this the demo policy?")
         return EXIT_UNDECIDED
-    say(f"   held as request {held.id}. Its card shows the exact request; click Approve")
-    say("   (or Deny). Waiting for the click...")
+    say(f"   held as request {held.id}. Its card shows the exact request and the run's")
+    say("   earlier steps; click Approve (or Deny). Waiting for the click...")
     return _outcome(agent.wait(held.id, timeout), say)
 
 

@@ -152,6 +152,47 @@ def sqlalchemy_demo(stack: dict[str, Any]) -> None:
         engine.dispose()
 
 
+def _runs(stack: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "KEYTURN_DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "keyturn.cli", "runs", *args, "--stack", stack["file"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def runs_of_the_demo(stack: dict[str, Any], printed: str, scratch: Path) -> None:
+    """The Done-when of runs: the demo's run is listed, replays, exports as an asciicast
+    that ``asciinema play`` plays, and the refund's card shows the run's earlier steps."""
+    run = printed.split("Every step was recorded as run ", 1)[1].split(",", 1)[0].rstrip(":")
+    listed = _runs(stack, "list")
+    assert listed.returncode == 0 and run in listed.stdout, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith(run))
+    assert line.split()[4:8] == ["5", "2", "0", "1"], line  # steps, held, denied, blocked
+    replay = _runs(stack, "replay", run, "--speed", "100")
+    assert replay.returncode == 0 and "UPDATE 1" in replay.stdout and "HTTP 201" in replay.stdout
+    cast = scratch / "demo.cast"
+    assert _runs(stack, "export", run, "-o", str(cast)).returncode == 0
+    asciinema, script = shutil.which("asciinema"), shutil.which("script")
+    assert asciinema and script, "scripts/test installs Debian's asciinema (script: util-linux)"
+    played = subprocess.run(
+        [script, "-q", "-e", "-c", f"{asciinema} play -s 100 -i 0.1 {cast}", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert played.returncode == 0 and "UPDATE 1" in played.stdout, played.stdout + played.stderr
+    cast.unlink()
+    page = httpx.get(f"{stack['sandbox_url']}/sandbox/messages", timeout=5).json()
+    cards = [m for ms in page["channels"].values() for m in ms if "refunds" in json.dumps(m)]
+    run_text = json.dumps([b for b in cards[0]["blocks"] if b.get("block_id") == "run"])
+    assert "the last 4 steps before this one" in run_text and "DROP TABLE orders" in run_text
+
+
 def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"  # every temporary file of the stack goes here: TMPDIR
     scratch.mkdir()
@@ -187,8 +228,9 @@ def test_dev_prints_its_urls_keeps_its_contract_and_leaves_nothing(tmp_path: Pat
         assert "approved: the gateway ran it" in approved and "UPDATE 1" in approved
         assert '"email": "***"' in approved  # the API's JSON, masked
         assert "approved: the gateway sent exactly that call -> HTTP 201" in approved
+        runs_of_the_demo(stack, approved, scratch)
         denied = demo(stack, "keyturn_deny", "not during the freeze")
-        assert denied[-2].strip() == "denied by U_APPROVER: not during the freeze"
+        assert "   denied by U_APPROVER: not during the freeze" in denied
         assert f"psql       psql '{stack['wire_url']}'  (sign in with" in printed
         psql_demo(stack)
         sqlalchemy_demo(stack)
