@@ -22,13 +22,18 @@ import asyncpg
 import pytest
 
 from bot.run_view import VIEW_RUN
+from keyturn import audit
+from keyturn.agent.api import SqlResultOut
 from keyturn.agent.client import AsyncClient, Denied
+from keyturn.errors import NotFound
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.sshd import SshServer
-from keyturn.store import run_steps
+from keyturn.harness.tls import ServerTls
+from keyturn.store import recordings, run_steps
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import APPROVALS, APPROVER, Apis, Desk, DeskFactory, Shop
+from tests.integration.wire import wire_desk
 
 AGENT = "crew-nightly"
 RUN = "nightly-7"
@@ -158,7 +163,7 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
 ) -> None:
     async with run_desk(**_policy(shop, sshd, apis)) as desk:
         seen = await _the_run(desk, idp.token(AGENT))
-        ran = await run_steps.run(desk.store, RUN, GAP)
+        ran = await _recorded(desk.store, RUN)
         # the card of a later held request (the SSH command, step 7) shows the run before it
         card = await _card_of(desk, TICKS)
         run_block = next(b for b in card["blocks"] if b.get("block_id") == "run")
@@ -327,3 +332,163 @@ async def _evidence_holds_until_one_byte_changes(dsn: Dsn, request: str, tmp_pat
     assert broken.returncode == 1 and "the recorded output was changed" in broken.stderr
     chain = await asyncio.to_thread(_cli, dsn, "audit", "verify", "--unanchored")
     assert chain.returncode == 1 and "its output was changed" in chain.stderr, chain.stderr
+
+
+async def _verify(store: Store) -> str | None:
+    """``keyturn audit verify --unanchored``'s verdict: None, or the break it names."""
+    result = await audit.verify(store)
+    return None if result.broken is None else str(result.broken)
+
+
+async def _superuser(dsn: Dsn, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn.url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_retention_deletes_outputs_keeps_hashes_and_a_tampered_purge_is_caught(
+    run_desk: DeskFactory, idp: DevIdP, database: Dsn
+) -> None:
+    async with run_desk() as desk, AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent:
+        for n in range(3):
+            await agent.run("shop", f"SELECT {n} AS n", run_id="kept")
+        with pytest.raises(Exception, match="never allowed"):
+            await agent.run("shop", "DROP TABLE orders", run_id="kept")
+        store = desk.store
+        await _recorded(store, "kept")
+        assert await _verify(store) is None
+        # nothing is old enough yet: a purge deletes nothing, and says so in no event
+        assert await recordings.purge(store, timedelta(days=90)) == 0
+        # an output deleted by hand, with no purge reaching it, is tampering
+        await _superuser(
+            database,
+            "UPDATE recordings SET output = NULL, purged_at = now()"
+            " WHERE step_id = (SELECT step_id FROM recordings ORDER BY at LIMIT 1)",
+        )
+        assert "no retention purge reached it" in (await _verify(store) or "")
+        # the real purge (everything past a retention of a microsecond) deletes every output,
+        # keeps every hash, and the chain (with its purge event) verifies again
+        await asyncio.sleep(0.01)
+        assert await recordings.purge(store, timedelta(microseconds=1)) == 3
+        assert await _verify(store) is None
+        ran = await run_steps.run(store, "kept", GAP)
+        assert [s.recorded is not None and s.recorded.text for s in ran.steps] == [None] * 4
+        assert all(s.recorded and len(s.recorded.sha256) == 64 for s in ran.steps)
+        # a purge that also "fixes" a hash, or removes a recording, is caught
+        first = "(SELECT step_id FROM recordings ORDER BY at LIMIT 1)"
+        await _superuser(
+            database,
+            f"UPDATE recordings SET output_bytes = output_bytes + 1 WHERE step_id = {first}",
+        )
+        assert "do not match what the audit chain recorded" in (await _verify(store) or "")
+        await _superuser(
+            database,
+            f"UPDATE recordings SET output_bytes = output_bytes - 1 WHERE step_id = {first}",
+        )
+        assert await _verify(store) is None
+        await _superuser(database, "DELETE FROM recordings WHERE request_id IS NULL")
+        assert "the recording this event vouches for was deleted" in (await _verify(store) or "")
+
+
+async def test_steps_without_a_run_id_make_one_run_per_idle_gap(
+    run_desk: DeskFactory, idp: DevIdP, database: Dsn
+) -> None:
+    async with run_desk() as desk, AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent:
+        for n in range(3):
+            await agent.run("shop", f"SELECT {n} AS n")
+        # an hour later (moved back in the store: the gap is the steps' own times)
+        await _superuser(
+            database, "UPDATE requests SET created_at = created_at - interval '1 hour'"
+        )
+        for n in range(3, 5):
+            await agent.run("shop", f"SELECT {n} AS n")
+        await agent.run("shop", "SELECT 5 AS n", run_id="named")
+        found = await run_steps.runs_since(
+            desk.store, desk.store.clock.now() - timedelta(days=1), GAP, agent=AGENT
+        )
+        names = [r.id for r in found]
+        assert len(found) == 3 and "named" in names
+        auto = [r for r in found if r.id.startswith("auto-")]
+        assert sorted(r.steps for r in auto) == [2, 3]
+        earlier = next(r for r in auto if r.steps == 3)
+        ran = await run_steps.run(desk.store, earlier.id, GAP)
+        assert [s.command for s in ran.steps] == [f"SELECT {n} AS n" for n in range(3)]
+        # a step in the middle of a run names no run; nor does another agent's
+        with pytest.raises(NotFound):
+            await run_steps.run(desk.store, f"auto-{ran.steps[1].id}", GAP)
+        with pytest.raises(NotFound):
+            await run_steps.run(desk.store, earlier.id, GAP, agent="crew-other")
+        # the window's first run keeps the name of its real first step
+        later = await run_steps.runs_since(desk.store, ran.steps[1].at, GAP, agent=AGENT)
+        assert earlier.id in [r.id for r in later]
+
+
+async def test_what_record_outputs_keeps_and_the_cap(
+    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+) -> None:
+    long_read = "SELECT repeat('x', 5000) AS filler, g FROM generate_series(1, 40) g"
+    for kept in ("tags", "none", "masked"):
+        async with (
+            run_desk(record={"outputs": kept, "output_bytes": 4096}) as desk,
+            AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent,
+        ):
+            seen = await agent.run("shop", long_read, run_id=f"keep-{kept}")
+            ran = await _recorded(desk.store, f"keep-{kept}")
+        recorded = ran.steps[0].recorded
+        assert recorded is not None and recorded.kept == kept
+        assert isinstance(seen, SqlResultOut) and seen.row_count == 40
+        assert recorded.bytes > 200_000  # the full output's size, whatever was kept
+        if kept == "none":
+            assert recorded.text is None
+        elif kept == "tags":
+            assert recorded.output() == {
+                "columns": ["filler", "g"],
+                "row_count": 40,
+                "statements": 1,
+                "truncated": False,
+                "types": [25, 23],
+            }
+        else:
+            value = recorded.output() or {}
+            assert recorded.truncated and len(recorded.text or "") <= 4096
+            assert value["columns"] == ["filler", "g"] and value["row_count"] == 40
+            rows = value["rows"]  # valid JSON: long values lose their tails, not the JSON
+            assert rows and all(0 < len(filler) < 5000 for filler, _ in rows)
+
+
+async def _recorded(store: Store, name: str) -> Any:
+    """The run once every output is recorded: an allowed command's outcome is committed with
+    the journal's next batch, just after the agent has its answer."""
+    async with asyncio.timeout(10):
+        while True:
+            found = await run_steps.run(store, name, GAP)
+            ended = [s for s in found.steps if s.status in ("executed", "failed", "blocked")]
+            running = [s for s in found.steps if s.status == "executing"]
+            if not running and all(s.recorded is not None for s in ended):
+                return found
+            await asyncio.sleep(0.05)
+
+
+async def test_a_postgres_client_names_its_run_with_application_name(
+    run_desk: DeskFactory, idp: DevIdP, tls: ServerTls
+) -> None:
+    token = idp.token(AGENT)
+    async with wire_desk(run_desk, tls) as wire:
+        named = await wire.asyncpg(AGENT, token, server_settings={"application_name": "run:wire-1"})
+        try:
+            assert await named.fetchval("SELECT 41 + 1") == 42
+            await named.execute("SET application_name = 'run:wire-2'")  # as a pool would
+            assert await named.fetchval("SELECT 'two'") == "two"
+            await named.execute("SET application_name = 'run:auto-forged'")
+            with pytest.raises(asyncpg.InvalidParameterValueError, match="keyturn's own runs"):
+                await named.fetchval("SELECT 3")
+        finally:
+            await named.close()
+        one = await _recorded(wire.desk.store, "wire-1")
+        two = await _recorded(wire.desk.store, "wire-2")
+    assert [s.command for s in one.steps] == ["SELECT 41 + 1"]
+    assert [s.command for s in two.steps] == ["SELECT 'two'"]
+    assert one.steps[0].recorded.output()["rows"] == [[42]]
