@@ -366,7 +366,15 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     max_wait = DEFAULT_MAX_WAIT if args.max_wait is None else args.max_wait
     if not 0 <= max_wait <= MAX_STATUS_WAIT:
         raise ConfigError(f"--max-wait must be 0 to {MAX_STATUS_WAIT:g} seconds")
-    asyncio.run(serve(args.http, max_wait))
+    run_id = args.run_id or os.environ.get("KEYTURN_RUN_ID") or None
+    if run_id is not None:
+        from keyturn.recording.runs import BadRunId, check_run_id
+
+        try:
+            check_run_id(run_id)
+        except BadRunId as exc:
+            raise ConfigError(f"--run-id {run_id!r}: {exc}") from None
+    asyncio.run(serve(args.http, max_wait, run_id))
     return 0
 
 
@@ -423,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="HOST:PORT", help="streamable HTTP on loopback, not stdio")
     p.add_argument(
         "--max-wait", type=float, help="seconds run_* waits before answering pending (20, <= 25)"
+    )
+    p.add_argument(
+        "--run-id", help="record this session's commands as one run (default: $KEYTURN_RUN_ID)"
     )
     p.set_defaults(func=cmd_mcp, extra="mcp")
 

@@ -40,6 +40,7 @@ from keyturn.agent.api import (
     CommandOut,
     HttpResultOut,
     Result,
+    RunOut,
     TargetOut,
     TargetsOut,
 )
@@ -454,6 +455,15 @@ def http_flow(
     return http_result((yield from deadline_flow(*args)))
 
 
+def run_steps_flow(run_id: str, limit: int, timeout: float) -> Flow[RunOut]:
+    call = Call("GET", f"/v1/runs/{quote(run_id, safe='')}?limit={limit}", timeout)
+    reply = yield from _exchange(call, time.monotonic() + timeout, f"read run {run_id}")
+    try:
+        return RunOut.model_validate(reply.body)
+    except ValidationError:
+        raise GatewayUnavailable("the gateway answered /v1/runs without a run") from None
+
+
 def targets_flow(timeout: float) -> Flow[list[TargetOut]]:
     call = Call("GET", "/v1/targets", timeout)
     reply = yield from _exchange(call, time.monotonic() + timeout, "list targets")
@@ -634,6 +644,11 @@ class Client(_Base):
         """The targets this identity may use."""
         return self._drive(targets_flow(timeout))
 
+    def run_steps(self, run_id: str, limit: int = 100, timeout: float = TARGETS_TIMEOUT) -> RunOut:
+        """This identity's steps of run ``run_id``, oldest first, outputs as it saw them
+        (:class:`Rejected`, status 404, when it has none)."""
+        return self._drive(run_steps_flow(run_id, limit, timeout))
+
     def close(self) -> None:
         self._http.close()
 
@@ -764,6 +779,11 @@ class AsyncClient(_Base):
 
     async def targets(self, timeout: float = TARGETS_TIMEOUT) -> list[TargetOut]:
         return await self._drive(targets_flow(timeout))
+
+    async def run_steps(
+        self, run_id: str, limit: int = 100, timeout: float = TARGETS_TIMEOUT
+    ) -> RunOut:
+        return await self._drive(run_steps_flow(run_id, limit, timeout))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -71,6 +71,9 @@ class _Connection(BaseTool):
     retry_for: float = Field(
         default=SUBMIT_RETRY_SECONDS, ge=0, description="seconds to retry a gateway that is down"
     )
+    run_id: str | None = Field(
+        default=None, description="puts the commands in one run that keyturn records"
+    )
     cache_function: Callable[..., bool] = _never_cache
 
     def _client(self) -> Client:
@@ -127,7 +130,7 @@ class _CommandTool(_Connection):
         with self._client() as kt:
             try:
                 found: CommandOut | ClientError = kt.submit_and_wait(
-                    target, command, reason or None, wait=self._wait_for,
+                    target, command, reason or None, self.run_id, wait=self._wait_for,
                     on_pending=self.on_pending, retry_for=self.retry_for,
                 )  # fmt: skip
             except ClientError as exc:
@@ -138,7 +141,7 @@ class _CommandTool(_Connection):
         async with self._async_client() as kt:
             try:
                 found: CommandOut | ClientError = await kt.submit_and_wait(
-                    target, command, reason or None, wait=self._wait_for,
+                    target, command, reason or None, self.run_id, wait=self._wait_for,
                     on_pending=self.on_pending, retry_for=self.retry_for,
                 )  # fmt: skip
             except ClientError as exc:

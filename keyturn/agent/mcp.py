@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from mcp.server.fastmcp import FastMCP
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -51,7 +51,7 @@ Outcome = Annotated[CallToolResult, ToolOutcome]
 
 
 class TargetList(TargetsOut):
-    status: Literal["ok"] | Status = "ok"
+    status: Status = "ok"
     text: str
 
 
@@ -80,8 +80,13 @@ def loopback_only(host: str) -> str:
 
 
 def build(
-    client: AsyncClient, max_wait: float = DEFAULT_MAX_WAIT, host: str = "127.0.0.1", port: int = 0
+    client: AsyncClient,
+    max_wait: float = DEFAULT_MAX_WAIT,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    run_id: str | None = None,
 ) -> FastMCP:
+    """The MCP server; ``run_id`` puts every command of this session in one recorded run."""
     server = FastMCP(
         "keyturn", instructions=INSTRUCTIONS, host=host, port=port, log_level="WARNING"
     )
@@ -92,7 +97,7 @@ def build(
         deadline = time.monotonic() + max_wait
         try:
             request = await client.submit_and_wait(
-                target, command, reason or None,
+                target, command, reason or None, run_id,
                 wait=lambda _: deadline - time.monotonic(), retry_for=max_wait,
             )  # fmt: skip
         except ClientError as exc:
@@ -175,14 +180,19 @@ def build(
     @server.tool(
         name="request_status",
         description="Check a request that was still waiting: waits up to wait_seconds (at "
-        f"most {MAX_STATUS_WAIT:g}) for it to finish and returns its result or outcome.",
+        f"most {MAX_STATUS_WAIT:g}) for it to finish and returns its result or outcome. "
+        "Without request_id: lists this session's requests still waiting.",
         annotations=ToolAnnotations(readOnlyHint=True),
         structured_output=True,
     )
     async def request_status(
-        request_id: Annotated[str, Field(description="the request id a run_* result gave")],
+        request_id: Annotated[
+            str | None, Field(description="the request id a run_* result gave")
+        ] = None,
         wait_seconds: Annotated[float, Field(ge=0, description="capped at 25")] = MAX_STATUS_WAIT,
     ) -> Outcome:
+        if request_id is None:
+            return _result(await _waiting(client, run_id))
         try:
             found: CommandOut | ClientError = await client.wait(
                 request_id, min(wait_seconds, MAX_STATUS_WAIT)
@@ -195,6 +205,35 @@ def build(
         return _result(told(found, NEXT_CALL))
 
     return server
+
+
+WAITING = frozenset({"pending", "approved", "executing"})
+
+
+async def _waiting(client: AsyncClient, run_id: str | None) -> ToolOutcome:
+    """The requests of this session's run still waiting for a person or running."""
+    if run_id is None:
+        return ToolOutcome(
+            status="rejected",
+            text="Give request_id: this session has no run (start keyturn mcp with --run-id "
+            "to list its waiting requests).",
+        )
+    try:
+        found = await client.run_steps(run_id, limit=1000)
+    except ClientError as exc:
+        if isinstance(exc, Rejected) and exc.status == 404:
+            return ToolOutcome(status="ok", text=f"Nothing of run {run_id} is waiting.")
+        return refusal(exc, NEXT_CALL)
+    waiting = [s for s in found.steps if s.status in WAITING]
+    if not waiting:
+        return ToolOutcome(status="ok", text=f"Nothing of run {run_id} is waiting.")
+    lines = [
+        f"request {s.id} on {s.target} is {s.status}: " + NEXT_CALL.format(request_id=s.id)
+        for s in waiting
+    ]
+    return ToolOutcome(
+        status="pending", text=f"{len(waiting)} of run {run_id} waiting:\n" + "\n".join(lines)
+    )
 
 
 def _target_line(target: TargetOut) -> str:
@@ -214,7 +253,7 @@ async def _targets(client: AsyncClient, timeout: float) -> list[TargetOut]:
         return []
 
 
-async def serve(http: str | None, max_wait: float) -> None:
+async def serve(http: str | None, max_wait: float, run_id: str | None = None) -> None:
     """Serve on stdio (the default), or streamable HTTP at ``http`` (``HOST:PORT``, loopback)."""
     host, port = "127.0.0.1", 0
     if http is not None:
@@ -230,7 +269,7 @@ async def serve(http: str | None, max_wait: float) -> None:
             f"the agent's token): {exc}"
         ) from None
     async with client:
-        server = build(client, max_wait, host, port)
+        server = build(client, max_wait, host, port, run_id)
         if http is None:
             await server.run_stdio_async()
         else:

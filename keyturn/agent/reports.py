@@ -63,6 +63,7 @@ Status = Literal[
     "unauthorized",
     "rate_limited",
     "unavailable",
+    "ok",  # a listing: the targets, or a run's waiting requests (none)
 ]
 
 

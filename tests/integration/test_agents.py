@@ -23,6 +23,7 @@ from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult
 
 from keyturn.agent.api import CommandOut
+from keyturn.agent.client import AsyncClient
 from keyturn.agent.crewai import KeyturnRequestStatusTool, KeyturnShellTool, KeyturnSQLTool
 from keyturn.harness.crewai import FinalAnswer, ScriptedLLM, ToolCall
 from keyturn.harness.idp import DevIdP
@@ -61,6 +62,21 @@ async def test_the_sql_tool_describes_its_targets_and_reads_at_once(
         assert again.description.count("Targets:") == 1
         # a live system: CrewAI must never answer a second identical call from its cache
         assert sql.cache_function({"target": "shop", "sql": SELECT}, text) is False
+
+
+async def test_a_crew_s_tools_record_one_run(run_desk: DeskFactory, idp: DevIdP) -> None:
+    token = idp.token(AGENT)
+    async with run_desk() as desk:
+        sql = await tool(KeyturnSQLTool, desk, token, run_id="crew-run-1", targets=["shop"])
+        await sql.arun(target="shop", sql=SELECT, reason="look")
+        await sql.arun(target="shop", sql="DROP TABLE orders", reason="tidy")
+        async with AsyncClient(desk.gateway.url, token) as agent:
+            ran = await agent.run_steps("crew-run-1")
+    assert [(s.command, s.verdict) for s in ran.steps] == [
+        (SELECT, "allowed"),
+        ("DROP TABLE orders", "blocked"),
+    ]
+    assert ran.steps[1].output and ran.steps[1].output.value["error"]["rule"] == "no-drop"
 
 
 async def test_a_held_update_waits_and_returns_its_command_tag(
@@ -175,11 +191,11 @@ async def test_a_crew_reads_a_block_and_goes_on(run_desk: DeskFactory, idp: DevI
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(url: str, token: str, log: Path) -> AsyncIterator[ClientSession]:
+async def mcp_session(url: str, token: str, log: Path, *more: str) -> AsyncIterator[ClientSession]:
     """``keyturn mcp`` in its own process, driven by the MCP SDK's stdio client."""
     server = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "keyturn.cli", "-v", "mcp", "--max-wait", "2"],
+        args=["-m", "keyturn.cli", "-v", "mcp", "--max-wait", "2", *more],
         env={"KEYTURN_GATEWAY_URL": url, "KEYTURN_AGENT_TOKEN": token, "PATH": "/usr/bin:/bin"},
     )
     with log.open("w") as errlog:
@@ -267,9 +283,33 @@ async def test_mcp_denial_and_bad_input_are_tool_results(
         assert result.isError and told(result)[1]["status"] == "unavailable"
 
 
+async def test_an_mcp_session_is_one_run_and_lists_what_still_waits(
+    run_desk: DeskFactory, idp: DevIdP, tmp_path: Path
+) -> None:
+    log = tmp_path / "mcp.log"
+    async with (
+        run_desk() as desk,
+        mcp_session(desk.gateway.url, idp.token(AGENT), log, "--run-id", "mcp-run-1") as mcp,
+    ):
+        nothing = await mcp.call_tool("request_status", {})
+        assert told(nothing) == ("Nothing of run mcp-run-1 is waiting.", told(nothing)[1])
+        assert not nothing.isError and told(nothing)[1]["status"] == "ok"
+        await mcp.call_tool("run_sql", {"target": "shop", "sql": SELECT, "reason": "look"})
+        held = await mcp.call_tool("run_sql", {"target": "shop", "sql": update(16), "reason": "z"})
+        rid = told(held)[1]["request_id"]
+        text, data = told(await mcp.call_tool("request_status", {}))
+        assert data["status"] == "pending" and text.startswith("1 of run mcp-run-1 waiting:")
+        assert f'request_status(request_id="{rid}", wait_seconds=25)' in text
+        async with AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent:
+            ran = await agent.run_steps("mcp-run-1")
+        assert [s.command for s in ran.steps] == [SELECT, update(16)]
+        assert [s.verdict for s in ran.steps] == ["allowed", "held"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--run-id", "auto-mine"], "keyturn's own runs"),
         (["--http", "0.0.0.0:8765"], "listens on loopback only"),
         (["--http", "127.0.0.1:http"], "expected HOST:PORT"),
         (["--max-wait", "60"], "--max-wait must be 0 to 25 seconds"),
