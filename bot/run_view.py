@@ -89,25 +89,28 @@ def card_blocks(run: RunContext, request_id: str) -> list[dict[str, Any]]:
 
 
 def run_modal(run: RunContext, agent: str) -> dict[str, Any]:
-    """The run up to a held command, newest first, within Slack's 100 blocks: ``run`` holds
-    the steps that fit (oldest first), ``earlier`` counts the rest."""
-    first = run.earlier + 1 if run.earlier is not None else None
-    total = f"{first + len(run.steps) - 1} steps" if first is not None else "many steps"
+    """The run up to a held command, newest first, within Slack's 100 blocks: the newest
+    steps that fit, and how many earlier ones there are."""
+    dropped = max(len(run.steps) - MODAL_STEPS, 0)
+    steps = run.steps[dropped:]
+    earlier = None if run.earlier is None else run.earlier + dropped
+    first = None if earlier is None else earlier + 1
+    total = "many steps" if first is None else f"{first + len(steps) - 1} steps"
     head = f"*{total}* of run {literal(run.name)} by {literal(agent)}, newest first"
     blocks: list[dict[str, Any]] = [_section(head)]
-    for i, step in reversed(list(enumerate(run.steps))):
+    for i, step in reversed(list(enumerate(steps))):
         number = f"*{first + i}.* " if first is not None else ""
         blocks.append(_section(f"{number}{step_line(step)}"))
-    if run.earlier != 0:
-        left = "many" if run.earlier is None else str(run.earlier)
-        more = f"…and {left} earlier: keyturn runs show {literal(run.name)}"
+    if earlier != 0:
+        more = f"…and {'many' if earlier is None else earlier} earlier: "
+        more += f"keyturn runs show {literal(run.name)}"
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": more}]})
     title = "Run " + run.name
     return {
         "type": "modal",
         "title": {"type": "plain_text", "text": title if len(title) <= 24 else title[:23] + "…"},
         "close": {"type": "plain_text", "text": "Close"},
-        "blocks": blocks[:MODAL_BLOCKS],
+        "blocks": blocks,
     }
 
 

@@ -210,12 +210,12 @@ def _output_frames(step: Step, ended: datetime) -> list[tuple[datetime, str, str
     tail = [(ended, "o", cut)] if recorded.truncated else []
     timing = output.pop("timing", None)
     if timing and "stdout" in output:
-        return _timed(output, timing, ended) + tail
+        return _timed(output, timing, step.at, ended) + tail
     return [(ended, "o", rendered(output)), *tail]
 
 
 def _timed(
-    output: dict[str, Any], timing: list[Any], ended: datetime
+    output: dict[str, Any], timing: list[Any], began: datetime, ended: datetime
 ) -> list[tuple[datetime, str, str]]:
     """Shell output in the chunks it arrived in, at their offsets before it ended. Offsets
     were taken before masking: each stream's are scaled to its masked length."""
@@ -233,7 +233,7 @@ def _timed(
         done[name] = max(done[name], scaled)
         if piece:
             colour = f"{_RED}{piece}{_RESET}" if name == "stderr" else piece
-            when = ended - timedelta(seconds=last - float(t))
+            when = max(began, ended - timedelta(seconds=last - float(t)))
             out.append((when, "o", colour.replace("\r\n", "\n").replace("\n", "\r\n")))
     rest = {k: (output.get(k) or "")[done[k] :] for k in done}
     out.append(

@@ -1,0 +1,334 @@
+"""What a run keeps of a step, how it is shown and replayed, and the offline proof."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from bot.run_view import MODAL_BLOCKS, RunContext, card_blocks, run_modal
+from keyturn.domain import command_sha256
+from keyturn.recording.output import canonical, fit, record, record_hash, sha256, tags
+from keyturn.recording.proof import EvidenceBroken, check
+from keyturn.recording.runs import BadRunId, GrantLife, Run, Step, Vote, auto_run, check_run_id
+from keyturn.recording.views import IDLE_CAP, asciicast, frames, json_lines, rendered, step_json
+from keyturn.store.audit_log import GENESIS, event_hash
+
+T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+ROWS = {"columns": ["id", "email"], "rows": [[1, "***"], [2, "***"]], "row_count": 2}
+
+
+# ------------------------------------------------------------------ what is kept
+
+
+def test_a_record_keeps_the_output_and_hashes_what_the_agent_saw() -> None:
+    step = uuid.uuid4()
+    kept = record(step, ROWS, kept="masked", cap=65536)
+    assert kept.output() == ROWS and not kept.truncated and kept.intact()
+    assert kept.sha256 == sha256(canonical(ROWS)) == kept.stored_sha256
+    assert kept.bytes == len(canonical(ROWS).encode())
+    assert kept.as_event() | {"record": ""} == {
+        "step": str(step), "record": "", "bytes": kept.bytes, "sha256": kept.sha256,
+        "kept": "masked", "truncated": False,
+    }  # fmt: skip
+    nothing = record(step, ROWS, kept="none", cap=65536)
+    assert nothing.text is None and nothing.sha256 == kept.sha256 and nothing.intact()
+    shape = record(step, ROWS | {"stdout": "héllo"}, kept="tags", cap=65536)
+    assert shape.output() == {"columns": ["id", "email"], "row_count": 2, "stdout_bytes": 6}
+
+
+def test_every_field_of_a_record_is_in_its_hash() -> None:
+    step = uuid.uuid4()
+    base = (step, "masked", 10, "a" * 64, False, "b" * 64)
+    seen = {record_hash(*base)}
+    for i, other in enumerate((uuid.uuid4(), "tags", 11, "c" * 64, True, "d" * 64)):
+        changed = list(base)
+        changed[i] = other
+        seen.add(record_hash(*changed))  # type: ignore[arg-type]
+    assert len(seen) == 7
+    # length-prefixed: no value can shift into its neighbour
+    assert record_hash(step, "masked", 1, "23", False, "") != record_hash(
+        step, "masked", 12, "3", False, ""
+    )
+
+
+def test_tags_keep_the_shape_and_none_of_the_values() -> None:
+    http = {"status": 200, "headers": {"X-Secret": "v"}, "json": {"a": 1}, "bytes": 7}
+    assert tags(http) == {"status": 200, "bytes": 7}
+    shell = {"exit_status": 0, "stdout": "out", "stderr": "", "timing": [[0.1, "stdout", 3]]}
+    assert tags(shell) == {"exit_status": 0, "stdout_bytes": 3, "stderr_bytes": 0}
+
+
+def test_a_long_output_is_fitted_as_json_within_the_cap() -> None:
+    big = {"columns": ["v"], "rows": [["x" * 1000, i] for i in range(500)], "row_count": 500}
+    text, cut = fit(canonical(big), 4096)
+    assert cut and len(text.encode()) <= 4096
+    value = json.loads(text)  # never cut mid-JSON
+    assert value["columns"] == ["v"] and value["row_count"] == 500  # the top level stays
+    assert 0 < len(value["rows"]) < 500 or all(len(r[0]) < 1000 for r in value["rows"])
+    unicode = {"stdout": "é" * 10_000}
+    text, cut = fit(canonical(unicode), 1024)
+    assert cut and len(text.encode()) <= 1024 and set(json.loads(text)["stdout"]) == {"é"}
+
+
+def test_an_output_whose_shape_alone_is_over_the_cap_is_replaced_by_a_note() -> None:
+    keys = {f"key-{i:05}": i for i in range(2000)}  # a top level of 2,000 keys
+    text, cut = fit(canonical(keys), 1024)
+    assert cut and json.loads(text) == {
+        "cut": "the output's shape alone is over record.output_bytes"
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "1 to 200 characters"),
+        ("x" * 201, "1 to 200 characters"),
+        ("run\n1", "printable"),
+        ("auto-123", "keyturn's own runs"),
+    ],
+)
+def test_run_ids_an_agent_may_not_use(value: str, problem: str) -> None:
+    with pytest.raises(BadRunId, match=problem):
+        check_run_id(value)
+    assert check_run_id("nightly-7") == "nightly-7"
+
+
+def test_idle_gap_run_names() -> None:
+    step = uuid.uuid4()
+    assert auto_run(f"auto-{step}") == step
+    assert auto_run("nightly-7") is None and auto_run("auto-not-a-uuid") is None
+
+
+# ------------------------------------------------------------------ views
+
+
+def _step(n: int, at: datetime, took: float = 0.5, **fields: Any) -> Step:
+    output = fields.pop("output", ROWS)
+    ident = uuid.uuid4()
+    kept = record(ident, output, kept="masked", cap=65536) if output is not None else None
+    return Step(
+        id=ident, agent="crew-7", run_id="r1", at=at, target="shop",
+        command=fields.pop("command", f"SELECT {n}"), verdict=fields.pop("verdict", "allowed"),
+        status=fields.pop("status", "executed"), rule=fields.pop("rule", "reads"),
+        ended_at=at + timedelta(seconds=took), recorded=kept, **fields,
+    )  # fmt: skip
+
+
+def _run() -> Run:
+    held = T0 + timedelta(seconds=3)
+    approved = Vote("U1", "approve", held + timedelta(minutes=40), None)
+    grant = GrantLife(uuid.uuid4(), approved.at, approved.at + timedelta(minutes=5), "revoked",
+                      approved.at + timedelta(seconds=2), "keyturn")  # fmt: skip
+    return Run(
+        "r1",
+        [
+            _step(1, T0),
+            _step(2, T0 + timedelta(seconds=1), command="DROP TABLE t", verdict="blocked",
+                  status="blocked", rule="no-drop",
+                  output={"error": {"code": "blocked", "message": "never", "rule": "no-drop"}}),
+            Step(uuid.uuid4(), "crew-7", "r1", held, "shop", "UPDATE t SET a = 1\nWHERE id = 2",
+                 "held", "executed", "writes", approved.at + timedelta(seconds=1), None,
+                 (approved,), grant, record(uuid.uuid4(), {"tags": ["UPDATE 1"], "columns": [],
+                 "rows": [], "row_count": 0}, kept="masked", cap=65536)),
+            _step(4, approved.at + timedelta(seconds=2), command="uptime", output={
+                "exit_status": 0, "stdout": "one\ntwo\n", "stderr": "",
+                "timing": [[0.0, "stdout", 4], [0.5, "stdout", 8]]}),
+        ],
+    )  # fmt: skip
+
+
+def test_frames_are_in_time_order_with_idle_gaps_capped() -> None:
+    shown = frames(_run())
+    times = [f.at for f in shown]
+    assert times == sorted(times)
+    assert all(b - a <= IDLE_CAP + 1e-9 for a, b in itertools.pairwise(times))
+    assert times[-1] < 4 * IDLE_CAP + 3  # forty minutes of waiting replays in seconds
+    markers = [f.text for f in shown if f.code == "m"]
+    assert markers[1].startswith("held for approval (request ")
+    assert markers[:1] + markers[2:] == [
+        "blocked by rule no-drop",
+        "approved by U1",
+        "credentials issued until 12:45:03",
+        "credentials revoked by keyturn",
+    ]
+    typed = [f.text for f in shown if f.code == "i"]
+    assert typed[2] == "UPDATE t SET a = 1\nWHERE id = 2\n"
+    outputs = "".join(f.text for f in shown if f.code == "o")
+    assert "id | email\r\n1 | ***" in outputs and "ERROR: never" in outputs
+    assert outputs.index("UPDATE 1") < outputs.index("one\r\n") < outputs.index("two\r\n")
+
+
+def test_shell_output_keeps_its_pacing_and_masking_shifts_nothing_out() -> None:
+    masked = {"exit_status": 0, "stdout": "a *** b\n", "stderr": "",
+              "timing": [[0.0, "stdout", 3], [1.0, "stdout", 16]]}  # fmt: skip
+    run = Run("r", [_step(1, T0, took=2.0, command="tail", output=masked)])
+    outs = [f for f in frames(run, idle_cap=10) if f.code == "o"][1:]
+    assert "".join(f.text for f in outs).startswith("a *** b\r\n")  # every masked char, once
+    assert outs[1].at - outs[0].at == pytest.approx(1.0)
+
+
+def test_asciicast_v2_and_v3_and_json_lines() -> None:
+    run = _run()
+    header, *events = [json.loads(line) for line in asciicast(run, 2).splitlines()]
+    assert header["version"] == 2 and header["width"] == 120 and header["height"] == 40
+    assert header["timestamp"] == int(T0.timestamp()) and "r1" in header["title"]
+    assert all(len(e) == 3 and e[1] in ("i", "o", "m") for e in events)
+    assert [e[0] for e in events] == sorted(e[0] for e in events)
+    header3, *events3 = [json.loads(line) for line in asciicast(run, 3).splitlines()]
+    assert header3["version"] == 3 and header3["term"] == {"cols": 120, "rows": 40}
+    assert sum(e[0] for e in events3) == pytest.approx(events[-1][0])  # intervals
+    lines = [json.loads(line) for line in json_lines(run).splitlines()]
+    assert [(x["run"], x["step"], x["verdict"]) for x in lines] == [
+        ("r1", 1, "allowed"), ("r1", 2, "blocked"), ("r1", 3, "held"), ("r1", 4, "allowed"),
+    ]  # fmt: skip
+    assert lines[2]["decisions"][0]["by"] == "U1" and lines[2]["grant"]["status"] == "revoked"
+
+
+def test_a_deleted_or_unkept_output_is_said_so() -> None:
+    step = _step(1, T0)
+    assert step.recorded is not None
+    gone = Run("r", [Step(**{**step.__dict__, "recorded": type(step.recorded)(
+        **{**step.recorded.__dict__, "text": None})})])  # fmt: skip
+    shown = "".join(f.text for f in frames(gone))
+    assert "deleted by retention" in shown and "***" not in shown
+    assert step_json(gone.steps[0], 1)["output"]["deleted"] is True
+
+
+def test_rendered_outputs() -> None:
+    assert rendered({"status": 201, "headers": {}, "json": {"a": 1}}).startswith("HTTP 201\r\n{")
+    assert "(exit 2)" in rendered({"exit_status": 2, "stdout": "", "stderr": "no"})
+    assert rendered(None) == ""
+
+
+# ------------------------------------------------------------------ the approver's view
+
+
+def test_the_card_shows_the_run_so_far_inert() -> None:
+    sneaky = _step(1, T0, command="SELECT '<!channel> `x`' -- " + "y" * 200)
+    blocks = card_blocks(RunContext("nightly<@U1>", (sneaky,), 7), "req-1")
+    text = blocks[0]["text"]["text"]
+    assert "<!channel>" not in text and "&lt;!channel&gt;" in text and "<@U1>" not in text
+    assert "the last 1 steps before this one, and 7 earlier steps" in text
+    assert "y" * 100 not in text  # a step's command is cut on the card
+    assert blocks[1]["elements"][0] == {
+        "type": "button", "action_id": "keyturn_view_run", "value": "req-1",
+        "text": {"type": "plain_text", "text": "View run"},
+    }  # fmt: skip
+    first = card_blocks(RunContext("r1", (), 0), "req-1")[0]["text"]["text"]
+    assert "this is its first step" in first
+
+
+def test_the_run_modal_stays_within_slack_s_limits() -> None:
+    steps = tuple(_step(i, T0 + timedelta(seconds=i)) for i in range(150))
+    modal = run_modal(RunContext("a-rather-long-run-name-indeed", steps, 12), "crew-7")
+    assert len(modal["blocks"]) <= MODAL_BLOCKS and len(modal["title"]["text"]) <= 24
+    body = json.dumps(modal["blocks"])
+    assert "*162 steps*" in body and body.index("SELECT 149") < body.index("SELECT 148")
+    assert "and 64 earlier" in body  # the 52 oldest steps that did not fit join the 12
+
+
+# ------------------------------------------------------------------ evidence
+
+
+def _chained(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    prev = GENESIS
+    out = []
+    for seq, e in enumerate(events, 1):
+        at = T0 + timedelta(seconds=seq)
+        row = {"seq": seq, "at": at.isoformat(), "grant_id": None, "request_id": None} | e
+        row["data_text"] = json.dumps(e.get("data", {}))
+        row.pop("data", None)
+        row["prev_hash"] = prev
+        row["hash"] = event_hash(
+            prev_hash=prev, seq=seq, at=at, kind=row["kind"], actor=row["actor"],
+            request_id=uuid.UUID(row["request_id"]) if row["request_id"] else None,
+            grant_id=uuid.UUID(row["grant_id"]) if row["grant_id"] else None,
+            data_text=row["data_text"],
+        )  # fmt: skip
+        prev = row["hash"]
+        out.append(row)
+    return out
+
+
+def _evidence() -> dict[str, Any]:
+    rid, gid = uuid.uuid4(), uuid.uuid4()
+    command = "UPDATE t SET a = 1 WHERE id = 2"
+    kept = record(rid, {"tags": ["UPDATE 1"]}, kept="masked", cap=65536)
+    r, g = str(rid), str(gid)
+    events = _chained([
+        {"kind": "request.held", "actor": "crew-7", "request_id": r,
+         "data": {"command_sha256": command_sha256(command)}},
+        {"kind": "other.thing", "actor": "someone"},
+        {"kind": "request.approved", "actor": "U1", "request_id": r},
+        {"kind": "grant.issued", "actor": "keyturn", "request_id": r, "grant_id": g,
+         "data": {"command_sha256": command_sha256(command)}},
+        {"kind": "request.executed", "actor": "keyturn", "request_id": r,
+         "data": {"output": kept.as_event()}},
+        {"kind": "grant.revoked", "actor": "keyturn", "request_id": r, "grant_id": g},
+    ])  # fmt: skip
+    return {
+        "keyturn_evidence": 1,
+        "step": {
+            "id": r, "command": command,
+            "decisions": [{"by": "U1", "decision": "approve", "at": "", "reason": None}],
+            "grant": {"id": g, "status": "revoked", "ended_at": T0.isoformat()},
+        },
+        "recording": {
+            "step": r, "kept": kept.kept, "output": kept.text, "output_bytes": kept.bytes,
+            "output_sha256": kept.sha256, "truncated": kept.truncated,
+            "stored_sha256": kept.stored_sha256, "record_hash": kept.record,
+        },
+        "events": events,
+    }  # fmt: skip
+
+
+def _tampered(change: Any) -> dict[str, Any]:
+    evidence = copy.deepcopy(_evidence_once)
+    change(evidence)
+    return evidence
+
+
+_evidence_once = _evidence()
+
+
+def test_evidence_holds_offline() -> None:
+    proven = check(_evidence_once)
+    assert (proven.events, proven.first_seq, proven.last_seq) == (6, 1, 6)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda e: e["recording"].update(output=e["recording"]["output"].replace("1", "2")),
+            "the recorded output was changed",
+        ),
+        (lambda e: e["recording"].update(output_bytes=1), "hashes are not the ones"),
+        (lambda e: e.update(recording=None), "vouch for a recording the file leaves out"),
+        (lambda e: e["step"].update(command="DELETE FROM t"), "not the one the audit events"),
+        (lambda e: e["step"]["decisions"][0].update(by="U2"), "records U2's approve"),
+        (lambda e: e["events"].pop(2), "events 3..3 are missing"),
+        (lambda e: e["events"].pop(3), "events 4..4 are missing"),
+        (lambda e: e["events"][0].update(actor="crew-8"), "event 1 was changed"),
+        (lambda e: e["events"][1].update(data_text='{"x": 1}'), "event 2 was changed"),
+        (lambda e: e["events"][5].update(kind="grant.expired"), "event 6 was changed"),
+        (lambda e: e.update(events=[]), "holds no audit events"),
+        (lambda e: e.update(keyturn_evidence=2), "not a keyturn evidence file"),
+        (lambda e: e.pop("step"), "not a keyturn evidence file"),
+    ],
+)
+def test_evidence_fails_after_any_change(change: Any, problem: str) -> None:
+    with pytest.raises(EvidenceBroken, match=problem):
+        check(_tampered(change))
+
+
+def test_a_file_that_is_not_evidence_is_told_so() -> None:
+    for junk in ([], "x", {"keyturn_evidence": 1, "events": "x"}, None):
+        with pytest.raises(EvidenceBroken):
+            check(junk)  # type: ignore[arg-type]
