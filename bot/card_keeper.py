@@ -20,7 +20,7 @@ from bot.access.news import News
 from bot.cards import CardState, outcome_message
 from bot.drawing import Drawn, drawn, state_of
 from bot.people import SLACK_ERRORS, approvers_for, dm
-from bot.run_view import CARD_STEPS, RunContext
+from bot.run_view import CARD_STEPS
 from bot.slack_text import approver_reminder
 from keyturn.config.policy import Config
 from keyturn.store import run_steps
@@ -28,16 +28,6 @@ from keyturn.store.db import Store
 from keyturn.store.models import GrantRow, RequestRow
 
 log = logging.getLogger(__name__)
-
-
-async def run_context(
-    store: Store, config: Config, request_id: uuid.UUID, last: int
-) -> RunContext | None:
-    """The last ``last`` steps before a request in its agent's run (None: not a step)."""
-    found = await run_steps.so_far(store, request_id, config.record.run_gap, last=last)
-    if found is None:
-        return None
-    return RunContext(found.run, tuple(found.steps), found.earlier)
 
 
 @dataclass
@@ -53,7 +43,7 @@ class CardKeeper:
         state = state_of(self.config, row, grant, self.store.clock.now())
         if row.access:  # a person's access: no agent run behind it
             return state
-        return replace(state, run=await run_context(self.store, self.config, row.id, CARD_STEPS))
+        return replace(state, run=await run_steps.so_far(self.store, row.id, last=CARD_STEPS))
 
     async def post_pending_cards(self) -> int:
         """Post a card for every pending request without one; each exactly once."""

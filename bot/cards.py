@@ -10,11 +10,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bot.command_view import ApiView, command_blocks
-from bot.run_view import RunContext
 from bot.run_view import card_blocks as run_blocks
 from bot.slack_text import ONE_LINE, escape, literal, mention
 from keyturn.classify.shown import visible
 from keyturn.config.durations import format_duration
+from keyturn.recording.runs import RunSoFar
 
 APPROVE = "keyturn_approve"
 DENY = "keyturn_deny"
@@ -56,7 +56,7 @@ class CardState:
     ticket: str | None = None
     max_ttl_seconds: int | None = None  # how far the requester may extend it
     ssh_key: str | None = None  # the fingerprint an SSH access's certificate is for
-    run: RunContext | None = None  # an agent's steps before this one in its run
+    run: RunSoFar | None = None  # an agent's steps before this one in its run
 
 
 @dataclass(frozen=True)

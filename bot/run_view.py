@@ -8,11 +8,10 @@ a channel, and an output is the agent's to read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from bot.slack_text import at, escape, literal, mention
-from keyturn.recording.runs import Step
+from keyturn.recording.runs import RunSoFar, Step
 
 VIEW_RUN = "keyturn_view_run"
 CARD_STEPS = 5  # the steps before a held command its card shows
@@ -21,29 +20,22 @@ MODAL_STEPS = MODAL_BLOCKS - 2  # and a heading and an "…and N earlier" line
 COMMAND_CHARS = 90  # of each step's command on a card or in the modal
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """What came before a held command in its run."""
-
-    name: str
-    steps: tuple[Step, ...]  # the last few, oldest first
-    earlier: int | None  # steps before those (None: too many to count)
+_ICONS = {
+    "blocked": ":no_entry:",
+    "allowed": ":white_check_mark:",
+    "approved": ":heavy_check_mark:",
+    "denied": ":x:",
+    "held": ":hourglass:",
+}
 
 
 def _outcome(step: Step) -> str:
-    if step.verdict == "blocked":
-        return ":no_entry: blocked" + (f" by rule `{escape(step.rule)}`" if step.rule else "")
-    if step.verdict == "allowed":
-        failed = " (failed)" if step.status == "failed" else ""
-        return f":white_check_mark: allowed{failed}"
-    denial = next((v for v in step.votes if v.decision == "deny"), None)
-    if denial is not None:
-        return f":x: denied by {mention(denial.approver)}"
-    approvers = [v.approver for v in step.votes if v.decision == "approve"]
-    if approvers and step.status in ("approved", "executing", "executed", "failed"):
-        ran = "" if step.status == "executed" else f" ({step.status})"
-        return f":heavy_check_mark: approved by {', '.join(mention(a) for a in approvers)}{ran}"
-    return f":hourglass: held ({escape(step.status)})"
+    """How a step went (:attr:`~keyturn.recording.runs.Step.outcome`) in Slack's words."""
+    went = step.outcome
+    who = f" by {', '.join(mention(p) for p in went.people)}" if went.people else ""
+    rule = f" by rule {literal(step.rule)}" if went.word == "blocked" and step.rule else ""
+    note = f" ({escape(went.note)})" if went.note else ""
+    return f"{_ICONS[went.word]} {went.word}{who}{rule}{note}"
 
 
 def step_line(step: Step) -> str:
@@ -55,7 +47,7 @@ def step_line(step: Step) -> str:
     return f"{at(step.at)} · {literal(step.target)} · {_outcome(step)}{size}\n{literal(command)}"
 
 
-def card_blocks(run: RunContext, request_id: str) -> list[dict[str, Any]]:
+def card_blocks(run: RunSoFar, request_id: str) -> list[dict[str, Any]]:
     """The card's "run so far": the last steps before this one, and a View run button."""
     if run.earlier is None:
         earlier = "many earlier steps"
@@ -88,7 +80,7 @@ def card_blocks(run: RunContext, request_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def run_modal(run: RunContext, agent: str) -> dict[str, Any]:
+def run_modal(run: RunSoFar, agent: str) -> dict[str, Any]:
     """The run up to a held command, newest first, within Slack's 100 blocks: the newest
     steps that fit, and how many earlier ones there are."""
     dropped = max(len(run.steps) - MODAL_STEPS, 0)

@@ -24,7 +24,7 @@ from bot.access.ask import Asking
 from bot.access.deliver import Delivery
 from bot.access.home import Home
 from bot.access.news import News
-from bot.card_keeper import CardKeeper, run_context
+from bot.card_keeper import CardKeeper
 from bot.credentials import Issuer
 from bot.deny_modal import deny_modal
 from bot.people import SLACK_ERRORS, Directory
@@ -118,7 +118,7 @@ class Bot:
         deciders.check(user)
         if row.access:
             raise InvalidInput("a person's own access belongs to no agent run")
-        found = await run_context(self.store, self.config, row.id, MODAL_STEPS - 1)
+        found = await run_steps.so_far(self.store, row.id, last=MODAL_STEPS - 1)
         step = await run_steps.step(self.store, row.id)
         if found is None or step is None:
             raise NotFound("this request belongs to no run")

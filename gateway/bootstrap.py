@@ -109,7 +109,7 @@ def build(
         config=config,
         store=store,
         listener=listener,
-        journal=Journal(store),
+        journal=Journal(store, run_gap=config.record.run_gap),
         drivers=Drivers(kinds, [postgres, ssh, http]),
         metrics=metrics,
         turns=turns,

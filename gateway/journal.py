@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import asyncpg
 
@@ -64,8 +65,10 @@ class Journal:
         max_batch: int = 500,
         max_backlog: int = 100_000,
         linger: float = 0.05,
+        run_gap: timedelta = timedelta(minutes=15),
     ) -> None:
         self._store = store
+        self._run_gap = run_gap  # record.run_gap: how steps without a run_id make runs
         self._linger = linger
         self._max_batch = max_batch
         self._max_backlog = max_backlog
@@ -138,7 +141,7 @@ class Journal:
                 **dsn.connect_args,
             )
         try:
-            await outcomes.write_outcomes(self._conn, records)  # one statement: atomic by itself
+            await outcomes.write_outcomes(self._conn, records, self._run_gap)  # one statement
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
             self._conn.terminate()
             self._conn = None

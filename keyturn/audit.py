@@ -6,7 +6,7 @@ Someone who re-chains, cuts the tail and moves ``audit_head``, or wipes everythi
 chain that verifies; so ``verify`` also checks it against the newest checkpoint kept in Vault
 (:mod:`keyturn.checkpoint`), and ``export`` ends with a fresh one. The recordings of agents'
 runs are checked against the events that vouch for them
-(:func:`keyturn.store.recordings.check_recordings`).
+(:func:`keyturn.store.recording_checks.check_recordings`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from uuid import UUID
 
 from sqlalchemy import Text, select, true
 
+from keyturn.chain import GENESIS, event_hash
 from keyturn.checkpoint import Anchor, Anchoring, CheckpointRefused, check
-from keyturn.store.audit_log import GENESIS, event_hash
 from keyturn.store.db import Store
 from keyturn.store.models import AuditEventRow, AuditHeadRow
-from keyturn.store.recordings import check_recordings
+from keyturn.store.recording_checks import check_recordings
 
 
 @dataclass(frozen=True)

@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from keyturn import cli_runs, extras
+from keyturn import cli_evidence, cli_runs, extras
+from keyturn.cli_common import EXIT_BAD_INPUT, EXIT_TAMPERED
+from keyturn.cli_common import Parser as _Parser
+from keyturn.cli_common import one_store as _store
+from keyturn.cli_common import run as _run
 from keyturn.errors import ConfigError, KeyturnError
 
 if TYPE_CHECKING:
     from keyturn.config.policy import Config
-    from keyturn.store.db import Store
-
-EXIT_BAD_INPUT = 2
-EXIT_TAMPERED = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(coro)
 
 
 def run_fast(coro: Coroutine[Any, Any, None]) -> None:
@@ -114,18 +104,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.asynccontextmanager
-async def _store(dsn: Any) -> AsyncIterator[Store]:
-    """keyturn's database for one command: a single connection, closed however it ends."""
-    from keyturn.store.db import Store
-
-    store = Store(dsn, pool_size=1)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def _check_database(dsn: Any) -> int:
     async with _store(dsn) as store:
         await store.ping()
@@ -140,11 +118,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from keyturn.vault import process_vault
 
     if args.audit_command == "verify" and args.evidence is not None:
-        return _verify_evidence(args.evidence)
+        return cli_evidence.verify(args.evidence, args.config)
+    if args.audit_command == "evidence":
+        return cli_evidence.write(args.request, Path(args.output), args.config)
     settings = load_settings()
     dsn = settings.dsn()
-    if args.audit_command == "evidence":
-        return _run(_write_evidence(dsn, args.request, Path(args.output)))
     unanchored = args.audit_command == "verify" and args.unanchored
     if args.config is None and not unanchored:
         more = (
@@ -182,46 +160,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 await vault.close()
 
     return _run(run())
-
-
-def _verify_evidence(file: Path) -> int:
-    from keyturn.recording.proof import EvidenceBroken, check
-
-    try:
-        evidence = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{file}: cannot read it as an evidence file: {exc}") from None
-    try:
-        proven = check(evidence)
-    except EvidenceBroken as exc:
-        print(f"{file}: evidence does not hold: {exc}", file=sys.stderr)
-        return EXIT_TAMPERED
-    print(
-        f"{file}: evidence holds: step {proven.step}, {proven.events} audit events "
-        f"({proven.first_seq}..{proven.last_seq}) recomputed and linked"
-    )
-    return 0
-
-
-async def _write_evidence(dsn: Any, request: str, file: Path) -> int:
-    import uuid
-
-    from keyturn import evidence
-
-    try:
-        step_id = uuid.UUID(request)
-    except ValueError:
-        raise ConfigError(f"{request!r} is not a request id (a UUID)") from None
-    partial = file.with_name(file.name + ".partial")  # the file appears whole, or not at all
-    try:
-        async with _store(dsn) as store:
-            with partial.open("w", encoding="utf-8") as out:
-                count = await evidence.write(store, step_id, out)
-        partial.replace(file)
-    finally:
-        partial.unlink(missing_ok=True)
-    print(f"wrote the evidence of {step_id} ({count} audit events) to {file}", file=sys.stderr)
-    return 0
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -477,7 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="verify or export the audit chain")
     audit_sub = p.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
     ver = audit_sub.add_parser("verify", help="exit 1 naming the first bad event if tampered")
-    ver.add_argument("--config", type=Path, help="check against the checkpoint in Vault")
+    ver.add_argument(
+        "--config",
+        type=Path,
+        help="check against the checkpoint (an evidence file's seal) in Vault",
+    )
     ver.add_argument("--unanchored", action="store_true", help="check the chain alone (no Vault)")
     ver.add_argument(
         "--evidence", type=Path, metavar="FILE", help="check an evidence file offline (no database)"
@@ -485,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     evi = audit_sub.add_parser("evidence", help="one request's proof in a file, checkable offline")
     evi.add_argument("request", help="the request's id (or a blocked command's step id)")
     evi.add_argument("-o", "--output", required=True, help="the file to write")
+    evi.add_argument(
+        "--config", type=Path, help="seal it with the audit key in Vault (bot AppRole)"
+    )
     exp = audit_sub.add_parser("export", help="write events as JSON lines")
     exp.add_argument("--config", type=Path, help="end with a fresh checkpoint from Vault")
     exp.add_argument("--since", type=int, default=0, help="only events after this seq")

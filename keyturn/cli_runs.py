@@ -1,10 +1,10 @@
 """``keyturn runs``: agents' runs listed, shown, replayed and exported, read from keyturn's
-database (KEYTURN_DATABASE_URL; without it, a running ``keyturn dev``'s). ``--config``
-supplies ``record.run_gap``, which names the idle-gap runs; without it the default (15 min)."""
+database (KEYTURN_DATABASE_URL; without it, a running ``keyturn dev``'s)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -13,17 +13,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from keyturn.cli_common import Parser, one_store
 from keyturn.config.durations import parse_duration
 from keyturn.errors import ConfigError
 
 FORMATS = ("asciicast", "asciicast3", "jsonl")
+DEV_STACK = Path(".keyturn/dev/stack.json")
 
 
 def add_parser(sub: Any) -> None:
-    from keyturn.cli import _Parser
-
     p = sub.add_parser("runs", help="agents' runs: list, show, replay, export")
-    runs = p.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
+    runs = p.add_subparsers(dest="runs_command", required=True, parser_class=Parser)
     listing = runs.add_parser("list", help="one line a run: agent, start, steps, held, denied")
     listing.add_argument("--agent", help="one agent identity's runs")
     listing.add_argument("--since", default="24h", help="runs with steps this recent (24h)")
@@ -38,87 +38,82 @@ def add_parser(sub: Any) -> None:
     export.add_argument("--format", choices=FORMATS, default="asciicast")
     export.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     for one in (show, replay, export):
-        one.add_argument("run", help="the run's id (its run_id, or auto-… from runs list)")
+        one.add_argument("run", help="the run: its run_id, or auto-… from keyturn runs list")
         one.add_argument("--agent", help="only this agent's steps of a shared run_id")
         one.add_argument("--limit", type=int, default=1000, help="at most this many steps")
     for one in (listing, show, replay, export):
-        one.add_argument("--config", type=Path, help="the config file (for record.run_gap)")
         one.add_argument(
             "--stack",
             type=Path,
-            default=Path(".keyturn/dev/stack.json"),
+            default=DEV_STACK,
             help="without KEYTURN_DATABASE_URL: the keyturn dev stack to read",
         )
     p.set_defaults(func=cmd_runs, extra="server")
 
 
-def _where(args: argparse.Namespace) -> tuple[Any, timedelta]:
-    """keyturn's database and ``record.run_gap``: from KEYTURN_DATABASE_URL and --config, or
-    (without the variable) from a running ``keyturn dev``'s stack.json and policy file."""
-    from keyturn.config.loading import load_config
+def _dsn(stack: Path) -> Any:
+    """keyturn's database: KEYTURN_DATABASE_URL, or a running ``keyturn dev``'s."""
     from keyturn.settings import load_settings
 
-    config = args.config
-    if "KEYTURN_DATABASE_URL" in os.environ or not args.stack.exists():
-        dsn = load_settings().dsn()
-    else:
-        from keyturn.harness.demo import load_stack
-        from keyturn.store.dsn import parse_dsn
+    if "KEYTURN_DATABASE_URL" in os.environ or not stack.exists():
+        return load_settings().dsn()
+    from keyturn.harness.demo import load_stack
+    from keyturn.store.dsn import parse_dsn
 
-        stack = load_stack(args.stack)
-        dsn = parse_dsn(str(stack.get("database_url", "")), f"{args.stack}: database_url")
-        config = config or Path(str(stack.get("policy_file", "")))
-    gap = load_config(config).record.run_gap if config else timedelta(minutes=15)
-    return dsn, gap
+    return parse_dsn(str(load_stack(stack).get("database_url", "")), f"{stack}: database_url")
 
 
-def _duration(value: str, flag: str) -> timedelta:
+def _checked(args: argparse.Namespace) -> timedelta | None:
+    """The arguments' own problems, one at a time; ``--since`` as a duration."""
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError("--limit must be 1 to 100000")
+    if args.runs_command == "replay":
+        if not 0.01 <= args.speed <= 1000:  # also refuses nan
+            raise ConfigError("--speed must be 0.01 to 1000")
+        if args.step < 1:
+            raise ConfigError("--step must be 1 or more")
+    if args.runs_command != "list":
+        return None
     try:
-        return parse_duration(value)
+        return parse_duration(args.since)
     except ValueError as exc:
-        raise ConfigError(f"{flag}: {exc}") from None
+        raise ConfigError(f"--since: {exc}") from None
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from keyturn.cli import _run, _store
+    since = _checked(args)
+    dsn = _dsn(args.stack)
 
-    if not 1 <= args.limit <= 100_000:
-        raise ConfigError("--limit must be 1 to 100000")
-    if args.runs_command == "replay" and not (0.01 <= args.speed <= 1000 and args.step >= 1):
-        raise ConfigError("--speed must be 0.01 to 1000 and --step 1 or more")
-    since = _duration(args.since, "--since") if args.runs_command == "list" else None
-    dsn, gap = _where(args)
+    async def read() -> Any:
+        from keyturn.store import run_list, run_steps
 
-    async def run() -> int:
-        from keyturn.store import run_steps
-
-        async with _store(dsn) as store:
+        async with one_store(dsn) as store:
             if since is not None:
-                found = await run_steps.runs_since(
+                return await run_list.runs_since(
                     store,
                     store.clock.now() - since,
-                    gap,
                     agent=args.agent,
                     target=args.target,
                     limit=args.limit,
                 )
-                print(_listing(found))
-                return 0
-            ran = await run_steps.run(store, args.run, gap, agent=args.agent, limit=args.limit)
-        return _one_run(args, ran)
+            return await run_steps.run(store, args.run, agent=args.agent, limit=args.limit)
 
-    return _run(run())
+    found = asyncio.run(read())
+    if since is not None:
+        print(_listing(found))
+        return 0
+    return _one_run(args, found)
 
 
 def _listing(found: list[Any]) -> str:
-    from keyturn.recording.views import one_line
+    from keyturn.recording.timeline import one_line
 
     lines = [
         f"{'run':<42}  {'agent':<16}  {'started (UTC)':<19}  steps  held  denied  blocked  targets"
     ]
     for r in found:
         lines.append(
-            f"{one_line(r.id, 42):<42}  {one_line(', '.join(r.agents), 16):<16}  "
+            f"{one_line(r.run, 42):<42}  {one_line(', '.join(r.agents), 16):<16}  "
             f"{r.started:%Y-%m-%d %H:%M:%S}  {r.steps:>5}  {r.held:>4}  {r.denied:>6}  "
             f"{r.blocked:>7}  {one_line(', '.join(r.targets), 40)}"
         )
@@ -128,37 +123,39 @@ def _listing(found: list[Any]) -> str:
 
 
 def _one_run(args: argparse.Namespace, ran: Any) -> int:
-    from keyturn.recording import views
+    from keyturn.recording import terminal, timeline
 
     if args.runs_command == "show":
         if args.json:
-            steps = [views.step_json(s, n) for n, s in enumerate(ran.steps, 1)]
-            print(json.dumps({"run": ran.id, "steps": steps, "more": ran.later}, indent=2))
+            steps = [timeline.step_json(s, n) for n, s in enumerate(ran.steps, 1)]
+            print(json.dumps({"run": ran.name, "steps": steps, "more": ran.more}, indent=2))
         else:
-            print(views.table(ran))
+            print(timeline.table(ran))
         return 0
     if args.runs_command == "replay":
         return _replay(ran, args.speed, args.step)
-    text = (
-        views.json_lines(ran)
-        if args.format == "jsonl"
-        else views.asciicast(ran, 3 if args.format == "asciicast3" else 2)
-    )
+    if args.format == "jsonl":
+        text = timeline.json_lines(ran)
+    else:
+        text = terminal.asciicast(ran, 3 if args.format == "asciicast3" else 2)
     if args.output == "-":
         sys.stdout.write(text)
-    else:
+        return 0
+    try:
         Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote run {ran.id} ({len(ran.steps)} steps) to {args.output}", file=sys.stderr)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(f"wrote run {ran.name} ({len(ran.steps)} steps) to {args.output}", file=sys.stderr)
     return 0
 
 
 def _replay(ran: Any, speed: float, first: int) -> int:
     """Print the run's frames with their pacing; markers as dim lines of their own."""
-    from keyturn.recording import views
+    from keyturn.recording import terminal
 
     if first > len(ran.steps):
         raise ConfigError(f"--step {first}: the run has {len(ran.steps)} steps")
-    shown = [f for f in views.frames(ran) if f.step >= first]
+    shown = [f for f in terminal.frames(ran) if f.number >= first]
     out = sys.stdout
     clock = shown[0].at if shown else 0.0
     for frame in shown:

@@ -1,5 +1,6 @@
 """``keyturn audit evidence``: one step's proof written from the store, for
-:mod:`keyturn.recording.proof` to check anywhere, offline."""
+:mod:`keyturn.recording.proof` to check anywhere, offline; sealed with the deployment's audit
+key when Vault is at hand."""
 
 from __future__ import annotations
 
@@ -7,32 +8,38 @@ import json
 import uuid
 from typing import IO, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, literal_column, or_, select
 
 from keyturn.audit import StoredEvent, stream
+from keyturn.checkpoint import Anchor
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.recording.proof import FORMAT
-from keyturn.recording.views import step_json
+from keyturn.recording.runs import Step
 from keyturn.store import run_steps
 from keyturn.store.db import Store
-from keyturn.store.models import AuditEventRow, AuditHeadRow, RecordingRow
+from keyturn.store.models import AuditEventRow, RecordingRow
+from keyturn.store.recordings import VOUCHED_STEP
 
 MAX_SEGMENT = 1_000_000  # events between a step's first and last: a file of a few hundred MB
 
 
-async def write(store: Store, step_id: uuid.UUID, out: IO[str]) -> int:
-    """Write the evidence of one step (a request, or a blocked command) to ``out``; returns
-    how many audit events it holds. NotFound when keyturn has no such step."""
+async def write(
+    store: Store, step_id: uuid.UUID, out: IO[str], anchor: Anchor | None = None
+) -> int:
+    """Write the evidence of one step (a request, or a blocked command) to ``out``, sealed
+    when ``anchor`` is given; returns how many audit events it holds. NotFound when keyturn
+    has no such step."""
     step = await run_steps.step(store, step_id)
     if step is None:
         raise NotFound(f"no request or blocked command {step_id}")
     e = AuditEventRow
-    own = or_(e.request_id == step_id, e.data["output"]["step"].astext == str(step_id))
+    own = or_(
+        e.request_id == step_id, literal_column(f"audit_events.{VOUCHED_STEP}") == str(step_id)
+    )
     async with store.transaction() as tx:
         first, last = (
             await tx.session.execute(select(func.min(e.seq), func.max(e.seq)).where(own))
         ).one()
-        head = await tx.session.get(AuditHeadRow, 1)
         recording = await tx.session.get(RecordingRow, step_id)
     if first is None:
         raise NotFound(f"no audit event is about {step_id}")
@@ -41,20 +48,53 @@ async def write(store: Store, step_id: uuid.UUID, out: IO[str]) -> int:
             f"the step's events span {last - first + 1} events of the chain, over the "
             f"{MAX_SEGMENT} an evidence file holds; export the chain (keyturn audit export)"
         )
-    shown = step_json(step, 1)
-    shown.pop("step")
-    shown.pop("output")
     events = [_event(row) async for row in stream(store, first - 1, last)]
+    seal = None
+    if anchor is not None:
+        tail = events[-1]
+        checkpoint = await anchor.sign(tail["seq"], tail["hash"], store.clock.now())
+        seal = checkpoint.as_json()
     evidence = {
         "keyturn_evidence": FORMAT,
-        "step": shown,
+        "step": _step(step),
         "recording": None if recording is None else _recording(recording),
         "events": events,
-        "head": {"seq": head.seq, "hash": head.hash} if head is not None else None,
+        "seal": seal,
     }
     json.dump(evidence, out, indent=1, sort_keys=True)
     out.write("\n")
     return len(events)
+
+
+def _step(step: Step) -> dict[str, Any]:
+    """The step as the file claims it: each claim is held against the events."""
+    grant = step.grant
+    return {
+        "id": str(step.id),
+        "agent": step.agent,
+        "run": step.run,
+        "run_id": step.run_id,
+        "target": step.target,
+        "command": step.command,
+        "verdict": step.verdict,
+        "status": step.status,
+        "rule": step.rule,
+        "at": step.at.isoformat(),
+        "decisions": [
+            {"by": v.approver, "decision": v.decision, "at": v.at.isoformat(), "reason": v.reason}
+            for v in step.votes
+        ],
+        "grant": None
+        if grant is None
+        else {
+            "id": str(grant.id),
+            "issued_at": grant.issued_at.isoformat(),
+            "expires_at": grant.expires_at.isoformat(),
+            "status": grant.status,
+            "ended_at": grant.ended_at.isoformat() if grant.ended_at else None,
+            "ended_by": grant.ended_by,
+        },
+    }
 
 
 def _recording(row: RecordingRow) -> dict[str, Any]:
@@ -66,7 +106,6 @@ def _recording(row: RecordingRow) -> dict[str, Any]:
         "output_sha256": row.output_sha256,
         "truncated": row.truncated,
         "stored_sha256": row.stored_sha256,
-        "record_hash": row.record_hash,
         "purged_at": row.purged_at.isoformat() if row.purged_at else None,
     }
 

@@ -68,7 +68,8 @@ def known_hosts(target: SshTarget, name: str) -> tuple[list[Any], list[Any], lis
     return keys, cas, []
 
 
-# at most this many chunks' arrival times are kept for a replay; later ones merge into the last
+# at most this many chunks' arrival times are kept for a replay (later ones are shown when the
+# stream ends); each stream's end is always kept, so offsets scale to what was masked
 TIMED_CHUNKS = 2000
 
 
@@ -90,6 +91,8 @@ async def _read(
         size += len(data)
         if len(timing) < TIMED_CHUNKS:
             timing.append((asyncio.get_running_loop().time() - started, name, min(size, limit)))
+    if size:
+        timing.append((asyncio.get_running_loop().time() - started, name, min(size, limit)))
     text = "".join(chunks)
     return text[:limit], len(text) > limit
 

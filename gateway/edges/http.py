@@ -237,7 +237,12 @@ async def get_run(request: web.Request) -> web.Response:
     raw = request.query.get("limit", str(RUN_STEPS))
     if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_RUN_STEPS):
         raise InvalidInput(f"limit must be a whole number from 1 to {MAX_RUN_STEPS}")
-    found = await agent_run(edge.gw, who, request.match_info["id"], int(raw))
+    waiting = request.query.get("waiting", "false")
+    if waiting not in ("true", "false"):
+        raise InvalidInput("waiting must be true or false")
+    found = await agent_run(
+        edge.gw, who, request.match_info["id"], int(raw), waiting=waiting == "true"
+    )
     body = await asyncio.to_thread(found.model_dump_json)
     return web.Response(text=body, content_type="application/json")
 

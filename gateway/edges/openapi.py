@@ -144,6 +144,13 @@ def build_spec() -> dict[str, Any]:
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                             "description": "at most this many steps (100)",
                         },
+                        {
+                            "name": "waiting",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "boolean"},
+                            "description": "only its requests not yet ended (false)",
+                        },
                     ],
                     "responses": {
                         "200": {
@@ -154,7 +161,7 @@ def build_spec() -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": _error("bad limit"),
+                        "400": _error("bad limit or waiting"),
                         "404": _error("no such run for this identity"),
                         **COMMON_ERRORS,
                     },

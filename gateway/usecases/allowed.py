@@ -15,7 +15,7 @@ from typing import Any
 from gateway.journal import AlreadyRecorded
 from gateway.usecases.driver import UNEXPECTED, Allowed, Driver, RunFailed
 from gateway.usecases.gateway import Gateway
-from gateway.usecases.submission import Submission, outcome, recorded
+from gateway.usecases.submission import Submission, outcome, recording_for
 from keyturn.classify import Identity, Verdict
 from keyturn.errors import KeyturnError, RateLimited, Unavailable
 from keyturn.store import outcomes, reads, requests
@@ -59,7 +59,7 @@ async def run(
             log.exception("allowed request %s: the driver failed unexpectedly", intent.id)
             unknown = RunFailed(f"the gateway failed while running it ({UNEXPECTED})", final=True)
             return await _not_run(gw, sub, who, intent, recording, unknown)
-    kept = await recorded(gw.config.record, intent.id, result)
+    kept = await recording_for(gw.config.record, intent.id, result)
     if sub.idempotency_key is None:
         gw.journal.submit(
             outcomes.Completion(intent.id, who.subject, None, kept.sha256, recorded=kept)
@@ -117,7 +117,7 @@ async def _not_run(
         await _recorded(recording)
     except AlreadyRecorded:
         return await _earlier(gw, who, sub)
-    kept = await recorded(gw.config.record, intent.id, {"error": failed.message})
+    kept = await recording_for(gw.config.record, intent.id, {"error": failed.message})
     ended = outcomes.Completion(
         intent.id, who.subject, failed.message, None, release_key=not failed.final, recorded=kept
     )

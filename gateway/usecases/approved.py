@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.metrics import Metrics
 from gateway.usecases.driver import UNEXPECTED, Drivers, RunFailed
-from gateway.usecases.submission import recorded
+from gateway.usecases.submission import recording_for
 from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
@@ -116,9 +116,11 @@ class Executor:
             self.metrics.execute_seconds.observe(time.perf_counter() - started)
         if error is not None:
             error = self.masker.text(error)
+        # a driver's timing of its output (SSH: when each chunk arrived) is the recording's,
+        # not part of what the agent is answered
         timing = result.pop("timing", None) if result is not None else None
         seen = {"error": error} if result is None else result
-        kept = await recorded(self.config.record, request.id, seen | _timing(timing))
+        kept = await recording_for(self.config.record, request.id, seen, timing)
         try:
             await executions.finish_execution(
                 self.store, request.id, result=result, error=error, recorded=kept
@@ -175,9 +177,3 @@ class Executor:
         if target is None:
             raise HandoffRejected(f"target {name} is not in the policy any more")
         return await self.drivers.kind(target.kind).run_approved(name, command, credentials)
-
-
-def _timing(timing: object) -> dict[str, Any]:
-    """A driver's timing of its output (SSH: when each chunk arrived) goes to the run's
-    recording only, not into the agent's answer."""
-    return {"timing": timing} if timing else {}

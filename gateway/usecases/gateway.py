@@ -9,6 +9,7 @@ Errors are keyturn errors; each edge maps them to its own answers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from keyturn.config.policy import Config
 from keyturn.config.targets import HttpTarget, TargetBase
 from keyturn.domain import RequestStatus
 from keyturn.errors import NotFound
-from keyturn.recording.views import step_json
+from keyturn.recording.runs import Run
+from keyturn.recording.timeline import step_json
 from keyturn.store import decisions, reads, run_steps
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener, wait_until
@@ -138,14 +140,18 @@ async def poll(gw: Gateway) -> None:
     gw.metrics.pending.set(await reads.count_pending(gw.store))
 
 
-async def agent_run(gw: Gateway, who: Identity, name: str, limit: int) -> RunOut:
-    """``who``'s own steps of run ``name``: another identity's run is not found, as if it
-    did not exist."""
-    found = await run_steps.run(
-        gw.store, name, gw.config.record.run_gap, agent=who.subject, limit=limit
-    )
+async def agent_run(
+    gw: Gateway, who: Identity, name: str, limit: int, *, waiting: bool = False
+) -> RunOut:
+    """``who``'s own steps of run ``name`` (``waiting``: only requests not yet ended):
+    another identity's run is not found, as if it did not exist."""
+    found = await run_steps.run(gw.store, name, agent=who.subject, limit=limit, waiting=waiting)
+    return await asyncio.to_thread(_run_out, found)  # up to 1000 outputs parsed: off the loop
+
+
+def _run_out(found: Run) -> RunOut:
     steps = [step_json(step, n) for n, step in enumerate(found.steps, 1)]
-    return RunOut.model_validate({"id": found.id, "steps": steps, "more": found.later})
+    return RunOut.model_validate({"name": found.name, "steps": steps, "more": found.more})
 
 
 async def ready(gw: Gateway) -> dict[str, str]:

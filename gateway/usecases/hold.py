@@ -34,6 +34,7 @@ async def _request(
             idempotency_key=sub.idempotency_key,
             body_sha256=sub.body_sha256,
             max_pending=gw.config.gateway.max_pending_per_agent,
+            run_gap=gw.config.record.run_gap,
         ),
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from keyturn.classify import Identity, Verdict
 from keyturn.config.process import RecordConfig
-from keyturn.recording.output import Recorded, record
+from keyturn.recording.output import Recording, make_recording
 from keyturn.store import outcomes
 
 
@@ -63,11 +63,26 @@ def large(rows: int, size: int) -> bool:
     return rows > LARGE_ROWS or size > LARGE_BYTES
 
 
-async def recorded(config: RecordConfig, step: uuid.UUID, output: dict[str, Any]) -> Recorded:
+async def recording_for(
+    config: RecordConfig,
+    step: uuid.UUID,
+    output: dict[str, Any],
+    timing: list[Any] | None = None,
+) -> Recording:
     """What the step's run keeps of ``output`` (its ``sha256`` is the request's
-    ``result_digest``); in a worker thread for a large output."""
-    keep = functools.partial(record, step, output, kept=config.outputs, cap=config.output_bytes)
-    text = sum(len(v) for v in output.values() if isinstance(v, str))
-    if large(len(output.get("rows") or ()), max(int(output.get("bytes") or 0), text)):
+    ``result_digest``) and of a driver's ``timing``; in a worker thread for a large output."""
+    keep = functools.partial(
+        make_recording, step, output, kept=config.outputs, cap=config.output_bytes, timing=timing
+    )
+    if large(len(output.get("rows") or ()), _size_guess(output)):
         return await asyncio.to_thread(keep)
     return keep()
+
+
+def _size_guess(output: dict[str, Any]) -> int:
+    """An output's size without encoding it: its strings, and 16 bytes a cell (a wide result
+    of few rows is as costly as a long one)."""
+    text = sum(len(v) for v in output.values() if isinstance(v, str))
+    rows = output.get("rows") or ()
+    cells = len(rows) * len(output.get("columns") or ())
+    return max(int(output.get("bytes") or 0), text + 16 * cells)

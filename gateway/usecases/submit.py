@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from gateway.usecases import allowed, hold
 from gateway.usecases.gateway import AGENT_TERMINAL, Gateway
-from gateway.usecases.submission import Submission, outcome, recorded
+from gateway.usecases.submission import Submission, outcome, recording_for
 from keyturn.classify import Identity, check_access
 from keyturn.errors import Forbidden
 from keyturn.store import reads, requests
@@ -43,7 +43,7 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
         refused = Blocked(message or (f"blocked by rule {rule}: {why}" if rule else why), rule)
         blocked = outcome(sub, who, verdict, status="blocked")
         seen = {"error": {"code": refused.code, "message": refused.message, "rule": rule}}
-        kept = await recorded(gw.config.record, blocked.id, seen)
+        kept = await recording_for(gw.config.record, blocked.id, seen)
         await gw.journal.record(replace(blocked, recorded=kept))
         gw.metrics.commands.labels("blocked").inc()
         raise refused

@@ -125,8 +125,9 @@ class StepOutputOut(BaseModel):
 
 
 class StepOut(BaseModel):
-    step: int = Field(description="1 for the run's first step")
+    number: int = Field(description="its place in the run: 1 for the first step")
     id: str = Field(description="the request's id (a blocked command's step id)")
+    run_id: str | None = Field(default=None, description="the run_id it was sent with")
     at: datetime
     target: str
     command: str
@@ -141,6 +142,6 @@ class StepOut(BaseModel):
 
 
 class RunOut(BaseModel):
-    id: str = Field(description="the run_id given, or auto-<first step> for an idle-gap run")
+    name: str = Field(description="the run_id given, or auto-<first step> for an idle-gap run")
     steps: list[StepOut] = Field(description="oldest first")
-    more: int = Field(description="steps after these left out (raise limit)")
+    more: bool = Field(description="steps after these were left out (raise limit)")

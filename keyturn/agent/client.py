@@ -455,8 +455,9 @@ def http_flow(
     return http_result((yield from deadline_flow(*args)))
 
 
-def run_steps_flow(run_id: str, limit: int, timeout: float) -> Flow[RunOut]:
-    call = Call("GET", f"/v1/runs/{quote(run_id, safe='')}?limit={limit}", timeout)
+def run_steps_flow(run_id: str, limit: int, waiting: bool, timeout: float) -> Flow[RunOut]:
+    query = f"limit={limit}&waiting={'true' if waiting else 'false'}"
+    call = Call("GET", f"/v1/runs/{quote(run_id, safe='')}?{query}", timeout)
     reply = yield from _exchange(call, time.monotonic() + timeout, f"read run {run_id}")
     try:
         return RunOut.model_validate(reply.body)
@@ -644,10 +645,18 @@ class Client(_Base):
         """The targets this identity may use."""
         return self._drive(targets_flow(timeout))
 
-    def run_steps(self, run_id: str, limit: int = 100, timeout: float = TARGETS_TIMEOUT) -> RunOut:
+    def run_steps(
+        self,
+        run_id: str,
+        limit: int = 100,
+        *,
+        waiting: bool = False,
+        timeout: float = TARGETS_TIMEOUT,
+    ) -> RunOut:
         """This identity's steps of run ``run_id``, oldest first, outputs as it saw them
-        (:class:`Rejected`, status 404, when it has none)."""
-        return self._drive(run_steps_flow(run_id, limit, timeout))
+        (``waiting``: only its requests not yet ended; :class:`Rejected`, status 404, when
+        it has no step)."""
+        return self._drive(run_steps_flow(run_id, limit, waiting, timeout))
 
     def close(self) -> None:
         self._http.close()
@@ -781,9 +790,14 @@ class AsyncClient(_Base):
         return await self._drive(targets_flow(timeout))
 
     async def run_steps(
-        self, run_id: str, limit: int = 100, timeout: float = TARGETS_TIMEOUT
+        self,
+        run_id: str,
+        limit: int = 100,
+        *,
+        waiting: bool = False,
+        timeout: float = TARGETS_TIMEOUT,
     ) -> RunOut:
-        return await self._drive(run_steps_flow(run_id, limit, timeout))
+        return await self._drive(run_steps_flow(run_id, limit, waiting, timeout))
 
     async def aclose(self) -> None:
         await self._http.aclose()

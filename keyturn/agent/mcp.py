@@ -207,9 +207,6 @@ def build(
     return server
 
 
-WAITING = frozenset({"pending", "approved", "executing"})
-
-
 async def _waiting(client: AsyncClient, run_id: str | None) -> ToolOutcome:
     """The requests of this session's run still waiting for a person or running."""
     if run_id is None:
@@ -219,12 +216,10 @@ async def _waiting(client: AsyncClient, run_id: str | None) -> ToolOutcome:
             "to list its waiting requests).",
         )
     try:
-        found = await client.run_steps(run_id, limit=1000)
+        found = await client.run_steps(run_id, limit=100, waiting=True)
     except ClientError as exc:
-        if isinstance(exc, Rejected) and exc.status == 404:
-            return ToolOutcome(status="ok", text=f"Nothing of run {run_id} is waiting.")
         return refusal(exc, NEXT_CALL)
-    waiting = [s for s in found.steps if s.status in WAITING]
+    waiting = found.steps
     if not waiting:
         return ToolOutcome(status="ok", text=f"Nothing of run {run_id} is waiting.")
     lines = [

@@ -44,7 +44,7 @@ def record_hash(
 
 
 @dataclass(frozen=True)
-class Recorded:
+class Recording:
     """One step's output as kept: ``text`` is None when nothing of it is kept (``none``) or
     it was deleted by retention; ``stored_sha256`` stays."""
 
@@ -57,7 +57,8 @@ class Recorded:
     stored_sha256: str  # of ``text`` as first kept ("" when nothing was)
 
     @property
-    def record(self) -> str:
+    def digest(self) -> str:
+        """The record hash: what the audit event ending the step carries."""
         return record_hash(
             self.step, self.kept, self.bytes, self.sha256, self.truncated, self.stored_sha256
         )
@@ -66,7 +67,7 @@ class Recorded:
         """What the audit event that ends the step says of its output."""
         return {
             "step": str(self.step),
-            "record": self.record,
+            "record": self.digest,
             "bytes": self.bytes,
             "sha256": self.sha256,
             "kept": self.kept,
@@ -82,16 +83,32 @@ class Recorded:
         return self.text is None or sha256(self.text) == self.stored_sha256
 
 
-def record(step: uuid.UUID, output: dict[str, Any], *, kept: Kept, cap: int) -> Recorded:
-    """The record of ``output`` as ``kept`` says, at most ``cap`` bytes of it kept."""
+def make_recording(
+    step: uuid.UUID,
+    output: dict[str, Any],
+    *,
+    kept: Kept,
+    cap: int,
+    timing: list[Any] | None = None,
+) -> Recording:
+    """What is kept of ``output`` as ``kept`` says, at most ``cap`` bytes. Its size and
+    sha256 are of ``output`` alone, as the agent saw it; ``timing`` (when SSH output arrived)
+    is kept beside it for a replay."""
     text = canonical(output)
     size, digest = len(text.encode()), sha256(text)
     if kept == "none":
-        return Recorded(step, kept, None, size, digest, False, "")
+        return Recording(step, kept, None, size, digest, False, "")
     if kept == "tags":
         text = canonical(tags(output))
-    stored, truncated = fit(text, cap)
-    return Recorded(step, kept, stored, size, digest, truncated, sha256(stored))
+    elif timing:
+        text = canonical(output | {"timing": timing})
+        stored, truncated = fit(text, cap)
+        return Recording(step, kept, stored, size, digest, truncated, sha256(stored))
+    stored, truncated = fit(text, cap, size if kept == "masked" else None)
+    same = kept == "masked" and not truncated  # the kept text is the output: one hash
+    return Recording(
+        step, kept, stored, size, digest, truncated, digest if same else sha256(stored)
+    )
 
 
 def tags(output: dict[str, Any]) -> dict[str, Any]:
@@ -106,15 +123,16 @@ def tags(output: dict[str, Any]) -> dict[str, Any]:
     return shape
 
 
-def fit(text: str, cap: int) -> tuple[str, bool]:
+def fit(text: str, cap: int, size: int | None = None) -> tuple[str, bool]:
     """``text`` (canonical JSON of an object) within ``cap`` bytes, and whether it was cut.
 
     Lists and strings are cut to the longest common length that fits, found by bisection:
     rows are dropped from the end and long values lose their tails, and the top level keeps
     every key (exit status, columns, status code). Bounded: ~log2 of the longest value
-    passes over an output the gateway already capped.
+    passes over an output the gateway already capped. ``size``: the text's UTF-8 length,
+    when known.
     """
-    if len(text.encode()) <= cap:
+    if (len(text.encode()) if size is None else size) <= cap:
         return text, False
     value = json.loads(text)
     low, high = 0, _longest(value)

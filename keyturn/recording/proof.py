@@ -1,15 +1,19 @@
-"""One step's evidence file, checked offline: no database, no Vault, only the file.
+"""One step's evidence file, checked offline: no database, only the file.
 
-The file holds the step (its request, decisions, grant), its recording, and the segment of
-the audit chain from the step's first event to its last, every event with the exact fields
-its hash covers. Checking it recomputes every event's hash and link, then holds each claim
-of the file against the events: the command against its sha256, each decision against an
-event by that approver, the grant against its issue and end, the recording against the hash
-the event that ended the step carries, and the kept output against its sha256. Changing one
-byte of any of them, or leaving an event out, fails the check.
+The file holds the step (its request: agent, run, target, command, verdict, status, every
+decision, its grant), its recording, and the segment of the audit chain from the step's first
+event to its last, every event with the exact fields its hash covers. The check recomputes
+every event's hash and link, then holds each of the file's claims against the events: the
+step is what its first event says (agent, target, run_id, rule, the command's sha256), its
+decisions are exactly the decision events in order, its status is what its last event made
+it, its grant was issued and ended as the events say, and its recording is the one the event
+that ended the step vouches for. Changing one byte, or leaving an event out, fails the check;
+what :class:`Proven` reports comes from the events, not from the file's own words.
 
-What it cannot show offline is that the segment belongs to the deployment's chain: that is
-``keyturn audit verify`` against the checkpoint kept in Vault, whose head the file names.
+What the chain alone cannot show is that the segment is this deployment's: anyone can chain
+events. A file written with the bot's Vault access carries a *seal*, a checkpoint of its last
+event HMACed by the deployment's audit key (:mod:`keyturn.checkpoint`); checking the seal needs
+that Vault (``keyturn audit verify --evidence FILE --config …``), not the database.
 """
 
 from __future__ import annotations
@@ -20,11 +24,31 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from keyturn.chain import event_hash
 from keyturn.domain import command_sha256
 from keyturn.recording.output import record_hash, sha256
-from keyturn.store.audit_log import event_hash
 
 FORMAT = 1
+
+# the event that opens a step, and the status each event leaves a request in
+_OPENING = {"request.held", "request.allowed", "request.blocked"}
+_STATUS = {
+    "request.held": "pending",
+    "request.allowed": "executing",
+    "request.approved": "approved",
+    "request.executing": "executing",
+    "request.executed": "executed",
+    "request.failed": "failed",
+    "request.denied": "denied",
+    "request.expired": "expired",
+    "request.cancelled": "cancelled",
+    "request.blocked": "blocked",
+}
+_DECISIONS = {
+    "request.approved": "approve",
+    "request.approval_recorded": "approve",
+    "request.denied": "deny",
+}
 
 
 class EvidenceBroken(ValueError):
@@ -33,15 +57,24 @@ class EvidenceBroken(ValueError):
 
 @dataclass(frozen=True)
 class Proven:
+    """What the events prove of the step."""
+
     step: str
+    agent: str
+    target: str
+    status: str
+    decisions: tuple[tuple[str, str], ...]  # (who, approve | deny), in order
     events: int
     first_seq: int
     last_seq: int
+    seal: dict[str, Any] | None  # a checkpoint of the last event, to check with Vault
 
 
-def check(evidence: dict[str, Any]) -> Proven:
+def check(evidence: object) -> Proven:
     """What the file proves, or :class:`EvidenceBroken` naming the first thing it does not."""
     try:
+        if not isinstance(evidence, dict):
+            raise EvidenceBroken("not a keyturn evidence file (not a JSON object)")
         return _check(evidence)
     except EvidenceBroken:
         raise
@@ -53,19 +86,41 @@ def _check(evidence: dict[str, Any]) -> Proven:
     if evidence.get("keyturn_evidence") != FORMAT:
         raise EvidenceBroken(f"not a keyturn evidence file (format {FORMAT})")
     events = evidence["events"]
-    if not events:
+    if not isinstance(events, list) or not events:
         raise EvidenceBroken("the file holds no audit events")
     _chain(events)
     step = evidence["step"]
-    step_id = step["id"]
-    own = [e for e in events if _is_own(e, step_id)]
+    own = [e for e in events if _is_own(e, step["id"])]
     if not own:
-        raise EvidenceBroken(f"no event in the segment is about step {step_id}")
-    _command(step, own)
-    _decisions(step, own)
+        raise EvidenceBroken(f"no event in the segment is about step {step['id']}")
+    opening = own[0]
+    if opening["kind"] not in _OPENING:
+        raise EvidenceBroken("the segment does not start with the step's first event")
+    _opened(step, opening)
+    decisions = tuple((e["actor"], _DECISIONS[e["kind"]]) for e in own if e["kind"] in _DECISIONS)
+    claimed = tuple((d["by"], d["decision"]) for d in step["decisions"])
+    if claimed != decisions:
+        raise EvidenceBroken(f"the decisions are not the ones the events record: {decisions}")
+    status = [_STATUS[e["kind"]] for e in own if e["kind"] in _STATUS][-1]
+    if step["status"] != status:
+        raise EvidenceBroken(f"the status is not the one the events leave it in ({status})")
     _grant(step, own)
-    _recording(evidence.get("recording"), step_id, own)
-    return Proven(step_id, len(events), events[0]["seq"], events[-1]["seq"])
+    _recording(evidence.get("recording"), step["id"], own)
+    last = events[-1]
+    seal = evidence.get("seal")
+    if seal is not None and (seal.get("seq"), seal.get("hash")) != (last["seq"], last["hash"]):
+        raise EvidenceBroken("the seal is not of the segment's last event")
+    return Proven(
+        step["id"],
+        opening["actor"],
+        _data(opening)["target"],
+        status,
+        decisions,
+        len(events),
+        events[0]["seq"],
+        last["seq"],
+        seal,
+    )
 
 
 def _chain(events: list[dict[str, Any]]) -> None:
@@ -104,36 +159,36 @@ def _is_own(event: dict[str, Any], step_id: str) -> bool:
     return (_data(event).get("output") or {}).get("step") == step_id
 
 
-def _command(step: dict[str, Any], own: list[dict[str, Any]]) -> None:
-    digest = command_sha256(step["command"])
-    said = {_data(e).get("command_sha256") for e in own} - {None}
-    if said != {digest}:
-        raise EvidenceBroken("the command is not the one the audit events name (sha256)")
-
-
-def _decisions(step: dict[str, Any], own: list[dict[str, Any]]) -> None:
-    kinds = {
-        "approve": ("request.approved", "request.approval_recorded"),
-        "deny": ("request.denied",),
+def _opened(step: dict[str, Any], opening: dict[str, Any]) -> None:
+    """The step is what its first event says it is."""
+    said = _data(opening)
+    claims = {
+        "agent": (step["agent"], opening["actor"]),
+        "target": (step["target"], said.get("target")),
+        "run_id": (step["run_id"], said.get("run_id")),
+        "rule": (step["rule"], said.get("rule")),
+        "command": (command_sha256(step["command"]), said.get("command_sha256")),
+        "verdict": (step["verdict"] == "blocked", opening["kind"] == "request.blocked"),
     }
-    for decision in step["decisions"]:
-        if not any(
-            e["kind"] in kinds[decision["decision"]] and e["actor"] == decision["by"] for e in own
-        ):
-            raise EvidenceBroken(
-                f"no audit event records {decision['by']}'s {decision['decision']}"
-            )
+    wrong = [name for name, (claimed, recorded) in claims.items() if claimed != recorded]
+    if wrong:
+        raise EvidenceBroken(f"the step's {', '.join(wrong)} is not what its first event says")
 
 
 def _grant(step: dict[str, Any], own: list[dict[str, Any]]) -> None:
+    issued = [e for e in own if e["kind"] == "grant.issued"]
     grant = step.get("grant")
     if grant is None:
+        if issued:
+            raise EvidenceBroken("the events record a grant the file leaves out")
         return
     of_grant = [e for e in own if e["grant_id"] == grant["id"]]
     if not any(e["kind"] == "grant.issued" for e in of_grant):
         raise EvidenceBroken("no audit event records the grant's credentials being issued")
-    if grant["ended_at"] and not any(e["kind"] == f"grant.{grant['status']}" for e in of_grant):
-        raise EvidenceBroken(f"no audit event records the grant being {grant['status']}")
+    ends = {"grant.revoked", "grant.expired"}
+    ended = [e["kind"].removeprefix("grant.") for e in of_grant if e["kind"] in ends]
+    if (grant["status"] != "active") != bool(ended) or (ended and ended[-1] != grant["status"]):
+        raise EvidenceBroken(f"the grant did not end as the file says ({grant['status']})")
 
 
 def _recording(recording: dict[str, Any] | None, step_id: str, own: list[dict[str, Any]]) -> None:

@@ -2,22 +2,25 @@
 
 A run is the agent's ``run_id`` when it gives one. Without one, an agent's steps make one run
 per idle gap: a step more than ``record.run_gap`` after the agent's previous step without a
-``run_id`` opens a new run, named ``auto-<that step's id>``. The name depends only on the
-steps before it, so it never changes as later steps arrive; ``auto-`` is therefore kept for
-these names, and a ``run_id`` may not start with it.
+``run_id`` opens a new run, named ``auto-<that step's id>``. Each step gets its run's name as
+it is written (the store's ``keyturn_run_after``), so a name never changes; ``auto-`` is kept
+for these names, and a ``run_id`` may not start with it.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from keyturn.recording.output import Recorded
+from keyturn.recording.output import Recording
 
 AUTO = "auto-"
 MAX_RUN_ID = 200
+# letters, digits and . _ : @ + - : nothing a terminal, a URL path or Slack reads as syntax
+_RUN_ID = re.compile(r"[A-Za-z0-9._:@+-]+")
 
 Verdict = Literal["allowed", "held", "blocked"]
 
@@ -30,21 +33,11 @@ def check_run_id(value: str) -> str:
     """``value`` as a run id, or :class:`BadRunId` saying why not."""
     if not 1 <= len(value) <= MAX_RUN_ID:
         raise BadRunId(f"a run_id is 1 to {MAX_RUN_ID} characters")
-    if not value.isprintable():
-        raise BadRunId("a run_id has printable characters only")
+    if not _RUN_ID.fullmatch(value):
+        raise BadRunId("a run_id has letters, digits and . _ : @ + - only")
     if value.startswith(AUTO):
         raise BadRunId(f"run ids starting with {AUTO!r} name keyturn's own runs (idle gaps)")
     return value
-
-
-def auto_run(value: str) -> uuid.UUID | None:
-    """The first step of an idle-gap run named ``value``; None for an agent's own run id."""
-    if not value.startswith(AUTO):
-        return None
-    try:
-        return uuid.UUID(value.removeprefix(AUTO))
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -68,12 +61,28 @@ class GrantLife:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How a step went, in parts each view words its own way: ``word`` (allowed, blocked,
+    approved, denied, held), the people who decided it, and a note (the rule that blocked
+    it, the status a step is still in or failed with)."""
+
+    word: str
+    people: tuple[str, ...] = ()
+    note: str | None = None
+
+    def __str__(self) -> str:
+        who = f" by {', '.join(self.people)}" if self.people else ""
+        return f"{self.word}{who}" + (f", {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
 class Step:
     """One command of a run and everything that happened to it."""
 
     id: uuid.UUID
     agent: str
-    run_id: str | None
+    run_id: str | None  # as the agent gave it
+    run: str  # the run's name
     at: datetime
     target: str
     command: str
@@ -84,33 +93,29 @@ class Step:
     error: str | None = None
     votes: tuple[Vote, ...] = ()
     grant: GrantLife | None = None
-    recorded: Recorded | None = None
+    recorded: Recording | None = None
 
     @property
-    def decided_by(self) -> list[str]:
-        """Who decided it: people, or ``policy:<rule>`` for a rule's own approval."""
-        return [v.approver for v in self.votes]
-
-    @property
-    def summary(self) -> str:
-        """A few words on how it went: ``allowed``, ``blocked``, ``approved by U1``…"""
-        if self.verdict != "held":
-            return self.verdict if self.status not in ("failed",) else f"{self.verdict}, failed"
+    def outcome(self) -> Outcome:
+        if self.verdict == "blocked":
+            return Outcome("blocked")
+        if self.verdict == "allowed":
+            return Outcome("allowed", note="failed" if self.status == "failed" else None)
         denial = next((v for v in self.votes if v.decision == "deny"), None)
         if denial is not None:
-            return f"denied by {denial.approver}"
-        approvers = [v.approver for v in self.votes if v.decision == "approve"]
-        if self.status in ("executed", "failed", "executing", "approved") and approvers:
-            ran = "" if self.status == "executed" else f", {self.status}"
-            return f"approved by {', '.join(approvers)}{ran}"
-        return f"held, {self.status}"
+            return Outcome("denied", (denial.approver,))
+        approvers = tuple(v.approver for v in self.votes if v.decision == "approve")
+        if approvers and self.status in ("approved", "executing", "executed", "failed"):
+            note = None if self.status == "executed" else self.status
+            return Outcome("approved", approvers, note)
+        return Outcome("held", note=self.status)
 
 
 @dataclass(frozen=True)
 class RunSummary:
     """One line of ``keyturn runs list``."""
 
-    id: str
+    run: str
     agents: tuple[str, ...]
     started: datetime
     last: datetime
@@ -121,14 +126,24 @@ class RunSummary:
     targets: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """A run's steps, oldest first; ``later`` counts steps after them left out (a limit)."""
+    """A run's steps, oldest first; ``more``: steps after them were left out (a limit)."""
 
-    id: str
-    steps: list[Step] = field(default_factory=list)
-    later: int = 0
+    name: str
+    steps: list[Step]
+    more: bool = False
 
     @property
     def agents(self) -> list[str]:
         return sorted({s.agent for s in self.steps})
+
+
+@dataclass(frozen=True)
+class RunSoFar:
+    """What came before a step in its run: the last few steps, oldest first, and how many
+    earlier ones there are (None: too many to count)."""
+
+    name: str
+    steps: tuple[Step, ...]
+    earlier: int | None

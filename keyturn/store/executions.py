@@ -12,7 +12,7 @@ from keyturn.domain import (
     RequestStatus,
     came_from,
 )
-from keyturn.recording.output import Recorded
+from keyturn.recording.output import Recording
 from keyturn.store.audit_log import Event
 from keyturn.store.db import Store, Tx
 from keyturn.store.models import RequestRow
@@ -36,7 +36,7 @@ async def finish_execution(
     *,
     result: dict[str, Any] | None = None,
     error: str | None = None,
-    recorded: Recorded | None = None,
+    recorded: Recording | None = None,
 ) -> RequestRow:
     """Record the outcome and what its run keeps of it; ``error`` set means failed. Store
     only masked results here."""
@@ -50,15 +50,7 @@ async def finish_execution(
         row.save(req, tx.now)
         row.result, row.error = result, error
         if recorded is not None:
-            tx.session.add(
-                recording_row(
-                    recorded,
-                    request_id=row.id,
-                    agent=row.requester,
-                    run_id=row.run_id,
-                    target=row.target,
-                )
-            )
+            tx.session.add(recording_row(recorded, request_id=row.id))
         outcome = {"error": error} if error else {"result_digest": recorded and recorded.sha256}
         tx.record(
             Event(

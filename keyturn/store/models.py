@@ -66,7 +66,13 @@ class RequestRow(Base):
             unique=True,
             postgresql_where="access AND status IN ('pending', 'approved', 'executing')",
         ),
-        Index("ix_requests_requester_created", "requester", "created_at"),  # an agent's steps
+        Index("ix_requests_run", "run", "created_at"),  # a run's steps in order
+        Index(  # an agent's latest step without a run_id (keyturn_run_after)
+            "ix_requests_implicit",
+            "requester",
+            "created_at",
+            postgresql_where="run_id IS NULL AND NOT access",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -75,7 +81,8 @@ class RequestRow(Base):
     command_sha256: Mapped[str] = mapped_column(String(64))
     requester: Mapped[str] = mapped_column(String(200))
     on_behalf_of: Mapped[str | None] = mapped_column(String(200))
-    run_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(200))  # as the agent gave it
+    run: Mapped[str | None] = mapped_column(String(200))  # its run's name (agents' steps)
     reason: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(20), index=True)
     rule: Mapped[str | None] = mapped_column(String(200))
@@ -276,13 +283,24 @@ class AuditHeadRow(Base):
 class RecordingRow(Base):
     """One step of an agent's run, as kept (keyturn.recording.output): the output the agent
     saw and its hashes. A blocked command has no request row: its step is this row alone,
-    with its command. ``output`` is deleted by retention; every hash stays."""
+    with its agent, run, target and command. ``output`` is deleted by retention; every hash
+    stays."""
 
     __tablename__ = "recordings"
     __table_args__ = (
         CheckConstraint("kept IN ('none', 'tags', 'masked')", name="kept_known"),
-        CheckConstraint("(request_id IS NULL) = (command IS NOT NULL)", name="command_if_blocked"),
-        Index("ix_recordings_blocked", "agent", "at", postgresql_where="request_id IS NULL"),
+        CheckConstraint(
+            "(request_id IS NULL) = (command IS NOT NULL AND agent IS NOT NULL AND run IS NOT NULL"
+            " AND target IS NOT NULL)",
+            name="blocked_step",
+        ),
+        Index("ix_recordings_run", "run", "at", postgresql_where="run IS NOT NULL"),
+        Index(
+            "ix_recordings_implicit",
+            "agent",
+            "at",
+            postgresql_where="request_id IS NULL AND run_id IS NULL",
+        ),
         Index("ix_recordings_kept_at", "at", postgresql_where="output IS NOT NULL"),
     )
 
@@ -290,10 +308,12 @@ class RecordingRow(Base):
     request_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("requests.id", ondelete="RESTRICT"), unique=True
     )
-    agent: Mapped[str] = mapped_column(String(200))
-    run_id: Mapped[str | None] = mapped_column(String(200), index=True)
-    target: Mapped[str] = mapped_column(String(200))
-    command: Mapped[str | None] = mapped_column(Text)  # a blocked command's; else the request's
+    # a blocked command's step (a request's are on its row)
+    agent: Mapped[str | None] = mapped_column(String(200))
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    run: Mapped[str | None] = mapped_column(String(200))
+    target: Mapped[str | None] = mapped_column(String(200))
+    command: Mapped[str | None] = mapped_column(Text)
     rule: Mapped[str | None] = mapped_column(String(200))
     at: Mapped[datetime] = mapped_column(server_default=func.now())
     kept: Mapped[str] = mapped_column(String(10))
@@ -302,5 +322,4 @@ class RecordingRow(Base):
     output_sha256: Mapped[str] = mapped_column(String(64))
     truncated: Mapped[bool] = mapped_column(Boolean)
     stored_sha256: Mapped[str] = mapped_column(String(64))
-    record_hash: Mapped[str] = mapped_column(String(64))
     purged_at: Mapped[datetime | None]

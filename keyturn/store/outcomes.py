@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -20,7 +21,7 @@ from keyturn.domain import (
     came_from,
     command_sha256,
 )
-from keyturn.recording.output import Recorded
+from keyturn.recording.output import Recording
 from keyturn.store.audit_log import recording
 from keyturn.store.recordings import output_event, recording_json
 from keyturn.store.requests import shadow
@@ -49,7 +50,7 @@ class Outcome:
     result_digest: str | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None
-    recorded: Recorded | None = None  # what its run keeps of the output (blocked: the refusal)
+    recorded: Recording | None = None  # what its run keeps of the output (blocked: the refusal)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Completion:
     result_digest: str | None
     result: dict[str, Any] | None = None
     release_key: bool = False  # it never ran: its Idempotency-Key may be used again
-    recorded: Recorded | None = None  # what its run keeps of the output
+    recorded: Recording | None = None  # what its run keeps of the output
 
 
 # where a run may end, executed or failed: the domain's table says, not this module
@@ -70,12 +71,27 @@ _COMPLETABLE = sorted(came_from(RequestStatus.EXECUTED) & came_from(RequestStatu
 
 # One statement for a whole batch: one round trip, atomic on its own.
 _WRITE_OUTCOMES = """
-WITH inserted AS (
+WITH named AS (
+    -- the run each agent's steps without a run_id join (written together, they share one)
+    SELECT s.agent, keyturn_run_after(s.agent, min(s.id::text)::uuid, now(), $6::interval) AS run
+    FROM (
+        SELECT x.requester AS agent, x.id
+        FROM jsonb_to_recordset($1::jsonb) AS x(requester text, id uuid, run_id text)
+        WHERE x.run_id IS NULL
+        UNION ALL
+        SELECT y.agent, y.step_id
+        FROM jsonb_to_recordset($5::jsonb) AS y(agent text, step_id uuid, run_id text,
+            request_id uuid)
+        WHERE y.run_id IS NULL AND y.request_id IS NULL
+    ) s GROUP BY s.agent
+), inserted AS (
     INSERT INTO requests (id, target, command, command_sha256, requester, on_behalf_of, run_id,
-        reason, status, rule, classification, quorum, idempotency_key, body_sha256, created_at,
-        updated_at, pending_expires_at, decided_at, result, error)
+        run, reason, status, rule, classification, quorum, idempotency_key, body_sha256,
+        created_at, updated_at, pending_expires_at, decided_at, result, error)
     SELECT x.id, x.target, x.command, encode(sha256(convert_to(x.command, 'UTF8')), 'hex'),
-        x.requester, x.on_behalf_of, x.run_id, x.reason, x.status, x.rule, x.classification, 1,
+        x.requester, x.on_behalf_of, x.run_id,
+        coalesce(x.run_id, (SELECT n.run FROM named n WHERE n.agent = x.requester)),
+        x.reason, x.status, x.rule, x.classification, 1,
         x.idempotency_key, x.body_sha256, now(), now(), now(), now(), x.result, x.error
     FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, target text, command text, requester text,
         on_behalf_of text, run_id text, reason text, status text, rule text,
@@ -87,20 +103,22 @@ WITH inserted AS (
     FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, status text, error text, result jsonb,
         release_key boolean)
     WHERE r.id = x.id AND r.status = ANY($4::text[])
-    RETURNING r.id, r.requester, r.run_id, r.target
+    RETURNING r.id
 ), kept AS (
-    -- a completion's recording goes with the change it records, as its event does
-    INSERT INTO recordings (step_id, request_id, agent, run_id, target, command, rule, kept,
-        output, output_bytes, output_sha256, truncated, stored_sha256, record_hash)
-    SELECT x.step_id, x.request_id, coalesce(c.requester, x.agent), coalesce(c.run_id, x.run_id),
-        coalesce(c.target, x.target), x.command, x.rule, x.kept, x.output, x.output_bytes,
-        x.output_sha256, x.truncated, x.stored_sha256, x.record_hash
+    -- a completion's recording goes with the change it records, as its event does; a
+    -- blocked command's is its whole step
+    INSERT INTO recordings (step_id, request_id, agent, run_id, run, target, command, rule,
+        kept, output, output_bytes, output_sha256, truncated, stored_sha256)
+    SELECT x.step_id, x.request_id, x.agent, x.run_id,
+        CASE WHEN x.request_id IS NULL THEN
+            coalesce(x.run_id, (SELECT n.run FROM named n WHERE n.agent = x.agent)) END,
+        x.target, x.command, x.rule, x.kept, x.output, x.output_bytes, x.output_sha256,
+        x.truncated, x.stored_sha256
     FROM jsonb_to_recordset($5::jsonb) AS x(step_id uuid, request_id uuid, agent text,
         run_id text, target text, command text, rule text, kept text, output text,
         output_bytes bigint, output_sha256 text, truncated boolean, stored_sha256 text,
-        record_hash text, outcome boolean)
-    LEFT JOIN completed c ON c.id = x.request_id
-    WHERE NOT x.outcome OR c.id IS NOT NULL
+        outcome boolean)
+    WHERE NOT x.outcome OR x.request_id IN (SELECT id FROM completed)
     ON CONFLICT DO NOTHING
 ), happened AS (
     -- an outcome is audited only with the change it records: a retried completion whose
@@ -113,8 +131,11 @@ WITH inserted AS (
 )""" + recording("happened", "SELECT 'request:' || id FROM completed")
 
 
-async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | Completion]) -> None:
-    """Write records in one statement on ``conn`` (the gateway's journal batches them)."""
+async def write_outcomes(
+    conn: asyncpg.Connection, records: Sequence[Outcome | Completion], run_gap: timedelta
+) -> None:
+    """Write records in one statement on ``conn`` (the gateway's journal batches them); a
+    step without a run_id joins its agent's run of ``run_gap`` (keyturn_run_after)."""
     rows: list[dict[str, Any]] = []
     done: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
@@ -155,19 +176,20 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
             | shadow(r.classification)
             | output_event(r.recorded)
         )
-        if r.recorded is not None:
-            blocked = r.status == "blocked"
+        if r.recorded is not None and r.status == "blocked":  # its recording is its step
             kept.append(
                 recording_json(
                     r.recorded,
-                    request_id=None if blocked else r.id,
+                    request_id=None,
                     agent=r.requester,
                     run_id=r.run_id,
                     target=r.target,
-                    command=r.command if blocked else None,
+                    command=r.command,
                     rule=r.rule,
                 )
             )
+        elif r.recorded is not None:
+            kept.append(recording_json(r.recorded, request_id=r.id))
         if r.status == "blocked":
             events.append(
                 {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}
@@ -203,4 +225,5 @@ async def write_outcomes(conn: asyncpg.Connection, records: Sequence[Outcome | C
         json.dumps(events),
         _COMPLETABLE,
         json.dumps(kept),
+        run_gap,
     )

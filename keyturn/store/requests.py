@@ -52,6 +52,7 @@ class NewRequest:
     body_sha256: str | None = None
     access: bool = False  # a person's own access: runs no command (keyturn.domain.Request)
     max_pending: int | None = None  # the requester's pending requests at most (agents)
+    run_gap: timedelta | None = None  # an agent's step: record.run_gap names its run
 
 
 class TooManyPending(Conflict):
@@ -78,6 +79,14 @@ async def _within_pending(tx: Tx, requester: str, limit: int) -> None:
             f"{requester} already has {waiting} requests waiting for a human (at most {limit}); "
             "wait for them to be decided or to expire, then send more"
         )
+
+
+async def _run_after(tx: Tx, row: RequestRow, gap: timedelta) -> str:
+    """The run an agent's step without a run_id joins (keyturn_run_after, as the journal)."""
+    run = await tx.session.scalar(
+        select(func.keyturn_run_after(row.requester, row.id, row.created_at, gap))
+    )
+    return str(run)
 
 
 async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, bool]:
@@ -123,6 +132,8 @@ async def create_request(store: Store, new: NewRequest) -> tuple[RequestRow, boo
         async with store.transaction() as tx:
             if new.max_pending is not None:
                 await _within_pending(tx, new.requester, new.max_pending)
+            if new.run_gap is not None and not new.access:
+                row.run = new.run_id or await _run_after(tx, row, new.run_gap)
             tx.session.add(row)
             await tx.session.flush()
             tx.record(

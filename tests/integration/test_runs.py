@@ -29,7 +29,7 @@ from keyturn.errors import NotFound
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.sshd import SshServer
 from keyturn.harness.tls import ServerTls
-from keyturn.store import recordings, run_steps
+from keyturn.store import recordings, run_list, run_steps
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import APPROVALS, APPROVER, Apis, Desk, DeskFactory, Shop
@@ -39,7 +39,6 @@ AGENT = "crew-nightly"
 RUN = "nightly-7"
 EMAILS = ("ada@example.com", "lin@example.com")  # the shop's customers: never recorded
 TICKS = "sh -c 'echo one; sleep 0.4; echo two >&2; sleep 0.4; echo three'"
-GAP = timedelta(minutes=15)
 
 
 def _policy(shop: Shop, sshd: SshServer, apis: Apis) -> dict[str, Any]:
@@ -60,8 +59,8 @@ def _policy(shop: Shop, sshd: SshServer, apis: Apis) -> dict[str, Any]:
     return {"targets": targets, "rules": rules}
 
 
-def _cli(dsn: Dsn, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url}
+def _cli(dsn: Dsn, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url} | env_vars
     return subprocess.run(
         [sys.executable, "-m", "keyturn.cli", *args],
         capture_output=True,
@@ -218,7 +217,7 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
         "allowed",
         "allowed",
     ]
-    assert [s.summary for s in ran.steps][2:7] == [
+    assert [str(s.outcome) for s in ran.steps][2:7] == [
         "blocked",
         f"approved by {APPROVER}",
         "allowed",
@@ -241,7 +240,7 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
     as_json = json.loads(
         (await asyncio.to_thread(_cli, database, "runs", "show", RUN, "--json")).stdout
     )
-    assert [s["step"] for s in as_json["steps"]] == list(range(1, 13))
+    assert [s["number"] for s in as_json["steps"]] == list(range(1, 13))
     listed = await asyncio.to_thread(_cli, database, "runs", "list", "--agent", AGENT)
     row = next(line for line in listed.stdout.splitlines() if line.startswith(RUN))
     assert row.split()[4:8] == ["12", "3", "1", "1"], row  # steps, held, denied, blocked
@@ -274,8 +273,9 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
     assert played.returncode == 0, played.stderr
     assert "UPDATE 1" in played.stdout and "three" in played.stdout
     jsonl = await asyncio.to_thread(_cli, database, "runs", "export", RUN, "--format", "jsonl")
-    assert [json.loads(line)["step"] for line in jsonl.stdout.splitlines()] == list(range(1, 13))
+    assert [json.loads(line)["number"] for line in jsonl.stdout.splitlines()] == list(range(1, 13))
     # evidence of the approved update: holds offline; one byte of its output changed does not
+    await _sealed_evidence(database, str(update.id), shop, tmp_path)
     await _evidence_holds_until_one_byte_changes(database, str(update.id), tmp_path)
 
 
@@ -311,12 +311,38 @@ def _check_asciicast_v2(text: str) -> None:
     )
 
 
+async def _sealed_evidence(dsn: Dsn, request: str, shop: Shop, tmp_path: Path) -> None:
+    """Written with the bot's Vault, the file is sealed by the audit key; checked against
+    Vault, the seal holds; a forged seal, or an unsealed file, does not."""
+    config = tmp_path / "keyturn.yaml"
+    config.write_text(json.dumps(shop.base_policy), encoding="utf-8")
+    bot = {"KEYTURN_BOT_ROLE_ID": shop.bot_role_id, "KEYTURN_BOT_SECRET_ID": shop.bot_secret_id}
+    file, unsealed = tmp_path / "sealed.json", tmp_path / "unsealed.json"
+    args = ("audit", "evidence", request, "--config", str(config), "-o", str(file))
+    wrote = await asyncio.to_thread(_cli, dsn, *args, **bot)
+    assert wrote.returncode == 0 and "(sealed)" in wrote.stderr, wrote.stderr
+    check = ("audit", "verify", "--config", str(config), "--evidence")
+    held = await asyncio.to_thread(_cli, dsn, *check, str(file), **bot)
+    assert held.returncode == 0 and "evidence holds" in held.stdout, held.stderr
+    assert "sealed by this deployment's audit key (checked)" in held.stdout
+    forged = json.loads(file.read_text(encoding="utf-8"))
+    forged["seal"]["hmac"] = "vault:v1:" + "A" * 44
+    file.write_text(json.dumps(forged), encoding="utf-8")
+    refused = await asyncio.to_thread(_cli, dsn, *check, str(file), **bot)
+    assert refused.returncode == 1 and "not from this deployment's audit key" in refused.stderr
+    plain = ("audit", "evidence", request, "-o", str(unsealed))
+    assert (await asyncio.to_thread(_cli, dsn, *plain)).returncode == 0
+    unproven = await asyncio.to_thread(_cli, dsn, *check, str(unsealed), **bot)
+    assert unproven.returncode == 1 and "it is not sealed" in unproven.stderr
+
+
 async def _evidence_holds_until_one_byte_changes(dsn: Dsn, request: str, tmp_path: Path) -> None:
     file = tmp_path / "evidence.json"
     wrote = await asyncio.to_thread(_cli, dsn, "audit", "evidence", request, "-o", str(file))
     assert wrote.returncode == 0, wrote.stderr
     held = await asyncio.to_thread(_cli, dsn, "audit", "verify", "--evidence", str(file))
-    assert held.returncode == 0 and "evidence holds" in held.stdout, held.stderr
+    assert held.returncode == 0 and "consistent: step" in held.stdout, held.stderr
+    assert f"by {AGENT} on shop: executed (approve by {APPROVER})" in held.stdout
     conn = await asyncpg.connect(dsn.url)
     try:
         await conn.execute(
@@ -374,7 +400,7 @@ async def test_retention_deletes_outputs_keeps_hashes_and_a_tampered_purge_is_ca
         await asyncio.sleep(0.01)
         assert await recordings.purge(store, timedelta(microseconds=1)) == 3
         assert await _verify(store) is None
-        ran = await run_steps.run(store, "kept", GAP)
+        ran = await run_steps.run(store, "kept")
         assert [s.recorded is not None and s.recorded.text for s in ran.steps] == [None] * 4
         assert all(s.recorded and len(s.recorded.sha256) == 64 for s in ran.steps)
         # a purge that also "fixes" a hash, or removes a recording, is caught
@@ -389,8 +415,35 @@ async def test_retention_deletes_outputs_keeps_hashes_and_a_tampered_purge_is_ca
             f"UPDATE recordings SET output_bytes = output_bytes - 1 WHERE step_id = {first}",
         )
         assert await _verify(store) is None
+        # a blocked command's step rewritten into another agent's innocent one is caught
+        await _superuser(
+            database,
+            "UPDATE recordings SET command = 'SELECT 1', agent = 'crew-other'"
+            " WHERE request_id IS NULL",
+        )
+        assert "not the step its audit event records" in (await _verify(store) or "")
         await _superuser(database, "DELETE FROM recordings WHERE request_id IS NULL")
         assert "the recording this event vouches for was deleted" in (await _verify(store) or "")
+
+
+async def test_an_output_deleted_after_a_purge_and_back_dated_is_caught(
+    run_desk: DeskFactory, idp: DevIdP, database: Dsn
+) -> None:
+    async with run_desk() as desk, AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent:
+        await agent.run("shop", "SELECT 'before' AS w", run_id="late")
+        await _recorded(desk.store, "late")
+        await asyncio.sleep(0.01)
+        assert await recordings.purge(desk.store, timedelta(microseconds=1)) == 1
+        await agent.run("shop", "SELECT 'evidence of wrongdoing' AS w", run_id="late")
+        await _recorded(desk.store, "late")
+        assert await _verify(desk.store) is None
+        # deleted by hand, dated back before the purge's cut-off: the event's time decides
+        await _superuser(
+            database,
+            "UPDATE recordings SET output = NULL, purged_at = now(), at = at - interval '1 day'"
+            " WHERE output LIKE '%wrongdoing%'",
+        )
+        assert "no retention purge reached it" in (await _verify(desk.store) or "")
 
 
 async def test_steps_without_a_run_id_make_one_run_per_idle_gap(
@@ -399,31 +452,41 @@ async def test_steps_without_a_run_id_make_one_run_per_idle_gap(
     async with run_desk() as desk, AsyncClient(desk.gateway.url, idp.token(AGENT)) as agent:
         for n in range(3):
             await agent.run("shop", f"SELECT {n} AS n")
+        with pytest.raises(Exception, match="never allowed"):  # blocked: a step of it too
+            await agent.run("shop", "DROP TABLE orders")
+        held = await agent.submit("shop", "UPDATE orders SET status = 'x' WHERE id = 9")
+        assert held.status == "pending"  # held: a step of it too
         # an hour later (moved back in the store: the gap is the steps' own times)
         await _superuser(
-            database, "UPDATE requests SET created_at = created_at - interval '1 hour'"
+            database,
+            "UPDATE requests SET created_at = created_at - interval '1 hour',"
+            " pending_expires_at = pending_expires_at - interval '1 hour'",
+            "UPDATE recordings SET at = at - interval '1 hour'",
         )
         for n in range(3, 5):
             await agent.run("shop", f"SELECT {n} AS n")
         await agent.run("shop", "SELECT 5 AS n", run_id="named")
-        found = await run_steps.runs_since(
-            desk.store, desk.store.clock.now() - timedelta(days=1), GAP, agent=AGENT
+        found = await run_list.runs_since(
+            desk.store, desk.store.clock.now() - timedelta(days=1), agent=AGENT
         )
-        names = [r.id for r in found]
+        names = [r.run for r in found]
         assert len(found) == 3 and "named" in names
-        auto = [r for r in found if r.id.startswith("auto-")]
-        assert sorted(r.steps for r in auto) == [2, 3]
-        earlier = next(r for r in auto if r.steps == 3)
-        ran = await run_steps.run(desk.store, earlier.id, GAP)
-        assert [s.command for s in ran.steps] == [f"SELECT {n} AS n" for n in range(3)]
+        auto = [r for r in found if r.run.startswith("auto-")]
+        assert sorted(r.steps for r in auto) == [2, 5]
+        earlier = next(r for r in auto if r.steps == 5)
+        assert (earlier.held, earlier.blocked) == (1, 1)
+        ran = await run_steps.run(desk.store, earlier.run)
+        assert [s.command for s in ran.steps][:3] == [f"SELECT {n} AS n" for n in range(3)]
+        assert [s.verdict for s in ran.steps][3:] == ["blocked", "held"]
+        assert earlier.run == f"auto-{ran.steps[0].id}"  # named for its first step
         # a step in the middle of a run names no run; nor does another agent's
         with pytest.raises(NotFound):
-            await run_steps.run(desk.store, f"auto-{ran.steps[1].id}", GAP)
+            await run_steps.run(desk.store, f"auto-{ran.steps[1].id}")
         with pytest.raises(NotFound):
-            await run_steps.run(desk.store, earlier.id, GAP, agent="crew-other")
-        # the window's first run keeps the name of its real first step
-        later = await run_steps.runs_since(desk.store, ran.steps[1].at, GAP, agent=AGENT)
-        assert earlier.id in [r.id for r in later]
+            await run_steps.run(desk.store, earlier.run, agent="crew-other")
+        # a period that starts mid-run lists the run under the name of its real first step
+        later = await run_list.runs_since(desk.store, ran.steps[1].at, agent=AGENT)
+        assert earlier.run in [r.run for r in later]
 
 
 async def test_what_record_outputs_keeps_and_the_cap(
@@ -464,7 +527,7 @@ async def _recorded(store: Store, name: str) -> Any:
     the journal's next batch, just after the agent has its answer."""
     async with asyncio.timeout(10):
         while True:
-            found = await run_steps.run(store, name, GAP)
+            found = await run_steps.run(store, name)
             ended = [s for s in found.steps if s.status in ("executed", "failed", "blocked")]
             running = [s for s in found.steps if s.status == "executing"]
             if not running and all(s.recorded is not None for s in ended):

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from bot.run_view import MODAL_BLOCKS, RunContext, card_blocks, run_modal
+from bot.run_view import MODAL_BLOCKS, card_blocks, run_modal
+from keyturn.chain import GENESIS, event_hash
 from keyturn.domain import command_sha256
-from keyturn.recording.output import canonical, fit, record, record_hash, sha256, tags
+from keyturn.recording.output import canonical, fit, make_recording, record_hash, sha256, tags
 from keyturn.recording.proof import EvidenceBroken, check
-from keyturn.recording.runs import BadRunId, GrantLife, Run, Step, Vote, auto_run, check_run_id
-from keyturn.recording.views import IDLE_CAP, asciicast, frames, json_lines, rendered, step_json
-from keyturn.store.audit_log import GENESIS, event_hash
+from keyturn.recording.runs import BadRunId, GrantLife, Run, RunSoFar, Step, Vote, check_run_id
+from keyturn.recording.terminal import IDLE_CAP, asciicast, frames, rendered
+from keyturn.recording.timeline import json_lines, step_json
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 ROWS = {"columns": ["id", "email"], "rows": [[1, "***"], [2, "***"]], "row_count": 2}
@@ -28,7 +29,7 @@ ROWS = {"columns": ["id", "email"], "rows": [[1, "***"], [2, "***"]], "row_count
 
 def test_a_record_keeps_the_output_and_hashes_what_the_agent_saw() -> None:
     step = uuid.uuid4()
-    kept = record(step, ROWS, kept="masked", cap=65536)
+    kept = make_recording(step, ROWS, kept="masked", cap=65536)
     assert kept.output() == ROWS and not kept.truncated and kept.intact()
     assert kept.sha256 == sha256(canonical(ROWS)) == kept.stored_sha256
     assert kept.bytes == len(canonical(ROWS).encode())
@@ -36,9 +37,9 @@ def test_a_record_keeps_the_output_and_hashes_what_the_agent_saw() -> None:
         "step": str(step), "record": "", "bytes": kept.bytes, "sha256": kept.sha256,
         "kept": "masked", "truncated": False,
     }  # fmt: skip
-    nothing = record(step, ROWS, kept="none", cap=65536)
+    nothing = make_recording(step, ROWS, kept="none", cap=65536)
     assert nothing.text is None and nothing.sha256 == kept.sha256 and nothing.intact()
-    shape = record(step, ROWS | {"stdout": "héllo"}, kept="tags", cap=65536)
+    shape = make_recording(step, ROWS | {"stdout": "héllo"}, kept="tags", cap=65536)
     assert shape.output() == {"columns": ["id", "email"], "row_count": 2, "stdout_bytes": 6}
 
 
@@ -89,7 +90,11 @@ def test_an_output_whose_shape_alone_is_over_the_cap_is_replaced_by_a_note() -> 
     [
         ("", "1 to 200 characters"),
         ("x" * 201, "1 to 200 characters"),
-        ("run\n1", "printable"),
+        ("run\n1", "letters, digits"),
+        (" auto-1", "letters, digits"),
+        ("a/b", "letters, digits"),
+        ("?", "letters, digits"),
+        ("\x1b]0;x\x07", "letters, digits"),
         ("auto-123", "keyturn's own runs"),
     ],
 )
@@ -99,21 +104,15 @@ def test_run_ids_an_agent_may_not_use(value: str, problem: str) -> None:
     assert check_run_id("nightly-7") == "nightly-7"
 
 
-def test_idle_gap_run_names() -> None:
-    step = uuid.uuid4()
-    assert auto_run(f"auto-{step}") == step
-    assert auto_run("nightly-7") is None and auto_run("auto-not-a-uuid") is None
-
-
 # ------------------------------------------------------------------ views
 
 
 def _step(n: int, at: datetime, took: float = 0.5, **fields: Any) -> Step:
     output = fields.pop("output", ROWS)
     ident = uuid.uuid4()
-    kept = record(ident, output, kept="masked", cap=65536) if output is not None else None
+    kept = make_recording(ident, output, kept="masked", cap=65536) if output is not None else None
     return Step(
-        id=ident, agent="crew-7", run_id="r1", at=at, target="shop",
+        id=ident, agent="crew-7", run_id="r1", run="r1", at=at, target="shop",
         command=fields.pop("command", f"SELECT {n}"), verdict=fields.pop("verdict", "allowed"),
         status=fields.pop("status", "executed"), rule=fields.pop("rule", "reads"),
         ended_at=at + timedelta(seconds=took), recorded=kept, **fields,
@@ -132,9 +131,9 @@ def _run() -> Run:
             _step(2, T0 + timedelta(seconds=1), command="DROP TABLE t", verdict="blocked",
                   status="blocked", rule="no-drop",
                   output={"error": {"code": "blocked", "message": "never", "rule": "no-drop"}}),
-            Step(uuid.uuid4(), "crew-7", "r1", held, "shop", "UPDATE t SET a = 1\nWHERE id = 2",
+            Step(uuid.uuid4(), "crew-7", "r1", "r1", held, "shop", "UPDATE t SET a = 1\nWHERE id = 2",
                  "held", "executed", "writes", approved.at + timedelta(seconds=1), None,
-                 (approved,), grant, record(uuid.uuid4(), {"tags": ["UPDATE 1"], "columns": [],
+                 (approved,), grant, make_recording(uuid.uuid4(), {"tags": ["UPDATE 1"], "columns": [],
                  "rows": [], "row_count": 0}, kept="masked", cap=65536)),
             _step(4, approved.at + timedelta(seconds=2), command="uptime", output={
                 "exit_status": 0, "stdout": "one\ntwo\n", "stderr": "",
@@ -184,7 +183,7 @@ def test_asciicast_v2_and_v3_and_json_lines() -> None:
     assert header3["version"] == 3 and header3["term"] == {"cols": 120, "rows": 40}
     assert sum(e[0] for e in events3) == pytest.approx(events[-1][0])  # intervals
     lines = [json.loads(line) for line in json_lines(run).splitlines()]
-    assert [(x["run"], x["step"], x["verdict"]) for x in lines] == [
+    assert [(x["run"], x["number"], x["verdict"]) for x in lines] == [
         ("r1", 1, "allowed"), ("r1", 2, "blocked"), ("r1", 3, "held"), ("r1", 4, "allowed"),
     ]  # fmt: skip
     assert lines[2]["decisions"][0]["by"] == "U1" and lines[2]["grant"]["status"] == "revoked"
@@ -211,7 +210,7 @@ def test_rendered_outputs() -> None:
 
 def test_the_card_shows_the_run_so_far_inert() -> None:
     sneaky = _step(1, T0, command="SELECT '<!channel> `x`' -- " + "y" * 200)
-    blocks = card_blocks(RunContext("nightly<@U1>", (sneaky,), 7), "req-1")
+    blocks = card_blocks(RunSoFar("nightly<@U1>", (sneaky,), 7), "req-1")
     text = blocks[0]["text"]["text"]
     assert "<!channel>" not in text and "&lt;!channel&gt;" in text and "<@U1>" not in text
     assert "the last 1 steps before this one, and 7 earlier steps" in text
@@ -220,13 +219,13 @@ def test_the_card_shows_the_run_so_far_inert() -> None:
         "type": "button", "action_id": "keyturn_view_run", "value": "req-1",
         "text": {"type": "plain_text", "text": "View run"},
     }  # fmt: skip
-    first = card_blocks(RunContext("r1", (), 0), "req-1")[0]["text"]["text"]
+    first = card_blocks(RunSoFar("r1", (), 0), "req-1")[0]["text"]["text"]
     assert "this is its first step" in first
 
 
 def test_the_run_modal_stays_within_slack_s_limits() -> None:
     steps = tuple(_step(i, T0 + timedelta(seconds=i)) for i in range(150))
-    modal = run_modal(RunContext("a-rather-long-run-name-indeed", steps, 12), "crew-7")
+    modal = run_modal(RunSoFar("a-rather-long-run-name-indeed", steps, 12), "crew-7")
     assert len(modal["blocks"]) <= MODAL_BLOCKS and len(modal["title"]["text"]) <= 24
     body = json.dumps(modal["blocks"])
     assert "*162 steps*" in body and body.index("SELECT 149") < body.index("SELECT 148")
@@ -259,15 +258,17 @@ def _chained(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _evidence() -> dict[str, Any]:
     rid, gid = uuid.uuid4(), uuid.uuid4()
     command = "UPDATE t SET a = 1 WHERE id = 2"
-    kept = record(rid, {"tags": ["UPDATE 1"]}, kept="masked", cap=65536)
+    kept = make_recording(rid, {"tags": ["UPDATE 1"]}, kept="masked", cap=65536)
     r, g = str(rid), str(gid)
+    opened = {"target": "shop", "command_sha256": command_sha256(command), "rule": "writes",
+              "run_id": "r1"}  # fmt: skip
     events = _chained([
-        {"kind": "request.held", "actor": "crew-7", "request_id": r,
-         "data": {"command_sha256": command_sha256(command)}},
+        {"kind": "request.held", "actor": "crew-7", "request_id": r, "data": opened},
         {"kind": "other.thing", "actor": "someone"},
         {"kind": "request.approved", "actor": "U1", "request_id": r},
         {"kind": "grant.issued", "actor": "keyturn", "request_id": r, "grant_id": g,
          "data": {"command_sha256": command_sha256(command)}},
+        {"kind": "request.executing", "actor": "keyturn", "request_id": r, "grant_id": g},
         {"kind": "request.executed", "actor": "keyturn", "request_id": r,
          "data": {"output": kept.as_event()}},
         {"kind": "grant.revoked", "actor": "keyturn", "request_id": r, "grant_id": g},
@@ -275,16 +276,19 @@ def _evidence() -> dict[str, Any]:
     return {
         "keyturn_evidence": 1,
         "step": {
-            "id": r, "command": command,
+            "id": r, "agent": "crew-7", "run": "r1", "run_id": "r1", "target": "shop",
+            "command": command, "verdict": "held", "status": "executed", "rule": "writes",
+            "at": T0.isoformat(),
             "decisions": [{"by": "U1", "decision": "approve", "at": "", "reason": None}],
             "grant": {"id": g, "status": "revoked", "ended_at": T0.isoformat()},
         },
         "recording": {
             "step": r, "kept": kept.kept, "output": kept.text, "output_bytes": kept.bytes,
             "output_sha256": kept.sha256, "truncated": kept.truncated,
-            "stored_sha256": kept.stored_sha256, "record_hash": kept.record,
+            "stored_sha256": kept.stored_sha256,
         },
         "events": events,
+        "seal": None,
     }  # fmt: skip
 
 
@@ -297,9 +301,11 @@ def _tampered(change: Any) -> dict[str, Any]:
 _evidence_once = _evidence()
 
 
-def test_evidence_holds_offline() -> None:
+def test_evidence_holds_offline_and_reports_what_the_events_say() -> None:
     proven = check(_evidence_once)
-    assert (proven.events, proven.first_seq, proven.last_seq) == (6, 1, 6)
+    assert (proven.events, proven.first_seq, proven.last_seq) == (7, 1, 7)
+    assert (proven.agent, proven.target, proven.status) == ("crew-7", "shop", "executed")
+    assert proven.decisions == (("U1", "approve"),) and proven.seal is None
 
 
 @pytest.mark.parametrize(
@@ -311,13 +317,23 @@ def test_evidence_holds_offline() -> None:
         ),
         (lambda e: e["recording"].update(output_bytes=1), "hashes are not the ones"),
         (lambda e: e.update(recording=None), "vouch for a recording the file leaves out"),
-        (lambda e: e["step"].update(command="DELETE FROM t"), "not the one the audit events"),
-        (lambda e: e["step"]["decisions"][0].update(by="U2"), "records U2's approve"),
+        (lambda e: e["step"].update(command="DELETE FROM t"), "step's command is not"),
+        (lambda e: e["step"].update(agent="crew-innocent"), "step's agent is not"),
+        (lambda e: e["step"].update(target="staging"), "step's target is not"),
+        (lambda e: e["step"].update(run_id="innocent"), "step's run_id is not"),
+        (lambda e: e["step"].update(verdict="blocked"), "step's verdict is not"),
+        (lambda e: e["step"].update(status="denied"), "not the one the events leave it in"),
+        (lambda e: e["step"].update(decisions=[]), "decisions are not the ones"),
+        (lambda e: e["step"]["decisions"][0].update(by="U2"), "decisions are not the ones"),
+        (lambda e: e["step"].update(grant=None), "record a grant the file leaves out"),
+        (lambda e: e["step"]["grant"].update(status="expired"), "did not end as the file says"),
         (lambda e: e["events"].pop(2), "events 3..3 are missing"),
         (lambda e: e["events"].pop(3), "events 4..4 are missing"),
+        (lambda e: e["events"].pop(0), "not start with the step's first event"),
         (lambda e: e["events"][0].update(actor="crew-8"), "event 1 was changed"),
         (lambda e: e["events"][1].update(data_text='{"x": 1}'), "event 2 was changed"),
-        (lambda e: e["events"][5].update(kind="grant.expired"), "event 6 was changed"),
+        (lambda e: e["events"][6].update(kind="grant.expired"), "event 7 was changed"),
+        (lambda e: e.update(seal={"seq": 6, "hash": "x"}), "seal is not of the segment's last"),
         (lambda e: e.update(events=[]), "holds no audit events"),
         (lambda e: e.update(keyturn_evidence=2), "not a keyturn evidence file"),
         (lambda e: e.pop("step"), "not a keyturn evidence file"),
@@ -331,4 +347,28 @@ def test_evidence_fails_after_any_change(change: Any, problem: str) -> None:
 def test_a_file_that_is_not_evidence_is_told_so() -> None:
     for junk in ([], "x", {"keyturn_evidence": 1, "events": "x"}, None):
         with pytest.raises(EvidenceBroken):
-            check(junk)  # type: ignore[arg-type]
+            check(junk)
+
+
+def test_nothing_recorded_can_drive_the_replaying_terminal() -> None:
+    """An agent's command, a target's output and a person's reason carrying escape sequences:
+    OSC 52 (the clipboard), a title, cursor moves that would hide a line or fake one."""
+    evil = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[1A\x1b[2Kapproved by U_BOSS\x9b2J\r"
+    rows = {"columns": [evil], "rows": [[evil, 1]], "row_count": 1, "tags": [evil]}
+    shell = {"exit_status": 0, "stdout": evil, "stderr": evil, "timing": [[0.0, "stdout", 5]]}
+    vote = Vote("U1" + evil, "deny", T0 + timedelta(seconds=1), evil)
+    run = Run("r1", [
+        _step(1, T0, command="SELECT 1 -- " + evil, output=rows, rule=evil),
+        _step(2, T0, command=evil, output=shell, verdict="held", status="denied", votes=(vote,)),
+        _step(3, T0, output={"error": {"message": evil}}, verdict="blocked", status="blocked",
+              rule=evil),
+        _step(4, T0, output={"status": 200, "headers": {}, "text": evil, "note": evil}),
+    ])  # fmt: skip
+    ours = ("\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m")  # keyturn's own colours
+    header, *events = [json.loads(line) for line in asciicast(run).splitlines()]
+    for text in [f.text for f in frames(run)] + [e[2] for e in events] + [header["title"]]:
+        for code in ours:
+            text = text.replace(code, "")
+        assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+        assert "\r" not in text.replace("\r\n", "")
+    assert "␛]52;c;" in "".join(f.text for f in frames(run))

@@ -1,11 +1,12 @@
-"""A run as people read it: one JSON object a step, a table, and a terminal rendition timed
-as it happened (what ``keyturn runs replay`` prints and the asciicast files hold).
+"""A run on a terminal: what ``keyturn runs replay`` prints and the asciicast files hold.
 
-The terminal rendition is a list of :class:`Frame`: the command as typed (``i``, echoed as
-``o``), what happened to it (``m`` markers: held, approved by, denied by, credentials
-issued and revoked) and its output (``o``), each at the time it happened, with idle gaps
-capped so a run with an hour's pause replays in seconds. An SSH command's output keeps the
-pacing its chunks arrived with.
+The rendition is a list of :class:`Frame`: the command as typed (``i``, echoed as ``o``),
+what happened to it (``m`` markers: held, approved by, denied by, credentials issued and
+revoked) and its output (``o``), each at the time it happened, with idle gaps capped so a
+run with an hour's pause replays in seconds. An SSH command's output keeps the pacing its
+chunks arrived with. Every piece of text an agent, a target or a person wrote goes through
+:func:`~keyturn.recording.timeline.inert` before keyturn's own colours are added: nothing
+recorded can drive the terminal it is replayed on.
 """
 
 from __future__ import annotations
@@ -16,127 +17,59 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyturn.recording.runs import Run, Step
+from keyturn.recording.timeline import inert
 
 IDLE_CAP = 2.0  # seconds: a longer pause between frames is replayed as this
 WIDTH, HEIGHT = 120, 40  # the terminal asciicast headers declare
 _BOLD, _DIM, _RED, _RESET = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m"
 
 
-def step_json(step: Step, number: int) -> dict[str, Any]:
-    """Everything recorded of one step, as JSON (``--json``, JSON lines, the agent API)."""
-    recorded = step.recorded
-    return {
-        "step": number,
-        "id": str(step.id),
-        "agent": step.agent,
-        "run_id": step.run_id,
-        "at": step.at.isoformat(),
-        "target": step.target,
-        "command": step.command,
-        "verdict": step.verdict,
-        "status": step.status,
-        "rule": step.rule,
-        "summary": step.summary,
-        "ended_at": step.ended_at.isoformat() if step.ended_at else None,
-        "error": step.error,
-        "decisions": [
-            {"by": v.approver, "decision": v.decision, "at": v.at.isoformat(), "reason": v.reason}
-            for v in step.votes
-        ],
-        "grant": None
-        if step.grant is None
-        else {
-            "id": str(step.grant.id),
-            "issued_at": step.grant.issued_at.isoformat(),
-            "expires_at": step.grant.expires_at.isoformat(),
-            "status": step.grant.status,
-            "ended_at": step.grant.ended_at.isoformat() if step.grant.ended_at else None,
-            "ended_by": step.grant.ended_by,
-        },
-        "output": None
-        if recorded is None
-        else {
-            "kept": recorded.kept,
-            "bytes": recorded.bytes,
-            "sha256": recorded.sha256,
-            "truncated": recorded.truncated,
-            "record": recorded.record,
-            "deleted": recorded.kept != "none" and recorded.text is None,
-            "value": recorded.output(),
-        },
-    }
+def _lines(text: str) -> str:
+    """Line feeds as a terminal's CRLF (a carriage return alone was made inert before)."""
+    return text.replace("\n", "\r\n")
 
 
-def one_line(text: str, width: int) -> str:
-    """``text`` on one line of at most ``width`` characters (control characters shown)."""
-    flat = " ".join(text.split())
-    flat = "".join(c if c.isprintable() else "?" for c in flat)
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def table(run: Run) -> str:
-    """``keyturn runs show``: one line a step."""
-    lines = [f"run {run.id} · agents {', '.join(run.agents)} · {len(run.steps)} steps"]
-    header = (
-        f"{'#':>3}  {'time (UTC)':<19}  {'target':<12}  {'outcome':<28}  {'output':>9}  command"
-    )
-    lines.append(header)
-    for n, step in enumerate(run.steps, 1):
-        lines.append(
-            f"{n:>3}  {step.at:%Y-%m-%d %H:%M:%S}  {one_line(step.target, 12):<12}  "
-            f"{one_line(step.summary, 28):<28}  {_size(step):>9}  {one_line(step.command, 60)}"
-        )
-    if run.later:
-        lines.append(f"…and {run.later} more steps (--limit)")
-    return "\n".join(lines)
-
-
-def _size(step: Step) -> str:
-    recorded = step.recorded
-    if recorded is None:
-        return "—"
-    cut = "+" if recorded.truncated else ""
-    return f"{recorded.bytes}B{cut}"
-
-
-# ------------------------------------------------------------------ outputs as a terminal shows
+def _said(value: object) -> str:
+    """A value someone else wrote, inert (JSON escapes controls in what it quotes)."""
+    return inert(value if isinstance(value, str) else json.dumps(value))
 
 
 def rendered(output: dict[str, Any] | None) -> str:
-    """An output as a terminal shows it (lines end in CRLF, as a terminal's do)."""
+    """An output as a terminal shows it, its text inert, lines ending in CRLF."""
     if output is None:
         return ""
-    return _text(output).replace("\r\n", "\n").replace("\n", "\r\n")
+    return _lines(_text(output))
 
 
 def _text(output: dict[str, Any]) -> str:
     if "error" in output:
         error = output["error"]
         message = error.get("message") if isinstance(error, dict) else error
-        return f"{_RED}ERROR: {message}{_RESET}\n"
+        return f"{_RED}ERROR: {_said(message)}{_RESET}\n"
     if "cut" in output:
-        return f"{_DIM}({output['cut']}){_RESET}\n"
+        return f"{_DIM}({_said(output['cut'])}){_RESET}\n"
     if "columns" in output:
         return _rows(output)
     if "exit_status" in output:
-        err = output.get("stderr") or ""
+        err = _said(output.get("stderr") or "")
         stderr = f"{_RED}{err}{_RESET}" if err else ""
-        return f"{output.get('stdout') or ''}{stderr}{_DIM}(exit {output['exit_status']}){_RESET}\n"
+        status = _said(output["exit_status"])
+        return f"{_said(output.get('stdout') or '')}{stderr}{_DIM}(exit {status}){_RESET}\n"
     if "status" in output and "headers" in output:
         body = output.get("json")
-        text = json.dumps(body, indent=2) if body is not None else output.get("text") or ""
-        note = f"\n{_DIM}({output['note']}){_RESET}" if output.get("note") else ""
-        return f"HTTP {output['status']}\n{text}{note}\n"
+        text = json.dumps(body, indent=2) if body is not None else _said(output.get("text") or "")
+        note = f"\n{_DIM}({_said(output['note'])}){_RESET}" if output.get("note") else ""
+        return f"HTTP {_said(output['status'])}\n{text}{note}\n"
     return json.dumps(output, indent=2) + "\n"
 
 
 def _rows(output: dict[str, Any]) -> str:
-    columns = [str(c) for c in output.get("columns") or []]
+    columns = [_said(c) for c in output.get("columns") or []]
     rows = output.get("rows") or []
     lines = [" | ".join(columns)] if columns else []
-    lines += [" | ".join("NULL" if v is None else str(v) for v in row) for row in rows]
-    count = output.get("row_count", len(rows))
-    tags = ", ".join(output.get("tags") or [])
+    lines += [" | ".join("NULL" if v is None else _said(v) for v in row) for row in rows]
+    count = _said(output.get("row_count", len(rows)))
+    tags = ", ".join(_said(t) for t in output.get("tags") or [])
     lines.append(f"{_DIM}({tags or f'{count} rows'}){_RESET}")
     return "\n".join(lines) + "\n"
 
@@ -149,7 +82,7 @@ class Frame:
     at: float  # seconds since the run began, idle gaps capped
     code: str  # "i" input, "o" output, "m" marker
     text: str
-    step: int  # which step (1-based) it belongs to
+    number: int  # the step it belongs to: 1 for the run's first
 
 
 def frames(run: Run, idle_cap: float = IDLE_CAP) -> list[Frame]:
@@ -171,17 +104,19 @@ def frames(run: Run, idle_cap: float = IDLE_CAP) -> list[Frame]:
 
 def _step_frames(step: Step) -> list[tuple[datetime, str, str]]:
     """One step's frames, at the real times they happened."""
-    typed = step.command.replace("\r\n", "\n")
-    prompt = f"{_BOLD}{step.agent}@{step.target}>{_RESET} " + typed.replace("\n", "\r\n") + "\r\n"
+    typed = inert(step.command.replace("\r\n", "\n"))
+    who = f"{inert(step.agent)}@{inert(step.target)}"
+    prompt = f"{_BOLD}{who}>{_RESET} {_lines(typed)}\r\n"
     out: list[tuple[datetime, str, str]] = [(step.at, "i", typed + "\n"), (step.at, "o", prompt)]
     if step.verdict == "blocked":
-        out.append((step.at, "m", f"blocked by rule {step.rule}" if step.rule else "blocked"))
+        rule = f"blocked by rule {inert(step.rule)}" if step.rule else "blocked"
+        out.append((step.at, "m", rule))
     elif step.verdict == "held":
         out.append((step.at, "m", f"held for approval (request {step.id})"))
     for vote in step.votes:
         verb = "approved" if vote.decision == "approve" else "denied"
-        reason = f": {vote.reason}" if vote.reason else ""
-        out.append((vote.at, "m", f"{verb} by {vote.approver}{reason}"))
+        reason = f": {inert(vote.reason)}" if vote.reason else ""
+        out.append((vote.at, "m", f"{verb} by {inert(vote.approver)}{reason}"))
     grant = step.grant
     if grant is not None:
         out.append((grant.issued_at, "m", f"credentials issued until {grant.expires_at:%H:%M:%S}"))
@@ -190,7 +125,7 @@ def _step_frames(step: Step) -> list[tuple[datetime, str, str]]:
     if step.status in ("expired", "cancelled"):
         out.append((ended, "m", f"{step.status}: it never ran"))
     if grant is not None and grant.ended_at is not None:
-        by = f" by {grant.ended_by}" if grant.ended_by else ""
+        by = f" by {inert(grant.ended_by)}" if grant.ended_by else ""
         out.append((grant.ended_at, "m", f"credentials {grant.status}{by}"))
     return out
 
@@ -232,9 +167,10 @@ def _timed(
         piece = text[done[name] : scaled]
         done[name] = max(done[name], scaled)
         if piece:
-            colour = f"{_RED}{piece}{_RESET}" if name == "stderr" else piece
+            shown = inert(piece)
+            colour = f"{_RED}{shown}{_RESET}" if name == "stderr" else shown
             when = max(began, ended - timedelta(seconds=last - float(t)))
-            out.append((when, "o", colour.replace("\r\n", "\n").replace("\n", "\r\n")))
+            out.append((when, "o", _lines(colour)))
     rest = {k: (output.get(k) or "")[done[k] :] for k in done}
     out.append(
         (ended, "o", rendered({**output, "stdout": rest["stdout"], "stderr": rest["stderr"]}))
@@ -247,11 +183,10 @@ def _timed(
 
 def asciicast(run: Run, version: int = 2) -> str:
     """The run as an asciicast file: v2 (asciinema 2.x, asciinema-player) or v3."""
-    started = run.steps[0].at if run.steps else datetime.now()
     header: dict[str, Any] = {
         "version": version,
-        "timestamp": int(started.timestamp()),
-        "title": f"keyturn run {run.id} ({', '.join(run.agents)})",
+        "timestamp": int(run.steps[0].at.timestamp()) if run.steps else 0,
+        "title": inert(f"keyturn run {run.name} ({', '.join(run.agents)})"),
         "env": {"TERM": "xterm-256color"},
     }
     if version == 2:
@@ -265,11 +200,3 @@ def asciicast(run: Run, version: int = 2) -> str:
         previous = frame.at
         lines.append(json.dumps([at, frame.code, frame.text]))
     return "\n".join(lines) + "\n"
-
-
-def json_lines(run: Run) -> str:
-    """One JSON object a step (for a SIEM), each naming its run."""
-    return "".join(
-        json.dumps({"run": run.id} | step_json(step, n), sort_keys=True) + "\n"
-        for n, step in enumerate(run.steps, 1)
-    )
