@@ -46,7 +46,6 @@ from keyturn.supervise import Loop, Supervisor
 from keyturn.vault import Vault, process_vault
 
 DRAIN_SECONDS = 10.0  # what a click or a decision still in flight gets to finish at shutdown
-PURGE_EVERY = 3600.0  # seconds between passes deleting outputs past record.retention
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
 
@@ -140,9 +139,13 @@ def build(
             "audit-anchor", lambda: anchor_once(store, anchor), cfg.audit_checkpoint.total_seconds()
         )
     )
-    retention = config.record.retention
+    record = config.record
     supervisor.add(
-        Loop("recording-retention", lambda: recordings.purge(store, retention), PURGE_EVERY)
+        Loop(
+            "recording-retention",
+            lambda: recordings.purge(store, record.retention),
+            record.purge_every.total_seconds(),
+        )
     )
     return BotProcess(bot, app, supervisor, registry)
 

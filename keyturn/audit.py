@@ -187,7 +187,10 @@ async def verify(store: Store, anchor: Anchor | None = None) -> VerifyResult:
     return VerifyResult(walked.checked, None, found)
 
 
-def event_json(row: StoredEvent) -> dict[str, Any]:
+def event_json(row: StoredEvent, *, exact: bool = False) -> dict[str, Any]:
+    """An event as JSON: ``data`` parsed, or (``exact``) ``data_text`` exactly as hashed, so
+    a reader can recompute the hash (evidence files)."""
+    data = {"data_text": row.data_text} if exact else {"data": json.loads(row.data_text)}
     return {
         "seq": row.seq,
         "at": row.at.isoformat(),
@@ -195,10 +198,9 @@ def event_json(row: StoredEvent) -> dict[str, Any]:
         "actor": row.actor,
         "request_id": str(row.request_id) if row.request_id else None,
         "grant_id": str(row.grant_id) if row.grant_id else None,
-        "data": json.loads(row.data_text),
         "prev_hash": row.prev_hash,
         "hash": row.hash,
-    }
+    } | data
 
 
 async def export(store: Store, out: IO[str], since: int = 0, anchor: Anchor | None = None) -> int:

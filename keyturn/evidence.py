@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from sqlalchemy import func, literal_column, or_, select
 
-from keyturn.audit import StoredEvent, stream
+from keyturn.audit import event_json, stream
 from keyturn.checkpoint import Anchor
 from keyturn.errors import InvalidInput, NotFound
 from keyturn.recording.proof import FORMAT
@@ -48,7 +48,7 @@ async def write(
             f"the step's events span {last - first + 1} events of the chain, over the "
             f"{MAX_SEGMENT} an evidence file holds; export the chain (keyturn audit export)"
         )
-    events = [_event(row) async for row in stream(store, first - 1, last)]
+    events = [event_json(row, exact=True) async for row in stream(store, first - 1, last)]
     seal = None
     if anchor is not None:
         tail = events[-1]
@@ -107,18 +107,4 @@ def _recording(row: RecordingRow) -> dict[str, Any]:
         "truncated": row.truncated,
         "stored_sha256": row.stored_sha256,
         "purged_at": row.purged_at.isoformat() if row.purged_at else None,
-    }
-
-
-def _event(row: StoredEvent) -> dict[str, Any]:
-    return {
-        "seq": row.seq,
-        "at": row.at.isoformat(),
-        "kind": row.kind,
-        "actor": row.actor,
-        "request_id": str(row.request_id) if row.request_id else None,
-        "grant_id": str(row.grant_id) if row.grant_id else None,
-        "data_text": row.data_text,
-        "prev_hash": row.prev_hash,
-        "hash": row.hash,
     }

@@ -128,6 +128,7 @@ class RecordConfig(Model):
     outputs: Literal["none", "tags", "masked"] = "masked"
     output_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)  # kept a step
     retention: Duration = timedelta(days=90)  # outputs older are deleted; their hashes stay
+    purge_every: Duration = timedelta(hours=1)  # how often the bot deletes them
 
     @field_validator("run_gap", "retention")
     @classmethod

@@ -660,7 +660,7 @@ async def test_each_bot_loop_crashing_turns_its_healthz_503_and_its_work_follows
     store = Store(database)
     client = slack_client(slack.bot_token, slack.api_url)
     bot = {"poll_interval": "500ms", "card_claim_timeout": "2s", "audit_checkpoint": "300ms"}
-    config = parse_config(policy_data(shop, bot=bot))
+    config = parse_config(policy_data(shop, bot=bot, record={"purge_every": "300ms"}))
     process = build(config, store, client, slack.signing_secret, shop.bot_vault())
     server = TestServer(web_application(process))
     await server.start_server()
@@ -674,7 +674,7 @@ async def test_each_bot_loop_crashing_turns_its_healthz_503_and_its_work_follows
         async with Store(database) as reader:
             rb = RunningBot(process.bot, reader, slack)
             loops = {loop.name: loop for loop in process.supervisor.loops}
-            assert set(loops) == {"bot", "audit-anchor"}
+            assert set(loops) == {"bot", "audit-anchor", "recording-retention"}
             for name, loop in loops.items():
                 with crashing(loop):
                     await rb.until(lambda: _eq(_status(answer()), 503))

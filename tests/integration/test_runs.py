@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +31,7 @@ from keyturn.store import recordings, run_list, run_steps
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import APPROVALS, APPROVER, Apis, Desk, DeskFactory, Shop
+from tests.integration.test_audit import _cli as audit_cli
 from tests.integration.wire import wire_desk
 
 AGENT = "crew-nightly"
@@ -59,16 +58,8 @@ def _policy(shop: Shop, sshd: SshServer, apis: Apis) -> dict[str, Any]:
     return {"targets": targets, "rules": rules}
 
 
-def _cli(dsn: Dsn, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"KEYTURN_DATABASE_URL": dsn.url} | env_vars
-    return subprocess.run(
-        [sys.executable, "-m", "keyturn.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
+def _cli(dsn: Dsn, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return audit_cli(dsn, *args, env=env)
 
 
 async def _pending(store: Store, command: str) -> str:
