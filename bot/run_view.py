@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.slack_text import at, escape, literal, mention
+from bot.slack_text import at, escape, literal
 from keyturn.recording.runs import RunSoFar, Step
 
 VIEW_RUN = "keyturn_view_run"
@@ -30,9 +30,10 @@ _ICONS = {
 
 
 def _outcome(step: Step) -> str:
-    """How a step went (:attr:`~keyturn.recording.runs.Step.outcome`) in Slack's words."""
+    """How a step went (:attr:`~keyturn.recording.runs.Step.outcome`) in Slack's words. Its
+    deciders are named, never mentioned: a card's context must not ping them again."""
     went = step.outcome
-    who = f" by {', '.join(mention(p) for p in went.people)}" if went.people else ""
+    who = f" by {', '.join(literal(p) for p in went.people)}" if went.people else ""
     rule = f" by rule {literal(step.rule)}" if went.word == "blocked" and step.rule else ""
     note = f" ({escape(went.note)})" if went.note else ""
     return f"{_ICONS[went.word]} {went.word}{who}{rule}{note}"
