@@ -44,7 +44,7 @@ def step_line(step: Step) -> str:
     command = (
         step.command if len(step.command) <= COMMAND_CHARS else step.command[:COMMAND_CHARS] + "…"
     )
-    size = f" · output {step.recorded.bytes} B" if step.recorded is not None else ""
+    size = f" · output {step.recording.bytes} B" if step.recording is not None else ""
     return f"{at(step.at)} · {literal(step.target)} · {_outcome(step)}{size}\n{literal(command)}"
 
 

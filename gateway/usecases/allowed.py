@@ -23,11 +23,11 @@ from keyturn.store import outcomes, reads, requests
 log = logging.getLogger(__name__)
 
 
-async def _recorded(recording: asyncio.Future[None]) -> None:
+async def _committed(committing: asyncio.Future[None]) -> None:
     """Wait for a record's commit; a failure other than a keyturn error is keyturn's database
     being unavailable."""
     try:
-        await recording
+        await committing
     except KeyturnError:  # AlreadyRecorded among them
         raise
     except Exception as exc:
@@ -46,26 +46,28 @@ async def run(
             idempotency_key=sub.idempotency_key,
             body_sha256=sub.body_sha256,
         )
-        recording = gw.journal.enqueue(intent)
-        allowed = Allowed(sub.target, sub.command, who, intent.id, verdict.rule, recording)
+        committing = gw.journal.enqueue(intent)
+        allowed = Allowed(sub.target, sub.command, who, intent.id, verdict.rule, committing)
         try:
             result = await driver.run_allowed(allowed)
         except asyncio.CancelledError:
-            _abandon(gw, intent, recording)
+            _abandon(gw, intent, committing)
             raise
         except RunFailed as failed:
-            return await _not_run(gw, sub, who, intent, recording, failed)
+            return await _not_run(gw, sub, who, intent, committing, failed)
         except Exception:  # a driver's bug: the request must still end, as failed
             log.exception("allowed request %s: the driver failed unexpectedly", intent.id)
             unknown = RunFailed(f"the gateway failed while running it ({UNEXPECTED})", final=True)
-            return await _not_run(gw, sub, who, intent, recording, unknown)
-    kept = await recording_for(gw.config.record, intent.id, result)
+            return await _not_run(gw, sub, who, intent, committing, unknown)
+    recording = await recording_for(gw.config.record, intent.id, result)
     if sub.idempotency_key is None:
         gw.journal.submit(
-            outcomes.Completion(intent.id, who.subject, None, kept.sha256, recorded=kept)
+            outcomes.Completion(intent.id, who.subject, None, recording.sha256, recording=recording)
         )
     else:  # a replay with this key must find the result: committed before the answer
-        done = outcomes.Completion(intent.id, who.subject, None, kept.sha256, result, recorded=kept)
+        done = outcomes.Completion(
+            intent.id, who.subject, None, recording.sha256, result, recording=recording
+        )
         await _record(gw, done)
     gw.metrics.commands.labels("allowed").inc()
     return _answer(gw, sub, intent, result, None)
@@ -80,7 +82,7 @@ async def _record(gw: Gateway, ended: outcomes.Completion) -> None:
         gw.journal.submit(ended)
 
 
-def _abandon(gw: Gateway, intent: outcomes.Outcome, recording: asyncio.Future[None]) -> None:
+def _abandon(gw: Gateway, intent: outcomes.Outcome, committing: asyncio.Future[None]) -> None:
     """The request was cancelled mid-way: once its record is in, say it did not finish."""
 
     def done(future: asyncio.Future[None]) -> None:
@@ -89,7 +91,7 @@ def _abandon(gw: Gateway, intent: outcomes.Outcome, recording: asyncio.Future[No
                 outcomes.Completion(intent.id, intent.requester, "cancelled by the gateway", None)
             )
 
-    recording.add_done_callback(done)
+    committing.add_done_callback(done)
 
 
 async def _earlier(gw: Gateway, who: Identity, sub: Submission) -> reads.RequestView:
@@ -107,19 +109,24 @@ async def _not_run(
     sub: Submission,
     who: Identity,
     intent: outcomes.Outcome,
-    recording: asyncio.Future[None],
+    committing: asyncio.Future[None],
     failed: RunFailed,
 ) -> reads.RequestView:
     """An allowed command that did not complete: its record says why. Without a record
     nothing ran (an earlier call with the same key won, or keyturn's database is down);
     a command that never started gives its Idempotency-Key back, so a retry runs it."""
     try:
-        await _recorded(recording)
+        await _committed(committing)
     except AlreadyRecorded:
         return await _earlier(gw, who, sub)
-    kept = await recording_for(gw.config.record, intent.id, {"error": failed.message})
+    recording = await recording_for(gw.config.record, intent.id, {"error": failed.message})
     ended = outcomes.Completion(
-        intent.id, who.subject, failed.message, None, release_key=not failed.final, recorded=kept
+        intent.id,
+        who.subject,
+        failed.message,
+        None,
+        release_key=not failed.final,
+        recording=recording,
     )
     if sub.idempotency_key is None:
         gw.journal.submit(ended)

@@ -120,10 +120,10 @@ class Executor:
         # not part of what the agent is answered
         timing = result.pop("timing", None) if result is not None else None
         seen = {"error": error} if result is None else result
-        kept = await recording_for(self.config.record, request.id, seen, timing)
+        recording = await recording_for(self.config.record, request.id, seen, timing)
         try:
             await executions.finish_execution(
-                self.store, request.id, result=result, error=error, recorded=kept
+                self.store, request.id, result=result, error=error, recording=recording
             )
         except IllegalTransition as exc:  # failed meanwhile as stranded: keep that outcome
             log.warning("result of %s not recorded: %s", request.id, exc.message)

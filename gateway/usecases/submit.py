@@ -43,8 +43,8 @@ async def submit(gw: Gateway, who: Identity, sub: Submission) -> tuple[bool, rea
         refused = Blocked(message or (f"blocked by rule {rule}: {why}" if rule else why), rule)
         blocked = outcome(sub, who, verdict, status="blocked")
         seen = {"error": {"code": refused.code, "message": refused.message, "rule": rule}}
-        kept = await recording_for(gw.config.record, blocked.id, seen)
-        await gw.journal.record(replace(blocked, recorded=kept))
+        recording = await recording_for(gw.config.record, blocked.id, seen)
+        await gw.journal.record(replace(blocked, recording=recording))
         gw.metrics.commands.labels("blocked").inc()
         raise refused
     if verdict.action == "allow" and driver.runs_allowed(sub.target):

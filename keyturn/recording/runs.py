@@ -93,7 +93,7 @@ class Step:
     error: str | None = None
     votes: tuple[Vote, ...] = ()
     grant: GrantLife | None = None
-    recorded: Recording | None = None
+    recording: Recording | None = None
 
     @property
     def outcome(self) -> Outcome:

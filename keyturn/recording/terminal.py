@@ -131,18 +131,18 @@ def _step_frames(step: Step) -> list[tuple[datetime, str, str]]:
 
 
 def _output_frames(step: Step, ended: datetime) -> list[tuple[datetime, str, str]]:
-    recorded = step.recorded
-    if recorded is None:
+    recording = step.recording
+    if recording is None:
         if step.error:
             return [(ended, "o", rendered({"error": step.error}))]
         return []
-    if recorded.text is None:
-        gone = "deleted by retention" if recorded.kept != "none" else "not kept (record.outputs)"
-        note = f"{_DIM}(output of {recorded.bytes} bytes {gone}){_RESET}\r\n"
+    if recording.text is None:
+        gone = "deleted by retention" if recording.kept != "none" else "not kept (record.outputs)"
+        note = f"{_DIM}(output of {recording.bytes} bytes {gone}){_RESET}\r\n"
         return [(ended, "o", note)]
-    output = recorded.output() or {}
-    cut = f"{_DIM}(cut to the recording's cap of the {recorded.bytes} bytes){_RESET}\r\n"
-    tail = [(ended, "o", cut)] if recorded.truncated else []
+    output = recording.output() or {}
+    cut = f"{_DIM}(cut to the recording's cap of the {recording.bytes} bytes){_RESET}\r\n"
+    tail = [(ended, "o", cut)] if recording.truncated else []
     timing = output.pop("timing", None)
     if timing and "stdout" in output:
         return _timed(output, timing, step.at, ended) + tail

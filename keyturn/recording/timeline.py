@@ -31,7 +31,7 @@ def one_line(text: str, width: int) -> str:
 
 def step_json(step: Step, number: int) -> dict[str, Any]:
     """Everything recorded of one step (``number``: its place in the run, 1 for the first)."""
-    recorded = step.recorded
+    recording = step.recording
     return {
         "number": number,
         "id": str(step.id),
@@ -62,15 +62,15 @@ def step_json(step: Step, number: int) -> dict[str, Any]:
             "ended_by": step.grant.ended_by,
         },
         "output": None
-        if recorded is None
+        if recording is None
         else {
-            "kept": recorded.kept,
-            "bytes": recorded.bytes,
-            "sha256": recorded.sha256,
-            "truncated": recorded.truncated,
-            "record": recorded.digest,
-            "deleted": recorded.kept != "none" and recorded.text is None,
-            "value": recorded.output(),
+            "kept": recording.kept,
+            "bytes": recording.bytes,
+            "sha256": recording.sha256,
+            "truncated": recording.truncated,
+            "record": recording.digest,
+            "deleted": recording.kept != "none" and recording.text is None,
+            "value": recording.output(),
         },
     }
 
@@ -101,7 +101,7 @@ def table(run: Run) -> str:
 
 
 def _size(step: Step) -> str:
-    recorded = step.recorded
-    if recorded is None:
+    recording = step.recording
+    if recording is None:
         return "—"
-    return f"{recorded.bytes}B" + ("+" if recorded.truncated else "")
+    return f"{recording.bytes}B" + ("+" if recording.truncated else "")

@@ -36,7 +36,7 @@ async def finish_execution(
     *,
     result: dict[str, Any] | None = None,
     error: str | None = None,
-    recorded: Recording | None = None,
+    recording: Recording | None = None,
 ) -> RequestRow:
     """Record the outcome and what its run keeps of it; ``error`` set means failed. Store
     only masked results here."""
@@ -49,15 +49,15 @@ async def finish_execution(
             req.finish(ok=error is None)
         row.save(req, tx.now)
         row.result, row.error = result, error
-        if recorded is not None:
-            tx.session.add(recording_row(recorded, request_id=row.id))
-        outcome = {"error": error} if error else {"result_digest": recorded and recorded.sha256}
+        if recording is not None:
+            tx.session.add(recording_row(recording, request_id=row.id))
+        outcome = {"error": error} if error else {"result_digest": recording and recording.sha256}
         tx.record(
             Event(
                 f"request.{req.status}",
                 "keyturn",
                 request_id=row.id,
-                data=outcome | output_event(recorded),
+                data=outcome | output_event(recording),
             )
         )
     return row

@@ -50,7 +50,7 @@ class Outcome:
     result_digest: str | None = None
     idempotency_key: str | None = None
     body_sha256: str | None = None
-    recorded: Recording | None = None  # what its run keeps of the output (blocked: the refusal)
+    recording: Recording | None = None  # what its run keeps of the output (blocked: the refusal)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Completion:
     result_digest: str | None
     result: dict[str, Any] | None = None
     release_key: bool = False  # it never ran: its Idempotency-Key may be used again
-    recorded: Recording | None = None  # what its run keeps of the output
+    recording: Recording | None = None  # what its run keeps of the output
 
 
 # where a run may end, executed or failed: the domain's table says, not this module
@@ -158,12 +158,12 @@ async def write_outcomes(
                     "actor": "keyturn",
                     "request_id": str(r.id),
                     "data": {"result_digest": r.result_digest, "error": r.error}
-                    | output_event(r.recorded),
+                    | output_event(r.recording),
                     "outcome": True,
                 }
             )
-            if r.recorded is not None:
-                kept.append(recording_json(r.recorded, request_id=r.id, outcome=True))
+            if r.recording is not None:
+                kept.append(recording_json(r.recording, request_id=r.id, outcome=True))
             continue
         data: dict[str, Any] = (
             {
@@ -174,12 +174,12 @@ async def write_outcomes(
                 "run_id": r.run_id,
             }
             | shadow(r.classification)
-            | output_event(r.recorded)
+            | output_event(r.recording)
         )
-        if r.recorded is not None and r.status == "blocked":  # its recording is its step
+        if r.recording is not None and r.status == "blocked":  # its recording is its step
             kept.append(
                 recording_json(
-                    r.recorded,
+                    r.recording,
                     request_id=None,
                     agent=r.requester,
                     run_id=r.run_id,
@@ -188,8 +188,8 @@ async def write_outcomes(
                     rule=r.rule,
                 )
             )
-        elif r.recorded is not None:
-            kept.append(recording_json(r.recorded, request_id=r.id))
+        elif r.recording is not None:
+            kept.append(recording_json(r.recording, request_id=r.id))
         if r.status == "blocked":
             events.append(
                 {"kind": "request.blocked", "actor": r.requester, "request_id": None, "data": data}

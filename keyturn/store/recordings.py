@@ -21,13 +21,13 @@ from keyturn.store.db import Store
 from keyturn.store.models import RecordingRow
 
 
-def output_event(recorded: Recording | None) -> dict[str, Any]:
+def output_event(recording: Recording | None) -> dict[str, Any]:
     """What the audit event ending a step says of its output (nothing when none is kept)."""
-    return {} if recorded is None else {"output": recorded.as_event()}
+    return {} if recording is None else {"output": recording.as_event()}
 
 
 def recording_json(
-    recorded: Recording,
+    recording: Recording,
     *,
     request_id: uuid.UUID | None,
     agent: str | None = None,
@@ -40,34 +40,34 @@ def recording_json(
     """A recording as the journal's statement reads it (``outcome``: written only if the
     completion it belongs to changed its request; agent, run and target then come from it)."""
     return {
-        "step_id": str(recorded.step),
+        "step_id": str(recording.step),
         "request_id": str(request_id) if request_id else None,
         "agent": agent,
         "run_id": run_id,
         "target": target,
         "command": command,
         "rule": rule,
-        "kept": recorded.kept,
-        "output": recorded.text,
-        "output_bytes": recorded.bytes,
-        "output_sha256": recorded.sha256,
-        "truncated": recorded.truncated,
-        "stored_sha256": recorded.stored_sha256,
+        "kept": recording.kept,
+        "output": recording.text,
+        "output_bytes": recording.bytes,
+        "output_sha256": recording.sha256,
+        "truncated": recording.truncated,
+        "stored_sha256": recording.stored_sha256,
         "outcome": outcome,
     }
 
 
-def recording_row(recorded: Recording, *, request_id: uuid.UUID) -> RecordingRow:
+def recording_row(recording: Recording, *, request_id: uuid.UUID) -> RecordingRow:
     """A request's recording, added in the unit of work that ends the request."""
     return RecordingRow(
-        step_id=recorded.step,
+        step_id=recording.step,
         request_id=request_id,
-        kept=recorded.kept,
-        output=recorded.text,
-        output_bytes=recorded.bytes,
-        output_sha256=recorded.sha256,
-        truncated=recorded.truncated,
-        stored_sha256=recorded.stored_sha256,
+        kept=recording.kept,
+        output=recording.text,
+        output_bytes=recording.bytes,
+        output_sha256=recording.sha256,
+        truncated=recording.truncated,
+        stored_sha256=recording.stored_sha256,
     )
 
 

@@ -174,5 +174,5 @@ def _step(
         error=row["error"],
         votes=votes,
         grant=grant,
-        recorded=kept.get(row["id"]),
+        recording=kept.get(row["id"]),
     )

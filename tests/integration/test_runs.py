@@ -217,8 +217,8 @@ async def test_a_run_is_recorded_shown_replayed_exported_and_proven(
     ]
     update, ticks = ran.steps[3], ran.steps[6]
     assert update.grant is not None and update.grant.status in ("revoked", "expired")
-    assert update.recorded is not None and update.recorded.output() == seen["update"].model_dump()
-    assert ticks.recorded is not None and (ticks.recorded.output() or {})["timing"]
+    assert update.recording is not None and update.recording.output() == seen["update"].model_dump()
+    assert ticks.recording is not None and (ticks.recording.output() or {})["timing"]
     # nothing unmasked was kept: the customers' real emails are nowhere in the recordings
     assert len(kept) == 11  # every step but the denied one produced an output
     assert not any(e in _recorded_text(kept) for e in EMAILS)
@@ -392,8 +392,8 @@ async def test_retention_deletes_outputs_keeps_hashes_and_a_tampered_purge_is_ca
         assert await recordings.purge(store, timedelta(microseconds=1)) == 3
         assert await _verify(store) is None
         ran = await run_steps.run(store, "kept")
-        assert [s.recorded is not None and s.recorded.text for s in ran.steps] == [None] * 4
-        assert all(s.recorded and len(s.recorded.sha256) == 64 for s in ran.steps)
+        assert [s.recording is not None and s.recording.text for s in ran.steps] == [None] * 4
+        assert all(s.recording and len(s.recording.sha256) == 64 for s in ran.steps)
         # a purge that also "fixes" a hash, or removes a recording, is caught
         first = "(SELECT step_id FROM recordings ORDER BY at LIMIT 1)"
         await _superuser(
@@ -491,14 +491,14 @@ async def test_what_record_outputs_keeps_and_the_cap(
         ):
             seen = await agent.run("shop", long_read, run_id=f"keep-{kept}")
             ran = await _recorded(desk.store, f"keep-{kept}")
-        recorded = ran.steps[0].recorded
-        assert recorded is not None and recorded.kept == kept
+        recording = ran.steps[0].recording
+        assert recording is not None and recording.kept == kept
         assert isinstance(seen, SqlResultOut) and seen.row_count == 40
-        assert recorded.bytes > 200_000  # the full output's size, whatever was kept
+        assert recording.bytes > 200_000  # the full output's size, whatever was kept
         if kept == "none":
-            assert recorded.text is None
+            assert recording.text is None
         elif kept == "tags":
-            assert recorded.output() == {
+            assert recording.output() == {
                 "columns": ["filler", "g"],
                 "row_count": 40,
                 "statements": 1,
@@ -506,8 +506,8 @@ async def test_what_record_outputs_keeps_and_the_cap(
                 "types": [25, 23],
             }
         else:
-            value = recorded.output() or {}
-            assert recorded.truncated and len(recorded.text or "") <= 4096
+            value = recording.output() or {}
+            assert recording.truncated and len(recording.text or "") <= 4096
             assert value["columns"] == ["filler", "g"] and value["row_count"] == 40
             rows = value["rows"]  # valid JSON: long values lose their tails, not the JSON
             assert rows and all(0 < len(filler) < 5000 for filler, _ in rows)
@@ -521,7 +521,7 @@ async def _recorded(store: Store, name: str) -> Any:
             found = await run_steps.run(store, name)
             ended = [s for s in found.steps if s.status in ("executed", "failed", "blocked")]
             running = [s for s in found.steps if s.status == "executing"]
-            if not running and all(s.recorded is not None for s in ended):
+            if not running and all(s.recording is not None for s in ended):
                 return found
             await asyncio.sleep(0.05)
 
@@ -545,4 +545,4 @@ async def test_a_postgres_client_names_its_run_with_application_name(
         two = await _recorded(wire.desk.store, "wire-2")
     assert [s.command for s in one.steps] == ["SELECT 41 + 1"]
     assert [s.command for s in two.steps] == ["SELECT 'two'"]
-    assert one.steps[0].recorded.output()["rows"] == [[42]]
+    assert one.steps[0].recording.output()["rows"] == [[42]]

@@ -115,7 +115,7 @@ def _step(n: int, at: datetime, took: float = 0.5, **fields: Any) -> Step:
         id=ident, agent="crew-7", run_id="r1", run="r1", at=at, target="shop",
         command=fields.pop("command", f"SELECT {n}"), verdict=fields.pop("verdict", "allowed"),
         status=fields.pop("status", "executed"), rule=fields.pop("rule", "reads"),
-        ended_at=at + timedelta(seconds=took), recorded=kept, **fields,
+        ended_at=at + timedelta(seconds=took), recording=kept, **fields,
     )  # fmt: skip
 
 
@@ -191,9 +191,9 @@ def test_asciicast_v2_and_v3_and_json_lines() -> None:
 
 def test_a_deleted_or_unkept_output_is_said_so() -> None:
     step = _step(1, T0)
-    assert step.recorded is not None
-    gone = Run("r", [Step(**{**step.__dict__, "recorded": type(step.recorded)(
-        **{**step.recorded.__dict__, "text": None})})])  # fmt: skip
+    assert step.recording is not None
+    gone = Run("r", [Step(**{**step.__dict__, "recording": type(step.recording)(
+        **{**step.recording.__dict__, "text": None})})])  # fmt: skip
     shown = "".join(f.text for f in frames(gone))
     assert "deleted by retention" in shown and "***" not in shown
     assert step_json(gone.steps[0], 1)["output"]["deleted"] is True
