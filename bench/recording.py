@@ -52,6 +52,7 @@ async def _sizes(stack: Stack) -> None:
         for label, where in (
             ("a small read", "NOT truncated"),
             ("a read at the cap", "truncated"),
+            ("all steps of the bench", "true"),
         ):
             row = await conn.fetchrow(
                 "SELECT count(*) AS n,"

@@ -20,8 +20,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 # The run a step of ``agent`` at ``at`` joins when it names none: the run of the agent's
-# latest step without a run_id, if that is at most ``gap`` earlier; else a new one named for
-# ``step``. Called as steps are written, so every step carries its run and reading a run is an
+# latest step without a run_id, if that is at most ``gap`` earlier (or later: a held request's
+# time is the gateway's clock, which may run ahead of the database's); else a new one named
+# for ``step``. Called as steps are written, so every step carries its run and reading a run is an
 # index lookup, however long it is.
 RUN_AFTER = """
 CREATE FUNCTION keyturn_run_after(agent text, step uuid, at timestamptz, gap interval)
@@ -29,12 +30,11 @@ RETURNS text LANGUAGE sql STABLE AS $$
     SELECT coalesce(
         (SELECT p.run FROM (
             (SELECT r.run, r.created_at AS at FROM requests r
-             WHERE r.requester = $1 AND r.run_id IS NULL AND NOT r.access
-               AND r.run IS NOT NULL AND r.created_at <= $3
+             WHERE r.requester = $1 AND r.run_id IS NULL AND NOT r.access AND r.run IS NOT NULL
              ORDER BY r.created_at DESC LIMIT 1)
             UNION ALL
             (SELECT k.run, k.at FROM recordings k
-             WHERE k.request_id IS NULL AND k.agent = $1 AND k.run_id IS NULL AND k.at <= $3
+             WHERE k.request_id IS NULL AND k.agent = $1 AND k.run_id IS NULL
              ORDER BY k.at DESC LIMIT 1)
         ) p WHERE p.at >= $3 - $4 ORDER BY p.at DESC LIMIT 1),
         'auto-' || $2)
