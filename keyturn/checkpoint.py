@@ -91,20 +91,27 @@ class Anchor:
     def path(self) -> str:
         return f"{self.kv_mount}/data/{PREFIX}/{self.name}"
 
-    async def sign(self, seq: int, hash_: str, at: datetime) -> Checkpoint:
+    async def hmac(self, data: bytes) -> str:
+        """Vault's ``vault:v1:…`` HMAC of ``data`` under the audit key; ``data`` must carry
+        a purpose label of its own (a checkpoint's, an evidence seal's), so neither passes
+        for the other."""
         await self.vault.ensure_login()
-        when = at.isoformat()
-        found = await self.vault.write(
-            f"{self.transit_mount}/hmac/{KEY}", {"input": _b64(message(seq, hash_, when))}
-        )
-        return Checkpoint(seq, hash_, when, str(((found or {}).get("data") or {})["hmac"]))
+        found = await self.vault.write(f"{self.transit_mount}/hmac/{KEY}", {"input": _b64(data)})
+        return str(((found or {}).get("data") or {})["hmac"])
 
-    async def genuine(self, checkpoint: Checkpoint) -> bool:
+    async def verify(self, data: bytes, hmac: str) -> bool:
+        await self.vault.ensure_login()
         found = await self.vault.write(
-            f"{self.transit_mount}/verify/{KEY}",
-            {"input": _b64(checkpoint.message()), "hmac": checkpoint.hmac},
+            f"{self.transit_mount}/verify/{KEY}", {"input": _b64(data), "hmac": hmac}
         )
         return bool(((found or {}).get("data") or {}).get("valid"))
+
+    async def sign(self, seq: int, hash_: str, at: datetime) -> Checkpoint:
+        when = at.isoformat()
+        return Checkpoint(seq, hash_, when, await self.hmac(message(seq, hash_, when)))
+
+    async def genuine(self, checkpoint: Checkpoint) -> bool:
+        return await self.verify(checkpoint.message(), checkpoint.hmac)
 
     async def latest(self) -> tuple[Checkpoint | None, int]:
         """The stored checkpoint, HMAC checked, and its KV version (0: none yet)."""

@@ -31,8 +31,7 @@ def _anchor(config: Path) -> Anchor:
 def verify(file: Path, config: Path | None) -> int:
     """Exit 0 when the file is consistent (and, with ``config``, sealed by this deployment's
     audit key); 1 naming the first thing that does not hold."""
-    from keyturn.checkpoint import Checkpoint
-    from keyturn.recording.proof import EvidenceBroken, check
+    from keyturn.recording.proof import EvidenceBroken, check, seal_message
 
     try:
         evidence = json.loads(file.read_text(encoding="utf-8"))
@@ -47,7 +46,7 @@ def verify(file: Path, config: Path | None) -> int:
     what = (
         f"step {proven.step} by {proven.agent} on {proven.target}: {proven.status} ({decided});"
         f" {proven.events} audit events ({proven.first_seq}..{proven.last_seq}) recomputed and"
-        " linked"
+        f" linked, as of event {proven.last_seq}"
     )
     if config is None:
         sealed = "sealed" if proven.seal else "not sealed"
@@ -62,10 +61,11 @@ def verify(file: Path, config: Path | None) -> int:
         return EXIT_TAMPERED
     anchor = _anchor(config)
 
+    seal = proven.seal
+
     async def genuine() -> int:
         try:
-            await anchor.vault.ensure_login()
-            return int(await anchor.genuine(Checkpoint.of(proven.seal or {})))
+            return int(await anchor.verify(seal_message(seal), str(seal.get("hmac"))))
         finally:
             await anchor.vault.close()
 
@@ -73,7 +73,10 @@ def verify(file: Path, config: Path | None) -> int:
         print(f"{file}: evidence does not hold: its seal is not from this deployment's audit "
               "key", file=sys.stderr)  # fmt: skip
         return EXIT_TAMPERED
-    print(f"{file}: evidence holds: {what}; sealed by this deployment's audit key (checked)")
+    print(
+        f"{file}: evidence holds: {what}; sealed by this deployment's audit key (checked) at "
+        f"{seal.get('at')}"
+    )
     return 0
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, literal_column, or_, select
 from keyturn.audit import event_json, stream
 from keyturn.checkpoint import Anchor
 from keyturn.errors import InvalidInput, NotFound
-from keyturn.recording.proof import FORMAT
+from keyturn.recording.proof import FORMAT, seal_message, seal_of
 from keyturn.recording.runs import Step
 from keyturn.store import run_steps
 from keyturn.store.db import Store
@@ -51,9 +51,8 @@ async def write(
     events = [event_json(row, exact=True) async for row in stream(store, first - 1, last)]
     seal = None
     if anchor is not None:
-        tail = events[-1]
-        checkpoint = await anchor.sign(tail["seq"], tail["hash"], store.clock.now())
-        seal = checkpoint.as_json()
+        seal = seal_of(str(step_id), events, store.clock.now().isoformat())
+        seal["hmac"] = await anchor.hmac(seal_message(seal))
     evidence = {
         "keyturn_evidence": FORMAT,
         "step": _step(step),

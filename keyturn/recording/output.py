@@ -22,8 +22,14 @@ from typing import Any, Literal
 
 Kept = Literal["none", "tags", "masked"]
 
-# an output's values, as opposed to its shape: what ``record.outputs: tags`` leaves out
-CONTENT = frozenset({"rows", "stdout", "stderr", "json", "text", "body", "headers", "timing"})
+# an output's shape, as opposed to its values: all ``record.outputs: tags`` keeps (of the
+# rest, only sizes: a string's bytes, a list's length)
+SHAPE = frozenset(
+    {
+        "columns", "row_count", "statements", "types", "tags", "truncated",
+        "exit_status", "status", "bytes",
+    }  # fmt: skip
+)
 
 
 def canonical(output: dict[str, Any]) -> str:
@@ -112,14 +118,16 @@ def make_recording(
 
 
 def tags(output: dict[str, Any]) -> dict[str, Any]:
-    """The output's shape without its values: columns, counts, exit status, HTTP status."""
-    shape = {k: v for k, v in output.items() if k not in CONTENT}
-    for key in CONTENT & output.keys():
-        value = output[key]
-        if key == "rows" and isinstance(value, list):
-            shape["row_count"] = len(value)
-        elif isinstance(value, str):
+    """The output's shape without its values: columns, counts, exit status, HTTP status, and
+    the size of everything else (an error's text too: a database quotes values in it)."""
+    shape = {k: v for k, v in output.items() if k in SHAPE}
+    for key, value in output.items():
+        if key in SHAPE:
+            continue
+        if isinstance(value, str):
             shape[f"{key}_bytes"] = len(value.encode())
+        elif isinstance(value, list):
+            shape[f"{key}_count"] = len(value)
     return shape
 
 

@@ -10,10 +10,16 @@ it, its grant was issued and ended as the events say, and its recording is the o
 that ended the step vouches for. Changing one byte, or leaving an event out, fails the check;
 what :class:`Proven` reports comes from the events, not from the file's own words.
 
+The file proves the step as of its last event: a step still going on when it was written
+may have more events since. The segment starts with the step's first event and ends with its
+last one at that time.
+
 What the chain alone cannot show is that the segment is this deployment's: anyone can chain
-events. A file written with the bot's Vault access carries a *seal*, a checkpoint of its last
-event HMACed by the deployment's audit key (:mod:`keyturn.checkpoint`); checking the seal needs
-that Vault (``keyturn audit verify --evidence FILE --config …``), not the database.
+events. A file written with the bot's Vault access carries a *seal*: the step, where the
+segment starts (its first event and the hash before it) and ends, and when it was written,
+HMACed by the deployment's audit key under a label of its own (:func:`seal_message`), so
+neither a checkpoint nor another step's seal passes for it. Checking the seal needs that
+Vault (``keyturn audit verify --evidence FILE --config …``), not the database.
 """
 
 from __future__ import annotations
@@ -29,6 +35,27 @@ from keyturn.domain import command_sha256
 from keyturn.recording.output import record_hash, sha256
 
 FORMAT = 1
+SEAL_FIELDS = ("step", "first_seq", "first_prev_hash", "last_seq", "last_hash", "at")
+
+
+def seal_message(seal: dict[str, Any]) -> bytes:
+    """What a seal's HMAC covers: every field, length-prefixed, under its own label."""
+    fields = ["keyturn-evidence-seal/1", *(str(seal[name]) for name in SEAL_FIELDS)]
+    return "|".join(f"{len(f)}:{f}" for f in fields).encode()
+
+
+def seal_of(step_id: str, events: list[dict[str, Any]], at: str) -> dict[str, Any]:
+    """The fields a seal covers, for a segment of ``events`` (its HMAC added by Vault)."""
+    first, last = events[0], events[-1]
+    return {
+        "step": step_id,
+        "first_seq": first["seq"],
+        "first_prev_hash": first["prev_hash"],
+        "last_seq": last["seq"],
+        "last_hash": last["hash"],
+        "at": at,
+    }
+
 
 # the event that opens a step, and the status each event leaves a request in
 _OPENING = {"request.held", "request.allowed", "request.blocked"}
@@ -94,8 +121,10 @@ def _check(evidence: dict[str, Any]) -> Proven:
     if not own:
         raise EvidenceBroken(f"no event in the segment is about step {step['id']}")
     opening = own[0]
-    if opening["kind"] not in _OPENING:
+    if opening is not events[0] or opening["kind"] not in _OPENING:
         raise EvidenceBroken("the segment does not start with the step's first event")
+    if own[-1] is not events[-1]:
+        raise EvidenceBroken("the segment does not end with the step's last event")
     _opened(step, opening)
     decisions = tuple((e["actor"], _DECISIONS[e["kind"]]) for e in own if e["kind"] in _DECISIONS)
     claimed = tuple((d["by"], d["decision"]) for d in step["decisions"])
@@ -108,8 +137,10 @@ def _check(evidence: dict[str, Any]) -> Proven:
     _recording(evidence.get("recording"), step["id"], own)
     last = events[-1]
     seal = evidence.get("seal")
-    if seal is not None and (seal.get("seq"), seal.get("hash")) != (last["seq"], last["hash"]):
-        raise EvidenceBroken("the seal is not of the segment's last event")
+    if seal is not None and {k: seal.get(k) for k in SEAL_FIELDS} != seal_of(
+        step["id"], events, seal.get("at")
+    ):
+        raise EvidenceBroken("the seal is not of this step's segment")
     return Proven(
         step["id"],
         opening["actor"],

@@ -18,14 +18,18 @@ _INERT |= {c: 0xFFFD for c in range(0x80, 0xA0)}
 
 def inert(text: str) -> str:
     """Text from an agent, a target or a person, safe to print: no control character in it
-    can move the cursor, retitle the window or reach the clipboard."""
-    return text.translate(_INERT)
+    can move the cursor, retitle the window or reach the clipboard, and no format character
+    (a direction override, a zero-width space) can change how the rest reads: each is shown
+    as ``⟦U+202E⟧``."""
+    shown = text.translate(_INERT)
+    if shown.isascii():
+        return shown
+    return "".join(f"⟦U+{ord(c):04X}⟧" if unicodedata.category(c) == "Cf" else c for c in shown)
 
 
 def one_line(text: str, width: int) -> str:
     """``text`` on one line of at most ``width`` characters, every control character shown."""
     flat = inert(" ".join(text.split()))
-    flat = "".join(c if unicodedata.category(c) != "Cf" else "�" for c in flat)
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 

@@ -66,7 +66,8 @@ class RequestRow(Base):
             unique=True,
             postgresql_where="access AND status IN ('pending', 'approved', 'executing')",
         ),
-        Index("ix_requests_run", "run", "created_at"),  # a run's steps in order
+        # a run's steps in order; one agent's of a run_id several share
+        Index("ix_requests_run", "run", "requester", "created_at"),
         Index(  # an agent's latest step without a run_id (keyturn_run_after)
             "ix_requests_implicit",
             "requester",
@@ -294,7 +295,7 @@ class RecordingRow(Base):
             " AND target IS NOT NULL)",
             name="blocked_step",
         ),
-        Index("ix_recordings_run", "run", "at", postgresql_where="run IS NOT NULL"),
+        Index("ix_recordings_run", "run", "agent", "at", postgresql_where="run IS NOT NULL"),
         Index(
             "ix_recordings_implicit",
             "agent",

@@ -501,6 +501,7 @@ async def test_what_record_outputs_keeps_and_the_cap(
             assert recording.output() == {
                 "columns": ["filler", "g"],
                 "row_count": 40,
+                "rows_count": 40,
                 "statements": 1,
                 "truncated": False,
                 "types": [25, 23],
@@ -546,3 +547,27 @@ async def test_a_postgres_client_names_its_run_with_application_name(
     assert [s.command for s in one.steps] == ["SELECT 41 + 1"]
     assert [s.command for s in two.steps] == ["SELECT 'two'"]
     assert one.steps[0].recording.output()["rows"] == [[42]]
+
+
+async def test_a_run_id_two_agents_share_is_one_run_but_each_card_shows_its_own_agent(
+    run_desk: DeskFactory, idp: DevIdP
+) -> None:
+    async with (
+        run_desk() as desk,
+        AsyncClient(desk.gateway.url, idp.token("crew-a")) as a,
+        AsyncClient(desk.gateway.url, idp.token("crew-b")) as b,
+    ):
+        for n in range(2):
+            await a.run("shop", f"SELECT {n} AS a", run_id="shared")
+        for n in range(3):  # another agent sends into the same run id
+            await b.run("shop", f"SELECT {n} AS b", run_id="shared")
+        held = await a.submit(
+            "shop", "UPDATE orders SET status = 'x' WHERE id = 5", run_id="shared"
+        )
+        context = await run_steps.so_far(desk.store, uuid.UUID(held.id), last=5)
+        everyone = await run_steps.run(desk.store, "shared")
+        theirs = await a.run_steps("shared")
+    assert context is not None and context.earlier == 0
+    assert [s.command for s in context.steps] == ["SELECT 0 AS a", "SELECT 1 AS a"]
+    assert len(everyone.steps) == 6 and everyone.agents == ["crew-a", "crew-b"]
+    assert [s.command for s in theirs.steps][-1].startswith("UPDATE") and len(theirs.steps) == 3

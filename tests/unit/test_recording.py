@@ -15,7 +15,7 @@ from bot.run_view import MODAL_BLOCKS, card_blocks, run_modal
 from keyturn.chain import GENESIS, event_hash
 from keyturn.domain import command_sha256
 from keyturn.recording.output import canonical, fit, make_recording, record_hash, sha256, tags
-from keyturn.recording.proof import EvidenceBroken, check
+from keyturn.recording.proof import EvidenceBroken, check, seal_message, seal_of
 from keyturn.recording.runs import BadRunId, GrantLife, Run, RunSoFar, Step, Vote, check_run_id
 from keyturn.recording.terminal import IDLE_CAP, asciicast, frames, rendered
 from keyturn.recording.timeline import json_lines, step_json
@@ -40,7 +40,9 @@ def test_a_record_keeps_the_output_and_hashes_what_the_agent_saw() -> None:
     nothing = make_recording(step, ROWS, kept="none", cap=65536)
     assert nothing.text is None and nothing.sha256 == kept.sha256 and nothing.intact()
     shape = make_recording(step, ROWS | {"stdout": "héllo"}, kept="tags", cap=65536)
-    assert shape.output() == {"columns": ["id", "email"], "row_count": 2, "stdout_bytes": 6}
+    assert shape.output() == {
+        "columns": ["id", "email"], "row_count": 2, "rows_count": 2, "stdout_bytes": 6,
+    }  # fmt: skip
 
 
 def test_every_field_of_a_record_is_in_its_hash() -> None:
@@ -62,7 +64,17 @@ def test_tags_keep_the_shape_and_none_of_the_values() -> None:
     http = {"status": 200, "headers": {"X-Secret": "v"}, "json": {"a": 1}, "bytes": 7}
     assert tags(http) == {"status": 200, "bytes": 7}
     shell = {"exit_status": 0, "stdout": "out", "stderr": "", "timing": [[0.1, "stdout", 3]]}
-    assert tags(shell) == {"exit_status": 0, "stdout_bytes": 3, "stderr_bytes": 0}
+    assert tags(shell) == {
+        "exit_status": 0,
+        "stdout_bytes": 3,
+        "stderr_bytes": 0,
+        "timing_count": 1,
+    }
+    # a database quotes values in its errors: an error keeps only its size
+    failed = {"error": '22P02: invalid input syntax for type integer: "4111-SECRET"'}
+    assert tags(failed) == {"error_bytes": 59}
+    kept = make_recording(uuid.uuid4(), failed, kept="tags", cap=65536)
+    assert "SECRET" not in (kept.text or "") and kept.bytes > 59
 
 
 def test_a_long_output_is_fitted_as_json_within_the_cap() -> None:
@@ -333,7 +345,18 @@ def test_evidence_holds_offline_and_reports_what_the_events_say() -> None:
         (lambda e: e["events"][0].update(actor="crew-8"), "event 1 was changed"),
         (lambda e: e["events"][1].update(data_text='{"x": 1}'), "event 2 was changed"),
         (lambda e: e["events"][6].update(kind="grant.expired"), "event 7 was changed"),
-        (lambda e: e.update(seal={"seq": 6, "hash": "x"}), "seal is not of the segment's last"),
+        (
+            lambda e: e.update(seal=seal_of(str(uuid.uuid4()), e["events"], "t")),
+            "seal is not of this step's segment",
+        ),
+        (
+            lambda e: e.update(seal=seal_of(e["step"]["id"], e["events"][:-1], "t")),
+            "seal is not of this step's segment",
+        ),
+        (
+            lambda e: e.update(seal={"seq": 7, "hash": e["events"][-1]["hash"]}),
+            "seal is not of this step's segment",
+        ),
         (lambda e: e.update(events=[]), "holds no audit events"),
         (lambda e: e.update(keyturn_evidence=2), "not a keyturn evidence file"),
         (lambda e: e.pop("step"), "not a keyturn evidence file"),
@@ -342,6 +365,26 @@ def test_evidence_holds_offline_and_reports_what_the_events_say() -> None:
 def test_evidence_fails_after_any_change(change: Any, problem: str) -> None:
     with pytest.raises(EvidenceBroken, match=problem):
         check(_tampered(change))
+
+
+def test_evidence_ends_with_the_step_s_last_event_and_its_seal_says_so() -> None:
+    """A sealed stretch of chain that goes on past the step cannot be passed off as the
+    step's evidence: its status would be the one of the moment the stretch ends."""
+    foreign = _chained(
+        [
+            {"kind": e["kind"], "actor": e["actor"], "request_id": e["request_id"],
+             "grant_id": e["grant_id"], "data": json.loads(e["data_text"])}
+            for e in _evidence_once["events"]
+        ] + [{"kind": "request.held", "actor": "crew-9", "request_id": str(uuid.uuid4())}]
+    )  # fmt: skip
+    with pytest.raises(EvidenceBroken, match="does not end with the step's last event"):
+        check(_evidence_once | {"events": foreign})
+    sealed = _evidence_once | {
+        "seal": seal_of(_evidence_once["step"]["id"], _evidence_once["events"], "t")
+    }
+    assert check(sealed).seal is not None
+    assert seal_message(sealed["seal"]) != seal_message(sealed["seal"] | {"step": "x"})
+    assert seal_message(sealed["seal"]).startswith(b"23:keyturn-evidence-seal/1|")
 
 
 def test_a_file_that_is_not_evidence_is_told_so() -> None:
@@ -372,3 +415,6 @@ def test_nothing_recorded_can_drive_the_replaying_terminal() -> None:
         assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
         assert "\r" not in text.replace("\r\n", "")
     assert "␛]52;c;" in "".join(f.text for f in frames(run))
+    flipped = Run("r", [_step(1, T0, command="SELECT 1 /* \u202e; ELBAT PORD */ \u200b")])
+    shown = "".join(f.text for f in frames(flipped))
+    assert "\u202e" not in shown and "⟦U+202E⟧" in shown and "⟦U+200B⟧" in shown

@@ -103,7 +103,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("step_id", name=op.f("pk_recordings")),
         sa.UniqueConstraint("request_id", name=op.f("uq_recordings_request_id")),
     )
-    op.create_index("ix_requests_run", "requests", ["run", "created_at"])
+    op.create_index("ix_requests_run", "requests", ["run", "requester", "created_at"])
     op.create_index(
         "ix_requests_implicit",
         "requests",
@@ -113,7 +113,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_recordings_run",
         "recordings",
-        ["run", "at"],
+        ["run", "agent", "at"],
         postgresql_where=sa.text("run IS NOT NULL"),
     )
     op.create_index(
