@@ -25,8 +25,17 @@ Kept = Literal["none", "tags", "masked"]
 # an output's shape, as opposed to its values: all ``record.outputs: tags`` keeps (of the
 # rest, only sizes: a string's bytes, a list's length)
 SHAPE = frozenset(
-    ("columns", "row_count", "statements", "types", "tags", "truncated")
-    + ("exit_status", "status", "bytes")
+    {
+        "columns",
+        "row_count",
+        "statements",
+        "types",
+        "tags",
+        "truncated",
+        "exit_status",
+        "status",
+        "bytes",
+    }
 )
 
 
