@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -31,7 +31,6 @@ from keyturn.store.db import Store
 
 log = logging.getLogger(__name__)
 
-STRANDED_AFTER = timedelta(minutes=5)  # a dead gateway's run: failed this long after its grant
 BATCH = 64
 DRAINERS = 3  # grants per pass: small enough that each commit follows its revocations closely
 
@@ -139,7 +138,7 @@ class Revoker:
         for part in (
             self.end_due,
             lambda: self._end(endings.Ending.UNCLAIMED),
-            lambda: endings.fail_stranded(self.store, STRANDED_AFTER),
+            lambda: endings.fail_stranded(self.store, self.cfg.stranded_after),
             self.revoke_orphans,
         ):
             try:

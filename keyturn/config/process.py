@@ -145,5 +145,8 @@ class BotConfig(Model):
     usergroup_cache: Duration = timedelta(seconds=60)
     sweep_interval: Duration = timedelta(seconds=15)  # revocation's guarantee behind the jobs
     orphan_grace: Duration = timedelta(seconds=60)  # unknown this long -> an orphan lease
+    # a run whose gateway died mid-way fails this long after its credentials ended (a gateway
+    # still alive has recorded its outcome by then)
+    stranded_after: Duration = timedelta(minutes=5)
     issue_timeout: Duration = timedelta(minutes=15)  # keep retrying Vault this long, then fail
     audit_checkpoint: Duration = timedelta(minutes=1)  # anchor the audit chain in Vault this often
