@@ -6,16 +6,19 @@ same HTTP API as Vault, so hvac works unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -103,6 +106,17 @@ class OpenBaoDevServer:
             f"{self.addr}/v1/sys/seal", method="PUT", headers={"X-Vault-Token": self.root_token}
         )
         urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+
+    @contextlib.contextmanager
+    def hung(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) until the block ends: it accepts connections and
+        answers nothing, as a Vault in a long GC pause or behind a dead load balancer does."""
+        assert self._proc is not None, "OpenBao is not running"
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
