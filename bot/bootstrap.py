@@ -33,6 +33,7 @@ from bot.credentials import Issuer
 from bot.people import SLACK_ERRORS, Directory
 from bot.revocation import Revoker
 from bot.service import Bot
+from bot.slack_identity import SlackIdentity
 from keyturn.aio import drain
 from keyturn.checkpoint import Anchor
 from keyturn.clock import Clock
@@ -103,10 +104,11 @@ def build(
     vault: Vault,
 ) -> BotProcess:
     """HTTP mode with a signing secret; without one, Socket Mode (Slack signs nothing there)."""
+    authorize = SlackIdentity(client).authorizer()  # a click never waits on Slack's Web API
     if signing_secret is None:
-        app = AsyncApp(client=client, request_verification_enabled=False)
+        app = AsyncApp(client=client, request_verification_enabled=False, authorize=authorize)
     else:
-        app = AsyncApp(client=client, signing_secret=signing_secret)
+        app = AsyncApp(client=client, signing_secret=signing_secret, authorize=authorize)
     issuer = Issuer(config, vault)
     directory = Directory(client, config.bot.usergroup_cache.total_seconds())
     revoker = Revoker(store, issuer, config.bot, AsyncIOScheduler(timezone=UTC))
