@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -28,8 +29,9 @@ from keyturn.aio import cancel, spawn
 from keyturn.backoff import Backoff
 from keyturn.config.policy import Config
 from keyturn.domain import IllegalTransition, command_sha256
-from keyturn.errors import KeyturnError
+from keyturn.errors import DatabaseUnavailable, KeyturnError
 from keyturn.masking import Masker
+from keyturn.recording.output import Recording
 from keyturn.store import executions, handoffs
 from keyturn.store.db import Store
 from keyturn.store.listener import Listener
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 WRAP_PATH = "sys/wrapping/wrap"
 CONCURRENCY = 16  # approved commands running at once per gateway
+# how long an outcome waits for keyturn's Postgres: under bot.stranded_after's default (5 min)
+RECORD_FOR = timedelta(minutes=4)
 
 
 class HandoffRejected(KeyturnError):
@@ -122,13 +126,37 @@ class Executor:
         seen = {"error": error} if result is None else result
         recording = await recording_for(self.config.record, request.id, seen, timing)
         try:
-            await executions.finish_execution(
-                self.store, request.id, result=result, error=error, recording=recording
-            )
+            await self._record(request.id, result, error, recording)
         except IllegalTransition as exc:  # failed meanwhile as stranded: keep that outcome
             log.warning("result of %s not recorded: %s", request.id, exc.message)
             return
         self.metrics.commands.labels("approved_failed" if error else "approved_executed").inc()
+
+    async def _record(
+        self,
+        request_id: uuid.UUID,
+        result: dict[str, Any] | None,
+        error: str | None,
+        recording: Recording,
+    ) -> None:
+        """Record how the run ended, retried while keyturn's Postgres is away: the command has
+        run (or failed) on the target, and that outcome is the only one the request may get.
+        Given up after ``RECORD_FOR``, before the bot fails a run it believes lost."""
+        backoff = Backoff(0.25, 5.0)
+        deadline = time.monotonic() + RECORD_FOR.total_seconds()
+        while True:
+            try:
+                await executions.finish_execution(
+                    self.store, request_id, result=result, error=error, recording=recording
+                )
+                return
+            except DatabaseUnavailable as exc:
+                wait = backoff.next()
+                if time.monotonic() + wait > deadline:
+                    log.error("outcome of %s lost: Postgres away too long (%s)", request_id, exc)
+                    raise
+                log.warning("outcome of %s waits for Postgres: %s", request_id, exc.message)
+                await asyncio.sleep(wait)
 
     async def _unwrap(self, handoff: handoffs.Handoff) -> dict[str, Any]:
         """Retry while Vault is unavailable, as long as the wrapping token lives: the claim

@@ -1,0 +1,102 @@
+"""keyturn's own Postgres gone (every connection cut, new ones refused, as in a restart) while
+an approved command runs on the target: the gateway keeps the outcome and records it once
+Postgres is back. The command ran, so the request must say executed, never failed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.bootstrap import application, build
+from keyturn.agent.client import AsyncClient
+from keyturn.config.loading import parse_config
+from keyturn.harness.idp import DevIdP
+from keyturn.harness.slack import SlackEmulator
+from keyturn.store.db import Store
+from keyturn.store.dsn import Dsn
+from tests.faults.test_gateway_killed import _approve
+from tests.integration.conftest import APPROVALS, Shop, TcpProxy, serve_bot
+
+pytestmark = pytest.mark.slow
+
+ORDER = 448  # the shop's orders have ids 1..500; no other test touches this one
+
+
+def _policy(shop: Shop) -> dict[str, Any]:
+    data = copy.deepcopy(shop.base_policy)
+    data["slack"] = {"approval_channel": APPROVALS}
+    data["bot"] = {"poll_interval": "500ms", "sweep_interval": "1s"}
+    data["gateway"] = {**data["gateway"], "poll_interval": "500ms"}
+    return data
+
+
+@contextlib.asynccontextmanager
+async def _gateway(shop: Shop, data: dict[str, Any], dsn: Dsn) -> AsyncIterator[str]:
+    process = build(parse_config(data), Store(dsn), shop.vault())
+    client = TestClient(TestServer(application(process)))
+    await client.start_server()
+    try:
+        yield str(client.make_url("")).rstrip("/")
+    finally:
+        await client.close()
+
+
+async def _total(shop: Shop) -> int:
+    rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {ORDER}", shop.database)
+    return int(rows[0][0])
+
+
+async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
+    shop: Shop, database: Dsn, idp: DevIdP, approvals_slack: SlackEmulator
+) -> None:
+    proxy = TcpProxy(int(database.url.rsplit(":", 1)[1].split("/", 1)[0]))
+    await proxy.up()
+    through = proxy.dsn(database)
+    data = _policy(shop)
+    before = await _total(shop)
+    slow = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(2) IS NOT NULL"
+    async with (
+        Store(database) as store,
+        serve_bot(approvals_slack, parse_config(data), through, shop.bot_vault()),
+        _gateway(shop, data, through) as url,
+        AsyncClient(url, idp.token("crew-billing")) as agent,
+    ):
+        held = await agent.submit("shop", slow)
+        await _approve(approvals_slack, store, held.id)
+        async with asyncio.timeout(30):
+            while await _status(store, held.id) != "executing":
+                await asyncio.sleep(0.05)
+        await proxy.down()  # the command is running on the target; its record cannot be made
+        await asyncio.sleep(5)
+        await proxy.up()
+        done = await agent.wait(held.id, 60)
+        assert done.status == "executed", done
+        assert getattr(done.result, "tags", None) == ["UPDATE 1"]
+        async with asyncio.timeout(30):  # and its one-shot credentials end, the bot caught up
+            while await _grant(store, held.id) != "revoked":
+                await asyncio.sleep(0.2)
+    assert await _total(shop) == before + 1
+    await proxy.down()
+
+
+async def _grant(store: Store, request_id: str) -> str | None:
+    async with store.raw_connection() as conn:
+        found = await conn.fetchval(
+            "SELECT status FROM grants WHERE request_id = $1", uuid.UUID(request_id)
+        )
+    return None if found is None else str(found)
+
+
+async def _status(store: Store, request_id: str) -> str:
+    async with store.raw_connection() as conn:
+        found = await conn.fetchval(
+            "SELECT status FROM requests WHERE id = $1", uuid.UUID(request_id)
+        )
+    return str(found)
