@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,26 @@ import aiohttp
 import pytest
 
 from keyturn.harness.ports import free_port
+from keyturn.harness.postgres import PostgresCluster
+from keyturn.harness.pytest_plugin import (  # noqa: F401  (fixtures: on the cluster below)
+    PostgresServer,
+    database,
+    template_database,
+)
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import *  # noqa: F403  (the services, as the integration tests have them)
 from tests.integration.conftest import Shop
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A Postgres cluster of the stories' own: what they kill leaves database roles behind
+    (a SIGKILLed gateway's read-only logins live until their leases end), and roles are the
+    cluster's, which other tests count."""
+    with PostgresCluster() as cluster:
+        yield PostgresServer(cluster.dsn(), cluster.password, cluster.port)
 
 
 @dataclass
@@ -51,7 +66,7 @@ def policy_file(shop: Shop, tmp: Path, **gateway: Any) -> tuple[Path, dict[str, 
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    shop: Shop, database: Dsn, tmp: Path, rules: list[dict[str, Any]] | None = None
+    shop: Shop, keyturn_db: Dsn, tmp: Path, rules: list[dict[str, Any]] | None = None
 ) -> AsyncIterator[GatewayProcess]:
     port = free_port()
     path, data = policy_file(shop, tmp, listen=f"127.0.0.1:{port}")
@@ -59,7 +74,7 @@ async def gateway_process(
         data["rules"] = rules
         path.write_text(json.dumps(data), encoding="utf-8")
     env = os.environ | {
-        "KEYTURN_DATABASE_URL": database.url,
+        "KEYTURN_DATABASE_URL": keyturn_db.url,
         "KEYTURN_GATEWAY_ROLE_ID": shop.role_id,
         "KEYTURN_GATEWAY_SECRET_ID": shop.secret_id,
     }
