@@ -43,6 +43,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield PostgresServer(cluster.dsn(), cluster.password, cluster.port)
 
 
+async def order_total(shop: Shop, order: int) -> int:
+    """An order's total on the target: what an approved ``total = total + 1`` changes, so a
+    story can count how many times it ran."""
+    rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {order}", shop.database)
+    return int(rows[0][0])
+
+
 @dataclass
 class GatewayProcess:
     """``keyturn gateway`` in a process of its own, as an operator runs a replica."""

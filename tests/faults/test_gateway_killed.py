@@ -20,7 +20,7 @@ from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import gateway_process
+from tests.faults.conftest import gateway_process, order_total
 from tests.integration.conftest import APPROVALS, APPROVER, Shop, serve_bot
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,6 @@ def _policy(shop: Shop, grant_ttl: str = "5m") -> dict[str, Any]:
         if rule["name"] == "writes":
             rule["grant_ttl"] = grant_ttl
     return data
-
-
-async def _total(shop: Shop) -> int:
-    rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {ORDER}", shop.database)
-    return int(rows[0][0])
 
 
 async def _approve(slack: SlackEmulator, store: Store, request_id: str) -> None:
@@ -65,7 +60,7 @@ async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_anot
     data = _policy(shop)
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER}"
     key = f"fault-{uuid.uuid4()}"
-    before = await _total(shop)
+    before = await order_total(shop, ORDER)
     token = idp.token(AGENT)
     async with (
         Store(database) as store,
@@ -84,7 +79,7 @@ async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_anot
             done = await agent.wait(held.id, 60)
     assert done.status == "executed" and done.result is not None
     assert getattr(done.result, "tags", None) == ["UPDATE 1"]
-    assert await _total(shop) == before + 1  # ran once
+    assert await order_total(shop, ORDER) == before + 1  # ran once
 
 
 async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_twice(
@@ -93,7 +88,7 @@ async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_
     data = _policy(shop, grant_ttl="4s")  # the grant's end is what settles a lost run
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(4) IS NOT NULL"
     key = f"fault-{uuid.uuid4()}"
-    before = await _total(shop)
+    before = await order_total(shop, ORDER)
     token = idp.token(AGENT)
     async with (
         Store(database) as store,
@@ -120,7 +115,7 @@ async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_
     assert done.status == "failed" and done.error, done
     # killed before its transaction committed: the target rolled it back, and nothing ran it
     # again (the approval was used once)
-    assert await _total(shop) == before
+    assert await order_total(shop, ORDER) == before
     async with Store(database) as reader, asyncio.timeout(30):  # its credentials end with it
         while True:
             async with reader.raw_connection() as conn:

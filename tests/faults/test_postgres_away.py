@@ -21,6 +21,7 @@ from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
+from tests.faults.conftest import order_total
 from tests.faults.test_gateway_killed import _approve
 from tests.integration.conftest import APPROVALS, Shop, TcpProxy, serve_bot
 
@@ -48,11 +49,6 @@ async def _gateway(shop: Shop, data: dict[str, Any], dsn: Dsn) -> AsyncIterator[
         await client.close()
 
 
-async def _total(shop: Shop) -> int:
-    rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {ORDER}", shop.database)
-    return int(rows[0][0])
-
-
 async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
     shop: Shop, database: Dsn, idp: DevIdP, approvals_slack: SlackEmulator
 ) -> None:
@@ -60,7 +56,7 @@ async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
     await proxy.up()
     through = proxy.dsn(database)
     data = _policy(shop)
-    before = await _total(shop)
+    before = await order_total(shop, ORDER)
     slow = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(2) IS NOT NULL"
     async with (
         Store(database) as store,
@@ -82,7 +78,7 @@ async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
         async with asyncio.timeout(30):  # and its one-shot credentials end, the bot caught up
             while await _grant(store, held.id) != "revoked":
                 await asyncio.sleep(0.2)
-    assert await _total(shop) == before + 1
+    assert await order_total(shop, ORDER) == before + 1
     await proxy.down()
 
 

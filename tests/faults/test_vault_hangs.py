@@ -14,6 +14,7 @@ from bot import card_store
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.openbao import OpenBaoDevServer
+from tests.faults.conftest import order_total
 from tests.integration.conftest import APPROVALS, DeskFactory, Shop
 
 pytestmark = pytest.mark.slow
@@ -21,15 +22,10 @@ pytestmark = pytest.mark.slow
 ORDER = 443  # the shop's orders have ids 1..500; no other test touches this one
 
 
-async def _total(shop: Shop) -> int:
-    rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {ORDER}", shop.database)
-    return int(rows[0][0])
-
-
 async def test_vault_hung_at_approval_issues_once_it_answers_and_runs_once(
     run_desk: DeskFactory, idp: DevIdP, shop: Shop, gateway_openbao: OpenBaoDevServer
 ) -> None:
-    before = await _total(shop)
+    before = await order_total(shop, ORDER)
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER}"
     async with (
         run_desk() as desk,
@@ -57,6 +53,6 @@ async def test_vault_hung_at_approval_issues_once_it_answers_and_runs_once(
             )
         posted = await card_store.posted_at(desk.store, uuid.UUID(held.id))
     assert done.status == "executed", done
-    assert await _total(shop) == before + 1  # run exactly once
+    assert await order_total(shop, ORDER) == before + 1  # run exactly once
     assert len(grants) == 1  # issued exactly once
     assert posted is not None and posted[1] == ts  # one card, updated in place
