@@ -223,7 +223,7 @@ def _grant(step: dict[str, Any], own: list[dict[str, Any]]) -> None:
 
 
 def _recording(recording: dict[str, Any] | None, step_id: str, own: list[dict[str, Any]]) -> None:
-    vouched = [_data(e)["output"] for e in own if "output" in _data(e)]
+    vouched = [data["output"] for data in map(_data, own) if "output" in data]
     if recording is None:
         if vouched:
             raise EvidenceBroken("the audit events vouch for a recording the file leaves out")
