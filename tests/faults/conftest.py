@@ -192,7 +192,7 @@ class VaultGate:
 
     @contextlib.contextmanager
     def hold(self, path: str) -> Iterator[None]:
-        """Hold every call whose path contains ``path`` until the block ends."""
+        """Hold every call to ``/v1/<path>…`` until the block ends."""
         self._holds[path] = released = asyncio.Event()
         try:
             yield
@@ -208,7 +208,7 @@ class VaultGate:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._http is not None
         for path, released in list(self._holds.items()):
-            if path in request.path:
+            if request.path.startswith(f"/v1/{path}"):
                 self.held.append(request.path)
                 await released.wait()
                 return web.Response(status=503, text="held by the test, never forwarded")

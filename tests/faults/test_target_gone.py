@@ -12,6 +12,7 @@ import pytest
 
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
+from tests.faults.conftest import order_total
 from tests.faults.test_gateway_killed import _approve
 from tests.integration.conftest import APPROVALS, DeskFactory, Shop, TcpProxy
 
@@ -47,3 +48,21 @@ async def test_a_target_gone_at_execution_fails_clearly_and_revokes_its_credenti
                 next(m.blocks for m in desk.slack.messages[APPROVALS] if m.ts == ts)
             ):
                 await asyncio.sleep(0.2)
+
+
+async def test_an_approved_command_past_the_deadline_says_so_and_changes_nothing(
+    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+) -> None:
+    order = 429  # the shop's orders have ids 1..500; no other test touches this one
+    before = await order_total(shop, order)
+    slow = f"UPDATE orders SET total = total + 1 WHERE id = {order} AND pg_sleep(3) IS NOT NULL"
+    async with (
+        run_desk(gateway={"statement_timeout": "1s"}) as desk,
+        AsyncClient(desk.gateway.url, idp.token("crew-billing")) as agent,
+    ):
+        held = await agent.submit("shop", slow)
+        await desk.approve(held.id)
+        done = await agent.wait(held.id, 60)
+    assert done.status == "failed" and done.error, done
+    assert done.error.startswith("deadline exceeded"), done.error  # not "TimeoutError: "
+    assert await order_total(shop, order) == before  # cancelled, rolled back

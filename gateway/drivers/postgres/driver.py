@@ -296,6 +296,8 @@ class PostgresDriver:
                 fetched, tags = await run_approved(
                     conn, command, self.limits, Deadline(cfg.statement_timeout.total_seconds())
                 )
+            except TimeoutError as exc:  # the statement's deadline, not the connect's
+                raise RunFailed(self._message(exc), final=True) from exc
             finally:
                 await conn.close()
         except asyncpg.PostgresError as exc:
