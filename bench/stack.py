@@ -27,7 +27,7 @@ from keyturn.config.loading import parse_config
 from keyturn.config.policy import Config
 from keyturn.domain import Deciders, Decision
 from keyturn.harness.idp import DevIdP
-from keyturn.harness.openbao import OpenBaoDevServer
+from keyturn.harness.openbao import OpenBaoDevServer, OpenBaoServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.slack import SlackEmulator
@@ -46,12 +46,13 @@ ANALYZE;
 
 @dataclass
 class Stack:
-    postgres: PostgresCluster
+    postgres: PostgresCluster  # the target's
     openbao: OpenBaoDevServer
     idp: DevIdP
     database: Dsn  # keyturn's own
     policy_data: dict[str, Any]
     approles: dict[str, tuple[str, str]]
+    own: PostgresCluster  # keyturn's (the target's own cluster unless restartable)
 
     @property
     def policy(self) -> Config:
@@ -66,16 +67,23 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def real_stack(**gateway: Any) -> AsyncIterator[Stack]:
-    with PostgresCluster() as pg, OpenBaoDevServer() as bao:
-        admin = await asyncpg.connect(pg.dsn().url)
+async def real_stack(*, restartable: bool = False, **gateway: Any) -> AsyncIterator[Stack]:
+    """The stack; ``restartable``: OpenBao keeps its state across a restart, and keyturn's
+    database has a cluster of its own, so restarting it leaves the target running."""
+    with contextlib.ExitStack() as services:
+        pg = services.enter_context(PostgresCluster())
+        bao = services.enter_context(OpenBaoServer() if restartable else OpenBaoDevServer())
+        own = services.enter_context(PostgresCluster()) if restartable else pg
+        admin = await asyncpg.connect(own.dsn().url)
         await admin.execute("CREATE DATABASE keyturn")
+        await admin.close()
+        admin = await asyncpg.connect(pg.dsn().url)
         await admin.execute("CREATE DATABASE shop")
         await admin.close()
         shop = await asyncpg.connect(pg.dsn("shop").url)
         await shop.execute(SCHEMA)
         await shop.close()
-        database = pg.dsn("keyturn")
+        database = own.dsn("keyturn")
         await asyncio.to_thread(migrate.upgrade, database)
         idp = DevIdP()
         await idp.start()
@@ -111,7 +119,7 @@ async def real_stack(**gateway: Any) -> AsyncIterator[Stack]:
         await root.close()
         approles = {r: (report.role_ids[r], report.secret_ids[r]) for r in report.role_ids}
         try:
-            yield Stack(pg, bao, idp, database, data, approles)
+            yield Stack(pg, bao, idp, database, data, approles, own)
         finally:
             await idp.stop()
 

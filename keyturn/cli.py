@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Coroutine, Sequence
@@ -31,13 +32,40 @@ if TYPE_CHECKING:
 
 
 def run_fast(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a server on uvloop where it exists (leaner per connection, faster), else asyncio."""
+    """Run a server on uvloop where it exists (leaner per connection, faster), else asyncio,
+    until it returns or SIGTERM/SIGINT asks it to stop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
+        asyncio.run(until_stopped(coro))
     else:
-        uvloop.run(coro)
+        uvloop.run(until_stopped(coro))
+
+
+async def until_stopped(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro``; SIGTERM (what systemd and Kubernetes send) or SIGINT cancels it, so its
+    ``finally`` blocks run: connections drain and the gateway's read-only logins are revoked
+    rather than left to live until their Vault lease ends. A second signal is not special:
+    whoever sends it wants the same thing, and SIGKILL is there for impatience."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
 
 
 # ------------------------------------------------------------------ commands

@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from keyturn.harness.idp import dev_token
 from keyturn.harness.openbao import OpenBaoDevServer
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
+from keyturn.harness.services import KeyturnService
 from keyturn.harness.sshd import SshServer, find_sshd, ssh_principal
 from keyturn.harness.tls import ServerTls, make_server_tls
 from keyturn.store import migrate
@@ -263,38 +264,6 @@ async def _prepare(
     return database, policy_file, report, key
 
 
-@contextlib.contextmanager
-def _service(
-    command: str, stack_env: dict[str, str], policy_file: Path, url: str
-) -> Iterator[None]:
-    """Run ``keyturn <command> --config FILE`` as its own process until the block ends."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")} | stack_env
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keyturn.cli", command, "--config", str(policy_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise Unavailable(f"the {command} exited at start; run it alone to see why")
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=1):  # noqa: S310
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"the {command} did not answer /healthz in 30 s") from None
-                time.sleep(0.1)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def _call(stack: DevStack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(  # noqa: S310 (loopback)
         f"{stack.gateway_url}{path}",
@@ -473,8 +442,8 @@ def _run(
     bot_url = f"http://{config.bot.listen}"
     slack.deliver_to(bot_url)
     with (
-        _service("gateway", gateway_env, policy_file, stack.gateway_url),
-        _service("bot", bot_env, policy_file, bot_url),
+        KeyturnService("gateway", policy_file, gateway_env, stack.gateway_url),
+        KeyturnService("bot", policy_file, bot_env, bot_url),
     ):
         targets = {name: target.kind for name, target in config.policy.targets.items()}
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

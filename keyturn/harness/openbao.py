@@ -109,7 +109,9 @@ class OpenBaoDevServer:
     def _ready(self, health: dict[str, object]) -> bool:
         return bool(health.get("initialized"))
 
-    def _put(self, path: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
+    def _put(
+        self, path: str, body: dict[str, object], token: str | None = None
+    ) -> dict[str, object]:
         headers = {"Content-Type": "application/json"} | ({"X-Vault-Token": token} if token else {})
         req = urllib.request.Request(  # noqa: S310 (loopback)
             f"{self.addr}/v1/{path}", json.dumps(body).encode(), headers, method="PUT"

@@ -8,12 +8,7 @@ import asyncio
 import contextlib
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +23,7 @@ from keyturn.harness.pytest_plugin import (  # noqa: F401  (fixtures: on the clu
     database,
     template_database,
 )
+from keyturn.harness.services import KeyturnService
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import *  # noqa: F403  (the services, as the integration tests have them)
@@ -52,20 +48,6 @@ async def order_total(shop: Shop, order: int) -> int:
     return int(rows[0][0])
 
 
-@dataclass
-class KeyturnProcess:
-    """``keyturn gateway`` or ``keyturn bot`` in a process of its own, as an operator runs a
-    replica."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye, connections cut mid-way."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
 def policy_file(shop: Shop, tmp: Path, **gateway: Any) -> tuple[Path, dict[str, Any]]:
     data = copy.deepcopy(shop.base_policy)
     data["gateway"] = {**data["gateway"], "poll_interval": "500ms", **gateway}
@@ -77,41 +59,20 @@ def policy_file(shop: Shop, tmp: Path, **gateway: Any) -> tuple[Path, dict[str, 
 @contextlib.asynccontextmanager
 async def keyturn_process(
     command: str, config: Path, env: dict[str, str], url: str, ready: str
-) -> AsyncIterator[KeyturnProcess]:
-    """``keyturn <command> --config <config>``, ready once ``url + ready`` answers 200; its
-    output goes to a log beside the config."""
-    log = config.with_suffix(".log").open("wb")
-    proc = subprocess.Popen(  # noqa: ASYNC220 (started once; the test then waits on HTTP)
-        [sys.executable, "-m", "keyturn.cli", command, "--config", str(config)],
-        env=os.environ | env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+) -> AsyncIterator[KeyturnService]:
+    """``keyturn <command>`` until the block ends, its output in a log beside its config."""
+    service = KeyturnService(command, config, env, url, ready=ready, log=config.with_suffix(".log"))
+    await asyncio.to_thread(service.start)
     try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(60):
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"keyturn {command} exited: see {log.name}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(url + ready) as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.1)
-        yield KeyturnProcess(proc, url)
+        yield service
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
+        await asyncio.to_thread(service.stop)
 
 
 @contextlib.asynccontextmanager
 async def gateway_process(
     shop: Shop, keyturn_db: Dsn, tmp: Path, rules: list[dict[str, Any]] | None = None
-) -> AsyncIterator[KeyturnProcess]:
+) -> AsyncIterator[KeyturnService]:
     port = free_port()
     path, data = policy_file(shop, tmp, listen=f"127.0.0.1:{port}")
     if rules is not None:
@@ -129,7 +90,7 @@ async def gateway_process(
 @contextlib.asynccontextmanager
 async def bot_process(
     data: dict[str, Any], slack: SlackEmulator, keyturn_db: Dsn, shop: Shop, tmp: Path, vault: str
-) -> AsyncIterator[KeyturnProcess]:
+) -> AsyncIterator[KeyturnService]:
     """``keyturn bot`` in HTTP mode on ``data`` (a policy), reaching Vault at ``vault``; the
     emulator delivers clicks to it from now on."""
     port = free_port()
