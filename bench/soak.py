@@ -1,9 +1,10 @@
-"""Soak: ``python bench/soak.py [--minutes 10] [--agents 200] [--think 2]`` (after scripts/test
+"""Soak: ``python bench/soak.py [--minutes 10] [--agents 200] [--think 10]`` (after scripts/test
 has set up .venv). Not part of the test command.
 
 200 agent identities send a mix for ``--minutes``: allowed reads (80 %), writes held for a
 person (15 %; Ada approves five in six and denies the rest with a reason, through the Slack
-emulator) and blocked commands (5 %), each agent pausing ``--think`` seconds on average. The
+emulator) and blocked commands (5 %), each agent pausing ``--think`` seconds on average
+(10: a model's turn between tool calls; 200 agents then send ~20 commands a second). The
 gateway and the bot are real ``keyturn`` processes; keyturn's Postgres and OpenBao keep their
 state on disk. Three faults strike at set points: keyturn's Postgres restarted (30 %),
 OpenBao restarted (50 %) and the bot SIGKILLed and started again 2 s later, as a supervisor
@@ -67,6 +68,9 @@ def _policy(stack: Stack, gateway_port: int, bot_port: int) -> dict[str, Any]:
             rule["grant_ttl"] = "2m"
     data["slack"] = {"approval_channel": APPROVALS}
     data["gateway"]["listen"] = f"127.0.0.1:{gateway_port}"
+    # sized for 200 agents: a login each (200 connections to the target, not 50 of 2 with
+    # logins evicted and made again, a role created in the target each time)
+    data["gateway"] |= {"readonly_logins": 250, "readonly_pool_size": 1}
     data["bot"] = {"listen": f"127.0.0.1:{bot_port}"}  # every other bot setting its default
     return data
 
@@ -125,10 +129,10 @@ async def _inject(
     done = []
     for at, name, action in schedule:
         await asyncio.sleep(max(0.0, t0 + at * seconds - time.monotonic()))
-        start = time.monotonic()
+        start, wall = time.monotonic(), time.time()
         print(f"  {start - t0:6.0f} s  {name}", flush=True)
         await asyncio.to_thread(action)
-        done.append(Fault(name, start, time.monotonic()))
+        done.append(Fault(name, start, time.monotonic(), wall))
     return done
 
 
@@ -247,7 +251,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--agents", type=int, default=200)
-    parser.add_argument("--think", type=float, default=2.0, help="mean seconds between commands")
+    parser.add_argument(
+        "--think", type=float, default=10.0, help="mean seconds between an agent's commands"
+    )
     args = parser.parse_args()
     asyncio.run(soak(args.minutes, args.agents, args.think))
 

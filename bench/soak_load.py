@@ -27,6 +27,7 @@ APPROVER = "U_APPROVER"
 PATHS = ("allowed", "held", "blocked")
 WAIT_FOR = 600.0  # seconds an agent waits on a held write before giving up on it
 RECLICK = 20.0  # seconds before the approver clicks a card that still asks again
+PEOPLE = 32  # approvers reading cards at once: 200 agents hold ~15 writes a second
 
 
 @dataclass(frozen=True)
@@ -107,18 +108,19 @@ async def _blocked(client: AsyncClient) -> bool:
 
 @dataclass
 class Approver:
-    """Ada, clicking every card that still asks: Approve five times in six, otherwise Deny
-    with a reason. A click the bot does not take (it is down) is clicked again later, as a
-    person would."""
+    """Ada and colleagues (all ``APPROVER`` to Slack), clicking every card that still asks:
+    Approve five times in six, otherwise Deny with a reason. A click the bot does not take
+    (it is down) is clicked again later, as a person would."""
 
     slack: SlackEmulator
     clicked: dict[str, float] = field(default_factory=dict)  # card ts -> when last clicked
     clicks: int = 0
     refused: int = 0
     _denying: asyncio.Lock = field(default_factory=asyncio.Lock)  # a modal at a time
+    _busy: set[str] = field(default_factory=set)  # cards someone is reading now
 
     async def run(self, stop: asyncio.Event) -> None:
-        gate = asyncio.Semaphore(8)  # eight people reading cards at once
+        gate = asyncio.Semaphore(PEOPLE)
         deciding: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             now = time.monotonic()
@@ -126,6 +128,7 @@ class Approver:
                 m.ts
                 for m in self.slack.messages.get(APPROVALS, [])
                 if m.thread_ts is None
+                and m.ts not in self._busy
                 and now - self.clicked.get(m.ts, -RECLICK) >= RECLICK
                 and APPROVE in json.dumps(m.blocks)
             ]
@@ -136,17 +139,23 @@ class Approver:
         await asyncio.gather(*deciding)
 
     async def _decide(self, ts: str, gate: asyncio.Semaphore) -> None:
-        async with gate:
-            await asyncio.sleep(random.uniform(1, 3))  # reading the card
-            try:
-                if zlib.crc32(ts.encode()) % 6:
-                    status, _ = await self.slack.click(APPROVALS, ts, APPROVE, APPROVER)
-                else:
-                    status = await self._deny(ts)
-            except (OSError, TimeoutError, aiohttp.ClientError):  # the bot is not there
-                status = 0
-            self.clicks += 1
-            self.refused += status != 200
+        self._busy.add(ts)
+        try:
+            async with gate:
+                await asyncio.sleep(random.uniform(1, 3))  # reading the card
+                try:
+                    if zlib.crc32(ts.encode()) % 6:
+                        status, _ = await self.slack.click(APPROVALS, ts, APPROVE, APPROVER)
+                    else:
+                        status = await self._deny(ts)
+                except KeyError:  # the card has no buttons any more: it was decided
+                    return
+                except (OSError, TimeoutError, aiohttp.ClientError):  # the bot is not there
+                    status = 0
+                self.clicks += 1
+                self.refused += status != 200
+        finally:
+            self._busy.discard(ts)
 
     async def _deny(self, ts: str) -> int:
         async with self._denying:

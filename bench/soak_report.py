@@ -3,7 +3,6 @@ fared before, during and after each fault."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,11 +20,7 @@ class Fault:
     name: str
     start: float  # monotonic: injected
     back: float  # monotonic: the component answers again
-    wall: float = 0.0  # time.time() at ``start``
-
-    def __post_init__(self) -> None:
-        if not self.wall:
-            object.__setattr__(self, "wall", time.time() - (time.monotonic() - self.start))
+    wall: float  # time.time() at ``start``, to hold against the database's timestamps
 
     @property
     def down(self) -> float:

@@ -44,6 +44,11 @@ class Metrics:
             "The most read-only logins open at once (gateway.readonly_logins).",
             registry=self.registry,
         )
+        self.readonly_leases_unrevoked = Gauge(
+            "keyturn_gateway_readonly_leases_unrevoked",
+            "Retired read-only leases Vault could not revoke yet (retried every few seconds).",
+            registry=self.registry,
+        )
         self.readonly_logins_closed = Counter(
             "keyturn_gateway_readonly_logins_closed_total",
             "Read-only logins closed (their lease revoked), by reason: idle, evicted, shutdown.",

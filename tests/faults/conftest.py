@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from keyturn.errors import NotFound
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
 from keyturn.harness.pytest_plugin import (  # noqa: F401  (fixtures: on the cluster below)
@@ -46,6 +47,17 @@ async def order_total(shop: Shop, order: int) -> int:
     story can count how many times it ran."""
     rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {order}", shop.database)
     return int(rows[0][0])
+
+
+async def leases_under(shop: Shop, prefix: str) -> set[str]:
+    """The leases OpenBao holds under ``prefix`` now (none: an empty set)."""
+    root = shop.root_vault()
+    try:
+        return set(await root.lease_ids(prefix))
+    except NotFound:
+        return set()
+    finally:
+        await root.close()
 
 
 def policy_file(shop: Shop, tmp: Path, **gateway: Any) -> tuple[Path, dict[str, Any]]:

@@ -8,20 +8,22 @@ the Vault calls go through a :class:`VaultGate` that holds them and never forwar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyturn.agent.client import AsyncClient
+from keyturn.agent.client import AsyncClient, Request
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import VaultGate, bot_process, order_total
+from tests.faults.conftest import VaultGate, bot_process, leases_under, order_total
 from tests.faults.test_gateway_killed import _approve
 from tests.integration.conftest import APPROVALS, GatewayFactory, Shop
 
@@ -38,11 +40,21 @@ def _policy(shop: Shop) -> dict[str, Any]:
 
 
 async def _leases(shop: Shop) -> set[str]:
-    root = shop.root_vault()
-    try:
-        return set(await root.lease_ids(LEASES))
-    finally:
-        await root.close()
+    return await leases_under(shop, LEASES)
+
+
+@contextlib.asynccontextmanager
+async def _held(
+    run_gateway: GatewayFactory, database: Dsn, idp: DevIdP, order: int
+) -> AsyncIterator[tuple[Store, AsyncClient, Request]]:
+    """A gateway, the store, and an agent whose write to ``order`` waits for Ada."""
+    async with (
+        run_gateway(gateway={"poll_interval": "500ms"}) as gw,
+        Store(database) as store,
+        AsyncClient(gw.url, idp.token("crew-billing")) as agent,
+    ):
+        held = await agent.submit("shop", f"UPDATE orders SET total = total + 1 WHERE id = {order}")
+        yield store, agent, held
 
 
 async def _grants(store: Store, request_id: str) -> list[tuple[str, str | None]]:
@@ -72,11 +84,8 @@ async def test_killed_after_vault_issued_before_it_was_recorded_the_lease_is_an_
     data = _policy(shop)
     async with (
         VaultGate(shop.openbao.addr) as gate,
-        run_gateway(gateway={"poll_interval": "500ms"}) as gw,
-        Store(database) as store,
-        AsyncClient(gw.url, idp.token("crew-billing")) as agent,
+        _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
-        held = await agent.submit("shop", f"UPDATE orders SET total = total + 1 WHERE id = {order}")
         leases = await _leases(shop)
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url) as bot:
             with gate.hold("sys/wrapping/wrap"):  # Vault made the login; its wrap is in flight
@@ -115,11 +124,8 @@ async def test_killed_after_the_grant_was_recorded_before_the_card_said_so_the_c
     data = _policy(shop)
     slack = approvals_slack
     async with (
-        run_gateway(gateway={"poll_interval": "500ms"}) as gw,
-        Store(database) as store,
-        AsyncClient(gw.url, idp.token("crew-billing")) as agent,
+        _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
-        held = await agent.submit("shop", f"UPDATE orders SET total = total + 1 WHERE id = {order}")
         async with bot_process(data, slack, database, shop, tmp_path, shop.openbao.addr) as bot:
             await _approve(slack, store, held.id)
             slack.down()  # no card update can land
@@ -158,11 +164,8 @@ async def test_killed_mid_revocation_the_next_bot_ends_the_grant_once(
     data = _policy(shop)
     async with (
         VaultGate(shop.openbao.addr) as gate,
-        run_gateway(gateway={"poll_interval": "500ms"}) as gw,
-        Store(database) as store,
-        AsyncClient(gw.url, idp.token("crew-billing")) as agent,
+        _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
-        held = await agent.submit("shop", f"UPDATE orders SET total = total + 1 WHERE id = {order}")
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url) as bot:
             with gate.hold("sys/leases/revoke"):  # the ran command's login, being ended
                 await _approve(approvals_slack, store, held.id)

@@ -13,7 +13,7 @@ import pytest
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import gateway_process
+from tests.faults.conftest import gateway_process, leases_under
 from tests.integration.conftest import Shop
 
 pytestmark = pytest.mark.slow
@@ -21,26 +21,18 @@ pytestmark = pytest.mark.slow
 READ_ONLY = "database/creds/shop-ro/"
 
 
-async def _read_only_leases(shop: Shop) -> set[str]:
-    root = shop.root_vault()
-    try:
-        return set(await root.lease_ids(READ_ONLY))
-    finally:
-        await root.close()
-
-
 async def test_a_gateway_stopped_with_sigterm_ends_its_read_only_logins(
     shop: Shop, database: Dsn, idp: DevIdP, tmp_path: Path
 ) -> None:
-    before = await _read_only_leases(shop)
+    before = await leases_under(shop, READ_ONLY)
     async with gateway_process(shop, database, tmp_path) as gateway:
         async with AsyncClient(gateway.url, idp.token("crew-stopped")) as agent:
             done = await agent.submit("shop", "SELECT count(*) FROM orders")
         assert done.status == "executed", done
-        made = await _read_only_leases(shop) - before
+        made = await leases_under(shop, READ_ONLY) - before
         assert made  # the agent's read-only login, alive while the gateway is
         started = time.monotonic()
         await asyncio.to_thread(gateway.stop)
         assert gateway.proc is not None and gateway.proc.returncode == 0
         assert time.monotonic() - started < 30  # nothing in flight: it does not linger
-    assert not made & await _read_only_leases(shop)  # ended with it
+    assert not made & await leases_under(shop, READ_ONLY)  # ended with it

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import pytest
 
+from bot import card_store
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from tests.integration.conftest import APPROVALS, DeskFactory, Shop
@@ -64,3 +66,41 @@ async def test_slack_storms_and_an_outage_lose_no_decision_and_post_no_card_twic
             while sum("Approved and run" in json.dumps(m.blocks) for m in top) < len(held):
                 await asyncio.sleep(0.5)
     assert await _totals(shop) == [t + 1 for t in before]  # every approved command ran once
+
+
+async def test_a_minute_without_slack_loses_no_card_and_no_decision(
+    run_desk: DeskFactory, idp: DevIdP, shop: Shop
+) -> None:
+    """Slack's Web API down for 60 s: a request held meanwhile gets its card once Slack is
+    back (one card, not one per retry), and a click that reached the bot during the outage
+    is kept, run, and shown."""
+    first, second = ORDERS[0], ORDERS[1]
+    before = await _totals(shop)
+    async with (
+        run_desk() as desk,
+        AsyncClient(desk.gateway.url, idp.token("crew-outage")) as agent,
+    ):
+        slack = desk.slack
+        early = await agent.submit(
+            "shop", f"UPDATE orders SET total = total + 1 WHERE id = {first}"
+        )
+        await desk.card(early.id)
+        slack.down(60)
+        started = asyncio.get_running_loop().time()
+        late = await agent.submit(
+            "shop", f"UPDATE orders SET total = total + 1 WHERE id = {second}"
+        )
+        await desk.approve(early.id)  # the click reaches the bot; the bot cannot reach Slack
+        done = await agent.wait(early.id, 60)
+        assert done.status == "executed", done  # decided and run while Slack was away
+        assert await card_store.posted_at(desk.store, uuid.UUID(late.id)) is None
+        await asyncio.sleep(max(0.0, started + 60 - asyncio.get_running_loop().time()))
+        await desk.approve(late.id)  # its card arrives once Slack is back
+        assert (await agent.wait(late.id, 60)).status == "executed"
+        top = [m for m in slack.messages[APPROVALS] if m.thread_ts is None]
+        assert len(top) == 2  # one card each
+        async with asyncio.timeout(60):  # and both say what happened
+            while sum("Approved and run" in json.dumps(m.blocks) for m in top) < 2:
+                await asyncio.sleep(0.5)
+    after = await _totals(shop)
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1

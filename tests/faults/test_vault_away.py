@@ -15,9 +15,10 @@ import pytest
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from keyturn.vault import AppRoleLogin, Vault
-from tests.faults.conftest import VaultGate, order_total
+from tests.faults.conftest import VaultGate, leases_under, order_total
 from tests.faults.test_bot_killed import _grants, _leases
-from tests.integration.conftest import DeskFactory, Shop
+from tests.faults.test_gateway_stopped import READ_ONLY
+from tests.integration.conftest import DeskFactory, GatewayFactory, Shop
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +80,27 @@ async def test_vault_hung_at_revocation_the_grant_ends_once_it_answers(
     assert done.status == "executed", done
     assert lease not in await _leases(shop)
     assert ended == 1
+
+
+async def test_vault_away_when_a_read_only_login_retires_its_role_leaves_once_vault_is_back(
+    run_gateway: GatewayFactory, idp: DevIdP, shop: Shop
+) -> None:
+    """The soak found it: a read-only login closed while OpenBao restarted kept its role on
+    the target until its lease ran out (the revocation was tried once)."""
+    async with VaultGate(shop.openbao.addr) as gate:
+        vault = Vault(gate.url, approle=AppRoleLogin(shop.role_id, shop.secret_id))
+        async with (
+            run_gateway(vault=vault, gateway={"readonly_idle": "1s"}) as gw,
+            AsyncClient(gw.url, idp.token("crew-idle")) as agent,
+        ):
+            before = await leases_under(shop, READ_ONLY)
+            assert (await agent.submit("shop", "SELECT 1")).status == "executed"
+            made = await leases_under(shop, READ_ONLY) - before  # the agent's login
+            assert made
+            with gate.hold("sys/leases/revoke"):  # idle: the login closes, Vault is away
+                await gate.wait_held()
+                await asyncio.sleep(HANG)
+            assert made & await leases_under(shop, READ_ONLY)  # not revoked yet
+            async with asyncio.timeout(30):  # tried again, and gone
+                while made & await leases_under(shop, READ_ONLY):
+                    await asyncio.sleep(0.2)

@@ -51,7 +51,12 @@ async def test_each_loop_that_crashes_turns_healthz_503_until_it_recovers(
 ) -> None:
     async with run_gateway(gateway={"poll_interval": "100ms", "readonly_idle": "1s"}) as gw:
         loops = gw.process.supervisor.loops
-        assert {loop.name for loop in loops} == {"poller", "executor", "readonly-reaper"}
+        assert {loop.name for loop in loops} == {
+            "poller",
+            "executor",
+            "readonly-reaper",
+            "readonly-revoker",
+        }
         await health(gw, 200)
         for loop in loops:
             with crashing(loop):

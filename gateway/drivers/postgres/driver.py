@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ESTIMATE_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 10.0
+UNREVOKED_RETRY = 5.0  # seconds between tries at read-only leases Vault could not revoke
 MAX_ERROR = 2000  # characters of a database error passed back to the agent
 # What the agent is told as a failed command (status "failed"); anything else that stops a
 # command is the target being unreachable, or a keyturn error of its own.
@@ -313,7 +314,10 @@ class PostgresDriver:
     def background(self) -> list[Loop]:
         if self.logins is None:
             return []
-        return [Loop("readonly-reaper", self.logins.close_idle, self.logins.reap_interval())]
+        return [
+            Loop("readonly-reaper", self.logins.close_idle, self.logins.reap_interval()),
+            Loop("readonly-revoker", self.logins.unrevoked.retry, UNREVOKED_RETRY),
+        ]
 
     async def close(self) -> None:
         if self.logins is not None:

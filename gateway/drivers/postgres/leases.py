@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from keyturn.aio import Deadline, cancel, spawn
 from keyturn.errors import KeyturnError, Unavailable
-from keyturn.vault import Lease, Vault
+from keyturn.vault import Lease, Vault, VaultUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,44 @@ class LoginKey:
     identity: str
 
 
+class Unrevoked:
+    """Read-only leases Vault could not revoke when they were retired (it was restarting or
+    failing over). The gateway's upkeep tries again every few seconds, so their roles leave
+    the target soon after Vault is back, not when their TTL runs out."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self._leases: dict[str, tuple[LoginKey, float]] = {}  # id -> (login, give up at)
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def add(self, key: LoginKey, lease: Lease) -> None:
+        # renewed or not, it cannot outlive one more duration from now: Vault ends it then
+        self._leases[lease.lease_id] = (key, time.monotonic() + lease.duration)
+
+    async def retry(self) -> None:
+        """One pass; it stops at the first sign that Vault is still away."""
+        for lease_id, (key, give_up) in list(self._leases.items()):
+            try:
+                await self.vault.revoke_lease(lease_id)
+            except VaultUnavailable as exc:
+                if time.monotonic() < give_up:
+                    return
+                failure = exc.message
+            except KeyturnError as exc:
+                failure = exc.message
+            else:
+                del self._leases[lease_id]
+                continue
+            del self._leases[lease_id]
+            log.warning(
+                "could not revoke a read-only lease of %s (it ends with its TTL): %s",
+                key,
+                failure,
+            )
+
+
 class Leases:
     """The lease generations of one login, and the connections still open on each."""
 
@@ -41,11 +79,13 @@ class Leases:
         vault: Vault,
         key: LoginKey,
         path: str,
+        unrevoked: Unrevoked,
         *,
         on_rotate: Callable[[], None] = lambda: None,
     ) -> None:
         self.vault = vault
         self.key = key
+        self._unrevoked = unrevoked
         self._path = path
         self._on_rotate = on_rotate  # a new generation: the pool drops older idle connections
         self._lease: Lease | None = None
@@ -128,6 +168,9 @@ class Leases:
     async def _revoke(self, lease: Lease) -> None:
         try:
             await self.vault.revoke_lease(lease.lease_id)
+        except VaultUnavailable as exc:  # a restart, a failover: upkeep tries again
+            log.info("read-only lease of %s not revoked yet: %s", self.key, exc.message)
+            self._unrevoked.add(self.key, lease)
         except KeyturnError as exc:
             log.warning(
                 "could not revoke a read-only lease of %s (it ends with its TTL): %s",

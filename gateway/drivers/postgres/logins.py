@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from gateway.drivers.postgres.leases import LoginKey
+from gateway.drivers.postgres.leases import LoginKey, Unrevoked
 from gateway.drivers.postgres.pool import ReadOnlyLogin
 from gateway.metrics import Metrics
 from keyturn.aio import Deadline, spawn
@@ -54,7 +54,9 @@ class ReadOnlyLogins:
         self._unclaimed = 0  # of those, the ones no new login waits for
         self._freed = asyncio.Event()  # set when a login falls idle or one finishes closing
         self._closes: set[asyncio.Task[None]] = set()
+        self.unrevoked = Unrevoked(vault)  # retried by the driver's upkeep
         metrics.readonly_logins_limit.set(cfg.readonly_logins)
+        metrics.readonly_leases_unrevoked.set_function(lambda: len(self.unrevoked))
         metrics.readonly_logins.set_function(self.open_count)
 
     def __contains__(self, target: str) -> bool:
@@ -119,6 +121,7 @@ class ReadOnlyLogins:
             self._targets[key.target],
             self._mount,
             self._cfg,
+            self.unrevoked,
             after=after,
             on_idle=self._freed.set,
         )
@@ -162,3 +165,4 @@ class ReadOnlyLogins:
         await asyncio.gather(*(self._close(self._logins.pop(key), "shutdown") for key in keys))
         while self._closes:
             await asyncio.gather(*self._closes, return_exceptions=True)
+        await self.unrevoked.retry()  # a last try; Vault's own expiry ends what is left

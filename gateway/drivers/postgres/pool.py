@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 
 from gateway.drivers.postgres.fetch import decode_times_as_text
-from gateway.drivers.postgres.leases import Leases, LoginKey
+from gateway.drivers.postgres.leases import Leases, LoginKey, Unrevoked
 from keyturn.aio import Deadline, spawn
 from keyturn.config.process import GatewayConfig
 from keyturn.config.targets import PostgresTarget
@@ -61,6 +61,7 @@ class ReadOnlyLogin:
         target: PostgresTarget,
         mount: str,
         cfg: GatewayConfig,
+        unrevoked: Unrevoked,
         *,
         after: asyncio.Task[None] | None = None,
         on_idle: Callable[[], None] = lambda: None,
@@ -69,7 +70,11 @@ class ReadOnlyLogin:
         self._on_idle = on_idle
         self._after = after  # the login this one replaces, closing: wait before leasing
         self.leases = Leases(
-            vault, key, f"{mount}/creds/{target.vault.readonly_role}", on_rotate=self._drop_stale
+            vault,
+            key,
+            f"{mount}/creds/{target.vault.readonly_role}",
+            unrevoked,
+            on_rotate=self._drop_stale,
         )
         self._target = target
         # the server's own timeout is a backstop a little past the gateway's deadline
