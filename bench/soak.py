@@ -65,7 +65,7 @@ def _policy(stack: Stack, gateway_port: int, bot_port: int) -> dict[str, Any]:
     )
     for rule in data["rules"]:
         if rule["name"] == "writes":
-            rule["grant_ttl"] = "2m"
+            rule["grant_ttl"] = "15m"  # a leaked login outlives the soak: the end sees it
     data["slack"] = {"approval_channel": APPROVALS}
     data["gateway"]["listen"] = f"127.0.0.1:{gateway_port}"
     # sized for 200 agents: a login each (200 connections to the target, not 50 of 2 with
@@ -136,6 +136,11 @@ async def _inject(
     return done
 
 
+async def _rss_at(process: KeyturnService, when: float) -> int:
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
+    return process.rss_bytes()
+
+
 async def _settle(stack: Stack) -> None:
     """Wait until no request waits for anything and no grant is active."""
     conn = await asyncpg.connect(stack.database.url)
@@ -158,6 +163,9 @@ async def _outcomes(stack: Stack, load: Load, faults: list[Fault]) -> Outcomes:
     shop = await asyncpg.connect(stack.postgres.dsn("shop").url)
     try:
         ids = list(load.held)
+        unsettled = await keyturn.fetchval(  # known to an agent or not (its submit failed)
+            "SELECT count(*) FROM requests WHERE status <> ALL($1::text[])", list(TERMINAL)
+        )
         statuses = dict(
             await keyturn.fetch(
                 "SELECT id::text, status FROM requests WHERE id::text = ANY($1)", ids
@@ -189,11 +197,10 @@ async def _outcomes(stack: Stack, load: Load, faults: list[Fault]) -> Outcomes:
         leases = 0
     finally:
         await root.close()
-    return Outcomes.of(load, statuses, doubled, ends, ran, roles, leases, active, faults)
+    return Outcomes.of(load, statuses, unsettled, doubled, ends, ran, roles, leases, active, faults)
 
 
 async def soak(minutes: float, agents: int, think: float) -> None:
-    seconds = minutes * 60
     async with real_stack(restartable=True) as stack:
         shop = await asyncpg.connect(stack.postgres.dsn("shop").url)
         await shop.execute(
@@ -206,41 +213,57 @@ async def soak(minutes: float, agents: int, think: float) -> None:
         slack.add_user(APPROVER, "Ada Approver")
         work = Path(tempfile.mkdtemp(prefix="keyturn-soak-"))
         processes = _processes(stack, slack, work)
-        await asyncio.to_thread(processes.gateway.start)
-        await asyncio.to_thread(processes.bot.start)
-        ttl = int(seconds + SETTLE + 600)
-        clients = [
-            AsyncClient(processes.gateway.url, stack.idp.token(f"soak-{i:03}", ttl=ttl))
-            for i in range(agents)
-        ]
-        load, approver, approving = Load(), Approver(slack), asyncio.Event()
         print(f"soak: {agents} agents for {minutes:g} min (logs in {work})", flush=True)
-        t0 = time.monotonic()
-        running = [
-            asyncio.create_task(agent(c, load, think, random.Random(i)))
-            for i, c in enumerate(clients)
-        ]
-        clicking = asyncio.create_task(approver.run(approving))
-        await asyncio.sleep(0.1 * seconds)  # warmed up: caches and pools at their size
-        rss_start = (processes.gateway.rss_bytes(), processes.bot.rss_bytes())
-        faults = await _inject(_faults(stack, processes), t0, seconds)
-        await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
-        rss_end = (processes.gateway.rss_bytes(), processes.bot.rss_bytes())
-        load.stop.set()
-        print(f"  {time.monotonic() - t0:6.0f} s  load stopped; waiting for what is held")
-        await asyncio.gather(*running)
-        await _settle(stack)
-        approving.set()
-        await clicking
-        for client in clients:
-            await client.aclose()
-        await asyncio.to_thread(processes.gateway.stop)  # its read-only logins end with it
-        await asyncio.sleep(ORPHANS)
-        outcomes = await _outcomes(stack, load, faults)
-        await asyncio.to_thread(processes.bot.stop)
-        await slack.stop()
+        try:
+            await asyncio.to_thread(processes.gateway.start)
+            await asyncio.to_thread(processes.bot.start)
+            await _soak(stack, slack, processes, minutes * 60, agents, think)
+        finally:
+            await asyncio.to_thread(processes.gateway.stop)
+            await asyncio.to_thread(processes.bot.stop)
+            await slack.stop()
+
+
+async def _soak(
+    stack: Stack,
+    slack: SlackEmulator,
+    processes: Processes,
+    seconds: float,
+    agents: int,
+    think: float,
+) -> None:
+    ttl = int(seconds + SETTLE + 600)
+    clients = [
+        AsyncClient(processes.gateway.url, stack.idp.token(f"soak-{i:03}", ttl=ttl))
+        for i in range(agents)
+    ]
+    load, approver, approving = Load(), Approver(slack), asyncio.Event()
+    t0 = time.monotonic()
+    running = [
+        asyncio.create_task(agent(c, load, think, random.Random(i))) for i, c in enumerate(clients)
+    ]
+    clicking = asyncio.create_task(approver.run(approving))
+    await asyncio.sleep(0.1 * seconds)  # warmed up: pools and logins at their size
+    rss_start = (processes.gateway.rss_bytes(), processes.bot.rss_bytes())
+    sampled = asyncio.create_task(_rss_at(processes.gateway, t0 + 0.5 * seconds))
+    faults = await _inject(_faults(stack, processes), t0, seconds)
+    await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
+    rss_end = (processes.gateway.rss_bytes(), processes.bot.rss_bytes())
+    rss_mid = await sampled
+    load.stop.set()
+    print(f"  {time.monotonic() - t0:6.0f} s  load stopped; waiting for what is held")
+    await asyncio.gather(*running)
+    await _settle(stack)
+    approving.set()
+    await clicking
+    for client in clients:
+        await client.aclose()
+    await asyncio.to_thread(processes.gateway.stop)  # its read-only logins end with it
+    await asyncio.sleep(ORPHANS)
+    outcomes = await _outcomes(stack, load, faults)
     memory = {
-        "gateway": (rss_start[0], rss_end[0]),
+        "gateway, warmed up (10 %) to the end": (rss_start[0], rss_end[0]),
+        "gateway, caches full (50 %) to the end": (rss_mid, rss_end[0]),
         "bot, until its SIGKILL": (rss_start[1], processes.bot_rss_killed),
         "bot, restarted: at the end": (0, rss_end[1]),
     }

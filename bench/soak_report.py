@@ -11,7 +11,7 @@ from bench.stack import percentile
 
 SWEEP = 15.0  # seconds: bot.sweep_interval's default, which the soak keeps
 WINDOW = 60.0  # seconds of "before" and "after" around a fault
-SLOW = 3.0  # a call slower than this many times its path's p99 before a fault was hurt by it
+SLOW = 3.0  # a call this many times its path's p99 before a fault (and 1 s) was hurt by it
 TERMINAL = ("executed", "failed", "denied", "expired", "cancelled")
 
 
@@ -30,7 +30,7 @@ class Fault:
 @dataclass(frozen=True)
 class Outcomes:
     held: int
-    lost: int  # given an id, never reached an outcome
+    lost: int  # requests that never reached an outcome, whether an agent knew their id or not
     two_outcomes: int  # two terminal events, or the agent told one thing and the record another
     ran_twice: int
     misrecorded: int  # ran but not recorded executed, or recorded executed but never ran
@@ -45,6 +45,7 @@ class Outcomes:
         cls,
         load: Load,
         statuses: dict[str, str],
+        unsettled: int,
         doubled: int,
         ends: Sequence[tuple[float, float]],
         ran: dict[int, int],
@@ -53,10 +54,10 @@ class Outcomes:
         active: int,
         faults: Sequence[Fault],
     ) -> Outcomes:
-        lost = two = misrecorded = 0
+        lost, two, misrecorded = unsettled, 0, 0
         for request_id, (row, seen) in load.held.items():
             status = statuses.get(request_id)
-            lost += status not in TERMINAL
+            lost += status is None  # an id the agent was given, and no such request
             two += seen in TERMINAL and seen != status
             misrecorded += (status == "executed") != (ran.get(row, 0) >= 1)
         lags = [ended - due - _overlap(faults, due, ended) for ended, due in ends]
@@ -94,15 +95,17 @@ def _figures(samples: list[Sample]) -> str:
     )
 
 
-def recovered(samples: list[Sample], fault: Fault) -> float:
+def recovered(samples: list[Sample], fault: Fault, until: float) -> float:
     """Seconds from the fault until agents were whole again: the end of the last call it
-    hurt (failed, or took over ``SLOW`` times its path's p99 before), or until the
-    component was back if it hurt none."""
+    hurt (failed, or took over ``SLOW`` times its path's p99 before and over a second),
+    looking no further than ``until`` (the next fault), or until the component was back if
+    it hurt none."""
     whole = fault.back
     for path in PATHS:
         before = _window(samples, path, fault.start - WINDOW, fault.start)
-        slow = SLOW * percentile([s.seconds for s in before], 0.99) if before else float("inf")
-        for s in _window(samples, path, fault.start, fault.start + 5 * WINDOW):
+        p99 = percentile([s.seconds for s in before], 0.99) if before else 0.0
+        slow = max(SLOW * p99, 1.0)
+        for s in _window(samples, path, fault.start, until):
             if not s.ok or s.seconds > slow:
                 whole = max(whole, s.end)
     return whole - fault.start
@@ -127,7 +130,7 @@ def print_report(
     )
     print(f"\n{'end state':<58} {'measured':>9}  target")
     for name, value in (
-        ("held writes lost (never reached an outcome)", outcomes.lost),
+        ("requests lost (never reached an outcome)", outcomes.lost),
         ("requests with two outcomes", outcomes.two_outcomes),
         ("commands run twice", outcomes.ran_twice),
         ("commands recorded other than they ran", outcomes.misrecorded),
@@ -138,12 +141,14 @@ def print_report(
     ):
         print(f"{name:<58} {value:>9}  0 {'PASS' if value == 0 else 'FAIL'}")
     print(f"{'the most a grant outlived its end, less downtime':<58} {outcomes.worst_lag:>8.1f}s")
+    ends = [f.start for f in faults[1:]] + [max((s.start for s in load.samples), default=0.0)]
+    took = [recovered(load.samples, f, until) for f, until in zip(faults, ends, strict=True)]
     print(f"\n{'fault':<44} {'down':>6} {'whole again':>12}")
-    for fault in faults:
-        print(f"{fault.name:<44} {fault.down:>5.1f}s {recovered(load.samples, fault):>11.1f}s")
+    for fault, seconds in zip(faults, took, strict=True):
+        print(f"{fault.name:<44} {fault.down:>5.1f}s {seconds:>11.1f}s")
     print(f"\n{'fault / path / window':<52} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'fail':>4}")
-    for fault in faults:
-        whole = fault.start + recovered(load.samples, fault)
+    for fault, seconds in zip(faults, took, strict=True):
+        whole = fault.start + seconds
         for path in PATHS:
             for label, start, end in (
                 ("before", fault.start - WINDOW, fault.start),
@@ -152,10 +157,10 @@ def print_report(
             ):
                 row = f"{fault.name[:30]} / {path} / {label}"
                 print(f"{row:<52} {_figures(_window(load.samples, path, start, end))}")
-    print(f"\n{'memory (RSS)':<30} {'start':>9} {'end':>9} {'growth':>8}  target")
+    print(f"\n{'memory (RSS)':<40} {'from':>9} {'to':>9} {'growth':>8}  target")
     for name, (first, last) in memory.items():
         if not first:
-            print(f"{name:<30} {'':>9} {_mib(last):>9}")
+            print(f"{name:<40} {'':>9} {_mib(last):>9}")
             continue
         growth = (last / first - 1) * 100
-        print(f"{name:<30} {_mib(first):>9} {_mib(last):>9} {growth:>7.1f}%  <= 10 %")
+        print(f"{name:<40} {_mib(first):>9} {_mib(last):>9} {growth:>7.1f}%  <= 10 %")

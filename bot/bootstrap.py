@@ -206,16 +206,16 @@ async def serve(settings: Settings, config: Config) -> None:
     web_app = web_application(process, http_mode=app_token is None)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
-    host, _, port = config.bot.listen.rpartition(":")
-    await web.TCPSite(runner, host, int(port)).start()
     socket = None
-    if app_token is not None:
-        socket = AsyncSocketModeHandler(process.bolt, app_token, web_client=client)
-        await socket.connect_async()  # type: ignore[no-untyped-call]
-        print("keyturn bot connected to Slack in Socket Mode", flush=True)
-    else:
-        print(f"keyturn bot listening on http://{config.bot.listen}/slack/events", flush=True)
-    try:
+    try:  # from here on, a stop (SIGTERM) cleans up
+        host, _, port = config.bot.listen.rpartition(":")
+        await web.TCPSite(runner, host, int(port)).start()
+        if app_token is not None:
+            socket = AsyncSocketModeHandler(process.bolt, app_token, web_client=client)
+            await socket.connect_async()  # type: ignore[no-untyped-call]
+            print("keyturn bot connected to Slack in Socket Mode", flush=True)
+        else:
+            print(f"keyturn bot listening on http://{config.bot.listen}/slack/events", flush=True)
         await asyncio.Event().wait()
     finally:
         if socket is not None:

@@ -195,14 +195,13 @@ async def serve(settings: Settings, config: Config) -> None:
     await store.ping()  # then fail fast, with one clear line, when Postgres is not there
     runner = web.AppRunner(application(process), access_log=None)
     await runner.setup()
-    host, _, port = config.gateway.listen.rpartition(":")
-    site = web.TCPSite(runner, host, int(port))
-    await site.start()
-    print(f"keyturn gateway listening on http://{config.gateway.listen}", flush=True)
-    if process.wire_port is not None:
-        host = config.gateway.postgres_listen.rpartition(":")[0]  # type: ignore[union-attr]
-        print(f"  and for Postgres clients on {host}:{process.wire_port} (TLS)", flush=True)
-    try:
+    try:  # from here on, a stop (SIGTERM) cleans up: the drivers' logins end
+        host, _, port = config.gateway.listen.rpartition(":")
+        await web.TCPSite(runner, host, int(port)).start()
+        print(f"keyturn gateway listening on http://{config.gateway.listen}", flush=True)
+        if process.wire_port is not None:
+            host = config.gateway.postgres_listen.rpartition(":")[0]  # type: ignore[union-attr]
+            print(f"  and for Postgres clients on {host}:{process.wire_port} (TLS)", flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -45,8 +45,10 @@ def run_fast(coro: Coroutine[Any, Any, None]) -> None:
 async def until_stopped(coro: Coroutine[Any, Any, None]) -> None:
     """Run ``coro``; SIGTERM (what systemd and Kubernetes send) or SIGINT cancels it, so its
     ``finally`` blocks run: connections drain and the gateway's read-only logins are revoked
-    rather than left to live until their Vault lease ends. A second signal is not special:
-    whoever sends it wants the same thing, and SIGKILL is there for impatience."""
+    rather than left to live until their Vault lease ends. It then exits 0: being stopped is
+    how a server ends. Later signals are ignored, so a second one (Ctrl-C reaches a whole
+    process group, then a supervisor sends SIGTERM) cannot cut that cleanup short; SIGKILL
+    is there for impatience."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(coro)
     stopping = False
@@ -54,6 +56,8 @@ async def until_stopped(coro: Coroutine[Any, Any, None]) -> None:
     def stop() -> None:
         nonlocal stopping
         stopping = True
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: None)
         task.cancel()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

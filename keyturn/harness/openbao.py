@@ -98,7 +98,7 @@ class OpenBaoDevServer:
                 # any answer at all: a server with storage of its own starts uninitialized
                 url = f"{self.addr}/v1/sys/health?uninitcode=200&sealedcode=200"
                 with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
-                    if self._ready(json.load(resp)):
+                    if self._serving(json.load(resp)):
                         return True
             except (urllib.error.URLError, OSError, ValueError):
                 pass
@@ -106,7 +106,7 @@ class OpenBaoDevServer:
         self._proc.kill()
         raise Unavailable(f"OpenBao did not become ready; see {self._home / 'bao.log'}")
 
-    def _ready(self, health: dict[str, object]) -> bool:
+    def _serving(self, health: dict[str, object]) -> bool:
         return bool(health.get("initialized"))
 
     def _put(
@@ -158,18 +158,22 @@ class OpenBaoDevServer:
 
 
 class OpenBaoServer(OpenBaoDevServer):
-    """OpenBao with file storage (one unseal key, kept here): unlike dev mode it keeps its
-    mounts, roles and leases across :meth:`restart`, as a production Vault does."""
+    """OpenBao storing in files (raft, one node; one unseal key, kept here): unlike dev mode
+    it keeps its mounts, roles and leases across :meth:`restart`, as a production Vault does."""
 
     def __init__(self) -> None:
         super().__init__()
         self._unseal_key = ""
+        self._cluster_port = 0  # raft's own listener: kept across a restart, as the API's is
+        self._restarting = False
 
     def _args(self) -> list[str]:
         assert self._home is not None
         data = self._home / "data"
         data.mkdir(exist_ok=True)
-        cluster = self._cluster_port = getattr(self, "_cluster_port", 0) or free_port()
+        if not self._restarting:  # each attempt at a first start tries new ports
+            self._cluster_port = free_port()
+        cluster = self._cluster_port
         config = self._home / "bao.hcl"
         config.write_text(  # OpenBao 2 stores in raft (one node) or Postgres; not plain files
             f'storage "raft" {{\n path = "{data}"\n node_id = "keyturn"\n}}\n'
@@ -179,7 +183,8 @@ class OpenBaoServer(OpenBaoDevServer):
         )
         return ["server", f"-config={config}"]
 
-    def _ready(self, health: dict[str, object]) -> bool:
+    def _serving(self, health: dict[str, object]) -> bool:
+        """Whether it serves; on the way, initialize it (once) and unseal it (each start)."""
         if not health.get("initialized"):
             keys = self._put("sys/init", {"secret_shares": 1, "secret_threshold": 1})
             self._unseal_key, self.root_token = str(keys["keys"][0]), str(keys["root_token"])  # type: ignore[index]
@@ -195,5 +200,9 @@ class OpenBaoServer(OpenBaoDevServer):
         self._proc.terminate()
         self._proc.wait(timeout=30)
         time.sleep(down)
-        if not self._spawn():
-            raise Unavailable(f"OpenBao did not come back on port {self.port}")
+        self._restarting = True
+        try:
+            if not self._spawn():
+                raise Unavailable(f"OpenBao did not come back on port {self.port}")
+        finally:
+            self._restarting = False

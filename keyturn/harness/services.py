@@ -55,6 +55,15 @@ class KeyturnService:
         finally:
             if out:
                 out.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()  # never a process left behind by a start that failed
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + START_WITHIN
         where = f"see {self.log}" if self.log else "run it alone to see why"
         while True:
@@ -62,7 +71,7 @@ class KeyturnService:
                 raise Unavailable(f"keyturn {self.command} exited at start: {where}")
             try:
                 with urllib.request.urlopen(self.url + self.ready, timeout=1):  # noqa: S310
-                    return self
+                    return
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
                     raise Unavailable(
@@ -79,7 +88,7 @@ class KeyturnService:
 
     def stop(self) -> None:
         """SIGTERM, as an operator stops it (it drains, long-polls included); SIGKILL if it
-        takes past a minute."""
+        takes longer than ``STOP_WITHIN``."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

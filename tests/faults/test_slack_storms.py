@@ -14,6 +14,7 @@ import pytest
 from bot import card_store
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
+from tests.faults.conftest import order_total
 from tests.integration.conftest import APPROVALS, DeskFactory, Shop
 
 pytestmark = pytest.mark.slow
@@ -74,8 +75,8 @@ async def test_a_minute_without_slack_loses_no_card_and_no_decision(
     """Slack's Web API down for 60 s: a request held meanwhile gets its card once Slack is
     back (one card, not one per retry), and a click that reached the bot during the outage
     is kept, run, and shown."""
-    first, second = ORDERS[0], ORDERS[1]
-    before = await _totals(shop)
+    first, second = 424, 425  # orders no other test touches
+    before = [await order_total(shop, n) for n in (first, second)]
     async with (
         run_desk() as desk,
         AsyncClient(desk.gateway.url, idp.token("crew-outage")) as agent,
@@ -102,5 +103,4 @@ async def test_a_minute_without_slack_loses_no_card_and_no_decision(
         async with asyncio.timeout(60):  # and both say what happened
             while sum("Approved and run" in json.dumps(m.blocks) for m in top) < 2:
                 await asyncio.sleep(0.5)
-    after = await _totals(shop)
-    assert after[0] == before[0] + 1 and after[1] == before[1] + 1
+    assert [await order_total(shop, n) for n in (first, second)] == [t + 1 for t in before]

@@ -100,7 +100,6 @@ async def test_vault_away_when_a_read_only_login_retires_its_role_leaves_once_va
             with gate.hold("sys/leases/revoke"):  # idle: the login closes, Vault is away
                 await gate.wait_held()
                 await asyncio.sleep(HANG)
-            assert made & await leases_under(shop, READ_ONLY)  # not revoked yet
             async with asyncio.timeout(30):  # tried again, and gone
                 while made & await leases_under(shop, READ_ONLY):
                     await asyncio.sleep(0.2)

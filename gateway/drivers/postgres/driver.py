@@ -287,7 +287,11 @@ class PostgresDriver:
                 url,
                 timeout=CONNECT_TIMEOUT,
                 server_settings={
-                    "statement_timeout": str(int(cfg.statement_timeout.total_seconds() * 1000)),
+                    # the server's own timeout is a backstop a second past the gateway's
+                    # deadline, so the agent reads which deadline it met
+                    "statement_timeout": str(
+                        int(cfg.statement_timeout.total_seconds() * 1000) + 1000
+                    ),
                     "application_name": "keyturn-gateway-approved",
                 },
                 **kwargs,

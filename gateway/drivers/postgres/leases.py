@@ -50,25 +50,28 @@ class Unrevoked:
         self._leases[lease.lease_id] = (key, time.monotonic() + lease.duration)
 
     async def retry(self) -> None:
-        """One pass; it stops at the first sign that Vault is still away."""
+        """One pass. Leases past the time they end by themselves are let go without asking
+        Vault. The pass stops at the first lease Vault still cannot revoke, which goes to
+        the back of the line: Vault being away costs one call a pass, and one lease Vault
+        keeps refusing cannot hold up the others."""
+        now = time.monotonic()
         for lease_id, (key, give_up) in list(self._leases.items()):
+            if now >= give_up:
+                del self._leases[lease_id]
+                _not_revoked(key, "Vault did not answer in time")
+                continue
             try:
                 await self.vault.revoke_lease(lease_id)
-            except VaultUnavailable as exc:
-                if time.monotonic() < give_up:
-                    return
-                failure = exc.message
+            except VaultUnavailable:
+                self._leases[lease_id] = self._leases.pop(lease_id)  # to the back
+                return
             except KeyturnError as exc:
-                failure = exc.message
-            else:
-                del self._leases[lease_id]
-                continue
+                _not_revoked(key, exc.message)
             del self._leases[lease_id]
-            log.warning(
-                "could not revoke a read-only lease of %s (it ends with its TTL): %s",
-                key,
-                failure,
-            )
+
+
+def _not_revoked(key: LoginKey, why: str) -> None:
+    log.warning("could not revoke a read-only lease of %s (it ends with its TTL): %s", key, why)
 
 
 class Leases:
@@ -172,11 +175,7 @@ class Leases:
             log.info("read-only lease of %s not revoked yet: %s", self.key, exc.message)
             self._unrevoked.add(self.key, lease)
         except KeyturnError as exc:
-            log.warning(
-                "could not revoke a read-only lease of %s (it ends with its TTL): %s",
-                self.key,
-                exc.message,
-            )
+            _not_revoked(self.key, exc.message)
 
     async def _keep(self) -> None:
         """Renew at 2/3 of the lease; replace it when renewal cannot reach far enough."""
