@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from bot import card_store
 from bot.credentials import Issuer
 from keyturn.agent.client import AsyncClient
 from keyturn.config.loading import parse_config
@@ -92,7 +93,7 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
     shop: Shop, idp: DevIdP, approvals_slack: SlackEmulator
 ) -> None:
     data = _policy(shop)
-    data["gateway"]["statement_timeout"] = "30s"  # the executing command outlives the restart
+    data["gateway"]["statement_timeout"] = "30s"  # the executing command waits out a lock
     config = parse_config(data)
     slack = approvals_slack
     before = {n: await order_total(shop, n) for n in (PENDING, WAITING, EXECUTING, AFTER)}
@@ -111,9 +112,12 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
             _gateway(shop, data, dsn) as url,
             AsyncClient(url, idp.token("crew-billing")) as agent,
         ):
-            executing = await agent.submit(
-                "shop", update.format(EXECUTING) + " AND pg_sleep(8) IS NOT NULL"
+            lock = await asyncpg.connect(  # the approved command waits on this row lock
+                shop.postgres.dsn(shop.database).url, **shop.postgres.admin.connect_args
             )
+            await lock.execute("BEGIN")
+            await lock.execute(f"SELECT 1 FROM orders WHERE id = {EXECUTING} FOR UPDATE")
+            executing = await agent.submit("shop", update.format(EXECUTING))
             await _approve(slack, store, executing.id)
             async with asyncio.timeout(30):
                 while await _status(store, executing.id) != "executing":
@@ -123,14 +127,19 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
             with gate.hold("database/creds/shop-rw"):  # its credentials are being made
                 await _approve(slack, store, waiting.id)
                 await gate.wait_held()
-                await _approve(slack, store, pending.id)  # the card is there; no click yet
+                await _card(store, pending.id)  # posted; no click yet
                 async with store.raw_connection() as conn:  # the 1,000 fall due while it is down
                     await conn.execute(
                         "UPDATE grants SET expires_at = now() + interval '1 second'"
                         " WHERE id = ANY($1)",
                         due,
                     )
-                await asyncio.to_thread(cluster.restart, DOWN)
+                restart = asyncio.create_task(asyncio.to_thread(cluster.restart, DOWN))
+                await asyncio.sleep(1)  # keyturn's Postgres is down now:
+                await lock.execute("COMMIT")  # the command completes; its record must wait
+                await lock.close()
+                await restart
+            await _approve(slack, store, pending.id)  # a card posted before the restart
             after = await agent.submit("shop", update.format(AFTER))
             await _approve(slack, store, after.id)
             done = [await agent.wait(r.id, 120) for r in (executing, waiting, pending, after)]
@@ -159,6 +168,12 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
     top = [m for m in slack.messages[APPROVALS] if m.thread_ts is None]
     assert len(top) == cards  # no card posted twice
     assert not await _leases(shop) & {r[0] for r in leases}  # and Vault agrees
+
+
+async def _card(store: Store, request_id: str) -> None:
+    async with asyncio.timeout(30):
+        while not await card_store.posted_at(store, uuid.UUID(request_id)):
+            await asyncio.sleep(0.05)
 
 
 async def _active(store: Store, ids: list[uuid.UUID]) -> int:
