@@ -47,6 +47,7 @@ from keyturn.supervise import Loop, Supervisor
 from keyturn.vault import Vault, process_vault
 
 DRAIN_SECONDS = 10.0  # what a click or a decision still in flight gets to finish at shutdown
+CARDS_RETRY = 5.0  # seconds between the cards' passes while Slack fails, at the most
 BOLT_KEY = web.AppKey("bolt", AsyncApp)
 
 
@@ -134,7 +135,13 @@ def build(
     supervisor = Supervisor(registry, expected=(Unavailable, *SLACK_ERRORS))
     supervisor.watch("listener", bot.listener.start)
     cfg = config.bot
-    supervisor.add(Loop("bot", bot.sync, cfg.poll_interval.total_seconds(), wake=bot.wake))
+    poll = cfg.poll_interval.total_seconds()
+    supervisor.add(Loop("bot", bot.sync, poll, wake=bot.wake))
+    # Slack away: the cards' loop tries again every few seconds, not at a backoff of up to
+    # 30 s, so cards catch up soon after Slack is back (and the loop above never waits)
+    supervisor.add(
+        Loop("cards", bot.sync_cards, poll, wake=bot.cards_wake, retry_cap=max(poll, CARDS_RETRY))
+    )
     anchor = Anchor.of(vault, config.vault)
     supervisor.add(
         Loop(

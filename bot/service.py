@@ -68,13 +68,14 @@ class Bot:
     news: News  # what a person hears of their access
     cards: CardKeeper
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # run the next pass now
+    cards_wake: asyncio.Event = field(default_factory=asyncio.Event)  # and the cards' pass
     tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.listener.subscribe(self._notified)
 
     def _notified(self, kind: str, ident: str) -> None:
-        self.wake.set()
+        self.catch_up()
         if kind == "grant":
             spawn(self.tasks, self.revoker.on_grant(uuid.UUID(ident)))
         elif kind == "*":  # reconnected: notifications may have been lost
@@ -144,7 +145,7 @@ class Bot:
             await self.cards.refresh_card(request_id)
         except (*SLACK_ERRORS, KeyturnError) as exc:
             log.warning("after deciding %s: %s; the next pass catches up", request_id, exc)
-            self.wake.set()
+            self.catch_up()
 
     # ------------------------------------------------------------------ credentials
 
@@ -214,15 +215,23 @@ class Bot:
 
     # ------------------------------------------------------------------ cards
 
+    def catch_up(self) -> None:
+        """Run both loops' next passes now."""
+        self.wake.set()
+        self.cards_wake.set()
+
     async def sync(self) -> None:
         """One pass of the bot's loop (supervised by its bootstrap): expire overdue requests,
-        issue credentials, end grants whose command has run, post missing cards, refresh
-        stale ones, remind."""
+        issue credentials, end grants whose command has run. Postgres and Vault only: Slack
+        being away must not slow any of it (cards have a loop of their own)."""
         await self.revoker.rebuild_once()
         await decisions.expire_due_requests(self.store)
         for request_id in await grants.awaiting_credentials(self.store):
             await self.issue_credentials(request_id)
         await self.revoker.end_finished()
+
+    async def sync_cards(self) -> None:
+        """One pass of the cards' loop: post missing cards, refresh stale ones, remind."""
         await self.cards.post_pending_cards()
         for request_id in await card_store.stale_cards(self.store):
             await self.cards.refresh_card(request_id)

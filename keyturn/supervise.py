@@ -45,6 +45,7 @@ class Loop:
     step: Callable[[], Awaitable[object]]  # one pass
     period: float  # seconds between passes
     wake: asyncio.Event | None = None  # set to run the next pass early
+    retry_cap: float = RETRY_CAP  # seconds between failed passes, at the most
     failing_since: float | None = field(default=None, init=False)  # monotonic, while down
     passes: int = field(default=0, init=False)
 
@@ -151,7 +152,7 @@ class Supervisor:
             self._begin(name)
 
     async def _run(self, loop: Loop) -> None:
-        backoff = Backoff(FIRST_RETRY, RETRY_CAP)
+        backoff = Backoff(FIRST_RETRY, loop.retry_cap)
         while True:
             if loop.wake is not None:
                 loop.wake.clear()

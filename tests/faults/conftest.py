@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from bot import card_store
+from bot.cards import APPROVE
+from gateway.bootstrap import application, build
+from keyturn.config.loading import parse_config
 from keyturn.errors import NotFound
 from keyturn.harness.ports import free_port
 from keyturn.harness.postgres import PostgresCluster
@@ -26,9 +32,10 @@ from keyturn.harness.pytest_plugin import (  # noqa: F401  (fixtures: on the clu
 )
 from keyturn.harness.services import KeyturnService
 from keyturn.harness.slack import SlackEmulator
+from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from tests.integration.conftest import *  # noqa: F403  (the services, as the integration tests have them)
-from tests.integration.conftest import Shop
+from tests.integration.conftest import APPROVALS, APPROVER, Shop
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +54,59 @@ async def order_total(shop: Shop, order: int) -> int:
     story can count how many times it ran."""
     rows = await shop.postgres.fetch(f"SELECT total FROM orders WHERE id = {order}", shop.database)
     return int(rows[0][0])
+
+
+WRITE_LEASES = "database/creds/shop-rw/"  # where the bot's write logins live
+READ_ONLY = "database/creds/shop-ro/"  # where the gateway's read-only logins live
+
+
+def desk_policy(shop: Shop, grant_ttl: str | None = None, **bot: str) -> dict[str, Any]:
+    """The shop's policy for a gateway and a bot that poll often and sweep every second."""
+    data = copy.deepcopy(shop.base_policy)
+    data["slack"] = {"approval_channel": APPROVALS}
+    data["bot"] = {"poll_interval": "500ms", "sweep_interval": "1s", **bot}
+    data["gateway"] = {**data["gateway"], "poll_interval": "500ms"}
+    for rule in data["rules"]:
+        if rule["name"] == "writes" and grant_ttl is not None:
+            rule["grant_ttl"] = grant_ttl
+    return data
+
+
+@contextlib.asynccontextmanager
+async def served_gateway(shop: Shop, data: dict[str, Any], dsn: Dsn) -> AsyncIterator[str]:
+    """A gateway in this process on ``data`` and ``dsn``; its URL."""
+    process = build(parse_config(data), Store(dsn), shop.vault())
+    client = TestClient(TestServer(application(process)))
+    await client.start_server()
+    try:
+        yield str(client.make_url("")).rstrip("/")
+    finally:
+        await client.close()
+
+
+async def approve(slack: SlackEmulator, store: Store, request_id: str) -> None:
+    """Ada clicks Approve on the request's card once the bot has posted it."""
+    async with asyncio.timeout(30):
+        while not (posted := await card_store.posted_at(store, uuid.UUID(request_id))):
+            await asyncio.sleep(0.05)
+    status, _ = await slack.click(APPROVALS, posted[1], APPROVE, APPROVER)
+    assert status == 200
+
+
+async def status_of(store: Store, request_id: str) -> str:
+    async with store.raw_connection() as conn:
+        return str(
+            await conn.fetchval("SELECT status FROM requests WHERE id = $1", uuid.UUID(request_id))
+        )
+
+
+async def grants_of(store: Store, request_id: str) -> list[tuple[str, str | None]]:
+    """Each grant of the request: (status, lease id)."""
+    async with store.raw_connection() as conn:
+        rows = await conn.fetch(
+            "SELECT status, lease_id FROM grants WHERE request_id = $1", uuid.UUID(request_id)
+        )
+    return [(r[0], r[1]) for r in rows]
 
 
 async def leases_under(shop: Shop, prefix: str) -> set[str]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,24 +21,19 @@ from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import VaultGate, bot_process, leases_under, order_total
-from tests.faults.test_gateway_killed import _approve
+from tests.faults.conftest import (
+    WRITE_LEASES,
+    VaultGate,
+    approve,
+    bot_process,
+    desk_policy,
+    grants_of,
+    leases_under,
+    order_total,
+)
 from tests.integration.conftest import APPROVALS, GatewayFactory, Shop
 
 pytestmark = pytest.mark.slow
-
-LEASES = "database/creds/shop-rw/"  # where the bot's write logins live
-
-
-def _policy(shop: Shop) -> dict[str, Any]:
-    data = copy.deepcopy(shop.base_policy)
-    data["slack"] = {"approval_channel": APPROVALS}
-    data["bot"] = {"poll_interval": "500ms", "sweep_interval": "1s", "orphan_grace": "2s"}
-    return data
-
-
-async def _leases(shop: Shop) -> set[str]:
-    return await leases_under(shop, LEASES)
 
 
 @contextlib.asynccontextmanager
@@ -55,14 +48,6 @@ async def _held(
     ):
         held = await agent.submit("shop", f"UPDATE orders SET total = total + 1 WHERE id = {order}")
         yield store, agent, held
-
-
-async def _grants(store: Store, request_id: str) -> list[tuple[str, str | None]]:
-    async with store.raw_connection() as conn:
-        rows = await conn.fetch(
-            "SELECT status, lease_id FROM grants WHERE request_id = $1", uuid.UUID(request_id)
-        )
-    return [(r[0], r[1]) for r in rows]
 
 
 async def _events(store: Store, kind: str) -> list[dict[str, Any]]:
@@ -81,30 +66,30 @@ async def test_killed_after_vault_issued_before_it_was_recorded_the_lease_is_an_
 ) -> None:
     order = 436  # the shop's orders have ids 1..500; no other test touches this one
     before = await order_total(shop, order)
-    data = _policy(shop)
+    data = desk_policy(shop, orphan_grace="2s")
     async with (
         VaultGate(shop.openbao.addr) as gate,
         _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
-        leases = await _leases(shop)
+        leases = await leases_under(shop, WRITE_LEASES)
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url) as bot:
             with gate.hold("sys/wrapping/wrap"):  # Vault made the login; its wrap is in flight
-                await _approve(approvals_slack, store, held.id)
+                await approve(approvals_slack, store, held.id)
                 await gate.wait_held()
                 bot.kill()
-        orphans = await _leases(shop) - leases
+        orphans = await leases_under(shop, WRITE_LEASES) - leases
         assert len(orphans) == 1  # a live login nobody recorded
-        assert await _grants(store, held.id) == []
+        assert await grants_of(store, held.id) == []
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url):
             done = await agent.wait(held.id, 60)
             async with asyncio.timeout(30):
-                while orphans & await _leases(shop):
+                while orphans & await leases_under(shop, WRITE_LEASES):
                     await asyncio.sleep(0.2)
             async with asyncio.timeout(30):  # its own one-shot grant ends too
-                while (await _grants(store, held.id))[0][0] == "active":
+                while (await grants_of(store, held.id))[0][0] == "active":
                     await asyncio.sleep(0.2)
         recorded = [e["lease_id"] for e in await _events(store, "lease.orphan_revoked")]
-        grant = await _grants(store, held.id)
+        grant = await grants_of(store, held.id)
     assert done.status == "executed", done
     assert await order_total(shop, order) == before + 1  # run once
     assert len(grant) == 1 and grant[0][1] not in orphans  # issued once more, recorded once
@@ -121,16 +106,16 @@ async def test_killed_after_the_grant_was_recorded_before_the_card_said_so_the_c
 ) -> None:
     order = 437
     before = await order_total(shop, order)
-    data = _policy(shop)
+    data = desk_policy(shop, orphan_grace="2s")
     slack = approvals_slack
     async with (
         _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
         async with bot_process(data, slack, database, shop, tmp_path, shop.openbao.addr) as bot:
-            await _approve(slack, store, held.id)
+            await approve(slack, store, held.id)
             slack.down()  # no card update can land
             async with asyncio.timeout(30):
-                while not await _grants(store, held.id):
+                while not await grants_of(store, held.id):
                     await asyncio.sleep(0.05)
             bot.kill()
         slack.up()
@@ -142,14 +127,14 @@ async def test_killed_after_the_grant_was_recorded_before_the_card_said_so_the_c
                 while "Approved and run" not in json.dumps(card[0].blocks):
                     await asyncio.sleep(0.2)
             async with asyncio.timeout(30):
-                while (await _grants(store, held.id))[0][0] == "active":
+                while (await grants_of(store, held.id))[0][0] == "active":
                     await asyncio.sleep(0.2)
-        grant = await _grants(store, held.id)
+        grant = await grants_of(store, held.id)
     assert done.status == "executed", done
     assert await order_total(shop, order) == before + 1
     assert [m for m in slack.messages[APPROVALS] if m.thread_ts is None] == card  # one card
     assert len(grant) == 1 and grant[0][0] == "revoked"
-    assert grant[0][1] not in await _leases(shop)
+    assert grant[0][1] not in await leases_under(shop, WRITE_LEASES)
 
 
 async def test_killed_mid_revocation_the_next_bot_ends_the_grant_once(
@@ -161,24 +146,28 @@ async def test_killed_mid_revocation_the_next_bot_ends_the_grant_once(
     tmp_path: Path,
 ) -> None:
     order = 438
-    data = _policy(shop)
+    data = desk_policy(shop, orphan_grace="2s")
     async with (
         VaultGate(shop.openbao.addr) as gate,
         _held(run_gateway, database, idp, order) as (store, agent, held),
     ):
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url) as bot:
             with gate.hold("sys/leases/revoke"):  # the ran command's login, being ended
-                await _approve(approvals_slack, store, held.id)
+                await approve(approvals_slack, store, held.id)
                 done = await agent.wait(held.id, 60)
                 await gate.wait_held()
                 bot.kill()
-        [(status, lease)] = await _grants(store, held.id)
-        assert status == "active" and lease in await _leases(shop)  # Vault never heard it
+        [(status, lease)] = await grants_of(store, held.id)
+        assert status == "active" and lease in await leases_under(
+            shop, WRITE_LEASES
+        )  # Vault never heard it
         async with bot_process(data, approvals_slack, database, shop, tmp_path, gate.url):
             async with asyncio.timeout(30):
-                while (await _grants(store, held.id))[0][0] == "active":
+                while (await grants_of(store, held.id))[0][0] == "active":
                     await asyncio.sleep(0.2)
         ended = await _events(store, "grant.revoked")
     assert done.status == "executed", done
-    assert lease not in await _leases(shop)  # the login is gone from Vault and the target
+    assert lease not in await leases_under(
+        shop, WRITE_LEASES
+    )  # the login is gone from Vault and the target
     assert len(ended) == 1  # ended once

@@ -5,23 +5,19 @@ outcome, and an approved command never runs twice."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bot import card_store
-from bot.cards import APPROVE
 from keyturn.agent.client import AsyncClient
 from keyturn.config.loading import parse_config
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import gateway_process, order_total
-from tests.integration.conftest import APPROVALS, APPROVER, Shop, serve_bot
+from tests.faults.conftest import approve, desk_policy, gateway_process, order_total, status_of
+from tests.integration.conftest import Shop, serve_bot
 
 pytestmark = pytest.mark.slow
 
@@ -29,35 +25,10 @@ AGENT = "crew-billing"
 ORDER = 442  # the shop's orders have ids 1..500; no other test touches this one
 
 
-def _policy(shop: Shop, grant_ttl: str = "5m") -> dict[str, Any]:
-    data = copy.deepcopy(shop.base_policy)
-    data["slack"] = {"approval_channel": APPROVALS}
-    data["bot"] = {"poll_interval": "500ms", "sweep_interval": "1s", "stranded_after": "1s"}
-    for rule in data["rules"]:
-        if rule["name"] == "writes":
-            rule["grant_ttl"] = grant_ttl
-    return data
-
-
-async def _approve(slack: SlackEmulator, store: Store, request_id: str) -> None:
-    async with asyncio.timeout(30):
-        while not (posted := await card_store.posted_at(store, uuid.UUID(request_id))):
-            await asyncio.sleep(0.05)
-    status, _ = await slack.click(APPROVALS, posted[1], APPROVE, APPROVER)
-    assert status == 200
-
-
-async def _status(store: Store, request_id: str) -> str:
-    async with store.raw_connection() as conn:
-        return str(
-            await conn.fetchval("SELECT status FROM requests WHERE id = $1", uuid.UUID(request_id))
-        )
-
-
 async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_another_replica(
     shop: Shop, database: Dsn, idp: DevIdP, approvals_slack: SlackEmulator, tmp_path: Path
 ) -> None:
-    data = _policy(shop)
+    data = desk_policy(shop, stranded_after="1s")
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER}"
     key = f"fault-{uuid.uuid4()}"
     before = await order_total(shop, ORDER)
@@ -75,7 +46,7 @@ async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_anot
         async with AsyncClient(second.url, token) as agent:
             again = await agent.submit("shop", command, idempotency_key=key)
             assert again.id == held.id  # the same request, not a second one
-            await _approve(approvals_slack, store, held.id)
+            await approve(approvals_slack, store, held.id)
             done = await agent.wait(held.id, 60)
     assert done.status == "executed" and done.result is not None
     assert getattr(done.result, "tags", None) == ["UPDATE 1"]
@@ -85,7 +56,9 @@ async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_anot
 async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_twice(
     shop: Shop, database: Dsn, idp: DevIdP, approvals_slack: SlackEmulator, tmp_path: Path
 ) -> None:
-    data = _policy(shop, grant_ttl="4s")  # the grant's end is what settles a lost run
+    data = desk_policy(
+        shop, grant_ttl="4s", stranded_after="1s"
+    )  # the grant's end is what settles a lost run
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(4) IS NOT NULL"
     key = f"fault-{uuid.uuid4()}"
     before = await order_total(shop, ORDER)
@@ -97,9 +70,9 @@ async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_
         async with gateway_process(shop, database, tmp_path, data["rules"]) as first:
             async with AsyncClient(first.url, token) as agent:
                 held = await agent.submit("shop", command, idempotency_key=key)
-            await _approve(approvals_slack, store, held.id)
+            await approve(approvals_slack, store, held.id)
             async with asyncio.timeout(30):  # the first replica's executor has it
-                while await _status(store, held.id) != "executing":
+                while await status_of(store, held.id) != "executing":
                     await asyncio.sleep(0.05)
             await asyncio.sleep(1)  # in the middle of its pg_sleep on the target
             first.kill()

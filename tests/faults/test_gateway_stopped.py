@@ -13,12 +13,10 @@ import pytest
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import gateway_process, leases_under
+from tests.faults.conftest import READ_ONLY, gateway_process, leases_under
 from tests.integration.conftest import Shop
 
 pytestmark = pytest.mark.slow
-
-READ_ONLY = "database/creds/shop-ro/"
 
 
 async def test_a_gateway_stopped_with_sigterm_ends_its_read_only_logins(

@@ -5,48 +5,22 @@ Postgres is back. The command ran, so the request must say executed, never faile
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.bootstrap import application, build
 from keyturn.agent.client import AsyncClient
 from keyturn.config.loading import parse_config
 from keyturn.harness.idp import DevIdP
 from keyturn.harness.slack import SlackEmulator
 from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
-from tests.faults.conftest import order_total
-from tests.faults.test_gateway_killed import _approve
-from tests.integration.conftest import APPROVALS, Shop, TcpProxy, serve_bot
+from tests.faults.conftest import approve, desk_policy, order_total, served_gateway, status_of
+from tests.integration.conftest import Shop, TcpProxy, serve_bot
 
 pytestmark = pytest.mark.slow
 
 ORDER = 448  # the shop's orders have ids 1..500; no other test touches this one
-
-
-def _policy(shop: Shop) -> dict[str, Any]:
-    data = copy.deepcopy(shop.base_policy)
-    data["slack"] = {"approval_channel": APPROVALS}
-    data["bot"] = {"poll_interval": "500ms", "sweep_interval": "1s"}
-    data["gateway"] = {**data["gateway"], "poll_interval": "500ms"}
-    return data
-
-
-@contextlib.asynccontextmanager
-async def _gateway(shop: Shop, data: dict[str, Any], dsn: Dsn) -> AsyncIterator[str]:
-    process = build(parse_config(data), Store(dsn), shop.vault())
-    client = TestClient(TestServer(application(process)))
-    await client.start_server()
-    try:
-        yield str(client.make_url("")).rstrip("/")
-    finally:
-        await client.close()
 
 
 async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
@@ -55,19 +29,19 @@ async def test_postgres_away_while_an_approved_command_runs_keeps_its_outcome(
     proxy = TcpProxy(int(database.url.rsplit(":", 1)[1].split("/", 1)[0]))
     await proxy.up()
     through = proxy.dsn(database)
-    data = _policy(shop)
+    data = desk_policy(shop)
     before = await order_total(shop, ORDER)
     slow = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(2) IS NOT NULL"
     async with (
         Store(database) as store,
         serve_bot(approvals_slack, parse_config(data), through, shop.bot_vault()),
-        _gateway(shop, data, through) as url,
+        served_gateway(shop, data, through) as url,
         AsyncClient(url, idp.token("crew-billing")) as agent,
     ):
         held = await agent.submit("shop", slow)
-        await _approve(approvals_slack, store, held.id)
+        await approve(approvals_slack, store, held.id)
         async with asyncio.timeout(30):
-            while await _status(store, held.id) != "executing":
+            while await status_of(store, held.id) != "executing":
                 await asyncio.sleep(0.05)
         await proxy.down()  # the command is running on the target; its record cannot be made
         await asyncio.sleep(5)
@@ -88,11 +62,3 @@ async def _grant(store: Store, request_id: str) -> str | None:
             "SELECT status FROM grants WHERE request_id = $1", uuid.UUID(request_id)
         )
     return None if found is None else str(found)
-
-
-async def _status(store: Store, request_id: str) -> str:
-    async with store.raw_connection() as conn:
-        found = await conn.fetchval(
-            "SELECT status FROM requests WHERE id = $1", uuid.UUID(request_id)
-        )
-    return str(found)

@@ -29,10 +29,16 @@ from keyturn.store.db import Store
 from keyturn.store.dsn import Dsn
 from keyturn.store.models import RequestRow
 from keyturn.vault import AppRoleLogin, Vault
-from tests.faults.conftest import VaultGate, order_total
-from tests.faults.test_bot_killed import _leases
-from tests.faults.test_gateway_killed import _approve, _status
-from tests.faults.test_postgres_away import _gateway, _policy
+from tests.faults.conftest import (
+    WRITE_LEASES,
+    VaultGate,
+    approve,
+    desk_policy,
+    leases_under,
+    order_total,
+    served_gateway,
+    status_of,
+)
 from tests.integration.conftest import APPROVALS, Shop, serve_bot
 
 pytestmark = pytest.mark.slow
@@ -92,7 +98,7 @@ async def _issue_due(store: Store, issuer: Issuer) -> list[uuid.UUID]:
 async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_due(
     shop: Shop, idp: DevIdP, approvals_slack: SlackEmulator
 ) -> None:
-    data = _policy(shop)
+    data = desk_policy(shop)
     data["gateway"]["statement_timeout"] = "30s"  # the executing command waits out a lock
     config = parse_config(data)
     slack = approvals_slack
@@ -109,7 +115,7 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
         bot_vault = Vault(gate.url, approle=AppRoleLogin(shop.bot_role_id, shop.bot_secret_id))
         async with (
             serve_bot(slack, config, dsn, bot_vault),
-            _gateway(shop, data, dsn) as url,
+            served_gateway(shop, data, dsn) as url,
             AsyncClient(url, idp.token("crew-billing")) as agent,
         ):
             lock = await asyncpg.connect(  # the approved command waits on this row lock
@@ -118,14 +124,14 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
             await lock.execute("BEGIN")
             await lock.execute(f"SELECT 1 FROM orders WHERE id = {EXECUTING} FOR UPDATE")
             executing = await agent.submit("shop", update.format(EXECUTING))
-            await _approve(slack, store, executing.id)
+            await approve(slack, store, executing.id)
             async with asyncio.timeout(30):
-                while await _status(store, executing.id) != "executing":
+                while await status_of(store, executing.id) != "executing":
                     await asyncio.sleep(0.05)
             pending = await agent.submit("shop", update.format(PENDING))
             waiting = await agent.submit("shop", update.format(WAITING))
             with gate.hold("database/creds/shop-rw"):  # its credentials are being made
-                await _approve(slack, store, waiting.id)
+                await approve(slack, store, waiting.id)
                 await gate.wait_held()
                 await _card(store, pending.id)  # posted; no click yet
                 async with store.raw_connection() as conn:  # the 1,000 fall due while it is down
@@ -139,9 +145,9 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
                 await lock.execute("COMMIT")  # the command completes; its record must wait
                 await lock.close()
                 await restart
-            await _approve(slack, store, pending.id)  # a card posted before the restart
+            await approve(slack, store, pending.id)  # a card posted before the restart
             after = await agent.submit("shop", update.format(AFTER))
-            await _approve(slack, store, after.id)
+            await approve(slack, store, after.id)
             done = [await agent.wait(r.id, 120) for r in (executing, waiting, pending, after)]
             async with asyncio.timeout(180):
                 while await _active(store, due):
@@ -167,7 +173,7 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
     assert set(due) <= set(ended) and max(ended.values()) == 1  # every grant ended, once
     top = [m for m in slack.messages[APPROVALS] if m.thread_ts is None]
     assert len(top) == cards  # no card posted twice
-    assert not await _leases(shop) & {r[0] for r in leases}  # and Vault agrees
+    assert not await leases_under(shop, WRITE_LEASES) & {r[0] for r in leases}  # and Vault agrees
 
 
 async def _card(store: Store, request_id: str) -> None:

@@ -12,8 +12,7 @@ import pytest
 
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
-from tests.faults.conftest import order_total
-from tests.faults.test_gateway_killed import _approve
+from tests.faults.conftest import approve, order_total
 from tests.integration.conftest import APPROVALS, DeskFactory, Shop, TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -31,7 +30,7 @@ async def test_a_target_gone_at_execution_fails_clearly_and_revokes_its_credenti
             held = await agent.submit("shop", "UPDATE orders SET total = total + 1 WHERE id = 449")
             ts = await desk.card(held.id)
             await proxy.down()  # Vault still mints (it reaches the target itself); we cannot
-            await _approve(desk.slack, desk.store, held.id)
+            await approve(desk.slack, desk.store, held.id)
             done = await agent.wait(held.id, 60)
         assert done.status == "failed" and done.error, done
         assert "shop" in done.error and "password" not in done.error.lower()

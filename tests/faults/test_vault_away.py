@@ -15,9 +15,14 @@ import pytest
 from keyturn.agent.client import AsyncClient
 from keyturn.harness.idp import DevIdP
 from keyturn.vault import AppRoleLogin, Vault
-from tests.faults.conftest import VaultGate, leases_under, order_total
-from tests.faults.test_bot_killed import _grants, _leases
-from tests.faults.test_gateway_stopped import READ_ONLY
+from tests.faults.conftest import (
+    READ_ONLY,
+    WRITE_LEASES,
+    VaultGate,
+    grants_of,
+    leases_under,
+    order_total,
+)
 from tests.integration.conftest import DeskFactory, GatewayFactory, Shop
 
 pytestmark = pytest.mark.slow
@@ -66,10 +71,12 @@ async def test_vault_hung_at_revocation_the_grant_ends_once_it_answers(
                 done = await agent.wait(held.id, 60)
                 await gate.wait_held()  # the one-shot grant's end, which Vault never hears
                 await asyncio.sleep(HANG)
-                [(status, lease)] = await _grants(desk.store, held.id)
-                assert status == "active" and lease in await _leases(shop)  # never claimed ended
+                [(status, lease)] = await grants_of(desk.store, held.id)
+                assert status == "active" and lease in await leases_under(
+                    shop, WRITE_LEASES
+                )  # never claimed ended
             async with asyncio.timeout(60):
-                while (await _grants(desk.store, held.id))[0][0] == "active":
+                while (await grants_of(desk.store, held.id))[0][0] == "active":
                     await asyncio.sleep(0.2)
             async with desk.store.raw_connection() as conn:
                 ended = await conn.fetchval(
@@ -78,7 +85,7 @@ async def test_vault_hung_at_revocation_the_grant_ends_once_it_answers(
                     uuid.UUID(held.id),
                 )
     assert done.status == "executed", done
-    assert lease not in await _leases(shop)
+    assert lease not in await leases_under(shop, WRITE_LEASES)
     assert ended == 1
 
 

@@ -441,7 +441,7 @@ async def test_approvers_are_reminded_at_half_the_pending_ttl(shop: Shop, oncall
         (nudge,) = await until(reminded)
         assert "<@U_APPROVER>" in nudge.text and f"<!subteam^{GROUP}>" in nudge.text
         for _ in range(3):  # more passes: still one reminder
-            await oc.bot.sync()
+            await oc.bot.sync_cards()
         assert len(await reminded()) == 1
         clock.advance(timedelta(minutes=5))
         await oc.dm("expired: nobody decided within 10m")

@@ -108,6 +108,7 @@ class RunningBot:
         when this returns (no waiting on the loop's timing)."""
         for _ in range(count):
             await self.bot.sync()
+            await self.bot.sync_cards()
 
     async def until(self, check: Callable[[], Any], timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
@@ -674,13 +675,13 @@ async def test_each_bot_loop_crashing_turns_its_healthz_503_and_its_work_follows
         async with Store(database) as reader:
             rb = RunningBot(process.bot, reader, slack)
             loops = {loop.name: loop for loop in process.supervisor.loops}
-            assert set(loops) == {"bot", "audit-anchor", "recording-retention"}
+            assert set(loops) == {"bot", "cards", "audit-anchor", "recording-retention"}
             for name, loop in loops.items():
                 with crashing(loop):
                     await rb.until(lambda: _eq(_status(answer()), 503))
                     _, body = await answer()
                     assert body["error"]["loops"] == [name]
-                    if name == "bot":
+                    if name == "cards":
                         request_id = await rb.hold()
                         assert await card_store.posted_at(reader, request_id) is None
                 await rb.until(lambda: _eq(_status(answer()), 200))
