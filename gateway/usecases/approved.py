@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 WRAP_PATH = "sys/wrapping/wrap"
 CONCURRENCY = 16  # approved commands running at once per gateway
-# how long an outcome waits for keyturn's Postgres: under bot.stranded_after's default (5 min)
-RECORD_FOR = timedelta(minutes=4)
+# how long an outcome waits for keyturn's Postgres, as a share of bot.stranded_after (4 min of
+# the default 5): the gateway that ran a command records it before the bot calls it lost
+RECORD_SHARE = 0.8
 
 
 class HandoffRejected(KeyturnError):
@@ -141,9 +142,11 @@ class Executor:
     ) -> None:
         """Record how the run ended, retried while keyturn's Postgres is away: the command has
         run (or failed) on the target, and that outcome is the only one the request may get.
-        Given up after ``RECORD_FOR``, before the bot fails a run it believes lost."""
+        Given up after ``RECORD_SHARE`` of ``bot.stranded_after``, before the bot fails a run
+        it believes lost."""
         backoff = Backoff(0.25, 5.0)
-        deadline = time.monotonic() + RECORD_FOR.total_seconds()
+        record_for = self.config.bot.stranded_after.total_seconds() * RECORD_SHARE
+        deadline = time.monotonic() + record_for
         while True:
             try:
                 await executions.finish_execution(

@@ -56,9 +56,8 @@ async def test_a_gateway_killed_while_its_agent_waits_leaves_the_request_to_anot
 async def test_a_gateway_killed_while_it_runs_an_approved_command_never_runs_it_twice(
     shop: Shop, database: Dsn, idp: DevIdP, approvals_slack: SlackEmulator, tmp_path: Path
 ) -> None:
-    data = desk_policy(
-        shop, grant_ttl="4s", stranded_after="1s"
-    )  # the grant's end is what settles a lost run
+    # the grant's end is what settles a lost run
+    data = desk_policy(shop, grant_ttl="4s", stranded_after="1s")
     command = f"UPDATE orders SET total = total + 1 WHERE id = {ORDER} AND pg_sleep(4) IS NOT NULL"
     key = f"fault-{uuid.uuid4()}"
     before = await order_total(shop, ORDER)
