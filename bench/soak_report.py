@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from bench.soak_load import PATHS, Approver, Load, Sample
 from bench.stack import percentile
+from keyturn.domain import RequestStatus
 
 SWEEP = 15.0  # seconds: bot.sweep_interval's default, which the soak keeps
 WINDOW = 60.0  # seconds of "before" and "after" around a fault
 SLOW = 3.0  # a call this many times its path's p99 before a fault (and 1 s) was hurt by it
-TERMINAL = ("executed", "failed", "denied", "expired", "cancelled")
+TERMINAL = tuple(s.value for s in RequestStatus if s.terminal)  # a request's outcomes
 
 
 @dataclass(frozen=True)

@@ -84,12 +84,17 @@ async def served_gateway(shop: Shop, data: dict[str, Any], dsn: Dsn) -> AsyncIte
         await client.close()
 
 
-async def approve(slack: SlackEmulator, store: Store, request_id: str) -> None:
-    """Ada clicks Approve on the request's card once the bot has posted it."""
+async def card_of(store: Store, request_id: str) -> str:
+    """The ts of the request's card once the bot has posted it."""
     async with asyncio.timeout(30):
         while not (posted := await card_store.posted_at(store, uuid.UUID(request_id))):
             await asyncio.sleep(0.05)
-    status, _ = await slack.click(APPROVALS, posted[1], APPROVE, APPROVER)
+    return posted[1]
+
+
+async def approve(slack: SlackEmulator, store: Store, request_id: str) -> None:
+    """Ada clicks Approve on the request's card once the bot has posted it."""
+    status, _ = await slack.click(APPROVALS, await card_of(store, request_id), APPROVE, APPROVER)
     assert status == 200
 
 

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from bot import card_store
 from bot.credentials import Issuer
 from keyturn.agent.client import AsyncClient
 from keyturn.config.loading import parse_config
@@ -33,6 +32,7 @@ from tests.faults.conftest import (
     WRITE_LEASES,
     VaultGate,
     approve,
+    card_of,
     desk_policy,
     leases_under,
     order_total,
@@ -133,7 +133,7 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
             with gate.hold("database/creds/shop-rw"):  # its credentials are being made
                 await approve(slack, store, waiting.id)
                 await gate.wait_held()
-                await _card(store, pending.id)  # posted; no click yet
+                await card_of(store, pending.id)  # posted; no click yet
                 async with store.raw_connection() as conn:  # the 1,000 fall due while it is down
                     await conn.execute(
                         "UPDATE grants SET expires_at = now() + interval '1 second'"
@@ -174,12 +174,6 @@ async def test_postgres_restarted_with_requests_in_every_state_and_1000_grants_d
     top = [m for m in slack.messages[APPROVALS] if m.thread_ts is None]
     assert len(top) == cards  # no card posted twice
     assert not await leases_under(shop, WRITE_LEASES) & {r[0] for r in leases}  # and Vault agrees
-
-
-async def _card(store: Store, request_id: str) -> None:
-    async with asyncio.timeout(30):
-        while not await card_store.posted_at(store, uuid.UUID(request_id)):
-            await asyncio.sleep(0.05)
 
 
 async def _active(store: Store, ids: list[uuid.UUID]) -> int:
